@@ -1,0 +1,20 @@
+"""Build script: compiles the Cython hot paths in csrc/ into geomx._kernels.
+
+Everything else about the package lives in pyproject.toml.
+"""
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+extensions = [
+    Extension(
+        "geomx._kernels",
+        ["csrc/_kernels.pyx"],
+        include_dirs=[np.get_include()],
+        # No -march=native: the wheel must run on any x86-64; F16C is chosen at run time.
+        extra_compile_args=["-O3"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    )
+]
+
+setup(ext_modules=cythonize(extensions, language_level="3"))

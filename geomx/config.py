@@ -1,0 +1,240 @@
+"""The one place geomx reads its environment: every variable is parsed and validated here.
+
+Variable names and meanings follow the original GeoMX (see docs/Configurations.md). The rest of the
+code receives a :class:`NodeConfig` and never touches ``os.environ``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from typing import Mapping, Optional
+
+from .errors import ConfigError
+
+GLOBAL_SCHEDULER = "global_scheduler"
+GLOBAL_SERVER = "global_server"
+SCHEDULER = "scheduler"
+LOCAL_SERVER = "server"
+WORKER = "worker"
+ROLES = (GLOBAL_SCHEDULER, GLOBAL_SERVER, SCHEDULER, LOCAL_SERVER, WORKER)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeConfig:
+    """Everything a geomx process needs to know about itself, read from the environment once."""
+
+    role: str
+    is_master_worker: bool = False
+    # Tier of the process's own party (every role but the global scheduler).
+    root_uri: Optional[str] = None
+    root_port: Optional[int] = None
+    num_server: int = 0
+    num_worker: int = 0
+    # Global tier (global scheduler, global servers, local servers).
+    global_root_uri: Optional[str] = None
+    global_root_port: Optional[int] = None
+    num_global_server: int = 0
+    num_global_worker: int = 0
+    num_all_worker: int = 0
+    enable_central_worker: bool = False
+    node_host: Optional[str] = None
+    interface: Optional[str] = None
+    # Liveness and limits.
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 20.0
+    start_timeout: float = 120.0
+    max_message_bytes: int = 1 << 31
+    verbose: int = 0
+    # Key placement (MultiGPS) and codecs.
+    bigarray_bound: int = 1_000_000
+    size_lower_bound: int = 200_000
+
+    @property
+    def is_server(self) -> bool:
+        return self.role in (LOCAL_SERVER, GLOBAL_SERVER)
+
+    @property
+    def is_scheduler(self) -> bool:
+        return self.role in (SCHEDULER, GLOBAL_SCHEDULER)
+
+    @property
+    def is_worker(self) -> bool:
+        return self.role == WORKER
+
+    @property
+    def needs_global_tier(self) -> bool:
+        return self.role in (GLOBAL_SCHEDULER, GLOBAL_SERVER, LOCAL_SERVER)
+
+    @property
+    def needs_local_tier(self) -> bool:
+        return self.role != GLOBAL_SCHEDULER
+
+    def advertised_host(self, peer_uri: str, peer_port: int) -> str:
+        """The address other nodes should use to reach this one.
+
+        ``DMLC_NODE_HOST`` wins; otherwise ``DMLC_INTERFACE``'s IPv4 address; otherwise the local
+        address the kernel would use to reach ``peer_uri`` (no packet is sent).
+        """
+        if self.node_host:
+            return self.node_host
+        if self.interface:
+            return _interface_address(self.interface)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.connect((peer_uri, peer_port))
+                return probe.getsockname()[0]
+            except OSError:
+                return "127.0.0.1"
+
+
+def _interface_address(name: str) -> str:
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
+        except OSError as exc:
+            raise ConfigError(f"DMLC_INTERFACE={name!r}: no IPv4 address on that interface ({exc})") from None
+    return socket.inet_ntoa(packed[20:24])
+
+
+class _Reader:
+    """Typed access to an environment mapping that names the variable and role in every error."""
+
+    def __init__(self, env: Mapping[str, str], role: str):
+        self.env = env
+        self.role = role
+
+    def _fail(self, name: str, why: str) -> ConfigError:
+        return ConfigError(f"{name} {why} (role: {self.role})")
+
+    def str(self, name: str, default: Optional[str] = None, required: bool = False) -> Optional[str]:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            if required:
+                raise self._fail(name, "is required but not set")
+            return default
+        return value.strip()
+
+    def int(self, name: str, default: Optional[int] = None, required: bool = False, minimum: int = 0) -> int:
+        raw = self.str(name, required=required)
+        if raw is None:
+            return default  # type: ignore[return-value]
+        try:
+            value = int(raw)
+        except ValueError:
+            raise self._fail(name, f"must be an integer, got {raw!r}") from None
+        if value < minimum:
+            raise self._fail(name, f"must be >= {minimum}, got {value}")
+        return value
+
+    def float(self, name: str, default: float, minimum: float = 0.0) -> float:
+        raw = self.str(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise self._fail(name, f"must be a number, got {raw!r}") from None
+        if not value > minimum:
+            raise self._fail(name, f"must be > {minimum}, got {value}")
+        return value
+
+    def bool(self, name: str, default: bool = False) -> bool:
+        raw = self.str(name)
+        if raw is None:
+            return default
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise self._fail(name, f"must be 0 or 1, got {raw!r}")
+
+    def port(self, name: str) -> int:
+        value = self.int(name, required=True, minimum=1)
+        if value > 65535:
+            raise self._fail(name, f"must be a TCP port (1-65535), got {value}")
+        return value
+
+
+def detect_role(env: Mapping[str, str]) -> str:
+    """The process's role from ``DMLC_ROLE_GLOBAL`` and ``DMLC_ROLE``, as the original decides it."""
+    role_global = (env.get("DMLC_ROLE_GLOBAL") or "").strip()
+    role = (env.get("DMLC_ROLE") or "").strip()
+    if role_global:
+        if role_global == GLOBAL_SCHEDULER:
+            return GLOBAL_SCHEDULER
+        if role_global == GLOBAL_SERVER:
+            if role != "server":
+                raise ConfigError(
+                    f"DMLC_ROLE must be 'server' for a global server (DMLC_ROLE_GLOBAL=global_server), got {role!r}"
+                )
+            return GLOBAL_SERVER
+        raise ConfigError(
+            f"DMLC_ROLE_GLOBAL must be 'global_scheduler' or 'global_server', got {role_global!r}"
+        )
+    if role in (SCHEDULER, LOCAL_SERVER, WORKER):
+        return role
+    if not role:
+        raise ConfigError("DMLC_ROLE is not set (expected scheduler, server or worker) and DMLC_ROLE_GLOBAL is not set")
+    raise ConfigError(f"DMLC_ROLE must be scheduler, server or worker, got {role!r}")
+
+
+def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
+    """Read and validate the configuration of this process (``os.environ`` unless ``env`` is given)."""
+    env = os.environ if env is None else env
+    role = detect_role(env)
+    r = _Reader(env, role)
+    kw: dict = {"role": role}
+
+    kw["is_master_worker"] = r.bool("DMLC_ROLE_MASTER_WORKER")
+    if kw["is_master_worker"] and role != WORKER:
+        raise ConfigError(f"DMLC_ROLE_MASTER_WORKER=1 is only valid for a worker (role: {role})")
+
+    if role in (GLOBAL_SCHEDULER, GLOBAL_SERVER, LOCAL_SERVER):
+        kw["global_root_uri"] = r.str("DMLC_PS_GLOBAL_ROOT_URI", required=True)
+        kw["global_root_port"] = r.port("DMLC_PS_GLOBAL_ROOT_PORT")
+        kw["num_global_server"] = r.int("DMLC_NUM_GLOBAL_SERVER", required=True, minimum=1)
+        kw["num_global_worker"] = r.int("DMLC_NUM_GLOBAL_WORKER", required=True, minimum=1)
+    if role != GLOBAL_SCHEDULER:
+        kw["root_uri"] = r.str("DMLC_PS_ROOT_URI", required=True)
+        kw["root_port"] = r.port("DMLC_PS_ROOT_PORT")
+        kw["num_server"] = r.int("DMLC_NUM_SERVER", required=True, minimum=1)
+        kw["num_worker"] = r.int("DMLC_NUM_WORKER", required=True, minimum=1)
+    if role in (GLOBAL_SERVER, WORKER):
+        kw["num_all_worker"] = r.int("DMLC_NUM_ALL_WORKER", required=True, minimum=1)
+    kw["enable_central_worker"] = r.bool("DMLC_ENABLE_CENTRAL_WORKER")
+
+    if role == LOCAL_SERVER and kw["num_server"] != 1:
+        raise ConfigError(
+            f"DMLC_NUM_SERVER must be 1 for a party's local server, got {kw['num_server']} (role: {role})"
+        )
+    if role == GLOBAL_SERVER and kw["num_server"] != kw["num_global_server"]:
+        raise ConfigError(
+            "DMLC_NUM_SERVER must equal DMLC_NUM_GLOBAL_SERVER on a global server (the central party's servers "
+            f"are the global servers), got {kw['num_server']} and {kw['num_global_server']} (role: {role})"
+        )
+
+    kw["node_host"] = r.str("DMLC_NODE_HOST")
+    kw["interface"] = r.str("DMLC_INTERFACE")
+    kw["heartbeat_interval"] = r.float("PS_HEARTBEAT_INTERVAL", 1.0)
+    kw["heartbeat_timeout"] = r.float("PS_HEARTBEAT_TIMEOUT", 20.0)
+    if kw["heartbeat_timeout"] <= 2 * kw["heartbeat_interval"]:
+        raise ConfigError(
+            f"PS_HEARTBEAT_TIMEOUT ({kw['heartbeat_timeout']}) must exceed twice PS_HEARTBEAT_INTERVAL "
+            f"({kw['heartbeat_interval']}) (role: {role})"
+        )
+    kw["start_timeout"] = r.float("GEOMX_START_TIMEOUT", 120.0)
+    kw["max_message_bytes"] = r.int("GEOMX_MAX_MESSAGE_BYTES", 1 << 31, minimum=1024)
+    kw["verbose"] = r.int("PS_VERBOSE", 0)
+    kw["bigarray_bound"] = r.int("MXNET_KVSTORE_BIGARRAY_BOUND", 1_000_000, minimum=1)
+    kw["size_lower_bound"] = r.int("MXNET_KVSTORE_SIZE_LOWER_BOUND", 200_000, minimum=1)
+    return NodeConfig(**kw)
+
+
+def is_worker_process(env: Optional[Mapping[str, str]] = None) -> bool:
+    """True when this process is a training worker (``DMLC_ROLE=worker`` and no global role)."""
+    env = os.environ if env is None else env
+    return (env.get("DMLC_ROLE") or "").strip() == WORKER and not (env.get("DMLC_ROLE_GLOBAL") or "").strip()

@@ -1,0 +1,164 @@
+"""The requesting side of the key-value protocol, shared by workers (towards their party's servers)
+and local servers (towards the global servers): key placement over several servers, request ids,
+reassembly of slices, and completion callbacks. Runs in the owner's event-loop thread."""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import wire
+from .errors import PeerDeadError, ProtocolError, RemoteError
+from .transport import EventLoop, Link, connect_dealer
+from .wire import Message, MsgType
+
+log = logging.getLogger("geomx.kvclient")
+
+Part = Tuple[int, int, int]  # (server index, offset, numel)
+Callback = Callable[[Optional[np.ndarray], Optional[Exception]], None]
+
+
+def partition(key: int, total: int, num_servers: int, bigarray_bound: int) -> List[Part]:
+    """Which server holds which slice of ``key``: small keys whole on ``(key * 9973) % n``,
+    large ones (``total >= bigarray_bound``) cut into ``n`` near-equal contiguous parts."""
+    if num_servers == 1:
+        return [(0, 0, total)]
+    if total < bigarray_bound:
+        return [((key * 9973) % num_servers, 0, total)]
+    bounds = [round(total * i / num_servers) for i in range(num_servers + 1)]
+    return [(i, bounds[i], bounds[i + 1] - bounds[i]) for i in range(num_servers) if bounds[i + 1] > bounds[i]]
+
+
+class _Pending:
+    __slots__ = ("callback", "parts", "remaining", "result", "error", "single", "replies", "is_broadcast")
+
+    def __init__(self, callback: Callable[..., None], parts: List[Part], single: bool,
+                 is_broadcast: bool = False):
+        self.callback = callback
+        self.parts = {(p[0], p[1]): p[2] for p in parts}
+        self.remaining = len(parts)
+        self.result: Optional[np.ndarray] = None
+        self.error: Optional[Exception] = None
+        self.single = single
+        self.is_broadcast = is_broadcast
+        self.replies: List[Optional[Message]] = []
+
+
+class KVClient:
+    def __init__(self, loop: EventLoop, servers: Sequence[Tuple[str, int]], *, identity: str, sender: int,
+                 bigarray_bound: int, wan: bool, name: str):
+        self.loop = loop
+        self.sender = sender
+        self.bigarray_bound = bigarray_bound
+        self.name = name
+        self.links: List[Link] = []
+        for i, (host, port) in enumerate(servers):
+            link = connect_dealer(loop.ctx, host, port, f"{identity}>{i}".encode(), loop.max_message_bytes,
+                                  f"{name}->server{i}", wan=wan)
+            loop.add(link, self._make_handler(i), routed=False)
+            self.links.append(link)
+        self._ids = itertools.count(1)
+        self.pending: Dict[int, _Pending] = {}
+        self.failed: Optional[Exception] = None
+
+    @property
+    def num_servers(self) -> int:
+        return len(self.links)
+
+    def parts(self, key: int, total: int) -> List[Part]:
+        return partition(key, total, len(self.links), self.bigarray_bound)
+
+    def request(self, mtype: MsgType, key: int, total: int, dtype: Any, callback: Callback, *,
+                data: Optional[np.ndarray] = None, meta: Optional[dict] = None, priority: int = 0,
+                version: int = 0) -> None:
+        """Send ``mtype`` for ``key`` to the servers holding it; ``callback(value, error)`` once all
+        parts answered (``value`` is the reassembled array when the servers sent data)."""
+        if self.failed is not None:
+            callback(None, self.failed)
+            return
+        parts = self.parts(key, total)
+        req_id = next(self._ids)
+        self.pending[req_id] = _Pending(callback, parts, single=len(parts) == 1)
+        code = wire.dtype_code(dtype)
+        for server, offset, numel in parts:
+            msg = Message(mtype, sender=self.sender, req_id=req_id, key=key, offset=offset, numel=numel,
+                          total=total, priority=priority, version=version, dtype=code, meta=meta)
+            if data is not None:
+                msg.data = data[offset:offset + numel]
+            self.links[server].send(msg)
+
+    def broadcast(self, mtype: MsgType, callback: Callable[[List[Message], Optional[Exception]], None], *,
+                  meta: Optional[dict] = None, datas: Optional[Sequence[Optional[np.ndarray]]] = None) -> None:
+        """Send one message to every server; ``callback(replies ordered by server, error)``."""
+        if self.failed is not None:
+            callback([], self.failed)
+            return
+        req_id = next(self._ids)
+        pending = _Pending(callback, [(i, 0, 0) for i in range(len(self.links))], single=False,
+                           is_broadcast=True)
+        pending.replies = [None] * len(self.links)
+        self.pending[req_id] = pending
+        for i, link in enumerate(self.links):
+            msg = Message(mtype, sender=self.sender, req_id=req_id, meta=meta)
+            if datas is not None and datas[i] is not None:
+                msg.data = datas[i]
+            link.send(msg)
+
+    def _make_handler(self, server: int) -> Callable[[Message, Optional[bytes], Link], None]:
+        def handle(msg: Message, identity: Optional[bytes], link: Link) -> None:
+            self._on_reply(server, msg)
+        return handle
+
+    def _on_reply(self, server: int, msg: Message) -> None:
+        if msg.type not in (MsgType.RESPONSE, MsgType.ERROR):
+            raise ProtocolError(f"unexpected {msg.type.name} from server {server}")
+        p = self.pending.get(msg.req_id)
+        if p is None:
+            raise ProtocolError(f"reply to unknown request {msg.req_id} from server {server}")
+        if p.is_broadcast:
+            self._on_broadcast_reply(server, msg, p)
+            return
+        expected = p.parts.get((server, msg.offset))
+        if expected is None or (msg.data is not None and msg.numel != expected):
+            raise ProtocolError(f"reply for key {msg.key} from server {server} has an unexpected slice "
+                                f"(offset {msg.offset}, numel {msg.numel})")
+        if msg.type == MsgType.ERROR:
+            p.error = p.error or RemoteError(str((msg.meta or {}).get("error", "server error")))
+        elif msg.data is not None:
+            if p.single:
+                p.result = msg.data
+            else:
+                if p.result is None:
+                    p.result = np.empty(msg.total, dtype=msg.data.dtype)
+                p.result[msg.offset:msg.offset + msg.numel] = msg.data
+        del p.parts[(server, msg.offset)]
+        p.remaining -= 1
+        if p.remaining == 0:
+            del self.pending[msg.req_id]
+            p.callback(None if p.error else p.result, p.error)
+
+    def _on_broadcast_reply(self, server: int, msg: Message, p: _Pending) -> None:
+        if p.replies[server] is not None:
+            raise ProtocolError(f"duplicate reply from server {server}")
+        if msg.type == MsgType.ERROR:
+            p.error = p.error or RemoteError(str((msg.meta or {}).get("error", "server error")))
+        p.replies[server] = msg
+        p.remaining -= 1
+        if p.remaining == 0:
+            del self.pending[msg.req_id]
+            p.callback(p.replies, p.error)
+
+    def fail_all(self, exc: Exception) -> None:
+        """Complete every outstanding request with ``exc`` (a peer died, or we are shutting down)."""
+        self.failed = exc
+        pending, self.pending = self.pending, {}
+        for p in pending.values():
+            try:
+                p.callback([] if p.is_broadcast else None, exc)
+            except Exception:  # noqa: BLE001 - one bad callback must not stop the others
+                log.exception("%s: callback failed while failing requests", self.name)
+
+
+__all__ = ["KVClient", "partition", "PeerDeadError"]

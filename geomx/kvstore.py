@@ -1,0 +1,379 @@
+"""The MXNet front end: ``GeoKVStore``, what ``mx.kv.create("dist_sync")`` returns after ``import geomx``.
+
+Calls are pipelined like MXNet's own store: ``push`` sends and returns; ``pull`` / ``pushpull`` send
+and return at once, and the result is written into ``out`` by an engine operation that waits for the
+reply, so any later read of ``out`` (the next forward pass, ``asnumpy()``) waits for it and nothing
+else does. A step of an N-parameter model therefore costs about one round trip, not N.
+"""
+from __future__ import annotations
+
+import atexit
+import concurrent.futures as cf
+import hashlib
+import json
+import itertools
+import logging
+import threading
+import weakref
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import mxnet as mx
+import numpy as np
+from mxnet.kvstore.base import KVStoreBase
+
+from . import commands, config, logutil
+from .errors import ConfigError, GeoMXError
+from .optimizer_spec import optimizer_from_spec, optimizer_to_spec
+from .worker import WorkerNode
+from .wire import MsgType
+
+log = logging.getLogger("geomx.kvstore")
+
+# -- engine-side delivery of pulled values -----------------------------------------------------------
+
+_tickets: Dict[int, Tuple[cf.Future, int]] = {}
+_ticket_ids = itertools.count(1)
+_tickets_lock = threading.Lock()
+
+
+class _Deliver(mx.operator.CustomOp):
+    """Waits (in MXNet's custom-op thread, not the training thread) for a reply and writes it out."""
+
+    def __init__(self, ticket: int):
+        super().__init__()
+        self.ticket = ticket
+
+    def forward(self, is_train, req, in_data, out_data, aux):  # noqa: D401 - MXNet signature
+        with _tickets_lock:
+            fut, _ = _tickets.pop(self.ticket)
+        value = fut.result()
+        out = out_data[0]
+        self.assign(out, req[0], mx.nd.array(value.reshape(out.shape), ctx=out.context, dtype=out.dtype))
+
+    def backward(self, req, out_grad, in_data, out_data, in_grad, aux):  # pragma: no cover
+        raise GeoMXError("geomx delivery ops have no gradient")
+
+
+@mx.operator.register("geomx_deliver")
+class _DeliverProp(mx.operator.CustomOpProp):
+    def __init__(self, ticket: str, shape: str, dtype: str):
+        super().__init__(need_top_grad=False)
+        self.ticket = int(ticket)
+        self.shape = tuple(int(d) for d in shape.split(",") if d)
+        self.dtype = np.dtype(dtype)
+
+    def list_arguments(self):
+        return ["anchor"]
+
+    def list_outputs(self):
+        return ["value"]
+
+    def infer_shape(self, in_shape):
+        return in_shape, [self.shape], []
+
+    def infer_type(self, in_type):
+        return in_type, [self.dtype.type], []
+
+    def create_operator(self, ctx, shapes, dtypes):
+        return _Deliver(self.ticket)
+
+
+_anchors: Dict[Any, mx.nd.NDArray] = {}
+
+
+def _deliver_async(fut: cf.Future, out: mx.nd.NDArray) -> None:
+    """Write ``fut``'s array into ``out`` as an engine operation (ordered with every use of ``out``)."""
+    ticket = next(_ticket_ids)
+    with _tickets_lock:
+        _tickets[ticket] = (fut, 0)
+    anchor = _anchors.get(out.context)
+    if anchor is None:
+        anchor = _anchors[out.context] = mx.nd.zeros((1,), ctx=out.context)
+    mx.nd.Custom(anchor, op_type="geomx_deliver", ticket=str(ticket),
+                 shape=",".join(str(d) for d in out.shape), dtype=np.dtype(out.dtype).name, out=out)
+
+
+# -- key and value normalisation ---------------------------------------------------------------------
+
+def _key_id(key: Any) -> int:
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        if key < 0 or key >= 1 << 62:
+            raise GeoMXError(f"integer keys must be in [0, 2**62), got {key}")
+        return int(key)
+    if isinstance(key, str):
+        # String keys (Module.fit) map to a stable id every process computes alike.
+        return (1 << 62) | int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") \
+            & ((1 << 62) - 1)
+    raise GeoMXError(f"keys must be int or str, got {type(key).__name__}")
+
+
+def _as_list(x: Any) -> List[Any]:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _pairs(key: Any, value: Any) -> List[Tuple[Any, List[mx.nd.NDArray]]]:
+    """(key, [arrays]) pairs from MXNet's accepted forms: one key with an array or a list of device
+    copies, or a list of keys with a list of arrays (or of lists of device copies)."""
+    if value is None:
+        return [(k, []) for k in _as_list(key)]
+    if isinstance(key, (list, tuple)):
+        values = _as_list(value)
+        if len(values) != len(key):
+            raise GeoMXError(f"{len(key)} keys but {len(values)} values")
+        return [(k, _as_list(v)) for k, v in zip(key, values)]
+    return [(key, _as_list(value))]
+
+
+def _flat(arrays: Sequence[mx.nd.NDArray]) -> np.ndarray:
+    """One host array: the sum of the device copies (as MXNet's store reduces them)."""
+    if len(arrays) == 1:
+        return arrays[0].asnumpy().reshape(-1)
+    return mx.nd.add_n(*[a.as_in_context(mx.cpu()) for a in arrays]).asnumpy().reshape(-1)
+
+
+class _ShadowUpdater:
+    """What gluon.Trainer reads back after ``load_states``: ``kv._updater.optimizer``."""
+
+    def __init__(self, optimizer: Any):
+        self.optimizer = optimizer
+
+
+# -- the store ---------------------------------------------------------------------------------------
+
+class GeoKVStore(KVStoreBase):
+    """A worker's handle on the hierarchical parameter server.
+
+    ``rank`` and ``num_workers`` are those of the worker's own party (as in GeoMX); ``num_all_workers``
+    counts training workers worldwide; ``is_master_worker`` is the central party's coordinating worker.
+    """
+
+    _default_type = "dist_sync"
+
+    def __init__(self, kvtype: Optional[str] = None):
+        self._type = kvtype or self._default_type
+        cfg = config.load()
+        if cfg.role != config.WORKER:
+            raise ConfigError(f"mx.kv.create({self._type!r}) is for workers; this process has role {cfg.role} "
+                              "(run non-worker roles with `python -m geomx.node`)")
+        logutil.setup(cfg.verbose, "master_worker" if cfg.is_master_worker else "worker")
+        self._cfg = cfg
+        self._node = WorkerNode(cfg)
+        logutil.set_label(("master_worker" if cfg.is_master_worker else "worker") + str(self._node.rank))
+        self._shapes: Dict[int, Tuple[Tuple[int, ...], np.dtype]] = {}
+        self._inflight: List[cf.Future] = []
+        self._updater: Optional[_ShadowUpdater] = None
+        self._closed = False
+        if cfg.is_master_worker:
+            # dist_sync: synchronous global tier; dist_async: MixedSync (asynchronous across parties).
+            self._command({"cmd": commands.SYNC_MODE, "sync": "async" not in self._type})
+        _live_stores.add(self)
+
+    # -- properties -----------------------------------------------------------------------------
+    @property
+    def type(self) -> str:
+        return self._type
+
+    @property
+    def rank(self) -> int:
+        return self._node.rank
+
+    @property
+    def num_workers(self) -> int:
+        return self._cfg.num_worker
+
+    @property
+    def num_all_workers(self) -> int:
+        return self._cfg.num_all_worker
+
+    @property
+    def is_master_worker(self) -> bool:
+        return self._cfg.is_master_worker
+
+    @staticmethod
+    def is_capable(capability: str) -> bool:
+        return capability.lower() == KVStoreBase.OPTIMIZER
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _check(self) -> None:
+        if self._closed:
+            raise GeoMXError("this kvstore is closed")
+        done = [f for f in self._inflight if f.done()]
+        if done:
+            self._inflight = [f for f in self._inflight if not f.done()]
+            for f in done:
+                f.result()  # re-raises a failed push here rather than never
+
+    def _meta(self, key: Any) -> Tuple[int, Tuple[int, ...], np.dtype]:
+        kid = _key_id(key)
+        try:
+            shape, dtype = self._shapes[kid]
+        except KeyError:
+            raise GeoMXError(f"key {key!r} was not initialised with kv.init") from None
+        return kid, shape, dtype
+
+    def _command(self, meta: dict, datas: Optional[List[Optional[np.ndarray]]] = None) -> List[Any]:
+        return self._node.broadcast(MsgType.COMMAND, meta=meta, datas=datas).result()
+
+    def _wait_inflight(self) -> None:
+        inflight, self._inflight = self._inflight, []
+        for f in inflight:
+            f.result()
+
+    # -- key-value API --------------------------------------------------------------------------
+    def init(self, key: Any, value: Any) -> None:
+        self._check()
+        futures = self._init(key, value)
+        for fut, _ in futures:
+            fut.result()
+
+    def _init(self, key: Any, value: Any) -> List[Tuple[cf.Future, int]]:
+        futures = []
+        for k, arrays in _pairs(key, value):
+            if not arrays:
+                raise GeoMXError(f"kv.init({k!r}) needs a value")
+            kid = _key_id(k)
+            arr = arrays[0]
+            self._shapes[kid] = (tuple(arr.shape), np.dtype(arr.dtype))
+            # Only the master worker's values count: every party starts from the global servers' copy.
+            data = arr.asnumpy().reshape(-1) if self.is_master_worker else None
+            futures.append((self._node.request(MsgType.INIT, kid, int(np.prod(arr.shape)), arr.dtype,
+                                               data=data), kid))
+        return futures
+
+    def broadcast(self, key: Any, value: Any, out: Any, priority: int = 0) -> None:
+        self._check()
+        futures = self._init(key, value)
+        outs = [o for _, o in _pairs(key, out)]
+        for (fut, kid), targets in zip(futures, outs):
+            shape, _ = self._shapes[kid]
+            result = fut.result().reshape(shape)
+            for o in targets:
+                o[:] = result
+
+    def push(self, key: Any, value: Any, priority: int = 0) -> None:
+        self._check()
+        for k, arrays in _pairs(key, value):
+            kid, shape, dtype = self._meta(k)
+            data = _flat(arrays)
+            if data.dtype != dtype:
+                raise GeoMXError(f"push of key {k!r}: dtype {data.dtype}, initialised as {dtype}")
+            self._inflight.append(self._node.request(MsgType.PUSH, kid, data.size, dtype, data=data,
+                                                     priority=priority))
+
+    def pull(self, key: Any, out: Any = None, priority: int = 0, ignore_sparse: bool = True) -> None:
+        self._check()
+        if out is None:
+            raise GeoMXError("kv.pull needs out=")
+        for k, targets in _pairs(key, out):
+            kid, shape, dtype = self._meta(k)
+            fut = self._node.request(MsgType.PULL, kid, int(np.prod(shape)), dtype, priority=priority)
+            for o in targets:
+                _deliver_async(fut, o)
+
+    def pushpull(self, key: Any, value: Any, out: Any = None, priority: int = 0) -> None:
+        self._check()
+        outs = _pairs(key, out) if out is not None else _pairs(key, value)
+        for (k, arrays), (_, targets) in zip(_pairs(key, value), outs):
+            kid, shape, dtype = self._meta(k)
+            data = _flat(arrays)
+            fut = self._node.request(MsgType.PUSHPULL, kid, data.size, dtype, data=data, priority=priority)
+            for o in targets:
+                _deliver_async(fut, o)
+
+    def barrier(self) -> None:
+        self._check()
+        self._wait_inflight()
+        self._node.barrier()
+
+    def _barrier(self) -> None:  # name used by some MXNet code paths
+        self.barrier()
+
+    # -- optimizer and compression --------------------------------------------------------------
+    def set_optimizer(self, optimizer: Any) -> None:
+        """Send ``optimizer`` (as its registered name and hyper-parameters) to the global servers."""
+        self._check()
+        spec = optimizer_to_spec(optimizer)
+        self._command({"cmd": commands.SET_OPTIMIZER, "spec": spec, "master": self.is_master_worker})
+        self._updater = _ShadowUpdater(optimizer)
+
+    def set_gradient_compression(self, compression_params: Dict[str, Any]) -> None:
+        self._check()
+        if not isinstance(compression_params, dict) or "type" not in compression_params:
+            raise GeoMXError("set_gradient_compression expects a dict with a 'type'")
+        params = {str(k): v for k, v in compression_params.items()}
+        if params["type"] != "none":
+            raise GeoMXError(f"gradient compression type {params['type']!r} is not supported yet "
+                             "(available: 'none')")
+        if self.is_master_worker:
+            self._command({"cmd": commands.SET_COMPRESSION, "params": params})
+
+    def save_optimizer_states(self, fname: str, dump_optimizer: bool = False) -> None:
+        """Save the global servers' optimizer states to ``fname`` (an .npz file without pickles)."""
+        self._check()
+        self._wait_inflight()
+        replies = self._command({"cmd": commands.GET_STATES})
+        if len(replies) == 1 and "parts" in (replies[0].meta or {}):
+            parts = commands.split_merged(replies[0].meta, replies[0].data)  # relayed by a local server
+        else:
+            parts = [(r.meta or {}, r.data if r.data is not None else np.zeros(0, np.uint8)) for r in replies]
+        header = json.dumps({"format": "geomx-optimizer-states/1", "parts": [m for m, _ in parts]}).encode()
+        with open(fname, "wb") as f:
+            np.savez(f, header=np.frombuffer(header, dtype=np.uint8),
+                     **{f"server{i}": d for i, (_, d) in enumerate(parts)})
+
+    def load_optimizer_states(self, fname: str) -> None:
+        """Load states saved by :meth:`save_optimizer_states` into the global servers."""
+        self._check()
+        self._wait_inflight()
+        try:
+            with np.load(fname, allow_pickle=False) as z:
+                header = json.loads(bytes(z["header"]).decode())
+                replies = [commands.Reply(m, z[f"server{i}"]) for i, m in enumerate(header["parts"])]
+        except (KeyError, ValueError, OSError) as exc:
+            raise GeoMXError(f"{fname} is not a geomx optimizer-state file: {exc}") from None
+        meta, data = commands.merge_replies(replies)
+        meta["cmd"] = commands.SET_STATES
+        self._node.broadcast(MsgType.COMMAND, meta=meta, datas=[data] * self._node.num_servers).result()
+        spec = header["parts"][0].get("optimizer") if header["parts"] else None
+        if spec and self._updater is None:
+            self._updater = _ShadowUpdater(optimizer_from_spec(spec))
+
+    # -- shutdown -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Finish outstanding requests and leave the topology (also done at interpreter exit)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._wait_inflight()
+            mx.nd.waitall()
+        finally:
+            self._node.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+_live_stores: "weakref.WeakSet[GeoKVStore]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for store in list(_live_stores):
+        try:
+            store.close()
+        except Exception as exc:  # noqa: BLE001 - interpreter is exiting
+            log.warning("closing kvstore at exit: %s", exc)
+
+
+def _make(kvtype: str) -> type:
+    return type(f"GeoKVStore_{kvtype}", (GeoKVStore,), {"_default_type": kvtype})
+
+
+def register() -> None:
+    """Make ``mx.kv.create`` return geomx's store for the distributed types."""
+    for kvtype in ("dist_sync", "dist_async", "dist_sync_device", "dist_async_device", "dist"):
+        KVStoreBase.kv_registry[kvtype] = _make(kvtype)

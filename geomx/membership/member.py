@@ -1,0 +1,102 @@
+"""A node's side of a tier: register with the scheduler, barriers, heartbeats, goodbye.
+
+Everything here runs in the node's event-loop thread and reports through callbacks, so the same class
+serves a server (whose loop is its main thread) and a worker (whose loop is a background I/O thread).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+import uuid
+from typing import Callable, List, Optional, Tuple
+
+from ..errors import PeerDeadError, ProtocolError
+from ..transport import EventLoop, Link, connect_dealer
+from ..wire import Message, MsgType, meta_field
+
+log = logging.getLogger("geomx.membership")
+
+
+@dataclasses.dataclass(frozen=True)
+class TierInfo:
+    """What the scheduler told this node: its rank and the tier's servers."""
+
+    tier: str
+    rank: int
+    servers: Tuple[Tuple[str, int], ...]
+    num_workers: int
+    num_servers: int
+
+
+class TierMember:
+    def __init__(self, loop: EventLoop, tier: str, scheduler: Tuple[str, int], *, role: str, host: str,
+                 port: int, name: str, master: bool = False, rank_hint: Optional[int] = None,
+                 heartbeat_interval: float, heartbeat_timeout: float,
+                 on_fatal: Callable[[Exception], None]):
+        self.loop = loop
+        self.tier = tier
+        self.scheduler = scheduler
+        self.on_fatal = on_fatal
+        self.heartbeat_timeout = heartbeat_timeout
+        identity = f"{name}@{tier}#{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
+        self.link: Link = connect_dealer(loop.ctx, scheduler[0], scheduler[1], identity,
+                                         loop.max_message_bytes, f"{tier}-scheduler-link")
+        loop.add(self.link, self._handle, routed=False)
+        self.register_meta = {"role": role, "host": host, "port": port, "name": name, "master": master,
+                              "rank": -1 if rank_hint is None else rank_hint}
+        self.info: Optional[TierInfo] = None
+        self._barrier_waiters: List[Callable[[], None]] = []
+        self._last_ack = time.monotonic()
+        self._failed = False
+        self._said_bye = False
+        loop.call_every(heartbeat_interval, self._beat)
+
+    def register(self) -> None:
+        self.link.send(Message(MsgType.REGISTER, meta=self.register_meta))
+
+    def barrier(self, group: str, on_done: Callable[[], None]) -> None:
+        self._barrier_waiters.append(on_done)
+        self.link.send(Message(MsgType.BARRIER, meta={"group": group}))
+
+    def bye(self) -> None:
+        if not self._said_bye:
+            self._said_bye = True
+            self.link.send(Message(MsgType.BYE))
+
+    def _beat(self) -> None:
+        if self._said_bye or self._failed:
+            return
+        silent = time.monotonic() - self._last_ack
+        if silent > self.heartbeat_timeout:
+            self._fail(PeerDeadError(
+                f"the {self.tier} scheduler at {self.scheduler[0]}:{self.scheduler[1]} has not answered "
+                f"for {silent:.1f}s; presumed dead"))
+            return
+        self.link.send(Message(MsgType.HEARTBEAT))
+
+    def _fail(self, exc: Exception) -> None:
+        if not self._failed:
+            self._failed = True
+            self.on_fatal(exc)
+
+    def _handle(self, msg: Message, identity: Optional[bytes], link: Link) -> None:
+        self._last_ack = time.monotonic()
+        if msg.type == MsgType.HEARTBEAT_ACK:
+            return
+        if msg.type == MsgType.REGISTER_ACK:
+            servers = meta_field(msg, "servers", list)
+            try:
+                parsed = tuple((str(h), int(p)) for h, p in servers)
+            except (TypeError, ValueError):
+                raise ProtocolError("REGISTER_ACK with a malformed server list") from None
+            self.info = TierInfo(self.tier, meta_field(msg, "rank", int), parsed,
+                                 meta_field(msg, "num_workers", int), meta_field(msg, "num_servers", int))
+        elif msg.type == MsgType.BARRIER_ACK:
+            if self._barrier_waiters:
+                self._barrier_waiters.pop(0)()
+        elif msg.type == MsgType.PEER_DEAD:
+            self._fail(PeerDeadError(str(meta_field(msg, "reason", str, "a peer died"))))
+        else:
+            raise ProtocolError(f"unexpected {msg.type.name} from the {self.tier} scheduler")

@@ -1,0 +1,186 @@
+"""A tier's scheduler: registers servers and workers, hands out ranks and addresses, runs barriers,
+watches heartbeats, and announces a dead node to everyone else in the tier."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Dict, List, Optional
+
+import zmq
+
+
+from ..errors import ProtocolError
+from ..transport import EventLoop, Link, bind_router, peer_label
+from ..wire import Message, MsgType, meta_field
+
+log = logging.getLogger("geomx.scheduler")
+
+GROUPS = ("worker", "server", "all")
+
+
+@dataclasses.dataclass
+class Member:
+    identity: bytes
+    role: str  # "server" or "worker"
+    host: str
+    port: int
+    name: str
+    master: bool
+    rank_hint: Optional[int]
+    arrival: int
+    last_seen: float
+    rank: int = -1
+    done: bool = False
+
+
+class Scheduler:
+    """Runs until every registered node said goodbye (exit code 0) or one of them died (exit code 1)."""
+
+    def __init__(self, tier: str, port: int, num_servers: int, num_workers: int, *,
+                 heartbeat_interval: float, heartbeat_timeout: float, start_timeout: float,
+                 max_message_bytes: int, ctx: Optional[zmq.Context] = None):
+        self.tier = tier
+        self.num_servers = num_servers
+        self.num_workers = num_workers
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.start_timeout = start_timeout
+        self.ctx = ctx or zmq.Context.instance()
+        self.loop = EventLoop(self.ctx, max_message_bytes, name=f"{tier} scheduler")
+        self.link, self.port = bind_router(self.ctx, "*", port, max_message_bytes, f"{tier}-scheduler")
+        self.loop.add(self.link, self._handle, routed=True)
+        self.members: Dict[bytes, Member] = {}
+        self.registered = False
+        self.barriers: Dict[str, set] = {g: set() for g in GROUPS}
+        self.exit_code: Optional[int] = None
+        self.started = time.monotonic()
+
+    # -- main loop ----------------------------------------------------------------------------
+    def run(self) -> int:
+        log.info("%s scheduler listening on port %d for %d server(s) and %d worker(s)",
+                 self.tier, self.port, self.num_servers, self.num_workers)
+        self.loop.call_every(self.heartbeat_interval, self._check_liveness)
+        while self.exit_code is None:
+            self.loop.run_once(0.5)
+        # Let the last messages (acks, dead-peer notices) leave before the socket closes.
+        self.loop.close()
+        return self.exit_code
+
+    def _send(self, member: Member, msg: Message) -> None:
+        self.link.send(msg, member.identity)
+
+    def _handle(self, msg: Message, identity: Optional[bytes], link: Link) -> None:
+        assert identity is not None
+        member = self.members.get(identity)
+        if member is not None:
+            member.last_seen = time.monotonic()
+        if msg.type == MsgType.REGISTER:
+            self._on_register(msg, identity)
+        elif member is None:
+            raise ProtocolError(f"{msg.type.name} from unregistered peer {peer_label(identity)}")
+        elif msg.type == MsgType.HEARTBEAT:
+            self._send(member, Message(MsgType.HEARTBEAT_ACK, req_id=msg.req_id))
+        elif msg.type == MsgType.BARRIER:
+            self._on_barrier(msg, member)
+        elif msg.type == MsgType.BYE:
+            self._on_bye(member)
+        else:
+            raise ProtocolError(f"unexpected {msg.type.name} at a scheduler")
+
+    def _on_register(self, msg: Message, identity: bytes) -> None:
+        role = meta_field(msg, "role", str)
+        host = meta_field(msg, "host", str)
+        port = meta_field(msg, "port", int)
+        name = meta_field(msg, "name", str, "")[:80]
+        master = meta_field(msg, "master", bool, False)
+        rank_hint = meta_field(msg, "rank", int, -1)
+        if role not in ("server", "worker"):
+            raise ProtocolError(f"REGISTER with unknown role {role!r}")
+        if not 0 <= port <= 65535 or not 0 < len(host) <= 255:
+            raise ProtocolError(f"REGISTER with bad address {host!r}:{port}")
+        if identity in self.members:
+            raise ProtocolError(f"{peer_label(identity)} registered twice")
+        if self.registered:
+            raise ProtocolError(f"late REGISTER from {name or peer_label(identity)}: the tier is complete")
+        count = sum(1 for m in self.members.values() if m.role == role)
+        if count >= (self.num_servers if role == "server" else self.num_workers):
+            raise ProtocolError(f"REGISTER from {name or peer_label(identity)}: more {role}s than the "
+                                f"{self.num_servers if role == 'server' else self.num_workers} expected")
+        self.members[identity] = Member(identity, role, host, port, name or peer_label(identity), master,
+                                        rank_hint if rank_hint >= 0 else None, len(self.members),
+                                        time.monotonic())
+        log.debug("%s: registered %s %s at %s:%d", self.tier, role, name, host, port)
+        if len(self.members) == self.num_servers + self.num_workers:
+            self._assign_ranks()
+
+    def _assign_ranks(self) -> None:
+        servers = [m for m in self.members.values() if m.role == "server"]
+        workers = [m for m in self.members.values() if m.role == "worker"]
+        hints = sorted(m.rank_hint for m in servers if m.rank_hint is not None)
+        if hints == list(range(len(servers))):
+            # Global servers bring their global rank so that both tiers agree by construction.
+            servers.sort(key=lambda m: m.rank_hint)
+        else:
+            servers.sort(key=lambda m: (m.host, m.port))
+        workers.sort(key=lambda m: (not m.master, m.arrival))
+        if sum(m.master for m in workers) > 1:
+            log.error("%s: more than one worker has DMLC_ROLE_MASTER_WORKER=1", self.tier)
+        for rank, m in enumerate(servers):
+            m.rank = rank
+        for rank, m in enumerate(workers):
+            m.rank = rank
+        addresses = [[m.host, m.port] for m in servers]
+        for m in self.members.values():
+            self._send(m, Message(MsgType.REGISTER_ACK, meta={
+                "rank": m.rank, "servers": addresses, "num_workers": self.num_workers,
+                "num_servers": self.num_servers, "tier": self.tier}))
+        self.registered = True
+        log.info("%s: all %d nodes registered", self.tier, len(self.members))
+
+    def _group(self, group: str) -> List[Member]:
+        return [m for m in self.members.values() if group == "all" or m.role == group]
+
+    def _on_barrier(self, msg: Message, member: Member) -> None:
+        group = meta_field(msg, "group", str)
+        if group not in GROUPS:
+            raise ProtocolError(f"BARRIER for unknown group {group!r}")
+        if group != "all" and member.role != group:
+            raise ProtocolError(f"{member.name} ({member.role}) entered the {group} barrier")
+        waiting = self.barriers[group]
+        waiting.add(member.identity)
+        if len(waiting) == len(self._group(group)):
+            for m in self._group(group):
+                self._send(m, Message(MsgType.BARRIER_ACK, meta={"group": group}))
+            waiting.clear()
+
+    def _on_bye(self, member: Member) -> None:
+        member.done = True
+        log.debug("%s: %s said goodbye", self.tier, member.name)
+        if self.registered and all(m.done for m in self.members.values()):
+            log.info("%s: every node finished; scheduler exits", self.tier)
+            self.exit_code = 0
+
+    def _check_liveness(self) -> None:
+        now = time.monotonic()
+        if not self.registered and now - self.started > self.start_timeout:
+            missing_s = self.num_servers - sum(m.role == "server" for m in self.members.values())
+            missing_w = self.num_workers - sum(m.role == "worker" for m in self.members.values())
+            self._fail(f"{self.tier}: start-up timed out after {self.start_timeout:.0f}s: "
+                       f"{missing_s} server(s) and {missing_w} worker(s) never registered "
+                       "(check DMLC_NUM_SERVER / DMLC_NUM_WORKER and the scheduler address)", None)
+            return
+        for m in self.members.values():
+            if not m.done and now - m.last_seen > self.heartbeat_timeout:
+                self._fail(f"{self.tier}: {m.role} {m.name} (rank {m.rank}, {m.host}:{m.port}) sent no "
+                           f"heartbeat for {now - m.last_seen:.1f}s; presumed dead", m)
+                return
+
+    def _fail(self, reason: str, dead: Optional[Member]) -> None:
+        log.error("%s", reason)
+        for m in self.members.values():
+            if m is not dead and not m.done:
+                self._send(m, Message(MsgType.PEER_DEAD, meta={"reason": reason}))
+        self.exit_code = 1
+
+

@@ -1,0 +1,154 @@
+"""Run a non-worker GeoMX role from the environment: ``python -m geomx.node``.
+
+It replaces the original's ``python -c "import mxnet"``: the same variables decide whether this
+process is the global scheduler, a party scheduler, a local server or a global server.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import List, Optional
+
+import zmq
+
+from . import config, logutil
+from .config import NodeConfig
+from .errors import ConfigError, GeoMXError
+from .kvclient import KVClient
+from .membership import Scheduler, TierMember
+from .servers import GlobalServer, LocalServer
+from .servers.base import ServerBase
+from .transport import EventLoop
+
+log = logging.getLogger("geomx.node")
+
+# MXNet starts its own ps-lite server or scheduler at import time when it sees these (and then never
+# returns), so a geomx node hides them before anything imports mxnet.
+_MXNET_TRAPS = ("DMLC_ROLE", "DMLC_ROLE_GLOBAL", "DMLC_PS_ROOT_URI", "DMLC_PS_ROOT_PORT")
+
+
+def _hide_roles_from_mxnet() -> None:
+    for name in _MXNET_TRAPS:
+        os.environ.pop(name, None)
+
+
+def _scheduler(cfg: NodeConfig) -> int:
+    if cfg.role == config.GLOBAL_SCHEDULER:
+        tier, port = "global tier", cfg.global_root_port
+        servers, workers = cfg.num_global_server, cfg.num_global_worker
+    else:
+        tier, port = f"party@{cfg.root_port}", cfg.root_port
+        servers, workers = cfg.num_server, cfg.num_worker
+    logutil.set_label(tier.replace(" tier", "") + " scheduler")
+    sched = Scheduler(tier, port, servers, workers, heartbeat_interval=cfg.heartbeat_interval,
+                      heartbeat_timeout=cfg.heartbeat_timeout, start_timeout=cfg.start_timeout,
+                      max_message_bytes=cfg.max_message_bytes)
+    return sched.run()
+
+
+def _member(loop: EventLoop, cfg: NodeConfig, tier: str, scheduler: tuple, role: str, port: int,
+            name: str, fatal: List[Exception], rank_hint: Optional[int] = None) -> TierMember:
+    return TierMember(loop, tier, scheduler, role=role, host=cfg.advertised_host(*scheduler), port=port,
+                      name=name, rank_hint=rank_hint, heartbeat_interval=cfg.heartbeat_interval,
+                      heartbeat_timeout=cfg.heartbeat_timeout, on_fatal=fatal.append)
+
+
+def _wait(loop: EventLoop, cfg: NodeConfig, done, fatal: List[Exception], what: str) -> None:
+    loop.run_until(lambda: bool(fatal) or done(), timeout=cfg.start_timeout, what=what)
+    if fatal:
+        raise fatal[0]
+
+
+def _serve(loop: EventLoop, server: ServerBase, members: List[TierMember], fatal: List[Exception],
+           upstream: Optional[KVClient] = None) -> int:
+    while server.exit_code is None and not fatal:
+        loop.run_once(0.5)
+    if fatal:
+        log.error("stopping: %s", fatal[0])
+        if upstream is not None:
+            upstream.fail_all(fatal[0])
+        code = 1
+    else:
+        for m in members:
+            m.bye()
+        code = server.exit_code or 0
+    # Give the goodbyes and last replies a moment to leave.
+    for _ in range(3):
+        loop.run_once(0.05)
+    loop.close()
+    return code
+
+
+def _local_server(cfg: NodeConfig) -> int:
+    ctx = zmq.Context()
+    loop = EventLoop(ctx, cfg.max_message_bytes, name="local server")
+    server = LocalServer(cfg, loop)
+    fatal: List[Exception] = []
+    party = _member(loop, cfg, "party", (cfg.root_uri, cfg.root_port), "server", server.port,
+                    "local_server", fatal)
+    glob = _member(loop, cfg, "global", (cfg.global_root_uri, cfg.global_root_port), "worker", 0,
+                   "local_server", fatal)
+    party.register()
+    glob.register()
+    _wait(loop, cfg, lambda: party.info is not None and glob.info is not None, fatal, "registration")
+    assert glob.info is not None and party.info is not None
+    logutil.set_label(f"local_server{glob.info.rank}")
+    upstream = KVClient(loop, glob.info.servers, identity=f"local_server{glob.info.rank}", sender=glob.info.rank,
+                        bigarray_bound=cfg.bigarray_bound, wan=True, name=f"local_server{glob.info.rank}")
+    server.connect_upstream(upstream)
+    log.info("serving %d worker(s) on port %d; %d global server(s)", cfg.num_worker, server.port,
+             len(glob.info.servers))
+    return _serve(loop, server, [party, glob], fatal, upstream)
+
+
+def _global_server(cfg: NodeConfig) -> int:
+    ctx = zmq.Context()
+    loop = EventLoop(ctx, cfg.max_message_bytes, name="global server")
+    server = GlobalServer(cfg, loop)
+    fatal: List[Exception] = []
+    glob = _member(loop, cfg, "global", (cfg.global_root_uri, cfg.global_root_port), "server",
+                   server.wan_port, "global_server", fatal)
+    glob.register()
+    _wait(loop, cfg, lambda: glob.info is not None, fatal, "global-tier registration")
+    assert glob.info is not None
+    server.rank = glob.info.rank
+    logutil.set_label(f"global_server{server.rank}")
+    # The same rank in the central party, so both tiers agree on which server holds which key.
+    central = _member(loop, cfg, "central", (cfg.root_uri, cfg.root_port), "server", server.lan_port,
+                      "global_server", fatal, rank_hint=server.rank)
+    central.register()
+    _wait(loop, cfg, lambda: central.info is not None, fatal, "central-party registration")
+    log.info("serving %d party(ies) on port %d and %d central worker(s) on port %d",
+             cfg.num_global_worker, server.wan_port, cfg.num_worker, server.lan_port)
+    return _serve(loop, server, [glob, central], fatal)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        cfg = config.load()
+    except ConfigError as exc:
+        logutil.setup(0, "geomx.node")
+        logging.getLogger("geomx.node").error("configuration error: %s", exc)
+        return 2
+    logutil.setup(cfg.verbose, cfg.role)
+    _hide_roles_from_mxnet()
+    try:
+        if cfg.is_scheduler:
+            return _scheduler(cfg)
+        if cfg.role == config.LOCAL_SERVER:
+            return _local_server(cfg)
+        if cfg.role == config.GLOBAL_SERVER:
+            return _global_server(cfg)
+        log.error("DMLC_ROLE=worker: workers run the training script (with `import geomx`), "
+                  "not geomx.node")
+        return 2
+    except (GeoMXError, TimeoutError) as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""What local and global servers share: the client-facing ROUTER sockets, message validation against
+known keys, synchronous aggregation rounds, parked pulls, and the stop protocol."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from ..errors import ProtocolError
+from ..transport import EventLoop, Link, peer_label
+from ..wire import DTYPES, Message, MsgType
+from .keystate import KeyState
+
+log = logging.getLogger("geomx.server")
+
+Client = Tuple[str, bytes]  # (link name, ZeroMQ identity)
+
+
+class ServerBase:
+    """Subclasses say how many pushes make a round (:meth:`expected_pushes`) and what to do when a
+    round is complete (:meth:`dispatch_round`)."""
+
+    def __init__(self, loop: EventLoop, name: str):
+        self.loop = loop
+        self.name = name
+        self.keys: Dict[int, KeyState] = {}
+        self.stopped_clients: set = set()
+        self.exit_code: Optional[int] = None
+
+    # -- hooks --------------------------------------------------------------------------------
+    def expected_pushes(self, link: Link) -> int:
+        raise NotImplementedError
+
+    def expected_stops(self) -> int:
+        raise NotImplementedError
+
+    def dispatch_round(self, ks: KeyState, r: int, acc: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def on_init(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
+        raise NotImplementedError
+
+    def on_command(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
+        raise NotImplementedError
+
+    def on_all_stopped(self) -> None:
+        raise NotImplementedError
+
+    # -- replies ------------------------------------------------------------------------------
+    @staticmethod
+    def reply(link: Link, identity: bytes, req: Message, data: Optional[np.ndarray] = None,
+              meta: Optional[dict] = None) -> None:
+        link.send(Message(MsgType.RESPONSE, req_id=req.req_id, key=req.key, offset=req.offset,
+                          numel=req.numel if data is not None else 0, total=req.total, meta=meta,
+                          data=data), identity)
+
+    def reply_error(self, link: Link, identity: bytes, req: Message, error: str) -> None:
+        log.warning("%s: %s from %s refused: %s", self.name, req.type.name, peer_label(identity), error)
+        link.send(Message(MsgType.ERROR, req_id=req.req_id, key=req.key, offset=req.offset, total=req.total,
+                          meta={"error": f"{self.name}: {error}"}), identity)
+
+    def replier(self, link: Link, identity: bytes, req: Message):
+        """A one-argument reply function: an array (or None) answers, an Exception refuses."""
+        def reply(value: object) -> None:
+            if isinstance(value, Exception):
+                self.reply_error(link, identity, req, str(value))
+            else:
+                self.reply(link, identity, req, value)  # type: ignore[arg-type]
+        return reply
+
+    # -- dispatch -----------------------------------------------------------------------------
+    def handle_client(self, msg: Message, identity: Optional[bytes], link: Link) -> None:
+        assert identity is not None
+        client: Client = (link.name, identity)
+        if client in self.stopped_clients:
+            raise ProtocolError(f"{msg.type.name} after STOP")
+        if msg.type == MsgType.INIT:
+            self.on_init(msg, client, link, identity)
+        elif msg.type in (MsgType.PUSH, MsgType.PUSHPULL):
+            self.on_push(msg, client, link, identity)
+        elif msg.type == MsgType.PULL:
+            self.on_pull(msg, client, link, identity)
+        elif msg.type == MsgType.COMMAND:
+            self.on_command(msg, client, link, identity)
+        elif msg.type == MsgType.STOP:
+            self.stopped_clients.add(client)
+            self.reply(link, identity, msg)
+            log.debug("%s: %s stopped (%d/%d)", self.name, peer_label(identity), len(self.stopped_clients),
+                      self.expected_stops())
+            if len(self.stopped_clients) >= self.expected_stops():
+                self.on_all_stopped()
+        else:
+            raise ProtocolError(f"unexpected {msg.type.name} at a server")
+
+    def known_key(self, msg: Message, link: Link, identity: bytes) -> Optional[KeyState]:
+        """The key's state if ``msg`` matches it (slice and dtype); otherwise answer with an error."""
+        ks = self.keys.get(msg.key)
+        if ks is None:
+            self.reply_error(link, identity, msg, f"key {msg.key} was never initialised")
+            return None
+        if msg.numel != ks.numel:
+            self.reply_error(link, identity, msg, f"key {msg.key}: {msg.numel} elements sent, this server "
+                                                  f"holds {ks.numel}")
+            return None
+        if msg.data is not None and msg.data.dtype != ks.dtype:
+            self.reply_error(link, identity, msg, f"key {msg.key}: dtype {msg.data.dtype} sent, key is "
+                                                  f"{ks.dtype}")
+            return None
+        return ks
+
+    def declare_key(self, msg: Message, link: Link, identity: bytes) -> Optional[KeyState]:
+        """Create the key's state from an INIT (or check that the INIT agrees with it)."""
+        dtype = DTYPES.get(msg.dtype)
+        if dtype is None:
+            self.reply_error(link, identity, msg, "INIT without a dtype")
+            return None
+        ks = self.keys.get(msg.key)
+        if ks is None:
+            ks = self.keys[msg.key] = KeyState(msg.key, msg.numel, dtype)
+        elif ks.numel != msg.numel or ks.dtype != dtype:
+            self.reply_error(link, identity, msg, f"key {msg.key} initialised twice with different shapes "
+                                                  f"({ks.numel} x {ks.dtype} and {msg.numel} x {dtype})")
+            return None
+        return ks
+
+    def on_push(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
+        ks = self.known_key(msg, link, identity)
+        if ks is None:
+            return
+        if msg.data is None:
+            self.reply_error(link, identity, msg, "PUSH without data")
+            return
+        expected = self.expected_pushes(link)
+        if expected == 0:
+            self.reply_error(link, identity, msg, "this client may not push (set DMLC_ENABLE_CENTRAL_WORKER=1 "
+                                                  "for central-party workers to train)")
+            return
+        r, rnd = ks.add_push(client, msg.data, self.replier(link, identity, msg),
+                             want_value=msg.type == MsgType.PUSHPULL)
+        if rnd.count == expected:
+            acc, rnd.acc = rnd.acc, None
+            self.dispatch_round(ks, r, acc)
+
+    def on_pull(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
+        ks = self.known_key(msg, link, identity)
+        if ks is None:
+            return
+        reply = self.replier(link, identity, msg)
+        if ks.pull_ready(client):
+            reply(ks.store)
+        else:
+            ks.park_pull(client, reply)

@@ -1,0 +1,155 @@
+"""The global server: the central party's server. It sums the parties' aggregates (and central
+workers' gradients when they train), runs the optimizer the master worker set, and serves the new
+weights. It belongs to two tiers: the global tier (clients: local servers, across the WAN) and the
+central party (clients: the master worker and central workers)."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from .. import commands
+from ..config import NodeConfig
+from ..errors import GeoMXError, ProtocolError
+from ..optimizer_spec import optimizer_from_spec, states_from_wire, states_to_wire
+from ..transport import EventLoop, Link, bind_router
+from ..wire import Message, meta_field
+from .base import Client, ServerBase
+from .keystate import KeyState
+
+log = logging.getLogger("geomx.server")
+
+
+class GlobalServer(ServerBase):
+    def __init__(self, cfg: NodeConfig, loop: EventLoop):
+        super().__init__(loop, "global server")
+        self.cfg = cfg
+        self.wan_link, self.wan_port = bind_router(loop.ctx, "*", 0, cfg.max_message_bytes,
+                                                   "global-clients", wan=True)
+        self.lan_link, self.lan_port = bind_router(loop.ctx, "*", 0, cfg.max_message_bytes, "central-clients")
+        loop.add(self.wan_link, self.handle_client, routed=True)
+        loop.add(self.lan_link, self.handle_client, routed=True)
+        self.central_workers = cfg.num_worker
+        self.parties = cfg.num_global_worker
+        self.optimizer_spec: Optional[dict] = None
+        self.optimizer_from_master = False
+        self.updater: Any = None
+        self.global_sync = True
+        self.rank = 0  # global rank, set once the global scheduler assigned it
+
+    # -- round bookkeeping --------------------------------------------------------------------
+    def expected_pushes(self, link: Link) -> int:
+        central = self.central_workers if self.cfg.enable_central_worker else 0
+        if link is self.lan_link and not central:
+            return 0
+        return self.parties + central
+
+    def expected_stops(self) -> int:
+        return self.parties + self.central_workers
+
+    def dispatch_round(self, ks: KeyState, r: int, acc: np.ndarray) -> None:
+        if self.updater is None:
+            ks.finish_round(r, acc)
+            return
+        import mxnet as mx
+
+        if ks.weight_nd is None:
+            ks.weight_nd = mx.nd.array(ks.store, dtype=ks.dtype)
+        self.updater(ks.key, mx.nd.array(acc, dtype=ks.dtype), ks.weight_nd)
+        ks.finish_round(r, ks.weight_nd.asnumpy().reshape(-1))
+
+    # -- init ---------------------------------------------------------------------------------
+    def on_init(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
+        if msg.data is not None and link is not self.lan_link:
+            raise ProtocolError("only central-party workers may initialise a key with a value")
+        ks = self.declare_key(msg, link, identity)
+        if ks is None:
+            return
+        if msg.data is not None and not ks.initialized:
+            ks.store = np.array(msg.data, copy=True)
+            ks.initialized = True
+            ks.serve_parked()
+        reply = self.replier(link, identity, msg)
+        if ks.initialized:
+            reply(ks.store)
+        else:
+            ks.park_pull(client, reply)
+
+    # -- commands -----------------------------------------------------------------------------
+    def on_command(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
+        cmd = meta_field(msg, "cmd", str)
+        try:
+            if cmd == commands.SET_OPTIMIZER:
+                self._set_optimizer(meta_field(msg, "spec", dict), meta_field(msg, "master", bool, False))
+                self.reply(link, identity, msg)
+            elif cmd == commands.SYNC_MODE:
+                if link is not self.lan_link:
+                    raise GeoMXError("only the master worker sets the synchronisation mode")
+                sync = meta_field(msg, "sync", bool)
+                if not sync:
+                    raise GeoMXError("dist_async (MixedSync) is not available yet; use dist_sync")
+                self.global_sync = sync
+                self.reply(link, identity, msg)
+            elif cmd == commands.GET_STATES:
+                self._require_optimizer()
+                desc, blob = states_to_wire(self.updater.states)
+                desc["optimizer"] = self.optimizer_spec
+                self.reply(link, identity, msg, blob, meta=desc)
+            elif cmd == commands.SET_STATES:
+                self._require_optimizer()
+                parts = commands.split_merged(msg.meta or {}, msg.data)
+                if len(parts) != self.cfg.num_global_server:
+                    raise GeoMXError(f"states for {len(parts)} global servers, there are "
+                                     f"{self.cfg.num_global_server}")
+                states = states_from_wire(*parts[self.rank])
+                self._load_states(states)
+                self.reply(link, identity, msg)
+            elif cmd == commands.SET_COMPRESSION:
+                params = meta_field(msg, "params", dict)
+                if params.get("type", "none") != "none":
+                    raise GeoMXError(f"gradient compression {params.get('type')!r} is not available yet")
+                self.reply(link, identity, msg)
+            else:
+                raise ProtocolError(f"unknown command {cmd!r}")
+        except GeoMXError as exc:
+            self.reply_error(link, identity, msg, str(exc))
+
+    def _set_optimizer(self, spec: Dict[str, Any], from_master: bool) -> None:
+        if self.optimizer_spec is not None and spec != self.optimizer_spec:
+            if not from_master and self.optimizer_from_master:
+                log.info("%s: keeping the master worker's optimizer; a worker sent another one", self.name)
+                return
+            if not from_master:
+                raise GeoMXError("another worker already set a different optimizer "
+                                 f"({self.optimizer_spec.get('name')})")
+        if spec == self.optimizer_spec:
+            return
+        import mxnet as mx
+
+        opt = optimizer_from_spec(spec)
+        self.updater = mx.optimizer.get_updater(opt)
+        self.optimizer_spec = spec
+        self.optimizer_from_master = from_master
+        log.info("%s: optimizer %s %s", self.name, spec["name"], spec["params"])
+
+    def _require_optimizer(self) -> None:
+        if self.updater is None:
+            raise GeoMXError("no optimizer is set on the global server")
+
+    def _load_states(self, states: Dict[int, Any]) -> None:
+        import mxnet as mx
+
+        def to_nd(node: Any) -> Any:
+            if node is None:
+                return None
+            if isinstance(node, tuple):
+                return tuple(to_nd(x) for x in node)
+            return mx.nd.array(node, dtype=node.dtype)
+
+        self.updater.states = {k: to_nd(v) for k, v in states.items()}
+        self.updater.states_synced = {k: False for k in states}
+
+    def on_all_stopped(self) -> None:
+        log.info("%s: every client stopped", self.name)
+        self.exit_code = 0

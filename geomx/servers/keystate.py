@@ -1,0 +1,86 @@
+"""Per-key bookkeeping shared by local and global servers: initialisation, synchronous aggregation
+rounds, and pulls parked until the round a client pushed into has completed."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from .. import kernels
+
+Reply = Callable[[Optional[np.ndarray]], None]
+
+
+class Round:
+    __slots__ = ("acc", "count", "waiters")
+
+    def __init__(self) -> None:
+        self.acc: Optional[np.ndarray] = None
+        self.count = 0
+        # (reply, wants the new value back)
+        self.waiters: List[Any] = []
+
+
+class KeyState:
+    """One key (or this server's slice of it).
+
+    ``store`` is replaced, never written in place, once it has been sent: sends are zero-copy, so an
+    in-place update could change bytes still queued in libzmq.
+    """
+
+    __slots__ = ("key", "numel", "dtype", "store", "initialized", "rounds", "completed", "pushes_by",
+                 "parked", "init_requested", "weight_nd")
+
+    def __init__(self, key: int, numel: int, dtype: np.dtype):
+        self.key = key
+        self.numel = numel
+        self.dtype = dtype
+        self.store: Optional[np.ndarray] = None
+        self.initialized = False
+        self.init_requested = False
+        self.rounds: Dict[int, Round] = {}
+        self.completed = 0  # rounds finished
+        self.pushes_by: Dict[Any, int] = {}
+        self.parked: List[Any] = []  # (client, rounds needed, reply)
+        self.weight_nd: Any = None  # MXNet copy of the weights when the global server runs an optimizer
+
+    def add_push(self, client: Any, data: np.ndarray, reply: Reply, want_value: bool) -> tuple:
+        """Fold ``data`` into the client's next round; returns (round index, Round)."""
+        r = self.pushes_by.get(client, 0)
+        self.pushes_by[client] = r + 1
+        rnd = self.rounds.get(r)
+        if rnd is None:
+            rnd = self.rounds[r] = Round()
+        if rnd.acc is None:
+            rnd.acc = np.array(data, dtype=self.dtype, copy=True)
+        else:
+            kernels.sum_into(rnd.acc, data)
+        rnd.count += 1
+        rnd.waiters.append((reply, want_value))
+        return r, rnd
+
+    def pull_ready(self, client: Any) -> bool:
+        return self.initialized and self.completed >= self.pushes_by.get(client, 0)
+
+    def park_pull(self, client: Any, reply: Reply) -> None:
+        self.parked.append((client, reply))
+
+    def finish_round(self, r: int, value: np.ndarray) -> None:
+        """Round ``r`` is done and ``value`` is the key's new value: answer its pushes and due pulls."""
+        rnd = self.rounds.pop(r)
+        self.store = value
+        self.completed = r + 1
+        for reply, want_value in rnd.waiters:
+            reply(value if want_value else None)
+        self.serve_parked()
+
+    def serve_parked(self) -> None:
+        if not self.parked:
+            return
+        still = []
+        for client, reply in self.parked:
+            if self.pull_ready(client):
+                reply(self.store)
+            else:
+                still.append((client, reply))
+        self.parked = still

@@ -1,0 +1,119 @@
+"""A party's local server: sums its workers' pushes and sends one aggregate per key across the WAN,
+then hands the global result back to its workers. It is a server in its party's tier and a client
+("global worker") in the global tier."""
+from __future__ import annotations
+
+import logging
+from typing import List, Optional
+
+import numpy as np
+
+from .. import commands
+from ..config import NodeConfig
+from ..errors import GeoMXError, ProtocolError
+from ..kvclient import KVClient
+from ..transport import EventLoop, Link, bind_router
+from ..wire import Message, MsgType, meta_field
+from .base import Client, ServerBase
+from .keystate import KeyState
+
+log = logging.getLogger("geomx.server")
+
+
+class LocalServer(ServerBase):
+    def __init__(self, cfg: NodeConfig, loop: EventLoop):
+        super().__init__(loop, "local server")
+        self.cfg = cfg
+        self.link, self.port = bind_router(loop.ctx, "*", 0, cfg.max_message_bytes, "party-clients")
+        loop.add(self.link, self.handle_client, routed=True)
+        self.upstream: Optional[KVClient] = None  # set once the global tier is known
+        self._stopping = False
+
+    def connect_upstream(self, client: KVClient) -> None:
+        self.upstream = client
+
+    def expected_pushes(self, link: Link) -> int:
+        return self.cfg.num_worker
+
+    def expected_stops(self) -> int:
+        return self.cfg.num_worker
+
+    # -- data path ----------------------------------------------------------------------------
+    def on_init(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
+        ks = self.declare_key(msg, link, identity)
+        if ks is None:
+            return
+        reply = self.replier(link, identity, msg)
+        if ks.initialized:
+            reply(ks.store)
+            return
+        ks.park_pull(client, reply)
+        if not ks.init_requested:
+            ks.init_requested = True
+            assert self.upstream is not None
+
+            def on_global_value(value: Optional[np.ndarray], error: Optional[Exception]) -> None:
+                if error is not None:
+                    self._fail_parked(ks, str(error))
+                    return
+                ks.store = value
+                ks.initialized = True
+                ks.serve_parked()
+
+            # Every worker starts from the master worker's values, held by the global servers.
+            self.upstream.request(MsgType.INIT, ks.key, ks.numel, ks.dtype, on_global_value)
+
+    def _fail_parked(self, ks: KeyState, error: str) -> None:
+        log.error("%s: key %d: %s", self.name, ks.key, error)
+        parked, ks.parked = ks.parked, []
+        for _client, reply in parked:
+            reply(GeoMXError(error))
+
+    def dispatch_round(self, ks: KeyState, r: int, acc: np.ndarray) -> None:
+        assert self.upstream is not None
+
+        def on_global_result(value: Optional[np.ndarray], error: Optional[Exception]) -> None:
+            if error is not None:
+                log.error("%s: key %d round %d failed upstream: %s", self.name, ks.key, r, error)
+                for reply, _ in ks.rounds.pop(r).waiters:
+                    reply(GeoMXError(f"global tier refused key {ks.key}: {error}"))
+                return
+            ks.finish_round(r, value)
+
+        self.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_result, data=acc)
+
+    # -- commands -----------------------------------------------------------------------------
+    def on_command(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
+        cmd = meta_field(msg, "cmd", str)
+        if cmd not in commands.RELAYED:
+            self.reply_error(link, identity, msg, f"command {cmd!r} cannot be relayed by a local server")
+            return
+        assert self.upstream is not None
+        meta = dict(msg.meta or {})
+        meta["master"] = False
+        # The same message goes to every global server; SET_STATES carries every server's part and
+        # each global server takes its own.
+        datas = None if msg.data is None else [msg.data] * self.upstream.num_servers
+
+        def on_replies(replies: List[Message], error: Optional[Exception]) -> None:
+            if error is not None:
+                self.reply_error(link, identity, msg, str(error))
+                return
+            merged_meta, data = commands.merge_replies(replies)
+            self.reply(link, identity, msg, data if data.size else None, meta=merged_meta)
+
+        self.upstream.broadcast(MsgType.COMMAND, on_replies, meta=meta, datas=datas)
+
+    # -- shutdown -----------------------------------------------------------------------------
+    def on_all_stopped(self) -> None:
+        if self._stopping or self.upstream is None:
+            return
+        self._stopping = True
+        log.info("%s: all workers stopped; stopping the global tier link", self.name)
+
+        def done(replies: List[Message], error: Optional[Exception]) -> None:
+            if error is not None:
+                log.warning("%s: stop not acknowledged by the global tier: %s", self.name, error)
+            self.exit_code = 0
+
+        self.upstream.broadcast(MsgType.STOP, done)

@@ -1,0 +1,190 @@
+"""Wire format: one fixed binary header, an optional JSON meta frame, an optional raw array frame.
+
+Nothing received is ever unpickled or evaluated. :func:`decode` checks every field (magic, message
+type, dtype whitelist, flag bits, frame count, meta size and type, data length against numel and
+dtype, slice bounds) and raises :class:`~geomx.errors.ProtocolError` naming the problem, so a node
+can log and drop a bad message and keep serving.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import struct
+from typing import Any, List, Optional, Sequence
+
+import numpy as np
+
+from .errors import ProtocolError
+
+MAGIC = b"GMX1"
+# magic, type, dtype, flags, sender, request id, key, offset, numel, total, priority, version
+_HEADER = struct.Struct("<4sBBHiQqQQQiI")
+HEADER_SIZE = _HEADER.size
+MAX_META_BYTES = 1 << 20
+MAX_ELEMENTS = 1 << 34
+
+
+class MsgType(enum.IntEnum):
+    # membership (node <-> scheduler)
+    REGISTER = 1
+    REGISTER_ACK = 2
+    BARRIER = 3
+    BARRIER_ACK = 4
+    HEARTBEAT = 5
+    HEARTBEAT_ACK = 6
+    BYE = 7
+    PEER_DEAD = 8
+    # key-value (client <-> server)
+    INIT = 16
+    PUSH = 17
+    PULL = 18
+    PUSHPULL = 19
+    COMMAND = 20
+    STOP = 21
+    RESPONSE = 32
+    ERROR = 33
+
+
+class Flag(enum.IntFlag):
+    NONE = 0
+    HAS_META = 1
+    HAS_DATA = 2
+
+
+# dtype code <-> numpy dtype; 0 means "no data". Only plain numeric types cross the wire.
+DTYPES = {
+    1: np.dtype("<f4"),
+    2: np.dtype("<f2"),
+    3: np.dtype("<f8"),
+    4: np.dtype("<i4"),
+    5: np.dtype("<i8"),
+    6: np.dtype("u1"),
+}
+DTYPE_CODES = {dt: code for code, dt in DTYPES.items()}
+
+
+def dtype_code(dtype: Any) -> int:
+    try:
+        return DTYPE_CODES[np.dtype(dtype)]
+    except KeyError:
+        raise ProtocolError(f"dtype {np.dtype(dtype)} cannot be sent (allowed: "
+                            f"{', '.join(str(d) for d in DTYPES.values())})") from None
+
+
+@dataclasses.dataclass
+class Message:
+    type: MsgType
+    sender: int = -1
+    req_id: int = 0
+    key: int = 0
+    offset: int = 0
+    numel: int = 0
+    total: int = 0
+    priority: int = 0
+    version: int = 0
+    dtype: int = 0
+    meta: Optional[dict] = None
+    data: Optional[np.ndarray] = None  # 1-D; read-only when it came from the network
+
+    @property
+    def np_dtype(self) -> Optional[np.dtype]:
+        return DTYPES.get(self.dtype)
+
+
+def encode(msg: Message) -> List[Any]:
+    """Frames for ``msg``: header, then meta (if any), then the array buffer (sent zero-copy)."""
+    flags = Flag.NONE
+    frames: List[Any] = []
+    if msg.meta is not None:
+        flags |= Flag.HAS_META
+        frames.append(json.dumps(msg.meta, separators=(",", ":")).encode())
+    dtype = msg.dtype
+    numel = msg.numel
+    if msg.data is not None:
+        data = msg.data
+        if data.ndim != 1 or not data.flags.c_contiguous:
+            data = np.ascontiguousarray(data).reshape(-1)
+        flags |= Flag.HAS_DATA
+        dtype = dtype_code(data.dtype)
+        numel = data.size
+        frames.append(memoryview(data).cast("B") if data.size else b"")
+    total = msg.total if msg.total else msg.offset + numel
+    header = _HEADER.pack(MAGIC, int(msg.type), dtype, int(flags), msg.sender, msg.req_id, msg.key,
+                          msg.offset, numel, total, msg.priority, msg.version)
+    return [header, *frames]
+
+
+def _buffer(frame: Any) -> memoryview:
+    if isinstance(frame, (bytes, bytearray, memoryview)):
+        return memoryview(frame)
+    return frame.buffer  # zmq.Frame
+
+
+def decode(frames: Sequence[Any], max_message_bytes: int = 1 << 31) -> Message:
+    """Parse and validate one received message; raise ProtocolError with the reason if it is bad."""
+    if not frames:
+        raise ProtocolError("empty message")
+    head = _buffer(frames[0])
+    if len(head) != HEADER_SIZE:
+        raise ProtocolError(f"header is {len(head)} bytes, expected {HEADER_SIZE}")
+    (magic, mtype, dtype, flags, sender, req_id, key, offset, numel, total, priority,
+     version) = _HEADER.unpack(head)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic!r}")
+    try:
+        mtype = MsgType(mtype)
+    except ValueError:
+        raise ProtocolError(f"unknown message type {mtype}") from None
+    if flags & ~int(Flag.HAS_META | Flag.HAS_DATA):
+        raise ProtocolError(f"unknown flag bits {flags:#x}")
+    expected = 1 + bool(flags & Flag.HAS_META) + bool(flags & Flag.HAS_DATA)
+    if len(frames) != expected:
+        raise ProtocolError(f"{len(frames)} frames, header announces {expected}")
+    if dtype != 0 and dtype not in DTYPES:
+        raise ProtocolError(f"unknown dtype code {dtype}")
+    if key < 0:
+        raise ProtocolError(f"negative key {key}")
+    if numel > MAX_ELEMENTS or total > MAX_ELEMENTS or offset + numel > total:
+        raise ProtocolError(f"bad slice: offset {offset} + numel {numel} > total {total}")
+    msg = Message(mtype, sender, req_id, key, offset, numel, total, priority, version, dtype)
+    i = 1
+    if flags & Flag.HAS_META:
+        raw = _buffer(frames[i])
+        i += 1
+        if len(raw) > MAX_META_BYTES:
+            raise ProtocolError(f"meta frame of {len(raw)} bytes exceeds {MAX_META_BYTES}")
+        try:
+            meta = json.loads(bytes(raw).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ProtocolError(f"meta frame is not JSON: {exc}") from None
+        if not isinstance(meta, dict):
+            raise ProtocolError("meta frame must be a JSON object")
+        msg.meta = meta
+    if flags & Flag.HAS_DATA:
+        if dtype == 0:
+            raise ProtocolError("data frame without a dtype")
+        raw = _buffer(frames[i])
+        np_dtype = DTYPES[dtype]
+        if len(raw) != numel * np_dtype.itemsize:
+            raise ProtocolError(
+                f"data frame is {len(raw)} bytes, header says {numel} x {np_dtype} = {numel * np_dtype.itemsize}")
+        if len(raw) > max_message_bytes:
+            raise ProtocolError(f"data frame of {len(raw)} bytes exceeds the limit of {max_message_bytes}")
+        msg.data = np.frombuffer(raw, dtype=np_dtype)
+    return msg
+
+
+def meta_field(msg: Message, name: str, kind: type, default: Any = ...) -> Any:
+    """A typed field of ``msg.meta``; ProtocolError if it is missing (and required) or of the wrong type."""
+    meta = msg.meta or {}
+    if name not in meta:
+        if default is ...:
+            raise ProtocolError(f"{msg.type.name}: meta field {name!r} is missing")
+        return default
+    value = meta[name]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(f"{msg.type.name}: meta field {name!r} must be {kind.__name__}")
+    return value

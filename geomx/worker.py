@@ -1,0 +1,161 @@
+"""A worker's connection to its party: one background I/O thread owns the sockets (scheduler link with
+heartbeats, links to the party's servers); the training thread hands it requests and gets
+``concurrent.futures.Future`` objects back, so many requests can be in flight at once."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import threading
+from typing import Any, List, Optional
+
+import numpy as np
+import zmq
+
+from .config import NodeConfig
+from .errors import GeoMXError, PeerDeadError
+from .kvclient import KVClient
+from .membership import TierInfo, TierMember
+from .transport import EventLoop
+from .wire import Message, MsgType
+
+log = logging.getLogger("geomx.worker")
+
+
+class WorkerNode:
+    def __init__(self, cfg: NodeConfig):
+        self.cfg = cfg
+        self.ctx = zmq.Context()
+        self.loop = EventLoop(self.ctx, cfg.max_message_bytes, name="worker")
+        self.fatal: Optional[Exception] = None
+        self.info: Optional[TierInfo] = None
+        self.kv: Optional[KVClient] = None
+        self.member: Optional[TierMember] = None
+        self._barriers: List[cf.Future] = []
+        self._closing = False
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="geomx-io", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(cfg.start_timeout + 10):
+            raise GeoMXError(f"worker start-up timed out after {cfg.start_timeout:.0f}s")
+        if self.fatal is not None:
+            raise self.fatal
+
+    # -- I/O thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        cfg = self.cfg
+        try:
+            scheduler = (cfg.root_uri, cfg.root_port)
+            self.member = TierMember(
+                self.loop, "party", scheduler, role="worker", host=cfg.advertised_host(*scheduler), port=0,
+                name="master_worker" if cfg.is_master_worker else "worker", master=cfg.is_master_worker,
+                heartbeat_interval=cfg.heartbeat_interval, heartbeat_timeout=cfg.heartbeat_timeout,
+                on_fatal=self._on_fatal)
+            self.member.register()
+            self.loop.run_until(lambda: self.member.info is not None or self.fatal is not None,
+                                timeout=cfg.start_timeout, what="registration with the party scheduler")
+            if self.fatal is None:
+                self.info = self.member.info
+                assert self.info is not None
+                self.kv = KVClient(self.loop, self.info.servers, identity=f"worker{self.info.rank}",
+                                   sender=self.info.rank, bigarray_bound=cfg.bigarray_bound, wan=False,
+                                   name=f"worker{self.info.rank}")
+        except Exception as exc:  # noqa: BLE001 - reported to the training thread
+            self.fatal = exc
+        finally:
+            self._ready.set()
+        while not self._closing:
+            self.loop.run_once(0.2)
+        for _ in range(3):  # let the goodbye leave
+            self.loop.run_once(0.05)
+        self.loop.close()
+
+    def _on_fatal(self, exc: Exception) -> None:
+        if self.fatal is None:
+            self.fatal = exc
+            log.error("%s", exc)
+        if self.kv is not None:
+            self.kv.fail_all(exc)
+        barriers, self._barriers = self._barriers, []
+        for fut in barriers:
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def _in_loop(self, fn: Any) -> None:
+        if self.fatal is not None:
+            raise self.fatal
+        if self._closing:
+            raise GeoMXError("the kvstore is closed")
+        self.loop.call_soon_threadsafe(fn)
+
+    # -- API for the training thread ----------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        assert self.info is not None
+        return self.info.rank
+
+    @property
+    def num_servers(self) -> int:
+        assert self.info is not None
+        return len(self.info.servers)
+
+    def request(self, mtype: MsgType, key: int, total: int, dtype: Any, *, data: Optional[np.ndarray] = None,
+                meta: Optional[dict] = None, priority: int = 0) -> cf.Future:
+        fut: cf.Future = cf.Future()
+
+        def done(value: Optional[np.ndarray], error: Optional[Exception]) -> None:
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(value)
+
+        self._in_loop(lambda: self.kv.request(mtype, key, total, dtype, done, data=data, meta=meta,  # type: ignore[union-attr]
+                                              priority=priority))
+        return fut
+
+    def broadcast(self, mtype: MsgType, *, meta: Optional[dict] = None,
+                  datas: Optional[List[Optional[np.ndarray]]] = None) -> cf.Future:
+        fut: cf.Future = cf.Future()
+
+        def done(replies: List[Message], error: Optional[Exception]) -> None:
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(replies)
+
+        self._in_loop(lambda: self.kv.broadcast(mtype, done, meta=meta, datas=datas))  # type: ignore[union-attr]
+        return fut
+
+    def barrier(self) -> None:
+        fut: cf.Future = cf.Future()
+
+        def enter() -> None:
+            if self.fatal is not None:
+                fut.set_exception(self.fatal)
+                return
+            self._barriers.append(fut)
+            self.member.barrier("worker", lambda: self._release(fut))  # type: ignore[union-attr]
+
+        self._in_loop(enter)
+        fut.result()
+
+    def _release(self, fut: cf.Future) -> None:
+        if fut in self._barriers:
+            self._barriers.remove(fut)
+        fut.set_result(None)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Tell the servers this worker is done, say goodbye to the scheduler, stop the I/O thread."""
+        if self._closing:
+            return
+        try:
+            if self.fatal is None and self.kv is not None:
+                self.broadcast(MsgType.STOP).result(timeout)
+        except (cf.TimeoutError, PeerDeadError, GeoMXError) as exc:
+            log.warning("stop not acknowledged: %s", exc)
+        finally:
+            if self.member is not None and self.fatal is None:
+                member = self.member
+                self.loop.call_soon_threadsafe(member.bye)
+            self._closing = True
+            self._thread.join(timeout=5)
+            self.ctx.destroy(linger=1000)

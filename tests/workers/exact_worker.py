@@ -1,0 +1,85 @@
+"""A worker for the exact-oracle tests: integer-valued pushes whose float32 sums are exact.
+
+Every training worker w (global data-slice index) pushes ``(w + 1) * (t + 1) * base_k`` for key k in
+round t. The closed forms (no optimizer: the round's sum; SGD lr=1: init minus the running sum) are
+checked with zero tolerance after every pull. Prints ``EXACT OK`` and exits 0 when all matched.
+"""
+import argparse
+import sys
+
+import mxnet as mx
+import numpy as np
+
+import geomx  # noqa: F401  - registers the store
+
+SHAPES = {0: (3, 4), 1: (7,), 2: (1000, 300), 3: (1,)}
+
+
+def base(k):
+    n = int(np.prod(SHAPES[k]))
+    return ((np.arange(n) % 13) - 6).astype(np.float32).reshape(SHAPES[k]) + k
+
+
+def init_value(k):
+    return (np.arange(int(np.prod(SHAPES[k]))) % 101).astype(np.float32).reshape(SHAPES[k])
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--slice", type=int, required=True)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--optimizer", choices=["none", "sgd"], default="none")
+    p.add_argument("--mode", choices=["push-pull", "pushpull", "list"], default="push-pull")
+    args = p.parse_args()
+    kv = mx.kv.create("dist_sync")
+    n_all = kv.num_all_workers
+    coeff_sum = n_all * (n_all + 1) // 2  # sum over workers of (w + 1)
+    keys = sorted(SHAPES)
+    if kv.is_master_worker:
+        if args.optimizer == "sgd":
+            kv.set_optimizer(mx.optimizer.SGD(learning_rate=1.0, momentum=0.0, wd=0.0, rescale_grad=1.0))
+        for k in keys:
+            kv.init(k, mx.nd.array(init_value(k)))
+        print("master initialised", flush=True)
+        return 0
+    for k in keys:
+        kv.init(k, mx.nd.zeros(SHAPES[k]))
+    outs = {k: mx.nd.zeros(SHAPES[k]) for k in keys}
+    for k in keys:
+        kv.pull(k, out=outs[k])
+    for k in keys:
+        got = outs[k].asnumpy()
+        if not np.array_equal(got, init_value(k)):
+            print(f"MISMATCH init key {k}", flush=True)
+            return 1
+    for t in range(args.rounds):
+        pushes = {k: mx.nd.array((args.slice + 1) * (t + 1) * base(k)) for k in keys}
+        if args.mode == "push-pull":
+            for k in keys:
+                kv.push(k, pushes[k], priority=-k)
+                kv.pull(k, out=outs[k], priority=-k)
+        elif args.mode == "pushpull":
+            for k in keys:
+                kv.pushpull(k, pushes[k], out=outs[k], priority=-k)
+        else:
+            kv.push(keys, [pushes[k] for k in keys])
+            kv.pull(keys, out=[outs[k] for k in keys])
+        for k in keys:
+            round_sum = coeff_sum * (t + 1) * base(k)
+            if args.optimizer == "none":
+                expected = round_sum
+            else:
+                expected = init_value(k) - coeff_sum * sum(range(1, t + 2)) * base(k)
+            got = outs[k].asnumpy()
+            if not np.array_equal(got, expected.astype(np.float32)):
+                bad = np.flatnonzero(got.reshape(-1) != expected.reshape(-1))
+                print(f"MISMATCH round {t} key {k}: {bad.size} elements differ, first at {bad[0]}: "
+                      f"{got.reshape(-1)[bad[0]]} != {expected.reshape(-1)[bad[0]]}", flush=True)
+                return 1
+    kv.barrier()
+    print(f"EXACT OK slice {args.slice} rank {kv.rank} rounds {args.rounds}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

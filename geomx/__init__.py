@@ -20,6 +20,13 @@ def register() -> None:
     _register()
 
 
+def initialize_trainer(trainer) -> None:  # noqa: ANN001 - gluon.Trainer
+    """See :func:`geomx.kvstore.initialize_trainer` (master worker: optimizer + initial values)."""
+    from .kvstore import initialize_trainer as _init
+
+    _init(trainer)
+
+
 # Worker processes (and any process that already imported mxnet) get the store registered on import.
 # Server and scheduler processes must not import mxnet at all: with DMLC_ROLE=server/scheduler set,
 # MXNet starts its own ps-lite node on import and never returns.

@@ -377,3 +377,15 @@ def register() -> None:
     """Make ``mx.kv.create`` return geomx's store for the distributed types."""
     for kvtype in ("dist_sync", "dist_async", "dist_sync_device", "dist_async_device", "dist"):
         KVStoreBase.kv_registry[kvtype] = _make(kvtype)
+
+
+def initialize_trainer(trainer: Any) -> None:
+    """On the master worker: send ``trainer``'s optimizer to the global servers (when it updates on
+    the store) and initialise every parameter there, without taking a training step.
+
+    Party workers need not call it: their trainer's first ``step`` fetches the master's values.
+    """
+    if not trainer._kv_initialized:
+        trainer._init_kvstore()
+    if trainer._params_to_init:
+        trainer._init_params()

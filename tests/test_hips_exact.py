@@ -1,0 +1,26 @@
+"""Exact oracles over a real two-tier topology: integer-valued pushes whose float32 sums are exact,
+compared with zero tolerance at every round (tests/workers/exact_worker.py does the comparing)."""
+import pytest
+
+CASES = {
+    # name: (worker args, topology)
+    "push-then-pull": (["--mode", "push-pull"], dict(parties=2, workers_per_party=2)),
+    "pushpull-sgd": (["--mode", "pushpull", "--optimizer", "sgd"], dict(parties=2, workers_per_party=2)),
+    "lists-3-parties": (["--mode", "list"], dict(parties=3, workers_per_party=1)),
+    # Two global servers, and a low split bound so key 2 (300k elements) is cut in two.
+    "two-global-servers-split": (["--mode", "pushpull", "--optimizer", "sgd"],
+                                 dict(parties=2, workers_per_party=2, global_servers=2,
+                                      env={"MXNET_KVSTORE_BIGARRAY_BOUND": "1000"})),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_exact_oracle(topology_run, case):
+    args, topo = CASES[case]
+    workers = topo["parties"] * topo["workers_per_party"]
+    result = topology_run("exact_worker.py", ["--slice", "{slice}", "--rounds", "4", *args], **topo)
+    assert result.code == 0, result.output[-4000:]
+    assert not result.lines("MISMATCH")
+    ok = result.lines("EXACT OK")
+    assert len(ok) == workers, result.output[-4000:]
+    assert sorted(int(line.split("slice ")[1].split()[0]) for line in ok) == list(range(workers))

@@ -1,0 +1,10 @@
+"""The store's user-facing API in a real 2-party topology (tests/workers/api_worker.py asserts)."""
+
+
+def test_api_surface_and_optimizer_states(tmp_path, topology_run):
+    result = topology_run("api_worker.py", ["--slice", "{slice}", "--states", str(tmp_path / "states")],
+                          parties=2, workers_per_party=2)
+    assert result.code == 0, result.output[-4000:]
+    assert not result.lines("API FAIL"), result.output[-4000:]
+    assert len(result.lines("API OK")) == 4
+    assert (tmp_path / "states.a.npz").exists()

@@ -158,6 +158,9 @@ def decode(frames: Sequence[Any], max_message_bytes: int = 1 << 31) -> Message:
             meta = json.loads(bytes(raw).decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise ProtocolError(f"meta frame is not JSON: {exc}") from None
+        except RecursionError:
+            # A hostile '[[[[...' frame; must not escape and stop the node's event loop.
+            raise ProtocolError("meta frame is nested too deeply") from None
         if not isinstance(meta, dict):
             raise ProtocolError("meta frame must be a JSON object")
         msg.meta = meta

@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import wire
-from .errors import PeerDeadError, ProtocolError, RemoteError
+from .errors import GeoMXError, PeerDeadError, ProtocolError, RemoteError
 from .transport import EventLoop, Link, connect_dealer
 from .wire import Message, MsgType
 
@@ -79,6 +79,13 @@ class KVClient:
             callback(None, self.failed)
             return
         parts = self.parts(key, total)
+        if data is not None:
+            largest = max(n for _, _, n in parts) * data.itemsize
+            if largest > self.loop.max_message_bytes:
+                # The receiver would drop it (MAXMSGSIZE) and this request would never be answered.
+                callback(None, GeoMXError(f"key {key}: a {largest}-byte message exceeds "
+                                          f"GEOMX_MAX_MESSAGE_BYTES={self.loop.max_message_bytes}"))
+                return
         req_id = next(self._ids)
         self.pending[req_id] = _Pending(callback, parts, single=len(parts) == 1)
         code = wire.dtype_code(dtype)

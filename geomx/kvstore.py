@@ -13,6 +13,7 @@ import hashlib
 import json
 import itertools
 import logging
+import sys
 import threading
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -344,11 +345,13 @@ class GeoKVStore(KVStoreBase):
         if self._closed:
             return
         self._closed = True
+        failure = _script_failure[0] if _script_failure else None
         try:
-            self._wait_inflight()
-            mx.nd.waitall()
+            if failure is None:
+                self._wait_inflight()
+                mx.nd.waitall()
         finally:
-            self._node.close()
+            self._node.close(failure=failure)
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
@@ -358,6 +361,17 @@ class GeoKVStore(KVStoreBase):
 
 
 _live_stores: "weakref.WeakSet[GeoKVStore]" = weakref.WeakSet()
+_script_failure: List[str] = []
+_original_excepthook = sys.excepthook
+
+
+def _excepthook(kind, value, tb):  # noqa: ANN001 - sys.excepthook signature
+    # The training script is dying of an exception: tell the topology why, at once, on close.
+    _script_failure.append(f"{kind.__name__}: {value}"[:500])
+    _original_excepthook(kind, value, tb)
+
+
+sys.excepthook = _excepthook
 
 
 @atexit.register

@@ -51,7 +51,8 @@ def _member(loop: EventLoop, cfg: NodeConfig, tier: str, scheduler: tuple, role:
             name: str, fatal: List[Exception], rank_hint: Optional[int] = None) -> TierMember:
     return TierMember(loop, tier, scheduler, role=role, host=cfg.advertised_host(*scheduler), port=port,
                       name=name, rank_hint=rank_hint, heartbeat_interval=cfg.heartbeat_interval,
-                      heartbeat_timeout=cfg.heartbeat_timeout, on_fatal=fatal.append)
+                      heartbeat_timeout=cfg.heartbeat_timeout, start_timeout=cfg.start_timeout,
+                      on_fatal=fatal.append)
 
 
 def _wait(loop: EventLoop, cfg: NodeConfig, done, fatal: List[Exception], what: str) -> None:
@@ -68,6 +69,8 @@ def _serve(loop: EventLoop, server: ServerBase, members: List[TierMember], fatal
         log.error("stopping: %s", fatal[0])
         if upstream is not None:
             upstream.fail_all(fatal[0])
+        for m in members:  # so the other tier learns now, not after its own heartbeat timeout
+            m.bye(failure=str(fatal[0]))
         code = 1
     else:
         for m in members:
@@ -103,6 +106,10 @@ def _local_server(cfg: NodeConfig) -> int:
 
 
 def _global_server(cfg: NodeConfig) -> int:
+    # The optimizer runs in MXNet; importing it takes seconds, so do it before joining the tiers
+    # rather than inside the event loop, where it would stall heartbeats.
+    import mxnet  # noqa: F401
+
     ctx = zmq.Context()
     loop = EventLoop(ctx, cfg.max_message_bytes, name="global server")
     server = GlobalServer(cfg, loop)

@@ -80,6 +80,9 @@ def connect_dealer(ctx: zmq.Context, host: str, port: int, identity: bytes, max_
     return Link(sock, name, wan)
 
 
+_REQUESTS = (wire.MsgType.INIT, wire.MsgType.PUSH, wire.MsgType.PULL, wire.MsgType.PUSHPULL,
+             wire.MsgType.COMMAND, wire.MsgType.STOP)
+
 Handler = Callable[[wire.Message, Optional[bytes], Link], None]
 
 
@@ -177,8 +180,20 @@ class EventLoop:
             try:
                 handler(msg, identity, link)
             except ProtocolError as exc:
-                log.warning("%s: rejected %s from %r on %s: %s",
-                            self.name, msg.type.name, identity, link.name, exc)
+                log.warning("%s: rejected %s from %s on %s: %s",
+                            self.name, msg.type.name, peer_label(identity), link.name, exc)
+                self._refuse(link, identity, msg, str(exc))
+            except Exception as exc:  # noqa: BLE001 - one bad request must not take the node down
+                log.exception("%s: error while handling %s from %s on %s",
+                              self.name, msg.type.name, peer_label(identity), link.name)
+                self._refuse(link, identity, msg, f"internal error: {exc}")
+
+    def _refuse(self, link: Link, identity: Optional[bytes], msg: wire.Message, reason: str) -> None:
+        """Answer a refused request with ERROR so that its sender fails clearly instead of waiting."""
+        if identity is None or msg.type not in _REQUESTS:
+            return
+        link.send(wire.Message(wire.MsgType.ERROR, req_id=msg.req_id, key=msg.key, offset=msg.offset,
+                               total=msg.total, meta={"error": f"{self.name}: {reason}"}), identity)
 
     def run_until(self, done: Callable[[], bool], timeout: Optional[float] = None,
                   what: str = "condition") -> None:

@@ -174,7 +174,10 @@ def decode(frames: Sequence[Any], max_message_bytes: int = 1 << 31) -> Message:
                 f"data frame is {len(raw)} bytes, header says {numel} x {np_dtype} = {numel * np_dtype.itemsize}")
         if len(raw) > max_message_bytes:
             raise ProtocolError(f"data frame of {len(raw)} bytes exceeds the limit of {max_message_bytes}")
-        msg.data = np.frombuffer(raw, dtype=np_dtype)
+        data = np.frombuffer(raw, dtype=np_dtype)
+        # libzmq keeps very small messages inside its own header, not always aligned for the dtype;
+        # kernels need aligned input, and such arrays are tiny, so copy them.
+        msg.data = data if data.flags.aligned else data.copy()
     return msg
 
 

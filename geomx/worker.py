@@ -49,7 +49,7 @@ class WorkerNode:
                 self.loop, "party", scheduler, role="worker", host=cfg.advertised_host(*scheduler), port=0,
                 name="master_worker" if cfg.is_master_worker else "worker", master=cfg.is_master_worker,
                 heartbeat_interval=cfg.heartbeat_interval, heartbeat_timeout=cfg.heartbeat_timeout,
-                on_fatal=self._on_fatal)
+                start_timeout=cfg.start_timeout, on_fatal=self._on_fatal)
             self.member.register()
             self.loop.run_until(lambda: self.member.info is not None or self.fatal is not None,
                                 timeout=cfg.start_timeout, what="registration with the party scheduler")
@@ -143,19 +143,22 @@ class WorkerNode:
             self._barriers.remove(fut)
         fut.set_result(None)
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Tell the servers this worker is done, say goodbye to the scheduler, stop the I/O thread."""
+    def close(self, timeout: float = 30.0, failure: Optional[str] = None) -> None:
+        """Tell the servers this worker is done, say goodbye to the scheduler, stop the I/O thread.
+
+        With ``failure`` (the training script died), the scheduler stops the whole tier at once
+        with that reason instead of letting the other workers wait for this one's pushes."""
         if self._closing:
             return
         try:
-            if self.fatal is None and self.kv is not None:
+            if self.fatal is None and self.kv is not None and failure is None:
                 self.broadcast(MsgType.STOP).result(timeout)
         except (cf.TimeoutError, PeerDeadError, GeoMXError) as exc:
             log.warning("stop not acknowledged: %s", exc)
         finally:
             if self.member is not None and self.fatal is None:
                 member = self.member
-                self.loop.call_soon_threadsafe(member.bye)
+                self.loop.call_soon_threadsafe(lambda: member.bye(failure))
             self._closing = True
             self._thread.join(timeout=5)
             self.ctx.destroy(linger=1000)

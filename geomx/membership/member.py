@@ -33,13 +33,15 @@ class TierInfo:
 class TierMember:
     def __init__(self, loop: EventLoop, tier: str, scheduler: Tuple[str, int], *, role: str, host: str,
                  port: int, name: str, master: bool = False, rank_hint: Optional[int] = None,
-                 heartbeat_interval: float, heartbeat_timeout: float,
+                 heartbeat_interval: float, heartbeat_timeout: float, start_timeout: float = 120.0,
                  on_fatal: Callable[[Exception], None]):
         self.loop = loop
         self.tier = tier
         self.scheduler = scheduler
         self.on_fatal = on_fatal
         self.heartbeat_timeout = heartbeat_timeout
+        self.start_timeout = start_timeout
+        self._answered = False
         identity = f"{name}@{tier}#{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
         self.link: Link = connect_dealer(loop.ctx, scheduler[0], scheduler[1], identity,
                                          loop.max_message_bytes, f"{tier}-scheduler-link")
@@ -60,16 +62,20 @@ class TierMember:
         self._barrier_waiters.append(on_done)
         self.link.send(Message(MsgType.BARRIER, meta={"group": group}))
 
-    def bye(self) -> None:
+    def bye(self, failure: Optional[str] = None) -> None:
+        """Leave the tier; with ``failure`` the scheduler tells every other node at once (instead of
+        them waiting for a heartbeat timeout)."""
         if not self._said_bye:
             self._said_bye = True
-            self.link.send(Message(MsgType.BYE))
+            self.link.send(Message(MsgType.BYE, meta=None if failure is None else {"failure": failure}))
 
     def _beat(self) -> None:
         if self._said_bye or self._failed:
             return
         silent = time.monotonic() - self._last_ack
-        if silent > self.heartbeat_timeout:
+        # Until the scheduler has answered once, it may simply not be up yet: wait up to start_timeout.
+        limit = self.heartbeat_timeout if self._answered else max(self.heartbeat_timeout, self.start_timeout)
+        if silent > limit:
             self._fail(PeerDeadError(
                 f"the {self.tier} scheduler at {self.scheduler[0]}:{self.scheduler[1]} has not answered "
                 f"for {silent:.1f}s; presumed dead"))
@@ -83,6 +89,7 @@ class TierMember:
 
     def _handle(self, msg: Message, identity: Optional[bytes], link: Link) -> None:
         self._last_ack = time.monotonic()
+        self._answered = True
         if msg.type == MsgType.HEARTBEAT_ACK:
             return
         if msg.type == MsgType.REGISTER_ACK:

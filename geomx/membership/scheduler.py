@@ -84,7 +84,13 @@ class Scheduler:
         elif msg.type == MsgType.BARRIER:
             self._on_barrier(msg, member)
         elif msg.type == MsgType.BYE:
-            self._on_bye(member)
+            failure = meta_field(msg, "failure", str, None)
+            if failure is not None:
+                member.done = True
+                self._fail(f"{self.tier}: {member.role} {member.name} (rank {member.rank}) failed: "
+                           f"{failure[:500]}", member)
+            else:
+                self._on_bye(member)
         else:
             raise ProtocolError(f"unexpected {msg.type.name} at a scheduler")
 

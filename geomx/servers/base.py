@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from ..errors import ProtocolError
+from ..errors import GeoMXError, ProtocolError
 from ..transport import EventLoop, Link, peer_label
 from ..wire import DTYPES, Message, MsgType
 from .keystate import KeyState
@@ -26,6 +26,7 @@ class ServerBase:
         self.name = name
         self.keys: Dict[int, KeyState] = {}
         self.stopped_clients: set = set()
+        self.pushing_clients: set = set()  # clients that have pushed at least once
         self.exit_code: Optional[int] = None
 
     # -- hooks --------------------------------------------------------------------------------
@@ -85,6 +86,8 @@ class ServerBase:
             self.on_command(msg, client, link, identity)
         elif msg.type == MsgType.STOP:
             self.stopped_clients.add(client)
+            if self.expected_pushes(link):
+                self.fail_rounds_without(client)
             self.reply(link, identity, msg)
             log.debug("%s: %s stopped (%d/%d)", self.name, peer_label(identity), len(self.stopped_clients),
                       self.expected_stops())
@@ -136,11 +139,41 @@ class ServerBase:
             self.reply_error(link, identity, msg, "this client may not push (set DMLC_ENABLE_CENTRAL_WORKER=1 "
                                                   "for central-party workers to train)")
             return
+        missing = self.stopped_without_round(ks, ks.pushes_by.get(client, 0))
+        if missing is not None:
+            self.reply_error(link, identity, msg, f"key {msg.key}: {missing} stopped before pushing this round")
+            return
+        self.pushing_clients.add(client)
         r, rnd = ks.add_push(client, msg.data, self.replier(link, identity, msg),
                              want_value=msg.type == MsgType.PUSHPULL)
         if rnd.count == expected:
             acc, rnd.acc = rnd.acc, None
             self.dispatch_round(ks, r, acc)
+
+    def stopped_without_round(self, ks: KeyState, r: int) -> Optional[str]:
+        """A stopped pushing client that never pushed round ``r`` of ``ks`` (so it cannot complete)."""
+        for client in self.stopped_clients:
+            if client in self.pushing_clients and ks.pushes_by.get(client, 0) <= r:
+                return peer_label(client[1])
+        return None
+
+    def fail_rounds_without(self, client: Client) -> None:
+        """``client`` stopped: rounds it did not push into can never complete; fail their waiters now
+        rather than let the other workers wait forever."""
+        self.pushing_clients.add(client)
+        for ks in self.keys.values():
+            done = ks.pushes_by.get(client, 0)
+            error = GeoMXError(f"{peer_label(client[1])} stopped after {done} round(s) of key {ks.key}; "
+                               "the synchronous round cannot complete")
+            for r in [r for r in ks.rounds if r >= done]:
+                for reply, _ in ks.rounds.pop(r).waiters:
+                    reply(error)
+            parked, ks.parked = ks.parked, []
+            for other, reply in parked:
+                if ks.pushes_by.get(other, 0) > done:
+                    reply(error)
+                else:
+                    ks.parked.append((other, reply))
 
     def on_pull(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
         ks = self.known_key(msg, link, identity)

@@ -25,12 +25,14 @@ class LocalServer(ServerBase):
         super().__init__(loop, "local server")
         self.cfg = cfg
         self.link, self.port = bind_router(loop.ctx, "*", 0, cfg.max_message_bytes, "party-clients")
-        loop.add(self.link, self.handle_client, routed=True)
         self.upstream: Optional[KVClient] = None  # set once the global tier is known
         self._stopping = False
 
     def connect_upstream(self, client: KVClient) -> None:
+        """Start serving workers; until now their requests wait in the socket, since every one of
+        them may need the global tier."""
         self.upstream = client
+        self.loop.add(self.link, self.handle_client, routed=True)
 
     def expected_pushes(self, link: Link) -> int:
         return self.cfg.num_worker

@@ -30,6 +30,7 @@ def main():
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--optimizer", choices=["none", "sgd"], default="none")
     p.add_argument("--mode", choices=["push-pull", "pushpull", "list"], default="push-pull")
+    p.add_argument("--crash-slice", type=int, default=-1, help="this worker raises after its first round")
     args = p.parse_args()
     kv = mx.kv.create("dist_sync")
     n_all = kv.num_all_workers
@@ -53,6 +54,8 @@ def main():
             print(f"MISMATCH init key {k}", flush=True)
             return 1
     for t in range(args.rounds):
+        if t == 1 and args.slice == args.crash_slice:
+            raise RuntimeError("injected failure")
         pushes = {k: mx.nd.array((args.slice + 1) * (t + 1) * base(k)) for k in keys}
         if args.mode == "push-pull":
             for k in keys:

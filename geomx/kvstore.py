@@ -10,8 +10,8 @@ from __future__ import annotations
 import atexit
 import concurrent.futures as cf
 import hashlib
-import json
 import itertools
+import json
 import logging
 import sys
 import threading
@@ -25,8 +25,8 @@ from mxnet.kvstore.base import KVStoreBase
 from . import commands, config, logutil
 from .errors import ConfigError, GeoMXError
 from .optimizer_spec import optimizer_from_spec, optimizer_to_spec
-from .worker import WorkerNode
 from .wire import MsgType
+from .worker import WorkerNode
 
 log = logging.getLogger("geomx.kvstore")
 

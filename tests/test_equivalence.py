@@ -5,7 +5,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import WORKERS
 
 WORKERS_TOTAL = 4

@@ -3,7 +3,7 @@
 Each tier (a party, or the global tier) has one scheduler. A process that belongs to two tiers (a local
 server, a global server) holds one :class:`~geomx.membership.member.TierMember` per tier.
 """
-from .member import TierMember, TierInfo
+from .member import TierInfo, TierMember
 from .scheduler import Scheduler
 
 __all__ = ["Scheduler", "TierMember", "TierInfo"]

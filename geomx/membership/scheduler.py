@@ -9,7 +9,6 @@ from typing import Dict, List, Optional
 
 import zmq
 
-
 from ..errors import ProtocolError
 from ..transport import EventLoop, Link, bind_router, peer_label
 from ..wire import Message, MsgType, meta_field

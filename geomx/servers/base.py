@@ -3,7 +3,7 @@ known keys, synchronous aggregation rounds, parked pulls, and the stop protocol.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import commands
 from ..config import NodeConfig
-from ..errors import GeoMXError, ProtocolError
+from ..errors import GeoMXError
 from ..kvclient import KVClient
 from ..transport import EventLoop, Link, bind_router
 from ..wire import Message, MsgType, meta_field

@@ -56,7 +56,9 @@ class GlobalServer(ServerBase):
 
         if ks.weight_nd is None:
             ks.weight_nd = mx.nd.array(ks.store, dtype=ks.dtype)
-        self.updater(ks.key, mx.nd.array(acc, dtype=ks.dtype), ks.weight_nd)
+        grad = mx.nd.empty(acc.shape, dtype=ks.dtype)
+        grad._sync_copyfrom(acc)
+        self.updater(ks.key, grad, ks.weight_nd)
         ks.finish_round(r, ks.weight_nd.asnumpy().reshape(-1))
 
     # -- init ---------------------------------------------------------------------------------

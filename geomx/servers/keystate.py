@@ -12,10 +12,11 @@ Reply = Callable[[Optional[np.ndarray]], None]
 
 
 class Round:
-    __slots__ = ("acc", "count", "waiters")
+    __slots__ = ("acc", "owned", "count", "waiters")
 
     def __init__(self) -> None:
         self.acc: Optional[np.ndarray] = None
+        self.owned = False  # False while acc is a borrowed, read-only received buffer
         self.count = 0
         # (reply, wants the new value back)
         self.waiters: List[Any] = []
@@ -52,7 +53,11 @@ class KeyState:
         if rnd is None:
             rnd = self.rounds[r] = Round()
         if rnd.acc is None:
-            rnd.acc = np.array(data, dtype=self.dtype, copy=True)
+            # Borrow the received buffer (read-only): a round of one push needs no copy at all.
+            rnd.acc = data
+        elif not rnd.owned:
+            rnd.acc = np.add(rnd.acc, data)  # the first sum allocates, fusing copy and add
+            rnd.owned = True
         else:
             kernels.sum_into(rnd.acc, data)
         rnd.count += 1

@@ -1,0 +1,407 @@
+"""Fault tests on real processes (127.0.0.1): hostile messages sent to a training topology, and
+SIGKILLed workers and servers that the others must detect through heartbeats and report."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import zmq
+
+from geomx import wire
+from geomx.launch import Topology, run
+from geomx.wire import Flag, Message, MsgType
+
+REPO = Path(__file__).resolve().parents[1]
+SLOW_WORKER = str(REPO / "tests" / "workers" / "slow_worker.py")
+_HEADER = struct.Struct("<4sBBHiQqQQQiI")
+
+# Fast failure detection for the kill tests (PS_HEARTBEAT_TIMEOUT must exceed 2 x the interval).
+FAST_HEARTBEATS = {"PS_HEARTBEAT_INTERVAL": "0.5", "PS_HEARTBEAT_TIMEOUT": "3"}
+
+
+def slow_cmd(rounds: int, sleep: float) -> List[str]:
+    return [sys.executable, SLOW_WORKER, "--slice", "{slice}", "--rounds", str(rounds), "--sleep", str(sleep)]
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+class LineLog:
+    """A thread-safe text sink (a ``stream`` for launch.run) that can wait for a line."""
+
+    def __init__(self):
+        self._lines: List[str] = []
+        self._cond = threading.Condition()
+
+    def write(self, text: str) -> int:
+        with self._cond:
+            self._lines.extend(text.splitlines())
+            self._cond.notify_all()
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def lines(self) -> List[str]:
+        with self._cond:
+            return list(self._lines)
+
+    def text(self) -> str:
+        return "\n".join(self.lines())
+
+    def wait_for(self, pattern: str, timeout: float, done=lambda: False) -> re.Match:
+        rx = re.compile(pattern)
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self._lines:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                left = end - time.monotonic()
+                if left <= 0 or done():
+                    raise AssertionError(f"no line matching {pattern!r} within {timeout}s; output:\n"
+                                         + "\n".join(self._lines[-60:]))
+                self._cond.wait(min(left, 0.2))
+
+
+class Cluster:
+    """The processes of a topology started by hand (not through launch.run, which would stop everything
+    as soon as one process dies and so hide how geomx itself reacts), each in its own process group."""
+
+    def __init__(self, topology: Topology, command: List[str]):
+        self.specs = topology.processes(command)
+        self.specs_by_name = {spec.name: spec for spec in self.specs}
+        self.procs: Dict[str, subprocess.Popen] = {}
+        self.log = LineLog()
+        self._threads: List[threading.Thread] = []
+
+    def start(self) -> "Cluster":
+        for spec in self.specs:
+            proc = subprocess.Popen(spec.argv, env=spec.env, cwd=REPO, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+            self.procs[spec.name] = proc
+            t = threading.Thread(target=self._pump, args=(spec.name, proc), daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def _pump(self, name: str, proc: subprocess.Popen) -> None:
+        for raw in iter(proc.stdout.readline, b""):
+            self.log.write(f"[{name}] " + raw.decode("utf-8", "replace"))
+        proc.wait()
+        self.log.write(f"[{name}] <exited with {proc.returncode}>\n")
+
+    def running(self) -> List[str]:
+        return [n for n, p in self.procs.items() if p.poll() is None]
+
+    def wait_all(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while self.running() and time.monotonic() < end:
+            time.sleep(0.05)
+        return not self.running()
+
+    def output(self, name: str) -> str:
+        prefix = f"[{name}] "
+        return "\n".join(line for line in self.log.lines() if line.startswith(prefix))
+
+    def kill(self, name: str) -> float:
+        os.kill(self.procs[name].pid, signal.SIGKILL)
+        return time.monotonic()
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        for t in self._threads:
+            t.join(timeout=2)
+
+    def __enter__(self) -> "Cluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def group_gone(pgid: int) -> bool:
+    """True when no process is left in the group (its leader, our child, has been reaped)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def assert_no_process_left(cluster: Cluster) -> None:
+    """Every process of the topology and anything it started is gone (checked before any cleanup kill)."""
+    end = time.monotonic() + 5
+    while True:
+        left = [n for n, p in cluster.procs.items() if p.poll() is None or not group_gone(p.pid)]
+        if not left:
+            return
+        if time.monotonic() > end:
+            raise AssertionError(f"processes left behind: {left}")
+        time.sleep(0.1)
+
+
+# -- (a) hostile messages to a live topology ------------------------------------------------------
+
+def header(mtype=MsgType.PUSH, dtype=0, flags=0, key=0, offset=0, numel=0, total=0, magic=wire.MAGIC):
+    return _HEADER.pack(magic, int(mtype), dtype, flags, 0, 1, key, offset, numel, total, 0, 0)
+
+
+def hostile_messages() -> Dict[str, List[bytes]]:
+    """name -> frames; each is refused by wire.decode or by the receiving node."""
+    def push(req_id: int, key: int, data: np.ndarray) -> List[bytes]:
+        return [bytes(f) for f in wire.encode(Message(MsgType.PUSH, req_id=req_id, key=key, data=data))]
+
+    return {
+        "truncated header": [header()[:10]],
+        "bad magic": [header(magic=b"EVIL")],
+        "wrong frame count": [header(flags=int(Flag.HAS_META)), b"{}", b"extra"],
+        "unknown type": [_HEADER.pack(wire.MAGIC, 99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)],
+        "data length mismatch": [header(dtype=1, flags=int(Flag.HAS_DATA), key=0, numel=10, total=10),
+                                 b"\0" * 7],
+        "oversized meta": [header(flags=int(Flag.HAS_META)), b'{"a":"' + b"x" * (wire.MAX_META_BYTES + 10) + b'"}'],
+        "nested meta": [header(flags=int(Flag.HAS_META)), b"[" * 200_000],
+        "non-object meta": [header(flags=int(Flag.HAS_META)), b"[1,2,3]"],
+        "bad slice": [header(offset=5, numel=10, total=12)],
+        # Well-formed, but wrong for the keys the workers use (key 1 has 7 float32, key 0 has 12): the
+        # server refuses them with an ERROR reply and must not fold them into a round.
+        "wrong size push": push(1, 1, np.ones(5, np.float32)),
+        "wrong dtype push": push(2, 0, np.ones(12, np.float64)),
+        "unknown key push": push(3, 987654, np.arange(10, dtype=np.float32)),  # the last one sent
+    }
+
+
+# What each hostile message must leave in the receiver's log.
+EXPECTED_LOG = {
+    "truncated header": "header is 10 bytes",
+    "bad magic": "bad magic",
+    "wrong frame count": "3 frames, header announces 2",
+    "unknown type": "unknown message type 99",
+    "data length mismatch": "data frame is 7 bytes",
+    "oversized meta": "exceeds 1048576",
+    "nested meta": "nested too deeply",
+    "non-object meta": "must be a JSON object",
+    "bad slice": "bad slice",
+}
+
+
+def send_raw_garbage(port: int) -> None:
+    rng = np.random.default_rng(7)
+    for size in (1, 10, 64, 4096, 1 << 16):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            try:
+                s.sendall(rng.bytes(size))
+                s.settimeout(0.3)
+                s.recv(100)
+            except OSError:
+                pass  # the peer may close on us: that is the point
+    # A connection that says nothing and goes away, and a zero-length-frame greeting prefix.
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL" + b"\0" * 16)
+
+
+def send_hostile(ctx: zmq.Context, port: int, tag: str, wait: float) -> List[Message]:
+    """Send every hostile message from one DEALER; return the replies that came back within ``wait``
+    seconds (stopping early at the answer to the PUSH for the unknown key)."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, f"fuzz-{tag}".encode())
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    replies: List[Message] = []
+    try:
+        for frames in hostile_messages().values():
+            sock.send_multipart(frames)
+        end = time.monotonic() + wait
+        while time.monotonic() < end:
+            if not sock.poll(max(1, int((end - time.monotonic()) * 1000))):
+                break
+            reply = wire.decode(sock.recv_multipart())
+            replies.append(reply)
+            if reply.key == 987654:
+                break
+        return replies
+    finally:
+        sock.close()
+
+
+def test_hostile_messages_to_live_server_and_scheduler():
+    topo = Topology(parties=1, workers_per_party=2, env={"GEOMX_START_TIMEOUT": "60"})
+    log = LineLog()
+    result: Dict[str, int] = {}
+    t0 = time.monotonic()
+    thread = threading.Thread(target=lambda: result.setdefault("rc", run(topo, slow_cmd(6, 0.8), stream=log,
+                                                                           timeout=60, grace=15)))
+    thread.start()
+    try:
+        finished = lambda: not thread.is_alive()  # noqa: E731
+        server_port = int(log.wait_for(r"^\[party0/server\] .*serving \d+ worker\(s\) on port (\d+)", 60,
+                                       finished).group(1))
+        sched_port = int(log.wait_for(r"^\[party0/scheduler\] .*listening on port (\d+)", 10, finished).group(1))
+        log.wait_for(r"^\[party0/worker\d\] ROUND 0 OK", 60, finished)
+
+        ctx = zmq.Context()
+        try:
+            send_raw_garbage(server_port)
+            send_raw_garbage(sched_port)
+            replies = send_hostile(ctx, server_port, "server", wait=10)
+            # Only the well-formed requests are answered, each with an error naming the problem.
+            assert [(r.type, r.req_id) for r in replies] == [(MsgType.ERROR, i) for i in (1, 2, 3)], replies
+            assert "5 elements sent, this server holds 7" in replies[0].meta["error"]
+            assert "dtype float64 sent, key is float32" in replies[1].meta["error"]
+            assert "key 987654 was never initialised" in replies[2].meta["error"]
+            # The scheduler at most refuses (a request from a peer that never registered).
+            replies = send_hostile(ctx, sched_port, "scheduler", wait=1)
+            assert all(r.type == MsgType.ERROR for r in replies), replies
+            # And a late REGISTER from a stranger is refused once the party is complete.
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.IDENTITY, b"fuzz-late-register")
+            sock.connect(f"tcp://127.0.0.1:{sched_port}")
+            sock.send_multipart(wire.encode(Message(MsgType.REGISTER, meta={
+                "role": "worker", "host": "127.0.0.1", "port": 1, "name": "intruder"})))
+            sock.send_multipart(wire.encode(Message(MsgType.HEARTBEAT)))
+            time.sleep(0.2)
+            sock.close(linger=1000)
+        finally:
+            ctx.term()
+        # The hostile traffic went in while training was still going on.
+        assert "EXACT OK" not in log.text(), "the workers finished before the hostile messages were sent"
+
+        thread.join(60)
+        assert not thread.is_alive(), "the topology did not finish"
+    finally:
+        thread.join(70)  # launch.run's own timeout stops the topology if a check above failed
+    elapsed = time.monotonic() - t0
+    out = log.text()
+    assert result.get("rc") == 0, out[-6000:]
+    assert len(re.findall(r"^\[party0/worker\d\] EXACT OK", out, re.M)) == 2, out[-6000:]
+
+    server_log = "\n".join(line for line in out.splitlines() if line.startswith("[party0/server]"))
+    sched_log = "\n".join(line for line in out.splitlines() if line.startswith("[party0/scheduler]"))
+    for name, needle in EXPECTED_LOG.items():
+        assert re.search(rf"dropped a malformed message .*fuzz-server.*{re.escape(needle)}", server_log), \
+            f"server log lacks the rejection of the {name} message ({needle!r}):\n{server_log}"
+        assert re.search(rf"dropped a malformed message .*fuzz-scheduler.*{re.escape(needle)}", sched_log), \
+            f"scheduler log lacks the rejection of the {name} message ({needle!r}):\n{sched_log}"
+    assert re.search(r"PUSH from fuzz-server.* refused: key 987654 was never initialised", server_log), server_log
+    assert re.search(r"rejected PUSH .*unregistered peer fuzz-scheduler", sched_log), sched_log
+    assert re.search(r"late REGISTER from intruder", sched_log), sched_log
+    assert re.search(r"rejected HEARTBEAT .*unregistered peer fuzz-late-register", sched_log), sched_log
+    assert elapsed < 60
+
+
+# -- (b), (c) killed nodes ------------------------------------------------------------------------
+
+def _kill_and_watch(topology: Topology, victim: str, wait_pattern: str, dead_pattern: str,
+                    expect_in: Dict[str, str]) -> str:
+    """Start ``topology`` by hand, SIGKILL ``victim`` once ``wait_pattern`` shows up, and check that every
+    other process ends by itself (non-zero unless it had already finished) within 30 s, that the
+    processes in ``expect_in`` log a line matching their pattern, and that nothing is left. Returns the
+    whole output."""
+    cluster = Cluster(topology, slow_cmd(30, 0.5))
+    with cluster:
+        cluster.log.wait_for(wait_pattern, 60, lambda: cluster.procs[victim].poll() is not None)
+        assert cluster.procs[victim].poll() is None, f"{victim} ended before it could be killed"
+        finished_before = {n for n, p in cluster.procs.items() if p.poll() is not None}
+        killed_at = cluster.kill(victim)
+        ended = cluster.wait_all(30)
+        took = time.monotonic() - killed_at
+        out = cluster.log.text()
+        assert ended, f"still running 30 s after {victim} was killed: {cluster.running()}\n{out[-8000:]}"
+        for name, p in cluster.procs.items():
+            if name == victim:
+                assert p.returncode == -signal.SIGKILL
+            elif name in finished_before or name == "central/master_worker":
+                # The master worker only initialises the keys and leaves: it may be done already.
+                assert p.returncode == 0, f"{name} exited with {p.returncode}:\n{cluster.output(name)}"
+            else:
+                assert p.returncode != 0, f"{name} exited 0 although {victim} died:\n{cluster.output(name)}"
+                if not cluster.specs_by_name[name].is_worker:
+                    # Servers and schedulers report the failure in a log line; they do not crash.
+                    assert "Traceback" not in cluster.output(name), \
+                        f"{name} crashed instead of reporting the failure:\n{cluster.output(name)}"
+        # The scheduler of the victim's tier names it.
+        assert re.search(dead_pattern, out, re.M), f"no line matching {dead_pattern!r}:\n{out[-8000:]}"
+        for name, pattern in expect_in.items():
+            assert re.search(pattern, cluster.output(name)), \
+                f"{name} does not report the failure ({pattern!r}):\n{cluster.output(name)}"
+        assert took < 30
+        assert_no_process_left(cluster)
+    print(f"{victim} killed; topology ended {took:.1f}s later")
+    return out
+
+
+def test_killed_worker_stops_the_topology():
+    topo = Topology(parties=2, workers_per_party=2, env=dict(FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60"))
+    out = _kill_and_watch(
+        topo, "party0/worker1",
+        wait_pattern=r"^\[party0/worker1\] ROUND 0 OK",
+        dead_pattern=r"^\[party0/scheduler\] .*ERROR.*worker .*\(rank \d+, .*\) sent no heartbeat for .*presumed dead",
+        expect_in={
+            "party0/worker0": r"presumed dead",
+            "party0/server": r"ERROR.*presumed dead",
+            "party1/worker0": r"presumed dead",
+            "global_server0": r"ERROR.*presumed dead",
+        })
+    # The party scheduler names the dead worker by its rank in the party.
+    rank = re.search(r"^\[party0/worker1\] RANK (\d+)", out, re.M).group(1)
+    assert re.search(rf"^\[party0/scheduler\] .*worker .*\(rank {rank}, .*presumed dead", out, re.M), out[-8000:]
+
+
+def test_killed_local_server_stops_the_topology():
+    topo = Topology(parties=2, workers_per_party=1, env=dict(FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60"))
+    out = _kill_and_watch(
+        topo, "party1/server",
+        wait_pattern=r"^\[party1/worker0\] ROUND 0 OK",
+        dead_pattern=r"^\[party1/scheduler\] .*ERROR.*server local_server .*presumed dead",
+        expect_in={
+            "party1/worker0": r"presumed dead",
+            "global_scheduler": r"ERROR.*worker local_server .*presumed dead",
+            "party0/server": r"ERROR.*presumed dead",
+            "party0/worker0": r"presumed dead",
+        })
+    # The party scheduler names the dead server by its address.
+    port = re.search(r"^\[party1/server\] .*serving \d+ worker\(s\) on port (\d+)", out, re.M).group(1)
+    assert re.search(rf"^\[party1/scheduler\] .*server local_server \(rank 0, 127\.0\.0\.1:{port}\) .*presumed dead",
+                     out, re.M), out[-8000:]
+
+
+def test_killed_global_server_stops_the_topology():
+    topo = Topology(parties=2, workers_per_party=1, env=dict(FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60"))
+    out = _kill_and_watch(
+        topo, "global_server0",
+        wait_pattern=r"^\[party0/worker0\] ROUND 0 OK",
+        dead_pattern=r"^\[global_scheduler\] .*ERROR.*server global_server .*presumed dead",
+        expect_in={
+            "central/scheduler": r"ERROR.*server global_server .*presumed dead",
+            "party0/server": r"ERROR.*presumed dead",
+            "party1/server": r"ERROR.*presumed dead",
+            "party0/worker0": r"presumed dead",
+            "party1/worker0": r"presumed dead",
+        })
+    # Both of its tiers' schedulers name it by the address it serves that tier on.
+    wan, lan = re.search(r"^\[global_server0\] .*serving \d+ party\(ies\) on port (\d+) and \d+ central "
+                         r"worker\(s\) on port (\d+)", out, re.M).groups()
+    assert re.search(rf"^\[global_scheduler\] .*server global_server \(rank 0, 127\.0\.0\.1:{wan}\)", out, re.M)
+    assert re.search(rf"^\[central/scheduler\] .*server global_server \(rank 0, 127\.0\.0\.1:{lan}\)", out, re.M)

@@ -49,6 +49,14 @@ class NodeConfig:
     # Key placement (MultiGPS) and codecs.
     bigarray_bound: int = 1_000_000
     size_lower_bound: int = 200_000
+    # Hierarchical Frequency Aggregation: workers average inside the party every K1 local steps,
+    # local servers go global every K2 party averages.
+    use_hfa: bool = False
+    hfa_k1: int = 1
+    hfa_k2: int = 1
+    # ESync: the global server sets each party's local steps per round so that parties arrive together.
+    use_esync: bool = False
+    esync_max_steps: int = 64
 
     @property
     def is_server(self) -> bool:
@@ -231,6 +239,13 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
     kw["verbose"] = r.int("PS_VERBOSE", 0)
     kw["bigarray_bound"] = r.int("MXNET_KVSTORE_BIGARRAY_BOUND", 1_000_000, minimum=1)
     kw["size_lower_bound"] = r.int("MXNET_KVSTORE_SIZE_LOWER_BOUND", 200_000, minimum=1)
+    kw["use_hfa"] = r.bool("MXNET_KVSTORE_USE_HFA")
+    kw["hfa_k1"] = r.int("MXNET_KVSTORE_HFA_K1", 1, minimum=1)
+    kw["hfa_k2"] = r.int("MXNET_KVSTORE_HFA_K2", 1, minimum=1)
+    kw["use_esync"] = r.bool("GEOMX_USE_ESYNC")
+    kw["esync_max_steps"] = r.int("GEOMX_ESYNC_MAX_STEPS", 64, minimum=1)
+    if kw["use_hfa"] and kw["use_esync"]:
+        raise ConfigError(f"MXNET_KVSTORE_USE_HFA and GEOMX_USE_ESYNC cannot both be set (role: {role})")
     return NodeConfig(**kw)
 
 

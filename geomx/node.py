@@ -120,6 +120,8 @@ def _global_server(cfg: NodeConfig) -> int:
     _wait(loop, cfg, lambda: glob.info is not None, fatal, "global-tier registration")
     assert glob.info is not None
     server.rank = glob.info.rank
+    server.on_async = lambda: glob.set_policy(tolerate_worker_loss=True)
+    glob.on_peer_left = server.on_peer_left
     logutil.set_label(f"global_server{server.rank}")
     # The same rank in the central party, so both tiers agree on which server holds which key.
     central = _member(loop, cfg, "central", (cfg.root_uri, cfg.root_port), "server", server.lan_port,

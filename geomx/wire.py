@@ -35,6 +35,8 @@ class MsgType(enum.IntEnum):
     HEARTBEAT_ACK = 6
     BYE = 7
     PEER_DEAD = 8
+    PEER_LEFT = 9  # a node is gone but the tier carries on (a party under MixedSync)
+    POLICY = 10  # node -> scheduler: how to treat lost nodes
     # key-value (client <-> server)
     INIT = 16
     PUSH = 17

@@ -42,6 +42,7 @@ class TierMember:
         self.heartbeat_timeout = heartbeat_timeout
         self.start_timeout = start_timeout
         self._answered = False
+        self.on_peer_left: Optional[Callable[[int, str], None]] = None
         identity = f"{name}@{tier}#{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
         self.link: Link = connect_dealer(loop.ctx, scheduler[0], scheduler[1], identity,
                                          loop.max_message_bytes, f"{tier}-scheduler-link")
@@ -61,6 +62,9 @@ class TierMember:
     def barrier(self, group: str, on_done: Callable[[], None]) -> None:
         self._barrier_waiters.append(on_done)
         self.link.send(Message(MsgType.BARRIER, meta={"group": group}))
+
+    def set_policy(self, tolerate_worker_loss: bool) -> None:
+        self.link.send(Message(MsgType.POLICY, meta={"tolerate_worker_loss": tolerate_worker_loss}))
 
     def bye(self, failure: Optional[str] = None) -> None:
         """Leave the tier; with ``failure`` the scheduler tells every other node at once (instead of
@@ -103,6 +107,13 @@ class TierMember:
         elif msg.type == MsgType.BARRIER_ACK:
             if self._barrier_waiters:
                 self._barrier_waiters.pop(0)()
+        elif msg.type == MsgType.PEER_LEFT:
+            rank = meta_field(msg, "rank", int)
+            reason = meta_field(msg, "reason", str, "")
+            if self.on_peer_left is not None:
+                self.on_peer_left(rank, reason)
+            else:
+                log.warning("%s", reason)
         elif msg.type == MsgType.PEER_DEAD:
             self._fail(PeerDeadError(str(meta_field(msg, "reason", str, "a peer died"))))
         else:

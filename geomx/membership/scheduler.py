@@ -53,6 +53,7 @@ class Scheduler:
         self.registered = False
         self.barriers: Dict[str, set] = {g: set() for g in GROUPS}
         self.exit_code: Optional[int] = None
+        self.tolerate_worker_loss = False
         self.started = time.monotonic()
 
     # -- main loop ----------------------------------------------------------------------------
@@ -80,14 +81,17 @@ class Scheduler:
             raise ProtocolError(f"{msg.type.name} from unregistered peer {peer_label(identity)}")
         elif msg.type == MsgType.HEARTBEAT:
             self._send(member, Message(MsgType.HEARTBEAT_ACK, req_id=msg.req_id))
+        elif msg.type == MsgType.POLICY:
+            # MixedSync: parties are independent, so the global tier survives losing one.
+            self.tolerate_worker_loss = meta_field(msg, "tolerate_worker_loss", bool)
+            log.info("%s: %s lost workers", self.tier, "tolerating" if self.tolerate_worker_loss else "failing on")
         elif msg.type == MsgType.BARRIER:
             self._on_barrier(msg, member)
         elif msg.type == MsgType.BYE:
             failure = meta_field(msg, "failure", str, None)
             if failure is not None:
-                member.done = True
-                self._fail(f"{self.tier}: {member.role} {member.name} (rank {member.rank}) failed: "
-                           f"{failure[:500]}", member)
+                self._lost(member, f"{self.tier}: {member.role} {member.name} (rank {member.rank}) failed: "
+                                   f"{failure[:500]}")
             else:
                 self._on_bye(member)
         else:
@@ -177,9 +181,22 @@ class Scheduler:
             return
         for m in self.members.values():
             if not m.done and now - m.last_seen > self.heartbeat_timeout:
-                self._fail(f"{self.tier}: {m.role} {m.name} (rank {m.rank}, {m.host}:{m.port}) sent no "
-                           f"heartbeat for {now - m.last_seen:.1f}s; presumed dead", m)
+                self._lost(m, f"{self.tier}: {m.role} {m.name} (rank {m.rank}, {m.host}:{m.port}) sent no "
+                              f"heartbeat for {now - m.last_seen:.1f}s; presumed dead")
                 return
+
+    def _lost(self, member: Member, reason: str) -> None:
+        member.done = True
+        if not (self.tolerate_worker_loss and member.role == "worker"):
+            self._fail(reason, member)
+            return
+        log.warning("%s (the tier carries on)", reason)
+        for m in self.members.values():
+            if not m.done:
+                self._send(m, Message(MsgType.PEER_LEFT, meta={"reason": reason, "rank": member.rank,
+                                                               "role": member.role}))
+        if all(m.done for m in self.members.values()):
+            self.exit_code = 0
 
     def _fail(self, reason: str, dead: Optional[Member]) -> None:
         log.error("%s", reason)

@@ -5,7 +5,7 @@ central party (clients: the master worker and central workers)."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
@@ -14,7 +14,7 @@ from ..config import NodeConfig
 from ..errors import GeoMXError, ProtocolError
 from ..optimizer_spec import optimizer_from_spec, states_from_wire, states_to_wire
 from ..transport import EventLoop, Link, bind_router
-from ..wire import Message, meta_field
+from ..wire import Message, MsgType, meta_field
 from .base import Client, ServerBase
 from .keystate import KeyState
 
@@ -37,29 +37,86 @@ class GlobalServer(ServerBase):
         self.updater: Any = None
         self.global_sync = True
         self.rank = 0  # global rank, set once the global scheduler assigned it
+        self.party_rank: Dict[Client, int] = {}  # client -> its global rank (as sent in headers)
+        self.lost_parties: set = set()
+        self.on_async: Optional[Callable[[], None]] = None  # set by the node: tell the global scheduler
+        self.initial: Dict[int, np.ndarray] = {}  # initial values: the first DC-ASGD backup
+        self.backups: Dict[tuple, np.ndarray] = {}  # (party, key) -> weights that party last received
 
     # -- round bookkeeping --------------------------------------------------------------------
     def expected_pushes(self, link: Link) -> int:
         central = self.central_workers if self.cfg.enable_central_worker else 0
-        if link is self.lan_link and not central:
-            return 0
+        if link is self.lan_link:
+            return central
+        if not self.global_sync:
+            return 1  # MixedSync: every party's push is applied on arrival (see on_push)
         return self.parties + central
 
     def expected_stops(self) -> int:
-        return self.parties + self.central_workers
+        return self.parties + self.central_workers - len(self.lost_parties)
 
     def dispatch_round(self, ks: KeyState, r: int, acc: np.ndarray) -> None:
         if self.updater is None:
             ks.finish_round(r, acc)
             return
+        ks.finish_round(r, self._apply(ks, acc))
+
+    def on_push(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
+        self.party_rank[client] = msg.sender
+        if self.global_sync or link is not self.wan_link:
+            super().on_push(msg, client, link, identity)
+            return
+        # MixedSync: apply this party's aggregate now; it continues with the newest weights.
+        ks = self.known_key(msg, link, identity)
+        if ks is None:
+            return
+        if msg.data is None:
+            self.reply_error(link, identity, msg, "PUSH without data")
+            return
+        if self.updater is None:
+            self.reply_error(link, identity, msg, "dist_async (MixedSync) needs an optimizer on the global "
+                                                  "server: call kv.set_optimizer on the master worker")
+            return
+        value = self._apply(ks, msg.data, party=client)
+        self.reply(link, identity, msg, value if msg.type == MsgType.PUSHPULL else None)
+        ks.serve_parked()
+
+    def _apply(self, ks: KeyState, grad_np: np.ndarray, party: Optional[Client] = None) -> np.ndarray:
+        """Run the optimizer on ``ks`` with ``grad_np``; the new weights become the key's value.
+
+        DC-ASGD under MixedSync compensates each party's delay against the weights *that party*
+        last pulled (the paper's per-worker backup), not against the key's last update by anyone.
+        """
         import mxnet as mx
 
         if ks.weight_nd is None:
             ks.weight_nd = mx.nd.array(ks.store, dtype=ks.dtype)
-        grad = mx.nd.empty(acc.shape, dtype=ks.dtype)
-        grad._sync_copyfrom(acc)
+        grad = mx.nd.empty(grad_np.shape, dtype=ks.dtype)
+        grad._sync_copyfrom(grad_np)
+        dcasgd = party is not None and self.optimizer_spec is not None and self.optimizer_spec["name"] == "dcasgd"
+        if dcasgd:
+            state = self.updater.states.get(ks.key)
+            if state is None:
+                state = self.updater.optimizer.create_state(ks.key, ks.weight_nd)
+                self.updater.states[ks.key] = state
+                self.updater.states_synced[ks.key] = True
+            state[1][:] = self.backups.get((party, ks.key), self.initial[ks.key]).reshape(state[1].shape)
         self.updater(ks.key, grad, ks.weight_nd)
-        ks.finish_round(r, ks.weight_nd.asnumpy().reshape(-1))
+        value = ks.weight_nd.asnumpy().reshape(-1)
+        ks.store = value
+        if dcasgd:
+            self.backups[(party, ks.key)] = value  # what this party receives, hence its next backup
+        return value
+
+    def on_peer_left(self, rank: int, reason: str) -> None:
+        """A party's local server died under MixedSync: carry on without it."""
+        lost = [c for c, r in self.party_rank.items() if r == rank and c[0] == self.wan_link.name]
+        log.warning("%s: party %d is gone (%s); MixedSync continues without it", self.name, rank, reason)
+        self.lost_parties.add(rank)
+        for client in lost:
+            self.stopped_clients.discard(client)
+        if len(self.stopped_clients) >= self.expected_stops():
+            self.on_all_stopped()
 
     # -- init ---------------------------------------------------------------------------------
     def on_init(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
@@ -70,6 +127,7 @@ class GlobalServer(ServerBase):
             return
         if msg.data is not None and not ks.initialized:
             ks.store = np.array(msg.data, copy=True)
+            self.initial[ks.key] = ks.store
             ks.initialized = True
             ks.serve_parked()
         reply = self.replier(link, identity, msg)
@@ -89,9 +147,14 @@ class GlobalServer(ServerBase):
                 if link is not self.lan_link:
                     raise GeoMXError("only the master worker sets the synchronisation mode")
                 sync = meta_field(msg, "sync", bool)
-                if not sync:
-                    raise GeoMXError("dist_async (MixedSync) is not available yet; use dist_sync")
+                if not sync and self.cfg.use_hfa:
+                    raise GeoMXError("HFA (MXNET_KVSTORE_USE_HFA=1) works with dist_sync only, not dist_async")
+                if not sync and self.cfg.use_esync:
+                    raise GeoMXError("ESync (GEOMX_USE_ESYNC=1) works with dist_sync only, not dist_async")
                 self.global_sync = sync
+                if not sync and self.on_async is not None:
+                    self.on_async()
+                log.info("%s: global tier is %s", self.name, "synchronous (FSA)" if sync else "asynchronous (MixedSync)")
                 self.reply(link, identity, msg)
             elif cmd == commands.GET_STATES:
                 self._require_optimizer()

@@ -1,0 +1,569 @@
+"""An emulated WAN on one machine: one network namespace per data center, rate-capped links.
+
+Layout (needs root; building it takes well under a second)::
+
+      DC namespace "<prefix>-central"          router namespace "<prefix>-r"
+      wan0 10.77.0.1/24  <--- veth --->  dc0 --+
+      DC namespace "<prefix>-party0"           |
+      wan0 10.77.0.2/24  <--- veth --->  dc1 --+-- br0 (bridge)
+      DC namespace "<prefix>-party1"           |
+      wan0 10.77.0.3/24  <--- veth --->  dc2 --+
+
+Each data center (DC) reaches every other one only through its own access link (the veth pair). A link
+with a rate gets a ``tbf`` qdisc on *both* ends: on ``wan0`` inside the DC (caps what the DC uploads)
+and on ``dcN`` inside the router (caps what the DC downloads). Traffic between processes of the same
+DC stays on that namespace's loopback and never touches the WAN counters.
+
+The kernel's byte counters of ``dcN`` (read with ``ip -j -s link`` in the router namespace) are exactly
+the bytes that crossed the WAN on that link: ``rx`` there is the DC's upload, ``tx`` its download.
+
+Link specification (``--wan SPEC``), comma-separated items:
+
+* ``RATE``                 every party's link (e.g. ``20mbit``); the central DC's link stays uncapped
+* ``partyN=RATE``          one party's link (heterogeneous links: ``party0=100mbit,party1=10mbit``)
+* ``central=RATE``         the central DC's link (uncapped unless given)
+* ``all=RATE``             every link, the central one included
+* ``delay=MS``             added one-way latency: NOT AVAILABLE YET (the kernel here has no ``netem``;
+  it needs a user-space delaying relay). Parsed so that the error is clear.
+
+``RATE`` is a number with a unit as ``tc`` writes them: ``bit``, ``kbit``, ``mbit``, ``gbit`` (decimal,
+bits per second), ``bps``/``kbps``/``mbps``/``gbps`` (bytes per second), or ``none``/``inf`` (uncapped).
+
+Usage::
+
+    with Wan.create(["central", "party0", "party1"], parse_spec("20mbit", parties=2)) as wan:
+        subprocess.run(wan.exec_argv("party0") + ["python", "train.py"],
+                       env=dict(os.environ, DMLC_NODE_HOST=wan.address("party0")))
+        print(wan.counters())
+
+Teardown (``Wan.close``: kill every process left in the namespaces, delete them; the veth pairs and
+qdiscs go with them) runs when the ``with`` block ends, on an exception, on SIGTERM/SIGINT while the
+WAN exists, and at interpreter exit (``atexit``). ``cleanup_stale()`` removes leftovers of a
+killed (SIGKILL) run by prefix.
+
+This module must stay free of MXNet imports (the launcher imports it).
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+__all__ = [
+    "WanError",
+    "WanSpec",
+    "LinkCounters",
+    "Wan",
+    "parse_rate",
+    "format_rate",
+    "parse_spec",
+    "parse_link_counters",
+    "counter_delta",
+    "link_times",
+    "lower_bound",
+    "format_report",
+    "cleanup_stale",
+    "require_root",
+    "NAME_PREFIX",
+]
+
+#: Every namespace this module creates starts with this (plus the creating process's id).
+NAME_PREFIX = "gmxwan"
+#: Default address block; namespaces are private, so it never clashes with the host's networks.
+DEFAULT_SUBNET = "10.77.0.0/24"
+#: Interface name of the access link inside every DC namespace.
+DC_IFACE = "wan0"
+BRIDGE = "br0"
+
+
+class WanError(RuntimeError):
+    """The emulated WAN cannot be built or used (not root, missing tools, bad specification)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Specification
+# --------------------------------------------------------------------------------------------------
+
+_RATE_UNITS = {
+    "bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12,
+    "bps": 8, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9,
+}
+_RATE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_rate(text: str) -> Optional[float]:
+    """``"20mbit"`` -> 20e6 (bits per second); ``"none"``/``"inf"``/``"0"`` -> None (uncapped)."""
+    t = str(text).strip().lower()
+    if t in ("none", "inf", "unlimited", "uncapped", "0"):
+        return None
+    m = _RATE_RE.match(t)
+    if not m:
+        raise WanError(f"invalid rate {text!r}: expected a number with a unit such as 20mbit, 1gbit, 500kbit")
+    value, unit = float(m.group(1)), m.group(2) or "bit"
+    if unit not in _RATE_UNITS:
+        raise WanError(f"invalid rate unit {m.group(2)!r} in {text!r}: use one of {', '.join(_RATE_UNITS)}")
+    bits = value * _RATE_UNITS[unit]
+    if bits <= 0:
+        return None
+    if bits < 8000:
+        raise WanError(f"rate {text!r} is below 8 kbit/s; tbf cannot emulate it usefully")
+    return bits
+
+
+def format_rate(bits: Optional[float]) -> str:
+    """Inverse of :func:`parse_rate` for display: 20e6 -> ``"20mbit"``, None -> ``"uncapped"``."""
+    if bits is None:
+        return "uncapped"
+    for unit, mult in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)):
+        if bits >= mult:
+            v = bits / mult
+            return f"{v:g}{unit}" if abs(v - round(v, 3)) < 1e-9 else f"{v:.3f}{unit}"
+    return f"{bits:g}bit"
+
+
+@dataclasses.dataclass
+class WanSpec:
+    """Per-DC link rates (bits/s; None = uncapped) and the one-way delay (ms; only 0 is supported)."""
+
+    rates: Dict[str, Optional[float]]
+    delay_ms: float = 0.0
+
+    def rate(self, dc: str) -> Optional[float]:
+        return self.rates.get(dc)
+
+    def describe(self) -> str:
+        parts = [f"{dc}={format_rate(r)}" for dc, r in self.rates.items()]
+        if self.delay_ms:
+            parts.append(f"delay={self.delay_ms:g}ms")
+        return ",".join(parts)
+
+
+def dc_names(parties: int) -> List[str]:
+    """Data centers of a topology: ``central`` and ``party0`` .. ``party{P-1}``."""
+    return ["central"] + [f"party{p}" for p in range(parties)]
+
+
+def parse_spec(text: str, parties: int) -> WanSpec:
+    """Parse a ``--wan`` specification for ``parties`` parties (see the module docstring)."""
+    if parties < 1:
+        raise WanError(f"parties must be >= 1, got {parties}")
+    if text is None or not str(text).strip():
+        raise WanError("empty WAN specification: give a rate such as 20mbit or party0=100mbit,party1=10mbit")
+    rates: Dict[str, Optional[float]] = {dc: None for dc in dc_names(parties)}
+    default_seen = False
+    explicit: Dict[str, Optional[float]] = {}
+    delay = 0.0
+    for item in str(text).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            if default_seen:
+                raise WanError(f"two default rates in {text!r}")
+            default_seen = True
+            r = parse_rate(item)
+            for p in range(parties):
+                rates[f"party{p}"] = r
+            continue
+        key = key.strip().lower()
+        if key in ("delay", "latency"):
+            m = re.match(r"^\s*([0-9]*\.?[0-9]+)\s*(ms)?\s*$", value.lower())
+            if not m:
+                raise WanError(f"invalid delay {value!r}: expected milliseconds such as 25 or 25ms")
+            delay = float(m.group(1))
+            continue
+        r = parse_rate(value)
+        if key == "all":
+            for dc in rates:
+                rates[dc] = r
+        elif key in rates:
+            explicit[key] = r
+        elif re.fullmatch(r"party\d+", key):
+            raise WanError(f"{key} in {text!r}: the topology has only {parties} parties (party0..party{parties - 1})")
+        else:
+            raise WanError(f"unknown link {key!r} in {text!r}: use central, partyN, all or delay")
+    rates.update(explicit)
+    if delay > 0:
+        raise WanError(
+            f"delay={delay:g}ms: added latency is not available yet (this kernel has no netem; a delaying "
+            "relay is planned). Emulate bandwidth only, e.g. --wan 20mbit")
+    return WanSpec(rates=rates, delay_ms=delay)
+
+
+# --------------------------------------------------------------------------------------------------
+# Counters, bounds, report (pure functions: unit-tested without root)
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LinkCounters:
+    """Bytes one DC sent into the WAN (``up``) and received from it (``down``) on its access link."""
+
+    up: int = 0
+    down: int = 0
+    up_packets: int = 0
+    down_packets: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.up + self.down
+
+
+def parse_link_counters(ip_json: str, iface_to_dc: Mapping[str, str]) -> Dict[str, LinkCounters]:
+    """Parse ``ip -j -s link show`` run in the router namespace.
+
+    ``iface_to_dc`` maps the router-side interface (``dc0``) to its DC. On the router side ``rx`` is
+    what the DC uploaded and ``tx`` what it downloaded. Interfaces not in the map are ignored.
+    """
+    try:
+        entries = json.loads(ip_json)
+    except json.JSONDecodeError as exc:
+        raise WanError(f"cannot parse `ip -j -s link` output: {exc}") from None
+    out: Dict[str, LinkCounters] = {}
+    for e in entries:
+        name = e.get("ifname")
+        if name not in iface_to_dc:
+            continue
+        stats = e.get("stats64") or e.get("stats") or {}
+        rx, tx = stats.get("rx", {}), stats.get("tx", {})
+        out[iface_to_dc[name]] = LinkCounters(
+            up=int(rx.get("bytes", 0)), down=int(tx.get("bytes", 0)),
+            up_packets=int(rx.get("packets", 0)), down_packets=int(tx.get("packets", 0)))
+    missing = sorted(set(iface_to_dc) - {n for n in (e.get("ifname") for e in entries)})
+    if missing:
+        raise WanError(f"`ip -j -s link` has no interface {', '.join(missing)}")
+    return out
+
+
+def counter_delta(after: Mapping[str, LinkCounters], before: Mapping[str, LinkCounters]) -> Dict[str, LinkCounters]:
+    """Per-DC difference of two counter snapshots."""
+    out = {}
+    for dc, a in after.items():
+        b = before.get(dc, LinkCounters())
+        out[dc] = LinkCounters(a.up - b.up, a.down - b.down, a.up_packets - b.up_packets,
+                               a.down_packets - b.down_packets)
+    return out
+
+
+def link_times(counters: Mapping[str, LinkCounters], rates: Mapping[str, Optional[float]],
+               duplex: bool = False) -> Dict[str, float]:
+    """Seconds each capped link needs to carry its bytes at its rate.
+
+    ``duplex=False`` (the default, used for the benchmark bound): up + down bytes, i.e. a round's
+    uploads and downloads do not overlap (in synchronous training the updated value of a tensor comes
+    back only after every push of it has arrived). ``duplex=True``: max(up, down), the physical bound
+    of a full-duplex link. Uncapped links are left out.
+    """
+    out = {}
+    for dc, c in counters.items():
+        rate = rates.get(dc)
+        if rate is None:
+            continue
+        nbytes = max(c.up, c.down) if duplex else c.up + c.down
+        out[dc] = nbytes * 8.0 / rate
+    return out
+
+
+def lower_bound(compute_s: float, counters: Mapping[str, LinkCounters],
+                rates: Mapping[str, Optional[float]], duplex: bool = False) -> dict:
+    """max(compute time, bytes on the bottleneck link / its rate), with the bottleneck named.
+
+    Returns ``{"bound_s", "compute_s", "wan_s", "bottleneck"}`` (``bottleneck`` is a DC name, or
+    ``"compute"`` when computation dominates, or None when no link is capped and compute is 0).
+    """
+    times = link_times(counters, rates, duplex=duplex)
+    bottleneck, wan_s = None, 0.0
+    for dc, t in times.items():
+        if t > wan_s:
+            bottleneck, wan_s = dc, t
+    bound = max(compute_s, wan_s)
+    if compute_s >= wan_s and compute_s > 0:
+        bottleneck = "compute"
+    return {"bound_s": bound, "compute_s": compute_s, "wan_s": wan_s, "bottleneck": bottleneck}
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, mult in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= mult:
+            return f"{n / mult:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_report(counters: Mapping[str, LinkCounters], rates: Mapping[str, Optional[float]],
+                  seconds: Optional[float] = None) -> str:
+    """Markdown table: per link, its rate, bytes up/down and (given the elapsed time) mean utilisation."""
+    lines = ["| link | rate | up (DC -> WAN) | down (WAN -> DC) | total |"
+             + (" mean up / down rate |" if seconds else ""),
+             "|---|---|---|---|---|" + ("---|" if seconds else "")]
+    tot = LinkCounters()
+    for dc, c in counters.items():
+        row = (f"| {dc} | {format_rate(rates.get(dc))} | {_fmt_bytes(c.up)} | {_fmt_bytes(c.down)} "
+               f"| {_fmt_bytes(c.total)} |")
+        if seconds:
+            row += f" {format_rate(c.up * 8 / seconds)} / {format_rate(c.down * 8 / seconds)} |"
+        lines.append(row)
+        tot.up += c.up
+        tot.down += c.down
+    lines.append(f"| all | | {_fmt_bytes(tot.up)} | {_fmt_bytes(tot.down)} | {_fmt_bytes(tot.total)} |"
+                 + (" |" if seconds else ""))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building and tearing down
+# --------------------------------------------------------------------------------------------------
+
+def require_root() -> None:
+    """Raise :class:`WanError` with a clear message unless running as root with ``ip`` and ``tc``."""
+    if os.geteuid() != 0:
+        raise WanError(
+            "the emulated WAN needs root (it creates network namespaces, veth links and tc qdiscs); "
+            "run as root (e.g. sudo) or leave out --wan")
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            raise WanError(f"the emulated WAN needs the `{tool}` command (package iproute2)")
+
+
+def _run(argv: Sequence[str], check: bool = True, timeout: float = 20.0) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise WanError(f"`{' '.join(argv)}` failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def _tbf_args(rate_bits: float) -> List[str]:
+    # burst must hold at least one timer tick of traffic; 64 KiB is plenty below ~100 Mbit/s.
+    burst = max(64 * 1024, int(rate_bits / 8 / 100))
+    return ["tbf", "rate", f"{int(rate_bits)}bit", "burst", str(burst), "latency", "200ms"]
+
+
+def _netns_list() -> List[str]:
+    proc = _run(["ip", "-j", "netns", "list"], check=False)
+    try:
+        return [e["name"] for e in json.loads(proc.stdout or "[]")]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
+
+
+def _kill_netns_processes(ns: str, timeout: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL, every process living in namespace ``ns``."""
+    def pids() -> List[int]:
+        proc = _run(["ip", "netns", "pids", ns], check=False)
+        return [int(x) for x in proc.stdout.split() if x.strip().isdigit() and int(x) != os.getpid()]
+
+    found = pids()
+    for pid in found:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    end = time.monotonic() + timeout
+    while found and time.monotonic() < end:
+        time.sleep(0.05)
+        found = pids()
+    for pid in found:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _delete_netns(ns: str) -> None:
+    _kill_netns_processes(ns)
+    _run(["ip", "netns", "delete", ns], check=False)
+
+
+def cleanup_stale(prefix: str = NAME_PREFIX) -> List[str]:
+    """Delete every namespace whose name starts with ``prefix`` (leftovers of a SIGKILLed run)."""
+    removed = []
+    for ns in _netns_list():
+        if ns.startswith(prefix):
+            _delete_netns(ns)
+            removed.append(ns)
+    return removed
+
+
+_ACTIVE: "set[Wan]" = set()
+_ACTIVE_LOCK = threading.Lock()
+
+
+def _atexit_teardown() -> None:
+    with _ACTIVE_LOCK:
+        wans = list(_ACTIVE)
+    for w in wans:
+        w.close()
+
+
+atexit.register(_atexit_teardown)
+
+
+class Wan:
+    """A built emulated WAN. Create with :meth:`create`; use as a context manager."""
+
+    def __init__(self, dcs: Sequence[str], spec: WanSpec, prefix: str, subnet: str):
+        self.dcs = list(dcs)
+        self.spec = spec
+        self.prefix = prefix
+        net = ipaddress.ip_network(subnet)
+        hosts = list(net.hosts())
+        if len(hosts) < len(self.dcs):
+            raise WanError(f"subnet {subnet} too small for {len(self.dcs)} data centers")
+        self.prefixlen = net.prefixlen
+        self.addresses = {dc: str(hosts[i]) for i, dc in enumerate(self.dcs)}
+        self.router = f"{prefix}-r"
+        self.namespaces = {dc: f"{prefix}-{dc}"[:64] for dc in self.dcs}
+        self.router_ifaces = {f"dc{i}": dc for i, dc in enumerate(self.dcs)}
+        self._iface_of = {dc: f"dc{i}" for i, dc in enumerate(self.dcs)}
+        self.closed = False
+        self._created: List[str] = []
+        self._prev_handlers: Dict[int, object] = {}
+        self._baseline: Optional[Dict[str, LinkCounters]] = None
+
+    # ---- construction
+    @classmethod
+    def create(cls, dcs: Sequence[str], spec: WanSpec, prefix: Optional[str] = None,
+               subnet: str = DEFAULT_SUBNET, handle_signals: bool = True) -> "Wan":
+        """Build the namespaces, links and qdiscs. Raises :class:`WanError` (and leaves nothing
+        behind) on failure."""
+        require_root()
+        if len(set(dcs)) != len(dcs) or not dcs:
+            raise WanError(f"data center names must be distinct and non-empty: {list(dcs)}")
+        unknown = set(spec.rates) - set(dcs)
+        if unknown:
+            raise WanError(f"rates given for unknown data centers: {', '.join(sorted(unknown))}")
+        if spec.delay_ms:
+            raise WanError("added latency is not available yet")
+        wan = cls(dcs, spec, prefix or f"{NAME_PREFIX}{os.getpid()}", subnet)
+        with _ACTIVE_LOCK:
+            _ACTIVE.add(wan)
+        if handle_signals:
+            wan._install_signal_handlers()
+        try:
+            wan._build()
+        except BaseException:
+            wan.close()
+            raise
+        wan._baseline = wan.counters(raw=True)
+        return wan
+
+    def _build(self) -> None:
+        existing = set(_netns_list())
+        clash = [ns for ns in [self.router, *self.namespaces.values()] if ns in existing]
+        if clash:
+            raise WanError(f"network namespace(s) already exist: {', '.join(clash)} "
+                           "(leftovers? geomx.wan.cleanup_stale() removes them)")
+        r = self.router
+        _run(["ip", "netns", "add", r])
+        self._created.append(r)
+        _run(["ip", "-n", r, "link", "set", "lo", "up"])
+        _run(["ip", "-n", r, "link", "add", BRIDGE, "type", "bridge"])
+        _run(["ip", "-n", r, "link", "set", BRIDGE, "up"])
+        for dc in self.dcs:
+            ns = self.namespaces[dc]
+            _run(["ip", "netns", "add", ns])
+            self._created.append(ns)
+            riface = self._iface_of[dc]
+            _run(["ip", "-n", r, "link", "add", riface, "type", "veth", "peer", "name", DC_IFACE, "netns", ns])
+            _run(["ip", "-n", r, "link", "set", riface, "master", BRIDGE])
+            _run(["ip", "-n", r, "link", "set", riface, "up"])
+            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            _run(["ip", "-n", ns, "addr", "add", f"{self.addresses[dc]}/{self.prefixlen}", "dev", DC_IFACE])
+            _run(["ip", "-n", ns, "link", "set", DC_IFACE, "up"])
+            rate = self.spec.rate(dc)
+            if rate is not None:
+                tbf = _tbf_args(rate)
+                _run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", DC_IFACE, "root", *tbf])
+                _run(["ip", "netns", "exec", r, "tc", "qdisc", "add", "dev", riface, "root", *tbf])
+
+    # ---- signals
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_term(signum, frame):
+            # Unwind like an exception: `finally` blocks stop children, `with` tears the WAN down.
+            raise SystemExit(128 + signum)
+
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            self._prev_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_term)
+        if signal.getsignal(signal.SIGHUP) in (signal.SIG_DFL, None):
+            self._prev_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_term)
+        # SIGINT already raises KeyboardInterrupt by default.
+
+    def _restore_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, handler in self._prev_handlers.items():
+            try:
+                signal.signal(signum, handler)
+            except (ValueError, TypeError):
+                pass
+        self._prev_handlers.clear()
+
+    # ---- use
+    def namespace(self, dc: str) -> str:
+        return self.namespaces[dc]
+
+    def address(self, dc: str) -> str:
+        return self.addresses[dc]
+
+    def exec_argv(self, dc: str) -> List[str]:
+        """Prefix that runs a command inside ``dc``'s namespace (``ip netns exec NS``)."""
+        return ["ip", "netns", "exec", self.namespaces[dc]]
+
+    def rates(self) -> Dict[str, Optional[float]]:
+        return {dc: self.spec.rate(dc) for dc in self.dcs}
+
+    def counters(self, raw: bool = False) -> Dict[str, LinkCounters]:
+        """Bytes per link since the WAN was built (``raw``: the kernel's absolute counters)."""
+        if self.closed:
+            raise WanError("the WAN has been torn down")
+        proc = _run(["ip", "-n", self.router, "-j", "-s", "link", "show"])
+        now = parse_link_counters(proc.stdout, self.router_ifaces)
+        now = {dc: now[dc] for dc in self.dcs}
+        if raw or self._baseline is None:
+            return now
+        return counter_delta(now, self._baseline)
+
+    def report(self, seconds: Optional[float] = None) -> str:
+        return format_report(self.counters(), self.rates(), seconds)
+
+    def describe(self) -> str:
+        return ", ".join(f"{dc} ({self.addresses[dc]}, {format_rate(self.spec.rate(dc))})" for dc in self.dcs)
+
+    # ---- teardown
+    def close(self) -> None:
+        """Kill the processes left in the namespaces and delete them (links and qdiscs go too).
+        Idempotent; safe from atexit and signal handlers."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            for ns in reversed(self._created):
+                try:
+                    _delete_netns(ns)
+                except Exception:  # noqa: BLE001 - best effort, keep deleting the others
+                    pass
+            self._created.clear()
+        finally:
+            with _ACTIVE_LOCK:
+                _ACTIVE.discard(self)
+            self._restore_signal_handlers()
+
+    def __enter__(self) -> "Wan":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def all_namespaces(self) -> Iterable[str]:
+        return [self.router, *self.namespaces.values()]

@@ -193,6 +193,11 @@ class GeoKVStore(KVStoreBase):
     def is_master_worker(self) -> bool:
         return self._cfg.is_master_worker
 
+    @property
+    def hfa_periods(self) -> Tuple[int, int]:
+        """HFA's (K1, K2) from MXNET_KVSTORE_HFA_K1/K2; (1, 1) when HFA is off."""
+        return (self._cfg.hfa_k1, self._cfg.hfa_k2) if self._cfg.use_hfa else (1, 1)
+
     @staticmethod
     def is_capable(capability: str) -> bool:
         return capability.lower() == KVStoreBase.OPTIMIZER

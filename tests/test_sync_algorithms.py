@@ -13,3 +13,13 @@ def test_mixedsync_serialized_arrivals_match_oracle(tmp_path, topology_run, opti
     assert result.code == 0, result.output[-4000:]
     assert not result.lines("MISMATCH")
     assert len(result.lines("ASYNC OK")) == 3
+
+
+@pytest.mark.parametrize("k1,k2", [(1, 1), (2, 3)])
+def test_hfa_two_level_averaging_matches_oracle(topology_run, k1, k2):
+    env = {"MXNET_KVSTORE_USE_HFA": "1", "MXNET_KVSTORE_HFA_K1": str(k1), "MXNET_KVSTORE_HFA_K2": str(k2)}
+    result = topology_run("hfa_worker.py", ["--slice", "{slice}", "--steps", "12"], parties=2,
+                          workers_per_party=2, env=env)
+    assert result.code == 0, result.output[-4000:]
+    assert not result.lines("MISMATCH")
+    assert len(result.lines("HFA OK")) == 4

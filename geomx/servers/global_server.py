@@ -141,6 +141,9 @@ class GlobalServer(ServerBase):
         cmd = meta_field(msg, "cmd", str)
         try:
             if cmd == commands.SET_OPTIMIZER:
+                if self.cfg.use_hfa:
+                    raise GeoMXError("with HFA (MXNET_KVSTORE_USE_HFA=1) the global servers average the parties' "
+                                     "models and run no optimizer; keep the optimizer on the workers")
                 self._set_optimizer(meta_field(msg, "spec", dict), meta_field(msg, "master", bool, False))
                 self.reply(link, identity, msg)
             elif cmd == commands.SYNC_MODE:

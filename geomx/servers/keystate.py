@@ -30,7 +30,7 @@ class KeyState:
     """
 
     __slots__ = ("key", "numel", "dtype", "store", "initialized", "rounds", "completed", "pushes_by",
-                 "parked", "init_requested", "weight_nd")
+                 "parked", "init_requested", "weight_nd", "milestone", "local_rounds")
 
     def __init__(self, key: int, numel: int, dtype: np.dtype):
         self.key = key
@@ -44,6 +44,8 @@ class KeyState:
         self.pushes_by: Dict[Any, int] = {}
         self.parked: List[Any] = []  # (client, rounds needed, reply)
         self.weight_nd: Any = None  # MXNet copy of the weights when the global server runs an optimizer
+        self.milestone: Optional[np.ndarray] = None  # HFA: the global model at the last global round
+        self.local_rounds = 0  # HFA: party-level averages since the start
 
     def add_push(self, client: Any, data: np.ndarray, reply: Reply, want_value: bool) -> tuple:
         """Fold ``data`` into the client's next round; returns (round index, Round)."""

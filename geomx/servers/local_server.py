@@ -59,6 +59,7 @@ class LocalServer(ServerBase):
                     self._fail_parked(ks, str(error))
                     return
                 ks.store = value
+                ks.milestone = value  # HFA starts from the global model, as every party does
                 ks.initialized = True
                 ks.serve_parked()
 
@@ -73,6 +74,9 @@ class LocalServer(ServerBase):
 
     def dispatch_round(self, ks: KeyState, r: int, acc: np.ndarray) -> None:
         assert self.upstream is not None
+        if self.cfg.use_hfa:
+            self._hfa_round(ks, r, acc)
+            return
 
         def on_global_result(value: Optional[np.ndarray], error: Optional[Exception]) -> None:
             if error is not None:
@@ -83,6 +87,29 @@ class LocalServer(ServerBase):
             ks.finish_round(r, value)
 
         self.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_result, data=acc)
+
+    def _hfa_round(self, ks: KeyState, r: int, party_model: np.ndarray) -> None:
+        """HFA: workers pushed ``weights / num_workers``, so ``party_model`` is the party's average.
+        Every K2-th average goes global as ``(average - milestone) / parties``; the global servers sum
+        those deltas (parties weighted equally, as in GeoMX) and the new milestone is
+        ``milestone + sum``. Other rounds stay inside the party."""
+        ks.local_rounds += 1
+        if ks.local_rounds % self.cfg.hfa_k2:
+            ks.finish_round(r, party_model)
+            return
+        assert ks.milestone is not None and self.upstream is not None
+        delta = (party_model - ks.milestone) / np.asarray(self.cfg.num_global_worker, dtype=party_model.dtype)
+
+        def on_global_delta(total: Optional[np.ndarray], error: Optional[Exception]) -> None:
+            if error is not None:
+                log.error("%s: key %d HFA round failed upstream: %s", self.name, ks.key, error)
+                for reply, _ in ks.rounds.pop(r).waiters:
+                    reply(GeoMXError(f"global tier refused key {ks.key}: {error}"))
+                return
+            ks.milestone = ks.milestone + total
+            ks.finish_round(r, ks.milestone)
+
+        self.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_delta, data=delta)
 
     # -- commands -----------------------------------------------------------------------------
     def on_command(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:

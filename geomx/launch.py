@@ -92,6 +92,8 @@ class ProcessSpec:
     argv: List[str]
     env: Dict[str, str]
     is_worker: bool
+    #: Data center the process belongs to: ``"central"`` or ``"partyN"`` (used by ``--wan``).
+    dc: str = ""
 
 
 @dataclass
@@ -148,6 +150,14 @@ class Topology:
     env: Dict[str, str] = field(default_factory=dict)
     node_env: Dict[str, Dict[str, str]] = field(default_factory=dict)
     node_command: Optional[List[str]] = None
+    #: Emulated WAN placement (``--wan``): per data center (``"central"``, ``"partyN"``) the address
+    #: its processes advertise and its schedulers listen on (default: ``host``) ...
+    dc_hosts: Dict[str, str] = field(default_factory=dict)
+    #: ... and an argv prefix that runs a process inside it (e.g. ``ip netns exec NS``).
+    dc_prefix: Dict[str, List[str]] = field(default_factory=dict)
+
+    def dc_host(self, dc: str) -> str:
+        return self.dc_hosts.get(dc, self.host)
 
     def validate(self) -> None:
         if self.parties < 1:
@@ -189,7 +199,7 @@ class Topology:
             raise ValueError(f"need {self.parties} party ports, got {len(ports.parties)}")
         node_cmd = list(self.node_command) if self.node_command is not None else list(DEFAULT_NODE_COMMAND)
 
-        host = self.host
+        host = chost = self.dc_host("central")
         P, W, NGS, CW = self.parties, self.workers_per_party, self.global_servers, self.central_workers
         G, C = ports.global_root, ports.central_root
         ALL = self.num_all_workers
@@ -200,13 +210,19 @@ class Topology:
         servers: List[ProcessSpec] = []
         workers: List[ProcessSpec] = []
 
-        def node(name: str, role_env: Dict[str, object]) -> ProcessSpec:
-            return ProcessSpec(name, list(node_cmd), self._env(name, role_env), False)
+        def dc_of(party) -> str:
+            return "central" if party == "central" else f"party{party}"
+
+        def node(name: str, role_env: Dict[str, object], party="central") -> ProcessSpec:
+            dc = dc_of(party)
+            argv = list(self.dc_prefix.get(dc, [])) + list(node_cmd)
+            return ProcessSpec(name, argv, self._env(name, role_env, dc), False, dc)
 
         def worker(name: str, role_env: Dict[str, object], slice_idx: int, party, rank: int) -> ProcessSpec:
+            dc = dc_of(party)
             role_env = dict(role_env, GEOMX_DATA_SLICE=slice_idx)
-            argv = _substitute(command, slice_idx, party, rank)
-            return ProcessSpec(name, argv, self._env(name, role_env), True)
+            argv = list(self.dc_prefix.get(dc, [])) + _substitute(command, slice_idx, party, rank)
+            return ProcessSpec(name, argv, self._env(name, role_env, dc), True, dc)
 
         # ---- central party / global layer
         schedulers.append(
@@ -273,6 +289,7 @@ class Topology:
         # ---- parties
         for p in range(P):
             port = ports.parties[p]
+            host = self.dc_host(f"party{p}")
             schedulers.append(
                 node(
                     f"party{p}/scheduler",
@@ -283,6 +300,7 @@ class Topology:
                         DMLC_NUM_SERVER=1,
                         DMLC_NUM_WORKER=W,
                     ),
+                    p,
                 )
             )
             servers.append(
@@ -292,13 +310,14 @@ class Topology:
                         DMLC_ROLE="server",
                         DMLC_PS_ROOT_URI=host,
                         DMLC_PS_ROOT_PORT=port,
-                        DMLC_PS_GLOBAL_ROOT_URI=host,
+                        DMLC_PS_GLOBAL_ROOT_URI=chost,
                         DMLC_PS_GLOBAL_ROOT_PORT=G,
                         DMLC_NUM_SERVER=1,
                         DMLC_NUM_WORKER=W,
                         DMLC_NUM_GLOBAL_SERVER=NGS,
                         DMLC_NUM_GLOBAL_WORKER=P,
                     ),
+                    p,
                 )
             )
             for i in range(W):
@@ -320,12 +339,12 @@ class Topology:
                 )
         return schedulers + servers + workers
 
-    def _env(self, name: str, role_env: Dict[str, object]) -> Dict[str, str]:
+    def _env(self, name: str, role_env: Dict[str, object], dc: str = "central") -> Dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ROLE_KEYS}
         # Children write into pipes; without this Python children block-buffer their output.
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.update({k: str(v) for k, v in role_env.items()})
-        env["DMLC_NODE_HOST"] = self.host
+        env["DMLC_NODE_HOST"] = self.dc_host(dc)
         env.update({str(k): str(v) for k, v in self.env.items()})
         for pattern, extra in self.node_env.items():
             if fnmatch.fnmatchcase(name, pattern):
@@ -800,6 +819,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also write each process's raw output to DIR/<name>.log",
     )
+    p.add_argument(
+        "--wan",
+        default=None,
+        metavar="SPEC",
+        help="run on an emulated WAN (needs root): the central party and every party in its own network "
+        "namespace, joined through a bridge by links capped with tbf. SPEC: RATE for every party link "
+        "(e.g. 20mbit), and/or partyN=RATE, central=RATE (default uncapped), all=RATE. "
+        "Prints the bytes that crossed each link at the end (see geomx/wan.py)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the processes as shell lines and exit")
     p.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
@@ -844,7 +872,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         node_command=shlex.split(args.node_command) if args.node_command is not None else None,
     )
 
+    wan_spec = None
+    if args.wan is not None:
+        from . import wan as wanmod  # no MXNet import there either
+
+        try:
+            wan_spec = wanmod.parse_spec(args.wan, args.parties)
+        except wanmod.WanError as exc:
+            print(f"geomx-launch: --wan: {exc}", file=sys.stderr)
+            return 2
+
     if args.dry_run:
+        if wan_spec is not None:
+            # Show the placement the WAN would get (nothing is built).
+            plan = wanmod.Wan(wanmod.dc_names(args.parties), wan_spec, "<wan>", wanmod.DEFAULT_SUBNET)
+            _place_on_wan(topology, plan)
+            print(f"# emulated WAN: {plan.describe()}")
         explicit = {k for k, _ in args.env} | {k for _, k, _ in args.node_env}
         for line in _dry_run_lines(topology.processes(command), explicit):
             print(line)
@@ -856,7 +899,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-    return run(topology, command, timeout=args.timeout, log_dir=args.log_dir, grace=args.grace)
+    if wan_spec is None:
+        return run(topology, command, timeout=args.timeout, log_dir=args.log_dir, grace=args.grace)
+    return _run_on_wan(topology, command, wan_spec, args)
+
+
+def _place_on_wan(topology: Topology, wan) -> None:
+    """Point every data center of ``topology`` at its namespace of ``wan``."""
+    topology.dc_hosts = {dc: wan.address(dc) for dc in wan.dcs}
+    topology.dc_prefix = {dc: wan.exec_argv(dc) for dc in wan.dcs}
+
+
+def _run_on_wan(topology: Topology, command: Sequence[str], spec, args) -> int:
+    from . import wan as wanmod
+
+    try:
+        w = wanmod.Wan.create(wanmod.dc_names(topology.parties), spec)
+    except wanmod.WanError as exc:
+        print(f"geomx-launch: --wan: {exc}", file=sys.stderr)
+        return 2
+    status = 1
+    t0 = time.monotonic()
+    try:
+        with w:
+            log.info("emulated WAN: %s", w.describe())
+            _place_on_wan(topology, w)
+            try:
+                status = run(topology, command, timeout=args.timeout, log_dir=args.log_dir, grace=args.grace)
+            finally:
+                try:
+                    elapsed = time.monotonic() - t0
+                    report = w.report(elapsed)
+                    print(f"[launch] WAN bytes per link over {elapsed:.1f} s:\n{report}", file=sys.stderr)
+                except wanmod.WanError as exc:
+                    log.error("could not read the WAN counters: %s", exc)
+    except SystemExit as exc:  # SIGTERM/SIGHUP while the WAN existed (see geomx.wan)
+        code = exc.code if isinstance(exc.code, int) else 1
+        log.error("launcher received a termination signal; topology stopped, WAN torn down")
+        return code
+    return status
 
 
 if __name__ == "__main__":

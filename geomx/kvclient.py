@@ -62,6 +62,8 @@ class KVClient:
         self._ids = itertools.count(1)
         self.pending: Dict[int, _Pending] = {}
         self.failed: Optional[Exception] = None
+        # Called with (key, meta) for data-path replies that carry meta (ESync's step counts).
+        self.on_meta: Optional[Callable[[int, dict], None]] = None
 
     @property
     def num_servers(self) -> int:
@@ -133,13 +135,16 @@ class KVClient:
                                 f"(offset {msg.offset}, numel {msg.numel})")
         if msg.type == MsgType.ERROR:
             p.error = p.error or RemoteError(str((msg.meta or {}).get("error", "server error")))
-        elif msg.data is not None:
-            if p.single:
-                p.result = msg.data
-            else:
-                if p.result is None:
-                    p.result = np.empty(msg.total, dtype=msg.data.dtype)
-                p.result[msg.offset:msg.offset + msg.numel] = msg.data
+        else:
+            if msg.meta and self.on_meta is not None:
+                self.on_meta(msg.key, msg.meta)
+            if msg.data is not None:
+                if p.single:
+                    p.result = msg.data
+                else:
+                    if p.result is None:
+                        p.result = np.empty(msg.total, dtype=msg.data.dtype)
+                    p.result[msg.offset:msg.offset + msg.numel] = msg.data
         del p.parts[(server, msg.offset)]
         p.remaining -= 1
         if p.remaining == 0:

@@ -166,6 +166,7 @@ class GeoKVStore(KVStoreBase):
         self._shapes: Dict[int, Tuple[Tuple[int, ...], np.dtype]] = {}
         self._inflight: List[cf.Future] = []
         self._updater: Optional[_ShadowUpdater] = None
+        self._last_pushpull: Dict[int, cf.Future] = {}
         self._closed = False
         if cfg.is_master_worker:
             # dist_sync: synchronous global tier; dist_async: MixedSync (asynchronous across parties).
@@ -197,6 +198,19 @@ class GeoKVStore(KVStoreBase):
     def hfa_periods(self) -> Tuple[int, int]:
         """HFA's (K1, K2) from MXNET_KVSTORE_HFA_K1/K2; (1, 1) when HFA is off."""
         return (self._cfg.hfa_k1, self._cfg.hfa_k2) if self._cfg.use_hfa else (1, 1)
+
+    def esync_steps(self) -> int:
+        """ESync (GEOMX_USE_ESYNC=1): how many local steps this worker takes before its next pushpull.
+
+        The global server assigns each party a count from its measured speed, so that fast and slow
+        parties reach the global round at about the same time; 1 until speeds are known. Waits for the
+        latest pushpull of key 0, which carries the assignment.
+        """
+        fut = self._last_pushpull.get(0)
+        if fut is not None:
+            fut.result()
+        steps = self._node.reply_meta.get(0, {}).get("esync_steps", 1)
+        return steps if isinstance(steps, int) and steps >= 1 else 1
 
     @staticmethod
     def is_capable(capability: str) -> bool:
@@ -286,6 +300,7 @@ class GeoKVStore(KVStoreBase):
             kid, shape, dtype = self._meta(k)
             data = _flat(arrays)
             fut = self._node.request(MsgType.PUSHPULL, kid, data.size, dtype, data=data, priority=priority)
+            self._last_pushpull[kid] = fut
             for o in targets:
                 _deliver_async(fut, o)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import threading
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import zmq
@@ -31,6 +31,7 @@ class WorkerNode:
         self.kv: Optional[KVClient] = None
         self.member: Optional[TierMember] = None
         self._barriers: List[cf.Future] = []
+        self.reply_meta: Dict[int, dict] = {}  # latest meta the servers sent with a data reply, by key
         self._closing = False
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="geomx-io", daemon=True)
@@ -59,6 +60,7 @@ class WorkerNode:
                 self.kv = KVClient(self.loop, self.info.servers, identity=f"worker{self.info.rank}",
                                    sender=self.info.rank, bigarray_bound=cfg.bigarray_bound, wan=False,
                                    name=f"worker{self.info.rank}")
+                self.kv.on_meta = self._on_meta
         except Exception as exc:  # noqa: BLE001 - reported to the training thread
             self.fatal = exc
         finally:
@@ -68,6 +70,9 @@ class WorkerNode:
         for _ in range(3):  # let the goodbye leave
             self.loop.run_once(0.05)
         self.loop.close()
+
+    def _on_meta(self, key: int, meta: dict) -> None:
+        self.reply_meta[key] = meta
 
     def _on_fatal(self, exc: Exception) -> None:
         if self.fatal is None:

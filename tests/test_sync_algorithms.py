@@ -23,3 +23,23 @@ def test_hfa_two_level_averaging_matches_oracle(topology_run, k1, k2):
     assert result.code == 0, result.output[-4000:]
     assert not result.lines("MISMATCH")
     assert len(result.lines("HFA OK")) == 4
+
+
+def test_esync_gives_fast_party_more_steps_and_one_model(topology_run):
+    result = topology_run("esync_worker.py", ["--slice", "{slice}", "--rounds", "6"], parties=2,
+                          workers_per_party=2, env={"GEOMX_USE_ESYNC": "1"})
+    assert result.code == 0, result.output[-4000:]
+    rounds = {}
+    for line in result.lines("ESYNC round"):
+        words = line.split("ESYNC ")[1].split()
+        rnd, party, steps, model = int(words[1]), int(words[3]), int(words[5]), words[7]
+        rounds.setdefault(rnd, []).append((party, steps, model))
+    assert sorted(rounds) == list(range(6))
+    for rnd, entries in rounds.items():
+        assert len(entries) == 4
+        assert len({m for _, _, m in entries}) == 1, f"round {rnd}: workers hold different models"
+    late = rounds[5]
+    fast = [s for p, s, _ in late if p == 0]
+    slow = [s for p, s, _ in late if p == 1]
+    print("ESync steps in the last round: fast party", fast, "slow party", slow)
+    assert min(slow) == 1 and min(fast) >= 3

@@ -67,8 +67,13 @@ class ServerBase:
             if isinstance(value, Exception):
                 self.reply_error(link, identity, req, str(value))
             else:
-                self.reply(link, identity, req, value)  # type: ignore[arg-type]
+                self.reply(link, identity, req, value, meta=self.reply_meta(req, (link.name, identity)))  # type: ignore[arg-type]
         return reply
+
+    def reply_meta(self, req: Message, client: Client) -> Optional[dict]:
+        """Extra information to send with a data-path reply (ESync's step counts); evaluated when the
+        reply is sent."""
+        return None
 
     # -- dispatch -----------------------------------------------------------------------------
     def handle_client(self, msg: Message, identity: Optional[bytes], link: Link) -> None:

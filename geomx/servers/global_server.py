@@ -16,7 +16,7 @@ from ..optimizer_spec import optimizer_from_spec, states_from_wire, states_to_wi
 from ..transport import EventLoop, Link, bind_router
 from ..wire import Message, MsgType, meta_field
 from .base import Client, ServerBase
-from .keystate import KeyState
+from .keystate import ESYNC_KEY, KeyState
 
 log = logging.getLogger("geomx.server")
 
@@ -42,6 +42,7 @@ class GlobalServer(ServerBase):
         self.on_async: Optional[Callable[[], None]] = None  # set by the node: tell the global scheduler
         self.initial: Dict[int, np.ndarray] = {}  # initial values: the first DC-ASGD backup
         self.backups: Dict[tuple, np.ndarray] = {}  # (party, key) -> weights that party last received
+        self.esync_speed: Dict[Client, float] = {}  # ESync: each party's measured local steps per second
 
     # -- round bookkeeping --------------------------------------------------------------------
     def expected_pushes(self, link: Link) -> int:
@@ -63,6 +64,11 @@ class GlobalServer(ServerBase):
 
     def on_push(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
         self.party_rank[client] = msg.sender
+        if self.cfg.use_esync and msg.key == ESYNC_KEY and msg.meta:
+            steps = meta_field(msg, "esync_steps", int)
+            seconds = meta_field(msg, "esync_seconds", float)
+            if steps >= 1 and seconds > 0:
+                self.esync_speed[client] = steps / seconds
         if self.global_sync or link is not self.wan_link:
             super().on_push(msg, client, link, identity)
             return
@@ -108,6 +114,20 @@ class GlobalServer(ServerBase):
             self.backups[(party, ks.key)] = value  # what this party receives, hence its next backup
         return value
 
+    def reply_meta(self, req: Message, client: Client) -> Optional[dict]:
+        if not (self.cfg.use_esync and req.key == ESYNC_KEY and req.type == MsgType.PUSHPULL):
+            return None
+        return {"esync_steps": self.esync_steps_for(client)}
+
+    def esync_steps_for(self, client: Client) -> int:
+        """ESync: local steps for ``client``'s next round, so that every party takes about as long as
+        the slowest one does for a single step: round(speed / slowest speed), within [1, max]."""
+        speed = self.esync_speed.get(client)
+        if speed is None or len(self.esync_speed) < self.parties:
+            return 1
+        slowest = min(self.esync_speed.values())
+        return max(1, min(self.cfg.esync_max_steps, round(speed / slowest)))
+
     def on_peer_left(self, rank: int, reason: str) -> None:
         """A party's local server died under MixedSync: carry on without it."""
         lost = [c for c, r in self.party_rank.items() if r == rank and c[0] == self.wan_link.name]
@@ -141,9 +161,10 @@ class GlobalServer(ServerBase):
         cmd = meta_field(msg, "cmd", str)
         try:
             if cmd == commands.SET_OPTIMIZER:
-                if self.cfg.use_hfa:
-                    raise GeoMXError("with HFA (MXNET_KVSTORE_USE_HFA=1) the global servers average the parties' "
-                                     "models and run no optimizer; keep the optimizer on the workers")
+                if self.cfg.use_hfa or self.cfg.use_esync:
+                    raise GeoMXError("with HFA (MXNET_KVSTORE_USE_HFA=1) or ESync (GEOMX_USE_ESYNC=1) the global "
+                                     "servers average the parties' models and run no optimizer; keep the "
+                                     "optimizer on the workers")
                 self._set_optimizer(meta_field(msg, "spec", dict), meta_field(msg, "master", bool, False))
                 self.reply(link, identity, msg)
             elif cmd == commands.SYNC_MODE:

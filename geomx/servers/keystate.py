@@ -8,6 +8,9 @@ import numpy as np
 
 from .. import kernels
 
+# ESync measures and assigns local steps on one key per round: the first parameter (key 0).
+ESYNC_KEY = 0
+
 Reply = Callable[[Optional[np.ndarray]], None]
 
 

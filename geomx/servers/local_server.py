@@ -4,6 +4,7 @@ then hands the global result back to its workers. It is a server in its party's 
 from __future__ import annotations
 
 import logging
+import time
 from typing import List, Optional
 
 import numpy as np
@@ -15,7 +16,7 @@ from ..kvclient import KVClient
 from ..transport import EventLoop, Link, bind_router
 from ..wire import Message, MsgType, meta_field
 from .base import Client, ServerBase
-from .keystate import KeyState
+from .keystate import ESYNC_KEY, KeyState
 
 log = logging.getLogger("geomx.server")
 
@@ -27,12 +28,26 @@ class LocalServer(ServerBase):
         self.link, self.port = bind_router(loop.ctx, "*", 0, cfg.max_message_bytes, "party-clients")
         self.upstream: Optional[KVClient] = None  # set once the global tier is known
         self._stopping = False
+        self.esync_steps = 1  # ESync: local steps per round assigned to this party by the state server
+        self.esync_since = time.monotonic()
 
     def connect_upstream(self, client: KVClient) -> None:
         """Start serving workers; until now their requests wait in the socket, since every one of
         them may need the global tier."""
         self.upstream = client
+        client.on_meta = self._on_upstream_meta
         self.loop.add(self.link, self.handle_client, routed=True)
+
+    def _on_upstream_meta(self, key: int, meta: dict) -> None:
+        steps = meta.get("esync_steps")
+        if self.cfg.use_esync and key == ESYNC_KEY and isinstance(steps, int) and 1 <= steps <= self.cfg.esync_max_steps:
+            self.esync_steps = steps
+            self.esync_since = time.monotonic()
+
+    def reply_meta(self, req: Message, client: Client) -> Optional[dict]:
+        if self.cfg.use_esync and req.key == ESYNC_KEY and req.type == MsgType.PUSHPULL:
+            return {"esync_steps": self.esync_steps}
+        return None
 
     def expected_pushes(self, link: Link) -> int:
         return self.cfg.num_worker
@@ -74,7 +89,7 @@ class LocalServer(ServerBase):
 
     def dispatch_round(self, ks: KeyState, r: int, acc: np.ndarray) -> None:
         assert self.upstream is not None
-        if self.cfg.use_hfa:
+        if self.cfg.use_hfa or self.cfg.use_esync:
             self._hfa_round(ks, r, acc)
             return
 
@@ -94,9 +109,13 @@ class LocalServer(ServerBase):
         those deltas (parties weighted equally, as in GeoMX) and the new milestone is
         ``milestone + sum``. Other rounds stay inside the party."""
         ks.local_rounds += 1
-        if ks.local_rounds % self.cfg.hfa_k2:
+        if self.cfg.use_hfa and ks.local_rounds % self.cfg.hfa_k2:
             ks.finish_round(r, party_model)
             return
+        meta = None
+        if self.cfg.use_esync and ks.key == ESYNC_KEY:
+            # ESync: tell the state server how long this party took for the steps it was assigned.
+            meta = {"esync_steps": self.esync_steps, "esync_seconds": time.monotonic() - self.esync_since}
         assert ks.milestone is not None and self.upstream is not None
         delta = (party_model - ks.milestone) / np.asarray(self.cfg.num_global_worker, dtype=party_model.dtype)
 
@@ -109,7 +128,7 @@ class LocalServer(ServerBase):
             ks.milestone = ks.milestone + total
             ks.finish_round(r, ks.milestone)
 
-        self.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_delta, data=delta)
+        self.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_delta, data=delta, meta=meta)
 
     # -- commands -----------------------------------------------------------------------------
     def on_command(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:

@@ -24,12 +24,9 @@ import io
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Dict, List, Optional
 
@@ -39,10 +36,8 @@ WORKER = os.path.join(HERE, "pushpull_worker.py")
 RESULT_TAG = "PUSHPULL_RESULT "
 
 sys.path.insert(0, HERE)
+from native_launch import native_procs, run_processes  # noqa: E402
 from pushpull_worker import model_shapes, num_params  # noqa: E402  (no MXNet import at module level)
-
-#: Variables of a role that must not leak from this process's environment into the children.
-_DMLC_PREFIXES = ("DMLC_", "GEOMX_DATA_SLICE")
 
 
 def parse_size(text: str) -> int:
@@ -55,19 +50,6 @@ def parse_size(text: str) -> int:
     elif t.endswith("G"):
         mult, t = 1_000_000_000, t[:-1]
     return int(round(float(t) * mult))
-
-
-def _clean_env(extra: Dict[str, str]) -> Dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_DMLC_PREFIXES)}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _git_head() -> Optional[str]:
@@ -119,83 +101,18 @@ def run_geomx(params: int, args, extra_env: Dict[str, str]) -> dict:
 
 # -- native MXNet ps-lite ------------------------------------------------------------------------
 
-def _kill_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def run_native(params: int, args, extra_env: Dict[str, str], num_workers: int = 4) -> dict:
-    port = _free_port()
-    base = dict(extra_env, DMLC_PS_ROOT_URI="127.0.0.1", DMLC_PS_ROOT_PORT=str(port),
-                DMLC_NUM_SERVER="1", DMLC_NUM_WORKER=str(num_workers), DMLC_NODE_HOST="127.0.0.1")
-    specs = [("scheduler", [sys.executable, "-c", "import mxnet"], dict(base, DMLC_ROLE="scheduler")),
-             ("server", [sys.executable, "-c", "import mxnet"], dict(base, DMLC_ROLE="server"))]
+    worker_argvs = []
     for i in range(num_workers):
         cmd = [sys.executable, WORKER, "--native", "--native-op", args.native_op, "--params", str(params),
                "--iters", str(args.iters), "--warmup", str(args.warmup), "--seed", str(args.seed),
                "--slice", str(i)]
         if args.profile_dir:
             cmd += ["--profile", os.path.join(args.profile_dir, f"native_{params}_worker{{slice}}.prof")]
-        specs.append((f"worker{i}", cmd, dict(base, DMLC_ROLE="worker")))
-
-    procs = []  # (name, Popen, logfile)
-    status = 0
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench_native_") as tmp:
-        try:
-            for name, cmd, env in specs:
-                log = open(os.path.join(tmp, name + ".log"), "w+b")
-                p = subprocess.Popen(cmd, env=_clean_env(env), stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
-                procs.append((name, p, log))
-            deadline = t0 + args.timeout
-            workers = [p for name, p, _ in procs if name.startswith("worker")]
-            grace_end = None
-            while True:
-                codes = [p.poll() for _, p, _ in procs]
-                failed = [(n, c) for (n, _, _), c in zip(procs, codes) if c not in (None, 0)]
-                if failed:
-                    status = failed[0][1] if failed[0][1] > 0 else 128 - failed[0][1]
-                    print(f"[native] {failed[0][0]} exited with {failed[0][1]}; stopping", file=sys.stderr)
-                    break
-                if all(c == 0 for c in codes):
-                    break
-                if grace_end is None and all(p.poll() == 0 for p in workers):
-                    # Workers done: scheduler and server normally exit within a second.
-                    grace_end = time.perf_counter() + 10.0
-                if grace_end is not None and time.perf_counter() > grace_end:
-                    print("[native] scheduler/server still running 10 s after the workers; stopping them",
-                          file=sys.stderr)
-                    break
-                if time.perf_counter() > deadline:
-                    print(f"[native] timeout of {args.timeout}s exceeded; stopping", file=sys.stderr)
-                    status = 124
-                    break
-                time.sleep(0.05)
-        finally:
-            for _, p, _ in procs:
-                _kill_group(p.pid, signal.SIGTERM)
-            end = time.monotonic() + 5
-            while time.monotonic() < end and any(p.poll() is None for _, p, _ in procs):
-                time.sleep(0.02)
-            for _, p, _ in procs:
-                _kill_group(p.pid, signal.SIGKILL)  # also any grandchildren left in the group
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    print(f"[native] pid {p.pid} could not be reaped", file=sys.stderr)
-            text = []
-            for name, _, log in procs:
-                log.seek(0)
-                for line in log.read().decode("utf-8", "replace").splitlines():
-                    text.append(f"[{name}] {line}")
-                log.close()
-    wall = time.perf_counter() - t0
-    text = "\n".join(text) + "\n"
-    return {"status": status, "wall_s": wall, "results": parse_results(text), "log": text}
-
+        worker_argvs.append(cmd)
+    run = run_processes(native_procs(worker_argvs, extra_env), args.timeout)
+    run["results"] = parse_results(run["log"])
+    return run
 
 
 # -- summary -------------------------------------------------------------------------------------

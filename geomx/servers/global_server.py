@@ -178,7 +178,8 @@ class GlobalServer(ServerBase):
                 self.global_sync = sync
                 if not sync and self.on_async is not None:
                     self.on_async()
-                log.info("%s: global tier is %s", self.name, "synchronous (FSA)" if sync else "asynchronous (MixedSync)")
+                mode = "synchronous (FSA)" if sync else "asynchronous (MixedSync)"
+                log.info("%s: global tier is %s", self.name, mode)
                 self.reply(link, identity, msg)
             elif cmd == commands.GET_STATES:
                 self._require_optimizer()

@@ -40,7 +40,8 @@ class LocalServer(ServerBase):
 
     def _on_upstream_meta(self, key: int, meta: dict) -> None:
         steps = meta.get("esync_steps")
-        if self.cfg.use_esync and key == ESYNC_KEY and isinstance(steps, int) and 1 <= steps <= self.cfg.esync_max_steps:
+        valid = isinstance(steps, int) and 1 <= steps <= self.cfg.esync_max_steps
+        if self.cfg.use_esync and key == ESYNC_KEY and valid:
             self.esync_steps = steps
             self.esync_since = time.monotonic()
 

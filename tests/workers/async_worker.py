@@ -35,7 +35,8 @@ def oracle(parties, upto, optimizer):
             if optimizer == "sgd":
                 w[k] = (w[k] - np.float32(LR) * g).astype(np.float32)
             else:
-                step = -np.float32(LR) * (g + np.float32(0) * w[k] + np.float32(LAMDA) * g * g * (w[k] - backup[(p, k)]))
+                drift = w[k] - backup[(p, k)]
+                step = -np.float32(LR) * (g + np.float32(0) * w[k] + np.float32(LAMDA) * g * g * drift)
                 w[k] = (w[k] + step).astype(np.float32)
                 backup[(p, k)] = w[k].copy()
     return w

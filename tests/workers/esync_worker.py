@@ -7,7 +7,6 @@ import sys
 import time
 
 import mxnet as mx
-import numpy as np
 
 import geomx  # noqa: F401
 

@@ -1,6 +1,5 @@
 """Shared helpers: run a whole local topology and capture its output."""
 import io
-import os
 import sys
 from pathlib import Path
 
@@ -39,5 +38,3 @@ def _no_role_in_test_process(monkeypatch):
     # The pytest process itself is never a geomx node.
     for name in ("DMLC_ROLE", "DMLC_ROLE_GLOBAL"):
         monkeypatch.delenv(name, raising=False)
-    yield
-    assert "DMLC_ROLE" not in os.environ

@@ -1,0 +1,281 @@
+"""The codec interface: payloads, the Codec base class, and parameter validation."""
+from __future__ import annotations
+
+import math
+import numbers
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Mapping
+
+import numpy as np
+
+from geomx import kernels as array_kernels
+from geomx.compression import kernels
+
+__all__ = [
+    "DEFAULT_MOMENTUM",
+    "DEFAULT_SIZE_LOWER_BOUND",
+    "LINKS",
+    "Codec",
+    "Payload",
+    "decode_payload",
+    "flat_gradient",
+]
+
+DEFAULT_SIZE_LOWER_BOUND = 200_000
+"""Tensors with ``numel >= size_lower_bound`` are large (MXNET_KVSTORE_SIZE_LOWER_BOUND)."""
+
+DEFAULT_MOMENTUM = 0.9
+"""DGC momentum correction factor of the original GeoMX (hard-coded there)."""
+
+LINKS = ("wan", "party")
+"""The links a codec can serve: local server <-> global server, or worker <-> local server."""
+
+PayloadKind = Literal["dense", "sparse", "fp16"]
+TensorScheme = Literal["dense", "fp16", "bsc"]
+
+
+@dataclass(frozen=True)
+class Payload:
+    """One encoded tensor.
+
+    Attributes
+    ----------
+    kind : {"dense", "sparse", "fp16"}
+        ``dense``: ``values`` is the whole tensor, in its own dtype. ``fp16``: the whole tensor
+        as float16. ``sparse``: the tensor is zero except at ``indices``, where it holds
+        ``values`` (float32); duplicate indices add up.
+    values : numpy.ndarray
+        1-D values.
+    indices : numpy.ndarray or None
+        1-D int32/int64 positions for ``sparse`` (increasing when produced by an encoder, but a
+        decoder accepts any order); None otherwise.
+    """
+
+    kind: PayloadKind
+    values: np.ndarray
+    indices: np.ndarray | None = None
+
+    @property
+    def nnz(self) -> int:
+        """Number of values carried."""
+        return int(self.values.size)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of values and indices, i.e. the size of the frame :func:`to_frames` builds."""
+        return int(self.values.nbytes + (0 if self.indices is None else self.indices.nbytes))
+
+
+def flat_gradient(grad: np.ndarray) -> np.ndarray:
+    """``grad`` as a 1-D C-contiguous array (a view when it already is one).
+
+    Parameters
+    ----------
+    grad : numpy.ndarray
+        Tensor of any shape.
+
+    Returns
+    -------
+    numpy.ndarray
+        The flat tensor, in native byte order.
+
+    Raises
+    ------
+    TypeError
+        If ``grad`` is not a numpy array of floats.
+    """
+    if not isinstance(grad, np.ndarray):
+        raise TypeError(f"grad must be a numpy.ndarray, got {type(grad).__name__}")
+    if grad.dtype.kind != "f":
+        raise TypeError(f"grad must hold floats, got {grad.dtype}")
+    flat = np.ascontiguousarray(grad).reshape(-1)
+    if not flat.dtype.isnative:
+        flat = flat.astype(flat.dtype.newbyteorder("="))
+    return flat
+
+
+def decode_payload(payload: Payload, size: int) -> np.ndarray:
+    """The dense tensor a payload stands for.
+
+    Parameters
+    ----------
+    payload : Payload
+        An encoded tensor (from an encoder or :func:`geomx.compression.from_frames`).
+    size : int
+        Number of elements of the tensor.
+
+    Returns
+    -------
+    numpy.ndarray
+        1-D array of ``size`` elements: float32 for ``sparse`` and ``fp16`` payloads (float16
+        widens exactly, so sums over it lose nothing more); for ``dense``, ``payload.values``
+        itself in its own dtype (not a copy).
+
+    Raises
+    ------
+    ValueError
+        If the payload does not fit ``size`` (wrong length, an index out of range) or has an
+        unknown kind.
+    """
+    if payload.kind == "sparse":
+        if payload.indices is None:
+            raise ValueError("a sparse payload needs indices")
+        out = np.zeros(size, dtype=np.float32)
+        kernels.scatter_add(out, payload.indices, payload.values)
+        return out
+    if payload.values.size != size:
+        raise ValueError(f"a {payload.kind} payload of {payload.values.size} values "
+                         f"cannot stand for a tensor of {size} elements")
+    if payload.kind == "fp16":
+        return array_kernels.f16_to_f32(payload.values)
+    if payload.kind == "dense":
+        return payload.values
+    raise ValueError(f"unknown payload kind {payload.kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter validation (shared by the codecs' from_params)
+
+
+def check_ratio(name: str, value: Any) -> float:
+    """``value`` as a float in (0, 1), or ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r} "
+                         f"({type(value).__name__})")
+    r = float(value)
+    if not (0.0 < r < 1.0):  # also rejects NaN
+        raise ValueError(f"{name} must be in (0, 1) (the fraction of entries kept), got {value!r}")
+    return r
+
+
+def check_momentum(name: str, value: Any) -> float:
+    """``value`` as a float in [0, 1), or ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r} "
+                         f"({type(value).__name__})")
+    m = float(value)
+    if not (0.0 <= m < 1.0):
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return m
+
+
+def check_count(name: str, value: Any) -> int:
+    """``value`` as an int >= 0, or ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def check_keys(codec: str, params: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+    """ValueError for any key of ``params`` outside ``allowed``."""
+    extra = sorted(str(k) for k in params if k not in allowed)
+    if extra:
+        known = ", ".join(repr(k) for k in allowed) or "none"
+        raise ValueError(f"unknown parameter(s) {', '.join(map(repr, extra))} for codec "
+                         f"{codec!r}; it takes: {known}")
+
+
+def check_key(key: Any) -> int:
+    """``key`` as an int >= 0, or TypeError/ValueError."""
+    if isinstance(key, bool) or not isinstance(key, numbers.Integral):
+        raise TypeError(f"key must be an int, got {type(key).__name__}")
+    if key < 0:
+        raise ValueError(f"key must be >= 0, got {key}")
+    return int(key)
+
+
+class Codec(ABC):
+    """A gradient codec for one direction of one link on one node.
+
+    A codec encodes each key's tensor into a :class:`Payload` and keeps whatever per-key state
+    it needs (residuals, RNG streams) inside itself; make one instance per link direction per
+    node.  ``encode`` is not safe to call concurrently for the same key; different keys may be
+    encoded from different threads (the kernels release the GIL).
+
+    Subclasses set ``name`` (the registry name), implement :meth:`params`, :meth:`from_params`,
+    :meth:`for_tensor` and :meth:`encode`, and inherit :meth:`decode`.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, *, size_lower_bound: int = DEFAULT_SIZE_LOWER_BOUND, link: str = "wan"):
+        self.size_lower_bound = check_count("size_lower_bound", size_lower_bound)
+        if link not in LINKS:
+            raise ValueError(f"link must be one of {LINKS}, got {link!r}")
+        self.link = link
+
+    # -- description ---------------------------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def from_params(cls, params: Mapping[str, Any], *, link: str = "wan") -> Codec:
+        """Build the codec from user parameters (without ``type``), validating them."""
+
+    @abstractmethod
+    def params(self) -> dict[str, Any]:
+        """JSON-serializable parameters, ``type`` included; ``create(codec.params())`` rebuilds it."""
+
+    def is_large(self, numel: int) -> bool:
+        """Whether a tensor of ``numel`` elements is large (``numel >= size_lower_bound``)."""
+        return numel >= self.size_lower_bound
+
+    @abstractmethod
+    def for_tensor(self, numel: int, link: str | None = None) -> TensorScheme:
+        """How a tensor of ``numel`` elements travels on ``link`` (default: this codec's link).
+
+        Returns
+        -------
+        {"dense", "fp16", "bsc"}
+            ``dense``: as is, in its own dtype; ``fp16``: as float16; ``bsc``: sparse top-r with
+            error feedback.
+        """
+
+    def _link(self, link: str | None) -> str:
+        if link is None:
+            return self.link
+        if link not in LINKS:
+            raise ValueError(f"link must be one of {LINKS}, got {link!r}")
+        return link
+
+    # -- data ----------------------------------------------------------------------------------
+
+    @abstractmethod
+    def encode(self, key: int, grad: np.ndarray) -> Payload:
+        """Encode ``grad`` (any shape; flattened) for ``key``, updating the key's state.
+
+        Parameters
+        ----------
+        key : int
+            Parameter key (>= 0); state is kept per key.
+        grad : numpy.ndarray
+            The tensor to send. Dense payloads may share memory with it.
+
+        Returns
+        -------
+        Payload
+        """
+
+    def decode(self, payload: Payload, size: int) -> np.ndarray:
+        """The dense tensor (``size`` elements) that ``payload`` stands for; see
+        :func:`decode_payload`."""
+        return decode_payload(payload, size)
+
+    def reset(self, key: int | None = None) -> None:
+        """Forget the state of ``key`` (or of every key); stateless codecs do nothing."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items() if k != "type")
+        return f"{type(self).__name__}({args}, link={self.link!r})"
+
+
+def ceil_fraction(r: float, n: int) -> int:
+    """``ceil(r * n)`` without float noise: 0.01 * 100 is 1, not 2.
+
+    A product within 1e-9 (relative) of an integer counts as that integer.
+    """
+    x = r * n
+    nearest = round(x)
+    if abs(x - nearest) <= 1e-9 * max(1.0, x):
+        return int(nearest)
+    return int(math.ceil(x))

@@ -261,7 +261,7 @@ class Codec(ABC):
         :func:`decode_payload`."""
         return decode_payload(payload, size)
 
-    def reset(self, key: int | None = None) -> None:
+    def reset(self, key: int | None = None) -> None:  # noqa: B027 - a no-op default on purpose
         """Forget the state of ``key`` (or of every key); stateless codecs do nothing."""
 
     def __repr__(self) -> str:

@@ -42,10 +42,10 @@ from geomx.compression.base import (
     Payload,
     TensorScheme,
     check_count,
+    check_key,
     check_keys,
     check_momentum,
     check_ratio,
-    check_key,
     flat_gradient,
 )
 from geomx.compression.feedback import ErrorFeedback, SampledTopK

@@ -176,9 +176,10 @@ def ref_dgc_accumulate(u: np.ndarray, v: np.ndarray, g: np.ndarray, momentum: fl
     bad = ref_first_nonfinite(g)
     if bad >= 0:
         raise ValueError(f"non-finite gradient value {float(g[bad])!r} at index {bad}")
-    np.multiply(u, np.float32(momentum), out=u)
-    np.add(u, g, out=u)
-    np.add(v, u, out=v)
+    with np.errstate(over="ignore"):  # overflow to inf is reported by the selection
+        np.multiply(u, np.float32(momentum), out=u)
+        np.add(u, g, out=u)
+        np.add(v, u, out=v)
 
 
 def ref_sample_positions(n: int, count: int, seed: int) -> np.ndarray:

@@ -132,12 +132,17 @@ class ServerBase:
             return None
         return ks
 
-    def on_push(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
+    def pushed_key(self, msg: Message, link: Link, identity: bytes) -> Optional[KeyState]:
+        """The key a PUSH/PUSHPULL adds into, if it is known and carries data; otherwise refused."""
         ks = self.known_key(msg, link, identity)
-        if ks is None:
-            return
-        if msg.data is None:
+        if ks is not None and msg.data is None:
             self.reply_error(link, identity, msg, "PUSH without data")
+            return None
+        return ks
+
+    def on_push(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
+        ks = self.pushed_key(msg, link, identity)
+        if ks is None:
             return
         expected = self.expected_pushes(link)
         if expected == 0:

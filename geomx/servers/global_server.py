@@ -73,11 +73,8 @@ class GlobalServer(ServerBase):
             super().on_push(msg, client, link, identity)
             return
         # MixedSync: apply this party's aggregate now; it continues with the newest weights.
-        ks = self.known_key(msg, link, identity)
+        ks = self.pushed_key(msg, link, identity)
         if ks is None:
-            return
-        if msg.data is None:
-            self.reply_error(link, identity, msg, "PUSH without data")
             return
         if self.updater is None:
             self.reply_error(link, identity, msg, "dist_async (MixedSync) needs an optimizer on the global "

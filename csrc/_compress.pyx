@@ -146,16 +146,25 @@ cdef extern from *:
         return z ^ (z >> 31);
     }
 
-    /* out[j] = |src[pos_j]| with pos_j = ((splitmix64(seed, j+1) >> 32) * n) >> 32, n < 2^32. */
-    static void geomx_sample_abs(const float *src, uint64_t n, uint64_t seed, float *out, int64_t m)
+    /* Magnitudes of `m` entries read in runs of `block` consecutive entries (wrapping at n):
+     * out[b*block + t] = |src[(pos_b + t) mod n]| with pos_b = ((splitmix64(seed, b+1) >> 32) * n)
+     * >> 32, n < 2^32.  Runs cost one cache miss per run instead of one per entry, and every entry
+     * is equally likely to be read. */
+    static void geomx_sample_abs(const float *src, uint64_t n, uint64_t seed, int64_t block,
+                                 float *out, int64_t m)
     {
-        int64_t j;
-        for (j = 0; j < m; j++) {
-            uint64_t pos = ((geomx_splitmix64(seed, (uint64_t)j + 1) >> 32) * n) >> 32;
-            uint32_t bits;
-            memcpy(&bits, &src[pos], sizeof bits);
-            bits &= 0x7fffffffu;
-            memcpy(&out[j], &bits, sizeof bits);
+        int64_t j = 0, b = 0, t;
+        while (j < m) {
+            uint64_t pos = ((geomx_splitmix64(seed, (uint64_t)b + 1) >> 32) * n) >> 32;
+            b++;
+            for (t = 0; t < block && j < m; t++, j++) {
+                uint32_t bits;
+                memcpy(&bits, &src[pos], sizeof bits);
+                bits &= 0x7fffffffu;
+                memcpy(&out[j], &bits, sizeof bits);
+                if (++pos == n)
+                    pos = 0;
+            }
         }
     }
     """
@@ -165,7 +174,8 @@ cdef extern from *:
     int64_t geomx_select_i64(const float *src, int64_t n, int32_t thr_bits, int64_t cap,
                              int64_t *idx, float *val) nogil
     void geomx_dgc_accumulate(float *u, float *v, const float *g, float m, int64_t n) nogil
-    void geomx_sample_abs(const float *src, uint64_t n, uint64_t seed, float *out, int64_t m) nogil
+    void geomx_sample_abs(const float *src, uint64_t n, uint64_t seed, int64_t block,
+                          float *out, int64_t m) nogil
 
 
 cdef cnp.ndarray _checked(object arr, str name, bint writable):
@@ -289,8 +299,12 @@ def dgc_accumulate(u, v, g, momentum):
         geomx_dgc_accumulate(up, vp, gp, m, n)
 
 
-def sample_abs(src, count, seed):
-    """|src[pos_j]| for j < count, pos_j = ((splitmix64(seed, j+1) >> 32) * n) >> 32 (float32)."""
+def sample_abs(src, count, seed, block=8):
+    """``count`` magnitudes of float32 ``src`` read in runs of ``block`` consecutive entries.
+
+    Run b starts at ``((splitmix64(seed, b+1) >> 32) * n) >> 32`` and wraps at ``n`` (so every
+    entry is equally likely to be read; positions never leave the array), n < 2**32.
+    """
     cdef cnp.ndarray s = _checked(src, "src", False)
     _check_f32(s, "src")
     cdef int64_t n = cnp.PyArray_SIZE(s)
@@ -299,12 +313,15 @@ def sample_abs(src, count, seed):
     cdef int64_t m = count
     if m < 0:
         raise ValueError(f"count must be >= 0, got {count}")
+    cdef int64_t blk = block
+    if blk < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
     cdef uint64_t sd = <uint64_t>(int(seed) & 0xFFFFFFFFFFFFFFFF)
     cdef cnp.ndarray out = np.empty(m, dtype=np.float32)
     cdef const float *sp = <const float *>cnp.PyArray_DATA(s)
     cdef float *op = <float *>cnp.PyArray_DATA(out)
     with nogil:
-        geomx_sample_abs(sp, <uint64_t>n, sd, op, m)
+        geomx_sample_abs(sp, <uint64_t>n, sd, blk, op, m)
     return out
 
 

@@ -169,8 +169,14 @@ def test_sample_abs_matches_twin(ck, n):
     v = _random(n, seed=n)
     for seed in (0, 1, 2**64 - 1, 123456789):
         for count in (0, 1, 33, 5000):
-            got, want = ck.sample_abs(v, count, seed), ref.ref_sample_abs(v, count, seed)
-            assert _bits(got) == _bits(want)
+            for block in (1, 3, 8, 64):
+                got, want = ck.sample_abs(v, count, seed, block), ref.ref_sample_abs(v, count, seed, block)
+                assert _bits(got) == _bits(want)
+            assert _bits(ck.sample_abs(v, count, seed)) == _bits(ref.ref_sample_abs(v, count, seed, 8))
+    np.testing.assert_array_equal(ref.ref_sample_positions(n, 100, 42), model_splitmix_positions(n, 100, 42))
+    for fn in (ck.sample_abs, ref.ref_sample_abs):
+        with pytest.raises(ValueError, match="block must be"):
+            fn(v, 3, 0, 0)
     with pytest.raises(ValueError, match="0 < size"):
         ck.sample_abs(np.zeros(0, np.float32), 3, 0)
     with pytest.raises(ValueError, match="0 < size"):
@@ -181,9 +187,9 @@ def test_sample_positions_in_bounds_and_spread():
     for n in (1, 2, 3, 1000, 2**31 + 5, 2**32 - 1):
         pos = ref.ref_sample_positions(n, 20000, 7)
         assert pos.max() < n
-    pos = ref.ref_sample_positions(1000, 100000, 7)
+    pos = ref.ref_sample_positions(1000, 800000, 7)
     counts = np.bincount(pos.astype(np.int64), minlength=1000)
-    assert counts.min() > 50 and counts.max() < 160  # about uniform (100 expected)
+    assert counts.min() > 600 and counts.max() < 1000  # about uniform, wrap included (800 expected)
 
 
 def test_first_nonfinite_matches_twin(ck):
@@ -233,17 +239,21 @@ def test_scatter_add_rejects_out_of_range_before_writing(ck):
 # BSC against an independent numpy model
 
 
-def model_splitmix_positions(n, count, seed):
-    """Positions of the threshold sample, written from the splitmix64 definition."""
+def model_splitmix_positions(n, count, seed, block=8):
+    """Positions of the threshold sample, written from the splitmix64 definition: runs of
+    ``block`` consecutive positions, wrapping at n."""
     out = []
     mask = (1 << 64) - 1
-    for j in range(1, count + 1):
+    j = 0
+    while len(out) < count:
+        j += 1
         z = (seed + j * 0x9E3779B97F4A7C15) & mask
         z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
         z ^= z >> 31
-        out.append(((z >> 32) * n) >> 32)
-    return np.array(out, dtype=np.int64)
+        start = ((z >> 32) * n) >> 32
+        out.extend((start + t) % n for t in range(block))
+    return np.array(out[:count], dtype=np.int64)
 
 
 class BSCModel:
@@ -269,7 +279,7 @@ class BSCModel:
         if k >= n:
             thr, cap = 0.0, n
         else:
-            s = max(1000, math.ceil(round(n / 100, 9)), math.ceil(round(100 / self.r, 9)))
+            s = max(1000, math.ceil(round(n / 100, 9)), math.ceil(round(250 / self.r, 9)))
             if s >= n:
                 thr, cap = np.sort(np.abs(v))[::-1][k - 1], k
             else:
@@ -714,5 +724,5 @@ def test_kept_count_and_sample_size():
     assert C.kept_count(10, 0.01) == 1 and C.kept_count(0, 0.5) == 0
     assert C.kept_count(1000, 0.9995) == 1000
     assert C.sample_size(10_000_000, 0.01) == 100_000
-    assert C.sample_size(100, 0.01) == 10_000 and C.sample_size(10, 0.5) == 1000
-    assert feedback.sample_size(200000, 0.001) == 100_000
+    assert C.sample_size(100, 0.01) == 25_000 and C.sample_size(10, 0.5) == 1000
+    assert feedback.sample_size(200000, 0.001) == 250_000

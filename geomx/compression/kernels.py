@@ -182,8 +182,11 @@ def ref_dgc_accumulate(u: np.ndarray, v: np.ndarray, g: np.ndarray, momentum: fl
         np.add(v, u, out=v)
 
 
-def ref_sample_positions(n: int, count: int, seed: int) -> np.ndarray:
-    """The positions :func:`sample_abs` reads: ``((splitmix64(seed, j+1) >> 32) * n) >> 32``.
+def ref_sample_positions(n: int, count: int, seed: int, block: int = 8) -> np.ndarray:
+    """The positions :func:`sample_abs` reads.
+
+    Run b (b = 0, 1, ...) starts at ``((splitmix64(seed, b+1) >> 32) * n) >> 32`` and covers
+    ``block`` consecutive positions, wrapping at ``n``; the first ``count`` positions are read.
 
     Parameters
     ----------
@@ -193,21 +196,26 @@ def ref_sample_positions(n: int, count: int, seed: int) -> np.ndarray:
         Number of positions.
     seed : int
         Stream seed (taken modulo 2**64).
+    block : int, optional
+        Run length (default 8, i.e. 32 bytes: one cache miss per run rather than per entry).
 
     Returns
     -------
     numpy.ndarray
         ``count`` uint64 positions, each in ``[0, n)`` (repeats possible).
     """
-    z = _U64(int(seed) & 0xFFFFFFFFFFFFFFFF) + np.arange(1, count + 1, dtype=_U64) * _GOLDEN
+    runs = -(-count // block)
+    z = _U64(int(seed) & 0xFFFFFFFFFFFFFFFF) + np.arange(1, runs + 1, dtype=_U64) * _GOLDEN
     z = (z ^ (z >> _U64(30))) * _MIX1
     z = (z ^ (z >> _U64(27))) * _MIX2
     z = z ^ (z >> _U64(31))
-    return ((z >> _U64(32)) * _U64(n)) >> _U64(32)
+    starts = ((z >> _U64(32)) * _U64(n)) >> _U64(32)
+    pos = (starts[:, None] + np.arange(block, dtype=_U64)[None, :]) % _U64(n)
+    return pos.reshape(-1)[:count]
 
 
-def ref_sample_abs(src: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """Magnitudes of ``count`` pseudo-random entries of ``src`` (positions may repeat).
+def ref_sample_abs(src: np.ndarray, count: int, seed: int, block: int = 8) -> np.ndarray:
+    """Magnitudes of ``count`` pseudo-random entries of ``src``, read in runs (positions may repeat).
 
     Parameters
     ----------
@@ -216,8 +224,10 @@ def ref_sample_abs(src: np.ndarray, count: int, seed: int) -> np.ndarray:
     count : int
         Sample size (>= 0).
     seed : int
-        Seed of the splitmix64 stream that picks the positions
-        (see :func:`ref_sample_positions`); the same seed reads the same positions.
+        Seed of the splitmix64 stream that picks the runs (see :func:`ref_sample_positions`);
+        the same seed reads the same positions. Every entry is equally likely to be read.
+    block : int, optional
+        Run length (>= 1, default 8).
 
     Returns
     -------
@@ -227,7 +237,7 @@ def ref_sample_abs(src: np.ndarray, count: int, seed: int) -> np.ndarray:
     Raises
     ------
     ValueError
-        If ``src`` is empty or has 2**32 elements or more, or ``count < 0``.
+        If ``src`` is empty or has 2**32 elements or more, ``count < 0`` or ``block < 1``.
     """
     _checked(src, "src")
     _check_f32(src, "src")
@@ -235,7 +245,9 @@ def ref_sample_abs(src: np.ndarray, count: int, seed: int) -> np.ndarray:
         raise ValueError(f"sample_abs needs 0 < size < 2**32, got {src.size}")
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
-    return np.abs(src[ref_sample_positions(src.size, count, seed)])
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    return np.abs(src[ref_sample_positions(src.size, count, seed, block)])
 
 
 def _check_scatter(dst: np.ndarray, indices: np.ndarray, values: np.ndarray) -> None:

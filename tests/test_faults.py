@@ -22,7 +22,7 @@ from geomx.launch import Topology, run
 from geomx.wire import Flag, Message, MsgType
 
 REPO = Path(__file__).resolve().parents[1]
-SLOW_WORKER = str(REPO / "tests" / "workers" / "slow_worker.py")
+SLOW_WORKER = str(REPO / "tests" / "workers" / "exact_worker.py")
 _HEADER = struct.Struct("<4sBBHiQqQQQiI")
 
 # Fast failure detection for the kill tests (PS_HEARTBEAT_TIMEOUT must exceed 2 x the interval).

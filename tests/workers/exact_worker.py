@@ -2,10 +2,14 @@
 
 Every training worker w (global data-slice index) pushes ``(w + 1) * (t + 1) * base_k`` for key k in
 round t. The closed forms (no optimizer: the round's sum; SGD lr=1: init minus the running sum) are
-checked with zero tolerance after every pull. Prints ``EXACT OK`` and exits 0 when all matched.
+checked with zero tolerance after every pull. Prints ``PID <pid>`` at start, ``RANK <rank>`` once
+connected, ``ROUND <t> OK`` after each checked round and ``EXACT OK`` at the end (exit 0). ``--sleep``
+slows the rounds down so that a test can act on a topology while it trains.
 """
 import argparse
+import os
 import sys
+import time
 
 import mxnet as mx
 import numpy as np
@@ -31,8 +35,11 @@ def main():
     p.add_argument("--optimizer", choices=["none", "sgd"], default="none")
     p.add_argument("--mode", choices=["push-pull", "pushpull", "list"], default="push-pull")
     p.add_argument("--crash-slice", type=int, default=-1, help="this worker raises after its first round")
+    p.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep after each round")
     args = p.parse_args()
+    print("PID", os.getpid(), flush=True)
     kv = mx.kv.create("dist_sync")
+    print("RANK", kv.rank, flush=True)
     n_all = kv.num_all_workers
     coeff_sum = n_all * (n_all + 1) // 2  # sum over workers of (w + 1)
     keys = sorted(SHAPES)
@@ -79,6 +86,8 @@ def main():
                 print(f"MISMATCH round {t} key {k}: {bad.size} elements differ, first at {bad[0]}: "
                       f"{got.reshape(-1)[bad[0]]} != {expected.reshape(-1)[bad[0]]}", flush=True)
                 return 1
+        print(f"ROUND {t} OK slice {args.slice}", flush=True)
+        time.sleep(args.sleep)
     kv.barrier()
     print(f"EXACT OK slice {args.slice} rank {kv.rank} rounds {args.rounds}", flush=True)
     return 0

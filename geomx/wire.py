@@ -52,6 +52,9 @@ class Flag(enum.IntFlag):
     NONE = 0
     HAS_META = 1
     HAS_DATA = 2
+    # The data frame is an encoded gradient (geomx.compression frames: bytes, described by
+    # meta["payload"]); numel/offset/total still describe the logical slice it encodes.
+    PAYLOAD = 4
 
 
 # dtype code <-> numpy dtype; 0 means "no data". Only plain numeric types cross the wire.
@@ -88,6 +91,7 @@ class Message:
     dtype: int = 0
     meta: Optional[dict] = None
     data: Optional[np.ndarray] = None  # 1-D; read-only when it came from the network
+    payload: bool = False  # data is an encoded (compressed) gradient; see Flag.PAYLOAD
 
     @property
     def np_dtype(self) -> Optional[np.dtype]:
@@ -109,7 +113,10 @@ def encode(msg: Message) -> List[Any]:
             data = np.ascontiguousarray(data).reshape(-1)
         flags |= Flag.HAS_DATA
         dtype = dtype_code(data.dtype)
-        numel = data.size
+        if msg.payload:
+            flags |= Flag.PAYLOAD  # numel stays the logical size of the encoded slice
+        else:
+            numel = data.size
         frames.append(memoryview(data).cast("B") if data.size else b"")
     total = msg.total if msg.total else msg.offset + numel
     header = _HEADER.pack(MAGIC, int(msg.type), dtype, int(flags), msg.sender, msg.req_id, msg.key,
@@ -138,7 +145,7 @@ def decode(frames: Sequence[Any], max_message_bytes: int = 1 << 31) -> Message:
         mtype = MsgType(mtype)
     except ValueError:
         raise ProtocolError(f"unknown message type {mtype}") from None
-    if flags & ~int(Flag.HAS_META | Flag.HAS_DATA):
+    if flags & ~int(Flag.HAS_META | Flag.HAS_DATA | Flag.PAYLOAD):
         raise ProtocolError(f"unknown flag bits {flags:#x}")
     expected = 1 + bool(flags & Flag.HAS_META) + bool(flags & Flag.HAS_DATA)
     if len(frames) != expected:
@@ -166,12 +173,18 @@ def decode(frames: Sequence[Any], max_message_bytes: int = 1 << 31) -> Message:
         if not isinstance(meta, dict):
             raise ProtocolError("meta frame must be a JSON object")
         msg.meta = meta
+    if flags & Flag.PAYLOAD and not flags & Flag.HAS_DATA:
+        raise ProtocolError("payload flag without a data frame")
     if flags & Flag.HAS_DATA:
         if dtype == 0:
             raise ProtocolError("data frame without a dtype")
         raw = _buffer(frames[i])
         np_dtype = DTYPES[dtype]
-        if len(raw) != numel * np_dtype.itemsize:
+        if flags & Flag.PAYLOAD:
+            if np_dtype != np.uint8 or not isinstance((msg.meta or {}).get("payload"), dict):
+                raise ProtocolError("an encoded payload must be bytes described by meta['payload']")
+            msg.payload = True
+        elif len(raw) != numel * np_dtype.itemsize:
             raise ProtocolError(
                 f"data frame is {len(raw)} bytes, header says {numel} x {np_dtype} = {numel * np_dtype.itemsize}")
         if len(raw) > max_message_bytes:

@@ -203,7 +203,7 @@ def test_reject_bad_magic(magic):
     rejected([header(magic=magic)], "bad magic")
 
 
-@pytest.mark.parametrize("mtype", [0, 9, 15, 22, 31, 34, 255])
+@pytest.mark.parametrize("mtype", [0, 11, 15, 22, 31, 34, 255])
 def test_reject_unknown_type(mtype):
     rejected([_HEADER.pack(MAGIC, mtype, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)], f"unknown message type {mtype}")
 
@@ -213,9 +213,21 @@ def test_reject_unknown_dtype(dtype):
     rejected([header(dtype=dtype)], f"unknown dtype code {dtype}")
 
 
-@pytest.mark.parametrize("flags", [4, 8, 0x100, 0xFFFF, 4 | 1])
+@pytest.mark.parametrize("flags", [8, 0x100, 0xFFFF, 8 | 1])
 def test_reject_unknown_flags(flags):
     rejected([header(flags=flags)], "unknown flag bits")
+
+
+def test_payload_flag_needs_data_described_by_meta():
+    rejected([header(flags=4)], "payload flag without a data frame")
+    raw = np.zeros(8, np.uint8)
+    meta = b'{"x":1}'
+    rejected([header(flags=4 | 2 | 1, dtype=6, numel=100, total=100), meta, raw.tobytes()],
+             "described by meta")
+    rejected([header(flags=4 | 2 | 1, dtype=1, numel=100, total=100), b'{"payload":{}}', raw.tobytes()],
+             "described by meta")
+    msg = decode([header(flags=4 | 2 | 1, dtype=6, numel=100, total=100), b'{"payload":{}}', raw.tobytes()])
+    assert msg.payload and msg.numel == 100 and msg.data.size == 8
 
 
 @pytest.mark.parametrize("flags,nframes", [

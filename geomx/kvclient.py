@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import wire
+from . import compression, wire
 from .errors import GeoMXError, PeerDeadError, ProtocolError, RemoteError
 from .transport import EventLoop, Link, connect_dealer
 from .wire import Message, MsgType
@@ -18,6 +18,7 @@ log = logging.getLogger("geomx.kvclient")
 
 Part = Tuple[int, int, int]  # (server index, offset, numel)
 Callback = Callable[[Optional[np.ndarray], Optional[Exception]], None]
+Encoder = Callable[[int, int], Tuple[dict, np.ndarray]]  # (offset, numel) -> (payload meta, bytes)
 
 
 def partition(key: int, total: int, num_servers: int, bigarray_bound: int) -> List[Part]:
@@ -74,9 +75,12 @@ class KVClient:
 
     def request(self, mtype: MsgType, key: int, total: int, dtype: Any, callback: Callback, *,
                 data: Optional[np.ndarray] = None, meta: Optional[dict] = None, priority: int = 0,
-                version: int = 0) -> None:
+                version: int = 0, encoder: Optional[Encoder] = None) -> None:
         """Send ``mtype`` for ``key`` to the servers holding it; ``callback(value, error)`` once all
-        parts answered (``value`` is the reassembled array when the servers sent data)."""
+        parts answered (``value`` is the reassembled array when the servers sent data).
+
+        With ``encoder``, each part's data is ``encoder(offset, numel)``: an encoded gradient
+        (compression frames) instead of a slice of ``data``."""
         if self.failed is not None:
             callback(None, self.failed)
             return
@@ -94,7 +98,11 @@ class KVClient:
         for server, offset, numel in parts:
             msg = Message(mtype, sender=self.sender, req_id=req_id, key=key, offset=offset, numel=numel,
                           total=total, priority=priority, version=version, dtype=code, meta=meta)
-            if data is not None:
+            if encoder is not None:
+                payload_meta, msg.data = encoder(offset, numel)
+                msg.meta = {**(meta or {}), "payload": payload_meta}
+                msg.payload = True
+            elif data is not None:
                 msg.data = data[offset:offset + numel]
             self.links[server].send(msg)
 
@@ -138,6 +146,14 @@ class KVClient:
         else:
             if msg.meta and self.on_meta is not None:
                 self.on_meta(msg.key, msg.meta)
+            if msg.payload:
+                try:
+                    encoded = compression.from_frames(msg.meta["payload"], msg.data, msg.numel)  # type: ignore[index]
+                    msg.data = compression.decode_payload(encoded, msg.numel)
+                except ValueError as exc:
+                    # Fail this request (rather than drop the reply and leave it waiting forever).
+                    p.error = p.error or ProtocolError(f"bad encoded reply for key {msg.key}: {exc}")
+                    msg.data = None
             if msg.data is not None:
                 if p.single:
                     p.result = msg.data

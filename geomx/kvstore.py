@@ -321,15 +321,22 @@ class GeoKVStore(KVStoreBase):
         self._updater = _ShadowUpdater(optimizer)
 
     def set_gradient_compression(self, compression_params: Dict[str, Any]) -> None:
+        """Choose how gradients cross the WAN: ``{"type": "bsc", "threshold": 0.01}`` (bidirectional
+        sparse), ``"fp16"``, ``"mpq"`` or ``"none"``. Validated here, on every worker; it takes effect
+        when the master worker calls it (before ``kv.init``), as in GeoMX."""
+        from . import compression
+
         self._check()
-        if not isinstance(compression_params, dict) or "type" not in compression_params:
-            raise GeoMXError("set_gradient_compression expects a dict with a 'type'")
+        if not isinstance(compression_params, dict):
+            raise GeoMXError("set_gradient_compression expects a dict such as {'type': 'bsc', 'threshold': 0.01}")
         params = {str(k): v for k, v in compression_params.items()}
-        if params["type"] != "none":
-            raise GeoMXError(f"gradient compression type {params['type']!r} is not supported yet "
-                             "(available: 'none')")
+        params.setdefault("size_lower_bound", self._cfg.size_lower_bound)
+        try:
+            codec = compression.create(params)
+        except ValueError as exc:
+            raise GeoMXError(f"set_gradient_compression: {exc}") from None
         if self.is_master_worker:
-            self._command({"cmd": commands.SET_COMPRESSION, "params": params})
+            self._command({"cmd": commands.SET_COMPRESSION, "params": codec.params()})
 
     def save_optimizer_states(self, fname: str, dump_optimizer: bool = False) -> None:
         """Save the global servers' optimizer states to ``fname`` (an .npz file without pickles)."""

@@ -13,7 +13,7 @@ Typical use on a link (one codec per direction per node)::
 
 See :mod:`geomx.compression.codecs` for how each codec treats each tensor on each link.
 """
-from geomx.compression.aggregate import sparse_from_dense, sparse_sum
+from geomx.compression.aggregate import slice_payload, sparse_from_dense, sparse_sum
 from geomx.compression.base import (
     DEFAULT_MOMENTUM,
     DEFAULT_SIZE_LOWER_BOUND,
@@ -46,6 +46,7 @@ __all__ = [
     "known_types",
     "register",
     "sample_size",
+    "slice_payload",
     "scatter_add",
     "sparse_from_dense",
     "sparse_sum",

@@ -91,3 +91,17 @@ def sparse_from_dense(dense: np.ndarray, max_nnz: int | None = None) -> Payload:
     tiny = float(np.nextafter(np.float32(0), np.float32(1)))
     indices, values, _ = kernels.select_above(flat, tiny, cap)
     return Payload("sparse", values, indices)
+
+
+def slice_payload(payload: Payload, offset: int, numel: int) -> Payload:
+    """The part of ``payload`` that covers elements ``[offset, offset + numel)``, re-based to 0.
+
+    A key split over several global servers is encoded once, as a whole (one residual per key),
+    and each server gets its slice.
+    """
+    if payload.kind != "sparse":
+        return Payload(payload.kind, payload.values[offset:offset + numel])
+    assert payload.indices is not None
+    lo, hi = np.searchsorted(payload.indices, [offset, offset + numel])
+    indices = (payload.indices[lo:hi] - offset).astype(payload.indices.dtype, copy=False)
+    return Payload("sparse", payload.values[lo:hi], indices)

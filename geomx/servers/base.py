@@ -7,9 +7,10 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from .. import compression
 from ..errors import GeoMXError, ProtocolError
 from ..transport import EventLoop, Link, peer_label
-from ..wire import DTYPES, Message, MsgType
+from ..wire import DTYPES, Message, MsgType, meta_field
 from .keystate import KeyState
 
 log = logging.getLogger("geomx.server")
@@ -52,9 +53,15 @@ class ServerBase:
     @staticmethod
     def reply(link: Link, identity: bytes, req: Message, data: Optional[np.ndarray] = None,
               meta: Optional[dict] = None) -> None:
-        link.send(Message(MsgType.RESPONSE, req_id=req.req_id, key=req.key, offset=req.offset,
-                          numel=req.numel if data is not None else 0, total=req.total, meta=meta,
-                          data=data), identity)
+        out = Message(MsgType.RESPONSE, req_id=req.req_id, key=req.key, offset=req.offset,
+                      numel=req.numel if data is not None else 0, total=req.total, meta=meta, data=data)
+        if req.payload and data is not None and data.dtype == np.float32:
+            # An encoded push is answered in kind: the aggregate as an exact sparse payload (the
+            # sum of sparse updates is sparse; nothing is lost).
+            payload_meta, out.data = compression.to_frames(compression.sparse_from_dense(data))
+            out.meta = {**(meta or {}), "payload": payload_meta}
+            out.payload = True
+        link.send(out, identity)
 
     def reply_error(self, link: Link, identity: bytes, req: Message, error: str) -> None:
         log.warning("%s: %s from %s refused: %s", self.name, req.type.name, peer_label(identity), error)
@@ -111,7 +118,7 @@ class ServerBase:
             self.reply_error(link, identity, msg, f"key {msg.key}: {msg.numel} elements sent, this server "
                                                   f"holds {ks.numel}")
             return None
-        if msg.data is not None and msg.data.dtype != ks.dtype:
+        if msg.data is not None and not msg.payload and msg.data.dtype != ks.dtype:
             self.reply_error(link, identity, msg, f"key {msg.key}: dtype {msg.data.dtype} sent, key is "
                                                   f"{ks.dtype}")
             return None
@@ -138,6 +145,14 @@ class ServerBase:
         if ks is not None and msg.data is None:
             self.reply_error(link, identity, msg, "PUSH without data")
             return None
+        if ks is not None and msg.payload:
+            # An encoded (compressed) gradient: validate it against this key, then add it densely.
+            try:
+                encoded = compression.from_frames(meta_field(msg, "payload", dict), msg.data, ks.numel)
+            except ValueError as exc:
+                self.reply_error(link, identity, msg, f"key {msg.key}: bad encoded gradient: {exc}")
+                return None
+            msg.data = compression.decode_payload(encoded, ks.numel).astype(ks.dtype, copy=False)
         return ks
 
     def on_push(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
@@ -158,7 +173,7 @@ class ServerBase:
                              want_value=msg.type == MsgType.PUSHPULL)
         if rnd.count == expected:
             acc, rnd.acc = rnd.acc, None
-            self.dispatch_round(ks, r, acc)
+            self.dispatch_round(ks, r, ks.round_value(acc))
 
     def stopped_without_round(self, ks: KeyState, r: int) -> Optional[str]:
         """A stopped pushing client that never pushed round ``r`` of ``ks`` (so it cannot complete)."""

@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
-from .. import commands
+from .. import commands, compression
 from ..config import NodeConfig
 from ..errors import GeoMXError, ProtocolError
 from ..optimizer_spec import optimizer_from_spec, states_from_wire, states_to_wire
@@ -42,6 +42,7 @@ class GlobalServer(ServerBase):
         self.on_async: Optional[Callable[[], None]] = None  # set by the node: tell the global scheduler
         self.initial: Dict[int, np.ndarray] = {}  # initial values: the first DC-ASGD backup
         self.backups: Dict[tuple, np.ndarray] = {}  # (party, key) -> weights that party last received
+        self.compression_params: Optional[Dict[str, Any]] = None  # set by the master worker
         self.esync_speed: Dict[Client, float] = {}  # ESync: each party's measured local steps per second
 
     # -- round bookkeeping --------------------------------------------------------------------
@@ -112,6 +113,8 @@ class GlobalServer(ServerBase):
         return value
 
     def reply_meta(self, req: Message, client: Client) -> Optional[dict]:
+        if req.type == MsgType.INIT:
+            return None if self.compression_params is None else {"compression": self.compression_params}
         if not (self.cfg.use_esync and req.key == ESYNC_KEY and req.type == MsgType.PUSHPULL):
             return None
         return {"esync_steps": self.esync_steps_for(client)}
@@ -158,6 +161,10 @@ class GlobalServer(ServerBase):
         cmd = meta_field(msg, "cmd", str)
         try:
             if cmd == commands.SET_OPTIMIZER:
+                if self.compression_params is not None and self.compression_params["type"] in ("bsc", "mpq") \
+                        and self.global_sync:
+                    raise GeoMXError(f"{self.compression_params['type']} is on: the global servers sum sparse "
+                                     "gradients; keep the optimizer on the workers (update_on_kvstore=False)")
                 if self.cfg.use_hfa or self.cfg.use_esync:
                     raise GeoMXError("with HFA (MXNET_KVSTORE_USE_HFA=1) or ESync (GEOMX_USE_ESYNC=1) the global "
                                      "servers average the parties' models and run no optimizer; keep the "
@@ -193,14 +200,30 @@ class GlobalServer(ServerBase):
                 self._load_states(states)
                 self.reply(link, identity, msg)
             elif cmd == commands.SET_COMPRESSION:
-                params = meta_field(msg, "params", dict)
-                if params.get("type", "none") != "none":
-                    raise GeoMXError(f"gradient compression {params.get('type')!r} is not available yet")
+                self._set_compression(meta_field(msg, "params", dict))
                 self.reply(link, identity, msg)
             else:
                 raise ProtocolError(f"unknown command {cmd!r}")
         except GeoMXError as exc:
             self.reply_error(link, identity, msg, str(exc))
+
+    def _set_compression(self, params: Dict[str, Any]) -> None:
+        """Accept the master worker's codec; the parties' local servers learn it from INIT replies."""
+        params = dict(params)
+        params.setdefault("size_lower_bound", self.cfg.size_lower_bound)
+        try:
+            codec = compression.create(params)
+        except ValueError as exc:
+            raise GeoMXError(str(exc)) from None
+        if any(ks.initialized for ks in self.keys.values()):
+            raise GeoMXError("set_gradient_compression must come before kv.init (the parties learn the "
+                             "codec when they initialise their keys)")
+        if codec.name in ("bsc", "mpq") and self.updater is not None:
+            raise GeoMXError(f"{codec.name}: the global servers sum sparse gradients and send sparse sums "
+                             "back; keep the optimizer on the workers (update_on_kvstore=False), as "
+                             "GeoMX's cnn_bsc.py does")
+        self.compression_params = codec.params()
+        log.info("%s: gradient compression %s", self.name, self.compression_params)
 
     def _set_optimizer(self, spec: Dict[str, Any], from_master: bool) -> None:
         if self.optimizer_spec is not None and spec != self.optimizer_spec:

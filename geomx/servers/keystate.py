@@ -57,7 +57,15 @@ class KeyState:
         rnd = self.rounds.get(r)
         if rnd is None:
             rnd = self.rounds[r] = Round()
-        if rnd.acc is None:
+        if self.dtype == np.float16:
+            # fp16 pushes are summed in float32 and rounded to fp16 once, when the round is
+            # complete (:meth:`round_value`): the sum loses no precision it need not lose.
+            wide = kernels.f16_to_f32(np.ascontiguousarray(data))
+            if rnd.acc is None:
+                rnd.acc, rnd.owned = wide, True
+            else:
+                kernels.sum_into(rnd.acc, wide)
+        elif rnd.acc is None:
             # Borrow the received buffer (read-only): a round of one push needs no copy at all.
             rnd.acc = data
         elif not rnd.owned:
@@ -68,6 +76,10 @@ class KeyState:
         rnd.count += 1
         rnd.waiters.append((reply, want_value))
         return r, rnd
+
+    def round_value(self, acc: np.ndarray) -> np.ndarray:
+        """A complete round's sum in the key's own dtype (fp16 sums were accumulated in float32)."""
+        return kernels.f32_to_f16(acc) if acc.dtype != self.dtype else acc
 
     def pull_ready(self, client: Any) -> bool:
         return self.initialized and self.completed >= self.pushes_by.get(client, 0)

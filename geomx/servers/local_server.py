@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from .. import commands
+from .. import commands, compression
 from ..config import NodeConfig
 from ..errors import GeoMXError
 from ..kvclient import KVClient
@@ -28,6 +28,7 @@ class LocalServer(ServerBase):
         self.link, self.port = bind_router(loop.ctx, "*", 0, cfg.max_message_bytes, "party-clients")
         self.upstream: Optional[KVClient] = None  # set once the global tier is known
         self._stopping = False
+        self.codec: Optional[compression.Codec] = None  # WAN codec, as the master worker chose
         self.esync_steps = 1  # ESync: local steps per round assigned to this party by the state server
         self.esync_since = time.monotonic()
 
@@ -39,6 +40,13 @@ class LocalServer(ServerBase):
         self.loop.add(self.link, self.handle_client, routed=True)
 
     def _on_upstream_meta(self, key: int, meta: dict) -> None:
+        params = meta.get("compression")
+        if isinstance(params, dict) and (self.codec is None or params != self.codec.params()):
+            try:
+                self.codec = compression.create(params, link="wan")
+                log.info("%s: gradient compression on the WAN: %s", self.name, self.codec.params())
+            except ValueError as exc:
+                log.error("%s: the global server sent an unusable codec %s: %s", self.name, params, exc)
         steps = meta.get("esync_steps")
         valid = isinstance(steps, int) and 1 <= steps <= self.cfg.esync_max_steps
         if self.cfg.use_esync and key == ESYNC_KEY and valid:
@@ -102,7 +110,16 @@ class LocalServer(ServerBase):
                 return
             ks.finish_round(r, value)
 
-        self.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_result, data=acc)
+        self.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_result, data=acc,
+                              encoder=self._encoder(ks, acc))
+
+    def _encoder(self, ks: KeyState, acc: np.ndarray):
+        """How ``acc`` crosses the WAN: None for dense, else a per-part encoder of one payload (the
+        codec keeps one residual per key, so the key is encoded once and sliced per global server)."""
+        if self.codec is None or ks.dtype != np.float32 or self.codec.for_tensor(ks.numel) == "dense":
+            return None
+        payload = self.codec.encode(ks.key, acc)
+        return lambda offset, numel: compression.to_frames(compression.slice_payload(payload, offset, numel))
 
     def _hfa_round(self, ks: KeyState, r: int, party_model: np.ndarray) -> None:
         """HFA: workers pushed ``weights / num_workers``, so ``party_model`` is the party's average.

@@ -43,6 +43,8 @@ class GlobalServer(ServerBase):
         self.initial: Dict[int, np.ndarray] = {}  # initial values: the first DC-ASGD backup
         self.backups: Dict[tuple, np.ndarray] = {}  # (party, key) -> weights that party last received
         self.compression_params: Optional[Dict[str, Any]] = None  # set by the master worker
+        self.down_codecs: Dict[Client, Any] = {}  # MixedSync + BSC: one downlink codec per party
+        self.party_views: Dict[tuple, np.ndarray] = {}  # (party, key) -> the weights that party holds
         self.esync_speed: Dict[Client, float] = {}  # ESync: each party's measured local steps per second
 
     # -- round bookkeeping --------------------------------------------------------------------
@@ -82,8 +84,28 @@ class GlobalServer(ServerBase):
                                                   "server: call kv.set_optimizer on the master worker")
             return
         value = self._apply(ks, msg.data, party=client)
-        self.reply(link, identity, msg, value if msg.type == MsgType.PUSHPULL else None)
+        if msg.payload and msg.type == MsgType.PUSHPULL:
+            self._reply_weight_delta(link, identity, msg, ks, client, value)
+        else:
+            self.reply(link, identity, msg, value if msg.type == MsgType.PUSHPULL else None)
         ks.serve_parked()
+
+    def _reply_weight_delta(self, link: Link, identity: bytes, msg: Message, ks: KeyState, party: Client,
+                            weights: np.ndarray) -> None:
+        """MixedSync + BSC: the new weights are dense, so send the party the change from the weights
+        it holds, sparsified by this party's downlink codec (its residual keeps what is not sent
+        yet), and remember what the party now holds."""
+        assert self.compression_params is not None
+        codec = self.down_codecs.get(party)
+        if codec is None:
+            codec = self.down_codecs[party] = compression.create(self.compression_params, link="wan")
+        held = self.party_views.get((party, ks.key), self.initial[ks.key])
+        payload = codec.encode(ks.key, weights - held)
+        self.party_views[(party, ks.key)] = held + compression.decode_payload(payload, ks.numel)
+        payload_meta, data = compression.to_frames(payload)
+        link.send(Message(MsgType.RESPONSE, req_id=msg.req_id, key=msg.key, offset=msg.offset, numel=msg.numel,
+                          total=msg.total, meta={"payload": payload_meta, "delta": True}, data=data,
+                          payload=True), identity)
 
     def _apply(self, ks: KeyState, grad_np: np.ndarray, party: Optional[Client] = None) -> np.ndarray:
         """Run the optimizer on ``ks`` with ``grad_np``; the new weights become the key's value.
@@ -218,7 +240,7 @@ class GlobalServer(ServerBase):
         if any(ks.initialized for ks in self.keys.values()):
             raise GeoMXError("set_gradient_compression must come before kv.init (the parties learn the "
                              "codec when they initialise their keys)")
-        if codec.name in ("bsc", "mpq") and self.updater is not None:
+        if codec.name in ("bsc", "mpq") and self.updater is not None and self.global_sync:
             raise GeoMXError(f"{codec.name}: the global servers sum sparse gradients and send sparse sums "
                              "back; keep the optimizer on the workers (update_on_kvstore=False), as "
                              "GeoMX's cnn_bsc.py does")

@@ -29,6 +29,7 @@ class LocalServer(ServerBase):
         self.upstream: Optional[KVClient] = None  # set once the global tier is known
         self._stopping = False
         self.codec: Optional[compression.Codec] = None  # WAN codec, as the master worker chose
+        self.delta_replies: set = set()  # keys whose pending global reply is a weight change
         self.esync_steps = 1  # ESync: local steps per round assigned to this party by the state server
         self.esync_since = time.monotonic()
 
@@ -40,6 +41,8 @@ class LocalServer(ServerBase):
         self.loop.add(self.link, self.handle_client, routed=True)
 
     def _on_upstream_meta(self, key: int, meta: dict) -> None:
+        if meta.get("delta") is True:
+            self.delta_replies.add(key)
         params = meta.get("compression")
         if isinstance(params, dict) and (self.codec is None or params != self.codec.params()):
             try:
@@ -108,6 +111,10 @@ class LocalServer(ServerBase):
                 for reply, _ in ks.rounds.pop(r).waiters:
                     reply(GeoMXError(f"global tier refused key {ks.key}: {error}"))
                 return
+            if ks.key in self.delta_replies:
+                # MixedSync + BSC: the global server sent the change to the weights this party holds.
+                self.delta_replies.discard(ks.key)
+                value = ks.store + value
             ks.finish_round(r, value)
 
         self.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_result, data=acc,

@@ -1,0 +1,480 @@
+"""Benchmark suite: native MXNet dist_sync versus geomx (and each of its optimizations) on one emulated WAN.
+
+One invocation builds one emulated WAN (``geomx.wan``: a network namespace per data center, tbf-capped
+links) and runs every row of :data:`ROWS` on it, one after the other:
+
+* ``native``: MXNet 1.9.1's ps-lite ``dist_sync``: scheduler + one server in the central DC, the
+  workers of party p in party p's DC, so every worker pushes and pulls across the WAN;
+* ``geomx-fsa``: vanilla HiPS (fully synchronous: local server per party, one global server in the
+  central DC), started with ``geomx.launch.run`` with each party in its namespace;
+* later optimizations: one :class:`Row` each (env vars / node env / worker flags = their documented
+  switches).
+
+Per row and model (``cnn``: the examples' CNN; ``big``: ~5.4M parameters), a throughput run on
+fixed-seed synthetic batches; for the ``cnn`` model also a time-to-accuracy run on ``load_digits``.
+Metrics: median time per iteration (slowest worker), samples/s, WAN bytes per iteration (kernel
+counters of the links, between the first worker's start/end marks), the lower bound
+max(compute, bytes on the bottleneck link / its rate), measured/bound, time to the target test
+accuracy, final accuracy, and speedup over native (native time / row time).
+
+Output: a Markdown table (stdout), a JSON file, a PNG (time-to-accuracy curves + speedup bars).
+
+    sudo python benchmarks/suite.py --quick                      # < 10 min on 2 cores
+    sudo python benchmarks/suite.py                              # full mode (see docs/Benchmarks.md)
+    sudo python benchmarks/suite.py --wan party0=100mbit,party1=10mbit --rows native,geomx-fsa
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Dict, List, Mapping, Optional, Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+WORKER = os.path.join(HERE, "suite_worker.py")
+sys.path.insert(0, HERE)
+
+from native_launch import native_procs, run_processes  # noqa: E402
+from suite_worker import MARK_TAG, RESULT_TAG  # noqa: E402  (no MXNet import at module level)
+
+from geomx import wan as wanmod  # noqa: E402
+from geomx.wan import LinkCounters  # noqa: E402
+
+# --------------------------------------------------------------------------------------------------
+# Rows: one entry per system / optimization. Later issues add one entry each.
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """A configuration to benchmark.
+
+    ``env``: variables for every process (geomx: ``Topology.env``); ``node_env``: fnmatch pattern on
+    the process name -> variables (geomx: ``Topology.node_env``, e.g. ``{"party*/server": {...}}``);
+    ``worker_args``: extra flags for ``suite_worker.py`` (e.g. ``--kv-type dist_async``,
+    ``--compression '{"type": "bsc"}'``); ``flags``: the switch as a user gives it (documentation).
+    """
+
+    name: str
+    system: str  # "native" or "geomx"
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    node_env: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
+    worker_args: Sequence[str] = ()
+    flags: str = ""
+    note: str = ""
+
+
+ROWS: List[Row] = [
+    Row("native", "native", flags="mx.kv.create('dist_sync') without geomx",
+        note="MXNet 1.9.1 ps-lite dist_sync; one server in the central DC; every worker crosses the WAN"),
+    Row("geomx-fsa", "geomx", flags="(default)",
+        note="vanilla HiPS: fully synchronous, a local server per party, one global server"),
+    # Examples of how later optimizations plug in (only add them once the switch is implemented):
+    # Row("geomx-bsc", "geomx", worker_args=("--compression", '{"type": "bsc", "threshold": 0.01}'),
+    #     flags="kv.set_gradient_compression({'type': 'bsc'})"),
+    # Row("geomx-p3", "geomx", env={"ENABLE_P3": "1"}, flags="ENABLE_P3=1"),
+    # Row("geomx-2gs", "geomx", env={}, flags="-s 2 (two global servers)")  # needs a topology field
+]
+
+MODELS = {"cnn": "examples' CNN (utils.build_cnn, ~0.18M params)",
+          "big": "wider CNN (suite_worker.build_big, ~5.4M params)"}
+
+
+def row_by_name(name: str) -> Row:
+    for r in ROWS:
+        if r.name == name:
+            return r
+    raise KeyError(f"unknown row {name!r}; rows: {', '.join(r.name for r in ROWS)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Summaries (pure; unit-tested)
+# --------------------------------------------------------------------------------------------------
+
+def parse_results(text: str) -> List[dict]:
+    out = []
+    for line in text.splitlines():
+        i = line.find(RESULT_TAG)
+        if i >= 0:
+            out.append(json.loads(line[i + len(RESULT_TAG):]))
+    return out
+
+
+def summarise_throughput(results: Sequence[dict], counters: Optional[Mapping[str, LinkCounters]],
+                         iters: int, rates: Mapping[str, Optional[float]]) -> dict:
+    """Per-iteration metrics from the workers' results and the WAN counters of the timed span."""
+    medians = [statistics.median(r["iter_ms"]) for r in results]
+    computes = [statistics.median(r["compute_ms"]) for r in results]
+    median_s = max(medians) / 1e3
+    compute_s = max(computes) / 1e3
+    batch = results[0]["batch"]
+    row = {"median_s": median_s, "worker_median_s": [m / 1e3 for m in medians], "compute_s": compute_s,
+           "samples_per_s": len(results) * batch / median_s}
+    if counters:
+        per_iter = {dc: LinkCounters(c.up / iters, c.down / iters) for dc, c in counters.items()}
+        b = wanmod.lower_bound(compute_s, per_iter, rates)
+        d = wanmod.lower_bound(compute_s, per_iter, rates, duplex=True)
+        row.update({
+            # Every byte enters the WAN once (one link's up) and leaves once (another's down).
+            "wan_bytes_per_iter": sum(c.up for c in per_iter.values()),
+            "link_bytes_per_iter": {dc: {"up": c.up, "down": c.down} for dc, c in per_iter.items()},
+            "bottleneck": b["bottleneck"],
+            "wan_s": b["wan_s"],
+            "bound_s": b["bound_s"],
+            "closeness": median_s / b["bound_s"] if b["bound_s"] > 0 else None,
+            # Physical floor of a full-duplex link: max(up, down) / rate.
+            "bound_duplex_s": d["bound_s"],
+        })
+    return row
+
+
+def summarise_accuracy(evals: Sequence[dict], target: float) -> dict:
+    hit = next((e for e in evals if e["acc"] >= target), None)
+    return {"time_to_target_s": hit["t"] if hit else None, "iters_to_target": hit["it"] if hit else None,
+            "final_acc": evals[-1]["acc"] if evals else None, "evals": list(evals)}
+
+
+def _f(v, fmt: str, empty: str = "-") -> str:
+    return empty if v is None else format(v, fmt)
+
+
+def markdown(report: dict) -> str:
+    target = report.get("config", {}).get("target_acc")
+    tgt = f"{target * 100:.0f}%" if target else "target"
+    lines = ["| model | row | s/iter (median) | samples/s | WAN MB/iter | bottleneck | bound s/iter "
+             "| measured / bound | duplex bound s/iter "
+             f"| speedup vs native | time to {tgt} (s) | final acc | spread of repeats |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        if not r.get("ok"):
+            lines.append(f"| {r.get('model')} | {r.get('row')} | FAILED (status {r.get('status')}) "
+                         "| | | | | | | | | | |")
+            continue
+        wan_mb = r.get("wan_bytes_per_iter")
+        spread = "-" if r.get("spread") is None else f"{r['spread'] * 100:.1f}%"
+        lines.append(
+            f"| {r['model']} | {r['row']} | {r['median_s']:.3f} | {r['samples_per_s']:.1f} "
+            f"| {_f(None if wan_mb is None else wan_mb / 1e6, '.2f')} | {r.get('bottleneck') or '-'} "
+            f"| {_f(r.get('bound_s'), '.3f')} | {_f(r.get('closeness'), '.2f')} | {_f(r.get('bound_duplex_s'), '.3f')} "
+            f"| {_f(r.get('ratio'), '.2f')}{'x' if r.get('ratio') is not None else ''} "
+            f"| {_f(r.get('time_to_target_s'), '.1f')} | {_f(r.get('final_acc'), '.3f')} "
+            f"| {spread} |")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> bool:
+    """Time-to-accuracy curves and speedup bars into ``path``; False when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("# matplotlib not installed (pip install geomx[bench]); no plot", file=sys.stderr)
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in report["rows"]:
+        if r.get("ok") and r.get("evals"):
+            ax1.plot([e["t"] for e in r["evals"]], [e["acc"] for e in r["evals"]], marker=".",
+                     label=f"{r['row']} ({r['model']})")
+    target = report.get("config", {}).get("target_acc")
+    if target:
+        ax1.axhline(target, color="grey", linestyle=":", linewidth=1)
+    ax1.set_xlabel("training time (s)")
+    ax1.set_ylabel("test accuracy (load_digits)")
+    ax1.set_title("time to accuracy")
+    if ax1.lines:
+        ax1.legend(fontsize=8)
+    bars = [r for r in report["rows"] if r.get("ok") and r.get("ratio") is not None]
+    labels = [f"{r['row']}\n{r['model']}" for r in bars]
+    ax2.bar(range(len(bars)), [r["ratio"] for r in bars],
+            color=["#999999" if r["row"] == "native" else "#2a7ab9" for r in bars])
+    ax2.set_xticks(range(len(bars)))
+    ax2.set_xticklabels(labels, fontsize=8)
+    ax2.axhline(1.0, color="black", linewidth=0.8)
+    ax2.set_ylabel("speedup per iteration vs native")
+    ax2.set_title(report.get("config", {}).get("wan", "speedup"))
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# Running rows
+# --------------------------------------------------------------------------------------------------
+
+class _MarkWatcher:
+    """Sees every output line; snapshots the WAN counters at the first start/end marks."""
+
+    def __init__(self, w: Optional["wanmod.Wan"]):
+        self.w = w
+        self.marks: Dict[str, Dict[str, LinkCounters]] = {}
+        self.times: Dict[str, float] = {}
+        self.lock = threading.Lock()
+
+    def line(self, line: str) -> None:
+        i = line.find(MARK_TAG)
+        if i < 0:
+            return
+        kind = line[i + len(MARK_TAG):].strip()
+        with self.lock:
+            if kind in self.marks:
+                return
+            self.times[kind] = time.monotonic()
+            self.marks[kind] = self.w.counters() if self.w is not None else {}
+
+    def span(self) -> Optional[Dict[str, LinkCounters]]:
+        if "start" in self.marks and "end" in self.marks and self.w is not None:
+            return wanmod.counter_delta(self.marks["end"], self.marks["start"])
+        return None
+
+
+class _LineStream(io.TextIOBase):
+    """A text stream for ``geomx.launch.run`` that keeps the text and feeds complete lines to a callback."""
+
+    def __init__(self, on_line, echo: bool = False):
+        self.on_line = on_line
+        self.echo = echo
+        self.parts: List[str] = []
+        self.pending = ""
+
+    def write(self, s: str) -> int:
+        self.parts.append(s)
+        if self.echo:
+            sys.stderr.write(s)
+        self.pending += s
+        while "\n" in self.pending:
+            line, self.pending = self.pending.split("\n", 1)
+            self.on_line(line)
+        return len(s)
+
+    def getvalue(self) -> str:
+        return "".join(self.parts)
+
+
+def worker_argv(row: Row, model: str, mode: str, args, slice_arg: str, native: bool) -> List[str]:
+    cmd = [sys.executable, WORKER, "--model", model, "--mode", mode, "--slice", slice_arg,
+           "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+           "--num-workers", str(args.parties * args.workers)]
+    if mode == "throughput":
+        iters, warmup = (args.big_iters, args.big_warmup) if model == "big" else (args.iters, args.warmup)
+        cmd += ["--iters", str(iters), "--warmup", str(warmup)]
+    else:
+        cmd += ["--max-iters", str(args.tta_iters), "--eval-every", str(args.eval_every)]
+    if native:
+        cmd.append("--native")
+    return cmd + list(row.worker_args)
+
+
+def run_row(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"]) -> dict:
+    watcher = _MarkWatcher(w)
+    base_env = {"OMP_NUM_THREADS": str(args.omp_threads)}
+    base_env.update(row.env)
+    nworkers = args.parties * args.workers
+    t0 = time.perf_counter()
+    if row.system == "native":
+        argvs = [worker_argv(row, model, mode, args, str(i), native=True) for i in range(nworkers)]
+        dcs = [f"party{i // args.workers}" for i in range(nworkers)]
+        kw = {}
+        if w is not None:
+            kw = dict(root_host=w.address("central"), root_prefix=w.exec_argv("central"),
+                      worker_hosts=[w.address(dc) for dc in dcs], worker_prefixes=[w.exec_argv(dc) for dc in dcs])
+        run = run_processes(native_procs(argvs, base_env, **kw), args.timeout, on_line=watcher.line)
+        status, text = run["status"], run["log"]
+    else:
+        from geomx.launch import Topology
+        from geomx.launch import run as launch_run
+
+        topo = Topology(parties=args.parties, workers_per_party=args.workers, global_servers=1, env=base_env,
+                        node_env={k: dict(v) for k, v in row.node_env.items()})
+        if w is not None:
+            topo.dc_hosts = {dc: w.address(dc) for dc in w.dcs}
+            topo.dc_prefix = {dc: w.exec_argv(dc) for dc in w.dcs}
+        stream = _LineStream(watcher.line)
+        status = launch_run(topo, worker_argv(row, model, mode, args, "{slice}", native=False),
+                            timeout=args.timeout, stream=stream, grace=20.0)
+        text = stream.getvalue()
+    wall = time.perf_counter() - t0
+    results = parse_results(text)
+    ok = status == 0 and len(results) == nworkers and all(r.get("finite") for r in results)
+    out = {"row": row.name, "model": model, "mode": mode, "status": status, "ok": ok, "wall_s": round(wall, 1),
+           "workers": len(results)}
+    if not ok:
+        tail = "\n".join(text.splitlines()[-25:])
+        print(f"# {row.name}/{model}/{mode} FAILED (status {status}, {len(results)} results); last output:\n{tail}",
+              file=sys.stderr)
+        out["log_tail"] = tail
+        return out
+    if args.keep_logs:
+        os.makedirs(args.keep_logs, exist_ok=True)
+        with open(os.path.join(args.keep_logs, f"{row.name}_{model}_{mode}.log"), "w") as f:
+            f.write(text)
+    span = watcher.span()
+    rates = w.rates() if w is not None else {}
+    if mode == "throughput":
+        iters = len(results[0]["iter_ms"])
+        out.update(summarise_throughput(results, span, iters, rates))
+        out["setup_s"] = max(r["setup_s"] for r in results)
+        out["params"] = results[0]["params"]
+    else:
+        evals = next((r["evals"] for r in results if r["worker"] == 0), [])
+        out.update(summarise_accuracy(evals, args.target_acc))
+        out["tta_median_s"] = max(statistics.median(r["iter_ms"]) for r in results) / 1e3
+        if span:
+            out["wan_bytes_total"] = sum(c.up for c in span.values())
+    return out
+
+
+def merge_repeats(runs: List[dict]) -> dict:
+    """One row from repeated throughput runs: the median run, with the spread (max/min - 1) of medians."""
+    good = [r for r in runs if r.get("ok")]
+    if not good:
+        return runs[-1]
+    good.sort(key=lambda r: r["median_s"])
+    mid = dict(good[len(good) // 2])
+    meds = [r["median_s"] for r in good]
+    mid["repeats"] = meds
+    mid["spread"] = (max(meds) / min(meds) - 1.0) if len(meds) > 1 else None
+    return mid
+
+
+def _git_head() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="few iterations, one repeat: < 10 minutes on 2 cores")
+    p.add_argument("--wan", default="20mbit", help="link spec (geomx.wan; default 20mbit on every party link, "
+                   "central uncapped); 'off' runs on loopback without namespaces (no bytes, no bound)")
+    p.add_argument("--rows", default=",".join(r.name for r in ROWS), help="rows to run, in order")
+    p.add_argument("--models", default="cnn,big", help="throughput models (cnn, big)")
+    p.add_argument("--no-accuracy", action="store_true", help="skip the time-to-accuracy runs")
+    p.add_argument("--parties", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="workers per party")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--iters", type=int, default=None, help="timed iterations, cnn (full 20, quick 8)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations, cnn (full 3, quick 2)")
+    p.add_argument("--big-iters", type=int, default=None, help="timed iterations, big (full 5, quick 2)")
+    p.add_argument("--big-warmup", type=int, default=None, help="warm-up iterations, big (full 1, quick 1)")
+    p.add_argument("--repeats", type=int, default=None, help="throughput runs per row (full 2, quick 1)")
+    p.add_argument("--tta-iters", type=int, default=None, help="iterations of the accuracy run (full 120, quick 50)")
+    p.add_argument("--eval-every", type=int, default=5)
+    p.add_argument("--target-acc", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--omp-threads", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=None, help="per-run timeout, s (full 900, quick 400)")
+    p.add_argument("--keep-logs", default=None, metavar="DIR")
+    p.add_argument("--out", default="bench_out/suite.json")
+    p.add_argument("--plot", default="bench_out/suite.png")
+    args = p.parse_args(argv)
+    q = args.quick
+    for name, full, quick in (("iters", 20, 8), ("warmup", 3, 2), ("big_iters", 5, 2), ("big_warmup", 1, 1),
+                              ("repeats", 2, 1), ("tta_iters", 120, 50), ("timeout", 900.0, 400.0)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if q else full)
+
+    rows = [row_by_name(n.strip()) for n in args.rows.split(",") if n.strip()]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in models:
+        if m not in MODELS:
+            p.error(f"unknown model {m!r}")
+
+    w = None
+    if args.wan != "off":
+        try:
+            spec = wanmod.parse_spec(args.wan, args.parties)
+            w = wanmod.Wan.create(wanmod.dc_names(args.parties), spec)
+        except wanmod.WanError as exc:
+            print(f"suite: {exc}", file=sys.stderr)
+            return 2
+    t_all = time.perf_counter()
+    report_rows: List[dict] = []
+    try:
+        if w is not None:
+            print(f"# emulated WAN: {w.describe()}", file=sys.stderr, flush=True)
+        for model in models:
+            for row in rows:
+                runs = []
+                for k in range(args.repeats):
+                    print(f"# {row.name} / {model} / throughput (run {k + 1}/{args.repeats}) ...",
+                          file=sys.stderr, flush=True)
+                    r = run_row(row, model, "throughput", args, w)
+                    if r.get("ok"):
+                        print(f"#   {r['median_s']:.3f} s/iter, bound {_f(r.get('bound_s'), '.3f')} s, "
+                              f"WAN {_f(r.get('wan_bytes_per_iter', 0) / 1e6, '.2f')} MB/iter, "
+                              f"run {r['wall_s']} s", file=sys.stderr, flush=True)
+                    runs.append(r)
+                report_rows.append(merge_repeats(runs))
+        if not args.no_accuracy:
+            for row in rows:
+                print(f"# {row.name} / cnn / time to accuracy ({args.tta_iters} iterations) ...",
+                      file=sys.stderr, flush=True)
+                r = run_row(row, "cnn", "accuracy", args, w)
+                if r.get("ok"):
+                    print(f"#   time to {args.target_acc:.0%}: {_f(r.get('time_to_target_s'), '.1f')} s, "
+                          f"final {_f(r.get('final_acc'), '.3f')}, run {r['wall_s']} s", file=sys.stderr, flush=True)
+                target = next((x for x in report_rows if x["row"] == row.name and x["model"] == "cnn"), None)
+                if target is None:
+                    target = {"row": row.name, "model": "cnn", "ok": r.get("ok"), "status": r.get("status")}
+                    report_rows.append(target)
+                target["accuracy_run"] = {k: v for k, v in r.items() if k != "evals"}
+                for k in ("time_to_target_s", "iters_to_target", "final_acc", "evals"):
+                    target[k] = r.get(k)
+    finally:
+        rates = w.rates() if w is not None else {}
+        if w is not None:
+            w.close()
+    # Speedups against native on the same model.
+    for r in report_rows:
+        nat = next((x for x in report_rows if x["row"] == "native" and x["model"] == r["model"]), None)
+        if nat and nat.get("ok") and r.get("ok") and r.get("median_s"):
+            r["ratio"] = nat["median_s"] / r["median_s"]
+            if nat.get("time_to_target_s") and r.get("time_to_target_s"):
+                r["tta_ratio"] = nat["time_to_target_s"] / r["time_to_target_s"]
+    report = {
+        "benchmark": "suite",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join([os.path.relpath(sys.argv[0], REPO) if sys.argv[0] else "suite.py"] + sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "loadavg_after": os.getloadavg()},
+        "config": {"wan": args.wan, "rates": {k: v for k, v in rates.items()}, "parties": args.parties,
+                   "workers_per_party": args.workers, "batch_size": args.batch_size, "iters": args.iters,
+                   "warmup": args.warmup, "big_iters": args.big_iters, "big_warmup": args.big_warmup,
+                   "repeats": args.repeats, "tta_iters": args.tta_iters, "eval_every": args.eval_every,
+                   "target_acc": args.target_acc, "omp_threads": args.omp_threads, "quick": q,
+                   "models": {m: MODELS[m] for m in models},
+                   "rows": [dataclasses.asdict(r) for r in rows], "geomx_commit": _git_head(),
+                   "bound": "max(compute, (up+down bytes)/rate on the bottleneck link), per iteration"},
+        "rows": report_rows,
+        "total_s": round(time.perf_counter() - t_all, 1),
+    }
+    table = markdown(report)
+    report["table_markdown"] = table
+    print(table)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    if args.plot:
+        plot(report, args.plot)
+    print(f"\n(wrote {args.out} and {args.plot}; total {report['total_s']} s)", file=sys.stderr)
+    return 0 if all(r.get("ok") for r in report_rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Training worker of the benchmark suite (``benchmarks/suite.py``); geomx and native MXNet run it.
+
+Two models (``--model``): ``cnn`` is the examples' CNN (``examples/utils.build_cnn``, ~0.18M
+parameters); ``big`` is a wider CNN (~5.4M parameters, 21.6 MB of float32) whose step is dominated by
+communication on a slow WAN.
+
+Two modes:
+
+* ``throughput``: fixed-seed synthetic batches (``--batch-size`` images 1x28x28, random labels);
+  ``--warmup`` + ``--iters`` timed iterations. Each iteration: forward+backward then
+  ``mx.nd.waitall()`` (compute time), push every gradient then pull every weight, ``waitall`` (total).
+* ``accuracy``: this worker's shard of scikit-learn ``load_digits`` (``examples/utils.load_data``);
+  ``--max-iters`` iterations; the worker with ``--slice 0`` evaluates on the 300 test images every
+  ``--eval-every`` iterations. Its training clock excludes evaluation time.
+
+The worker with ``--slice 0`` prints ``SUITE_MARK start`` / ``SUITE_MARK end`` around the timed
+iterations (the suite snapshots the WAN counters there); every training worker prints one
+``SUITE_RESULT {json}`` line.
+
+* geomx (default): ``import geomx``; the central party's master worker sets the optimizer,
+  initialises the keys and leaves; training workers ``init`` + ``pull``.
+* ``--native``: MXNet's own ps-lite ``dist_sync`` (geomx is never imported). Every worker calls
+  ``set_optimizer`` and ``kv.init`` (rank 0's value is sent, then a barrier). The store is used
+  directly (no ``gluon.Trainer``), so the platform notes' Trainer init workaround is not needed.
+
+Optimization rows select features with ``--kv-type`` (e.g. ``dist_async``) and ``--compression JSON``
+(``kv.set_gradient_compression``), set by the master worker like in the original examples.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+
+RESULT_TAG = "SUITE_RESULT "
+MARK_TAG = "SUITE_MARK "
+
+
+def build_big(ctx, seed: int = 0):
+    """~5.4M parameters: Conv(32,3)-Pool-Conv(64,3)-Pool-Dense(2048)-Dense(1024)-Dense(10)."""
+    import mxnet as mx
+    import numpy as np
+    from mxnet import gluon
+
+    mx.random.seed(seed)
+    np.random.seed(seed)
+    net = gluon.nn.Sequential()
+    with net.name_scope():
+        net.add(gluon.nn.Conv2D(32, 3, activation="relu"), gluon.nn.MaxPool2D(2, 2),
+                gluon.nn.Conv2D(64, 3, activation="relu"), gluon.nn.MaxPool2D(2, 2),
+                gluon.nn.Dense(2048, activation="relu"), gluon.nn.Dense(1024, activation="relu"),
+                gluon.nn.Dense(10))
+    net.initialize(mx.init.Xavier(), ctx=ctx)
+    net(mx.nd.zeros((1, 1, 28, 28), ctx=ctx))
+    return net
+
+
+def build_model(name: str, ctx):
+    import utils
+
+    if name == "cnn":
+        return utils.build_cnn(ctx)
+    if name == "big":
+        return build_big(ctx)
+    raise ValueError(f"unknown model {name!r}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--native", action="store_true")
+    p.add_argument("--model", choices=["cnn", "big"], default="cnn")
+    p.add_argument("--mode", choices=["throughput", "accuracy"], default="throughput")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--max-iters", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--slice", type=int, default=0, help="global worker index")
+    p.add_argument("--num-workers", type=int, default=4, help="training workers worldwide (data sharding)")
+    p.add_argument("--kv-type", default="dist_sync")
+    p.add_argument("--compression", default=None, help="JSON for kv.set_gradient_compression")
+    args = p.parse_args(argv)
+
+    import mxnet as mx
+    import numpy as np
+    from mxnet import autograd, gluon
+
+    if not args.native:
+        import geomx  # noqa: F401  - registers geomx's store for mx.kv.create("dist_sync")
+    import utils
+
+    ctx = mx.cpu()
+    arrays = utils.load_arrays("digits") if args.mode == "accuracy" else None
+    t_setup = time.perf_counter()
+    kv = mx.kv.create(args.kv_type)
+    is_master = bool(getattr(kv, "is_master_worker", False))
+    optimizer = mx.optimizer.Adam(learning_rate=args.lr)
+    if args.native or is_master:
+        kv.set_optimizer(optimizer)
+        if args.compression:
+            kv.set_gradient_compression(json.loads(args.compression))
+    net = build_model(args.model, ctx)
+    params = list(net.collect_params().values())
+    if args.native:
+        # Init from fresh default-layout copies. Initialising from the parameters themselves (which
+        # the model's dummy forward pass may have left in MKLDNN layout) crashed the native server
+        # with "init N first" on the emulated WAN: a pull overtook rank 0's init push.
+        keys = list(range(len(params)))
+        kv.init(keys, [mx.nd.array(q.data().asnumpy()) for q in params])
+        kv.pull(keys, out=[q.data() for q in params])
+    else:
+        for idx, param in enumerate(params):
+            kv.init(idx, param.data())
+            if not is_master:
+                kv.pull(idx, out=param.data())
+    if is_master:
+        mx.nd.waitall()
+        print("master worker initialised %d keys" % len(params), flush=True)
+        return 0
+    mx.nd.waitall()
+    setup_s = time.perf_counter() - t_setup
+    nparams = int(sum(int(np.prod(q.shape)) for q in params))
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    marker = args.slice == 0
+
+    def step(data, label):
+        t0 = time.perf_counter()
+        with autograd.record():
+            loss = loss_fn(net(data), label)
+        loss.backward()
+        mx.nd.waitall()
+        t1 = time.perf_counter()
+        batch = data.shape[0]
+        for idx, param in enumerate(params):
+            kv.push(idx, param.grad() / batch, priority=-idx)
+        for idx, param in enumerate(params):
+            kv.pull(idx, out=param.data(), priority=-idx)
+        mx.nd.waitall()
+        t2 = time.perf_counter()
+        return (t1 - t0) * 1e3, (t2 - t0) * 1e3
+
+    result = {"system": "native" if args.native else "geomx", "worker": args.slice, "model": args.model,
+              "params": nparams, "batch": args.batch_size, "setup_s": round(setup_s, 3), "mode": args.mode}
+
+    if args.mode == "throughput":
+        rng = np.random.RandomState(args.seed + args.slice)
+        data = mx.nd.array(rng.rand(args.batch_size, 1, 28, 28).astype(np.float32))
+        label = mx.nd.array(rng.randint(0, 10, args.batch_size).astype(np.float32))
+        for _ in range(args.warmup):
+            step(data, label)
+        if marker:
+            print(MARK_TAG + "start", flush=True)
+        compute, total = [], []
+        for _ in range(args.iters):
+            c, t = step(data, label)
+            compute.append(round(c, 3))
+            total.append(round(t, 3))
+        if marker:
+            print(MARK_TAG + "end", flush=True)
+        result.update(iter_ms=total, compute_ms=compute)
+    else:
+        train_data, test_data = utils.load_data(args.batch_size, args.num_workers, args.slice, arrays=arrays,
+                                                seed=args.seed)
+        evals, compute, total = [], [], []
+        clock, it = 0.0, 0
+        if marker:
+            print(MARK_TAG + "start", flush=True)
+        while it < args.max_iters:
+            for data, label in train_data:
+                c, t = step(data, label)
+                compute.append(round(c, 3))
+                total.append(round(t, 3))
+                clock += t / 1e3
+                it += 1
+                if marker and (it % args.eval_every == 0 or it == args.max_iters):
+                    acc = utils.evaluate(net, test_data, ctx)
+                    evals.append({"t": round(clock, 3), "it": it, "acc": round(acc, 4)})
+                    print(f"[iter {it}] train time {clock:.2f}s test acc {acc:.4f}", flush=True)
+                if it >= args.max_iters:
+                    break
+        if marker:
+            print(MARK_TAG + "end", flush=True)
+        result.update(iter_ms=total, compute_ms=compute, evals=evals)
+
+    finite = all(bool(np.isfinite(q.data().asnumpy()).all()) for q in params)
+    result["finite"] = finite
+    print(RESULT_TAG + json.dumps(result), flush=True)
+    if args.native:
+        kv._barrier()  # leave together; the store's destructor tells the scheduler we are done
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -825,7 +825,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="run on an emulated WAN (needs root): the central party and every party in its own network "
         "namespace, joined through a bridge by links capped with tbf. SPEC: RATE for every party link "
-        "(e.g. 20mbit), and/or partyN=RATE, central=RATE (default uncapped), all=RATE. "
+        "(e.g. 20mbit), and/or partyN=RATE, central=RATE (default uncapped), all=RATE, delay=MS "
+        "(added one-way latency between data centers through a delaying relay; needs nft). "
         "Prints the bytes that crossed each link at the end (see geomx/wan.py)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the processes as shell lines and exit")

@@ -23,8 +23,14 @@ Link specification (``--wan SPEC``), comma-separated items:
 * ``partyN=RATE``          one party's link (heterogeneous links: ``party0=100mbit,party1=10mbit``)
 * ``central=RATE``         the central DC's link (uncapped unless given)
 * ``all=RATE``             every link, the central one included
-* ``delay=MS``             added one-way latency: NOT AVAILABLE YET (the kernel here has no ``netem``;
-  it needs a user-space delaying relay). Parsed so that the error is clear.
+* ``delay=MS``             added one-way latency between data centers (needs ``nft``, package nftables).
+  The kernel here has no ``netem``, so latency comes from a user-space relay: in every DC namespace an
+  nft ``redirect`` sends each outgoing TCP connection to another DC to a local relay
+  (``python -m geomx.wan relay``), which looks up the original destination (``SO_ORIGINAL_DST``),
+  connects to it and forwards every chunk in both directions ``MS`` ms after it arrived (connection
+  set-up is delayed by ``MS`` too). A connection thus sees ``MS`` one way and ``2*MS`` round trip.
+  This models message latency; it does not model TCP window dynamics over a long path (the relay
+  acknowledges locally and buffers up to 8 MB per direction).
 
 ``RATE`` is a number with a unit as ``tc`` writes them: ``bit``, ``kbit``, ``mbit``, ``gbit`` (decimal,
 bits per second), ``bps``/``kbps``/``mbps``/``gbps`` (bytes per second), or ``none``/``inf`` (uncapped).
@@ -83,6 +89,9 @@ DEFAULT_SUBNET = "10.77.0.0/24"
 #: Interface name of the access link inside every DC namespace.
 DC_IFACE = "wan0"
 BRIDGE = "br0"
+#: Port of the delaying relay inside every DC namespace, and the socket mark of its own connections.
+RELAY_PORT = 7077
+RELAY_MARK = 0x4757
 
 
 class WanError(RuntimeError):
@@ -193,10 +202,6 @@ def parse_spec(text: str, parties: int) -> WanSpec:
         else:
             raise WanError(f"unknown link {key!r} in {text!r}: use central, partyN, all or delay")
     rates.update(explicit)
-    if delay > 0:
-        raise WanError(
-            f"delay={delay:g}ms: added latency is not available yet (this kernel has no netem; a delaying "
-            "relay is planned). Emulate bandwidth only, e.g. --wan 20mbit")
     return WanSpec(rates=rates, delay_ms=delay)
 
 
@@ -427,6 +432,7 @@ class Wan:
         self._created: List[str] = []
         self._prev_handlers: Dict[int, object] = {}
         self._baseline: Optional[Dict[str, LinkCounters]] = None
+        self._relays: List[subprocess.Popen] = []
 
     # ---- construction
     @classmethod
@@ -440,8 +446,8 @@ class Wan:
         unknown = set(spec.rates) - set(dcs)
         if unknown:
             raise WanError(f"rates given for unknown data centers: {', '.join(sorted(unknown))}")
-        if spec.delay_ms:
-            raise WanError("added latency is not available yet")
+        if spec.delay_ms and shutil.which("nft") is None:
+            raise WanError("delay=...: added latency needs the `nft` command (apt-get install nftables)")
         wan = cls(dcs, spec, prefix or f"{NAME_PREFIX}{os.getpid()}", subnet)
         with _ACTIVE_LOCK:
             _ACTIVE.add(wan)
@@ -483,6 +489,36 @@ class Wan:
                 tbf = _tbf_args(rate)
                 _run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", DC_IFACE, "root", *tbf])
                 _run(["ip", "netns", "exec", r, "tc", "qdisc", "add", "dev", riface, "root", *tbf])
+        if self.spec.delay_ms > 0:
+            for dc in self.dcs:
+                self._start_relay(dc)
+
+    def _start_relay(self, dc: str) -> None:
+        ns = self.namespaces[dc]
+        net = f"{ipaddress.ip_network(self.addresses[dc] + '/' + str(self.prefixlen), strict=False)}"
+        rules = (
+            "table ip gmxwan {\n"
+            "  chain output {\n"
+            "    type nat hook output priority -100; policy accept;\n"
+            f"    meta mark {RELAY_MARK} return\n"
+            f"    ip daddr {net} ip daddr != {self.addresses[dc]} meta l4proto tcp redirect to :{RELAY_PORT}\n"
+            "  }\n"
+            "}\n")
+        proc = subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules, capture_output=True,
+                              text=True, timeout=20)
+        if proc.returncode != 0:
+            raise WanError(f"nft in {ns} failed: {proc.stderr.strip()}")
+        import sys
+
+        relay = subprocess.Popen(
+            self.exec_argv(dc) + [sys.executable, "-m", "geomx.wan", "relay", "--port", str(RELAY_PORT),
+                                  "--delay-ms", str(self.spec.delay_ms), "--mark", str(RELAY_MARK)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True, close_fds=True)
+        self._relays.append(relay)
+        line = relay.stdout.readline().strip()
+        if line != "ready":
+            raise WanError(f"delay relay in {ns} did not start: {line or relay.poll()}")
 
     # ---- signals
     def _install_signal_handlers(self) -> None:
@@ -548,6 +584,12 @@ class Wan:
             return
         self.closed = True
         try:
+            for relay in self._relays:
+                try:
+                    os.killpg(relay.pid, signal.SIGKILL)
+                    relay.wait(timeout=5)
+                except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
+                    pass
             for ns in reversed(self._created):
                 try:
                     _delete_netns(ns)
@@ -567,3 +609,116 @@ class Wan:
 
     def all_namespaces(self) -> Iterable[str]:
         return [self.router, *self.namespaces.values()]
+
+
+# --------------------------------------------------------------------------------------------------
+# Delaying relay (``python -m geomx.wan relay``), started inside each DC namespace by Wan.create
+# --------------------------------------------------------------------------------------------------
+
+_SO_ORIGINAL_DST = 80
+_RELAY_CHUNK = 1 << 16
+_RELAY_QUEUE_CHUNKS = 128  # 8 MB per direction
+
+
+def _relay_pipe(src, dst, delay: float) -> None:
+    """Forward ``src`` -> ``dst``, each chunk ``delay`` seconds after it was read."""
+    import queue
+    import socket
+
+    q: "queue.Queue" = queue.Queue(maxsize=_RELAY_QUEUE_CHUNKS)
+
+    def reader() -> None:
+        try:
+            while True:
+                data = src.recv(_RELAY_CHUNK)
+                if not data:
+                    break
+                q.put((time.monotonic() + delay, data))
+        except OSError:
+            pass
+        q.put(None)
+
+    threading.Thread(target=reader, daemon=True).start()
+    try:
+        while True:
+            item = q.get()
+            if item is None:
+                break
+            due, data = item
+            wait = due - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            dst.sendall(data)
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _relay_connection(client, delay: float, mark: int) -> None:
+    import socket
+    import struct
+
+    try:
+        raw = client.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)
+        port = struct.unpack("!H", raw[2:4])[0]
+        host = socket.inet_ntoa(raw[4:8])
+        time.sleep(delay)  # connection set-up crosses the WAN too
+        upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        upstream.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        upstream.connect((host, port))
+    except OSError:
+        client.close()
+        return
+    for s in (client, upstream):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    a = threading.Thread(target=_relay_pipe, args=(client, upstream, delay), daemon=True)
+    b = threading.Thread(target=_relay_pipe, args=(upstream, client, delay), daemon=True)
+    a.start()
+    b.start()
+    a.join()
+    b.join()
+    client.close()
+    upstream.close()
+
+
+def _relay_main(port: int, delay_ms: float, mark: int) -> int:
+    import socket
+
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", port))
+    srv.listen(256)
+    print("ready", flush=True)
+    delay = delay_ms / 1e3
+    while True:
+        client, _ = srv.accept()
+        threading.Thread(target=_relay_connection, args=(client, delay, mark), daemon=True).start()
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m geomx.wan")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("relay", help="delaying TCP relay (run inside a DC namespace by Wan.create)")
+    r.add_argument("--port", type=int, default=RELAY_PORT)
+    r.add_argument("--delay-ms", type=float, required=True)
+    r.add_argument("--mark", type=int, default=RELAY_MARK)
+    c = sub.add_parser("cleanup", help="delete leftover namespaces of killed runs")
+    c.add_argument("--prefix", default=NAME_PREFIX)
+    args = p.parse_args(argv)
+    if args.cmd == "relay":
+        return _relay_main(args.port, args.delay_ms, args.mark)
+    for ns in cleanup_stale(args.prefix):
+        print(f"deleted {ns}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main())

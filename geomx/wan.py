@@ -693,6 +693,10 @@ def _relay_main(port: int, delay_ms: float, mark: int) -> int:
     srv.bind(("0.0.0.0", port))
     srv.listen(256)
     print("ready", flush=True)
+    # Nobody reads the pipe after "ready": never block on it.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
     delay = delay_ms / 1e3
     while True:
         client, _ = srv.accept()

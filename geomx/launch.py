@@ -628,7 +628,7 @@ def _supervise(launcher: _Launcher, topology: Topology, timeout: Optional[float]
         topology.workers_per_party,
         topology.global_servers,
         topology.central_workers,
-        topology.host,
+        ", ".join(f"{dc} {h}" for dc, h in topology.dc_hosts.items()) if topology.dc_hosts else topology.host,
     )
     for spec in launcher.specs:
         launcher.critical = True

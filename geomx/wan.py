@@ -397,6 +397,7 @@ def cleanup_stale(prefix: str = NAME_PREFIX) -> List[str]:
     return removed
 
 
+_SERIAL = 0  # WANs created by this process (distinct names for several in one process)
 _ACTIVE: "set[Wan]" = set()
 _ACTIVE_LOCK = threading.Lock()
 
@@ -448,7 +449,11 @@ class Wan:
             raise WanError(f"rates given for unknown data centers: {', '.join(sorted(unknown))}")
         if spec.delay_ms and shutil.which("nft") is None:
             raise WanError("delay=...: added latency needs the `nft` command (apt-get install nftables)")
-        wan = cls(dcs, spec, prefix or f"{NAME_PREFIX}{os.getpid()}", subnet)
+        global _SERIAL
+        if prefix is None:
+            _SERIAL += 1
+            prefix = f"{NAME_PREFIX}{os.getpid()}" + (f"n{_SERIAL}" if _SERIAL > 1 else "")
+        wan = cls(dcs, spec, prefix, subnet)
         with _ACTIVE_LOCK:
             _ACTIVE.add(wan)
         if handle_signals:

@@ -1,0 +1,129 @@
+"""Convergence with compression on load_digits with the examples' CNN.
+
+The real example scripts run on real topologies of 2 parties x 1 worker, for the same number of
+epochs, with ``MXNET_KVSTORE_SIZE_LOWER_BOUND=1000`` on every process so that the CNN's four large
+weights (conv2 12,800, dense1 131,072, dense2 32,768 and dense3 1,280 elements) are compressed:
+
+* uncompressed: ``cnn_bsc.py --compression none`` (the same flow: no global optimizer, the
+  aggregated gradient pulled into ``param.grad()``, local Adam);
+* BSC at ratio 0.01 (``cnn_bsc.py -bcr 0.01``): must end within ``BSC_TOLERANCE`` of uncompressed;
+* FP16 (``cnn_fp16.py``) within ``FP16_TOLERANCE``, MPQ at 0.01 (``cnn_mpq.py``) within
+  ``MPQ_TOLERANCE``.
+
+Sparse updates need more iterations than dense ones to catch up (each entry of a large tensor
+crosses the WAN about once every 1 / r = 100 iterations), so the runs use batch 8 (94 iterations
+per epoch and worker) for 4 epochs. Accuracy is evaluated after every epoch; the comparison uses the
+last one (the others are printed, with the run times: ``pytest -s`` shows them). The runs are
+deterministic (seeded model, data order and threshold samples; two parties' sums are exact in any
+order). Two topologies run at a time to fit the machine's time budget.
+"""
+import io
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+from geomx.launch import Topology, run
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+PARTIES, WORKERS = 2, 1
+EPOCHS = 4
+BATCH = 8
+LR = 0.003
+RATIO = 0.01
+BOUND = 1000
+ITERS_PER_EPOCH = -(-(1497 // (PARTIES * WORKERS)) // BATCH)  # load_digits: 1497 training images, 94
+BSC_TOLERANCE = 0.02
+FP16_TOLERANCE = 0.02
+MPQ_TOLERANCE = 0.03
+UNCOMPRESSED_FLOOR = 0.9
+COMMON = ["--cpu", "-ds", "{slice}", "-ep", str(EPOCHS), "-bs", str(BATCH), "-lr", str(LR),
+          "--eval-every", str(ITERS_PER_EPOCH)]
+
+RUNS = {
+    "uncompressed": ("cnn_bsc.py", ["--compression", "none"]),
+    "BSC": ("cnn_bsc.py", ["-bcr", str(RATIO)]),
+    "FP16": ("cnn_fp16.py", []),
+    "MPQ": ("cnn_mpq.py", ["-bcr", str(RATIO)]),
+}
+
+_ACC = re.compile(r"^\[(?P<name>[^\]]+)\] \[Time [0-9.]+\]\[Epoch \d+\]\[Iteration (?P<it>\d+)\] "
+                  r"Test Acc (?P<acc>[0-9.]+)")
+
+
+def run_example(script, args, timeout=150):
+    """Run ``examples/<script>`` on every worker of a 2 x 1 topology; return (code, output, seconds)."""
+    topo = Topology(parties=PARTIES, workers_per_party=WORKERS,
+                    env={"MXNET_KVSTORE_SIZE_LOWER_BOUND": str(BOUND)})
+    stream = io.StringIO()
+    start = time.monotonic()
+    code = run(topo, [sys.executable, str(EXAMPLES / script), *COMMON, *args], timeout=timeout, stream=stream)
+    return code, stream.getvalue(), time.monotonic() - start
+
+
+def run_concurrently(labels):
+    """{label: (code, output, seconds)} for the given RUNS, all started at once."""
+    results = {}
+
+    def target(label):
+        script, args = RUNS[label]
+        try:
+            results[label] = run_example(script, args)
+        except Exception as exc:  # reported by the caller's assertions
+            results[label] = (-1, f"{type(exc).__name__}: {exc}", 0.0)
+
+    threads = [threading.Thread(target=target, args=(label,)) for label in labels]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def curves(output):
+    """{worker name: [(iterations, accuracy), ...]} from the ``Test Acc`` lines."""
+    out = {}
+    for line in output.splitlines():
+        m = _ACC.match(line)
+        if m:
+            out.setdefault(m.group("name"), []).append((int(m.group("it")), float(m.group("acc"))))
+    return out
+
+
+def summarize(label, result):
+    """The workers' mean final accuracy; checks the run and prints its numbers."""
+    code, output, seconds = result
+    assert code == 0, f"{label}: exit status {code}\n{output[-4000:]}"
+    accs = curves(output)
+    assert len(accs) == PARTIES * WORKERS, f"{label}: no Test Acc line from every worker\n{output[-4000:]}"
+    for name, points in accs.items():
+        assert points[-1][0] == EPOCHS * ITERS_PER_EPOCH, f"{label}: {name} stopped early: {points}"
+    final = sum(points[-1][1] for points in accs.values()) / len(accs)
+    per_epoch = " ".join(f"{acc:.4f}" for _, acc in next(iter(sorted(accs.items())))[1])
+    print(f"[compression] {label}: final test accuracy {final:.4f} after {EPOCHS} epochs "
+          f"(per epoch: {per_epoch}) in {seconds:.1f} s", flush=True)
+    return final, output
+
+
+def test_compressed_training_converges_like_uncompressed():
+    results = run_concurrently(["uncompressed", "BSC"])
+    results.update(run_concurrently(["FP16", "MPQ"]))
+    base, _ = summarize("uncompressed", results["uncompressed"])
+    bsc, bsc_out = summarize("BSC", results["BSC"])
+    fp16, fp16_out = summarize("FP16", results["FP16"])
+    mpq, mpq_out = summarize("MPQ", results["MPQ"])
+
+    # The examples report how many tensors the size lower bound lets the codec compress.
+    assert "4 of 10 tensors sparse on the WAN" in bsc_out, bsc_out[-3000:]
+    assert "4 of 10 tensors float32 (BSC on the WAN), 6 float16" in mpq_out, mpq_out[-3000:]
+    assert "all 10 tensors travel as float16" in fp16_out, fp16_out[-3000:]
+
+    print(f"[compression] uncompressed {base:.4f} | BSC({RATIO}) {bsc:.4f} ({bsc - base:+.4f}) | "
+          f"FP16 {fp16:.4f} ({fp16 - base:+.4f}) | MPQ({RATIO}) {mpq:.4f} ({mpq - base:+.4f})", flush=True)
+    assert base >= UNCOMPRESSED_FLOOR, f"uncompressed reached only {base:.4f}: the comparison would mean nothing"
+    assert bsc >= base - BSC_TOLERANCE, f"BSC {bsc:.4f} vs uncompressed {base:.4f}"
+    assert fp16 >= base - FP16_TOLERANCE, f"FP16 {fp16:.4f} vs uncompressed {base:.4f}"
+    assert mpq >= base - MPQ_TOLERANCE, f"MPQ {mpq:.4f} vs uncompressed {base:.4f}"

@@ -40,11 +40,11 @@ class GlobalServer(ServerBase):
         self.party_rank: Dict[Client, int] = {}  # client -> its global rank (as sent in headers)
         self.lost_parties: set = set()
         self.on_async: Optional[Callable[[], None]] = None  # set by the node: tell the global scheduler
-        self.initial: Dict[int, np.ndarray] = {}  # initial values: the first DC-ASGD backup
-        self.backups: Dict[tuple, np.ndarray] = {}  # (party, key) -> weights that party last received
         self.compression_params: Optional[Dict[str, Any]] = None  # set by the master worker
         self.down_codecs: Dict[Client, Any] = {}  # MixedSync + BSC: one downlink codec per party
-        self.party_views: Dict[tuple, np.ndarray] = {}  # (party, key) -> the weights that party holds
+        # (party, key) -> the weights that party holds: what it received last (its DC-ASGD backup);
+        # under BSC, the sum of the sparsified changes sent to it.
+        self.party_views: Dict[tuple, np.ndarray] = {}
         self.esync_speed: Dict[Client, float] = {}  # ESync: each party's measured local steps per second
 
     # -- round bookkeeping --------------------------------------------------------------------
@@ -87,6 +87,8 @@ class GlobalServer(ServerBase):
         if msg.payload and msg.type == MsgType.PUSHPULL:
             self._reply_weight_delta(link, identity, msg, ks, client, value)
         else:
+            if msg.type == MsgType.PUSHPULL:
+                self.party_views[(client, ks.key)] = value  # the party receives these weights
             self.reply(link, identity, msg, value if msg.type == MsgType.PUSHPULL else None)
         ks.serve_parked()
 
@@ -99,7 +101,7 @@ class GlobalServer(ServerBase):
         codec = self.down_codecs.get(party)
         if codec is None:
             codec = self.down_codecs[party] = compression.create(self.compression_params, link="wan")
-        held = self.party_views.get((party, ks.key), self.initial[ks.key])
+        held = self.party_views[(party, ks.key)]
         payload = codec.encode(ks.key, weights - held)
         self.party_views[(party, ks.key)] = held + compression.decode_payload(payload, ks.numel)
         payload_meta, data = compression.to_frames(payload)
@@ -126,12 +128,10 @@ class GlobalServer(ServerBase):
                 state = self.updater.optimizer.create_state(ks.key, ks.weight_nd)
                 self.updater.states[ks.key] = state
                 self.updater.states_synced[ks.key] = True
-            state[1][:] = self.backups.get((party, ks.key), self.initial[ks.key]).reshape(state[1].shape)
+            state[1][:] = self.party_views[(party, ks.key)].reshape(state[1].shape)
         self.updater(ks.key, grad, ks.weight_nd)
         value = ks.weight_nd.asnumpy().reshape(-1)
         ks.store = value
-        if dcasgd:
-            self.backups[(party, ks.key)] = value  # what this party receives, hence its next backup
         return value
 
     def reply_meta(self, req: Message, client: Client) -> Optional[dict]:
@@ -169,10 +169,19 @@ class GlobalServer(ServerBase):
             return
         if msg.data is not None and not ks.initialized:
             ks.store = np.array(msg.data, copy=True)
-            self.initial[ks.key] = ks.store
             ks.initialized = True
             ks.serve_parked()
         reply = self.replier(link, identity, msg)
+        if link is self.wan_link:
+            # What a party received at INIT is what it holds until its first reply: MixedSync + BSC
+            # sends it changes relative to that (not to the initial value: it may join late).
+            send = reply
+
+            def reply(value: object) -> None:
+                if isinstance(value, np.ndarray):
+                    self.party_views[(client, ks.key)] = value
+                send(value)
+
         if ks.initialized:
             reply(ks.store)
         else:

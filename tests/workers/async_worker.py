@@ -95,6 +95,14 @@ def main():
     outs = {k: mx.nd.zeros(s) for k, s in SHAPES.items()}
     for k in SHAPES:
         kv.init(k, outs[k])
+    # The oracle assumes every party starts from the initial weights: start pushing only once all
+    # parties hold them (a party that joins late legitimately receives newer weights).
+    open(f"{args.turn}.init{args.slice}", "w").close()
+    deadline = time.monotonic() + 60
+    while not all(os.path.exists(f"{args.turn}.init{q}") for q in range(parties)):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the other parties never initialised")
+        time.sleep(0.005)
     for t in range(args.rounds):
         turn = t * parties + args.slice
         wait_turn(args.turn, turn)

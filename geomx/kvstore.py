@@ -50,9 +50,12 @@ class _Deliver(mx.operator.CustomOp):
         value = fut.result()
         out = out_data[0]
         if out.context.device_type == "cpu":
-            out._sync_copyfrom(value.reshape(out.shape))  # one copy, straight into out
-        else:
-            self.assign(out, req[0], mx.nd.array(value.reshape(out.shape), ctx=out.context, dtype=out.dtype))
+            try:
+                out._sync_copyfrom(value.reshape(out.shape))  # one copy, straight into out
+                return
+            except mx.base.MXNetError:
+                pass  # out is in an MKLDNN layout (weights after an inference forward): copy via the engine
+        self.assign(out, req[0], mx.nd.array(value.reshape(out.shape), ctx=out.context, dtype=out.dtype))
 
     def backward(self, req, out_grad, in_data, out_data, in_grad, aux):  # pragma: no cover
         raise GeoMXError("geomx delivery ops have no gradient")
@@ -271,7 +274,8 @@ class GeoKVStore(KVStoreBase):
             shape, _ = self._shapes[kid]
             result = fut.result().reshape(shape)
             for o in targets:
-                o[:] = result
+                # copyto, not o[:] = numpy: parameters may be held in an MKLDNN layout.
+                mx.nd.array(result, dtype=o.dtype, ctx=o.context).copyto(o)
 
     def push(self, key: Any, value: Any, priority: int = 0) -> None:
         self._check()

@@ -8,3 +8,9 @@ def test_api_surface_and_optimizer_states(tmp_path, topology_run):
     assert not result.lines("API FAIL"), result.output[-4000:]
     assert len(result.lines("API OK")) == 4
     assert (tmp_path / "states.a.npz").exists()
+
+
+def test_pulls_into_mkldnn_layout_parameters(topology_run):
+    result = topology_run("mkldnn_worker.py", ["--slice", "{slice}"], parties=1, workers_per_party=2)
+    assert result.code == 0, result.output[-4000:]
+    assert len(result.lines("MKLDNN OK")) == 2

@@ -17,16 +17,16 @@ def oracle(tmp_path, optimizer):
     return np.load(out)
 
 
-@pytest.mark.parametrize("optimizer,update_on_kvstore,as_string", [
-    ("sgd", "yes", False),
-    ("sgd", "no", False),
-    ("adam", "yes", True),
+@pytest.mark.parametrize("optimizer,update_on_kvstore,extra", [
+    ("sgd", "yes", []),
+    ("sgd", "no", []),
+    ("adam", "yes", ["--kvstore-string"]),
+    # Trainer(compression_params=...) with a BSC ratio that keeps every entry: exact dense aggregation.
+    ("sgd", "no", ["--bsc-keep-all"]),
 ])
-def test_distributed_equals_single_process(tmp_path, topology_run, optimizer, update_on_kvstore, as_string):
+def test_distributed_equals_single_process(tmp_path, topology_run, optimizer, update_on_kvstore, extra):
     args = ["--slice", "{slice}", "--optimizer", optimizer, "--update-on-kvstore", update_on_kvstore,
-            "--out", str(tmp_path / "w{slice}.npz")]
-    if as_string:
-        args.append("--kvstore-string")
+            "--out", str(tmp_path / "w{slice}.npz"), *extra]
     result = topology_run("equiv_worker.py", args, parties=2, workers_per_party=2)
     assert result.code == 0, result.output[-4000:]
     expected = oracle(tmp_path, optimizer)

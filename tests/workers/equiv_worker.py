@@ -43,6 +43,8 @@ def main():
     p.add_argument("--optimizer", default="sgd")
     p.add_argument("--update-on-kvstore", choices=["yes", "no"], default="yes")
     p.add_argument("--kvstore-string", action="store_true", help="pass kvstore='dist_sync' as a string")
+    p.add_argument("--bsc-keep-all", action="store_true",
+                   help="BSC on the WAN with a ratio that keeps every entry (must equal dense aggregation)")
     p.add_argument("--oracle", type=int, default=0, help="single-process run over this many workers' data")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -58,7 +60,8 @@ def main():
         import geomx
 
         kv = "dist_sync" if args.kvstore_string else mx.kv.create("dist_sync")
-        trainer = gluon.Trainer(params, args.optimizer, opt_args, kvstore=kv,
+        compression = {"type": "bsc", "threshold": 0.9999, "size_lower_bound": 10} if args.bsc_keep_all else None
+        trainer = gluon.Trainer(params, args.optimizer, opt_args, kvstore=kv, compression_params=compression,
                                 update_on_kvstore=args.update_on_kvstore == "yes")
         if args.kvstore_string:
             # Trainer creates the store itself; rescale_grad must already be final when it sends the

@@ -78,11 +78,22 @@ ROWS: List[Row] = [
         note="MXNet 1.9.1 ps-lite dist_sync; one server in the central DC; every worker crosses the WAN"),
     Row("geomx-fsa", "geomx", flags="(default)",
         note="vanilla HiPS: fully synchronous, a local server per party, one global server"),
-    # Examples of how later optimizations plug in (only add them once the switch is implemented):
-    # Row("geomx-bsc", "geomx", worker_args=("--compression", '{"type": "bsc", "threshold": 0.01}'),
-    #     flags="kv.set_gradient_compression({'type': 'bsc'})"),
+    Row("geomx-bsc", "geomx",
+        worker_args=("--local-optimizer", "--compression",
+                     '{"type": "bsc", "threshold": 0.01, "size_lower_bound": 1000}'),
+        flags="master: kv.set_gradient_compression({'type': 'bsc', 'threshold': 0.01, "
+              "'size_lower_bound': 1000}); local Adam (docs/Compression.md)",
+        note="bi-sparse compression, 1% of each tensor >= 1000 elements on the WAN"),
+    Row("geomx-fp16", "geomx",
+        worker_args=("--local-optimizer", "--wire-dtype", "float16", "--compression", '{"type": "fp16"}'),
+        flags="master: kv.set_gradient_compression({'type': 'fp16'}); float16 keys; local Adam",
+        note="float16 on the wire"),
+    Row("geomx-mixedsync", "geomx", worker_args=("--kv-type", "dist_async"),
+        flags="mx.kv.create('dist_async') (docs/Synchronization.md)",
+        note="MixedSync: synchronous inside a party, asynchronous across parties"),
+    # Later optimizations plug in the same way, e.g.:
     # Row("geomx-p3", "geomx", env={"ENABLE_P3": "1"}, flags="ENABLE_P3=1"),
-    # Row("geomx-2gs", "geomx", env={}, flags="-s 2 (two global servers)")  # needs a topology field
+    # Row("geomx-hfa", "geomx", env={"MXNET_KVSTORE_USE_HFA": "1", ...}, flags="MXNET_KVSTORE_USE_HFA=1"),
 ]
 
 MODELS = {"cnn": "examples' CNN (utils.build_cnn, ~0.18M params)",

@@ -86,6 +86,10 @@ def main(argv=None) -> int:
     p.add_argument("--num-workers", type=int, default=4, help="training workers worldwide (data sharding)")
     p.add_argument("--kv-type", default="dist_sync")
     p.add_argument("--compression", default=None, help="JSON for kv.set_gradient_compression")
+    p.add_argument("--local-optimizer", action="store_true",
+                   help="no optimizer on the servers: pull the aggregated gradient, Adam step locally "
+                        "(the flow of examples/cnn_bsc.py; needed by bsc / fp16 / mpq)")
+    p.add_argument("--wire-dtype", default="float32", help="dtype of the keys (float16 for fp16 compression)")
     args = p.parse_args(argv)
 
     import mxnet as mx
@@ -103,11 +107,14 @@ def main(argv=None) -> int:
     is_master = bool(getattr(kv, "is_master_worker", False))
     optimizer = mx.optimizer.Adam(learning_rate=args.lr)
     if args.native or is_master:
-        kv.set_optimizer(optimizer)
         if args.compression:
             kv.set_gradient_compression(json.loads(args.compression))
+        if not args.local_optimizer:
+            kv.set_optimizer(optimizer)
     net = build_model(args.model, ctx)
     params = list(net.collect_params().values())
+    half = args.wire_dtype != "float32"
+    bufs = [mx.nd.zeros(q.shape, ctx=ctx, dtype=args.wire_dtype) for q in params] if half else None
     if args.native:
         # Init from fresh default-layout copies. Initialising from the parameters themselves (which
         # the model's dummy forward pass may have left in MKLDNN layout) crashed the native server
@@ -117,9 +124,13 @@ def main(argv=None) -> int:
         kv.pull(keys, out=[q.data() for q in params])
     else:
         for idx, param in enumerate(params):
-            kv.init(idx, param.data())
+            kv.init(idx, param.data() if not half else param.data().astype(args.wire_dtype))
             if not is_master:
-                kv.pull(idx, out=param.data())
+                if half:
+                    kv.pull(idx, out=bufs[idx])
+                    bufs[idx].astype("float32").copyto(param.data())
+                else:
+                    kv.pull(idx, out=param.data())
     if is_master:
         mx.nd.waitall()
         print("master worker initialised %d keys" % len(params), flush=True)
@@ -129,6 +140,9 @@ def main(argv=None) -> int:
     nparams = int(sum(int(np.prod(q.shape)) for q in params))
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     marker = args.slice == 0
+    trainer = None
+    if args.local_optimizer:
+        trainer = gluon.Trainer(net.collect_params(), "adam", {"learning_rate": args.lr}, kvstore=None)
 
     def step(data, label):
         t0 = time.perf_counter()
@@ -138,10 +152,22 @@ def main(argv=None) -> int:
         mx.nd.waitall()
         t1 = time.perf_counter()
         batch = data.shape[0]
-        for idx, param in enumerate(params):
-            kv.push(idx, param.grad() / batch, priority=-idx)
-        for idx, param in enumerate(params):
-            kv.pull(idx, out=param.data(), priority=-idx)
+        if trainer is None:
+            for idx, param in enumerate(params):
+                kv.push(idx, param.grad() / batch, priority=-idx)
+            for idx, param in enumerate(params):
+                kv.pull(idx, out=param.data(), priority=-idx)
+        else:
+            # Pull the aggregated (summed) gradient; step(num_workers) applies the average.
+            for idx, param in enumerate(params):
+                g = param.grad() / batch
+                kv.push(idx, g.astype(args.wire_dtype) if half else g, priority=-idx)
+            for idx, param in enumerate(params):
+                kv.pull(idx, out=bufs[idx] if half else param.grad(), priority=-idx)
+            if half:
+                for param, buf in zip(params, bufs):
+                    buf.astype("float32").copyto(param.grad())
+            trainer.step(args.num_workers)
         mx.nd.waitall()
         t2 = time.perf_counter()
         return (t1 - t0) * 1e3, (t2 - t0) * 1e3

@@ -192,8 +192,10 @@ def plot(report: dict, path: str) -> bool:
         print("# matplotlib not installed (pip install geomx[bench]); no plot", file=sys.stderr)
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    curves = 0
     for r in report["rows"]:
         if r.get("ok") and r.get("evals"):
+            curves += 1
             ax1.plot([e["t"] for e in r["evals"]], [e["acc"] for e in r["evals"]], marker=".",
                      label=f"{r['row']} ({r['model']})")
     target = report.get("config", {}).get("target_acc")
@@ -202,7 +204,7 @@ def plot(report: dict, path: str) -> bool:
     ax1.set_xlabel("training time (s)")
     ax1.set_ylabel("test accuracy (load_digits)")
     ax1.set_title("time to accuracy")
-    if ax1.lines:
+    if curves:
         ax1.legend(fontsize=8)
     bars = [r for r in report["rows"] if r.get("ok") and r.get("ratio") is not None]
     labels = [f"{r['row']}\n{r['model']}" for r in bars]

@@ -11,26 +11,19 @@ weights every iteration.
 
 from __future__ import annotations
 
-import importlib.util
-import logging
 import os
 import sys
 import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-# Running from a source checkout: make the repository's geomx importable when it is not installed.
-if importlib.util.find_spec("geomx") is None:
-    sys.path.append(os.path.dirname(_HERE))
+    sys.path.insert(0, _HERE)  # for utils (which also finds geomx in a source checkout)
 
 import argparse  # noqa: E402
 
 import mxnet as mx  # noqa: E402
-from mxnet import autograd, gluon  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
 import utils  # noqa: E402
+from mxnet import gluon  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    utils.setup_logging()
 
     kv_type = args.kvstore or ("dist_async" if (args.mixed_sync or args.dcasgd) else "dist_sync")
     distributed = kv_type.startswith("dist")
@@ -57,9 +50,7 @@ def main(argv=None) -> int:
     ctx = utils.get_context(args.cpu)
     # Load the data before joining the topology, so a missing data set fails fast and clearly.
     arrays = utils.load_arrays(args.dataset, args.data_dir)
-    kv = mx.kv.create(kv_type)
-    is_master = bool(getattr(kv, "is_master_worker", False))
-    num_all_workers = int(getattr(kv, "num_all_workers", kv.num_workers))
+    kv, is_master, num_all_workers = utils.create_kvstore(kv_type)
 
     # Unlike the original (which checks --mixed-sync first), --mixed-sync --dcasgd gives DCASGD.
     if args.dcasgd:
@@ -75,57 +66,31 @@ def main(argv=None) -> int:
 
     net = utils.build_cnn(ctx)
     params = list(net.collect_params().values())
-    for idx, param in enumerate(params):
-        kv.init(idx, param.data())
-        if not is_master:
-            kv.pull(idx, out=param.data())
+    utils.init_keys(kv, params)  # key i = params[i]; the other workers pull the master's weights
 
     if is_master:
         return 0
 
-    train_data, test_data = utils.load_data(
-        args.batch_size, num_all_workers, args.data_slice_idx, dataset=args.dataset,
-        data_dir=args.data_dir, split_by_class=args.split_by_class, arrays=arrays)
+    train_data, test_data = utils.load_shard(args, num_all_workers, arrays)
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
 
     print(f"Start training on {num_all_workers} workers, my rank is {kv.rank}.", flush=True)
-    show_bar = sys.stderr.isatty()
-    start = time.time()
-    iteration = 0
-    last_eval = 0
-    done = False
-    for epoch in range(args.epoch):
-        for data, label in tqdm(train_data, desc=f"epoch {epoch}", disable=not show_bar, file=sys.stderr,
-                                leave=False):
-            data = data.as_in_context(ctx)
-            label = label.as_in_context(ctx)
-            with autograd.record():
-                loss = loss_fn(net(data), label)
-            loss.backward()
-            batch = data.shape[0]
-            # Push every key first, then pull every key: the store overlaps them, and the priorities
-            # (earlier layers first) match the original's per-key calls.
-            for idx, param in enumerate(params):
-                kv.push(idx, param.grad() / batch, priority=-idx)
-            for idx, param in enumerate(params):
-                kv.pull(idx, out=param.data(), priority=-idx)
-            iteration += 1
+    reporter = utils.Reporter(net, test_data, ctx)
+    epoch = iteration = 0
+    for epoch, iteration, (data, label) in utils.iterate(train_data, args.epoch, args.max_iters):
+        batch = utils.compute_gradients(net, loss_fn, data, label, ctx)
+        # Push every key first, then pull every key: the store overlaps them, and the priorities
+        # (earlier layers first) match the original's per-key calls. The global server's optimizer
+        # turns the pushed mean gradients into new weights.
+        for idx, param in enumerate(params):
+            kv.push(idx, param.grad() / batch, priority=-idx)
+        for idx, param in enumerate(params):
+            kv.pull(idx, out=param.data(), priority=-idx)
 
-            if iteration % args.eval_every == 0:
-                acc = utils.evaluate(net, test_data, ctx)
-                last_eval = iteration
-                print("[Time %.3f][Epoch %d][Iteration %d] Test Acc %.4f"
-                      % (time.time() - start, epoch, iteration, acc), flush=True)
-            if args.max_iters and iteration >= args.max_iters:
-                done = True
-                break
-        if done:
-            break
+        if iteration % args.eval_every == 0:
+            reporter.report(epoch, iteration)
 
-    if iteration and last_eval != iteration:
-        acc = utils.evaluate(net, test_data, ctx)
-        print("[Time %.3f][Epoch %d][Iteration %d] Test Acc %.4f"
-              % (time.time() - start, epoch, iteration, acc), flush=True)
+    reporter.report_final(epoch, iteration)
     mx.nd.waitall()
     return 0
 

@@ -19,25 +19,19 @@ carries sparse tensors, and only for tensors of at least ``MXNET_KVSTORE_SIZE_LO
 
 from __future__ import annotations
 
-import importlib.util
-import logging
 import os
 import sys
 import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-# Running from a source checkout: make the repository's geomx importable when it is not installed.
-if importlib.util.find_spec("geomx") is None:
-    sys.path.append(os.path.dirname(_HERE))
+    sys.path.insert(0, _HERE)  # for utils (which also finds geomx in a source checkout)
 
 import argparse  # noqa: E402
 
 import mxnet as mx  # noqa: E402
 import utils  # noqa: E402
-from mxnet import autograd, gluon  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from mxnet import gluon  # noqa: E402
 
 
 def ratio(text: str) -> float:
@@ -51,8 +45,10 @@ def ratio(text: str) -> float:
     return value
 
 
-def add_common_flags(parser: argparse.ArgumentParser, with_ratio: bool) -> None:
-    """Flags shared by the compression examples (cnn_bsc.py, cnn_fp16.py, cnn_mpq.py)."""
+def build_compression_parser(description: str, with_ratio: bool) -> argparse.ArgumentParser:
+    """:func:`utils.build_parser` plus the flags shared by the compression examples (cnn_bsc.py,
+    cnn_fp16.py, cnn_mpq.py)."""
+    parser = utils.build_parser(description)
     if with_ratio:
         parser.add_argument("-bcr", "--bisparse-compression-ratio", type=ratio, default=0.01,
                             help="fraction of a large tensor's entries sent across the WAN per "
@@ -62,6 +58,7 @@ def add_common_flags(parser: argparse.ArgumentParser, with_ratio: bool) -> None:
                              "default: MXNET_KVSTORE_SIZE_LOWER_BOUND, else 200000")
     parser.add_argument("--max-iters", type=int, default=0,
                         help="stop after this many iterations in total (0 = no limit)")
+    return parser
 
 
 def size_lower_bound(args: argparse.Namespace) -> int:
@@ -76,8 +73,8 @@ def size_lower_bound(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = utils.build_parser("geomx BSC example (CNN, bidirectional sparse compression on the WAN)")
-    add_common_flags(parser, with_ratio=True)
+    parser = build_compression_parser("geomx BSC example (CNN, bidirectional sparse compression on the WAN)",
+                                      with_ratio=True)
     parser.add_argument("--compression", choices=("bsc", "none"), default="bsc",
                         help="none: the same flow (local Adam on the pulled gradient) without "
                              "compression, for comparison (bsc)")
@@ -92,16 +89,14 @@ def train(args: argparse.Namespace, compression: dict, dtype_of=None, describe=N
     default; the FP16 and MPQ examples send float16 tensors); ``describe(params)`` returns an extra
     line printed at the start of training.
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    utils.setup_logging()
     import geomx  # noqa: F401  (registers geomx's store for dist_sync)
 
     dtype_of = dtype_of or (lambda param: "float32")
     ctx = utils.get_context(args.cpu)
     # Load the data before joining the topology, so a missing data set fails fast and clearly.
     arrays = utils.load_arrays(args.dataset, args.data_dir)
-    kv = mx.kv.create("dist_sync")
-    is_master = bool(kv.is_master_worker)
-    num_all_workers = int(kv.num_all_workers)
+    kv, is_master, num_all_workers = utils.create_kvstore("dist_sync")
     if is_master:
         # No optimizer on the global servers: they only aggregate gradients (and refuse an
         # optimizer under bsc / mpq); every worker updates its own copy of the model.
@@ -114,21 +109,13 @@ def train(args: argparse.Namespace, compression: dict, dtype_of=None, describe=N
     # Buffers in each key's wire dtype (None: float32, the parameter's own arrays are used).
     buffers = [None if dt == "float32" else mx.nd.zeros(p.shape, ctx=ctx, dtype=dt)
                for p, dt in zip(params, dtypes)]
-    for idx, (param, buf) in enumerate(zip(params, buffers)):
-        kv.init(idx, param.data() if buf is None else param.data().astype(buf.dtype))
-        if not is_master:
-            if buf is None:
-                kv.pull(idx, out=param.data())
-            else:
-                kv.pull(idx, out=buf)
-                buf.astype("float32").copyto(param.data())
+    # Key i = params[i] in its wire dtype; the other workers pull the master's weights.
+    utils.init_keys(kv, params, buffers)
 
     if is_master:
         return 0
 
-    train_data, test_data = utils.load_data(
-        args.batch_size, num_all_workers, args.data_slice_idx, dataset=args.dataset,
-        data_dir=args.data_dir, split_by_class=args.split_by_class, arrays=arrays)
+    train_data, test_data = utils.load_shard(args, num_all_workers, arrays)
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     # Local optimizer: the pulled gradient is the sum of every worker's mean gradient, so
     # step(num_all_workers) applies their average.
@@ -137,49 +124,26 @@ def train(args: argparse.Namespace, compression: dict, dtype_of=None, describe=N
     print(f"Start training on {num_all_workers} workers, my rank is {kv.rank}.", flush=True)
     if describe is not None:
         print(describe(params), flush=True)
-    show_bar = sys.stderr.isatty()
-    start = time.time()
-    iteration = 0
-    last_eval = 0
-    done = False
-    epoch = 0
-    for epoch in range(args.epoch):
-        for data, label in tqdm(train_data, desc=f"epoch {epoch}", disable=not show_bar, file=sys.stderr,
-                                leave=False):
-            data = data.as_in_context(ctx)
-            label = label.as_in_context(ctx)
-            with autograd.record():
-                loss = loss_fn(net(data), label)
-            loss.backward()
-            batch = data.shape[0]
-            # Push every key, then pull every key (the aggregated gradient) into param.grad().
-            for idx, (param, buf) in enumerate(zip(params, buffers)):
-                grad = param.grad() / batch
-                kv.push(idx, grad if buf is None else grad.astype(buf.dtype), priority=-idx)
-            for idx, (param, buf) in enumerate(zip(params, buffers)):
-                kv.pull(idx, out=param.grad() if buf is None else buf, priority=-idx)
-            for param, buf in zip(params, buffers):
-                if buf is not None:
-                    buf.astype("float32").copyto(param.grad())
-            trainer.step(num_all_workers)
-            net.collect_params().zero_grad()
-            iteration += 1
+    reporter = utils.Reporter(net, test_data, ctx)
+    epoch = iteration = 0
+    for epoch, iteration, (data, label) in utils.iterate(train_data, args.epoch, args.max_iters):
+        batch = utils.compute_gradients(net, loss_fn, data, label, ctx)
+        # Push every key, then pull every key (the aggregated gradient) into param.grad().
+        for idx, (param, buf) in enumerate(zip(params, buffers)):
+            grad = param.grad() / batch
+            kv.push(idx, grad if buf is None else grad.astype(buf.dtype), priority=-idx)
+        for idx, (param, buf) in enumerate(zip(params, buffers)):
+            kv.pull(idx, out=param.grad() if buf is None else buf, priority=-idx)
+        for param, buf in zip(params, buffers):
+            if buf is not None:
+                buf.astype("float32").copyto(param.grad())
+        trainer.step(num_all_workers)
+        net.collect_params().zero_grad()
 
-            if iteration % args.eval_every == 0:
-                acc = utils.evaluate(net, test_data, ctx)
-                last_eval = iteration
-                print("[Time %.3f][Epoch %d][Iteration %d] Test Acc %.4f"
-                      % (time.time() - start, epoch, iteration, acc), flush=True)
-            if args.max_iters and iteration >= args.max_iters:
-                done = True
-                break
-        if done:
-            break
+        if iteration % args.eval_every == 0:
+            reporter.report(epoch, iteration)
 
-    if iteration and last_eval != iteration:
-        acc = utils.evaluate(net, test_data, ctx)
-        print("[Time %.3f][Epoch %d][Iteration %d] Test Acc %.4f"
-              % (time.time() - start, epoch, iteration, acc), flush=True)
+    reporter.report_final(epoch, iteration)
     mx.nd.waitall()
     return 0
 

@@ -26,8 +26,6 @@ Every non-scheduler process needs ``GEOMX_USE_ESYNC=1``::
 
 from __future__ import annotations
 
-import importlib.util
-import logging
 import math
 import os
 import sys
@@ -35,16 +33,13 @@ import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-# Running from a source checkout: make the repository's geomx importable when it is not installed.
-if importlib.util.find_spec("geomx") is None:
-    sys.path.append(os.path.dirname(_HERE))
+    sys.path.insert(0, _HERE)  # for utils (which also finds geomx in a source checkout)
 
 import argparse  # noqa: E402
 
 import mxnet as mx  # noqa: E402
 import utils  # noqa: E402
-from mxnet import autograd, gluon  # noqa: E402
+from mxnet import gluon  # noqa: E402
 
 
 def _non_negative_float(text: str) -> float:
@@ -64,18 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _batches(train_data):
-    """Endless (epoch, data, label) stream over the shard, one pass per epoch."""
-    epoch = 0
-    while True:
-        for data, label in train_data:
-            yield epoch, data, label
-        epoch += 1
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    utils.setup_logging()
     import geomx  # registers geomx's store for dist_sync
     import geomx.config
 
@@ -86,18 +72,13 @@ def main(argv=None) -> int:
         print("cnn_esync.py: set GEOMX_USE_ESYNC=1 on every server and worker (see scripts/cpu/run_esync.sh)",
               file=sys.stderr, flush=True)
         return 2
-    kv = mx.kv.create("dist_sync")
-    is_master = bool(kv.is_master_worker)
-    num_all_workers = int(kv.num_all_workers)
+    kv, is_master, num_all_workers = utils.create_kvstore("dist_sync")
     # No kv.set_optimizer: under ESync the global servers only average models (they refuse an optimizer).
     time.sleep(1)
 
     net = utils.build_cnn(ctx)
     params = list(net.collect_params().values())
-    for idx, param in enumerate(params):
-        kv.init(idx, param.data())
-        if not is_master:
-            kv.pull(idx, out=param.data())
+    utils.init_keys(kv, params)  # key i = params[i]; the other workers pull the master's weights
     # One more key: the workers' average number of local steps so far (the stopping rule).
     progress_key = len(params)
     progress = mx.nd.zeros((1,))
@@ -106,9 +87,7 @@ def main(argv=None) -> int:
     if is_master:
         return 0
 
-    train_data, test_data = utils.load_data(
-        args.batch_size, num_all_workers, args.data_slice_idx, dataset=args.dataset,
-        data_dir=args.data_dir, split_by_class=args.split_by_class, arrays=arrays)
+    train_data, test_data = utils.load_shard(args, num_all_workers, arrays)
     # Every worker computes the same budget (every shard has the same size); they all stop after the
     # round in which the average of their local steps reaches it.
     budget = args.max_iters or args.epoch * int(math.ceil(len(train_data._dataset) / args.batch_size))
@@ -119,11 +98,10 @@ def main(argv=None) -> int:
 
     print(f"Start training on {num_all_workers} workers, my rank is {kv.rank}.", flush=True)
     print(f"ESync: training until the workers average {budget} local steps.", flush=True)
-    stream = _batches(train_data)
-    start = time.time()
+    stream = utils.iterate(train_data, progress=False)  # endless: the budget decides when to stop
+    reporter = utils.Reporter(net, test_data, ctx)
     iteration = 0
     epoch = 0
-    last_eval = 0
     rnd = 0
     mean_steps = 0.0
     while mean_steps < budget:
@@ -132,14 +110,9 @@ def main(argv=None) -> int:
         if rnd == 1 or rnd % args.eval_every == 0:
             print(f"[ESync] round {rnd}: {steps} local step(s) for this party", flush=True)
         for _ in range(steps):
-            epoch, data, label = next(stream)
-            data = data.as_in_context(ctx)
-            label = label.as_in_context(ctx)
-            with autograd.record():
-                loss = loss_fn(net(data), label)
-            loss.backward()
-            trainer.step(data.shape[0])
-            iteration += 1
+            epoch, iteration, (data, label) = next(stream)
+            batch = utils.compute_gradients(net, loss_fn, data, label, ctx)
+            trainer.step(batch)
             if args.step_delay:
                 mx.nd.waitall()
                 time.sleep(args.step_delay)
@@ -151,15 +124,9 @@ def main(argv=None) -> int:
         mean_steps = float(progress.asscalar())
 
         if rnd % args.eval_every == 0:
-            acc = utils.evaluate(net, test_data, ctx)
-            last_eval = rnd
-            print("[Time %.3f][Epoch %d][Iteration %d] Test Acc %.4f"
-                  % (time.time() - start, epoch, iteration, acc), flush=True)
+            reporter.report(epoch, iteration)
 
-    if rnd and last_eval != rnd:
-        acc = utils.evaluate(net, test_data, ctx)
-        print("[Time %.3f][Epoch %d][Iteration %d] Test Acc %.4f"
-              % (time.time() - start, epoch, iteration, acc), flush=True)
+    reporter.report_final(epoch, iteration)  # unless the last round was evaluated
     print(f"ESync: {rnd} global rounds, {iteration} local steps here, {mean_steps:g} per worker on "
           f"average.", flush=True)
     mx.nd.waitall()

@@ -23,12 +23,11 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 import cnn_bsc  # noqa: E402  (the flow shared by the compression examples)
-import utils  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = utils.build_parser("geomx FP16 example (CNN, float16 gradients on every link)")
-    cnn_bsc.add_common_flags(parser, with_ratio=False)
+    parser = cnn_bsc.build_compression_parser("geomx FP16 example (CNN, float16 gradients on every link)",
+                                              with_ratio=False)
     return parser.parse_args(argv)
 
 

@@ -18,25 +18,19 @@ Every non-scheduler process needs ``MXNET_KVSTORE_USE_HFA=1``, ``MXNET_KVSTORE_H
 
 from __future__ import annotations
 
-import importlib.util
-import logging
 import os
 import sys
 import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-# Running from a source checkout: make the repository's geomx importable when it is not installed.
-if importlib.util.find_spec("geomx") is None:
-    sys.path.append(os.path.dirname(_HERE))
+    sys.path.insert(0, _HERE)  # for utils (which also finds geomx in a source checkout)
 
 import argparse  # noqa: E402
 
 import mxnet as mx  # noqa: E402
 import utils  # noqa: E402
-from mxnet import autograd, gluon  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from mxnet import gluon  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    utils.setup_logging()
     import geomx  # registers geomx's store for dist_sync
     import geomx.config
 
@@ -61,26 +55,19 @@ def main(argv=None) -> int:
         print("cnn_hfa.py: set MXNET_KVSTORE_USE_HFA=1, MXNET_KVSTORE_HFA_K1 and MXNET_KVSTORE_HFA_K2 on "
               "every server and worker (see scripts/cpu/run_hfa_sync.sh)", file=sys.stderr, flush=True)
         return 2
-    kv = mx.kv.create("dist_sync")
+    kv, is_master, num_all_workers = utils.create_kvstore("dist_sync")
     k1, k2 = kv.hfa_periods
-    is_master = bool(kv.is_master_worker)
-    num_all_workers = int(kv.num_all_workers)
     # No kv.set_optimizer: under HFA the global servers only average models (they refuse an optimizer).
     time.sleep(1)
 
     net = utils.build_cnn(ctx)
     params = list(net.collect_params().values())
-    for idx, param in enumerate(params):
-        kv.init(idx, param.data())
-        if not is_master:
-            kv.pull(idx, out=param.data())
+    utils.init_keys(kv, params)  # key i = params[i]; the other workers pull the master's weights
 
     if is_master:
         return 0
 
-    train_data, test_data = utils.load_data(
-        args.batch_size, num_all_workers, args.data_slice_idx, dataset=args.dataset,
-        data_dir=args.data_dir, split_by_class=args.split_by_class, arrays=arrays)
+    train_data, test_data = utils.load_shard(args, num_all_workers, arrays)
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     # Local optimizer: Adam on this worker only; its state is never synchronised.
     trainer = gluon.Trainer(net.collect_params(), "adam", {"learning_rate": args.learning_rate},
@@ -90,45 +77,24 @@ def main(argv=None) -> int:
     print(f"Start training on {num_all_workers} workers, my rank is {kv.rank}.", flush=True)
     print(f"HFA: K1={k1} (local steps between party averages), K2={k2} (party averages between "
           f"global averages): global model every {k1 * k2} iterations.", flush=True)
-    show_bar = sys.stderr.isatty()
-    start = time.time()
-    iteration = 0
-    last_eval = 0
-    done = False
-    epoch = 0
-    for epoch in range(args.epoch):
-        for data, label in tqdm(train_data, desc=f"epoch {epoch}", disable=not show_bar, file=sys.stderr,
-                                leave=False):
-            data = data.as_in_context(ctx)
-            label = label.as_in_context(ctx)
-            with autograd.record():
-                loss = loss_fn(net(data), label)
-            loss.backward()
-            trainer.step(data.shape[0])
-            iteration += 1
+    reporter = utils.Reporter(net, test_data, ctx)
+    epoch = iteration = 0
+    for epoch, iteration, (data, label) in utils.iterate(train_data, args.epoch, args.max_iters):
+        batch = utils.compute_gradients(net, loss_fn, data, label, ctx)
+        trainer.step(batch)
 
-            if iteration % k1 == 0:
-                # Push this worker's share of the party average, get the averaged model back (the
-                # global model on every K2-th average).
-                for idx, param in enumerate(params):
-                    kv.pushpull(idx, param.data() / local_workers, out=param.data(), priority=-idx)
+        if iteration % k1 == 0:
+            # Push this worker's share of the party average, get the averaged model back (the
+            # global model on every K2-th average).
+            for idx, param in enumerate(params):
+                kv.pushpull(idx, param.data() / local_workers, out=param.data(), priority=-idx)
 
-            if iteration % (k1 * k2 * args.eval_every) == 0:
-                acc = utils.evaluate(net, test_data, ctx)
-                last_eval = iteration
-                print("[Time %.3f][Epoch %d][Iteration %d] Test Acc %.4f"
-                      % (time.time() - start, epoch, iteration, acc), flush=True)
-            if args.max_iters and iteration >= args.max_iters:
-                done = True
-                break
-        if done:
-            break
+        # Evaluate only right after a global average, when every worker holds the same model.
+        if iteration % (k1 * k2 * args.eval_every) == 0:
+            reporter.report(epoch, iteration)
 
-    if iteration and last_eval != iteration:
-        # The last iteration was not a global synchronisation: this is this worker's own model.
-        acc = utils.evaluate(net, test_data, ctx)
-        print("[Time %.3f][Epoch %d][Iteration %d] Test Acc %.4f"
-              % (time.time() - start, epoch, iteration, acc), flush=True)
+    # If the last iteration was not a global synchronisation, this evaluates this worker's own model.
+    reporter.report_final(epoch, iteration)
     mx.nd.waitall()
     return 0
 

@@ -29,12 +29,11 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 import cnn_bsc  # noqa: E402  (the flow shared by the compression examples)
-import utils  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = utils.build_parser("geomx MPQ example (CNN, fp16 small tensors, BSC large ones on the WAN)")
-    cnn_bsc.add_common_flags(parser, with_ratio=True)
+    parser = cnn_bsc.build_compression_parser("geomx MPQ example (CNN, fp16 small tensors, BSC large ones on the WAN)",
+                                              with_ratio=True)
     return parser.parse_args(argv)
 
 

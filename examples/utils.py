@@ -1,4 +1,5 @@
-"""Shared helpers for the geomx examples: command line, data loading, model and evaluation.
+"""Shared helpers for the geomx examples: command line, data loading, model, training-loop plumbing
+(kvstore set-up, key initialisation, the iteration loop) and evaluation.
 
 The examples mirror the original GeoMX ones (``examples/utils.py`` there): the same flags, the same
 CNN, the same contiguous per-worker data shards. Two deliberate differences:
@@ -12,13 +13,22 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import importlib.util
+import logging
 import os
 import struct
-from typing import Iterable, Optional, Sequence, Tuple
+import sys
+import time
+from typing import Iterable, Iterator, Optional, Sequence, Tuple
 
-import mxnet as mx
-import numpy as np
-from mxnet import gluon
+# Running from a source checkout: make the repository's geomx importable when it is not installed.
+if importlib.util.find_spec("geomx") is None:
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import mxnet as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from mxnet import autograd, gluon  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 #: Seed used by :func:`build_cnn` and the data shuffling, so that every worker builds the same
 #: initial weights (the master worker's weights win anyway: the others pull them after ``init``).
@@ -352,3 +362,123 @@ def evaluate(net: gluon.Block, test_data: Iterable[Sequence[mx.nd.NDArray]], ctx
         correct += int((pred == truth.reshape(-1)).sum())
         total += truth.size
     return correct / max(total, 1)
+
+
+class Reporter:
+    """Evaluates ``net`` on ``test_data`` and prints the line the tests parse::
+
+        [Time 1.234][Epoch 0][Iteration 10] Test Acc 0.9100
+
+    The time is measured from the reporter's creation (create it right before the training loop).
+    It remembers the last iteration it evaluated, so :meth:`report_final` evaluates once more only
+    when training stopped on an iteration that was not evaluated.
+    """
+
+    LINE = "[Time %.3f][Epoch %d][Iteration %d] Test Acc %.4f"
+
+    def __init__(self, net: gluon.Block, test_data: Iterable[Sequence[mx.nd.NDArray]], ctx: mx.Context):
+        self.net = net
+        self.test_data = test_data
+        self.ctx = ctx
+        self.start = time.time()
+        self.last_iteration = 0
+
+    def report(self, epoch: int, iteration: int) -> float:
+        """Evaluate now, print the accuracy line and return the accuracy."""
+        acc = evaluate(self.net, self.test_data, self.ctx)
+        self.last_iteration = iteration
+        print(self.LINE % (time.time() - self.start, epoch, iteration, acc), flush=True)
+        return acc
+
+    def report_final(self, epoch: int, iteration: int) -> Optional[float]:
+        """After training: :meth:`report` unless ``iteration`` was the last one reported (or is 0)."""
+        if iteration and iteration != self.last_iteration:
+            return self.report(epoch, iteration)
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Training-loop plumbing
+# --------------------------------------------------------------------------------------------------
+
+def setup_logging() -> None:
+    """INFO-level logging with timestamps (geomx logs its topology events through it)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def create_kvstore(kv_type: str = "dist_sync"):
+    """``mx.kv.create(kv_type)`` and this process's role: ``(kv, is_master, num_all_workers)``.
+
+    ``is_master`` is ``kv.is_master_worker`` (the one worker of the central party: it configures the
+    global servers and initialises the keys, then leaves without training); ``num_all_workers`` is
+    the number of training workers over all parties. A local store (single-process sanity runs) has
+    no master worker and ``kv.num_workers`` workers.
+    """
+    kv = mx.kv.create(kv_type)
+    is_master = bool(getattr(kv, "is_master_worker", False))
+    num_all_workers = int(getattr(kv, "num_all_workers", kv.num_workers))
+    return kv, is_master, num_all_workers
+
+
+def init_keys(kv, params: Sequence[gluon.Parameter],
+              buffers: Optional[Sequence[Optional[mx.nd.NDArray]]] = None) -> None:
+    """Key ``i`` for ``params[i]``: every worker calls ``kv.init`` (the master worker's values win),
+    then the workers other than the master pull them, so every worker starts from the same weights.
+
+    ``buffers[i]``, when given and not None, is an array in key ``i``'s wire dtype (e.g. float16):
+    the key is initialised with the parameter cast to it, pulled into it and cast back.
+    """
+    is_master = bool(getattr(kv, "is_master_worker", False))
+    for idx, param in enumerate(params):
+        buf = buffers[idx] if buffers is not None else None
+        kv.init(idx, param.data() if buf is None else param.data().astype(buf.dtype))
+        if is_master:
+            continue
+        if buf is None:
+            kv.pull(idx, out=param.data())
+        else:
+            kv.pull(idx, out=buf)
+            buf.astype("float32").copyto(param.data())
+
+
+def load_shard(args: argparse.Namespace, num_all_workers: int, arrays: Optional[tuple] = None):
+    """:func:`load_data` for this worker as the command line asks: ``(train_data, test_data)``."""
+    return load_data(args.batch_size, num_all_workers, args.data_slice_idx, dataset=args.dataset,
+                     data_dir=args.data_dir, split_by_class=args.split_by_class, arrays=arrays)
+
+
+def iterate(train_data: Iterable, epochs: Optional[int] = None, max_iters: int = 0,
+            progress: Optional[bool] = None) -> Iterator[Tuple[int, int, tuple]]:
+    """Yield ``(epoch, iteration, batch)`` over ``epochs`` passes of ``train_data`` (endlessly when
+    ``epochs`` is None); ``iteration`` counts from 1 and includes this batch.
+
+    With ``max_iters`` (non-zero) it stops once ``iteration >= max_iters``, after that batch has been
+    handled. ``progress`` shows a per-epoch progress bar on stderr (default: when stderr is a
+    terminal).
+    """
+    if progress is None:
+        progress = sys.stderr.isatty()
+    iteration = 0
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        bar = tqdm(train_data, desc=f"epoch {epoch}", disable=not progress, file=sys.stderr, leave=False)
+        try:
+            for batch in bar:
+                iteration += 1
+                yield epoch, iteration, batch
+                if max_iters and iteration >= max_iters:
+                    return
+        finally:
+            bar.close()
+        epoch += 1
+
+
+def compute_gradients(net: gluon.Block, loss_fn: gluon.loss.Loss, data: mx.nd.NDArray,
+                      label: mx.nd.NDArray, ctx: mx.Context) -> int:
+    """Forward and backward pass of one batch on ``ctx``: fills ``param.grad()``; returns the batch size."""
+    data = data.as_in_context(ctx)
+    label = label.as_in_context(ctx)
+    with autograd.record():
+        loss = loss_fn(net(data), label)
+    loss.backward()
+    return data.shape[0]

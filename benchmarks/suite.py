@@ -62,6 +62,8 @@ class Row:
     the process name -> variables (geomx: ``Topology.node_env``, e.g. ``{"party*/server": {...}}``);
     ``worker_args``: extra flags for ``suite_worker.py`` (e.g. ``--kv-type dist_async``,
     ``--compression '{"type": "bsc"}'``); ``flags``: the switch as a user gives it (documentation).
+    ``iters`` / ``warmup`` / ``tta_iters``: this row's own iteration counts, used instead of the
+    suite's (HFA needs whole global rounds: a multiple of K1 * K2 iterations).
     """
 
     name: str
@@ -71,6 +73,14 @@ class Row:
     worker_args: Sequence[str] = ()
     flags: str = ""
     note: str = ""
+    iters: Optional[int] = None
+    warmup: Optional[int] = None
+    tta_iters: Optional[int] = None
+    default: bool = True  # in the default --rows
+
+
+def _hfa_env(k1: int, k2: int) -> Dict[str, str]:
+    return {"MXNET_KVSTORE_USE_HFA": "1", "MXNET_KVSTORE_HFA_K1": str(k1), "MXNET_KVSTORE_HFA_K2": str(k2)}
 
 
 ROWS: List[Row] = [
@@ -88,12 +98,28 @@ ROWS: List[Row] = [
         worker_args=("--local-optimizer", "--wire-dtype", "float16", "--compression", '{"type": "fp16"}'),
         flags="master: kv.set_gradient_compression({'type': 'fp16'}); float16 keys; local Adam",
         note="float16 on the wire"),
+    Row("geomx-mpq", "geomx",
+        worker_args=("--local-optimizer", "--wire-dtype", "mixed:1000", "--compression",
+                     '{"type": "mpq", "threshold": 0.01, "size_lower_bound": 1000}'),
+        flags="master: kv.set_gradient_compression({'type': 'mpq', 'threshold': 0.01, "
+              "'size_lower_bound': 1000}); float16 keys below 1000 elements; local Adam",
+        note="mixed precision: small tensors fp16 everywhere, large ones BSC-sparse on the WAN"),
     Row("geomx-mixedsync", "geomx", worker_args=("--kv-type", "dist_async"),
         flags="mx.kv.create('dist_async') (docs/Synchronization.md)",
         note="MixedSync: synchronous inside a party, asynchronous across parties"),
+    # HFA: the variables go to every process (the schedulers ignore them). Throughput runs cover
+    # exactly two global rounds (warm-up 0), so WAN bytes per sample average whole rounds.
+    Row("geomx-hfa", "geomx", env=_hfa_env(20, 10), worker_args=("--hfa",),
+        flags="MXNET_KVSTORE_USE_HFA=1 MXNET_KVSTORE_HFA_K1=20 MXNET_KVSTORE_HFA_K2=10; local Adam, "
+              "kv.pushpull(k, w / kv.num_workers, out=w) every K1 iterations (examples/cnn_hfa.py)",
+        note="HFA, K1*K2 = 200: party average every 20 iterations, global average every 200",
+        iters=400, warmup=0, tta_iters=400),
+    Row("geomx-hfa-5x4", "geomx", env=_hfa_env(5, 4), worker_args=("--hfa",),
+        flags="MXNET_KVSTORE_USE_HFA=1 MXNET_KVSTORE_HFA_K1=5 MXNET_KVSTORE_HFA_K2=4; local Adam",
+        note="HFA, K1*K2 = 20: party average every 5 iterations, global average every 20",
+        iters=200, warmup=0, tta_iters=120, default=False),
     # Later optimizations plug in the same way, e.g.:
     # Row("geomx-p3", "geomx", env={"ENABLE_P3": "1"}, flags="ENABLE_P3=1"),
-    # Row("geomx-hfa", "geomx", env={"MXNET_KVSTORE_USE_HFA": "1", ...}, flags="MXNET_KVSTORE_USE_HFA=1"),
 ]
 
 MODELS = {"cnn": "examples' CNN (utils.build_cnn, ~0.18M params)",
@@ -120,8 +146,34 @@ def parse_results(text: str) -> List[dict]:
     return out
 
 
+def worker_rates(results: Sequence[dict], workers_per_party: Optional[int]) -> dict:
+    """Iterations per second of each worker over its own timed loop, and their mean per party.
+
+    A worker's rate is ``len(iter_ms) / loop_s`` (``loop_s``: wall time of its timed loop; the sum of
+    its iteration times when absent). Party of worker ``i`` = ``i // workers_per_party``. Under
+    MixedSync the parties run at different rates, which the slowest-worker median hides.
+    """
+    per_worker = {}
+    for r in sorted(results, key=lambda r: r["worker"]):
+        loop_s = r.get("loop_s") or sum(r["iter_ms"]) / 1e3
+        per_worker[int(r["worker"])] = len(r["iter_ms"]) / loop_s if loop_s > 0 else None
+    out = {"worker_iters_per_s": {str(k): v for k, v in per_worker.items()},
+           "worker_mean_s": {str(k): (1.0 / v if v else None) for k, v in per_worker.items()}}
+    if workers_per_party:
+        parties: Dict[str, List[float]] = {}
+        for w, v in per_worker.items():
+            if v is not None:
+                parties.setdefault(f"party{w // workers_per_party}", []).append(v)
+        out["party_iters_per_s"] = {p: statistics.mean(v) for p, v in sorted(parties.items())}
+    rates = [v for v in per_worker.values() if v]
+    if rates:
+        out["mean_s"] = 1.0 / min(rates)  # slowest worker's mean time per iteration
+    return out
+
+
 def summarise_throughput(results: Sequence[dict], counters: Optional[Mapping[str, LinkCounters]],
-                         iters: int, rates: Mapping[str, Optional[float]]) -> dict:
+                         iters: int, rates: Mapping[str, Optional[float]],
+                         workers_per_party: Optional[int] = None) -> dict:
     """Per-iteration metrics from the workers' results and the WAN counters of the timed span."""
     medians = [statistics.median(r["iter_ms"]) for r in results]
     computes = [statistics.median(r["compute_ms"]) for r in results]
@@ -130,6 +182,7 @@ def summarise_throughput(results: Sequence[dict], counters: Optional[Mapping[str
     batch = results[0]["batch"]
     row = {"median_s": median_s, "worker_median_s": [m / 1e3 for m in medians], "compute_s": compute_s,
            "samples_per_s": len(results) * batch / median_s}
+    row.update(worker_rates(results, workers_per_party))
     if counters:
         per_iter = {dc: LinkCounters(c.up / iters, c.down / iters) for dc, c in counters.items()}
         b = wanmod.lower_bound(compute_s, per_iter, rates)
@@ -137,6 +190,9 @@ def summarise_throughput(results: Sequence[dict], counters: Optional[Mapping[str
         row.update({
             # Every byte enters the WAN once (one link's up) and leaves once (another's down).
             "wan_bytes_per_iter": sum(c.up for c in per_iter.values()),
+            # Every worker ran ``iters`` iterations of ``batch`` samples in the span (synchronous
+            # rows; under MixedSync the span is worker 0's and the parties' counts differ).
+            "wan_bytes_per_sample": sum(c.up for c in per_iter.values()) / (len(results) * batch),
             "link_bytes_per_iter": {dc: {"up": c.up, "down": c.down} for dc, c in per_iter.items()},
             "bottleneck": b["bottleneck"],
             "wan_s": b["wan_s"],
@@ -150,8 +206,15 @@ def summarise_throughput(results: Sequence[dict], counters: Optional[Mapping[str
 
 def summarise_accuracy(evals: Sequence[dict], target: float) -> dict:
     hit = next((e for e in evals if e["acc"] >= target), None)
-    return {"time_to_target_s": hit["t"] if hit else None, "iters_to_target": hit["it"] if hit else None,
-            "final_acc": evals[-1]["acc"] if evals else None, "evals": list(evals)}
+    out = {"time_to_target_s": hit["t"] if hit else None, "iters_to_target": hit["it"] if hit else None,
+           "final_acc": evals[-1]["acc"] if evals else None, "evals": list(evals)}
+    if any("global" in e for e in evals):
+        # HFA: evaluations right after a global average saw the global model; the others worker 0's
+        # own (local) model. Time to target counting only the global model:
+        g = next((e for e in evals if e.get("global") and e["acc"] >= target), None)
+        out["time_to_target_global_s"] = g["t"] if g else None
+        out["iters_to_target_global"] = g["it"] if g else None
+    return out
 
 
 def _f(v, fmt: str, empty: str = "-") -> str:
@@ -179,6 +242,57 @@ def markdown(report: dict) -> str:
             f"| {_f(r.get('ratio'), '.2f')}{'x' if r.get('ratio') is not None else ''} "
             f"| {_f(r.get('time_to_target_s'), '.1f')} | {_f(r.get('final_acc'), '.3f')} "
             f"| {spread} |")
+    return "\n".join(lines)
+
+
+def fast_party(report: dict) -> Optional[str]:
+    """The party with the fastest link in the report's rates (an uncapped link counts as fastest)."""
+    rates = report.get("config", {}).get("rates") or {}
+    parties = sorted(k for k in rates if k.startswith("party"))
+    if not parties:
+        return None
+    return max(parties, key=lambda p: (float("inf") if rates[p] is None else rates[p], -parties.index(p)))
+
+
+def markdown_sync(report: dict, baseline: str = "geomx-fsa") -> str:
+    """Per-party iteration rates, WAN bytes per sample and time to accuracy, each against ``baseline``.
+
+    For the synchronization rows (issue 5): MixedSync's fast party against FSA's, HFA's bytes per
+    sample and time to target against FSA's.
+    """
+    target = report.get("config", {}).get("target_acc")
+    tgt = f"{target * 100:.0f}%" if target else "target"
+    fast = fast_party(report)
+    parties = sorted({p for r in report["rows"] for p in (r.get("party_iters_per_s") or {})})
+    head = ["model", "row"] + [f"{p} it/s" + (" (fast link)" if p == fast else "") for p in parties]
+    head += [f"{fast or 'fast party'} vs {baseline}", "WAN bytes/sample", f"{baseline} bytes / row bytes",
+             f"time to {tgt} (s)", f"global model: time to {tgt} (s)", f"{baseline} time / row time",
+             "final acc"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["rows"]:
+        if not r.get("ok"):
+            lines.append(f"| {r.get('model')} | {r.get('row')} | FAILED (status {r.get('status')}) |"
+                         + " |" * (len(head) - 3))
+            continue
+        base = next((x for x in report["rows"] if x["row"] == baseline and x["model"] == r["model"]
+                     and x.get("ok")), None)
+        pr = r.get("party_iters_per_s") or {}
+        cells = [r["model"], r["row"]] + [_f(pr.get(p), ".2f") for p in parties]
+        bpr = (base or {}).get("party_iters_per_s") or {}
+        fr = pr.get(fast) / bpr[fast] if fast and pr.get(fast) and bpr.get(fast) else None
+        cells.append(_f(fr, ".2f") + ("x" if fr is not None else ""))
+        bps, bbps = r.get("wan_bytes_per_sample"), (base or {}).get("wan_bytes_per_sample")
+        cells.append(_f(bps, ".0f"))
+        br = bbps / bps if bps and bbps else None
+        cells.append(_f(br, ".1f") + ("x" if br is not None else ""))
+        tt, tg = r.get("time_to_target_s"), r.get("time_to_target_global_s")
+        cells += [_f(tt, ".1f"), _f(tg, ".1f") if "time_to_target_global_s" in r else "(every eval)"]
+        btt = (base or {}).get("time_to_target_s")
+        ref = tg if "time_to_target_global_s" in r else tt
+        tr = btt / ref if btt and ref else None
+        cells.append(_f(tr, ".2f") + ("x" if tr is not None else ""))
+        cells.append(_f(r.get("final_acc"), ".3f"))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -281,9 +395,12 @@ def worker_argv(row: Row, model: str, mode: str, args, slice_arg: str, native: b
            "--num-workers", str(args.parties * args.workers)]
     if mode == "throughput":
         iters, warmup = (args.big_iters, args.big_warmup) if model == "big" else (args.iters, args.warmup)
+        iters = row.iters if row.iters is not None else iters
+        warmup = row.warmup if row.warmup is not None else warmup
         cmd += ["--iters", str(iters), "--warmup", str(warmup)]
     else:
-        cmd += ["--max-iters", str(args.tta_iters), "--eval-every", str(args.eval_every)]
+        tta = row.tta_iters if row.tta_iters is not None else args.tta_iters
+        cmd += ["--max-iters", str(tta), "--eval-every", str(args.eval_every)]
     if native:
         cmd.append("--native")
     return cmd + list(row.worker_args)
@@ -336,15 +453,21 @@ def run_row(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"]) ->
     rates = w.rates() if w is not None else {}
     if mode == "throughput":
         iters = len(results[0]["iter_ms"])
-        out.update(summarise_throughput(results, span, iters, rates))
+        out.update(summarise_throughput(results, span, iters, rates, workers_per_party=args.workers))
         out["setup_s"] = max(r["setup_s"] for r in results)
         out["params"] = results[0]["params"]
     else:
         evals = next((r["evals"] for r in results if r["worker"] == 0), [])
         out.update(summarise_accuracy(evals, args.target_acc))
         out["tta_median_s"] = max(statistics.median(r["iter_ms"]) for r in results) / 1e3
+        out["tta_iters"] = len(next(r["iter_ms"] for r in results if r["worker"] == 0))
+        rr = worker_rates(results, args.workers)
+        out["tta_party_iters_per_s"] = rr.get("party_iters_per_s")
         if span:
             out["wan_bytes_total"] = sum(c.up for c in span.values())
+            # Samples of worker 0's span (every worker runs the same number of iterations).
+            out["wan_bytes_per_sample"] = out["wan_bytes_total"] / (
+                sum(len(r["iter_ms"]) for r in results) * results[0]["batch"])
     return out
 
 
@@ -374,7 +497,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="few iterations, one repeat: < 10 minutes on 2 cores")
     p.add_argument("--wan", default="20mbit", help="link spec (geomx.wan; default 20mbit on every party link, "
                    "central uncapped); 'off' runs on loopback without namespaces (no bytes, no bound)")
-    p.add_argument("--rows", default=",".join(r.name for r in ROWS), help="rows to run, in order")
+    p.add_argument("--rows", default=",".join(r.name for r in ROWS if r.default),
+                   help="rows to run, in order (default: all but " +
+                        ", ".join(r.name for r in ROWS if not r.default) + ")")
     p.add_argument("--models", default="cnn,big", help="throughput models (cnn, big)")
     p.add_argument("--no-accuracy", action="store_true", help="skip the time-to-accuracy runs")
     p.add_argument("--parties", type=int, default=2)
@@ -428,14 +553,17 @@ def main(argv=None) -> int:
                           file=sys.stderr, flush=True)
                     r = run_row(row, model, "throughput", args, w)
                     if r.get("ok"):
+                        parts = ", ".join(f"{p} {v:.2f} it/s" for p, v in (r.get("party_iters_per_s") or {}).items())
                         print(f"#   {r['median_s']:.3f} s/iter, bound {_f(r.get('bound_s'), '.3f')} s, "
                               f"WAN {_f(r.get('wan_bytes_per_iter', 0) / 1e6, '.2f')} MB/iter, "
+                              f"{_f(r.get('wan_bytes_per_sample'), '.0f')} B/sample, {parts}, "
                               f"run {r['wall_s']} s", file=sys.stderr, flush=True)
                     runs.append(r)
                 report_rows.append(merge_repeats(runs))
         if not args.no_accuracy:
             for row in rows:
-                print(f"# {row.name} / cnn / time to accuracy ({args.tta_iters} iterations) ...",
+                print(f"# {row.name} / cnn / time to accuracy "
+                      f"({row.tta_iters if row.tta_iters is not None else args.tta_iters} iterations) ...",
                       file=sys.stderr, flush=True)
                 r = run_row(row, "cnn", "accuracy", args, w)
                 if r.get("ok"):
@@ -448,6 +576,9 @@ def main(argv=None) -> int:
                 target["accuracy_run"] = {k: v for k, v in r.items() if k != "evals"}
                 for k in ("time_to_target_s", "iters_to_target", "final_acc", "evals"):
                     target[k] = r.get(k)
+                for k in ("time_to_target_global_s", "iters_to_target_global"):
+                    if k in r:
+                        target[k] = r[k]
     finally:
         rates = w.rates() if w is not None else {}
         if w is not None:
@@ -479,6 +610,11 @@ def main(argv=None) -> int:
     table = markdown(report)
     report["table_markdown"] = table
     print(table)
+    sync = markdown_sync(report)
+    report["sync_table_markdown"] = sync
+    print("\nPer party (iterations/s over each worker's own timed loop, mean per party), WAN bytes per "
+          "sample, time to accuracy; ratios against geomx-fsa:\n")
+    print(sync)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

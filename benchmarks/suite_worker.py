@@ -25,6 +25,16 @@ iterations (the suite snapshots the WAN counters there); every training worker p
 
 Optimization rows select features with ``--kv-type`` (e.g. ``dist_async``) and ``--compression JSON``
 (``kv.set_gradient_compression``), set by the master worker like in the original examples.
+
+``--hfa`` (with ``MXNET_KVSTORE_USE_HFA=1``, ``MXNET_KVSTORE_HFA_K1``/``K2`` in the environment): the
+flow of ``examples/cnn_hfa.py``. No optimizer on the servers; every iteration a local Adam step
+(``gluon.Trainer`` with ``kvstore=None``); every K1-th iteration (counted over warm-up and timed
+iterations together) ``kv.pushpull(k, w / kv.num_workers, out=w)`` for every key. In accuracy mode
+each evaluation records whether it came right after a global average (iteration % (K1*K2) == 0),
+i.e. whether it evaluated the global model or worker 0's local one.
+
+Every result carries ``loop_s``: the wall-clock time of the timed loop (throughput mode) or the sum
+of the iteration times (accuracy mode), so the suite can report iterations per second per worker.
 """
 from __future__ import annotations
 
@@ -89,7 +99,12 @@ def main(argv=None) -> int:
     p.add_argument("--local-optimizer", action="store_true",
                    help="no optimizer on the servers: pull the aggregated gradient, Adam step locally "
                         "(the flow of examples/cnn_bsc.py; needed by bsc / fp16 / mpq)")
-    p.add_argument("--wire-dtype", default="float32", help="dtype of the keys (float16 for fp16 compression)")
+    p.add_argument("--wire-dtype", default="float32",
+                   help="dtype of the keys: float32, float16 (fp16 compression), or mixed:N (MPQ: float16 "
+                        "for tensors of fewer than N elements, float32 for the others)")
+    p.add_argument("--hfa", action="store_true",
+                   help="HFA flow (examples/cnn_hfa.py): local Adam every iteration, pushpull of "
+                        "weights / kv.num_workers every K1 iterations; needs MXNET_KVSTORE_USE_HFA=1")
     args = p.parse_args(argv)
 
     import mxnet as mx
@@ -100,21 +115,37 @@ def main(argv=None) -> int:
         import geomx  # noqa: F401  - registers geomx's store for mx.kv.create("dist_sync")
     import utils
 
+    if args.hfa:
+        import geomx.config
+
+        # Without HFA the servers would treat the pushed weights as gradients (as examples/cnn_hfa.py).
+        if args.native or not geomx.config.load().use_hfa:
+            print("suite_worker.py --hfa: geomx only, with MXNET_KVSTORE_USE_HFA=1, MXNET_KVSTORE_HFA_K1 and "
+                  "MXNET_KVSTORE_HFA_K2 on every server and worker", file=sys.stderr, flush=True)
+            return 2
     ctx = mx.cpu()
     arrays = utils.load_arrays("digits") if args.mode == "accuracy" else None
     t_setup = time.perf_counter()
     kv = mx.kv.create(args.kv_type)
     is_master = bool(getattr(kv, "is_master_worker", False))
     optimizer = mx.optimizer.Adam(learning_rate=args.lr)
+    if args.hfa:
+        k1, k2 = kv.hfa_periods
     if args.native or is_master:
         if args.compression:
             kv.set_gradient_compression(json.loads(args.compression))
-        if not args.local_optimizer:
+        if not args.local_optimizer and not args.hfa:
             kv.set_optimizer(optimizer)
     net = build_model(args.model, ctx)
     params = list(net.collect_params().values())
-    half = args.wire_dtype != "float32"
-    bufs = [mx.nd.zeros(q.shape, ctx=ctx, dtype=args.wire_dtype) for q in params] if half else None
+    if args.wire_dtype.startswith("mixed:"):
+        bound = int(args.wire_dtype.split(":", 1)[1])
+        dtypes = ["float16" if int(np.prod(q.shape)) < bound else "float32" for q in params]
+    else:
+        dtypes = [args.wire_dtype] * len(params)
+    halves = [d != "float32" for d in dtypes]
+    # float16 keys travel from/to float16 buffers; the model itself stays float32.
+    bufs = [mx.nd.zeros(q.shape, ctx=ctx, dtype=d) if h else None for q, d, h in zip(params, dtypes, halves)]
     if args.native:
         # Init from fresh default-layout copies. Initialising from the parameters themselves (which
         # the model's dummy forward pass may have left in MKLDNN layout) crashed the native server
@@ -124,7 +155,8 @@ def main(argv=None) -> int:
         kv.pull(keys, out=[q.data() for q in params])
     else:
         for idx, param in enumerate(params):
-            kv.init(idx, param.data() if not half else param.data().astype(args.wire_dtype))
+            half = halves[idx]
+            kv.init(idx, param.data() if not half else param.data().astype(dtypes[idx]))
             if not is_master:
                 if half:
                     kv.pull(idx, out=bufs[idx])
@@ -141,8 +173,11 @@ def main(argv=None) -> int:
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     marker = args.slice == 0
     trainer = None
-    if args.local_optimizer:
+    if args.local_optimizer or args.hfa:
         trainer = gluon.Trainer(net.collect_params(), "adam", {"learning_rate": args.lr}, kvstore=None)
+    hfa_state = {"it": 0}
+    if args.hfa:
+        local_workers = kv.num_workers  # this party's workers: the local server sums their pushes
 
     def step(data, label):
         t0 = time.perf_counter()
@@ -152,7 +187,13 @@ def main(argv=None) -> int:
         mx.nd.waitall()
         t1 = time.perf_counter()
         batch = data.shape[0]
-        if trainer is None:
+        if args.hfa:
+            trainer.step(batch)
+            hfa_state["it"] += 1
+            if hfa_state["it"] % k1 == 0:
+                for idx, param in enumerate(params):
+                    kv.pushpull(idx, param.data() / local_workers, out=param.data(), priority=-idx)
+        elif trainer is None:
             for idx, param in enumerate(params):
                 kv.push(idx, param.grad() / batch, priority=-idx)
             for idx, param in enumerate(params):
@@ -161,11 +202,11 @@ def main(argv=None) -> int:
             # Pull the aggregated (summed) gradient; step(num_workers) applies the average.
             for idx, param in enumerate(params):
                 g = param.grad() / batch
-                kv.push(idx, g.astype(args.wire_dtype) if half else g, priority=-idx)
+                kv.push(idx, g.astype(dtypes[idx]) if halves[idx] else g, priority=-idx)
             for idx, param in enumerate(params):
-                kv.pull(idx, out=bufs[idx] if half else param.grad(), priority=-idx)
-            if half:
-                for param, buf in zip(params, bufs):
+                kv.pull(idx, out=bufs[idx] if halves[idx] else param.grad(), priority=-idx)
+            for param, buf in zip(params, bufs):
+                if buf is not None:
                     buf.astype("float32").copyto(param.grad())
             trainer.step(args.num_workers)
         mx.nd.waitall()
@@ -173,6 +214,7 @@ def main(argv=None) -> int:
         return (t1 - t0) * 1e3, (t2 - t0) * 1e3
 
     result = {"system": "native" if args.native else "geomx", "worker": args.slice, "model": args.model,
+              "hfa": list(kv.hfa_periods) if args.hfa else None,
               "params": nparams, "batch": args.batch_size, "setup_s": round(setup_s, 3), "mode": args.mode}
 
     if args.mode == "throughput":
@@ -184,13 +226,15 @@ def main(argv=None) -> int:
         if marker:
             print(MARK_TAG + "start", flush=True)
         compute, total = [], []
+        t_loop = time.perf_counter()
         for _ in range(args.iters):
             c, t = step(data, label)
             compute.append(round(c, 3))
             total.append(round(t, 3))
+        loop_s = time.perf_counter() - t_loop
         if marker:
             print(MARK_TAG + "end", flush=True)
-        result.update(iter_ms=total, compute_ms=compute)
+        result.update(iter_ms=total, compute_ms=compute, loop_s=round(loop_s, 4))
     else:
         train_data, test_data = utils.load_data(args.batch_size, args.num_workers, args.slice, arrays=arrays,
                                                 seed=args.seed)
@@ -207,13 +251,16 @@ def main(argv=None) -> int:
                 it += 1
                 if marker and (it % args.eval_every == 0 or it == args.max_iters):
                     acc = utils.evaluate(net, test_data, ctx)
-                    evals.append({"t": round(clock, 3), "it": it, "acc": round(acc, 4)})
+                    ev = {"t": round(clock, 3), "it": it, "acc": round(acc, 4)}
+                    if args.hfa:
+                        ev["global"] = it % (k1 * k2) == 0  # right after a global average
+                    evals.append(ev)
                     print(f"[iter {it}] train time {clock:.2f}s test acc {acc:.4f}", flush=True)
                 if it >= args.max_iters:
                     break
         if marker:
             print(MARK_TAG + "end", flush=True)
-        result.update(iter_ms=total, compute_ms=compute, evals=evals)
+        result.update(iter_ms=total, compute_ms=compute, evals=evals, loop_s=round(clock, 4))
 
     finite = all(bool(np.isfinite(q.data().asnumpy()).all()) for q in params)
     result["finite"] = finite

@@ -107,7 +107,10 @@ def _local_server(cfg: NodeConfig) -> int:
 
 def _global_server(cfg: NodeConfig) -> int:
     # The optimizer runs in MXNet; importing it takes seconds, so do it before joining the tiers
-    # rather than inside the event loop, where it would stall heartbeats.
+    # rather than inside the event loop, where it would stall heartbeats. The server calls MXNet from
+    # its one event-loop thread and waits for every result at once, so MXNet's own threaded engine
+    # only adds hand-offs: run its ops in the calling thread instead (unless the user chose).
+    os.environ.setdefault("MXNET_ENGINE_TYPE", "NaiveEngine")
     import mxnet  # noqa: F401
 
     ctx = zmq.Context()

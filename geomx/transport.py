@@ -210,14 +210,6 @@ class EventLoop:
             link.close()
         self._wake_rx.close(linger=0)
 
-    def byte_counters(self) -> Dict[str, int]:
-        out = {"lan_sent": 0, "lan_received": 0, "wan_sent": 0, "wan_received": 0}
-        for link in self.links:
-            side = "wan" if link.wan else "lan"
-            out[f"{side}_sent"] += link.bytes_sent
-            out[f"{side}_received"] += link.bytes_received
-        return out
-
 
 def peer_label(identity: Optional[bytes]) -> str:
     if identity is None:

@@ -2,9 +2,9 @@
 surviving party trains to the end (under FSA the same loss ends the run, see test_faults.py)."""
 import sys
 
+from conftest import WORKERS
 from test_faults import FAST_HEARTBEATS, Cluster, assert_no_process_left
 
-from conftest import WORKERS
 from geomx.launch import Topology
 
 

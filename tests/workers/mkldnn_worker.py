@@ -9,8 +9,9 @@ import numpy as np
 from mxnet import gluon
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
-import geomx  # noqa: E402
 from utils import build_cnn  # noqa: E402
+
+import geomx  # noqa: E402
 
 
 def main():

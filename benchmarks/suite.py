@@ -82,6 +82,7 @@ class Row:
     note: str = ""
     iters: Optional[int] = None
     warmup: Optional[int] = None
+    global_servers: int = 1
     tta_iters: Optional[int] = None
     default: bool = True  # in the default --rows
 
@@ -111,6 +112,9 @@ ROWS: List[Row] = [
         flags="master: kv.set_gradient_compression({'type': 'mpq', 'threshold': 0.01, "
               "'size_lower_bound': 1000}); float16 keys below 1000 elements; local Adam",
         note="mixed precision: small tensors fp16 everywhere, large ones BSC-sparse on the WAN"),
+    Row("geomx-2gs", "geomx", global_servers=2, env={"MXNET_KVSTORE_BIGARRAY_BOUND": "100000"},
+        flags="DMLC_NUM_GLOBAL_SERVER=2 (launcher -s 2); tensors >= 100000 elements split over both",
+        note="MultiGPS: keys spread over two global servers in the central party"),
     Row("geomx-mixedsync", "geomx", worker_args=("--kv-type", "dist_async"),
         flags="mx.kv.create('dist_async') (docs/Synchronization.md)",
         note="MixedSync: synchronous inside a party, asynchronous across parties"),
@@ -433,7 +437,8 @@ def run_row(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"]) ->
         from geomx.launch import Topology
         from geomx.launch import run as launch_run
 
-        topo = Topology(parties=args.parties, workers_per_party=args.workers, global_servers=1, env=base_env,
+        topo = Topology(parties=args.parties, workers_per_party=args.workers, global_servers=row.global_servers,
+                        env=base_env,
                         node_env={k: dict(v) for k, v in row.node_env.items()})
         if w is not None:
             topo.dc_hosts = {dc: w.address(dc) for dc in w.dcs}

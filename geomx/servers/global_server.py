@@ -119,8 +119,12 @@ class GlobalServer(ServerBase):
 
         if ks.weight_nd is None:
             ks.weight_nd = mx.nd.array(ks.store, dtype=ks.dtype)
-        grad = mx.nd.empty(grad_np.shape, dtype=ks.dtype)
-        grad._sync_copyfrom(grad_np)
+        if grad_np.flags.writeable and grad_np.flags.c_contiguous and grad_np.flags.aligned:
+            # A round sum this server owns and drops after the update: lend it to MXNet (no copy).
+            grad = mx.nd.from_numpy(grad_np, zero_copy=True)
+        else:
+            grad = mx.nd.empty(grad_np.shape, dtype=ks.dtype)
+            grad._sync_copyfrom(grad_np)
         dcasgd = party is not None and self.optimizer_spec is not None and self.optimizer_spec["name"] == "dcasgd"
         if dcasgd:
             state = self.updater.states.get(ks.key)

@@ -173,7 +173,12 @@ class GeoKVStore(KVStoreBase):
         self._closed = False
         if cfg.is_master_worker:
             # dist_sync: synchronous global tier; dist_async: MixedSync (asynchronous across parties).
-            self._command({"cmd": commands.SYNC_MODE, "sync": "async" not in self._type})
+            try:
+                self._command({"cmd": commands.SYNC_MODE, "sync": "async" not in self._type})
+            except GeoMXError as exc:
+                # Refused (e.g. HFA with dist_async): tell the topology now rather than let it wait.
+                self._node.close(failure=str(exc))
+                raise
         _live_stores.add(self)
 
     # -- properties -----------------------------------------------------------------------------

@@ -43,3 +43,11 @@ def test_esync_gives_fast_party_more_steps_and_one_model(topology_run):
     slow = [s for p, s, _ in late if p == 1]
     print("ESync steps in the last round: fast party", fast, "slow party", slow)
     assert min(slow) == 1 and min(fast) >= 3
+
+
+def test_hfa_with_dist_async_is_refused_clearly(topology_run):
+    result = topology_run("hfa_async_worker.py", [], parties=1, workers_per_party=1, timeout=60,
+                          env={"MXNET_KVSTORE_USE_HFA": "1"})
+    assert result.code != 0
+    assert "works with dist_sync only, not dist_async" in result.output
+    assert not result.lines("NOT REFUSED")

@@ -32,7 +32,7 @@ log = logging.getLogger("geomx.kvstore")
 
 # -- engine-side delivery of pulled values -----------------------------------------------------------
 
-_tickets: Dict[int, Tuple[cf.Future, int]] = {}
+_tickets: Dict[int, cf.Future] = {}  # delivery op ticket -> the reply it waits for
 _ticket_ids = itertools.count(1)
 _tickets_lock = threading.Lock()
 
@@ -46,7 +46,7 @@ class _Deliver(mx.operator.CustomOp):
 
     def forward(self, is_train, req, in_data, out_data, aux):  # noqa: D401 - MXNet signature
         with _tickets_lock:
-            fut, _ = _tickets.pop(self.ticket)
+            fut = _tickets.pop(self.ticket)
         value = fut.result()
         out = out_data[0]
         if out.context.device_type == "cpu":
@@ -92,7 +92,7 @@ def _deliver_async(fut: cf.Future, out: mx.nd.NDArray) -> None:
     """Write ``fut``'s array into ``out`` as an engine operation (ordered with every use of ``out``)."""
     ticket = next(_ticket_ids)
     with _tickets_lock:
-        _tickets[ticket] = (fut, 0)
+        _tickets[ticket] = fut
     anchor = _anchors.get(out.context)
     if anchor is None:
         anchor = _anchors[out.context] = mx.nd.zeros((1,), ctx=out.context)

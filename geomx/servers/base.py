@@ -191,8 +191,7 @@ class ServerBase:
             error = GeoMXError(f"{peer_label(client[1])} stopped after {done} round(s) of key {ks.key}; "
                                "the synchronous round cannot complete")
             for r in [r for r in ks.rounds if r >= done]:
-                for reply, _ in ks.rounds.pop(r).waiters:
-                    reply(error)
+                ks.fail_round(r, error)
             parked, ks.parked = ks.parked, []
             for other, reply in parked:
                 if ks.pushes_by.get(other, 0) > done:

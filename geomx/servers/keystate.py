@@ -45,7 +45,7 @@ class KeyState:
         self.rounds: Dict[int, Round] = {}
         self.completed = 0  # rounds finished
         self.pushes_by: Dict[Any, int] = {}
-        self.parked: List[Any] = []  # (client, rounds needed, reply)
+        self.parked: List[Any] = []  # (client, reply): pulls waiting for a round or for the init
         self.weight_nd: Any = None  # MXNet copy of the weights when the global server runs an optimizer
         self.milestone: Optional[np.ndarray] = None  # HFA: the global model at the last global round
         self.local_rounds = 0  # HFA: party-level averages since the start
@@ -95,6 +95,11 @@ class KeyState:
         for reply, want_value in rnd.waiters:
             reply(value if want_value else None)
         self.serve_parked()
+
+    def fail_round(self, r: int, error: Exception) -> None:
+        """Round ``r`` can never complete: refuse every push waiting on it with ``error``."""
+        for reply, _ in self.rounds.pop(r).waiters:
+            reply(error)
 
     def serve_parked(self) -> None:
         if not self.parked:

@@ -107,9 +107,7 @@ class LocalServer(ServerBase):
 
         def on_global_result(value: Optional[np.ndarray], error: Optional[Exception]) -> None:
             if error is not None:
-                log.error("%s: key %d round %d failed upstream: %s", self.name, ks.key, r, error)
-                for reply, _ in ks.rounds.pop(r).waiters:
-                    reply(GeoMXError(f"global tier refused key {ks.key}: {error}"))
+                self._fail_upstream(ks, r, error)
                 return
             if ks.key in self.delta_replies:
                 # MixedSync + BSC: the global server sent the change to the weights this party holds.
@@ -119,6 +117,10 @@ class LocalServer(ServerBase):
 
         self.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_result, data=acc,
                               encoder=self._encoder(ks, acc))
+
+    def _fail_upstream(self, ks: KeyState, r: int, error: Exception) -> None:
+        log.error("%s: key %d round %d failed upstream: %s", self.name, ks.key, r, error)
+        ks.fail_round(r, GeoMXError(f"global tier refused key {ks.key}: {error}"))
 
     def _encoder(self, ks: KeyState, acc: np.ndarray):
         """How ``acc`` crosses the WAN: None for dense, else a per-part encoder of one payload (the
@@ -146,9 +148,7 @@ class LocalServer(ServerBase):
 
         def on_global_delta(total: Optional[np.ndarray], error: Optional[Exception]) -> None:
             if error is not None:
-                log.error("%s: key %d HFA round failed upstream: %s", self.name, ks.key, error)
-                for reply, _ in ks.rounds.pop(r).waiters:
-                    reply(GeoMXError(f"global tier refused key {ks.key}: {error}"))
+                self._fail_upstream(ks, r, error)
                 return
             ks.milestone = ks.milestone + total
             ks.finish_round(r, ks.milestone)

@@ -85,6 +85,8 @@ class Row:
     global_servers: int = 1
     tta_iters: Optional[int] = None
     default: bool = True  # in the default --rows
+    separate_global_servers: bool = False  # each global server behind a link of its own (gsN)
+    local_servers: int = 1  # per party
 
 
 def _hfa_env(k1: int, k2: int) -> Dict[str, str]:
@@ -115,6 +117,14 @@ ROWS: List[Row] = [
     Row("geomx-2gs", "geomx", global_servers=2, env={"MXNET_KVSTORE_BIGARRAY_BOUND": "100000"},
         flags="DMLC_NUM_GLOBAL_SERVER=2 (launcher -s 2); tensors >= 100000 elements split over both",
         note="MultiGPS: keys spread over two global servers in the central party"),
+    Row("geomx-2gs-links", "geomx", global_servers=2, separate_global_servers=True,
+        env={"MXNET_KVSTORE_BIGARRAY_BOUND": "100000"},
+        flags="DMLC_NUM_GLOBAL_SERVER=2 (launcher -s 2 --separate-global-servers); one machine and link per "
+              "global server; tensors >= 100000 elements split over both",
+        note="MultiGPS as deployed: two global servers, each behind its own central-rate link", default=False),
+    Row("geomx-2ls", "geomx", local_servers=2, env={"MXNET_KVSTORE_BIGARRAY_BOUND": "100000"},
+        flags="DMLC_NUM_SERVER=2 in every party (launcher -l 2)",
+        note="two local servers per party (keys divided between them)", default=False),
     Row("geomx-mixedsync", "geomx", worker_args=("--kv-type", "dist_async"),
         flags="mx.kv.create('dist_async') (docs/Synchronization.md)",
         note="MixedSync: synchronous inside a party, asynchronous across parties"),
@@ -438,6 +448,7 @@ def run_row(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"]) ->
         from geomx.launch import run as launch_run
 
         topo = Topology(parties=args.parties, workers_per_party=args.workers, global_servers=row.global_servers,
+                        separate_global_servers=row.separate_global_servers, local_servers=row.local_servers,
                         env=base_env,
                         node_env={k: dict(v) for k, v in row.node_env.items()})
         if w is not None:
@@ -548,8 +559,10 @@ def main(argv=None) -> int:
     w = None
     if args.wan != "off":
         try:
-            spec = wanmod.parse_spec(args.wan, args.parties)
-            w = wanmod.Wan.create(wanmod.dc_names(args.parties), spec)
+            # Global servers with links of their own (row geomx-2gs-links) need data centers gsN.
+            gs_dcs = max([r.global_servers for r in rows if r.separate_global_servers] or [0])
+            spec = wanmod.parse_spec(args.wan, args.parties, gs_dcs)
+            w = wanmod.Wan.create(wanmod.dc_names(args.parties, gs_dcs), spec)
         except wanmod.WanError as exc:
             print(f"suite: {exc}", file=sys.stderr)
             return 2

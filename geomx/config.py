@@ -215,10 +215,6 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
         kw["num_all_worker"] = r.int("DMLC_NUM_ALL_WORKER", required=True, minimum=1)
     kw["enable_central_worker"] = r.bool("DMLC_ENABLE_CENTRAL_WORKER")
 
-    if role == LOCAL_SERVER and kw["num_server"] != 1:
-        raise ConfigError(
-            f"DMLC_NUM_SERVER must be 1 for a party's local server, got {kw['num_server']} (role: {role})"
-        )
     if role == GLOBAL_SERVER and kw["num_server"] != kw["num_global_server"]:
         raise ConfigError(
             "DMLC_NUM_SERVER must equal DMLC_NUM_GLOBAL_SERVER on a global server (the central party's servers "

@@ -21,9 +21,36 @@ Callback = Callable[[Optional[np.ndarray], Optional[Exception]], None]
 Encoder = Callable[[int, int], Tuple[dict, np.ndarray]]  # (offset, numel) -> (payload meta, bytes)
 
 
-def partition(key: int, total: int, num_servers: int, bigarray_bound: int) -> List[Part]:
-    """Which server holds which slice of ``key``: small keys whole on ``(key * 9973) % n``,
-    large ones (``total >= bigarray_bound``) cut into ``n`` near-equal contiguous parts."""
+def partition(key: int, total: int, num_servers: int, bigarray_bound: int,
+              global_servers: Optional[int] = None) -> List[Part]:
+    """Which server holds which slice of ``key``.
+
+    Towards the global servers (and inside the central party, whose servers they are): small keys
+    whole on ``(key * 9973) % n``, large ones (``total >= bigarray_bound``) cut into ``n`` near-equal
+    contiguous parts, as in GeoMX. Inside a party with several local servers (``global_servers``
+    given and different from ``n``), keys are divided *along the global servers' parts*: global
+    part ``j`` goes to local server ``j * n // global_servers`` (consecutive parts on one server
+    merged), a key with a single global part goes whole to ``(key * 9973) % n``. Every local server
+    then forwards whole global parts, so each global server receives exactly one aggregate per
+    party and per part, whatever each party's number of local servers."""
+    if global_servers is None or global_servers == num_servers:
+        return _global_parts(key, total, num_servers, bigarray_bound)
+    if num_servers == 1:
+        return [(0, 0, total)]
+    upstream = _global_parts(key, total, global_servers, bigarray_bound)
+    if len(upstream) == 1:
+        return [((key * 9973) % num_servers, 0, total)]
+    parts: List[Part] = []
+    for j, offset, numel in upstream:
+        server = j * num_servers // global_servers
+        if parts and parts[-1][0] == server:
+            parts[-1] = (server, parts[-1][1], parts[-1][2] + numel)
+        else:
+            parts.append((server, offset, numel))
+    return parts
+
+
+def _global_parts(key: int, total: int, num_servers: int, bigarray_bound: int) -> List[Part]:
     if num_servers == 1:
         return [(0, 0, total)]
     if total < bigarray_bound:
@@ -33,11 +60,14 @@ def partition(key: int, total: int, num_servers: int, bigarray_bound: int) -> Li
 
 
 class _Pending:
-    __slots__ = ("callback", "parts", "remaining", "result", "error", "single", "replies", "is_broadcast")
+    __slots__ = ("callback", "parts", "remaining", "result", "error", "single", "replies", "is_broadcast",
+                 "base", "size")
 
     def __init__(self, callback: Callable[..., None], parts: List[Part], single: bool,
-                 is_broadcast: bool = False):
+                 is_broadcast: bool = False, base: int = 0, size: int = 0):
         self.callback = callback
+        self.base = base  # the requested slice: [base, base + size) of the key
+        self.size = size
         self.parts = {(p[0], p[1]): p[2] for p in parts}
         self.remaining = len(parts)
         self.result: Optional[np.ndarray] = None
@@ -49,10 +79,11 @@ class _Pending:
 
 class KVClient:
     def __init__(self, loop: EventLoop, servers: Sequence[Tuple[str, int]], *, identity: str, sender: int,
-                 bigarray_bound: int, wan: bool, name: str):
+                 bigarray_bound: int, wan: bool, name: str, global_servers: Optional[int] = None):
         self.loop = loop
         self.sender = sender
         self.bigarray_bound = bigarray_bound
+        self.global_servers = global_servers  # see partition()
         self.name = name
         self.links: List[Link] = []
         for i, (host, port) in enumerate(servers):
@@ -71,20 +102,37 @@ class KVClient:
         return len(self.links)
 
     def parts(self, key: int, total: int) -> List[Part]:
-        return partition(key, total, len(self.links), self.bigarray_bound)
+        return partition(key, total, len(self.links), self.bigarray_bound, self.global_servers)
+
+    def span_parts(self, key: int, offset: int, numel: int, total: int) -> List[Part]:
+        """The parts of ``key`` (``total`` elements) that make up its slice ``[offset, offset + numel)``:
+        a local server holding one slice of a key forwards exactly the global parts inside it."""
+        parts = [p for p in self.parts(key, total) if offset <= p[1] and p[1] + p[2] <= offset + numel]
+        if sum(p[2] for p in parts) != numel:
+            raise ProtocolError(f"key {key}: slice [{offset}, {offset + numel}) of {total} elements does not "
+                                "consist of whole parts of the global servers")
+        return parts
 
     def request(self, mtype: MsgType, key: int, total: int, dtype: Any, callback: Callback, *,
                 data: Optional[np.ndarray] = None, meta: Optional[dict] = None, priority: int = 0,
-                version: int = 0, encoder: Optional[Encoder] = None) -> None:
+                version: int = 0, encoder: Optional[Encoder] = None,
+                span: Optional[Tuple[int, int]] = None) -> None:
         """Send ``mtype`` for ``key`` to the servers holding it; ``callback(value, error)`` once all
         parts answered (``value`` is the reassembled array when the servers sent data).
 
-        With ``encoder``, each part's data is ``encoder(offset, numel)``: an encoded gradient
-        (compression frames) instead of a slice of ``data``."""
+        ``total`` is the number of elements sent; with ``span=(offset, key_total)`` they are the
+        slice of a larger key starting at ``offset`` (a local server's share of the key).
+        With ``encoder``, each part's data is ``encoder(offset, numel)`` (offsets relative to the
+        data): an encoded gradient (compression frames) instead of a slice of ``data``."""
         if self.failed is not None:
             callback(None, self.failed)
             return
-        parts = self.parts(key, total)
+        base, key_total = span if span is not None else (0, total)
+        try:
+            parts = self.span_parts(key, base, total, key_total) if span is not None else self.parts(key, total)
+        except ProtocolError as exc:
+            callback(None, exc)
+            return
         if data is not None:
             largest = max(n for _, _, n in parts) * data.itemsize
             if largest > self.loop.max_message_bytes:
@@ -93,35 +141,37 @@ class KVClient:
                                           f"GEOMX_MAX_MESSAGE_BYTES={self.loop.max_message_bytes}"))
                 return
         req_id = next(self._ids)
-        self.pending[req_id] = _Pending(callback, parts, single=len(parts) == 1)
+        self.pending[req_id] = _Pending(callback, parts, single=len(parts) == 1, base=base, size=total)
         code = wire.dtype_code(dtype)
         for server, offset, numel in parts:
             msg = Message(mtype, sender=self.sender, req_id=req_id, key=key, offset=offset, numel=numel,
-                          total=total, priority=priority, version=version, dtype=code, meta=meta)
+                          total=key_total, priority=priority, version=version, dtype=code, meta=meta)
+            start = offset - base
             if encoder is not None:
-                payload_meta, msg.data = encoder(offset, numel)
+                payload_meta, msg.data = encoder(start, numel)
                 msg.meta = {**(meta or {}), "payload": payload_meta}
                 msg.payload = True
             elif data is not None:
-                msg.data = data[offset:offset + numel]
+                msg.data = data[start:start + numel]
             self.links[server].send(msg)
 
     def broadcast(self, mtype: MsgType, callback: Callable[[List[Message], Optional[Exception]], None], *,
-                  meta: Optional[dict] = None, datas: Optional[Sequence[Optional[np.ndarray]]] = None) -> None:
-        """Send one message to every server; ``callback(replies ordered by server, error)``."""
+                  meta: Optional[dict] = None, datas: Optional[Sequence[Optional[np.ndarray]]] = None,
+                  servers: Optional[Sequence[int]] = None) -> None:
+        """Send one message to every server (or to ``servers``); ``callback(replies in that order, error)``."""
         if self.failed is not None:
             callback([], self.failed)
             return
+        targets = list(range(len(self.links))) if servers is None else list(servers)
         req_id = next(self._ids)
-        pending = _Pending(callback, [(i, 0, 0) for i in range(len(self.links))], single=False,
-                           is_broadcast=True)
+        pending = _Pending(callback, [(i, 0, 0) for i in targets], single=False, is_broadcast=True)
         pending.replies = [None] * len(self.links)
         self.pending[req_id] = pending
-        for i, link in enumerate(self.links):
+        for i in targets:
             msg = Message(mtype, sender=self.sender, req_id=req_id, meta=meta)
             if datas is not None and datas[i] is not None:
                 msg.data = datas[i]
-            link.send(msg)
+            self.links[i].send(msg)
 
     def _make_handler(self, server: int) -> Callable[[Message, Optional[bytes], Link], None]:
         def handle(msg: Message, identity: Optional[bytes], link: Link) -> None:
@@ -159,8 +209,9 @@ class KVClient:
                     p.result = msg.data
                 else:
                     if p.result is None:
-                        p.result = np.empty(msg.total, dtype=msg.data.dtype)
-                    p.result[msg.offset:msg.offset + msg.numel] = msg.data
+                        p.result = np.empty(p.size, dtype=msg.data.dtype)
+                    start = msg.offset - p.base
+                    p.result[start:start + msg.numel] = msg.data
         del p.parts[(server, msg.offset)]
         p.remaining -= 1
         if p.remaining == 0:
@@ -168,15 +219,15 @@ class KVClient:
             p.callback(None if p.error else p.result, p.error)
 
     def _on_broadcast_reply(self, server: int, msg: Message, p: _Pending) -> None:
-        if p.replies[server] is not None:
-            raise ProtocolError(f"duplicate reply from server {server}")
+        if p.replies[server] is not None or (server, 0) not in p.parts:
+            raise ProtocolError(f"unexpected or duplicate reply from server {server}")
         if msg.type == MsgType.ERROR:
             p.error = p.error or RemoteError(str((msg.meta or {}).get("error", "server error")))
         p.replies[server] = msg
         p.remaining -= 1
         if p.remaining == 0:
             del self.pending[msg.req_id]
-            p.callback(p.replies, p.error)
+            p.callback([r for r in p.replies if r is not None], p.error)
 
     def fail_all(self, exc: Exception) -> None:
         """Complete every outstanding request with ``exc`` (a peer died, or we are shutting down)."""

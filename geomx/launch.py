@@ -92,7 +92,7 @@ class ProcessSpec:
     argv: List[str]
     env: Dict[str, str]
     is_worker: bool
-    #: Data center the process belongs to: ``"central"`` or ``"partyN"`` (used by ``--wan``).
+    #: Data center the process belongs to: ``"central"``, ``"partyN"`` or ``"gsN"`` (used by ``--wan``).
     dc: str = ""
 
 
@@ -146,6 +146,11 @@ class Topology:
     workers_per_party: int = 2
     global_servers: int = 1
     central_workers: int = 0
+    #: Local servers per party: one number for every party, or one per party.
+    local_servers: Union[int, Sequence[int]] = 1
+    #: Each global server in a data center of its own (``"gsN"``; with ``--wan``: its own link, as
+    #: with one machine per global server) instead of the central one.
+    separate_global_servers: bool = False
     host: str = "127.0.0.1"
     env: Dict[str, str] = field(default_factory=dict)
     node_env: Dict[str, Dict[str, str]] = field(default_factory=dict)
@@ -168,6 +173,22 @@ class Topology:
             raise ValueError(f"global_servers must be >= 1, got {self.global_servers}")
         if self.central_workers < 0:
             raise ValueError(f"central_workers must be >= 0, got {self.central_workers}")
+        if not isinstance(self.local_servers, int) and len(self.local_servers) != self.parties:
+            raise ValueError(f"local_servers needs one count per party ({self.parties}), got {list(self.local_servers)}")
+        if min(self.servers_per_party) < 1:
+            raise ValueError(f"local_servers must be >= 1, got {self.local_servers}")
+
+    @property
+    def global_server_dcs(self) -> int:
+        """Data centers of their own that the global servers need (``gs0``..)."""
+        return self.global_servers if self.separate_global_servers else 0
+
+    @property
+    def servers_per_party(self) -> List[int]:
+        """Local servers of each party."""
+        if isinstance(self.local_servers, int):
+            return [self.local_servers] * self.parties
+        return [int(n) for n in self.local_servers]
 
     @property
     def num_all_workers(self) -> int:
@@ -177,7 +198,7 @@ class Topology:
     @property
     def num_processes(self) -> int:
         central = 1 + self.global_servers + 1 + max(1, self.central_workers)
-        return central + self.parties * (2 + self.workers_per_party)
+        return central + sum(1 + n + self.workers_per_party for n in self.servers_per_party)
 
     def pick_ports(self) -> Ports:
         ports = free_ports(2 + self.parties, self.host)
@@ -203,6 +224,8 @@ class Topology:
         P, W, NGS, CW = self.parties, self.workers_per_party, self.global_servers, self.central_workers
         G, C = ports.global_root, ports.central_root
         ALL = self.num_all_workers
+        LS = self.servers_per_party
+        NGW = sum(LS)  # DMLC_NUM_GLOBAL_WORKER: the global tier's workers are the local servers
         central_num_worker = max(1, CW)
         enable_cw = 1 if CW > 0 else 0
 
@@ -211,7 +234,9 @@ class Topology:
         workers: List[ProcessSpec] = []
 
         def dc_of(party) -> str:
-            return "central" if party == "central" else f"party{party}"
+            if isinstance(party, str):
+                return party  # "central" or "gsN"
+            return f"party{party}"
 
         def node(name: str, role_env: Dict[str, object], party="central") -> ProcessSpec:
             dc = dc_of(party)
@@ -233,7 +258,7 @@ class Topology:
                     DMLC_PS_GLOBAL_ROOT_URI=host,
                     DMLC_PS_GLOBAL_ROOT_PORT=G,
                     DMLC_NUM_GLOBAL_SERVER=NGS,
-                    DMLC_NUM_GLOBAL_WORKER=P,
+                    DMLC_NUM_GLOBAL_WORKER=NGW,
                 ),
             )
         )
@@ -263,10 +288,11 @@ class Topology:
                         DMLC_NUM_SERVER=NGS,
                         DMLC_NUM_WORKER=central_num_worker,
                         DMLC_NUM_GLOBAL_SERVER=NGS,
-                        DMLC_NUM_GLOBAL_WORKER=P,
+                        DMLC_NUM_GLOBAL_WORKER=NGW,
                         DMLC_NUM_ALL_WORKER=ALL,
                         DMLC_ENABLE_CENTRAL_WORKER=enable_cw,
                     ),
+                    f"gs{i}" if self.separate_global_servers else "central",
                 )
             )
         central_worker_env = dict(
@@ -297,29 +323,30 @@ class Topology:
                         DMLC_ROLE="scheduler",
                         DMLC_PS_ROOT_URI=host,
                         DMLC_PS_ROOT_PORT=port,
-                        DMLC_NUM_SERVER=1,
+                        DMLC_NUM_SERVER=LS[p],
                         DMLC_NUM_WORKER=W,
                     ),
                     p,
                 )
             )
-            servers.append(
-                node(
-                    f"party{p}/server",
-                    dict(
-                        DMLC_ROLE="server",
-                        DMLC_PS_ROOT_URI=host,
-                        DMLC_PS_ROOT_PORT=port,
-                        DMLC_PS_GLOBAL_ROOT_URI=chost,
-                        DMLC_PS_GLOBAL_ROOT_PORT=G,
-                        DMLC_NUM_SERVER=1,
-                        DMLC_NUM_WORKER=W,
-                        DMLC_NUM_GLOBAL_SERVER=NGS,
-                        DMLC_NUM_GLOBAL_WORKER=P,
-                    ),
-                    p,
+            for i in range(LS[p]):
+                servers.append(
+                    node(
+                        f"party{p}/server" if LS[p] == 1 else f"party{p}/server{i}",
+                        dict(
+                            DMLC_ROLE="server",
+                            DMLC_PS_ROOT_URI=host,
+                            DMLC_PS_ROOT_PORT=port,
+                            DMLC_PS_GLOBAL_ROOT_URI=chost,
+                            DMLC_PS_GLOBAL_ROOT_PORT=G,
+                            DMLC_NUM_SERVER=LS[p],
+                            DMLC_NUM_WORKER=W,
+                            DMLC_NUM_GLOBAL_SERVER=NGS,
+                            DMLC_NUM_GLOBAL_WORKER=NGW,
+                        ),
+                        p,
+                    )
                 )
-            )
             for i in range(W):
                 workers.append(
                     worker(
@@ -328,7 +355,7 @@ class Topology:
                             DMLC_ROLE="worker",
                             DMLC_PS_ROOT_URI=host,
                             DMLC_PS_ROOT_PORT=port,
-                            DMLC_NUM_SERVER=1,
+                            DMLC_NUM_SERVER=LS[p],
                             DMLC_NUM_WORKER=W,
                             DMLC_NUM_ALL_WORKER=ALL,
                         ),
@@ -733,6 +760,16 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _local_servers_arg(text: str) -> Union[int, List[int]]:
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or N0,N1,... (positive integers), got {text!r}") from None
+    if min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"local server counts must be >= 1, got {text!r}")
+    return counts[0] if len(counts) == 1 else counts
+
+
 def _key_value(text: str):
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -766,6 +803,14 @@ def _parser() -> argparse.ArgumentParser:
         type=_int_at_least(1),
         default=1,
         help="number of global servers (default 1)",
+    )
+    p.add_argument(
+        "-l",
+        "--local-servers",
+        type=_local_servers_arg,
+        default=1,
+        metavar="N|N0,N1,...",
+        help="local servers per party: one count for every party or one per party (default 1)",
     )
     p.add_argument(
         "-c",
@@ -829,6 +874,12 @@ def _parser() -> argparse.ArgumentParser:
         "(added one-way latency between data centers through a delaying relay; needs nft). "
         "Prints the bytes that crossed each link at the end (see geomx/wan.py)",
     )
+    p.add_argument(
+        "--separate-global-servers",
+        action="store_true",
+        help="with --wan: each global server in a data center of its own (gs0, gs1, ...) with its own link "
+        "at the central rate (or gsN=RATE), as with one machine per global server",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the processes as shell lines and exit")
     p.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
@@ -867,6 +918,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         workers_per_party=args.workers,
         global_servers=args.global_servers,
         central_workers=args.central_workers,
+        local_servers=args.local_servers,
+        separate_global_servers=args.separate_global_servers,
         host=args.host,
         env=dict(args.env),
         node_env=node_env,
@@ -878,7 +931,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from . import wan as wanmod  # no MXNet import there either
 
         try:
-            wan_spec = wanmod.parse_spec(args.wan, args.parties)
+            wan_spec = wanmod.parse_spec(args.wan, args.parties, topology.global_server_dcs)
         except wanmod.WanError as exc:
             print(f"geomx-launch: --wan: {exc}", file=sys.stderr)
             return 2
@@ -886,7 +939,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.dry_run:
         if wan_spec is not None:
             # Show the placement the WAN would get (nothing is built).
-            plan = wanmod.Wan(wanmod.dc_names(args.parties), wan_spec, "<wan>", wanmod.DEFAULT_SUBNET)
+            plan = wanmod.Wan(wanmod.dc_names(args.parties, topology.global_server_dcs), wan_spec, "<wan>",
+                              wanmod.DEFAULT_SUBNET)
             _place_on_wan(topology, plan)
             print(f"# emulated WAN: {plan.describe()}")
         explicit = {k for k, _ in args.env} | {k for _, k, _ in args.node_env}
@@ -915,7 +969,7 @@ def _run_on_wan(topology: Topology, command: Sequence[str], spec, args) -> int:
     from . import wan as wanmod
 
     try:
-        w = wanmod.Wan.create(wanmod.dc_names(topology.parties), spec)
+        w = wanmod.Wan.create(wanmod.dc_names(topology.parties, topology.global_server_dcs), spec)
     except wanmod.WanError as exc:
         print(f"geomx-launch: --wan: {exc}", file=sys.stderr)
         return 2

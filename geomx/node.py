@@ -48,9 +48,10 @@ def _scheduler(cfg: NodeConfig) -> int:
 
 
 def _member(loop: EventLoop, cfg: NodeConfig, tier: str, scheduler: tuple, role: str, port: int,
-            name: str, fatal: List[Exception], rank_hint: Optional[int] = None) -> TierMember:
+            name: str, fatal: List[Exception], rank_hint: Optional[int] = None,
+            layout: Optional[dict] = None) -> TierMember:
     return TierMember(loop, tier, scheduler, role=role, host=cfg.advertised_host(*scheduler), port=port,
-                      name=name, rank_hint=rank_hint, heartbeat_interval=cfg.heartbeat_interval,
+                      name=name, rank_hint=rank_hint, layout=layout, heartbeat_interval=cfg.heartbeat_interval,
                       heartbeat_timeout=cfg.heartbeat_timeout, start_timeout=cfg.start_timeout,
                       on_fatal=fatal.append)
 
@@ -88,15 +89,18 @@ def _local_server(cfg: NodeConfig) -> int:
     loop = EventLoop(ctx, cfg.max_message_bytes, name="local server")
     server = LocalServer(cfg, loop)
     fatal: List[Exception] = []
+    # The party's workers divide keys along the global servers' parts (kvclient.partition); the
+    # global tier counts parties by their scheduler, since a party may have several local servers.
     party = _member(loop, cfg, "party", (cfg.root_uri, cfg.root_port), "server", server.port,
-                    "local_server", fatal)
+                    "local_server", fatal, layout={"global_servers": cfg.num_global_server, "relay": True})
     glob = _member(loop, cfg, "global", (cfg.global_root_uri, cfg.global_root_port), "worker", 0,
-                   "local_server", fatal)
+                   "local_server", fatal, layout={"party": f"{cfg.root_uri}:{cfg.root_port}"})
     party.register()
     glob.register()
     _wait(loop, cfg, lambda: party.info is not None and glob.info is not None, fatal, "registration")
     assert glob.info is not None and party.info is not None
     logutil.set_label(f"local_server{glob.info.rank}")
+    server.parties = glob.info.num_parties
     upstream = KVClient(loop, glob.info.servers, identity=f"local_server{glob.info.rank}", sender=glob.info.rank,
                         bigarray_bound=cfg.bigarray_bound, wan=True, name=f"local_server{glob.info.rank}")
     server.connect_upstream(upstream)
@@ -123,16 +127,18 @@ def _global_server(cfg: NodeConfig) -> int:
     _wait(loop, cfg, lambda: glob.info is not None, fatal, "global-tier registration")
     assert glob.info is not None
     server.rank = glob.info.rank
+    server.parties = glob.info.num_parties
     server.on_async = lambda: glob.set_policy(tolerate_worker_loss=True)
     glob.on_peer_left = server.on_peer_left
     logutil.set_label(f"global_server{server.rank}")
     # The same rank in the central party, so both tiers agree on which server holds which key.
     central = _member(loop, cfg, "central", (cfg.root_uri, cfg.root_port), "server", server.lan_port,
-                      "global_server", fatal, rank_hint=server.rank)
+                      "global_server", fatal, rank_hint=server.rank,
+                      layout={"global_servers": cfg.num_global_server})
     central.register()
     _wait(loop, cfg, lambda: central.info is not None, fatal, "central-party registration")
-    log.info("serving %d party(ies) on port %d and %d central worker(s) on port %d",
-             cfg.num_global_worker, server.wan_port, cfg.num_worker, server.lan_port)
+    log.info("serving %d party(ies) on port %d and %d central worker(s) on port %d (%d local server(s))",
+             server.parties, server.wan_port, cfg.num_worker, server.lan_port, cfg.num_global_worker)
     return _serve(loop, server, [glob, central], fatal)
 
 

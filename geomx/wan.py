@@ -23,6 +23,9 @@ Link specification (``--wan SPEC``), comma-separated items:
 * ``partyN=RATE``          one party's link (heterogeneous links: ``party0=100mbit,party1=10mbit``)
 * ``central=RATE``         the central DC's link (uncapped unless given)
 * ``all=RATE``             every link, the central one included
+* ``gsN=RATE``             global server N's own link, when each global server has its own data center
+  (``geomx-launch --separate-global-servers``: as with one machine per global server); by default
+  the central rate
 * ``delay=MS``             added one-way latency between data centers (needs ``nft``, package nftables).
   The kernel here has no ``netem``, so latency comes from a user-space relay: in every DC namespace an
   nft ``redirect`` sends each outgoing TCP connection to another DC to a local relay
@@ -156,18 +159,20 @@ class WanSpec:
         return ",".join(parts)
 
 
-def dc_names(parties: int) -> List[str]:
-    """Data centers of a topology: ``central`` and ``party0`` .. ``party{P-1}``."""
-    return ["central"] + [f"party{p}" for p in range(parties)]
+def dc_names(parties: int, global_server_dcs: int = 0) -> List[str]:
+    """Data centers of a topology: ``central``, ``party0`` .. ``party{P-1}`` and, when global servers
+    have data centers of their own, ``gs0`` .. ``gs{N-1}``."""
+    return ["central"] + [f"party{p}" for p in range(parties)] + [f"gs{i}" for i in range(global_server_dcs)]
 
 
-def parse_spec(text: str, parties: int) -> WanSpec:
-    """Parse a ``--wan`` specification for ``parties`` parties (see the module docstring)."""
+def parse_spec(text: str, parties: int, global_server_dcs: int = 0) -> WanSpec:
+    """Parse a ``--wan`` specification for ``parties`` parties (and ``global_server_dcs`` data
+    centers of global servers; see the module docstring)."""
     if parties < 1:
         raise WanError(f"parties must be >= 1, got {parties}")
     if text is None or not str(text).strip():
         raise WanError("empty WAN specification: give a rate such as 20mbit or party0=100mbit,party1=10mbit")
-    rates: Dict[str, Optional[float]] = {dc: None for dc in dc_names(parties)}
+    rates: Dict[str, Optional[float]] = {dc: None for dc in dc_names(parties, global_server_dcs)}
     default_seen = False
     explicit: Dict[str, Optional[float]] = {}
     delay = 0.0
@@ -199,9 +204,15 @@ def parse_spec(text: str, parties: int) -> WanSpec:
             explicit[key] = r
         elif re.fullmatch(r"party\d+", key):
             raise WanError(f"{key} in {text!r}: the topology has only {parties} parties (party0..party{parties - 1})")
+        elif re.fullmatch(r"gs\d+", key):
+            raise WanError(f"{key} in {text!r}: global servers have {global_server_dcs} data centers of their own "
+                           "(see --separate-global-servers)")
         else:
-            raise WanError(f"unknown link {key!r} in {text!r}: use central, partyN, all or delay")
+            raise WanError(f"unknown link {key!r} in {text!r}: use central, partyN, gsN, all or delay")
     rates.update(explicit)
+    for i in range(global_server_dcs):  # a global server's own link is a central one
+        if f"gs{i}" not in explicit:
+            rates[f"gs{i}"] = rates["central"]
     return WanSpec(rates=rates, delay_ms=delay)
 
 

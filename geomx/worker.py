@@ -59,7 +59,7 @@ class WorkerNode:
                 assert self.info is not None
                 self.kv = KVClient(self.loop, self.info.servers, identity=f"worker{self.info.rank}",
                                    sender=self.info.rank, bigarray_bound=cfg.bigarray_bound, wan=False,
-                                   name=f"worker{self.info.rank}")
+                                   name=f"worker{self.info.rank}", global_servers=self.info.global_servers)
                 self.kv.on_meta = self._on_meta
         except Exception as exc:  # noqa: BLE001 - reported to the training thread
             self.fatal = exc

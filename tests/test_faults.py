@@ -268,7 +268,7 @@ def test_hostile_messages_to_live_server_and_scheduler():
             replies = send_hostile(ctx, server_port, "server", wait=10)
             # Only the well-formed requests are answered, each with an error naming the problem.
             assert [(r.type, r.req_id) for r in replies] == [(MsgType.ERROR, i) for i in (1, 2, 3)], replies
-            assert "5 elements sent, this server holds 7" in replies[0].meta["error"]
+            assert "elements [0, 5) of 5 sent, this server holds [0, 7) of 7" in replies[0].meta["error"]
             assert "dtype float64 sent, key is float32" in replies[1].meta["error"]
             assert "key 987654 was never initialised" in replies[2].meta["error"]
             # The scheduler at most refuses (a request from a peer that never registered).

@@ -11,6 +11,17 @@ CASES = {
     "two-global-servers-split": (["--mode", "pushpull", "--optimizer", "sgd"],
                                  dict(parties=2, workers_per_party=2, global_servers=2,
                                       env={"MXNET_KVSTORE_BIGARRAY_BOUND": "1000"})),
+    # Several local servers in a party (the original refuses them): keys divided along the global
+    # servers' parts, so global servers see one aggregate per party whatever each party's count.
+    "local-servers-3-global-1": (["--mode", "pushpull", "--optimizer", "sgd"],
+                                 dict(parties=2, workers_per_party=2, local_servers=3,
+                                      env={"MXNET_KVSTORE_BIGARRAY_BOUND": "1000"})),
+    "local-servers-2-global-2": (["--mode", "push-pull"],
+                                 dict(parties=2, workers_per_party=2, local_servers=2, global_servers=2,
+                                      env={"MXNET_KVSTORE_BIGARRAY_BOUND": "1000"})),
+    "local-servers-2-and-1-global-3": (["--mode", "pushpull", "--optimizer", "sgd"],
+                                       dict(parties=2, workers_per_party=2, local_servers=(2, 1),
+                                            global_servers=3, env={"MXNET_KVSTORE_BIGARRAY_BOUND": "1000"})),
 }
 
 

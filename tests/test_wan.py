@@ -324,3 +324,11 @@ def test_delay_relay_adds_latency():
         w.close()
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(ns in listed for ns in names)
+
+
+def test_parse_spec_global_server_links_default_to_central():
+    spec = wan.parse_spec("20mbit,central=10mbit,gs1=5mbit", parties=2, global_server_dcs=3)
+    assert spec.rates == {"central": 10e6, "party0": 20e6, "party1": 20e6, "gs0": 10e6, "gs1": 5e6, "gs2": 10e6}
+    assert wan.parse_spec("all=1gbit", parties=1, global_server_dcs=1).rates["gs0"] == 1e9
+    with pytest.raises(wan.WanError, match="gs0 .*data centers of their own"):
+        wan.parse_spec("gs0=5mbit", parties=1)

@@ -28,11 +28,18 @@ class TierInfo:
     servers: Tuple[Tuple[str, int], ...]
     num_workers: int
     num_servers: int
+    #: How many global servers keys are divided for (see :func:`geomx.kvclient.partition`).
+    global_servers: int = 1
+    #: Whether this tier's servers are local servers relaying to a global tier (a party's tier).
+    relay: bool = False
+    #: How many parties the tier's workers serve (the global tier: its workers are local servers).
+    num_parties: int = 0
 
 
 class TierMember:
     def __init__(self, loop: EventLoop, tier: str, scheduler: Tuple[str, int], *, role: str, host: str,
                  port: int, name: str, master: bool = False, rank_hint: Optional[int] = None,
+                 layout: Optional[dict] = None,
                  heartbeat_interval: float, heartbeat_timeout: float, start_timeout: float = 120.0,
                  on_fatal: Callable[[Exception], None]):
         self.loop = loop
@@ -48,7 +55,7 @@ class TierMember:
                                          loop.max_message_bytes, f"{tier}-scheduler-link")
         loop.add(self.link, self._handle, routed=False)
         self.register_meta = {"role": role, "host": host, "port": port, "name": name, "master": master,
-                              "rank": -1 if rank_hint is None else rank_hint}
+                              "rank": -1 if rank_hint is None else rank_hint, **(layout or {})}
         self.info: Optional[TierInfo] = None
         self._barrier_waiters: List[Callable[[], None]] = []
         self._last_ack = time.monotonic()
@@ -103,7 +110,9 @@ class TierMember:
             except (TypeError, ValueError):
                 raise ProtocolError("REGISTER_ACK with a malformed server list") from None
             self.info = TierInfo(self.tier, meta_field(msg, "rank", int), parsed,
-                                 meta_field(msg, "num_workers", int), meta_field(msg, "num_servers", int))
+                                 meta_field(msg, "num_workers", int), meta_field(msg, "num_servers", int),
+                                 meta_field(msg, "global_servers", int, 1), meta_field(msg, "relay", bool, False),
+                                 meta_field(msg, "num_parties", int, 0))
         elif msg.type == MsgType.BARRIER_ACK:
             if self._barrier_waiters:
                 self._barrier_waiters.pop(0)()

@@ -29,6 +29,12 @@ class Member:
     rank_hint: Optional[int]
     arrival: int
     last_seen: float
+    # Servers: how many global servers their keys are divided for, and whether they relay to a
+    # global tier (local servers) or are the global servers. Workers of the global tier (local
+    # servers): which party they serve.
+    global_servers: Optional[int] = None
+    relay: bool = False
+    party: Optional[str] = None
     rank: int = -1
     done: bool = False
 
@@ -104,6 +110,11 @@ class Scheduler:
         name = meta_field(msg, "name", str, "")[:80]
         master = meta_field(msg, "master", bool, False)
         rank_hint = meta_field(msg, "rank", int, -1)
+        global_servers = meta_field(msg, "global_servers", int, None)
+        relay = meta_field(msg, "relay", bool, False)
+        party = meta_field(msg, "party", str, None)
+        if global_servers is not None and not 1 <= global_servers <= 1 << 16:
+            raise ProtocolError(f"REGISTER with bad global_servers {global_servers}")
         if role not in ("server", "worker"):
             raise ProtocolError(f"REGISTER with unknown role {role!r}")
         if not 0 <= port <= 65535 or not 0 < len(host) <= 255:
@@ -118,7 +129,8 @@ class Scheduler:
                                 f"{self.num_servers if role == 'server' else self.num_workers} expected")
         self.members[identity] = Member(identity, role, host, port, name or peer_label(identity), master,
                                         rank_hint if rank_hint >= 0 else None, len(self.members),
-                                        time.monotonic())
+                                        time.monotonic(), global_servers, relay,
+                                        None if party is None else party[:200])
         log.debug("%s: registered %s %s at %s:%d", self.tier, role, name, host, port)
         if len(self.members) == self.num_servers + self.num_workers:
             self._assign_ranks()
@@ -140,10 +152,21 @@ class Scheduler:
         for rank, m in enumerate(workers):
             m.rank = rank
         addresses = [[m.host, m.port] for m in servers]
+        # Workers divide keys over this tier's servers along the global servers' parts, so every
+        # server of the tier must divide for the same number of global servers.
+        counts = sorted({m.global_servers or 1 for m in servers})
+        if len(counts) > 1:
+            self._fail(f"{self.tier}: the servers disagree on DMLC_NUM_GLOBAL_SERVER ({counts}); it must be "
+                       "the same on every local server", None)
+            return
+        # Parties are told apart by the party each local server names (its party's scheduler).
+        parties = {m.party if m.party is not None else m.name for m in workers}
+        layout = {"global_servers": counts[0] if counts else 1, "relay": any(m.relay for m in servers),
+                  "num_parties": len(parties)}
         for m in self.members.values():
             self._send(m, Message(MsgType.REGISTER_ACK, meta={
                 "rank": m.rank, "servers": addresses, "num_workers": self.num_workers,
-                "num_servers": self.num_servers, "tier": self.tier}))
+                "num_servers": self.num_servers, "tier": self.tier, **layout}))
         self.registered = True
         log.info("%s: all %d nodes registered", self.tier, len(self.members))
 

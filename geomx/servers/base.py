@@ -114,9 +114,10 @@ class ServerBase:
         if ks is None:
             self.reply_error(link, identity, msg, f"key {msg.key} was never initialised")
             return None
-        if msg.numel != ks.numel:
-            self.reply_error(link, identity, msg, f"key {msg.key}: {msg.numel} elements sent, this server "
-                                                  f"holds {ks.numel}")
+        if (msg.numel, msg.offset, msg.total) != (ks.numel, ks.offset, ks.total):
+            self.reply_error(link, identity, msg, f"key {msg.key}: elements [{msg.offset}, {msg.offset + msg.numel}) "
+                                                  f"of {msg.total} sent, this server holds [{ks.offset}, "
+                                                  f"{ks.offset + ks.numel}) of {ks.total}")
             return None
         if msg.data is not None and not msg.payload and msg.data.dtype != ks.dtype:
             self.reply_error(link, identity, msg, f"key {msg.key}: dtype {msg.data.dtype} sent, key is "
@@ -131,11 +132,17 @@ class ServerBase:
             self.reply_error(link, identity, msg, "INIT without a dtype")
             return None
         ks = self.keys.get(msg.key)
+        if not 0 <= msg.offset <= msg.offset + msg.numel <= msg.total:
+            self.reply_error(link, identity, msg, f"key {msg.key}: slice [{msg.offset}, {msg.offset + msg.numel}) "
+                                                  f"outside its {msg.total} elements")
+            return None
         if ks is None:
-            ks = self.keys[msg.key] = KeyState(msg.key, msg.numel, dtype)
-        elif ks.numel != msg.numel or ks.dtype != dtype:
+            ks = self.keys[msg.key] = KeyState(msg.key, msg.numel, dtype, msg.offset, msg.total)
+        elif (ks.numel, ks.offset, ks.total, ks.dtype) != (msg.numel, msg.offset, msg.total, dtype):
             self.reply_error(link, identity, msg, f"key {msg.key} initialised twice with different shapes "
-                                                  f"({ks.numel} x {ks.dtype} and {msg.numel} x {dtype})")
+                                                  f"([{ks.offset}, {ks.offset + ks.numel}) of {ks.total} x {ks.dtype} "
+                                                  f"and [{msg.offset}, {msg.offset + msg.numel}) of {msg.total} x "
+                                                  f"{dtype})")
             return None
         return ks
 

@@ -31,7 +31,9 @@ class GlobalServer(ServerBase):
         loop.add(self.wan_link, self.handle_client, routed=True)
         loop.add(self.lan_link, self.handle_client, routed=True)
         self.central_workers = cfg.num_worker
-        self.parties = cfg.num_global_worker
+        self.local_servers = cfg.num_global_worker  # each sends STOP
+        self.parties = cfg.num_global_worker  # aggregates per round; set from registration (several
+        # local servers of a party each send their own keys, so parties <= local servers)
         self.optimizer_spec: Optional[dict] = None
         self.optimizer_from_master = False
         self.updater: Any = None
@@ -57,7 +59,7 @@ class GlobalServer(ServerBase):
         return self.parties + central
 
     def expected_stops(self) -> int:
-        return self.parties + self.central_workers - len(self.lost_parties)
+        return self.local_servers + self.central_workers - len(self.lost_parties)
 
     def dispatch_round(self, ks: KeyState, r: int, acc: np.ndarray) -> None:
         if self.updater is None:

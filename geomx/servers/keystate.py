@@ -32,12 +32,15 @@ class KeyState:
     in-place update could change bytes still queued in libzmq.
     """
 
-    __slots__ = ("key", "numel", "dtype", "store", "initialized", "rounds", "completed", "pushes_by",
+    __slots__ = ("key", "numel", "offset", "total", "dtype", "store", "initialized", "rounds", "completed", "pushes_by",
                  "parked", "init_requested", "weight_nd", "milestone", "local_rounds")
 
-    def __init__(self, key: int, numel: int, dtype: np.dtype):
+    def __init__(self, key: int, numel: int, dtype: np.dtype, offset: int = 0, total: Optional[int] = None):
         self.key = key
         self.numel = numel
+        # This server's slice of the key: [offset, offset + numel) of ``total`` elements.
+        self.offset = offset
+        self.total = numel if total is None else total
         self.dtype = dtype
         self.store: Optional[np.ndarray] = None
         self.initialized = False

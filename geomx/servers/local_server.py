@@ -32,6 +32,7 @@ class LocalServer(ServerBase):
         self.delta_replies: set = set()  # keys whose pending global reply is a weight change
         self.esync_steps = 1  # ESync: local steps per round assigned to this party by the state server
         self.esync_since = time.monotonic()
+        self.parties = cfg.num_global_worker  # set from the global tier's registration
 
     def connect_upstream(self, client: KVClient) -> None:
         """Start serving workers; until now their requests wait in the socket, since every one of
@@ -91,7 +92,7 @@ class LocalServer(ServerBase):
                 ks.serve_parked()
 
             # Every worker starts from the master worker's values, held by the global servers.
-            self.upstream.request(MsgType.INIT, ks.key, ks.numel, ks.dtype, on_global_value)
+            self.upstream.request(MsgType.INIT, ks.key, ks.numel, ks.dtype, on_global_value, span=(ks.offset, ks.total))
 
     def _fail_parked(self, ks: KeyState, error: str) -> None:
         log.error("%s: key %d: %s", self.name, ks.key, error)
@@ -116,7 +117,7 @@ class LocalServer(ServerBase):
             ks.finish_round(r, value)
 
         self.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_result, data=acc,
-                              encoder=self._encoder(ks, acc))
+                              encoder=self._encoder(ks, acc), span=(ks.offset, ks.total))
 
     def _fail_upstream(self, ks: KeyState, r: int, error: Exception) -> None:
         log.error("%s: key %d round %d failed upstream: %s", self.name, ks.key, r, error)
@@ -144,7 +145,7 @@ class LocalServer(ServerBase):
             # ESync: tell the state server how long this party took for the steps it was assigned.
             meta = {"esync_steps": self.esync_steps, "esync_seconds": time.monotonic() - self.esync_since}
         assert ks.milestone is not None and self.upstream is not None
-        delta = (party_model - ks.milestone) / np.asarray(self.cfg.num_global_worker, dtype=party_model.dtype)
+        delta = (party_model - ks.milestone) / np.asarray(self.parties, dtype=party_model.dtype)
 
         def on_global_delta(total: Optional[np.ndarray], error: Optional[Exception]) -> None:
             if error is not None:
@@ -153,7 +154,8 @@ class LocalServer(ServerBase):
             ks.milestone = ks.milestone + total
             ks.finish_round(r, ks.milestone)
 
-        self.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_delta, data=delta, meta=meta)
+        self.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_delta, data=delta, meta=meta,
+                              span=(ks.offset, ks.total))
 
     # -- commands -----------------------------------------------------------------------------
     def on_command(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:

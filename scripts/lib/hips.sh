@@ -13,6 +13,8 @@
 #   TRAIN_ARGS    arguments for every example process, after the device flag (default none)
 #   MASTER_ARGS   arguments for the master worker only (default none)
 #   PARTY_A_ARGS  arguments for party A's workers only, PARTY_B_ARGS for party B's (default none)
+#   NUM_GLOBAL_SERVERS  global servers (MultiGPS, default 1); NUM_LOCAL_SERVERS  local servers in
+#                 each party (default 1; the original refuses more than one)
 # The arguments given to the script go last to every example process. The command line of the
 # master worker is: $PYTHON -u examples/$EXAMPLE [--cpu] TRAIN_ARGS MASTER_ARGS "$@"; that of a
 # worker: $PYTHON -u examples/$EXAMPLE [--cpu] TRAIN_ARGS --data-slice-idx N PARTY_X_ARGS "$@".
@@ -35,6 +37,8 @@ TRAIN_ARGS=()
 MASTER_ARGS=()
 PARTY_A_ARGS=()
 PARTY_B_ARGS=()
+NUM_GLOBAL_SERVERS=1
+NUM_LOCAL_SERVERS=1
 PIDS=()          # every process started here
 WORKER_PIDS=()   # the master worker and the training workers
 NAMES=()         # name of each process, by position in PIDS
@@ -88,7 +92,7 @@ name_of() {
     echo "$1"
 }
 
-# hips_run ARGS...: start the 12 processes, wait for the workers, exit with the run's status.
+# hips_run ARGS...: start the processes (12 by default), wait for the workers, exit with the run's status.
 hips_run() {
     PY="${PYTHON:-python3}"
     CNN="$ROOT/examples/${EXAMPLE:?EXAMPLE must name a file under examples/}"
@@ -111,17 +115,22 @@ hips_run() {
     NODE=("$PY" -m geomx.node)
     TRAIN=("$PY" -u "$CNN" "${DEVICE_FLAGS[@]}" "${TRAIN_ARGS[@]}")
 
+    NGS=$NUM_GLOBAL_SERVERS NLS=$NUM_LOCAL_SERVERS
+    NGW=$((2 * NLS))  # the global tier's workers are the parties' local servers
+
     # ---- central party ----
     start global_scheduler 0 DMLC_ROLE_GLOBAL=global_scheduler "${GLOBAL_ROOT[@]}" \
-        DMLC_NUM_GLOBAL_SERVER=1 DMLC_NUM_GLOBAL_WORKER=2 -- "${NODE[@]}"
+        DMLC_NUM_GLOBAL_SERVER=$NGS DMLC_NUM_GLOBAL_WORKER=$NGW -- "${NODE[@]}"
     start central_scheduler 0 DMLC_ROLE=scheduler DMLC_PS_ROOT_URI=$HOST DMLC_PS_ROOT_PORT=9093 \
-        DMLC_NUM_SERVER=1 DMLC_NUM_WORKER=1 -- "${NODE[@]}"
-    start global_server 0 "${ALGO_ENV[@]}" DMLC_ROLE_GLOBAL=global_server DMLC_ROLE=server "${GLOBAL_ROOT[@]}" \
-        DMLC_PS_ROOT_URI=$HOST DMLC_PS_ROOT_PORT=9093 DMLC_NUM_SERVER=1 DMLC_NUM_WORKER=1 \
-        DMLC_NUM_GLOBAL_SERVER=1 DMLC_NUM_GLOBAL_WORKER=2 DMLC_ENABLE_CENTRAL_WORKER=0 DMLC_NUM_ALL_WORKER=4 \
-        -- "${NODE[@]}"
+        DMLC_NUM_SERVER=$NGS DMLC_NUM_WORKER=1 -- "${NODE[@]}"
+    for ((i = 0; i < NGS; i++)); do
+        start "global_server$i" 0 "${ALGO_ENV[@]}" DMLC_ROLE_GLOBAL=global_server DMLC_ROLE=server \
+            "${GLOBAL_ROOT[@]}" DMLC_PS_ROOT_URI=$HOST DMLC_PS_ROOT_PORT=9093 DMLC_NUM_SERVER=$NGS \
+            DMLC_NUM_WORKER=1 DMLC_NUM_GLOBAL_SERVER=$NGS DMLC_NUM_GLOBAL_WORKER=$NGW \
+            DMLC_ENABLE_CENTRAL_WORKER=0 DMLC_NUM_ALL_WORKER=4 -- "${NODE[@]}"
+    done
     start master_worker 0 "${ALGO_ENV[@]}" DMLC_ROLE=worker DMLC_ROLE_MASTER_WORKER=1 DMLC_PS_ROOT_URI=$HOST \
-        DMLC_PS_ROOT_PORT=9093 DMLC_NUM_SERVER=1 DMLC_NUM_WORKER=1 DMLC_NUM_ALL_WORKER=4 \
+        DMLC_PS_ROOT_PORT=9093 DMLC_NUM_SERVER=$NGS DMLC_NUM_WORKER=1 DMLC_NUM_ALL_WORKER=4 \
         -- "${TRAIN[@]}" "${MASTER_ARGS[@]}" "$@"
     WORKER_PIDS+=("${PIDS[-1]}")
 
@@ -133,14 +142,16 @@ hips_run() {
             port=9095; first=2; party_args=("${PARTY_B_ARGS[@]}")
         fi
         start "scheduler_$party" 0 DMLC_ROLE=scheduler DMLC_PS_ROOT_URI=$HOST DMLC_PS_ROOT_PORT=$port \
-            DMLC_NUM_SERVER=1 DMLC_NUM_WORKER=2 -- "${NODE[@]}"
-        start "server_$party" 0 "${ALGO_ENV[@]}" DMLC_ROLE=server "${GLOBAL_ROOT[@]}" DMLC_NUM_GLOBAL_SERVER=1 \
-            DMLC_NUM_GLOBAL_WORKER=2 DMLC_PS_ROOT_URI=$HOST DMLC_PS_ROOT_PORT=$port DMLC_NUM_SERVER=1 \
-            DMLC_NUM_WORKER=2 -- "${NODE[@]}"
+            DMLC_NUM_SERVER=$NLS DMLC_NUM_WORKER=2 -- "${NODE[@]}"
+        for ((i = 0; i < NLS; i++)); do
+            start "server_$party$i" 0 "${ALGO_ENV[@]}" DMLC_ROLE=server "${GLOBAL_ROOT[@]}" \
+                DMLC_NUM_GLOBAL_SERVER=$NGS DMLC_NUM_GLOBAL_WORKER=$NGW DMLC_PS_ROOT_URI=$HOST \
+                DMLC_PS_ROOT_PORT=$port DMLC_NUM_SERVER=$NLS DMLC_NUM_WORKER=2 -- "${NODE[@]}"
+        done
         for ds in $first $((first + 1)); do
             show=0; [ "$ds" = 3 ] && show=1  # like the original, only the last worker's output is shown
             start "worker_$ds" $show "${ALGO_ENV[@]}" DMLC_ROLE=worker DMLC_PS_ROOT_URI=$HOST DMLC_PS_ROOT_PORT=$port \
-                DMLC_NUM_SERVER=1 DMLC_NUM_WORKER=2 DMLC_NUM_ALL_WORKER=4 \
+                DMLC_NUM_SERVER=$NLS DMLC_NUM_WORKER=2 DMLC_NUM_ALL_WORKER=4 \
                 -- "${TRAIN[@]}" --data-slice-idx "$ds" "${party_args[@]}" "$@"
             WORKER_PIDS+=("${PIDS[-1]}")
         done

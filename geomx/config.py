@@ -57,6 +57,12 @@ class NodeConfig:
     # ESync: the global server sets each party's local steps per round so that parties arrive together.
     use_esync: bool = False
     esync_max_steps: int = 64
+    # Global-server checkpoints (docs/Deployment.md, "Checkpoint and restore").
+    checkpoint_dir: Optional[str] = None  # set: the global server checkpoints and may be restarted
+    # Rounds between periodic checkpoints (the parties keep their pushes since the last one).
+    checkpoint_every: int = 10
+    checkpoint_restore: Optional[str] = None  # a checkpoint file this global server starts from
+    restart_timeout: float = 60.0  # how long the schedulers wait for a dead global server to come back
 
     @property
     def is_server(self) -> bool:
@@ -240,6 +246,18 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
     kw["hfa_k2"] = r.int("MXNET_KVSTORE_HFA_K2", 1, minimum=1)
     kw["use_esync"] = r.bool("GEOMX_USE_ESYNC")
     kw["esync_max_steps"] = r.int("GEOMX_ESYNC_MAX_STEPS", 64, minimum=1)
+    if role == GLOBAL_SERVER:
+        kw["checkpoint_restore"] = r.str("GEOMX_CHECKPOINT_RESTORE")
+        if kw["checkpoint_restore"] is not None and not os.path.isfile(kw["checkpoint_restore"]):
+            raise ConfigError(f"GEOMX_CHECKPOINT_RESTORE={kw['checkpoint_restore']!r} is not a file (role: {role})")
+        default_dir = os.path.dirname(os.path.abspath(kw["checkpoint_restore"])) if kw["checkpoint_restore"] else None
+        kw["checkpoint_dir"] = r.str("GEOMX_CHECKPOINT_DIR", default_dir)
+        if kw["checkpoint_dir"] is not None and os.path.exists(kw["checkpoint_dir"]) \
+                and not os.path.isdir(kw["checkpoint_dir"]):
+            raise ConfigError(f"GEOMX_CHECKPOINT_DIR={kw['checkpoint_dir']!r} exists and is not a directory "
+                              f"(role: {role})")
+        kw["checkpoint_every"] = r.int("GEOMX_CHECKPOINT_EVERY", 10, minimum=1)
+        kw["restart_timeout"] = r.float("GEOMX_RESTART_TIMEOUT", 60.0)
     if kw["use_hfa"] and kw["use_esync"]:
         raise ConfigError(f"MXNET_KVSTORE_USE_HFA and GEOMX_USE_ESYNC cannot both be set (role: {role})")
     return NodeConfig(**kw)

@@ -61,7 +61,7 @@ def _global_parts(key: int, total: int, num_servers: int, bigarray_bound: int) -
 
 class _Pending:
     __slots__ = ("callback", "parts", "remaining", "result", "error", "single", "replies", "is_broadcast",
-                 "base", "size")
+                 "base", "size", "sent")
 
     def __init__(self, callback: Callable[..., None], parts: List[Part], single: bool,
                  is_broadcast: bool = False, base: int = 0, size: int = 0):
@@ -75,6 +75,9 @@ class _Pending:
         self.single = single
         self.is_broadcast = is_broadcast
         self.replies: List[Optional[Message]] = []
+        # (server, offset) -> the message sent there, kept until answered so that it can be sent
+        # again to a server that was restarted (see :meth:`KVClient.replace_server`).
+        self.sent: Dict[Tuple[int, int], Message] = {}
 
 
 class KVClient:
@@ -85,17 +88,63 @@ class KVClient:
         self.bigarray_bound = bigarray_bound
         self.global_servers = global_servers  # see partition()
         self.name = name
+        self.identity = identity
+        self.wan = wan
         self.links: List[Link] = []
-        for i, (host, port) in enumerate(servers):
-            link = connect_dealer(loop.ctx, host, port, f"{identity}>{i}".encode(), loop.max_message_bytes,
-                                  f"{name}->server{i}", wan=wan)
-            loop.add(link, self._make_handler(i), routed=False)
-            self.links.append(link)
+        self.addresses = [(str(h), int(p)) for h, p in servers]
+        for i, (host, port) in enumerate(self.addresses):
+            self.links.append(self._connect(i, host, port))
+        # Global servers that checkpoint say so in their INIT replies (meta "round"). Towards them,
+        # pushes are numbered (header ``version`` = round + 1, per server and key) and kept after
+        # they are answered until the server reports a checkpoint holding their round (meta
+        # "checkpointed"), so that a server restarted from that checkpoint gets them again.
+        self.push_rounds: Dict[Tuple[int, int], int] = {}  # (server, key) -> rounds pushed
+        self.retained: Dict[Tuple[int, int], List[Message]] = {}  # (server, key) -> answered pushes
         self._ids = itertools.count(1)
         self.pending: Dict[int, _Pending] = {}
         self.failed: Optional[Exception] = None
         # Called with (key, meta) for data-path replies that carry meta (ESync's step counts).
         self.on_meta: Optional[Callable[[int, dict], None]] = None
+
+    def _connect(self, server: int, host: str, port: int) -> Link:
+        link = connect_dealer(self.loop.ctx, host, port, f"{self.identity}>{server}".encode(),
+                              self.loop.max_message_bytes, f"{self.name}->server{server}", wan=self.wan)
+        self.loop.add(link, self._make_handler(server), routed=False)
+        return link
+
+    def update_servers(self, servers: Sequence[Tuple[str, int]]) -> None:
+        """The tier's scheduler announced the server list again: follow the servers that moved."""
+        for i, address in enumerate(servers[:len(self.links)]):
+            if tuple(address) != self.addresses[i]:
+                self.replace_server(i, *address)
+
+    def replace_server(self, server: int, host: str, port: int) -> None:
+        """Server ``server`` was restarted (from a checkpoint) at ``host:port``: connect there with
+        the same identity and send it, in order, the answered pushes it may have lost (those after
+        its checkpoint) and every request it had not answered. It discards what it already holds
+        (numbered pushes of rounds in its checkpoint)."""
+        self.addresses[server] = (host, port)
+        old = self.links[server]
+        self.loop.remove(old)
+        old.close()  # drops whatever was still queued for the dead process
+        link = self.links[server] = self._connect(server, host, port)
+        link.bytes_sent, link.bytes_received = old.bytes_sent, old.bytes_received
+        replayed = 0
+        for (srv, _key), msgs in self.retained.items():
+            if srv == server:
+                for msg in msgs:
+                    link.send(msg)
+                replayed += len(msgs)
+        resent = 0
+        for req_id in sorted(self.pending):
+            p = self.pending[req_id]
+            for (srv, offset), msg in p.sent.items():
+                unanswered = p.replies[srv] is None if p.is_broadcast else (srv, offset) in p.parts
+                if srv == server and unanswered:
+                    link.send(msg)
+                    resent += 1
+        log.warning("%s: server %d restarted at %s:%d; replayed %d answered push(es) after its checkpoint "
+                    "and resent %d unanswered request(s)", self.name, server, host, port, replayed, resent)
 
     @property
     def num_servers(self) -> int:
@@ -153,6 +202,12 @@ class KVClient:
                 msg.payload = True
             elif data is not None:
                 msg.data = data[start:start + numel]
+            if mtype in (MsgType.PUSH, MsgType.PUSHPULL):
+                rounds = self.push_rounds.get((server, key))
+                if rounds is not None:
+                    msg.version = rounds + 1
+                    self.push_rounds[(server, key)] = rounds + 1
+            self.pending[req_id].sent[(server, offset)] = msg
             self.links[server].send(msg)
 
     def broadcast(self, mtype: MsgType, callback: Callable[[List[Message], Optional[Exception]], None], *,
@@ -171,6 +226,7 @@ class KVClient:
             msg = Message(mtype, sender=self.sender, req_id=req_id, meta=meta)
             if datas is not None and datas[i] is not None:
                 msg.data = datas[i]
+            pending.sent[(i, 0)] = msg
             self.links[i].send(msg)
 
     def _make_handler(self, server: int) -> Callable[[Message, Optional[bytes], Link], None]:
@@ -181,6 +237,9 @@ class KVClient:
     def _on_reply(self, server: int, msg: Message) -> None:
         if msg.type not in (MsgType.RESPONSE, MsgType.ERROR):
             raise ProtocolError(f"unexpected {msg.type.name} from server {server}")
+        if msg.req_id == 0:
+            self._on_replayed_reply(server, msg)
+            return
         p = self.pending.get(msg.req_id)
         if p is None:
             raise ProtocolError(f"reply to unknown request {msg.req_id} from server {server}")
@@ -194,6 +253,7 @@ class KVClient:
         if msg.type == MsgType.ERROR:
             p.error = p.error or RemoteError(str((msg.meta or {}).get("error", "server error")))
         else:
+            self._track_rounds(server, msg, p.sent[(server, msg.offset)])
             if msg.meta and self.on_meta is not None:
                 self.on_meta(msg.key, msg.meta)
             if msg.payload:
@@ -217,6 +277,33 @@ class KVClient:
         if p.remaining == 0:
             del self.pending[msg.req_id]
             p.callback(None if p.error else p.result, p.error)
+
+    def _track_rounds(self, server: int, reply: Message, sent: Message) -> None:
+        """Numbering and retention of pushes towards a checkpointing global server."""
+        meta = reply.meta or {}
+        where = (server, sent.key)
+        if sent.type == MsgType.INIT:
+            start = meta.get("round")
+            if isinstance(start, int) and not isinstance(start, bool) and start >= 0:
+                self.push_rounds.setdefault(where, start)
+            return
+        if sent.version:
+            sent.req_id = 0  # a replay's answer is only checked, nobody waits for it
+            self.retained.setdefault(where, []).append(sent)
+        saved = meta.get("checkpointed")
+        if isinstance(saved, int) and where in self.retained:
+            # The server's checkpoint holds rounds < saved of this key: it will never need them again.
+            self.retained[where] = [m for m in self.retained[where] if m.version > saved]
+
+    def _on_replayed_reply(self, server: int, msg: Message) -> None:
+        if msg.type == MsgType.ERROR:
+            log.error("%s: server %d refused a replayed push of key %d: %s", self.name, server, msg.key,
+                      (msg.meta or {}).get("error"))
+            return
+        saved = (msg.meta or {}).get("checkpointed")
+        where = (server, msg.key)
+        if isinstance(saved, int) and where in self.retained:
+            self.retained[where] = [m for m in self.retained[where] if m.version > saved]
 
     def _on_broadcast_reply(self, server: int, msg: Message, p: _Pending) -> None:
         if p.replies[server] is not None or (server, 0) not in p.parts:

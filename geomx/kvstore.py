@@ -245,6 +245,13 @@ class GeoKVStore(KVStoreBase):
     def _command(self, meta: dict, datas: Optional[List[Optional[np.ndarray]]] = None) -> List[Any]:
         return self._node.broadcast(MsgType.COMMAND, meta=meta, datas=datas).result()
 
+    def _per_server_replies(self, meta: dict) -> List[Tuple[dict, np.ndarray]]:
+        """A command's (meta, data) reply from every global server, in rank order."""
+        replies = self._command(meta)
+        if len(replies) == 1 and "parts" in (replies[0].meta or {}):
+            return commands.split_merged(replies[0].meta, replies[0].data)  # relayed by a local server
+        return [(r.meta or {}, r.data if r.data is not None else np.zeros(0, np.uint8)) for r in replies]
+
     def _wait_inflight(self) -> None:
         inflight, self._inflight = self._inflight, []
         for f in inflight:
@@ -351,15 +358,21 @@ class GeoKVStore(KVStoreBase):
         """Save the global servers' optimizer states to ``fname`` (an .npz file without pickles)."""
         self._check()
         self._wait_inflight()
-        replies = self._command({"cmd": commands.GET_STATES})
-        if len(replies) == 1 and "parts" in (replies[0].meta or {}):
-            parts = commands.split_merged(replies[0].meta, replies[0].data)  # relayed by a local server
-        else:
-            parts = [(r.meta or {}, r.data if r.data is not None else np.zeros(0, np.uint8)) for r in replies]
+        parts = self._per_server_replies({"cmd": commands.GET_STATES})
         header = json.dumps({"format": "geomx-optimizer-states/1", "parts": [m for m, _ in parts]}).encode()
         with open(fname, "wb") as f:
             np.savez(f, header=np.frombuffer(header, dtype=np.uint8),
                      **{f"server{i}": d for i, (_, d) in enumerate(parts)})
+
+    def save_checkpoint(self) -> List[Dict[str, Any]]:
+        """Ask every global server to checkpoint now (they need GEOMX_CHECKPOINT_DIR); returns, per
+        global server, where it wrote its checkpoint (``path``, on the server's machine), its size
+        (``bytes``), how long the save took (``seconds``) and the rounds its keys were at
+        (``min_round``, ``max_round``). This worker's outstanding pushes are sent first; rounds still
+        open on the servers are not in the checkpoint (their pushes are resent after a restart)."""
+        self._check()
+        self._wait_inflight()
+        return [meta for meta, _ in self._per_server_replies({"cmd": commands.SAVE_CHECKPOINT})]
 
     def load_optimizer_states(self, fname: str) -> None:
         """Load states saved by :meth:`save_optimizer_states` into the global servers."""

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import zmq
 
-from . import config, logutil
+from . import checkpoint, config, logutil
 from .config import NodeConfig
 from .errors import ConfigError, GeoMXError
 from .kvclient import KVClient
@@ -104,9 +104,19 @@ def _local_server(cfg: NodeConfig) -> int:
     upstream = KVClient(loop, glob.info.servers, identity=f"local_server{glob.info.rank}", sender=glob.info.rank,
                         bigarray_bound=cfg.bigarray_bound, wan=True, name=f"local_server{glob.info.rank}")
     server.connect_upstream(upstream)
+    # A global server restarted from its checkpoint: reconnect, resend what it lost.
+    glob.on_servers_changed = lambda old, new: upstream.update_servers(new.servers)
     log.info("serving %d worker(s) on port %d; %d global server(s)", cfg.num_worker, server.port,
              len(glob.info.servers))
     return _serve(loop, server, [party, glob], fatal, upstream)
+
+
+def _restartable(member: TierMember, cfg: NodeConfig, restarting: bool) -> None:
+    """A global server that checkpoints asks its schedulers to wait for its restart should it die;
+    one started from a checkpoint asks to take the place of the one that died."""
+    if cfg.checkpoint_dir:
+        member.register_meta["restart_timeout"] = cfg.restart_timeout
+    member.register_meta["restart"] = restarting
 
 
 def _global_server(cfg: NodeConfig) -> int:
@@ -115,26 +125,37 @@ def _global_server(cfg: NodeConfig) -> int:
     # its one event-loop thread and waits for every result at once, so MXNet's own threaded engine
     # only adds hand-offs: run its ops in the calling thread instead (unless the user chose).
     os.environ.setdefault("MXNET_ENGINE_TYPE", "NaiveEngine")
+    # A checkpoint to start from is read (and refused if unusable) before anything else happens.
+    ckpt = checkpoint.load(cfg.checkpoint_restore) if cfg.checkpoint_restore else None
     import mxnet  # noqa: F401
 
     ctx = zmq.Context()
     loop = EventLoop(ctx, cfg.max_message_bytes, name="global server")
     server = GlobalServer(cfg, loop)
+    if ckpt is not None:
+        server.restore(ckpt, cfg.checkpoint_restore)
     fatal: List[Exception] = []
     glob = _member(loop, cfg, "global", (cfg.global_root_uri, cfg.global_root_port), "server",
-                   server.wan_port, "global_server", fatal)
+                   server.wan_port, "global_server", fatal, rank_hint=None if ckpt is None else ckpt.rank)
+    _restartable(glob, cfg, ckpt is not None)
     glob.register()
     _wait(loop, cfg, lambda: glob.info is not None, fatal, "global-tier registration")
     assert glob.info is not None
+    if ckpt is not None and glob.info.rank != ckpt.rank:
+        raise checkpoint.CheckpointError(f"{cfg.checkpoint_restore} is global server {ckpt.rank}'s checkpoint, "
+                                         f"the global tier gave this server rank {glob.info.rank}")
     server.rank = glob.info.rank
     server.parties = glob.info.num_parties
     server.on_async = lambda: glob.set_policy(tolerate_worker_loss=True)
+    if not server.global_sync:
+        server.on_async()  # restored under MixedSync
     glob.on_peer_left = server.on_peer_left
     logutil.set_label(f"global_server{server.rank}")
     # The same rank in the central party, so both tiers agree on which server holds which key.
     central = _member(loop, cfg, "central", (cfg.root_uri, cfg.root_port), "server", server.lan_port,
                       "global_server", fatal, rank_hint=server.rank,
                       layout={"global_servers": cfg.num_global_server})
+    _restartable(central, cfg, ckpt is not None)
     central.register()
     _wait(loop, cfg, lambda: central.info is not None, fatal, "central-party registration")
     log.info("serving %d party(ies) on port %d and %d central worker(s) on port %d (%d local server(s))",

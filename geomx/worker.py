@@ -61,6 +61,9 @@ class WorkerNode:
                                    sender=self.info.rank, bigarray_bound=cfg.bigarray_bound, wan=False,
                                    name=f"worker{self.info.rank}", global_servers=self.info.global_servers)
                 self.kv.on_meta = self._on_meta
+                # A global server of the central party restarted from its checkpoint.
+                kv = self.kv
+                self.member.on_servers_changed = lambda old, new: kv.update_servers(new.servers)
         except Exception as exc:  # noqa: BLE001 - reported to the training thread
             self.fatal = exc
         finally:

@@ -87,13 +87,23 @@ class Cluster:
 
     def start(self) -> "Cluster":
         for spec in self.specs:
-            proc = subprocess.Popen(spec.argv, env=spec.env, cwd=REPO, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-            self.procs[spec.name] = proc
-            t = threading.Thread(target=self._pump, args=(spec.name, proc), daemon=True)
-            t.start()
-            self._threads.append(t)
+            self._launch(spec.name, spec.argv, spec.env)
         return self
+
+    def _launch(self, name: str, argv: List[str], env: Dict[str, str]) -> None:
+        proc = subprocess.Popen(argv, env=env, cwd=REPO, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        t = threading.Thread(target=self._pump, args=(name, proc), daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def restart(self, name: str, **env: str) -> None:
+        """Start process ``name`` again (after it died), with ``env`` added to its environment; its
+        output goes on under the same name."""
+        assert self.procs[name].poll() is not None, f"{name} is still running"
+        spec = self.specs_by_name[name]
+        self._launch(name, spec.argv, {**spec.env, **env})
 
     def _pump(self, name: str, proc: subprocess.Popen) -> None:
         for raw in iter(proc.stdout.readline, b""):

@@ -50,6 +50,9 @@ class TierMember:
         self.start_timeout = start_timeout
         self._answered = False
         self.on_peer_left: Optional[Callable[[int, str], None]] = None
+        # Called with (old, new) when the scheduler announces a server's new address (a global
+        # server restarted from a checkpoint).
+        self.on_servers_changed: Optional[Callable[[TierInfo, TierInfo], None]] = None
         identity = f"{name}@{tier}#{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
         self.link: Link = connect_dealer(loop.ctx, scheduler[0], scheduler[1], identity,
                                          loop.max_message_bytes, f"{tier}-scheduler-link")
@@ -109,10 +112,12 @@ class TierMember:
                 parsed = tuple((str(h), int(p)) for h, p in servers)
             except (TypeError, ValueError):
                 raise ProtocolError("REGISTER_ACK with a malformed server list") from None
-            self.info = TierInfo(self.tier, meta_field(msg, "rank", int), parsed,
-                                 meta_field(msg, "num_workers", int), meta_field(msg, "num_servers", int),
-                                 meta_field(msg, "global_servers", int, 1), meta_field(msg, "relay", bool, False),
-                                 meta_field(msg, "num_parties", int, 0))
+            old, self.info = self.info, TierInfo(
+                self.tier, meta_field(msg, "rank", int), parsed, meta_field(msg, "num_workers", int),
+                meta_field(msg, "num_servers", int), meta_field(msg, "global_servers", int, 1),
+                meta_field(msg, "relay", bool, False), meta_field(msg, "num_parties", int, 0))
+            if old is not None and old.servers != parsed and self.on_servers_changed is not None:
+                self.on_servers_changed(old, self.info)
         elif msg.type == MsgType.BARRIER_ACK:
             if self._barrier_waiters:
                 self._barrier_waiters.pop(0)()

@@ -37,6 +37,9 @@ class Member:
     party: Optional[str] = None
     rank: int = -1
     done: bool = False
+    # A global server that checkpoints may be restarted: the tier waits this long for it.
+    restart_timeout: float = 0.0
+    lost_at: Optional[float] = None  # when it was presumed dead (while waiting for its restart)
 
 
 class Scheduler:
@@ -60,6 +63,7 @@ class Scheduler:
         self.barriers: Dict[str, set] = {g: set() for g in GROUPS}
         self.exit_code: Optional[int] = None
         self.tolerate_worker_loss = False
+        self.layout: dict = {}  # how keys are divided in this tier (sent with every REGISTER_ACK)
         self.started = time.monotonic()
 
     # -- main loop ----------------------------------------------------------------------------
@@ -119,8 +123,12 @@ class Scheduler:
             raise ProtocolError(f"REGISTER with unknown role {role!r}")
         if not 0 <= port <= 65535 or not 0 < len(host) <= 255:
             raise ProtocolError(f"REGISTER with bad address {host!r}:{port}")
+        restart_timeout = meta_field(msg, "restart_timeout", float, 0.0)
         if identity in self.members:
             raise ProtocolError(f"{peer_label(identity)} registered twice")
+        if meta_field(msg, "restart", bool, False) and self.registered:
+            self._on_restart(identity, role, host, port, name, rank_hint, restart_timeout)
+            return
         if self.registered:
             raise ProtocolError(f"late REGISTER from {name or peer_label(identity)}: the tier is complete")
         count = sum(1 for m in self.members.values() if m.role == role)
@@ -130,10 +138,35 @@ class Scheduler:
         self.members[identity] = Member(identity, role, host, port, name or peer_label(identity), master,
                                         rank_hint if rank_hint >= 0 else None, len(self.members),
                                         time.monotonic(), global_servers, relay,
-                                        None if party is None else party[:200])
+                                        None if party is None else party[:200], restart_timeout=restart_timeout)
         log.debug("%s: registered %s %s at %s:%d", self.tier, role, name, host, port)
         if len(self.members) == self.num_servers + self.num_workers:
             self._assign_ranks()
+
+    def _on_restart(self, identity: bytes, role: str, host: str, port: int, name: str, rank: int,
+                    restart_timeout: float) -> None:
+        """A server restarted from its checkpoint takes the place (and rank) of the one that died; every
+        node of the tier gets the new server list (a REGISTER_ACK again) and reconnects."""
+        old = next((m for m in self.members.values() if m.role == "server" and m.rank == rank and not m.done
+                    and role == "server"), None)
+        if old is None or old.restart_timeout <= 0:
+            raise ProtocolError(f"restart of {role} {name or peer_label(identity)} with rank {rank} refused: no "
+                                "restartable server of that rank in the tier")
+        del self.members[old.identity]
+        self.members[identity] = dataclasses.replace(
+            old, identity=identity, host=host, port=port, name=name or peer_label(identity),
+            last_seen=time.monotonic(), restart_timeout=restart_timeout, lost_at=None)
+        down = "" if old.lost_at is None else f" after {time.monotonic() - old.lost_at:.1f}s"
+        log.warning("%s: %s %s (rank %d) restarted%s, now at %s:%d", self.tier, role, name, rank, down, host, port)
+        self._announce_servers()
+
+    def _announce_servers(self, members: Optional[List[Member]] = None) -> None:
+        servers = sorted((m for m in self.members.values() if m.role == "server"), key=lambda m: m.rank)
+        addresses = [[m.host, m.port] for m in servers]
+        for m in members if members is not None else [m for m in self.members.values() if not m.done]:
+            self._send(m, Message(MsgType.REGISTER_ACK, meta={
+                "rank": m.rank, "servers": addresses, "num_workers": self.num_workers,
+                "num_servers": self.num_servers, "tier": self.tier, **self.layout}))
 
     def _assign_ranks(self) -> None:
         servers = [m for m in self.members.values() if m.role == "server"]
@@ -151,7 +184,6 @@ class Scheduler:
             m.rank = rank
         for rank, m in enumerate(workers):
             m.rank = rank
-        addresses = [[m.host, m.port] for m in servers]
         # Workers divide keys over this tier's servers along the global servers' parts, so every
         # server of the tier must divide for the same number of global servers.
         counts = sorted({m.global_servers or 1 for m in servers})
@@ -161,12 +193,9 @@ class Scheduler:
             return
         # Parties are told apart by the party each local server names (its party's scheduler).
         parties = {m.party if m.party is not None else m.name for m in workers}
-        layout = {"global_servers": counts[0] if counts else 1, "relay": any(m.relay for m in servers),
-                  "num_parties": len(parties)}
-        for m in self.members.values():
-            self._send(m, Message(MsgType.REGISTER_ACK, meta={
-                "rank": m.rank, "servers": addresses, "num_workers": self.num_workers,
-                "num_servers": self.num_servers, "tier": self.tier, **layout}))
+        self.layout = {"global_servers": counts[0] if counts else 1, "relay": any(m.relay for m in servers),
+                       "num_parties": len(parties)}
+        self._announce_servers(list(self.members.values()))
         self.registered = True
         log.info("%s: all %d nodes registered", self.tier, len(self.members))
 
@@ -203,9 +232,25 @@ class Scheduler:
                        "(check DMLC_NUM_SERVER / DMLC_NUM_WORKER and the scheduler address)", None)
             return
         for m in self.members.values():
-            if not m.done and now - m.last_seen > self.heartbeat_timeout:
-                self._lost(m, f"{self.tier}: {m.role} {m.name} (rank {m.rank}, {m.host}:{m.port}) sent no "
-                              f"heartbeat for {now - m.last_seen:.1f}s; presumed dead")
+            if m.done:
+                continue
+            if m.lost_at is not None:
+                if now - m.lost_at > m.restart_timeout:
+                    self._fail(f"{self.tier}: {m.role} {m.name} (rank {m.rank}, {m.host}:{m.port}) died and was "
+                               f"not restarted within {m.restart_timeout:.0f}s (GEOMX_RESTART_TIMEOUT); restart "
+                               "it with GEOMX_CHECKPOINT_RESTORE=<its checkpoint file>", m)
+                    return
+                continue
+            if now - m.last_seen > self.heartbeat_timeout:
+                reason = (f"{self.tier}: {m.role} {m.name} (rank {m.rank}, {m.host}:{m.port}) sent no "
+                          f"heartbeat for {now - m.last_seen:.1f}s; presumed dead")
+                if m.role == "server" and m.restart_timeout > 0:
+                    # It checkpoints: the tier waits for it to come back from its checkpoint.
+                    m.lost_at = now
+                    log.warning("%s; waiting up to %.0fs for it to be restarted from its checkpoint", reason,
+                                m.restart_timeout)
+                    continue
+                self._lost(m, reason)
                 return
 
     def _lost(self, member: Member, reason: str) -> None:

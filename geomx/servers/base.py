@@ -49,6 +49,9 @@ class ServerBase:
     def on_all_stopped(self) -> None:
         raise NotImplementedError
 
+    def on_client_stop(self, client: Client) -> None:
+        """``client`` sent STOP (before it is answered)."""
+
     # -- replies ------------------------------------------------------------------------------
     @staticmethod
     def reply(link: Link, identity: bytes, req: Message, data: Optional[np.ndarray] = None,
@@ -100,6 +103,7 @@ class ServerBase:
             self.stopped_clients.add(client)
             if self.expected_pushes(link):
                 self.fail_rounds_without(client)
+            self.on_client_stop(client)
             self.reply(link, identity, msg)
             log.debug("%s: %s stopped (%d/%d)", self.name, peer_label(identity), len(self.stopped_clients),
                       self.expected_stops())
@@ -164,14 +168,14 @@ class ServerBase:
 
     def on_push(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
         ks = self.pushed_key(msg, link, identity)
-        if ks is None:
+        if ks is None or (msg.version and self.resent_push(ks, msg, client, link, identity)):
             return
         expected = self.expected_pushes(link)
         if expected == 0:
             self.reply_error(link, identity, msg, "this client may not push (set DMLC_ENABLE_CENTRAL_WORKER=1 "
                                                   "for central-party workers to train)")
             return
-        missing = self.stopped_without_round(ks, ks.pushes_by.get(client, 0))
+        missing = self.stopped_without_round(ks, ks.pushes_of(client))
         if missing is not None:
             self.reply_error(link, identity, msg, f"key {msg.key}: {missing} stopped before pushing this round")
             return
@@ -182,10 +186,38 @@ class ServerBase:
             acc, rnd.acc = rnd.acc, None
             self.dispatch_round(ks, r, ks.round_value(acc))
 
+    def resent_push(self, ks: KeyState, msg: Message, client: Client, link: Link, identity: bytes) -> bool:
+        """A numbered push (``version`` = round + 1): True when it was handled here because it repeats
+        a round this server already has, which happens when a client resends its unanswered and
+        not-yet-checkpointed pushes to a global server restarted from a checkpoint."""
+        r, expected = msg.version - 1, ks.pushes_of(client)
+        if r == expected:
+            return False
+        if r > expected:
+            self.reply_error(link, identity, msg, f"key {msg.key}: push of round {r} from "
+                                                  f"{peer_label(identity)}, expected round {expected}")
+            return True
+        reply = self.replier(link, identity, msg)
+        want_value = msg.type == MsgType.PUSHPULL
+        if r < ks.completed:
+            # Already summed (before the checkpoint, or replayed earlier): the key's value includes
+            # it. It is the round's own result when r is the last completed round.
+            log.debug("%s: key %d round %d resent by %s; already complete", self.name, msg.key, r,
+                      peer_label(identity))
+            reply(ks.store if want_value else None)
+        else:
+            # This process already holds the push in the open round r: answer when it completes.
+            rnd = ks.rounds.get(r)
+            if rnd is None:
+                reply(GeoMXError(f"key {msg.key}: round {r} was refused"))
+            else:
+                rnd.waiters.append((reply, want_value))
+        return True
+
     def stopped_without_round(self, ks: KeyState, r: int) -> Optional[str]:
         """A stopped pushing client that never pushed round ``r`` of ``ks`` (so it cannot complete)."""
         for client in self.stopped_clients:
-            if client in self.pushing_clients and ks.pushes_by.get(client, 0) <= r:
+            if client in self.pushing_clients and ks.pushes_of(client) <= r:
                 return peer_label(client[1])
         return None
 
@@ -194,14 +226,14 @@ class ServerBase:
         rather than let the other workers wait forever."""
         self.pushing_clients.add(client)
         for ks in self.keys.values():
-            done = ks.pushes_by.get(client, 0)
+            done = ks.pushes_of(client)
             error = GeoMXError(f"{peer_label(client[1])} stopped after {done} round(s) of key {ks.key}; "
                                "the synchronous round cannot complete")
             for r in [r for r in ks.rounds if r >= done]:
                 ks.fail_round(r, error)
             parked, ks.parked = ks.parked, []
             for other, reply in parked:
-                if ks.pushes_by.get(other, 0) > done:
+                if ks.pushes_of(other) > done:
                     reply(error)
                 else:
                     ks.parked.append((other, reply))

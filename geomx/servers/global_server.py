@@ -5,11 +5,12 @@ central party (clients: the master worker and central workers)."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Optional
+import time
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from .. import commands, compression
+from .. import checkpoint, commands, compression
 from ..config import NodeConfig
 from ..errors import GeoMXError, ProtocolError
 from ..optimizer_spec import optimizer_from_spec, states_from_wire, states_to_wire
@@ -48,6 +49,12 @@ class GlobalServer(ServerBase):
         # under BSC, the sum of the sparsified changes sent to it.
         self.party_views: Dict[tuple, np.ndarray] = {}
         self.esync_speed: Dict[Client, float] = {}  # ESync: each party's measured local steps per second
+        # Checkpoints (GEOMX_CHECKPOINT_DIR): the rounds of each key in the last saved checkpoint, and
+        # what each client was told of them (its cue to drop the pushes it keeps for a replay).
+        self.checkpointed: Dict[int, int] = {}
+        self.told_checkpointed: Dict[tuple, int] = {}
+        self.next_checkpoint_round = cfg.checkpoint_every
+        self.restored_from: Optional[str] = None
 
     # -- round bookkeeping --------------------------------------------------------------------
     def expected_pushes(self, link: Link) -> int:
@@ -62,10 +69,102 @@ class GlobalServer(ServerBase):
         return self.local_servers + self.central_workers - len(self.lost_parties)
 
     def dispatch_round(self, ks: KeyState, r: int, acc: np.ndarray) -> None:
-        if self.updater is None:
-            ks.finish_round(r, acc)
+        ks.finish_round(r, acc if self.updater is None else self._apply(ks, acc))
+        if self.cfg.checkpoint_dir and self.cfg.checkpoint_every and ks.completed >= self.next_checkpoint_round:
+            self._periodic_checkpoint()
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _periodic_checkpoint(self) -> None:
+        """Every GEOMX_CHECKPOINT_EVERY rounds: save once every key has completed the target round."""
+        done = min(ks.completed for ks in self.keys.values() if ks.initialized)
+        if done < self.next_checkpoint_round:
             return
-        ks.finish_round(r, self._apply(ks, acc))
+        try:
+            self.save_checkpoint(f"round {done}")
+        except GeoMXError as exc:  # e.g. the disk is full: training goes on, the last good file stays
+            log.error("%s", exc)
+        every = self.cfg.checkpoint_every
+        self.next_checkpoint_round = (done // every + 1) * every
+
+    def snapshot(self) -> checkpoint.Checkpoint:
+        """This server's state now. Every key is at a round boundary of its own (partial rounds are
+        left out: their pushes are resent after a restart), and its round count is recorded."""
+        counts: Dict[int, int] = {}
+        num_update, states = 0, None
+        if self.updater is not None:
+            counts = dict(self.updater.optimizer._index_update_count)
+            num_update = int(self.updater.optimizer.num_update)
+            states = states_to_wire(self.updater.states)
+        keys = [checkpoint.KeyRecord(ks.key, ks.store, ks.completed, int(counts.get(ks.key, 0)))
+                for ks in self.keys.values() if ks.initialized]
+
+        def clients(group: set) -> List[List[str]]:
+            return sorted([name, ident.hex()] for name, ident in group)
+
+        return checkpoint.Checkpoint(
+            rank=self.rank, num_global_server=self.cfg.num_global_server, keys=keys,
+            global_sync=self.global_sync, compression=self.compression_params, optimizer=self.optimizer_spec,
+            num_update=num_update, states=states, stopped=clients(self.stopped_clients),
+            pushing=clients(self.pushing_clients))
+
+    def save_checkpoint(self, why: str) -> Dict[str, Any]:
+        if not self.cfg.checkpoint_dir:
+            raise GeoMXError(f"global server {self.rank}: checkpoints are off (set GEOMX_CHECKPOINT_DIR)")
+        start = time.perf_counter()
+        ckpt = self.snapshot()
+        path = checkpoint.file_name(self.cfg.checkpoint_dir, self.rank)
+        try:
+            size = checkpoint.save(ckpt, path)
+        except OSError as exc:
+            raise GeoMXError(f"global server {self.rank}: cannot write checkpoint {path}: {exc}") from None
+        self.checkpointed = {rec.key: rec.completed for rec in ckpt.keys}
+        rounds = [rec.completed for rec in ckpt.keys] or [0]
+        seconds = time.perf_counter() - start
+        log.info("%s: checkpoint (%s) of %d key(s) at rounds %d..%d: %s, %d bytes in %.3fs", self.name, why,
+                 len(ckpt.keys), min(rounds), max(rounds), path, size, seconds)
+        return {"path": path, "bytes": size, "seconds": seconds, "min_round": min(rounds),
+                "max_round": max(rounds), "rank": self.rank}
+
+    def restore(self, ckpt: checkpoint.Checkpoint, path: str) -> None:
+        """Take over the state of the checkpoint (before joining the tiers)."""
+        if ckpt.num_global_server != self.cfg.num_global_server:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} was taken with {ckpt.num_global_server} global server(s), "
+                f"DMLC_NUM_GLOBAL_SERVER is {self.cfg.num_global_server}")
+        self.rank = ckpt.rank
+        self.global_sync = ckpt.global_sync
+        self.compression_params = ckpt.compression
+        if ckpt.optimizer is not None:
+            self._set_optimizer(ckpt.optimizer, from_master=True)
+            opt = self.updater.optimizer
+            for rec in ckpt.keys:
+                if rec.update_count:
+                    opt._index_update_count[rec.key] = rec.update_count
+            opt.num_update = ckpt.num_update
+            if ckpt.states is not None:
+                self._load_states(states_from_wire(*ckpt.states))
+        for rec in ckpt.keys:
+            ks = self.keys[rec.key] = KeyState(rec.key, rec.value.size, rec.value.dtype)
+            ks.store = rec.value
+            ks.initialized = True
+            ks.completed = ks.first_round = rec.completed
+        self.stopped_clients = {(name, bytes.fromhex(ident)) for name, ident in ckpt.stopped}
+        self.pushing_clients = {(name, bytes.fromhex(ident)) for name, ident in ckpt.pushing}
+        self.checkpointed = {rec.key: rec.completed for rec in ckpt.keys}
+        if self.cfg.checkpoint_every:
+            done = min([rec.completed for rec in ckpt.keys] or [0])
+            self.next_checkpoint_round = (done // self.cfg.checkpoint_every + 1) * self.cfg.checkpoint_every
+        self.restored_from = path
+        rounds = [rec.completed for rec in ckpt.keys] or [0]
+        log.info("%s: restored from %s: rank %d, %d key(s) at rounds %d..%d, optimizer %s", self.name, path,
+                 self.rank, len(ckpt.keys), min(rounds), max(rounds),
+                 ckpt.optimizer["name"] if ckpt.optimizer else None)
+
+    def on_client_stop(self, client: Client) -> None:
+        # A client that stopped is not coming back to say so again: record it, so that a server
+        # restored later still knows how many STOPs it has to wait for.
+        if self.cfg.checkpoint_dir and len(self.stopped_clients) < self.expected_stops():
+            self.save_checkpoint("a client stopped")
 
     def on_push(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
         self.party_rank[client] = msg.sender
@@ -141,11 +240,22 @@ class GlobalServer(ServerBase):
         return value
 
     def reply_meta(self, req: Message, client: Client) -> Optional[dict]:
+        meta: Dict[str, Any] = {}
         if req.type == MsgType.INIT:
-            return None if self.compression_params is None else {"compression": self.compression_params}
-        if not (self.cfg.use_esync and req.key == ESYNC_KEY and req.type == MsgType.PUSHPULL):
-            return None
-        return {"esync_steps": self.esync_steps_for(client)}
+            if self.compression_params is not None:
+                meta["compression"] = self.compression_params
+            ks = self.keys.get(req.key)
+            if self.cfg.checkpoint_dir and ks is not None:
+                # Checkpoints are on: the client numbers its pushes from here (see KVClient).
+                meta["round"] = ks.pushes_of(client)
+        elif self.cfg.use_esync and req.key == ESYNC_KEY and req.type == MsgType.PUSHPULL:
+            meta["esync_steps"] = self.esync_steps_for(client)
+        saved = self.checkpointed.get(req.key)
+        if saved is not None and req.type != MsgType.INIT and self.told_checkpointed.get((client, req.key)) != saved:
+            # The client may forget its pushes of this key's rounds before ``saved``.
+            self.told_checkpointed[(client, req.key)] = saved
+            meta["checkpointed"] = saved
+        return meta or None
 
     def esync_steps_for(self, client: Client) -> int:
         """ESync: local steps for ``client``'s next round, so that every party takes about as long as
@@ -236,6 +346,8 @@ class GlobalServer(ServerBase):
                 states = states_from_wire(*parts[self.rank])
                 self._load_states(states)
                 self.reply(link, identity, msg)
+            elif cmd == commands.SAVE_CHECKPOINT:
+                self.reply(link, identity, msg, meta=self.save_checkpoint("requested"))
             elif cmd == commands.SET_COMPRESSION:
                 self._set_compression(meta_field(msg, "params", dict))
                 self.reply(link, identity, msg)
@@ -263,6 +375,11 @@ class GlobalServer(ServerBase):
         log.info("%s: gradient compression %s", self.name, self.compression_params)
 
     def _set_optimizer(self, spec: Dict[str, Any], from_master: bool) -> None:
+        if self.restored_from is not None and self.optimizer_spec is not None \
+                and _without_progress(spec) == _without_progress(self.optimizer_spec):
+            # A restarted topology's master sends its fresh optimizer again: keep the checkpoint's
+            # (same hyper-parameters, plus the update counts and states it has reached).
+            return
         if self.optimizer_spec is not None and spec != self.optimizer_spec:
             if not from_master and self.optimizer_from_master:
                 log.info("%s: keeping the master worker's optimizer; a worker sent another one", self.name)
@@ -300,3 +417,8 @@ class GlobalServer(ServerBase):
     def on_all_stopped(self) -> None:
         log.info("%s: every client stopped", self.name)
         self.exit_code = 0
+
+
+def _without_progress(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """An optimizer spec without the update counter (which only says how far training got)."""
+    return {k: v for k, v in spec.items() if k != "num_update"}

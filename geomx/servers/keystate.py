@@ -32,8 +32,8 @@ class KeyState:
     in-place update could change bytes still queued in libzmq.
     """
 
-    __slots__ = ("key", "numel", "offset", "total", "dtype", "store", "initialized", "rounds", "completed", "pushes_by",
-                 "parked", "init_requested", "weight_nd", "milestone", "local_rounds")
+    __slots__ = ("key", "numel", "offset", "total", "dtype", "store", "initialized", "rounds", "completed",
+                 "pushes_by", "parked", "init_requested", "weight_nd", "milestone", "local_rounds", "first_round")
 
     def __init__(self, key: int, numel: int, dtype: np.dtype, offset: int = 0, total: Optional[int] = None):
         self.key = key
@@ -52,10 +52,17 @@ class KeyState:
         self.weight_nd: Any = None  # MXNet copy of the weights when the global server runs an optimizer
         self.milestone: Optional[np.ndarray] = None  # HFA: the global model at the last global round
         self.local_rounds = 0  # HFA: party-level averages since the start
+        # Rounds every client is taken to have pushed already: 0, or the rounds a restored
+        # checkpoint holds (the parties resend only the rounds after it).
+        self.first_round = 0
+
+    def pushes_of(self, client: Any) -> int:
+        """How many pushes of ``client`` this key has seen (its next push opens that round)."""
+        return self.pushes_by.get(client, self.first_round)
 
     def add_push(self, client: Any, data: np.ndarray, reply: Reply, want_value: bool) -> tuple:
         """Fold ``data`` into the client's next round; returns (round index, Round)."""
-        r = self.pushes_by.get(client, 0)
+        r = self.pushes_of(client)
         self.pushes_by[client] = r + 1
         rnd = self.rounds.get(r)
         if rnd is None:
@@ -85,7 +92,7 @@ class KeyState:
         return kernels.f32_to_f16(acc) if acc.dtype != self.dtype else acc
 
     def pull_ready(self, client: Any) -> bool:
-        return self.initialized and self.completed >= self.pushes_by.get(client, 0)
+        return self.initialized and self.completed >= self.pushes_of(client)
 
     def park_pull(self, client: Any, reply: Reply) -> None:
         self.parked.append((client, reply))

@@ -1,0 +1,209 @@
+"""Checkpoint and restore of the global tier, on real processes (127.0.0.1).
+
+The exact worker (tests/workers/exact_worker.py) checks every pulled value against its closed form
+with zero tolerance, so a lost, doubled or reordered update after the global server's restart fails
+the run.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from geomx import checkpoint
+from geomx.checkpoint import Checkpoint, CheckpointError, KeyRecord
+from geomx.launch import Topology
+
+from test_faults import FAST_HEARTBEATS, Cluster, assert_no_process_left, slow_cmd
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sample(rank: int = 0, scale: float = 1.0) -> Checkpoint:
+    keys = [KeyRecord(3, (np.arange(12, dtype=np.float32) * scale), 5, 5),
+            KeyRecord(7, np.full(4, scale, np.float16), 4, 4),
+            KeyRecord(1 << 62 | 12345, np.arange(3, dtype=np.float64), 5, 0)]
+    states = ({"states": {"3": {"dtype": "<f4", "shape": [2], "offset": 0, "nbytes": 8}}},
+              np.arange(8, dtype=np.uint8))
+    return Checkpoint(rank=rank, num_global_server=2, keys=keys, optimizer={"name": "sgd", "params": {}},
+                      num_update=5, states=states, stopped=[["central-clients", "776f726b657230"]],
+                      pushing=[["global-clients", "6c6f63616c"]])
+
+
+# -- the file format --------------------------------------------------------------------------------
+
+def test_checkpoint_round_trip(tmp_path):
+    path = checkpoint.file_name(str(tmp_path), 1)
+    size = checkpoint.save(sample(rank=1), path)
+    assert size == os.path.getsize(path)
+    back = checkpoint.load(path)
+    want = sample(rank=1)
+    assert (back.rank, back.num_global_server, back.optimizer, back.num_update) == (1, 2, want.optimizer, 5)
+    assert back.stopped == want.stopped and back.pushing == want.pushing
+    for got, exp in zip(back.keys, want.keys):
+        assert (got.key, got.completed, got.update_count) == (exp.key, exp.completed, exp.update_count)
+        assert got.value.dtype == exp.value.dtype and np.array_equal(got.value, exp.value)
+    assert back.states[0] == want.states[0] and np.array_equal(back.states[1], want.states[1])
+    assert [p.name for p in tmp_path.iterdir()] == ["global_server1.npz"]  # no temporary file left
+
+
+def _corruptions(good: bytes):
+    flipped = bytearray(good)
+    # A byte inside the first value array's data (after the header member): the zip CRC catches it.
+    flipped[len(good) // 2] ^= 0xFF
+    return {
+        "truncated to half": good[: len(good) // 2],
+        "truncated by one byte": good[:-1],
+        "empty": b"",
+        "a flipped byte": bytes(flipped),
+        "not a zip": b"\x93NUMPY garbage" * 10,
+    }
+
+
+@pytest.mark.parametrize("case", ["truncated to half", "truncated by one byte", "empty", "a flipped byte",
+                                  "not a zip"])
+def test_corrupt_checkpoint_is_refused(tmp_path, case):
+    path = tmp_path / "global_server0.npz"
+    checkpoint.save(sample(), str(path))
+    path.write_bytes(_corruptions(path.read_bytes())[case])
+    with pytest.raises(CheckpointError, match=rf"checkpoint {re.escape(str(path))} (is unreadable|refused)"):
+        checkpoint.load(str(path))
+
+
+def test_checkpoint_with_inconsistent_header_is_refused(tmp_path):
+    path = str(tmp_path / "c.npz")
+    arrays = {"header": np.frombuffer(b'{"format": "geomx-checkpoint/1", "rank": 0, "num_global_server": 1, '
+                                      b'"keys": [{"key": 1, "numel": 5, "dtype": "<f4", "completed": 2}], '
+                                      b'"stopped": [], "pushing": []}', np.uint8),
+              "v0": np.zeros(4, np.float32)}
+    np.savez(path, **arrays)
+    with pytest.raises(CheckpointError, match=r"value of key 1 is <f4 \(4,\), the header says <f4 \(5,\)"):
+        checkpoint.load(path)
+    np.savez(path, header=np.frombuffer(b'{"format": "geomx-optimizer-states/1"}', np.uint8))
+    with pytest.raises(CheckpointError, match="format is 'geomx-optimizer-states/1'"):
+        checkpoint.load(path)
+    np.savez(path, v0=np.zeros(3, object))
+    with pytest.raises(CheckpointError):
+        checkpoint.load(path)  # no header; and object arrays are never unpickled
+
+
+_SAVER = """
+import sys, numpy as np
+from geomx import checkpoint
+path, n = sys.argv[1], int(sys.argv[2])
+gen = 0
+while True:
+    gen += 1
+    keys = [checkpoint.KeyRecord(0, np.full(n, gen, np.float32), gen)]
+    checkpoint.save(checkpoint.Checkpoint(rank=0, num_global_server=1, keys=keys), path)
+    print(gen, flush=True)
+"""
+
+
+def test_crash_during_save_keeps_the_last_good_checkpoint(tmp_path):
+    """SIGKILL a process that rewrites a 32 MB checkpoint over and over (so it is almost always in the
+    middle of a save): the file is always a complete checkpoint of one generation, never a torn one."""
+    path = str(tmp_path / "global_server0.npz")
+    n = 8 << 20
+    torn_saves = 0
+    for delay in (0.1, 0.3, 0.5):
+        proc = subprocess.Popen([sys.executable, "-c", _SAVER, path, str(n)], stdout=subprocess.PIPE,
+                                env={**os.environ, "PYTHONPATH": str(REPO)}, text=True)
+        assert proc.stdout.readline().strip() == "1"  # one complete checkpoint exists
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpt = checkpoint.load(path)
+        gen = ckpt.keys[0].completed
+        assert gen >= 1 and np.array_equal(ckpt.keys[0].value, np.full(n, gen, np.float32))
+        # A save cut short leaves its temporary file (a new one each time), never a half checkpoint.
+        names = [p.name for p in tmp_path.iterdir()]
+        assert all(name == "global_server0.npz" or name.startswith(".geomx-ckpt-") for name in names)
+        torn_saves = len(names) - 1
+    assert torn_saves >= 1, "no kill landed in the middle of a save; the test proved nothing"
+
+
+# -- restart on a live topology ---------------------------------------------------------------------
+
+def _restart_topology(tmp_path, **env):
+    return Topology(parties=2, workers_per_party=1, env=dict(
+        FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60", GEOMX_CHECKPOINT_DIR=str(tmp_path), **env))
+
+
+@pytest.mark.parametrize("every,kill_after,wait_for_detection", [(3, 4, True), (1, 2, False)])
+def test_global_server_restarted_from_checkpoint_loses_no_update(tmp_path, every, kill_after, wait_for_detection):
+    """SIGKILL the global server mid-training and restart it from its checkpoint: the workers' every
+    pulled value (SGD, lr 1, integer gradients) equals the uninterrupted closed form exactly. With a
+    checkpoint every 3 rounds and the kill after round 4, the parties replay rounds the checkpoint
+    lacks; with a restart before the schedulers even notice, the new server takes the old one's place."""
+    rounds = 8
+    topo = _restart_topology(tmp_path, GEOMX_CHECKPOINT_EVERY=str(every), GEOMX_RESTART_TIMEOUT="60")
+    cmd = slow_cmd(rounds, 0.3) + ["--optimizer", "sgd"]
+    ckpt_file = checkpoint.file_name(str(tmp_path), 0)
+    with Cluster(topo, cmd) as cluster:
+        cluster.log.wait_for(rf"^\[party1/worker0\] ROUND {kill_after} OK", 90)
+        cluster.kill("global_server0")
+        assert cluster.procs["global_server0"].wait(5) == -signal.SIGKILL
+        if wait_for_detection:
+            for sched in ("global_scheduler", "central/scheduler"):
+                cluster.log.wait_for(rf"^\[{re.escape(sched)}\] .*global_server .*presumed dead; waiting up to 60s", 30)
+        saved = checkpoint.load(ckpt_file)
+        assert min(k.completed for k in saved.keys) >= every
+        cluster.restart("global_server0", GEOMX_CHECKPOINT_RESTORE=ckpt_file)
+        assert cluster.wait_all(120), f"still running: {cluster.running()}\n{cluster.log.text()[-8000:]}"
+        out = cluster.log.text()
+        for name, proc in cluster.procs.items():
+            assert proc.returncode == 0, f"{name} exited with {proc.returncode}:\n{out[-10000:]}"
+        assert len(re.findall(rf"^\[party\d/worker0\] EXACT OK .* rounds {rounds}$", out, re.M)) == 2, out[-8000:]
+        assert re.search(r"^\[global_server0\] .*restored from .*global_server0\.npz: rank 0, 4 key\(s\)", out, re.M)
+        assert re.search(r"^\[global_scheduler\] .*global_server \(rank 0\) restarted", out, re.M), out[-8000:]
+        assert re.search(r"^\[central/scheduler\] .*global_server \(rank 0\) restarted", out, re.M), out[-8000:]
+        for party in (0, 1):
+            replay = re.search(rf"^\[party{party}/server\] .*server 0 restarted at .*; replayed (\d+) answered "
+                               r"push\(es\) after its checkpoint and resent (\d+) unanswered", out, re.M)
+            assert replay, out[-8000:]
+            if every > 1:
+                # The rounds completed after the checkpoint were lost with the server: the parties
+                # had to send them again (4 keys x at least one round).
+                assert int(replay.group(1)) >= 4, replay.group(0)
+        assert_no_process_left(cluster)
+
+
+def test_global_server_not_restarted_in_time_ends_with_a_clear_error(tmp_path):
+    topo = _restart_topology(tmp_path, GEOMX_CHECKPOINT_EVERY="2", GEOMX_RESTART_TIMEOUT="4")
+    with Cluster(topo, slow_cmd(30, 0.3)) as cluster:
+        cluster.log.wait_for(r"^\[party0/worker0\] ROUND 2 OK", 90)
+        killed_at = cluster.kill("global_server0")
+        assert cluster.wait_all(40), f"still running: {cluster.running()}\n{cluster.log.text()[-8000:]}"
+        took = time.monotonic() - killed_at
+        out = cluster.log.text()
+        pattern = (r"global_server \(rank 0, [\d.:]+\) died and was not restarted within 4s "
+                   r"\(GEOMX_RESTART_TIMEOUT\)")
+        assert re.search(rf"^\[global_scheduler\] .*ERROR.*{pattern}", out, re.M), out[-8000:]
+        for name in ("party0/server", "party1/server", "party0/worker0", "party1/worker0"):
+            assert cluster.procs[name].returncode != 0, cluster.output(name)
+            assert re.search(pattern, cluster.output(name)), cluster.output(name)
+        # heartbeat timeout (3 s) + restart timeout (4 s) + the failure spreading, not a hang
+        assert took < 30
+        assert_no_process_left(cluster)
+
+
+def test_restart_from_corrupt_checkpoint_is_refused_at_start(tmp_path):
+    """A global server told to start from a truncated checkpoint exits at once with an error naming
+    the file (it never joins the tier with half a model)."""
+    path = tmp_path / "global_server0.npz"
+    checkpoint.save(sample(), str(path))
+    path.write_bytes(path.read_bytes()[:-100])
+    spec = next(s for s in Topology(parties=1, workers_per_party=1).processes(["true"])
+                if s.name == "global_server0")
+    env = {**spec.env, "GEOMX_CHECKPOINT_RESTORE": str(path), "GEOMX_START_TIMEOUT": "5"}
+    proc = subprocess.run(spec.argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert re.search(rf"checkpoint {re.escape(str(path))} is unreadable \(truncated or corrupt\?\)", proc.stderr)

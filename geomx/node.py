@@ -146,6 +146,8 @@ def _global_server(cfg: NodeConfig) -> int:
                                          f"the global tier gave this server rank {glob.info.rank}")
     server.rank = glob.info.rank
     server.parties = glob.info.num_parties
+    if ckpt is not None and not glob.info.rejoined:
+        server.forget_clients()  # a whole new topology: its clients start afresh
     server.on_async = lambda: glob.set_policy(tolerate_worker_loss=True)
     if not server.global_sync:
         server.on_async()  # restored under MixedSync

@@ -207,3 +207,24 @@ def test_restart_from_corrupt_checkpoint_is_refused_at_start(tmp_path):
     proc = subprocess.run(spec.argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stderr
     assert re.search(rf"checkpoint {re.escape(str(path))} is unreadable \(truncated or corrupt\?\)", proc.stderr)
+
+
+def test_checkpoint_on_request_then_whole_topology_restart(tmp_path, topology_run):
+    """``kv.save_checkpoint()`` after round 2 writes exactly the closed form at round 2 (checked by
+    the worker). The run then finishes (the last checkpoint is taken at the parties' STOP); a new
+    topology whose global server starts from that file continues at round 4, exactly."""
+    env = dict(GEOMX_CHECKPOINT_DIR=str(tmp_path), GEOMX_CHECKPOINT_EVERY="1000")
+    first = topology_run("exact_worker.py", ["--slice", "{slice}", "--rounds", "4", "--optimizer", "sgd",
+                                             "--checkpoint-at", "2"], env=env, parties=2, workers_per_party=1)
+    assert first.code == 0, first.output[-6000:]
+    assert len(first.lines("CHECKPOINT OK round 2 servers 1")) == 1, first.output[-6000:]
+    saved = checkpoint.load(checkpoint.file_name(str(tmp_path), 0))
+    assert sorted(k.completed for k in saved.keys) == [4, 4, 4, 4]
+
+    second = topology_run("exact_worker.py", ["--slice", "{slice}", "--rounds", "7", "--optimizer", "sgd",
+                                              "--first-round", "4"], env=env, parties=2, workers_per_party=1,
+                          node_env={"global_server0": {
+                              "GEOMX_CHECKPOINT_RESTORE": checkpoint.file_name(str(tmp_path), 0)}})
+    assert second.code == 0, second.output[-6000:]
+    assert len(second.lines("EXACT OK")) == 2, second.output[-6000:]
+    assert second.lines("restored into a new topology"), second.output[-6000:]

@@ -34,6 +34,8 @@ class TierInfo:
     relay: bool = False
     #: How many parties the tier's workers serve (the global tier: its workers are local servers).
     num_parties: int = 0
+    #: This server took the place of a dead one in a running tier (restarted from a checkpoint).
+    rejoined: bool = False
 
 
 class TierMember:
@@ -115,7 +117,8 @@ class TierMember:
             old, self.info = self.info, TierInfo(
                 self.tier, meta_field(msg, "rank", int), parsed, meta_field(msg, "num_workers", int),
                 meta_field(msg, "num_servers", int), meta_field(msg, "global_servers", int, 1),
-                meta_field(msg, "relay", bool, False), meta_field(msg, "num_parties", int, 0))
+                meta_field(msg, "relay", bool, False), meta_field(msg, "num_parties", int, 0),
+                meta_field(msg, "rejoined", bool, False))
             if old is not None and old.servers != parsed and self.on_servers_changed is not None:
                 self.on_servers_changed(old, self.info)
         elif msg.type == MsgType.BARRIER_ACK:

@@ -158,15 +158,18 @@ class Scheduler:
             last_seen=time.monotonic(), restart_timeout=restart_timeout, lost_at=None)
         down = "" if old.lost_at is None else f" after {time.monotonic() - old.lost_at:.1f}s"
         log.warning("%s: %s %s (rank %d) restarted%s, now at %s:%d", self.tier, role, name, rank, down, host, port)
-        self._announce_servers()
+        self._announce_servers(rejoined=identity)
 
-    def _announce_servers(self, members: Optional[List[Member]] = None) -> None:
+    def _announce_servers(self, members: Optional[List[Member]] = None, rejoined: Optional[bytes] = None) -> None:
+        """Send every member (or ``members``) its rank and the tier's server list; the server that
+        ``rejoined`` (took a dead one's place) is told so."""
         servers = sorted((m for m in self.members.values() if m.role == "server"), key=lambda m: m.rank)
         addresses = [[m.host, m.port] for m in servers]
         for m in members if members is not None else [m for m in self.members.values() if not m.done]:
             self._send(m, Message(MsgType.REGISTER_ACK, meta={
                 "rank": m.rank, "servers": addresses, "num_workers": self.num_workers,
-                "num_servers": self.num_servers, "tier": self.tier, **self.layout}))
+                "num_servers": self.num_servers, "tier": self.tier, **self.layout,
+                "rejoined": m.identity == rejoined}))
 
     def _assign_ranks(self) -> None:
         servers = [m for m in self.members.values() if m.role == "server"]

@@ -160,6 +160,13 @@ class GlobalServer(ServerBase):
                  self.rank, len(ckpt.keys), min(rounds), max(rounds),
                  ckpt.optimizer["name"] if ckpt.optimizer else None)
 
+    def forget_clients(self) -> None:
+        """Restored into a newly started topology rather than a running one: the clients recorded
+        in the checkpoint (who had stopped) are gone; new ones continue from the restored rounds."""
+        log.info("%s: restored into a new topology: continuing from the checkpoint's rounds", self.name)
+        self.stopped_clients.clear()
+        self.pushing_clients.clear()
+
     def on_client_stop(self, client: Client) -> None:
         # A client that stopped is not coming back to say so again: record it, so that a server
         # restored later still knows how many STOPs it has to wait for.

@@ -28,6 +28,26 @@ def init_value(k):
     return (np.arange(int(np.prod(SHAPES[k]))) % 101).astype(np.float32).reshape(SHAPES[k])
 
 
+def check_checkpoint(kv, t, expected):
+    """Ask for a checkpoint after round t and check what the (one) global server wrote: every key has
+    completed t + 1 rounds (a later round cannot have completed: it needs this worker's push), and
+    its value is the closed form, exactly."""
+    from geomx import checkpoint
+
+    saved = kv.save_checkpoint()
+    for info in saved:
+        ckpt = checkpoint.load(info["path"])
+        if ckpt.rank != info["rank"] or sorted(r.key for r in ckpt.keys) != sorted(SHAPES):
+            print(f"CHECKPOINT MISMATCH keys {[r.key for r in ckpt.keys]} in {info}", flush=True)
+            return False
+        for rec in ckpt.keys:
+            if rec.completed != t + 1 or not np.array_equal(rec.value, expected(rec.key, t).reshape(-1)):
+                print(f"CHECKPOINT MISMATCH key {rec.key} at round {rec.completed}", flush=True)
+                return False
+    print(f"CHECKPOINT OK round {t} servers {len(saved)} bytes {sum(i['bytes'] for i in saved)}", flush=True)
+    return True
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--slice", type=int, required=True)
@@ -36,6 +56,10 @@ def main():
     p.add_argument("--mode", choices=["push-pull", "pushpull", "list"], default="push-pull")
     p.add_argument("--crash-slice", type=int, default=-1, help="this worker raises after its first round")
     p.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep after each round")
+    p.add_argument("--first-round", type=int, default=0,
+                   help="the global servers were restored from a checkpoint taken after this many rounds")
+    p.add_argument("--checkpoint-at", type=int, default=-1,
+                   help="after this round, slice 0 asks for a checkpoint (kv.save_checkpoint) and checks it")
     args = p.parse_args()
     print("PID", os.getpid(), flush=True)
     kv = mx.kv.create("dist_sync")
@@ -55,12 +79,20 @@ def main():
     outs = {k: mx.nd.zeros(SHAPES[k]) for k in keys}
     for k in keys:
         kv.pull(k, out=outs[k])
+    def expected(k, t):
+        """Key k's value after round t (t = -1: the initial value)."""
+        if t < 0:
+            return init_value(k)
+        if args.optimizer == "none":
+            return (coeff_sum * (t + 1) * base(k)).astype(np.float32)
+        return (init_value(k) - coeff_sum * sum(range(1, t + 2)) * base(k)).astype(np.float32)
+
     for k in keys:
         got = outs[k].asnumpy()
-        if not np.array_equal(got, init_value(k)):
+        if not np.array_equal(got, expected(k, args.first_round - 1)):
             print(f"MISMATCH init key {k}", flush=True)
             return 1
-    for t in range(args.rounds):
+    for t in range(args.first_round, args.rounds):
         if t == 1 and args.slice == args.crash_slice:
             raise RuntimeError("injected failure")
         pushes = {k: mx.nd.array((args.slice + 1) * (t + 1) * base(k)) for k in keys}
@@ -75,18 +107,17 @@ def main():
             kv.push(keys, [pushes[k] for k in keys])
             kv.pull(keys, out=[outs[k] for k in keys])
         for k in keys:
-            round_sum = coeff_sum * (t + 1) * base(k)
-            if args.optimizer == "none":
-                expected = round_sum
-            else:
-                expected = init_value(k) - coeff_sum * sum(range(1, t + 2)) * base(k)
+            want = expected(k, t)
             got = outs[k].asnumpy()
-            if not np.array_equal(got, expected.astype(np.float32)):
-                bad = np.flatnonzero(got.reshape(-1) != expected.reshape(-1))
+            if not np.array_equal(got, want):
+                bad = np.flatnonzero(got.reshape(-1) != want.reshape(-1))
                 print(f"MISMATCH round {t} key {k}: {bad.size} elements differ, first at {bad[0]}: "
-                      f"{got.reshape(-1)[bad[0]]} != {expected.reshape(-1)[bad[0]]}", flush=True)
+                      f"{got.reshape(-1)[bad[0]]} != {want.reshape(-1)[bad[0]]}", flush=True)
                 return 1
         print(f"ROUND {t} OK slice {args.slice}", flush=True)
+        if t == args.checkpoint_at and args.slice == 0:
+            if not check_checkpoint(kv, t, expected):
+                return 1
         time.sleep(args.sleep)
     kv.barrier()
     print(f"EXACT OK slice {args.slice} rank {kv.rank} rounds {args.rounds}", flush=True)

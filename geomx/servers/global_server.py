@@ -70,7 +70,7 @@ class GlobalServer(ServerBase):
 
     def dispatch_round(self, ks: KeyState, r: int, acc: np.ndarray) -> None:
         ks.finish_round(r, acc if self.updater is None else self._apply(ks, acc))
-        if self.cfg.checkpoint_dir and self.cfg.checkpoint_every and ks.completed >= self.next_checkpoint_round:
+        if self.cfg.checkpoint_dir and ks.completed >= self.next_checkpoint_round:
             self._periodic_checkpoint()
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -192,6 +192,7 @@ class GlobalServer(ServerBase):
                                                   "server: call kv.set_optimizer on the master worker")
             return
         value = self._apply(ks, msg.data, party=client)
+        ks.completed += 1  # updates applied: what periodic checkpoints count under MixedSync
         if msg.payload and msg.type == MsgType.PUSHPULL:
             self._reply_weight_delta(link, identity, msg, ks, client, value)
         else:
@@ -199,6 +200,8 @@ class GlobalServer(ServerBase):
                 self.party_views[(client, ks.key)] = value  # the party receives these weights
             self.reply(link, identity, msg, value if msg.type == MsgType.PUSHPULL else None)
         ks.serve_parked()
+        if self.cfg.checkpoint_dir and ks.completed >= self.next_checkpoint_round:
+            self._periodic_checkpoint()
 
     def _reply_weight_delta(self, link: Link, identity: bytes, msg: Message, ks: KeyState, party: Client,
                             weights: np.ndarray) -> None:
@@ -252,8 +255,9 @@ class GlobalServer(ServerBase):
             if self.compression_params is not None:
                 meta["compression"] = self.compression_params
             ks = self.keys.get(req.key)
-            if self.cfg.checkpoint_dir and ks is not None:
-                # Checkpoints are on: the client numbers its pushes from here (see KVClient).
+            if self.cfg.checkpoint_dir and ks is not None and self.global_sync:
+                # Checkpoints are on: the client numbers its pushes from here and keeps them until a
+                # checkpoint holds their round (see KVClient). Not under MixedSync, which has no rounds.
                 meta["round"] = ks.pushes_of(client)
         elif self.cfg.use_esync and req.key == ESYNC_KEY and req.type == MsgType.PUSHPULL:
             meta["esync_steps"] = self.esync_steps_for(client)

@@ -1,6 +1,8 @@
 """Size and time of a global server's checkpoint for a model of ``--params`` float32 parameters
 (default 25M), through the real save path (``GlobalServer.save_checkpoint``: snapshot of values,
-optimizer states and update counts, npz write, fsync, atomic rename) and the real load path
+optimizer states and update counts on the server's loop, then npz write, fsync and atomic rename on
+its writer thread; the time is snapshot to durable file, of which the loop is busy only for the
+snapshot, shown separately) and the real load path
 (``checkpoint.load`` + ``GlobalServer.restore``). Prints a Markdown table, one row per optimizer.
 
 The model is cut into ``--keys`` tensors of about equal size (like a network's layers). One
@@ -74,14 +76,18 @@ def main() -> int:
     print(f"{args.params} float32 parameters in {args.keys} keys; directory {directory}; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     print()
-    print("| optimizer | checkpoint size | save (median / min) | save throughput | load + restore (median) |")
-    print("|---|---|---|---|---|")
+    print("| optimizer | checkpoint size | save, snapshot to durable file (median / min) | save throughput | "
+          "server loop busy (snapshot, median) | load + restore (median) |")
+    print("|---|---|---|---|---|---|")
     try:
         for name, make_opt in OPTIMIZERS.items():
             server = server_with_model(directory, args.params, args.keys, make_opt)
-            saves, loads = [], []
+            saves, loads, snaps = [], [], []
             for _ in range(args.repeats):
-                saves.append(server.save_checkpoint("benchmark")["seconds"])
+                saves.append(server.save_checkpoint("benchmark", wait=True)["seconds"])
+                start = time.perf_counter()
+                server.snapshot()
+                snaps.append(time.perf_counter() - start)
             path = checkpoint.file_name(directory, 0)
             size = os.path.getsize(path)
             for _ in range(max(1, args.repeats // 2)):
@@ -91,7 +97,8 @@ def main() -> int:
                 loads.append(time.perf_counter() - start)
             med, low = median_min(saves)
             print(f"| {name} | {size / 1e6:.1f} MB ({size / (4 * args.params):.2f} x the weights) | "
-                  f"{med:.3f} s / {low:.3f} s | {size / med / 1e6:.0f} MB/s | {statistics.median(loads):.3f} s |",
+                  f"{med:.3f} s / {low:.3f} s | {size / med / 1e6:.0f} MB/s | {statistics.median(snaps):.3f} s | "
+                  f"{statistics.median(loads):.3f} s |",
                   flush=True)
     finally:
         if args.dir is None:

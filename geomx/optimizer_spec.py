@@ -110,7 +110,7 @@ def optimizer_from_spec(spec: Dict[str, Any]) -> Any:
 def states_to_wire(states: Dict[int, Any]) -> Tuple[dict, np.ndarray]:
     """Flatten ``{key: state}`` (state: NDArray, None, or nested tuples/lists of them) into a JSON
     description and one uint8 buffer."""
-    chunks: List[bytes] = []
+    chunks: List[Tuple[np.ndarray, int]] = []  # (array, its offset in the buffer)
     offset = 0
 
     def walk(node: Any) -> Any:
@@ -119,15 +119,18 @@ def states_to_wire(states: Dict[int, Any]) -> Tuple[dict, np.ndarray]:
             return None
         if isinstance(node, (tuple, list)):
             return {"seq": [walk(x) for x in node]}
-        arr = node.asnumpy() if hasattr(node, "asnumpy") else np.asarray(node)
-        raw = np.ascontiguousarray(arr).tobytes()
-        desc = {"dtype": arr.dtype.str, "shape": list(arr.shape), "offset": offset, "nbytes": len(raw)}
-        chunks.append(raw)
-        offset += len(raw)
+        arr = np.ascontiguousarray(node.asnumpy() if hasattr(node, "asnumpy") else np.asarray(node))
+        desc = {"dtype": arr.dtype.str, "shape": list(arr.shape), "offset": offset, "nbytes": arr.nbytes}
+        chunks.append((arr, offset))
+        offset += arr.nbytes
         return desc
 
     tree = {str(k): walk(v) for k, v in states.items()}
-    return {"states": tree}, np.frombuffer(b"".join(chunks), dtype=np.uint8)
+    # One buffer, filled in place (a checkpoint of a large model copies its states once, not twice).
+    blob = np.empty(offset, dtype=np.uint8)
+    for arr, start in chunks:
+        blob[start:start + arr.nbytes] = arr.reshape(-1).view(np.uint8)
+    return {"states": tree}, blob
 
 
 _ALLOWED_STATE_DTYPES = {"<f4", "<f2", "<f8", "<i4", "<i8"}

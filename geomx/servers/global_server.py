@@ -5,6 +5,7 @@ central party (clients: the master worker and central workers)."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -55,6 +56,7 @@ class GlobalServer(ServerBase):
         self.told_checkpointed: Dict[tuple, int] = {}
         self.next_checkpoint_round = cfg.checkpoint_every
         self.restored_from: Optional[str] = None
+        self._writer: Optional[threading.Thread] = None  # the thread writing the latest checkpoint
 
     # -- round bookkeeping --------------------------------------------------------------------
     def expected_pushes(self, link: Link) -> int:
@@ -79,10 +81,13 @@ class GlobalServer(ServerBase):
         done = min(ks.completed for ks in self.keys.values() if ks.initialized)
         if done < self.next_checkpoint_round:
             return
-        try:
+        if self._writer is not None and self._writer.is_alive():
+            # The previous checkpoint is still being written (a slow disk): skip this one rather
+            # than queue up copies of the model; the parties keep their pushes until the next.
+            log.warning("%s: checkpoint at round %d skipped: the previous one is still being written",
+                        self.name, done)
+        else:
             self.save_checkpoint(f"round {done}")
-        except GeoMXError as exc:  # e.g. the disk is full: training goes on, the last good file stays
-            log.error("%s", exc)
         every = self.cfg.checkpoint_every
         self.next_checkpoint_round = (done // every + 1) * every
 
@@ -107,23 +112,60 @@ class GlobalServer(ServerBase):
             num_update=num_update, states=states, stopped=clients(self.stopped_clients),
             pushing=clients(self.pushing_clients))
 
-    def save_checkpoint(self, why: str) -> Dict[str, Any]:
+    def save_checkpoint(self, why: str, done: Optional[Callable[[object], None]] = None,
+                        wait: bool = False) -> Optional[Dict[str, Any]]:
+        """Snapshot now (on the loop: values are references, optimizer states a copy) and write the
+        file on a background thread, so the loop keeps serving (and heartbeating) meanwhile. Writes
+        happen one after the other, in snapshot order. ``done(info or GeoMXError)`` runs on the loop
+        once the file is durable; with ``wait`` this returns ``info`` (or raises) instead."""
         if not self.cfg.checkpoint_dir:
             raise GeoMXError(f"global server {self.rank}: checkpoints are off (set GEOMX_CHECKPOINT_DIR)")
         start = time.perf_counter()
-        ckpt = self.snapshot()
-        path = checkpoint.file_name(self.cfg.checkpoint_dir, self.rank)
-        try:
-            size = checkpoint.save(ckpt, path)
-        except OSError as exc:
-            raise GeoMXError(f"global server {self.rank}: cannot write checkpoint {path}: {exc}") from None
-        self.checkpointed = {rec.key: rec.completed for rec in ckpt.keys}
-        rounds = [rec.completed for rec in ckpt.keys] or [0]
-        seconds = time.perf_counter() - start
-        log.info("%s: checkpoint (%s) of %d key(s) at rounds %d..%d: %s, %d bytes in %.3fs", self.name, why,
-                 len(ckpt.keys), min(rounds), max(rounds), path, size, seconds)
-        return {"path": path, "bytes": size, "seconds": seconds, "min_round": min(rounds),
+        job = _SaveJob(self.snapshot(), checkpoint.file_name(self.cfg.checkpoint_dir, self.rank), why, done, wait)
+        job.start = start
+        previous = self._writer
+
+        def write() -> None:
+            if previous is not None:
+                previous.join()
+            try:
+                job.size = checkpoint.save(job.ckpt, job.path)
+            except OSError as exc:
+                job.error = GeoMXError(f"global server {self.rank}: cannot write checkpoint {job.path}: {exc}")
+            job.seconds = time.perf_counter() - job.start
+            if not job.wait:
+                try:
+                    self.loop.call_soon_threadsafe(lambda: self._saved(job))
+                except Exception:  # noqa: BLE001 - the server has shut down meanwhile: nobody to tell
+                    pass
+
+        # Not a daemon: an exiting server finishes the file it is writing.
+        self._writer = threading.Thread(target=write, name="geomx-checkpoint")
+        self._writer.start()
+        if not wait:
+            return None
+        self._writer.join()
+        return self._saved(job)
+
+    def _saved(self, job: "_SaveJob") -> Optional[Dict[str, Any]]:
+        """On the loop, once ``job``'s file is written (or failed)."""
+        if job.error is not None:
+            log.error("%s", job.error)
+            if job.done is not None:
+                job.done(job.error)
+            if job.wait:
+                raise job.error
+            return None
+        # From now on the clients may forget their pushes of rounds this checkpoint holds.
+        self.checkpointed = {rec.key: rec.completed for rec in job.ckpt.keys}
+        rounds = [rec.completed for rec in job.ckpt.keys] or [0]
+        log.info("%s: checkpoint (%s) of %d key(s) at rounds %d..%d: %s, %d bytes in %.3fs", self.name, job.why,
+                 len(job.ckpt.keys), min(rounds), max(rounds), job.path, job.size, job.seconds)
+        info = {"path": job.path, "bytes": job.size, "seconds": job.seconds, "min_round": min(rounds),
                 "max_round": max(rounds), "rank": self.rank}
+        if job.done is not None:
+            job.done(info)
+        return info
 
     def restore(self, ckpt: checkpoint.Checkpoint, path: str) -> None:
         """Take over the state of the checkpoint (before joining the tiers)."""
@@ -171,7 +213,11 @@ class GlobalServer(ServerBase):
         # A client that stopped is not coming back to say so again: record it, so that a server
         # restored later still knows how many STOPs it has to wait for.
         if self.cfg.checkpoint_dir and len(self.stopped_clients) < self.expected_stops():
-            self.save_checkpoint("a client stopped")
+            # Durable before the STOP is answered: the client will not say it again.
+            try:
+                self.save_checkpoint("a client stopped", wait=True)
+            except GeoMXError:
+                pass  # logged; the previous checkpoint stays
 
     def on_push(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
         self.party_rank[client] = msg.sender
@@ -358,7 +404,13 @@ class GlobalServer(ServerBase):
                 self._load_states(states)
                 self.reply(link, identity, msg)
             elif cmd == commands.SAVE_CHECKPOINT:
-                self.reply(link, identity, msg, meta=self.save_checkpoint("requested"))
+                def answer(result: object) -> None:
+                    if isinstance(result, Exception):
+                        self.reply_error(link, identity, msg, str(result))
+                    else:
+                        self.reply(link, identity, msg, meta=result)  # type: ignore[arg-type]
+
+                self.save_checkpoint("requested", done=answer)
             elif cmd == commands.SET_COMPRESSION:
                 self._set_compression(meta_field(msg, "params", dict))
                 self.reply(link, identity, msg)
@@ -428,6 +480,18 @@ class GlobalServer(ServerBase):
     def on_all_stopped(self) -> None:
         log.info("%s: every client stopped", self.name)
         self.exit_code = 0
+
+
+class _SaveJob:
+    """One checkpoint on its way to disk."""
+
+    def __init__(self, ckpt: checkpoint.Checkpoint, path: str, why: str,
+                 done: Optional[Callable[[object], None]], wait: bool):
+        self.ckpt, self.path, self.why, self.done, self.wait = ckpt, path, why, done, wait
+        self.start = time.perf_counter()
+        self.size = 0
+        self.seconds = 0.0
+        self.error: Optional[GeoMXError] = None
 
 
 def _without_progress(spec: Dict[str, Any]) -> Dict[str, Any]:

@@ -102,6 +102,20 @@ def test_global_server_fields():
     assert cfg.needs_global_tier and cfg.needs_local_tier
 
 
+def test_checkpoint_fields(tmp_path):
+    cfg = config.load(env_for("global_server"))
+    assert (cfg.checkpoint_dir, cfg.checkpoint_every, cfg.checkpoint_restore, cfg.restart_timeout) == \
+        (None, 10, None, 60.0)
+    ckpt = tmp_path / "global_server1.npz"
+    ckpt.write_bytes(b"x")
+    cfg = config.load(env_for("global_server", GEOMX_CHECKPOINT_RESTORE=str(ckpt), GEOMX_CHECKPOINT_EVERY="3",
+                              GEOMX_RESTART_TIMEOUT="7.5"))
+    # Restored without GEOMX_CHECKPOINT_DIR: it goes on checkpointing next to the file it came from.
+    assert (cfg.checkpoint_dir, cfg.checkpoint_every, cfg.restart_timeout) == (str(tmp_path), 3, 7.5)
+    msg = refused(env_for("global_server", GEOMX_CHECKPOINT_DIR=str(ckpt)))
+    assert "GEOMX_CHECKPOINT_DIR" in msg and "is not a directory" in msg and "role: global_server" in msg
+
+
 def test_party_scheduler_fields():
     cfg = config.load(env_for("scheduler"))
     assert cfg.role == config.SCHEDULER
@@ -248,6 +262,10 @@ def test_unknown_role(var, value):
     ("worker", "PS_HEARTBEAT_INTERVAL", "0", "must be > 0"),
     ("worker", "PS_HEARTBEAT_TIMEOUT", "-5", "must be > 0"),
     ("scheduler", "GEOMX_START_TIMEOUT", "soon", "must be a number"),
+    ("global_server", "GEOMX_CHECKPOINT_EVERY", "0", "must be >= 1"),
+    ("global_server", "GEOMX_CHECKPOINT_EVERY", "often", "must be an integer"),
+    ("global_server", "GEOMX_RESTART_TIMEOUT", "0", "must be > 0"),
+    ("global_server", "GEOMX_CHECKPOINT_RESTORE", "/nonexistent/global_server0.npz", "is not a file"),
 ])
 def test_bad_value_named(name, var, value, why):
     msg = refused(env_for(name, **{var: value}))

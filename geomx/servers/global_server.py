@@ -78,7 +78,7 @@ class GlobalServer(ServerBase):
     # -- checkpoints --------------------------------------------------------------------------
     def _periodic_checkpoint(self) -> None:
         """Every GEOMX_CHECKPOINT_EVERY rounds: save once every key has completed the target round."""
-        done = min(ks.completed for ks in self.keys.values() if ks.initialized)
+        done = min((ks.completed for ks in self.keys.values() if ks.initialized), default=0)
         if done < self.next_checkpoint_round:
             return
         if self._writer is not None and self._writer.is_alive():

@@ -42,6 +42,12 @@ class KeyRecord:
     value: np.ndarray  # this server's slice of the key, flat
     completed: int  # rounds of this key the value includes
     update_count: int = 0  # optimizer updates applied to this key (Adam's bias correction uses it)
+    offset: int = 0  # the slice of the key this server holds: [offset, offset + value.size) ...
+    total: int = -1  # ... of ``total`` elements (-1: the whole key)
+
+    def __post_init__(self) -> None:
+        if self.total < 0:
+            self.total = int(self.value.size)
 
 
 @dataclasses.dataclass
@@ -64,7 +70,8 @@ class Checkpoint:
             "num_update": self.num_update,
             "states": None if self.states is None else self.states[0],
             "keys": [{"key": r.key, "numel": int(r.value.size), "dtype": r.value.dtype.str,
-                      "completed": r.completed, "update_count": r.update_count} for r in self.keys],
+                      "completed": r.completed, "update_count": r.update_count, "offset": r.offset,
+                      "total": r.total} for r in self.keys],
             "stopped": self.stopped, "pushing": self.pushing,
         }
 
@@ -148,13 +155,15 @@ def _load(path: str) -> Checkpoint:
                 raise CheckpointError(f"key entry {i} is not an object")
             key, numel = _field(desc, "key", int), _field(desc, "numel", int)
             dtype, completed = _field(desc, "dtype", str), _field(desc, "completed", int)
-            if dtype not in _VALUE_DTYPES or key < 0 or numel < 0 or completed < 0:
+            offset, total = int(desc.get("offset", 0)), int(desc.get("total", numel))
+            if dtype not in _VALUE_DTYPES or key < 0 or numel < 0 or completed < 0 \
+                    or not 0 <= offset <= offset + numel <= total:
                 raise CheckpointError(f"key entry {i} is malformed: {desc}")
             value = z[f"v{i}"]
             if value.dtype.str != dtype or value.shape != (numel,):
                 raise CheckpointError(f"value of key {key} is {value.dtype.str} {value.shape}, the header says "
                                       f"{dtype} ({numel},)")
-            keys.append(KeyRecord(key, value, completed, int(desc.get("update_count", 0))))
+            keys.append(KeyRecord(key, value, completed, int(desc.get("update_count", 0)), offset, total))
         states = None
         if header.get("states") is not None:
             states = (header["states"], z["states"])

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def sample(rank: int = 0, scale: float = 1.0) -> Checkpoint:
-    keys = [KeyRecord(3, (np.arange(12, dtype=np.float32) * scale), 5, 5),
+    keys = [KeyRecord(3, (np.arange(12, dtype=np.float32) * scale), 5, 5, offset=30, total=50),
             KeyRecord(7, np.full(4, scale, np.float16), 4, 4),
             KeyRecord(1 << 62 | 12345, np.arange(3, dtype=np.float64), 5, 0)]
     states = ({"states": {"3": {"dtype": "<f4", "shape": [2], "offset": 0, "nbytes": 8}}},
@@ -48,7 +48,8 @@ def test_checkpoint_round_trip(tmp_path):
     assert (back.rank, back.num_global_server, back.optimizer, back.num_update) == (1, 2, want.optimizer, 5)
     assert back.stopped == want.stopped and back.pushing == want.pushing
     for got, exp in zip(back.keys, want.keys):
-        assert (got.key, got.completed, got.update_count) == (exp.key, exp.completed, exp.update_count)
+        assert (got.key, got.completed, got.update_count, got.offset, got.total) == \
+            (exp.key, exp.completed, exp.update_count, exp.offset, exp.total)
         assert got.value.dtype == exp.value.dtype and np.array_equal(got.value, exp.value)
     assert back.states[0] == want.states[0] and np.array_equal(back.states[1], want.states[1])
     assert [p.name for p in tmp_path.iterdir()] == ["global_server1.npz"]  # no temporary file left
@@ -132,41 +133,51 @@ def test_crash_during_save_keeps_the_last_good_checkpoint(tmp_path):
 
 # -- restart on a live topology ---------------------------------------------------------------------
 
-def _restart_topology(tmp_path, **env):
-    return Topology(parties=2, workers_per_party=1, env=dict(
+def _restart_topology(tmp_path, global_servers=1, **env):
+    return Topology(parties=2, workers_per_party=1, global_servers=global_servers, env=dict(
         FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60", GEOMX_CHECKPOINT_DIR=str(tmp_path), **env))
 
 
-@pytest.mark.parametrize("every,kill_after,wait_for_detection", [(3, 4, True), (1, 2, False)])
-def test_global_server_restarted_from_checkpoint_loses_no_update(tmp_path, every, kill_after, wait_for_detection):
-    """SIGKILL the global server mid-training and restart it from its checkpoint: the workers' every
+@pytest.mark.parametrize("every,kill_after,wait_for_detection,global_servers,victim", [
+    (3, 4, True, 1, 0),
+    # Two global servers with key 2 split between them; the second one dies and is back before the
+    # schedulers even notice (it takes the old one's place at once).
+    (1, 2, False, 2, 1),
+])
+def test_global_server_restarted_from_checkpoint_loses_no_update(tmp_path, every, kill_after, wait_for_detection,
+                                                                 global_servers, victim):
+    """SIGKILL a global server mid-training and restart it from its checkpoint: the workers' every
     pulled value (SGD, lr 1, integer gradients) equals the uninterrupted closed form exactly. With a
     checkpoint every 3 rounds and the kill after round 4, the parties replay rounds the checkpoint
-    lacks; with a restart before the schedulers even notice, the new server takes the old one's place."""
+    lacks."""
     rounds = 8
-    topo = _restart_topology(tmp_path, GEOMX_CHECKPOINT_EVERY=str(every), GEOMX_RESTART_TIMEOUT="60")
+    topo = _restart_topology(tmp_path, global_servers, GEOMX_CHECKPOINT_EVERY=str(every), GEOMX_RESTART_TIMEOUT="60",
+                             MXNET_KVSTORE_BIGARRAY_BOUND="1000")
     cmd = slow_cmd(rounds, 0.3) + ["--optimizer", "sgd"]
-    ckpt_file = checkpoint.file_name(str(tmp_path), 0)
+    name = f"global_server{victim}"
+    ckpt_file = checkpoint.file_name(str(tmp_path), victim)
     with Cluster(topo, cmd) as cluster:
         cluster.log.wait_for(rf"^\[party1/worker0\] ROUND {kill_after} OK", 90)
-        cluster.kill("global_server0")
-        assert cluster.procs["global_server0"].wait(5) == -signal.SIGKILL
+        cluster.kill(name)
+        assert cluster.procs[name].wait(5) == -signal.SIGKILL
         if wait_for_detection:
             for sched in ("global_scheduler", "central/scheduler"):
                 cluster.log.wait_for(rf"^\[{re.escape(sched)}\] .*global_server .*presumed dead; waiting up to 60s", 30)
         saved = checkpoint.load(ckpt_file)
-        assert min(k.completed for k in saved.keys) >= every
-        cluster.restart("global_server0", GEOMX_CHECKPOINT_RESTORE=ckpt_file)
+        assert saved.rank == victim and min(k.completed for k in saved.keys) >= every
+        cluster.restart(name, GEOMX_CHECKPOINT_RESTORE=ckpt_file)
         assert cluster.wait_all(120), f"still running: {cluster.running()}\n{cluster.log.text()[-8000:]}"
         out = cluster.log.text()
-        for name, proc in cluster.procs.items():
-            assert proc.returncode == 0, f"{name} exited with {proc.returncode}:\n{out[-10000:]}"
+        for proc_name, proc in cluster.procs.items():
+            assert proc.returncode == 0, f"{proc_name} exited with {proc.returncode}:\n{out[-10000:]}"
         assert len(re.findall(rf"^\[party\d/worker0\] EXACT OK .* rounds {rounds}$", out, re.M)) == 2, out[-8000:]
-        assert re.search(r"^\[global_server0\] .*restored from .*global_server0\.npz: rank 0, 4 key\(s\)", out, re.M)
-        assert re.search(r"^\[global_scheduler\] .*global_server \(rank 0\) restarted", out, re.M), out[-8000:]
-        assert re.search(r"^\[central/scheduler\] .*global_server \(rank 0\) restarted", out, re.M), out[-8000:]
+        assert re.search(rf"^\[{name}\] .*restored from .*{name}\.npz: rank {victim}, {len(saved.keys)} key\(s\)",
+                         out, re.M), out[-8000:]
+        for sched in ("global_scheduler", "central/scheduler"):
+            assert re.search(rf"^\[{re.escape(sched)}\] .*global_server \(rank {victim}\) restarted", out, re.M), \
+                out[-8000:]
         for party in (0, 1):
-            replay = re.search(rf"^\[party{party}/server\] .*server 0 restarted at .*; replayed (\d+) answered "
+            replay = re.search(rf"^\[party{party}/server\] .*server {victim} restarted at .*; replayed (\d+) answered "
                                r"push\(es\) after its checkpoint and resent (\d+) unanswered", out, re.M)
             assert replay, out[-8000:]
             if every > 1:

@@ -100,7 +100,7 @@ class GlobalServer(ServerBase):
             counts = dict(self.updater.optimizer._index_update_count)
             num_update = int(self.updater.optimizer.num_update)
             states = states_to_wire(self.updater.states)
-        keys = [checkpoint.KeyRecord(ks.key, ks.store, ks.completed, int(counts.get(ks.key, 0)))
+        keys = [checkpoint.KeyRecord(ks.key, ks.store, ks.completed, int(counts.get(ks.key, 0)), ks.offset, ks.total)
                 for ks in self.keys.values() if ks.initialized]
 
         def clients(group: set) -> List[List[str]]:
@@ -186,7 +186,7 @@ class GlobalServer(ServerBase):
             if ckpt.states is not None:
                 self._load_states(states_from_wire(*ckpt.states))
         for rec in ckpt.keys:
-            ks = self.keys[rec.key] = KeyState(rec.key, rec.value.size, rec.value.dtype)
+            ks = self.keys[rec.key] = KeyState(rec.key, rec.value.size, rec.value.dtype, rec.offset, rec.total)
             ks.store = rec.value
             ks.initialized = True
             ks.completed = ks.first_round = rec.completed

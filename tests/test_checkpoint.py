@@ -155,29 +155,38 @@ def test_global_server_restarted_from_checkpoint_loses_no_update(tmp_path, every
                              MXNET_KVSTORE_BIGARRAY_BOUND="1000")
     cmd = slow_cmd(rounds, 0.3) + ["--optimizer", "sgd"]
     name = f"global_server{victim}"
-    ckpt_file = checkpoint.file_name(str(tmp_path), victim)
     with Cluster(topo, cmd) as cluster:
         cluster.log.wait_for(rf"^\[party1/worker0\] ROUND {kill_after} OK", 90)
+        # The process's rank in the global tier (not necessarily the number in its name).
+        rank = int(re.search(r"\[global_server(\d+)\] serving", cluster.output(name)).group(1))
+        ckpt_file = checkpoint.file_name(str(tmp_path), rank)
         cluster.kill(name)
         assert cluster.procs[name].wait(5) == -signal.SIGKILL
+        if global_servers > 1:
+            # The other server's checkpoint: refused at once, since that server is alive.
+            cluster.restart(name, GEOMX_CHECKPOINT_RESTORE=checkpoint.file_name(str(tmp_path), 1 - rank))
+            assert cluster.procs[name].wait(60) == 1
+            assert re.search(rf"restart of server global_server as rank {1 - rank} refused: the server of that rank "
+                             r"\(.*\) is alive", cluster.output(name)), cluster.output(name)
         if wait_for_detection:
             for sched in ("global_scheduler", "central/scheduler"):
                 cluster.log.wait_for(rf"^\[{re.escape(sched)}\] .*global_server .*presumed dead; waiting up to 60s", 30)
         saved = checkpoint.load(ckpt_file)
-        assert saved.rank == victim and min(k.completed for k in saved.keys) >= every
+        assert saved.rank == rank and min(k.completed for k in saved.keys) >= every
         cluster.restart(name, GEOMX_CHECKPOINT_RESTORE=ckpt_file)
         assert cluster.wait_all(120), f"still running: {cluster.running()}\n{cluster.log.text()[-8000:]}"
         out = cluster.log.text()
         for proc_name, proc in cluster.procs.items():
             assert proc.returncode == 0, f"{proc_name} exited with {proc.returncode}:\n{out[-10000:]}"
         assert len(re.findall(rf"^\[party\d/worker0\] EXACT OK .* rounds {rounds}$", out, re.M)) == 2, out[-8000:]
-        assert re.search(rf"^\[{name}\] .*restored from .*{name}\.npz: rank {victim}, {len(saved.keys)} key\(s\)",
+        assert re.search(rf"^\[{name}\] .*restored from .*global_server{rank}\.npz: rank {rank}, "
+                         rf"{len(saved.keys)} key\(s\)",
                          out, re.M), out[-8000:]
         for sched in ("global_scheduler", "central/scheduler"):
-            assert re.search(rf"^\[{re.escape(sched)}\] .*global_server \(rank {victim}\) restarted", out, re.M), \
+            assert re.search(rf"^\[{re.escape(sched)}\] .*global_server \(rank {rank}\) restarted", out, re.M), \
                 out[-8000:]
         for party in (0, 1):
-            replay = re.search(rf"^\[party{party}/server\] .*server {victim} restarted at .*; replayed (\d+) answered "
+            replay = re.search(rf"^\[party{party}/server\] .*server {rank} restarted at .*; replayed (\d+) answered "
                                r"push\(es\) after its checkpoint and resent (\d+) unanswered", out, re.M)
             assert replay, out[-8000:]
             if every > 1:

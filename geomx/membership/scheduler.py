@@ -85,6 +85,11 @@ class Scheduler:
         member = self.members.get(identity)
         if member is not None:
             member.last_seen = time.monotonic()
+            if member.lost_at is not None:
+                # Presumed dead, but it was only stalled: it is still the server of its rank.
+                log.warning("%s: %s %s (rank %d) is back after %.1fs", self.tier, member.role, member.name,
+                            member.rank, member.last_seen - member.lost_at)
+                member.lost_at = None
         if msg.type == MsgType.REGISTER:
             self._on_register(msg, identity)
         elif member is None:
@@ -152,6 +157,15 @@ class Scheduler:
         if old is None or old.restart_timeout <= 0:
             raise ProtocolError(f"restart of {role} {name or peer_label(identity)} with rank {rank} refused: no "
                                 "restartable server of that rank in the tier")
+        silent = time.monotonic() - old.last_seen
+        if old.lost_at is None and silent < 2 * self.heartbeat_interval:
+            # The server of that rank is alive: this is the wrong checkpoint (or a second copy).
+            reason = (f"{self.tier}: restart of {role} {name} as rank {rank} refused: the server of that rank "
+                      f"({old.host}:{old.port}) is alive (heard from {silent:.1f}s ago); use the checkpoint of the "
+                      "server that died")
+            log.error("%s", reason)
+            self.link.send(Message(MsgType.PEER_DEAD, meta={"reason": reason}), identity)
+            return
         del self.members[old.identity]
         self.members[identity] = dataclasses.replace(
             old, identity=identity, host=host, port=port, name=name or peer_label(identity),

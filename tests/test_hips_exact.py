@@ -22,6 +22,17 @@ CASES = {
     "local-servers-2-and-1-global-3": (["--mode", "pushpull", "--optimizer", "sgd"],
                                        dict(parties=2, workers_per_party=2, local_servers=(2, 1),
                                             global_servers=3, env={"MXNET_KVSTORE_BIGARRAY_BOUND": "1000"})),
+    # P3: keys cut into slices sent by priority (key 2 into 8, the last one partial; keys 0, 1, 3
+    # below the slice size travel whole). The values must be exactly those of plain FSA.
+    "p3-push-then-pull": (["--mode", "push-pull"],
+                          dict(parties=2, workers_per_party=2, env={"ENABLE_P3": "1"})),
+    # P3 on the parties only (as the original's run_p3.sh leaves the master worker out), two global
+    # servers: each server's half of key 2 is cut into 4096-element slices, so slices start inside
+    # a server's part and end with a partial one; the SGD step still runs on the whole part.
+    "p3-pushpull-sgd-two-global-servers": (
+        ["--mode", "pushpull", "--optimizer", "sgd"],
+        dict(parties=2, workers_per_party=2, global_servers=2, env={"MXNET_KVSTORE_BIGARRAY_BOUND": "1000"},
+             node_env={"party*": {"ENABLE_P3": "1", "GEOMX_P3_SLICE_SIZE": "4096"}})),
 }
 
 

@@ -71,13 +71,21 @@ class ServerBase:
         link.send(Message(MsgType.ERROR, req_id=req.req_id, key=req.key, offset=req.offset, total=req.total,
                           meta={"error": f"{self.name}: {error}"}), identity)
 
-    def replier(self, link: Link, identity: bytes, req: Message):
-        """A one-argument reply function: an array (or None) answers, an Exception refuses."""
+    def replier(self, link: Link, identity: bytes, req: Message, ks: Optional[KeyState] = None):
+        """A one-argument reply function: an array (or None) answers, an Exception refuses.
+
+        With ``ks``, the array is the key's (part's) value and the request may cover a slice of it
+        (P3): the reply carries that slice."""
+        start = 0 if ks is None else req.offset - ks.offset
+        sliced = ks is not None and (start != 0 or req.numel != ks.numel)
+
         def reply(value: object) -> None:
             if isinstance(value, Exception):
                 self.reply_error(link, identity, req, str(value))
-            else:
-                self.reply(link, identity, req, value, meta=self.reply_meta(req, (link.name, identity)))  # type: ignore[arg-type]
+                return
+            if sliced and isinstance(value, np.ndarray):
+                value = value[start:start + req.numel]
+            self.reply(link, identity, req, value, meta=self.reply_meta(req, (link.name, identity)))  # type: ignore[arg-type]
         return reply
 
     def reply_meta(self, req: Message, client: Client) -> Optional[dict]:
@@ -118,7 +126,8 @@ class ServerBase:
         if ks is None:
             self.reply_error(link, identity, msg, f"key {msg.key} was never initialised")
             return None
-        if (msg.numel, msg.offset, msg.total) != (ks.numel, ks.offset, ks.total):
+        # The part this server holds, or (P3) a slice of it.
+        if msg.total != ks.total or msg.offset < ks.offset or msg.offset + msg.numel > ks.offset + ks.numel:
             self.reply_error(link, identity, msg, f"key {msg.key}: elements [{msg.offset}, {msg.offset + msg.numel}) "
                                                   f"of {msg.total} sent, this server holds [{ks.offset}, "
                                                   f"{ks.offset + ks.numel}) of {ks.total}")
@@ -159,11 +168,11 @@ class ServerBase:
         if ks is not None and msg.payload:
             # An encoded (compressed) gradient: validate it against this key, then add it densely.
             try:
-                encoded = compression.from_frames(meta_field(msg, "payload", dict), msg.data, ks.numel)
+                encoded = compression.from_frames(meta_field(msg, "payload", dict), msg.data, msg.numel)
             except ValueError as exc:
                 self.reply_error(link, identity, msg, f"key {msg.key}: bad encoded gradient: {exc}")
                 return None
-            msg.data = compression.decode_payload(encoded, ks.numel).astype(ks.dtype, copy=False)
+            msg.data = compression.decode_payload(encoded, msg.numel).astype(ks.dtype, copy=False)
         return ks
 
     def on_push(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
@@ -175,14 +184,15 @@ class ServerBase:
             self.reply_error(link, identity, msg, "this client may not push (set DMLC_ENABLE_CENTRAL_WORKER=1 "
                                                   "for central-party workers to train)")
             return
-        missing = self.stopped_without_round(ks, ks.pushes_of(client))
+        start = msg.offset - ks.offset
+        missing = self.stopped_without_round(ks, ks.next_round(client, start))
         if missing is not None:
             self.reply_error(link, identity, msg, f"key {msg.key}: {missing} stopped before pushing this round")
             return
         self.pushing_clients.add(client)
-        r, rnd = ks.add_push(client, msg.data, self.replier(link, identity, msg),
-                             want_value=msg.type == MsgType.PUSHPULL)
-        if rnd.count == expected:
+        r, rnd = ks.add_push(client, msg.data, self.replier(link, identity, msg, ks),
+                             want_value=msg.type == MsgType.PUSHPULL, start=start, priority=msg.priority)
+        if rnd.elements == expected * ks.numel:
             acc, rnd.acc = rnd.acc, None
             self.dispatch_round(ks, r, ks.round_value(acc))
 
@@ -242,7 +252,7 @@ class ServerBase:
         ks = self.known_key(msg, link, identity)
         if ks is None:
             return
-        reply = self.replier(link, identity, msg)
+        reply = self.replier(link, identity, msg, ks)
         if ks.pull_ready(client):
             reply(ks.store)
         else:

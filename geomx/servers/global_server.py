@@ -233,6 +233,12 @@ class GlobalServer(ServerBase):
         ks = self.pushed_key(msg, link, identity)
         if ks is None:
             return
+        if msg.offset != ks.offset or msg.numel != ks.numel:
+            # The optimizer step needs the party's whole aggregate of the key at once.
+            self.reply_error(link, identity, msg, "dist_async (MixedSync) applies each party's push on arrival "
+                                                  "and cannot take P3 slices: unset ENABLE_P3 on the local "
+                                                  "servers or use dist_sync")
+            return
         if self.updater is None:
             self.reply_error(link, identity, msg, "dist_async (MixedSync) needs an optimizer on the global "
                                                   "server: call kv.set_optimizer on the master worker")
@@ -383,6 +389,9 @@ class GlobalServer(ServerBase):
                     raise GeoMXError("HFA (MXNET_KVSTORE_USE_HFA=1) works with dist_sync only, not dist_async")
                 if not sync and self.cfg.use_esync:
                     raise GeoMXError("ESync (GEOMX_USE_ESYNC=1) works with dist_sync only, not dist_async")
+                if not sync and self.cfg.enable_p3:
+                    raise GeoMXError("P3 (ENABLE_P3=1) works with dist_sync only, not dist_async: MixedSync "
+                                     "applies each party's whole aggregate on arrival")
                 self.global_sync = sync
                 if not sync and self.on_async is not None:
                     self.on_async()

@@ -92,6 +92,14 @@ def test_config_p3_variables():
         config.load({**base, "ENABLE_P3": "1", "MXNET_KVSTORE_USE_HFA": "1"})
 
 
+def test_p3_with_dist_async_is_refused_clearly(topology_run):
+    result = topology_run("hfa_async_worker.py", [], parties=1, workers_per_party=1, timeout=60,
+                          env={"ENABLE_P3": "1"})
+    assert result.code != 0
+    assert "P3 (ENABLE_P3=1) works with dist_sync only, not dist_async" in result.output
+    assert not result.lines("NOT REFUSED")
+
+
 def _rounds(events, node_prefix, cat, key):
     """Per round, (first handed to the socket, last answered) over ``key``'s slices at a node."""
     evs = sorted((e for e in events if e["node"].startswith(node_prefix) and e["cat"] == cat

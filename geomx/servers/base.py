@@ -20,7 +20,15 @@ Client = Tuple[str, bytes]  # (link name, ZeroMQ identity)
 
 class ServerBase:
     """Subclasses say how many pushes make a round (:meth:`expected_pushes`) and what to do when a
-    round is complete (:meth:`dispatch_round`)."""
+    round is complete (:meth:`dispatch_round`).
+
+    ``slice_rounds``: a P3 slice of a key gets a state (rounds, value, optimizer state) of its own,
+    so a slice's round completes, and is answered, as soon as every client pushed that slice; the
+    global server does this so that the first slices' updates travel back while later slices are
+    still arriving. Otherwise slices add into the key's round, complete when every element is in."""
+
+    slice_rounds = False
+    checkpointing = False  # a global server with GEOMX_CHECKPOINT_DIR: refuses P3 slices (slice_state)
 
     def __init__(self, loop: EventLoop, name: str):
         self.loop = loop
@@ -138,6 +146,52 @@ class ServerBase:
             return None
         return ks
 
+    def slice_state(self, msg: Message, ks: KeyState, link: Link, identity: bytes) -> Optional[KeyState]:
+        """The state a data-path request works on: the key's (part's), or with ``slice_rounds`` and
+        a P3 slice, that slice's own state (created on first use from the part's value)."""
+        whole = msg.offset == ks.offset and msg.numel == ks.numel
+        if not self.slice_rounds or (whole and not ks.slices):
+            return ks
+        error = None
+        if whole and msg.type != MsgType.PULL:
+            error = "pushed whole while other clients push it in P3 slices: set ENABLE_P3 on every local server"
+        elif not whole and ks.rounds:
+            error = "pushed in P3 slices while other clients push it whole: set ENABLE_P3 on every local server"
+        if whole:
+            if error:
+                self.reply_error(link, identity, msg, f"key {msg.key}: {error}")
+                return None
+            return ks
+        start = msg.offset - ks.offset
+        child = ks.slices.get(msg.offset)
+        if self.checkpointing:
+            error = ("P3 slices cannot be checkpointed (GEOMX_CHECKPOINT_DIR is set on this server): unset "
+                     "ENABLE_P3 on the local servers or the checkpoint directory")
+        elif child is None:
+            if start == 0:
+                ks.slice_size = msg.numel
+            size = ks.slice_size
+            if size and (start % size or msg.numel != min(size, ks.numel - start)):
+                error = (f"slice [{msg.offset}, +{msg.numel}) does not fit the {size}-element slices of other "
+                         "clients: GEOMX_P3_SLICE_SIZE must be the same on every local server")
+            elif not ks.initialized:
+                error = "P3 slice before the key was initialised"
+        elif child.numel != msg.numel:
+            error = (f"slice [{msg.offset}, +{msg.numel}) does not fit the [{msg.offset}, +{child.numel}) slices "
+                     "of other clients: GEOMX_P3_SLICE_SIZE must be the same on every local server")
+        if error:
+            self.reply_error(link, identity, msg, f"key {msg.key}: {error}")
+            return None
+        if child is None:
+            child = ks.slices[msg.offset] = KeyState(ks.key, msg.numel, ks.dtype, msg.offset, ks.total)
+            assert ks.store is not None
+            child.store = ks.store[start:start + msg.numel]
+            child.initialized = True
+            # An index of its own for the optimizer's state and update count (Adam's step t counts
+            # this slice's updates): negative, so it never collides with a key.
+            child.update_index = -(1 + (ks.key << 35) + msg.offset)
+        return child
+
     def declare_key(self, msg: Message, link: Link, identity: bytes) -> Optional[KeyState]:
         """Create the key's state from an INIT (or check that the INIT agrees with it)."""
         dtype = DTYPES.get(msg.dtype)
@@ -177,6 +231,8 @@ class ServerBase:
 
     def on_push(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
         ks = self.pushed_key(msg, link, identity)
+        if ks is not None:
+            ks = self.slice_state(msg, ks, link, identity)
         if ks is None or (msg.version and self.resent_push(ks, msg, client, link, identity)):
             return
         expected = self.expected_pushes(link)
@@ -250,10 +306,12 @@ class ServerBase:
 
     def on_pull(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
         ks = self.known_key(msg, link, identity)
+        if ks is not None:
+            ks = self.slice_state(msg, ks, link, identity)
         if ks is None:
             return
         reply = self.replier(link, identity, msg, ks)
         if ks.pull_ready(client):
-            reply(ks.store)
+            reply(ks.value())
         else:
             ks.park_pull(client, reply)

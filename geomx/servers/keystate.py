@@ -39,7 +39,7 @@ class KeyState:
 
     __slots__ = ("key", "numel", "dtype", "offset", "total", "store", "initialized", "rounds", "completed",
                  "pushes_by", "slice_pushes", "parked", "init_requested", "weight_nd", "milestone",
-                 "local_rounds", "priority", "first_round")
+                 "local_rounds", "priority", "first_round", "slices", "slice_size", "update_index")
 
     def __init__(self, key: int, numel: int, dtype: np.dtype, offset: int = 0, total: Optional[int] = None):
         self.key = key
@@ -56,6 +56,13 @@ class KeyState:
         self.pushes_by: Dict[Any, int] = {}  # client -> rounds it has pushed into (whole or a slice)
         self.slice_pushes: Dict[Any, int] = {}  # (client, slice offset) -> pushes of that slice
         self.priority = 0  # of the latest push (a local server forwards the round with it)
+        # Servers with per-slice rounds (the global server under P3): absolute offset -> the state of
+        # that slice, a KeyState of its own; slice_size is the clients' P3 slice size, learnt from
+        # the slice at the part's start.
+        self.slices: Dict[int, "KeyState"] = {}
+        self.slice_size = 0
+        # The optimizer's index for this state: the key, or a slice's own (see GlobalServer._apply).
+        self.update_index = key
         self.parked: List[Any] = []  # (client, reply): pulls waiting for a round or for the init
         self.weight_nd: Any = None  # MXNet copy of the weights when the global server runs an optimizer
         self.milestone: Optional[np.ndarray] = None  # HFA: the global model at the last global round
@@ -116,6 +123,16 @@ class KeyState:
         if self.dtype == np.float16:
             data = kernels.f16_to_f32(np.ascontiguousarray(data))
         kernels.sum_into(rnd.acc[start:start + data.size], data)
+
+    def value(self) -> Optional[np.ndarray]:
+        """The part's current value; with per-slice states, assembled from their latest values."""
+        if not self.slices or self.store is None:
+            return self.store
+        out = np.array(self.store)
+        for child in self.slices.values():
+            start = child.offset - self.offset
+            out[start:start + child.numel] = child.store
+        return out
 
     def round_value(self, acc: np.ndarray) -> np.ndarray:
         """A complete round's sum in the key's own dtype (fp16 sums were accumulated in float32)."""

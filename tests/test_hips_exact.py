@@ -28,11 +28,16 @@ CASES = {
                           dict(parties=2, workers_per_party=2, env={"ENABLE_P3": "1"})),
     # P3 on the parties only (as the original's run_p3.sh leaves the master worker out), two global
     # servers: each server's half of key 2 is cut into 4096-element slices, so slices start inside
-    # a server's part and end with a partial one; the SGD step still runs on the whole part.
+    # a server's part and end with a partial one; the global servers run SGD per slice.
     "p3-pushpull-sgd-two-global-servers": (
         ["--mode", "pushpull", "--optimizer", "sgd"],
         dict(parties=2, workers_per_party=2, global_servers=2, env={"MXNET_KVSTORE_BIGARRAY_BOUND": "1000"},
              node_env={"party*": {"ENABLE_P3": "1", "GEOMX_P3_SLICE_SIZE": "4096"}})),
+    # P3 with two local servers per party: each local server's share of key 2 is sliced.
+    "p3-local-servers-2-global-2": (["--mode", "push-pull"],
+                                    dict(parties=2, workers_per_party=2, local_servers=2, global_servers=2,
+                                         env={"MXNET_KVSTORE_BIGARRAY_BOUND": "1000", "ENABLE_P3": "1",
+                                              "GEOMX_P3_SLICE_SIZE": "4096"})),
 }
 
 

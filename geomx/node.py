@@ -16,8 +16,8 @@ from . import checkpoint, config, logutil
 from .config import NodeConfig
 from .errors import ConfigError, GeoMXError
 from .kvclient import KVClient
-from .p3 import client_options
 from .membership import Scheduler, TierMember
+from .p3 import client_options
 from .servers import GlobalServer, LocalServer
 from .servers.base import ServerBase
 from .transport import EventLoop

@@ -14,8 +14,8 @@ import zmq
 from .config import NodeConfig
 from .errors import GeoMXError, PeerDeadError
 from .kvclient import KVClient
-from .p3 import client_options
 from .membership import TierInfo, TierMember
+from .p3 import client_options
 from .transport import EventLoop
 from .wire import Message, MsgType
 

@@ -90,6 +90,10 @@ def test_config_p3_variables():
             config.load({**base, name: bad})
     with pytest.raises(ConfigError, match="ENABLE_P3 and MXNET_KVSTORE_USE_HFA cannot both be set"):
         config.load({**base, "ENABLE_P3": "1", "MXNET_KVSTORE_USE_HFA": "1"})
+    gsrv = {**base, "DMLC_ROLE": "server", "DMLC_ROLE_GLOBAL": "global_server", "DMLC_PS_GLOBAL_ROOT_URI": "h",
+            "DMLC_PS_GLOBAL_ROOT_PORT": "9001", "DMLC_NUM_GLOBAL_SERVER": "1", "DMLC_NUM_GLOBAL_WORKER": "1"}
+    with pytest.raises(ConfigError, match="ENABLE_P3 and GEOMX_CHECKPOINT_DIR cannot both be set"):
+        config.load({**gsrv, "ENABLE_P3": "1", "GEOMX_CHECKPOINT_DIR": "/tmp"})
 
 
 def test_p3_with_dist_async_is_refused_clearly(topology_run):

@@ -139,12 +139,20 @@ ROWS: List[Row] = [
         flags="MXNET_KVSTORE_USE_HFA=1 MXNET_KVSTORE_HFA_K1=5 MXNET_KVSTORE_HFA_K2=4; local Adam",
         note="HFA, K1*K2 = 20: party average every 5 iterations, global average every 20",
         iters=200, warmup=0, tta_iters=120, default=False),
-    # Later optimizations plug in the same way, e.g.:
-    # Row("geomx-p3", "geomx", env={"ENABLE_P3": "1"}, flags="ENABLE_P3=1"),
+    # P3 against the same pipelined step without it (docs/Scheduling.md): gradients pushed in
+    # backward order, no wait at the end of a step, so the next forward overlaps the transfers.
+    # Meant for the ``lastbig`` model (one large output layer after compute-heavy convolutions).
+    Row("geomx-pipelined", "geomx", worker_args=("--overlap",), default=False,
+        flags="(default FSA) + suite_worker.py --overlap",
+        note="FSA, gradients pushed in backward order, next forward overlaps the pulls; P3's baseline"),
+    Row("geomx-p3", "geomx", env={"ENABLE_P3": "1"}, worker_args=("--overlap",), default=False,
+        flags="ENABLE_P3=1 (every process) + suite_worker.py --overlap",
+        note="P3: 40000-element slices, first layers first on every link, per-slice global updates"),
 ]
 
 MODELS = {"cnn": "examples' CNN (utils.build_cnn, ~0.18M params)",
-          "big": "wider CNN (suite_worker.build_big, ~5.4M params)"}
+          "big": "wider CNN (suite_worker.build_big, ~5.4M params)",
+          "lastbig": "convolutions then one large output layer (suite_worker.build_lastbig, ~2.2M params)"}
 
 
 def row_by_name(name: str) -> Row:

@@ -63,6 +63,14 @@ class NodeConfig:
     checkpoint_every: int = 10
     checkpoint_restore: Optional[str] = None  # a checkpoint file this global server starts from
     restart_timeout: float = 60.0  # how long the schedulers wait for a dead global server to come back
+    # P3: data-path requests cut into slices of at most p3_slice_size elements and sent by priority,
+    # with at most p3_window messages handed to each socket at a time (see docs/Scheduling.md).
+    enable_p3: bool = False
+    p3_slice_size: int = 40_000
+    p3_window: int = 2
+    # Directory for per-request send/reply timelines (chrome://tracing JSON, one file per client
+    # process), with P3 on or off so that the two can be compared.
+    p3_trace: Optional[str] = None
 
     @property
     def is_server(self) -> bool:
@@ -260,6 +268,18 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
         kw["restart_timeout"] = r.float("GEOMX_RESTART_TIMEOUT", 60.0)
     if kw["use_hfa"] and kw["use_esync"]:
         raise ConfigError(f"MXNET_KVSTORE_USE_HFA and GEOMX_USE_ESYNC cannot both be set (role: {role})")
+    kw["enable_p3"] = r.bool("ENABLE_P3")
+    kw["p3_slice_size"] = r.int("GEOMX_P3_SLICE_SIZE", 40_000, minimum=1)
+    kw["p3_window"] = r.int("GEOMX_P3_WINDOW", 2, minimum=1)
+    kw["p3_trace"] = r.str("GEOMX_P3_TRACE")
+    if kw["enable_p3"] and kw.get("checkpoint_dir"):
+        # Checkpoint replay numbers whole pushes per key; P3 slices would be counted as rounds.
+        raise ConfigError(f"ENABLE_P3 and GEOMX_CHECKPOINT_DIR cannot both be set (role: {role})")
+    if kw["enable_p3"] and (kw["use_hfa"] or kw["use_esync"]):
+        # HFA/ESync exchange whole models every K2 rounds; per-layer priorities buy nothing there and
+        # the combination is untested, so it is refused rather than half-supported.
+        which = "MXNET_KVSTORE_USE_HFA" if kw["use_hfa"] else "GEOMX_USE_ESYNC"
+        raise ConfigError(f"ENABLE_P3 and {which} cannot both be set (role: {role})")
     return NodeConfig(**kw)
 
 

@@ -1,6 +1,9 @@
 """The requesting side of the key-value protocol, shared by workers (towards their party's servers)
 and local servers (towards the global servers): key placement over several servers, request ids,
-reassembly of slices, and completion callbacks. Runs in the owner's event-loop thread."""
+reassembly of slices, and completion callbacks. Runs in the owner's event-loop thread.
+
+With P3 (``ENABLE_P3=1``) data-path requests are cut into slices and go through one priority
+:class:`~geomx.p3.SendQueue` per server (see geomx/p3.py)."""
 from __future__ import annotations
 
 import itertools
@@ -11,6 +14,7 @@ import numpy as np
 
 from . import compression, wire
 from .errors import GeoMXError, PeerDeadError, ProtocolError, RemoteError
+from .p3 import CONTROL, DATA, SendQueue, Trace
 from .transport import EventLoop, Link, connect_dealer
 from .wire import Message, MsgType
 
@@ -22,7 +26,7 @@ Encoder = Callable[[int, int], Tuple[dict, np.ndarray]]  # (offset, numel) -> (p
 
 
 def partition(key: int, total: int, num_servers: int, bigarray_bound: int,
-              global_servers: Optional[int] = None) -> List[Part]:
+              global_servers: Optional[int] = None, slice_size: int = 0) -> List[Part]:
     """Which server holds which slice of ``key``.
 
     Towards the global servers (and inside the central party, whose servers they are): small keys
@@ -32,7 +36,25 @@ def partition(key: int, total: int, num_servers: int, bigarray_bound: int,
     part ``j`` goes to local server ``j * n // global_servers`` (consecutive parts on one server
     merged), a key with a single global part goes whole to ``(key * 9973) % n``. Every local server
     then forwards whole global parts, so each global server receives exactly one aggregate per
-    party and per part, whatever each party's number of local servers."""
+    party and per part, whatever each party's number of local servers.
+
+    ``slice_size`` > 0 (P3) further cuts each server's part into messages of at most that many
+    elements (:func:`p3_slices`)."""
+    return p3_slices(_server_parts(key, total, num_servers, bigarray_bound, global_servers), slice_size)
+
+
+def p3_slices(parts: List[Part], slice_size: int) -> List[Part]:
+    """P3: every part cut into slices of at most ``slice_size`` elements (none if 0). Servers hold
+    their part as one key: a local server counts a round complete when every element arrived, the
+    global server keeps a state per slice (geomx/servers/base.py)."""
+    if slice_size <= 0:
+        return parts
+    return [(server, offset + i, min(slice_size, numel - i))
+            for server, offset, numel in parts for i in range(0, max(numel, 1), slice_size)]
+
+
+def _server_parts(key: int, total: int, num_servers: int, bigarray_bound: int,
+                  global_servers: Optional[int]) -> List[Part]:
     if global_servers is None or global_servers == num_servers:
         return _global_parts(key, total, num_servers, bigarray_bound)
     if num_servers == 1:
@@ -59,15 +81,23 @@ def _global_parts(key: int, total: int, num_servers: int, bigarray_bound: int) -
     return [(i, bounds[i], bounds[i + 1] - bounds[i]) for i in range(num_servers) if bounds[i + 1] > bounds[i]]
 
 
+# Requests that P3 slices and schedules by priority; INIT and commands travel whole.
+_SLICED = (MsgType.PUSH, MsgType.PULL, MsgType.PUSHPULL)
+
+
 class _Pending:
     __slots__ = ("callback", "parts", "remaining", "result", "error", "single", "replies", "is_broadcast",
-                 "base", "size", "sent")
+                 "base", "size", "sent", "times", "mtype", "priority")
 
     def __init__(self, callback: Callable[..., None], parts: List[Part], single: bool,
                  is_broadcast: bool = False, base: int = 0, size: int = 0):
         self.callback = callback
         self.base = base  # the requested slice: [base, base + size) of the key
         self.size = size
+        # (server, offset) -> [queued, handed to the socket], only while tracing
+        self.times: Optional[Dict[Tuple[int, int], List[Optional[float]]]] = None
+        self.mtype = ""
+        self.priority = 0
         self.parts = {(p[0], p[1]): p[2] for p in parts}
         self.remaining = len(parts)
         self.result: Optional[np.ndarray] = None
@@ -81,8 +111,13 @@ class _Pending:
 
 
 class KVClient:
+    """``p3_slice_size`` > 0 turns P3 on: data-path requests are sliced and queued by priority, with
+    at most ``p3_window`` messages per server handed to its socket. ``trace_dir`` records every
+    data-path message's send and reply times (P3 on or off) into a chrome://tracing file there."""
+
     def __init__(self, loop: EventLoop, servers: Sequence[Tuple[str, int]], *, identity: str, sender: int,
-                 bigarray_bound: int, wan: bool, name: str, global_servers: Optional[int] = None):
+                 bigarray_bound: int, wan: bool, name: str, global_servers: Optional[int] = None,
+                 p3_slice_size: int = 0, p3_window: int = 2, trace_dir: Optional[str] = None):
         self.loop = loop
         self.sender = sender
         self.bigarray_bound = bigarray_bound
@@ -90,10 +125,15 @@ class KVClient:
         self.name = name
         self.identity = identity
         self.wan = wan
+        self.p3_slice_size = p3_slice_size
+        self.p3_window = p3_window
         self.links: List[Link] = []
+        self.queues: List[SendQueue] = []
         self.addresses = [(str(h), int(p)) for h, p in servers]
         for i, (host, port) in enumerate(self.addresses):
             self.links.append(self._connect(i, host, port))
+            self.queues.append(SendQueue(loop, self.links[i]))
+        self.trace = Trace(trace_dir, name) if trace_dir else None
         # Global servers that checkpoint say so in their INIT replies (meta "round"). Towards them,
         # pushes are numbered (header ``version`` = round + 1, per server and key) and kept after
         # they are answered until the server reports a checkpoint holding their round (meta
@@ -107,8 +147,13 @@ class KVClient:
         self.on_meta: Optional[Callable[[int, dict], None]] = None
 
     def _connect(self, server: int, host: str, port: int) -> Link:
+        # P3: libzmq may hold p3_window messages and the kernel about one slice of float32;
+        # everything else waits in the SendQueue, where priorities still decide.
+        p3 = self.p3_slice_size > 0
         link = connect_dealer(self.loop.ctx, host, port, f"{self.identity}>{server}".encode(),
-                              self.loop.max_message_bytes, f"{self.name}->server{server}", wan=self.wan)
+                              self.loop.max_message_bytes, f"{self.name}->server{server}", wan=self.wan,
+                              send_window=self.p3_window if p3 else 0,
+                              send_buffer=max(1 << 16, 4 * self.p3_slice_size) if p3 else 0)
         self.loop.add(link, self._make_handler(server), routed=False)
         return link
 
@@ -128,6 +173,8 @@ class KVClient:
         self.loop.remove(old)
         old.close()  # drops whatever was still queued for the dead process
         link = self.links[server] = self._connect(server, host, port)
+        self.queues[server].clear()  # its unsent messages are resent below with the unanswered ones
+        self.queues[server] = SendQueue(self.loop, link)
         link.bytes_sent, link.bytes_received = old.bytes_sent, old.bytes_received
         replayed = 0
         for (srv, _key), msgs in self.retained.items():
@@ -150,17 +197,27 @@ class KVClient:
     def num_servers(self) -> int:
         return len(self.links)
 
-    def parts(self, key: int, total: int) -> List[Part]:
-        return partition(key, total, len(self.links), self.bigarray_bound, self.global_servers)
+    def parts(self, key: int, total: int, sliced: bool = False) -> List[Part]:
+        return partition(key, total, len(self.links), self.bigarray_bound, self.global_servers,
+                         self.p3_slice_size if sliced else 0)
 
-    def span_parts(self, key: int, offset: int, numel: int, total: int) -> List[Part]:
+    def span_parts(self, key: int, offset: int, numel: int, total: int, sliced: bool = False) -> List[Part]:
         """The parts of ``key`` (``total`` elements) that make up its slice ``[offset, offset + numel)``:
-        a local server holding one slice of a key forwards exactly the global parts inside it."""
+        a local server holding one slice of a key forwards exactly the global parts inside it (cut
+        into P3 slices when ``sliced``)."""
         parts = [p for p in self.parts(key, total) if offset <= p[1] and p[1] + p[2] <= offset + numel]
         if sum(p[2] for p in parts) != numel:
             raise ProtocolError(f"key {key}: slice [{offset}, {offset + numel}) of {total} elements does not "
                                 "consist of whole parts of the global servers")
-        return parts
+        return p3_slices(parts, self.p3_slice_size if sliced else 0)
+
+    def _send(self, server: int, msg: Message, kind: int, on_sent: Optional[Callable[[], None]] = None) -> None:
+        if self.p3_slice_size:
+            self.queues[server].put(msg, kind, on_sent)
+        else:
+            self.links[server].send(msg)
+            if on_sent is not None:
+                on_sent()
 
     def request(self, mtype: MsgType, key: int, total: int, dtype: Any, callback: Callback, *,
                 data: Optional[np.ndarray] = None, meta: Optional[dict] = None, priority: int = 0,
@@ -177,8 +234,10 @@ class KVClient:
             callback(None, self.failed)
             return
         base, key_total = span if span is not None else (0, total)
+        sliced = mtype in _SLICED
         try:
-            parts = self.span_parts(key, base, total, key_total) if span is not None else self.parts(key, total)
+            parts = (self.span_parts(key, base, total, key_total, sliced) if span is not None
+                     else self.parts(key, total, sliced))
         except ProtocolError as exc:
             callback(None, exc)
             return
@@ -190,7 +249,9 @@ class KVClient:
                                           f"GEOMX_MAX_MESSAGE_BYTES={self.loop.max_message_bytes}"))
                 return
         req_id = next(self._ids)
-        self.pending[req_id] = _Pending(callback, parts, single=len(parts) == 1, base=base, size=total)
+        pending = self.pending[req_id] = _Pending(callback, parts, single=len(parts) == 1, base=base, size=total)
+        if self.trace is not None and mtype in _SLICED:
+            pending.times, pending.mtype, pending.priority = {}, mtype.name, priority
         code = wire.dtype_code(dtype)
         for server, offset, numel in parts:
             msg = Message(mtype, sender=self.sender, req_id=req_id, key=key, offset=offset, numel=numel,
@@ -208,7 +269,11 @@ class KVClient:
                     msg.version = rounds + 1
                     self.push_rounds[(server, key)] = rounds + 1
             self.pending[req_id].sent[(server, offset)] = msg
-            self.links[server].send(msg)
+            on_sent = None
+            if pending.times is not None:
+                stamp = pending.times[(server, offset)] = [Trace.now(), None]
+                on_sent = lambda stamp=stamp: stamp.__setitem__(1, Trace.now())  # noqa: E731
+            self._send(server, msg, DATA, on_sent)
 
     def broadcast(self, mtype: MsgType, callback: Callable[[List[Message], Optional[Exception]], None], *,
                   meta: Optional[dict] = None, datas: Optional[Sequence[Optional[np.ndarray]]] = None,
@@ -227,7 +292,7 @@ class KVClient:
             if datas is not None and datas[i] is not None:
                 msg.data = datas[i]
             pending.sent[(i, 0)] = msg
-            self.links[i].send(msg)
+            self._send(i, msg, CONTROL)
 
     def _make_handler(self, server: int) -> Callable[[Message, Optional[bytes], Link], None]:
         def handle(msg: Message, identity: Optional[bytes], link: Link) -> None:
@@ -273,6 +338,10 @@ class KVClient:
                     start = msg.offset - p.base
                     p.result[start:start + msg.numel] = msg.data
         del p.parts[(server, msg.offset)]
+        if p.times is not None and self.trace is not None:
+            queued, sent = p.times.pop((server, msg.offset))
+            self.trace.record(p.mtype, msg.key, msg.offset, expected, p.priority, server, queued, sent,
+                              Trace.now(), msg.type != MsgType.ERROR)
         p.remaining -= 1
         if p.remaining == 0:
             del self.pending[msg.req_id]
@@ -316,9 +385,15 @@ class KVClient:
             del self.pending[msg.req_id]
             p.callback([r for r in p.replies if r is not None], p.error)
 
+    def write_trace(self) -> Optional[str]:
+        """Write the request timeline (GEOMX_P3_TRACE), if it is being recorded."""
+        return self.trace.write() if self.trace is not None else None
+
     def fail_all(self, exc: Exception) -> None:
         """Complete every outstanding request with ``exc`` (a peer died, or we are shutting down)."""
         self.failed = exc
+        for queue in self.queues:
+            queue.clear()
         pending, self.pending = self.pending, {}
         for p in pending.values():
             try:

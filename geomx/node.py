@@ -17,6 +17,7 @@ from .config import NodeConfig
 from .errors import ConfigError, GeoMXError
 from .kvclient import KVClient
 from .membership import Scheduler, TierMember
+from .p3 import client_options
 from .servers import GlobalServer, LocalServer
 from .servers.base import ServerBase
 from .transport import EventLoop
@@ -80,6 +81,8 @@ def _serve(loop: EventLoop, server: ServerBase, members: List[TierMember], fatal
     # Give the goodbyes and last replies a moment to leave.
     for _ in range(3):
         loop.run_once(0.05)
+    if upstream is not None:
+        upstream.write_trace()
     loop.close()
     return code
 
@@ -102,7 +105,8 @@ def _local_server(cfg: NodeConfig) -> int:
     logutil.set_label(f"local_server{glob.info.rank}")
     server.parties = glob.info.num_parties
     upstream = KVClient(loop, glob.info.servers, identity=f"local_server{glob.info.rank}", sender=glob.info.rank,
-                        bigarray_bound=cfg.bigarray_bound, wan=True, name=f"local_server{glob.info.rank}")
+                        bigarray_bound=cfg.bigarray_bound, wan=True, name=f"local_server{glob.info.rank}",
+                        **client_options(cfg))
     server.connect_upstream(upstream)
     # A global server restarted from its checkpoint: reconnect, resend what it lost.
     glob.on_servers_changed = lambda old, new: upstream.update_servers(new.servers)

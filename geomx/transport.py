@@ -32,13 +32,17 @@ class Link:
         self.bytes_sent = 0
         self.bytes_received = 0
 
-    def send(self, msg: wire.Message, identity: Optional[bytes] = None) -> None:
+    def send(self, msg: wire.Message, identity: Optional[bytes] = None, block: bool = True) -> None:
+        """Send ``msg``; with ``block=False`` raise ``zmq.Again`` (nothing sent) when the socket's
+        send high-water mark is reached (P3's bounded window, see :class:`geomx.p3.SendQueue`)."""
         frames = wire.encode(msg)
-        self.bytes_sent += sum(len(f) if not isinstance(f, memoryview) else f.nbytes for f in frames)
         if identity is not None:
             frames = [identity, *frames]
-        # copy=False: large arrays go to libzmq without a Python-side copy.
-        self.sock.send_multipart(frames, copy=False)
+        # copy=False: large arrays go to libzmq without a Python-side copy. A multipart message is
+        # atomic: if its first frame is accepted, so are the others.
+        self.sock.send_multipart(frames, copy=False, flags=0 if block else zmq.NOBLOCK)
+        self.bytes_sent += sum(len(f) if not isinstance(f, memoryview) else f.nbytes
+                               for f in frames[0 if identity is None else 1:])
 
     def recv_frames(self) -> List[Any]:
         frames = self.sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
@@ -72,9 +76,16 @@ def bind_router(ctx: zmq.Context, host: str, port: int, max_message_bytes: int, 
 
 
 def connect_dealer(ctx: zmq.Context, host: str, port: int, identity: bytes, max_message_bytes: int,
-                   name: str, wan: bool = False) -> Link:
+                   name: str, wan: bool = False, send_window: int = 0, send_buffer: int = 0) -> Link:
+    """A DEALER connected to ``host:port``. ``send_window`` > 0 bounds the messages libzmq queues
+    for sending (SNDHWM) and ``send_buffer`` the kernel's send buffer (SO_SNDBUF), so that a sender
+    keeping its own priority queue (P3) decides the order of everything not yet on the wire."""
     sock = ctx.socket(zmq.DEALER)
     configure(sock, max_message_bytes)
+    if send_window:
+        sock.setsockopt(zmq.SNDHWM, send_window)
+    if send_buffer:
+        sock.setsockopt(zmq.SNDBUF, send_buffer)
     sock.setsockopt(zmq.IDENTITY, identity)
     sock.connect(f"tcp://{host}:{port}")
     return Link(sock, name, wan)
@@ -95,6 +106,7 @@ class EventLoop:
         self.max_message_bytes = max_message_bytes
         self.poller = zmq.Poller()
         self.handlers: Dict[zmq.Socket, Tuple[Link, Handler, bool]] = {}
+        self._writers: Dict[zmq.Socket, Callable[[], None]] = {}  # waiting for POLLOUT
         self._timers: List[Tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._calls: Deque[Callable[[], None]] = collections.deque()
@@ -117,6 +129,13 @@ class EventLoop:
         if link.sock in self.handlers:
             self.poller.unregister(link.sock)
             del self.handlers[link.sock]
+            self._writers.pop(link.sock, None)
+
+    def when_writable(self, link: Link, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once ``link`` (a registered link) can take a message without blocking."""
+        if link.sock not in self._writers:
+            self._writers[link.sock] = fn
+            self.poller.modify(link.sock, zmq.POLLIN | zmq.POLLOUT)
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), fn))
@@ -152,9 +171,12 @@ class EventLoop:
                     break
         while self._calls:
             self._calls.popleft()()
-        for sock in list(events):
+        for sock, mask in events.items():
+            if mask & zmq.POLLOUT and sock in self._writers:
+                self.poller.modify(sock, zmq.POLLIN)
+                self._writers.pop(sock)()
             entry = self.handlers.get(sock)
-            if entry is not None:
+            if entry is not None and mask & zmq.POLLIN:
                 self._drain(*entry)
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:

@@ -15,6 +15,7 @@ from .config import NodeConfig
 from .errors import GeoMXError, PeerDeadError
 from .kvclient import KVClient
 from .membership import TierInfo, TierMember
+from .p3 import client_options
 from .transport import EventLoop
 from .wire import Message, MsgType
 
@@ -59,7 +60,8 @@ class WorkerNode:
                 assert self.info is not None
                 self.kv = KVClient(self.loop, self.info.servers, identity=f"worker{self.info.rank}",
                                    sender=self.info.rank, bigarray_bound=cfg.bigarray_bound, wan=False,
-                                   name=f"worker{self.info.rank}", global_servers=self.info.global_servers)
+                                   name=("master_worker" if cfg.is_master_worker else "worker") + str(self.info.rank),
+                                   global_servers=self.info.global_servers, **client_options(cfg))
                 self.kv.on_meta = self._on_meta
                 # A global server of the central party restarted from its checkpoint.
                 kv = self.kv
@@ -72,6 +74,8 @@ class WorkerNode:
             self.loop.run_once(0.2)
         for _ in range(3):  # let the goodbye leave
             self.loop.run_once(0.05)
+        if self.kv is not None:
+            self.kv.write_trace()
         self.loop.close()
 
     def _on_meta(self, key: int, meta: dict) -> None:

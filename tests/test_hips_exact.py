@@ -22,6 +22,22 @@ CASES = {
     "local-servers-2-and-1-global-3": (["--mode", "pushpull", "--optimizer", "sgd"],
                                        dict(parties=2, workers_per_party=2, local_servers=(2, 1),
                                             global_servers=3, env={"MXNET_KVSTORE_BIGARRAY_BOUND": "1000"})),
+    # P3: keys cut into slices sent by priority (key 2 into 8, the last one partial; keys 0, 1, 3
+    # below the slice size travel whole). The values must be exactly those of plain FSA.
+    "p3-push-then-pull": (["--mode", "push-pull"],
+                          dict(parties=2, workers_per_party=2, env={"ENABLE_P3": "1"})),
+    # P3 on the parties only (as the original's run_p3.sh leaves the master worker out), two global
+    # servers: each server's half of key 2 is cut into 4096-element slices, so slices start inside
+    # a server's part and end with a partial one; the global servers run SGD per slice.
+    "p3-pushpull-sgd-two-global-servers": (
+        ["--mode", "pushpull", "--optimizer", "sgd"],
+        dict(parties=2, workers_per_party=2, global_servers=2, env={"MXNET_KVSTORE_BIGARRAY_BOUND": "1000"},
+             node_env={"party*": {"ENABLE_P3": "1", "GEOMX_P3_SLICE_SIZE": "4096"}})),
+    # P3 with two local servers per party: each local server's share of key 2 is sliced.
+    "p3-local-servers-2-global-2": (["--mode", "push-pull"],
+                                    dict(parties=2, workers_per_party=2, local_servers=2, global_servers=2,
+                                         env={"MXNET_KVSTORE_BIGARRAY_BOUND": "1000", "ENABLE_P3": "1",
+                                              "GEOMX_P3_SLICE_SIZE": "4096"})),
 }
 
 

@@ -20,7 +20,15 @@ Client = Tuple[str, bytes]  # (link name, ZeroMQ identity)
 
 class ServerBase:
     """Subclasses say how many pushes make a round (:meth:`expected_pushes`) and what to do when a
-    round is complete (:meth:`dispatch_round`)."""
+    round is complete (:meth:`dispatch_round`).
+
+    ``slice_rounds``: a P3 slice of a key gets a state (rounds, value, optimizer state) of its own,
+    so a slice's round completes, and is answered, as soon as every client pushed that slice; the
+    global server does this so that the first slices' updates travel back while later slices are
+    still arriving. Otherwise slices add into the key's round, complete when every element is in."""
+
+    slice_rounds = False
+    checkpointing = False  # a global server with GEOMX_CHECKPOINT_DIR: refuses P3 slices (slice_state)
 
     def __init__(self, loop: EventLoop, name: str):
         self.loop = loop
@@ -71,13 +79,21 @@ class ServerBase:
         link.send(Message(MsgType.ERROR, req_id=req.req_id, key=req.key, offset=req.offset, total=req.total,
                           meta={"error": f"{self.name}: {error}"}), identity)
 
-    def replier(self, link: Link, identity: bytes, req: Message):
-        """A one-argument reply function: an array (or None) answers, an Exception refuses."""
+    def replier(self, link: Link, identity: bytes, req: Message, ks: Optional[KeyState] = None):
+        """A one-argument reply function: an array (or None) answers, an Exception refuses.
+
+        With ``ks``, the array is the key's (part's) value and the request may cover a slice of it
+        (P3): the reply carries that slice."""
+        start = 0 if ks is None else req.offset - ks.offset
+        sliced = ks is not None and (start != 0 or req.numel != ks.numel)
+
         def reply(value: object) -> None:
             if isinstance(value, Exception):
                 self.reply_error(link, identity, req, str(value))
-            else:
-                self.reply(link, identity, req, value, meta=self.reply_meta(req, (link.name, identity)))  # type: ignore[arg-type]
+                return
+            if sliced and isinstance(value, np.ndarray):
+                value = value[start:start + req.numel]
+            self.reply(link, identity, req, value, meta=self.reply_meta(req, (link.name, identity)))  # type: ignore[arg-type]
         return reply
 
     def reply_meta(self, req: Message, client: Client) -> Optional[dict]:
@@ -118,7 +134,8 @@ class ServerBase:
         if ks is None:
             self.reply_error(link, identity, msg, f"key {msg.key} was never initialised")
             return None
-        if (msg.numel, msg.offset, msg.total) != (ks.numel, ks.offset, ks.total):
+        # The part this server holds, or (P3) a slice of it.
+        if msg.total != ks.total or msg.offset < ks.offset or msg.offset + msg.numel > ks.offset + ks.numel:
             self.reply_error(link, identity, msg, f"key {msg.key}: elements [{msg.offset}, {msg.offset + msg.numel}) "
                                                   f"of {msg.total} sent, this server holds [{ks.offset}, "
                                                   f"{ks.offset + ks.numel}) of {ks.total}")
@@ -128,6 +145,52 @@ class ServerBase:
                                                   f"{ks.dtype}")
             return None
         return ks
+
+    def slice_state(self, msg: Message, ks: KeyState, link: Link, identity: bytes) -> Optional[KeyState]:
+        """The state a data-path request works on: the key's (part's), or with ``slice_rounds`` and
+        a P3 slice, that slice's own state (created on first use from the part's value)."""
+        whole = msg.offset == ks.offset and msg.numel == ks.numel
+        if not self.slice_rounds or (whole and not ks.slices):
+            return ks
+        error = None
+        if whole and msg.type != MsgType.PULL:
+            error = "pushed whole while other clients push it in P3 slices: set ENABLE_P3 on every local server"
+        elif not whole and ks.rounds:
+            error = "pushed in P3 slices while other clients push it whole: set ENABLE_P3 on every local server"
+        if whole:
+            if error:
+                self.reply_error(link, identity, msg, f"key {msg.key}: {error}")
+                return None
+            return ks
+        start = msg.offset - ks.offset
+        child = ks.slices.get(msg.offset)
+        if self.checkpointing:
+            error = ("P3 slices cannot be checkpointed (GEOMX_CHECKPOINT_DIR is set on this server): unset "
+                     "ENABLE_P3 on the local servers or the checkpoint directory")
+        elif child is None:
+            if start == 0:
+                ks.slice_size = msg.numel
+            size = ks.slice_size
+            if size and (start % size or msg.numel != min(size, ks.numel - start)):
+                error = (f"slice [{msg.offset}, +{msg.numel}) does not fit the {size}-element slices of other "
+                         "clients: GEOMX_P3_SLICE_SIZE must be the same on every local server")
+            elif not ks.initialized:
+                error = "P3 slice before the key was initialised"
+        elif child.numel != msg.numel:
+            error = (f"slice [{msg.offset}, +{msg.numel}) does not fit the [{msg.offset}, +{child.numel}) slices "
+                     "of other clients: GEOMX_P3_SLICE_SIZE must be the same on every local server")
+        if error:
+            self.reply_error(link, identity, msg, f"key {msg.key}: {error}")
+            return None
+        if child is None:
+            child = ks.slices[msg.offset] = KeyState(ks.key, msg.numel, ks.dtype, msg.offset, ks.total)
+            assert ks.store is not None
+            child.store = ks.store[start:start + msg.numel]
+            child.initialized = True
+            # An index of its own for the optimizer's state and update count (Adam's step t counts
+            # this slice's updates): negative, so it never collides with a key.
+            child.update_index = -(1 + (ks.key << 35) + msg.offset)
+        return child
 
     def declare_key(self, msg: Message, link: Link, identity: bytes) -> Optional[KeyState]:
         """Create the key's state from an INIT (or check that the INIT agrees with it)."""
@@ -159,15 +222,17 @@ class ServerBase:
         if ks is not None and msg.payload:
             # An encoded (compressed) gradient: validate it against this key, then add it densely.
             try:
-                encoded = compression.from_frames(meta_field(msg, "payload", dict), msg.data, ks.numel)
+                encoded = compression.from_frames(meta_field(msg, "payload", dict), msg.data, msg.numel)
             except ValueError as exc:
                 self.reply_error(link, identity, msg, f"key {msg.key}: bad encoded gradient: {exc}")
                 return None
-            msg.data = compression.decode_payload(encoded, ks.numel).astype(ks.dtype, copy=False)
+            msg.data = compression.decode_payload(encoded, msg.numel).astype(ks.dtype, copy=False)
         return ks
 
     def on_push(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
         ks = self.pushed_key(msg, link, identity)
+        if ks is not None:
+            ks = self.slice_state(msg, ks, link, identity)
         if ks is None or (msg.version and self.resent_push(ks, msg, client, link, identity)):
             return
         expected = self.expected_pushes(link)
@@ -175,14 +240,15 @@ class ServerBase:
             self.reply_error(link, identity, msg, "this client may not push (set DMLC_ENABLE_CENTRAL_WORKER=1 "
                                                   "for central-party workers to train)")
             return
-        missing = self.stopped_without_round(ks, ks.pushes_of(client))
+        start = msg.offset - ks.offset
+        missing = self.stopped_without_round(ks, ks.next_round(client, start))
         if missing is not None:
             self.reply_error(link, identity, msg, f"key {msg.key}: {missing} stopped before pushing this round")
             return
         self.pushing_clients.add(client)
-        r, rnd = ks.add_push(client, msg.data, self.replier(link, identity, msg),
-                             want_value=msg.type == MsgType.PUSHPULL)
-        if rnd.count == expected:
+        r, rnd = ks.add_push(client, msg.data, self.replier(link, identity, msg, ks),
+                             want_value=msg.type == MsgType.PUSHPULL, start=start, priority=msg.priority)
+        if rnd.elements == expected * ks.numel:
             acc, rnd.acc = rnd.acc, None
             self.dispatch_round(ks, r, ks.round_value(acc))
 
@@ -240,10 +306,12 @@ class ServerBase:
 
     def on_pull(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
         ks = self.known_key(msg, link, identity)
+        if ks is not None:
+            ks = self.slice_state(msg, ks, link, identity)
         if ks is None:
             return
-        reply = self.replier(link, identity, msg)
+        reply = self.replier(link, identity, msg, ks)
         if ks.pull_ready(client):
-            reply(ks.store)
+            reply(ks.value())
         else:
             ks.park_pull(client, reply)

@@ -24,9 +24,12 @@ log = logging.getLogger("geomx.server")
 
 
 class GlobalServer(ServerBase):
+    slice_rounds = True  # P3: each slice is updated and answered as soon as every party pushed it
+
     def __init__(self, cfg: NodeConfig, loop: EventLoop):
         super().__init__(loop, "global server")
         self.cfg = cfg
+        self.checkpointing = bool(cfg.checkpoint_dir)
         self.wan_link, self.wan_port = bind_router(loop.ctx, "*", 0, cfg.max_message_bytes,
                                                    "global-clients", wan=True)
         self.lan_link, self.lan_port = bind_router(loop.ctx, "*", 0, cfg.max_message_bytes, "central-clients")
@@ -233,6 +236,12 @@ class GlobalServer(ServerBase):
         ks = self.pushed_key(msg, link, identity)
         if ks is None:
             return
+        if msg.offset != ks.offset or msg.numel != ks.numel:
+            # The optimizer step needs the party's whole aggregate of the key at once.
+            self.reply_error(link, identity, msg, "dist_async (MixedSync) applies each party's push on arrival "
+                                                  "and cannot take P3 slices: unset ENABLE_P3 on the local "
+                                                  "servers or use dist_sync")
+            return
         if self.updater is None:
             self.reply_error(link, identity, msg, "dist_async (MixedSync) needs an optimizer on the global "
                                                   "server: call kv.set_optimizer on the master worker")
@@ -290,7 +299,14 @@ class GlobalServer(ServerBase):
                 self.updater.states[ks.key] = state
                 self.updater.states_synced[ks.key] = True
             state[1][:] = self.party_views[(party, ks.key)].reshape(state[1].shape)
-        self.updater(ks.key, grad, ks.weight_nd)
+        index = ks.update_index
+        if index != ks.key and index not in self.updater.states:
+            # A P3 slice's first update: it takes the key's learning-rate and weight-decay multipliers.
+            opt = self.updater.optimizer
+            for table in (opt.lr_mult, opt.wd_mult, opt.idx2name):
+                if ks.key in table:
+                    table[index] = table[ks.key]
+        self.updater(index, grad, ks.weight_nd)
         value = ks.weight_nd.asnumpy().reshape(-1)
         ks.store = value
         return value
@@ -356,7 +372,7 @@ class GlobalServer(ServerBase):
                 send(value)
 
         if ks.initialized:
-            reply(ks.store)
+            reply(ks.value())
         else:
             ks.park_pull(client, reply)
 
@@ -383,6 +399,9 @@ class GlobalServer(ServerBase):
                     raise GeoMXError("HFA (MXNET_KVSTORE_USE_HFA=1) works with dist_sync only, not dist_async")
                 if not sync and self.cfg.use_esync:
                     raise GeoMXError("ESync (GEOMX_USE_ESYNC=1) works with dist_sync only, not dist_async")
+                if not sync and self.cfg.enable_p3:
+                    raise GeoMXError("P3 (ENABLE_P3=1) works with dist_sync only, not dist_async: MixedSync "
+                                     "applies each party's whole aggregate on arrival")
                 self.global_sync = sync
                 if not sync and self.on_async is not None:
                     self.on_async()

@@ -15,25 +15,31 @@ Reply = Callable[[Optional[np.ndarray]], None]
 
 
 class Round:
-    __slots__ = ("acc", "owned", "count", "waiters")
+    __slots__ = ("acc", "owned", "elements", "waiters")
 
     def __init__(self) -> None:
         self.acc: Optional[np.ndarray] = None
         self.owned = False  # False while acc is a borrowed, read-only received buffer
-        self.count = 0
+        # Elements pushed into this round by all clients: a round is complete when every client
+        # pushed every element, whole or in P3 slices.
+        self.elements = 0
         # (reply, wants the new value back)
         self.waiters: List[Any] = []
 
 
 class KeyState:
-    """One key (or this server's slice of it).
+    """One key (or this server's part of it: elements ``[offset, offset + numel)`` of ``total``).
+
+    Pushes and pulls may cover the whole part or a slice of it (P3). A client's n-th push of a slice
+    goes into round n; a round is complete when every expected client pushed every element.
 
     ``store`` is replaced, never written in place, once it has been sent: sends are zero-copy, so an
     in-place update could change bytes still queued in libzmq.
     """
 
-    __slots__ = ("key", "numel", "offset", "total", "dtype", "store", "initialized", "rounds", "completed",
-                 "pushes_by", "parked", "init_requested", "weight_nd", "milestone", "local_rounds", "first_round")
+    __slots__ = ("key", "numel", "dtype", "offset", "total", "store", "initialized", "rounds", "completed",
+                 "pushes_by", "slice_pushes", "parked", "init_requested", "weight_nd", "milestone",
+                 "local_rounds", "priority", "first_round", "slices", "slice_size", "update_index")
 
     def __init__(self, key: int, numel: int, dtype: np.dtype, offset: int = 0, total: Optional[int] = None):
         self.key = key
@@ -47,7 +53,16 @@ class KeyState:
         self.init_requested = False
         self.rounds: Dict[int, Round] = {}
         self.completed = 0  # rounds finished
-        self.pushes_by: Dict[Any, int] = {}
+        self.pushes_by: Dict[Any, int] = {}  # client -> rounds it has pushed into (whole or a slice)
+        self.slice_pushes: Dict[Any, int] = {}  # (client, slice offset) -> pushes of that slice
+        self.priority = 0  # of the latest push (a local server forwards the round with it)
+        # Servers with per-slice rounds (the global server under P3): absolute offset -> the state of
+        # that slice, a KeyState of its own; slice_size is the clients' P3 slice size, learnt from
+        # the slice at the part's start.
+        self.slices: Dict[int, "KeyState"] = {}
+        self.slice_size = 0
+        # The optimizer's index for this state: the key, or a slice's own (see GlobalServer._apply).
+        self.update_index = key
         self.parked: List[Any] = []  # (client, reply): pulls waiting for a round or for the init
         self.weight_nd: Any = None  # MXNet copy of the weights when the global server runs an optimizer
         self.milestone: Optional[np.ndarray] = None  # HFA: the global model at the last global round
@@ -60,13 +75,26 @@ class KeyState:
         """How many pushes of ``client`` this key has seen (its next push opens that round)."""
         return self.pushes_by.get(client, self.first_round)
 
-    def add_push(self, client: Any, data: np.ndarray, reply: Reply, want_value: bool) -> tuple:
-        """Fold ``data`` into the client's next round; returns (round index, Round)."""
-        r = self.pushes_of(client)
-        self.pushes_by[client] = r + 1
+    def next_round(self, client: Any, start: int = 0) -> int:
+        """The round a push of the slice at ``start`` (relative to this part) from ``client`` goes into."""
+        return self.slice_pushes.get((client, start), self.first_round)
+
+    def add_push(self, client: Any, data: np.ndarray, reply: Reply, want_value: bool, start: int = 0,
+                 priority: int = 0) -> tuple:
+        """Fold ``data`` (elements ``start ..`` of this part) into the client's next round of that
+        slice; returns (round index, Round)."""
+        r = self.next_round(client, start)
+        self.slice_pushes[(client, start)] = r + 1
+        self.pushes_by[client] = max(self.pushes_of(client), r + 1)
+        self.priority = priority
         rnd = self.rounds.get(r)
         if rnd is None:
             rnd = self.rounds[r] = Round()
+        rnd.elements += data.size
+        rnd.waiters.append((reply, want_value))
+        if start != 0 or data.size != self.numel:
+            self._add_slice(rnd, start, data)
+            return r, rnd
         if self.dtype == np.float16:
             # fp16 pushes are summed in float32 and rounded to fp16 once, when the round is
             # complete (:meth:`round_value`): the sum loses no precision it need not lose.
@@ -83,9 +111,28 @@ class KeyState:
             rnd.owned = True
         else:
             kernels.sum_into(rnd.acc, data)
-        rnd.count += 1
-        rnd.waiters.append((reply, want_value))
         return r, rnd
+
+    def _add_slice(self, rnd: Round, start: int, data: np.ndarray) -> None:
+        """A P3 slice: the round's sum is a full-size array owned by the server, added into in place."""
+        wide = np.float32 if self.dtype == np.float16 else self.dtype
+        if rnd.acc is None:
+            rnd.acc, rnd.owned = np.zeros(self.numel, dtype=wide), True
+        elif not rnd.owned:
+            rnd.acc, rnd.owned = np.array(rnd.acc, dtype=wide), True
+        if self.dtype == np.float16:
+            data = kernels.f16_to_f32(np.ascontiguousarray(data))
+        kernels.sum_into(rnd.acc[start:start + data.size], data)
+
+    def value(self) -> Optional[np.ndarray]:
+        """The part's current value; with per-slice states, assembled from their latest values."""
+        if not self.slices or self.store is None:
+            return self.store
+        out = np.array(self.store)
+        for child in self.slices.values():
+            start = child.offset - self.offset
+            out[start:start + child.numel] = child.store
+        return out
 
     def round_value(self, acc: np.ndarray) -> np.ndarray:
         """A complete round's sum in the key's own dtype (fp16 sums were accumulated in float32)."""

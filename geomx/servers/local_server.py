@@ -116,8 +116,9 @@ class LocalServer(ServerBase):
                 value = ks.store + value
             ks.finish_round(r, value)
 
+        # The workers' priority goes on across the WAN (P3 orders the global tier's slices by it).
         self.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_result, data=acc,
-                              encoder=self._encoder(ks, acc), span=(ks.offset, ks.total))
+                              encoder=self._encoder(ks, acc), span=(ks.offset, ks.total), priority=ks.priority)
 
     def _fail_upstream(self, ks: KeyState, r: int, error: Exception) -> None:
         log.error("%s: key %d round %d failed upstream: %s", self.name, ks.key, r, error)

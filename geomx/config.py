@@ -63,6 +63,12 @@ class NodeConfig:
     checkpoint_every: int = 10
     checkpoint_restore: Optional[str] = None  # a checkpoint file this global server starts from
     restart_timeout: float = 60.0  # how long the schedulers wait for a dead global server to come back
+    # TSEngine: aggregation trees and relay broadcasts across parties (ENABLE_INTER_TS: local
+    # servers and global server) and inside a party (ENABLE_INTRA_TS: workers and local server);
+    # schedulers pick the next receiver greedily with probability at most MAX_GREED_RATE_TS.
+    enable_inter_ts: bool = False
+    enable_intra_ts: bool = False
+    max_greed_rate_ts: float = 0.9
 
     @property
     def is_server(self) -> bool:
@@ -154,6 +160,19 @@ class _Reader:
             raise self._fail(name, f"must be a number, got {raw!r}") from None
         if not value > minimum:
             raise self._fail(name, f"must be > {minimum}, got {value}")
+        return value
+
+    def fraction(self, name: str, default: float) -> float:
+        """A number in [0, 1]."""
+        raw = self.str(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise self._fail(name, f"must be a number in [0, 1], got {raw!r}") from None
+        if not 0.0 <= value <= 1.0:
+            raise self._fail(name, f"must be in [0, 1], got {value}")
         return value
 
     def bool(self, name: str, default: bool = False) -> bool:
@@ -260,6 +279,18 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
         kw["restart_timeout"] = r.float("GEOMX_RESTART_TIMEOUT", 60.0)
     if kw["use_hfa"] and kw["use_esync"]:
         raise ConfigError(f"MXNET_KVSTORE_USE_HFA and GEOMX_USE_ESYNC cannot both be set (role: {role})")
+    kw["max_greed_rate_ts"] = r.fraction("MAX_GREED_RATE_TS", 0.9)
+    # Each flag matters only to the roles that take part in that tier's TSEngine.
+    kw["enable_inter_ts"] = r.bool("ENABLE_INTER_TS") and role in (GLOBAL_SERVER, LOCAL_SERVER)
+    kw["enable_intra_ts"] = r.bool("ENABLE_INTRA_TS") and role in (LOCAL_SERVER, WORKER)
+    if kw["enable_inter_ts"]:
+        if kw["num_global_server"] != 1:
+            raise ConfigError(f"ENABLE_INTER_TS=1 needs DMLC_NUM_GLOBAL_SERVER=1 (the global server is the root of "
+                              f"the parties' aggregation tree), got {kw['num_global_server']} (role: {role})")
+        for name, on in (("MXNET_KVSTORE_USE_HFA", kw["use_hfa"]), ("GEOMX_USE_ESYNC", kw["use_esync"])):
+            if on:
+                raise ConfigError(f"ENABLE_INTER_TS=1 cannot be combined with {name}=1 (TSEngine relays one "
+                                  f"result to every party each round) (role: {role})")
     return NodeConfig(**kw)
 
 

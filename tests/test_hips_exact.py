@@ -22,6 +22,13 @@ CASES = {
     "local-servers-2-and-1-global-3": (["--mode", "pushpull", "--optimizer", "sgd"],
                                        dict(parties=2, workers_per_party=2, local_servers=(2, 1),
                                             global_servers=3, env={"MXNET_KVSTORE_BIGARRAY_BOUND": "1000"})),
+    # TSEngine across parties: partial sums climb an aggregation tree of local servers, results come
+    # back by relay; the pulled values must be the plain FSA oracle's, bit for bit.
+    "inter-ts-3-parties": (["--mode", "push-pull"],
+                           dict(parties=3, workers_per_party=2, env={"ENABLE_INTER_TS": "1"})),
+    "inter-ts-4-parties-sgd": (["--mode", "pushpull", "--optimizer", "sgd"],
+                               dict(parties=4, workers_per_party=1,
+                                    env={"ENABLE_INTER_TS": "1", "MAX_GREED_RATE_TS": "0.5"})),
 }
 
 

@@ -14,6 +14,24 @@ ESYNC_KEY = 0
 Reply = Callable[[Optional[np.ndarray]], None]
 
 
+def accumulate(acc: Optional[np.ndarray], owned: bool, data: np.ndarray, dtype: np.dtype) -> tuple:
+    """``acc + data`` as (running sum, owned): the first addend is borrowed (a read-only received
+    buffer; a sum of one needs no copy), the first real sum allocates, later ones add in place.
+
+    float16 keys are summed in float32 and rounded to float16 once, when the round is complete
+    (:meth:`KeyState.round_value`), so a sum loses no precision it need not lose; a float32
+    ``data`` for a float16 key is such a partial sum already (TSEngine's partial sums)."""
+    fresh = False
+    if dtype == np.float16 and data.dtype == np.float16:
+        data, fresh = kernels.f16_to_f32(np.ascontiguousarray(data)), True
+    if acc is None:
+        return data, fresh
+    if not owned:
+        return np.add(acc, data), True  # the first sum allocates, fusing copy and add
+    kernels.sum_into(acc, data)
+    return acc, True
+
+
 class Round:
     __slots__ = ("acc", "owned", "count", "waiters")
 
@@ -64,28 +82,25 @@ class KeyState:
         """Fold ``data`` into the client's next round; returns (round index, Round)."""
         r = self.pushes_of(client)
         self.pushes_by[client] = r + 1
-        rnd = self.rounds.get(r)
-        if rnd is None:
-            rnd = self.rounds[r] = Round()
-        if self.dtype == np.float16:
-            # fp16 pushes are summed in float32 and rounded to fp16 once, when the round is
-            # complete (:meth:`round_value`): the sum loses no precision it need not lose.
-            wide = kernels.f16_to_f32(np.ascontiguousarray(data))
-            if rnd.acc is None:
-                rnd.acc, rnd.owned = wide, True
-            else:
-                kernels.sum_into(rnd.acc, wide)
-        elif rnd.acc is None:
-            # Borrow the received buffer (read-only): a round of one push needs no copy at all.
-            rnd.acc = data
-        elif not rnd.owned:
-            rnd.acc = np.add(rnd.acc, data)  # the first sum allocates, fusing copy and add
-            rnd.owned = True
-        else:
-            kernels.sum_into(rnd.acc, data)
+        rnd = self.round(r)
+        rnd.acc, rnd.owned = accumulate(rnd.acc, rnd.owned, data, self.dtype)
         rnd.count += 1
         rnd.waiters.append((reply, want_value))
         return r, rnd
+
+    def round(self, r: int) -> Round:
+        rnd = self.rounds.get(r)
+        if rnd is None:
+            rnd = self.rounds[r] = Round()
+        return rnd
+
+    def add_contribution(self, r: int, data: np.ndarray, count: int) -> Round:
+        """Fold a partial sum of ``count`` pushes into round ``r`` (TSEngine: the partial sums of
+        an aggregation tree name their round; they carry no reply)."""
+        rnd = self.round(r)
+        rnd.acc, rnd.owned = accumulate(rnd.acc, rnd.owned, data, self.dtype)
+        rnd.count += count
+        return rnd
 
     def round_value(self, acc: np.ndarray) -> np.ndarray:
         """A complete round's sum in the key's own dtype (fp16 sums were accumulated in float32)."""

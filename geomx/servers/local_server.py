@@ -16,6 +16,7 @@ from ..kvclient import KVClient
 from ..transport import EventLoop, Link, bind_router
 from ..wire import Message, MsgType, meta_field
 from .base import Client, ServerBase
+from ..tsengine.peer import TSPeer
 from .keystate import ESYNC_KEY, KeyState
 
 log = logging.getLogger("geomx.server")
@@ -33,6 +34,19 @@ class LocalServer(ServerBase):
         self.esync_steps = 1  # ESync: local steps per round assigned to this party by the state server
         self.esync_since = time.monotonic()
         self.parties = cfg.num_global_worker  # set from the global tier's registration
+        # ENABLE_INTER_TS: round sums go up an aggregation tree of parties and results come back by
+        # relay, through TSEngine links that other parties' local servers open to this port.
+        self.inter_ts: Optional[TSPeer] = None
+        self.ts_waiting: set = set()  # (key, round) contributed, result not yet relayed here
+        self.ts_link: Optional[Link] = None
+        self.ts_port = 0
+        if cfg.enable_inter_ts:
+            self.ts_link, self.ts_port = bind_router(loop.ctx, "*", 0, cfg.max_message_bytes, "ts-peers", wan=True)
+
+    def connect_inter_ts(self, peer: TSPeer) -> None:
+        assert self.ts_link is not None
+        self.inter_ts = peer
+        self.loop.add(self.ts_link, peer.handle, routed=True)
 
     def connect_upstream(self, client: KVClient) -> None:
         """Start serving workers; until now their requests wait in the socket, since every one of
@@ -105,6 +119,9 @@ class LocalServer(ServerBase):
         if self.cfg.use_hfa or self.cfg.use_esync:
             self._hfa_round(ks, r, acc)
             return
+        if self.inter_ts is not None:
+            self._inter_ts_round(ks, r, acc)
+            return
 
         def on_global_result(value: Optional[np.ndarray], error: Optional[Exception]) -> None:
             if error is not None:
@@ -118,6 +135,32 @@ class LocalServer(ServerBase):
 
         self.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_result, data=acc,
                               encoder=self._encoder(ks, acc), span=(ks.offset, ks.total))
+
+    def _inter_ts_round(self, ks: KeyState, r: int, acc: np.ndarray) -> None:
+        assert self.inter_ts is not None
+        if self._encoder(ks, acc) is not None:
+            ks.fail_round(r, GeoMXError(
+                f"key {ks.key} is {ks.dtype}: with ENABLE_INTER_TS=1 the WAN carries keys in their own dtype, "
+                f"so the {self.codec.name if self.codec else ''} codec needs float16 keys (as examples/cnn_fp16.py "
+                "initialises them)"))
+            return
+        self.ts_waiting.add((ks.key, r))
+        self.inter_ts.contribute(ks.key, r, acc, ks.dtype)
+
+    # -- TSEngine, a node below the global server (see geomx.tsengine.peer.Owner) ---------------
+    def ts_check(self, kind: MsgType, key: int, rnd: int, data: np.ndarray) -> Optional[str]:
+        if kind == MsgType.TS_MERGE:  # ENABLE_INTRA_TS: this server is its party's root
+            return super().ts_check(kind, key, rnd, data)
+        ks = self.keys.get(key)
+        if ks is None or (key, rnd) not in self.ts_waiting:
+            return f"this party is not waiting for key {key} round {rnd}"
+        if data.size != ks.numel or data.dtype != ks.dtype:
+            return f"key {key}: {data.size} x {data.dtype} sent, key is {ks.numel} x {ks.dtype}"
+        return None
+
+    def ts_model(self, key: int, rnd: int, data: np.ndarray) -> None:
+        self.ts_waiting.discard((key, rnd))
+        self.keys[key].finish_round(rnd, data)
 
     def _fail_upstream(self, ks: KeyState, r: int, error: Exception) -> None:
         log.error("%s: key %d round %d failed upstream: %s", self.name, ks.key, r, error)

@@ -10,8 +10,8 @@ import numpy as np
 from .. import compression
 from ..errors import GeoMXError, ProtocolError
 from ..transport import EventLoop, Link, peer_label
+from ..tsengine.partial import partial_dtype_ok
 from ..wire import DTYPES, Message, MsgType, meta_field
-from ..tsengine.peer import partial_dtype_ok
 from .keystate import KeyState
 
 log = logging.getLogger("geomx.server")

@@ -7,29 +7,12 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from .. import kernels
+from ..kernels import accumulate
 
 # ESync measures and assigns local steps on one key per round: the first parameter (key 0).
 ESYNC_KEY = 0
 
 Reply = Callable[[Optional[np.ndarray]], None]
-
-
-def accumulate(acc: Optional[np.ndarray], owned: bool, data: np.ndarray, dtype: np.dtype) -> tuple:
-    """``acc + data`` as (running sum, owned): the first addend is borrowed (a read-only received
-    buffer; a sum of one needs no copy), the first real sum allocates, later ones add in place.
-
-    float16 keys are summed in float32 and rounded to float16 once, when the round is complete
-    (:meth:`KeyState.round_value`), so a sum loses no precision it need not lose; a float32
-    ``data`` for a float16 key is such a partial sum already (TSEngine's partial sums)."""
-    fresh = False
-    if dtype == np.float16 and data.dtype == np.float16:
-        data, fresh = kernels.f16_to_f32(np.ascontiguousarray(data)), True
-    if acc is None:
-        return data, fresh
-    if not owned:
-        return np.add(acc, data), True  # the first sum allocates, fusing copy and add
-    kernels.sum_into(acc, data)
-    return acc, True
 
 
 class Round:

@@ -14,9 +14,9 @@ from ..config import NodeConfig
 from ..errors import GeoMXError
 from ..kvclient import KVClient
 from ..transport import EventLoop, Link, bind_router
+from ..tsengine.peer import TSPeer
 from ..wire import Message, MsgType, meta_field
 from .base import Client, ServerBase
-from ..tsengine.peer import TSPeer
 from .keystate import ESYNC_KEY, KeyState
 
 log = logging.getLogger("geomx.server")

@@ -38,9 +38,9 @@ class Coordinator:
             s = self.sessions[(key, rnd)] = Session(self.workers)
         return s
 
-    def _target(self, node: Optional[int]) -> dict:
+    def _target(self, node: Optional[int]) -> Optional[dict]:
         if node is None:
-            return {"rank": None}
+            return None  # nobody: the asker is done with this round
         host, port = self.addresses[node]
         return {"rank": node, "host": host, "port": port}
 

@@ -27,19 +27,14 @@ from typing import Callable, Dict, Optional, Protocol, Tuple
 import numpy as np
 
 from ..errors import GeoMXError, ProtocolError
-from ..servers.keystate import accumulate
 from ..transport import EventLoop, Link, connect_dealer
 from ..wire import Message, MsgType, meta_field
+from .partial import Partial, partial_dtype_ok
 from .policy import ROOT
 
 log = logging.getLogger("geomx.tsengine")
 
 DATA = (MsgType.TS_MERGE, MsgType.TS_MODEL)
-
-
-def partial_dtype_ok(sent: np.dtype, key_dtype: np.dtype) -> bool:
-    """A partial sum travels in the key's dtype, or in float32 for a float16 key (see _Partial)."""
-    return sent == key_dtype or (key_dtype == np.float16 and sent == np.float32)
 
 
 class Owner(Protocol):
@@ -53,29 +48,6 @@ class Owner(Protocol):
 
     def ts_model(self, key: int, rnd: int, data: np.ndarray) -> None:
         """Other nodes: the result of (key, round) arrived."""
-
-
-@dataclasses.dataclass
-class _Partial:
-    """A node's partial sum of one round: its own contribution, then the merged ones."""
-
-    first: np.ndarray  # sent as it is while it is the only contribution (in the key's dtype)
-    dtype: np.dtype
-    acc: Optional[np.ndarray] = None
-    owned: bool = False
-    count: int = 1
-
-    def add(self, data: np.ndarray, count: int) -> None:
-        if self.acc is None:
-            self.acc, self.owned = accumulate(None, False, self.first, self.dtype)
-        self.acc, self.owned = accumulate(self.acc, self.owned, data, self.dtype)
-        self.count += count
-
-    @property
-    def value(self) -> np.ndarray:
-        # float16 keys: a sum of several travels in float32 so that the root rounds once, as
-        # without TSEngine.
-        return self.first if self.acc is None else self.acc
 
 
 @dataclasses.dataclass
@@ -102,7 +74,7 @@ class TSPeer:
         self.on_fatal = on_fatal
         self.wan = wan
         self.links: Dict[Tuple[str, int], Link] = {}
-        self.partials: Dict[Tuple[int, int], _Partial] = {}
+        self.partials: Dict[Tuple[int, int], Partial] = {}
         self.models: Dict[Tuple[int, int], np.ndarray] = {}  # being relayed
         self.hops: Dict[int, _Hop] = {}  # by request id, until acknowledged
         self._ids = itertools.count(1)
@@ -112,7 +84,7 @@ class TSPeer:
         """This node's own contribution to (key, round) is ready (a worker node / local server)."""
         if (key, rnd) in self.partials:
             raise GeoMXError(f"{self.name}: key {key} round {rnd} contributed twice")
-        self.partials[(key, rnd)] = _Partial(data, np.dtype(dtype))
+        self.partials[(key, rnd)] = Partial(data, np.dtype(dtype))
         self.ask(Message(MsgType.TS_ASK_PUSH, key=key, version=rnd))
 
     def root_wants_more(self, key: int, rnd: int) -> None:

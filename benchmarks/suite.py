@@ -29,6 +29,8 @@ Output: Markdown tables (stdout), a JSON file, a PNG (time-to-accuracy curves + 
     sudo python benchmarks/suite.py --wan party0=100mbit,party1=10mbit --rows native,geomx-fsa
     sudo python benchmarks/suite.py --wan party0=100mbit,party1=10mbit --models cnn --repeats 1
         --rows geomx-fsa,geomx-mixedsync,geomx-hfa --tta-iters 60    # (one line) issue 5's rows
+    sudo python benchmarks/suite.py --parties 4 --workers 1 --wan all=100mbit,party3=40mbit --models big
+        --no-accuracy --rows geomx-fsa,geomx-tsengine                # (one line) TSEngine's row
 """
 from __future__ import annotations
 
@@ -139,6 +141,12 @@ ROWS: List[Row] = [
         flags="MXNET_KVSTORE_USE_HFA=1 MXNET_KVSTORE_HFA_K1=5 MXNET_KVSTORE_HFA_K2=4; local Adam",
         note="HFA, K1*K2 = 20: party average every 5 iterations, global average every 20",
         iters=200, warmup=0, tta_iters=120, default=False),
+    # TSEngine across parties; its case is a congested central link (the global server's incast):
+    #   --parties 4 --workers 1 --wan all=100mbit,party3=40mbit --models big --rows geomx-fsa,geomx-tsengine
+    Row("geomx-tsengine", "geomx", env={"ENABLE_INTER_TS": "1", "MAX_GREED_RATE_TS": "0.9"},
+        flags="ENABLE_INTER_TS=1 MAX_GREED_RATE_TS=0.9 (docs/Scheduling.md)",
+        note="TSEngine: parties' sums climb an aggregation tree, results are relayed party to party",
+        default=False),
     # Later optimizations plug in the same way, e.g.:
     # Row("geomx-p3", "geomx", env={"ENABLE_P3": "1"}, flags="ENABLE_P3=1"),
 ]

@@ -283,6 +283,9 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
     # Each flag matters only to the roles that take part in that tier's TSEngine.
     kw["enable_inter_ts"] = r.bool("ENABLE_INTER_TS") and role in (GLOBAL_SERVER, LOCAL_SERVER)
     kw["enable_intra_ts"] = r.bool("ENABLE_INTRA_TS") and role in (LOCAL_SERVER, WORKER)
+    if kw["enable_intra_ts"] and kw["use_esync"]:
+        raise ConfigError(f"ENABLE_INTRA_TS=1 cannot be combined with GEOMX_USE_ESYNC=1 (ESync gives each worker "
+                          f"its step count with its own reply; TSEngine relays one result) (role: {role})")
     if kw["enable_inter_ts"]:
         if kw["num_global_server"] != 1:
             raise ConfigError(f"ENABLE_INTER_TS=1 needs DMLC_NUM_GLOBAL_SERVER=1 (the global server is the root of "

@@ -98,7 +98,8 @@ def _local_server(cfg: NodeConfig) -> int:
     # The party's workers divide keys along the global servers' parts (kvclient.partition); the
     # global tier counts parties by their scheduler, since a party may have several local servers.
     party = _member(loop, cfg, "party", (cfg.root_uri, cfg.root_port), "server", server.port,
-                    "local_server", fatal, layout={"global_servers": cfg.num_global_server, "relay": True})
+                    "local_server", fatal, layout={"global_servers": cfg.num_global_server, "relay": True},
+                    ts=cfg.enable_intra_ts)
     # Under ENABLE_INTER_TS other parties send partial sums and results to server.ts_port.
     glob = _member(loop, cfg, "global", (cfg.global_root_uri, cfg.global_root_port), "worker", server.ts_port,
                    "local_server", fatal, layout={"party": f"{cfg.root_uri}:{cfg.root_port}"},
@@ -114,6 +115,10 @@ def _local_server(cfg: NodeConfig) -> int:
     server.connect_upstream(upstream)
     # A global server restarted from its checkpoint: reconnect, resend what it lost.
     glob.on_servers_changed = lambda old, new: upstream.update_servers(new.servers)
+    server.on_fatal = fatal.append
+    if cfg.enable_intra_ts:  # this server is the root of its party's aggregation tree
+        server.ts_root = TSPeer(loop, ROOT, "local_server", server, party.send, fatal.append, wan=False)
+        party.on_tsengine = server.ts_root.on_answer
     if cfg.enable_inter_ts:
         peer = TSPeer(loop, glob.info.rank, f"local_server{glob.info.rank}", server, glob.send, fatal.append,
                       wan=True)

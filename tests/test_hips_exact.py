@@ -29,6 +29,12 @@ CASES = {
     "inter-ts-4-parties-sgd": (["--mode", "pushpull", "--optimizer", "sgd"],
                                dict(parties=4, workers_per_party=1,
                                     env={"ENABLE_INTER_TS": "1", "MAX_GREED_RATE_TS": "0.5"})),
+    # ... inside each party (workers -> local server), and in both tiers at once.
+    "intra-ts-3-workers": (["--mode", "push-pull"],
+                           dict(parties=2, workers_per_party=3, env={"ENABLE_INTRA_TS": "1"})),
+    "intra-and-inter-ts-sgd": (["--mode", "pushpull", "--optimizer", "sgd"],
+                               dict(parties=3, workers_per_party=2,
+                                    env={"ENABLE_INTRA_TS": "1", "ENABLE_INTER_TS": "1"})),
 }
 
 

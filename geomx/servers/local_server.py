@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 
@@ -36,6 +36,7 @@ class LocalServer(ServerBase):
         self.parties = cfg.num_global_worker  # set from the global tier's registration
         # ENABLE_INTER_TS: round sums go up an aggregation tree of parties and results come back by
         # relay, through TSEngine links that other parties' local servers open to this port.
+        self.on_fatal: Optional[Callable[[Exception], None]] = None  # ends the node (set by geomx.node)
         self.inter_ts: Optional[TSPeer] = None
         self.ts_waiting: set = set()  # (key, round) contributed, result not yet relayed here
         self.ts_link: Optional[Link] = None
@@ -131,15 +132,23 @@ class LocalServer(ServerBase):
                 # MixedSync + BSC: the global server sent the change to the weights this party holds.
                 self.delta_replies.discard(ks.key)
                 value = ks.store + value
-            ks.finish_round(r, value)
+            self.finish_round(ks, r, value)
 
         self.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_result, data=acc,
                               encoder=self._encoder(ks, acc), span=(ks.offset, ks.total))
 
+    def finish_round(self, ks: KeyState, r: int, value: np.ndarray) -> None:
+        ks.finish_round(r, value)
+        if self.ts_root is not None:
+            self.ts_root.relay(ks.key, r, value)  # ENABLE_INTRA_TS: the workers get it by relay
+
+    def ts_expected(self) -> int:
+        return self.cfg.num_worker
+
     def _inter_ts_round(self, ks: KeyState, r: int, acc: np.ndarray) -> None:
         assert self.inter_ts is not None
         if self._encoder(ks, acc) is not None:
-            ks.fail_round(r, GeoMXError(
+            self._fail_round(ks, r, GeoMXError(
                 f"key {ks.key} is {ks.dtype}: with ENABLE_INTER_TS=1 the WAN carries keys in their own dtype, "
                 f"so the {self.codec.name if self.codec else ''} codec needs float16 keys (as examples/cnn_fp16.py "
                 "initialises them)"))
@@ -160,11 +169,19 @@ class LocalServer(ServerBase):
 
     def ts_model(self, key: int, rnd: int, data: np.ndarray) -> None:
         self.ts_waiting.discard((key, rnd))
-        self.keys[key].finish_round(rnd, data)
+        self.finish_round(self.keys[key], rnd, data)
 
     def _fail_upstream(self, ks: KeyState, r: int, error: Exception) -> None:
         log.error("%s: key %d round %d failed upstream: %s", self.name, ks.key, r, error)
-        ks.fail_round(r, GeoMXError(f"global tier refused key {ks.key}: {error}"))
+        self._fail_round(ks, r, GeoMXError(f"global tier refused key {ks.key}: {error}"))
+
+    def _fail_round(self, ks: KeyState, r: int, error: GeoMXError) -> None:
+        if self.ts_root is not None and self.on_fatal is not None:
+            # ENABLE_INTRA_TS: the workers wait for a relay, not for a reply that could carry the
+            # error; end this server so that the party scheduler tells them why.
+            self.on_fatal(GeoMXError(f"{self.name}: key {ks.key} round {r}: {error}"))
+            return
+        ks.fail_round(r, error)
 
     def _encoder(self, ks: KeyState, acc: np.ndarray):
         """How ``acc`` crosses the WAN: None for dense, else a per-part encoder of one payload (the
@@ -181,7 +198,7 @@ class LocalServer(ServerBase):
         ``milestone + sum``. Other rounds stay inside the party."""
         ks.local_rounds += 1
         if self.cfg.use_hfa and ks.local_rounds % self.cfg.hfa_k2:
-            ks.finish_round(r, party_model)
+            self.finish_round(ks, r, party_model)
             return
         meta = None
         if self.cfg.use_esync and ks.key == ESYNC_KEY:
@@ -195,7 +212,7 @@ class LocalServer(ServerBase):
                 self._fail_upstream(ks, r, error)
                 return
             ks.milestone = ks.milestone + total
-            ks.finish_round(r, ks.milestone)
+            self.finish_round(ks, r, ks.milestone)
 
         self.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_delta, data=delta, meta=meta,
                               span=(ks.offset, ks.total))

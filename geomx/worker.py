@@ -225,6 +225,11 @@ class WorkerNode:
         if self._closing:
             return
         try:
+            if self.fatal is None and self.ts is not None and failure is None:
+                # Other workers may still be waiting for results this worker relays to them.
+                idle: cf.Future = cf.Future()
+                self._in_loop(lambda: self.ts.when_idle(lambda: idle.set_result(None)))  # type: ignore[union-attr]
+                idle.result(timeout)
             if self.fatal is None and self.kv is not None and failure is None:
                 self.broadcast(MsgType.STOP).result(timeout)
         except (cf.TimeoutError, PeerDeadError, GeoMXError) as exc:

@@ -284,9 +284,14 @@ def test_tree_and_relay_over_sockets_give_the_exact_sum_to_every_node():
                 expected = ((np.arange(n) % 11) - 5 + key) * (rnd + 1) * sum(range(1, workers + 1))
                 for w in range(workers):
                     assert np.array_equal(owners[w].models[(key, rnd)], expected.astype(np.float32))
-        loop.run_until(lambda: not coord.sessions and not any(p.partials or p.models or p.hops
-                                                              for p in peers.values()),
+        # A node holding a result that others wait for is not idle (it must not leave yet: a local
+        # server whose workers are done keeps relaying to the other parties first).
+        went_idle = []
+        for node, p in peers.items():
+            p.when_idle(lambda node=node: went_idle.append(node))
+        loop.run_until(lambda: not coord.sessions and all(p.idle for p in peers.values()),
                        timeout=10, what="the relays to finish")
+        assert sorted(went_idle) == sorted(peers)
         # All ready together in round 0 (before anything was measured): 0 goes to the root, then
         # pairs among the others, the slow node 2 sending rather than receiving.
         for key in keys:

@@ -244,6 +244,15 @@ class LocalServer(ServerBase):
         if self._stopping or self.upstream is None:
             return
         self._stopping = True
+        if self.inter_ts is not None and not self.inter_ts.idle:
+            # Other parties may still be waiting for results this server relays to them.
+            log.info("%s: all workers stopped; finishing TSEngine relays first", self.name)
+            self.inter_ts.when_idle(self._stop_upstream)
+            return
+        self._stop_upstream()
+
+    def _stop_upstream(self) -> None:
+        assert self.upstream is not None
         log.info("%s: all workers stopped; stopping the global tier link", self.name)
 
         def done(replies: List[Message], error: Optional[Exception]) -> None:

@@ -80,6 +80,8 @@ class Coordinator:
             if node == ROOT and session.started and meta_field(msg, "to", int, None) is None:
                 raise ProtocolError(f"the root started the relay of key {key} round {rnd} twice")
             target = session.next_receiver(node, self.table, self.max_greed_rate, self.rng)
+            log.debug("%s: key %d round %d: %d relays the result to %s", self.tier, key, rnd, node,
+                      "nobody" if target is None else target)
             self.send(node, Message(MsgType.TS_RELAY_TO, key=key, version=rnd, meta=self._target(target)))
             if session.finished:
                 del self.sessions[(key, rnd)]

@@ -22,7 +22,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from typing import Callable, Dict, Optional, Protocol, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 import numpy as np
 
@@ -78,6 +78,26 @@ class TSPeer:
         self.models: Dict[Tuple[int, int], np.ndarray] = {}  # being relayed
         self.hops: Dict[int, _Hop] = {}  # by request id, until acknowledged
         self._ids = itertools.count(1)
+        self._idle_waiters: List[Callable[[], None]] = []
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to pass on: no partial sum waiting to be sent, no result still being relayed, no
+        hop unacknowledged. A node must not leave before (others may be waiting for its relays)."""
+        return not (self.partials or self.models or self.hops)
+
+    def when_idle(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` (in the loop's thread) once :attr:`idle`; at once if it is."""
+        if self.idle:
+            fn()
+        else:
+            self._idle_waiters.append(fn)
+
+    def _check_idle(self) -> None:
+        if self._idle_waiters and self.idle:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for fn in waiters:
+                fn()
 
     # -- push ---------------------------------------------------------------------------------
     def contribute(self, key: int, rnd: int, data: np.ndarray, dtype: np.dtype) -> None:
@@ -109,6 +129,7 @@ class TSPeer:
         elif msg.type == MsgType.TS_RELAY_TO:
             if to is None:
                 self.models.pop((key, rnd), None)  # everyone has it
+                self._check_idle()
                 return
             value = self.models.get((key, rnd))
             if value is None:
@@ -149,6 +170,7 @@ class TSPeer:
             self.ask(Message(MsgType.TS_ASK_RELAY, key=hop.key, version=hop.rnd, meta=report))
         else:
             self.ask(Message(MsgType.TS_REPORT, key=hop.key, version=hop.rnd, meta=report))
+            self._check_idle()
 
     # -- data from other nodes ----------------------------------------------------------------
     def handle(self, msg: Message, identity: Optional[bytes], link: Link) -> None:
@@ -163,6 +185,7 @@ class TSPeer:
                         rnd, msg.sender, error)
             return
         assert msg.data is not None
+        log.debug("%s: %s of key %d round %d from node %d", self.name, msg.type.name, key, rnd, msg.sender)
         if msg.type == MsgType.TS_MODEL:
             self.owner.ts_model(key, rnd, msg.data)
             self.relay(key, rnd, msg.data)

@@ -283,6 +283,11 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
     # Each flag matters only to the roles that take part in that tier's TSEngine.
     kw["enable_inter_ts"] = r.bool("ENABLE_INTER_TS") and role in (GLOBAL_SERVER, LOCAL_SERVER)
     kw["enable_intra_ts"] = r.bool("ENABLE_INTRA_TS") and role in (LOCAL_SERVER, WORKER)
+    in_party = role == LOCAL_SERVER or (role == WORKER and not kw["is_master_worker"])
+    for name in ("ENABLE_INTER_TS", "ENABLE_INTRA_TS"):
+        if kw[name.lower()] and in_party and kw["num_server"] != 1:
+            raise ConfigError(f"{name}=1 needs one local server per party (DMLC_NUM_SERVER=1): the local server "
+                              f"is its party's node in the aggregation tree, got {kw['num_server']} (role: {role})")
     if kw["enable_intra_ts"] and kw["use_esync"]:
         raise ConfigError(f"ENABLE_INTRA_TS=1 cannot be combined with GEOMX_USE_ESYNC=1 (ESync gives each worker "
                           f"its step count with its own reply; TSEngine relays one result) (role: {role})")

@@ -185,7 +185,6 @@ class TSPeer:
                         rnd, msg.sender, error)
             return
         assert msg.data is not None
-        log.debug("%s: %s of key %d round %d from node %d", self.name, msg.type.name, key, rnd, msg.sender)
         if msg.type == MsgType.TS_MODEL:
             self.owner.ts_model(key, rnd, msg.data)
             self.relay(key, rnd, msg.data)

@@ -295,10 +295,13 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
         if kw["num_global_server"] != 1:
             raise ConfigError(f"ENABLE_INTER_TS=1 needs DMLC_NUM_GLOBAL_SERVER=1 (the global server is the root of "
                               f"the parties' aggregation tree), got {kw['num_global_server']} (role: {role})")
-        for name, on in (("MXNET_KVSTORE_USE_HFA", kw["use_hfa"]), ("GEOMX_USE_ESYNC", kw["use_esync"])):
+        for name, on in (("MXNET_KVSTORE_USE_HFA", kw["use_hfa"]), ("GEOMX_USE_ESYNC", kw["use_esync"]),
+                         ("GEOMX_CHECKPOINT_DIR", kw.get("checkpoint_dir") is not None),
+                         ("GEOMX_CHECKPOINT_RESTORE", kw.get("checkpoint_restore") is not None)):
             if on:
-                raise ConfigError(f"ENABLE_INTER_TS=1 cannot be combined with {name}=1 (TSEngine relays one "
-                                  f"result to every party each round) (role: {role})")
+                raise ConfigError(f"ENABLE_INTER_TS=1 cannot be combined with {name} (TSEngine's trees and "
+                                  f"relays are neither averaged over several rounds nor replayed after a restart) "
+                                  f"(role: {role})")
     return NodeConfig(**kw)
 
 

@@ -360,6 +360,8 @@ def test_config_reads_the_tsengine_variables():
     ({"ENABLE_INTER_TS": "1", "MXNET_KVSTORE_USE_HFA": "1"}, "cannot be combined with MXNET_KVSTORE_USE_HFA"),
     ({"ENABLE_INTER_TS": "1", "GEOMX_USE_ESYNC": "1"}, "cannot be combined with GEOMX_USE_ESYNC"),
     ({"ENABLE_INTER_TS": "1", "DMLC_NUM_SERVER": "2"}, "ENABLE_INTER_TS=1 needs one local server per party"),
+    ({"ENABLE_INTER_TS": "1", "GEOMX_CHECKPOINT_DIR": "/tmp", "DMLC_ROLE_GLOBAL": "global_server",
+      "DMLC_NUM_ALL_WORKER": "2"}, "cannot be combined with GEOMX_CHECKPOINT_DIR"),
     ({"ENABLE_INTRA_TS": "1", "DMLC_NUM_SERVER": "2"}, "ENABLE_INTRA_TS=1 needs one local server per party"),
 ])
 def test_config_refuses_what_cannot_work(extra, message):

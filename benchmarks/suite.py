@@ -29,6 +29,8 @@ Output: Markdown tables (stdout), a JSON file, a PNG (time-to-accuracy curves + 
     sudo python benchmarks/suite.py --wan party0=100mbit,party1=10mbit --rows native,geomx-fsa
     sudo python benchmarks/suite.py --wan party0=100mbit,party1=10mbit --models cnn --repeats 1
         --rows geomx-fsa,geomx-mixedsync,geomx-hfa --tta-iters 60    # (one line) issue 5's rows
+    sudo python benchmarks/suite.py --parties 4 --workers 1 --wan all=100mbit,party3=40mbit --models big
+        --no-accuracy --rows geomx-fsa,geomx-tsengine                # (one line) TSEngine's row
 """
 from __future__ import annotations
 
@@ -148,6 +150,12 @@ ROWS: List[Row] = [
     Row("geomx-p3", "geomx", env={"ENABLE_P3": "1"}, worker_args=("--overlap",), default=False,
         flags="ENABLE_P3=1 (every process) + suite_worker.py --overlap",
         note="P3: 40000-element slices, first layers first on every link, per-slice global updates"),
+    # TSEngine across parties; its case is a congested central link (the global server's incast):
+    #   --parties 4 --workers 1 --wan all=100mbit,party3=40mbit --models big --rows geomx-fsa,geomx-tsengine
+    Row("geomx-tsengine", "geomx", env={"ENABLE_INTER_TS": "1", "MAX_GREED_RATE_TS": "0.9"},
+        flags="ENABLE_INTER_TS=1 MAX_GREED_RATE_TS=0.9 (docs/Scheduling.md)",
+        note="TSEngine: parties' sums climb an aggregation tree, results are relayed party to party",
+        default=False),
 ]
 
 MODELS = {"cnn": "examples' CNN (utils.build_cnn, ~0.18M params)",

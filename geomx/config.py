@@ -71,6 +71,12 @@ class NodeConfig:
     # Directory for per-request send/reply timelines (chrome://tracing JSON, one file per client
     # process), with P3 on or off so that the two can be compared.
     p3_trace: Optional[str] = None
+    # TSEngine: aggregation trees and relay broadcasts across parties (ENABLE_INTER_TS: local
+    # servers and global server) and inside a party (ENABLE_INTRA_TS: workers and local server);
+    # schedulers pick the next receiver greedily with probability at most MAX_GREED_RATE_TS.
+    enable_inter_ts: bool = False
+    enable_intra_ts: bool = False
+    max_greed_rate_ts: float = 0.9
 
     @property
     def is_server(self) -> bool:
@@ -162,6 +168,19 @@ class _Reader:
             raise self._fail(name, f"must be a number, got {raw!r}") from None
         if not value > minimum:
             raise self._fail(name, f"must be > {minimum}, got {value}")
+        return value
+
+    def fraction(self, name: str, default: float) -> float:
+        """A number in [0, 1]."""
+        raw = self.str(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise self._fail(name, f"must be a number in [0, 1], got {raw!r}") from None
+        if not 0.0 <= value <= 1.0:
+            raise self._fail(name, f"must be in [0, 1], got {value}")
         return value
 
     def bool(self, name: str, default: bool = False) -> bool:
@@ -279,6 +298,33 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
         # HFA/ESync exchange whole models every K2 rounds; per-layer priorities buy nothing there and
         # the combination is untested, so it is refused rather than half-supported.
         which = "MXNET_KVSTORE_USE_HFA" if kw["use_hfa"] else "GEOMX_USE_ESYNC"
+        raise ConfigError(f"ENABLE_P3 and {which} cannot both be set (role: {role})")
+    kw["max_greed_rate_ts"] = r.fraction("MAX_GREED_RATE_TS", 0.9)
+    # Each flag matters only to the roles that take part in that tier's TSEngine.
+    kw["enable_inter_ts"] = r.bool("ENABLE_INTER_TS") and role in (GLOBAL_SERVER, LOCAL_SERVER)
+    kw["enable_intra_ts"] = r.bool("ENABLE_INTRA_TS") and role in (LOCAL_SERVER, WORKER)
+    in_party = role == LOCAL_SERVER or (role == WORKER and not kw["is_master_worker"])
+    for name in ("ENABLE_INTER_TS", "ENABLE_INTRA_TS"):
+        if kw[name.lower()] and in_party and kw["num_server"] != 1:
+            raise ConfigError(f"{name}=1 needs one local server per party (DMLC_NUM_SERVER=1): the local server "
+                              f"is its party's node in the aggregation tree, got {kw['num_server']} (role: {role})")
+    if kw["enable_intra_ts"] and kw["use_esync"]:
+        raise ConfigError(f"ENABLE_INTRA_TS=1 cannot be combined with GEOMX_USE_ESYNC=1 (ESync gives each worker "
+                          f"its step count with its own reply; TSEngine relays one result) (role: {role})")
+    if kw["enable_inter_ts"]:
+        if kw["num_global_server"] != 1:
+            raise ConfigError(f"ENABLE_INTER_TS=1 needs DMLC_NUM_GLOBAL_SERVER=1 (the global server is the root of "
+                              f"the parties' aggregation tree), got {kw['num_global_server']} (role: {role})")
+        for name, on in (("MXNET_KVSTORE_USE_HFA", kw["use_hfa"]), ("GEOMX_USE_ESYNC", kw["use_esync"]),
+                         ("GEOMX_CHECKPOINT_DIR", kw.get("checkpoint_dir") is not None),
+                         ("GEOMX_CHECKPOINT_RESTORE", kw.get("checkpoint_restore") is not None)):
+            if on:
+                raise ConfigError(f"ENABLE_INTER_TS=1 cannot be combined with {name} (TSEngine's trees and "
+                                  f"relays are neither averaged over several rounds nor replayed after a restart) "
+                                  f"(role: {role})")
+    if kw["enable_p3"] and (kw["enable_inter_ts"] or kw["enable_intra_ts"]):
+        # TSEngine's trees and relays move whole rounds; P3 cuts them into slices sent by priority.
+        which = "ENABLE_INTER_TS" if kw["enable_inter_ts"] else "ENABLE_INTRA_TS"
         raise ConfigError(f"ENABLE_P3 and {which} cannot both be set (role: {role})")
     return NodeConfig(**kw)
 

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import logging
 from types import SimpleNamespace
+from typing import Optional
 
 import numpy as np
 
 __all__ = [
+    "accumulate",
     "COMPILED",
     "copy_into",
     "f16_to_f32",
@@ -290,3 +292,21 @@ else:
     f32_to_f16 = ref_f32_to_f16
     f16_to_f32 = ref_f16_to_f32
     has_f16c = ref_has_f16c
+
+
+def accumulate(acc: Optional[np.ndarray], owned: bool, data: np.ndarray, dtype: np.dtype) -> tuple:
+    """``acc + data`` as (running sum, owned): the first addend is borrowed (a read-only received
+    buffer; a sum of one needs no copy), the first real sum allocates, later ones add in place.
+
+    float16 keys are summed in float32 and rounded to float16 once, when the round is complete
+    (``KeyState.round_value``), so a sum loses no precision it need not lose; a float32 ``data``
+    for a float16 key is such a partial sum already (TSEngine's partial sums)."""
+    fresh = False
+    if dtype == np.float16 and data.dtype == np.float16:
+        data, fresh = f16_to_f32(np.ascontiguousarray(data)), True
+    if acc is None:
+        return data, fresh
+    if not owned:
+        return np.add(acc, data), True  # the first sum allocates, fusing copy and add
+    sum_into(acc, data)
+    return acc, True

@@ -21,6 +21,8 @@ from .p3 import client_options
 from .servers import GlobalServer, LocalServer
 from .servers.base import ServerBase
 from .transport import EventLoop
+from .tsengine.peer import TSPeer
+from .tsengine.policy import ROOT
 
 log = logging.getLogger("geomx.node")
 
@@ -38,21 +40,25 @@ def _scheduler(cfg: NodeConfig) -> int:
     if cfg.role == config.GLOBAL_SCHEDULER:
         tier, port = "global tier", cfg.global_root_port
         servers, workers = cfg.num_global_server, cfg.num_global_worker
+        ts_variable = "ENABLE_INTER_TS"
     else:
         tier, port = f"party@{cfg.root_port}", cfg.root_port
         servers, workers = cfg.num_server, cfg.num_worker
+        ts_variable = "ENABLE_INTRA_TS"
     logutil.set_label(tier.replace(" tier", "") + " scheduler")
     sched = Scheduler(tier, port, servers, workers, heartbeat_interval=cfg.heartbeat_interval,
                       heartbeat_timeout=cfg.heartbeat_timeout, start_timeout=cfg.start_timeout,
-                      max_message_bytes=cfg.max_message_bytes)
+                      max_message_bytes=cfg.max_message_bytes, ts_variable=ts_variable,
+                      max_greed_rate=cfg.max_greed_rate_ts)
     return sched.run()
 
 
 def _member(loop: EventLoop, cfg: NodeConfig, tier: str, scheduler: tuple, role: str, port: int,
             name: str, fatal: List[Exception], rank_hint: Optional[int] = None,
-            layout: Optional[dict] = None) -> TierMember:
+            layout: Optional[dict] = None, ts: bool = False) -> TierMember:
     return TierMember(loop, tier, scheduler, role=role, host=cfg.advertised_host(*scheduler), port=port,
-                      name=name, rank_hint=rank_hint, layout=layout, heartbeat_interval=cfg.heartbeat_interval,
+                      name=name, rank_hint=rank_hint, layout=layout, ts=ts,
+                      heartbeat_interval=cfg.heartbeat_interval,
                       heartbeat_timeout=cfg.heartbeat_timeout, start_timeout=cfg.start_timeout,
                       on_fatal=fatal.append)
 
@@ -95,9 +101,12 @@ def _local_server(cfg: NodeConfig) -> int:
     # The party's workers divide keys along the global servers' parts (kvclient.partition); the
     # global tier counts parties by their scheduler, since a party may have several local servers.
     party = _member(loop, cfg, "party", (cfg.root_uri, cfg.root_port), "server", server.port,
-                    "local_server", fatal, layout={"global_servers": cfg.num_global_server, "relay": True})
-    glob = _member(loop, cfg, "global", (cfg.global_root_uri, cfg.global_root_port), "worker", 0,
-                   "local_server", fatal, layout={"party": f"{cfg.root_uri}:{cfg.root_port}"})
+                    "local_server", fatal, layout={"global_servers": cfg.num_global_server, "relay": True},
+                    ts=cfg.enable_intra_ts)
+    # Under ENABLE_INTER_TS other parties send partial sums and results to server.ts_port.
+    glob = _member(loop, cfg, "global", (cfg.global_root_uri, cfg.global_root_port), "worker", server.ts_port,
+                   "local_server", fatal, layout={"party": f"{cfg.root_uri}:{cfg.root_port}"},
+                   ts=cfg.enable_inter_ts)
     party.register()
     glob.register()
     _wait(loop, cfg, lambda: party.info is not None and glob.info is not None, fatal, "registration")
@@ -110,6 +119,15 @@ def _local_server(cfg: NodeConfig) -> int:
     server.connect_upstream(upstream)
     # A global server restarted from its checkpoint: reconnect, resend what it lost.
     glob.on_servers_changed = lambda old, new: upstream.update_servers(new.servers)
+    server.on_fatal = fatal.append
+    if cfg.enable_intra_ts:  # this server is the root of its party's aggregation tree
+        server.ts_root = TSPeer(loop, ROOT, "local_server", server, party.send, fatal.append, wan=False)
+        party.on_tsengine = server.ts_root.on_answer
+    if cfg.enable_inter_ts:
+        peer = TSPeer(loop, glob.info.rank, f"local_server{glob.info.rank}", server, glob.send, fatal.append,
+                      wan=True)
+        glob.on_tsengine = peer.on_answer
+        server.connect_inter_ts(peer)
     log.info("serving %d worker(s) on port %d; %d global server(s)", cfg.num_worker, server.port,
              len(glob.info.servers))
     return _serve(loop, server, [party, glob], fatal, upstream)
@@ -140,7 +158,8 @@ def _global_server(cfg: NodeConfig) -> int:
         server.restore(ckpt, cfg.checkpoint_restore)
     fatal: List[Exception] = []
     glob = _member(loop, cfg, "global", (cfg.global_root_uri, cfg.global_root_port), "server",
-                   server.wan_port, "global_server", fatal, rank_hint=None if ckpt is None else ckpt.rank)
+                   server.wan_port, "global_server", fatal, rank_hint=None if ckpt is None else ckpt.rank,
+                   ts=cfg.enable_inter_ts)
     _restartable(glob, cfg, ckpt is not None)
     glob.register()
     _wait(loop, cfg, lambda: glob.info is not None, fatal, "global-tier registration")
@@ -155,6 +174,9 @@ def _global_server(cfg: NodeConfig) -> int:
     server.on_async = lambda: glob.set_policy(tolerate_worker_loss=True)
     if not server.global_sync:
         server.on_async()  # restored under MixedSync
+    if cfg.enable_inter_ts:
+        server.ts_root = TSPeer(loop, ROOT, "global_server", server, glob.send, fatal.append, wan=True)
+        glob.on_tsengine = server.ts_root.on_answer
     glob.on_peer_left = server.on_peer_left
     logutil.set_label(f"global_server{server.rank}")
     # The same rank in the central party, so both tiers agree on which server holds which key.

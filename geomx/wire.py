@@ -46,6 +46,15 @@ class MsgType(enum.IntEnum):
     STOP = 21
     RESPONSE = 32
     ERROR = 33
+    # TSEngine (geomx/tsengine): the round travels in the header's version field.
+    TS_ASK_PUSH = 40  # node -> scheduler: I hold a partial sum of (key, round); whom do I send it to?
+    TS_PUSH_TO = 41  # scheduler -> node: send it to meta rank/host/port
+    TS_ASK_RELAY = 42  # node -> scheduler: I hold the model of (key, round) (+ last hop's throughput)
+    TS_RELAY_TO = 43  # scheduler -> node: send it to meta rank/host/port, or to nobody (no meta)
+    TS_REPORT = 44  # node -> scheduler: a measured throughput (after a partial-sum hop)
+    TS_MERGE = 45  # peer -> peer: a partial sum of meta count contributions
+    TS_MODEL = 46  # peer -> peer: the model of (key, round)
+    TS_ACK = 47  # peer -> peer: TS_MERGE / TS_MODEL taken (or meta error)
 
 
 class Flag(enum.IntFlag):

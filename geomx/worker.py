@@ -16,7 +16,8 @@ from .errors import GeoMXError, PeerDeadError
 from .kvclient import KVClient
 from .membership import TierInfo, TierMember
 from .p3 import client_options
-from .transport import EventLoop
+from .transport import EventLoop, Link, bind_router
+from .tsengine.peer import TSPeer
 from .wire import Message, MsgType
 
 log = logging.getLogger("geomx.worker")
@@ -34,6 +35,14 @@ class WorkerNode:
         self._barriers: List[cf.Future] = []
         self.reply_meta: Dict[int, dict] = {}  # latest meta the servers sent with a data reply, by key
         self._closing = False
+        # ENABLE_INTRA_TS: pushes go up an aggregation tree of the party's workers and results come
+        # back by relay (the master worker, which does not train, never takes part).
+        self.intra_ts = cfg.enable_intra_ts and not cfg.is_master_worker
+        self.ts: Optional[TSPeer] = None
+        self.ts_link: Optional[Link] = None
+        self.ts_pushed: Dict[int, int] = {}  # key -> rounds this worker contributed
+        self.ts_latest: Dict[int, tuple] = {}  # key -> (round, value) of the newest result relayed here
+        self.ts_waiters: Dict[tuple, List[Any]] = {}  # (key, round) -> callbacks(value)
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="geomx-io", daemon=True)
         self._thread.start()
@@ -47,9 +56,13 @@ class WorkerNode:
         cfg = self.cfg
         try:
             scheduler = (cfg.root_uri, cfg.root_port)
+            ts_port = 0
+            if self.intra_ts:
+                self.ts_link, ts_port = bind_router(self.ctx, "*", 0, cfg.max_message_bytes, "ts-peers")
             self.member = TierMember(
-                self.loop, "party", scheduler, role="worker", host=cfg.advertised_host(*scheduler), port=0,
+                self.loop, "party", scheduler, role="worker", host=cfg.advertised_host(*scheduler), port=ts_port,
                 name="master_worker" if cfg.is_master_worker else "worker", master=cfg.is_master_worker,
+                ts=self.intra_ts,
                 heartbeat_interval=cfg.heartbeat_interval, heartbeat_timeout=cfg.heartbeat_timeout,
                 start_timeout=cfg.start_timeout, on_fatal=self._on_fatal)
             self.member.register()
@@ -66,6 +79,12 @@ class WorkerNode:
                 # A global server of the central party restarted from its checkpoint.
                 kv = self.kv
                 self.member.on_servers_changed = lambda old, new: kv.update_servers(new.servers)
+                if self.intra_ts:
+                    assert self.ts_link is not None
+                    self.ts = TSPeer(self.loop, self.info.rank, f"worker{self.info.rank}", self, self.member.send,
+                                     self._on_fatal, wan=False)
+                    self.member.on_tsengine = self.ts.on_answer
+                    self.loop.add(self.ts_link, self.ts.handle, routed=True)
         except Exception as exc:  # noqa: BLE001 - reported to the training thread
             self.fatal = exc
         finally:
@@ -87,6 +106,10 @@ class WorkerNode:
             log.error("%s", exc)
         if self.kv is not None:
             self.kv.fail_all(exc)
+        waiters, self.ts_waiters = self.ts_waiters, {}
+        for callbacks in waiters.values():
+            for callback in callbacks:
+                callback(None, exc)
         barriers, self._barriers = self._barriers, []
         for fut in barriers:
             if not fut.done():
@@ -120,9 +143,52 @@ class WorkerNode:
             else:
                 fut.set_result(value)
 
-        self._in_loop(lambda: self.kv.request(mtype, key, total, dtype, done, data=data, meta=meta,  # type: ignore[union-attr]
-                                              priority=priority))
+        if self.ts is not None and mtype in (MsgType.PUSH, MsgType.PULL, MsgType.PUSHPULL):
+            self._in_loop(lambda: self._ts_request(mtype, key, total, dtype, data, done))
+        else:
+            self._in_loop(lambda: self.kv.request(mtype, key, total, dtype, done, data=data, meta=meta,  # type: ignore[union-attr]
+                                                  priority=priority))
         return fut
+
+    # -- ENABLE_INTRA_TS (I/O thread) -----------------------------------------------------------
+    def _ts_request(self, mtype: MsgType, key: int, total: int, dtype: Any, data: Optional[np.ndarray],
+                    done: Any) -> None:
+        """A push contributes this worker's next round of ``key`` to the party's aggregation tree and
+        completes when that round's result is relayed here (as a plain push completes when the local
+        server's round does); a pull waits for the result of the last round this worker pushed."""
+        assert self.ts is not None and self.kv is not None
+        if self.kv.failed is not None:
+            done(None, self.kv.failed)
+            return
+        if mtype == MsgType.PULL and key not in self.ts_pushed:
+            # Nothing pushed yet (the initial weights): the local server has the value.
+            self.kv.request(mtype, key, total, dtype, done)
+            return
+        if mtype != MsgType.PULL:
+            assert data is not None
+            rnd = self.ts_pushed.get(key, 0)
+            self.ts_pushed[key] = rnd + 1
+            self.ts.contribute(key, rnd, data, np.dtype(dtype))
+        rnd = self.ts_pushed[key] - 1
+        latest = self.ts_latest.get(key)
+        want_value = mtype != MsgType.PUSH
+        if latest is not None and latest[0] >= rnd:
+            done(latest[1] if want_value else None, None)
+            return
+        self.ts_waiters.setdefault((key, rnd), []).append(
+            lambda value, error: done(value if want_value else None, error))
+
+    def ts_check(self, kind: MsgType, key: int, rnd: int, data: np.ndarray) -> Optional[str]:
+        if rnd >= self.ts_pushed.get(key, 0):
+            return f"this worker has not pushed key {key} round {rnd}"
+        return None
+
+    def ts_model(self, key: int, rnd: int, data: np.ndarray) -> None:
+        latest = self.ts_latest.get(key)
+        if latest is None or latest[0] < rnd:
+            self.ts_latest[key] = (rnd, data)
+        for callback in self.ts_waiters.pop((key, rnd), []):
+            callback(data, None)
 
     def broadcast(self, mtype: MsgType, *, meta: Optional[dict] = None,
                   datas: Optional[List[Optional[np.ndarray]]] = None) -> cf.Future:
@@ -163,6 +229,11 @@ class WorkerNode:
         if self._closing:
             return
         try:
+            if self.fatal is None and self.ts is not None and failure is None:
+                # Other workers may still be waiting for results this worker relays to them.
+                idle: cf.Future = cf.Future()
+                self._in_loop(lambda: self.ts.when_idle(lambda: idle.set_result(None)))  # type: ignore[union-attr]
+                idle.result(timeout)
             if self.fatal is None and self.kv is not None and failure is None:
                 self.broadcast(MsgType.STOP).result(timeout)
         except (cf.TimeoutError, PeerDeadError, GeoMXError) as exc:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
+import pytest
 import zmq
 
 from geomx import wire
@@ -379,8 +380,12 @@ def test_killed_worker_stops_the_topology():
     assert re.search(rf"^\[party0/scheduler\] .*worker .*\(rank {rank}, .*presumed dead", out, re.M), out[-8000:]
 
 
-def test_killed_local_server_stops_the_topology():
-    topo = Topology(parties=2, workers_per_party=1, env=dict(FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60"))
+@pytest.mark.parametrize("tsengine", [False, True], ids=["fsa", "inter-ts"])
+def test_killed_local_server_stops_the_topology(tsengine):
+    # With ENABLE_INTER_TS the local servers also relay partial sums and results to each other: a
+    # dead one must end the run with the same clear error, not leave the others waiting for a hop.
+    env = dict(FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60", **({"ENABLE_INTER_TS": "1"} if tsengine else {}))
+    topo = Topology(parties=2, workers_per_party=1, env=env)
     out = _kill_and_watch(
         topo, "party1/server",
         wait_pattern=r"^\[party1/worker0\] ROUND 0 OK",

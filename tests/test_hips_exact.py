@@ -38,6 +38,19 @@ CASES = {
                                     dict(parties=2, workers_per_party=2, local_servers=2, global_servers=2,
                                          env={"MXNET_KVSTORE_BIGARRAY_BOUND": "1000", "ENABLE_P3": "1",
                                               "GEOMX_P3_SLICE_SIZE": "4096"})),
+    # TSEngine across parties: partial sums climb an aggregation tree of local servers, results come
+    # back by relay; the pulled values must be the plain FSA oracle's, bit for bit.
+    "inter-ts-3-parties": (["--mode", "push-pull"],
+                           dict(parties=3, workers_per_party=2, env={"ENABLE_INTER_TS": "1"})),
+    "inter-ts-4-parties-sgd": (["--mode", "pushpull", "--optimizer", "sgd"],
+                               dict(parties=4, workers_per_party=1,
+                                    env={"ENABLE_INTER_TS": "1", "MAX_GREED_RATE_TS": "0.5"})),
+    # ... inside each party (workers -> local server), and in both tiers at once.
+    "intra-ts-3-workers": (["--mode", "push-pull"],
+                           dict(parties=2, workers_per_party=3, env={"ENABLE_INTRA_TS": "1"})),
+    "intra-and-inter-ts-sgd": (["--mode", "pushpull", "--optimizer", "sgd"],
+                               dict(parties=3, workers_per_party=2,
+                                    env={"ENABLE_INTRA_TS": "1", "ENABLE_INTER_TS": "1"})),
 }
 
 

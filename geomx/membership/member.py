@@ -40,7 +40,7 @@ class TierInfo:
 
 class TierMember:
     def __init__(self, loop: EventLoop, tier: str, scheduler: Tuple[str, int], *, role: str, host: str,
-                 port: int, name: str, master: bool = False, rank_hint: Optional[int] = None,
+                 port: int, name: str, master: bool = False, rank_hint: Optional[int] = None, ts: bool = False,
                  layout: Optional[dict] = None,
                  heartbeat_interval: float, heartbeat_timeout: float, start_timeout: float = 120.0,
                  on_fatal: Callable[[Exception], None]):
@@ -55,12 +55,14 @@ class TierMember:
         # Called with (old, new) when the scheduler announces a server's new address (a global
         # server restarted from a checkpoint).
         self.on_servers_changed: Optional[Callable[[TierInfo, TierInfo], None]] = None
+        # TSEngine answers from the scheduler (TS_PUSH_TO / TS_RELAY_TO), when this node takes part.
+        self.on_tsengine: Optional[Callable[[Message], None]] = None
         identity = f"{name}@{tier}#{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
         self.link: Link = connect_dealer(loop.ctx, scheduler[0], scheduler[1], identity,
                                          loop.max_message_bytes, f"{tier}-scheduler-link")
         loop.add(self.link, self._handle, routed=False)
         self.register_meta = {"role": role, "host": host, "port": port, "name": name, "master": master,
-                              "rank": -1 if rank_hint is None else rank_hint, **(layout or {})}
+                              "rank": -1 if rank_hint is None else rank_hint, "ts": ts, **(layout or {})}
         self.info: Optional[TierInfo] = None
         self._barrier_waiters: List[Callable[[], None]] = []
         self._last_ack = time.monotonic()
@@ -74,6 +76,10 @@ class TierMember:
     def barrier(self, group: str, on_done: Callable[[], None]) -> None:
         self._barrier_waiters.append(on_done)
         self.link.send(Message(MsgType.BARRIER, meta={"group": group}))
+
+    def send(self, msg: Message) -> None:
+        """A message to this tier's scheduler (TSEngine questions)."""
+        self.link.send(msg)
 
     def set_policy(self, tolerate_worker_loss: bool) -> None:
         self.link.send(Message(MsgType.POLICY, meta={"tolerate_worker_loss": tolerate_worker_loss}))
@@ -131,6 +137,8 @@ class TierMember:
                 self.on_peer_left(rank, reason)
             else:
                 log.warning("%s", reason)
+        elif msg.type in (MsgType.TS_PUSH_TO, MsgType.TS_RELAY_TO) and self.on_tsengine is not None:
+            self.on_tsengine(msg)
         elif msg.type == MsgType.PEER_DEAD:
             self._fail(PeerDeadError(str(meta_field(msg, "reason", str, "a peer died"))))
         else:

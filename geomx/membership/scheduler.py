@@ -11,6 +11,9 @@ import zmq
 
 from ..errors import ProtocolError
 from ..transport import EventLoop, Link, bind_router, peer_label
+from ..tsengine.coordinator import QUESTIONS as TS_QUESTIONS
+from ..tsengine.coordinator import Coordinator
+from ..tsengine.policy import ROOT
 from ..wire import Message, MsgType, meta_field
 
 log = logging.getLogger("geomx.scheduler")
@@ -40,6 +43,7 @@ class Member:
     # A global server that checkpoints may be restarted: the tier waits this long for it.
     restart_timeout: float = 0.0
     lost_at: Optional[float] = None  # when it was presumed dead (while waiting for its restart)
+    ts: bool = False  # takes part in this tier's TSEngine (ENABLE_INTER_TS / ENABLE_INTRA_TS)
 
 
 class Scheduler:
@@ -47,8 +51,14 @@ class Scheduler:
 
     def __init__(self, tier: str, port: int, num_servers: int, num_workers: int, *,
                  heartbeat_interval: float, heartbeat_timeout: float, start_timeout: float,
-                 max_message_bytes: int, ctx: Optional[zmq.Context] = None):
+                 max_message_bytes: int, ctx: Optional[zmq.Context] = None, ts_variable: str = "",
+                 max_greed_rate: float = 0.9):
         self.tier = tier
+        # TSEngine: the variable that switches it on in this tier (named in errors), the greedy
+        # probability, and the coordinator once the tier is complete and its nodes asked for it.
+        self.ts_variable = ts_variable
+        self.max_greed_rate = max_greed_rate
+        self.ts: Optional[Coordinator] = None
         self.num_servers = num_servers
         self.num_workers = num_workers
         self.heartbeat_interval = heartbeat_interval
@@ -102,6 +112,10 @@ class Scheduler:
             log.info("%s: %s lost workers", self.tier, "tolerating" if self.tolerate_worker_loss else "failing on")
         elif msg.type == MsgType.BARRIER:
             self._on_barrier(msg, member)
+        elif msg.type in TS_QUESTIONS:
+            if self.ts is None:
+                raise ProtocolError(f"{msg.type.name} from {member.name}, but TSEngine is off in this tier")
+            self.ts.handle(msg, ROOT if member.role == "server" else member.rank)
         elif msg.type == MsgType.BYE:
             failure = meta_field(msg, "failure", str, None)
             if failure is not None:
@@ -124,6 +138,7 @@ class Scheduler:
         party = meta_field(msg, "party", str, None)
         if global_servers is not None and not 1 <= global_servers <= 1 << 16:
             raise ProtocolError(f"REGISTER with bad global_servers {global_servers}")
+        ts = meta_field(msg, "ts", bool, False)
         if role not in ("server", "worker"):
             raise ProtocolError(f"REGISTER with unknown role {role!r}")
         if not 0 <= port <= 65535 or not 0 < len(host) <= 255:
@@ -143,7 +158,8 @@ class Scheduler:
         self.members[identity] = Member(identity, role, host, port, name or peer_label(identity), master,
                                         rank_hint if rank_hint >= 0 else None, len(self.members),
                                         time.monotonic(), global_servers, relay,
-                                        None if party is None else party[:200], restart_timeout=restart_timeout)
+                                        None if party is None else party[:200], restart_timeout=restart_timeout,
+                                        ts=ts)
         log.debug("%s: registered %s %s at %s:%d", self.tier, role, name, host, port)
         if len(self.members) == self.num_servers + self.num_workers:
             self._assign_ranks()
@@ -201,6 +217,8 @@ class Scheduler:
             m.rank = rank
         for rank, m in enumerate(workers):
             m.rank = rank
+        if not self._start_tsengine(servers, workers):
+            return
         # Workers divide keys over this tier's servers along the global servers' parts, so every
         # server of the tier must divide for the same number of global servers.
         counts = sorted({m.global_servers or 1 for m in servers})
@@ -215,6 +233,34 @@ class Scheduler:
         self._announce_servers(list(self.members.values()))
         self.registered = True
         log.info("%s: all %d nodes registered", self.tier, len(self.members))
+
+    def _start_tsengine(self, servers: List[Member], workers: List[Member]) -> bool:
+        """Start the TSEngine coordinator if the tier's nodes asked for it. Every node that takes
+        part (servers, training workers; not the master worker) must agree, else the tier fails now
+        with the variable named, rather than half of it waiting for messages the other half never
+        sends. False if the tier was failed."""
+        taking_part = servers + [m for m in workers if not m.master]
+        on = [m for m in taking_part if m.ts]
+        if not on:
+            return True
+        variable = self.ts_variable or "ENABLE_*_TS"
+        off = [m for m in taking_part if not m.ts]
+        if off:
+            self._fail(f"{self.tier}: {variable}=1 is set on {', '.join(m.name for m in on)} but not on "
+                       f"{', '.join(m.name for m in off)}; set it on every server and worker of the tier", None)
+            return False
+        if len(servers) != 1:
+            self._fail(f"{self.tier}: {variable}=1 needs exactly one server in the tier (the aggregation "
+                       f"root), there are {len(servers)}", None)
+            return False
+        addresses = {ROOT: (servers[0].host, servers[0].port)}
+        addresses.update({m.rank: (m.host, m.port) for m in workers if not m.master})
+        by_node = {ROOT: servers[0], **{m.rank: m for m in workers if not m.master}}
+        self.ts = Coordinator(self.tier, addresses, lambda node, msg: self._send(by_node[node], msg),
+                              self.max_greed_rate)
+        log.info("%s: TSEngine on (%s), %d node(s) below the root, greedy rate %.2f", self.tier, variable,
+                 len(addresses) - 1, self.max_greed_rate)
+        return True
 
     def _group(self, group: str) -> List[Member]:
         return [m for m in self.members.values() if group == "all" or m.role == group]

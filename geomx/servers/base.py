@@ -3,13 +3,14 @@ known keys, synchronous aggregation rounds, parked pulls, and the stop protocol.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
 from .. import compression
 from ..errors import GeoMXError, ProtocolError
 from ..transport import EventLoop, Link, peer_label
+from ..tsengine.partial import partial_dtype_ok
 from ..wire import DTYPES, Message, MsgType, meta_field
 from .keystate import KeyState
 
@@ -37,6 +38,9 @@ class ServerBase:
         self.stopped_clients: set = set()
         self.pushing_clients: set = set()  # clients that have pushed at least once
         self.exit_code: Optional[int] = None
+        # TSEngine in the tier where this server is the aggregation root (the global server in the
+        # global tier; a local server in its party): partial sums arrive on the client sockets.
+        self.ts_root: Any = None
 
     # -- hooks --------------------------------------------------------------------------------
     def expected_pushes(self, link: Link) -> int:
@@ -104,6 +108,9 @@ class ServerBase:
     # -- dispatch -----------------------------------------------------------------------------
     def handle_client(self, msg: Message, identity: Optional[bytes], link: Link) -> None:
         assert identity is not None
+        if msg.type == MsgType.TS_MERGE and self.ts_root is not None:
+            self.ts_root.handle(msg, identity, link)
+            return
         client: Client = (link.name, identity)
         if client in self.stopped_clients:
             raise ProtocolError(f"{msg.type.name} after STOP")
@@ -303,6 +310,35 @@ class ServerBase:
                     reply(error)
                 else:
                     ks.parked.append((other, reply))
+
+    # -- TSEngine root (see geomx.tsengine.peer.Owner) ----------------------------------------
+    def ts_expected(self) -> int:
+        """Pushes a round of this server's TSEngine tier needs."""
+        raise NotImplementedError
+
+    def ts_check(self, kind: MsgType, key: int, rnd: int, data: np.ndarray) -> Optional[str]:
+        ks = self.keys.get(key)
+        if ks is None or not ks.initialized:
+            return f"key {key} is not initialised here"
+        if data.size != ks.numel:
+            return f"key {key}: {data.size} elements sent, this server holds {ks.numel}"
+        if not partial_dtype_ok(data.dtype, ks.dtype):
+            return f"key {key}: dtype {data.dtype} sent, key is {ks.dtype}"
+        if rnd < ks.completed:
+            return f"key {key}: round {rnd} is already complete"
+        return None
+
+    def ts_merged(self, key: int, rnd: int, data: np.ndarray, count: int) -> bool:
+        ks = self.keys[key]
+        round_ = ks.add_contribution(rnd, data, count)
+        if round_.elements < self.ts_expected() * ks.numel:
+            return False
+        acc, round_.acc = round_.acc, None
+        self.dispatch_round(ks, rnd, ks.round_value(acc))
+        return True
+
+    def ts_model(self, key: int, rnd: int, data: np.ndarray) -> None:
+        raise ProtocolError("a server is the root of its TSEngine tier and is never sent a model")
 
     def on_pull(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
         ks = self.known_key(msg, link, identity)

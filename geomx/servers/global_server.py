@@ -73,8 +73,14 @@ class GlobalServer(ServerBase):
     def expected_stops(self) -> int:
         return self.local_servers + self.central_workers - len(self.lost_parties)
 
+    def ts_expected(self) -> int:
+        return self.parties + (self.central_workers if self.cfg.enable_central_worker else 0)
+
     def dispatch_round(self, ks: KeyState, r: int, acc: np.ndarray) -> None:
-        ks.finish_round(r, acc if self.updater is None else self._apply(ks, acc))
+        value = acc if self.updater is None else self._apply(ks, acc)
+        ks.finish_round(r, value)
+        if self.ts_root is not None:
+            self.ts_root.relay(ks.key, r, value)  # ENABLE_INTER_TS: the parties get it by relay
         if self.cfg.checkpoint_dir and ks.completed >= self.next_checkpoint_round:
             self._periodic_checkpoint()
 
@@ -395,6 +401,9 @@ class GlobalServer(ServerBase):
                 if link is not self.lan_link:
                     raise GeoMXError("only the master worker sets the synchronisation mode")
                 sync = meta_field(msg, "sync", bool)
+                if not sync and self.cfg.enable_inter_ts:
+                    raise GeoMXError("ENABLE_INTER_TS=1 works with dist_sync only, not dist_async (MixedSync "
+                                     "applies each party's push on arrival; there is no round to aggregate)")
                 if not sync and self.cfg.use_hfa:
                     raise GeoMXError("HFA (MXNET_KVSTORE_USE_HFA=1) works with dist_sync only, not dist_async")
                 if not sync and self.cfg.use_esync:
@@ -446,6 +455,10 @@ class GlobalServer(ServerBase):
             codec = compression.create(params)
         except ValueError as exc:
             raise GeoMXError(str(exc)) from None
+        if self.cfg.enable_inter_ts and codec.name not in ("none", "fp16"):
+            raise GeoMXError(f"{codec.name} cannot be combined with ENABLE_INTER_TS=1: TSEngine sums and relays "
+                             "dense tensors between parties (use 'fp16' with float16 keys, or unset "
+                             "ENABLE_INTER_TS)")
         if any(ks.initialized for ks in self.keys.values()):
             raise GeoMXError("set_gradient_compression must come before kv.init (the parties learn the "
                              "codec when they initialise their keys)")

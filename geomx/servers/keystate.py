@@ -7,6 +7,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from .. import kernels
+from ..kernels import accumulate
 
 # ESync measures and assigns local steps on one key per round: the first parameter (key 0).
 ESYNC_KEY = 0
@@ -87,30 +88,13 @@ class KeyState:
         self.slice_pushes[(client, start)] = r + 1
         self.pushes_by[client] = max(self.pushes_of(client), r + 1)
         self.priority = priority
-        rnd = self.rounds.get(r)
-        if rnd is None:
-            rnd = self.rounds[r] = Round()
+        rnd = self.round(r)
         rnd.elements += data.size
         rnd.waiters.append((reply, want_value))
         if start != 0 or data.size != self.numel:
             self._add_slice(rnd, start, data)
             return r, rnd
-        if self.dtype == np.float16:
-            # fp16 pushes are summed in float32 and rounded to fp16 once, when the round is
-            # complete (:meth:`round_value`): the sum loses no precision it need not lose.
-            wide = kernels.f16_to_f32(np.ascontiguousarray(data))
-            if rnd.acc is None:
-                rnd.acc, rnd.owned = wide, True
-            else:
-                kernels.sum_into(rnd.acc, wide)
-        elif rnd.acc is None:
-            # Borrow the received buffer (read-only): a round of one push needs no copy at all.
-            rnd.acc = data
-        elif not rnd.owned:
-            rnd.acc = np.add(rnd.acc, data)  # the first sum allocates, fusing copy and add
-            rnd.owned = True
-        else:
-            kernels.sum_into(rnd.acc, data)
+        rnd.acc, rnd.owned = accumulate(rnd.acc, rnd.owned, data, self.dtype)
         return r, rnd
 
     def _add_slice(self, rnd: Round, start: int, data: np.ndarray) -> None:
@@ -133,6 +117,20 @@ class KeyState:
             start = child.offset - self.offset
             out[start:start + child.numel] = child.store
         return out
+
+    def round(self, r: int) -> Round:
+        rnd = self.rounds.get(r)
+        if rnd is None:
+            rnd = self.rounds[r] = Round()
+        return rnd
+
+    def add_contribution(self, r: int, data: np.ndarray, count: int) -> Round:
+        """Fold a partial sum of ``count`` whole pushes into round ``r`` (TSEngine: the partial sums
+        of an aggregation tree name their round; they carry no reply)."""
+        rnd = self.round(r)
+        rnd.acc, rnd.owned = accumulate(rnd.acc, rnd.owned, data, self.dtype)
+        rnd.elements += count * self.numel
+        return rnd
 
     def round_value(self, acc: np.ndarray) -> np.ndarray:
         """A complete round's sum in the key's own dtype (fp16 sums were accumulated in float32)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 
@@ -14,6 +14,7 @@ from ..config import NodeConfig
 from ..errors import GeoMXError
 from ..kvclient import KVClient
 from ..transport import EventLoop, Link, bind_router
+from ..tsengine.peer import TSPeer
 from ..wire import Message, MsgType, meta_field
 from .base import Client, ServerBase
 from .keystate import ESYNC_KEY, KeyState
@@ -33,6 +34,20 @@ class LocalServer(ServerBase):
         self.esync_steps = 1  # ESync: local steps per round assigned to this party by the state server
         self.esync_since = time.monotonic()
         self.parties = cfg.num_global_worker  # set from the global tier's registration
+        # ENABLE_INTER_TS: round sums go up an aggregation tree of parties and results come back by
+        # relay, through TSEngine links that other parties' local servers open to this port.
+        self.on_fatal: Optional[Callable[[Exception], None]] = None  # ends the node (set by geomx.node)
+        self.inter_ts: Optional[TSPeer] = None
+        self.ts_waiting: set = set()  # (key, round) contributed, result not yet relayed here
+        self.ts_link: Optional[Link] = None
+        self.ts_port = 0
+        if cfg.enable_inter_ts:
+            self.ts_link, self.ts_port = bind_router(loop.ctx, "*", 0, cfg.max_message_bytes, "ts-peers", wan=True)
+
+    def connect_inter_ts(self, peer: TSPeer) -> None:
+        assert self.ts_link is not None
+        self.inter_ts = peer
+        self.loop.add(self.ts_link, peer.handle, routed=True)
 
     def connect_upstream(self, client: KVClient) -> None:
         """Start serving workers; until now their requests wait in the socket, since every one of
@@ -105,6 +120,9 @@ class LocalServer(ServerBase):
         if self.cfg.use_hfa or self.cfg.use_esync:
             self._hfa_round(ks, r, acc)
             return
+        if self.inter_ts is not None:
+            self._inter_ts_round(ks, r, acc)
+            return
 
         def on_global_result(value: Optional[np.ndarray], error: Optional[Exception]) -> None:
             if error is not None:
@@ -114,15 +132,57 @@ class LocalServer(ServerBase):
                 # MixedSync + BSC: the global server sent the change to the weights this party holds.
                 self.delta_replies.discard(ks.key)
                 value = ks.store + value
-            ks.finish_round(r, value)
+            self.finish_round(ks, r, value)
 
         # The workers' priority goes on across the WAN (P3 orders the global tier's slices by it).
         self.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_result, data=acc,
                               encoder=self._encoder(ks, acc), span=(ks.offset, ks.total), priority=ks.priority)
 
+    def finish_round(self, ks: KeyState, r: int, value: np.ndarray) -> None:
+        ks.finish_round(r, value)
+        if self.ts_root is not None:
+            self.ts_root.relay(ks.key, r, value)  # ENABLE_INTRA_TS: the workers get it by relay
+
+    def ts_expected(self) -> int:
+        return self.cfg.num_worker
+
+    def _inter_ts_round(self, ks: KeyState, r: int, acc: np.ndarray) -> None:
+        assert self.inter_ts is not None
+        if self._encoder(ks, acc) is not None:
+            self._fail_round(ks, r, GeoMXError(
+                f"key {ks.key} is {ks.dtype}: with ENABLE_INTER_TS=1 the WAN carries keys in their own dtype, "
+                f"so the {self.codec.name if self.codec else ''} codec needs float16 keys (as examples/cnn_fp16.py "
+                "initialises them)"))
+            return
+        self.ts_waiting.add((ks.key, r))
+        self.inter_ts.contribute(ks.key, r, acc, ks.dtype)
+
+    # -- TSEngine, a node below the global server (see geomx.tsengine.peer.Owner) ---------------
+    def ts_check(self, kind: MsgType, key: int, rnd: int, data: np.ndarray) -> Optional[str]:
+        if kind == MsgType.TS_MERGE:  # ENABLE_INTRA_TS: this server is its party's root
+            return super().ts_check(kind, key, rnd, data)
+        ks = self.keys.get(key)
+        if ks is None or (key, rnd) not in self.ts_waiting:
+            return f"this party is not waiting for key {key} round {rnd}"
+        if data.size != ks.numel or data.dtype != ks.dtype:
+            return f"key {key}: {data.size} x {data.dtype} sent, key is {ks.numel} x {ks.dtype}"
+        return None
+
+    def ts_model(self, key: int, rnd: int, data: np.ndarray) -> None:
+        self.ts_waiting.discard((key, rnd))
+        self.finish_round(self.keys[key], rnd, data)
+
     def _fail_upstream(self, ks: KeyState, r: int, error: Exception) -> None:
         log.error("%s: key %d round %d failed upstream: %s", self.name, ks.key, r, error)
-        ks.fail_round(r, GeoMXError(f"global tier refused key {ks.key}: {error}"))
+        self._fail_round(ks, r, GeoMXError(f"global tier refused key {ks.key}: {error}"))
+
+    def _fail_round(self, ks: KeyState, r: int, error: GeoMXError) -> None:
+        if self.ts_root is not None and self.on_fatal is not None:
+            # ENABLE_INTRA_TS: the workers wait for a relay, not for a reply that could carry the
+            # error; end this server so that the party scheduler tells them why.
+            self.on_fatal(GeoMXError(f"{self.name}: key {ks.key} round {r}: {error}"))
+            return
+        ks.fail_round(r, error)
 
     def _encoder(self, ks: KeyState, acc: np.ndarray):
         """How ``acc`` crosses the WAN: None for dense, else a per-part encoder of one payload (the
@@ -139,7 +199,7 @@ class LocalServer(ServerBase):
         ``milestone + sum``. Other rounds stay inside the party."""
         ks.local_rounds += 1
         if self.cfg.use_hfa and ks.local_rounds % self.cfg.hfa_k2:
-            ks.finish_round(r, party_model)
+            self.finish_round(ks, r, party_model)
             return
         meta = None
         if self.cfg.use_esync and ks.key == ESYNC_KEY:
@@ -153,7 +213,7 @@ class LocalServer(ServerBase):
                 self._fail_upstream(ks, r, error)
                 return
             ks.milestone = ks.milestone + total
-            ks.finish_round(r, ks.milestone)
+            self.finish_round(ks, r, ks.milestone)
 
         self.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_delta, data=delta, meta=meta,
                               span=(ks.offset, ks.total))
@@ -185,6 +245,15 @@ class LocalServer(ServerBase):
         if self._stopping or self.upstream is None:
             return
         self._stopping = True
+        if self.inter_ts is not None and not self.inter_ts.idle:
+            # Other parties may still be waiting for results this server relays to them.
+            log.info("%s: all workers stopped; finishing TSEngine relays first", self.name)
+            self.inter_ts.when_idle(self._stop_upstream)
+            return
+        self._stop_upstream()
+
+    def _stop_upstream(self) -> None:
+        assert self.upstream is not None
         log.info("%s: all workers stopped; stopping the global tier link", self.name)
 
         def done(replies: List[Message], error: Optional[Exception]) -> None:

@@ -20,9 +20,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from test_faults import Cluster  # noqa: E402
+
 from geomx import checkpoint  # noqa: E402
 from geomx.launch import Topology, run  # noqa: E402
-from test_faults import Cluster  # noqa: E402
 
 FINAL = re.compile(r"^\[(party\d+/worker\d+)\] .*\[Epoch \d+\]\[Iteration (\d+)\] Test Acc ([\d.]+)")
 

@@ -174,7 +174,8 @@ class Topology:
         if self.central_workers < 0:
             raise ValueError(f"central_workers must be >= 0, got {self.central_workers}")
         if not isinstance(self.local_servers, int) and len(self.local_servers) != self.parties:
-            raise ValueError(f"local_servers needs one count per party ({self.parties}), got {list(self.local_servers)}")
+            raise ValueError(f"local_servers needs one count per party ({self.parties}), "
+                             f"got {list(self.local_servers)}")
         if min(self.servers_per_party) < 1:
             raise ValueError(f"local_servers must be >= 1, got {self.local_servers}")
 

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_faults import FAST_HEARTBEATS, Cluster, assert_no_process_left, slow_cmd
 
 from geomx import checkpoint
 from geomx.checkpoint import Checkpoint, CheckpointError, KeyRecord
 from geomx.launch import Topology
-
-from test_faults import FAST_HEARTBEATS, Cluster, assert_no_process_left, slow_cmd
 
 REPO = Path(__file__).resolve().parents[1]
 

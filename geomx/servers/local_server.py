@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from .. import commands, compression
+from .. import commands, compression, dgt
 from ..config import NodeConfig
 from ..errors import GeoMXError
 from ..kvclient import KVClient
@@ -33,12 +33,16 @@ class LocalServer(ServerBase):
         self.esync_steps = 1  # ESync: local steps per round assigned to this party by the state server
         self.esync_since = time.monotonic()
         self.parties = cfg.num_global_worker  # set from the global tier's registration
+        self.dgt: Optional[dgt.Sender] = dgt.Sender(cfg, loop) if cfg.dgt_mode else None
 
     def connect_upstream(self, client: KVClient) -> None:
         """Start serving workers; until now their requests wait in the socket, since every one of
         them may need the global tier."""
         self.upstream = client
         client.on_meta = self._on_upstream_meta
+        if self.dgt is not None:
+            self.dgt.attach(client.links, client.addresses)
+            client.on_server_meta = self.dgt.on_server_meta
         self.loop.add(self.link, self.handle_client, routed=True)
 
     def _on_upstream_meta(self, key: int, meta: dict) -> None:
@@ -83,6 +87,11 @@ class LocalServer(ServerBase):
             assert self.upstream is not None
 
             def on_global_value(value: Optional[np.ndarray], error: Optional[Exception]) -> None:
+                if error is None and self.dgt is not None:
+                    # The global servers announce their DGT settings in the INIT replies.
+                    parts = self.upstream.span_parts(ks.key, ks.offset, ks.numel, ks.total)
+                    refused = self.dgt.not_ready([s for s, _, _ in parts])
+                    error = None if refused is None else GeoMXError(refused)
                 if error is not None:
                     self._fail_parked(ks, str(error))
                     return
@@ -117,7 +126,8 @@ class LocalServer(ServerBase):
             ks.finish_round(r, value)
 
         self.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_result, data=acc,
-                              encoder=self._encoder(ks, acc), span=(ks.offset, ks.total))
+                              encoder=self._encoder(ks, acc), span=(ks.offset, ks.total),
+                              send=None if self.dgt is None else self.dgt.send)
 
     def _fail_upstream(self, ks: KeyState, r: int, error: Exception) -> None:
         log.error("%s: key %d round %d failed upstream: %s", self.name, ks.key, r, error)
@@ -160,6 +170,12 @@ class LocalServer(ServerBase):
     # -- commands -----------------------------------------------------------------------------
     def on_command(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
         cmd = meta_field(msg, "cmd", str)
+        if cmd == commands.REPORT_LOSS:
+            loss = meta_field(msg, "loss", float)
+            if self.dgt is not None:
+                self.dgt.report_loss(client, loss)
+            self.reply(link, identity, msg)
+            return
         if cmd not in commands.RELAYED:
             self.reply_error(link, identity, msg, f"command {cmd!r} cannot be relayed by a local server")
             return
@@ -185,6 +201,8 @@ class LocalServer(ServerBase):
             return
         self._stopping = True
         log.info("%s: all workers stopped; stopping the global tier link", self.name)
+        if self.dgt is not None:
+            log.info("%s: DGT blocks sent %s, final K %.3f", self.name, self.dgt.sent, self.dgt.k.k)
 
         def done(replies: List[Message], error: Optional[Exception]) -> None:
             if error is not None:

@@ -246,6 +246,7 @@ def test_malformed_and_spoofed_datagrams_are_dropped_and_serving_continues(caplo
         assert h.delivered and h.delivered[0][0].data.tolist() == list(range(1, 11))
     finally:
         tx.close()
+        link.close()
         h.rx.close()
         h.close()
 
@@ -297,3 +298,67 @@ def test_adaptive_k_follows_the_loss():
     assert k.k == 0.2  # K_MIN
     with pytest.raises(Exception, match="finite loss"):
         k.report("w0", float("nan"))
+
+
+# -- sender to receiver over real sockets (no servers) ---------------------------------------------
+
+
+def model_mode3(pushes, per, k, channels, alpha):
+    """What the receiver should assemble in mode 3: reliable blocks exact (plus the residual their
+    earlier quantized sends left), the others through 4-bit quantization with error feedback."""
+    scorer, residual, out = blocks.Scorer(alpha), {}, []
+    for data in pushes:
+        ch = blocks.assign_channels(scorer.update((3, 0), data, per), k, channels)
+        got = np.zeros_like(data)
+        for i, c in enumerate(ch):
+            block = data[i * per:(i + 1) * per] + residual.pop(i, 0)
+            if c == blocks.RELIABLE:
+                got[i * per:(i + 1) * per] = block
+            elif c > 0:
+                lo, hi, packed = blocks.quantize(block)
+                sent = blocks.dequantize(lo, hi, packed, block.size)
+                residual[i] = block - sent
+                got[i * per:(i + 1) * per] = sent
+        out.append(got)
+    return out
+
+
+@pytest.mark.parametrize("mode", [1, 2, 3])
+def test_sender_to_receiver_over_sockets(mode):
+    from geomx.config import NodeConfig
+    from geomx.transport import bind_router, connect_dealer
+
+    numel, per = 1000, 16  # 63 blocks of 16 float32 (64-byte blocks), the last one 8 elements
+    cfg = NodeConfig(role="server", num_worker=1, dgt_mode=mode, dgt_k=0.4, dgt_channels=2, dgt_block_size=64,
+                     dgt_grace=5.0)
+    h = Harness(grace=5.0, numel=numel)
+    router, port = bind_router(h.ctx, "*", 0, 1 << 20, "global-clients", wan=True)
+    h.loop.add(router, lambda msg, ident, link: h.rx.on_tcp_block(msg, ident, link.name), routed=True)
+    if mode == 1:
+        h.rx.open_udp()
+    link = connect_dealer(h.ctx, "127.0.0.1", port, CLIENT[1], 1 << 20, "ls->server0", wan=True)
+    tx = dgt.Sender(cfg, h.loop)
+    tx.attach([link], [("127.0.0.1", port)])
+    tx.on_server_meta(0, {"dgt": h.rx.advert(CLIENT, 0, mode)})
+    assert tx.not_ready([0]) is None
+    rng = np.random.default_rng(11)
+    pushes = [(rng.standard_normal(numel) * (1 + np.arange(numel) % 7)).astype(np.float32) for _ in range(4)]
+    try:
+        for r, data in enumerate(pushes, start=1):
+            tx.send(0, Message(MsgType.PUSHPULL, sender=0, req_id=r, key=3, offset=0, numel=numel, total=numel,
+                               dtype=wire.dtype_code(np.float32), meta={"x": r}, data=data))
+            deadline = time.monotonic() + 10
+            while len(h.delivered) < r and time.monotonic() < deadline:
+                h.loop.run_once(0.02)
+        assert [m.req_id for m, _ in h.delivered] == [1, 2, 3, 4]
+        assert [m.meta for m, _ in h.delivered] == [{"x": r} for r in range(1, 5)]
+        assert tx.sent["low"] > 0 and tx.sent["reliable"] > 0
+        want = pushes if mode != 3 else model_mode3(pushes, per, 0.4, 2, cfg.dgt_alpha)
+        for (msg, _), expected in zip(h.delivered, want):
+            assert msg.data.dtype == np.float32 and msg.data.tobytes() == expected.tobytes()
+        assert h.rx.stats.missing == 0 and h.rx.stats.rejected == 0
+    finally:
+        tx.close()
+        link.close()
+        h.rx.close()
+        h.close()

@@ -39,6 +39,7 @@ import io
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -167,6 +168,17 @@ def row_by_name(name: str) -> Row:
 # --------------------------------------------------------------------------------------------------
 # Summaries (pure; unit-tested)
 # --------------------------------------------------------------------------------------------------
+
+_ROUND_TRIPS = re.compile(r"global round trips per key: n=(\d+) p50=([0-9.]+) p90=([0-9.]+) s")
+
+
+def parse_round_trips(text: str) -> Optional[dict]:
+    """The local servers' push -> global reply times (their last log line): the worst party's p50/p90."""
+    found = [(float(m.group(2)), float(m.group(3))) for m in _ROUND_TRIPS.finditer(text)]
+    if not found:
+        return None
+    return {"push_p50_s": max(p50 for p50, _ in found), "push_p90_s": max(p90 for _, p90 in found)}
+
 
 def parse_results(text: str) -> List[dict]:
     out = []
@@ -333,8 +345,9 @@ def markdown_sync(report: dict, baseline: str = "geomx-fsa") -> str:
 
 def markdown_tail(report: dict, baseline: str = "geomx-fsa") -> str:
     """For the DGT rows: median and p90 iteration time, p90 against ``baseline``, and accuracy cost."""
-    lines = ["| model | row | s/iter (median) | s/iter (p90) | {0} p90 / row p90 | final acc | acc - {0} |".format(baseline),
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | row | s/iter (median) | s/iter (p90) | {0} p90 / row p90 | push→reply p50 (s) "
+             "| push→reply p90 (s) | {0} / row (push p90) | final acc | acc - {0} |".format(baseline),
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         if not r.get("ok") or "p90_s" not in r:
             continue
@@ -342,8 +355,11 @@ def markdown_tail(report: dict, baseline: str = "geomx-fsa") -> str:
                      and x.get("ok")), None) or {}
         ratio = base["p90_s"] / r["p90_s"] if base.get("p90_s") and r["p90_s"] else None
         acc, bacc = r.get("final_acc"), base.get("final_acc")
+        pr = base["push_p90_s"] / r["push_p90_s"] if base.get("push_p90_s") and r.get("push_p90_s") else None
         lines.append(f"| {r['model']} | {r['row']} | {r['median_s']:.3f} | {r['p90_s']:.3f} "
-                     f"| {_f(ratio, '.2f')}{'x' if ratio is not None else ''} | {_f(acc, '.3f')} "
+                     f"| {_f(ratio, '.2f')}{'x' if ratio is not None else ''} | {_f(r.get('push_p50_s'), '.3f')} "
+                     f"| {_f(r.get('push_p90_s'), '.3f')} | {_f(pr, '.2f')}{'x' if pr is not None else ''} "
+                     f"| {_f(acc, '.3f')} "
                      f"| {_f(None if acc is None or bacc is None else acc - bacc, '+.3f')} |")
     return "\n".join(lines)
 
@@ -546,6 +562,7 @@ def _run_row(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"]) -
             f.write(text)
     span = watcher.span()
     rates = w.rates() if w is not None else {}
+    out.update(parse_round_trips(text) or {})
     if mode == "throughput":
         iters = len(results[0]["iter_ms"])
         out.update(summarise_throughput(results, span, iters, rates, workers_per_party=args.workers))

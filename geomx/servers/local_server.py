@@ -4,6 +4,7 @@ then hands the global result back to its workers. It is a server in its party's 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from typing import List, Optional
 
@@ -34,6 +35,7 @@ class LocalServer(ServerBase):
         self.esync_since = time.monotonic()
         self.parties = cfg.num_global_worker  # set from the global tier's registration
         self.dgt: Optional[dgt.Sender] = dgt.Sender(cfg, loop) if cfg.dgt_mode else None
+        self.round_trips: List[float] = []  # seconds from a key's push to the global reply (logged at stop)
 
     def connect_upstream(self, client: KVClient) -> None:
         """Start serving workers; until now their requests wait in the socket, since every one of
@@ -114,8 +116,10 @@ class LocalServer(ServerBase):
         if self.cfg.use_hfa or self.cfg.use_esync:
             self._hfa_round(ks, r, acc)
             return
+        sent = time.monotonic()
 
         def on_global_result(value: Optional[np.ndarray], error: Optional[Exception]) -> None:
+            self.round_trips.append(time.monotonic() - sent)
             if error is not None:
                 self._fail_upstream(ks, r, error)
                 return
@@ -203,6 +207,11 @@ class LocalServer(ServerBase):
         log.info("%s: all workers stopped; stopping the global tier link", self.name)
         if self.dgt is not None:
             log.info("%s: DGT blocks sent %s, final K %.3f", self.name, self.dgt.sent, self.dgt.k.k)
+        if len(self.round_trips) >= 2:
+            # The benchmarks read this line (benchmarks/suite.py, ROUND_TRIP_TAG).
+            q = statistics.quantiles(self.round_trips, n=10)
+            log.info("%s: global round trips per key: n=%d p50=%.4f p90=%.4f s", self.name,
+                     len(self.round_trips), statistics.median(self.round_trips), q[-1])
 
         def done(replies: List[Message], error: Optional[Exception]) -> None:
             if error is not None:

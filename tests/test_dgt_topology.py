@@ -19,9 +19,11 @@ EXACT_ENV = {"DMLC_K": "0.5", "DGT_GRACE_MS": "5000"}
 
 CASES = {
     "udp": ({"ENABLE_DGT": "1"}, dict(parties=2, workers_per_party=2)),
-    # Two global servers, and key 2 (300k elements) cut in two: blocks are per server slice.
-    "tcp-two-global-servers": ({"ENABLE_DGT": "2", "MXNET_KVSTORE_BIGARRAY_BOUND": "1000"},
-                               dict(parties=2, workers_per_party=1, global_servers=2)),
+    # Two global servers, and key 2 (300k elements) cut in two: blocks are per server slice. K adapts
+    # to the loss the workers report (4, 2, 4/3, 1 before rounds 0..3): 0.5 * 1/4 -> K_MIN = 0.2.
+    "tcp-two-global-servers-adaptive-k": ({"ENABLE_DGT": "2", "MXNET_KVSTORE_BIGARRAY_BOUND": "1000",
+                                           "ADAPTIVE_K_FLAG": "1", "DMLC_K_MIN": "0.2"},
+                                          dict(parties=2, workers_per_party=1, global_servers=2)),
 }
 
 _SENT = re.compile(r"DGT blocks sent \{'reliable': (\d+), 'low': (\d+),")
@@ -31,9 +33,10 @@ _SENT = re.compile(r"DGT blocks sent \{'reliable': (\d+), 'low': (\d+),")
 def test_dgt_aggregate_equals_fsa_exactly(topology_run, case):
     env, topo = CASES[case]
     workers = topo["parties"] * topo["workers_per_party"]
+    adaptive = "ADAPTIVE_K_FLAG" in env
     result = topology_run("exact_worker.py", ["--slice", "{slice}", "--rounds", "4", "--mode", "pushpull",
-                                              "--optimizer", "sgd"], env={**EXACT_ENV, **env, "PS_VERBOSE": "0"},
-                          **topo)
+                                              "--optimizer", "sgd"] + (["--report-loss"] if adaptive else []),
+                          env={**EXACT_ENV, **env, "PS_VERBOSE": "0"}, **topo)
     assert result.code == 0, result.output[-4000:]
     assert not result.lines("MISMATCH")
     assert len(result.lines("EXACT OK")) == workers, result.output[-4000:]
@@ -42,6 +45,8 @@ def test_dgt_aggregate_equals_fsa_exactly(topology_run, case):
     assert len(sent) == topo["parties"], result.output[-4000:]
     assert all(reliable > 0 and low > 0 for reliable, low in sent), sent
     assert "'missing': 0," in result.output and "'late': 0," in result.output
+    final_k = [float(x) for x in re.findall(r"final K ([0-9.]+)", result.output)]
+    assert final_k == [0.2 if adaptive else 0.5] * topo["parties"], final_k
 
 
 def test_dgt_on_local_servers_only_is_refused_clearly(topology_run):

@@ -246,7 +246,6 @@ def test_malformed_and_spoofed_datagrams_are_dropped_and_serving_continues(caplo
         assert h.delivered and h.delivered[0][0].data.tolist() == list(range(1, 11))
     finally:
         tx.close()
-        link.close()
         h.rx.close()
         h.close()
 
@@ -275,6 +274,13 @@ def test_bad_settings_fail_at_start_up(env, needle):
     with pytest.raises(ConfigError) as err:
         config.load(full)
     assert needle in str(err.value) and "role: server" in str(err.value)
+
+
+def test_dgt_with_checkpoints_fails_at_start_up(tmp_path):
+    env = {**BASE, "DMLC_ROLE_GLOBAL": "global_server", "DMLC_NUM_ALL_WORKER": "1", "ENABLE_DGT": "2",
+           "GEOMX_CHECKPOINT_DIR": str(tmp_path)}
+    with pytest.raises(ConfigError, match="cannot be combined with GEOMX_CHECKPOINT_DIR"):
+        config.load(env)
 
 
 def test_settings_are_read_by_servers_only():

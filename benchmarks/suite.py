@@ -41,6 +41,7 @@ import io
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -156,6 +157,16 @@ ROWS: List[Row] = [
         flags="ENABLE_INTER_TS=1 MAX_GREED_RATE_TS=0.9 (docs/Scheduling.md)",
         note="TSEngine: parties' sums climb an aggregation tree, results are relayed party to party",
         default=False),
+    # DGT (docs/DGT.md): the party's push to the global server as blocks; the top K = 50% by score on
+    # TCP, the rest on 3 lower-priority channels. Meant for a congested WAN (--competing-flow).
+    Row("geomx-dgt-udp", "geomx", env={"ENABLE_DGT": "1", "DMLC_K": "0.5", "DMLC_UDP_CHANNEL_NUM": "3"},
+        flags="ENABLE_DGT=1 DMLC_K=0.5 DMLC_UDP_CHANNEL_NUM=3 (global and local servers)",
+        note="DGT mode 1: low-priority blocks over UDP; missing after 50 ms = zero, late = next round",
+        default=False),
+    Row("geomx-dgt-tcp", "geomx", env={"ENABLE_DGT": "2", "DMLC_K": "0.5", "DMLC_UDP_CHANNEL_NUM": "3"},
+        flags="ENABLE_DGT=2 DMLC_K=0.5 DMLC_UDP_CHANNEL_NUM=3 (global and local servers)",
+        note="DGT mode 2: low-priority blocks on a second TCP link; late ones fold into the next round",
+        default=False),
 ]
 
 MODELS = {"cnn": "examples' CNN (utils.build_cnn, ~0.18M params)",
@@ -173,6 +184,17 @@ def row_by_name(name: str) -> Row:
 # --------------------------------------------------------------------------------------------------
 # Summaries (pure; unit-tested)
 # --------------------------------------------------------------------------------------------------
+
+_ROUND_TRIPS = re.compile(r"global round trips per key: n=(\d+) p50=([0-9.]+) p90=([0-9.]+) s")
+
+
+def parse_round_trips(text: str) -> Optional[dict]:
+    """The local servers' push -> global reply times (their last log line): the worst party's p50/p90."""
+    found = [(float(m.group(2)), float(m.group(3))) for m in _ROUND_TRIPS.finditer(text)]
+    if not found:
+        return None
+    return {"push_p50_s": max(p50 for p50, _ in found), "push_p90_s": max(p90 for _, p90 in found)}
+
 
 def parse_results(text: str) -> List[dict]:
     out = []
@@ -217,7 +239,10 @@ def summarise_throughput(results: Sequence[dict], counters: Optional[Mapping[str
     median_s = max(medians) / 1e3
     compute_s = max(computes) / 1e3
     batch = results[0]["batch"]
-    row = {"median_s": median_s, "worker_median_s": [m / 1e3 for m in medians], "compute_s": compute_s,
+    # Tail of the iteration time (slowest worker's 90th percentile): what DGT is meant to cut.
+    p90_s = max(statistics.quantiles(r["iter_ms"], n=10)[-1] if len(r["iter_ms"]) > 1 else r["iter_ms"][0]
+                for r in results) / 1e3
+    row = {"median_s": median_s, "p90_s": p90_s, "worker_median_s": [m / 1e3 for m in medians], "compute_s": compute_s,
            "samples_per_s": len(results) * batch / median_s}
     row.update(worker_rates(results, workers_per_party))
     if counters:
@@ -334,6 +359,27 @@ def markdown_sync(report: dict, baseline: str = "geomx-fsa") -> str:
     return "\n".join(lines)
 
 
+def markdown_tail(report: dict, baseline: str = "geomx-fsa") -> str:
+    """For the DGT rows: median and p90 iteration time, p90 against ``baseline``, and accuracy cost."""
+    lines = ["| model | row | s/iter (median) | s/iter (p90) | {0} p90 / row p90 | push→reply p50 (s) "
+             "| push→reply p90 (s) | {0} / row (push p90) | final acc | acc - {0} |".format(baseline),
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        if not r.get("ok") or "p90_s" not in r:
+            continue
+        base = next((x for x in report["rows"] if x["row"] == baseline and x["model"] == r["model"]
+                     and x.get("ok")), None) or {}
+        ratio = base["p90_s"] / r["p90_s"] if base.get("p90_s") and r["p90_s"] else None
+        acc, bacc = r.get("final_acc"), base.get("final_acc")
+        pr = base["push_p90_s"] / r["push_p90_s"] if base.get("push_p90_s") and r.get("push_p90_s") else None
+        lines.append(f"| {r['model']} | {r['row']} | {r['median_s']:.3f} | {r['p90_s']:.3f} "
+                     f"| {_f(ratio, '.2f')}{'x' if ratio is not None else ''} | {_f(r.get('push_p50_s'), '.3f')} "
+                     f"| {_f(r.get('push_p90_s'), '.3f')} | {_f(pr, '.2f')}{'x' if pr is not None else ''} "
+                     f"| {_f(acc, '.3f')} "
+                     f"| {_f(None if acc is None or bacc is None else acc - bacc, '+.3f')} |")
+    return "\n".join(lines)
+
+
 def plot(report: dict, path: str) -> bool:
     """Time-to-accuracy curves and speedup bars into ``path``; False when matplotlib is missing."""
     try:
@@ -444,7 +490,48 @@ def worker_argv(row: Row, model: str, mode: str, args, slice_arg: str, native: b
     return cmd + list(row.worker_args)
 
 
+class _CompetingFlows:
+    """``--competing-flow``: one bulk TCP flow from every party's DC to the central DC while a run
+    lasts, sharing each party's upload link with its pushes (benchmarks/bulk_flow.py)."""
+
+    PORT = 7099
+
+    def __init__(self, w: Optional["wanmod.Wan"], parties: int):
+        self.procs: List[subprocess.Popen] = []
+        if w is None:
+            raise SystemExit("suite: --competing-flow needs an emulated WAN (not --wan off)")
+        script = os.path.join(HERE, "bulk_flow.py")
+        self._start(w.exec_argv("central") + [sys.executable, script, "sink", str(self.PORT)])
+        for p in range(parties):
+            self._start(w.exec_argv(f"party{p}") + [sys.executable, script, "source", w.address("central"),
+                                                    str(self.PORT)])
+
+    def _start(self, argv: List[str]) -> None:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        self.procs.append(proc)
+        line = proc.stdout.readline().strip()  # type: ignore[union-attr]
+        if line != "ready":
+            self.close()
+            raise SystemExit(f"suite: competing flow did not start: {line or proc.poll()}")
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.kill()
+            proc.wait()
+        self.procs = []
+
+
 def run_row(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"]) -> dict:
+    flows = _CompetingFlows(w, args.parties) if args.competing_flow else None
+    try:
+        return _run_row(row, model, mode, args, w)
+    finally:
+        if flows is not None:
+            flows.close()
+
+
+def _run_row(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"]) -> dict:
     watcher = _MarkWatcher(w)
     base_env = {"OMP_NUM_THREADS": str(args.omp_threads)}
     base_env.update(row.env)
@@ -491,6 +578,7 @@ def run_row(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"]) ->
             f.write(text)
     span = watcher.span()
     rates = w.rates() if w is not None else {}
+    out.update(parse_round_trips(text) or {})
     if mode == "throughput":
         iters = len(results[0]["iter_ms"])
         out.update(summarise_throughput(results, span, iters, rates, workers_per_party=args.workers))
@@ -557,6 +645,9 @@ def main(argv=None) -> int:
     p.add_argument("--omp-threads", type=int, default=1)
     p.add_argument("--timeout", type=float, default=None, help="per-run timeout, s (full 900, quick 400)")
     p.add_argument("--keep-logs", default=None, metavar="DIR")
+    p.add_argument("--competing-flow", action="store_true",
+                   help="run a bulk TCP flow from every party to the central DC during every run "
+                        "(a congested WAN, for the DGT rows)")
     p.add_argument("--out", default="bench_out/suite.json")
     p.add_argument("--plot", default="bench_out/suite.png")
     args = p.parse_args(argv)
@@ -643,6 +734,7 @@ def main(argv=None) -> int:
                    "warmup": args.warmup, "big_iters": args.big_iters, "big_warmup": args.big_warmup,
                    "repeats": args.repeats, "tta_iters": args.tta_iters, "eval_every": args.eval_every,
                    "target_acc": args.target_acc, "omp_threads": args.omp_threads, "quick": q,
+                   "competing_flow": args.competing_flow,
                    "models": {m: MODELS[m] for m in models},
                    "rows": [dataclasses.asdict(r) for r in rows], "geomx_commit": _git_head(),
                    "bound": "max(compute, (up+down bytes)/rate on the bottleneck link), per iteration"},
@@ -657,6 +749,11 @@ def main(argv=None) -> int:
     print("\nPer party (iterations/s over each worker's own timed loop, mean per party), WAN bytes per "
           "sample, time to accuracy; ratios against geomx-fsa:\n")
     print(sync)
+    if any(r.get("row", "").startswith("geomx-dgt") for r in report_rows):
+        tail = markdown_tail(report)
+        report["tail_table_markdown"] = tail
+        print("\nTail of the iteration time (slowest worker's p90) and accuracy; ratios against geomx-fsa:\n")
+        print(tail)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

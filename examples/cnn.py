@@ -34,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="use DCASGD on the global server (implies asynchronous training)")
     parser.add_argument("--max-iters", type=int, default=0,
                         help="stop after this many iterations in total (0 = no limit)")
+    parser.add_argument("--report-loss", type=int, default=0, metavar="N",
+                        help="every N iterations, report the batch loss with kv.report_loss (DGT's "
+                             "ADAPTIVE_K_FLAG=1 lowers K as it falls; 0 = never)")
     parser.add_argument("--kvstore", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -78,7 +81,9 @@ def main(argv=None) -> int:
     reporter = utils.Reporter(net, test_data, ctx)
     epoch = iteration = 0
     for epoch, iteration, (data, label) in utils.iterate(train_data, args.epoch, args.max_iters):
-        batch = utils.compute_gradients(net, loss_fn, data, label, ctx)
+        report = distributed and args.report_loss and iteration % args.report_loss == 0
+        losses = [] if report else None
+        batch = utils.compute_gradients(net, loss_fn, data, label, ctx, losses)
         # Push every key first, then pull every key: the store overlaps them, and the priorities
         # (earlier layers first) match the original's per-key calls. The global server's optimizer
         # turns the pushed mean gradients into new weights.
@@ -87,6 +92,8 @@ def main(argv=None) -> int:
         for idx, param in enumerate(params):
             kv.pull(idx, out=param.data(), priority=-idx)
 
+        if losses and iteration % args.report_loss == 0:
+            kv.report_loss(losses[0].asscalar())
         if iteration % args.eval_every == 0:
             reporter.report(epoch, iteration)
 

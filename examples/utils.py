@@ -474,11 +474,14 @@ def iterate(train_data: Iterable, epochs: Optional[int] = None, max_iters: int =
 
 
 def compute_gradients(net: gluon.Block, loss_fn: gluon.loss.Loss, data: mx.nd.NDArray,
-                      label: mx.nd.NDArray, ctx: mx.Context) -> int:
-    """Forward and backward pass of one batch on ``ctx``: fills ``param.grad()``; returns the batch size."""
+                      label: mx.nd.NDArray, ctx: mx.Context, losses: Optional[list] = None) -> int:
+    """Forward and backward pass of one batch on ``ctx``: fills ``param.grad()``; returns the batch size.
+    With ``losses``, the batch's mean loss (an NDArray, not yet computed) is appended to it."""
     data = data.as_in_context(ctx)
     label = label.as_in_context(ctx)
     with autograd.record():
         loss = loss_fn(net(data), label)
     loss.backward()
+    if losses is not None:
+        losses.append(loss.mean())
     return data.shape[0]

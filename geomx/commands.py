@@ -15,9 +15,11 @@ GET_STATES = "get_states"
 SET_STATES = "set_states"
 SET_COMPRESSION = "set_gradient_compression"
 SAVE_CHECKPOINT = "save_checkpoint"
+# A worker's training loss, for DGT's adaptive K (ADAPTIVE_K_FLAG); answered by the local server.
+REPORT_LOSS = "report_loss"
 # Commands a local server passes on to the global servers for its workers.
 RELAYED = (SET_OPTIMIZER, GET_STATES, SET_STATES, SET_COMPRESSION, SAVE_CHECKPOINT)
-ALL = (SET_OPTIMIZER, SYNC_MODE, GET_STATES, SET_STATES, SET_COMPRESSION, SAVE_CHECKPOINT)
+ALL = (SET_OPTIMIZER, SYNC_MODE, GET_STATES, SET_STATES, SET_COMPRESSION, SAVE_CHECKPOINT, REPORT_LOSS)
 
 
 class Reply(NamedTuple):

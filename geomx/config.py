@@ -77,6 +77,18 @@ class NodeConfig:
     enable_inter_ts: bool = False
     enable_intra_ts: bool = False
     max_greed_rate_ts: float = 0.9
+    # DGT (differential gradient transmission) of local server -> global server pushes; see
+    # geomx/dgt and docs/DGT.md. 0 = off, 1 = low-priority blocks over UDP, 2 = over a second,
+    # low-priority TCP link, 3 = like 2 with those blocks quantized to 4 bits.
+    dgt_mode: int = 0
+    dgt_k: float = 0.5  # fraction of blocks sent on the reliable channel
+    dgt_k_min: float = 0.2  # lower bound of K under ADAPTIVE_K_FLAG
+    dgt_adaptive_k: bool = False
+    dgt_channels: int = 3  # low-priority channels
+    dgt_block_size: int = 4096  # bytes
+    dgt_alpha: float = 0.3  # weight of a block's previous score in its moving average
+    dgt_grace: float = 0.05  # seconds a receiver waits for missing blocks after the last one
+    dgt_test_drop_rate: float = 0.0  # tests only: fraction of UDP datagrams the sender drops
 
     @property
     def is_server(self) -> bool:
@@ -326,7 +338,75 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
         # TSEngine's trees and relays move whole rounds; P3 cuts them into slices sent by priority.
         which = "ENABLE_INTER_TS" if kw["enable_inter_ts"] else "ENABLE_INTRA_TS"
         raise ConfigError(f"ENABLE_P3 and {which} cannot both be set (role: {role})")
+    if role in (GLOBAL_SERVER, LOCAL_SERVER):
+        _load_dgt(r, kw)
     return NodeConfig(**kw)
+
+
+# The largest DGT block: a UDP datagram carries at most 65507 bytes, of which the datagram header
+# (geomx.dgt.datagram) takes 76.
+DGT_MAX_BLOCK_SIZE = 65424
+
+
+def _load_dgt(r: _Reader, kw: dict) -> None:
+    """DGT's variables (read by global and local servers, the two ends of a WAN push)."""
+    role = r.role
+    mode = r.int("ENABLE_DGT", 0)
+    if mode not in (0, 1, 2, 3):
+        raise r._fail("ENABLE_DGT", f"must be 0 (off), 1 (UDP), 2 (TCP) or 3 (TCP + 4-bit), got {mode}")
+    kw["dgt_mode"] = mode
+    if not mode:
+        return
+    for name, on in (("MXNET_KVSTORE_USE_HFA", kw["use_hfa"]), ("GEOMX_USE_ESYNC", kw["use_esync"]),
+                     ("GEOMX_CHECKPOINT_DIR", kw.get("checkpoint_dir") is not None),
+                     ("GEOMX_CHECKPOINT_RESTORE", kw.get("checkpoint_restore") is not None),
+                     ("ENABLE_P3", kw["enable_p3"]), ("ENABLE_INTER_TS", kw["enable_inter_ts"])):
+        if on:
+            raise ConfigError(f"ENABLE_DGT={mode} cannot be combined with {name}: DGT carries the "
+                              f"per-round gradient pushes of FSA / MixedSync only, whole, from a local server "
+                              f"straight to the global servers, without checkpoints (role: {role})")
+
+    def fraction(name: str, default: float) -> float:
+        raw = r.str(name)
+        try:
+            value = default if raw is None else float(raw)
+        except ValueError:
+            raise r._fail(name, f"must be a number, got {raw!r}") from None
+        if not 0.0 < value <= 1.0:
+            raise r._fail(name, f"must be in (0, 1], got {value}")
+        return value
+
+    kw["dgt_k"] = fraction("DMLC_K", 0.5)
+    kw["dgt_k_min"] = fraction("DMLC_K_MIN", 0.2)
+    kw["dgt_adaptive_k"] = r.bool("ADAPTIVE_K_FLAG")
+    channels = r.int("DMLC_UDP_CHANNEL_NUM", 3)
+    if channels < 1:
+        raise r._fail("DMLC_UDP_CHANNEL_NUM", f"must be >= 1 (low-priority channels), got {channels}")
+    kw["dgt_channels"] = channels
+    block = r.int("DGT_BLOCK_SIZE", 4096)
+    if block < 4 or block % 4 or block > DGT_MAX_BLOCK_SIZE:
+        raise r._fail("DGT_BLOCK_SIZE", f"must be a multiple of 4 bytes (the element size of float32; "
+                                        f"float16 divides it too) between 4 and {DGT_MAX_BLOCK_SIZE}, "
+                                        f"got {block}")
+    kw["dgt_block_size"] = block
+    raw = r.str("DGT_CONTRIBUTION_ALPHA")
+    try:
+        alpha = 0.3 if raw is None else float(raw)
+    except ValueError:
+        raise r._fail("DGT_CONTRIBUTION_ALPHA", f"must be a number, got {raw!r}") from None
+    if not 0.0 <= alpha < 1.0:
+        raise r._fail("DGT_CONTRIBUTION_ALPHA", f"must be in [0, 1), got {alpha}")
+    kw["dgt_alpha"] = alpha
+    grace = r.int("DGT_GRACE_MS", 50)
+    kw["dgt_grace"] = grace / 1000.0
+    raw = r.str("GEOMX_DGT_TEST_DROP_RATE")
+    try:
+        drop = 0.0 if raw is None else float(raw)
+    except ValueError:
+        raise r._fail("GEOMX_DGT_TEST_DROP_RATE", f"must be a number, got {raw!r}") from None
+    if not 0.0 <= drop < 1.0:
+        raise r._fail("GEOMX_DGT_TEST_DROP_RATE", f"must be in [0, 1), got {drop}")
+    kw["dgt_test_drop_rate"] = drop
 
 
 def is_worker_process(env: Optional[Mapping[str, str]] = None) -> bool:

@@ -145,6 +145,8 @@ class KVClient:
         self.failed: Optional[Exception] = None
         # Called with (key, meta) for data-path replies that carry meta (ESync's step counts).
         self.on_meta: Optional[Callable[[int, dict], None]] = None
+        # Called with (server index, meta) for the same replies (DGT's per-server announcement).
+        self.on_server_meta: Optional[Callable[[int, dict], None]] = None
 
     def _connect(self, server: int, host: str, port: int) -> Link:
         # P3: libzmq may hold p3_window messages and the kernel about one slice of float32;
@@ -222,14 +224,17 @@ class KVClient:
     def request(self, mtype: MsgType, key: int, total: int, dtype: Any, callback: Callback, *,
                 data: Optional[np.ndarray] = None, meta: Optional[dict] = None, priority: int = 0,
                 version: int = 0, encoder: Optional[Encoder] = None,
-                span: Optional[Tuple[int, int]] = None) -> None:
+                span: Optional[Tuple[int, int]] = None,
+                send: Optional[Callable[[int, Message], None]] = None) -> None:
         """Send ``mtype`` for ``key`` to the servers holding it; ``callback(value, error)`` once all
         parts answered (``value`` is the reassembled array when the servers sent data).
 
         ``total`` is the number of elements sent; with ``span=(offset, key_total)`` they are the
         slice of a larger key starting at ``offset`` (a local server's share of the key).
         With ``encoder``, each part's data is ``encoder(offset, numel)`` (offsets relative to the
-        data): an encoded gradient (compression frames) instead of a slice of ``data``."""
+        data): an encoded gradient (compression frames) instead of a slice of ``data``. With ``send``,
+        each part's message is handed to ``send(server index, message)`` instead of the server's link
+        (DGT)."""
         if self.failed is not None:
             callback(None, self.failed)
             return
@@ -269,6 +274,9 @@ class KVClient:
                     msg.version = rounds + 1
                     self.push_rounds[(server, key)] = rounds + 1
             self.pending[req_id].sent[(server, offset)] = msg
+            if send is not None:
+                send(server, msg)  # DGT: the local server's push to the global tier goes as blocks
+                continue
             on_sent = None
             if pending.times is not None:
                 stamp = pending.times[(server, offset)] = [Trace.now(), None]
@@ -319,6 +327,8 @@ class KVClient:
             p.error = p.error or RemoteError(str((msg.meta or {}).get("error", "server error")))
         else:
             self._track_rounds(server, msg, p.sent[(server, msg.offset)])
+            if msg.meta and self.on_server_meta is not None:
+                self.on_server_meta(server, msg.meta)
             if msg.meta and self.on_meta is not None:
                 self.on_meta(msg.key, msg.meta)
             if msg.payload:

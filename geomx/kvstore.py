@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import sys
 import threading
 import weakref
@@ -353,6 +354,20 @@ class GeoKVStore(KVStoreBase):
             raise GeoMXError(f"set_gradient_compression: {exc}") from None
         if self.is_master_worker:
             self._command({"cmd": commands.SET_COMPRESSION, "params": codec.params()})
+
+    def report_loss(self, loss: float) -> None:
+        """Tell the party's local server this worker's current training loss (a number > 0). With DGT's
+        ``ADAPTIVE_K_FLAG=1`` the local server lowers K, the share of blocks sent reliably, as the
+        party's mean loss falls: K_t = max(K0 * loss_t / loss_0, DMLC_K_MIN). Does not wait for the
+        answer; an error (e.g. a non-finite loss) surfaces at the next kvstore call. A no-op on the
+        master worker, which does not train."""
+        self._check()
+        loss = float(loss)
+        if not (math.isfinite(loss) and loss > 0):
+            raise GeoMXError(f"report_loss needs a finite loss > 0, got {loss}")
+        if self.is_master_worker:
+            return
+        self._inflight.append(self._node.broadcast(MsgType.COMMAND, meta={"cmd": commands.REPORT_LOSS, "loss": loss}))
 
     def save_optimizer_states(self, fname: str, dump_optimizer: bool = False) -> None:
         """Save the global servers' optimizer states to ``fname`` (an .npz file without pickles)."""

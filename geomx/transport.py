@@ -107,6 +107,7 @@ class EventLoop:
         self.poller = zmq.Poller()
         self.handlers: Dict[zmq.Socket, Tuple[Link, Handler, bool]] = {}
         self._writers: Dict[zmq.Socket, Callable[[], None]] = {}  # waiting for POLLOUT
+        self.fd_handlers: Dict[int, Callable[[], None]] = {}  # plain sockets by fd (DGT's UDP channels)
         self._timers: List[Tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._calls: Deque[Callable[[], None]] = collections.deque()
@@ -136,6 +137,18 @@ class EventLoop:
         if link.sock not in self._writers:
             self._writers[link.sock] = fn
             self.poller.modify(link.sock, zmq.POLLIN | zmq.POLLOUT)
+
+    def add_fd(self, sock: Any, on_readable: Callable[[], None]) -> None:
+        """Call ``on_readable()`` when a plain (non-ZeroMQ) socket has data; it must not block.
+        (zmq.Poller reports plain sockets by file descriptor, so they are registered as one.)"""
+        fd = sock.fileno()
+        self.fd_handlers[fd] = on_readable
+        self.poller.register(fd, zmq.POLLIN)
+
+    def remove_fd(self, sock: Any) -> None:
+        fd = sock.fileno()
+        if self.fd_handlers.pop(fd, None) is not None:
+            self.poller.unregister(fd)
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), fn))
@@ -178,6 +191,8 @@ class EventLoop:
             entry = self.handlers.get(sock)
             if entry is not None and mask & zmq.POLLIN:
                 self._drain(*entry)
+            elif sock in self.fd_handlers:
+                self.fd_handlers[sock]()
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             _, _, fn = heapq.heappop(self._timers)

@@ -44,6 +44,8 @@ class MsgType(enum.IntEnum):
     PUSHPULL = 19
     COMMAND = 20
     STOP = 21
+    # One block of a DGT push (local server -> global server; geomx.dgt). Not a request: no reply.
+    DGT_BLOCK = 22
     RESPONSE = 32
     ERROR = 33
     # TSEngine (geomx/tsengine): the round travels in the header's version field.

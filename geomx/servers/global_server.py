@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from .. import checkpoint, commands, compression
+from .. import checkpoint, commands, compression, dgt
 from ..config import NodeConfig
 from ..errors import GeoMXError, ProtocolError
 from ..optimizer_spec import optimizer_from_spec, states_from_wire, states_to_wire
@@ -60,6 +60,37 @@ class GlobalServer(ServerBase):
         self.next_checkpoint_round = cfg.checkpoint_every
         self.restored_from: Optional[str] = None
         self._writer: Optional[threading.Thread] = None  # the thread writing the latest checkpoint
+        self.dgt: Optional[dgt.Receiver] = None
+        if cfg.dgt_mode:
+            self.dgt = dgt.Receiver(loop, cfg.dgt_grace, self._held, self._deliver_dgt_push, self.name)
+            if cfg.dgt_mode == 1:
+                self.dgt.open_udp()
+
+    # -- DGT ----------------------------------------------------------------------------------
+    def _held(self, key: int) -> Optional[tuple]:
+        ks = self.keys.get(key)
+        return None if ks is None or not ks.initialized else (ks.numel, ks.dtype)
+
+    def handle_client(self, msg: Message, identity: Optional[bytes], link: Link) -> None:
+        if msg.type == MsgType.DGT_BLOCK:
+            if self.dgt is None or link is not self.wan_link:
+                raise ProtocolError("DGT block, but DGT is off here (ENABLE_DGT) or it came from a "
+                                    "central-party client")
+            assert identity is not None
+            self.dgt.on_tcp_block(msg, identity, link.name)
+            return
+        super().handle_client(msg, identity, link)
+
+    def _deliver_dgt_push(self, msg: Message, identity: bytes) -> None:
+        """A reassembled DGT push enters the server as the party's ordinary PUSHPULL (it runs from
+        a timer too, so a refusal is answered here rather than by the event loop)."""
+        try:
+            self.handle_client(msg, identity, self.wan_link)
+        except ProtocolError as exc:
+            self.reply_error(self.wan_link, identity, msg, str(exc))
+        except Exception as exc:  # noqa: BLE001 - one bad push must not take the server down
+            log.exception("%s: error while handling a DGT push of key %d", self.name, msg.key)
+            self.reply_error(self.wan_link, identity, msg, f"internal error: {exc}")
 
     # -- round bookkeeping --------------------------------------------------------------------
     def expected_pushes(self, link: Link) -> int:
@@ -327,6 +358,8 @@ class GlobalServer(ServerBase):
                 # Checkpoints are on: the client numbers its pushes from here and keeps them until a
                 # checkpoint holds their round (see KVClient). Not under MixedSync, which has no rounds.
                 meta["round"] = ks.pushes_of(client)
+            if self.dgt is not None and client[0] == self.wan_link.name:
+                meta["dgt"] = self.dgt.advert(client, req.sender, self.cfg.dgt_mode)
         elif self.cfg.use_esync and req.key == ESYNC_KEY and req.type == MsgType.PUSHPULL:
             meta["esync_steps"] = self.esync_steps_for(client)
         saved = self.checkpointed.get(req.key)
@@ -459,6 +492,10 @@ class GlobalServer(ServerBase):
             raise GeoMXError(f"{codec.name} cannot be combined with ENABLE_INTER_TS=1: TSEngine sums and relays "
                              "dense tensors between parties (use 'fp16' with float16 keys, or unset "
                              "ENABLE_INTER_TS)")
+        if self.dgt is not None and codec.name != "none":
+            raise GeoMXError(f"gradient compression {codec.name!r} cannot be combined with DGT "
+                             f"(ENABLE_DGT={self.cfg.dgt_mode} on the global server): DGT sends dense "
+                             "blocks of the parties' sums; unset one of them")
         if any(ks.initialized for ks in self.keys.values()):
             raise GeoMXError("set_gradient_compression must come before kv.init (the parties learn the "
                              "codec when they initialise their keys)")
@@ -511,6 +548,8 @@ class GlobalServer(ServerBase):
 
     def on_all_stopped(self) -> None:
         log.info("%s: every client stopped", self.name)
+        if self.dgt is not None:
+            log.info("%s: DGT blocks received %s", self.name, self.dgt.stats.as_dict())
         self.exit_code = 0
 
 

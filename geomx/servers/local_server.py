@@ -4,12 +4,13 @@ then hands the global result back to its workers. It is a server in its party's 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from typing import Callable, List, Optional
 
 import numpy as np
 
-from .. import commands, compression
+from .. import commands, compression, dgt
 from ..config import NodeConfig
 from ..errors import GeoMXError
 from ..kvclient import KVClient
@@ -43,6 +44,8 @@ class LocalServer(ServerBase):
         self.ts_port = 0
         if cfg.enable_inter_ts:
             self.ts_link, self.ts_port = bind_router(loop.ctx, "*", 0, cfg.max_message_bytes, "ts-peers", wan=True)
+        self.dgt: Optional[dgt.Sender] = dgt.Sender(cfg, loop) if cfg.dgt_mode else None
+        self.round_trips: List[float] = []  # seconds from a key's push to the global reply (logged at stop)
 
     def connect_inter_ts(self, peer: TSPeer) -> None:
         assert self.ts_link is not None
@@ -54,6 +57,9 @@ class LocalServer(ServerBase):
         them may need the global tier."""
         self.upstream = client
         client.on_meta = self._on_upstream_meta
+        if self.dgt is not None:
+            self.dgt.attach(client.links, client.addresses)
+            client.on_server_meta = self.dgt.on_server_meta
         self.loop.add(self.link, self.handle_client, routed=True)
 
     def _on_upstream_meta(self, key: int, meta: dict) -> None:
@@ -98,6 +104,11 @@ class LocalServer(ServerBase):
             assert self.upstream is not None
 
             def on_global_value(value: Optional[np.ndarray], error: Optional[Exception]) -> None:
+                if error is None and self.dgt is not None:
+                    # The global servers announce their DGT settings in the INIT replies.
+                    parts = self.upstream.span_parts(ks.key, ks.offset, ks.numel, ks.total)
+                    refused = self.dgt.not_ready([s for s, _, _ in parts])
+                    error = None if refused is None else GeoMXError(refused)
                 if error is not None:
                     self._fail_parked(ks, str(error))
                     return
@@ -123,8 +134,10 @@ class LocalServer(ServerBase):
         if self.inter_ts is not None:
             self._inter_ts_round(ks, r, acc)
             return
+        sent = time.monotonic()
 
         def on_global_result(value: Optional[np.ndarray], error: Optional[Exception]) -> None:
+            self.round_trips.append(time.monotonic() - sent)
             if error is not None:
                 self._fail_upstream(ks, r, error)
                 return
@@ -136,7 +149,8 @@ class LocalServer(ServerBase):
 
         # The workers' priority goes on across the WAN (P3 orders the global tier's slices by it).
         self.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_result, data=acc,
-                              encoder=self._encoder(ks, acc), span=(ks.offset, ks.total), priority=ks.priority)
+                              encoder=self._encoder(ks, acc), span=(ks.offset, ks.total), priority=ks.priority,
+                              send=None if self.dgt is None else self.dgt.send)
 
     def finish_round(self, ks: KeyState, r: int, value: np.ndarray) -> None:
         ks.finish_round(r, value)
@@ -221,6 +235,12 @@ class LocalServer(ServerBase):
     # -- commands -----------------------------------------------------------------------------
     def on_command(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
         cmd = meta_field(msg, "cmd", str)
+        if cmd == commands.REPORT_LOSS:
+            loss = meta_field(msg, "loss", float)
+            if self.dgt is not None:
+                self.dgt.report_loss(client, loss)
+            self.reply(link, identity, msg)
+            return
         if cmd not in commands.RELAYED:
             self.reply_error(link, identity, msg, f"command {cmd!r} cannot be relayed by a local server")
             return
@@ -255,6 +275,13 @@ class LocalServer(ServerBase):
     def _stop_upstream(self) -> None:
         assert self.upstream is not None
         log.info("%s: all workers stopped; stopping the global tier link", self.name)
+        if self.dgt is not None:
+            log.info("%s: DGT blocks sent %s, final K %.3f", self.name, self.dgt.sent, self.dgt.k.k)
+        if len(self.round_trips) >= 2:
+            # The benchmarks read this line (benchmarks/suite.py, ROUND_TRIP_TAG).
+            q = statistics.quantiles(self.round_trips, n=10)
+            log.info("%s: global round trips per key: n=%d p50=%.4f p90=%.4f s", self.name,
+                     len(self.round_trips), statistics.median(self.round_trips), q[-1])
 
         def done(replies: List[Message], error: Optional[Exception]) -> None:
             if error is not None:

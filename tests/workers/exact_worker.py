@@ -60,6 +60,8 @@ def main():
                    help="the global servers were restored from a checkpoint taken after this many rounds")
     p.add_argument("--checkpoint-at", type=int, default=-1,
                    help="after this round, slice 0 asks for a checkpoint (kv.save_checkpoint) and checks it")
+    p.add_argument("--report-loss", action="store_true",
+                   help="kv.report_loss(4 / (t + 1)) before round t (DGT's adaptive K)")
     args = p.parse_args()
     print("PID", os.getpid(), flush=True)
     kv = mx.kv.create("dist_sync")
@@ -95,6 +97,8 @@ def main():
     for t in range(args.first_round, args.rounds):
         if t == 1 and args.slice == args.crash_slice:
             raise RuntimeError("injected failure")
+        if args.report_loss:
+            kv.report_loss(4.0 / (t + 1))
         pushes = {k: mx.nd.array((args.slice + 1) * (t + 1) * base(k)) for k in keys}
         if args.mode == "push-pull":
             for k in keys:

@@ -4,6 +4,7 @@ weights. It belongs to two tiers: the global tier (clients: local servers, acros
 central party (clients: the master worker and central workers)."""
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -65,6 +66,9 @@ class GlobalServer(ServerBase):
             self.dgt = dgt.Receiver(loop, cfg.dgt_grace, self._held, self._deliver_dgt_push, self.name)
             if cfg.dgt_mode == 1:
                 self.dgt.open_udp()
+
+        self._save_seq = itertools.count(1)  # snapshots in the order taken ...
+        self._saved_seq = 0  # ... and the newest one known to be on disk
 
     # -- DGT ----------------------------------------------------------------------------------
     def _held(self, key: int) -> Optional[tuple]:
@@ -163,6 +167,7 @@ class GlobalServer(ServerBase):
         start = time.perf_counter()
         job = _SaveJob(self.snapshot(), checkpoint.file_name(self.cfg.checkpoint_dir, self.rank), why, done, wait)
         job.start = start
+        job.seq = next(self._save_seq)
         previous = self._writer
 
         def write() -> None:
@@ -196,8 +201,10 @@ class GlobalServer(ServerBase):
             if job.wait:
                 raise job.error
             return None
-        # From now on the clients may forget their pushes of rounds this checkpoint holds.
-        self.checkpointed = {rec.key: rec.completed for rec in job.ckpt.keys}
+        if job.seq > self._saved_seq:  # a waited-for save may finish before an earlier one is reported
+            self._saved_seq = job.seq
+            # From now on the clients may forget their pushes of rounds this checkpoint holds.
+            self.checkpointed = {rec.key: rec.completed for rec in job.ckpt.keys}
         rounds = [rec.completed for rec in job.ckpt.keys] or [0]
         log.info("%s: checkpoint (%s) of %d key(s) at rounds %d..%d: %s, %d bytes in %.3fs", self.name, job.why,
                  len(job.ckpt.keys), min(rounds), max(rounds), job.path, job.size, job.seconds)
@@ -563,6 +570,7 @@ class _SaveJob:
         self.size = 0
         self.seconds = 0.0
         self.error: Optional[GeoMXError] = None
+        self.seq = 0
 
 
 def _without_progress(spec: Dict[str, Any]) -> Dict[str, Any]:

@@ -24,11 +24,12 @@ import io
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -159,6 +160,15 @@ def markdown(rows: List[dict], ratios: Dict[int, Optional[float]]) -> str:
     return "\n".join(lines)
 
 
+def _timed_cpu(run_fn, *run_args) -> Tuple[dict, float]:
+    """``run_fn(*run_args)`` and the CPU seconds (user + system) its child processes used; every child is
+    waited for before the runners return, so RUSAGE_CHILDREN has counted them all."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    run = run_fn(*run_args)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return run, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="1.6M,25M", help="comma-separated model sizes (float32 parameters)")
@@ -176,6 +186,11 @@ def main(argv=None) -> int:
     p.add_argument("--geomx-src", default=None, metavar="DIR",
                    help="put DIR first on PYTHONPATH of every geomx process (benchmark another checkout "
                         "whose geomx package is DIR/geomx); default: the installed geomx")
+    p.add_argument("--cpu-extra-iters", type=int, default=0, metavar="N",
+                   help="also measure CPU time per iteration, summed over every process of a system: run "
+                        "each system again with N more timed iterations and divide the difference in the "
+                        "processes' CPU time by N (start-up and imports cancel out). Unlike wall time, this "
+                        "does not depend on what else the machine runs")
     p.add_argument("--out", default="bench_out/pushpull.json")
     args = p.parse_args(argv)
     if args.geomx_src:
@@ -194,6 +209,7 @@ def main(argv=None) -> int:
 
     rows: List[dict] = []
     ratios: Dict[int, Optional[float]] = {}
+    cpu_ratios: Dict[int, float] = {}
     t_all = time.perf_counter()
     for size in sizes:
         actual = num_params(model_shapes(size))
@@ -201,7 +217,8 @@ def main(argv=None) -> int:
         for system in systems:
             print(f"# running {system}: {fmt_size(actual)} parameters ({len(model_shapes(size))} tensors), "
                   f"{args.warmup} warm-up + {args.iters} timed iterations ...", file=sys.stderr, flush=True)
-            run = run_geomx(size, args, extra_env) if system == "geomx" else run_native(size, args, extra_env)
+            runner = run_geomx if system == "geomx" else run_native
+            run, cpu_s = _timed_cpu(runner, size, args, extra_env)
             if args.keep_logs:
                 os.makedirs(args.keep_logs, exist_ok=True)
                 with open(os.path.join(args.keep_logs, f"{system}_{actual}.log"), "w") as f:
@@ -214,14 +231,26 @@ def main(argv=None) -> int:
             else:
                 print(f"#   {system}: {row['median_ms']:.1f} ms/iter (workers {row['worker_median_ms']}), "
                       f"run took {row['wall_s']:.1f}s", file=sys.stderr, flush=True)
+            if args.cpu_extra_iters > 0 and row["ok"]:
+                longer = argparse.Namespace(**{**vars(args), "iters": args.iters + args.cpu_extra_iters,
+                                               "profile_dir": None})
+                run2, cpu2_s = _timed_cpu(runner, size, longer, extra_env)
+                if summarise(system, actual, run2)["ok"]:
+                    row["cpu_ms_per_iter"] = round((cpu2_s - cpu_s) / args.cpu_extra_iters * 1e3, 1)
+                    print(f"#   {system}: {row['cpu_ms_per_iter']:.1f} CPU ms/iter over all processes",
+                          file=sys.stderr, flush=True)
             rows.append(row)
             by_system[system] = row
         n, g = by_system.get("native"), by_system.get("geomx")
         ratios[actual] = (round(n["median_ms"] / g["median_ms"], 3)
                           if n and g and n["ok"] and g["ok"] else None)
+        if n and g and n.get("cpu_ms_per_iter") and g.get("cpu_ms_per_iter"):
+            cpu_ratios[actual] = round(n["cpu_ms_per_iter"] / g["cpu_ms_per_iter"], 3)
 
     table = markdown(rows, ratios)
     print(table)
+    for size, r in cpu_ratios.items():
+        print(f"CPU time per iteration, all processes, {fmt_size(size)}: native/geomx = {r}")
     report = {
         "benchmark": "pushpull",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -234,6 +263,7 @@ def main(argv=None) -> int:
                    "tensors": {str(fmt_size(num_params(model_shapes(s)))): model_shapes(s) for s in sizes}},
         "rows": rows,
         "ratio_native_over_geomx": {str(k): v for k, v in ratios.items()},
+        "cpu_ratio_native_over_geomx": {str(k): v for k, v in cpu_ratios.items()},
         "total_s": round(time.perf_counter() - t_all, 1),
         "table_markdown": table,
     }

@@ -10,6 +10,7 @@ import os
 import socket
 from typing import Mapping, Optional
 
+from . import security
 from .errors import ConfigError
 
 GLOBAL_SCHEDULER = "global_scheduler"
@@ -89,6 +90,8 @@ class NodeConfig:
     dgt_alpha: float = 0.3  # weight of a block's previous score in its moving average
     dgt_grace: float = 0.05  # seconds a receiver waits for missing blocks after the last one
     dgt_test_drop_rate: float = 0.0  # tests only: fraction of UDP datagrams the sender drops
+    # CURVE keys of this node's party (None: links in clear; see geomx/security.py).
+    curve: Optional[security.CurveKeys] = None
 
     @property
     def is_server(self) -> bool:
@@ -340,6 +343,7 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
         raise ConfigError(f"ENABLE_P3 and {which} cannot both be set (role: {role})")
     if role in (GLOBAL_SERVER, LOCAL_SERVER):
         _load_dgt(r, kw)
+    kw["curve"] = _curve_keys(r, role, kw)
     return NodeConfig(**kw)
 
 
@@ -407,6 +411,44 @@ def _load_dgt(r: _Reader, kw: dict) -> None:
     if not 0.0 <= drop < 1.0:
         raise r._fail("GEOMX_DGT_TEST_DROP_RATE", f"must be in [0, 1), got {drop}")
     kw["dgt_test_drop_rate"] = drop
+
+
+def _curve_keys(r: _Reader, role: str, kw: dict) -> Optional[security.CurveKeys]:
+    """CURVE is on whenever this node has a secret key; listeners also need the allow-list, and a local
+    server the name of the central party's key (the only other party it connects to)."""
+    secret = r.str("GEOMX_CURVE_SECRET_KEY")
+    if secret is not None and kw.get("enable_inter_ts"):
+        # Local servers of different parties would connect to each other: each would need the other's
+        # key, which the trust model (a client knows its own party's key and the central one's) lacks.
+        raise ConfigError(f"ENABLE_INTER_TS=1 cannot be combined with GEOMX_CURVE_SECRET_KEY yet (TSEngine relays "
+                          f"between parties are not encrypted) (role: {role})")
+    if secret is not None and kw.get("dgt_mode") == 1:
+        raise ConfigError(f"ENABLE_DGT=1 sends gradient blocks in plain UDP datagrams, which CURVE cannot protect; "
+                          f"with GEOMX_CURVE_SECRET_KEY use ENABLE_DGT=2 or 3 (low-priority TCP link) (role: {role})")
+    public_dir = r.str("GEOMX_CURVE_PUBLIC_KEYS_DIR")
+    inside_party = r.bool("GEOMX_CURVE_INSIDE_PARTY", True)
+    if secret is None:
+        if public_dir is not None:
+            raise r._fail("GEOMX_CURVE_PUBLIC_KEYS_DIR", "is set but GEOMX_CURVE_SECRET_KEY is not (CURVE needs "
+                                                         "this party's secret key too)")
+        return None
+    if public_dir is None and role != WORKER:
+        raise r._fail("GEOMX_CURVE_PUBLIC_KEYS_DIR", "is required with GEOMX_CURVE_SECRET_KEY (the allow-list "
+                                                     "of the parties' public keys)")
+    central = r.str("GEOMX_CURVE_CENTRAL_KEY", "central") if role == LOCAL_SERVER else None
+    try:
+        security.load_secret(secret)
+    except security.KeyFileError as exc:
+        raise r._fail("GEOMX_CURVE_SECRET_KEY", f"is unusable: {exc}") from None
+    try:
+        if public_dir is not None:
+            security.load_allow_list(public_dir)
+    except security.KeyFileError as exc:
+        raise r._fail("GEOMX_CURVE_PUBLIC_KEYS_DIR", f"is unusable: {exc}") from None
+    try:
+        return security.load(secret, public_dir if role != WORKER else None, central, inside_party)
+    except security.KeyFileError as exc:
+        raise r._fail("GEOMX_CURVE_CENTRAL_KEY", f"is unusable: {exc}") from None
 
 
 def is_worker_process(env: Optional[Mapping[str, str]] = None) -> bool:

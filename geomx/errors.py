@@ -17,5 +17,9 @@ class PeerDeadError(GeoMXError):
     """A peer stopped responding (no heartbeat within the timeout) or announced a failure."""
 
 
+class SecurityError(GeoMXError):
+    """A peer refused this node's CURVE handshake (unknown key, wrong key, or CURVE on one side only)."""
+
+
 class RemoteError(GeoMXError):
     """A server answered a request with an error (bad key, shape mismatch, unknown optimizer...)."""

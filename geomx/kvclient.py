@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import compression, wire
-from .errors import GeoMXError, PeerDeadError, ProtocolError, RemoteError
+from .errors import GeoMXError, PeerDeadError, ProtocolError, RemoteError, SecurityError
 from .p3 import CONTROL, DATA, SendQueue, Trace
 from .transport import EventLoop, Link, connect_dealer
 from .wire import Message, MsgType
@@ -152,10 +152,12 @@ class KVClient:
         # P3: libzmq may hold p3_window messages and the kernel about one slice of float32;
         # everything else waits in the SendQueue, where priorities still decide.
         p3 = self.p3_slice_size > 0
-        link = connect_dealer(self.loop.ctx, host, port, f"{self.identity}>{server}".encode(),
-                              self.loop.max_message_bytes, f"{self.name}->server{server}", wan=self.wan,
+        peer = f"{'global' if self.wan else 'party'} server {server}"
+        link = connect_dealer(self.loop, host, port, f"{self.identity}>{server}".encode(),
+                              f"{self.name}->server{server}", peer=peer, wan=self.wan, cross_party=self.wan,
                               send_window=self.p3_window if p3 else 0,
                               send_buffer=max(1 << 16, 4 * self.p3_slice_size) if p3 else 0)
+        link.on_refused = lambda reason: self.fail_all(SecurityError(reason))
         self.loop.add(link, self._make_handler(server), routed=False)
         return link
 

@@ -33,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -160,6 +161,21 @@ class Topology:
     dc_hosts: Dict[str, str] = field(default_factory=dict)
     #: ... and an argv prefix that runs a process inside it (e.g. ``ip netns exec NS``).
     dc_prefix: Dict[str, List[str]] = field(default_factory=dict)
+    #: CURVE (``--curve``): a directory with one key pair per data center, ``central.key[_secret]``,
+    #: ``party0.key[_secret]``, ... (see :meth:`make_curve_keys`); it is every party's allow-list too.
+    curve_dir: Optional[str] = None
+
+    @property
+    def dcs(self) -> List[str]:
+        """Data centers: ``central``, ``party0`` .. ``party{P-1}``."""
+        return ["central"] + [f"party{p}" for p in range(self.parties)]
+
+    def make_curve_keys(self, directory: str) -> None:
+        """Throwaway key pairs for every data center in ``directory``, and switch CURVE on."""
+        from . import security
+
+        security.generate_topology_keys(directory, self.dcs)
+        self.curve_dir = directory
 
     def dc_host(self, dc: str) -> str:
         return self.dc_hosts.get(dc, self.host)
@@ -373,6 +389,11 @@ class Topology:
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.update({k: str(v) for k, v in role_env.items()})
         env["DMLC_NODE_HOST"] = self.dc_host(dc)
+        if self.curve_dir is not None:
+            # A global server in a data center of its own ("gsN") still belongs to the central party.
+            party = dc if dc.startswith("party") else "central"
+            env["GEOMX_CURVE_SECRET_KEY"] = os.path.join(self.curve_dir, f"{party}.key_secret")
+            env["GEOMX_CURVE_PUBLIC_KEYS_DIR"] = self.curve_dir
         env.update({str(k): str(v) for k, v in self.env.items()})
         for pattern, extra in self.node_env.items():
             if fnmatch.fnmatchcase(name, pattern):
@@ -881,6 +902,12 @@ def _parser() -> argparse.ArgumentParser:
         help="with --wan: each global server in a data center of its own (gs0, gs1, ...) with its own link "
         "at the central rate (or gsN=RATE), as with one machine per global server",
     )
+    p.add_argument(
+        "--curve",
+        action="store_true",
+        help="encrypt and authenticate every link with CURVE, using throwaway key pairs (one per data center) "
+        "generated into a temporary directory and removed at exit",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the processes as shell lines and exit")
     p.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
@@ -936,6 +963,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except wanmod.WanError as exc:
             print(f"geomx-launch: --wan: {exc}", file=sys.stderr)
             return 2
+
+    if args.curve:
+        curve_tmp = tempfile.TemporaryDirectory(prefix="geomx-curve-")
+        atexit.register(curve_tmp.cleanup)
+        topology.make_curve_keys(curve_tmp.name)
 
     if args.dry_run:
         if wan_spec is not None:

@@ -49,7 +49,8 @@ def _scheduler(cfg: NodeConfig) -> int:
     sched = Scheduler(tier, port, servers, workers, heartbeat_interval=cfg.heartbeat_interval,
                       heartbeat_timeout=cfg.heartbeat_timeout, start_timeout=cfg.start_timeout,
                       max_message_bytes=cfg.max_message_bytes, ts_variable=ts_variable,
-                      max_greed_rate=cfg.max_greed_rate_ts)
+                      max_greed_rate=cfg.max_greed_rate_ts, keys=cfg.curve,
+                      cross_party=cfg.role == config.GLOBAL_SCHEDULER)
     return sched.run()
 
 
@@ -60,7 +61,7 @@ def _member(loop: EventLoop, cfg: NodeConfig, tier: str, scheduler: tuple, role:
                       name=name, rank_hint=rank_hint, layout=layout, ts=ts,
                       heartbeat_interval=cfg.heartbeat_interval,
                       heartbeat_timeout=cfg.heartbeat_timeout, start_timeout=cfg.start_timeout,
-                      on_fatal=fatal.append)
+                      on_fatal=fatal.append, cross_party=tier == "global")
 
 
 def _wait(loop: EventLoop, cfg: NodeConfig, done, fatal: List[Exception], what: str) -> None:
@@ -95,7 +96,7 @@ def _serve(loop: EventLoop, server: ServerBase, members: List[TierMember], fatal
 
 def _local_server(cfg: NodeConfig) -> int:
     ctx = zmq.Context()
-    loop = EventLoop(ctx, cfg.max_message_bytes, name="local server")
+    loop = EventLoop(ctx, cfg.max_message_bytes, name="local server", keys=cfg.curve)
     server = LocalServer(cfg, loop)
     fatal: List[Exception] = []
     # The party's workers divide keys along the global servers' parts (kvclient.partition); the
@@ -152,7 +153,7 @@ def _global_server(cfg: NodeConfig) -> int:
     import mxnet  # noqa: F401
 
     ctx = zmq.Context()
-    loop = EventLoop(ctx, cfg.max_message_bytes, name="global server")
+    loop = EventLoop(ctx, cfg.max_message_bytes, name="global server", keys=cfg.curve)
     server = GlobalServer(cfg, loop)
     if ckpt is not None:
         server.restore(ckpt, cfg.checkpoint_restore)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import zmq
 
-from . import wire
+from . import security, wire
 from .errors import ProtocolError
 
 log = logging.getLogger("geomx.transport")
@@ -31,6 +31,14 @@ class Link:
         self.wan = wan
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.curve = False
+        self.peer = name  # what log lines call the other end
+        # Called with the reason when the peer refused this (client) link's CURVE handshake; the
+        # owner fails with it (retrying cannot help). Unset: the reason is only logged.
+        self.on_refused: Optional[Callable[[str], None]] = None
+        self.monitor: Optional[zmq.Socket] = None
+        self._handshake_failures = 0
+        self.refused = False
 
     def send(self, msg: wire.Message, identity: Optional[bytes] = None, block: bool = True) -> None:
         """Send ``msg``; with ``block=False`` raise ``zmq.Again`` (nothing sent) when the socket's
@@ -50,7 +58,41 @@ class Link:
         return frames
 
     def close(self) -> None:
+        if self.monitor is not None:
+            self.sock.disable_monitor()
+            self.monitor.close(linger=0)
         self.sock.close(linger=0)
+
+    def on_monitor_event(self, server: bool) -> None:
+        """A handshake event of this link's socket: log a refusal, or fail a refused client link."""
+        assert self.monitor is not None
+        while True:
+            try:
+                frames = self.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            reason = security.handshake_failure(frames, server=server, link_name=self.name, peer=self.peer)
+            if reason is None:
+                if not server and security.parse_monitor_message(frames)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self._handshake_failures = 0
+                continue
+            if server:
+                _refusals(logging.ERROR, reason)
+                continue
+            self._handshake_failures += 1
+            # A definite refusal fails at once; a handshake that broke off without detail may be a
+            # peer that went away mid-handshake, so only a repeated one counts.
+            definite = "REFUSED" in reason or "does not" in reason
+            if not self.curve and not definite:
+                continue
+            if (definite or self._handshake_failures >= 3) and not self.refused:
+                self.refused = True  # reported once; the owner fails with it
+                log.error("%s", reason)
+                if self.on_refused is not None:
+                    self.on_refused(reason)
+
+
+_refusals = security.RateLimitedLog()
 
 
 def configure(sock: zmq.Socket, max_message_bytes: int) -> None:
@@ -62,33 +104,42 @@ def configure(sock: zmq.Socket, max_message_bytes: int) -> None:
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
 
 
-def bind_router(ctx: zmq.Context, host: str, port: int, max_message_bytes: int, name: str,
-                wan: bool = False) -> Tuple[Link, int]:
-    """A ROUTER socket bound on all interfaces at ``port`` (0 = any free port)."""
-    sock = ctx.socket(zmq.ROUTER)
-    configure(sock, max_message_bytes)
+def bind_router(loop: "EventLoop", port: int, name: str, *, wan: bool = False,
+                cross_party: bool = False) -> Tuple[Link, int]:
+    """A ROUTER socket bound on all interfaces at ``port`` (0 = any free port). ``cross_party``: clients
+    from other parties connect to it (they must be CURVE clients whenever keys are configured)."""
+    sock = loop.ctx.socket(zmq.ROUTER)
+    configure(sock, loop.max_message_bytes)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    link = Link(sock, name, wan)
+    loop.secure(link, server=True, cross_party=cross_party)
     if port:
         sock.bind(f"tcp://*:{port}")
     else:
         port = sock.bind_to_random_port("tcp://*")
-    return Link(sock, name, wan), port
+    return link, port
 
 
-def connect_dealer(ctx: zmq.Context, host: str, port: int, identity: bytes, max_message_bytes: int,
-                   name: str, wan: bool = False, send_window: int = 0, send_buffer: int = 0) -> Link:
-    """A DEALER connected to ``host:port``. ``send_window`` > 0 bounds the messages libzmq queues
-    for sending (SNDHWM) and ``send_buffer`` the kernel's send buffer (SO_SNDBUF), so that a sender
-    keeping its own priority queue (P3) decides the order of everything not yet on the wire."""
-    sock = ctx.socket(zmq.DEALER)
-    configure(sock, max_message_bytes)
+def connect_dealer(loop: "EventLoop", host: str, port: int, identity: bytes, name: str, *,
+                   peer: str, wan: bool = False, cross_party: bool = False, send_window: int = 0,
+                   send_buffer: int = 0) -> Link:
+    """A DEALER connected to ``host:port``; ``peer`` names that listener in error messages;
+    ``cross_party``: it belongs to another party (the central one). ``send_window`` > 0 bounds the
+    messages libzmq queues for sending (SNDHWM) and ``send_buffer`` the kernel's send buffer
+    (SO_SNDBUF), so that a sender keeping its own priority queue (P3) decides the order of everything
+    not yet on the wire."""
+    sock = loop.ctx.socket(zmq.DEALER)
+    configure(sock, loop.max_message_bytes)
     if send_window:
         sock.setsockopt(zmq.SNDHWM, send_window)
     if send_buffer:
         sock.setsockopt(zmq.SNDBUF, send_buffer)
     sock.setsockopt(zmq.IDENTITY, identity)
+    link = Link(sock, name, wan)
+    link.peer = f"{peer} at {host}:{port}"
+    loop.secure(link, server=False, cross_party=cross_party)
     sock.connect(f"tcp://{host}:{port}")
-    return Link(sock, name, wan)
+    return link
 
 
 _REQUESTS = (wire.MsgType.INIT, wire.MsgType.PUSH, wire.MsgType.PULL, wire.MsgType.PUSHPULL,
@@ -100,10 +151,14 @@ Handler = Callable[[wire.Message, Optional[bytes], Link], None]
 class EventLoop:
     """Polls a set of links and runs timers and cross-thread callbacks, all in one thread."""
 
-    def __init__(self, ctx: zmq.Context, max_message_bytes: int = 1 << 31, name: str = "node"):
+    def __init__(self, ctx: zmq.Context, max_message_bytes: int = 1 << 31, name: str = "node",
+                 keys: Optional[security.CurveKeys] = None):
         self.ctx = ctx
         self.name = name
         self.max_message_bytes = max_message_bytes
+        self.keys = keys  # CURVE keys of this node's party; None: links in clear
+        self._zap: Optional[security.ZapHandler] = None
+        self._raw: Dict[zmq.Socket, Callable[[], None]] = {}  # monitor and ZAP sockets
         self.poller = zmq.Poller()
         self.handlers: Dict[zmq.Socket, Tuple[Link, Handler, bool]] = {}
         self._writers: Dict[zmq.Socket, Callable[[], None]] = {}  # waiting for POLLOUT
@@ -125,6 +180,29 @@ class EventLoop:
         self.handlers[link.sock] = (link, handler, routed)
         self.poller.register(link.sock, zmq.POLLIN)
         self.links.append(link)
+
+    def secure(self, link: Link, server: bool, cross_party: bool) -> None:
+        """The one place a socket gets its security settings: CURVE when this node has keys and the
+        link crosses parties (or GEOMX_CURVE_INSIDE_PARTY, on by default, covers it too); a monitor
+        that reports refused handshakes on both ends."""
+        if security.uses_curve(self.keys, cross_party):
+            assert self.keys is not None
+            if server:
+                if self._zap is None:
+                    self._zap = security.ZapHandler(self.ctx, self.keys, self.name)
+                    self._add_raw(self._zap.sock, self._zap.handle)
+                security.secure_server(link.sock, self.keys, link.name)
+            else:
+                security.secure_client(link.sock, self.keys, cross_party)
+            link.curve = True
+        elif cross_party:
+            security.warn_insecure(link.name)
+        link.monitor = link.sock.get_monitor_socket(security.MONITORED)
+        self._add_raw(link.monitor, lambda: link.on_monitor_event(server))
+
+    def _add_raw(self, sock: zmq.Socket, fn: Callable[[], None]) -> None:
+        self._raw[sock] = fn
+        self.poller.register(sock, zmq.POLLIN)
 
     def remove(self, link: Link) -> None:
         if link.sock in self.handlers:
@@ -193,6 +271,8 @@ class EventLoop:
                 self._drain(*entry)
             elif sock in self.fd_handlers:
                 self.fd_handlers[sock]()
+            elif sock in self._raw:
+                self._raw[sock]()
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             _, _, fn = heapq.heappop(self._timers)
@@ -245,6 +325,8 @@ class EventLoop:
         self.stopped = True
         for link in self.links:
             link.close()
+        if self._zap is not None:
+            self._zap.close()
         self._wake_rx.close(linger=0)
 
 

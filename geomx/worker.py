@@ -27,7 +27,7 @@ class WorkerNode:
     def __init__(self, cfg: NodeConfig):
         self.cfg = cfg
         self.ctx = zmq.Context()
-        self.loop = EventLoop(self.ctx, cfg.max_message_bytes, name="worker")
+        self.loop = EventLoop(self.ctx, cfg.max_message_bytes, name="worker", keys=cfg.curve)
         self.fatal: Optional[Exception] = None
         self.info: Optional[TierInfo] = None
         self.kv: Optional[KVClient] = None
@@ -58,7 +58,7 @@ class WorkerNode:
             scheduler = (cfg.root_uri, cfg.root_port)
             ts_port = 0
             if self.intra_ts:
-                self.ts_link, ts_port = bind_router(self.ctx, "*", 0, cfg.max_message_bytes, "ts-peers")
+                self.ts_link, ts_port = bind_router(self.loop, 0, "ts-peers")
             self.member = TierMember(
                 self.loop, "party", scheduler, role="worker", host=cfg.advertised_host(*scheduler), port=ts_port,
                 name="master_worker" if cfg.is_master_worker else "worker", master=cfg.is_master_worker,

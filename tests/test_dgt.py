@@ -338,11 +338,11 @@ def test_sender_to_receiver_over_sockets(mode):
     cfg = NodeConfig(role="server", num_worker=1, dgt_mode=mode, dgt_k=0.4, dgt_channels=2, dgt_block_size=64,
                      dgt_grace=5.0)
     h = Harness(grace=5.0, numel=numel)
-    router, port = bind_router(h.ctx, "*", 0, 1 << 20, "global-clients", wan=True)
+    router, port = bind_router(h.loop, 0, "global-clients", wan=True)
     h.loop.add(router, lambda msg, ident, link: h.rx.on_tcp_block(msg, ident, link.name), routed=True)
     if mode == 1:
         h.rx.open_udp()
-    link = connect_dealer(h.ctx, "127.0.0.1", port, CLIENT[1], 1 << 20, "ls->server0", wan=True)
+    link = connect_dealer(h.loop, "127.0.0.1", port, CLIENT[1], "ls->server0", peer="server0", wan=True)
     tx = dgt.Sender(cfg, h.loop)
     tx.attach([link], [("127.0.0.1", port)])
     tx.on_server_meta(0, {"dgt": h.rx.advert(CLIENT, 0, mode)})

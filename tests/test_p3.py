@@ -51,7 +51,7 @@ def test_send_queue_order_over_a_real_socket():
     ctx = zmq.Context()
     loop = EventLoop(ctx, name="test")
     port = free_ports(1)[0]
-    link = connect_dealer(ctx, "127.0.0.1", port, b"client", 1 << 30, "client", send_window=1,
+    link = connect_dealer(loop, "127.0.0.1", port, b"client", "client", peer="server", send_window=1,
                           send_buffer=1 << 16)
     loop.add(link, lambda *a: None, routed=False)
     queue = p3.SendQueue(loop, link)
@@ -65,7 +65,7 @@ def test_send_queue_order_over_a_real_socket():
         queue.put(wire.Message(wire.MsgType.STOP), kind=p3.CONTROL)
         queue.put(wire.Message(wire.MsgType.PUSH, key=1, priority=-1, data=data))
         assert len(queue) == 9  # one message went to the socket
-        server, _ = bind_router(ctx, "127.0.0.1", port, 1 << 30, "server")
+        server, _ = bind_router(loop, port, "server")
         loop.add(server, lambda msg, identity, lk: got.append((msg.type.name, msg.key, msg.offset)), routed=True)
         loop.run_until(lambda: len(got) == 10, timeout=20, what="the queued messages")
     finally:

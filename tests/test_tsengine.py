@@ -257,7 +257,7 @@ def test_tree_and_relay_over_sockets_give_the_exact_sum_to_every_node():
         loop.call_later(0, lambda: peers[node].on_answer(via_wire(msg)))
 
     for node, owner in owners.items():
-        link, port = bind_router(ctx, "*", 0, 1 << 30, f"ts-{node}")
+        link, port = bind_router(loop, 0, f"ts-{node}")
         addresses[node] = ("127.0.0.1", port)
 
         def ask(msg, node=node):
@@ -316,7 +316,7 @@ def test_a_refused_hop_ends_the_sender_with_the_reason():
             return "this party is not waiting for key 0 round 0"
 
     failures = []
-    link, port = bind_router(ctx, "*", 0, 1 << 30, "ts-0")
+    link, port = bind_router(loop, 0, "ts-0")
     receiver = TSPeer(loop, 0, "node0", Refusing(), lambda m: None, failures.append, wan=True)
     loop.add(link, receiver.handle, routed=True)
     sender = TSPeer(loop, ROOT, "root", SumOwner(), lambda m: None, failures.append, wan=True)

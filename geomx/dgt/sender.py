@@ -99,8 +99,9 @@ class Sender:
             peer = _Peer(link, host)
             if self.mode in (2, 3):
                 identity = link.sock.getsockopt(zmq.IDENTITY) + LOW_SUFFIX
-                peer.low = connect_dealer(self.loop.ctx, host, port, identity, self.loop.max_message_bytes,
-                                          f"{link.name}/low", wan=True)
+                peer.low = connect_dealer(self.loop, host, port, identity, f"{link.name}/low",
+                                          peer=f"global server {len(self.peers)} (low priority)", wan=True,
+                                          cross_party=True)
                 peer.low.sock.setsockopt(zmq.TOS, 0)
                 self.loop.links.append(peer.low)  # closed with the loop; it receives nothing
             self.peers.append(peer)

@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Callable, List, Optional, Tuple
 
-from ..errors import PeerDeadError, ProtocolError
+from ..errors import PeerDeadError, ProtocolError, SecurityError
 from ..transport import EventLoop, Link, connect_dealer
 from ..wire import Message, MsgType, meta_field
 
@@ -43,7 +43,7 @@ class TierMember:
                  port: int, name: str, master: bool = False, rank_hint: Optional[int] = None, ts: bool = False,
                  layout: Optional[dict] = None,
                  heartbeat_interval: float, heartbeat_timeout: float, start_timeout: float = 120.0,
-                 on_fatal: Callable[[Exception], None]):
+                 on_fatal: Callable[[Exception], None], cross_party: bool = False):
         self.loop = loop
         self.tier = tier
         self.scheduler = scheduler
@@ -58,8 +58,9 @@ class TierMember:
         # TSEngine answers from the scheduler (TS_PUSH_TO / TS_RELAY_TO), when this node takes part.
         self.on_tsengine: Optional[Callable[[Message], None]] = None
         identity = f"{name}@{tier}#{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
-        self.link: Link = connect_dealer(loop.ctx, scheduler[0], scheduler[1], identity,
-                                         loop.max_message_bytes, f"{tier}-scheduler-link")
+        self.link: Link = connect_dealer(loop, scheduler[0], scheduler[1], identity, f"{tier}-scheduler-link",
+                                         peer=f"the {tier} scheduler", cross_party=cross_party)
+        self.link.on_refused = lambda reason: self._fail(SecurityError(reason))
         loop.add(self.link, self._handle, routed=False)
         self.register_meta = {"role": role, "host": host, "port": port, "name": name, "master": master,
                               "rank": -1 if rank_hint is None else rank_hint, "ts": ts, **(layout or {})}

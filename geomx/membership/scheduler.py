@@ -10,6 +10,7 @@ from typing import Dict, List, Optional
 import zmq
 
 from ..errors import ProtocolError
+from ..security import CurveKeys
 from ..transport import EventLoop, Link, bind_router, peer_label
 from ..tsengine.coordinator import QUESTIONS as TS_QUESTIONS
 from ..tsengine.coordinator import Coordinator
@@ -52,7 +53,7 @@ class Scheduler:
     def __init__(self, tier: str, port: int, num_servers: int, num_workers: int, *,
                  heartbeat_interval: float, heartbeat_timeout: float, start_timeout: float,
                  max_message_bytes: int, ctx: Optional[zmq.Context] = None, ts_variable: str = "",
-                 max_greed_rate: float = 0.9):
+                 max_greed_rate: float = 0.9, keys: Optional[CurveKeys] = None, cross_party: bool = False):
         self.tier = tier
         # TSEngine: the variable that switches it on in this tier (named in errors), the greedy
         # probability, and the coordinator once the tier is complete and its nodes asked for it.
@@ -65,8 +66,8 @@ class Scheduler:
         self.heartbeat_timeout = heartbeat_timeout
         self.start_timeout = start_timeout
         self.ctx = ctx or zmq.Context.instance()
-        self.loop = EventLoop(self.ctx, max_message_bytes, name=f"{tier} scheduler")
-        self.link, self.port = bind_router(self.ctx, "*", port, max_message_bytes, f"{tier}-scheduler")
+        self.loop = EventLoop(self.ctx, max_message_bytes, name=f"{tier} scheduler", keys=keys)
+        self.link, self.port = bind_router(self.loop, port, f"{tier}-scheduler", cross_party=cross_party)
         self.loop.add(self.link, self._handle, routed=True)
         self.members: Dict[bytes, Member] = {}
         self.registered = False

@@ -31,9 +31,8 @@ class GlobalServer(ServerBase):
         super().__init__(loop, "global server")
         self.cfg = cfg
         self.checkpointing = bool(cfg.checkpoint_dir)
-        self.wan_link, self.wan_port = bind_router(loop.ctx, "*", 0, cfg.max_message_bytes,
-                                                   "global-clients", wan=True)
-        self.lan_link, self.lan_port = bind_router(loop.ctx, "*", 0, cfg.max_message_bytes, "central-clients")
+        self.wan_link, self.wan_port = bind_router(loop, 0, "global-clients", wan=True, cross_party=True)
+        self.lan_link, self.lan_port = bind_router(loop, 0, "central-clients")
         loop.add(self.wan_link, self.handle_client, routed=True)
         loop.add(self.lan_link, self.handle_client, routed=True)
         self.central_workers = cfg.num_worker

@@ -27,7 +27,7 @@ class LocalServer(ServerBase):
     def __init__(self, cfg: NodeConfig, loop: EventLoop):
         super().__init__(loop, "local server")
         self.cfg = cfg
-        self.link, self.port = bind_router(loop.ctx, "*", 0, cfg.max_message_bytes, "party-clients")
+        self.link, self.port = bind_router(loop, 0, "party-clients")
         self.upstream: Optional[KVClient] = None  # set once the global tier is known
         self._stopping = False
         self.codec: Optional[compression.Codec] = None  # WAN codec, as the master worker chose
@@ -43,7 +43,7 @@ class LocalServer(ServerBase):
         self.ts_link: Optional[Link] = None
         self.ts_port = 0
         if cfg.enable_inter_ts:
-            self.ts_link, self.ts_port = bind_router(loop.ctx, "*", 0, cfg.max_message_bytes, "ts-peers", wan=True)
+            self.ts_link, self.ts_port = bind_router(loop, 0, "ts-peers", wan=True, cross_party=True)
         self.dgt: Optional[dgt.Sender] = dgt.Sender(cfg, loop) if cfg.dgt_mode else None
         self.round_trips: List[float] = []  # seconds from a key's push to the global reply (logged at stop)
 

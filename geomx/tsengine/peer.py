@@ -144,8 +144,8 @@ class TSPeer:
         link = self.links.get((host, port))
         if link is None:
             identity = f"{self.name}-ts{self.node}>{host}:{port}".encode()
-            link = connect_dealer(self.loop.ctx, host, port, identity, self.loop.max_message_bytes,
-                                  f"{self.name}-ts->{to}", wan=self.wan)
+            link = connect_dealer(self.loop, host, port, identity, f"{self.name}-ts->{to}",
+                                  peer=f"TSEngine peer {to}", wan=self.wan, cross_party=self.wan)
             self.loop.add(link, self._on_ack, routed=False)
             self.links[(host, port)] = link
         req_id = next(self._ids)

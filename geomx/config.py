@@ -46,6 +46,10 @@ class NodeConfig:
     heartbeat_timeout: float = 20.0
     start_timeout: float = 120.0
     max_message_bytes: int = 1 << 31
+    # Flood bounds: rounds a client's pushes (and parked pulls) of one key may run ahead, and replies
+    # a listener queues for one peer that does not read them.
+    max_rounds_ahead: int = 16
+    max_queued_replies: int = 100_000
     verbose: int = 0
     # Key placement (MultiGPS) and codecs.
     bigarray_bound: int = 1_000_000
@@ -280,6 +284,8 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
         )
     kw["start_timeout"] = r.float("GEOMX_START_TIMEOUT", 120.0)
     kw["max_message_bytes"] = r.int("GEOMX_MAX_MESSAGE_BYTES", 1 << 31, minimum=1024)
+    kw["max_rounds_ahead"] = r.int("GEOMX_MAX_ROUNDS_AHEAD", 16, minimum=1)
+    kw["max_queued_replies"] = r.int("GEOMX_MAX_QUEUED_REPLIES", 100_000, minimum=1)
     kw["verbose"] = r.int("PS_VERBOSE", 0)
     kw["bigarray_bound"] = r.int("MXNET_KVSTORE_BIGARRAY_BOUND", 1_000_000, minimum=1)
     kw["size_lower_bound"] = r.int("MXNET_KVSTORE_SIZE_LOWER_BOUND", 200_000, minimum=1)

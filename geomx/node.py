@@ -50,6 +50,7 @@ def _scheduler(cfg: NodeConfig) -> int:
                       heartbeat_timeout=cfg.heartbeat_timeout, start_timeout=cfg.start_timeout,
                       max_message_bytes=cfg.max_message_bytes, ts_variable=ts_variable,
                       max_greed_rate=cfg.max_greed_rate_ts, keys=cfg.curve,
+                      max_queued_replies=cfg.max_queued_replies,
                       cross_party=cfg.role == config.GLOBAL_SCHEDULER)
     return sched.run()
 
@@ -96,7 +97,8 @@ def _serve(loop: EventLoop, server: ServerBase, members: List[TierMember], fatal
 
 def _local_server(cfg: NodeConfig) -> int:
     ctx = zmq.Context()
-    loop = EventLoop(ctx, cfg.max_message_bytes, name="local server", keys=cfg.curve)
+    loop = EventLoop(ctx, cfg.max_message_bytes, name="local server", keys=cfg.curve,
+                     max_queued_replies=cfg.max_queued_replies)
     server = LocalServer(cfg, loop)
     fatal: List[Exception] = []
     # The party's workers divide keys along the global servers' parts (kvclient.partition); the
@@ -153,7 +155,8 @@ def _global_server(cfg: NodeConfig) -> int:
     import mxnet  # noqa: F401
 
     ctx = zmq.Context()
-    loop = EventLoop(ctx, cfg.max_message_bytes, name="global server", keys=cfg.curve)
+    loop = EventLoop(ctx, cfg.max_message_bytes, name="global server", keys=cfg.curve,
+                     max_queued_replies=cfg.max_queued_replies)
     server = GlobalServer(cfg, loop)
     if ckpt is not None:
         server.restore(ckpt, cfg.checkpoint_restore)

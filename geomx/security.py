@@ -186,7 +186,7 @@ class RateLimitedLog:
             self._last[text] = (last, skipped + 1)
             return
         self._last[text] = (now, 0)
-        log.log(level, "%s%s", text, f" ({skipped} more like it)" if skipped else "")
+        log.log(level, "%s%s", text, f" ({skipped} more like it since)" if skipped else "")
 
 
 class ZapHandler:

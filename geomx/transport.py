@@ -44,13 +44,25 @@ class Link:
         """Send ``msg``; with ``block=False`` raise ``zmq.Again`` (nothing sent) when the socket's
         send high-water mark is reached (P3's bounded window, see :class:`geomx.p3.SendQueue`)."""
         frames = wire.encode(msg)
-        if identity is not None:
-            frames = [identity, *frames]
-        # copy=False: large arrays go to libzmq without a Python-side copy. A multipart message is
-        # atomic: if its first frame is accepted, so are the others.
-        self.sock.send_multipart(frames, copy=False, flags=0 if block else zmq.NOBLOCK)
-        self.bytes_sent += sum(len(f) if not isinstance(f, memoryview) else f.nbytes
-                               for f in frames[0 if identity is None else 1:])
+        if identity is None:
+            # copy=False: large arrays go to libzmq without a Python-side copy. A multipart message
+            # is atomic: if its first frame is accepted, so are the others.
+            self.sock.send_multipart(frames, copy=False, flags=0 if block else zmq.NOBLOCK)
+        else:
+            try:
+                # A listener never blocks on one peer: a full queue (a peer that does not read its
+                # replies) or a peer that is gone costs that peer its reply, nobody else anything.
+                self.sock.send_multipart([identity, *frames], copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                _refusals(logging.ERROR, f"{self.name}: dropped replies to {peer_label(identity)}: it leaves "
+                                         f"{self.sock.sndhwm} replies unread (GEOMX_MAX_QUEUED_REPLIES)")
+                return
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    raise
+                log.debug("%s: %s is gone; %s dropped", self.name, peer_label(identity), msg.type.name)
+                return
+        self.bytes_sent += sum(len(f) if not isinstance(f, memoryview) else f.nbytes for f in frames)
 
     def recv_frames(self) -> List[Any]:
         frames = self.sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
@@ -92,7 +104,8 @@ class Link:
                     self.on_refused(reason)
 
 
-_refusals = security.RateLimitedLog()
+# Refusals and drops caused by what peers send: a flood of the same one is logged once every 5 s.
+log_limited = _refusals = security.RateLimitedLog()
 
 
 def configure(sock: zmq.Socket, max_message_bytes: int) -> None:
@@ -111,6 +124,10 @@ def bind_router(loop: "EventLoop", port: int, name: str, *, wan: bool = False,
     sock = loop.ctx.socket(zmq.ROUTER)
     configure(sock, loop.max_message_bytes)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    # Bounded replies per peer; a send beyond the bound, or to a peer that is gone, fails at once
+    # (see Link.send) instead of being queued without limit or dropped without a word.
+    sock.setsockopt(zmq.SNDHWM, loop.max_queued_replies)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     link = Link(sock, name, wan)
     loop.secure(link, server=True, cross_party=cross_party)
     if port:
@@ -152,10 +169,11 @@ class EventLoop:
     """Polls a set of links and runs timers and cross-thread callbacks, all in one thread."""
 
     def __init__(self, ctx: zmq.Context, max_message_bytes: int = 1 << 31, name: str = "node",
-                 keys: Optional[security.CurveKeys] = None):
+                 keys: Optional[security.CurveKeys] = None, max_queued_replies: int = 100_000):
         self.ctx = ctx
         self.name = name
         self.max_message_bytes = max_message_bytes
+        self.max_queued_replies = max_queued_replies
         self.keys = keys  # CURVE keys of this node's party; None: links in clear
         self._zap: Optional[security.ZapHandler] = None
         self._raw: Dict[zmq.Socket, Callable[[], None]] = {}  # monitor and ZAP sockets
@@ -291,14 +309,14 @@ class EventLoop:
             try:
                 msg = wire.decode(frames, self.max_message_bytes)
             except ProtocolError as exc:
-                log.warning("%s: dropped a malformed message on %s from %r: %s",
-                            self.name, link.name, identity, exc)
+                log_limited(logging.WARNING, f"{self.name}: dropped a malformed message on {link.name} from "
+                                             f"{identity!r}: {exc}")
                 continue
             try:
                 handler(msg, identity, link)
             except ProtocolError as exc:
-                log.warning("%s: rejected %s from %s on %s: %s",
-                            self.name, msg.type.name, peer_label(identity), link.name, exc)
+                log_limited(logging.WARNING, f"{self.name}: rejected {msg.type.name} from {peer_label(identity)} "
+                                             f"on {link.name}: {exc}")
                 self._refuse(link, identity, msg, str(exc))
             except Exception as exc:  # noqa: BLE001 - one bad request must not take the node down
                 log.exception("%s: error while handling %s from %s on %s",

@@ -420,3 +420,124 @@ def test_killed_global_server_stops_the_topology():
                          r"worker\(s\) on port (\d+)", out, re.M).groups()
     assert re.search(rf"^\[global_scheduler\] .*server global_server \(rank 0, 127\.0\.0\.1:{wan}\)", out, re.M)
     assert re.search(rf"^\[central/scheduler\] .*server global_server \(rank 0, 127\.0\.0\.1:{lan}\)", out, re.M)
+
+
+# -- (d) killed schedulers: their nodes notice the silence and stop the rest through the other tier --
+
+SCHEDULER_SILENT = r"the {tier} scheduler at 127\.0\.0\.1:{port} has not answered for [\d.]+s; presumed dead"
+
+
+def test_killed_party_scheduler_stops_the_topology():
+    topo = Topology(parties=2, workers_per_party=1, env=dict(FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60"))
+    out = _kill_and_watch(
+        topo, "party1/scheduler",
+        wait_pattern=r"^\[party1/worker0\] ROUND 0 OK",
+        # Its local server tells the global tier, whose scheduler stops everyone else.
+        dead_pattern=r"^\[global_scheduler\] .*ERROR.*worker local_server .* failed: .*party scheduler .*presumed dead",
+        expect_in={
+            "party1/worker0": r"party scheduler .* presumed dead",
+            "party1/server": r"ERROR.*party scheduler .* presumed dead",
+            "global_server0": r"ERROR.*party scheduler .* presumed dead",
+            "party0/server": r"ERROR.*party scheduler .* presumed dead",
+            "party0/worker0": r"party scheduler .* presumed dead",
+        })
+    port = re.search(r"^\[party1/scheduler\] .*listening on port (\d+)", out, re.M).group(1)
+    assert re.search(SCHEDULER_SILENT.format(tier="party", port=port), out), out[-8000:]
+
+
+def test_killed_global_scheduler_stops_the_topology():
+    topo = Topology(parties=2, workers_per_party=1, env=dict(FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60"))
+    out = _kill_and_watch(
+        topo, "global_scheduler",
+        wait_pattern=r"^\[party0/worker0\] ROUND 0 OK",
+        # Every global-tier node notices; each tells its other tier's scheduler, which stops that tier.
+        dead_pattern=r"^\[party0/scheduler\] .*ERROR.*local_server .* failed: .*global scheduler .*presumed dead",
+        expect_in={
+            "global_server0": r"ERROR.*global scheduler .* presumed dead",
+            "party0/server": r"ERROR.*global scheduler .* presumed dead",
+            "party1/server": r"ERROR.*global scheduler .* presumed dead",
+            "party0/worker0": r"global scheduler .* presumed dead",
+            "party1/worker0": r"global scheduler .* presumed dead",
+            "central/scheduler": r"ERROR.*global scheduler .* presumed dead",
+        })
+    port = re.search(r"^\[global_scheduler\] .*listening on port (\d+)", out, re.M).group(1)
+    assert re.search(SCHEDULER_SILENT.format(tier="global", port=port), out), out[-8000:]
+
+
+def test_killed_central_scheduler_stops_the_topology():
+    topo = Topology(parties=2, workers_per_party=1, env=dict(FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60"))
+    out = _kill_and_watch(
+        topo, "central/scheduler",
+        wait_pattern=r"^\[party0/worker0\] ROUND 0 OK",
+        dead_pattern=r"^\[global_scheduler\] .*ERROR.*global_server .* failed: .*central scheduler .*presumed dead",
+        expect_in={
+            "global_server0": r"ERROR.*central scheduler .* presumed dead",
+            "party0/server": r"ERROR.*central scheduler .* presumed dead",
+            "party1/worker0": r"central scheduler .* presumed dead",
+        })
+    port = re.search(r"^\[central/scheduler\] .*listening on port (\d+)", out, re.M).group(1)
+    assert re.search(SCHEDULER_SILENT.format(tier="central", port=port), out), out[-8000:]
+
+
+# -- (e) a flood from one peer cannot make a server hold more and more memory -----------------------
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_flood_of_pushes_pulls_and_unread_replies_is_bounded():
+    """A peer that (a) pushes 100 rounds of a 4 MB key nobody else pushes, (b) parks pulls without end and
+    (c) sends 2000 pulls of a 1.2 MB key without ever reading the replies: the local server refuses what is beyond
+    GEOMX_MAX_ROUNDS_AHEAD (16) and drops replies beyond GEOMX_MAX_QUEUED_REPLIES (set to 500), says
+    so, holds at most ~16 x 4 MB more, and the party's training finishes exactly."""
+    topo = Topology(parties=1, workers_per_party=2, env={"GEOMX_START_TIMEOUT": "60"},
+                    node_env={"party0/server": {"GEOMX_MAX_QUEUED_REPLIES": "500"}})
+    cluster = Cluster(topo, slow_cmd(12, 0.8))
+    big = 1_000_000  # float32 elements of the flooder's own key (99)
+    with cluster:
+        log = cluster.log
+        log.wait_for(r"^\[party0/worker\d\] ROUND 0 OK", 90)
+        port = int(re.search(r"^\[party0/server\] .*serving \d+ worker\(s\) on port (\d+)", log.text(),
+                             re.M).group(1))
+        server_pid = cluster.procs["party0/server"].pid
+        before = rss_bytes(server_pid)
+        ctx = zmq.Context()
+        try:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.IDENTITY, b"fuzz-flood")
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 1)  # and then never read: the server's queue must fill
+            sock.connect(f"tcp://127.0.0.1:{port}")
+            send = lambda m: sock.send_multipart(wire.encode(m), copy=False)  # noqa: E731
+            send(Message(MsgType.INIT, req_id=1, key=99, numel=big, total=big, dtype=1))
+            data = np.ones(big, np.float32)
+            for i in range(100):
+                send(Message(MsgType.PUSH, req_id=100 + i, key=99, data=data))
+            for i in range(100):
+                send(Message(MsgType.PULL, req_id=1000 + i, key=99, numel=big, total=big, dtype=1))
+            for i in range(2000):  # 1.2 MB replies: the kernel's socket buffers take only a few
+                send(Message(MsgType.PULL, req_id=10_000 + i, key=2, numel=300000, total=300000, dtype=1))
+            log.wait_for(r"^\[party0/server\] .*dropped replies to fuzz-flood: it leaves 500 replies unread "
+                         r"\(GEOMX_MAX_QUEUED_REPLIES\)", 60)
+            log.wait_for(r"^\[party0/server\] .*PULL from fuzz-flood refused: key 99: this client already has 16 "
+                         r"requests waiting \(GEOMX_MAX_ROUNDS_AHEAD=16\)", 60)
+            grown = rss_bytes(server_pid) - before
+        finally:
+            ctx.destroy(linger=0)
+        out = log.text()
+        assert re.search(r"^\[party0/server\] .*PUSH from fuzz-flood refused: key 99: this client already pushed 16 "
+                         r"round\(s\) that are not complete \(GEOMX_MAX_ROUNDS_AHEAD=16\)", out, re.M), out[-5000:]
+        # 16 held rounds of 4 MB; without the bound the 100 pushes alone would hold 400 MB.
+        assert grown < 150 << 20, f"the local server grew by {grown >> 20} MB"
+        assert "EXACT OK" not in out, "training finished before the flood was over"
+        assert cluster.wait_all(120), f"still running: {cluster.running()}"
+        out = log.text()
+        codes = {name: p.returncode for name, p in cluster.procs.items()}
+        assert set(codes.values()) == {0}, (codes, out[-6000:])
+        assert len(re.findall(r"^\[party0/worker\d\] EXACT OK", out, re.M)) == 2
+        assert_no_process_left(cluster)
+    print(f"local server grew by {grown >> 20} MB under the flood")

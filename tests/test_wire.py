@@ -3,6 +3,7 @@ nothing a peer sends makes decode raise anything but ProtocolError)."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import numpy as np
@@ -333,7 +334,9 @@ def _decode_never_crashes(frames) -> None:
         assert isinstance(msg.meta, dict)
 
 
-FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# GEOMX_FUZZ_EXAMPLES raises the budget for a long run (see tests/test_fuzz.py).
+_LONG = int(os.environ.get("GEOMX_FUZZ_EXAMPLES", "0"))
+FUZZ = settings(max_examples=max(400, _LONG), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @FUZZ
@@ -373,7 +376,7 @@ def plausible_messages(draw):
     return frames
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=max(500, _LONG), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plausible_messages())
 def test_fuzz_plausible_messages(frames):
     _decode_never_crashes(frames)

@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import compression
 from ..errors import GeoMXError, ProtocolError
-from ..transport import EventLoop, Link, peer_label
+from ..transport import EventLoop, Link, log_limited, peer_label
 from ..tsengine.partial import partial_dtype_ok
 from ..wire import DTYPES, Message, MsgType, meta_field
 from .keystate import KeyState
@@ -31,9 +31,12 @@ class ServerBase:
     slice_rounds = False
     checkpointing = False  # a global server with GEOMX_CHECKPOINT_DIR: refuses P3 slices (slice_state)
 
-    def __init__(self, loop: EventLoop, name: str):
+    def __init__(self, loop: EventLoop, name: str, max_rounds_ahead: int = 16):
         self.loop = loop
         self.name = name
+        # A client's pushes of a key may be this many rounds ahead of the last complete round, and it may
+        # have this many requests of a key parked: what one peer can make the server hold is bounded.
+        self.max_rounds_ahead = max_rounds_ahead
         self.keys: Dict[int, KeyState] = {}
         self.stopped_clients: set = set()
         self.pushing_clients: set = set()  # clients that have pushed at least once
@@ -79,7 +82,7 @@ class ServerBase:
         link.send(out, identity)
 
     def reply_error(self, link: Link, identity: bytes, req: Message, error: str) -> None:
-        log.warning("%s: %s from %s refused: %s", self.name, req.type.name, peer_label(identity), error)
+        log_limited(logging.WARNING, f"{self.name}: {req.type.name} from {peer_label(identity)} refused: {error}")
         link.send(Message(MsgType.ERROR, req_id=req.req_id, key=req.key, offset=req.offset, total=req.total,
                           meta={"error": f"{self.name}: {error}"}), identity)
 
@@ -248,7 +251,18 @@ class ServerBase:
                                                   "for central-party workers to train)")
             return
         start = msg.offset - ks.offset
-        missing = self.stopped_without_round(ks, ks.next_round(client, start))
+        r = ks.next_round(client, start)
+        ahead = r - ks.completed
+        if ahead < 0:
+            # Every expected client pushes every round, so only a stranger or a replay gets here.
+            self.reply_error(link, identity, msg, f"key {msg.key}: round {r} is complete already (this client "
+                                                  "missed it)")
+            return
+        if ahead >= self.max_rounds_ahead:
+            self.reply_error(link, identity, msg, f"key {msg.key}: this client already pushed {ahead} round(s) that "
+                                                  f"are not complete (GEOMX_MAX_ROUNDS_AHEAD={self.max_rounds_ahead})")
+            return
+        missing = self.stopped_without_round(ks, r)
         if missing is not None:
             self.reply_error(link, identity, msg, f"key {msg.key}: {missing} stopped before pushing this round")
             return
@@ -349,5 +363,14 @@ class ServerBase:
         reply = self.replier(link, identity, msg, ks)
         if ks.pull_ready(client):
             reply(ks.value())
-        else:
+        elif self.may_park(ks, client, link, identity, msg):
             ks.park_pull(client, reply)
+
+    def may_park(self, ks: KeyState, client: Client, link: Link, identity: bytes, req: Message) -> bool:
+        """Whether ``client`` may have one more request of ``ks`` waiting; refused otherwise."""
+        waiting = sum(1 for c, _ in ks.parked if c == client)
+        if waiting < self.max_rounds_ahead:
+            return True
+        self.reply_error(link, identity, req, f"key {ks.key}: this client already has {waiting} requests waiting "
+                                              f"(GEOMX_MAX_ROUNDS_AHEAD={self.max_rounds_ahead})")
+        return False

@@ -28,7 +28,7 @@ class GlobalServer(ServerBase):
     slice_rounds = True  # P3: each slice is updated and answered as soon as every party pushed it
 
     def __init__(self, cfg: NodeConfig, loop: EventLoop):
-        super().__init__(loop, "global server")
+        super().__init__(loop, "global server", cfg.max_rounds_ahead)
         self.cfg = cfg
         self.checkpointing = bool(cfg.checkpoint_dir)
         self.wan_link, self.wan_port = bind_router(loop, 0, "global-clients", wan=True, cross_party=True)
@@ -418,7 +418,7 @@ class GlobalServer(ServerBase):
 
         if ks.initialized:
             reply(ks.value())
-        else:
+        elif self.may_park(ks, client, link, identity, msg):
             ks.park_pull(client, reply)
 
     # -- commands -----------------------------------------------------------------------------

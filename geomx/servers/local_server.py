@@ -25,7 +25,7 @@ log = logging.getLogger("geomx.server")
 
 class LocalServer(ServerBase):
     def __init__(self, cfg: NodeConfig, loop: EventLoop):
-        super().__init__(loop, "local server")
+        super().__init__(loop, "local server", cfg.max_rounds_ahead)
         self.cfg = cfg
         self.link, self.port = bind_router(loop, 0, "party-clients")
         self.upstream: Optional[KVClient] = None  # set once the global tier is known
@@ -97,6 +97,8 @@ class LocalServer(ServerBase):
         reply = self.replier(link, identity, msg)
         if ks.initialized:
             reply(ks.store)
+            return
+        if not self.may_park(ks, client, link, identity, msg):
             return
         ks.park_pull(client, reply)
         if not ks.init_requested:

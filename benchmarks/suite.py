@@ -45,6 +45,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Dict, List, Mapping, Optional, Sequence
@@ -90,6 +91,7 @@ class Row:
     default: bool = True  # in the default --rows
     separate_global_servers: bool = False  # each global server behind a link of its own (gsN)
     local_servers: int = 1  # per party
+    curve: bool = False  # CURVE on every link, throwaway keys (geomx-launch --curve)
 
 
 def _hfa_env(k1: int, k2: int) -> Dict[str, str]:
@@ -167,6 +169,9 @@ ROWS: List[Row] = [
         flags="ENABLE_DGT=2 DMLC_K=0.5 DMLC_UDP_CHANNEL_NUM=3 (global and local servers)",
         note="DGT mode 2: low-priority blocks on a second TCP link; late ones fold into the next round",
         default=False),
+    Row("geomx-curve", "geomx", curve=True, default=False,
+        flags="geomx-launch --curve (GEOMX_CURVE_SECRET_KEY + GEOMX_CURVE_PUBLIC_KEYS_DIR on every process)",
+        note="geomx-fsa with CURVE encryption + authentication on every link, inside the parties too"),
 ]
 
 MODELS = {"cnn": "examples' CNN (utils.build_cnn, ~0.18M params)",
@@ -558,8 +563,11 @@ def _run_row(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"]) -
             topo.dc_hosts = {dc: w.address(dc) for dc in w.dcs}
             topo.dc_prefix = {dc: w.exec_argv(dc) for dc in w.dcs}
         stream = _LineStream(watcher.line)
-        status = launch_run(topo, worker_argv(row, model, mode, args, "{slice}", native=False),
-                            timeout=args.timeout, stream=stream, grace=20.0)
+        with tempfile.TemporaryDirectory(prefix="geomx-suite-keys-") as keys:
+            if row.curve:
+                topo.make_curve_keys(keys)
+            status = launch_run(topo, worker_argv(row, model, mode, args, "{slice}", native=False),
+                                timeout=args.timeout, stream=stream, grace=20.0)
         text = stream.getvalue()
     wall = time.perf_counter() - t0
     results = parse_results(text)

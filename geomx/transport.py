@@ -104,6 +104,8 @@ class Link:
                     self.on_refused(reason)
 
 
+_monitors = itertools.count()
+
 # Refusals and drops caused by what peers send: a flood of the same one is logged once every 5 s.
 log_limited = _refusals = security.RateLimitedLog()
 
@@ -215,7 +217,8 @@ class EventLoop:
             link.curve = True
         elif cross_party:
             security.warn_insecure(link.name)
-        link.monitor = link.sock.get_monitor_socket(security.MONITORED)
+        # A unique address: pyzmq's default is derived from the socket's fd, which the OS reuses.
+        link.monitor = link.sock.get_monitor_socket(security.MONITORED, f"inproc://geomx-monitor-{next(_monitors)}")
         self._add_raw(link.monitor, lambda: link.on_monitor_event(server))
 
     def _add_raw(self, sock: zmq.Socket, fn: Callable[[], None]) -> None:

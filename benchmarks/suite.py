@@ -172,6 +172,9 @@ ROWS: List[Row] = [
     Row("geomx-curve", "geomx", curve=True, default=False,
         flags="geomx-launch --curve (GEOMX_CURVE_SECRET_KEY + GEOMX_CURVE_PUBLIC_KEYS_DIR on every process)",
         note="geomx-fsa with CURVE encryption + authentication on every link, inside the parties too"),
+    Row("geomx-curve-wan-only", "geomx", curve=True, default=False, env={"GEOMX_CURVE_INSIDE_PARTY": "0"},
+        flags="geomx-launch --curve --env GEOMX_CURVE_INSIDE_PARTY=0",
+        note="geomx-fsa with CURVE on the links between parties only"),
 ]
 
 MODELS = {"cnn": "examples' CNN (utils.build_cnn, ~0.18M params)",

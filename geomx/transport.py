@@ -230,6 +230,8 @@ class EventLoop:
             self.poller.unregister(link.sock)
             del self.handlers[link.sock]
             self._writers.pop(link.sock, None)
+        if link.monitor is not None and self._raw.pop(link.monitor, None) is not None:
+            self.poller.unregister(link.monitor)
 
     def when_writable(self, link: Link, fn: Callable[[], None]) -> None:
         """Call ``fn`` once ``link`` (a registered link) can take a message without blocking."""

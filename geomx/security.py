@@ -243,8 +243,9 @@ MONITORED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_P
              | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
 
 
-def handshake_failure(frames, *, server: bool, link_name: str, peer: str) -> Optional[str]:
-    """The reason a CURVE handshake failed, from a socket-monitor message; None for other events."""
+def handshake_failure(frames, *, server: bool, curve: bool, link_name: str, peer: str) -> Optional[str]:
+    """The reason a handshake failed, from a socket-monitor message of a listener (``server``) or of a
+    client link (which uses ``curve`` or not); None for other events."""
     event = parse_monitor_message(frames)
     kind, value = event["event"], event["value"]
     if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
@@ -263,8 +264,14 @@ def handshake_failure(frames, *, server: bool, link_name: str, peer: str) -> Opt
                     f"public key for this party)")
         return None  # the client side of this failure is reported as NO_DETAIL, below
     if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and not server:
-        return (f"the CURVE handshake with {peer} failed: its key is not the one this node expects "
-                f"(check GEOMX_CURVE_CENTRAL_KEY / the key files of both parties)")
+        # The peer closed the connection during the handshake: it could not decrypt it, or it does not
+        # use CURVE and closed before saying so (which of the two events comes first is a race).
+        if curve:
+            return (f"the CURVE handshake with {peer} failed: it expects another key for this party, or it "
+                    f"runs without CURVE (check GEOMX_CURVE_CENTRAL_KEY, the key files, and GEOMX_CURVE_SECRET_KEY "
+                    f"there)")
+        return (f"the handshake with {peer} keeps failing: it probably uses CURVE and this node does not "
+                f"(set GEOMX_CURVE_SECRET_KEY on both, or on neither)")
     if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
         return f"{link_name}: a handshake failed (ZMTP protocol error {value:#x})"
     # A server's NO_DETAIL is a client that went away mid-handshake (e.g. after its own refusal).

@@ -83,9 +83,11 @@ class Link:
                 frames = self.monitor.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            reason = security.handshake_failure(frames, server=server, link_name=self.name, peer=self.peer)
+            event = security.parse_monitor_message(frames)["event"]
+            reason = security.handshake_failure(frames, server=server, curve=self.curve, link_name=self.name,
+                                                peer=self.peer)
             if reason is None:
-                if not server and security.parse_monitor_message(frames)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     self._handshake_failures = 0
                 continue
             if server:
@@ -94,9 +96,7 @@ class Link:
             self._handshake_failures += 1
             # A definite refusal fails at once; a handshake that broke off without detail may be a
             # peer that went away mid-handshake, so only a repeated one counts.
-            definite = "REFUSED" in reason or "does not" in reason
-            if not self.curve and not definite:
-                continue
+            definite = event != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
             if (definite or self._handshake_failures >= 3) and not self.refused:
                 self.refused = True  # reported once; the owner fails with it
                 log.error("%s", reason)

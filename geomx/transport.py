@@ -70,6 +70,8 @@ class Link:
         return frames
 
     def close(self) -> None:
+        if self.sock.closed:
+            return  # closed already (e.g. a restarted server's old link, then the loop's close)
         if self.monitor is not None:
             self.sock.disable_monitor()
             self.monitor.close(linger=0)

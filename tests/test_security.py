@@ -23,7 +23,7 @@ import pytest
 import zmq
 from test_faults import Cluster, LineLog, assert_no_process_left, slow_cmd
 
-from geomx import config, security, wire
+from geomx import config, security, transport, wire
 from geomx.config import ConfigError
 from geomx.launch import Topology, run
 from geomx.transport import EventLoop, bind_router, connect_dealer
@@ -32,6 +32,12 @@ from geomx.wire import Message, MsgType
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="this libzmq was built without CURVE")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_refusal_log():
+    # Refusals are logged once per 5 s per text in a process; each test expects its own.
+    transport.log_limited._last.clear()
 
 
 @pytest.fixture

@@ -189,18 +189,24 @@ class _Reader:
             raise self._fail(name, f"must be > {minimum}, got {value}")
         return value
 
-    def fraction(self, name: str, default: float) -> float:
-        """A number in [0, 1]."""
+    def number(self, name: str, default: float, low: float, high: float, *, open_low: bool = False,
+               open_high: bool = False) -> float:
+        """A number in the interval from ``low`` to ``high`` (each end closed unless ``open_*``)."""
+        interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
         raw = self.str(name)
         if raw is None:
             return default
         try:
             value = float(raw)
         except ValueError:
-            raise self._fail(name, f"must be a number in [0, 1], got {raw!r}") from None
-        if not 0.0 <= value <= 1.0:
-            raise self._fail(name, f"must be in [0, 1], got {value}")
+            raise self._fail(name, f"must be a number in {interval}, got {raw!r}") from None
+        if not ((low < value if open_low else low <= value) and (value < high if open_high else value <= high)):
+            raise self._fail(name, f"must be in {interval}, got {value}")
         return value
+
+    def fraction(self, name: str, default: float) -> float:
+        """A number in [0, 1]."""
+        return self.number(name, default, 0.0, 1.0)
 
     def bool(self, name: str, default: bool = False) -> bool:
         raw = self.str(name)
@@ -376,18 +382,8 @@ def _load_dgt(r: _Reader, kw: dict) -> None:
                               f"per-round gradient pushes of FSA / MixedSync only, whole, from a local server "
                               f"straight to the global servers, without checkpoints (role: {role})")
 
-    def fraction(name: str, default: float) -> float:
-        raw = r.str(name)
-        try:
-            value = default if raw is None else float(raw)
-        except ValueError:
-            raise r._fail(name, f"must be a number, got {raw!r}") from None
-        if not 0.0 < value <= 1.0:
-            raise r._fail(name, f"must be in (0, 1], got {value}")
-        return value
-
-    kw["dgt_k"] = fraction("DMLC_K", 0.5)
-    kw["dgt_k_min"] = fraction("DMLC_K_MIN", 0.2)
+    kw["dgt_k"] = r.number("DMLC_K", 0.5, 0.0, 1.0, open_low=True)
+    kw["dgt_k_min"] = r.number("DMLC_K_MIN", 0.2, 0.0, 1.0, open_low=True)
     kw["dgt_adaptive_k"] = r.bool("ADAPTIVE_K_FLAG")
     channels = r.int("DMLC_UDP_CHANNEL_NUM", 3)
     if channels < 1:
@@ -399,23 +395,11 @@ def _load_dgt(r: _Reader, kw: dict) -> None:
                                         f"float16 divides it too) between 4 and {DGT_MAX_BLOCK_SIZE}, "
                                         f"got {block}")
     kw["dgt_block_size"] = block
-    raw = r.str("DGT_CONTRIBUTION_ALPHA")
-    try:
-        alpha = 0.3 if raw is None else float(raw)
-    except ValueError:
-        raise r._fail("DGT_CONTRIBUTION_ALPHA", f"must be a number, got {raw!r}") from None
-    if not 0.0 <= alpha < 1.0:
-        raise r._fail("DGT_CONTRIBUTION_ALPHA", f"must be in [0, 1), got {alpha}")
+    alpha = r.number("DGT_CONTRIBUTION_ALPHA", 0.3, 0.0, 1.0, open_high=True)
     kw["dgt_alpha"] = alpha
     grace = r.int("DGT_GRACE_MS", 50)
     kw["dgt_grace"] = grace / 1000.0
-    raw = r.str("GEOMX_DGT_TEST_DROP_RATE")
-    try:
-        drop = 0.0 if raw is None else float(raw)
-    except ValueError:
-        raise r._fail("GEOMX_DGT_TEST_DROP_RATE", f"must be a number, got {raw!r}") from None
-    if not 0.0 <= drop < 1.0:
-        raise r._fail("GEOMX_DGT_TEST_DROP_RATE", f"must be in [0, 1), got {drop}")
+    drop = r.number("GEOMX_DGT_TEST_DROP_RATE", 0.0, 0.0, 1.0, open_high=True)
     kw["dgt_test_drop_rate"] = drop
 
 

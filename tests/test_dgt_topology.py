@@ -24,6 +24,9 @@ CASES = {
     "tcp-two-global-servers-adaptive-k": ({"ENABLE_DGT": "2", "MXNET_KVSTORE_BIGARRAY_BOUND": "1000",
                                            "ADAPTIVE_K_FLAG": "1", "DMLC_K_MIN": "0.2"},
                                           dict(parties=2, workers_per_party=1, global_servers=2)),
+    # Two local servers per party and two global servers: each local server sends its own parts.
+    "udp-two-local-servers": ({"ENABLE_DGT": "1", "MXNET_KVSTORE_BIGARRAY_BOUND": "1000"},
+                              dict(parties=2, workers_per_party=1, global_servers=2, local_servers=2)),
 }
 
 _SENT = re.compile(r"DGT blocks sent \{'reliable': (\d+), 'low': (\d+),")
@@ -42,11 +45,12 @@ def test_dgt_aggregate_equals_fsa_exactly(topology_run, case):
     assert len(result.lines("EXACT OK")) == workers, result.output[-4000:]
     # DGT really carried the pushes: every party sent blocks on both kinds of channel.
     sent = [tuple(map(int, m.groups())) for m in map(_SENT.search, result.output.splitlines()) if m]
-    assert len(sent) == topo["parties"], result.output[-4000:]
+    senders = topo["parties"] * topo.get("local_servers", 1)  # every local server
+    assert len(sent) == senders, result.output[-4000:]
     assert all(reliable > 0 and low > 0 for reliable, low in sent), sent
     assert "'missing': 0," in result.output and "'late': 0," in result.output
     final_k = [float(x) for x in re.findall(r"final K ([0-9.]+)", result.output)]
-    assert final_k == [0.2 if adaptive else 0.5] * topo["parties"], final_k
+    assert final_k == [0.2 if adaptive else 0.5] * senders, final_k
 
 
 def test_dgt_on_local_servers_only_is_refused_clearly(topology_run):

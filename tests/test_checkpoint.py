@@ -132,26 +132,29 @@ def test_crash_during_save_keeps_the_last_good_checkpoint(tmp_path):
 
 # -- restart on a live topology ---------------------------------------------------------------------
 
-def _restart_topology(tmp_path, global_servers=1, **env):
-    return Topology(parties=2, workers_per_party=1, global_servers=global_servers, env=dict(
+def _restart_topology(tmp_path, global_servers=1, local_servers=1, **env):
+    return Topology(parties=2, workers_per_party=1, global_servers=global_servers, local_servers=local_servers,
+                    env=dict(
         FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60", GEOMX_CHECKPOINT_DIR=str(tmp_path), **env))
 
 
-@pytest.mark.parametrize("every,kill_after,wait_for_detection,global_servers,victim", [
-    (3, 4, True, 1, 0),
+@pytest.mark.parametrize("every,kill_after,wait_for_detection,global_servers,victim,local_servers", [
+    (3, 4, True, 1, 0, 1),
     # Two global servers with key 2 split between them; the second one dies and is back before the
     # schedulers even notice (it takes the old one's place at once).
-    (1, 2, False, 2, 1),
+    (1, 2, False, 2, 1, 1),
+    # Two local servers per party, each with its own keys to replay.
+    (3, 4, True, 1, 0, 2),
 ])
 def test_global_server_restarted_from_checkpoint_loses_no_update(tmp_path, every, kill_after, wait_for_detection,
-                                                                 global_servers, victim):
+                                                                 global_servers, victim, local_servers):
     """SIGKILL a global server mid-training and restart it from its checkpoint: the workers' every
     pulled value (SGD, lr 1, integer gradients) equals the uninterrupted closed form exactly. With a
     checkpoint every 3 rounds and the kill after round 4, the parties replay rounds the checkpoint
     lacks."""
     rounds = 8
-    topo = _restart_topology(tmp_path, global_servers, GEOMX_CHECKPOINT_EVERY=str(every), GEOMX_RESTART_TIMEOUT="60",
-                             MXNET_KVSTORE_BIGARRAY_BOUND="1000")
+    topo = _restart_topology(tmp_path, global_servers, local_servers, GEOMX_CHECKPOINT_EVERY=str(every),
+                             GEOMX_RESTART_TIMEOUT="60", MXNET_KVSTORE_BIGARRAY_BOUND="1000")
     cmd = slow_cmd(rounds, 0.3) + ["--optimizer", "sgd"]
     name = f"global_server{victim}"
     with Cluster(topo, cmd) as cluster:
@@ -185,13 +188,13 @@ def test_global_server_restarted_from_checkpoint_loses_no_update(tmp_path, every
             assert re.search(rf"^\[{re.escape(sched)}\] .*global_server \(rank {rank}\) restarted", out, re.M), \
                 out[-8000:]
         for party in (0, 1):
-            replay = re.search(rf"^\[party{party}/server\] .*server {rank} restarted at .*; replayed (\d+) answered "
-                               r"push\(es\) after its checkpoint and resent (\d+) unanswered", out, re.M)
-            assert replay, out[-8000:]
+            replays = re.findall(rf"^\[party{party}/server\d*\] .*server {rank} restarted at .*; replayed (\d+) "
+                                 r"answered push\(es\) after its checkpoint and resent (\d+) unanswered", out, re.M)
+            assert len(replays) == local_servers, out[-8000:]
             if every > 1:
                 # The rounds completed after the checkpoint were lost with the server: the parties
                 # had to send them again (4 keys x at least one round).
-                assert int(replay.group(1)) >= 4, replay.group(0)
+                assert sum(int(answered) for answered, _ in replays) >= 4, replays
         assert_no_process_left(cluster)
 
 

@@ -524,7 +524,7 @@ def test_flood_of_pushes_pulls_and_unread_replies_is_bounded():
             log.wait_for(r"^\[party0/server\] .*dropped replies to fuzz-flood: it leaves 500 replies unread "
                          r"\(GEOMX_MAX_QUEUED_REPLIES\)", 60)
             log.wait_for(r"^\[party0/server\] .*PULL from fuzz-flood refused: key 99: this client already has 16 "
-                         r"requests waiting \(GEOMX_MAX_ROUNDS_AHEAD=16\)", 60)
+                         r"requests \(16000000 elements\) waiting \(GEOMX_MAX_ROUNDS_AHEAD=16\)", 60)
             grown = rss_bytes(server_pid) - before
         finally:
             ctx.destroy(linger=0)

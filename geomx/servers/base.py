@@ -3,7 +3,7 @@ known keys, synchronous aggregation rounds, parked pulls, and the stop protocol.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -37,6 +37,7 @@ class ServerBase:
         # A client's pushes of a key may be this many rounds ahead of the last complete round, and it may
         # have this many requests of a key parked: what one peer can make the server hold is bounded.
         self.max_rounds_ahead = max_rounds_ahead
+        self.waiting: Dict[tuple, Tuple[int, int]] = {}  # (key state, client) -> requests, elements parked
         self.keys: Dict[int, KeyState] = {}
         self.stopped_clients: set = set()
         self.pushing_clients: set = set()  # clients that have pushed at least once
@@ -363,14 +364,35 @@ class ServerBase:
         reply = self.replier(link, identity, msg, ks)
         if ks.pull_ready(client):
             reply(ks.value())
-        elif self.may_park(ks, client, link, identity, msg):
-            ks.park_pull(client, reply)
+        else:
+            self.park(ks, client, link, identity, msg, reply)
 
-    def may_park(self, ks: KeyState, client: Client, link: Link, identity: bytes, req: Message) -> bool:
-        """Whether ``client`` may have one more request of ``ks`` waiting; refused otherwise."""
-        waiting = sum(1 for c, _ in ks.parked if c == client)
-        if waiting < self.max_rounds_ahead:
-            return True
-        self.reply_error(link, identity, req, f"key {ks.key}: this client already has {waiting} requests waiting "
-                                              f"(GEOMX_MAX_ROUNDS_AHEAD={self.max_rounds_ahead})")
-        return False
+    # P3 cuts a request into slices that wait separately: up to this many per key and round.
+    SLICES_PER_ROUND = 1024
+
+    def park(self, ks: KeyState, client: Client, link: Link, identity: bytes, req: Message,
+             reply: Callable[[Any], None]) -> bool:
+        """Park ``reply`` until ``ks`` can answer it, unless ``client`` already has
+        GEOMX_MAX_ROUNDS_AHEAD rounds' worth of requests of this key waiting (in elements, and in
+        requests so that tiny slices cannot make up for it): then refuse it. True when parked."""
+        slot = (id(ks), client)
+        count, elements = self.waiting.get(slot, (0, 0))
+        size = max(1, min(req.numel or ks.numel, ks.numel))
+        if elements + size > self.max_rounds_ahead * max(ks.numel, 1) \
+                or count >= self.max_rounds_ahead * self.SLICES_PER_ROUND:
+            self.reply_error(link, identity, req, f"key {ks.key}: this client already has {count} requests "
+                                                  f"({elements} elements) waiting "
+                                                  f"(GEOMX_MAX_ROUNDS_AHEAD={self.max_rounds_ahead})")
+            return False
+        self.waiting[slot] = (count + 1, elements + size)
+
+        def answer(value: Any) -> None:
+            left = self.waiting.get(slot, (1, size))
+            if left[0] <= 1:
+                self.waiting.pop(slot, None)
+            else:
+                self.waiting[slot] = (left[0] - 1, left[1] - size)
+            reply(value)
+
+        ks.park_pull(client, answer)
+        return True

@@ -418,8 +418,8 @@ class GlobalServer(ServerBase):
 
         if ks.initialized:
             reply(ks.value())
-        elif self.may_park(ks, client, link, identity, msg):
-            ks.park_pull(client, reply)
+        else:
+            self.park(ks, client, link, identity, msg, reply)
 
     # -- commands -----------------------------------------------------------------------------
     def on_command(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:

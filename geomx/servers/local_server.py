@@ -98,9 +98,8 @@ class LocalServer(ServerBase):
         if ks.initialized:
             reply(ks.store)
             return
-        if not self.may_park(ks, client, link, identity, msg):
+        if not self.park(ks, client, link, identity, msg, reply):
             return
-        ks.park_pull(client, reply)
         if not ks.init_requested:
             ks.init_requested = True
             assert self.upstream is not None

@@ -165,6 +165,14 @@ def _global_server(cfg: NodeConfig) -> int:
                    server.wan_port, "global_server", fatal, rank_hint=None if ckpt is None else ckpt.rank,
                    ts=cfg.enable_inter_ts)
     _restartable(glob, cfg, ckpt is not None)
+
+    def on_registered(info) -> None:
+        # In the loop turn of the acknowledgement, before the local servers' first messages.
+        server.parties = info.num_parties
+        if ckpt is not None and not info.rejoined:
+            server.forget_clients()  # restored into a whole new topology: its clients start afresh
+
+    glob.on_registered = on_registered
     glob.register()
     _wait(loop, cfg, lambda: glob.info is not None, fatal, "global-tier registration")
     assert glob.info is not None
@@ -172,9 +180,6 @@ def _global_server(cfg: NodeConfig) -> int:
         raise checkpoint.CheckpointError(f"{cfg.checkpoint_restore} is global server {ckpt.rank}'s checkpoint, "
                                          f"the global tier gave this server rank {glob.info.rank}")
     server.rank = glob.info.rank
-    server.parties = glob.info.num_parties
-    if ckpt is not None and not glob.info.rejoined:
-        server.forget_clients()  # a whole new topology: its clients start afresh
     server.on_async = lambda: glob.set_policy(tolerate_worker_loss=True)
     if not server.global_sync:
         server.on_async()  # restored under MixedSync

@@ -55,6 +55,9 @@ class TierMember:
         # Called with (old, new) when the scheduler announces a server's new address (a global
         # server restarted from a checkpoint).
         self.on_servers_changed: Optional[Callable[[TierInfo, TierInfo], None]] = None
+        # Called with the first TierInfo, in the same loop turn as the REGISTER_ACK: before any message
+        # from the tier's other nodes (who learn the tier from the same acknowledgements) is handled.
+        self.on_registered: Optional[Callable[[TierInfo], None]] = None
         # TSEngine answers from the scheduler (TS_PUSH_TO / TS_RELAY_TO), when this node takes part.
         self.on_tsengine: Optional[Callable[[Message], None]] = None
         identity = f"{name}@{tier}#{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
@@ -126,6 +129,8 @@ class TierMember:
                 meta_field(msg, "num_servers", int), meta_field(msg, "global_servers", int, 1),
                 meta_field(msg, "relay", bool, False), meta_field(msg, "num_parties", int, 0),
                 meta_field(msg, "rejoined", bool, False))
+            if old is None and self.on_registered is not None:
+                self.on_registered(self.info)
             if old is not None and old.servers != parsed and self.on_servers_changed is not None:
                 self.on_servers_changed(old, self.info)
         elif msg.type == MsgType.BARRIER_ACK:

@@ -432,9 +432,20 @@ _script_failure: List[str] = []
 _original_excepthook = sys.excepthook
 
 
+def _failure_summary(kind: type, value: BaseException) -> str:
+    """One line for the other nodes: an MXNetError raised by a delivery op carries the whole Python
+    traceback of the geomx error behind it; name that error instead."""
+    text = f"{kind.__name__}: {value}"
+    if isinstance(value, mx.base.MXNetError):
+        causes = [line.strip() for line in str(value).splitlines() if line.strip().startswith("geomx.errors.")]
+        if causes:
+            text = causes[-1][len("geomx.errors."):]
+    return text[:500]
+
+
 def _excepthook(kind, value, tb):  # noqa: ANN001 - sys.excepthook signature
     # The training script is dying of an exception: tell the topology why, at once, on close.
-    _script_failure.append(f"{kind.__name__}: {value}"[:500])
+    _script_failure.append(_failure_summary(kind, value))
     _original_excepthook(kind, value, tb)
 
 

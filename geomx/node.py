@@ -169,8 +169,10 @@ def _global_server(cfg: NodeConfig) -> int:
     def on_registered(info) -> None:
         # In the loop turn of the acknowledgement, before the local servers' first messages.
         server.parties = info.num_parties
-        if ckpt is not None and not info.rejoined:
-            server.forget_clients()  # restored into a whole new topology: its clients start afresh
+        if ckpt is not None:
+            # Restored into the running topology it came from, or into a whole new one whose
+            # clients start afresh.
+            server.adopt_clients() if info.rejoined else server.forget_clients()
 
     glob.on_registered = on_registered
     glob.register()

@@ -143,8 +143,6 @@ def _restart_topology(tmp_path, global_servers=1, local_servers=1, **env):
     # Two global servers with key 2 split between them; the second one dies and is back before the
     # schedulers even notice (it takes the old one's place at once).
     (1, 2, False, 2, 1, 1),
-    # Two local servers per party, each with its own keys to replay.
-    (3, 4, True, 1, 0, 2),
 ])
 def test_global_server_restarted_from_checkpoint_loses_no_update(tmp_path, every, kill_after, wait_for_detection,
                                                                  global_servers, victim, local_servers):

@@ -209,14 +209,20 @@ def test_curve_on_one_side_only_is_refused(keydir, pair_factory, caplog, plain_s
     caplog.set_level(logging.INFO, logger="geomx")
     server_keys = None if plain_side == "server" else keys_of(keydir, "central", None)
     client_keys = None if plain_side == "client" else keys_of(keydir, "party0")
-    pair = pair_factory(server_keys, client_keys).exchange(until=lambda p: p.refused)
+    # Both sides report the refusal, each in its own time: wait for the client's and, when the
+    # listener is the CURVE side, for its log line too.
+    def refusal_logged() -> bool:
+        return any("REFUSED a connection that does not use CURVE" in r.getMessage() for r in caplog.records)
+
+    pair = pair_factory(server_keys, client_keys).exchange(
+        seconds=10.0, until=lambda p: p.refused and (plain_side != "client" or refusal_logged()))
     assert pair.received == []
     # Which of the two events the client sees first is a race (the peer's error, or its closing).
     expected = {"client": r"uses CURVE and (the other|this node) does not",
                 "server": r"one side uses CURVE and the other does not|runs without CURVE"}[plain_side]
     assert pair.refused and re.search(expected, pair.refused[0]), pair.refused
     if plain_side == "client":
-        assert any("REFUSED a connection that does not use CURVE" in r.getMessage() for r in caplog.records)
+        assert refusal_logged()
     # Running without keys across parties is allowed, but said to be insecure.
     assert any("INSECURE: CURVE is off" in r.getMessage() for r in caplog.records) or security._warned_insecure
 
@@ -353,7 +359,9 @@ def test_intruders_are_refused_while_the_topology_trains_on(tmp_path):
                 stranger.curve_serverkey = central_public
                 stranger.connect(f"tcp://127.0.0.1:{wan_port}")
                 stranger.send_multipart(wire_frames(Message(MsgType.PULL, key=2, numel=300000, total=300000)))
-                log.wait_for(r"^\[global_scheduler\] .*REFUSED a connection that does not use CURVE", 20)
+                # (The listener's log line for a client without CURVE depends on libzmq reporting the
+                # broken handshake, which it does not always do in a busy process; it is awaited in
+                # test_curve_on_one_side_only_is_refused. Here: nothing is answered.)
                 log.wait_for(rf"^\[global_server0\] .*REFUSED a connection to global-clients from 127\.0\.0\.1: "
                              rf"its public key {re.escape(intruder_public.decode())} is not in the allow-list", 20)
                 assert plain.poll(500) == 0 and stranger.poll(0) == 0  # nothing was answered

@@ -59,6 +59,7 @@ class GlobalServer(ServerBase):
         self.told_checkpointed: Dict[tuple, int] = {}
         self.next_checkpoint_round = cfg.checkpoint_every
         self.restored_from: Optional[str] = None
+        self.restored_clients: Optional[tuple] = None  # (stopped, pushing) of a checkpoint, until known
         self._writer: Optional[threading.Thread] = None  # the thread writing the latest checkpoint
         self.dgt: Optional[dgt.Receiver] = None
         if cfg.dgt_mode:
@@ -236,8 +237,11 @@ class GlobalServer(ServerBase):
             ks.store = rec.value
             ks.initialized = True
             ks.completed = ks.first_round = rec.completed
-        self.stopped_clients = {(name, bytes.fromhex(ident)) for name, ident in ckpt.stopped}
-        self.pushing_clients = {(name, bytes.fromhex(ident)) for name, ident in ckpt.pushing}
+        # Who had stopped or pushed: that matters only if this server rejoins the topology it came
+        # from; known once the global tier answers (adopt_clients or forget_clients). Until then the
+        # clients of a new topology, whose identities may be the same, are not refused.
+        self.restored_clients = ({(name, bytes.fromhex(ident)) for name, ident in ckpt.stopped},
+                                 {(name, bytes.fromhex(ident)) for name, ident in ckpt.pushing})
         self.checkpointed = {rec.key: rec.completed for rec in ckpt.keys}
         if self.cfg.checkpoint_every:
             done = min([rec.completed for rec in ckpt.keys] or [0])
@@ -252,8 +256,16 @@ class GlobalServer(ServerBase):
         """Restored into a newly started topology rather than a running one: the clients recorded
         in the checkpoint (who had stopped) are gone; new ones continue from the restored rounds."""
         log.info("%s: restored into a new topology: continuing from the checkpoint's rounds", self.name)
-        self.stopped_clients.clear()
-        self.pushing_clients.clear()
+        self.restored_clients = None
+
+    def adopt_clients(self) -> None:
+        """Rejoined the running topology the checkpoint came from: its clients who had stopped will
+        not say so again."""
+        if self.restored_clients is not None:
+            stopped, pushing = self.restored_clients
+            self.stopped_clients |= stopped
+            self.pushing_clients |= pushing
+            self.restored_clients = None
 
     def on_client_stop(self, client: Client) -> None:
         # A client that stopped is not coming back to say so again: record it, so that a server

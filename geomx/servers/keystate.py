@@ -152,9 +152,18 @@ class KeyState:
         self.serve_parked()
 
     def fail_round(self, r: int, error: Exception) -> None:
-        """Round ``r`` can never complete: refuse every push waiting on it with ``error``."""
+        """Round ``r`` can never complete: refuse every push waiting on it with ``error``, and every
+        parked pull that waits for it (its client pushed into round ``r`` or later), which would
+        otherwise wait forever."""
         for reply, _ in self.rounds.pop(r).waiters:
             reply(error)
+        still = []
+        for client, reply in self.parked:
+            if self.initialized and self.pushes_of(client) > r:
+                reply(error)
+            else:
+                still.append((client, reply))
+        self.parked = still
 
     def serve_parked(self) -> None:
         if not self.parked:

@@ -437,9 +437,12 @@ def _failure_summary(kind: type, value: BaseException) -> str:
     traceback of the geomx error behind it; name that error instead."""
     text = f"{kind.__name__}: {value}"
     if isinstance(value, mx.base.MXNetError):
-        causes = [line.strip() for line in str(value).splitlines() if line.strip().startswith("geomx.errors.")]
+        lines = [line.strip() for line in str(value).splitlines() if line.strip()]
+        causes = [line for line in lines if line.startswith("geomx.errors.")]
         if causes:
             text = causes[-1][len("geomx.errors."):]
+        elif lines:
+            text = lines[-1] if lines[-1].startswith("MXNetError") else f"MXNetError: {lines[-1]}"  # the failed check, no traceback
     return text[:500]
 
 

@@ -442,7 +442,8 @@ def _failure_summary(kind: type, value: BaseException) -> str:
         if causes:
             text = causes[-1][len("geomx.errors."):]
         elif lines:
-            text = lines[-1] if lines[-1].startswith("MXNetError") else f"MXNetError: {lines[-1]}"  # the failed check, no traceback
+            # The failed check itself, without the traceback lines.
+            text = lines[-1] if lines[-1].startswith("MXNetError") else f"MXNetError: {lines[-1]}"
     return text[:500]
 
 

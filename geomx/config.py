@@ -177,14 +177,18 @@ class _Reader:
             raise self._fail(name, f"must be >= {minimum}, got {value}")
         return value
 
-    def float(self, name: str, default: float, minimum: float = 0.0) -> float:
+    def _float(self, name: str, default: float, what: str = "a number") -> float:
+        """The variable as a float (``default`` when unset); ``what`` names the expected value."""
         raw = self.str(name)
         if raw is None:
             return default
         try:
-            value = float(raw)
+            return float(raw)
         except ValueError:
-            raise self._fail(name, f"must be a number, got {raw!r}") from None
+            raise self._fail(name, f"must be {what}, got {raw!r}") from None
+
+    def float(self, name: str, default: float, minimum: float = 0.0) -> float:
+        value = self._float(name, default)
         if not value > minimum:
             raise self._fail(name, f"must be > {minimum}, got {value}")
         return value
@@ -193,13 +197,7 @@ class _Reader:
                open_high: bool = False) -> float:
         """A number in the interval from ``low`` to ``high`` (each end closed unless ``open_*``)."""
         interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
-        raw = self.str(name)
-        if raw is None:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            raise self._fail(name, f"must be a number in {interval}, got {raw!r}") from None
+        value = self._float(name, default, f"a number in {interval}")
         if not ((low < value if open_low else low <= value) and (value < high if open_high else value <= high)):
             raise self._fail(name, f"must be in {interval}, got {value}")
         return value

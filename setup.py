@@ -1,4 +1,5 @@
-"""Build script: compiles the Cython hot paths in csrc/ into geomx._kernels.
+"""Build script: compiles the Cython hot paths in csrc/ into geomx._kernels,
+geomx._compress and geomx._delivery.
 
 Everything else about the package lives in pyproject.toml.
 """
@@ -21,6 +22,14 @@ extensions = [
         include_dirs=[np.get_include()],
         extra_compile_args=["-O3"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    ),
+    # C++ for the engine callback's types (dmlc::Error, std::mutex); no MXNet headers or library needed
+    # at build time: libmxnet's entry points are looked up at run time (geomx/delivery.py).
+    Extension(
+        "geomx._delivery",
+        ["csrc/_delivery.pyx"],
+        language="c++",
+        extra_compile_args=["-O2", "-std=c++11"],
     ),
 ]
 

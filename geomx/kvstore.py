@@ -10,12 +10,10 @@ from __future__ import annotations
 import atexit
 import concurrent.futures as cf
 import hashlib
-import itertools
 import json
 import logging
 import math
 import sys
-import threading
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -23,83 +21,13 @@ import mxnet as mx
 import numpy as np
 from mxnet.kvstore.base import KVStoreBase
 
-from . import commands, config, logutil
+from . import commands, config, delivery, logutil
 from .errors import ConfigError, GeoMXError
 from .optimizer_spec import optimizer_from_spec, optimizer_to_spec
 from .wire import MsgType
 from .worker import WorkerNode
 
 log = logging.getLogger("geomx.kvstore")
-
-# -- engine-side delivery of pulled values -----------------------------------------------------------
-
-_tickets: Dict[int, cf.Future] = {}  # delivery op ticket -> the reply it waits for
-_ticket_ids = itertools.count(1)
-_tickets_lock = threading.Lock()
-
-
-class _Deliver(mx.operator.CustomOp):
-    """Waits (in MXNet's custom-op thread, not the training thread) for a reply and writes it out."""
-
-    def __init__(self, ticket: int):
-        super().__init__()
-        self.ticket = ticket
-
-    def forward(self, is_train, req, in_data, out_data, aux):  # noqa: D401 - MXNet signature
-        with _tickets_lock:
-            fut = _tickets.pop(self.ticket)
-        value = fut.result()
-        out = out_data[0]
-        if out.context.device_type == "cpu":
-            try:
-                out._sync_copyfrom(value.reshape(out.shape))  # one copy, straight into out
-                return
-            except mx.base.MXNetError:
-                pass  # out is in an MKLDNN layout (weights after an inference forward): copy via the engine
-        self.assign(out, req[0], mx.nd.array(value.reshape(out.shape), ctx=out.context, dtype=out.dtype))
-
-    def backward(self, req, out_grad, in_data, out_data, in_grad, aux):  # pragma: no cover
-        raise GeoMXError("geomx delivery ops have no gradient")
-
-
-@mx.operator.register("geomx_deliver")
-class _DeliverProp(mx.operator.CustomOpProp):
-    def __init__(self, ticket: str, shape: str, dtype: str):
-        super().__init__(need_top_grad=False)
-        self.ticket = int(ticket)
-        self.shape = tuple(int(d) for d in shape.split(",") if d)
-        self.dtype = np.dtype(dtype)
-
-    def list_arguments(self):
-        return ["anchor"]
-
-    def list_outputs(self):
-        return ["value"]
-
-    def infer_shape(self, in_shape):
-        return in_shape, [self.shape], []
-
-    def infer_type(self, in_type):
-        return in_type, [self.dtype.type], []
-
-    def create_operator(self, ctx, shapes, dtypes):
-        return _Deliver(self.ticket)
-
-
-_anchors: Dict[Any, mx.nd.NDArray] = {}
-
-
-def _deliver_async(fut: cf.Future, out: mx.nd.NDArray) -> None:
-    """Write ``fut``'s array into ``out`` as an engine operation (ordered with every use of ``out``)."""
-    ticket = next(_ticket_ids)
-    with _tickets_lock:
-        _tickets[ticket] = fut
-    anchor = _anchors.get(out.context)
-    if anchor is None:
-        anchor = _anchors[out.context] = mx.nd.zeros((1,), ctx=out.context)
-    mx.nd.Custom(anchor, op_type="geomx_deliver", ticket=str(ticket),
-                 shape=",".join(str(d) for d in out.shape), dtype=np.dtype(out.dtype).name, out=out)
-
 
 # -- key and value normalisation ---------------------------------------------------------------------
 
@@ -308,7 +236,7 @@ class GeoKVStore(KVStoreBase):
             kid, shape, dtype = self._meta(k)
             fut = self._node.request(MsgType.PULL, kid, int(np.prod(shape)), dtype, priority=priority)
             for o in targets:
-                _deliver_async(fut, o)
+                delivery.deliver(fut, o, priority)
 
     def pushpull(self, key: Any, value: Any, out: Any = None, priority: int = 0) -> None:
         self._check()
@@ -319,7 +247,7 @@ class GeoKVStore(KVStoreBase):
             fut = self._node.request(MsgType.PUSHPULL, kid, data.size, dtype, data=data, priority=priority)
             self._last_pushpull[kid] = fut
             for o in targets:
-                _deliver_async(fut, o)
+                delivery.deliver(fut, o, priority)
 
     def barrier(self) -> None:
         self._check()

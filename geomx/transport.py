@@ -7,6 +7,8 @@ inproc socket.
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import heapq
 import itertools
 import logging
@@ -169,11 +171,40 @@ _REQUESTS = (wire.MsgType.INIT, wire.MsgType.PUSH, wire.MsgType.PULL, wire.MsgTy
 Handler = Callable[[wire.Message, Optional[bytes], Link], None]
 
 
+_M_TRIM_THRESHOLD = -1  # mallopt parameters (malloc.h)
+_M_MMAP_THRESHOLD = -3
+_malloc_tuned = False
+
+
+def keep_large_buffers() -> None:
+    """Make glibc keep freed large blocks for reuse instead of unmapping them.
+
+    Every message of a tensor is a fresh multi-megabyte buffer (libzmq's receive buffer, the arrays
+    made from it). By default glibc serves each with mmap and returns it with munmap on free, so every
+    message pays a page fault per 4 KiB and the kernel's zeroing: on loopback that cost as much CPU as
+    moving the bytes. With blocks up to 32 MiB (glibc's ceiling) served from the heap and the heap not
+    trimmed below 1 GiB of free space, the buffers of one round are reused by the next. Once per process."""
+    global _malloc_tuned
+    if _malloc_tuned:
+        return
+    _malloc_tuned = True
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is None or not hasattr(libc, "mallopt"):
+            return  # not glibc: nothing to tune
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    except OSError:
+        return
+
+
 class EventLoop:
     """Polls a set of links and runs timers and cross-thread callbacks, all in one thread."""
 
     def __init__(self, ctx: zmq.Context, max_message_bytes: int = 1 << 31, name: str = "node",
                  keys: Optional[security.CurveKeys] = None, max_queued_replies: int = 100_000):
+        keep_large_buffers()
         self.ctx = ctx
         self.name = name
         self.max_message_bytes = max_message_bytes

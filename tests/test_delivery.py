@@ -1,0 +1,142 @@
+"""Engine-side delivery of pulled values (geomx/delivery.py, csrc/_delivery.pyx), in one process: the
+reply is a future resolved by another thread, as geomx's I/O thread does; MXNet's engine is real."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+import time
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+from geomx import delivery
+from geomx.errors import PeerDeadError
+
+pytestmark = pytest.mark.skipif(not delivery.COMPILED, reason="geomx._delivery is not built")
+
+
+def resolve_later(fut: cf.Future, value=None, error=None, delay: float = 0.2) -> threading.Thread:
+    def run():
+        time.sleep(delay)
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(value)
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_readers_before_the_pull_see_the_old_value_and_after_it_the_reply():
+    out = mx.nd.array(np.full((3, 4), 7, np.float32))
+    before = out * 1  # queued before the pull
+    fut = cf.Future()
+    delivery.deliver(fut, out)
+    after = out + 1   # queued after: must wait for the reply
+    reply = np.arange(12, dtype=np.float32)
+    t = resolve_later(fut, reply)
+    np.testing.assert_array_equal(before.asnumpy(), np.full((3, 4), 7, np.float32))
+    np.testing.assert_array_equal(after.asnumpy(), reply.reshape(3, 4) + 1)
+    np.testing.assert_array_equal(out.asnumpy(), reply.reshape(3, 4))
+    t.join()
+
+
+def test_reply_already_there_when_the_operation_runs():
+    out = mx.nd.zeros((1000,))
+    fut = cf.Future()
+    fut.set_result(np.arange(1000, dtype=np.float32))
+    delivery.deliver(fut, out)
+    np.testing.assert_array_equal(out.asnumpy(), np.arange(1000, dtype=np.float32))
+
+
+def test_operation_waits_for_earlier_writers_of_the_array():
+    out = mx.nd.zeros((50,))
+    slow = mx.nd.ones((50,))
+    for _ in range(20):
+        slow = slow * 1  # a chain the engine runs before the write below
+    out += slow          # an earlier writer of out
+    fut = cf.Future()
+    fut.set_result(np.full(50, 3, np.float32))
+    delivery.deliver(fut, out)
+    np.testing.assert_array_equal(out.asnumpy(), np.full(50, 3, np.float32))
+
+
+def test_many_pulls_in_flight_then_resolved_in_reverse_order():
+    outs = [mx.nd.zeros((i + 1,)) for i in range(200)]
+    futs = [cf.Future() for _ in outs]
+    for fut, out in zip(futs, outs):
+        delivery.deliver(fut, out)
+    for i in reversed(range(len(futs))):
+        futs[i].set_result(np.full(i + 1, i, np.float32))
+    for i, out in enumerate(outs):
+        np.testing.assert_array_equal(out.asnumpy(), np.full(i + 1, i, np.float32))
+    mx.nd.waitall()
+    # Finished deliveries are let go (no leak across a long training run).
+    for _ in range(2 * delivery._SWEEP_EVERY):
+        fut = cf.Future()
+        fut.set_result(np.zeros(1, np.float32))
+        delivery.deliver(fut, outs[0])
+    mx.nd.waitall()
+    assert len(delivery._outstanding) < 2 * delivery._SWEEP_EVERY
+
+
+def test_a_failed_request_reaches_the_waiters_as_an_error_naming_the_geomx_error():
+    out = mx.nd.zeros((8,))
+    fut = cf.Future()
+    delivery.deliver(fut, out)
+    t = resolve_later(fut, error=PeerDeadError("global server 0 stopped answering"))
+    with pytest.raises(mx.base.MXNetError, match="geomx.errors.PeerDeadError: global server 0 stopped answering"):
+        out.asnumpy()
+    t.join()
+    # The engine goes on: a later delivery into a fresh array works.
+    ok = mx.nd.zeros((8,))
+    fut2 = cf.Future()
+    fut2.set_result(np.ones(8, np.float32))
+    delivery.deliver(fut2, ok)
+    np.testing.assert_array_equal(ok.asnumpy(), np.ones(8, np.float32))
+
+
+def test_a_reply_of_the_wrong_size_fails_instead_of_writing():
+    out = mx.nd.zeros((8,))
+    fut = cf.Future()
+    fut.set_result(np.ones(9, np.float32))
+    delivery.deliver(fut, out)
+    with pytest.raises(mx.base.MXNetError, match="could not deliver"):
+        out.asnumpy()
+
+
+def test_reply_of_another_dtype_is_converted():
+    out = mx.nd.zeros((4,), dtype=np.float16)
+    fut = cf.Future()
+    fut.set_result(np.array([1.5, 2, 3, 4], np.float32))
+    delivery.deliver(fut, out)
+    np.testing.assert_array_equal(out.asnumpy(), np.array([1.5, 2, 3, 4], np.float16))
+
+
+def test_weights_in_an_mkldnn_layout_after_an_inference_pass():
+    from mxnet import gluon
+
+    net = gluon.nn.Conv2D(4, 3, in_channels=2)
+    net.initialize()
+    x = mx.nd.array(np.random.RandomState(0).standard_normal((1, 2, 6, 6)).astype(np.float32))
+    net(x).wait_to_read()  # inference: MKLDNN re-lays out the weight for later passes
+    weight = net.weight.data()
+    new = np.random.RandomState(1).standard_normal(weight.shape).astype(np.float32)
+    fut = cf.Future()
+    delivery.deliver(fut, weight)
+    t = resolve_later(fut, new.reshape(-1))
+    got = net(x).asnumpy()
+    expected = mx.nd.Convolution(x, mx.nd.array(new), net.bias.data(), kernel=(3, 3), num_filter=4).asnumpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(weight.asnumpy(), new)
+    t.join()
+
+
+def test_custom_operator_fallback_gives_the_same_result():
+    out = mx.nd.zeros((2, 3))
+    fut = cf.Future()
+    delivery._deliver_custom(fut, out)
+    t = resolve_later(fut, np.arange(6, dtype=np.float32))
+    np.testing.assert_array_equal(out.asnumpy(), np.arange(6, dtype=np.float32).reshape(2, 3))
+    t.join()

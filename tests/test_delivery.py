@@ -117,17 +117,19 @@ def test_reply_of_another_dtype_is_converted():
 def test_weights_in_an_mkldnn_layout_after_an_inference_pass():
     from mxnet import gluon
 
-    net = gluon.nn.Conv2D(4, 3, in_channels=2)
+    net = gluon.nn.Conv2D(8, 3, in_channels=3)
     net.initialize()
-    x = mx.nd.array(np.random.RandomState(0).standard_normal((1, 2, 6, 6)).astype(np.float32))
-    net(x).wait_to_read()  # inference: MKLDNN re-lays out the weight for later passes
+    x = mx.nd.array(np.random.RandomState(0).standard_normal((2, 3, 8, 8)).astype(np.float32))
+    net(x)  # inference: MKLDNN re-lays out the weight for later passes
+    mx.nd.waitall()
     weight = net.weight.data()
+    assert not delivery._directly_writable(weight)  # so the reply goes through a staging array
     new = np.random.RandomState(1).standard_normal(weight.shape).astype(np.float32)
     fut = cf.Future()
     delivery.deliver(fut, weight)
     t = resolve_later(fut, new.reshape(-1))
     got = net(x).asnumpy()
-    expected = mx.nd.Convolution(x, mx.nd.array(new), net.bias.data(), kernel=(3, 3), num_filter=4).asnumpy()
+    expected = mx.nd.Convolution(x, mx.nd.array(new), net.bias.data(), kernel=(3, 3), num_filter=8).asnumpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(weight.asnumpy(), new)
     t.join()

@@ -24,6 +24,21 @@ from .errors import ProtocolError
 log = logging.getLogger("geomx.transport")
 
 
+# Plain ints on the per-message paths: arithmetic on pyzmq's enum flags costs microseconds each.
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+_POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
+
+
+def _send_frames(sock: zmq.Socket, frames: List[Any], flags: int) -> None:
+    """One multipart message. Array frames go to libzmq without a Python-side copy (pyzmq still copies
+    those under its copy threshold). Atomic: if the first frame is accepted, so are the others."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        sock.send(frame, flags | _SNDMORE if i < last else flags, copy=not isinstance(frame, memoryview))
+
+
 class Link:
     """A ZeroMQ socket plus the bytes sent and received through it (``wan`` marks cross-party links)."""
 
@@ -47,14 +62,12 @@ class Link:
         send high-water mark is reached (P3's bounded window, see :class:`geomx.p3.SendQueue`)."""
         frames = wire.encode(msg)
         if identity is None:
-            # copy=False: large arrays go to libzmq without a Python-side copy. A multipart message
-            # is atomic: if its first frame is accepted, so are the others.
-            self.sock.send_multipart(frames, copy=False, flags=0 if block else zmq.NOBLOCK)
+            _send_frames(self.sock, frames, 0 if block else _NOBLOCK)
         else:
             try:
                 # A listener never blocks on one peer: a full queue (a peer that does not read its
                 # replies) or a peer that is gone costs that peer its reply, nobody else anything.
-                self.sock.send_multipart([identity, *frames], copy=False, flags=zmq.NOBLOCK)
+                _send_frames(self.sock, [identity, *frames], _NOBLOCK)
             except zmq.Again:
                 _refusals(logging.ERROR, f"{self.name}: dropped replies to {peer_label(identity)}: it leaves "
                                          f"{self.sock.sndhwm} replies unread (GEOMX_MAX_QUEUED_REPLIES)")
@@ -67,8 +80,8 @@ class Link:
         self.bytes_sent += sum(len(f) if not isinstance(f, memoryview) else f.nbytes for f in frames)
 
     def recv_frames(self) -> List[Any]:
-        frames = self.sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
-        self.bytes_received += sum(len(f.buffer) for f in frames)
+        frames = self.sock.recv_multipart(copy=False, flags=_NOBLOCK)
+        self.bytes_received += sum(len(f) for f in frames)
         return frames
 
     def close(self) -> None:
@@ -302,7 +315,7 @@ class EventLoop:
             tx = self.ctx.socket(zmq.PUSH)
             tx.connect(self._wake_addr)
             self._wake_tx_local.sock = tx
-        tx.send(b"", zmq.NOBLOCK)
+        tx.send(b"", _NOBLOCK)
 
     # -- running ------------------------------------------------------------------------------
     def run_once(self, timeout: float) -> None:
@@ -313,17 +326,17 @@ class EventLoop:
         if self._wake_rx in events:
             while True:
                 try:
-                    self._wake_rx.recv(zmq.NOBLOCK)
+                    self._wake_rx.recv(_NOBLOCK)
                 except zmq.Again:
                     break
         while self._calls:
             self._calls.popleft()()
         for sock, mask in events.items():
-            if mask & zmq.POLLOUT and sock in self._writers:
+            if mask & _POLLOUT and sock in self._writers:
                 self.poller.modify(sock, zmq.POLLIN)
                 self._writers.pop(sock)()
             entry = self.handlers.get(sock)
-            if entry is not None and mask & zmq.POLLIN:
+            if entry is not None and mask & _POLLIN:
                 self._drain(*entry)
             elif sock in self.fd_handlers:
                 self.fd_handlers[sock]()

@@ -109,12 +109,20 @@ class Message:
         return DTYPES.get(self.dtype)
 
 
+# Plain ints for the per-message paths: arithmetic on enum members costs microseconds each.
+_HAS_META = int(Flag.HAS_META)
+_HAS_DATA = int(Flag.HAS_DATA)
+_PAYLOAD = int(Flag.PAYLOAD)
+_KNOWN_FLAGS = _HAS_META | _HAS_DATA | _PAYLOAD
+_MSG_TYPES = {int(t): t for t in MsgType}
+
+
 def encode(msg: Message) -> List[Any]:
     """Frames for ``msg``: header, then meta (if any), then the array buffer (sent zero-copy)."""
-    flags = Flag.NONE
+    flags = 0
     frames: List[Any] = []
     if msg.meta is not None:
-        flags |= Flag.HAS_META
+        flags |= _HAS_META
         frames.append(json.dumps(msg.meta, separators=(",", ":")).encode())
     dtype = msg.dtype
     numel = msg.numel
@@ -122,15 +130,15 @@ def encode(msg: Message) -> List[Any]:
         data = msg.data
         if data.ndim != 1 or not data.flags.c_contiguous:
             data = np.ascontiguousarray(data).reshape(-1)
-        flags |= Flag.HAS_DATA
+        flags |= _HAS_DATA
         dtype = dtype_code(data.dtype)
         if msg.payload:
-            flags |= Flag.PAYLOAD  # numel stays the logical size of the encoded slice
+            flags |= _PAYLOAD  # numel stays the logical size of the encoded slice
         else:
             numel = data.size
         frames.append(memoryview(data).cast("B") if data.size else b"")
     total = msg.total if msg.total else msg.offset + numel
-    header = _HEADER.pack(MAGIC, int(msg.type), dtype, int(flags), msg.sender, msg.req_id, msg.key,
+    header = _HEADER.pack(MAGIC, msg.type, dtype, flags, msg.sender, msg.req_id, msg.key,
                           msg.offset, numel, total, msg.priority, msg.version)
     return [header, *frames]
 
@@ -152,13 +160,13 @@ def decode(frames: Sequence[Any], max_message_bytes: int = 1 << 31) -> Message:
      version) = _HEADER.unpack(head)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {magic!r}")
-    try:
-        mtype = MsgType(mtype)
-    except ValueError:
-        raise ProtocolError(f"unknown message type {mtype}") from None
-    if flags & ~int(Flag.HAS_META | Flag.HAS_DATA | Flag.PAYLOAD):
+    known = _MSG_TYPES.get(mtype)
+    if known is None:
+        raise ProtocolError(f"unknown message type {mtype}")
+    mtype = known
+    if flags & ~_KNOWN_FLAGS:
         raise ProtocolError(f"unknown flag bits {flags:#x}")
-    expected = 1 + bool(flags & Flag.HAS_META) + bool(flags & Flag.HAS_DATA)
+    expected = 1 + bool(flags & _HAS_META) + bool(flags & _HAS_DATA)
     if len(frames) != expected:
         raise ProtocolError(f"{len(frames)} frames, header announces {expected}")
     if dtype != 0 and dtype not in DTYPES:
@@ -169,7 +177,7 @@ def decode(frames: Sequence[Any], max_message_bytes: int = 1 << 31) -> Message:
         raise ProtocolError(f"bad slice: offset {offset} + numel {numel} > total {total}")
     msg = Message(mtype, sender, req_id, key, offset, numel, total, priority, version, dtype)
     i = 1
-    if flags & Flag.HAS_META:
+    if flags & _HAS_META:
         raw = _buffer(frames[i])
         i += 1
         if len(raw) > MAX_META_BYTES:
@@ -184,14 +192,14 @@ def decode(frames: Sequence[Any], max_message_bytes: int = 1 << 31) -> Message:
         if not isinstance(meta, dict):
             raise ProtocolError("meta frame must be a JSON object")
         msg.meta = meta
-    if flags & Flag.PAYLOAD and not flags & Flag.HAS_DATA:
+    if flags & _PAYLOAD and not flags & _HAS_DATA:
         raise ProtocolError("payload flag without a data frame")
-    if flags & Flag.HAS_DATA:
+    if flags & _HAS_DATA:
         if dtype == 0:
             raise ProtocolError("data frame without a dtype")
         raw = _buffer(frames[i])
         np_dtype = DTYPES[dtype]
-        if flags & Flag.PAYLOAD:
+        if flags & _PAYLOAD:
             if np_dtype != np.uint8 or not isinstance((msg.meta or {}).get("payload"), dict):
                 raise ProtocolError("an encoded payload must be bytes described by meta['payload']")
             msg.payload = True

@@ -50,6 +50,8 @@ class NodeConfig:
     # a listener queues for one peer that does not read them.
     max_rounds_ahead: int = 16
     max_queued_replies: int = 100_000
+    # Peers in the same network namespace talk over a Unix-domain socket instead of loopback TCP.
+    local_ipc: bool = True
     verbose: int = 0
     # Key placement (MultiGPS) and codecs.
     bigarray_bound: int = 1_000_000
@@ -290,6 +292,7 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
     kw["max_message_bytes"] = r.int("GEOMX_MAX_MESSAGE_BYTES", 1 << 31, minimum=1024)
     kw["max_rounds_ahead"] = r.int("GEOMX_MAX_ROUNDS_AHEAD", 16, minimum=1)
     kw["max_queued_replies"] = r.int("GEOMX_MAX_QUEUED_REPLIES", 100_000, minimum=1)
+    kw["local_ipc"] = r.bool("GEOMX_LOCAL_IPC", True)
     kw["verbose"] = r.int("PS_VERBOSE", 0)
     kw["bigarray_bound"] = r.int("MXNET_KVSTORE_BIGARRAY_BOUND", 1_000_000, minimum=1)
     kw["size_lower_bound"] = r.int("MXNET_KVSTORE_SIZE_LOWER_BOUND", 200_000, minimum=1)

@@ -50,7 +50,7 @@ def _scheduler(cfg: NodeConfig) -> int:
                       heartbeat_timeout=cfg.heartbeat_timeout, start_timeout=cfg.start_timeout,
                       max_message_bytes=cfg.max_message_bytes, ts_variable=ts_variable,
                       max_greed_rate=cfg.max_greed_rate_ts, keys=cfg.curve,
-                      max_queued_replies=cfg.max_queued_replies,
+                      max_queued_replies=cfg.max_queued_replies, local_ipc=cfg.local_ipc,
                       cross_party=cfg.role == config.GLOBAL_SCHEDULER)
     return sched.run()
 
@@ -98,7 +98,7 @@ def _serve(loop: EventLoop, server: ServerBase, members: List[TierMember], fatal
 def _local_server(cfg: NodeConfig) -> int:
     ctx = zmq.Context()
     loop = EventLoop(ctx, cfg.max_message_bytes, name="local server", keys=cfg.curve,
-                     max_queued_replies=cfg.max_queued_replies)
+                     max_queued_replies=cfg.max_queued_replies, local_ipc=cfg.local_ipc)
     server = LocalServer(cfg, loop)
     fatal: List[Exception] = []
     # The party's workers divide keys along the global servers' parts (kvclient.partition); the
@@ -156,7 +156,7 @@ def _global_server(cfg: NodeConfig) -> int:
 
     ctx = zmq.Context()
     loop = EventLoop(ctx, cfg.max_message_bytes, name="global server", keys=cfg.curve,
-                     max_queued_replies=cfg.max_queued_replies)
+                     max_queued_replies=cfg.max_queued_replies, local_ipc=cfg.local_ipc)
     server = GlobalServer(cfg, loop)
     if ckpt is not None:
         server.restore(ckpt, cfg.checkpoint_restore)

@@ -27,7 +27,8 @@ class WorkerNode:
     def __init__(self, cfg: NodeConfig):
         self.cfg = cfg
         self.ctx = zmq.Context()
-        self.loop = EventLoop(self.ctx, cfg.max_message_bytes, name="worker", keys=cfg.curve)
+        self.loop = EventLoop(self.ctx, cfg.max_message_bytes, name="worker", keys=cfg.curve,
+                              local_ipc=cfg.local_ipc)
         self.fatal: Optional[Exception] = None
         self.info: Optional[TierInfo] = None
         self.kv: Optional[KVClient] = None

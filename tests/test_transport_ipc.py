@@ -1,0 +1,91 @@
+"""Local peers over Unix-domain sockets (geomx/transport.py): a listener offers one next to its TCP
+port, a client in the same network namespace uses it, GEOMX_LOCAL_IPC=0 keeps everything on TCP."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from geomx import transport
+from geomx.transport import EventLoop, bind_router, connect_dealer
+from geomx.wire import Message, MsgType
+
+pytestmark = pytest.mark.skipif(transport._ipc_path(1) is None, reason="no network namespaces here (not Linux)")
+
+
+def exchange(local_ipc_server: bool, local_ipc_client: bool, drop_tcp: bool, timeout: float = 3.0):
+    """A router and a dealer; the dealer sends one message. Returns what the router got (or None)."""
+    ctx = zmq.Context()
+    server = EventLoop(ctx, name="server", local_ipc=local_ipc_server)
+    client = EventLoop(ctx, name="client", local_ipc=local_ipc_client)
+    got = []
+    try:
+        router, port = bind_router(server, 0, "listener")
+        server.add(router, lambda msg, identity, link: got.append((msg, identity)), routed=True)
+        if drop_tcp:
+            router.sock.unbind(f"tcp://0.0.0.0:{port}")
+        link = connect_dealer(client, "127.0.0.1", port, b"w0", "dealer", peer="listener")
+        client.add(link, lambda *a: None, routed=False)
+        link.send(Message(MsgType.PUSH, sender=1, req_id=7, key=3, data=np.arange(5, dtype=np.float32)))
+        deadline = time.monotonic() + timeout
+        while not got and time.monotonic() < deadline:
+            server.run_once(0.05)
+            client.run_once(0.0)
+        return port, (got[0] if got else None)
+    finally:
+        client.close()
+        server.close()
+        ctx.term()
+
+
+def test_a_local_client_uses_the_unix_socket():
+    # With the TCP endpoint gone, only the Unix-domain socket can carry the message.
+    port, got = exchange(True, True, drop_tcp=True)
+    assert got is not None, "the message did not arrive over the Unix-domain socket"
+    msg, identity = got
+    assert identity == b"w0" and msg.key == 3
+    np.testing.assert_array_equal(msg.data, np.arange(5, dtype=np.float32))
+
+
+def test_tcp_only_when_turned_off():
+    # The client does not look for the socket: without TCP nothing arrives...
+    _, got = exchange(True, False, drop_tcp=True, timeout=1.0)
+    assert got is None
+    # ...and with TCP it does.
+    _, got = exchange(False, False, drop_tcp=False)
+    assert got is not None and got[0].key == 3
+
+
+def test_a_tcp_only_listener_removes_a_stale_socket_file():
+    # A file that a killed listener left at this port would make local clients connect to nobody.
+    ctx = zmq.Context()
+    loop = EventLoop(ctx, name="server", local_ipc=False)
+    probe = ctx.socket(zmq.ROUTER)
+    port = probe.bind_to_random_port("tcp://127.0.0.1")
+    probe.close(linger=0)
+    path = transport._ipc_path(port)
+    assert path is not None
+    with open(path, "w"):
+        pass
+    try:
+        router, bound = bind_router(loop, port, "listener")
+        router.close()
+        assert bound == port and not os.path.exists(path)
+    finally:
+        loop.close()
+        ctx.term()
+
+
+def test_socket_directory_is_private_and_names_the_namespace():
+    path = transport._ipc_path(4242)
+    directory = os.path.dirname(path)
+    assert os.stat(directory).st_mode & 0o777 == 0o700
+    assert os.path.basename(path) == f"{os.stat('/proc/self/ns/net').st_ino}-4242.sock"
+
+
+def test_remote_hosts_are_not_local():
+    assert transport._is_local("127.0.0.1")
+    assert not transport._is_local("192.0.2.1")  # TEST-NET-1: never an address of this machine

@@ -43,11 +43,31 @@ cdef extern from *:
       void *param;
     };
 
-    // MXNDArrayToDLPack / MXNDArrayCallDLPackDeleter, looked up in libmxnet by the Python side.
+    // MXNDArrayToDLPack / MXNDArrayCallDLPackDeleter, looked up in libmxnet by the Python side, and
+    // mxnet::NDArray::InvalidateMKLDNNData() (exported by MKLDNN builds; null elsewhere): what MXNet's
+    // own operators call on an output they overwrite whole, so that it is in the default layout again.
     typedef int (*geomx_to_dlpack_t)(void *ndarray, void **dlpack);
     typedef int (*geomx_dlpack_delete_t)(void *dlpack);
+    typedef void (*geomx_invalidate_t)(void *ndarray);
     static geomx_to_dlpack_t geomx_to_dlpack = nullptr;
     static geomx_dlpack_delete_t geomx_dlpack_delete = nullptr;
+    static geomx_invalidate_t geomx_invalidate_mkldnn = nullptr;
+
+    // The array's data pointer in the default layout, or null. This operation holds the array's write
+    // dependency and overwrites every byte, so an MKLDNN layout (the weight of a convolution that ran
+    // in inference mode is re-laid out by an engine write queued during that pass, which can come
+    // between the pull's issue and this point) is dropped rather than converted.
+    static void *geomx_data_pointer(void *ndarray, void **dl) {
+      if (geomx_to_dlpack == nullptr) return nullptr;
+      if (geomx_to_dlpack(ndarray, dl) != 0 || *dl == nullptr) {
+        if (geomx_invalidate_mkldnn == nullptr) return nullptr;
+        geomx_invalidate_mkldnn(ndarray);
+        *dl = nullptr;
+        if (geomx_to_dlpack(ndarray, dl) != 0 || *dl == nullptr) return nullptr;
+      }
+      // DLManagedTensor starts with DLTensor {void *data; ...; uint64_t byte_offset} (dlpack.h).
+      return *reinterpret_cast<void **>(*dl);
+    }
 
     enum { GEOMX_EMPTY = 0, GEOMX_RUNNING = 1, GEOMX_READY = 2, GEOMX_DONE = 3 };
 
@@ -67,19 +87,17 @@ cdef extern from *:
       std::string error = s->error;
       bool failed = s->failed;
       if (!failed) {
-        // The data pointer now, while this operation holds the array's write dependency. An array
-        // that an MKLDNN operator re-laid out since the pull was issued has none (checked there).
+        // The data pointer now, while this operation holds the array's write dependency.
         void *dl = nullptr;
-        if (geomx_to_dlpack == nullptr || geomx_to_dlpack(s->ndarray, &dl) != 0 || dl == nullptr) {
+        void *data = geomx_data_pointer(s->ndarray, &dl);
+        if (data == nullptr) {
           failed = true;
-          error = "geomx: the pulled array changed to an MKLDNN layout while the pull was waiting "
-                  "(an inference forward pass ran on it); wait for that pass (mx.nd.waitall()) before pulling";
+          error = "geomx: the pulled array has no plain data pointer (an MKLDNN layout this MXNet "
+                  "build cannot reset); pull into an array that no inference pass uses";
         } else {
-          // DLManagedTensor starts with DLTensor {void *data; ...; uint64_t byte_offset} (dlpack.h).
-          char *data = *reinterpret_cast<char **>(dl);
           std::memcpy(data, s->src, s->nbytes);
-          geomx_dlpack_delete(dl);
         }
+        if (dl != nullptr) geomx_dlpack_delete(dl);
       }
       geomx_on_complete done = s->done;
       {
@@ -127,9 +145,10 @@ cdef extern from *:
     }
 
     static uintptr_t geomx_run_address() { return reinterpret_cast<uintptr_t>(&geomx_run); }
-    static void geomx_set_api(uintptr_t to_dlpack, uintptr_t dlpack_delete) {
+    static void geomx_set_api(uintptr_t to_dlpack, uintptr_t dlpack_delete, uintptr_t invalidate) {
       geomx_to_dlpack = reinterpret_cast<geomx_to_dlpack_t>(to_dlpack);
       geomx_dlpack_delete = reinterpret_cast<geomx_dlpack_delete_t>(dlpack_delete);
+      geomx_invalidate_mkldnn = reinterpret_cast<geomx_invalidate_t>(invalidate);
     }
     """
     cdef int GEOMX_DONE
@@ -139,12 +158,13 @@ cdef extern from *:
     void geomx_provide(geomx_slot *s, const void *src, bint failed, const string &error) nogil
     int geomx_state(geomx_slot *s) nogil
     uintptr_t geomx_run_address()
-    void geomx_set_api(uintptr_t to_dlpack, uintptr_t dlpack_delete)
+    void geomx_set_api(uintptr_t to_dlpack, uintptr_t dlpack_delete, uintptr_t invalidate)
 
 
-def set_api(uintptr_t to_dlpack, uintptr_t dlpack_delete):
-    """Give the module libmxnet's ``MXNDArrayToDLPack`` and ``MXNDArrayCallDLPackDeleter``."""
-    geomx_set_api(to_dlpack, dlpack_delete)
+def set_api(uintptr_t to_dlpack, uintptr_t dlpack_delete, uintptr_t invalidate_mkldnn=0):
+    """Give the module libmxnet's ``MXNDArrayToDLPack``, ``MXNDArrayCallDLPackDeleter`` and, in an
+    MKLDNN build, ``mxnet::NDArray::InvalidateMKLDNNData`` (0 where there is none)."""
+    geomx_set_api(to_dlpack, dlpack_delete, invalidate_mkldnn)
 
 
 #: Address of the ``EngineAsyncFunc`` to pass to ``MXEnginePushAsyncND`` with a slot as its parameter.

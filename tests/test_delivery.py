@@ -142,3 +142,53 @@ def test_custom_operator_fallback_gives_the_same_result():
     t = resolve_later(fut, np.arange(6, dtype=np.float32))
     np.testing.assert_array_equal(out.asnumpy(), np.arange(6, dtype=np.float32).reshape(2, 3))
     t.join()
+
+
+def _hold_reading(array: mx.nd.NDArray):
+    """An engine operation that reads ``array`` and completes only when the returned function is
+    called: later writers of ``array`` (such as MKLDNN's re-layout) wait behind it."""
+    import ctypes
+
+    from mxnet.base import _LIB, check_call
+
+    gate = mx.nd.zeros((1,))
+    slot = delivery._delivery.Delivery(gate, gate.handle.value, 4)
+    check_call(_LIB.MXEnginePushAsyncND(
+        ctypes.c_void_p(delivery._delivery.RUN_ADDRESS), ctypes.c_void_p(slot.param), None,
+        ctypes.byref(delivery._CPU), (ctypes.c_void_p * 1)(array.handle), ctypes.c_int(1),
+        (ctypes.c_void_p * 1)(gate.handle), ctypes.c_int(1), None, ctypes.c_int(0), b"test_gate",
+        ctypes.c_bool(False)))
+
+    def release():
+        slot.provide(np.zeros(1, np.float32))
+        gate.wait_to_read()
+    return release
+
+
+def test_weights_re_laid_out_by_mkldnn_after_the_pull_was_issued():
+    """The pattern of a dummy inference pass right before pulling the initial weights: MKLDNN's
+    re-layout of the weight (an engine write pushed while the pass runs) is still queued when the pull
+    is issued, so the array looks writable then and is in an MKLDNN layout when the reply is written."""
+    from mxnet import gluon
+
+    net = gluon.nn.Conv2D(8, 3, in_channels=3)
+    net.initialize()
+    x = mx.nd.array(np.random.RandomState(0).standard_normal((2, 3, 8, 8)).astype(np.float32))
+    weight = net.weight.data()
+    release = _hold_reading(weight)     # keeps the re-layout queued until the pull is issued
+    net(x).wait_to_read()               # inference: the pass ran and queued the re-layout of weight
+    assert delivery._directly_writable(weight)  # not re-laid out yet
+    new = np.random.RandomState(1).standard_normal(weight.shape).astype(np.float32)
+    fut = cf.Future()
+    fut.set_result(new.reshape(-1))
+    delivery.deliver(fut, weight)       # queued behind the re-layout
+    release()
+    np.testing.assert_array_equal(weight.asnumpy(), new)
+    got = net(x).asnumpy()
+    expected = mx.nd.Convolution(x, mx.nd.array(new), net.bias.data(), kernel=(3, 3), num_filter=8).asnumpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mkldnn_builds_give_the_operation_the_layout_reset():
+    if mx.runtime.Features().is_enabled("MKLDNN"):
+        assert delivery._address(delivery._INVALIDATE_MKLDNN) != 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import os
 import sys
 import time
@@ -189,6 +190,19 @@ class RateLimitedLog:
         log.log(level, "%s%s", text, f" ({skipped} more like it since)" if skipped else "")
 
 
+_UNIX_PEER = re.compile(r"localhost:(\d+):(\d+):(\d+)")
+
+
+def describe_zap_address(address: str) -> str:
+    """The client a ZAP request names: an IP address for TCP; for a Unix-domain socket (GEOMX_LOCAL_IPC)
+    libzmq gives ``localhost:UID:GID:PID`` from the socket's peer credentials."""
+    unix = _UNIX_PEER.fullmatch(address)
+    if unix is None:
+        return address
+    uid, _gid, pid = unix.groups()
+    return f"a local process (pid {pid}, uid {uid}) over a Unix-domain socket"
+
+
 class ZapHandler:
     """Answers libzmq's authentication requests (ZAP, RFC 27) for every CURVE server socket of a
     context, from the node's event loop: admits the public keys in the allow-list and logs every
@@ -216,7 +230,7 @@ class ZapHandler:
         version, request_id, domain, address, _identity, mechanism = frames[:6]
         credentials = frames[6:]
         where = domain.decode(errors="replace") or "?"
-        peer = address.decode(errors="replace")
+        peer = describe_zap_address(address.decode(errors="replace"))
         if mechanism == b"NULL":
             # A link deliberately left in clear (GEOMX_CURVE_INSIDE_PARTY=0); CURVE listeners never ask.
             return [version, request_id, b"200", b"OK", b"", b""]

@@ -135,9 +135,9 @@ def keys_of(keydir: Path, name: str, central: Optional[str] = "central", inside_
 class Pair:
     """A listener (``server_keys``) and a client (``client_keys``), each in its own context and loop."""
 
-    def __init__(self, server_keys, client_keys, cross_party: bool = True):
-        self.server = EventLoop(zmq.Context(), name="listener", keys=server_keys)
-        self.client = EventLoop(zmq.Context(), name="client", keys=client_keys)
+    def __init__(self, server_keys, client_keys, cross_party: bool = True, local_ipc: bool = True):
+        self.server = EventLoop(zmq.Context(), name="listener", keys=server_keys, local_ipc=local_ipc)
+        self.client = EventLoop(zmq.Context(), name="client", keys=client_keys, local_ipc=local_ipc)
         self.received: List[Message] = []
         self.refused: List[str] = []
         self.server_link, port = bind_router(self.server, 0, "test-listener", cross_party=cross_party)
@@ -182,16 +182,21 @@ def test_allowed_key_gets_through_encrypted(keydir, pair_factory):
     assert pair.refused == []
 
 
-def test_unknown_key_is_refused_and_logged_on_both_sides(keydir, pair_factory, caplog):
+@pytest.mark.parametrize("local_ipc", [False, True], ids=["tcp", "unix"])
+def test_unknown_key_is_refused_and_logged_on_both_sides(keydir, pair_factory, caplog, local_ipc):
     caplog.set_level(logging.INFO, logger="geomx")
     intruder = keys_of(keydir, "intruder")
-    pair = pair_factory(keys_of(keydir, "central", None), intruder).exchange(until=lambda p: p.refused)
+    pair = pair_factory(keys_of(keydir, "central", None), intruder, local_ipc=local_ipc).exchange(
+        until=lambda p: p.refused)
     assert pair.received == []
     assert len(pair.refused) == 1 and "REFUSED this node's CURVE key" in pair.refused[0]
     assert "the test listener at 127.0.0.1:" in pair.refused[0]
     server_lines = [r.getMessage() for r in caplog.records if "listener: REFUSED" in r.getMessage()]
     assert server_lines and f"its public key {intruder.public.decode()} is not in the allow-list" in server_lines[0]
-    assert "to test-listener from 127.0.0.1" in server_lines[0]
+    # The client is named by its address: over a Unix-domain socket, by its process (this one).
+    client = (f"a local process (pid {os.getpid()}, uid {os.getuid()}) over a Unix-domain socket"
+              if local_ipc else "127.0.0.1")
+    assert f"to test-listener from {client}:" in server_lines[0]
 
 
 def test_wrong_server_key_is_refused(keydir, pair_factory, caplog):
@@ -307,7 +312,8 @@ PUSH_BYTES = exact_pattern((np.arange(26) % 13) - 6 + 2)
 @pytest.mark.skipif(not can_capture(), reason="capturing loopback traffic needs root (CAP_NET_RAW)")
 @pytest.mark.parametrize("curve", [True, False], ids=["curve", "clear"])
 def test_party_link_carries_no_tensor_bytes_with_curve(tmp_path, curve):
-    topo = Topology(parties=2, workers_per_party=1, env={"GEOMX_START_TIMEOUT": "60"})
+    # TCP as between hosts: on one host the links would take Unix-domain sockets, which no capture sees.
+    topo = Topology(parties=2, workers_per_party=1, env={"GEOMX_START_TIMEOUT": "60", "GEOMX_LOCAL_IPC": "0"})
     if curve:
         topo.make_curve_keys(str(tmp_path))
     log = LineLog()

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     if distributed:
         time.sleep(1)
 
-    net = utils.build_cnn(ctx)
+    net = utils.build_cnn(ctx, seed=args.seed)
     params = list(net.collect_params().values())
     utils.init_keys(kv, params)  # key i = params[i]; the other workers pull the master's weights
 

@@ -103,7 +103,7 @@ def train(args: argparse.Namespace, compression: dict, dtype_of=None, describe=N
         kv.set_gradient_compression(compression)
     time.sleep(1)
 
-    net = utils.build_cnn(ctx)
+    net = utils.build_cnn(ctx, seed=args.seed)
     params = list(net.collect_params().values())
     dtypes = [dtype_of(param) for param in params]
     # Buffers in each key's wire dtype (None: float32, the parameter's own arrays are used).

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     # No kv.set_optimizer: under ESync the global servers only average models (they refuse an optimizer).
     time.sleep(1)
 
-    net = utils.build_cnn(ctx)
+    net = utils.build_cnn(ctx, seed=args.seed)
     params = list(net.collect_params().values())
     utils.init_keys(kv, params)  # key i = params[i]; the other workers pull the master's weights
     # One more key: the workers' average number of local steps so far (the stopping rule).

@@ -90,6 +90,9 @@ def build_parser(description: str = "geomx example") -> argparse.ArgumentParser:
                         help="folder holding the IDX files for --dataset mnist / fashion-mnist")
     parser.add_argument("--dataset", choices=DATASETS, default="digits",
                         help="digits (scikit-learn, offline; default), mnist or fashion-mnist")
+    parser.add_argument("--seed", type=_non_negative_int, default=DEFAULT_SEED,
+                        help=f"seed of the initial weights and of the data order ({DEFAULT_SEED}); "
+                             "every worker must use the same one")
     parser.add_argument("--eval-every", type=_positive_int, default=1,
                         help="evaluate on the test set every N iterations (1, as the original)")
     return parser
@@ -444,7 +447,8 @@ def init_keys(kv, params: Sequence[gluon.Parameter],
 def load_shard(args: argparse.Namespace, num_all_workers: int, arrays: Optional[tuple] = None):
     """:func:`load_data` for this worker as the command line asks: ``(train_data, test_data)``."""
     return load_data(args.batch_size, num_all_workers, args.data_slice_idx, dataset=args.dataset,
-                     data_dir=args.data_dir, split_by_class=args.split_by_class, arrays=arrays)
+                     data_dir=args.data_dir, split_by_class=args.split_by_class, arrays=arrays,
+                     seed=args.seed)
 
 
 def iterate(train_data: Iterable, epochs: Optional[int] = None, max_iters: int = 0,

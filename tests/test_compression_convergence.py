@@ -13,9 +13,15 @@ weights (conv2 12,800, dense1 131,072, dense2 32,768 and dense3 1,280 elements) 
 Sparse updates need more iterations than dense ones to catch up (each entry of a large tensor
 crosses the WAN about once every 1 / r = 100 iterations), so the runs use batch 8 (94 iterations
 per epoch and worker) for 4 epochs. Accuracy is evaluated after every epoch; the comparison uses the
-last one (the others are printed, with the run times: ``pytest -s`` shows them). The runs are
-deterministic (seeded model, data order and threshold samples; two parties' sums are exact in any
-order). Two topologies run at a time to fit the machine's time budget.
+last one (the others are printed, with the run times: ``pytest -s`` shows them).
+
+A run is deterministic on one machine (seeded model, data order and threshold samples; two parties'
+sums are exact in any order), but training is chaotic: the last bit of a kernel's rounding (another
+CPU's MKLDNN code path) or another seed moves one run's final accuracy on the 300 test images by 1-3
+points. Measured on one machine, BSC minus uncompressed was -2.3, 0.0 and -1.3 points with seeds 0,
+1 and 2, so a single run's gap says little. Every flow therefore runs with ``SEEDS`` (the examples'
+``--seed``: initial weights and data order), and the tolerances apply to the means over the seeds.
+The four flows of one seed run at the same time.
 """
 import io
 import re
@@ -40,6 +46,7 @@ BSC_TOLERANCE = 0.02
 FP16_TOLERANCE = 0.02
 MPQ_TOLERANCE = 0.03
 UNCOMPRESSED_FLOOR = 0.9
+SEEDS = (0, 1, 2)
 COMMON = ["--cpu", "-ds", "{slice}", "-ep", str(EPOCHS), "-bs", str(BATCH), "-lr", str(LR),
           "--eval-every", str(ITERS_PER_EPOCH)]
 
@@ -54,7 +61,7 @@ _ACC = re.compile(r"^\[(?P<name>[^\]]+)\] \[Time [0-9.]+\]\[Epoch \d+\]\[Iterati
                   r"Test Acc (?P<acc>[0-9.]+)")
 
 
-def run_example(script, args, timeout=150):
+def run_example(script, args, timeout=300):
     """Run ``examples/<script>`` on every worker of a 2 x 1 topology; return (code, output, seconds)."""
     topo = Topology(parties=PARTIES, workers_per_party=WORKERS,
                     env={"MXNET_KVSTORE_SIZE_LOWER_BOUND": str(BOUND)})
@@ -64,14 +71,14 @@ def run_example(script, args, timeout=150):
     return code, stream.getvalue(), time.monotonic() - start
 
 
-def run_concurrently(labels):
-    """{label: (code, output, seconds)} for the given RUNS, all started at once."""
+def run_concurrently(labels, seed):
+    """{label: (code, output, seconds)} for the given RUNS with ``--seed seed``, all started at once."""
     results = {}
 
     def target(label):
         script, args = RUNS[label]
         try:
-            results[label] = run_example(script, args)
+            results[label] = run_example(script, [*args, "--seed", str(seed)])
         except Exception as exc:  # reported by the caller's assertions
             results[label] = (-1, f"{type(exc).__name__}: {exc}", 0.0)
 
@@ -109,21 +116,22 @@ def summarize(label, result):
 
 
 def test_compressed_training_converges_like_uncompressed():
-    results = run_concurrently(["uncompressed", "BSC"])
-    results.update(run_concurrently(["FP16", "MPQ"]))
-    base, _ = summarize("uncompressed", results["uncompressed"])
-    bsc, bsc_out = summarize("BSC", results["BSC"])
-    fp16, fp16_out = summarize("FP16", results["FP16"])
-    mpq, mpq_out = summarize("MPQ", results["MPQ"])
-
-    # The examples report how many tensors the size lower bound lets the codec compress.
-    assert "4 of 10 tensors sparse on the WAN" in bsc_out, bsc_out[-3000:]
-    assert "4 of 10 tensors float32 (BSC on the WAN), 6 float16" in mpq_out, mpq_out[-3000:]
-    assert "all 10 tensors travel as float16" in fp16_out, fp16_out[-3000:]
-
-    print(f"[compression] uncompressed {base:.4f} | BSC({RATIO}) {bsc:.4f} ({bsc - base:+.4f}) | "
-          f"FP16 {fp16:.4f} ({fp16 - base:+.4f}) | MPQ({RATIO}) {mpq:.4f} ({mpq - base:+.4f})", flush=True)
+    finals = {label: [] for label in RUNS}
+    for seed in SEEDS:
+        results = run_concurrently(list(RUNS), seed)
+        for label in RUNS:
+            final, output = summarize(f"{label} (seed {seed})", results[label])
+            finals[label].append(final)
+            # The examples report how many tensors the size lower bound lets the codec compress.
+            expected = {"BSC": "4 of 10 tensors sparse on the WAN",
+                        "MPQ": "4 of 10 tensors float32 (BSC on the WAN), 6 float16",
+                        "FP16": "all 10 tensors travel as float16"}.get(label)
+            assert expected is None or expected in output, output[-3000:]
+    base, bsc, fp16, mpq = (sum(finals[label]) / len(SEEDS) for label in ("uncompressed", "BSC", "FP16", "MPQ"))
+    print(f"[compression] means over seeds {SEEDS}: uncompressed {base:.4f} | BSC({RATIO}) {bsc:.4f} "
+          f"({bsc - base:+.4f}) | FP16 {fp16:.4f} ({fp16 - base:+.4f}) | MPQ({RATIO}) {mpq:.4f} "
+          f"({mpq - base:+.4f})", flush=True)
     assert base >= UNCOMPRESSED_FLOOR, f"uncompressed reached only {base:.4f}: the comparison would mean nothing"
-    assert bsc >= base - BSC_TOLERANCE, f"BSC {bsc:.4f} vs uncompressed {base:.4f}"
-    assert fp16 >= base - FP16_TOLERANCE, f"FP16 {fp16:.4f} vs uncompressed {base:.4f}"
-    assert mpq >= base - MPQ_TOLERANCE, f"MPQ {mpq:.4f} vs uncompressed {base:.4f}"
+    assert bsc >= base - BSC_TOLERANCE, f"BSC {finals['BSC']} vs uncompressed {finals['uncompressed']}"
+    assert fp16 >= base - FP16_TOLERANCE, f"FP16 {finals['FP16']} vs uncompressed {finals['uncompressed']}"
+    assert mpq >= base - MPQ_TOLERANCE, f"MPQ {finals['MPQ']} vs uncompressed {finals['uncompressed']}"

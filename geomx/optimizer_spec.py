@@ -158,3 +158,38 @@ def states_from_wire(desc: dict, blob: np.ndarray) -> Dict[int, Any]:
         return {int(k): walk(v) for k, v in desc["states"].items()}
     except (KeyError, TypeError, ValueError) as exc:
         raise GeoMXError(f"malformed optimizer state description: {exc}") from None
+
+
+# -- the global server's numpy path for plain SGD -------------------------------------------------
+
+def is_plain_sgd(opt: Any) -> bool:
+    """MXNet's SGD without momentum: stateless, so the global server can run its update in numpy
+    (``sgd_step``). MXNet's CPU kernel for it (``multi_sgd_update``) takes ~3 ms per million float32
+    elements on one core, numpy's two passes ~0.4 ms (benchmarks/bench_pushpull.py, docs/Benchmarks.md)."""
+    import mxnet as mx
+
+    return type(opt) is mx.optimizer.SGD and not opt.momentum > 0
+
+
+def sgd_step(opt: Any, index: Any, weight: np.ndarray, grad: np.ndarray) -> np.ndarray:
+    """One update of ``opt`` (``is_plain_sgd``) on float32 ``weight`` with ``grad``, as a new array
+    (``weight`` may still be queued in a zero-copy send). The optimizer's bookkeeping is MXNet's own:
+    update counts, learning-rate scheduler, per-key lr/wd multipliers. The arithmetic is that of
+    MXNet's ``multi_sgd_update`` in float32: ``w + ((0 - lr*wd*w) - lr*clip(rescale*g))``; a compiler's
+    fused multiply-add in MXNet's build can make it differ in the last bit."""
+    opt._update_count(index)
+    f32 = np.float32
+    lr = f32(opt._get_lrs([index])[0])
+    wd = f32(opt._get_wds([index])[0])
+    rescale = f32(opt.rescale_grad)
+    if opt.clip_gradient:  # MXNet applies it when truthy
+        bound = f32(opt.clip_gradient)
+        step = np.multiply(grad, rescale)
+        np.clip(step, -bound, bound, out=step)
+        np.multiply(step, -lr, out=step)
+    else:
+        step = np.multiply(grad, -(lr * rescale))
+    if wd != 0:
+        step -= weight * (lr * wd)
+    step += weight
+    return step

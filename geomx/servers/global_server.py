@@ -15,7 +15,7 @@ import numpy as np
 from .. import checkpoint, commands, compression, dgt
 from ..config import NodeConfig
 from ..errors import GeoMXError, ProtocolError
-from ..optimizer_spec import optimizer_from_spec, states_from_wire, states_to_wire
+from ..optimizer_spec import is_plain_sgd, optimizer_from_spec, sgd_step, states_from_wire, states_to_wire
 from ..transport import EventLoop, Link, bind_router
 from ..wire import Message, MsgType, meta_field
 from .base import Client, ServerBase
@@ -42,6 +42,7 @@ class GlobalServer(ServerBase):
         self.optimizer_spec: Optional[dict] = None
         self.optimizer_from_master = False
         self.updater: Any = None
+        self.plain_sgd = False  # the updater is SGD without momentum: _apply runs it in numpy
         self.global_sync = True
         self.rank = 0  # global rank, set once the global scheduler assigned it
         self.party_rank: Dict[Client, int] = {}  # client -> its global rank (as sent in headers)
@@ -338,6 +339,20 @@ class GlobalServer(ServerBase):
         """
         import mxnet as mx
 
+        index = ks.update_index
+        if index != ks.key and index not in self.updater.states:
+            # A P3 slice's first update: it takes the key's learning-rate and weight-decay multipliers.
+            opt = self.updater.optimizer
+            for table in (opt.lr_mult, opt.wd_mult, opt.idx2name):
+                if ks.key in table:
+                    table[index] = table[ks.key]
+        if self.plain_sgd and ks.dtype == np.float32:
+            # Stateless SGD in numpy: ~7x faster than MXNet's kernel, and no copy out of an NDArray.
+            self.updater.states.setdefault(index, None)  # what MXNet's Updater records for it
+            self.updater.states_synced[index] = True
+            ks.store = sgd_step(self.updater.optimizer, index, ks.store, grad_np)
+            ks.weight_nd = None  # MXNet's copy, if another optimizer made one, is stale now
+            return ks.store
         if ks.weight_nd is None:
             ks.weight_nd = mx.nd.array(ks.store, dtype=ks.dtype)
         if grad_np.flags.writeable and grad_np.flags.c_contiguous and grad_np.flags.aligned:
@@ -354,13 +369,6 @@ class GlobalServer(ServerBase):
                 self.updater.states[ks.key] = state
                 self.updater.states_synced[ks.key] = True
             state[1][:] = self.party_views[(party, ks.key)].reshape(state[1].shape)
-        index = ks.update_index
-        if index != ks.key and index not in self.updater.states:
-            # A P3 slice's first update: it takes the key's learning-rate and weight-decay multipliers.
-            opt = self.updater.optimizer
-            for table in (opt.lr_mult, opt.wd_mult, opt.idx2name):
-                if ks.key in table:
-                    table[index] = table[ks.key]
         self.updater(index, grad, ks.weight_nd)
         value = ks.weight_nd.asnumpy().reshape(-1)
         ks.store = value
@@ -543,6 +551,7 @@ class GlobalServer(ServerBase):
 
         opt = optimizer_from_spec(spec)
         self.updater = mx.optimizer.get_updater(opt)
+        self.plain_sgd = is_plain_sgd(opt)
         self.optimizer_spec = spec
         self.optimizer_from_master = from_master
         log.info("%s: optimizer %s %s", self.name, spec["name"], spec["params"])

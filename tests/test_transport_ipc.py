@@ -3,6 +3,7 @@ port, a client in the same network namespace uses it, GEOMX_LOCAL_IPC=0 keeps ev
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import numpy as np
@@ -63,14 +64,19 @@ def test_a_tcp_only_listener_removes_a_stale_socket_file():
     # A file that a killed listener left at this port would make local clients connect to nobody.
     ctx = zmq.Context()
     loop = EventLoop(ctx, name="server", local_ipc=False)
-    probe = ctx.socket(zmq.ROUTER)
-    port = probe.bind_to_random_port("tcp://127.0.0.1")
-    probe.close(linger=0)
-    path = transport._ipc_path(port)
-    assert path is not None
-    with open(path, "w"):
-        pass
     try:
+        probe = ctx.socket(zmq.ROUTER)
+        port = probe.bind_to_random_port("tcp://127.0.0.1")
+        probe.close(linger=0)
+        path = transport._ipc_path(port)
+        assert path is not None
+        # What a killed listener leaves: a socket file nobody listens on (an earlier one of this
+        # port, left by another test's killed node, may be there already).
+        if os.path.lexists(path):
+            os.unlink(path)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+            stale.bind(path)
+        assert os.path.exists(path)
         router, bound = bind_router(loop, port, "listener")
         router.close()
         assert bound == port and not os.path.exists(path)

@@ -6,8 +6,9 @@ The operation is the compiled one in csrc/_delivery.pyx, pushed with ``MXEngineP
 Python runs in MXNet's threads and no thread waits for the network. Arrays it cannot write directly
 (on a GPU, or held in an MKLDNN layout after an inference pass when the pull is issued) get the reply
 through a CPU staging array and an engine copy; an array that MKLDNN re-lays out after the pull was
-issued is put back in the default layout by the operation itself, which overwrites it whole. Without the compiled module (a source tree that was not built), a custom
-operator does the same, at ~0.8 ms of CPU per pull instead of ~0.05 ms.
+issued is put back in the default layout by the operation itself, which overwrites it whole.
+Without the compiled module (a source tree that was not built), a custom operator does the same, at
+~0.8 ms of CPU per pull instead of ~0.05 ms.
 """
 from __future__ import annotations
 

@@ -165,7 +165,7 @@ def states_from_wire(desc: dict, blob: np.ndarray) -> Dict[int, Any]:
 def is_plain_sgd(opt: Any) -> bool:
     """MXNet's SGD without momentum: stateless, so the global server can run its update in numpy
     (``sgd_step``). MXNet's CPU kernel for it (``multi_sgd_update``) takes ~3 ms per million float32
-    elements on one core, numpy's two passes ~0.4 ms (benchmarks/bench_pushpull.py, docs/Benchmarks.md)."""
+    elements on one core, numpy's two passes ~0.4 ms (benchmarks/bench_sgd.py, docs/Benchmarks.md)."""
     import mxnet as mx
 
     return type(opt) is mx.optimizer.SGD and not opt.momentum > 0

@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import re
 import os
+import re
 import sys
 import time
 from pathlib import Path

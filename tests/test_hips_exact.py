@@ -38,6 +38,13 @@ CASES = {
                                     dict(parties=2, workers_per_party=2, local_servers=2, global_servers=2,
                                          env={"MXNET_KVSTORE_BIGARRAY_BOUND": "1000", "ENABLE_P3": "1",
                                               "GEOMX_P3_SLICE_SIZE": "4096"})),
+    # Central workers train (DMLC_ENABLE_CENTRAL_WORKER=1, set by the launcher with central_workers):
+    # the master worker and one more central worker push straight into the global server's rounds,
+    # which complete only once both parties' aggregates are in too, whichever arrives last.
+    "central-workers-train-sgd": (["--mode", "pushpull", "--optimizer", "sgd", "--master-trains"],
+                                  dict(parties=2, workers_per_party=2, central_workers=2)),
+    "central-workers-train": (["--mode", "push-pull", "--master-trains"],
+                              dict(parties=2, workers_per_party=1, central_workers=3)),
     # TSEngine across parties: partial sums climb an aggregation tree of local servers, results come
     # back by relay; the pulled values must be the plain FSA oracle's, bit for bit.
     "inter-ts-3-parties": (["--mode", "push-pull"],
@@ -57,7 +64,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_exact_oracle(topology_run, case):
     args, topo = CASES[case]
-    workers = topo["parties"] * topo["workers_per_party"]
+    workers = topo["parties"] * topo["workers_per_party"] + topo.get("central_workers", 0)
     result = topology_run("exact_worker.py", ["--slice", "{slice}", "--rounds", "4", *args], **topo)
     assert result.code == 0, result.output[-4000:]
     assert not result.lines("MISMATCH")

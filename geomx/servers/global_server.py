@@ -101,7 +101,11 @@ class GlobalServer(ServerBase):
     def expected_pushes(self, link: Link) -> int:
         central = self.central_workers if self.cfg.enable_central_worker else 0
         if link is self.lan_link:
-            return central
+            # Under FSA the central workers push into the parties' rounds: a round is complete once
+            # every party and every central worker pushed, whichever link the last push came by
+            # (counting only the central ones here completed rounds before the parties had pushed).
+            # Under MixedSync their pushes are summed among themselves and applied once.
+            return self.parties + central if central and self.global_sync else central
         if not self.global_sync:
             return 1  # MixedSync: every party's push is applied on arrival (see on_push)
         return self.parties + central

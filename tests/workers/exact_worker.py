@@ -60,6 +60,9 @@ def main():
                    help="the global servers were restored from a checkpoint taken after this many rounds")
     p.add_argument("--checkpoint-at", type=int, default=-1,
                    help="after this round, slice 0 asks for a checkpoint (kv.save_checkpoint) and checks it")
+    p.add_argument("--master-trains", action="store_true",
+                   help="the master worker trains too (DMLC_ENABLE_CENTRAL_WORKER=1: it is one of the "
+                        "central party's training workers)")
     p.add_argument("--report-loss", action="store_true",
                    help="kv.report_loss(4 / (t + 1)) before round t (DGT's adaptive K)")
     args = p.parse_args()
@@ -75,9 +78,11 @@ def main():
         for k in keys:
             kv.init(k, mx.nd.array(init_value(k)))
         print("master initialised", flush=True)
-        return 0
-    for k in keys:
-        kv.init(k, mx.nd.zeros(SHAPES[k]))
+        if not args.master_trains:
+            return 0
+    else:
+        for k in keys:
+            kv.init(k, mx.nd.zeros(SHAPES[k]))
     outs = {k: mx.nd.zeros(SHAPES[k]) for k in keys}
     for k in keys:
         kv.pull(k, out=outs[k])

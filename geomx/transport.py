@@ -190,10 +190,16 @@ def bind_router(loop: "EventLoop", port: int, name: str, *, wan: bool = False,
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     link = Link(sock, name, wan)
     loop.secure(link, server=True, cross_party=cross_party)
-    if port:
-        sock.bind(f"tcp://*:{port}")
-    else:
-        port = sock.bind_to_random_port("tcp://*")
+    try:
+        if port:
+            sock.bind(f"tcp://*:{port}")
+        else:
+            port = sock.bind_to_random_port("tcp://*")
+    except zmq.ZMQError:
+        # Its sockets (and the monitor secure() attached) would block the context's termination.
+        loop.remove(link)
+        link.close()
+        raise
     path = _ipc_path(port)
     if path is not None and loop.local_ipc:
         try:

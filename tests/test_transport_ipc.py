@@ -96,3 +96,25 @@ def test_socket_directory_is_private_and_names_the_namespace():
 def test_remote_hosts_are_not_local():
     assert transport._is_local("127.0.0.1")
     assert not transport._is_local("192.0.2.1")  # TEST-NET-1: never an address of this machine
+
+
+def test_a_port_taken_raises_and_leaves_no_socket_open():
+    import threading
+
+    ctx = zmq.Context()
+    loop = EventLoop(ctx, name="server", local_ipc=False)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        with pytest.raises(zmq.ZMQError, match="Address already in use"):
+            bind_router(loop, taken.getsockname()[1], "listener")
+    loop.close()
+    ender = threading.Thread(target=ctx.term, daemon=True)  # blocks while any socket is open
+    ender.start()
+    ender.join(10)
+    try:
+        assert not ender.is_alive(), "a socket of the failed listener is still open"
+    finally:
+        if ender.is_alive():
+            for sock in list(getattr(ctx, "_sockets", ())):
+                sock.close(linger=0)

@@ -17,7 +17,7 @@ import ctypes
 import itertools
 import logging
 import threading
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import mxnet as mx
 import numpy as np
@@ -80,14 +80,21 @@ def deliver(fut: cf.Future, out: mx.nd.NDArray, priority: int = 0) -> None:
         _outstanding.append(delivery)
         if len(_outstanding) % _SWEEP_EVERY == 0:
             _outstanding[:] = [d for d in _outstanding if not d.done]
-    handles = (ctypes.c_void_p * 1)(target.handle)
-    check_call(_LIB.MXEnginePushAsyncND(
-        ctypes.c_void_p(_delivery.RUN_ADDRESS), ctypes.c_void_p(delivery.param), None, ctypes.byref(_CPU),
-        None, ctypes.c_int(0), handles, ctypes.c_int(1), None, ctypes.c_int(priority), _OP_NAME,
-        ctypes.c_bool(False)))
+    push_operation(delivery, writes=target, priority=priority)
     fut.add_done_callback(lambda f: _complete(delivery, f, dtype))
     if target is not out:
         target.copyto(out)  # an engine copy: converts to out's device and layout
+
+
+def push_operation(slot: Any, writes: mx.nd.NDArray, reads: Optional[mx.nd.NDArray] = None,
+                   priority: int = 0, name: bytes = _OP_NAME) -> None:
+    """Push ``slot``'s (a ``_delivery.Delivery``) operation onto MXNet's engine, holding the write
+    dependency of ``writes`` (and a read dependency of ``reads``): it completes once provided."""
+    read_handles = (ctypes.c_void_p * 1)(reads.handle) if reads is not None else None
+    check_call(_LIB.MXEnginePushAsyncND(
+        ctypes.c_void_p(_delivery.RUN_ADDRESS), ctypes.c_void_p(slot.param), None, ctypes.byref(_CPU),
+        read_handles, ctypes.c_int(0 if reads is None else 1), (ctypes.c_void_p * 1)(writes.handle),
+        ctypes.c_int(1), None, ctypes.c_int(priority), name, ctypes.c_bool(False)))
 
 
 def _directly_writable(out: mx.nd.NDArray) -> bool:

@@ -147,17 +147,9 @@ def test_custom_operator_fallback_gives_the_same_result():
 def _hold_reading(array: mx.nd.NDArray):
     """An engine operation that reads ``array`` and completes only when the returned function is
     called: later writers of ``array`` (such as MKLDNN's re-layout) wait behind it."""
-    import ctypes
-
-    from mxnet.base import _LIB, check_call
-
     gate = mx.nd.zeros((1,))
     slot = delivery._delivery.Delivery(gate, gate.handle.value, 4)
-    check_call(_LIB.MXEnginePushAsyncND(
-        ctypes.c_void_p(delivery._delivery.RUN_ADDRESS), ctypes.c_void_p(slot.param), None,
-        ctypes.byref(delivery._CPU), (ctypes.c_void_p * 1)(array.handle), ctypes.c_int(1),
-        (ctypes.c_void_p * 1)(gate.handle), ctypes.c_int(1), None, ctypes.c_int(0), b"test_gate",
-        ctypes.c_bool(False)))
+    delivery.push_operation(slot, writes=gate, reads=array, name=b"test_gate")
 
     def release():
         slot.provide(np.zeros(1, np.float32))

@@ -23,17 +23,8 @@ points. Measured on one machine, BSC minus uncompressed was -2.3, 0.0 and -1.3 p
 ``--seed``: initial weights and data order), and the tolerances apply to the means over the seeds.
 The four flows of one seed run at the same time.
 """
-import io
-import re
-import sys
-import threading
-import time
-from pathlib import Path
-
-from geomx.launch import Topology, run
-
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples"
+import pytest
+from example_runs import SEEDS, checked_curves, mean, run_concurrently
 
 PARTIES, WORKERS = 2, 1
 EPOCHS = 4
@@ -46,9 +37,11 @@ BSC_TOLERANCE = 0.02
 FP16_TOLERANCE = 0.02
 MPQ_TOLERANCE = 0.03
 UNCOMPRESSED_FLOOR = 0.9
-SEEDS = (0, 1, 2)
+# 3 seeds x 4 concurrent flows: about 6.5 minutes on an idle 2-core machine.
+pytestmark = pytest.mark.timeout(1200)
 COMMON = ["--cpu", "-ds", "{slice}", "-ep", str(EPOCHS), "-bs", str(BATCH), "-lr", str(LR),
           "--eval-every", str(ITERS_PER_EPOCH)]
+ENV = {"MXNET_KVSTORE_SIZE_LOWER_BOUND": str(BOUND)}
 
 RUNS = {
     "uncompressed": ("cnn_bsc.py", ["--compression", "none"]),
@@ -57,68 +50,24 @@ RUNS = {
     "MPQ": ("cnn_mpq.py", ["-bcr", str(RATIO)]),
 }
 
-_ACC = re.compile(r"^\[(?P<name>[^\]]+)\] \[Time [0-9.]+\]\[Epoch \d+\]\[Iteration (?P<it>\d+)\] "
-                  r"Test Acc (?P<acc>[0-9.]+)")
-
-
-def run_example(script, args, timeout=300):
-    """Run ``examples/<script>`` on every worker of a 2 x 1 topology; return (code, output, seconds)."""
-    topo = Topology(parties=PARTIES, workers_per_party=WORKERS,
-                    env={"MXNET_KVSTORE_SIZE_LOWER_BOUND": str(BOUND)})
-    stream = io.StringIO()
-    start = time.monotonic()
-    code = run(topo, [sys.executable, str(EXAMPLES / script), *COMMON, *args], timeout=timeout, stream=stream)
-    return code, stream.getvalue(), time.monotonic() - start
-
-
-def run_concurrently(labels, seed):
-    """{label: (code, output, seconds)} for the given RUNS with ``--seed seed``, all started at once."""
-    results = {}
-
-    def target(label):
-        script, args = RUNS[label]
-        try:
-            results[label] = run_example(script, [*args, "--seed", str(seed)])
-        except Exception as exc:  # reported by the caller's assertions
-            results[label] = (-1, f"{type(exc).__name__}: {exc}", 0.0)
-
-    threads = [threading.Thread(target=target, args=(label,)) for label in labels]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
-
-
-def curves(output):
-    """{worker name: [(iterations, accuracy), ...]} from the ``Test Acc`` lines."""
-    out = {}
-    for line in output.splitlines():
-        m = _ACC.match(line)
-        if m:
-            out.setdefault(m.group("name"), []).append((int(m.group("it")), float(m.group("acc"))))
-    return out
-
 
 def summarize(label, result):
     """The workers' mean final accuracy; checks the run and prints its numbers."""
-    code, output, seconds = result
-    assert code == 0, f"{label}: exit status {code}\n{output[-4000:]}"
-    accs = curves(output)
-    assert len(accs) == PARTIES * WORKERS, f"{label}: no Test Acc line from every worker\n{output[-4000:]}"
+    accs = checked_curves(label, result, PARTIES * WORKERS)
     for name, points in accs.items():
         assert points[-1][0] == EPOCHS * ITERS_PER_EPOCH, f"{label}: {name} stopped early: {points}"
-    final = sum(points[-1][1] for points in accs.values()) / len(accs)
+    final = mean([points[-1][1] for points in accs.values()])
     per_epoch = " ".join(f"{acc:.4f}" for _, acc in next(iter(sorted(accs.items())))[1])
     print(f"[compression] {label}: final test accuracy {final:.4f} after {EPOCHS} epochs "
-          f"(per epoch: {per_epoch}) in {seconds:.1f} s", flush=True)
-    return final, output
+          f"(per epoch: {per_epoch}) in {result[2]:.1f} s", flush=True)
+    return final, result[1]
 
 
 def test_compressed_training_converges_like_uncompressed():
     finals = {label: [] for label in RUNS}
     for seed in SEEDS:
-        results = run_concurrently(list(RUNS), seed)
+        jobs = {label: (script, [*COMMON, *args, "--seed", str(seed)], ENV) for label, (script, args) in RUNS.items()}
+        results = run_concurrently(jobs, parties=PARTIES, workers=WORKERS)
         for label in RUNS:
             final, output = summarize(f"{label} (seed {seed})", results[label])
             finals[label].append(final)
@@ -127,7 +76,7 @@ def test_compressed_training_converges_like_uncompressed():
                         "MPQ": "4 of 10 tensors float32 (BSC on the WAN), 6 float16",
                         "FP16": "all 10 tensors travel as float16"}.get(label)
             assert expected is None or expected in output, output[-3000:]
-    base, bsc, fp16, mpq = (sum(finals[label]) / len(SEEDS) for label in ("uncompressed", "BSC", "FP16", "MPQ"))
+    base, bsc, fp16, mpq = (mean(finals[label]) for label in ("uncompressed", "BSC", "FP16", "MPQ"))
     print(f"[compression] means over seeds {SEEDS}: uncompressed {base:.4f} | BSC({RATIO}) {bsc:.4f} "
           f"({bsc - base:+.4f}) | FP16 {fp16:.4f} ({fp16 - base:+.4f}) | MPQ({RATIO}) {mpq:.4f} "
           f"({mpq - base:+.4f})", flush=True)

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from test_compression_convergence import EXAMPLES, curves
+from example_runs import EXAMPLES, curves
 
 from geomx.launch import Topology, run
 

@@ -121,13 +121,13 @@ class GlobalServer(ServerBase):
         ks.finish_round(r, value)
         if self.ts_root is not None:
             self.ts_root.relay(ks.key, r, value)  # ENABLE_INTER_TS: the parties get it by relay
-        if self.cfg.checkpoint_dir and ks.completed >= self.next_checkpoint_round:
+        if self.cfg.checkpoint_dir and ks.progress >= self.next_checkpoint_round:
             self._periodic_checkpoint()
 
     # -- checkpoints --------------------------------------------------------------------------
     def _periodic_checkpoint(self) -> None:
         """Every GEOMX_CHECKPOINT_EVERY rounds: save once every key has completed the target round."""
-        done = min((ks.completed for ks in self.keys.values() if ks.initialized), default=0)
+        done = min((ks.progress for ks in self.keys.values() if ks.initialized), default=0)
         if done < self.next_checkpoint_round:
             return
         if self._writer is not None and self._writer.is_alive():
@@ -149,7 +149,7 @@ class GlobalServer(ServerBase):
             counts = dict(self.updater.optimizer._index_update_count)
             num_update = int(self.updater.optimizer.num_update)
             states = states_to_wire(self.updater.states)
-        keys = [checkpoint.KeyRecord(ks.key, ks.store, ks.completed, int(counts.get(ks.key, 0)), ks.offset, ks.total)
+        keys = [checkpoint.KeyRecord(ks.key, ks.store, ks.progress, int(counts.get(ks.key, 0)), ks.offset, ks.total)
                 for ks in self.keys.values() if ks.initialized]
 
         def clients(group: set) -> List[List[str]]:
@@ -241,7 +241,11 @@ class GlobalServer(ServerBase):
             ks = self.keys[rec.key] = KeyState(rec.key, rec.value.size, rec.value.dtype, rec.offset, rec.total)
             ks.store = rec.value
             ks.initialized = True
-            ks.completed = ks.first_round = rec.completed
+            if ckpt.global_sync:
+                ks.completed = ks.first_round = rec.completed
+            else:
+                # MixedSync records the updates applied; its rounds (central workers') start afresh.
+                ks.arrivals = rec.completed
         # Who had stopped or pushed: that matters only if this server rejoins the topology it came
         # from; known once the global tier answers (adopt_clients or forget_clients). Until then the
         # clients of a new topology, whose identities may be the same, are not refused.
@@ -307,7 +311,8 @@ class GlobalServer(ServerBase):
                                                   "server: call kv.set_optimizer on the master worker")
             return
         value = self._apply(ks, msg.data, party=client)
-        ks.completed += 1  # updates applied: what periodic checkpoints count under MixedSync
+        # Not a round: the central workers' rounds (summed among themselves) count in ks.completed.
+        ks.arrivals += 1
         if msg.payload and msg.type == MsgType.PUSHPULL:
             self._reply_weight_delta(link, identity, msg, ks, client, value)
         else:
@@ -315,7 +320,7 @@ class GlobalServer(ServerBase):
                 self.party_views[(client, ks.key)] = value  # the party receives these weights
             self.reply(link, identity, msg, value if msg.type == MsgType.PUSHPULL else None)
         ks.serve_parked()
-        if self.cfg.checkpoint_dir and ks.completed >= self.next_checkpoint_round:
+        if self.cfg.checkpoint_dir and ks.progress >= self.next_checkpoint_round:
             self._periodic_checkpoint()
 
     def _reply_weight_delta(self, link: Link, identity: bytes, msg: Message, ks: KeyState, party: Client,

@@ -39,7 +39,7 @@ class KeyState:
     """
 
     __slots__ = ("key", "numel", "dtype", "offset", "total", "store", "initialized", "rounds", "completed",
-                 "pushes_by", "slice_pushes", "parked", "init_requested", "weight_nd", "milestone",
+                 "arrivals", "pushes_by", "slice_pushes", "parked", "init_requested", "weight_nd", "milestone",
                  "local_rounds", "priority", "first_round", "slices", "slice_size", "update_index")
 
     def __init__(self, key: int, numel: int, dtype: np.dtype, offset: int = 0, total: Optional[int] = None):
@@ -54,6 +54,9 @@ class KeyState:
         self.init_requested = False
         self.rounds: Dict[int, Round] = {}
         self.completed = 0  # rounds finished
+        # MixedSync on the global server: parties' updates applied on arrival, outside the rounds
+        # (which then hold only the central workers' pushes, summed among themselves).
+        self.arrivals = 0
         self.pushes_by: Dict[Any, int] = {}  # client -> rounds it has pushed into (whole or a slice)
         self.slice_pushes: Dict[Any, int] = {}  # (client, slice offset) -> pushes of that slice
         self.priority = 0  # of the latest push (a local server forwards the round with it)
@@ -71,6 +74,12 @@ class KeyState:
         # Rounds every client is taken to have pushed already: 0, or the rounds a restored
         # checkpoint holds (the parties resend only the rounds after it).
         self.first_round = 0
+
+    @property
+    def progress(self) -> int:
+        """Updates of the key so far: its rounds, plus MixedSync's updates on arrival. What periodic
+        checkpoints count and record."""
+        return self.completed + self.arrivals
 
     def pushes_of(self, client: Any) -> int:
         """How many pushes of ``client`` this key has seen (its next push opens that round)."""

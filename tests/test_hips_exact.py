@@ -48,9 +48,10 @@ CASES = {
     # ... and under MixedSync (dist_async): each party's aggregate is applied on arrival, the central
     # workers' pushes are summed among themselves and applied once per round; the final weights are
     # exact whatever the order. (The parties' updates used to advance the central workers' round
-    # counter, so their second round was refused as "complete already".)
+    # counter, so their second round was refused as "complete already"; and a party that stopped
+    # failed the central workers' open rounds: the master worker's sleep makes the parties finish first.)
     "central-workers-train-mixedsync": (["--mode", "pushpull", "--optimizer", "sgd", "--master-trains",
-                                         "--store", "dist_async"],
+                                         "--store", "dist_async", "--master-sleep", "0.5"],
                                         dict(parties=2, workers_per_party=2, central_workers=2)),
     # TSEngine across parties: partial sums climb an aggregation tree of local servers, results come
     # back by relay; the pulled values must be the plain FSA oracle's, bit for bit.

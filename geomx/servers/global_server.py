@@ -413,6 +413,13 @@ class GlobalServer(ServerBase):
         slowest = min(self.esync_speed.values())
         return max(1, min(self.cfg.esync_max_steps, round(speed / slowest)))
 
+    def fail_rounds_without(self, client: Client) -> None:
+        if not self.global_sync and client[0] == self.wan_link.name:
+            # MixedSync: a party's updates are applied on arrival, outside the rounds (which are the
+            # central workers' alone), so a party that stops leaves no round incomplete.
+            return
+        super().fail_rounds_without(client)
+
     def on_peer_left(self, rank: int, reason: str) -> None:
         """A party's local server died under MixedSync: carry on without it."""
         lost = [c for c, r in self.party_rank.items() if r == rank and c[0] == self.wan_link.name]

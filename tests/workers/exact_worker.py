@@ -65,6 +65,8 @@ def main():
     p.add_argument("--master-trains", action="store_true",
                    help="the master worker trains too (DMLC_ENABLE_CENTRAL_WORKER=1: it is one of the "
                         "central party's training workers)")
+    p.add_argument("--master-sleep", type=float, default=0.0,
+                   help="seconds the master worker sleeps after each round (the parties finish first)")
     p.add_argument("--store", choices=["dist_sync", "dist_async"], default="dist_sync")
     p.add_argument("--report-loss", action="store_true",
                    help="kv.report_loss(4 / (t + 1)) before round t (DGT's adaptive K)")
@@ -140,7 +142,7 @@ def main():
         if t == args.checkpoint_at and args.slice == 0:
             if not check_checkpoint(kv, t, expected):
                 return 1
-        time.sleep(args.sleep)
+        time.sleep(args.sleep + (args.master_sleep if kv.is_master_worker else 0.0))
     kv.barrier()
     if final_only and kv.is_master_worker:
         # The global server's value must reach the closed form exactly. Not at once: a party's last

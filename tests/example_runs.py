@@ -66,6 +66,3 @@ def checked_curves(label, result, expected_workers):
     assert len(accs) == expected_workers, f"{label}: no Test Acc line from every worker\n{output[-4000:]}"
     return accs
 
-
-def mean(values):
-    return sum(values) / len(values)

@@ -23,8 +23,10 @@ points. Measured on one machine, BSC minus uncompressed was -2.3, 0.0 and -1.3 p
 ``--seed``: initial weights and data order), and the tolerances apply to the means over the seeds.
 The four flows of one seed run at the same time.
 """
+import statistics
+
 import pytest
-from example_runs import SEEDS, checked_curves, mean, run_concurrently
+from example_runs import SEEDS, checked_curves, run_concurrently
 
 PARTIES, WORKERS = 2, 1
 EPOCHS = 4
@@ -56,7 +58,7 @@ def summarize(label, result):
     accs = checked_curves(label, result, PARTIES * WORKERS)
     for name, points in accs.items():
         assert points[-1][0] == EPOCHS * ITERS_PER_EPOCH, f"{label}: {name} stopped early: {points}"
-    final = mean([points[-1][1] for points in accs.values()])
+    final = statistics.mean([points[-1][1] for points in accs.values()])
     per_epoch = " ".join(f"{acc:.4f}" for _, acc in next(iter(sorted(accs.items())))[1])
     print(f"[compression] {label}: final test accuracy {final:.4f} after {EPOCHS} epochs "
           f"(per epoch: {per_epoch}) in {result[2]:.1f} s", flush=True)
@@ -76,7 +78,7 @@ def test_compressed_training_converges_like_uncompressed():
                         "MPQ": "4 of 10 tensors float32 (BSC on the WAN), 6 float16",
                         "FP16": "all 10 tensors travel as float16"}.get(label)
             assert expected is None or expected in output, output[-3000:]
-    base, bsc, fp16, mpq = (mean(finals[label]) for label in ("uncompressed", "BSC", "FP16", "MPQ"))
+    base, bsc, fp16, mpq = (statistics.mean(finals[label]) for label in ("uncompressed", "BSC", "FP16", "MPQ"))
     print(f"[compression] means over seeds {SEEDS}: uncompressed {base:.4f} | BSC({RATIO}) {bsc:.4f} "
           f"({bsc - base:+.4f}) | FP16 {fp16:.4f} ({fp16 - base:+.4f}) | MPQ({RATIO}) {mpq:.4f} "
           f"({mpq - base:+.4f})", flush=True)

@@ -23,7 +23,7 @@ worker); evaluation happens only at the end. All numbers are printed (``pytest -
 import statistics
 
 import pytest
-from example_runs import SEEDS, checked_curves, mean, run_concurrently
+from example_runs import SEEDS, checked_curves, run_concurrently
 
 # The module's runs all happen in the first test's fixture: 3 seeds x ~2 minutes on 2 cores.
 pytestmark = pytest.mark.timeout(1200)
@@ -50,7 +50,7 @@ ALGORITHMS = {
 def final_accuracy(label, result):
     """The mean of the workers' last ``Test Acc``; checks the run and prints its numbers."""
     accs = checked_curves(label, result, PARTIES * WORKERS)
-    acc = mean([points[-1][1] for points in accs.values()])
+    acc = statistics.mean([points[-1][1] for points in accs.values()])
     detail = ", ".join(f"{name}: {points[-1][1]:.4f} after {points[-1][0]} iterations"
                        for name, points in sorted(accs.items()))
     print(f"[convergence] {label}: mean test accuracy {acc:.4f} ({detail}) in {result[2]:.1f} s", flush=True)

@@ -105,6 +105,12 @@ class WorkerNode:
         if self.fatal is None:
             self.fatal = exc
             log.error("%s", exc)
+        self._fail_outstanding(exc)
+
+    def _fail_outstanding(self, exc: Exception) -> None:
+        """Complete every request, relay wait and barrier still open with ``exc``. A pull left open
+        would keep its delivery operation pending in MXNet's engine, and MXNet waits for every
+        operation at interpreter exit: the process would never end."""
         if self.kv is not None:
             self.kv.fail_all(exc)
         waiters, self.ts_waiters = self.ts_waiters, {}
@@ -245,4 +251,8 @@ class WorkerNode:
                 self.loop.call_soon_threadsafe(lambda: member.bye(failure))
             self._closing = True
             self._thread.join(timeout=5)
+            # After a failure (the script died, or a server refused a push) requests may be left
+            # that no reply will ever complete; without the I/O thread nothing else would.
+            self._fail_outstanding(self.fatal or GeoMXError(
+                "the kvstore was closed before this request was answered" + (f" ({failure})" if failure else "")))
             self.ctx.destroy(linger=1000)

@@ -1,6 +1,14 @@
 """A training script that dies of an exception stops the whole topology quickly, and every other
 node's error names the failed worker and the exception (no heartbeat timeout involved)."""
+import os
+import signal
+import subprocess
+import sys
 import time
+
+from test_faults import SLOW_WORKER, Cluster
+
+from geomx.launch import Topology
 
 
 def test_crashing_worker_stops_topology_fast(topology_run):
@@ -16,3 +24,27 @@ def test_crashing_worker_stops_topology_fast(topology_run):
     # The other worker of the crashed party learns why it cannot continue.
     assert any("failed: RuntimeError: injected failure" in line for line in result.lines("ERROR"))
     assert not result.lines("EXACT OK")
+
+
+
+def test_worker_dying_with_requests_unanswered_exits():
+    """A script that dies while its pushes and pulls wait for a server that will never answer them
+    (here: frozen with SIGSTOP; in CI once: a local server that had just stopped): MXNet waits for
+    every pending operation at interpreter exit, pulls included, so the kvstore's close must fail
+    them, or the process never ends (CI had such a worker still running 30 s after the rest of the
+    topology had stopped)."""
+    topo = Topology(parties=2, workers_per_party=1, env={"PS_HEARTBEAT_TIMEOUT": "60"})
+    cmd = [sys.executable, SLOW_WORKER, "--slice", "{slice}", "--rounds", "10", "--sleep", "1",
+           "--crash-pending-slice", "1"]
+    with Cluster(topo, cmd) as cluster:
+        cluster.log.wait_for(r"^\[party1/worker0\] ROUND 0 OK", 60)
+        os.kill(cluster.procs["party1/server"].pid, signal.SIGSTOP)  # answers nothing from now on
+        cluster.log.wait_for(r"^\[party1/worker0\] RuntimeError: injected failure with pulls pending", 30)
+        crashed_at = time.monotonic()
+        worker = cluster.procs["party1/worker0"]
+        try:
+            code = worker.wait(20)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 1, (f"the worker was still running {time.monotonic() - crashed_at:.0f} s after its script "
+                           f"died:\n{cluster.output('party1/worker0')[-4000:]}")

@@ -57,6 +57,9 @@ def main():
     p.add_argument("--optimizer", choices=["none", "sgd"], default="none")
     p.add_argument("--mode", choices=["push-pull", "pushpull", "list"], default="push-pull")
     p.add_argument("--crash-slice", type=int, default=-1, help="this worker raises after its first round")
+    p.add_argument("--crash-pending-slice", type=int, default=-1,
+                   help="this worker raises right after issuing its second round's pushes and pulls, "
+                        "before any of them is answered")
     p.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep after each round")
     p.add_argument("--first-round", type=int, default=0,
                    help="the global servers were restored from a checkpoint taken after this many rounds")
@@ -136,6 +139,8 @@ def main():
         else:
             kv.push(keys, [pushes[k] for k in keys])
             kv.pull(keys, out=[outs[k] for k in keys])
+        if t == 1 and args.slice == args.crash_pending_slice:
+            raise RuntimeError("injected failure with pulls pending")
         if not final_only and not matches(outs, t, f"round {t}"):
             return 1
         print(f"ROUND {t} OK slice {args.slice}", flush=True)

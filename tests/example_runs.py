@@ -16,6 +16,13 @@ from geomx.launch import Topology, run
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SEEDS = (0, 1, 2)
+DIGITS_TRAIN_IMAGES = 1497  # load_digits' training split (the examples' default data set)
+
+
+def iterations_per_epoch(workers, batch):
+    """Iterations per epoch of each of ``workers`` workers at ``batch``: each gets an equal slice of
+    load_digits' training images, the last batch partial."""
+    return -(-(DIGITS_TRAIN_IMAGES // workers) // batch)
 
 _ACC = re.compile(r"^\[(?P<name>[^\]]+)\] \[Time [0-9.]+\]\[Epoch \d+\]\[Iteration (?P<it>\d+)\] "
                   r"Test Acc (?P<acc>[0-9.]+)")

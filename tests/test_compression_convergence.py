@@ -26,7 +26,7 @@ The four flows of one seed run at the same time.
 import statistics
 
 import pytest
-from example_runs import SEEDS, checked_curves, run_concurrently
+from example_runs import SEEDS, checked_curves, iterations_per_epoch, run_concurrently
 
 PARTIES, WORKERS = 2, 1
 EPOCHS = 4
@@ -34,7 +34,7 @@ BATCH = 8
 LR = 0.003
 RATIO = 0.01
 BOUND = 1000
-ITERS_PER_EPOCH = -(-(1497 // (PARTIES * WORKERS)) // BATCH)  # load_digits: 1497 training images, 94
+ITERS_PER_EPOCH = iterations_per_epoch(PARTIES * WORKERS, BATCH)  # 94
 BSC_TOLERANCE = 0.02
 FP16_TOLERANCE = 0.02
 MPQ_TOLERANCE = 0.03

@@ -27,7 +27,7 @@ noisier still). Batch size 16 and 5 epochs give plain SGD enough iterations on t
 import statistics
 
 import pytest
-from example_runs import SEEDS, checked_curves, run_concurrently
+from example_runs import SEEDS, checked_curves, iterations_per_epoch, run_concurrently
 
 # The module's runs all happen in the first test's fixture: 3 seeds x ~2 minutes on 2 cores.
 pytestmark = pytest.mark.timeout(1200)
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.timeout(1200)
 PARTIES, WORKERS = 2, 1
 EPOCHS = 5
 BATCH = 16
-ITERS_PER_EPOCH = -(-(1497 // (PARTIES * WORKERS)) // BATCH)  # load_digits: 1497 training images, 47
+ITERS_PER_EPOCH = iterations_per_epoch(PARTIES * WORKERS, BATCH)  # 47
 EVAL_EVERY = 12  # iterations: evaluations at 192, 204, 216, 228 and 235 make up the last epoch's
 HFA_K = (2, 2)   # K1, K2: cnn_hfa.py evaluates every K1 * K2 * --eval-every iterations
 ADAM_LR = 0.003
@@ -63,7 +63,7 @@ def last_epoch_accuracy(label, result):
     accs = checked_curves(label, result, PARTIES * WORKERS)
     per_worker = {}
     for name, points in sorted(accs.items()):
-        last = [acc for it, acc in points if it > points[-1][0] - ITERS_PER_EPOCH]
+        last = [a for it, a in points if it > points[-1][0] - ITERS_PER_EPOCH]
         assert len(last) >= 3, f"{label}: {name} has too few evaluations in its last epoch: {points}"
         per_worker[name] = (statistics.mean(last), last, points[-1][0])
     acc = statistics.mean(mean for mean, _, _ in per_worker.values())

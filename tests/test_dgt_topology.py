@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from example_runs import EXAMPLES, curves
+from example_runs import EXAMPLES, curves, iterations_per_epoch
 
 from geomx.launch import Topology, run
 
@@ -72,7 +72,7 @@ def test_dgt_with_bsc_is_refused_clearly():
 # -- loss tolerance -------------------------------------------------------------------------------
 
 EPOCHS, BATCH, LR = 2, 8, 0.003
-ITERS_PER_EPOCH = -(-(1497 // 2) // BATCH)  # load_digits, 2 parties x 1 worker: 94
+ITERS_PER_EPOCH = iterations_per_epoch(2, BATCH)  # 2 parties x 1 worker: 94
 TOLERANCE = 0.03
 
 

@@ -26,19 +26,20 @@ def test_crashing_worker_stops_topology_fast(topology_run):
     assert not result.lines("EXACT OK")
 
 
-
-def test_worker_dying_with_requests_unanswered_exits():
+def test_worker_dying_with_requests_unanswered_exits(tmp_path):
     """A script that dies while its pushes and pulls wait for a server that will never answer them
     (here: frozen with SIGSTOP; in CI once: a local server that had just stopped): MXNet waits for
     every pending operation at interpreter exit, pulls included, so the kvstore's close must fail
     them, or the process never ends (CI had such a worker still running 30 s after the rest of the
     topology had stopped)."""
     topo = Topology(parties=2, workers_per_party=1, env={"PS_HEARTBEAT_TIMEOUT": "60"})
-    cmd = [sys.executable, SLOW_WORKER, "--slice", "{slice}", "--rounds", "10", "--sleep", "1",
-           "--crash-pending-slice", "1"]
+    go = tmp_path / "server-frozen"
+    cmd = [sys.executable, SLOW_WORKER, "--slice", "{slice}", "--rounds", "10",
+           "--crash-pending-slice", "1", "--crash-pending-after", str(go)]
     with Cluster(topo, cmd) as cluster:
         cluster.log.wait_for(r"^\[party1/worker0\] ROUND 0 OK", 60)
         os.kill(cluster.procs["party1/server"].pid, signal.SIGSTOP)  # answers nothing from now on
+        go.touch()  # only now does the worker issue its round 1
         cluster.log.wait_for(r"^\[party1/worker0\] RuntimeError: injected failure with pulls pending", 30)
         crashed_at = time.monotonic()
         worker = cluster.procs["party1/worker0"]

@@ -60,6 +60,9 @@ def main():
     p.add_argument("--crash-pending-slice", type=int, default=-1,
                    help="this worker raises right after issuing its second round's pushes and pulls, "
                         "before any of them is answered")
+    p.add_argument("--crash-pending-after", default=None, metavar="FILE",
+                   help="with --crash-pending-slice: wait until FILE exists before the second round "
+                        "(the test prepares the server first)")
     p.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep after each round")
     p.add_argument("--first-round", type=int, default=0,
                    help="the global servers were restored from a checkpoint taken after this many rounds")
@@ -124,6 +127,9 @@ def main():
             print(f"MISMATCH init key {k}", flush=True)
             return 1
     for t in range(args.first_round, args.rounds):
+        if t == 1 and args.slice == args.crash_pending_slice and args.crash_pending_after:
+            while not os.path.exists(args.crash_pending_after):
+                time.sleep(0.05)
         if t == 1 and args.slice == args.crash_slice:
             raise RuntimeError("injected failure")
         if args.report_loss:

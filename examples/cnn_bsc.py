@@ -28,6 +28,7 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)  # for utils (which also finds geomx in a source checkout)
 
 import argparse  # noqa: E402
+from typing import Optional  # noqa: E402
 
 import mxnet as mx  # noqa: E402
 import utils  # noqa: E402
@@ -61,8 +62,9 @@ def build_compression_parser(description: str, with_ratio: bool) -> argparse.Arg
     return parser
 
 
-def size_lower_bound(args: argparse.Namespace) -> int:
-    """``--size-lower-bound``, else ``MXNET_KVSTORE_SIZE_LOWER_BOUND`` (default 200000)."""
+def size_lower_bound(args: argparse.Namespace) -> Optional[int]:
+    """``--size-lower-bound``, else ``MXNET_KVSTORE_SIZE_LOWER_BOUND``, else None (the global
+    servers' own variable decides, else 200000, as in GeoMX)."""
     if args.size_lower_bound is not None:
         if args.size_lower_bound < 1:
             raise SystemExit(f"--size-lower-bound must be >= 1, got {args.size_lower_bound}")
@@ -156,11 +158,17 @@ def main(argv=None) -> int:
     ratio_ = args.bisparse_compression_ratio
 
     def describe(params):
+        if bound is None:
+            return (f"BSC: ratio {ratio_}, size lower bound: the global servers' "
+                    "MXNET_KVSTORE_SIZE_LOWER_BOUND (else 200000).")
         large = sum(1 for p in params if p.data().size >= bound)
         return (f"BSC: ratio {ratio_}, size lower bound {bound}: {large} of {len(params)} tensors "
                 f"sparse on the WAN.")
 
-    return train(args, {"type": "bsc", "threshold": ratio_, "size_lower_bound": bound}, describe=describe)
+    compression = {"type": "bsc", "threshold": ratio_}
+    if bound is not None:
+        compression["size_lower_bound"] = bound
+    return train(args, compression, describe=describe)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 import cnn_bsc  # noqa: E402  (the flow shared by the compression examples)
+import geomx.compression  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -39,7 +40,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    bound = cnn_bsc.size_lower_bound(args)
+    # The workers choose each key's dtype with the bound, so it must be known here and sent.
+    bound = cnn_bsc.size_lower_bound(args) or geomx.compression.DEFAULT_SIZE_LOWER_BOUND
     ratio = args.bisparse_compression_ratio
 
     def dtype_of(param):

@@ -55,7 +55,9 @@ class NodeConfig:
     verbose: int = 0
     # Key placement (MultiGPS) and codecs.
     bigarray_bound: int = 1_000_000
-    size_lower_bound: int = 200_000
+    # None when MXNET_KVSTORE_SIZE_LOWER_BOUND is unset: a master worker then lets the global
+    # servers' own value decide (as GeoMX's scripts expect), and they fall back to 200000.
+    size_lower_bound: Optional[int] = None
     # Hierarchical Frequency Aggregation: workers average inside the party every K1 local steps,
     # local servers go global every K2 party averages.
     use_hfa: bool = False
@@ -295,7 +297,7 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
     kw["local_ipc"] = r.bool("GEOMX_LOCAL_IPC", True)
     kw["verbose"] = r.int("PS_VERBOSE", 0)
     kw["bigarray_bound"] = r.int("MXNET_KVSTORE_BIGARRAY_BOUND", 1_000_000, minimum=1)
-    kw["size_lower_bound"] = r.int("MXNET_KVSTORE_SIZE_LOWER_BOUND", 200_000, minimum=1)
+    kw["size_lower_bound"] = r.int("MXNET_KVSTORE_SIZE_LOWER_BOUND", None, minimum=1)
     kw["use_hfa"] = r.bool("MXNET_KVSTORE_USE_HFA")
     kw["hfa_k1"] = r.int("MXNET_KVSTORE_HFA_K1", 1, minimum=1)
     kw["hfa_k2"] = r.int("MXNET_KVSTORE_HFA_K2", 1, minimum=1)

@@ -275,13 +275,19 @@ class GeoKVStore(KVStoreBase):
         if not isinstance(compression_params, dict):
             raise GeoMXError("set_gradient_compression expects a dict such as {'type': 'bsc', 'threshold': 0.01}")
         params = {str(k): v for k, v in compression_params.items()}
-        params.setdefault("size_lower_bound", self._cfg.size_lower_bound)
+        if self._cfg.size_lower_bound is not None:
+            # Set here: this process decides. Unset: the global servers' own variable does (GeoMX
+            # sets it on the servers only), else the default 200000.
+            params.setdefault("size_lower_bound", self._cfg.size_lower_bound)
         try:
             codec = compression.create(params)
         except ValueError as exc:
             raise GeoMXError(f"set_gradient_compression: {exc}") from None
         if self.is_master_worker:
-            self._command({"cmd": commands.SET_COMPRESSION, "params": codec.params()})
+            described = codec.params()
+            if "size_lower_bound" not in params:
+                del described["size_lower_bound"]  # the global servers' value applies
+            self._command({"cmd": commands.SET_COMPRESSION, "params": described})
 
     def report_loss(self, loss: float) -> None:
         """Tell the party's local server this worker's current training loss (a number > 0). With DGT's

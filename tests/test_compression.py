@@ -259,12 +259,23 @@ def model_splitmix_positions(n, count, seed, block=8):
 class BSCModel:
     """The documented BSC algorithm, in plain numpy, with its own per-key state."""
 
-    def __init__(self, r, m=0.9, bound=200000, seed=0):
+    def __init__(self, r, m=0.0, bound=200000, seed=0, warmup=30, start=0.25):
         self.r, self.m, self.bound, self.seed = r, np.float32(m), bound, seed
-        self.u, self.v, self.steps = {}, {}, {}
+        self.warmup, self.start = warmup, start
+        self.u, self.v, self.steps, self.rounds = {}, {}, {}, {}
+        self.last_ratio = {}
 
-    def k(self, n):
-        return max(1, math.ceil(round(self.r * n, 9)))
+    def ratio(self, key):
+        """This round's kept fraction: geometric from ``start`` to r over ``warmup`` rounds."""
+        t = self.rounds.get(key, 0)
+        self.rounds[key] = t + 1
+        if t >= self.warmup or self.start <= self.r:
+            return self.r
+        return self.start * (self.r / self.start) ** (t / self.warmup)
+
+    @staticmethod
+    def k(n, r):
+        return max(1, math.ceil(round(r * n, 9)))
 
     def encode(self, key, g):
         g = g.astype(np.float32).ravel()
@@ -275,11 +286,12 @@ class BSCModel:
         v = self.v.setdefault(key, np.zeros(n, np.float32))
         u[:] = self.m * u + g
         v[:] = v + u
-        k = self.k(n)
+        r = self.last_ratio[key] = self.ratio(key)
+        k = self.k(n, r)
         if k >= n:
             thr, cap = 0.0, n
         else:
-            s = max(1000, math.ceil(round(n / 100, 9)), math.ceil(round(250 / self.r, 9)))
+            s = max(1000, math.ceil(round(n / 100, 9)), math.ceil(round(250 / r, 9)))
             if s >= n:
                 thr, cap = np.sort(np.abs(v))[::-1][k - 1], k
             else:
@@ -287,7 +299,7 @@ class BSCModel:
                 self.steps[key] = step + 1
                 seed = int(np.random.SeedSequence([self.seed, key, step]).generate_state(1, np.uint64)[0])
                 sample = np.abs(v[model_splitmix_positions(n, s, seed)])
-                ks = min(s, max(1, math.ceil(round(self.r * s, 9))))
+                ks = min(s, max(1, math.ceil(round(r * s, 9))))
                 thr, cap = np.sort(sample)[::-1][ks - 1], min(n, 2 * k)
         sel = np.flatnonzero((np.abs(v) >= thr) & (v != 0))[:cap]
         vals = v[sel].copy()
@@ -305,12 +317,18 @@ def _grads(rng, n, steps):
 
 @pytest.mark.parametrize("r", [0.01, 0.05])
 @pytest.mark.parametrize("m", [0.9, 0.0, 0.5])
-def test_bsc_matches_model_over_steps(kernel_impl, r, m):
+@pytest.mark.parametrize("warmup", [None, 0, 8])
+def test_bsc_matches_model_over_steps(kernel_impl, r, m, warmup):
     # sizes: sampled threshold (60000), exactly ranked (3000 <= sample size), small dense (500)
     sizes = {0: 60000, 1: 3000, 2: 500, 7: 25000}
     bound = 1000
-    codec = C.create({"type": "bsc", "threshold": r, "momentum": m, "size_lower_bound": bound, "seed": 5})
-    model = BSCModel(r, m, bound, seed=5)
+    params = {"type": "bsc", "threshold": r, "momentum": m, "size_lower_bound": bound, "seed": 5}
+    if warmup is None:  # the default warm-up: 30 rounds from 0.25
+        model = BSCModel(r, m, bound, seed=5)
+    else:  # 8 rounds from 0.4, or none
+        params.update(warmup_rounds=warmup, warmup_threshold=0.4)
+        model = BSCModel(r, m, bound, seed=5, warmup=warmup, start=0.4)
+    codec = C.create(params)
     rng = np.random.default_rng(1)
     streams = {key: list(_grads(rng, n, 22)) for key, n in sizes.items()}
     for step in range(22):
@@ -325,8 +343,8 @@ def test_bsc_matches_model_over_steps(kernel_impl, r, m):
             assert p.indices.dtype == np.int32
             np.testing.assert_array_equal(p.indices, idx)
             assert _bits(p.values) == _bits(vals)
-            n = sizes[key]
-            assert p.nnz <= (1 if C.sample_size(n, r) >= n else 2) * model.k(n)
+            n, rk = sizes[key], model.last_ratio[key]
+            assert p.nnz <= (1 if C.sample_size(n, rk) >= n else 2) * model.k(n, rk)
             st = codec.feedback.state(key)
             np.testing.assert_array_equal(st.v, model.v[key])
             np.testing.assert_array_equal(st.u, model.u[key])
@@ -334,7 +352,7 @@ def test_bsc_matches_model_over_steps(kernel_impl, r, m):
 
 def test_bsc_sampled_selection_is_near_k():
     n, r = 500000, 0.01
-    codec = C.create({"type": "bsc", "threshold": r})
+    codec = C.create({"type": "bsc", "threshold": r, "warmup_rounds": 0})
     k = C.kept_count(n, r)
     counts = [codec.encode(0, g).nnz for g in _grads(np.random.default_rng(3), n, 20)]
     assert all(0.7 * k <= c <= 1.3 * k for c in counts), counts
@@ -344,7 +362,7 @@ def test_bsc_both_directions_matches_model(kernel_impl):
     """Two parties push sparse, the global server sums and sends the union back exactly."""
     n, r, parties, bound = 40000, 0.02, 2, 1000
     ups = [C.create({"type": "bsc", "threshold": r, "size_lower_bound": bound}) for _ in range(parties)]
-    models = [BSCModel(r, 0.9, bound) for _ in range(parties)]
+    models = [BSCModel(r, 0.0, bound) for _ in range(parties)]  # the defaults
     rng = np.random.default_rng(9)
     for _ in range(20):
         grads = [rng.standard_normal(n).astype(np.float32) for _ in range(parties)]
@@ -362,7 +380,7 @@ def test_bsc_both_directions_matches_model(kernel_impl):
             _, vals, idx = model.encode(4, g)
             want[idx] += vals
         assert _bits(pulled) == _bits(want)
-        assert np.count_nonzero(pulled) <= parties * 2 * C.kept_count(n, r)
+        assert np.count_nonzero(pulled) <= parties * 2 * C.kept_count(n, models[0].last_ratio[4])
 
 
 @pytest.mark.parametrize("m", [0.9, 0.0])
@@ -385,7 +403,7 @@ def test_bsc_keeping_everything_is_exact_dense(kernel_impl, m):
 
 
 def test_bsc_all_zeros_sends_nothing_and_ties_respect_cap(kernel_impl):
-    codec = C.create({"type": "bsc", "threshold": 0.01, "size_lower_bound": 0, "momentum": 0})
+    codec = C.create({"type": "bsc", "threshold": 0.01, "size_lower_bound": 0, "momentum": 0, "warmup_rounds": 0})
     for n in (1, 7, 5000, 300000):
         p = codec.encode(n, np.zeros(n, np.float32))
         assert p.kind == "sparse" and p.nnz == 0
@@ -674,7 +692,12 @@ def test_registry_validation():
         C.create({"type": "bsc", "threshold": 0.01, "seed": -1})
     with pytest.raises(ValueError, match="link"):
         C.create({"type": "none"}, link="lan")
-    assert C.create({"type": "bsc", "threshold": 0.01}).params()["momentum"] == 0.9
+    for key, bad in (("warmup_rounds", -1), ("warmup_rounds", 2.5), ("warmup_threshold", 1.0),
+                     ("warmup_threshold", 0)):
+        with pytest.raises(ValueError, match=key):
+            C.create({"type": "bsc", "threshold": 0.01, key: bad})
+    defaults = C.create({"type": "bsc", "threshold": 0.01}).params()
+    assert (defaults["momentum"], defaults["warmup_rounds"], defaults["warmup_threshold"]) == (0.0, 30, 0.25)
     assert C.create({"type": "bsc", "threshold": 0.01}).size_lower_bound == 200000
 
 

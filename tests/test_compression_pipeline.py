@@ -18,3 +18,20 @@ def test_pulled_values_match_pipeline_model(topology_run, codec, global_servers,
     assert result.code == 0, result.output[-4000:]
     assert not result.lines("MISMATCH")
     assert len(result.lines("CODEC OK")) == 4
+
+
+@pytest.mark.parametrize("servers_have_bound", [True, False])
+def test_servers_bound_applies_when_master_sets_none(topology_run, servers_have_bound):
+    """GeoMX's scripts set MXNET_KVSTORE_SIZE_LOWER_BOUND on the servers only: the master worker,
+    without the variable, sends no bound and the global server's value applies. The workers'
+    oracle sparsifies keys of >= 1000 elements; had the default 200000 applied, they would travel
+    dense and the pulled values would differ (the servers_have_bound=False case shows that)."""
+    servers = {"global_server*": {"MXNET_KVSTORE_SIZE_LOWER_BOUND": "1000"},
+               "party*/server": {"MXNET_KVSTORE_SIZE_LOWER_BOUND": "1000"}}
+    result = topology_run("codec_worker.py", ["--slice", "{slice}", "--codec", "bsc", "--bound-from-servers"],
+                          parties=2, workers_per_party=1, node_env=servers if servers_have_bound else {})
+    if servers_have_bound:
+        assert result.code == 0, result.output[-4000:]
+        assert len(result.lines("CODEC OK")) == 2
+    else:
+        assert result.code != 0 and result.lines("MISMATCH"), result.output[-4000:]

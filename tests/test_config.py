@@ -149,7 +149,7 @@ def test_worker_fields_and_defaults():
     assert cfg.start_timeout == 120.0
     assert cfg.max_message_bytes == 1 << 31
     assert cfg.verbose == 0
-    assert cfg.bigarray_bound == 1_000_000 and cfg.size_lower_bound == 200_000
+    assert cfg.bigarray_bound == 1_000_000 and cfg.size_lower_bound is None
     assert cfg.node_host is None and cfg.interface is None
     assert config.is_worker_process(env_for("worker"))
 

@@ -15,6 +15,8 @@ from geomx.compression import kernels
 __all__ = [
     "DEFAULT_MOMENTUM",
     "DEFAULT_SIZE_LOWER_BOUND",
+    "DEFAULT_WARMUP_ROUNDS",
+    "DEFAULT_WARMUP_THRESHOLD",
     "LINKS",
     "Codec",
     "Payload",
@@ -25,8 +27,18 @@ __all__ = [
 DEFAULT_SIZE_LOWER_BOUND = 200_000
 """Tensors with ``numel >= size_lower_bound`` are large (MXNET_KVSTORE_SIZE_LOWER_BOUND)."""
 
-DEFAULT_MOMENTUM = 0.9
-"""DGC momentum correction factor of the original GeoMX (hard-coded there)."""
+DEFAULT_MOMENTUM = 0.0
+"""DGC momentum correction factor. 0 (plain error feedback): momentum correction moves the
+momentum of momentum SGD to the sender and assumes the receiver then steps without momentum;
+the workers' own optimizers (Adam's first moment, SGD with momentum) would apply momentum a
+second time, which stalls Adam and makes SGD with momentum diverge (docs/Compression.md,
+"Why local Adam stalled").  The original GeoMX hard-coded 0.9; pass ``momentum`` to get it."""
+
+DEFAULT_WARMUP_ROUNDS = 30
+"""Rounds per key over which the kept fraction falls from ``warmup_threshold`` to ``threshold``."""
+
+DEFAULT_WARMUP_THRESHOLD = 0.25
+"""Kept fraction of a key's first round (DGC's warm-up starts at 75% sparsity)."""
 
 LINKS = ("wan", "party")
 """The links a codec can serve: local server <-> global server, or worker <-> local server."""

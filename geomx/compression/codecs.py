@@ -15,8 +15,8 @@ mpq       dense (fp32)     fp16             bsc (fp32 sparse)   fp16
 
 ``party`` is the worker <-> local server link, ``WAN`` the local server <-> global server link
 (both directions).  ``bsc`` means :class:`~geomx.compression.feedback.SampledTopK` wrapped in
-:class:`~geomx.compression.feedback.ErrorFeedback`: per key, DGC momentum correction and a
-residual; indices travel as int32 (int64 from 2**31 elements), no padding.
+:class:`~geomx.compression.feedback.ErrorFeedback`: per key, a residual (and DGC momentum
+correction when asked for) and a warm-up of the kept fraction; indices travel as int32 (int64 from 2**31 elements), no padding.
 
 In the BSC and MPQ schemes the local server encodes its party's aggregate with a ``link="wan"``
 codec; the global server sums the parties' sparse updates
@@ -38,6 +38,8 @@ from geomx import kernels as array_kernels
 from geomx.compression.base import (
     DEFAULT_MOMENTUM,
     DEFAULT_SIZE_LOWER_BOUND,
+    DEFAULT_WARMUP_ROUNDS,
+    DEFAULT_WARMUP_THRESHOLD,
     Codec,
     Payload,
     TensorScheme,
@@ -120,16 +122,20 @@ class FP16Codec(Codec):
 class _SparseCodec(Codec):
     """Shared parameters and large-tensor path of ``bsc`` and ``mpq``."""
 
-    _KEYS = ("threshold", "momentum", "size_lower_bound", "seed")
+    _KEYS = ("threshold", "momentum", "size_lower_bound", "seed", "warmup_rounds", "warmup_threshold")
 
     def __init__(self, threshold: float, *, momentum: float = DEFAULT_MOMENTUM,
                  size_lower_bound: int = DEFAULT_SIZE_LOWER_BOUND, seed: int = 0,
-                 link: str = "wan") -> None:
+                 warmup_rounds: int = DEFAULT_WARMUP_ROUNDS,
+                 warmup_threshold: float = DEFAULT_WARMUP_THRESHOLD, link: str = "wan") -> None:
         super().__init__(size_lower_bound=size_lower_bound, link=link)
         self.threshold = check_ratio("threshold", threshold)
         self.momentum = check_momentum("momentum", momentum)
         self.seed = check_count("seed", seed)
-        self.feedback = ErrorFeedback(SampledTopK(self.threshold, seed=self.seed), self.momentum)
+        topk = SampledTopK(self.threshold, seed=self.seed, warmup_rounds=warmup_rounds,
+                           warmup_threshold=warmup_threshold)
+        self.warmup_rounds, self.warmup_threshold = topk.warmup_rounds, topk.warmup_threshold
+        self.feedback = ErrorFeedback(topk, self.momentum)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], *, link: str = "wan") -> _SparseCodec:
@@ -140,11 +146,14 @@ class _SparseCodec(Codec):
         return cls(params["threshold"],
                    momentum=params.get("momentum", DEFAULT_MOMENTUM),
                    size_lower_bound=params.get("size_lower_bound", DEFAULT_SIZE_LOWER_BOUND),
-                   seed=params.get("seed", 0), link=link)
+                   seed=params.get("seed", 0),
+                   warmup_rounds=params.get("warmup_rounds", DEFAULT_WARMUP_ROUNDS),
+                   warmup_threshold=params.get("warmup_threshold", DEFAULT_WARMUP_THRESHOLD), link=link)
 
     def params(self) -> dict[str, Any]:
         return {"type": self.name, "threshold": self.threshold, "momentum": self.momentum,
-                "size_lower_bound": self.size_lower_bound, "seed": self.seed}
+                "size_lower_bound": self.size_lower_bound, "seed": self.seed,
+                "warmup_rounds": self.warmup_rounds, "warmup_threshold": self.warmup_threshold}
 
     def _small(self) -> TensorScheme:
         raise NotImplementedError
@@ -172,7 +181,8 @@ class _SparseCodec(Codec):
 @register("bsc")
 class BSCCodec(_SparseCodec):
     """Bidirectional sparse compression: large WAN tensors as top-``threshold`` sparse updates
-    with DGC momentum correction and residual; everything else dense.
+    with error feedback (a residual; DGC momentum correction when ``momentum`` > 0) and a
+    warm-up; everything else dense.
 
     Parameters (keys of the user's dict)
     ----------
@@ -180,11 +190,18 @@ class BSCCodec(_SparseCodec):
         Fraction of entries kept per step, ``0 < r < 1``; ``k = max(1, ceil(r * numel))``.
         Required.
     momentum : float, optional
-        DGC momentum correction factor, ``0 <= m < 1`` (default 0.9).
+        DGC momentum correction factor, ``0 <= m < 1`` (default 0: the workers' optimizer
+        applies momentum; 0.9 is the original GeoMX's value, for workers stepping plain SGD).
     size_lower_bound : int, optional
         Tensors with ``numel >= size_lower_bound`` are sparsified (default 200000).
     seed : int, optional
         Seed of the threshold-estimation samples (default 0).
+    warmup_rounds : int, optional
+        Each key's first rounds over which the kept fraction falls geometrically from
+        ``warmup_threshold`` to ``threshold`` (default 30; 0: no warm-up).
+    warmup_threshold : float, optional
+        Kept fraction of a key's first round, ``0 < f < 1`` (default 0.25); no warm-up when it
+        is not above ``threshold``.
     """
 
     def _small(self) -> TensorScheme:

@@ -10,6 +10,8 @@ import numpy as np
 from geomx.compression import kernels
 from geomx.compression.base import (
     DEFAULT_MOMENTUM,
+    DEFAULT_WARMUP_ROUNDS,
+    DEFAULT_WARMUP_THRESHOLD,
     Codec,
     Payload,
     TensorScheme,
@@ -22,7 +24,7 @@ from geomx.compression.base import (
     flat_gradient,
 )
 
-__all__ = ["ErrorFeedback", "Residual", "SampledTopK", "kept_count", "sample_size"]
+__all__ = ["ErrorFeedback", "Residual", "SampledTopK", "kept_count", "sample_size", "warmup_ratio"]
 
 SMALLEST_POSITIVE = float(np.nextafter(np.float32(0), np.float32(1)))
 """The selection threshold used in place of 0, so that zeros are never sent."""
@@ -57,6 +59,20 @@ def sample_size(n: int, ratio: float) -> int:
     return max(MIN_SAMPLE, ceil_fraction(SAMPLE_FRACTION, n), ceil_fraction(1.0 / ratio, MIN_SAMPLE_KEPT))
 
 
+def warmup_ratio(ratio: float, rnd: int, rounds: int, start: float) -> float:
+    """The kept fraction of a key's round ``rnd`` (0 for its first encode) under warm-up.
+
+    It falls geometrically from ``start`` at round 0 to ``ratio`` at round ``rounds`` and stays
+    there: ``start * (ratio / start) ** (rnd / rounds)``.  No warm-up when ``rounds`` is 0 or
+    ``start <= ratio``.  DGC's warm-up: early gradients change fast and every entry of a large
+    tensor would otherwise wait about ``1 / ratio`` rounds for its first turn, which costs
+    optimizers that move every coordinate at once (Adam) most (docs/Compression.md).
+    """
+    if rnd >= rounds or start <= ratio:
+        return ratio
+    return start * (ratio / start) ** (rnd / rounds)
+
+
 def sample_seed(seed: int, key: int, step: int) -> int:
     """The splitmix64 seed for the ``step``-th sample of ``key`` in a codec seeded with ``seed``.
 
@@ -69,7 +85,9 @@ def sample_seed(seed: int, key: int, step: int) -> int:
 class SampledTopK(Codec):
     """Stateless-in-values sparsifier: sends about the top ``ratio`` fraction of entries by magnitude.
 
-    Algorithm, for a tensor ``v`` of ``n`` elements and ``k = kept_count(n, ratio)``:
+    Algorithm, for a tensor ``v`` of ``n`` elements and ``k = kept_count(n, ratio)``, where
+    ``ratio`` is the key's :func:`warmup_ratio` for this round (``threshold`` once the
+    ``warmup_rounds`` first rounds of the key are over; no warm-up by default):
 
     1. If ``k == n``, every non-zero entry is sent (exact: decoding gives ``v`` back).
     2. Else, with ``s = sample_size(n, ratio)``: when ``s >= n`` the threshold ``t`` is the exact
@@ -90,29 +108,40 @@ class SampledTopK(Codec):
 
     name = "topk"
 
-    def __init__(self, ratio: float, *, seed: int = 0) -> None:
+    def __init__(self, ratio: float, *, seed: int = 0, warmup_rounds: int = 0,
+                 warmup_threshold: float = DEFAULT_WARMUP_THRESHOLD) -> None:
         super().__init__(size_lower_bound=0)
         self.ratio = check_ratio("threshold", ratio)
         self.seed = check_count("seed", seed)
-        self._steps: dict[int, int] = {}
+        self.warmup_rounds = check_count("warmup_rounds", warmup_rounds)
+        self.warmup_threshold = check_ratio("warmup_threshold", warmup_threshold)
+        self._steps: dict[int, int] = {}  # threshold samples drawn per key
+        self._rounds: dict[int, int] = {}  # encodes per key (the warm-up clock)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], *, link: str = "wan") -> SampledTopK:
-        return cls(params["threshold"], seed=params.get("seed", 0))
+        return cls(params["threshold"], seed=params.get("seed", 0),
+                   warmup_rounds=params.get("warmup_rounds", 0),
+                   warmup_threshold=params.get("warmup_threshold", DEFAULT_WARMUP_THRESHOLD))
 
     def params(self) -> dict[str, Any]:
-        return {"type": self.name, "threshold": self.ratio, "seed": self.seed}
+        return {"type": self.name, "threshold": self.ratio, "seed": self.seed,
+                "warmup_rounds": self.warmup_rounds, "warmup_threshold": self.warmup_threshold}
 
     def for_tensor(self, numel: int, link: str | None = None) -> TensorScheme:
         return "bsc"
 
     def threshold_and_cap(self, key: int, v: np.ndarray) -> tuple[float, int]:
-        """The selection threshold and cap for ``v`` (advances the key's sample stream)."""
+        """The selection threshold and cap for ``v`` (advances the key's warm-up clock and
+        sample stream)."""
         n = v.size
-        k = kept_count(n, self.ratio)
+        rnd = self._rounds.get(key, 0)
+        self._rounds[key] = rnd + 1
+        ratio = warmup_ratio(self.ratio, rnd, self.warmup_rounds, self.warmup_threshold)
+        k = kept_count(n, ratio)
         if k >= n:
             return SMALLEST_POSITIVE, n
-        s = sample_size(n, self.ratio)
+        s = sample_size(n, ratio)
         if s >= n:
             mags = np.abs(v)
             t = float(np.partition(mags, n - k)[n - k])
@@ -121,7 +150,7 @@ class SampledTopK(Codec):
             step = self._steps.get(key, 0)
             self._steps[key] = step + 1
             mags = kernels.sample_abs(v, s, sample_seed(self.seed, key, step))
-            ks = min(s, max(1, ceil_fraction(self.ratio, s)))
+            ks = min(s, max(1, ceil_fraction(ratio, s)))
             t = float(np.partition(mags, s - ks)[s - ks])
             cap = min(n, OVERSHOOT * k)
         return max(t, SMALLEST_POSITIVE), cap
@@ -140,8 +169,10 @@ class SampledTopK(Codec):
     def reset(self, key: int | None = None) -> None:
         if key is None:
             self._steps.clear()
+            self._rounds.clear()
         else:
             self._steps.pop(key, None)
+            self._rounds.pop(key, None)
 
 
 @dataclass
@@ -179,7 +210,8 @@ class ErrorFeedback:
     inner : Codec
         The lossy codec whose error is fed back (e.g. :class:`SampledTopK`).
     momentum : float, optional
-        Momentum correction factor, ``0 <= m < 1`` (default 0.9).
+        Momentum correction factor, ``0 <= m < 1`` (default 0: plain error feedback, see
+        :data:`geomx.compression.base.DEFAULT_MOMENTUM`).
     """
 
     def __init__(self, inner: Codec, momentum: float = DEFAULT_MOMENTUM) -> None:

@@ -525,7 +525,8 @@ class GlobalServer(ServerBase):
     def _set_compression(self, params: Dict[str, Any]) -> None:
         """Accept the master worker's codec; the parties' local servers learn it from INIT replies."""
         params = dict(params)
-        params.setdefault("size_lower_bound", self.cfg.size_lower_bound)
+        if self.cfg.size_lower_bound is not None:  # the master worker's own value, if it sent one, wins
+            params.setdefault("size_lower_bound", self.cfg.size_lower_bound)
         try:
             codec = compression.create(params)
         except ValueError as exc:

@@ -27,10 +27,15 @@ def grad(slice_, t, k, dtype):
     return g.astype(dtype)
 
 
-def params(codec):
+def params(codec, bound_from_servers=False):
+    """The master's codec; with ``bound_from_servers`` it names no size_lower_bound (GeoMX's
+    layout: MXNET_KVSTORE_SIZE_LOWER_BOUND=BOUND on the servers only) and the oracle uses BOUND."""
+    out = {"type": codec, "size_lower_bound": BOUND}
     if codec in ("bsc", "mpq"):
-        return {"type": codec, "threshold": 0.05, "size_lower_bound": BOUND}
-    return {"type": codec, "size_lower_bound": BOUND}
+        out["threshold"] = 0.05
+    if bound_from_servers:
+        del out["size_lower_bound"]
+    return out
 
 
 def oracle(codec, parties, per_party, rounds):
@@ -59,10 +64,12 @@ def main():
     p.add_argument("--slice", type=int, required=True)
     p.add_argument("--codec", choices=["bsc", "fp16", "mpq"], required=True)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--bound-from-servers", action="store_true",
+                   help="the master sends no size_lower_bound (the servers' variable must apply)")
     args = p.parse_args()
     kv = mx.kv.create("dist_sync")
     if kv.is_master_worker:
-        kv.set_gradient_compression(params(args.codec))
+        kv.set_gradient_compression(params(args.codec, args.bound_from_servers))
         for k, s in SHAPES.items():
             kv.init(k, mx.nd.zeros(s, dtype=dtype_of(args.codec, k)))
         return 0

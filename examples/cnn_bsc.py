@@ -59,6 +59,8 @@ def build_compression_parser(description: str, with_ratio: bool) -> argparse.Arg
                              "default: MXNET_KVSTORE_SIZE_LOWER_BOUND, else 200000")
     parser.add_argument("--max-iters", type=int, default=0,
                         help="stop after this many iterations in total (0 = no limit)")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                        help="the workers' local optimizer, applied to the pulled aggregate (adam)")
     return parser
 
 
@@ -121,7 +123,7 @@ def train(args: argparse.Namespace, compression: dict, dtype_of=None, describe=N
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     # Local optimizer: the pulled gradient is the sum of every worker's mean gradient, so
     # step(num_all_workers) applies their average.
-    trainer = gluon.Trainer(net.collect_params(), "adam", {"learning_rate": args.learning_rate},
+    trainer = gluon.Trainer(net.collect_params(), args.optimizer, {"learning_rate": args.learning_rate},
                             kvstore=None)
     print(f"Start training on {num_all_workers} workers, my rank is {kv.rank}.", flush=True)
     if describe is not None:

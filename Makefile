@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 setup: $(VENV)/.installed
 
 # numpy is pinned (constraints.txt): MXNet 1.9.1 breaks with numpy >= 1.24.
-$(VENV)/.installed: pyproject.toml setup.py csrc/_kernels.pyx csrc/_delivery.pyx constraints.txt
+$(VENV)/.installed: pyproject.toml setup.py csrc/_kernels.pyx csrc/_compress.pyx csrc/_delivery.pyx constraints.txt startup/*
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e ".[test,examples]"

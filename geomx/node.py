@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
 from typing import Dict, List, Optional, Tuple
 
 import zmq
@@ -224,7 +225,8 @@ REQUIRED_VARIABLES: Dict[str, Tuple[str, ...]] = {
 
 def _help_epilog() -> str:
     roles = "\n".join(f"  {name:<17} {variables}" for name, variables in ROLE_VARIABLES)
-    required = "\n".join(f"  {name:<17} {', '.join(names)}" for name, names in REQUIRED_VARIABLES.items())
+    required = "\n".join(textwrap.fill(f"  {name:<17} {', '.join(names)}", 100, subsequent_indent=" " * 20)
+                         for name, names in REQUIRED_VARIABLES.items())
     return f"""\
 roles (DMLC_ROLE_GLOBAL decides first, then DMLC_ROLE):
 {roles}
@@ -240,7 +242,7 @@ often used optional variables:
   GEOMX_CURVE_SECRET_KEY, GEOMX_CURVE_PUBLIC_KEYS_DIR   encrypted, authenticated links (keys from
                                    geomx-keys generate)
   GEOMX_CHECKPOINT_DIR             a global server's checkpoints (and GEOMX_CHECKPOINT_RESTORE)
-  and the switches of the features (compression, HFA, ESync, P3, DGT, TSEngine).
+  and the switches of the features (HFA, ESync, P3, DGT, TSEngine).
 
 Every variable, its default and how it is checked: docs/Configurations.md in the geomx source tree.
 To start a whole topology on one machine: geomx-launch --help.
@@ -253,11 +255,12 @@ def _parser() -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
         prog="geomx-node",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run one non-worker process of a GeoMX topology: the global scheduler, a global "
-                    "server, a party's scheduler or a party's local server. It is configured by "
-                    "environment variables only (the names of the original GeoMX) and takes no other "
-                    "arguments. Workers do not run geomx-node: they run the training script, which "
-                    "does `import geomx` and then mx.kv.create(\"dist_sync\").",
+        description=textwrap.fill(
+            "Run one non-worker process of a GeoMX topology: the global scheduler, a global server, a "
+            "party's scheduler or a party's local server. It is configured by environment variables only "
+            "(the names of the original GeoMX) and takes no other arguments. Workers do not run "
+            "geomx-node: they run the training script, which does `import geomx` and then "
+            "mx.kv.create(\"dist_sync\").", 100),
         epilog=_help_epilog(),
     )
 

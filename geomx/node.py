@@ -204,7 +204,7 @@ def _global_server(cfg: NodeConfig) -> int:
     return _serve(loop, server, [glob, central], fatal)
 
 
-# What --help says about roles and required variables; tests/test_node_cli.py checks it against what
+# What --help says about roles and required variables; tests/test_install.py checks it against what
 # config.load() really requires, so the two cannot drift apart.
 ROLE_VARIABLES: Tuple[Tuple[str, str], ...] = (
     ("global scheduler", "DMLC_ROLE_GLOBAL=global_scheduler"),
@@ -252,7 +252,7 @@ variable's name) or a worker environment; 130 interrupted."""
 
 
 def _parser() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(
+    p = argparse.ArgumentParser(
         prog="geomx-node",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.fill(
@@ -263,12 +263,12 @@ def _parser() -> argparse.ArgumentParser:
             "mx.kv.create(\"dist_sync\").", 100),
         epilog=_help_epilog(),
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = _parser()
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.parse_args(argv)
+    _parser().parse_args(argv)  # only --help and --version: everything else comes from the environment
     try:
         cfg = config.load()
     except ConfigError as exc:

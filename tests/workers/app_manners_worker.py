@@ -1,8 +1,9 @@
 """A training script that configures its own logging and ``sys.excepthook`` before it imports mxnet and
-geomx, as an application would. After the store is made and one round trained it checks that geomx left
-both as they were (prints ``MANNERS OK``, or ``MANNERS FAIL ...``); ``--crash-slice`` then dies of an
-exception, which the application's hook reports (``APP HOOK ...``) and the topology must still learn.
-Every log line through the application's handler starts with ``APP``."""
+geomx, as an application would. After the store is made (the master worker) or one round trained (the
+others) it checks that geomx left both as they were (prints ``MANNERS OK``, or ``MANNERS FAIL ...``);
+after a barrier, ``--crash-slice`` then dies of an exception, which the application's hook reports
+(``APP HOOK ...``) and the topology must still learn. Every log line through the application's handler
+starts with ``APP``."""
 import argparse
 import logging
 import sys
@@ -42,9 +43,11 @@ def main() -> int:
     p.add_argument("--crash-slice", type=int, default=-1)
     args = p.parse_args()
     kv = mx.kv.create("dist_sync")
+    if kv.is_master_worker:
+        # (Before init: the training workers' round, so the crash below, cannot come before it.)
+        print(manners(), flush=True)
     kv.init(0, mx.nd.zeros((4,)))
     if kv.is_master_worker:
-        print(manners(), flush=True)
         return 0
     out = mx.nd.zeros((4,))
     kv.pushpull(0, mx.nd.ones((4,)), out=out)
@@ -53,6 +56,7 @@ def main() -> int:
         return 1
     result = manners()
     print(result, flush=True)
+    kv.barrier()  # every training worker has checked before one of them crashes
     if args.slice == args.crash_slice:
         raise RuntimeError("injected failure")
     kv.barrier()

@@ -7,8 +7,10 @@ BIN := $(VENV)/bin
 
 setup: $(VENV)/.installed
 
-# numpy is pinned (constraints.txt): MXNet 1.9.1 breaks with numpy >= 1.24.
-$(VENV)/.installed: pyproject.toml setup.py csrc/_kernels.pyx csrc/_delivery.pyx constraints.txt
+# PYTHON: any of Python 3.9-3.12 (e.g. `make demo PYTHON=python3.12 VENV=.venv312`). constraints.txt pins
+# the tested numpy (< 2) for each; the install also puts the start-up hook of startup/ into the venv,
+# which restores the numpy names MXNet 1.9.1 uses (README.md, "Python 3.12 and numpy").
+$(VENV)/.installed: pyproject.toml setup.py csrc/_kernels.pyx csrc/_compress.pyx csrc/_delivery.pyx constraints.txt startup/*
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e ".[test,examples]"

@@ -91,7 +91,7 @@ class GeoKVStore(KVStoreBase):
         if cfg.role != config.WORKER:
             raise ConfigError(f"mx.kv.create({self._type!r}) is for workers; this process has role {cfg.role} "
                               "(run non-worker roles with `python -m geomx.node`)")
-        logutil.setup(cfg.verbose, "master_worker" if cfg.is_master_worker else "worker")
+        logutil.setup_default(cfg.verbose, "master_worker" if cfg.is_master_worker else "worker")
         self._cfg = cfg
         self._node = WorkerNode(cfg)
         logutil.set_label(("master_worker" if cfg.is_master_worker else "worker") + str(self._node.rank))
@@ -343,10 +343,14 @@ class GeoKVStore(KVStoreBase):
     # -- shutdown -------------------------------------------------------------------------------
     def close(self) -> None:
         """Finish outstanding requests and leave the topology (also done at interpreter exit)."""
+        self._close(failure=None)
+
+    def _close(self, failure: Optional[str]) -> None:
+        """Leave the topology; with ``failure`` (the script is dying of it) at once, telling the others
+        why, and failing the requests still unanswered instead of waiting for them."""
         if self._closed:
             return
         self._closed = True
-        failure = _script_failure[0] if _script_failure else None
         try:
             if failure is None:
                 self._wait_inflight()
@@ -362,8 +366,6 @@ class GeoKVStore(KVStoreBase):
 
 
 _live_stores: "weakref.WeakSet[GeoKVStore]" = weakref.WeakSet()
-_script_failure: List[str] = []
-_original_excepthook = sys.excepthook
 
 
 def _failure_summary(kind: type, value: BaseException) -> str:
@@ -381,20 +383,24 @@ def _failure_summary(kind: type, value: BaseException) -> str:
     return text[:500]
 
 
-def _excepthook(kind, value, tb):  # noqa: ANN001 - sys.excepthook signature
-    # The training script is dying of an exception: tell the topology why, at once, on close.
-    _script_failure.append(_failure_summary(kind, value))
-    _original_excepthook(kind, value, tb)
-
-
-sys.excepthook = _excepthook
+def _uncaught_failure() -> Optional[str]:
+    """The exception the script is dying of, if it is: Python stores an uncaught exception in
+    ``sys.last_value`` (whatever ``sys.excepthook`` the application set, which then prints it)
+    before it runs the ``atexit`` handlers. Reading it there, geomx leaves ``sys.excepthook`` to
+    the application. (An interactive session sets it for every error shown; a worker script has none.)"""
+    value = getattr(sys, "last_value", None)
+    if value is None:
+        return None
+    return _failure_summary(type(value), value)
 
 
 @atexit.register
 def _close_all() -> None:
+    # The training script has ended; if by an exception, tell the topology why, at once.
+    failure = _uncaught_failure() if _live_stores else None
     for store in list(_live_stores):
         try:
-            store.close()
+            store._close(failure)
         except Exception as exc:  # noqa: BLE001 - interpreter is exiting
             log.warning("closing kvstore at exit: %s", exc)
 

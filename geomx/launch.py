@@ -39,6 +39,8 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Dict, List, Optional, Sequence, Union
 
+from . import __version__
+
 __all__ = ["Topology", "ProcessSpec", "Ports", "free_ports", "run", "main", "DEFAULT_NODE_COMMAND"]
 
 log = logging.getLogger("geomx.launch")
@@ -815,6 +817,7 @@ def _parser() -> argparse.ArgumentParser:
         "are replaced by the worker's data-slice index, party index (or 'central') and rank.",
         usage="%(prog)s [options] -- COMMAND ...",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("-p", "--parties", type=_int_at_least(1), default=2, help="number of parties (default 2)")
     p.add_argument(
         "-w", "--workers", type=_int_at_least(1), default=2, help="workers per party (default 2)"

@@ -5,14 +5,16 @@ process is the global scheduler, a party scheduler, a local server or a global s
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
-from typing import List, Optional
+import textwrap
+from typing import Dict, List, Optional, Tuple
 
 import zmq
 
-from . import checkpoint, config, logutil
+from . import __version__, checkpoint, config, logutil
 from .config import NodeConfig
 from .errors import ConfigError, GeoMXError
 from .kvclient import KVClient
@@ -202,7 +204,71 @@ def _global_server(cfg: NodeConfig) -> int:
     return _serve(loop, server, [glob, central], fatal)
 
 
+# What --help says about roles and required variables; tests/test_install.py checks it against what
+# config.load() really requires, so the two cannot drift apart.
+ROLE_VARIABLES: Tuple[Tuple[str, str], ...] = (
+    ("global scheduler", "DMLC_ROLE_GLOBAL=global_scheduler"),
+    ("global server", "DMLC_ROLE_GLOBAL=global_server DMLC_ROLE=server"),
+    ("party scheduler", "DMLC_ROLE=scheduler"),
+    ("local server", "DMLC_ROLE=server"),
+)
+_GLOBAL_TIER = ("DMLC_PS_GLOBAL_ROOT_URI", "DMLC_PS_GLOBAL_ROOT_PORT", "DMLC_NUM_GLOBAL_SERVER",
+                "DMLC_NUM_GLOBAL_WORKER")
+_PARTY = ("DMLC_PS_ROOT_URI", "DMLC_PS_ROOT_PORT", "DMLC_NUM_SERVER", "DMLC_NUM_WORKER")
+REQUIRED_VARIABLES: Dict[str, Tuple[str, ...]] = {
+    "global scheduler": _GLOBAL_TIER,
+    "global server": _GLOBAL_TIER + _PARTY + ("DMLC_NUM_ALL_WORKER",),
+    "party scheduler": _PARTY,
+    "local server": _GLOBAL_TIER + _PARTY,
+}
+
+
+def _help_epilog() -> str:
+    roles = "\n".join(f"  {name:<17} {variables}" for name, variables in ROLE_VARIABLES)
+    required = "\n".join(textwrap.fill(f"  {name:<17} {', '.join(names)}", 100, subsequent_indent=" " * 20)
+                         for name, names in REQUIRED_VARIABLES.items())
+    return f"""\
+roles (DMLC_ROLE_GLOBAL decides first, then DMLC_ROLE):
+{roles}
+
+required variables (the party variables name the party's scheduler; the central party's for a
+global server, whose DMLC_NUM_SERVER must equal DMLC_NUM_GLOBAL_SERVER):
+{required}
+
+often used optional variables:
+  DMLC_NODE_HOST, DMLC_INTERFACE   the address this node advertises to others
+  PS_HEARTBEAT_INTERVAL, PS_HEARTBEAT_TIMEOUT, GEOMX_START_TIMEOUT   liveness and start-up (seconds)
+  PS_VERBOSE=1                     debug logging
+  GEOMX_CURVE_SECRET_KEY, GEOMX_CURVE_PUBLIC_KEYS_DIR   encrypted, authenticated links (keys from
+                                   geomx-keys generate)
+  GEOMX_CHECKPOINT_DIR             a global server's checkpoints (and GEOMX_CHECKPOINT_RESTORE)
+  and the switches of the features (HFA, ESync, P3, DGT, TSEngine).
+
+Every variable, its default and how it is checked: docs/Configurations.md in the geomx source tree.
+To start a whole topology on one machine: geomx-launch --help.
+
+exit status: 0 the topology finished; 1 a failure (logged); 2 a configuration error (logged with the
+variable's name) or a worker environment; 130 interrupted."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="geomx-node",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
+            "Run one non-worker process of a GeoMX topology: the global scheduler, a global server, a "
+            "party's scheduler or a party's local server. It is configured by environment variables only "
+            "(the names of the original GeoMX) and takes no other arguments. Workers do not run "
+            "geomx-node: they run the training script, which does `import geomx` and then "
+            "mx.kv.create(\"dist_sync\").", 100),
+        epilog=_help_epilog(),
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    _parser().parse_args(argv)  # only --help and --version: everything else comes from the environment
     try:
         cfg = config.load()
     except ConfigError as exc:

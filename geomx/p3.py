@@ -179,11 +179,14 @@ def merge_traces(directory: str, out: str) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m geomx.p3",
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="geomx-p3-merge",
                                 description="Merge the per-process trace files of GEOMX_P3_TRACE into one "
                                             "file for chrome://tracing or ui.perfetto.dev")
-    p.add_argument("directory")
-    p.add_argument("out")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("directory", help="the GEOMX_P3_TRACE directory (one .json file per process)")
+    p.add_argument("out", help="the merged trace file to write")
     args = p.parse_args(argv)
     n = merge_traces(args.directory, args.out)
     print(f"{n} slice events -> {args.out}")

@@ -295,7 +295,10 @@ def handshake_failure(frames, *, server: bool, curve: bool, link_name: str, peer
 # -- command line -----------------------------------------------------------------------------------
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="geomx-keys", description="CURVE key pairs for geomx parties.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="write a party's key pair NAME.key (public) and NAME.key_secret")
     gen.add_argument("--dir", required=True, help="directory to write the two files into")

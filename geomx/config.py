@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import stat
 from typing import Mapping, Optional
 
 from . import security
@@ -41,6 +42,10 @@ class NodeConfig:
     enable_central_worker: bool = False
     node_host: Optional[str] = None
     interface: Optional[str] = None
+    # Schedulers: a TCP socket the launcher bound and listens on at the scheduler's port, inherited as
+    # this file descriptor (GEOMX_LISTEN_FD), so that no other process can take the port before the
+    # scheduler runs.
+    listen_fd: Optional[int] = None
     # Liveness and limits.
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 20.0
@@ -279,6 +284,9 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
             f"are the global servers), got {kw['num_server']} and {kw['num_global_server']} (role: {role})"
         )
 
+    if role in (SCHEDULER, GLOBAL_SCHEDULER):
+        kw["listen_fd"] = _listen_fd(r, kw["global_root_port"] if role == GLOBAL_SCHEDULER else kw["root_port"],
+                                     "DMLC_PS_GLOBAL_ROOT_PORT" if role == GLOBAL_SCHEDULER else "DMLC_PS_ROOT_PORT")
     kw["node_host"] = r.str("DMLC_NODE_HOST")
     kw["interface"] = r.str("DMLC_INTERFACE")
     kw["heartbeat_interval"] = r.float("PS_HEARTBEAT_INTERVAL", 1.0)
@@ -358,6 +366,31 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
         _load_dgt(r, kw)
     kw["curve"] = _curve_keys(r, role, kw)
     return NodeConfig(**kw)
+
+
+def _listen_fd(r: _Reader, port: int, port_variable: str) -> Optional[int]:
+    """GEOMX_LISTEN_FD: an inherited TCP socket, listening at the scheduler's port."""
+    fd = r.int("GEOMX_LISTEN_FD", None)
+    if fd is None:
+        return None
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        raise r._fail("GEOMX_LISTEN_FD", f"is not an open file descriptor ({exc.strerror})") from None
+    if not stat.S_ISSOCK(mode):
+        raise r._fail("GEOMX_LISTEN_FD", f"({fd}) is not a socket")
+    # A view of the descriptor (detached below, so it stays open for ZeroMQ to adopt).
+    sock = socket.socket(fileno=fd)
+    try:
+        kind, bound = sock.type, sock.getsockname()
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    finally:
+        sock.detach()
+    if kind != socket.SOCK_STREAM or not isinstance(bound, tuple) or not listening:
+        raise r._fail("GEOMX_LISTEN_FD", f"({fd}) is not a listening TCP socket")
+    if bound[1] != port:
+        raise r._fail("GEOMX_LISTEN_FD", f"({fd}) listens on port {bound[1]}, not on {port_variable}={port}")
+    return fd
 
 
 # The largest DGT block: a UDP datagram carries at most 65507 bytes, of which the datagram header

@@ -374,3 +374,29 @@ def test_node_exits_2_on_bad_heartbeat_and_worker_role():
     proc = subprocess.run([sys.executable, "-m", "geomx.node"], env=_clean_env(**env_for("worker")), cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "DMLC_ROLE=worker" in proc.stderr
+
+
+def test_listen_fd(tmp_path):
+    import socket
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(1)
+    port = listening.getsockname()[1]
+    bound_only = socket.socket()
+    bound_only.bind(("127.0.0.1", 0))
+    with listening, bound_only, open(tmp_path / "f", "w") as plain:
+        cfg = config.load(env_for("scheduler", DMLC_PS_ROOT_PORT=str(port), GEOMX_LISTEN_FD=str(listening.fileno())))
+        assert cfg.listen_fd == listening.fileno()
+        cfg = config.load(env_for("global_scheduler", DMLC_PS_GLOBAL_ROOT_PORT=str(port),
+                                  GEOMX_LISTEN_FD=str(listening.fileno())))
+        assert cfg.listen_fd == listening.fileno()
+        assert config.load(env_for("server", GEOMX_LISTEN_FD=str(listening.fileno()))).listen_fd is None
+        msg = refused(env_for("scheduler", GEOMX_LISTEN_FD=str(listening.fileno())))
+        assert f"GEOMX_LISTEN_FD ({listening.fileno()}) listens on port {port}, not on DMLC_PS_ROOT_PORT=9093" in msg
+        assert "role: scheduler" in msg
+        assert "is not a socket" in refused(env_for("scheduler", GEOMX_LISTEN_FD=str(plain.fileno())))
+        assert "is not a listening TCP socket" in refused(
+            env_for("scheduler", GEOMX_LISTEN_FD=str(bound_only.fileno())))
+        assert "is not an open file descriptor" in refused(env_for("scheduler", GEOMX_LISTEN_FD="999"))
+        assert "must be an integer" in refused(env_for("scheduler", GEOMX_LISTEN_FD="x"))

@@ -383,3 +383,40 @@ def test_signal_to_launcher(sig, expected):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+# ----------------------------------------------------------------------------------------
+# The schedulers' ports
+# ----------------------------------------------------------------------------------------
+
+
+def test_scheduler_ports_cannot_be_taken_before_the_schedulers_bind():
+    # Every scheduler's node command first binds its own port the way another program starting at the
+    # same moment could. The launcher holds each port in a listening socket the scheduler inherits, so
+    # no such bind succeeds and the topology trains; a port that was merely picked free was taken, and
+    # the scheduler failed with "Address already in use".
+    workers = REPO / "tests" / "workers"
+    topo = Topology(parties=1, workers_per_party=1,
+                    node_command=[sys.executable, str(workers / "port_thief.py")])
+    out = io.StringIO()
+    rc = run(topo, [sys.executable, str(workers / "exact_worker.py"), "--slice", "{slice}", "--rounds", "2",
+                    "--mode", "push-pull"], stream=out, timeout=120)
+    text = out.getvalue()
+    assert rc == 0, text[-4000:]
+    assert len(re.findall(r"THIEF could not take port \d+: Address already in use", text)) == 3, text[-4000:]
+    assert "THIEF took" not in text
+    assert len([line for line in text.splitlines() if "EXACT OK" in line]) == 1
+
+
+def test_reserved_ports_are_closed_by_the_launcher():
+    topo = small()
+    ports = topo.reserve_ports()
+    specs = topo.processes(WORKER_CMD, ports)
+    held = [s for s in specs if s.listener is not None]
+    assert [s.name for s in held] == ["global_scheduler", "central/scheduler", "party0/scheduler"]
+    for s in held:
+        assert int(s.env["GEOMX_LISTEN_FD"]) == s.listener.fileno()
+    assert not any("GEOMX_LISTEN_FD" in s.env for s in specs if s.listener is None)
+    ports.close()
+    # A dry run and explicit ports hand nothing down.
+    assert not any("GEOMX_LISTEN_FD" in s.env for s in topo.processes(WORKER_CMD))

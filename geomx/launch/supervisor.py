@@ -146,11 +146,18 @@ class _Launcher:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
+                pass_fds=(spec.listener.fileno(),) if spec.listener is not None else (),
             )
         except BaseException:
             if logfile is not None:
                 logfile.close()
             raise
+        finally:
+            # The child holds the port now (or never will): the launcher's copy must not keep it
+            # open, or clients would queue on a socket nobody serves once that child is gone.
+            if spec.listener is not None:
+                spec.listener.close()
+                spec.listener = None
         child = _Child(spec, popen, logfile)
         self.children.append(child)
         child.reader = threading.Thread(
@@ -234,7 +241,12 @@ def run(
     written line by line to ``stream`` (default ``sys.stdout``) prefixed with ``[name] ``,
     and raw to ``log_dir/<name>.log`` when ``log_dir`` is given.
     """
-    specs = topology.processes(command)
+    ports = topology.reserve_ports()
+    try:
+        specs = topology.processes(command, ports)
+    except BaseException:
+        ports.close()
+        raise
     if stream is None:
         stream = sys.stdout
     launcher = _Launcher(specs, stream, log_dir, kill_timeout)
@@ -280,6 +292,7 @@ def run(
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             launcher.close()
+            ports.close()  # those of schedulers that were never started
             with _ACTIVE_LOCK:
                 _ACTIVE.discard(launcher)
     return status

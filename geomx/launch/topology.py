@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import random
 import shlex
 import socket
 import sys
@@ -15,6 +16,10 @@ from typing import Dict, List, Optional, Sequence, Union
 
 #: The command every non-worker process (schedulers, servers) runs by default.
 DEFAULT_NODE_COMMAND = [sys.executable, "-m", "geomx.node"]
+
+#: Scheduler ports on an emulated WAN: below Linux's default ephemeral range (32768-60999) and above
+#: the WAN relay's port (geomx/wan.py).
+_WAN_PORTS = (20000, 32768)
 
 #: Variables the launcher controls. Values inherited from the parent environment are
 #: dropped so that e.g. a launcher started from inside a worker does not leak its role.
@@ -38,6 +43,7 @@ ROLE_KEYS = frozenset(
         "DMLC_RANK",
         "DMLC_GLOBAL_RANK",
         "GEOMX_DATA_SLICE",
+        "GEOMX_LISTEN_FD",
     }
 )
 
@@ -53,6 +59,9 @@ class ProcessSpec:
     is_worker: bool
     #: Data center the process belongs to: ``"central"``, ``"partyN"`` or ``"gsN"`` (used by ``--wan``).
     dc: str = ""
+    #: A scheduler's listening socket, bound by the launcher (see :meth:`Topology.reserve_ports`): the
+    #: child inherits it (``GEOMX_LISTEN_FD``), the launcher closes its own copy once the child runs.
+    listener: Optional[socket.socket] = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -62,6 +71,13 @@ class Ports:
     global_root: int
     central_root: int
     parties: List[int]
+    #: Port -> a socket bound and listening at it, held for the scheduler of that port.
+    listeners: Dict[int, socket.socket] = field(default_factory=dict, compare=False, repr=False)
+
+    def close(self) -> None:
+        """Close the listening sockets no child took over."""
+        for sock in self.listeners.values():
+            sock.close()
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> List[int]:
@@ -80,6 +96,27 @@ def free_ports(n: int, host: str = "127.0.0.1") -> List[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def listening_sockets(n: int, host: str = "127.0.0.1") -> List[socket.socket]:
+    """``n`` TCP sockets bound at distinct free ports of ``host`` and listening.
+
+    A port merely found free (:func:`free_ports`) can be taken by any process before the scheduler
+    meant for it binds it ("Address already in use" when several topologies start at once); a port
+    held by a listening socket cannot, and the scheduler inherits the socket itself.
+    """
+    socks: List[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((host, 0))
+            s.listen(128)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
 
 
 def _substitute(args: Sequence[str], slice_idx: int, party: Union[int, str], rank: int) -> List[str]:
@@ -176,8 +213,25 @@ class Topology:
         return central + sum(1 + n + self.workers_per_party for n in self.servers_per_party)
 
     def pick_ports(self) -> Ports:
+        """Free scheduler ports (for ``--dry-run`` and hand-written scripts: nothing holds them)."""
         ports = free_ports(2 + self.parties, self.host)
         return Ports(global_root=ports[0], central_root=ports[1], parties=ports[2:])
+
+    def reserve_ports(self) -> Ports:
+        """Scheduler ports held by listening sockets that the schedulers inherit (no port race).
+
+        On an emulated WAN the schedulers listen inside their namespaces, where a socket of the
+        launcher's cannot be handed over. Those namespaces are new and hold only the topology's own
+        processes, whose other listeners take OS-chosen ports (from the ephemeral range, 32768 and
+        up by default): distinct ports below that range cannot be taken there."""
+        if self.dc_prefix:
+            # Not cryptographic: any distinct ports below the ephemeral range do.
+            picked = random.sample(range(_WAN_PORTS[0], _WAN_PORTS[1]), 2 + self.parties)  # noqa: S311
+            return Ports(global_root=picked[0], central_root=picked[1], parties=picked[2:])
+        socks = listening_sockets(2 + self.parties, self.host)
+        ports = [s.getsockname()[1] for s in socks]
+        return Ports(global_root=ports[0], central_root=ports[1], parties=ports[2:],
+                     listeners=dict(zip(ports, socks)))
 
     def processes(
         self, command: Union[str, Sequence[str]], ports: Optional[Ports] = None
@@ -213,10 +267,15 @@ class Topology:
                 return party  # "central" or "gsN"
             return f"party{party}"
 
-        def node(name: str, role_env: Dict[str, object], party="central") -> ProcessSpec:
+        def node(name: str, role_env: Dict[str, object], party="central", listen_port: int = 0) -> ProcessSpec:
             dc = dc_of(party)
             argv = list(self.dc_prefix.get(dc, [])) + list(node_cmd)
-            return ProcessSpec(name, argv, self._env(name, role_env, dc), False, dc)
+            listener = ports.listeners.get(listen_port) if listen_port else None
+            if listener is not None:
+                role_env = dict(role_env, GEOMX_LISTEN_FD=listener.fileno())
+            spec = ProcessSpec(name, argv, self._env(name, role_env, dc), False, dc)
+            spec.listener = listener
+            return spec
 
         def worker(name: str, role_env: Dict[str, object], slice_idx: int, party, rank: int) -> ProcessSpec:
             dc = dc_of(party)
@@ -235,6 +294,7 @@ class Topology:
                     DMLC_NUM_GLOBAL_SERVER=NGS,
                     DMLC_NUM_GLOBAL_WORKER=NGW,
                 ),
+                listen_port=G,
             )
         )
         schedulers.append(
@@ -247,6 +307,7 @@ class Topology:
                     DMLC_NUM_SERVER=NGS,
                     DMLC_NUM_WORKER=central_num_worker,
                 ),
+                listen_port=C,
             )
         )
         for i in range(NGS):
@@ -302,6 +363,7 @@ class Topology:
                         DMLC_NUM_WORKER=W,
                     ),
                     p,
+                    listen_port=port,
                 )
             )
             for i in range(LS[p]):

@@ -178,8 +178,9 @@ def _is_local(host: str) -> bool:
 
 
 def bind_router(loop: "EventLoop", port: int, name: str, *, wan: bool = False,
-                cross_party: bool = False, host: str = "*", fd: Optional[int] = None) -> Tuple[Link, int]:
-    """A ROUTER socket bound at ``host:port`` (``*``: every interface; port 0: any free port).
+                cross_party: bool = False, host: str = "127.0.0.1", fd: Optional[int] = None) -> Tuple[Link, int]:
+    """A ROUTER socket bound at ``host:port`` (``*``: every interface, only when a configuration says so;
+    port 0: any free port).
     ``cross_party``: clients from other parties connect to it (they must be CURVE clients whenever keys
     are configured). ``fd``: a TCP socket already bound and listening at ``port`` (handed down by the
     launcher, which bound it first so that nobody can take the port in between); it is adopted."""

@@ -44,6 +44,11 @@ ROLE_KEYS = frozenset(
         "DMLC_GLOBAL_RANK",
         "GEOMX_DATA_SLICE",
         "GEOMX_LISTEN_FD",
+        # One process's own ports (a topology file sets them per process).
+        "GEOMX_SERVER_PORT",
+        "GEOMX_CENTRAL_PORT",
+        "GEOMX_TS_PORT",
+        "GEOMX_DGT_UDP_PORT",
     }
 )
 
@@ -62,6 +67,11 @@ class ProcessSpec:
     #: A scheduler's listening socket, bound by the launcher (see :meth:`Topology.reserve_ports`): the
     #: child inherits it (``GEOMX_LISTEN_FD``), the launcher closes its own copy once the child runs.
     listener: Optional[socket.socket] = field(default=None, compare=False, repr=False)
+    #: Working directory (None: the launcher's).
+    cwd: Optional[str] = None
+    #: Topology files: the machine it runs on (SSH target, ``user@`` allowed) and its site's name.
+    host: str = ""
+    site: str = ""
 
 
 @dataclass
@@ -139,7 +149,8 @@ class Topology:
     """
 
     parties: int = 2
-    workers_per_party: int = 2
+    #: Workers per party: one number for every party, or one per party.
+    workers_per_party: Union[int, Sequence[int]] = 2
     global_servers: int = 1
     central_workers: int = 0
     #: Local servers per party: one number for every party, or one per party.
@@ -178,7 +189,10 @@ class Topology:
     def validate(self) -> None:
         if self.parties < 1:
             raise ValueError(f"parties must be >= 1, got {self.parties}")
-        if self.workers_per_party < 1:
+        if not isinstance(self.workers_per_party, int) and len(self.workers_per_party) != self.parties:
+            raise ValueError(f"workers_per_party needs one count per party ({self.parties}), "
+                             f"got {list(self.workers_per_party)}")
+        if min(self.workers_of_party) < 1:
             raise ValueError(f"workers_per_party must be >= 1, got {self.workers_per_party}")
         if self.global_servers < 1:
             raise ValueError(f"global_servers must be >= 1, got {self.global_servers}")
@@ -203,14 +217,21 @@ class Topology:
         return [int(n) for n in self.local_servers]
 
     @property
+    def workers_of_party(self) -> List[int]:
+        """Workers of each party."""
+        if isinstance(self.workers_per_party, int):
+            return [self.workers_per_party] * self.parties
+        return [int(n) for n in self.workers_per_party]
+
+    @property
     def num_all_workers(self) -> int:
         """``DMLC_NUM_ALL_WORKER``: training workers worldwide."""
-        return self.parties * self.workers_per_party + self.central_workers
+        return sum(self.workers_of_party) + self.central_workers
 
     @property
     def num_processes(self) -> int:
         central = 1 + self.global_servers + 1 + max(1, self.central_workers)
-        return central + sum(1 + n + self.workers_per_party for n in self.servers_per_party)
+        return central + sum(1 + n + w for n, w in zip(self.servers_per_party, self.workers_of_party))
 
     def pick_ports(self) -> Ports:
         """Free scheduler ports (for ``--dry-run`` and hand-written scripts: nothing holds them)."""
@@ -250,7 +271,10 @@ class Topology:
         node_cmd = list(self.node_command) if self.node_command is not None else list(DEFAULT_NODE_COMMAND)
 
         host = chost = self.dc_host("central")
-        P, W, NGS, CW = self.parties, self.workers_per_party, self.global_servers, self.central_workers
+        P, NGS, CW = self.parties, self.global_servers, self.central_workers
+        WS = self.workers_of_party
+        PW = sum(WS)  # the parties' training workers; their slices come first
+        first_slice = [sum(WS[:p]) for p in range(P)]
         G, C = ports.global_root, ports.central_root
         ALL = self.num_all_workers
         LS = self.servers_per_party
@@ -343,14 +367,15 @@ class Topology:
         master_env = dict(central_worker_env)
         master_env["DMLC_ROLE_MASTER_WORKER"] = 1
         workers.append(
-            worker("central/master_worker", master_env, P * W if CW > 0 else 0, "central", 0)
+            worker("central/master_worker", master_env, PW if CW > 0 else 0, "central", 0)
         )
         for j in range(1, CW):
-            workers.append(worker(f"central/worker{j}", central_worker_env, P * W + j, "central", j))
+            workers.append(worker(f"central/worker{j}", central_worker_env, PW + j, "central", j))
 
         # ---- parties
         for p in range(P):
             port = ports.parties[p]
+            W = WS[p]
             host = self.dc_host(f"party{p}")
             schedulers.append(
                 node(
@@ -396,7 +421,7 @@ class Topology:
                             DMLC_NUM_WORKER=W,
                             DMLC_NUM_ALL_WORKER=ALL,
                         ),
-                        p * W + i,
+                        first_slice[p] + i,
                         p,
                         i,
                     )

@@ -3,10 +3,18 @@ placement of every process, the firewall list, and three sites started by three 
 ``geomx-launch --site`` commands (real processes) reaching the exact-sum oracle."""
 from __future__ import annotations
 
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from geomx.launch import main
 from geomx.launch.sitefile import TopologyFileError, load, loads
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,6 +109,15 @@ def test_bad_topology_files(case):
     assert message in str(info.value), str(info.value)
 
 
+def test_bad_file_from_the_command_line(tmp_path, capsys):
+    path = tmp_path / "t.toml"
+    path.write_text(BAD["zero workers"][0])
+    assert main(["--topology", str(path), "--dry-run", "--", "x"]) == 2
+    assert f"geomx-launch: {path}: [[party]] 'party0': workers must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["--topology", str(tmp_path / "missing.toml"), "--dry-run", "--", "x"]) == 2
+    assert "cannot read the topology file: No such file or directory" in capsys.readouterr().err
+
+
 def test_minimal_form_as_written():
     topo = loads(MINIMAL, "m.toml")
     specs = topo.processes(["python", "cnn.py", "-ds", "{slice}"])
@@ -123,6 +140,27 @@ def test_minimal_form_as_written():
     assert w.argv == ["python", "cnn.py", "-ds", "3"] and w.env["DMLC_NUM_ALL_WORKER"] == "4"
     assert topo.security == "none" and "INSECURE" in topo.insecure_warning()
     assert "GEOMX_CURVE_SECRET_KEY" not in w.env
+
+
+def test_minimal_form_firewall(tmp_path, capsys):
+    path = tmp_path / "m.toml"
+    path.write_text(MINIMAL)
+    assert main(["--topology", str(path), "--print-firewall"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "# central (10.1.0.1): 4 port(s)",
+        "tcp 10.1.0.1:9000  global_scheduler (global scheduler)  from central (10.1.0.1), party0 (10.1.0.2), "
+        "party1 (10.1.0.3)",
+        "tcp 10.1.0.1:9001  central/scheduler (central scheduler)  from central (10.1.0.1)",
+        "tcp 10.1.0.1:9002  global_server0 (global server, for the parties)  from party0 (10.1.0.2), "
+        "party1 (10.1.0.3)",
+        "tcp 10.1.0.1:9003  global_server0 (global server, for the central workers)  from central (10.1.0.1)",
+        "# party0 (10.1.0.2): 2 port(s)",
+        "tcp 10.1.0.2:9000  party0/scheduler (party scheduler)  from party0 (10.1.0.2)",
+        "tcp 10.1.0.2:9001  party0/server (local server, for its workers)  from party0 (10.1.0.2)",
+        "# party1 (10.1.0.3): 2 port(s)",
+        "tcp 10.1.0.3:9000  party1/scheduler (party scheduler)  from party1 (10.1.0.3)",
+        "tcp 10.1.0.3:9001  party1/server (local server, for its workers)  from party1 (10.1.0.3)",
+    ]
 
 
 def test_optional_fields():
@@ -190,3 +228,136 @@ def test_examples_load():
         assert topo.processes(["x"]), path
 
 
+def test_dry_run_per_host_and_site_selection(capsys):
+    path = str(EXAMPLES / "two-datacenters.toml")
+    assert main(["--topology", path, "--dry-run", "--", "{python}", "cnn.py", "-ds", "{slice}"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    hosts = [line for line in out if line.startswith("# ---- host ")]
+    assert hosts == ["# ---- host geomx@gw.central.example.org (site central)", "# ---- host 10.1.0.11 (site eu)",
+                     "# ---- host 10.2.0.11 (site us)", "# ---- host gpu@10.1.0.12 (site eu)"]
+    worker = out[out.index("# eu/worker1 (worker)") + 1]
+    assert worker.startswith("cd /opt/geomx && env ") and "DMLC_NODE_HOST=10.1.0.12" in worker
+    assert worker.endswith(" /home/gpu/venv/bin/python cnn.py -ds 1")
+    assert main(["--topology", path, "--site", "eu@gpu@10.1.0.12", "--dry-run", "--", "x"]) == 0
+    names = [line for line in capsys.readouterr().out.splitlines() if line.startswith("# eu/")]
+    assert names == ["# eu/worker1 (worker)", "# eu/worker3 (worker)"]
+    assert main(["--topology", path, "--site", "eu", "--dry-run", "--", "x"]) == 2
+    assert "site 'eu' spans several hosts (10.1.0.11, gpu@10.1.0.12): start each with --site eu@HOST" in \
+        capsys.readouterr().err
+    assert main(["--topology", path, "--site", "asia", "--dry-run", "--", "x"]) == 2
+    assert "no site named 'asia' (sites: central, eu, us)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-p", "3"], "-p/--parties cannot be combined with --topology"),
+    (["--curve"], "--curve cannot be combined with --topology"),
+    (["--env", "A=1"], "--env cannot be combined with --topology"),
+])
+def test_single_machine_flags_refused_with_a_topology(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(["--topology", str(EXAMPLES / "minimal.toml"), *argv, "--site", "party0", "--", "x"])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_site_flags_need_a_topology(capsys):
+    for flag in (["--site", "party0"], ["--print-firewall"]):
+        with pytest.raises(SystemExit):
+            main([*flag, "--", "x"])
+        assert f"{flag[0]} needs --topology FILE" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Three sites, three launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _free_range(n: int) -> int:
+    """A first port of ``n`` consecutive ports free on 127.0.0.1, below the ephemeral range (so that
+    no OS-chosen port lands there while the test runs)."""
+    rng = random.Random()
+    for _ in range(200):
+        first = rng.randrange(20000, 32000 - n)
+        socks = []
+        try:
+            for port in range(first, first + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+def _listening(ports) -> set:
+    """(address, port) of the TCP sockets in LISTEN state at ``ports`` (from /proc/net/tcp)."""
+    found = set()
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            addr, port = fields[1].split(":")
+            if fields[3] == "0A" and int(port, 16) in ports:
+                ip = socket.inet_ntoa(bytes.fromhex(addr)[::-1])
+                found.add((ip, int(port, 16)))
+    return found
+
+
+def test_three_sites_started_separately_reach_the_exact_oracle(tmp_path):
+    base = _free_range(30)
+    text = (EXAMPLES / "one-machine.toml").read_text()
+    for i, old in enumerate(("9310-9319", "9320-9329", "9330-9339")):
+        text = text.replace(old, f"{base + 10 * i}-{base + 10 * i + 9}")
+    path = tmp_path / "sites.toml"
+    path.write_text(text)
+    topo = load(str(path))
+    declared = {(lst.host.address, lst.port) for lst in topo.listeners()}
+    assert len(declared) == 8  # 4 central, 2 per party
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for k in [k for k in env if k.startswith("DMLC_")]:
+        del env[k]
+    worker = [sys.executable, str(REPO / "tests" / "workers" / "exact_worker.py"), "--slice", "{slice}",
+              "--rounds", "3", "--mode", "push-pull"]
+    procs = {}
+    logs = {}
+    # The parties first: their processes wait for the central site's schedulers (GEOMX_START_TIMEOUT).
+    for site in ("party1", "party0", "central"):
+        logs[site] = open(tmp_path / f"{site}.log", "w+")
+        procs[site] = subprocess.Popen(
+            [sys.executable, "-m", "geomx.launch", "--topology", str(path), "--site", site, "--timeout", "150",
+             "--", *worker], cwd=REPO, env=env, stdout=logs[site], stderr=subprocess.STDOUT, start_new_session=True)
+    seen: set = set()
+    ports = {p for _, p in declared}
+
+    def watch():
+        # Which of the declared ports are listening, and where, while the sites run.
+        while any(p.poll() is None for p in procs.values()):
+            seen.update(_listening(ports))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        codes = {site: p.wait(timeout=200) for site, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+                p.wait()
+        watcher.join(5)
+    out = {}
+    for site, f in logs.items():
+        f.seek(0)
+        out[site] = f.read()
+        f.close()
+    assert codes == {"party1": 0, "party0": 0, "central": 0}, {s: o[-3000:] for s, o in out.items()}
+    for site in ("party0", "party1"):
+        assert len([line for line in out[site].splitlines() if "EXACT OK" in line]) == 1, out[site][-3000:]
+        assert f"[{site}/worker0]" in out[site] and "[central/" not in out[site]
+    assert "[global_server0]" in out["central"] and "[party0/" not in out["central"]
+    assert not any("MISMATCH" in o for o in out.values())
+    # Every listener bound its declared address and port, and nothing else listened on those ports.
+    assert seen == declared, (sorted(seen), sorted(declared))

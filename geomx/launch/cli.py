@@ -11,7 +11,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Union
 
-from .supervisor import log, run
+from .supervisor import log, run, run_processes
 from .topology import ProcessSpec, Topology
 
 #: Prefixes of the variables shown by ``--dry-run``.
@@ -84,22 +84,22 @@ def _parser() -> argparse.ArgumentParser:
         "are replaced by the worker's data-slice index, party index (or 'central') and rank.",
         usage="%(prog)s [options] -- COMMAND ...",
     )
-    p.add_argument("-p", "--parties", type=_int_at_least(1), default=2, help="number of parties (default 2)")
+    p.add_argument("-p", "--parties", type=_int_at_least(1), default=None, help="number of parties (default 2)")
     p.add_argument(
-        "-w", "--workers", type=_int_at_least(1), default=2, help="workers per party (default 2)"
+        "-w", "--workers", type=_int_at_least(1), default=None, help="workers per party (default 2)"
     )
     p.add_argument(
         "-s",
         "--global-servers",
         type=_int_at_least(1),
-        default=1,
+        default=None,
         help="number of global servers (default 1)",
     )
     p.add_argument(
         "-l",
         "--local-servers",
         type=_local_servers_arg,
-        default=1,
+        default=None,
         metavar="N|N0,N1,...",
         help="local servers per party: one count for every party or one per party (default 1)",
     )
@@ -107,11 +107,12 @@ def _parser() -> argparse.ArgumentParser:
         "-c",
         "--central-workers",
         type=_int_at_least(0),
-        default=0,
+        default=None,
         help="training workers in the central party "
         "(default 0: only the master worker, which does not train)",
     )
-    p.add_argument("--host", default="127.0.0.1", help="host/IP every process binds to (default 127.0.0.1)")
+    p.add_argument("--host", default=None,
+                   help="address every process advertises and every listener binds (default 127.0.0.1)")
     p.add_argument(
         "--env",
         type=_key_value,
@@ -177,7 +178,27 @@ def _parser() -> argparse.ArgumentParser:
         help="encrypt and authenticate every link with CURVE, using throwaway key pairs (one per data center) "
         "generated into a temporary directory and removed at exit",
     )
-    p.add_argument("--dry-run", action="store_true", help="print the processes as shell lines and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the processes as shell lines (with --topology: "
+                   "per host) and exit")
+    p.add_argument(
+        "--topology",
+        default=None,
+        metavar="FILE",
+        help="a topology file (TOML; docs/Deployment.md, 'The topology file') placing the topology on sites and "
+        "hosts, instead of the single-machine flags above. Use with --site, --dry-run or --print-firewall",
+    )
+    p.add_argument(
+        "--site",
+        default=None,
+        metavar="NAME[@HOST]",
+        help="with --topology: start only that site's processes, here (for a site on several hosts, only "
+        "those placed on HOST: its SSH target or address)",
+    )
+    p.add_argument(
+        "--print-firewall",
+        action="store_true",
+        help="with --topology: print, per site, the ports its hosts must accept and from which sites, and exit",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
 
@@ -204,8 +225,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         args = parser.parse_args(argv)
         command = list(args.command)
+    if args.topology is not None:
+        return _main_topology(parser, args, command)
+    for flag, value in (("--site", args.site), ("--print-firewall", args.print_firewall or None)):
+        if value is not None:
+            parser.error(f"{flag} needs --topology FILE")
     if not command:
         parser.error("the following arguments are required: COMMAND (give it after '--')")
+    for name, default in (("parties", 2), ("workers", 2), ("global_servers", 1), ("local_servers", 1),
+                          ("central_workers", 0), ("host", "127.0.0.1")):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
 
     node_env: Dict[str, Dict[str, str]] = {}
     for pattern, key, value in args.node_env:
@@ -250,12 +280,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(line)
         return 0
 
-    if not logging.getLogger().handlers and not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[launch] %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+    _log_to_stderr()
     if wan_spec is None:
         return run(topology, command, timeout=args.timeout, log_dir=args.log_dir, grace=args.grace)
     return _run_on_wan(topology, command, wan_spec, args)
@@ -296,3 +321,106 @@ def _run_on_wan(topology: Topology, command: Sequence[str], spec, args) -> int:
         return code
     return status
 
+
+# Single-machine flags that a topology file replaces.
+_SINGLE_MACHINE_FLAGS = (("parties", "-p/--parties"), ("workers", "-w/--workers"),
+                         ("global_servers", "-s/--global-servers"), ("local_servers", "-l/--local-servers"),
+                         ("central_workers", "-c/--central-workers"), ("host", "--host"), ("env", "--env"),
+                         ("node_env", "--node-env"), ("node_command", "--node-command"), ("wan", "--wan"),
+                         ("separate_global_servers", "--separate-global-servers"), ("curve", "--curve"))
+
+
+def _main_topology(parser: argparse.ArgumentParser, args, command: List[str]) -> int:
+    """``--topology FILE`` with ``--dry-run``, ``--print-firewall`` or ``--site NAME``."""
+    from .sitefile import TopologyFileError, load
+
+    for name, flag in _SINGLE_MACHINE_FLAGS:
+        if getattr(args, name) not in (None, False, []):
+            parser.error(f"{flag} cannot be combined with --topology (the topology file says it)")
+    try:
+        topo = load(args.topology)
+    except TopologyFileError as exc:
+        print(f"geomx-launch: {exc}", file=sys.stderr)
+        return 2
+    if args.print_firewall:
+        for line in topo.firewall():
+            print(line)
+        return 0
+    if not command:
+        parser.error("the following arguments are required: COMMAND (give it after '--')")
+    try:
+        specs = topo.processes(command)
+        if args.site is not None:
+            specs = _site_processes(topo, specs, args.site)
+    except TopologyFileError as exc:
+        print(f"geomx-launch: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for line in _dry_run_hosts(topo, specs):
+            print(line)
+        return 0
+    if args.site is None:
+        print("geomx-launch: --topology without --site: starting every site over SSH is not built yet; start "
+              "each site on its host with --site NAME (--dry-run prints every host's command lines)",
+              file=sys.stderr)
+        return 2
+    _log_to_stderr()
+    warning = topo.insecure_warning()
+    if warning:
+        log.warning("%s", warning)
+    return run_processes(specs, f"site {args.site} of {args.topology}", timeout=args.timeout, log_dir=args.log_dir,
+                         grace=args.grace)
+
+
+def _site_processes(topo, specs: List[ProcessSpec], which: str) -> List[ProcessSpec]:
+    """The processes ``--site NAME[@HOST]`` starts."""
+    from .sitefile import TopologyFileError
+
+    name, _, host = which.partition("@")
+    site = topo.site(name)
+    mine = [s for s in specs if s.site == site.name]
+    if host:
+        known = {h.ssh: h for h in site.hosts}
+        known.update({h.address: h for h in site.hosts})
+        if host not in known:
+            raise TopologyFileError(f"{topo.path}: site {name!r} has no host {host!r} (its hosts: "
+                                    f"{', '.join(h.ssh for h in site.hosts)})")
+        return [s for s in mine if s.host == known[host].ssh]
+    if len(site.hosts) > 1:
+        raise TopologyFileError(f"{topo.path}: site {name!r} spans several hosts "
+                                f"({', '.join(h.ssh for h in site.hosts)}): start each with --site {name}@HOST")
+    return mine
+
+
+def _dry_run_hosts(topo, specs: List[ProcessSpec]) -> List[str]:
+    """Per host, each process as one shell line: ``cd WORKDIR && env VAR=... argv``."""
+    shown = set(topo.env)
+    for site in topo.sites:
+        shown |= set(site.env)
+        for extra in list(site.role_env.values()) + list(topo.role_env.values()):
+            shown |= set(extra)
+    lines: List[str] = []
+    hosts: Dict[str, List[ProcessSpec]] = {}
+    for spec in specs:
+        hosts.setdefault(spec.host, []).append(spec)
+    if topo.security == "curve":
+        lines.append("# CURVE: every host needs its site's GEOMX_CURVE_SECRET_KEY file and, in "
+                     "GEOMX_CURVE_PUBLIC_KEYS_DIR, every site's public key (geomx-keys generate)")
+    for host, mine in hosts.items():
+        lines.append(f"# ---- host {host} (site {mine[0].site})")
+        for spec in mine:
+            keys = sorted(k for k in spec.env if k.startswith(DRY_RUN_PREFIXES) or k in shown)
+            assigns = " ".join(f"{k}={shlex.quote(spec.env[k])}" for k in keys)
+            cd = f"cd {shlex.quote(spec.cwd)} && " if spec.cwd else ""
+            lines.append(f"# {spec.name}{' (worker)' if spec.is_worker else ''}")
+            lines.append(f"{cd}env {assigns} {shlex.join(spec.argv)}")
+    return lines
+
+
+def _log_to_stderr() -> None:
+    if not logging.getLogger().handlers and not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[launch] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False

@@ -147,6 +147,7 @@ class _Launcher:
                 start_new_session=True,
                 close_fds=True,
                 pass_fds=(spec.listener.fileno(),) if spec.listener is not None else (),
+                cwd=spec.cwd,
             )
         except BaseException:
             if logfile is not None:
@@ -244,9 +245,29 @@ def run(
     ports = topology.reserve_ports()
     try:
         specs = topology.processes(command, ports)
-    except BaseException:
-        ports.close()
-        raise
+        workers = topology.workers_per_party
+        description = (
+            f"{topology.parties} parties x {workers if isinstance(workers, int) else list(workers)} workers, "
+            f"{topology.global_servers} global server(s), {topology.central_workers} central worker(s) on "
+            + (", ".join(f"{dc} {h}" for dc, h in topology.dc_hosts.items()) if topology.dc_hosts else topology.host)
+        )
+        return run_processes(specs, description, timeout=timeout, log_dir=log_dir, stream=stream, grace=grace,
+                             kill_timeout=kill_timeout)
+    finally:
+        ports.close()  # those of schedulers that were never started
+
+
+def run_processes(
+    specs: List[ProcessSpec],
+    description: str,
+    *,
+    timeout: Optional[float] = None,
+    log_dir: Optional[str] = None,
+    stream: Optional[IO[str]] = None,
+    grace: float = 30.0,
+    kill_timeout: float = 5.0,
+) -> int:
+    """Start ``specs`` in order and supervise them as :func:`run` describes (``description`` is logged)."""
     if stream is None:
         stream = sys.stdout
     launcher = _Launcher(specs, stream, log_dir, kill_timeout)
@@ -272,7 +293,7 @@ def run(
     status = 1
     stragglers: List[_Child] = []
     try:
-        status, stragglers = _supervise(launcher, topology, timeout, grace)
+        status, stragglers = _supervise(launcher, description, timeout, grace)
     except (_Signalled, KeyboardInterrupt) as exc:
         signum = exc.signum if isinstance(exc, _Signalled) else signal.SIGINT
         status = 128 + int(signum)
@@ -292,24 +313,15 @@ def run(
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             launcher.close()
-            ports.close()  # those of schedulers that were never started
             with _ACTIVE_LOCK:
                 _ACTIVE.discard(launcher)
     return status
 
 
-def _supervise(launcher: _Launcher, topology: Topology, timeout: Optional[float], grace: float):
+def _supervise(launcher: _Launcher, description: str, timeout: Optional[float], grace: float):
     start = time.monotonic()
     deadline = start + timeout if timeout is not None else None
-    log.info(
-        "starting %d processes: %d parties x %d workers, %d global server(s), %d central worker(s) on %s",
-        len(launcher.specs),
-        topology.parties,
-        topology.workers_per_party,
-        topology.global_servers,
-        topology.central_workers,
-        ", ".join(f"{dc} {h}" for dc, h in topology.dc_hosts.items()) if topology.dc_hosts else topology.host,
-    )
+    log.info("starting %d processes: %s", len(launcher.specs), description)
     for spec in launcher.specs:
         launcher.critical = True
         try:

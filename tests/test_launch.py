@@ -420,3 +420,45 @@ def test_reserved_ports_are_closed_by_the_launcher():
     ports.close()
     # A dry run and explicit ports hand nothing down.
     assert not any("GEOMX_LISTEN_FD" in s.env for s in topo.processes(WORKER_CMD))
+
+
+# ----------------------------------------------------------------------------------------
+# The remote wrapper of SSH-started processes (geomx/launch/remote.py)
+# ----------------------------------------------------------------------------------------
+
+
+def test_remote_wrapper_passes_the_exit_status():
+    def status(*argv):
+        # The input stays open while the command runs (its end would stop the command).
+        proc = subprocess.Popen([sys.executable, "-m", "geomx.launch.remote", "--", *argv], cwd=REPO,
+                                stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            return proc.wait(timeout=30)
+        finally:
+            proc.stdin.close()
+
+    assert status(sys.executable, "-c", "import sys; sys.exit(3)") == 3
+    assert status(sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)") == \
+        128 + signal.SIGKILL
+    assert status("/nonexistent/x") == 127
+
+
+def test_remote_wrapper_stops_its_group_when_its_input_ends():
+    # A command that starts a grandchild and sleeps: closing the wrapper's input (what the launcher does to
+    # stop a remote process, and what a broken SSH connection does) ends both.
+    proc = subprocess.Popen([sys.executable, "-m", "geomx.launch.remote", "--", sys.executable, "-c", WORKER,
+                             "0", "p", "0"], cwd=REPO,
+                            env=dict(os.environ, SPAWN_SLICE="0", WORKER_SLEEP="1000", GEOMX_DATA_SLICE="0"),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    end = time.monotonic() + 15
+    while len(pids_in("".join("[w] " + line for line in lines))) < 2 and time.monotonic() < end:
+        time.sleep(0.05)
+    pids = pids_in("".join("[w] " + line for line in lines))
+    assert len(pids) == 2, lines  # the command and its grandchild
+    assert proc.poll() is None
+    proc.stdin.close()
+    assert proc.wait(timeout=15) == 128 + signal.SIGTERM
+    assert_all_dead(pids)

@@ -195,6 +195,12 @@ def _parser() -> argparse.ArgumentParser:
         "those placed on HOST: its SSH target or address)",
     )
     p.add_argument(
+        "--ssh-config",
+        default=None,
+        metavar="FILE",
+        help="with --topology and no --site: the OpenSSH client configuration (ssh -F FILE) for reaching the hosts",
+    )
+    p.add_argument(
         "--print-firewall",
         action="store_true",
         help="with --topology: print, per site, the ports its hosts must accept and from which sites, and exit",
@@ -359,17 +365,55 @@ def _main_topology(parser: argparse.ArgumentParser, args, command: List[str]) ->
         for line in _dry_run_hosts(topo, specs):
             print(line)
         return 0
-    if args.site is None:
-        print("geomx-launch: --topology without --site: starting every site over SSH is not built yet; start "
-              "each site on its host with --site NAME (--dry-run prints every host's command lines)",
-              file=sys.stderr)
-        return 2
     _log_to_stderr()
     warning = topo.insecure_warning()
     if warning:
         log.warning("%s", warning)
+    if args.site is None:
+        return _run_over_ssh(topo, specs, args)
     return run_processes(specs, f"site {args.site} of {args.topology}", timeout=args.timeout, log_dir=args.log_dir,
                          grace=args.grace)
+
+
+def _run_over_ssh(topo, specs: List[ProcessSpec], args) -> int:
+    """Every process on its host, one SSH session each over one connection per host."""
+    import os
+
+    from .ssh import Connections, SSHError, remote_command
+
+    pythons = {h.ssh: h.python for h in topo.hosts}
+    try:
+        conns = Connections([s.host for s in specs], config=args.ssh_config)
+    except SSHError as exc:
+        log.error("%s", exc)
+        return 255
+    try:
+        try:
+            conns.open()
+        except SSHError as exc:
+            log.error("%s; nothing was started", exc)
+            return 255
+        remote = [
+            ProcessSpec(spec.name, conns.argv(spec.host, remote_command(spec, _explicit_keys(topo, spec),
+                                                                        pythons[spec.host])),
+                        dict(os.environ), spec.is_worker, spec.dc, host=spec.host, site=spec.site, keep_stdin=True)
+            for spec in specs
+        ]
+        hosts = ", ".join(conns.hosts)
+        return run_processes(remote, f"{args.topology} over SSH on {hosts}", timeout=args.timeout,
+                             log_dir=args.log_dir, grace=args.grace)
+    finally:
+        conns.close()
+
+
+def _explicit_keys(topo, spec: ProcessSpec) -> List[str]:
+    """The variables of ``spec`` that the launcher or the file sets (not those it inherited)."""
+    shown = set(topo.env) | {"PYTHONUNBUFFERED"}
+    for site in topo.sites:
+        shown |= set(site.env)
+        for extra in list(site.role_env.values()) + list(topo.role_env.values()):
+            shown |= set(extra)
+    return sorted(k for k in spec.env if k.startswith(DRY_RUN_PREFIXES) or k in shown)
 
 
 def _site_processes(topo, specs: List[ProcessSpec], which: str) -> List[ProcessSpec]:
@@ -394,11 +438,6 @@ def _site_processes(topo, specs: List[ProcessSpec], which: str) -> List[ProcessS
 
 def _dry_run_hosts(topo, specs: List[ProcessSpec]) -> List[str]:
     """Per host, each process as one shell line: ``cd WORKDIR && env VAR=... argv``."""
-    shown = set(topo.env)
-    for site in topo.sites:
-        shown |= set(site.env)
-        for extra in list(site.role_env.values()) + list(topo.role_env.values()):
-            shown |= set(extra)
     lines: List[str] = []
     hosts: Dict[str, List[ProcessSpec]] = {}
     for spec in specs:
@@ -409,7 +448,7 @@ def _dry_run_hosts(topo, specs: List[ProcessSpec]) -> List[str]:
     for host, mine in hosts.items():
         lines.append(f"# ---- host {host} (site {mine[0].site})")
         for spec in mine:
-            keys = sorted(k for k in spec.env if k.startswith(DRY_RUN_PREFIXES) or k in shown)
+            keys = [k for k in _explicit_keys(topo, spec) if k != "PYTHONUNBUFFERED"]
             assigns = " ".join(f"{k}={shlex.quote(spec.env[k])}" for k in keys)
             cd = f"cd {shlex.quote(spec.cwd)} && " if spec.cwd else ""
             lines.append(f"# {spec.name}{' (worker)' if spec.is_worker else ''}")

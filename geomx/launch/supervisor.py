@@ -141,7 +141,8 @@ class _Launcher:
             popen = subprocess.Popen(
                 spec.argv,
                 env=spec.env,
-                stdin=subprocess.DEVNULL,
+                # A remote process (over SSH) runs while its input stays open: see geomx/launch/remote.py.
+                stdin=subprocess.PIPE if spec.keep_stdin else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -173,6 +174,17 @@ class _Launcher:
         that were still running when the stop began."""
         self.stopping = True
         running = [c for c in self.children if c.poll() is None]
+        # Remote processes first: closing their input makes each host stop its process group, and their
+        # SSH clients exit once it is gone (a SIGTERM would only end the local client, at once).
+        remote = [c for c in self.children if c.popen.stdin is not None]
+        for c in remote:
+            try:
+                c.popen.stdin.close()
+            except OSError:
+                pass
+        end = time.monotonic() + self.kill_timeout + 5  # the hosts' own SIGTERM-to-SIGKILL delay
+        while remote and time.monotonic() < end and any(c.poll() is None for c in remote):
+            time.sleep(0.02)
         for c in self.children:
             # Also groups whose leader already exited: grandchildren may still be there.
             _signal_group(c.pgid, signal.SIGTERM)

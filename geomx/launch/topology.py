@@ -72,6 +72,8 @@ class ProcessSpec:
     #: Topology files: the machine it runs on (SSH target, ``user@`` allowed) and its site's name.
     host: str = ""
     site: str = ""
+    #: Keep the process's input open while it may run (SSH sessions; closing it stops the remote process).
+    keep_stdin: bool = False
 
 
 @dataclass

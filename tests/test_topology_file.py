@@ -306,14 +306,22 @@ def _listening(ports) -> set:
     return found
 
 
-def test_three_sites_started_separately_reach_the_exact_oracle(tmp_path):
+@pytest.mark.parametrize("security", ["none", "curve"])
+def test_three_sites_started_separately_reach_the_exact_oracle(tmp_path, security):
     base = _free_range(30)
     text = (EXAMPLES / "one-machine.toml").read_text()
     for i, old in enumerate(("9310-9319", "9320-9329", "9330-9339")):
         text = text.replace(old, f"{base + 10 * i}-{base + 10 * i + 9}")
+    if security == "curve":
+        # Each site's key pair and every site's public key, as geomx-keys makes them (keys_dir).
+        from geomx import security as keys
+
+        keys.generate_topology_keys(str(tmp_path / "keys"), ["central", "party0", "party1"])
+        text = f'keys_dir = "{tmp_path / "keys"}"\n' + text
     path = tmp_path / "sites.toml"
     path.write_text(text)
     topo = load(str(path))
+    assert topo.security == security
     declared = {(lst.host.address, lst.port) for lst in topo.listeners()}
     assert len(declared) == 8  # 4 central, 2 per party
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -359,5 +367,7 @@ def test_three_sites_started_separately_reach_the_exact_oracle(tmp_path):
         assert f"[{site}/worker0]" in out[site] and "[central/" not in out[site]
     assert "[global_server0]" in out["central"] and "[party0/" not in out["central"]
     assert not any("MISMATCH" in o for o in out.values())
+    # With keys, every process runs with CURVE (a node without keys next to them would be refused).
+    assert ("CURVE is off" in out["central"]) == (security == "none"), out["central"][-3000:]
     # Every listener bound its declared address and port, and nothing else listened on those ports.
     assert seen == declared, (sorted(seen), sorted(declared))

@@ -4,6 +4,7 @@ key and authorized key; the launcher runs inside the central namespace and reach
 address. One set of namespaces and sshd processes serves the whole module."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from geomx import wan
@@ -56,10 +58,11 @@ class Hosts:
                 found.append((int(entry), cmd))
         return found
 
-    def topology(self, name: str, workers: int = 1) -> Path:
+    def topology(self, name: str, workers: int = 1, security: str = "") -> Path:
         a = {dc: self.wan.address(dc) for dc in self.wan.dcs}
-        text = (f'python = "{sys.executable}"\nworkdir = "{REPO}"\n[env]\nPS_HEARTBEAT_TIMEOUT = 6\n'
-                f'PS_HEARTBEAT_INTERVAL = 1\n[central]\nhost = "root@{a["central"]}"\n')
+        text = f'security = "{security}"\n' if security else ""
+        text += (f'python = "{sys.executable}"\nworkdir = "{REPO}"\n[env]\nPS_HEARTBEAT_TIMEOUT = 6\n'
+                 f'PS_HEARTBEAT_INTERVAL = 1\n[central]\nhost = "root@{a["central"]}"\n')
         for p in ("party0", "party1"):
             text += f'[[party]]\nname = "{p}"\nhost = "root@{a[p]}"\nworkers = {workers}\n'
         path = self.dir / name
@@ -122,16 +125,33 @@ def _collect(proc: subprocess.Popen, lines: list) -> threading.Thread:
     return t
 
 
-def test_fsa_over_ssh_reaches_the_exact_oracle(hosts):
-    proc = hosts.launch(hosts.topology("fsa.toml"), "--rounds", "3")
-    lines: list = []
-    reader = _collect(proc, lines)
+# Bytes that cross the WAN in clear (as in tests/test_security.py): the initial value of key 2 of
+# tests/workers/exact_worker.py (global server -> parties) and a party's round-0 push of it.
+INIT_BYTES = np.arange(101).astype(np.float32).tobytes()
+PUSH_BYTES = ((np.arange(26) % 13) - 6 + 2).astype(np.float32).tobytes()
+
+
+@pytest.mark.parametrize("security", ["", "none"], ids=["default-curve", "clear"])
+def test_fsa_over_ssh_reaches_the_exact_oracle(hosts, tmp_path, security):
+    # Everything the central data center sends and receives is captured on its side of the WAN.
+    capture = subprocess.Popen(hosts.wan.exec_argv("central") + [
+        sys.executable, str(REPO / "tests" / "workers" / "wan_capture.py"), str(tmp_path / "capture.json"),
+        INIT_BYTES.hex(), PUSH_BYTES.hex()], stdout=subprocess.PIPE, text=True)
     try:
-        rc = proc.wait(timeout=240)
+        assert capture.stdout.readline() == "READY\n"
+        proc = hosts.launch(hosts.topology(f"fsa-{security}.toml", security=security), "--rounds", "3")
+        lines: list = []
+        reader = _collect(proc, lines)
+        try:
+            rc = proc.wait(timeout=240)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        reader.join(5)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    reader.join(5)
+        capture.terminate()
+        capture.wait(timeout=15)
+    captured = json.loads((tmp_path / "capture.json").read_text())
     text = "".join(lines)
     assert rc == 0, text[-5000:]
     ok = [line for line in lines if "EXACT OK" in line]
@@ -141,6 +161,16 @@ def test_fsa_over_ssh_reaches_the_exact_oracle(hosts):
     assert "over SSH on root@10.77." in text
     assert "[party1/server]" in text
     assert hosts.leftovers() == []
+    # Both parties' initial values and pushes crossed the WAN (1.2 MB each of key 2): in clear they are
+    # there to read; by default (several hosts) the links run CURVE with keys made on each host.
+    assert captured["bytes"] > 4 * 1_200_000, captured
+    if security == "none":
+        assert captured["found"] == [True, True]
+        assert "INSECURE" in text and "CURVE is off" in text
+    else:
+        assert captured["found"] == [False, False]
+        assert "CURVE (keys generated on each site's host)" in text and "CURVE is off" not in text
+        assert not list(Path("/tmp").glob("geomx-keys-*")), "the run's key directories were not removed"
 
 
 def test_a_remote_worker_killed_mid_run_stops_every_host(hosts):

@@ -365,34 +365,43 @@ def _main_topology(parser: argparse.ArgumentParser, args, command: List[str]) ->
         for line in _dry_run_hosts(topo, specs):
             print(line)
         return 0
+    if args.site is not None and topo.auto_keys:
+        print(f"geomx-launch: {args.topology}: the topology spans several hosts and runs with CURVE, whose keys "
+              f"the launcher generates only when it starts every site over SSH: for --site, set keys_dir (every "
+              f"site's key pair, geomx-keys generate) or security = \"none\"", file=sys.stderr)
+        return 2
     _log_to_stderr()
     warning = topo.insecure_warning()
     if warning:
         log.warning("%s", warning)
     if args.site is None:
-        return _run_over_ssh(topo, specs, args)
+        return _run_over_ssh(topo, command, args)
     return run_processes(specs, f"site {args.site} of {args.topology}", timeout=args.timeout, log_dir=args.log_dir,
                          grace=args.grace)
 
 
-def _run_over_ssh(topo, specs: List[ProcessSpec], args) -> int:
+def _run_over_ssh(topo, command: List[str], args) -> int:
     """Every process on its host, one SSH session each over one connection per host."""
     import os
 
     from .ssh import Connections, SSHError, remote_command
 
     pythons = {h.ssh: h.python for h in topo.hosts}
+    keys = None
     try:
-        conns = Connections([s.host for s in specs], config=args.ssh_config)
+        conns = Connections([h.ssh for h in topo.hosts], config=args.ssh_config)
     except SSHError as exc:
         log.error("%s", exc)
         return 255
     try:
         try:
             conns.open()
+            if topo.auto_keys:
+                keys = conns.generate_keys([(s.name, s.host.ssh) for s in topo.sites], pythons)
         except SSHError as exc:
             log.error("%s; nothing was started", exc)
             return 255
+        specs = topo.processes(command, keys_dir=keys)
         remote = [
             ProcessSpec(spec.name, conns.argv(spec.host, remote_command(spec, _explicit_keys(topo, spec),
                                                                         pythons[spec.host])),
@@ -400,9 +409,13 @@ def _run_over_ssh(topo, specs: List[ProcessSpec], args) -> int:
             for spec in specs
         ]
         hosts = ", ".join(conns.hosts)
-        return run_processes(remote, f"{args.topology} over SSH on {hosts}", timeout=args.timeout,
+        security = "CURVE (keys generated on each site's host)" if keys else \
+            "CURVE (keys_dir)" if topo.security == "curve" else "no encryption"
+        return run_processes(remote, f"{args.topology} over SSH on {hosts}, {security}", timeout=args.timeout,
                              log_dir=args.log_dir, grace=args.grace)
     finally:
+        if keys is not None:
+            conns.remove(keys)
         conns.close()
 
 

@@ -11,12 +11,13 @@ takes its remote processes with it.
 from __future__ import annotations
 
 import os
+import secrets
 import shlex
 import shutil
 import subprocess
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .topology import ProcessSpec
 
@@ -64,6 +65,41 @@ class Connections:
                     raise SSHError(f"cannot reach host {host} over SSH: no connection after "
                                    f"{self.connect_timeout:.0f} s")
                 time.sleep(0.1)  # polling an external program's state; no event to wait for
+
+    def run(self, host: str, remote_command: str, input: bytes = b"", timeout: float = 60.0) -> str:
+        """Run ``remote_command`` on ``host`` over its connection; its output, or :class:`SSHError`."""
+        try:
+            done = subprocess.run(self.argv(host, remote_command), input=input, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise SSHError(f"host {host}: {remote_command!r} did not finish within {timeout:.0f} s") from None
+        if done.returncode != 0:
+            raise SSHError(f"host {host}: {remote_command!r} failed (exit {done.returncode}): "
+                           f"{done.stderr.decode(errors='replace').strip()}")
+        return done.stdout.decode(errors="replace")
+
+    def generate_keys(self, sites: Sequence[Tuple[str, str]], pythons: Dict[str, str]) -> str:
+        """CURVE keys for a run: each site's pair generated on its host (``sites``: name, SSH target), whose
+        secret half never leaves it; every public key copied to every host. Returns the directory, the same
+        path on every host (private to this run, mode 0700)."""
+        directory = f"/tmp/geomx-keys-{secrets.token_hex(8)}"
+        public = {}
+        for name, host in sites:
+            public[name] = self.run(host, f"umask 077 && mkdir -p {directory} && {shlex.quote(pythons[host])} -m "
+                                          f"geomx.security generate --dir {directory} --name {shlex.quote(name)} "
+                                          f">/dev/null && cat {directory}/{shlex.quote(name)}.key").encode()
+        for host in self.hosts:
+            for name, key in public.items():
+                self.run(host, f"umask 077 && mkdir -p {directory} && cat > {directory}/{shlex.quote(name)}.key",
+                         input=key)
+        return directory
+
+    def remove(self, directory: str) -> None:
+        """Delete a run's key directory on every host (best effort: the run is over)."""
+        for host in self.hosts:
+            try:
+                self.run(host, f"rm -rf {shlex.quote(directory)}", timeout=30)
+            except SSHError:
+                pass
 
     def argv(self, host: str, remote_command: str) -> List[str]:
         return ["ssh", *self.options, *self.control, "-o", "ControlMaster=no", host, remote_command]

@@ -1,4 +1,9 @@
-"""Start a whole GeoMX topology (global layer + parties) on one machine.
+"""Start a whole GeoMX topology (global layer + parties): on one machine, or on the sites and hosts of a
+topology file (one site here with ``--site``, or every host over SSH).
+
+The package: :mod:`.topology` (the processes of a topology and their environment), :mod:`.sitefile`
+(topology files: sites, hosts, fixed ports), :mod:`.supervisor` (starting, relaying and stopping
+processes), :mod:`.ssh` and :mod:`.remote` (processes on other hosts), :mod:`.cli` (``geomx-launch``).
 
 The topology is the one of the original GeoMX demo scripts (see
 ``shared/reference/geomx-behaviour.md`` §1.4), generalised:
@@ -17,8 +22,10 @@ Usage::
 
     python -m geomx.launch -p 2 -w 2 -- python examples/cnn.py --data-slice-idx {slice}
     python -m geomx.launch --dry-run -p 2 -w 2 -- python train.py
+    python -m geomx.launch --topology topo.toml --print-firewall
+    python -m geomx.launch --topology topo.toml [--site NAME] -- python train.py -ds {slice}
 
-This module must stay free of MXNet imports so that the launcher starts fast.
+The package must stay free of MXNet imports so that the launcher starts fast.
 """
 
 from .cli import main

@@ -80,8 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="geomx-launch",
         description="Start a whole GeoMX topology (global scheduler/servers, a central party and "
-        "P parties) on one machine. Workers run COMMAND, in which {slice}, {party} and {rank} "
-        "are replaced by the worker's data-slice index, party index (or 'central') and rank.",
+        "P parties) on one machine, or from a topology file (--topology) on its sites and hosts: every host "
+        "over SSH, or one site here (--site). Workers run COMMAND, in which {slice}, {party} and {rank} "
+        "are replaced by the worker's data-slice index, party index (or 'central') and rank, and {python} "
+        "by the host's interpreter (topology files).",
         usage="%(prog)s [options] -- COMMAND ...",
     )
     p.add_argument("-p", "--parties", type=_int_at_least(1), default=None, help="number of parties (default 2)")

@@ -210,3 +210,56 @@ def test_an_unreachable_host_starts_nothing(hosts, tmp_path):
     assert proc.returncode == 255, out
     assert "cannot reach host root@10.77.0.250 over SSH" in out and "nothing was started" in out
     assert hosts.leftovers() == []
+
+
+def test_ctrl_c_stops_every_host(hosts):
+    proc = hosts.launch(hosts.topology("ctrl-c.toml"), "--rounds", "200", "--sleep", "0.2")
+    lines: list = []
+    reader = _collect(proc, lines)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None and \
+                not all(f"[party{p}/worker0] ROUND 1 OK" in "".join(lines) for p in (0, 1)):
+            time.sleep(0.05)
+        assert proc.poll() is None, "".join(lines)[-5000:]
+        proc.send_signal(signal.SIGINT)  # `ip netns exec` execs the launcher: this is its pid
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    reader.join(5)
+    text = "".join(lines)
+    assert rc == 130, text[-5000:]
+    assert "launcher received SIGINT; stopping the topology" in text
+    assert hosts.leftovers() == []
+
+
+def test_three_sites_started_separately_on_their_hosts(hosts, tmp_path):
+    # The --site mode: each data center's operator starts its own site on its own host, with CURVE
+    # keys made beforehand (keys_dir: every host here shares one file system).
+    from geomx import security as keys
+
+    keys.generate_topology_keys(str(tmp_path / "keys"), ["central", "party0", "party1"])
+    path = hosts.topology("sites.toml")
+    path.write_text(f'keys_dir = "{tmp_path / "keys"}"\n' + path.read_text())
+    procs = {}
+    for site in ("party0", "party1", "central"):
+        procs[site] = subprocess.Popen(
+            hosts.wan.exec_argv(site) + [sys.executable, "-m", "geomx.launch", "--topology", str(path), "--site", site,
+                                         "--timeout", "150", "--", "{python}", "tests/workers/exact_worker.py",
+                                         "--slice", "{slice}", "--rounds", "3", "--mode", "push-pull"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    out = {}
+    try:
+        for site, p in procs.items():
+            out[site] = p.communicate(timeout=240)[0]
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert {s: p.returncode for s, p in procs.items()} == {"party0": 0, "party1": 0, "central": 0}, \
+        {s: o[-3000:] for s, o in out.items()}
+    for site in ("party0", "party1"):
+        assert len(re.findall(rf"^\[{site}/worker0\] .*EXACT OK", out[site], re.M)) == 1, out[site][-3000:]
+    assert not any("MISMATCH" in o or "CURVE is off" in o for o in out.values())
+    assert hosts.leftovers() == []

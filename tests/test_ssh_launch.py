@@ -263,3 +263,29 @@ def test_three_sites_started_separately_on_their_hosts(hosts, tmp_path):
         assert len(re.findall(rf"^\[{site}/worker0\] .*EXACT OK", out[site], re.M)) == 1, out[site][-3000:]
     assert not any("MISMATCH" in o or "CURVE is off" in o for o in out.values())
     assert hosts.leftovers() == []
+
+
+def test_a_launcher_killed_outright_leaves_nothing_behind(hosts):
+    # SIGKILL gives the launcher no chance to stop anything: its pipes close with it, which ends every SSH
+    # session's input (each host stops its process group) and the master connections' sessions.
+    proc = hosts.launch(hosts.topology("sigkill.toml"), "--rounds", "200", "--sleep", "0.2")
+    lines: list = []
+    reader = _collect(proc, lines)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None and \
+                "[party1/worker0] ROUND 1 OK" not in "".join(lines):
+            time.sleep(0.05)
+        assert proc.poll() is None, "".join(lines)[-5000:]
+        assert any("ssh" in cmd for _, cmd in hosts.leftovers())  # the launcher's SSH clients, before
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    reader.join(5)
+    # Within the hosts' SIGTERM-to-SIGKILL delay (geomx/launch/remote.py) and a heartbeat or two.
+    deadline = time.monotonic() + 30
+    while hosts.leftovers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert hosts.leftovers() == []

@@ -47,10 +47,12 @@ class Connections:
     def open(self) -> None:
         """Open every master connection; raise :class:`SSHError` naming the first host that fails."""
         for host in self.hosts:
+            # The master's own session waits for its input to end: a launcher that dies (its end of the
+            # pipe closes) takes the connection down with it, instead of leaving an ssh behind.
             self.masters[host] = subprocess.Popen(
                 ["ssh", *self.options, *self.control, "-o", "ControlMaster=yes", "-o", "ControlPersist=no",
-                 "-o", f"ConnectTimeout={int(self.connect_timeout)}", "-N", host],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                 "-o", f"ConnectTimeout={int(self.connect_timeout)}", host, "cat >/dev/null"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + self.connect_timeout + 5
         for host, master in self.masters.items():
             while True:
@@ -106,6 +108,8 @@ class Connections:
 
     def close(self) -> None:
         for master in self.masters.values():
+            if master.stdin is not None:
+                master.stdin.close()
             if master.poll() is None:
                 try:
                     os.killpg(master.pid, 15)

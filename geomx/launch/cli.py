@@ -400,6 +400,8 @@ def _run_over_ssh(topo, command: List[str], args) -> int:
             conns.open()
             if topo.auto_keys:
                 keys = conns.generate_keys([(s.name, s.host.ssh) for s in topo.sites], pythons)
+                log.info("CURVE keys of this run: %s on every host (each site's secret key made on its host)",
+                         keys)
         except SSHError as exc:
             log.error("%s; nothing was started", exc)
             return 255

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import stat
 from typing import Mapping, Optional
 
 from . import security
@@ -41,6 +42,17 @@ class NodeConfig:
     enable_central_worker: bool = False
     node_host: Optional[str] = None
     interface: Optional[str] = None
+    # Listeners (docs/Configurations.md, "Addresses and ports"): the address they bind (None: the
+    # address this process advertises, "*": every interface) and fixed ports (0: the OS chooses).
+    bind_host: Optional[str] = None
+    server_port: int = 0  # LS: for the party's workers; GSrv: for the local servers (WAN side)
+    central_port: int = 0  # GSrv: for the central party's workers
+    ts_port: int = 0  # LS (ENABLE_INTER_TS), W (ENABLE_INTRA_TS): TSEngine links
+    dgt_udp_port: int = 0  # GSrv, ENABLE_DGT=1: the UDP channel
+    # Schedulers: a TCP socket the launcher bound and listens on at the scheduler's port, inherited as
+    # this file descriptor (GEOMX_LISTEN_FD), so that no other process can take the port before the
+    # scheduler runs.
+    listen_fd: Optional[int] = None
     # Liveness and limits.
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 20.0
@@ -137,6 +149,46 @@ class NodeConfig:
                 return probe.getsockname()[0]
             except OSError:
                 return "127.0.0.1"
+
+
+    def bind_address(self, peer_uri: Optional[str], peer_port: Optional[int]) -> str:
+        """The address a listener of this process binds: ``GEOMX_BIND_HOST``, else the address it
+        advertises to the tier of the scheduler at ``peer_uri`` (which must then be one of this
+        machine's: behind NAT, the advertised address is not, and GEOMX_BIND_HOST names the private
+        one). Never every interface unless GEOMX_BIND_HOST says ``*`` or ``0.0.0.0``."""
+        if self.bind_host is not None:
+            return self.bind_host
+        if peer_uri is None or peer_port is None:
+            return "127.0.0.1"  # a server built on its own (unit tests, benchmarks): nobody else reaches it
+        advertised = self.advertised_host(peer_uri, peer_port)
+        source = "DMLC_NODE_HOST" if self.node_host else "DMLC_INTERFACE" if self.interface else \
+            "the address this node advertises"
+        return local_address(advertised, source, self.role)
+
+    def scheduler_bind_address(self) -> str:
+        """The address a scheduler binds: ``GEOMX_BIND_HOST``, else the address it is reached at."""
+        if self.bind_host is not None:
+            return self.bind_host
+        if self.role == GLOBAL_SCHEDULER:
+            return local_address(self.global_root_uri or "", "DMLC_PS_GLOBAL_ROOT_URI", self.role)
+        return local_address(self.root_uri or "", "DMLC_PS_ROOT_URI", self.role)
+
+
+def local_address(host: str, source: str, role: str) -> str:
+    """``host`` as an IPv4 address of this machine (network namespace), or a ConfigError that says
+    GEOMX_BIND_HOST is needed."""
+    try:
+        address = socket.gethostbyname(host)
+    except OSError as exc:
+        raise ConfigError(f"{source}={host!r} does not resolve ({exc}) (role: {role})") from None
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind((address, 0))
+    except OSError:
+        raise ConfigError(f"GEOMX_BIND_HOST is not set and {source}={host} is not an address of this machine "
+                          f"(behind NAT, advertise the public address and set GEOMX_BIND_HOST to the private one "
+                          f"to listen on; 0.0.0.0 listens on every interface) (role: {role})") from None
+    return address
 
 
 def _interface_address(name: str) -> str:
@@ -281,6 +333,21 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
             f"are the global servers), got {kw['num_server']} and {kw['num_global_server']} (role: {role})"
         )
 
+    if role in (SCHEDULER, GLOBAL_SCHEDULER):
+        kw["listen_fd"] = _listen_fd(r, kw["global_root_port"] if role == GLOBAL_SCHEDULER else kw["root_port"],
+                                     "DMLC_PS_GLOBAL_ROOT_PORT" if role == GLOBAL_SCHEDULER else "DMLC_PS_ROOT_PORT")
+    kw["bind_host"] = _bind_host(r)
+    kw["server_port"] = _optional_port(r, "GEOMX_SERVER_PORT")
+    kw["central_port"] = _optional_port(r, "GEOMX_CENTRAL_PORT")
+    kw["ts_port"] = _optional_port(r, "GEOMX_TS_PORT")
+    kw["dgt_udp_port"] = _optional_port(r, "GEOMX_DGT_UDP_PORT")
+    fixed = [(n, kw[n.lower()[6:]]) for n in ("GEOMX_SERVER_PORT", "GEOMX_CENTRAL_PORT", "GEOMX_TS_PORT")]
+    fixed = [(n, p) for n, p in fixed if p]
+    for i, (name, port) in enumerate(fixed):
+        for other, other_port in fixed[:i]:
+            if port == other_port:
+                raise ConfigError(f"{name} and {other} are both {port}: each listener needs its own port "
+                                  f"(role: {role})")
     kw["node_host"] = r.str("DMLC_NODE_HOST")
     kw["interface"] = r.str("DMLC_INTERFACE")
     kw["heartbeat_interval"] = r.float("PS_HEARTBEAT_INTERVAL", 1.0)
@@ -360,6 +427,55 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
         _load_dgt(r, kw)
     kw["curve"] = _curve_keys(r, role, kw)
     return NodeConfig(**kw)
+
+
+def _optional_port(r: _Reader, name: str) -> int:
+    """A fixed TCP/UDP port, or 0 (unset: the OS chooses a free one)."""
+    if r.str(name) is None:
+        return 0
+    return r.port(name)
+
+
+def _bind_host(r: _Reader) -> Optional[str]:
+    """GEOMX_BIND_HOST: an IPv4 address, or ``*`` / ``0.0.0.0`` for every interface (returned as ``*``)."""
+    raw = r.str("GEOMX_BIND_HOST")
+    if raw is None:
+        return None
+    if raw in ("*", "0.0.0.0"):
+        return "*"
+    try:
+        packed = socket.inet_aton(raw)
+    except OSError:
+        packed = b""
+    if raw.count(".") != 3 or not packed:
+        raise r._fail("GEOMX_BIND_HOST", f"must be an IPv4 address of this machine, or * / 0.0.0.0 for every "
+                                         f"interface, got {raw!r}")
+    return raw
+
+
+def _listen_fd(r: _Reader, port: int, port_variable: str) -> Optional[int]:
+    """GEOMX_LISTEN_FD: an inherited TCP socket, listening at the scheduler's port."""
+    fd = r.int("GEOMX_LISTEN_FD", None)
+    if fd is None:
+        return None
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        raise r._fail("GEOMX_LISTEN_FD", f"is not an open file descriptor ({exc.strerror})") from None
+    if not stat.S_ISSOCK(mode):
+        raise r._fail("GEOMX_LISTEN_FD", f"({fd}) is not a socket")
+    # A view of the descriptor (detached below, so it stays open for ZeroMQ to adopt).
+    sock = socket.socket(fileno=fd)
+    try:
+        kind, bound = sock.type, sock.getsockname()
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    finally:
+        sock.detach()
+    if kind != socket.SOCK_STREAM or not isinstance(bound, tuple) or not listening:
+        raise r._fail("GEOMX_LISTEN_FD", f"({fd}) is not a listening TCP socket")
+    if bound[1] != port:
+        raise r._fail("GEOMX_LISTEN_FD", f"({fd}) listens on port {bound[1]}, not on {port_variable}={port}")
+    return fd
 
 
 # The largest DGT block: a UDP datagram carries at most 65507 bytes, of which the datagram header

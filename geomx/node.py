@@ -53,7 +53,8 @@ def _scheduler(cfg: NodeConfig) -> int:
                       max_message_bytes=cfg.max_message_bytes, ts_variable=ts_variable,
                       max_greed_rate=cfg.max_greed_rate_ts, keys=cfg.curve,
                       max_queued_replies=cfg.max_queued_replies, local_ipc=cfg.local_ipc,
-                      cross_party=cfg.role == config.GLOBAL_SCHEDULER)
+                      cross_party=cfg.role == config.GLOBAL_SCHEDULER, listen_fd=cfg.listen_fd,
+                      host=cfg.scheduler_bind_address())
     return sched.run()
 
 

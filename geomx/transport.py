@@ -178,9 +178,12 @@ def _is_local(host: str) -> bool:
 
 
 def bind_router(loop: "EventLoop", port: int, name: str, *, wan: bool = False,
-                cross_party: bool = False) -> Tuple[Link, int]:
-    """A ROUTER socket bound on all interfaces at ``port`` (0 = any free port). ``cross_party``: clients
-    from other parties connect to it (they must be CURVE clients whenever keys are configured)."""
+                cross_party: bool = False, host: str = "127.0.0.1", fd: Optional[int] = None) -> Tuple[Link, int]:
+    """A ROUTER socket bound at ``host:port`` (``*``: every interface, only when a configuration says so;
+    port 0: any free port).
+    ``cross_party``: clients from other parties connect to it (they must be CURVE clients whenever keys
+    are configured). ``fd``: a TCP socket already bound and listening at ``port`` (handed down by the
+    launcher, which bound it first so that nobody can take the port in between); it is adopted."""
     sock = loop.ctx.socket(zmq.ROUTER)
     configure(sock, loop.max_message_bytes)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -191,10 +194,18 @@ def bind_router(loop: "EventLoop", port: int, name: str, *, wan: bool = False,
     link = Link(sock, name, wan)
     loop.secure(link, server=True, cross_party=cross_party)
     try:
-        if port:
-            sock.bind(f"tcp://*:{port}")
+        if fd is not None:
+            # ZMQ_USE_FD: the next bind takes this listening socket instead of making its own; reset at
+            # once so that the Unix-domain bind below makes its own.
+            sock.setsockopt(zmq.USE_FD, fd)
+            try:
+                sock.bind(f"tcp://{host}:{port}")
+            finally:
+                sock.setsockopt(zmq.USE_FD, -1)
+        elif port:
+            sock.bind(f"tcp://{host}:{port}")
         else:
-            port = sock.bind_to_random_port("tcp://*")
+            port = sock.bind_to_random_port(f"tcp://{host}")
     except zmq.ZMQError:
         # Its sockets (and the monitor secure() attached) would block the context's termination.
         loop.remove(link)

@@ -59,7 +59,8 @@ class WorkerNode:
             scheduler = (cfg.root_uri, cfg.root_port)
             ts_port = 0
             if self.intra_ts:
-                self.ts_link, ts_port = bind_router(self.loop, 0, "ts-peers")
+                self.ts_link, ts_port = bind_router(self.loop, cfg.ts_port, "ts-peers",
+                                                    host=cfg.bind_address(*scheduler))
             self.member = TierMember(
                 self.loop, "party", scheduler, role="worker", host=cfg.advertised_host(*scheduler), port=ts_port,
                 name="master_worker" if cfg.is_master_worker else "worker", master=cfg.is_master_worker,

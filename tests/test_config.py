@@ -374,3 +374,62 @@ def test_node_exits_2_on_bad_heartbeat_and_worker_role():
     proc = subprocess.run([sys.executable, "-m", "geomx.node"], env=_clean_env(**env_for("worker")), cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "DMLC_ROLE=worker" in proc.stderr
+
+
+def test_listen_fd(tmp_path):
+    import socket
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(1)
+    port = listening.getsockname()[1]
+    bound_only = socket.socket()
+    bound_only.bind(("127.0.0.1", 0))
+    with listening, bound_only, open(tmp_path / "f", "w") as plain:
+        cfg = config.load(env_for("scheduler", DMLC_PS_ROOT_PORT=str(port), GEOMX_LISTEN_FD=str(listening.fileno())))
+        assert cfg.listen_fd == listening.fileno()
+        cfg = config.load(env_for("global_scheduler", DMLC_PS_GLOBAL_ROOT_PORT=str(port),
+                                  GEOMX_LISTEN_FD=str(listening.fileno())))
+        assert cfg.listen_fd == listening.fileno()
+        assert config.load(env_for("server", GEOMX_LISTEN_FD=str(listening.fileno()))).listen_fd is None
+        msg = refused(env_for("scheduler", GEOMX_LISTEN_FD=str(listening.fileno())))
+        assert f"GEOMX_LISTEN_FD ({listening.fileno()}) listens on port {port}, not on DMLC_PS_ROOT_PORT=9093" in msg
+        assert "role: scheduler" in msg
+        assert "is not a socket" in refused(env_for("scheduler", GEOMX_LISTEN_FD=str(plain.fileno())))
+        assert "is not a listening TCP socket" in refused(
+            env_for("scheduler", GEOMX_LISTEN_FD=str(bound_only.fileno())))
+        assert "is not an open file descriptor" in refused(env_for("scheduler", GEOMX_LISTEN_FD="999"))
+        assert "must be an integer" in refused(env_for("scheduler", GEOMX_LISTEN_FD="x"))
+
+
+def test_bind_host_and_fixed_ports():
+    cfg = config.load(env_for("server"))
+    assert (cfg.bind_host, cfg.server_port, cfg.central_port, cfg.ts_port, cfg.dgt_udp_port) == (None, 0, 0, 0, 0)
+    cfg = config.load(env_for("global_server", GEOMX_BIND_HOST="0.0.0.0", GEOMX_SERVER_PORT="9100",
+                              GEOMX_CENTRAL_PORT="9101", GEOMX_DGT_UDP_PORT="9100"))
+    assert (cfg.bind_host, cfg.server_port, cfg.central_port, cfg.dgt_udp_port) == ("*", 9100, 9101, 9100)
+    assert cfg.bind_address("10.0.0.1", 9092) == "*"
+    assert config.load(env_for("server", GEOMX_BIND_HOST="10.1.0.2")).bind_address("10.0.0.1", 1) == "10.1.0.2"
+    msg = refused(env_for("server", GEOMX_BIND_HOST="myhost"))
+    assert "GEOMX_BIND_HOST must be an IPv4 address of this machine, or * / 0.0.0.0" in msg
+    assert "role: server" in msg
+    msg = refused(env_for("server", GEOMX_TS_PORT="70000"))
+    assert "GEOMX_TS_PORT must be a TCP port (1-65535), got 70000" in msg
+    msg = refused(env_for("global_server", GEOMX_SERVER_PORT="9100", GEOMX_CENTRAL_PORT="9100"))
+    assert "GEOMX_CENTRAL_PORT and GEOMX_SERVER_PORT are both 9100" in msg
+
+
+def test_bind_address_is_the_advertised_one_and_must_be_local():
+    cfg = config.load(env_for("server", DMLC_NODE_HOST="127.0.0.1"))
+    assert cfg.bind_address("10.0.1.1", 9093) == "127.0.0.1"
+    # Behind NAT the advertised address is not this machine's: binding it would fail, and binding every
+    # interface is not done silently.
+    cfg = config.load(env_for("server", DMLC_NODE_HOST="192.0.2.77"))
+    with pytest.raises(ConfigError) as info:
+        cfg.bind_address("10.0.1.1", 9093)
+    assert "GEOMX_BIND_HOST is not set and DMLC_NODE_HOST=192.0.2.77 is not an address of this machine" in \
+        str(info.value)
+    assert config.load(env_for("scheduler", DMLC_PS_ROOT_URI="localhost")).scheduler_bind_address() == "127.0.0.1"
+    with pytest.raises(ConfigError, match="DMLC_PS_GLOBAL_ROOT_URI=10.0.0.1 is not an address"):
+        config.load(env_for("global_scheduler")).scheduler_bind_address()
+    assert config.load(env_for("global_scheduler", GEOMX_BIND_HOST="*")).scheduler_bind_address() == "*"

@@ -383,3 +383,82 @@ def test_signal_to_launcher(sig, expected):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+# ----------------------------------------------------------------------------------------
+# The schedulers' ports
+# ----------------------------------------------------------------------------------------
+
+
+def test_scheduler_ports_cannot_be_taken_before_the_schedulers_bind():
+    # Every scheduler's node command first binds its own port the way another program starting at the
+    # same moment could. The launcher holds each port in a listening socket the scheduler inherits, so
+    # no such bind succeeds and the topology trains; a port that was merely picked free was taken, and
+    # the scheduler failed with "Address already in use".
+    workers = REPO / "tests" / "workers"
+    topo = Topology(parties=1, workers_per_party=1,
+                    node_command=[sys.executable, str(workers / "port_thief.py")])
+    out = io.StringIO()
+    rc = run(topo, [sys.executable, str(workers / "exact_worker.py"), "--slice", "{slice}", "--rounds", "2",
+                    "--mode", "push-pull"], stream=out, timeout=120)
+    text = out.getvalue()
+    assert rc == 0, text[-4000:]
+    assert len(re.findall(r"THIEF could not take port \d+: Address already in use", text)) == 3, text[-4000:]
+    assert "THIEF took" not in text
+    assert len([line for line in text.splitlines() if "EXACT OK" in line]) == 1
+
+
+def test_reserved_ports_are_closed_by_the_launcher():
+    topo = small()
+    ports = topo.reserve_ports()
+    specs = topo.processes(WORKER_CMD, ports)
+    held = [s for s in specs if s.listener is not None]
+    assert [s.name for s in held] == ["global_scheduler", "central/scheduler", "party0/scheduler"]
+    for s in held:
+        assert int(s.env["GEOMX_LISTEN_FD"]) == s.listener.fileno()
+    assert not any("GEOMX_LISTEN_FD" in s.env for s in specs if s.listener is None)
+    ports.close()
+    # A dry run and explicit ports hand nothing down.
+    assert not any("GEOMX_LISTEN_FD" in s.env for s in topo.processes(WORKER_CMD))
+
+
+# ----------------------------------------------------------------------------------------
+# The remote wrapper of SSH-started processes (geomx/launch/remote.py)
+# ----------------------------------------------------------------------------------------
+
+
+def test_remote_wrapper_passes_the_exit_status():
+    def status(*argv):
+        # The input stays open while the command runs (its end would stop the command).
+        proc = subprocess.Popen([sys.executable, "-m", "geomx.launch.remote", "--", *argv], cwd=REPO,
+                                stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            return proc.wait(timeout=30)
+        finally:
+            proc.stdin.close()
+
+    assert status(sys.executable, "-c", "import sys; sys.exit(3)") == 3
+    assert status(sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)") == \
+        128 + signal.SIGKILL
+    assert status("/nonexistent/x") == 127
+
+
+def test_remote_wrapper_stops_its_group_when_its_input_ends():
+    # A command that starts a grandchild and sleeps: closing the wrapper's input (what the launcher does to
+    # stop a remote process, and what a broken SSH connection does) ends both.
+    proc = subprocess.Popen([sys.executable, "-m", "geomx.launch.remote", "--", sys.executable, "-c", WORKER,
+                             "0", "p", "0"], cwd=REPO,
+                            env=dict(os.environ, SPAWN_SLICE="0", WORKER_SLEEP="1000", GEOMX_DATA_SLICE="0"),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    end = time.monotonic() + 15
+    while len(pids_in("".join("[w] " + line for line in lines))) < 2 and time.monotonic() < end:
+        time.sleep(0.05)
+    pids = pids_in("".join("[w] " + line for line in lines))
+    assert len(pids) == 2, lines  # the command and its grandchild
+    assert proc.poll() is None
+    proc.stdin.close()
+    assert proc.wait(timeout=15) == 128 + signal.SIGTERM
+    assert_all_dead(pids)

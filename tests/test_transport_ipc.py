@@ -27,7 +27,7 @@ def exchange(local_ipc_server: bool, local_ipc_client: bool, drop_tcp: bool, tim
         router, port = bind_router(server, 0, "listener")
         server.add(router, lambda msg, identity, link: got.append((msg, identity)), routed=True)
         if drop_tcp:
-            router.sock.unbind(f"tcp://0.0.0.0:{port}")
+            router.sock.unbind(f"tcp://127.0.0.1:{port}")  # where bind_router binds by default
         link = connect_dealer(client, "127.0.0.1", port, b"w0", "dealer", peer="listener")
         client.add(link, lambda *a: None, routed=False)
         link.send(Message(MsgType.PUSH, sender=1, req_id=7, key=3, data=np.arange(5, dtype=np.float32)))

@@ -97,11 +97,16 @@ class Receiver:
         self._warned: Dict[str, int] = collections.Counter()
 
     # -- set-up -------------------------------------------------------------------------------
-    def open_udp(self) -> int:
-        """Bind the UDP socket of mode 1 on every interface (any free port) and poll it in the loop."""
+    def open_udp(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Bind the UDP socket of mode 1 at ``host`` (``*``: every interface) and ``port`` (0: any free
+        port) and poll it in the loop."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
-        sock.bind(("0.0.0.0", 0))
+        try:
+            sock.bind(("0.0.0.0" if host == "*" else host, port))
+        except OSError:
+            sock.close()
+            raise
         sock.setblocking(False)
         self.udp = sock
         self.udp_port = sock.getsockname()[1]

@@ -54,7 +54,8 @@ class Scheduler:
                  heartbeat_interval: float, heartbeat_timeout: float, start_timeout: float,
                  max_message_bytes: int, ctx: Optional[zmq.Context] = None, ts_variable: str = "",
                  max_greed_rate: float = 0.9, keys: Optional[CurveKeys] = None, cross_party: bool = False,
-                 max_queued_replies: int = 100_000, local_ipc: bool = True):
+                 max_queued_replies: int = 100_000, local_ipc: bool = True, listen_fd: Optional[int] = None,
+                 host: str = "127.0.0.1"):
         self.tier = tier
         # TSEngine: the variable that switches it on in this tier (named in errors), the greedy
         # probability, and the coordinator once the tier is complete and its nodes asked for it.
@@ -69,7 +70,8 @@ class Scheduler:
         self.ctx = ctx or zmq.Context.instance()
         self.loop = EventLoop(self.ctx, max_message_bytes, name=f"{tier} scheduler", keys=keys,
                               max_queued_replies=max_queued_replies, local_ipc=local_ipc)
-        self.link, self.port = bind_router(self.loop, port, f"{tier}-scheduler", cross_party=cross_party)
+        self.link, self.port = bind_router(self.loop, port, f"{tier}-scheduler", cross_party=cross_party,
+                                             fd=listen_fd, host=host)
         self.loop.add(self.link, self._handle, routed=True)
         self.members: Dict[bytes, Member] = {}
         self.registered = False

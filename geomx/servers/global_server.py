@@ -31,8 +31,11 @@ class GlobalServer(ServerBase):
         super().__init__(loop, "global server", cfg.max_rounds_ahead)
         self.cfg = cfg
         self.checkpointing = bool(cfg.checkpoint_dir)
-        self.wan_link, self.wan_port = bind_router(loop, 0, "global-clients", wan=True, cross_party=True)
-        self.lan_link, self.lan_port = bind_router(loop, 0, "central-clients")
+        # Each side binds the address it advertises to its tier, at its fixed port if one is set.
+        self.wan_link, self.wan_port = bind_router(loop, cfg.server_port, "global-clients", wan=True, cross_party=True,
+                                                   host=cfg.bind_address(cfg.global_root_uri, cfg.global_root_port))
+        self.lan_link, self.lan_port = bind_router(loop, cfg.central_port, "central-clients",
+                                                   host=cfg.bind_address(cfg.root_uri, cfg.root_port))
         loop.add(self.wan_link, self.handle_client, routed=True)
         loop.add(self.lan_link, self.handle_client, routed=True)
         self.central_workers = cfg.num_worker
@@ -66,7 +69,7 @@ class GlobalServer(ServerBase):
         if cfg.dgt_mode:
             self.dgt = dgt.Receiver(loop, cfg.dgt_grace, self._held, self._deliver_dgt_push, self.name)
             if cfg.dgt_mode == 1:
-                self.dgt.open_udp()
+                self.dgt.open_udp(cfg.bind_address(cfg.global_root_uri, cfg.global_root_port), cfg.dgt_udp_port)
 
         self._save_seq = itertools.count(1)  # snapshots in the order taken ...
         self._saved_seq = 0  # ... and the newest one known to be on disk

@@ -27,7 +27,8 @@ class LocalServer(ServerBase):
     def __init__(self, cfg: NodeConfig, loop: EventLoop):
         super().__init__(loop, "local server", cfg.max_rounds_ahead)
         self.cfg = cfg
-        self.link, self.port = bind_router(loop, 0, "party-clients")
+        self.link, self.port = bind_router(loop, cfg.server_port, "party-clients",
+                                           host=cfg.bind_address(cfg.root_uri, cfg.root_port))
         self.upstream: Optional[KVClient] = None  # set once the global tier is known
         self._stopping = False
         self.codec: Optional[compression.Codec] = None  # WAN codec, as the master worker chose
@@ -43,7 +44,8 @@ class LocalServer(ServerBase):
         self.ts_link: Optional[Link] = None
         self.ts_port = 0
         if cfg.enable_inter_ts:
-            self.ts_link, self.ts_port = bind_router(loop, 0, "ts-peers", wan=True, cross_party=True)
+            self.ts_link, self.ts_port = bind_router(loop, cfg.ts_port, "ts-peers", wan=True, cross_party=True,
+                                                     host=cfg.bind_address(cfg.global_root_uri, cfg.global_root_port))
         self.dgt: Optional[dgt.Sender] = dgt.Sender(cfg, loop) if cfg.dgt_mode else None
         self.round_trips: List[float] = []  # seconds from a key's push to the global reply (logged at stop)
 

@@ -1,0 +1,7 @@
+"""``python -m geomx.launch``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

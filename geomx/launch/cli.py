@@ -1,0 +1,484 @@
+"""The command line of the launcher (``geomx-launch``, ``python -m geomx.launch``)."""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import shlex
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence, Union
+
+from .. import __version__
+from .supervisor import log, run, run_processes
+from .topology import ProcessSpec, Topology
+
+#: Prefixes of the variables shown by ``--dry-run``.
+DRY_RUN_PREFIXES = ("DMLC_", "GEOMX_", "ENABLE_", "MXNET_")
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _local_servers_arg(text: str) -> Union[int, List[int]]:
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or N0,N1,... (positive integers), got {text!r}") from None
+    if min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"local server counts must be >= 1, got {text!r}")
+    return counts[0] if len(counts) == 1 else counts
+
+
+def _key_value(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected K=V, got {text!r}")
+    return key, value
+
+
+def _pattern_key_value(text: str):
+    pattern, sep, kv = text.partition(":")
+    if not sep or not pattern:
+        raise argparse.ArgumentTypeError(f"expected PATTERN:K=V, got {text!r}")
+    key, value = _key_value(kv)
+    return pattern, key, value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="geomx-launch",
+        description="Start a whole GeoMX topology (global scheduler/servers, a central party and "
+        "P parties) on one machine, or from a topology file (--topology) on its sites and hosts: every host "
+        "over SSH, or one site here (--site). Workers run COMMAND, in which {slice}, {party} and {rank} "
+        "are replaced by the worker's data-slice index, party index (or 'central') and rank, and {python} "
+        "by the host's interpreter (topology files).",
+        usage="%(prog)s [options] -- COMMAND ...",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("-p", "--parties", type=_int_at_least(1), default=None, help="number of parties (default 2)")
+    p.add_argument(
+        "-w", "--workers", type=_int_at_least(1), default=None, help="workers per party (default 2)"
+    )
+    p.add_argument(
+        "-s",
+        "--global-servers",
+        type=_int_at_least(1),
+        default=None,
+        help="number of global servers (default 1)",
+    )
+    p.add_argument(
+        "-l",
+        "--local-servers",
+        type=_local_servers_arg,
+        default=None,
+        metavar="N|N0,N1,...",
+        help="local servers per party: one count for every party or one per party (default 1)",
+    )
+    p.add_argument(
+        "-c",
+        "--central-workers",
+        type=_int_at_least(0),
+        default=None,
+        help="training workers in the central party "
+        "(default 0: only the master worker, which does not train)",
+    )
+    p.add_argument("--host", default=None,
+                   help="address every process advertises and every listener binds (default 127.0.0.1)")
+    p.add_argument(
+        "--env",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="extra variable for every process",
+    )
+    p.add_argument(
+        "--node-env",
+        type=_pattern_key_value,
+        action="append",
+        default=[],
+        metavar="PATTERN:K=V",
+        help="extra variable for the processes whose name matches the fnmatch PATTERN "
+        "(e.g. 'party*/server:ENABLE_P3=1', 'global_server*:MXNET_KVSTORE_SIZE_LOWER_BOUND=1000')",
+    )
+    p.add_argument(
+        "--node-command",
+        default=None,
+        metavar="CMD",
+        help="command for the non-worker processes (shell-split; default: python -m geomx.node)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=None,
+        metavar="SEC",
+        help="stop everything after SEC (exit 124)",
+    )
+    p.add_argument(
+        "--grace",
+        type=_non_negative_float,
+        default=30.0,
+        metavar="SEC",
+        help="after every worker succeeded, how long to wait for the other processes to exit (default 30)",
+    )
+    p.add_argument(
+        "--log-dir",
+        default=None,
+        metavar="DIR",
+        help="also write each process's raw output to DIR/<name>.log",
+    )
+    p.add_argument(
+        "--wan",
+        default=None,
+        metavar="SPEC",
+        help="run on an emulated WAN (needs root): the central party and every party in its own network "
+        "namespace, joined through a bridge by links capped with tbf. SPEC: RATE for every party link "
+        "(e.g. 20mbit), and/or partyN=RATE, central=RATE (default uncapped), all=RATE, delay=MS "
+        "(added one-way latency between data centers through a delaying relay; needs nft). "
+        "Prints the bytes that crossed each link at the end (see geomx/wan.py)",
+    )
+    p.add_argument(
+        "--separate-global-servers",
+        action="store_true",
+        help="with --wan: each global server in a data center of its own (gs0, gs1, ...) with its own link "
+        "at the central rate (or gsN=RATE), as with one machine per global server",
+    )
+    p.add_argument(
+        "--curve",
+        action="store_true",
+        help="encrypt and authenticate every link with CURVE, using throwaway key pairs (one per data center) "
+        "generated into a temporary directory and removed at exit",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the processes as shell lines (with --topology: "
+                   "per host) and exit")
+    p.add_argument(
+        "--topology",
+        default=None,
+        metavar="FILE",
+        help="a topology file (TOML; docs/Deployment.md, 'The topology file') placing the topology on sites and "
+        "hosts, instead of the single-machine flags above. Use with --site, --dry-run or --print-firewall",
+    )
+    p.add_argument(
+        "--site",
+        default=None,
+        metavar="NAME[@HOST]",
+        help="with --topology: start only that site's processes, here (for a site on several hosts, only "
+        "those placed on HOST: its SSH target or address)",
+    )
+    p.add_argument(
+        "--ssh-config",
+        default=None,
+        metavar="FILE",
+        help="with --topology and no --site: the OpenSSH client configuration (ssh -F FILE) for reaching the hosts",
+    )
+    p.add_argument(
+        "--print-firewall",
+        action="store_true",
+        help="with --topology: print, per site, the ports its hosts must accept and from which sites, and exit",
+    )
+    p.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return p
+
+
+def _dry_run_lines(specs: List[ProcessSpec], explicit_keys: Sequence[str] = ()) -> List[str]:
+    lines = []
+    for spec in specs:
+        keys = sorted(k for k in spec.env if k.startswith(DRY_RUN_PREFIXES) or k in explicit_keys)
+        assigns = " ".join(f"{k}={shlex.quote(spec.env[k])}" for k in keys)
+        lines.append(f"# {spec.name}{' (worker)' if spec.is_worker else ''}")
+        lines.append(f"{assigns} {shlex.join(spec.argv)}".strip())
+    return lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if "--" in argv:
+        idx = argv.index("--")
+        args = parser.parse_args(argv[:idx])
+        if args.command:
+            parser.error(f"unexpected arguments before '--': {shlex.join(args.command)}")
+        command = argv[idx + 1 :]
+    else:
+        args = parser.parse_args(argv)
+        command = list(args.command)
+    if args.topology is not None:
+        return _main_topology(parser, args, command)
+    for flag, value in (("--site", args.site), ("--print-firewall", args.print_firewall or None)):
+        if value is not None:
+            parser.error(f"{flag} needs --topology FILE")
+    if not command:
+        parser.error("the following arguments are required: COMMAND (give it after '--')")
+    for name, default in (("parties", 2), ("workers", 2), ("global_servers", 1), ("local_servers", 1),
+                          ("central_workers", 0), ("host", "127.0.0.1")):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+    node_env: Dict[str, Dict[str, str]] = {}
+    for pattern, key, value in args.node_env:
+        node_env.setdefault(pattern, {})[key] = value
+    topology = Topology(
+        parties=args.parties,
+        workers_per_party=args.workers,
+        global_servers=args.global_servers,
+        central_workers=args.central_workers,
+        local_servers=args.local_servers,
+        separate_global_servers=args.separate_global_servers,
+        host=args.host,
+        env=dict(args.env),
+        node_env=node_env,
+        node_command=shlex.split(args.node_command) if args.node_command is not None else None,
+    )
+
+    wan_spec = None
+    if args.wan is not None:
+        from .. import wan as wanmod  # no MXNet import there either
+
+        try:
+            wan_spec = wanmod.parse_spec(args.wan, args.parties, topology.global_server_dcs)
+        except wanmod.WanError as exc:
+            print(f"geomx-launch: --wan: {exc}", file=sys.stderr)
+            return 2
+
+    if args.curve:
+        curve_tmp = tempfile.TemporaryDirectory(prefix="geomx-curve-")
+        atexit.register(curve_tmp.cleanup)
+        topology.make_curve_keys(curve_tmp.name)
+
+    if args.dry_run:
+        if wan_spec is not None:
+            # Show the placement the WAN would get (nothing is built).
+            plan = wanmod.Wan(wanmod.dc_names(args.parties, topology.global_server_dcs), wan_spec, "<wan>",
+                              wanmod.DEFAULT_SUBNET)
+            _place_on_wan(topology, plan)
+            print(f"# emulated WAN: {plan.describe()}")
+        explicit = {k for k, _ in args.env} | {k for _, k, _ in args.node_env}
+        for line in _dry_run_lines(topology.processes(command), explicit):
+            print(line)
+        return 0
+
+    _log_to_stderr()
+    if wan_spec is None:
+        return run(topology, command, timeout=args.timeout, log_dir=args.log_dir, grace=args.grace)
+    return _run_on_wan(topology, command, wan_spec, args)
+
+
+def _place_on_wan(topology: Topology, wan) -> None:
+    """Point every data center of ``topology`` at its namespace of ``wan``."""
+    topology.dc_hosts = {dc: wan.address(dc) for dc in wan.dcs}
+    topology.dc_prefix = {dc: wan.exec_argv(dc) for dc in wan.dcs}
+
+
+def _run_on_wan(topology: Topology, command: Sequence[str], spec, args) -> int:
+    from .. import wan as wanmod
+
+    try:
+        w = wanmod.Wan.create(wanmod.dc_names(topology.parties, topology.global_server_dcs), spec)
+    except wanmod.WanError as exc:
+        print(f"geomx-launch: --wan: {exc}", file=sys.stderr)
+        return 2
+    status = 1
+    t0 = time.monotonic()
+    try:
+        with w:
+            log.info("emulated WAN: %s", w.describe())
+            _place_on_wan(topology, w)
+            try:
+                status = run(topology, command, timeout=args.timeout, log_dir=args.log_dir, grace=args.grace)
+            finally:
+                try:
+                    elapsed = time.monotonic() - t0
+                    report = w.report(elapsed)
+                    print(f"[launch] WAN bytes per link over {elapsed:.1f} s:\n{report}", file=sys.stderr)
+                except wanmod.WanError as exc:
+                    log.error("could not read the WAN counters: %s", exc)
+    except SystemExit as exc:  # SIGTERM/SIGHUP while the WAN existed (see geomx.wan)
+        code = exc.code if isinstance(exc.code, int) else 1
+        log.error("launcher received a termination signal; topology stopped, WAN torn down")
+        return code
+    return status
+
+
+# Single-machine flags that a topology file replaces.
+_SINGLE_MACHINE_FLAGS = (("parties", "-p/--parties"), ("workers", "-w/--workers"),
+                         ("global_servers", "-s/--global-servers"), ("local_servers", "-l/--local-servers"),
+                         ("central_workers", "-c/--central-workers"), ("host", "--host"), ("env", "--env"),
+                         ("node_env", "--node-env"), ("node_command", "--node-command"), ("wan", "--wan"),
+                         ("separate_global_servers", "--separate-global-servers"), ("curve", "--curve"))
+
+
+def _main_topology(parser: argparse.ArgumentParser, args, command: List[str]) -> int:
+    """``--topology FILE`` with ``--dry-run``, ``--print-firewall`` or ``--site NAME``."""
+    from .sitefile import TopologyFileError, load
+
+    for name, flag in _SINGLE_MACHINE_FLAGS:
+        if getattr(args, name) not in (None, False, []):
+            parser.error(f"{flag} cannot be combined with --topology (the topology file says it)")
+    try:
+        topo = load(args.topology)
+    except TopologyFileError as exc:
+        print(f"geomx-launch: {exc}", file=sys.stderr)
+        return 2
+    if args.print_firewall:
+        for line in topo.firewall():
+            print(line)
+        return 0
+    if not command:
+        parser.error("the following arguments are required: COMMAND (give it after '--')")
+    try:
+        specs = topo.processes(command)
+        if args.site is not None:
+            specs = _site_processes(topo, specs, args.site)
+    except TopologyFileError as exc:
+        print(f"geomx-launch: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for line in _dry_run_hosts(topo, specs):
+            print(line)
+        return 0
+    if args.site is not None and topo.auto_keys:
+        print(f"geomx-launch: {args.topology}: the topology spans several hosts and runs with CURVE, whose keys "
+              f"the launcher generates only when it starts every site over SSH: for --site, set keys_dir (every "
+              f"site's key pair, geomx-keys generate) or security = \"none\"", file=sys.stderr)
+        return 2
+    _log_to_stderr()
+    warning = topo.insecure_warning()
+    if warning:
+        log.warning("%s", warning)
+    if args.site is None:
+        return _run_over_ssh(topo, command, args)
+    return run_processes(specs, f"site {args.site} of {args.topology}", timeout=args.timeout, log_dir=args.log_dir,
+                         grace=args.grace)
+
+
+def _run_over_ssh(topo, command: List[str], args) -> int:
+    """Every process on its host, one SSH session each over one connection per host."""
+    import os
+
+    from .ssh import Connections, SSHError, remote_command
+
+    pythons = {h.ssh: h.python for h in topo.hosts}
+    keys = None
+    try:
+        conns = Connections([h.ssh for h in topo.hosts], config=args.ssh_config)
+    except SSHError as exc:
+        log.error("%s", exc)
+        return 255
+    try:
+        try:
+            conns.open()
+            if topo.auto_keys:
+                keys = conns.generate_keys([(s.name, s.host.ssh) for s in topo.sites], pythons)
+                log.info("CURVE keys of this run: %s on every host (each site's secret key made on its host)",
+                         keys)
+        except SSHError as exc:
+            log.error("%s; nothing was started", exc)
+            return 255
+        specs = topo.processes(command, keys_dir=keys)
+        remote = [
+            ProcessSpec(spec.name, conns.argv(spec.host, remote_command(spec, _explicit_keys(topo, spec),
+                                                                        pythons[spec.host])),
+                        dict(os.environ), spec.is_worker, spec.dc, host=spec.host, site=spec.site, keep_stdin=True)
+            for spec in specs
+        ]
+        hosts = ", ".join(conns.hosts)
+        security = "CURVE (keys generated on each site's host)" if keys else \
+            "CURVE (keys_dir)" if topo.security == "curve" else "no encryption"
+        return run_processes(remote, f"{args.topology} over SSH on {hosts}, {security}", timeout=args.timeout,
+                             log_dir=args.log_dir, grace=args.grace)
+    finally:
+        if keys is not None:
+            conns.remove(keys)
+        conns.close()
+
+
+def _explicit_keys(topo, spec: ProcessSpec) -> List[str]:
+    """The variables of ``spec`` that the launcher or the file sets (not those it inherited)."""
+    shown = set(topo.env) | {"PYTHONUNBUFFERED"}
+    for site in topo.sites:
+        shown |= set(site.env)
+        for extra in list(site.role_env.values()) + list(topo.role_env.values()):
+            shown |= set(extra)
+    return sorted(k for k in spec.env if k.startswith(DRY_RUN_PREFIXES) or k in shown)
+
+
+def _site_processes(topo, specs: List[ProcessSpec], which: str) -> List[ProcessSpec]:
+    """The processes ``--site NAME[@HOST]`` starts."""
+    from .sitefile import TopologyFileError
+
+    name, _, host = which.partition("@")
+    site = topo.site(name)
+    mine = [s for s in specs if s.site == site.name]
+    if host:
+        known = {h.ssh: h for h in site.hosts}
+        known.update({h.address: h for h in site.hosts})
+        if host not in known:
+            raise TopologyFileError(f"{topo.path}: site {name!r} has no host {host!r} (its hosts: "
+                                    f"{', '.join(h.ssh for h in site.hosts)})")
+        return [s for s in mine if s.host == known[host].ssh]
+    if len(site.hosts) > 1:
+        raise TopologyFileError(f"{topo.path}: site {name!r} spans several hosts "
+                                f"({', '.join(h.ssh for h in site.hosts)}): start each with --site {name}@HOST")
+    return mine
+
+
+def _dry_run_hosts(topo, specs: List[ProcessSpec]) -> List[str]:
+    """Per host, each process as one shell line: ``cd WORKDIR && env VAR=... argv``."""
+    lines: List[str] = []
+    hosts: Dict[str, List[ProcessSpec]] = {}
+    for spec in specs:
+        hosts.setdefault(spec.host, []).append(spec)
+    if topo.security == "curve":
+        lines.append("# CURVE: every host needs its site's GEOMX_CURVE_SECRET_KEY file and, in "
+                     "GEOMX_CURVE_PUBLIC_KEYS_DIR, every site's public key (geomx-keys generate)")
+    for host, mine in hosts.items():
+        lines.append(f"# ---- host {host} (site {mine[0].site})")
+        for spec in mine:
+            keys = [k for k in _explicit_keys(topo, spec) if k != "PYTHONUNBUFFERED"]
+            assigns = " ".join(f"{k}={shlex.quote(spec.env[k])}" for k in keys)
+            cd = f"cd {shlex.quote(spec.cwd)} && " if spec.cwd else ""
+            lines.append(f"# {spec.name}{' (worker)' if spec.is_worker else ''}")
+            lines.append(f"{cd}env {assigns} {shlex.join(spec.argv)}")
+    return lines
+
+
+def _log_to_stderr() -> None:
+    if not logging.getLogger().handlers and not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[launch] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False

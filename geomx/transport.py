@@ -429,6 +429,8 @@ class EventLoop:
             except ProtocolError as exc:
                 log_limited(logging.WARNING, f"{self.name}: dropped a malformed message on {link.name} from "
                                              f"{identity!r}: {exc}")
+                if isinstance(exc, wire.MetaError):
+                    self._refuse(link, identity, exc.request, str(exc))  # its sender learns why
                 continue
             try:
                 handler(msg, identity, link)

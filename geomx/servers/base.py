@@ -101,7 +101,15 @@ class ServerBase:
                 return
             if sliced and isinstance(value, np.ndarray):
                 value = value[start:start + req.numel]
-            self.reply(link, identity, req, value, meta=self.reply_meta(req, (link.name, identity)))  # type: ignore[arg-type]
+            try:
+                meta = self.reply_meta(req, (link.name, identity))
+                self.reply(link, identity, req, value, meta=meta)  # type: ignore[arg-type]
+            except Exception as exc:  # noqa: BLE001 - the request must still be answered
+                # Replies go out in a loop over a finished round's waiters, after the round was
+                # removed: an exception here must not leave this request, or the others, unanswered.
+                log.exception("%s: cannot answer %s of key %d from %s", self.name, req.type.name, req.key,
+                              peer_label(identity))
+                self.reply_error(link, identity, req, f"internal error while answering: {exc!r}")
         return reply
 
     def reply_meta(self, req: Message, client: Client) -> Optional[dict]:

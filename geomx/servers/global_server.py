@@ -23,6 +23,11 @@ from .keystate import ESYNC_KEY, KeyState
 
 log = logging.getLogger("geomx.server")
 
+# The time a party reports for its ESync local steps: from a microsecond to a year. Beyond these a
+# speed is not a measurement, and 0 or infinity would break the steps' ratio.
+ESYNC_MIN_SECONDS = 1e-6
+ESYNC_MAX_SECONDS = 365 * 86400.0
+
 
 class GlobalServer(ServerBase):
     slice_rounds = True  # P3: each slice is updated and answered as soon as every party pushed it
@@ -291,8 +296,15 @@ class GlobalServer(ServerBase):
         if self.cfg.use_esync and msg.key == ESYNC_KEY and msg.meta:
             steps = meta_field(msg, "esync_steps", int)
             seconds = meta_field(msg, "esync_seconds", float)
-            if steps >= 1 and seconds > 0:
-                self.esync_speed[client] = steps / seconds
+            # Refused (ERROR reply, nothing summed) rather than skipped: a zero or unbounded speed
+            # would make esync_steps_for divide by zero or overflow inside the round's replies.
+            if not 1 <= steps <= self.cfg.esync_max_steps:
+                raise ProtocolError(f"meta field 'esync_steps' is {steps}, must be in "
+                                    f"[1, {self.cfg.esync_max_steps}] (GEOMX_ESYNC_MAX_STEPS)")
+            if not ESYNC_MIN_SECONDS <= seconds <= ESYNC_MAX_SECONDS:
+                raise ProtocolError(f"meta field 'esync_seconds' is {seconds}, must be in "
+                                    f"[{ESYNC_MIN_SECONDS:g}, {ESYNC_MAX_SECONDS:g}]")
+            self.esync_speed[client] = steps / seconds
         if self.global_sync or link is not self.wan_link:
             super().on_push(msg, client, link, identity)
             return

@@ -3,7 +3,10 @@ says why, nothing it sends makes the others wait forever or grow without bound, 
 exact. The network cases attack real processes over real sockets (tests/test_faults.py's Cluster)."""
 from __future__ import annotations
 
+import logging
 import re
+import socket
+import struct
 import sys
 import time
 from typing import List
@@ -11,9 +14,9 @@ from typing import List
 import numpy as np
 import pytest
 import zmq
-from test_faults import Cluster, assert_no_process_left
+from test_faults import Cluster, assert_no_process_left, slow_cmd
 
-from geomx import transport, wire
+from geomx import security, transport, wire
 from geomx.errors import ProtocolError
 from geomx.launch import Topology
 from geomx.servers.keystate import KeyState
@@ -137,3 +140,142 @@ def test_esync_timings_that_are_not_finite_are_refused_while_training_stays_exac
         assert "Traceback" not in out and "cannot answer" not in out, out[-6000:]
         assert_no_process_left(cluster)
 
+
+
+# -- 2. bounded resources -------------------------------------------------------------------------
+
+def test_refusal_log_is_keyed_by_peer_and_kind_and_its_state_is_bounded(caplog):
+    limiter = security.RateLimitedLog(interval=60, max_keys=100)
+    with caplog.at_level(logging.WARNING, logger="geomx.security"):
+        for i in range(20_000):  # one peer, distinct texts of one kind: one line
+            limiter(logging.WARNING, f"dropped a malformed message from b'x': bad magic {i.to_bytes(4, 'big')!r}",
+                    key=(b"x", "link", security.template(f"bad magic {i.to_bytes(4, 'big')!r}")))
+        for i in range(200_000):  # distinct peers: the state stays at its bound
+            limiter(logging.WARNING, f"refused peer {i}", key=(f"peer{i}".encode(), "link", "kind"))
+    assert len(limiter._last) <= 100 + 1  # and the overflow entry
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([m for m in lines if "bad magic" in m]) == 1
+    assert len(lines) <= 1 + 100
+
+
+def zmtp_null_dealer(port: int) -> socket.socket:
+    """A raw ZMTP 3.0 connection (NULL mechanism, DEALER), as a hostile peer writes it: libzmq's own
+    sockets never put the frames of an unfinished message on the wire."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" * 32)
+    body = b"\x05READY" + bytes([11]) + b"Socket-Type" + struct.pack(">I", 6) + b"DEALER"
+    s.sendall(b"\x04" + bytes([len(body)]) + body)
+    return s
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_floods_of_bad_headers_keys_and_unfinished_frames_at_a_live_local_server():
+    """While a party trains: (a) 5000 malformed messages, each with different bytes, from one peer
+    are logged a few times, not 5000; (b) INITs of more keys than GEOMX_MAX_KEYS_PER_CLIENT (set to 6)
+    are refused with ERROR naming it; (c) 150 frames of 1 MiB of a message that never ends grow the
+    server while the sender is connected (libzmq bounds only each frame) and are given back to the OS
+    once it leaves. Training finishes exactly."""
+    topo = Topology(parties=1, workers_per_party=2, env={"GEOMX_START_TIMEOUT": "60"},
+                    node_env={"party0/server": {"GEOMX_MAX_KEYS_PER_CLIENT": "6"}})
+    cluster = Cluster(topo, slow_cmd(10, 0.8))
+    with cluster:
+        log = cluster.log
+        log.wait_for(r"^\[party0/worker\d\] ROUND 0 OK", 90)
+        port = _port(cluster, r"^\[party0/server\] .*serving \d+ worker\(s\) on port (\d+)")
+        pid = cluster.procs["party0/server"].pid
+        ctx = zmq.Context()
+        try:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.IDENTITY, b"flooder")
+            sock.connect(f"tcp://127.0.0.1:{port}")
+            for i in range(5000):
+                sock.send_multipart([struct.pack("<I", i) + bytes(wire.HEADER_SIZE - 4)])
+            # Keys 100.. are new; the INITs wait for the master's values (which never come) until the
+            # bound: then ERROR.
+            for i in range(10):
+                sock.send_multipart(wire.encode(Message(MsgType.INIT, req_id=500 + i, key=100 + i, numel=4, total=4,
+                                                        dtype=1)))
+            refused = []
+            while len(refused) < 4 and sock.poll(30_000):
+                refused.append(wire.decode(sock.recv_multipart()))
+        finally:
+            ctx.destroy(linger=0)
+        assert [(r.type, r.req_id) for r in refused] == [(MsgType.ERROR, 506 + i) for i in range(4)], refused
+        assert "this client already declared 6 keys (GEOMX_MAX_KEYS_PER_CLIENT=6)" in refused[0].meta["error"]
+
+        before = _rss(pid)
+        raw = zmtp_null_dealer(port)
+        frame = b"\x03" + struct.pack(">Q", 1 << 20) + b"x" * (1 << 20)  # MORE | LONG, 1 MiB
+        for _ in range(150):
+            raw.sendall(frame)
+        end = time.monotonic() + 20
+        while _rss(pid) - before < 100 << 20 and time.monotonic() < end:
+            time.sleep(0.05)  # polling a measurement: libzmq takes the frames on its own thread
+        during = _rss(pid) - before
+        raw.close()
+        end = time.monotonic() + 20
+        while _rss(pid) - before > 40 << 20 and time.monotonic() < end:
+            time.sleep(0.05)
+        after = _rss(pid) - before
+        print(f"local server RSS: +{during >> 20} MiB with the unfinished message, +{after >> 20} MiB after")
+        assert during >= 100 << 20, "the attack did not reach the server (nothing to measure)"
+        assert after <= 40 << 20, f"the server still holds {after >> 20} MiB after the sender left"
+        assert "EXACT OK" not in log.text(), "training finished before the attacks were over"
+
+        assert cluster.wait_all(120), f"still running: {cluster.running()}"
+        out = log.text()
+        codes = {name: p.returncode for name, p in cluster.procs.items()}
+        assert set(codes.values()) == {0}, (codes, out[-6000:])
+        assert len(re.findall(r"^\[party0/worker\d\] EXACT OK", out, re.M)) == 2
+        malformed = re.findall(r"^\[party0/server\] .*dropped a malformed message .*flooder", out, re.M)
+        assert 1 <= len(malformed) <= 6, malformed[:10]
+        assert_no_process_left(cluster)
+
+
+def test_checkpoint_requests_are_coalesced_and_all_answered(tmp_path):
+    """200 SAVE_CHECKPOINT requests at once at the global server: each is answered (with the
+    checkpoint that was written after it came, or an error when 64 wait already), far fewer
+    checkpoints are written than asked for, and the parties' training stays exact."""
+    topo = Topology(parties=2, workers_per_party=1, env={"GEOMX_START_TIMEOUT": "60",
+                                                         "GEOMX_CHECKPOINT_DIR": str(tmp_path),
+                                                         "GEOMX_CHECKPOINT_EVERY": "1000"})
+    cluster = Cluster(topo, slow_cmd(8, 0.8) + ["--optimizer", "sgd"])
+    with cluster:
+        log = cluster.log
+        log.wait_for(r"^\[party\d/worker0\] ROUND 0 OK", 90)
+        lan_port = _port(cluster, r"^\[global_server0\] .*central worker\(s\) on port (\d+)")
+        ctx = zmq.Context()
+        try:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.IDENTITY, b"saver")
+            sock.connect(f"tcp://127.0.0.1:{lan_port}")
+            for i in range(200):
+                sock.send_multipart(wire.encode(Message(MsgType.COMMAND, req_id=1 + i,
+                                                        meta={"cmd": "save_checkpoint"})))
+            replies = {}
+            while len(replies) < 200 and sock.poll(30_000):
+                reply = wire.decode(sock.recv_multipart())
+                replies[reply.req_id] = reply
+        finally:
+            ctx.destroy(linger=0)
+        assert sorted(replies) == list(range(1, 201))
+        ok = [r for r in replies.values() if r.type == MsgType.RESPONSE]
+        refused = [r for r in replies.values() if r.type == MsgType.ERROR]
+        assert ok and all("checkpoint requests wait for the one being written" in r.meta["error"] for r in refused)
+        assert all(r.meta["path"].endswith("global_server0.npz") for r in ok)
+        assert cluster.wait_all(120), f"still running: {cluster.running()}"
+        out = log.text()
+        written = re.findall(r"^\[global_server0\] .*checkpoint \(requested\)", out, re.M)
+        print(f"{len(ok)} requests answered by {len(written)} checkpoints, {len(refused)} refused")
+        assert len(written) <= 20, len(written)
+        codes = {name: p.returncode for name, p in cluster.procs.items()}
+        assert set(codes.values()) == {0}, (codes, out[-6000:])
+        assert len(re.findall(r"^\[party\d/worker0\] EXACT OK", out, re.M)) == 2
+        assert_no_process_left(cluster)

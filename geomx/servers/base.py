@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import compression
 from ..errors import GeoMXError, ProtocolError
+from ..security import template
 from ..transport import EventLoop, Link, log_limited, peer_label
 from ..tsengine.partial import partial_dtype_ok
 from ..wire import DTYPES, Message, MsgType, meta_field
@@ -31,9 +32,11 @@ class ServerBase:
     slice_rounds = False
     checkpointing = False  # a global server with GEOMX_CHECKPOINT_DIR: refuses P3 slices (slice_state)
 
-    def __init__(self, loop: EventLoop, name: str, max_rounds_ahead: int = 16):
+    def __init__(self, loop: EventLoop, name: str, max_rounds_ahead: int = 16, max_keys_per_client: int = 100_000):
         self.loop = loop
         self.name = name
+        self.max_keys_per_client = max_keys_per_client
+        self.keys_declared: Dict[Client, int] = {}  # client -> keys its INITs created
         # A client's pushes of a key may be this many rounds ahead of the last complete round, and it may
         # have this many requests of a key parked: what one peer can make the server hold is bounded.
         self.max_rounds_ahead = max_rounds_ahead
@@ -83,7 +86,8 @@ class ServerBase:
         link.send(out, identity)
 
     def reply_error(self, link: Link, identity: bytes, req: Message, error: str) -> None:
-        log_limited(logging.WARNING, f"{self.name}: {req.type.name} from {peer_label(identity)} refused: {error}")
+        log_limited(logging.WARNING, f"{self.name}: {req.type.name} from {peer_label(identity)} refused: {error}",
+                    key=(identity, link.name, req.type, template(error)))
         link.send(Message(MsgType.ERROR, req_id=req.req_id, key=req.key, offset=req.offset, total=req.total,
                           meta={"error": f"{self.name}: {error}"}), identity)
 
@@ -223,6 +227,13 @@ class ServerBase:
                                                   f"outside its {msg.total} elements")
             return None
         if ks is None:
+            client = (link.name, identity)
+            declared = self.keys_declared.get(client, 0)
+            if declared >= self.max_keys_per_client:
+                self.reply_error(link, identity, msg, f"key {msg.key}: this client already declared {declared} keys "
+                                                      f"(GEOMX_MAX_KEYS_PER_CLIENT={self.max_keys_per_client})")
+                return None
+            self.keys_declared[client] = declared + 1
             ks = self.keys[msg.key] = KeyState(msg.key, msg.numel, dtype, msg.offset, msg.total)
         elif (ks.numel, ks.offset, ks.total, ks.dtype) != (msg.numel, msg.offset, msg.total, dtype):
             self.reply_error(link, identity, msg, f"key {msg.key} initialised twice with different shapes "

@@ -25,7 +25,7 @@ log = logging.getLogger("geomx.server")
 
 class LocalServer(ServerBase):
     def __init__(self, cfg: NodeConfig, loop: EventLoop):
-        super().__init__(loop, "local server", cfg.max_rounds_ahead)
+        super().__init__(loop, "local server", cfg.max_rounds_ahead, cfg.max_keys_per_client)
         self.cfg = cfg
         self.link, self.port = bind_router(loop, 0, "party-clients")
         self.upstream: Optional[KVClient] = None  # set once the global tier is known

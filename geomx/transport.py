@@ -19,7 +19,14 @@ import threading
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
+# pyzmq's sender of zero-copy frames (its "gc" thread) registers, when zmq.utils.garbage is first
+# imported, an atexit handler that shuts it down for good. Imported lazily (at a process's first
+# zero-copy send), that handler runs before geomx's own (kvstore closes at exit, LIFO): a worker whose
+# script had just ended could then not pass on a TSEngine result to its party peers (RuntimeError
+# "zmq gc socket requested during shutdown"), and they waited for it forever. Imported here, it
+# outlives geomx's close.
 import zmq
+import zmq.utils.garbage  # noqa: F401
 
 from . import security, wire
 from .errors import ProtocolError

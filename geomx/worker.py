@@ -83,7 +83,7 @@ class WorkerNode:
                 if self.intra_ts:
                     assert self.ts_link is not None
                     self.ts = TSPeer(self.loop, self.info.rank, f"worker{self.info.rank}", self, self.member.send,
-                                     self._on_fatal, wan=False)
+                                     self._on_ts_fatal, wan=False)
                     self.member.on_tsengine = self.ts.on_answer
                     self.loop.add(self.ts_link, self.ts.handle, routed=True)
         except Exception as exc:  # noqa: BLE001 - reported to the training thread
@@ -106,6 +106,14 @@ class WorkerNode:
             self.fatal = exc
             log.error("%s", exc)
         self._fail_outstanding(exc)
+
+    def _on_ts_fatal(self, exc: Exception) -> None:
+        """A TSEngine hop this worker owes its party failed: the peers waiting for it would wait
+        forever; the scheduler stops the tier at once with the reason (I/O thread)."""
+        first = self.fatal is None
+        self._on_fatal(exc)
+        if first and self.member is not None:
+            self.member.bye(str(exc))
 
     def _fail_outstanding(self, exc: Exception) -> None:
         """Complete every request, relay wait and barrier still open with ``exc``. A pull left open
@@ -240,7 +248,14 @@ class WorkerNode:
                 # Other workers may still be waiting for results this worker relays to them.
                 idle: cf.Future = cf.Future()
                 self._in_loop(lambda: self.ts.when_idle(lambda: idle.set_result(None)))  # type: ignore[union-attr]
-                idle.result(timeout)
+                try:
+                    idle.result(timeout)
+                except cf.TimeoutError:
+                    # Leaving quietly would leave them waiting for ever: the scheduler tells them why.
+                    failure = (f"worker {self.info.rank if self.info else '?'} is leaving with TSEngine hops its "
+                               f"party peers wait for still not passed on after {timeout:.0f}s: "
+                               f"{self.ts.pending()}")  # type: ignore[union-attr]
+                    log.error("%s", failure)
             if self.fatal is None and self.kv is not None and failure is None:
                 self.broadcast(MsgType.STOP).result(timeout)
         except (cf.TimeoutError, PeerDeadError, GeoMXError) as exc:

@@ -3,12 +3,16 @@ says why, nothing it sends makes the others wait forever or grow without bound, 
 exact. The network cases attack real processes over real sockets (tests/test_faults.py's Cluster)."""
 from __future__ import annotations
 
+import io
 import logging
+import os
 import re
 import socket
 import struct
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import List
 
 import numpy as np
@@ -18,11 +22,13 @@ from test_faults import Cluster, assert_no_process_left, slow_cmd
 
 from geomx import security, transport, wire
 from geomx.errors import ProtocolError
-from geomx.launch import Topology
+from geomx.launch import Topology, run
 from geomx.servers.keystate import KeyState
+from geomx.tsengine.peer import TSPeer
 from geomx.wire import Message, MsgType
 
-REPO_WORKERS = "tests/workers"
+REPO = Path(__file__).resolve().parents[1]
+REPO_WORKERS = str(REPO / "tests" / "workers")
 
 
 @pytest.fixture(autouse=True)
@@ -279,3 +285,76 @@ def test_checkpoint_requests_are_coalesced_and_all_answered(tmp_path):
         assert set(codes.values()) == {0}, (codes, out[-6000:])
         assert len(re.findall(r"^\[party\d/worker0\] EXACT OK", out, re.M)) == 2
         assert_no_process_left(cluster)
+
+
+# -- 3. TSEngine relays through a peer that is leaving ----------------------------------------------
+
+EXIT_SEND = """
+import atexit
+import numpy as np
+import zmq
+from geomx import transport
+from geomx.wire import Message, MsgType
+
+ctx = zmq.Context()
+loop = transport.EventLoop(ctx, name="exiting")
+listener, port = transport.bind_router(loop, 0, "listener")
+link = transport.connect_dealer(loop, "127.0.0.1", port, b"relayer", "relayer", peer="peer")
+model = np.ones(1 << 18, np.float32)  # 1 MiB: pyzmq sends it zero-copy
+
+
+def close_at_exit():  # registered after geomx's modules are imported, as geomx.kvstore's close is
+    link.send(Message(MsgType.TS_MODEL, data=model))
+    print("RELAYED AT EXIT", flush=True)
+
+
+atexit.register(close_at_exit)
+link.send(Message(MsgType.TS_MODEL, data=model))  # the process's first zero-copy send
+print("RELAYED", flush=True)
+"""
+
+
+def test_a_worker_closing_at_interpreter_exit_can_still_relay(tmp_path):
+    """The issue's ordinary-run hang (2 parties x 2 workers, ENABLE_INTRA_TS=1 ENABLE_INTER_TS=1): a
+    worker whose script had ended closes its kvstore at interpreter exit and still has to relay the
+    last result to a party peer; pyzmq had shut its zero-copy sender down already ("zmq gc socket
+    requested during shutdown"), so the relay was never sent and the peer waited 300 s without a
+    word. Here: the same send, from an atexit handler registered where geomx's is."""
+    script = tmp_path / "exit_send.py"
+    script.write_text(EXIT_SEND)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["RELAYED", "RELAYED", "AT", "EXIT"], proc.stderr
+    assert "requested during shutdown" not in proc.stderr, proc.stderr
+
+
+def test_a_relay_that_cannot_be_sent_ends_the_node_with_the_reason():
+    """A hop this node owes cannot be sent: the node fails at once, naming the hop (a worker then
+    tells its scheduler, which stops the tier), instead of the peer waiting for it forever."""
+    ctx = zmq.Context()
+    loop = transport.EventLoop(ctx, name="relayer")
+    failures: List[Exception] = []
+    try:
+        peer = TSPeer(loop, 1, "worker1", owner=None, ask=lambda m: None, on_fatal=failures.append, wan=False)
+        peer.relay(2, 3, np.ones(4, np.float32))
+        peer.on_answer(Message(MsgType.TS_RELAY_TO, key=2, version=3,
+                               meta={"rank": 0, "host": "127.0.0.1", "port": -1}))  # not a port
+        assert len(failures) == 1, failures
+        assert re.match(r"worker1: could not send TS_MODEL of key 2 round 3 to TSEngine node 0: ", str(failures[0]))
+        assert "result of key 2 round 3" in peer.pending()
+    finally:
+        loop.close()
+        ctx.destroy(linger=0)
+
+
+def test_two_parties_of_two_workers_with_intra_and_inter_tsengine_finish_exactly():
+    topo = Topology(parties=2, workers_per_party=2, env={"ENABLE_INTRA_TS": "1", "ENABLE_INTER_TS": "1",
+                                                         "GEOMX_START_TIMEOUT": "60"})
+    stream = io.StringIO()
+    code = run(topo, [sys.executable, f"{REPO_WORKERS}/exact_worker.py", "--slice", "{slice}", "--rounds", "4"],
+               timeout=120, stream=stream)
+    out = stream.getvalue()
+    assert code == 0, out[-6000:]
+    assert len(re.findall(r"EXACT OK", out)) == 4, out[-6000:]
+    assert "requested during shutdown" not in out and "error while handling" not in out, out[-6000:]

@@ -86,6 +86,9 @@ def _serve(loop: EventLoop, server: ServerBase, members: List[TierMember], fatal
         for m in members:
             m.bye()
         code = server.exit_code or 0
+    # Its clients learn that it leaves from the replies to whatever they still wait for (after the
+    # upstream requests failed, whose callbacks answer some of them already).
+    server.leave(str(fatal[0]) if fatal else "every client stopped")
     # Give the goodbyes and last replies a moment to leave.
     for _ in range(3):
         loop.run_once(0.05)

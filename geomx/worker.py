@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import threading
+import time
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -44,6 +45,7 @@ class WorkerNode:
         self.ts_pushed: Dict[int, int] = {}  # key -> rounds this worker contributed
         self.ts_latest: Dict[int, tuple] = {}  # key -> (round, value) of the newest result relayed here
         self.ts_waiters: Dict[tuple, List[Any]] = {}  # (key, round) -> callbacks(value)
+        self.ts_since: Dict[tuple, float] = {}  # (key, round) -> when the first of them began to wait
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="geomx-io", daemon=True)
         self._thread.start()
@@ -86,6 +88,7 @@ class WorkerNode:
                                      self._on_ts_fatal, wan=False)
                     self.member.on_tsengine = self.ts.on_answer
                     self.loop.add(self.ts_link, self.ts.handle, routed=True)
+                    self.loop.call_every(min(5.0, cfg.request_timeout / 4), self._expire_ts)
         except Exception as exc:  # noqa: BLE001 - reported to the training thread
             self.fatal = exc
         finally:
@@ -122,6 +125,7 @@ class WorkerNode:
         if self.kv is not None:
             self.kv.fail_all(exc)
         waiters, self.ts_waiters = self.ts_waiters, {}
+        self.ts_since.clear()
         for callbacks in waiters.values():
             for callback in callbacks:
                 callback(None, exc)
@@ -192,6 +196,21 @@ class WorkerNode:
             return
         self.ts_waiters.setdefault((key, rnd), []).append(
             lambda value, error: done(value if want_value else None, error))
+        self.ts_since.setdefault((key, rnd), time.monotonic())
+
+    def _expire_ts(self) -> None:
+        """GEOMX_REQUEST_TIMEOUT for results relayed by TSEngine: a relay that does not come (the peer
+        that was to pass it on is stuck or left) fails the requests waiting for it, saying so."""
+        limit = time.monotonic() - self.cfg.request_timeout
+        for where in [w for w, since in self.ts_since.items() if since < limit]:
+            del self.ts_since[where]
+            error = GeoMXError(f"worker{self.info.rank if self.info else '?'}: the TSEngine result of key {where[0]} "
+                               f"round {where[1]} was not relayed to this worker within {self.cfg.request_timeout:g}s "
+                               "(GEOMX_REQUEST_TIMEOUT): the party peer or local server that was to pass it on is "
+                               "stuck or gone")
+            log.error("%s", error)
+            for callback in self.ts_waiters.pop(where, []):
+                callback(None, error)
 
     def ts_check(self, kind: MsgType, key: int, rnd: int, data: np.ndarray) -> Optional[str]:
         if rnd >= self.ts_pushed.get(key, 0):
@@ -199,6 +218,7 @@ class WorkerNode:
         return None
 
     def ts_model(self, key: int, rnd: int, data: np.ndarray) -> None:
+        self.ts_since.pop((key, rnd), None)
         latest = self.ts_latest.get(key)
         if latest is None or latest[0] < rnd:
             self.ts_latest[key] = (rnd, data)

@@ -7,6 +7,7 @@ import io
 import logging
 import os
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -22,6 +23,7 @@ from test_faults import Cluster, assert_no_process_left, slow_cmd
 
 from geomx import security, transport, wire
 from geomx.errors import ProtocolError
+from geomx.kvclient import KVClient
 from geomx.launch import Topology, run
 from geomx.servers.keystate import KeyState
 from geomx.tsengine.peer import TSPeer
@@ -358,3 +360,105 @@ def test_two_parties_of_two_workers_with_intra_and_inter_tsengine_finish_exactly
     assert code == 0, out[-6000:]
     assert len(re.findall(r"EXACT OK", out)) == 4, out[-6000:]
     assert "requested during shutdown" not in out and "error while handling" not in out, out[-6000:]
+
+
+# -- 4. nothing waits forever ---------------------------------------------------------------------
+
+def test_a_request_to_a_server_that_never_answers_fails_after_its_deadline_naming_it():
+    """A listener that takes requests and never answers (stuck, or dropping them): every request
+    fails after GEOMX_REQUEST_TIMEOUT with the server's address and what it was asked."""
+    ctx = zmq.Context()
+    # TCP only: a Unix-domain socket file that an earlier listener of this port number left would
+    # lure the client away from this one.
+    loop = transport.EventLoop(ctx, name="client", local_ipc=False)
+    silent = ctx.socket(zmq.ROUTER)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    results: List[tuple] = []
+    try:
+        client = KVClient(loop, [("127.0.0.1", port)], identity="w0", sender=0, bigarray_bound=10 ** 6, wan=False,
+                          name="worker0", request_timeout=1.0)
+        start = time.monotonic()
+        client.request(MsgType.PULL, 3, 12, np.float32, lambda v, e: results.append((v, e)))
+        client.broadcast(MsgType.COMMAND, lambda r, e: results.append((r, e)), meta={"cmd": "get_states"})
+        loop.run_until(lambda: len(results) == 2, timeout=20, what="the deadlines")
+        took = time.monotonic() - start
+        received = 0
+        while silent.poll(0):
+            silent.recv_multipart()
+            received += 1
+    finally:
+        loop.close()
+        silent.close(linger=0)
+        ctx.destroy(linger=0)
+    assert received == 2, "the requests did not reach the silent server"
+    assert 1.0 <= took < 5.0, took
+    pull, command = results
+    assert pull[0] is None and command[0] == []
+    assert str(pull[1]) == (f"worker0: party server 0 at 127.0.0.1:{port} did not answer PULL of key 3 within 1s "
+                            "(GEOMX_REQUEST_TIMEOUT): it is stuck, cut off from this node, or dropped the request")
+    assert f"party server 0 at 127.0.0.1:{port} did not answer COMMAND get_states within 1s" in str(command[1])
+
+
+def test_a_stuck_local_server_fails_its_workers_requests_before_any_heartbeat_timeout():
+    """The local server is frozen (SIGSTOP: alive to the kernel, silent) while its workers train, with
+    PS_HEARTBEAT_TIMEOUT at 60 s: the workers' requests fail after GEOMX_REQUEST_TIMEOUT (4 s) naming
+    it, the failure stops the topology, and no process is left behind."""
+    topo = Topology(parties=1, workers_per_party=2, env={"GEOMX_START_TIMEOUT": "60", "GEOMX_REQUEST_TIMEOUT": "4",
+                                                         "PS_HEARTBEAT_INTERVAL": "1", "PS_HEARTBEAT_TIMEOUT": "60"})
+    cluster = Cluster(topo, slow_cmd(30, 0.3))
+    with cluster:
+        log = cluster.log
+        log.wait_for(r"^\[party0/worker\d\] ROUND 1 OK", 90)
+        port = _port(cluster, r"^\[party0/server\] .*serving \d+ worker\(s\) on port (\d+)")
+        server = cluster.procs["party0/server"]
+        os.kill(server.pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        try:
+            log.wait_for(rf"party server 0 at 127\.0\.0\.1:{port} did not answer \w+ of key \d+ within 4s "
+                         r"\(GEOMX_REQUEST_TIMEOUT\)", 30)
+            noticed = time.monotonic() - frozen
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert noticed < 20, noticed
+        assert cluster.wait_all(60), f"still running: {cluster.running()}\n{log.text()[-4000:]}"
+        out = log.text()
+        assert "EXACT OK" not in out
+        workers = {n: p.returncode for n, p in cluster.procs.items() if "worker" in n and "master" not in n}
+        assert all(code != 0 for code in workers.values()), workers
+        assert_no_process_left(cluster)
+
+
+def test_a_leaving_server_answers_every_request_still_waiting():
+    """A local server that exits (here: told to, as geomx.node does when it stops) refuses the pushes
+    of an incomplete round and the parked pulls with an error naming it, over its real socket."""
+    from test_fuzz import _SERVER_ENV, _dead_port, _initialised
+
+    from geomx import config
+    from geomx.servers import LocalServer
+
+    ctx = zmq.Context()
+    loop = transport.EventLoop(ctx, name="local server")
+    client = ctx.socket(zmq.DEALER)
+    try:
+        server = LocalServer(config.load(dict(_SERVER_ENV, DMLC_ROLE="server")), loop)
+        server.connect_upstream(KVClient(loop, [("127.0.0.1", _dead_port())], identity="ls", sender=0,
+                                         bigarray_bound=10 ** 6, wan=False, name="ls"))
+        _initialised(server, keys=(0,))
+        client.setsockopt(zmq.IDENTITY, b"worker0>0")
+        client.connect(f"tcp://127.0.0.1:{server.port}")
+        client.send_multipart(wire.encode(Message(MsgType.PUSH, req_id=1, key=0, data=np.ones(12, np.float32))))
+        client.send_multipart(wire.encode(Message(MsgType.PULL, req_id=2, key=0, numel=12, total=12, dtype=1)))
+        loop.run_until(lambda: server.keys[0].rounds and server.keys[0].parked, timeout=10, what="the requests")
+        server.leave("every client stopped")
+        replies = []
+        while len(replies) < 2:
+            loop.run_once(0.05)
+            if client.poll(100):
+                replies.append(wire.decode(client.recv_multipart()))
+    finally:
+        client.close(linger=0)
+        loop.close()
+        ctx.destroy(linger=0)
+    assert sorted((r.type, r.req_id) for r in replies) == [(MsgType.ERROR, 1), (MsgType.ERROR, 2)]
+    assert all("local server is leaving (every client stopped) with this request unanswered" in r.meta["error"]
+               for r in replies)

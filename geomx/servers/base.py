@@ -345,6 +345,27 @@ class ServerBase:
                 else:
                     ks.parked.append((other, reply))
 
+    def leave(self, reason: str) -> None:
+        """This server is about to exit: answer every request still waiting here (pushes of rounds
+        that are not complete, parked pulls and INITs) with an error that says so, rather than leave
+        their clients waiting for replies that will never come."""
+        error = GeoMXError(f"{self.name} is leaving ({reason}) with this request unanswered")
+        waiting = 0
+        for ks in self.keys.values():
+            for state in (ks, *ks.slices.values()):
+                for r in list(state.rounds):
+                    waiting += len(state.rounds[r].waiters)
+                    state.fail_round(r, error)
+                parked, state.parked = state.parked, []
+                waiting += len(parked)
+                for _client, reply in parked:
+                    try:
+                        reply(error)
+                    except Exception:  # noqa: BLE001 - the others must still be answered
+                        log.exception("%s: cannot refuse a parked request", self.name)
+        if waiting:
+            log.warning("%s: leaving (%s); refused %d request(s) still waiting", self.name, reason, waiting)
+
     # -- TSEngine root (see geomx.tsengine.peer.Owner) ----------------------------------------
     def ts_expected(self) -> int:
         """Pushes a round of this server's TSEngine tier needs."""

@@ -197,7 +197,8 @@ class LocalServer(ServerBase):
             # error; end this server so that the party scheduler tells them why.
             self.on_fatal(GeoMXError(f"{self.name}: key {ks.key} round {r}: {error}"))
             return
-        ks.fail_round(r, error)
+        if r in ks.rounds:  # not when its waiters were answered already (the server is leaving)
+            ks.fail_round(r, error)
 
     def _encoder(self, ks: KeyState, acc: np.ndarray):
         """How ``acc`` crosses the WAN: None for dense, else a per-part encoder of one payload (the

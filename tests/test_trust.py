@@ -4,6 +4,7 @@ exact. The network cases attack real processes over real sockets (tests/test_fau
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
@@ -462,3 +463,31 @@ def test_a_leaving_server_answers_every_request_still_waiting():
     assert sorted((r.type, r.req_id) for r in replies) == [(MsgType.ERROR, 1), (MsgType.ERROR, 2)]
     assert all("local server is leaving (every client stopped) with this request unanswered" in r.meta["error"]
                for r in replies)
+
+
+def _npy_member(shape, data: bytes) -> bytes:
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return out.getvalue() + data
+
+
+@pytest.mark.parametrize("claimed", [1 << 40, (1 << 62) // 4])
+def test_a_checkpoint_member_claiming_more_elements_than_it_holds_is_refused_not_allocated(tmp_path, claimed):
+    """A checkpoint whose header and .npy member claim 2^40 elements (a few bytes stored) used to raise
+    an uncaught MemoryError at restore; it is refused with a CheckpointError saying why."""
+    import zipfile
+
+    from geomx import checkpoint
+
+    header = {"format": checkpoint.FORMAT, "rank": 0, "num_global_server": 1, "global_sync": True,
+              "compression": None, "optimizer": None, "num_update": 0, "states": None, "stopped": [], "pushing": [],
+              "keys": [{"key": 0, "numel": claimed, "dtype": "<f4", "completed": 1, "update_count": 0, "offset": 0,
+                        "total": claimed}]}
+    path = tmp_path / "global_server0.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        raw = json.dumps(header).encode()
+        z.writestr("header.npy", _npy_member((len(raw),), b"").replace(b"<f4", b"|u1") + raw)
+        z.writestr("v0.npy", _npy_member((claimed,), b"\0" * 16))
+    with pytest.raises(checkpoint.CheckpointError, match=rf"member v0 claims \({claimed},\) x float32, more than the "
+                                                         r"\d+ bytes it holds"):
+        checkpoint.load(str(path))

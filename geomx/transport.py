@@ -13,6 +13,7 @@ import heapq
 import itertools
 import logging
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -478,7 +479,7 @@ class EventLoop:
                 msg = wire.decode(frames, self.max_message_bytes)
             except ProtocolError as exc:
                 log_limited(logging.WARNING, f"{self.name}: dropped a malformed message on {link.name} from "
-                                             f"{identity!r}: {exc}",
+                                             f"{peer_label(identity)}: {exc}",
                             key=(identity, link.name, security.template(str(exc))))
                 if isinstance(exc, wire.MetaError):
                     self._refuse(link, identity, exc.request, str(exc))  # its sender learns why
@@ -520,13 +521,19 @@ class EventLoop:
         self._wake_rx.close(linger=0)
 
 
+_TOKEN_IN_IDENTITY = re.compile(r"#([0-9a-f]{6})[0-9a-f]{26}")
+
+
 def peer_label(identity: Optional[bytes]) -> str:
+    """A peer's identity for log lines, without the secret part of a registered client's (its token
+    is cut to 6 digits: enough to tell clients apart, not to pose as one)."""
     if identity is None:
         return "?"
     try:
-        return identity.decode("ascii")
+        text = identity.decode("ascii")
     except UnicodeDecodeError:
         return identity.hex()
+    return _TOKEN_IN_IDENTITY.sub(r"#\1...", text)
 
 
 __all__: Sequence[str] = ["Link", "EventLoop", "bind_router", "connect_dealer", "peer_label"]

@@ -74,7 +74,8 @@ class WorkerNode:
             if self.fatal is None:
                 self.info = self.member.info
                 assert self.info is not None
-                self.kv = KVClient(self.loop, self.info.servers, identity=f"worker{self.info.rank}",
+                identity = self.member.client_identity(f"worker{self.info.rank}")
+                self.kv = KVClient(self.loop, self.info.servers, identity=identity,
                                    sender=self.info.rank, bigarray_bound=cfg.bigarray_bound, wan=False,
                                    name=("master_worker" if cfg.is_master_worker else "worker") + str(self.info.rank),
                                    global_servers=self.info.global_servers, **client_options(cfg))

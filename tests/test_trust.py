@@ -107,10 +107,10 @@ def test_esync_timings_that_are_not_finite_are_refused_while_training_stays_exac
         b'{"esync_steps":1,"esync_seconds":Infinity}': "'esync_seconds' is inf, not a finite number",
         b'{"esync_steps":1,"esync_seconds":1e999}': "'esync_seconds' is inf, not a finite number",
         b'{"esync_steps":1,"esync_seconds":NaN}': "'esync_seconds' is nan, not a finite number",
-        b'{"esync_steps":1,"esync_seconds":0}': "'esync_seconds' is 0.0, must be in [1e-06, 3.1536e+07]",
-        b'{"esync_steps":1,"esync_seconds":1e-300}': "'esync_seconds' is 1e-300, must be in",
-        b'{"esync_steps":0,"esync_seconds":1}': "'esync_steps' is 0, must be in [1, 64]",
-        b'{"esync_steps":1,"esync_seconds":-5}': "'esync_seconds' is -5.0, must be in",
+        # Finite: past the decoder, and refused because the sender is no registered party (the range
+        # checks a registered party meets are in test_esync_timings_out_of_range_from_a_registered_party).
+        b'{"esync_steps":1,"esync_seconds":0}': "not a registered client of this server",
+        b'{"esync_steps":1,"esync_seconds":1e-300}': "not a registered client of this server",
     }
     with cluster:
         log = cluster.log
@@ -187,12 +187,11 @@ def _rss(pid: int) -> int:
 
 def test_floods_of_bad_headers_keys_and_unfinished_frames_at_a_live_local_server():
     """While a party trains: (a) 5000 malformed messages, each with different bytes, from one peer
-    are logged a few times, not 5000; (b) INITs of more keys than GEOMX_MAX_KEYS_PER_CLIENT (set to 6)
-    are refused with ERROR naming it; (c) 150 frames of 1 MiB of a message that never ends grow the
+    are logged a few times, not 5000; (b) INITs of new keys from that peer, which is not a registered
+    worker, are refused with ERROR saying so; (c) 150 frames of 1 MiB of a message that never ends grow the
     server while the sender is connected (libzmq bounds only each frame) and are given back to the OS
     once it leaves. Training finishes exactly."""
-    topo = Topology(parties=1, workers_per_party=2, env={"GEOMX_START_TIMEOUT": "60"},
-                    node_env={"party0/server": {"GEOMX_MAX_KEYS_PER_CLIENT": "6"}})
+    topo = Topology(parties=1, workers_per_party=2, env={"GEOMX_START_TIMEOUT": "60"})
     cluster = Cluster(topo, slow_cmd(10, 0.8))
     with cluster:
         log = cluster.log
@@ -206,18 +205,17 @@ def test_floods_of_bad_headers_keys_and_unfinished_frames_at_a_live_local_server
             sock.connect(f"tcp://127.0.0.1:{port}")
             for i in range(5000):
                 sock.send_multipart([struct.pack("<I", i) + bytes(wire.HEADER_SIZE - 4)])
-            # Keys 100.. are new; the INITs wait for the master's values (which never come) until the
-            # bound: then ERROR.
+            # New keys from a stranger: refused (a registered worker may declare GEOMX_MAX_KEYS_PER_CLIENT).
             for i in range(10):
                 sock.send_multipart(wire.encode(Message(MsgType.INIT, req_id=500 + i, key=100 + i, numel=4, total=4,
                                                         dtype=1)))
             refused = []
-            while len(refused) < 4 and sock.poll(30_000):
+            while len(refused) < 10 and sock.poll(30_000):
                 refused.append(wire.decode(sock.recv_multipart()))
         finally:
             ctx.destroy(linger=0)
-        assert [(r.type, r.req_id) for r in refused] == [(MsgType.ERROR, 506 + i) for i in range(4)], refused
-        assert "this client already declared 6 keys (GEOMX_MAX_KEYS_PER_CLIENT=6)" in refused[0].meta["error"]
+        assert [(r.type, r.req_id) for r in refused] == [(MsgType.ERROR, 500 + i) for i in range(10)], refused
+        assert all("INIT from flooder, which is not a registered client" in r.meta["error"] for r in refused)
 
         before = _rss(pid)
         raw = zmtp_null_dealer(port)
@@ -245,48 +243,6 @@ def test_floods_of_bad_headers_keys_and_unfinished_frames_at_a_live_local_server
         assert len(re.findall(r"^\[party0/worker\d\] EXACT OK", out, re.M)) == 2
         malformed = re.findall(r"^\[party0/server\] .*dropped a malformed message .*flooder", out, re.M)
         assert 1 <= len(malformed) <= 6, malformed[:10]
-        assert_no_process_left(cluster)
-
-
-def test_checkpoint_requests_are_coalesced_and_all_answered(tmp_path):
-    """200 SAVE_CHECKPOINT requests at once at the global server: each is answered (with the
-    checkpoint that was written after it came, or an error when 64 wait already), far fewer
-    checkpoints are written than asked for, and the parties' training stays exact."""
-    topo = Topology(parties=2, workers_per_party=1, env={"GEOMX_START_TIMEOUT": "60",
-                                                         "GEOMX_CHECKPOINT_DIR": str(tmp_path),
-                                                         "GEOMX_CHECKPOINT_EVERY": "1000"})
-    cluster = Cluster(topo, slow_cmd(8, 0.8) + ["--optimizer", "sgd"])
-    with cluster:
-        log = cluster.log
-        log.wait_for(r"^\[party\d/worker0\] ROUND 0 OK", 90)
-        lan_port = _port(cluster, r"^\[global_server0\] .*central worker\(s\) on port (\d+)")
-        ctx = zmq.Context()
-        try:
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.IDENTITY, b"saver")
-            sock.connect(f"tcp://127.0.0.1:{lan_port}")
-            for i in range(200):
-                sock.send_multipart(wire.encode(Message(MsgType.COMMAND, req_id=1 + i,
-                                                        meta={"cmd": "save_checkpoint"})))
-            replies = {}
-            while len(replies) < 200 and sock.poll(30_000):
-                reply = wire.decode(sock.recv_multipart())
-                replies[reply.req_id] = reply
-        finally:
-            ctx.destroy(linger=0)
-        assert sorted(replies) == list(range(1, 201))
-        ok = [r for r in replies.values() if r.type == MsgType.RESPONSE]
-        refused = [r for r in replies.values() if r.type == MsgType.ERROR]
-        assert ok and all("checkpoint requests wait for the one being written" in r.meta["error"] for r in refused)
-        assert all(r.meta["path"].endswith("global_server0.npz") for r in ok)
-        assert cluster.wait_all(120), f"still running: {cluster.running()}"
-        out = log.text()
-        written = re.findall(r"^\[global_server0\] .*checkpoint \(requested\)", out, re.M)
-        print(f"{len(ok)} requests answered by {len(written)} checkpoints, {len(refused)} refused")
-        assert len(written) <= 20, len(written)
-        codes = {name: p.returncode for name, p in cluster.procs.items()}
-        assert set(codes.values()) == {0}, (codes, out[-6000:])
-        assert len(re.findall(r"^\[party\d/worker0\] EXACT OK", out, re.M)) == 2
         assert_no_process_left(cluster)
 
 
@@ -491,3 +447,153 @@ def test_a_checkpoint_member_claiming_more_elements_than_it_holds_is_refused_not
     with pytest.raises(checkpoint.CheckpointError, match=rf"member v0 claims \({claimed},\) x float32, more than the "
                                                          r"\d+ bytes it holds"):
         checkpoint.load(str(path))
+
+
+# -- registered clients: what the servers still bound for them --------------------------------------
+
+TOKEN = "0123456789abcdef" * 2  # as TierMember makes them: 32 hex digits
+
+
+class InProcessServer:
+    """A real local or global server in this process (its event loop driven by the test) whose
+    clients are registered as the tier's scheduler would do it, and DEALERs to talk to it."""
+
+    def __init__(self, kind: str, **env: str):
+        from test_fuzz import _SERVER_ENV, _dead_port
+
+        from geomx import config
+        from geomx.servers import GlobalServer, LocalServer
+
+        self.ctx = zmq.Context()
+        self.loop = transport.EventLoop(self.ctx, name=kind, local_ipc=False)
+        self.socks: List[zmq.Socket] = []
+        if kind == "local server":
+            self.server = LocalServer(config.load(dict(_SERVER_ENV, DMLC_ROLE="server", **env)), self.loop)
+            self.server.connect_upstream(KVClient(self.loop, [("127.0.0.1", _dead_port())], identity="ls",
+                                                  sender=0, bigarray_bound=10 ** 6, wan=False, name="ls"))
+            self.ports = {"party": self.server.port}
+            self.server.allow(self.server.link.name, [TOKEN])
+        else:
+            cfg = config.load(dict(_SERVER_ENV, DMLC_ROLE_GLOBAL="global_server", DMLC_ROLE="server",
+                                   DMLC_NUM_ALL_WORKER="4", **env))
+            self.server = GlobalServer(cfg, self.loop)
+            self.ports = {"wan": self.server.wan_port, "lan": self.server.lan_port}
+            self.server.allow(self.server.wan_link.name, [TOKEN])
+            self.server.allow(self.server.lan_link.name, [TOKEN])
+
+    def client(self, identity: bytes, port: str) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, identity)
+        sock.connect(f"tcp://127.0.0.1:{self.ports[port]}")
+        self.socks.append(sock)
+        return sock
+
+    def replies(self, sock: zmq.Socket, count: int, timeout: float = 30) -> List[Message]:
+        out: List[Message] = []
+        end = time.monotonic() + timeout
+        while len(out) < count and time.monotonic() < end:
+            self.loop.run_once(0.02)
+            while sock.poll(0):
+                out.append(wire.decode(sock.recv_multipart()))
+        return out
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close(linger=0)
+        self.loop.close()
+        self.ctx.destroy(linger=0)
+
+
+REGISTERED = f"worker0#{TOKEN}>0".encode()
+
+
+def test_strangers_and_guessed_identities_are_refused_and_a_registered_client_is_still_bounded():
+    """The local server takes requests only from identities carrying a registered token: the old,
+    predictable ``worker0>0`` and a wrong token are refused; the registered worker may declare at most
+    GEOMX_MAX_KEYS_PER_CLIENT keys and push at most GEOMX_MAX_ROUNDS_AHEAD rounds ahead."""
+    from test_fuzz import _initialised
+
+    srv = InProcessServer("local server", GEOMX_MAX_KEYS_PER_CLIENT="6")
+    try:
+        _initialised(srv.server, keys=(0,))
+        for identity in (b"worker0>0", f"worker0#{'f' * 32}>0".encode(), b"flooder"):
+            sock = srv.client(identity, "party")
+            for mtype in (MsgType.INIT, MsgType.PULL, MsgType.STOP):
+                sock.send_multipart(wire.encode(Message(mtype, req_id=int(mtype), key=0, numel=12, total=12, dtype=1)))
+            got = srv.replies(sock, 3)
+            assert sorted((r.type, r.req_id) for r in got) == [(MsgType.ERROR, int(t)) for t in
+                                                               (MsgType.INIT, MsgType.PULL, MsgType.STOP)], got
+            assert all("which is not a registered client of this server" in r.meta["error"] for r in got)
+        assert not srv.server.stopped_clients and not srv.server.keys_declared
+        worker = srv.client(REGISTERED, "party")
+        for i in range(10):  # new keys: parked until the global tier answers (never, here), then refused
+            worker.send_multipart(wire.encode(Message(MsgType.INIT, req_id=100 + i, key=100 + i, numel=4, total=4,
+                                                      dtype=1)))
+        got = srv.replies(worker, 4)
+        assert [(r.type, r.req_id) for r in got] == [(MsgType.ERROR, 106 + i) for i in range(4)], got
+        assert "this client already declared 6 keys (GEOMX_MAX_KEYS_PER_CLIENT=6)" in got[0].meta["error"]
+        for i in range(17):  # the other worker never pushes: rounds stay open
+            worker.send_multipart(wire.encode(Message(MsgType.PUSH, req_id=200 + i, key=0,
+                                                      data=np.ones(12, np.float32))))
+        got = srv.replies(worker, 1)
+        assert [(r.type, r.req_id) for r in got] == [(MsgType.ERROR, 216)], got
+        assert "already pushed 16 round(s) that are not complete (GEOMX_MAX_ROUNDS_AHEAD=16)" in got[0].meta["error"]
+    finally:
+        srv.close()
+
+
+def test_esync_timings_out_of_range_from_a_registered_party_are_refused(mxnet_module):
+    from test_fuzz import _initialised
+
+    srv = InProcessServer("global server", GEOMX_USE_ESYNC="1", DMLC_ENABLE_CENTRAL_WORKER="1")
+    try:
+        _initialised(srv.server, keys=(0,))
+        party = srv.client(f"local_server0#{TOKEN}>0".encode(), "wan")
+        cases = {'{"esync_steps":1,"esync_seconds":0}': "'esync_seconds' is 0.0, must be in [1e-06, 3.1536e+07]",
+                 '{"esync_steps":1,"esync_seconds":1e-300}': "'esync_seconds' is 1e-300, must be in",
+                 '{"esync_steps":0,"esync_seconds":1}': "'esync_steps' is 0, must be in [1, 64]",
+                 '{"esync_steps":65,"esync_seconds":1}': "'esync_steps' is 65, must be in [1, 64]",
+                 '{"esync_steps":1,"esync_seconds":-5}': "'esync_seconds' is -5.0, must be in"}
+        for i, text in enumerate(cases):
+            party.send_multipart(raw_request(MsgType.PUSHPULL, text.encode(), req_id=1 + i, key=0,
+                                             data=np.ones(12, np.float32)))
+        got = {r.req_id: r for r in srv.replies(party, len(cases))}
+        for i, needle in enumerate(cases.values()):
+            assert got[1 + i].type == MsgType.ERROR and needle in got[1 + i].meta["error"], (needle, got.get(1 + i))
+        assert not srv.server.esync_speed and not srv.server.keys[0].rounds  # nothing recorded or summed
+    finally:
+        srv.close()
+
+
+@pytest.fixture(scope="module")
+def mxnet_module():
+    return pytest.importorskip("mxnet")
+
+
+def test_checkpoint_requests_from_a_registered_client_are_coalesced_and_all_answered(tmp_path, mxnet_module, caplog):
+    """200 SAVE_CHECKPOINT requests at once: each is answered (by the checkpoint written after it came,
+    or with an error once 64 wait), and far fewer checkpoints are written than asked for (each used to
+    start a writer thread with its own copy of the optimizer state)."""
+    from test_fuzz import _initialised
+
+    srv = InProcessServer("global server", GEOMX_CHECKPOINT_DIR=str(tmp_path))
+    try:
+        _initialised(srv.server)
+        master = srv.client(f"master_worker0#{TOKEN}>0".encode(), "lan")
+        with caplog.at_level(logging.INFO, logger="geomx.server"):
+            for i in range(200):
+                master.send_multipart(wire.encode(Message(MsgType.COMMAND, req_id=1 + i,
+                                                          meta={"cmd": "save_checkpoint"})))
+            got = {r.req_id: r for r in srv.replies(master, 200, timeout=60)}
+            while srv.server._busy:  # the last checkpoint's thread reports on the loop
+                srv.loop.run_once(0.02)
+    finally:
+        srv.close()
+    assert sorted(got) == list(range(1, 201))
+    ok = [r for r in got.values() if r.type == MsgType.RESPONSE]
+    refused = [r for r in got.values() if r.type == MsgType.ERROR]
+    assert ok and all("checkpoint requests wait for the one being written" in r.meta["error"] for r in refused)
+    assert all(r.meta["path"].endswith("global_server0.npz") for r in ok)
+    written = [r for r in caplog.records if "checkpoint (requested)" in r.getMessage()]
+    print(f"{len(ok)} requests answered by {len(written)} checkpoints, {len(refused)} refused")
+    assert 1 <= len(written) <= 20, len(written)

@@ -3,7 +3,7 @@ known keys, synchronous aggregation rounds, parked pulls, and the stop protocol.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -48,6 +48,12 @@ class ServerBase:
         # TSEngine in the tier where this server is the aggregation root (the global server in the
         # global tier; a local server in its party): partial sums arrive on the client sockets.
         self.ts_root: Any = None
+        # Who may use each client socket (link name -> the tokens its tier's scheduler registered,
+        # carried in the clients' identities; see TierMember.client_identity). geomx.node requires
+        # it; until the scheduler's list is in, requests wait (at most EARLY_REQUESTS of them).
+        self.require_registration = False
+        self.allowed: Dict[str, frozenset] = {}
+        self.early: List[Tuple[Message, bytes, Link]] = []
 
     # -- hooks --------------------------------------------------------------------------------
     def expected_pushes(self, link: Link) -> int:
@@ -121,12 +127,49 @@ class ServerBase:
         reply is sent."""
         return None
 
+    # -- who may ask -------------------------------------------------------------------------
+    EARLY_REQUESTS = 10_000
+
+    def allow(self, link_name: str, tokens) -> None:
+        """The registered clients of ``link_name`` (their tokens), from the tier's scheduler; turns the
+        check on. Requests that came before are handled now."""
+        self.require_registration = True
+        self.allowed[link_name] = frozenset(tokens)
+        early, self.early = [e for e in self.early if e[2].name == link_name], \
+            [e for e in self.early if e[2].name != link_name]
+        for msg, identity, link in early:
+            try:
+                self.handle_client(msg, identity, link)
+            except ProtocolError as exc:
+                self.reply_error(link, identity, msg, str(exc))
+
+    def registered_client(self, link: Link, identity: bytes) -> Optional[bool]:
+        """True if ``identity`` carries a token the scheduler registered for ``link``'s tier; None
+        while that list is not known yet."""
+        allowed = self.allowed.get(link.name)
+        if allowed is None:
+            return None
+        token = identity.rpartition(b">")[0].rpartition(b"#")[2]
+        return token.decode("ascii", "replace") in allowed
+
     # -- dispatch -----------------------------------------------------------------------------
     def handle_client(self, msg: Message, identity: Optional[bytes], link: Link) -> None:
         assert identity is not None
         if msg.type == MsgType.TS_MERGE and self.ts_root is not None:
             self.ts_root.handle(msg, identity, link)
             return
+        if self.require_registration:
+            known = self.registered_client(link, identity)
+            if known is None:
+                if len(self.early) >= self.EARLY_REQUESTS:
+                    raise ProtocolError("too many requests before this server's clients are known")
+                self.early.append((msg, identity, link))
+                return
+            if not known:
+                # Not one of the clients its tier's scheduler registered (a stranger, or a guessed
+                # identity): it may not INIT, push, pull, command or STOP here.
+                raise ProtocolError(f"{msg.type.name} from {peer_label(identity)}, which is not a registered "
+                                    f"client of this server (it did not register with this tier's scheduler)")
         client: Client = (link.name, identity)
         if client in self.stopped_clients:
             raise ProtocolError(f"{msg.type.name} after STOP")

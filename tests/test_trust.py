@@ -188,7 +188,8 @@ def _rss(pid: int) -> int:
 def test_floods_of_bad_headers_keys_and_unfinished_frames_at_a_live_local_server():
     """While a party trains: (a) 5000 malformed messages, each with different bytes, from one peer
     are logged a few times, not 5000; (b) INITs of new keys from that peer, which is not a registered
-    worker, are refused with ERROR saying so; (c) 150 frames of 1 MiB of a message that never ends grow the
+    worker, and STOPs and pushes under guessed worker identities are refused with ERROR saying so;
+    (c) 150 frames of 1 MiB of a message that never ends grow the
     server while the sender is connected (libzmq bounds only each frame) and are given back to the OS
     once it leaves. Training finishes exactly."""
     topo = Topology(parties=1, workers_per_party=2, env={"GEOMX_START_TIMEOUT": "60"})
@@ -212,10 +213,24 @@ def test_floods_of_bad_headers_keys_and_unfinished_frames_at_a_live_local_server
             refused = []
             while len(refused) < 10 and sock.poll(30_000):
                 refused.append(wire.decode(sock.recv_multipart()))
+            # STOPs under guessed identities (before: enough of them made the server exit 0 and failed
+            # the open rounds) and a push of a real key (before: summed in place of a worker's).
+            stops = []
+            for name in (b"worker0>0", b"worker1>0", b"stranger"):
+                other = ctx.socket(zmq.DEALER)
+                other.setsockopt(zmq.IDENTITY, name)
+                other.connect(f"tcp://127.0.0.1:{port}")
+                other.send_multipart(wire.encode(Message(MsgType.STOP, req_id=7)))
+                other.send_multipart(wire.encode(Message(MsgType.PUSH, req_id=8, key=1, data=np.ones(7, np.float32))))
+                for _ in range(2):
+                    if other.poll(30_000):
+                        stops.append(wire.decode(other.recv_multipart()))
         finally:
             ctx.destroy(linger=0)
         assert [(r.type, r.req_id) for r in refused] == [(MsgType.ERROR, 500 + i) for i in range(10)], refused
         assert all("INIT from flooder, which is not a registered client" in r.meta["error"] for r in refused)
+        assert sorted((r.type, r.req_id) for r in stops) == [(MsgType.ERROR, 7)] * 3 + [(MsgType.ERROR, 8)] * 3
+        assert all("which is not a registered client" in r.meta["error"] for r in stops), stops
 
         before = _rss(pid)
         raw = zmtp_null_dealer(port)

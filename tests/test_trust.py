@@ -612,3 +612,19 @@ def test_checkpoint_requests_from_a_registered_client_are_coalesced_and_all_answ
     written = [r for r in caplog.records if "checkpoint (requested)" in r.getMessage()]
     print(f"{len(ok)} requests answered by {len(written)} checkpoints, {len(refused)} refused")
     assert 1 <= len(written) <= 20, len(written)
+
+
+@pytest.mark.parametrize("name, value, needle", [
+    ("GEOMX_REQUEST_TIMEOUT", "0", "GEOMX_REQUEST_TIMEOUT must be > 0"),
+    ("GEOMX_REQUEST_TIMEOUT", "soon", "GEOMX_REQUEST_TIMEOUT must be a number"),
+    ("GEOMX_MAX_KEYS_PER_CLIENT", "0", "GEOMX_MAX_KEYS_PER_CLIENT must be"),
+])
+def test_new_limits_are_checked_naming_the_variable(name, value, needle):
+    from test_fuzz import _SERVER_ENV
+
+    from geomx import config
+
+    cfg = config.load(dict(_SERVER_ENV, DMLC_ROLE="server"))
+    assert (cfg.request_timeout, cfg.max_keys_per_client) == (600.0, 100_000)
+    with pytest.raises(config.ConfigError, match=re.escape(needle)):
+        config.load(dict(_SERVER_ENV, DMLC_ROLE="server", **{name: value}))

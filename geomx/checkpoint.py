@@ -128,17 +128,46 @@ def load(path: str) -> Checkpoint:
         return _load(path)
     except CheckpointError as exc:
         raise CheckpointError(f"checkpoint {path} refused: {exc}") from None
-    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, UnicodeDecodeError,
+            MemoryError) as exc:
         # Truncated or corrupt files end up here (zip directory missing, CRC mismatch, short member).
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): "
                               f"{type(exc).__name__}: {exc}") from None
 
 
+def _check_member(z: Any, name: str, size: int) -> None:
+    """Refuse member ``name`` unless its bytes are stored in the file (np.savez stores, never
+    compresses) and its .npy header describes no more data than that: numpy allocates what the header
+    claims before reading, so a member claiming 2^40 elements would otherwise raise MemoryError."""
+    member = name + ".npy"
+    try:
+        info = z.zip.getinfo(member)
+    except KeyError:
+        raise CheckpointError(f"member {name} is missing") from None
+    if info.compress_type != zipfile.ZIP_STORED or info.file_size > size:
+        raise CheckpointError(f"member {name} is compressed or larger than the file")
+    with z.zip.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    count = 1
+    for n in shape:
+        count *= n
+    if count * np.dtype(dtype).itemsize > info.file_size:
+        raise CheckpointError(f"member {name} claims {shape} x {np.dtype(dtype)}, more than the "
+                              f"{info.file_size} bytes it holds")
+
+
 def _load(path: str) -> Checkpoint:
+    size = os.path.getsize(path)
     z = np.load(path, allow_pickle=False)
     if not isinstance(z, np.lib.npyio.NpzFile):
         raise CheckpointError("not a geomx checkpoint (a bare array, not an .npz archive)")
     with z:
+        for name in z.files:
+            _check_member(z, name, size)
         if "header" not in z.files:
             raise CheckpointError("not a geomx checkpoint (no header)")
         header = json.loads(bytes(z["header"]).decode())

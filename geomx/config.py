@@ -62,6 +62,10 @@ class NodeConfig:
     # a listener queues for one peer that does not read them.
     max_rounds_ahead: int = 16
     max_queued_replies: int = 100_000
+    # Keys one client may declare (INIT) at a server: a peer cannot make it hold key states without end.
+    max_keys_per_client: int = 100_000
+    # Seconds a request (or a TSEngine result) may stay unanswered before it fails naming the peer.
+    request_timeout: float = 600.0
     # Peers in the same network namespace talk over a Unix-domain socket instead of loopback TCP.
     local_ipc: bool = True
     verbose: int = 0
@@ -361,6 +365,8 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
     kw["max_message_bytes"] = r.int("GEOMX_MAX_MESSAGE_BYTES", 1 << 31, minimum=1024)
     kw["max_rounds_ahead"] = r.int("GEOMX_MAX_ROUNDS_AHEAD", 16, minimum=1)
     kw["max_queued_replies"] = r.int("GEOMX_MAX_QUEUED_REPLIES", 100_000, minimum=1)
+    kw["max_keys_per_client"] = r.int("GEOMX_MAX_KEYS_PER_CLIENT", 100_000, minimum=1)
+    kw["request_timeout"] = r.float("GEOMX_REQUEST_TIMEOUT", 600.0)
     kw["local_ipc"] = r.bool("GEOMX_LOCAL_IPC", True)
     kw["verbose"] = r.int("PS_VERBOSE", 0)
     kw["bigarray_bound"] = r.int("MXNET_KVSTORE_BIGARRAY_BOUND", 1_000_000, minimum=1)

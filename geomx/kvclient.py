@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -87,7 +88,7 @@ _SLICED = (MsgType.PUSH, MsgType.PULL, MsgType.PUSHPULL)
 
 class _Pending:
     __slots__ = ("callback", "parts", "remaining", "result", "error", "single", "replies", "is_broadcast",
-                 "base", "size", "sent", "times", "mtype", "priority")
+                 "base", "size", "sent", "times", "mtype", "priority", "since", "what")
 
     def __init__(self, callback: Callable[..., None], parts: List[Part], single: bool,
                  is_broadcast: bool = False, base: int = 0, size: int = 0):
@@ -108,6 +109,8 @@ class _Pending:
         # (server, offset) -> the message sent there, kept until answered so that it can be sent
         # again to a server that was restarted (see :meth:`KVClient.replace_server`).
         self.sent: Dict[Tuple[int, int], Message] = {}
+        self.since = time.monotonic()  # for the request deadline
+        self.what = "request"  # for its error
 
 
 class KVClient:
@@ -117,7 +120,8 @@ class KVClient:
 
     def __init__(self, loop: EventLoop, servers: Sequence[Tuple[str, int]], *, identity: str, sender: int,
                  bigarray_bound: int, wan: bool, name: str, global_servers: Optional[int] = None,
-                 p3_slice_size: int = 0, p3_window: int = 2, trace_dir: Optional[str] = None):
+                 p3_slice_size: int = 0, p3_window: int = 2, trace_dir: Optional[str] = None,
+                 request_timeout: float = 0.0):
         self.loop = loop
         self.sender = sender
         self.bigarray_bound = bigarray_bound
@@ -147,6 +151,12 @@ class KVClient:
         self.on_meta: Optional[Callable[[int, dict], None]] = None
         # Called with (server index, meta) for the same replies (DGT's per-server announcement).
         self.on_server_meta: Optional[Callable[[int, dict], None]] = None
+        # GEOMX_REQUEST_TIMEOUT (0: none): a server that is alive but stuck, cut off from this node
+        # while both still reach the scheduler, or that dropped a request, fails it instead of
+        # leaving its caller waiting forever.
+        self.request_timeout = request_timeout
+        if request_timeout > 0:
+            loop.call_every(min(5.0, request_timeout / 4), self._expire)
 
     def _connect(self, server: int, host: str, port: int) -> Link:
         # P3: libzmq may hold p3_window messages and the kernel about one slice of float32;
@@ -194,6 +204,7 @@ class KVClient:
                 if srv == server and unanswered:
                     link.send(msg)
                     resent += 1
+                    p.since = time.monotonic()  # its deadline starts again with the new server
         log.warning("%s: server %d restarted at %s:%d; replayed %d answered push(es) after its checkpoint "
                     "and resent %d unanswered request(s)", self.name, server, host, port, replayed, resent)
 
@@ -257,6 +268,7 @@ class KVClient:
                 return
         req_id = next(self._ids)
         pending = self.pending[req_id] = _Pending(callback, parts, single=len(parts) == 1, base=base, size=total)
+        pending.what = f"{mtype.name} of key {key}"
         if self.trace is not None and mtype in _SLICED:
             pending.times, pending.mtype, pending.priority = {}, mtype.name, priority
         code = wire.dtype_code(dtype)
@@ -295,6 +307,8 @@ class KVClient:
         targets = list(range(len(self.links))) if servers is None else list(servers)
         req_id = next(self._ids)
         pending = _Pending(callback, [(i, 0, 0) for i in targets], single=False, is_broadcast=True)
+        cmd = (meta or {}).get("cmd")
+        pending.what = mtype.name + (f" {cmd}" if isinstance(cmd, str) else "")
         pending.replies = [None] * len(self.links)
         self.pending[req_id] = pending
         for i in targets:
@@ -396,6 +410,28 @@ class KVClient:
         if p.remaining == 0:
             del self.pending[msg.req_id]
             p.callback([r for r in p.replies if r is not None], p.error)
+
+    def _expire(self) -> None:
+        """Fail the requests unanswered for longer than ``request_timeout``, naming the servers that
+        did not answer and what they were asked."""
+        if self.failed is not None or not self.pending:
+            return
+        limit = time.monotonic() - self.request_timeout
+        for req_id in [i for i, p in self.pending.items() if p.since < limit]:
+            p = self.pending.pop(req_id)
+            if p.is_broadcast:
+                silent = sorted(srv for srv, _ in p.parts if p.replies[srv] is None)
+            else:
+                silent = sorted({srv for srv, _ in p.parts})
+            peers = ", ".join(self.links[srv].peer for srv in silent)
+            error = GeoMXError(f"{self.name}: {peers} did not answer {p.what} within {self.request_timeout:g}s "
+                               "(GEOMX_REQUEST_TIMEOUT): it is stuck, cut off from this node, or dropped the "
+                               "request")
+            log.error("%s", error)
+            try:
+                p.callback([] if p.is_broadcast else None, error)
+            except Exception:  # noqa: BLE001 - one bad callback must not stop the others
+                log.exception("%s: callback failed while failing an expired request", self.name)
 
     def write_trace(self) -> Optional[str]:
         """Write the request timeline (GEOMX_P3_TRACE), if it is being recorded."""

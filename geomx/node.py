@@ -89,6 +89,9 @@ def _serve(loop: EventLoop, server: ServerBase, members: List[TierMember], fatal
         for m in members:
             m.bye()
         code = server.exit_code or 0
+    # Its clients learn that it leaves from the replies to whatever they still wait for (after the
+    # upstream requests failed, whose callbacks answer some of them already).
+    server.leave(str(fatal[0]) if fatal else "every client stopped")
     # Give the goodbyes and last replies a moment to leave.
     for _ in range(3):
         loop.run_once(0.05)
@@ -119,7 +122,10 @@ def _local_server(cfg: NodeConfig) -> int:
     assert glob.info is not None and party.info is not None
     logutil.set_label(f"local_server{glob.info.rank}")
     server.parties = glob.info.num_parties
-    upstream = KVClient(loop, glob.info.servers, identity=f"local_server{glob.info.rank}", sender=glob.info.rank,
+    # Only the party's registered workers may use this server (from before its first request).
+    server.allow(server.link.name, party.info.clients)
+    upstream = KVClient(loop, glob.info.servers, identity=glob.client_identity(f"local_server{glob.info.rank}"),
+                        sender=glob.info.rank,
                         bigarray_bound=cfg.bigarray_bound, wan=True, name=f"local_server{glob.info.rank}",
                         **client_options(cfg))
     server.connect_upstream(upstream)
@@ -172,6 +178,7 @@ def _global_server(cfg: NodeConfig) -> int:
     def on_registered(info) -> None:
         # In the loop turn of the acknowledgement, before the local servers' first messages.
         server.parties = info.num_parties
+        server.allow(server.wan_link.name, info.clients)
         if ckpt is not None:
             # Restored into the running topology it came from, or into a whole new one whose
             # clients start afresh.
@@ -198,6 +205,7 @@ def _global_server(cfg: NodeConfig) -> int:
                       "global_server", fatal, rank_hint=server.rank,
                       layout={"global_servers": cfg.num_global_server})
     _restartable(central, cfg, ckpt is not None)
+    central.on_registered = lambda info: server.allow(server.lan_link.name, info.clients)
     central.register()
     _wait(loop, cfg, lambda: central.info is not None, fatal, "central-party registration")
     log.info("serving %d party(ies) on port %d and %d central worker(s) on port %d (%d local server(s))",

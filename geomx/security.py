@@ -174,20 +174,46 @@ def secure_client(sock: zmq.Socket, keys: CurveKeys, cross_party: bool) -> None:
 
 class RateLimitedLog:
     """Log a repeated refusal once per ``interval`` seconds (a peer retrying in a loop, or a flood of
-    hostile connections, must not flood the log), counting what was left out."""
+    hostile connections, must not flood the log), counting what was left out.
 
-    def __init__(self, interval: float = 5.0):
+    Refusals are counted per ``key``: the caller's (peer, kind), where the kind is the text's
+    :func:`template` (numbers and quoted parts, which come from the peer's bytes, replaced), so that a
+    flood of distinct bad messages from one peer is one log line per interval, not one each. At most
+    ``max_keys`` keys are remembered (peers choose their identities too); beyond that, refusals of
+    new keys share one more."""
+
+    OVERFLOW = ("(more peers and kinds than the refusal log tracks)",)
+
+    def __init__(self, interval: float = 5.0, max_keys: int = 4096):
         self.interval = interval
-        self._last: Dict[str, Tuple[float, int]] = {}
+        self.max_keys = max_keys
+        self._last: Dict[object, Tuple[float, int]] = {}
 
-    def __call__(self, level: int, text: str) -> None:
+    def __call__(self, level: int, text: str, key: object = None) -> None:
         now = time.monotonic()
-        last, skipped = self._last.get(text, (-1e9, 0))
+        key = template(text) if key is None else key
+        if key not in self._last and len(self._last) >= self.max_keys:
+            # Forget the keys whose interval is over (their skipped counts are lost, not their peers'
+            # next refusals); if none is, the new key shares the overflow entry.
+            for old in [k for k, (t, _) in self._last.items() if now - t >= self.interval]:
+                del self._last[old]
+            if len(self._last) >= self.max_keys:
+                key = self.OVERFLOW
+        last, skipped = self._last.get(key, (-1e9, 0))
         if now - last < self.interval:
-            self._last[text] = (last, skipped + 1)
+            self._last[key] = (last, skipped + 1)
             return
-        self._last[text] = (now, 0)
+        self._last[key] = (now, 0)
         log.log(level, "%s%s", text, f" ({skipped} more like it since)" if skipped else "")
+
+
+_PEER_BYTES = re.compile(r"b?'(?:[^'\\]|\\.)*'|b?\"(?:[^\"\\]|\\.)*\"|[-+]?\d[\w.+-]*")
+
+
+def template(text: str) -> str:
+    """``text`` with what a peer chose (numbers, quoted strings and bytes) replaced by ``#``, cut to
+    120 characters: the kind of a refusal, as a rate-limit key."""
+    return _PEER_BYTES.sub("#", text)[:120]
 
 
 _UNIX_PEER = re.compile(r"localhost:(\d+):(\d+):(\d+)")
@@ -242,10 +268,11 @@ class ZapHandler:
                 return [version, request_id, b"200", b"OK", name.encode(), b""]
             self.refusals(logging.ERROR,
                           f"{self.node}: REFUSED a connection to {where} from {peer}: its public key "
-                          f"{public.decode()} is not in the allow-list (GEOMX_CURVE_PUBLIC_KEYS_DIR)")
+                          f"{public.decode()} is not in the allow-list (GEOMX_CURVE_PUBLIC_KEYS_DIR)",
+                          key=(peer, where, "unknown key"))
             return [version, request_id, b"400", b"public key not in the allow-list", b"", b""]
         self.refusals(logging.ERROR, f"{self.node}: REFUSED a {mechanism.decode(errors='replace')} connection "
-                                     f"to {where} from {peer}")
+                                     f"to {where} from {peer}", key=(peer, where, "mechanism"))
         return [version, request_id, b"400", b"mechanism not allowed", b"", b""]
 
     def close(self) -> None:

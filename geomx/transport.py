@@ -13,13 +13,21 @@ import heapq
 import itertools
 import logging
 import os
+import re
 import socket
 import tempfile
 import threading
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
+# pyzmq's sender of zero-copy frames (its "gc" thread) registers, when zmq.utils.garbage is first
+# imported, an atexit handler that shuts it down for good. Imported lazily (at a process's first
+# zero-copy send), that handler runs before geomx's own (kvstore closes at exit, LIFO): a worker whose
+# script had just ended could then not pass on a TSEngine result to its party peers (RuntimeError
+# "zmq gc socket requested during shutdown"), and they waited for it forever. Imported here, it
+# outlives geomx's close.
 import zmq
+import zmq.utils.garbage  # noqa: F401
 
 from . import security, wire
 from .errors import ProtocolError
@@ -73,7 +81,8 @@ class Link:
                 _send_frames(self.sock, [identity, *frames], _NOBLOCK)
             except zmq.Again:
                 _refusals(logging.ERROR, f"{self.name}: dropped replies to {peer_label(identity)}: it leaves "
-                                         f"{self.sock.sndhwm} replies unread (GEOMX_MAX_QUEUED_REPLIES)")
+                                         f"{self.sock.sndhwm} replies unread (GEOMX_MAX_QUEUED_REPLIES)",
+                          key=(identity, self.name, "unread replies"))
                 return
             except zmq.ZMQError as exc:
                 if exc.errno != zmq.EHOSTUNREACH:
@@ -95,15 +104,20 @@ class Link:
             self.monitor.close(linger=0)
         self.sock.close(linger=0)
 
-    def on_monitor_event(self, server: bool) -> None:
-        """A handshake event of this link's socket: log a refusal, or fail a refused client link."""
+    def on_monitor_event(self, server: bool) -> bool:
+        """A handshake event of this link's socket: log a refusal, or fail a refused client link.
+        True when (a listener's) peer disconnected."""
         assert self.monitor is not None
+        disconnected = False
         while True:
             try:
                 frames = self.monitor.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return disconnected
             event = security.parse_monitor_message(frames)["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                disconnected = True
+                continue
             reason = security.handshake_failure(frames, server=server, curve=self.curve, link_name=self.name,
                                                 peer=self.peer)
             if reason is None:
@@ -126,8 +140,13 @@ class Link:
 
 _monitors = itertools.count()
 
-# Refusals and drops caused by what peers send: a flood of the same one is logged once every 5 s.
+# Refusals and drops caused by what peers send: a flood of one kind from one peer is logged once
+# every 5 s (see security.RateLimitedLog).
 log_limited = _refusals = security.RateLimitedLog()
+
+
+# Complete messages libzmq queues from one peer before it stops reading that peer's connection.
+RECEIVE_HWM = 1000
 
 
 def configure(sock: zmq.Socket, max_message_bytes: int) -> None:
@@ -135,7 +154,10 @@ def configure(sock: zmq.Socket, max_message_bytes: int) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes + (1 << 20))
     sock.setsockopt(zmq.LINGER, 2000)
     sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
+    # Finite: a peer that sends faster than this node reads is slowed down by TCP once this many of its
+    # messages wait here, instead of growing this process. (libzmq bounds only complete messages: the
+    # frames of one never finished are bounded by nothing but MAXMSGSIZE each; see docs/Deployment.md.)
+    sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
 
 
@@ -288,6 +310,17 @@ def keep_large_buffers() -> None:
         return
 
 
+def release_free_memory() -> None:
+    """Return the heap's free memory to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        return
+
+
 class EventLoop:
     """Polls a set of links and runs timers and cross-thread callbacks, all in one thread."""
 
@@ -317,6 +350,7 @@ class EventLoop:
         self.poller.register(self._wake_rx, zmq.POLLIN)
         self.stopped = False
         self.links: List[Link] = []
+        self._trim_due = False
 
     # -- registration -------------------------------------------------------------------------
     def add(self, link: Link, handler: Handler, routed: bool) -> None:
@@ -342,8 +376,25 @@ class EventLoop:
         elif cross_party:
             security.warn_insecure(link.name)
         # A unique address: pyzmq's default is derived from the socket's fd, which the OS reuses.
-        link.monitor = link.sock.get_monitor_socket(security.MONITORED, f"inproc://geomx-monitor-{next(_monitors)}")
-        self._add_raw(link.monitor, lambda: link.on_monitor_event(server))
+        events = security.MONITORED | (zmq.EVENT_DISCONNECTED if server else 0)
+        link.monitor = link.sock.get_monitor_socket(events, f"inproc://geomx-monitor-{next(_monitors)}")
+
+        def on_event() -> None:
+            if link.on_monitor_event(server):
+                self._release_memory_soon()
+        self._add_raw(link.monitor, on_event)
+
+    def _release_memory_soon(self) -> None:
+        """A peer of a listener left: what libzmq held for it (e.g. the frames of a message it never
+        finished) is freed, but glibc keeps freed heap (keep_large_buffers): give it back to the OS,
+        at most once a second however many peers come and go."""
+        if not self._trim_due:
+            self._trim_due = True
+
+            def trim() -> None:
+                self._trim_due = False
+                release_free_memory()
+            self.call_later(1.0, trim)
 
     def _add_raw(self, sock: zmq.Socket, fn: Callable[[], None]) -> None:
         self._raw[sock] = fn
@@ -439,13 +490,17 @@ class EventLoop:
                 msg = wire.decode(frames, self.max_message_bytes)
             except ProtocolError as exc:
                 log_limited(logging.WARNING, f"{self.name}: dropped a malformed message on {link.name} from "
-                                             f"{identity!r}: {exc}")
+                                             f"{peer_label(identity)}: {exc}",
+                            key=(identity, link.name, security.template(str(exc))))
+                if isinstance(exc, wire.MetaError):
+                    self._refuse(link, identity, exc.request, str(exc))  # its sender learns why
                 continue
             try:
                 handler(msg, identity, link)
             except ProtocolError as exc:
                 log_limited(logging.WARNING, f"{self.name}: rejected {msg.type.name} from {peer_label(identity)} "
-                                             f"on {link.name}: {exc}")
+                                             f"on {link.name}: {exc}",
+                            key=(identity, link.name, msg.type, security.template(str(exc))))
                 self._refuse(link, identity, msg, str(exc))
             except Exception as exc:  # noqa: BLE001 - one bad request must not take the node down
                 log.exception("%s: error while handling %s from %s on %s",
@@ -477,13 +532,19 @@ class EventLoop:
         self._wake_rx.close(linger=0)
 
 
+_TOKEN_IN_IDENTITY = re.compile(r"#([0-9a-f]{6})[0-9a-f]{26}")
+
+
 def peer_label(identity: Optional[bytes]) -> str:
+    """A peer's identity for log lines, without the secret part of a registered client's (its token
+    is cut to 6 digits: enough to tell clients apart, not to pose as one)."""
     if identity is None:
         return "?"
     try:
-        return identity.decode("ascii")
+        text = identity.decode("ascii")
     except UnicodeDecodeError:
         return identity.hex()
+    return _TOKEN_IN_IDENTITY.sub(r"#\1...", text)
 
 
 __all__: Sequence[str] = ["Link", "EventLoop", "bind_router", "connect_dealer", "peer_label"]

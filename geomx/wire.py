@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import struct
 from typing import Any, List, Optional, Sequence
 
@@ -23,6 +24,9 @@ _HEADER = struct.Struct("<4sBBHiQqQQQiI")
 HEADER_SIZE = _HEADER.size
 MAX_META_BYTES = 1 << 20
 MAX_ELEMENTS = 1 << 34
+# Integers in meta must fit a signed 64-bit integer: no field needs more, and a 4000-digit number
+# costs the parser quadratic time and every consumer a range check it may forget.
+MAX_META_INT = (1 << 63) - 1
 
 
 class MsgType(enum.IntEnum):
@@ -123,7 +127,12 @@ def encode(msg: Message) -> List[Any]:
     frames: List[Any] = []
     if msg.meta is not None:
         flags |= _HAS_META
-        frames.append(json.dumps(msg.meta, separators=(",", ":")).encode())
+        try:
+            # allow_nan=False: the receiver refuses NaN and Infinity (see decode), so fail here, naming it.
+            frames.append(json.dumps(msg.meta, separators=(",", ":"), allow_nan=False).encode())
+        except ValueError as exc:
+            raise ProtocolError(f"{msg.type.name}: meta holds a number that is not finite ({exc}): "
+                                f"{_bad_number(msg.meta) or '?'}") from None
     dtype = msg.dtype
     numel = msg.numel
     if msg.data is not None:
@@ -191,6 +200,10 @@ def decode(frames: Sequence[Any], max_message_bytes: int = 1 << 31) -> Message:
             raise ProtocolError("meta frame is nested too deeply") from None
         if not isinstance(meta, dict):
             raise ProtocolError("meta frame must be a JSON object")
+        bad = _bad_number(meta)
+        if bad is not None:
+            # The header is sound: the node answers the request with this error (MetaError.request).
+            raise MetaError(f"{mtype.name}: {bad}", msg)
         msg.meta = meta
     if flags & _PAYLOAD and not flags & _HAS_DATA:
         raise ProtocolError("payload flag without a data frame")
@@ -215,6 +228,35 @@ def decode(frames: Sequence[Any], max_message_bytes: int = 1 << 31) -> Message:
     return msg
 
 
+class MetaError(ProtocolError):
+    """A message whose header is valid but whose meta is not: ``request`` (header fields only) lets the
+    receiver answer a request with an ERROR instead of leaving its sender waiting."""
+
+    def __init__(self, text: str, request: Message):
+        super().__init__(text)
+        self.request = request
+
+
+def _bad_number(value: Any, path: str = "") -> Optional[str]:
+    """What is wrong with the first non-finite float (JSON's NaN, Infinity, or 1e999, which Python reads
+    as infinity) or out-of-range integer in ``value``, naming where it is; None if there is none.
+    Iterative: a meta frame may be deep (the JSON parser bounds it, but not below Python's recursion limit)."""
+    stack = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return f"meta field {where or 'value'} is {item}, not a finite number"
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if not -MAX_META_INT - 1 <= item <= MAX_META_INT:
+                return f"meta field {where or 'value'} is an integer outside the signed 64-bit range"
+        elif isinstance(item, dict):
+            stack.extend((v, f"{where}[{k!r}]" if where else repr(k)) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
+    return None
+
+
 def meta_field(msg: Message, name: str, kind: type, default: Any = ...) -> Any:
     """A typed field of ``msg.meta``; ProtocolError if it is missing (and required) or of the wrong type."""
     meta = msg.meta or {}
@@ -227,4 +269,6 @@ def meta_field(msg: Message, name: str, kind: type, default: Any = ...) -> Any:
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ProtocolError(f"{msg.type.name}: meta field {name!r} must be {kind.__name__}")
+    if kind is float and not math.isfinite(value):  # decode refuses these; a message built here may not
+        raise ProtocolError(f"{msg.type.name}: meta field {name!r} is {value}, not a finite number")
     return value

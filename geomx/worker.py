@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import threading
+import time
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -44,6 +45,7 @@ class WorkerNode:
         self.ts_pushed: Dict[int, int] = {}  # key -> rounds this worker contributed
         self.ts_latest: Dict[int, tuple] = {}  # key -> (round, value) of the newest result relayed here
         self.ts_waiters: Dict[tuple, List[Any]] = {}  # (key, round) -> callbacks(value)
+        self.ts_since: Dict[tuple, float] = {}  # (key, round) -> when the first of them began to wait
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="geomx-io", daemon=True)
         self._thread.start()
@@ -73,7 +75,8 @@ class WorkerNode:
             if self.fatal is None:
                 self.info = self.member.info
                 assert self.info is not None
-                self.kv = KVClient(self.loop, self.info.servers, identity=f"worker{self.info.rank}",
+                identity = self.member.client_identity(f"worker{self.info.rank}")
+                self.kv = KVClient(self.loop, self.info.servers, identity=identity,
                                    sender=self.info.rank, bigarray_bound=cfg.bigarray_bound, wan=False,
                                    name=("master_worker" if cfg.is_master_worker else "worker") + str(self.info.rank),
                                    global_servers=self.info.global_servers, **client_options(cfg))
@@ -84,9 +87,10 @@ class WorkerNode:
                 if self.intra_ts:
                     assert self.ts_link is not None
                     self.ts = TSPeer(self.loop, self.info.rank, f"worker{self.info.rank}", self, self.member.send,
-                                     self._on_fatal, wan=False)
+                                     self._on_ts_fatal, wan=False)
                     self.member.on_tsengine = self.ts.on_answer
                     self.loop.add(self.ts_link, self.ts.handle, routed=True)
+                    self.loop.call_every(min(5.0, cfg.request_timeout / 4), self._expire_ts)
         except Exception as exc:  # noqa: BLE001 - reported to the training thread
             self.fatal = exc
         finally:
@@ -108,6 +112,14 @@ class WorkerNode:
             log.error("%s", exc)
         self._fail_outstanding(exc)
 
+    def _on_ts_fatal(self, exc: Exception) -> None:
+        """A TSEngine hop this worker owes its party failed: the peers waiting for it would wait
+        forever; the scheduler stops the tier at once with the reason (I/O thread)."""
+        first = self.fatal is None
+        self._on_fatal(exc)
+        if first and self.member is not None:
+            self.member.bye(str(exc))
+
     def _fail_outstanding(self, exc: Exception) -> None:
         """Complete every request, relay wait and barrier still open with ``exc``. A pull left open
         would keep its delivery operation pending in MXNet's engine, and MXNet waits for every
@@ -115,6 +127,7 @@ class WorkerNode:
         if self.kv is not None:
             self.kv.fail_all(exc)
         waiters, self.ts_waiters = self.ts_waiters, {}
+        self.ts_since.clear()
         for callbacks in waiters.values():
             for callback in callbacks:
                 callback(None, exc)
@@ -185,6 +198,21 @@ class WorkerNode:
             return
         self.ts_waiters.setdefault((key, rnd), []).append(
             lambda value, error: done(value if want_value else None, error))
+        self.ts_since.setdefault((key, rnd), time.monotonic())
+
+    def _expire_ts(self) -> None:
+        """GEOMX_REQUEST_TIMEOUT for results relayed by TSEngine: a relay that does not come (the peer
+        that was to pass it on is stuck or left) fails the requests waiting for it, saying so."""
+        limit = time.monotonic() - self.cfg.request_timeout
+        for where in [w for w, since in self.ts_since.items() if since < limit]:
+            del self.ts_since[where]
+            error = GeoMXError(f"worker{self.info.rank if self.info else '?'}: the TSEngine result of key {where[0]} "
+                               f"round {where[1]} was not relayed to this worker within {self.cfg.request_timeout:g}s "
+                               "(GEOMX_REQUEST_TIMEOUT): the party peer or local server that was to pass it on is "
+                               "stuck or gone")
+            log.error("%s", error)
+            for callback in self.ts_waiters.pop(where, []):
+                callback(None, error)
 
     def ts_check(self, kind: MsgType, key: int, rnd: int, data: np.ndarray) -> Optional[str]:
         if rnd >= self.ts_pushed.get(key, 0):
@@ -192,6 +220,7 @@ class WorkerNode:
         return None
 
     def ts_model(self, key: int, rnd: int, data: np.ndarray) -> None:
+        self.ts_since.pop((key, rnd), None)
         latest = self.ts_latest.get(key)
         if latest is None or latest[0] < rnd:
             self.ts_latest[key] = (rnd, data)
@@ -241,7 +270,14 @@ class WorkerNode:
                 # Other workers may still be waiting for results this worker relays to them.
                 idle: cf.Future = cf.Future()
                 self._in_loop(lambda: self.ts.when_idle(lambda: idle.set_result(None)))  # type: ignore[union-attr]
-                idle.result(timeout)
+                try:
+                    idle.result(timeout)
+                except cf.TimeoutError:
+                    # Leaving quietly would leave them waiting for ever: the scheduler tells them why.
+                    failure = (f"worker {self.info.rank if self.info else '?'} is leaving with TSEngine hops its "
+                               f"party peers wait for still not passed on after {timeout:.0f}s: "
+                               f"{self.ts.pending()}")  # type: ignore[union-attr]
+                    log.error("%s", failure)
             if self.fatal is None and self.kv is not None and failure is None:
                 self.broadcast(MsgType.STOP).result(timeout)
         except (cf.TimeoutError, PeerDeadError, GeoMXError) as exc:

@@ -277,11 +277,12 @@ def test_hostile_messages_to_live_server_and_scheduler():
             send_raw_garbage(server_port)
             send_raw_garbage(sched_port)
             replies = send_hostile(ctx, server_port, "server", wait=10)
-            # Only the well-formed requests are answered, each with an error naming the problem.
+            # Only the well-formed requests are answered, each with an error: the sender is not one of
+            # the party's registered workers (what a registered but buggy worker gets for the same
+            # requests is checked in test_trust.py).
             assert [(r.type, r.req_id) for r in replies] == [(MsgType.ERROR, i) for i in (1, 2, 3)], replies
-            assert "elements [0, 5) of 5 sent, this server holds [0, 7) of 7" in replies[0].meta["error"]
-            assert "dtype float64 sent, key is float32" in replies[1].meta["error"]
-            assert "key 987654 was never initialised" in replies[2].meta["error"]
+            assert all("PUSH from fuzz-server, which is not a registered client of this server" in r.meta["error"]
+                       for r in replies), replies
             # The scheduler at most refuses (a request from a peer that never registered).
             replies = send_hostile(ctx, sched_port, "scheduler", wait=1)
             assert all(r.type == MsgType.ERROR for r in replies), replies
@@ -315,7 +316,7 @@ def test_hostile_messages_to_live_server_and_scheduler():
             f"server log lacks the rejection of the {name} message ({needle!r}):\n{server_log}"
         assert re.search(rf"dropped a malformed message .*fuzz-scheduler.*{re.escape(needle)}", sched_log), \
             f"scheduler log lacks the rejection of the {name} message ({needle!r}):\n{sched_log}"
-    assert re.search(r"PUSH from fuzz-server.* refused: key 987654 was never initialised", server_log), server_log
+    assert re.search(r"rejected PUSH from fuzz-server .*not a registered client", server_log), server_log
     assert re.search(r"rejected PUSH .*unregistered peer fuzz-scheduler", sched_log), sched_log
     assert re.search(r"late REGISTER from intruder", sched_log), sched_log
     assert re.search(r"rejected HEARTBEAT .*unregistered peer fuzz-late-register", sched_log), sched_log
@@ -491,9 +492,10 @@ def rss_bytes(pid: int) -> int:
 
 def test_flood_of_pushes_pulls_and_unread_replies_is_bounded():
     """A peer that (a) pushes 100 rounds of a 4 MB key nobody else pushes, (b) parks pulls without end and
-    (c) sends 2000 pulls of a 1.2 MB key without ever reading the replies: the local server refuses what is beyond
-    GEOMX_MAX_ROUNDS_AHEAD (16) and drops replies beyond GEOMX_MAX_QUEUED_REPLIES (set to 500), says
-    so, holds at most ~16 x 4 MB more, and the party's training finishes exactly."""
+    (c) sends 60000 pulls without ever reading the replies: the local server refuses them all (the
+    peer is not a registered worker of the party) and drops replies beyond GEOMX_MAX_QUEUED_REPLIES (set to 500),
+    says so, holds at most ~16 x 4 MB more, and the party's training finishes exactly. (What a registered worker
+    can make the server hold, GEOMX_MAX_ROUNDS_AHEAD, is tested in test_trust.py.)"""
     topo = Topology(parties=1, workers_per_party=2, env={"GEOMX_START_TIMEOUT": "60"},
                     node_env={"party0/server": {"GEOMX_MAX_QUEUED_REPLIES": "500"}})
     cluster = Cluster(topo, slow_cmd(12, 0.8))
@@ -519,18 +521,18 @@ def test_flood_of_pushes_pulls_and_unread_replies_is_bounded():
                 send(Message(MsgType.PUSH, req_id=100 + i, key=99, data=data))
             for i in range(100):
                 send(Message(MsgType.PULL, req_id=1000 + i, key=99, numel=big, total=big, dtype=1))
-            for i in range(2000):  # 1.2 MB replies: the kernel's socket buffers take only a few
+            # Each is refused with a small ERROR reply (the peer is not registered): enough of them to
+            # fill the kernel's socket buffers, then the server's queue for this peer.
+            for i in range(60_000):
                 send(Message(MsgType.PULL, req_id=10_000 + i, key=2, numel=300000, total=300000, dtype=1))
             log.wait_for(r"^\[party0/server\] .*dropped replies to fuzz-flood: it leaves 500 replies unread "
                          r"\(GEOMX_MAX_QUEUED_REPLIES\)", 60)
-            log.wait_for(r"^\[party0/server\] .*PULL from fuzz-flood refused: key 99: this client already has 16 "
-                         r"requests \(16000000 elements\) waiting \(GEOMX_MAX_ROUNDS_AHEAD=16\)", 60)
             grown = rss_bytes(server_pid) - before
         finally:
             ctx.destroy(linger=0)
         out = log.text()
-        assert re.search(r"^\[party0/server\] .*PUSH from fuzz-flood refused: key 99: this client already pushed 16 "
-                         r"round\(s\) that are not complete \(GEOMX_MAX_ROUNDS_AHEAD=16\)", out, re.M), out[-5000:]
+        assert re.search(r"^\[party0/server\] .*rejected PUSH from fuzz-flood .*not a registered client", out,
+                         re.M), out[-5000:]
         # 16 held rounds of 4 MB; without the bound the 100 pushes alone would hold 400 MB.
         assert grown < 150 << 20, f"the local server grew by {grown >> 20} MB"
         assert "EXACT OK" not in out, "training finished before the flood was over"

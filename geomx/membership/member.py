@@ -36,6 +36,8 @@ class TierInfo:
     num_parties: int = 0
     #: This server took the place of a dead one in a running tier (restarted from a checkpoint).
     rejoined: bool = False
+    #: A server: the tokens of the tier's workers, its only clients (see ServerBase.allow).
+    clients: Tuple[str, ...] = ()
 
 
 class TierMember:
@@ -61,18 +63,27 @@ class TierMember:
         # TSEngine answers from the scheduler (TS_PUSH_TO / TS_RELAY_TO), when this node takes part.
         self.on_tsengine: Optional[Callable[[Message], None]] = None
         identity = f"{name}@{tier}#{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
+        # Registered with the scheduler, which tells only the tier's servers: this node's data links
+        # carry it in their identities (client_identity), so a server can tell its registered
+        # clients from anyone else who reaches its port, and nobody can guess a client's identity.
+        self.token = uuid.uuid4().hex
         self.link: Link = connect_dealer(loop, scheduler[0], scheduler[1], identity, f"{tier}-scheduler-link",
                                          peer=f"the {tier} scheduler", cross_party=cross_party)
         self.link.on_refused = lambda reason: self._fail(SecurityError(reason))
         loop.add(self.link, self._handle, routed=False)
         self.register_meta = {"role": role, "host": host, "port": port, "name": name, "master": master,
-                              "rank": -1 if rank_hint is None else rank_hint, "ts": ts, **(layout or {})}
+                              "rank": -1 if rank_hint is None else rank_hint, "ts": ts, "token": self.token,
+                              **(layout or {})}
         self.info: Optional[TierInfo] = None
         self._barrier_waiters: List[Callable[[], None]] = []
         self._last_ack = time.monotonic()
         self._failed = False
         self._said_bye = False
         loop.call_every(heartbeat_interval, self._beat)
+
+    def client_identity(self, name: str) -> str:
+        """The identity (before KVClient's ``>server``) of this node's links to its tier's servers."""
+        return f"{name}#{self.token}"
 
     def register(self) -> None:
         self.link.send(Message(MsgType.REGISTER, meta=self.register_meta))
@@ -128,7 +139,8 @@ class TierMember:
                 self.tier, meta_field(msg, "rank", int), parsed, meta_field(msg, "num_workers", int),
                 meta_field(msg, "num_servers", int), meta_field(msg, "global_servers", int, 1),
                 meta_field(msg, "relay", bool, False), meta_field(msg, "num_parties", int, 0),
-                meta_field(msg, "rejoined", bool, False))
+                meta_field(msg, "rejoined", bool, False),
+                tuple(str(t) for t in meta_field(msg, "clients", list, []) if isinstance(t, str)))
             if old is None and self.on_registered is not None:
                 self.on_registered(self.info)
             if old is not None and old.servers != parsed and self.on_servers_changed is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from typing import Dict, List, Optional
 
@@ -20,6 +21,9 @@ from ..wire import Message, MsgType, meta_field
 log = logging.getLogger("geomx.scheduler")
 
 GROUPS = ("worker", "server", "all")
+
+
+_TOKEN = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclasses.dataclass
@@ -45,6 +49,9 @@ class Member:
     restart_timeout: float = 0.0
     lost_at: Optional[float] = None  # when it was presumed dead (while waiting for its restart)
     ts: bool = False  # takes part in this tier's TSEngine (ENABLE_INTER_TS / ENABLE_INTRA_TS)
+    # A worker's secret part of the identity its data links use: the tier's servers take requests
+    # only from identities that carry a token registered here (see ServerBase.allow).
+    token: str = ""
 
 
 class Scheduler:
@@ -149,6 +156,9 @@ class Scheduler:
         if not 0 <= port <= 65535 or not 0 < len(host) <= 255:
             raise ProtocolError(f"REGISTER with bad address {host!r}:{port}")
         restart_timeout = meta_field(msg, "restart_timeout", float, 0.0)
+        token = meta_field(msg, "token", str, "")
+        if token and not _TOKEN.fullmatch(token):
+            raise ProtocolError("REGISTER with a malformed token")
         if identity in self.members:
             raise ProtocolError(f"{peer_label(identity)} registered twice")
         if meta_field(msg, "restart", bool, False) and self.registered:
@@ -164,7 +174,7 @@ class Scheduler:
                                         rank_hint if rank_hint >= 0 else None, len(self.members),
                                         time.monotonic(), global_servers, relay,
                                         None if party is None else party[:200], restart_timeout=restart_timeout,
-                                        ts=ts)
+                                        ts=ts, token=token)
         log.debug("%s: registered %s %s at %s:%d", self.tier, role, name, host, port)
         if len(self.members) == self.num_servers + self.num_workers:
             self._assign_ranks()
@@ -200,11 +210,15 @@ class Scheduler:
         ``rejoined`` (took a dead one's place) is told so."""
         servers = sorted((m for m in self.members.values() if m.role == "server"), key=lambda m: m.rank)
         addresses = [[m.host, m.port] for m in servers]
+        # Servers learn which identities their clients (this tier's workers) use; nobody else does.
+        clients = sorted(m.token for m in self.members.values() if m.role == "worker" and m.token)
         for m in members if members is not None else [m for m in self.members.values() if not m.done]:
-            self._send(m, Message(MsgType.REGISTER_ACK, meta={
-                "rank": m.rank, "servers": addresses, "num_workers": self.num_workers,
-                "num_servers": self.num_servers, "tier": self.tier, **self.layout,
-                "rejoined": m.identity == rejoined}))
+            meta = {"rank": m.rank, "servers": addresses, "num_workers": self.num_workers,
+                    "num_servers": self.num_servers, "tier": self.tier, **self.layout,
+                    "rejoined": m.identity == rejoined}
+            if m.role == "server":
+                meta["clients"] = clients
+            self._send(m, Message(MsgType.REGISTER_ACK, meta=meta))
 
     def _assign_ranks(self) -> None:
         servers = [m for m in self.members.values() if m.role == "server"]

@@ -3,12 +3,13 @@ known keys, synchronous aggregation rounds, parked pulls, and the stop protocol.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from .. import compression
 from ..errors import GeoMXError, ProtocolError
+from ..security import template
 from ..transport import EventLoop, Link, log_limited, peer_label
 from ..tsengine.partial import partial_dtype_ok
 from ..wire import DTYPES, Message, MsgType, meta_field
@@ -31,9 +32,11 @@ class ServerBase:
     slice_rounds = False
     checkpointing = False  # a global server with GEOMX_CHECKPOINT_DIR: refuses P3 slices (slice_state)
 
-    def __init__(self, loop: EventLoop, name: str, max_rounds_ahead: int = 16):
+    def __init__(self, loop: EventLoop, name: str, max_rounds_ahead: int = 16, max_keys_per_client: int = 100_000):
         self.loop = loop
         self.name = name
+        self.max_keys_per_client = max_keys_per_client
+        self.keys_declared: Dict[Client, int] = {}  # client -> keys its INITs created
         # A client's pushes of a key may be this many rounds ahead of the last complete round, and it may
         # have this many requests of a key parked: what one peer can make the server hold is bounded.
         self.max_rounds_ahead = max_rounds_ahead
@@ -45,6 +48,12 @@ class ServerBase:
         # TSEngine in the tier where this server is the aggregation root (the global server in the
         # global tier; a local server in its party): partial sums arrive on the client sockets.
         self.ts_root: Any = None
+        # Who may use each client socket (link name -> the tokens its tier's scheduler registered,
+        # carried in the clients' identities; see TierMember.client_identity). geomx.node requires
+        # it; until the scheduler's list is in, requests wait (at most EARLY_REQUESTS of them).
+        self.require_registration = False
+        self.allowed: Dict[str, frozenset] = {}
+        self.early: List[Tuple[Message, bytes, Link]] = []
 
     # -- hooks --------------------------------------------------------------------------------
     def expected_pushes(self, link: Link) -> int:
@@ -83,7 +92,8 @@ class ServerBase:
         link.send(out, identity)
 
     def reply_error(self, link: Link, identity: bytes, req: Message, error: str) -> None:
-        log_limited(logging.WARNING, f"{self.name}: {req.type.name} from {peer_label(identity)} refused: {error}")
+        log_limited(logging.WARNING, f"{self.name}: {req.type.name} from {peer_label(identity)} refused: {error}",
+                    key=(identity, link.name, req.type, template(error)))
         link.send(Message(MsgType.ERROR, req_id=req.req_id, key=req.key, offset=req.offset, total=req.total,
                           meta={"error": f"{self.name}: {error}"}), identity)
 
@@ -101,7 +111,15 @@ class ServerBase:
                 return
             if sliced and isinstance(value, np.ndarray):
                 value = value[start:start + req.numel]
-            self.reply(link, identity, req, value, meta=self.reply_meta(req, (link.name, identity)))  # type: ignore[arg-type]
+            try:
+                meta = self.reply_meta(req, (link.name, identity))
+                self.reply(link, identity, req, value, meta=meta)  # type: ignore[arg-type]
+            except Exception as exc:  # noqa: BLE001 - the request must still be answered
+                # Replies go out in a loop over a finished round's waiters, after the round was
+                # removed: an exception here must not leave this request, or the others, unanswered.
+                log.exception("%s: cannot answer %s of key %d from %s", self.name, req.type.name, req.key,
+                              peer_label(identity))
+                self.reply_error(link, identity, req, f"internal error while answering: {exc!r}")
         return reply
 
     def reply_meta(self, req: Message, client: Client) -> Optional[dict]:
@@ -109,12 +127,49 @@ class ServerBase:
         reply is sent."""
         return None
 
+    # -- who may ask -------------------------------------------------------------------------
+    EARLY_REQUESTS = 10_000
+
+    def allow(self, link_name: str, tokens) -> None:
+        """The registered clients of ``link_name`` (their tokens), from the tier's scheduler; turns the
+        check on. Requests that came before are handled now."""
+        self.require_registration = True
+        self.allowed[link_name] = frozenset(tokens)
+        early, self.early = [e for e in self.early if e[2].name == link_name], \
+            [e for e in self.early if e[2].name != link_name]
+        for msg, identity, link in early:
+            try:
+                self.handle_client(msg, identity, link)
+            except ProtocolError as exc:
+                self.reply_error(link, identity, msg, str(exc))
+
+    def registered_client(self, link: Link, identity: bytes) -> Optional[bool]:
+        """True if ``identity`` carries a token the scheduler registered for ``link``'s tier; None
+        while that list is not known yet."""
+        allowed = self.allowed.get(link.name)
+        if allowed is None:
+            return None
+        token = identity.rpartition(b">")[0].rpartition(b"#")[2]
+        return token.decode("ascii", "replace") in allowed
+
     # -- dispatch -----------------------------------------------------------------------------
     def handle_client(self, msg: Message, identity: Optional[bytes], link: Link) -> None:
         assert identity is not None
         if msg.type == MsgType.TS_MERGE and self.ts_root is not None:
             self.ts_root.handle(msg, identity, link)
             return
+        if self.require_registration:
+            known = self.registered_client(link, identity)
+            if known is None:
+                if len(self.early) >= self.EARLY_REQUESTS:
+                    raise ProtocolError("too many requests before this server's clients are known")
+                self.early.append((msg, identity, link))
+                return
+            if not known:
+                # Not one of the clients its tier's scheduler registered (a stranger, or a guessed
+                # identity): it may not INIT, push, pull, command or STOP here.
+                raise ProtocolError(f"{msg.type.name} from {peer_label(identity)}, which is not a registered "
+                                    f"client of this server (it did not register with this tier's scheduler)")
         client: Client = (link.name, identity)
         if client in self.stopped_clients:
             raise ProtocolError(f"{msg.type.name} after STOP")
@@ -215,6 +270,13 @@ class ServerBase:
                                                   f"outside its {msg.total} elements")
             return None
         if ks is None:
+            client = (link.name, identity)
+            declared = self.keys_declared.get(client, 0)
+            if declared >= self.max_keys_per_client:
+                self.reply_error(link, identity, msg, f"key {msg.key}: this client already declared {declared} keys "
+                                                      f"(GEOMX_MAX_KEYS_PER_CLIENT={self.max_keys_per_client})")
+                return None
+            self.keys_declared[client] = declared + 1
             ks = self.keys[msg.key] = KeyState(msg.key, msg.numel, dtype, msg.offset, msg.total)
         elif (ks.numel, ks.offset, ks.total, ks.dtype) != (msg.numel, msg.offset, msg.total, dtype):
             self.reply_error(link, identity, msg, f"key {msg.key} initialised twice with different shapes "
@@ -325,6 +387,27 @@ class ServerBase:
                     reply(error)
                 else:
                     ks.parked.append((other, reply))
+
+    def leave(self, reason: str) -> None:
+        """This server is about to exit: answer every request still waiting here (pushes of rounds
+        that are not complete, parked pulls and INITs) with an error that says so, rather than leave
+        their clients waiting for replies that will never come."""
+        error = GeoMXError(f"{self.name} is leaving ({reason}) with this request unanswered")
+        waiting = 0
+        for ks in self.keys.values():
+            for state in (ks, *ks.slices.values()):
+                for r in list(state.rounds):
+                    waiting += len(state.rounds[r].waiters)
+                    state.fail_round(r, error)
+                parked, state.parked = state.parked, []
+                waiting += len(parked)
+                for _client, reply in parked:
+                    try:
+                        reply(error)
+                    except Exception:  # noqa: BLE001 - the others must still be answered
+                        log.exception("%s: cannot refuse a parked request", self.name)
+        if waiting:
+            log.warning("%s: leaving (%s); refused %d request(s) still waiting", self.name, reason, waiting)
 
     # -- TSEngine root (see geomx.tsengine.peer.Owner) ----------------------------------------
     def ts_expected(self) -> int:

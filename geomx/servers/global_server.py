@@ -23,12 +23,17 @@ from .keystate import ESYNC_KEY, KeyState
 
 log = logging.getLogger("geomx.server")
 
+# The time a party reports for its ESync local steps: from a microsecond to a year. Beyond these a
+# speed is not a measurement, and 0 or infinity would break the steps' ratio.
+ESYNC_MIN_SECONDS = 1e-6
+ESYNC_MAX_SECONDS = 365 * 86400.0
+
 
 class GlobalServer(ServerBase):
     slice_rounds = True  # P3: each slice is updated and answered as soon as every party pushed it
 
     def __init__(self, cfg: NodeConfig, loop: EventLoop):
-        super().__init__(loop, "global server", cfg.max_rounds_ahead)
+        super().__init__(loop, "global server", cfg.max_rounds_ahead, cfg.max_keys_per_client)
         self.cfg = cfg
         self.checkpointing = bool(cfg.checkpoint_dir)
         # Each side binds the address it advertises to its tier, at its fixed port if one is set.
@@ -65,6 +70,10 @@ class GlobalServer(ServerBase):
         self.restored_from: Optional[str] = None
         self.restored_clients: Optional[tuple] = None  # (stopped, pushing) of a checkpoint, until known
         self._writer: Optional[threading.Thread] = None  # the thread writing the latest checkpoint
+        # SAVE_CHECKPOINT requests that came while a checkpoint was being written: answered together by
+        # the one checkpoint taken when it is done (one snapshot at a time, however many requests).
+        self._requested: Optional[List[Callable[[object], None]]] = None
+        self._busy = False  # a requested checkpoint is being written
         self.dgt: Optional[dgt.Receiver] = None
         if cfg.dgt_mode:
             self.dgt = dgt.Receiver(loop, cfg.dgt_grace, self._held, self._deliver_dgt_push, self.name)
@@ -186,7 +195,10 @@ class GlobalServer(ServerBase):
             except OSError as exc:
                 job.error = GeoMXError(f"global server {self.rank}: cannot write checkpoint {job.path}: {exc}")
             job.seconds = time.perf_counter() - job.start
-            if not job.wait:
+            with job.lock:
+                job.finished.set()
+                report = not job.wait  # else the loop, waiting for it, reports it
+            if report:
                 try:
                     self.loop.call_soon_threadsafe(lambda: self._saved(job))
                 except Exception:  # noqa: BLE001 - the server has shut down meanwhile: nobody to tell
@@ -197,8 +209,45 @@ class GlobalServer(ServerBase):
         self._writer.start()
         if not wait:
             return None
-        self._writer.join()
+        # The loop waits here (the STOP that asked for it is answered after it), but not beyond half the
+        # heartbeat timeout: its scheduler would declare it dead. A slow disk then loses only durability.
+        limit = self.cfg.heartbeat_timeout / 2
+        job.finished.wait(limit)
+        with job.lock:
+            if not job.finished.is_set():
+                job.wait = False  # the writer reports it on the loop when it is done
+                log.error("%s: checkpoint (%s) not written after %.1fs (half of PS_HEARTBEAT_TIMEOUT); going on "
+                          "without waiting for it", self.name, why, limit)
+                return None
         return self._saved(job)
+
+    def request_checkpoint(self, done: Callable[[object], None]) -> None:
+        """SAVE_CHECKPOINT: a checkpoint now, or, while one is being written, the next one (taken once
+        it is done, for every request that came meanwhile). ``done`` as for save_checkpoint."""
+        if not self._busy:
+            self._start_requested([done])
+            return
+        if self._requested is None:
+            self._requested = []
+        if len(self._requested) >= self.MAX_WAITING_CHECKPOINT_REQUESTS:
+            done(GeoMXError(f"global server {self.rank}: {len(self._requested)} checkpoint requests wait for "
+                            "the one being written already"))
+            return
+        self._requested.append(done)
+
+    MAX_WAITING_CHECKPOINT_REQUESTS = 64
+
+    def _start_requested(self, dones: List[Callable[[object], None]]) -> None:
+        def answer(result: object) -> None:
+            self._busy = False
+            for done in dones:
+                done(result)
+            if self._requested:
+                waiting, self._requested = self._requested, None
+                self._start_requested(waiting)
+
+        self.save_checkpoint("requested", done=answer)
+        self._busy = True
 
     def _saved(self, job: "_SaveJob") -> Optional[Dict[str, Any]]:
         """On the loop, once ``job``'s file is written (or failed)."""
@@ -294,8 +343,15 @@ class GlobalServer(ServerBase):
         if self.cfg.use_esync and msg.key == ESYNC_KEY and msg.meta:
             steps = meta_field(msg, "esync_steps", int)
             seconds = meta_field(msg, "esync_seconds", float)
-            if steps >= 1 and seconds > 0:
-                self.esync_speed[client] = steps / seconds
+            # Refused (ERROR reply, nothing summed) rather than skipped: a zero or unbounded speed
+            # would make esync_steps_for divide by zero or overflow inside the round's replies.
+            if not 1 <= steps <= self.cfg.esync_max_steps:
+                raise ProtocolError(f"meta field 'esync_steps' is {steps}, must be in "
+                                    f"[1, {self.cfg.esync_max_steps}] (GEOMX_ESYNC_MAX_STEPS)")
+            if not ESYNC_MIN_SECONDS <= seconds <= ESYNC_MAX_SECONDS:
+                raise ProtocolError(f"meta field 'esync_seconds' is {seconds}, must be in "
+                                    f"[{ESYNC_MIN_SECONDS:g}, {ESYNC_MAX_SECONDS:g}]")
+            self.esync_speed[client] = steps / seconds
         if self.global_sync or link is not self.wan_link:
             super().on_push(msg, client, link, identity)
             return
@@ -516,7 +572,7 @@ class GlobalServer(ServerBase):
                     else:
                         self.reply(link, identity, msg, meta=result)  # type: ignore[arg-type]
 
-                self.save_checkpoint("requested", done=answer)
+                self.request_checkpoint(answer)
             elif cmd == commands.SET_COMPRESSION:
                 self._set_compression(meta_field(msg, "params", dict))
                 self.reply(link, identity, msg)
@@ -611,6 +667,8 @@ class _SaveJob:
         self.seconds = 0.0
         self.error: Optional[GeoMXError] = None
         self.seq = 0
+        self.lock = threading.Lock()
+        self.finished = threading.Event()
 
 
 def _without_progress(spec: Dict[str, Any]) -> Dict[str, Any]:

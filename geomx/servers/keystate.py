@@ -2,6 +2,7 @@
 rounds, and pulls parked until the round a client pushed into has completed."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
@@ -13,6 +14,17 @@ from ..kernels import accumulate
 ESYNC_KEY = 0
 
 Reply = Callable[[Optional[np.ndarray]], None]
+
+log = logging.getLogger("geomx.server")
+
+
+def _answer(reply: Callable[[Any], None], value: Any) -> None:
+    """Call one waiter's ``reply``; an exception in it is logged and does not stop the caller's loop
+    over the other waiters (each would otherwise wait forever: its round is gone already)."""
+    try:
+        reply(value)
+    except Exception:  # noqa: BLE001
+        log.exception("a reply failed; answering the other waiters")
 
 
 class Round:
@@ -157,7 +169,7 @@ class KeyState:
         self.store = value
         self.completed = r + 1
         for reply, want_value in rnd.waiters:
-            reply(value if want_value else None)
+            _answer(reply, value if want_value else None)
         self.serve_parked()
 
     def fail_round(self, r: int, error: Exception) -> None:
@@ -165,11 +177,11 @@ class KeyState:
         parked pull that waits for it (its client pushed into round ``r`` or later), which would
         otherwise wait forever."""
         for reply, _ in self.rounds.pop(r).waiters:
-            reply(error)
+            _answer(reply, error)
         still = []
         for client, reply in self.parked:
             if self.initialized and self.pushes_of(client) > r:
-                reply(error)
+                _answer(reply, error)
             else:
                 still.append((client, reply))
         self.parked = still
@@ -180,7 +192,7 @@ class KeyState:
         still = []
         for client, reply in self.parked:
             if self.pull_ready(client):
-                reply(self.store)
+                _answer(reply, self.store)
             else:
                 still.append((client, reply))
         self.parked = still

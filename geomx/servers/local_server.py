@@ -25,7 +25,7 @@ log = logging.getLogger("geomx.server")
 
 class LocalServer(ServerBase):
     def __init__(self, cfg: NodeConfig, loop: EventLoop):
-        super().__init__(loop, "local server", cfg.max_rounds_ahead)
+        super().__init__(loop, "local server", cfg.max_rounds_ahead, cfg.max_keys_per_client)
         self.cfg = cfg
         self.link, self.port = bind_router(loop, cfg.server_port, "party-clients",
                                            host=cfg.bind_address(cfg.root_uri, cfg.root_port))
@@ -199,7 +199,8 @@ class LocalServer(ServerBase):
             # error; end this server so that the party scheduler tells them why.
             self.on_fatal(GeoMXError(f"{self.name}: key {ks.key} round {r}: {error}"))
             return
-        ks.fail_round(r, error)
+        if r in ks.rounds:  # not when its waiters were answered already (the server is leaving)
+            ks.fail_round(r, error)
 
     def _encoder(self, ks: KeyState, acc: np.ndarray):
         """How ``acc`` crosses the WAN: None for dense, else a per-part encoder of one payload (the

@@ -125,7 +125,7 @@ class TSPeer:
             partial = self.partials.pop((key, rnd), None)
             if partial is None or to is None:
                 raise ProtocolError(f"TS_PUSH_TO for key {key} round {rnd}, which this node does not hold")
-            self._send(msg, MsgType.TS_MERGE, to, partial.value, {"count": partial.count})
+            self._send_or_fail(msg, MsgType.TS_MERGE, to, partial.value, {"count": partial.count})
         elif msg.type == MsgType.TS_RELAY_TO:
             if to is None:
                 self.models.pop((key, rnd), None)  # everyone has it
@@ -134,9 +134,30 @@ class TSPeer:
             value = self.models.get((key, rnd))
             if value is None:
                 raise ProtocolError(f"TS_RELAY_TO for key {key} round {rnd}, which this node does not hold")
-            self._send(msg, MsgType.TS_MODEL, to, value, None)
+            self._send_or_fail(msg, MsgType.TS_MODEL, to, value, None)
         else:
             raise ProtocolError(f"unexpected {msg.type.name} from the scheduler")
+
+    def _send_or_fail(self, answer: Message, kind: MsgType, to: int, value: np.ndarray,
+                      meta: Optional[dict]) -> None:
+        """Send a hop; if it cannot be sent, the node that waits for it would wait forever (the
+        coordinator counts on this node): end this node with the reason, so that the tier stops and
+        says why."""
+        try:
+            self._send(answer, kind, to, value, meta)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported, with what it failed to do
+            self.on_fatal(GeoMXError(f"{self.name}: could not send {kind.name} of key {answer.key} round "
+                                     f"{answer.version} to TSEngine node {to}: {exc}"))
+
+    def pending(self) -> str:
+        """What this node still has to pass on, for an error message."""
+        parts = [f"partial sum of key {k} round {r}" for k, r in self.partials]
+        parts += [f"result of key {k} round {r}" for k, r in self.models]
+        parts += [f"{h.kind.name} of key {h.key} round {h.rnd} to node {h.to} (unacknowledged)"
+                  for h in self.hops.values()]
+        return ", ".join(parts[:6]) + (f" and {len(parts) - 6} more" if len(parts) > 6 else "")
 
     def _send(self, answer: Message, kind: MsgType, to: int, value: np.ndarray, meta: Optional[dict]) -> None:
         host = meta_field(answer, "host", str)

@@ -29,6 +29,7 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 import cnn_bsc  # noqa: E402  (the flow shared by the compression examples)
+
 import geomx.compression  # noqa: E402
 
 

@@ -16,7 +16,8 @@ mpq       dense (fp32)     fp16             bsc (fp32 sparse)   fp16
 ``party`` is the worker <-> local server link, ``WAN`` the local server <-> global server link
 (both directions).  ``bsc`` means :class:`~geomx.compression.feedback.SampledTopK` wrapped in
 :class:`~geomx.compression.feedback.ErrorFeedback`: per key, a residual (and DGC momentum
-correction when asked for) and a warm-up of the kept fraction; indices travel as int32 (int64 from 2**31 elements), no padding.
+correction when asked for) and a warm-up of the kept fraction; indices travel as int32 (int64
+from 2**31 elements), no padding.
 
 In the BSC and MPQ schemes the local server encodes its party's aggregate with a ``link="wan"``
 codec; the global server sums the parties' sparse updates

@@ -10,7 +10,6 @@ import numpy as np
 from geomx.compression import kernels
 from geomx.compression.base import (
     DEFAULT_MOMENTUM,
-    DEFAULT_WARMUP_ROUNDS,
     DEFAULT_WARMUP_THRESHOLD,
     Codec,
     Payload,

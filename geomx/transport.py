@@ -66,6 +66,7 @@ class Link:
         self.on_refused: Optional[Callable[[str], None]] = None
         self.monitor: Optional[zmq.Socket] = None
         self._handshake_failures = 0
+        self._first_failure = 0.0  # time.monotonic() of the first of the current run of failures
         self.refused = False
 
     def send(self, msg: wire.Message, identity: Optional[bytes] = None, block: bool = True) -> None:
@@ -127,11 +128,16 @@ class Link:
             if server:
                 _refusals(logging.ERROR, reason)
                 continue
+            if self._handshake_failures == 0:
+                self._first_failure = time.monotonic()
             self._handshake_failures += 1
-            # A definite refusal fails at once; a handshake that broke off without detail may be a
-            # peer that went away mid-handshake, so only a repeated one counts.
+            # A definite refusal fails at once. A handshake that broke off without detail may be a
+            # peer that went away mid-handshake, or one not listening yet behind a TCP proxy or relay
+            # (which accepts, then closes when it cannot reach it): only failures that go on for
+            # HANDSHAKE_GRACE_S count.
             definite = event != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-            if (definite or self._handshake_failures >= 3) and not self.refused:
+            persistent = self._handshake_failures >= 3 and time.monotonic() - self._first_failure >= HANDSHAKE_GRACE_S
+            if (definite or persistent) and not self.refused:
                 self.refused = True  # reported once; the owner fails with it
                 log.error("%s", reason)
                 if self.on_refused is not None:
@@ -139,6 +145,10 @@ class Link:
 
 
 _monitors = itertools.count()
+
+HANDSHAKE_GRACE_S = 5.0
+"""How long handshakes that break off without detail must go on failing before a client link
+reports them as a key mismatch (a peer starting behind a proxy fails the same way for a while)."""
 
 # Refusals and drops caused by what peers send: a flood of one kind from one peer is logged once
 # every 5 s (see security.RateLimitedLog).

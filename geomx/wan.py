@@ -562,6 +562,11 @@ class Wan:
         self._prev_handlers.clear()
 
     # ---- use
+    @property
+    def relay_pids(self) -> List[int]:
+        """Process ids of the delaying relays (one per data center with ``delay=``; else none)."""
+        return [r.pid for r in self._relays]
+
     def namespace(self, dc: str) -> str:
         return self.namespaces[dc]
 

@@ -203,7 +203,7 @@ def test_wrong_server_key_is_refused(keydir, pair_factory, caplog):
     # The client takes party0's key for the central party's: the handshake cannot decrypt.
     caplog.set_level(logging.INFO, logger="geomx")
     pair = pair_factory(keys_of(keydir, "central", None), keys_of(keydir, "party0", central="party0")).exchange(
-        until=lambda p: p.refused)
+        seconds=20.0, until=lambda p: p.refused)
     assert pair.received == []
     assert pair.refused and "it expects another key for this party" in pair.refused[0]
     assert any("REFUSED a CURVE handshake that did not decrypt" in r.getMessage() for r in caplog.records)

@@ -1,7 +1,8 @@
 """``geomx-launch --topology FILE -- COMMAND`` over SSH: three network namespaces of the emulated WAN
-(tc rate caps) as hosts, each running Debian's OpenSSH server (``openssh-server``) with a throwaway host
-key and authorized key; the launcher runs inside the central namespace and reaches every host by its
-address. One set of namespaces and sshd processes serves the whole module."""
+(tc rate caps and, with nft, 10 ms of added one-way delay) as hosts, each running Debian's OpenSSH
+server (``openssh-server``) with a throwaway host key and authorized key; the launcher runs inside the
+central namespace and reaches every host by its address. One set of namespaces and sshd processes
+serves the whole module."""
 from __future__ import annotations
 
 import json
@@ -38,9 +39,10 @@ class Hosts:
         return {os.stat(f"/run/netns/{self.wan.namespace(dc)}").st_ino for dc in self.wan.dcs}
 
     def leftovers(self):
-        """Processes inside the hosts' namespaces other than their sshd listeners."""
+        """Processes inside the hosts' namespaces other than their sshd listeners and the WAN's
+        delaying relays."""
         inodes = self.netns_inodes()
-        keep = {p.pid for p in self.sshd.values()}
+        keep = {p.pid for p in self.sshd.values()} | set(self.wan.relay_pids)
         found = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit() or int(entry) in keep:
@@ -81,7 +83,11 @@ class Hosts:
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory):
     directory = tmp_path_factory.mktemp("ssh")
-    w = wan.Wan.create(["central", "party0", "party1"], wan.parse_spec("100mbit", parties=2))
+    # A rate cap on every site's link and, where nft exists for the delaying relay (.ci/run installs
+    # nftables), 10 ms one way between sites: SSH, the launcher's control traffic and training all
+    # cross a WAN with latency.
+    spec = "100mbit" + (",delay=10" if shutil.which("nft") else "")
+    w = wan.Wan.create(["central", "party0", "party1"], wan.parse_spec(spec, parties=2))
     sshd = {}
     try:
         for key in ("hostkey", "id"):

@@ -19,6 +19,10 @@ SAVE_CHECKPOINT = "save_checkpoint"
 REPORT_LOSS = "report_loss"
 # Commands a local server passes on to the global servers for its workers.
 RELAYED = (SET_OPTIMIZER, GET_STATES, SET_STATES, SET_COMPRESSION, SAVE_CHECKPOINT)
+# Only the central party's master worker may send these to a global server; a SET_OPTIMIZER from
+# anyone else changes nothing (see GlobalServer.on_command). SET_STATES stays open to every
+# registered client: the store's API lets a party worker load saved optimizer states.
+MASTER_ONLY = (SYNC_MODE, SET_COMPRESSION)
 ALL = (SET_OPTIMIZER, SYNC_MODE, GET_STATES, SET_STATES, SET_COMPRESSION, SAVE_CHECKPOINT, REPORT_LOSS)
 
 

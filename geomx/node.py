@@ -123,7 +123,7 @@ def _local_server(cfg: NodeConfig) -> int:
     logutil.set_label(f"local_server{glob.info.rank}")
     server.parties = glob.info.num_parties
     # Only the party's registered workers may use this server (from before its first request).
-    server.allow(server.link.name, party.info.clients)
+    server.allow(server.link.name, party.info.clients, party.info.client_keys)
     upstream = KVClient(loop, glob.info.servers, identity=glob.client_identity(f"local_server{glob.info.rank}"),
                         sender=glob.info.rank,
                         bigarray_bound=cfg.bigarray_bound, wan=True, name=f"local_server{glob.info.rank}",
@@ -178,7 +178,7 @@ def _global_server(cfg: NodeConfig) -> int:
     def on_registered(info) -> None:
         # In the loop turn of the acknowledgement, before the local servers' first messages.
         server.parties = info.num_parties
-        server.allow(server.wan_link.name, info.clients)
+        server.allow(server.wan_link.name, info.clients, info.client_keys)
         if ckpt is not None:
             # Restored into the running topology it came from, or into a whole new one whose
             # clients start afresh.
@@ -205,7 +205,8 @@ def _global_server(cfg: NodeConfig) -> int:
                       "global_server", fatal, rank_hint=server.rank,
                       layout={"global_servers": cfg.num_global_server})
     _restartable(central, cfg, ckpt is not None)
-    central.on_registered = lambda info: server.allow(server.lan_link.name, info.clients)
+    central.on_registered = lambda info: server.allow(server.lan_link.name, info.clients, info.client_keys,
+                                                      info.master_client)
     central.register()
     _wait(loop, cfg, lambda: central.info is not None, fatal, "central-party registration")
     log.info("serving %d party(ies) on port %d and %d central worker(s) on port %d (%d local server(s))",

@@ -4,9 +4,13 @@ Trust model: a *party* (a data center: the central party or a participating one)
 trust. Every process of a party uses the party's one key pair, and every party holds an allow-list
 directory with the public keys of the parties it works with (its own included). Then:
 
-* a listening socket (scheduler, server) is a CURVE server with its party's secret key and admits
-  only clients whose public key is in the allow-list (checked by the ZAP handler below, which logs
-  every refusal with the client's address and key);
+* a listening socket (scheduler, server) is a CURVE server with its party's secret key. A listener
+  inside the party (its scheduler, its local server's client port, the central party's scheduler and
+  the global servers' central port) admits only the party's own key; a listener other parties reach
+  (the global scheduler, the global servers' client port) admits the keys in the allow-list. The ZAP
+  handler below checks this per listener (its ZAP domain) and logs every refusal with the client's
+  address and key. An admitted connection's messages carry its key's name (ZAP User-Id), which the
+  schedulers bind to the registration and the servers check on every request;
 * a connecting socket knows which party it connects to, so it knows that party's public key: inside
   a party it is its own, across parties (a local server to the global scheduler and global servers)
   it is the central party's, found in the allow-list by name (``GEOMX_CURVE_CENTRAL_KEY``).
@@ -241,6 +245,17 @@ class ZapHandler:
         self.sock.linger = 0
         self.sock.bind(ZAP_ENDPOINT)
         self.refusals = RateLimitedLog()
+        # ZAP domain (the listener's name) -> whether other parties may connect to it. A domain not
+        # declared here is refused: every CURVE listener of the node must say who it serves.
+        self.domains: Dict[str, bool] = {}
+        own = keys.name_of(keys.public)
+        self.own_name = own if own is not None else "this party"
+
+    def serve(self, domain: str, cross_party: bool) -> None:
+        """Declare a listener: ``cross_party`` ones admit the allow-list, the others this party's key only."""
+        if self.domains.get(domain, cross_party) != cross_party:
+            raise ValueError(f"two listeners named {domain!r} with different admission rules")
+        self.domains[domain] = cross_party
 
     def handle(self) -> None:
         for _ in range(64):
@@ -263,6 +278,18 @@ class ZapHandler:
         if mechanism == b"CURVE" and credentials and len(credentials[0]) == 32:
             public = z85.encode(credentials[0])
             name = self.keys.name_of(public)
+            cross_party = self.domains.get(where)
+            if cross_party is None:
+                self.refusals(logging.ERROR, f"{self.node}: REFUSED a connection to the unknown listener {where} "
+                                             f"from {peer}", key=(peer, "unknown domain"))
+                return [version, request_id, b"400", b"unknown listener", b"", b""]
+            if name is not None and not cross_party and public != self.keys.public:
+                # Another party's key: it opens the global tier's listeners, never this party's own.
+                self.refusals(logging.ERROR,
+                              f"{self.node}: REFUSED a connection to {where} from {peer}: its key {name} belongs "
+                              f"to another party; only {self.own_name}'s own key opens this party's listeners",
+                              key=(peer, where, name))
+                return [version, request_id, b"400", b"another party's key", b"", b""]
             if name is not None:
                 log.debug("%s: %s admitted %s (key %s)", self.node, where, peer, name)
                 return [version, request_id, b"200", b"OK", name.encode(), b""]

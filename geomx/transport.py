@@ -61,6 +61,9 @@ class Link:
         self.bytes_received = 0
         self.curve = False
         self.peer = name  # what log lines call the other end
+        # A CURVE listener: the name of the key (ZAP User-Id) that the message being handled came
+        # with, set by the event loop before each handler call (one thread: no race); None otherwise.
+        self.sender_key: Optional[str] = None
         # Called with the reason when the peer refused this (client) link's CURVE handshake; the
         # owner fails with it (retrying cannot help). Unset: the reason is only logged.
         self.on_refused: Optional[Callable[[str], None]] = None
@@ -218,7 +221,9 @@ def bind_router(loop: "EventLoop", port: int, name: str, *, wan: bool = False,
     launcher, which bound it first so that nobody can take the port in between); it is adopted."""
     sock = loop.ctx.socket(zmq.ROUTER)
     configure(sock, loop.max_message_bytes)
-    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    # No ROUTER_HANDOVER: a second connection that presents an identity in use is ignored by libzmq
+    # rather than handed the first one's replies (identities carry secret tokens, but a client's
+    # identity must not be taken over even by one who learnt its token).
     # Bounded replies per peer; a send beyond the bound, or to a peer that is gone, fails at once
     # (see Link.send) instead of being queued without limit or dropped without a word.
     sock.setsockopt(zmq.SNDHWM, loop.max_queued_replies)
@@ -379,6 +384,7 @@ class EventLoop:
                 if self._zap is None:
                     self._zap = security.ZapHandler(self.ctx, self.keys, self.name)
                     self._add_raw(self._zap.sock, self._zap.handle)
+                self._zap.serve(link.name, cross_party)
                 security.secure_server(link.sock, self.keys, link.name)
             else:
                 security.secure_client(link.sock, self.keys, cross_party)
@@ -495,6 +501,8 @@ class EventLoop:
             identity = None
             if routed:
                 identity = bytes(frames[0].buffer)
+                if link.curve:
+                    link.sender_key = frames[0].get("User-Id")  # the key name our ZAP handler admitted
                 frames = frames[1:]
             try:
                 msg = wire.decode(frames, self.max_message_bytes)

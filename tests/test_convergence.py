@@ -38,6 +38,7 @@ BATCH = 16
 ITERS_PER_EPOCH = iterations_per_epoch(PARTIES * WORKERS, BATCH)  # 47
 EVAL_EVERY = 12  # iterations: evaluations at 192, 204, 216, 228 and 235 make up the last epoch's
 HFA_K = (2, 2)   # K1, K2: cnn_hfa.py evaluates every K1 * K2 * --eval-every iterations
+ESYNC_EVAL_ROUNDS = 3  # cnn_esync.py evaluates every --eval-every rounds (see ALGORITHMS)
 ADAM_LR = 0.003
 DCASGD_LR = 0.05
 TOLERANCE = 0.03
@@ -52,8 +53,11 @@ ALGORITHMS = {
     "HFA": ("cnn_hfa.py", ["-lr", str(ADAM_LR), "--eval-every", str(EVAL_EVERY // (HFA_K[0] * HFA_K[1]))],
             {"MXNET_KVSTORE_USE_HFA": "1", "MXNET_KVSTORE_HFA_K1": str(HFA_K[0]),
              "MXNET_KVSTORE_HFA_K2": str(HFA_K[1])}),
-    # ESync evaluates every --eval-every global rounds, each one or more local steps.
-    "ESync": ("cnn_esync.py", ["-lr", str(ADAM_LR), *EVAL], {"GEOMX_USE_ESYNC": "1"}),
+    # ESync evaluates every --eval-every global rounds (right after an average), each one or more local
+    # steps: the faster party takes several per round, as many more as it is faster. Every 12 rounds
+    # was too seldom for it: once, on a loaded machine, a party ran 2.5 steps a round and had only two
+    # evaluations in its last epoch. Every 3 rounds leaves at least 3 for parties up to 5x faster.
+    "ESync": ("cnn_esync.py", ["-lr", str(ADAM_LR), "--eval-every", str(ESYNC_EVAL_ROUNDS)], {"GEOMX_USE_ESYNC": "1"}),
 }
 
 

@@ -10,7 +10,7 @@ import logging
 import os
 import time
 import uuid
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Mapping, Optional, Tuple
 
 from ..errors import PeerDeadError, ProtocolError, SecurityError
 from ..transport import EventLoop, Link, connect_dealer
@@ -38,6 +38,10 @@ class TierInfo:
     rejoined: bool = False
     #: A server: the tokens of the tier's workers, its only clients (see ServerBase.allow).
     clients: Tuple[str, ...] = ()
+    #: With CURVE: the key (name) each client's requests must come with, by token.
+    client_keys: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: A server of the central party: the master worker's token (only it sets optimizer and codec).
+    master_client: Optional[str] = None
 
 
 class TierMember:
@@ -140,7 +144,9 @@ class TierMember:
                 meta_field(msg, "num_servers", int), meta_field(msg, "global_servers", int, 1),
                 meta_field(msg, "relay", bool, False), meta_field(msg, "num_parties", int, 0),
                 meta_field(msg, "rejoined", bool, False),
-                tuple(str(t) for t in meta_field(msg, "clients", list, []) if isinstance(t, str)))
+                tuple(str(t) for t in meta_field(msg, "clients", list, []) if isinstance(t, str)),
+                {str(t): str(k) for t, k in meta_field(msg, "client_keys", dict, {}).items()},
+                meta_field(msg, "master_client", str, None))
             if old is None and self.on_registered is not None:
                 self.on_registered(self.info)
             if old is not None and old.servers != parsed and self.on_servers_changed is not None:

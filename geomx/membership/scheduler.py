@@ -52,6 +52,8 @@ class Member:
     # A worker's secret part of the identity its data links use: the tier's servers take requests
     # only from identities that carry a token registered here (see ServerBase.allow).
     token: str = ""
+    # With CURVE: the name of the key its REGISTER came with (the listener's ZAP handler admitted it).
+    key: Optional[str] = None
 
 
 class Scheduler:
@@ -161,6 +163,9 @@ class Scheduler:
             raise ProtocolError("REGISTER with a malformed token")
         if identity in self.members:
             raise ProtocolError(f"{peer_label(identity)} registered twice")
+        key = self.link.sender_key if self.link.curve else None
+        if key is not None:
+            self._check_key(key, role, party, name or peer_label(identity))
         if meta_field(msg, "restart", bool, False) and self.registered:
             self._on_restart(identity, role, host, port, name, rank_hint, restart_timeout)
             return
@@ -174,10 +179,29 @@ class Scheduler:
                                         rank_hint if rank_hint >= 0 else None, len(self.members),
                                         time.monotonic(), global_servers, relay,
                                         None if party is None else party[:200], restart_timeout=restart_timeout,
-                                        ts=ts, token=token)
+                                        ts=ts, token=token, key=key)
         log.debug("%s: registered %s %s at %s:%d", self.tier, role, name, host, port)
         if len(self.members) == self.num_servers + self.num_workers:
             self._assign_ranks()
+
+    def _check_key(self, key: str, role: str, party: Optional[str], name: str) -> None:
+        """With CURVE, a registration is bound to the key it came with: the tier's servers are of the
+        scheduler's own party (only the global scheduler admits other parties' keys, whose processes
+        register as its workers: the local servers), and every party name is held by one key alone,
+        so that no party can register as another."""
+        own = self.loop.keys.name_of(self.loop.keys.public) if self.loop.keys is not None else None
+        if role == "server" and key != own:
+            raise ProtocolError(f"REGISTER of {name} as a server of the {self.tier} tier with the key {key}: only "
+                                f"{own}'s own key may register this tier's servers")
+        if party is None:
+            return
+        for m in self.members.values():
+            if m.party == party and m.key != key:
+                raise ProtocolError(f"REGISTER of {name} for party {party!r} with the key {key}: that party "
+                                    f"registered with the key {m.key}")
+            if m.key == key and m.party is not None and m.party != party:
+                raise ProtocolError(f"REGISTER of {name} for party {party!r} with the key {key}, which "
+                                    f"registered party {m.party!r} already")
 
     def _on_restart(self, identity: bytes, role: str, host: str, port: int, name: str, rank: int,
                     restart_timeout: float) -> None:
@@ -210,14 +234,22 @@ class Scheduler:
         ``rejoined`` (took a dead one's place) is told so."""
         servers = sorted((m for m in self.members.values() if m.role == "server"), key=lambda m: m.rank)
         addresses = [[m.host, m.port] for m in servers]
-        # Servers learn which identities their clients (this tier's workers) use; nobody else does.
-        clients = sorted(m.token for m in self.members.values() if m.role == "worker" and m.token)
+        # Servers learn which identities their clients (this tier's workers) use, with CURVE the key each
+        # must come with, and which of them is the master worker; nobody else does.
+        workers = [m for m in self.members.values() if m.role == "worker" and m.token]
+        clients = sorted(m.token for m in workers)
+        client_keys = {m.token: m.key for m in workers if m.key is not None}
+        master = next((m.token for m in workers if m.master), None)
         for m in members if members is not None else [m for m in self.members.values() if not m.done]:
             meta = {"rank": m.rank, "servers": addresses, "num_workers": self.num_workers,
                     "num_servers": self.num_servers, "tier": self.tier, **self.layout,
                     "rejoined": m.identity == rejoined}
             if m.role == "server":
                 meta["clients"] = clients
+                if client_keys:
+                    meta["client_keys"] = client_keys
+                if master is not None:
+                    meta["master_client"] = master
             self._send(m, Message(MsgType.REGISTER_ACK, meta=meta))
 
     def _assign_ranks(self) -> None:

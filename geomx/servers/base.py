@@ -3,7 +3,7 @@ known keys, synchronous aggregation rounds, parked pulls, and the stop protocol.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -52,7 +52,9 @@ class ServerBase:
         # carried in the clients' identities; see TierMember.client_identity). geomx.node requires
         # it; until the scheduler's list is in, requests wait (at most EARLY_REQUESTS of them).
         self.require_registration = False
-        self.allowed: Dict[str, frozenset] = {}
+        # link name -> {token: the key name its requests must come with (CURVE), or None}
+        self.allowed: Dict[str, Dict[str, Optional[str]]] = {}
+        self.master_client: Dict[str, str] = {}  # link name -> the master worker's token (central party)
         self.early: List[Tuple[Message, bytes, Link]] = []
 
     # -- hooks --------------------------------------------------------------------------------
@@ -130,11 +132,17 @@ class ServerBase:
     # -- who may ask -------------------------------------------------------------------------
     EARLY_REQUESTS = 10_000
 
-    def allow(self, link_name: str, tokens) -> None:
+    def allow(self, link_name: str, tokens, keys: Optional[Mapping[str, str]] = None,
+              master: Optional[str] = None) -> None:
         """The registered clients of ``link_name`` (their tokens), from the tier's scheduler; turns the
-        check on. Requests that came before are handled now."""
+        check on. With CURVE, ``keys`` gives the key each token registered with (its requests must come
+        with that key too); ``master`` is the master worker's token. Requests that came before are
+        handled now."""
         self.require_registration = True
-        self.allowed[link_name] = frozenset(tokens)
+        keys = keys or {}
+        self.allowed[link_name] = {t: keys.get(t) for t in tokens}
+        if master is not None:
+            self.master_client[link_name] = master
         early, self.early = [e for e in self.early if e[2].name == link_name], \
             [e for e in self.early if e[2].name != link_name]
         for msg, identity, link in early:
@@ -149,8 +157,18 @@ class ServerBase:
         allowed = self.allowed.get(link.name)
         if allowed is None:
             return None
-        token = identity.rpartition(b">")[0].rpartition(b"#")[2]
-        return token.decode("ascii", "replace") in allowed
+        token = _token(identity)
+        if token not in allowed:
+            return False
+        key = allowed[token]
+        # With CURVE the token must also come with the key it registered with: a party that learnt
+        # another's token still cannot act in its name.
+        return key is None or key == link.sender_key
+
+    def from_master(self, link: Link, identity: bytes) -> bool:
+        """True if the request came from the central party's master worker (its token, on its link)."""
+        master = self.master_client.get(link.name)
+        return master is not None and _token(identity) == master
 
     # -- dispatch -----------------------------------------------------------------------------
     def handle_client(self, msg: Message, identity: Optional[bytes], link: Link) -> None:
@@ -479,3 +497,8 @@ class ServerBase:
 
         ks.park_pull(client, answer)
         return True
+
+
+def _token(identity: bytes) -> str:
+    """The registration token in a client's data-link identity (``NAME#TOKEN>SERVER``)."""
+    return identity.rpartition(b">")[0].rpartition(b"#")[2].decode("ascii", "replace")

@@ -16,7 +16,7 @@ from .. import checkpoint, commands, compression, dgt
 from ..config import NodeConfig
 from ..errors import GeoMXError, ProtocolError
 from ..optimizer_spec import is_plain_sgd, optimizer_from_spec, sgd_step, states_from_wire, states_to_wire
-from ..transport import EventLoop, Link, bind_router
+from ..transport import EventLoop, Link, bind_router, log_limited
 from ..wire import Message, MsgType, meta_field
 from .base import Client, ServerBase
 from .keystate import ESYNC_KEY, KeyState
@@ -48,7 +48,6 @@ class GlobalServer(ServerBase):
         self.parties = cfg.num_global_worker  # aggregates per round; set from registration (several
         # local servers of a party each send their own keys, so parties <= local servers)
         self.optimizer_spec: Optional[dict] = None
-        self.optimizer_from_master = False
         self.updater: Any = None
         self.plain_sgd = False  # the updater is SGD without momentum: _apply runs it in numpy
         self.global_sync = True
@@ -520,6 +519,12 @@ class GlobalServer(ServerBase):
     def on_command(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
         cmd = meta_field(msg, "cmd", str)
         try:
+            master = link is self.lan_link and self.from_master(link, identity)
+            if cmd in commands.MASTER_ONLY and not master:
+                # What the master worker decides for everyone: no party (nor its relaying local server)
+                # may change it, whatever its message says of itself.
+                raise GeoMXError(f"{cmd} is the master worker's to send (DMLC_ROLE_MASTER_WORKER=1 in the "
+                                 "central party); refused from this client")
             if cmd == commands.SET_OPTIMIZER:
                 if self.compression_params is not None and self.compression_params["type"] in ("bsc", "mpq") \
                         and self.global_sync:
@@ -529,11 +534,9 @@ class GlobalServer(ServerBase):
                     raise GeoMXError("with HFA (MXNET_KVSTORE_USE_HFA=1) or ESync (GEOMX_USE_ESYNC=1) the global "
                                      "servers average the parties' models and run no optimizer; keep the "
                                      "optimizer on the workers")
-                self._set_optimizer(meta_field(msg, "spec", dict), meta_field(msg, "master", bool, False))
+                self._set_optimizer(meta_field(msg, "spec", dict), master)
                 self.reply(link, identity, msg)
             elif cmd == commands.SYNC_MODE:
-                if link is not self.lan_link:
-                    raise GeoMXError("only the master worker sets the synchronisation mode")
                 sync = meta_field(msg, "sync", bool)
                 if not sync and self.cfg.enable_inter_ts:
                     raise GeoMXError("ENABLE_INTER_TS=1 works with dist_sync only, not dist_async (MixedSync "
@@ -614,13 +617,13 @@ class GlobalServer(ServerBase):
             # A restarted topology's master sends its fresh optimizer again: keep the checkpoint's
             # (same hyper-parameters, plus the update counts and states it has reached).
             return
-        if self.optimizer_spec is not None and spec != self.optimizer_spec:
-            if not from_master and self.optimizer_from_master:
-                log.info("%s: keeping the master worker's optimizer; a worker sent another one", self.name)
-                return
-            if not from_master:
-                raise GeoMXError("another worker already set a different optimizer "
-                                 f"({self.optimizer_spec.get('name')})")
+        if not from_master:
+            # Party workers' trainers send theirs too (gluon does when it updates on the kvstore); only
+            # the master worker's counts, whatever the message says of its sender.
+            if spec != self.optimizer_spec:
+                log_limited(logging.INFO, f"{self.name}: a SET_OPTIMIZER from another client than the master "
+                                          "worker changes nothing (the master worker sets the optimizer)")
+            return
         if spec == self.optimizer_spec:
             return
         import mxnet as mx
@@ -629,7 +632,6 @@ class GlobalServer(ServerBase):
         self.updater = mx.optimizer.get_updater(opt)
         self.plain_sgd = is_plain_sgd(opt)
         self.optimizer_spec = spec
-        self.optimizer_from_master = from_master
         log.info("%s: optimizer %s %s", self.name, spec["name"], spec["params"])
 
     def _require_optimizer(self) -> None:

@@ -275,7 +275,7 @@ def test_a_party_key_cannot_reach_another_party_while_the_topology_trains(tmp_pa
         ctx = zmq.Context()
         try:
             socks = []
-            for what, (at, server_key, _, _) in ports.items():
+            for at, server_key, _, _ in ports.values():
                 sock = ctx.socket(zmq.DEALER)
                 sock.curve_publickey, sock.curve_secretkey = party1.public, party1.secret
                 sock.curve_serverkey = server_key
@@ -283,7 +283,7 @@ def test_a_party_key_cannot_reach_another_party_while_the_topology_trains(tmp_pa
                 sock.send_multipart(frames(_register("worker")))
                 sock.send_multipart(frames(Message(MsgType.PULL, key=2, numel=300000, total=300000)))
                 socks.append(sock)
-            for what, (_, _, domain, owner) in ports.items():
+            for _, _, domain, owner in ports.values():
                 log.wait_for(rf"REFUSED a connection to {domain} from 127\.0\.0\.1: its key party1 belongs to "
                              rf"another party; only {owner}'s own key opens this party's listeners", 20)
             assert not any(sock.poll(200) for sock in socks)  # nothing was answered

@@ -133,11 +133,12 @@ def _local_server(cfg: NodeConfig) -> int:
     glob.on_servers_changed = lambda old, new: upstream.update_servers(new.servers)
     server.on_fatal = fatal.append
     if cfg.enable_intra_ts:  # this server is the root of its party's aggregation tree
-        server.ts_root = TSPeer(loop, ROOT, "local_server", server, party.send, fatal.append, wan=False)
+        server.ts_root = TSPeer(loop, ROOT, "local_server", server, party.send, fatal.append, wan=False,
+                                  secret=party.info.ts_secret)
         party.on_tsengine = server.ts_root.on_answer
     if cfg.enable_inter_ts:
         peer = TSPeer(loop, glob.info.rank, f"local_server{glob.info.rank}", server, glob.send, fatal.append,
-                      wan=True)
+                      wan=True, secret=glob.info.ts_secret)
         glob.on_tsengine = peer.on_answer
         server.connect_inter_ts(peer)
     log.info("serving %d worker(s) on port %d; %d global server(s)", cfg.num_worker, server.port,
@@ -196,7 +197,8 @@ def _global_server(cfg: NodeConfig) -> int:
     if not server.global_sync:
         server.on_async()  # restored under MixedSync
     if cfg.enable_inter_ts:
-        server.ts_root = TSPeer(loop, ROOT, "global_server", server, glob.send, fatal.append, wan=True)
+        server.ts_root = TSPeer(loop, ROOT, "global_server", server, glob.send, fatal.append, wan=True,
+                                  secret=glob.info.ts_secret)
         glob.on_tsengine = server.ts_root.on_answer
     glob.on_peer_left = server.on_peer_left
     logutil.set_label(f"global_server{server.rank}")

@@ -550,6 +550,12 @@ class EventLoop:
         self._wake_rx.close(linger=0)
 
 
+def identity_token(identity: bytes) -> str:
+    """The secret a registered node's link carries in its identity (``NAME#TOKEN>WHERE``): a client's
+    registration token, or a TSEngine link's tier secret; "" if there is none."""
+    return identity.rpartition(b">")[0].rpartition(b"#")[2].decode("ascii", "replace")
+
+
 _TOKEN_IN_IDENTITY = re.compile(r"#([0-9a-f]{6})[0-9a-f]{26}")
 
 
@@ -565,4 +571,4 @@ def peer_label(identity: Optional[bytes]) -> str:
     return _TOKEN_IN_IDENTITY.sub(r"#\1...", text)
 
 
-__all__: Sequence[str] = ["Link", "EventLoop", "bind_router", "connect_dealer", "peer_label"]
+__all__: Sequence[str] = ["Link", "EventLoop", "bind_router", "connect_dealer", "peer_label", "identity_token"]

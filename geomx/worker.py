@@ -87,7 +87,7 @@ class WorkerNode:
                 if self.intra_ts:
                     assert self.ts_link is not None
                     self.ts = TSPeer(self.loop, self.info.rank, f"worker{self.info.rank}", self, self.member.send,
-                                     self._on_ts_fatal, wan=False)
+                                     self._on_ts_fatal, wan=False, secret=self.info.ts_secret)
                     self.member.on_tsengine = self.ts.on_answer
                     self.loop.add(self.ts_link, self.ts.handle, routed=True)
                     self.loop.call_every(min(5.0, cfg.request_timeout / 4), self._expire_ts)

@@ -310,7 +310,8 @@ def test_a_relay_that_cannot_be_sent_ends_the_node_with_the_reason():
     loop = transport.EventLoop(ctx, name="relayer")
     failures: List[Exception] = []
     try:
-        peer = TSPeer(loop, 1, "worker1", owner=None, ask=lambda m: None, on_fatal=failures.append, wan=False)
+        peer = TSPeer(loop, 1, "worker1", owner=None, ask=lambda m: None, on_fatal=failures.append, wan=False,
+                      secret="0" * 32)
         peer.relay(2, 3, np.ones(4, np.float32))
         peer.on_answer(Message(MsgType.TS_RELAY_TO, key=2, version=3,
                                meta={"rank": 0, "host": "127.0.0.1", "port": -1}))  # not a port

@@ -17,6 +17,8 @@ from geomx.tsengine.peer import TSPeer
 from geomx.tsengine.policy import ROOT, Session, ThroughputTable, choose_receiver, orient
 from geomx.wire import Message, MsgType
 
+SECRET = "5" * 32  # the tier's TSEngine secret (a scheduler hands it out; see TSPeer)
+
 
 def table_of(rates):
     t = ThroughputTable()
@@ -263,7 +265,8 @@ def test_tree_and_relay_over_sockets_give_the_exact_sum_to_every_node():
         def ask(msg, node=node):
             loop.call_later(0, lambda: coord.handle(via_wire(msg), node))
 
-        peers[node] = owner.peer = TSPeer(loop, node, f"node{node}", owner, ask, failures.append, wan=True)
+        peers[node] = owner.peer = TSPeer(loop, node, f"node{node}", owner, ask, failures.append, wan=True,
+                                          secret=SECRET)
         loop.add(link, peers[node].handle, routed=True)
     coord = Coordinator("test tier", addresses, deliver, 0.9, rng=random.Random(5))
     # Node 2 sends slowly: it should hand its sum to a peer rather than receive one.
@@ -317,9 +320,9 @@ def test_a_refused_hop_ends_the_sender_with_the_reason():
 
     failures = []
     link, port = bind_router(loop, 0, "ts-0")
-    receiver = TSPeer(loop, 0, "node0", Refusing(), lambda m: None, failures.append, wan=True)
+    receiver = TSPeer(loop, 0, "node0", Refusing(), lambda m: None, failures.append, wan=True, secret=SECRET)
     loop.add(link, receiver.handle, routed=True)
-    sender = TSPeer(loop, ROOT, "root", SumOwner(), lambda m: None, failures.append, wan=True)
+    sender = TSPeer(loop, ROOT, "root", SumOwner(), lambda m: None, failures.append, wan=True, secret=SECRET)
     try:
         sender.models[(0, 0)] = np.ones(4, np.float32)
         sender.on_answer(Message(MsgType.TS_RELAY_TO, key=0, version=0,
@@ -329,6 +332,40 @@ def test_a_refused_hop_ends_the_sender_with_the_reason():
     finally:
         loop.close()
         sender.close()
+        ctx.destroy(linger=0)
+
+
+def test_a_stranger_cannot_send_into_the_aggregation_tree():
+    """A TS_MERGE or TS_MODEL from a link without the tier's TSEngine secret (a stranger, or a node of
+    another tier) is refused with a TS_ACK that says why, and reaches neither the partial sums nor the
+    owner; the same from a node with the secret is taken."""
+    ctx = zmq.Context()
+    loop = EventLoop(ctx, name="test")
+    failures = []
+    owner = SumOwner()
+    link, port = bind_router(loop, 0, "ts-0")
+    receiver = TSPeer(loop, 0, "node0", owner, lambda m: None, failures.append, wan=True, secret=SECRET)
+    loop.add(link, receiver.handle, routed=True)
+    try:
+        acks = {}
+        for who, secret in (("stranger", "f" * 32), ("no secret", None), ("member", SECRET)):
+            sock = ctx.socket(zmq.DEALER)
+            tail = "" if secret is None else f"#{secret}"
+            sock.setsockopt(zmq.IDENTITY, f"worker9-ts9{tail}>127.0.0.1:{port}".encode())
+            sock.connect(f"tcp://127.0.0.1:{port}")
+            sock.send_multipart([bytes(f) for f in wire.encode(Message(
+                MsgType.TS_MODEL, sender=9, req_id=1, key=0, version=0, total=4, data=np.ones(4, np.float32)))])
+            loop.run_until(lambda: sock.poll(0), timeout=10, what=f"the {who}'s TS_ACK")  # noqa: B023
+            acks[who] = wire.decode(sock.recv_multipart())
+            sock.close(linger=0)
+        for who in ("stranger", "no secret"):
+            assert acks[who].type == MsgType.TS_ACK
+            assert "not from a registered node of this tier" in acks[who].meta["error"], acks[who]
+        assert acks["member"].type == MsgType.TS_ACK and acks["member"].meta is None
+        assert list(owner.models) == [(0, 0)] and not failures
+    finally:
+        loop.close()
+        receiver.close()
         ctx.destroy(linger=0)
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import re
 import time
+import uuid
 from typing import Dict, List, Optional
 
 import zmq
@@ -71,6 +72,9 @@ class Scheduler:
         self.ts_variable = ts_variable
         self.max_greed_rate = max_greed_rate
         self.ts: Optional[Coordinator] = None
+        # TSEngine: a secret of the tier's registered nodes that their TSEngine links carry, so that
+        # nobody else can send partial sums or results into the aggregation tree.
+        self.ts_secret = ""
         self.num_servers = num_servers
         self.num_workers = num_workers
         self.heartbeat_interval = heartbeat_interval
@@ -244,6 +248,8 @@ class Scheduler:
             meta = {"rank": m.rank, "servers": addresses, "num_workers": self.num_workers,
                     "num_servers": self.num_servers, "tier": self.tier, **self.layout,
                     "rejoined": m.identity == rejoined}
+            if self.ts is not None and m.ts:
+                meta["ts_secret"] = self.ts_secret
             if m.role == "server":
                 meta["clients"] = clients
                 if client_keys:
@@ -307,6 +313,7 @@ class Scheduler:
         addresses = {ROOT: (servers[0].host, servers[0].port)}
         addresses.update({m.rank: (m.host, m.port) for m in workers if not m.master})
         by_node = {ROOT: servers[0], **{m.rank: m for m in workers if not m.master}}
+        self.ts_secret = uuid.uuid4().hex
         self.ts = Coordinator(self.tier, addresses, lambda node, msg: self._send(by_node[node], msg),
                               self.max_greed_rate)
         log.info("%s: TSEngine on (%s), %d node(s) below the root, greedy rate %.2f", self.tier, variable,

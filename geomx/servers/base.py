@@ -10,7 +10,7 @@ import numpy as np
 from .. import compression
 from ..errors import GeoMXError, ProtocolError
 from ..security import template
-from ..transport import EventLoop, Link, log_limited, peer_label
+from ..transport import EventLoop, Link, identity_token, log_limited, peer_label
 from ..tsengine.partial import partial_dtype_ok
 from ..wire import DTYPES, Message, MsgType, meta_field
 from .keystate import KeyState
@@ -157,7 +157,7 @@ class ServerBase:
         allowed = self.allowed.get(link.name)
         if allowed is None:
             return None
-        token = _token(identity)
+        token = identity_token(identity)
         if token not in allowed:
             return False
         key = allowed[token]
@@ -168,7 +168,7 @@ class ServerBase:
     def from_master(self, link: Link, identity: bytes) -> bool:
         """True if the request came from the central party's master worker (its token, on its link)."""
         master = self.master_client.get(link.name)
-        return master is not None and _token(identity) == master
+        return master is not None and identity_token(identity) == master
 
     # -- dispatch -----------------------------------------------------------------------------
     def handle_client(self, msg: Message, identity: Optional[bytes], link: Link) -> None:
@@ -498,7 +498,3 @@ class ServerBase:
         ks.park_pull(client, answer)
         return True
 
-
-def _token(identity: bytes) -> str:
-    """The registration token in a client's data-link identity (``NAME#TOKEN>SERVER``)."""
-    return identity.rpartition(b">")[0].rpartition(b"#")[2].decode("ascii", "replace")

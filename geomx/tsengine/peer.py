@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Protocol, Tuple
 import numpy as np
 
 from ..errors import GeoMXError, ProtocolError
-from ..transport import EventLoop, Link, connect_dealer
+from ..transport import EventLoop, Link, connect_dealer, identity_token, log_limited, peer_label
 from ..wire import Message, MsgType, meta_field
 from .partial import Partial, partial_dtype_ok
 from .policy import ROOT
@@ -65,8 +65,11 @@ class TSPeer:
     ``ask(msg)`` sends a question to the tier's scheduler; ``on_fatal(exc)`` ends the node."""
 
     def __init__(self, loop: EventLoop, node: int, name: str, owner: Owner, ask: Callable[[Message], None],
-                 on_fatal: Callable[[Exception], None], wan: bool):
+                 on_fatal: Callable[[Exception], None], wan: bool, secret: str):
         self.loop = loop
+        # The tier's TSEngine secret (from its scheduler): this node's links carry it in their identity,
+        # and a TS_MERGE or TS_MODEL from a link without it is refused.
+        self.secret = secret
         self.node = node
         self.name = name
         self.owner = owner
@@ -164,7 +167,7 @@ class TSPeer:
         port = meta_field(answer, "port", int)
         link = self.links.get((host, port))
         if link is None:
-            identity = f"{self.name}-ts{self.node}>{host}:{port}".encode()
+            identity = f"{self.name}-ts{self.node}#{self.secret}>{host}:{port}".encode()
             link = connect_dealer(self.loop, host, port, identity, f"{self.name}-ts->{to}",
                                   peer=f"TSEngine peer {to}", wan=self.wan, cross_party=self.wan)
             self.loop.add(link, self._on_ack, routed=False)
@@ -198,6 +201,13 @@ class TSPeer:
         """A TS_MERGE or TS_MODEL that arrived on one of the owner's ROUTER sockets."""
         assert identity is not None
         key, rnd = msg.key, msg.version
+        if identity_token(identity) != self.secret:
+            reason = "not from a registered node of this tier (its link lacks the tier's TSEngine secret)"
+            log_limited(logging.WARNING, f"{self.name}: refused {msg.type.name} from {peer_label(identity)}: {reason}",
+                        key=(identity, "ts stranger"))
+            link.send(Message(MsgType.TS_ACK, req_id=msg.req_id, key=key, version=rnd, meta={"error": reason}),
+                      identity)
+            return
         error = self._check(msg)
         link.send(Message(MsgType.TS_ACK, req_id=msg.req_id, key=key, version=rnd,
                           meta=None if error is None else {"error": error}), identity)

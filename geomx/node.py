@@ -25,6 +25,7 @@ from .servers.base import ServerBase
 from .transport import EventLoop
 from .tsengine.peer import TSPeer
 from .tsengine.policy import ROOT
+from .tsengine.tier import TSEngineTier
 
 log = logging.getLogger("geomx.node")
 
@@ -50,11 +51,11 @@ def _scheduler(cfg: NodeConfig) -> int:
     logutil.set_label(tier.replace(" tier", "") + " scheduler")
     sched = Scheduler(tier, port, servers, workers, heartbeat_interval=cfg.heartbeat_interval,
                       heartbeat_timeout=cfg.heartbeat_timeout, start_timeout=cfg.start_timeout,
-                      max_message_bytes=cfg.max_message_bytes, ts_variable=ts_variable,
-                      max_greed_rate=cfg.max_greed_rate_ts, keys=cfg.curve,
+                      max_message_bytes=cfg.max_message_bytes, keys=cfg.curve,
                       max_queued_replies=cfg.max_queued_replies, local_ipc=cfg.local_ipc,
                       cross_party=cfg.role == config.GLOBAL_SCHEDULER, listen_fd=cfg.listen_fd,
-                      host=cfg.scheduler_bind_address())
+                      host=cfg.scheduler_bind_address(),
+                      plugins=[TSEngineTier(ts_variable, cfg.max_greed_rate_ts)])
     return sched.run()
 
 

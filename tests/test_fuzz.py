@@ -110,8 +110,10 @@ def ctx():
 
 
 def _scheduler(ctx) -> Scheduler:
+    from geomx.tsengine.tier import TSEngineTier
+
     return Scheduler("fuzz tier", 0, 1, 2, heartbeat_interval=1.0, heartbeat_timeout=20.0, start_timeout=60.0,
-                     max_message_bytes=1 << 20, ctx=ctx)
+                     max_message_bytes=1 << 20, ctx=ctx, plugins=[TSEngineTier("ENABLE_INTRA_TS", 0.9)])
 
 
 @FUZZ

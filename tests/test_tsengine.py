@@ -423,3 +423,14 @@ def test_inter_ts_refuses_codecs_and_mixedsync_at_start(topology_run, what, mess
     assert result.code != 0
     assert result.lines(message), result.output[-3000:]
     assert not result.lines("NOT REFUSED")
+
+
+def test_membership_does_not_import_tsengine():
+    """TSEngine plugs into the scheduler (geomx/tsengine/tier.py) instead of being imported by it."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import sys, geomx.membership; "
+                          "print(sorted(m for m in sys.modules if m.startswith('geomx.tsengine')))"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -6,17 +6,13 @@ import dataclasses
 import logging
 import re
 import time
-import uuid
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 import zmq
 
 from ..errors import ProtocolError
 from ..security import CurveKeys
 from ..transport import EventLoop, Link, bind_router, peer_label
-from ..tsengine.coordinator import QUESTIONS as TS_QUESTIONS
-from ..tsengine.coordinator import Coordinator
-from ..tsengine.policy import ROOT
 from ..wire import Message, MsgType, meta_field
 
 log = logging.getLogger("geomx.scheduler")
@@ -57,24 +53,35 @@ class Member:
     key: Optional[str] = None
 
 
+class TierPlugin(Protocol):
+    """A feature that takes part in a tier's membership (TSEngine's coordinator, geomx/tsengine/tier.py):
+    the scheduler hands it the message types it answers and a say once the tier is complete, and adds
+    what it gives to each member's REGISTER_ACK. Features plug in here; membership imports none."""
+
+    messages: Tuple[MsgType, ...]
+
+    def tier_complete(self, scheduler: "Scheduler", servers: List[Member], workers: List[Member]) -> bool:
+        """Every node registered and has its rank; False if the plug-in failed the tier."""
+
+    def handle(self, msg: Message, member: Member) -> None:
+        """One of :attr:`messages` from a registered member."""
+
+    def ack_meta(self, member: Member) -> dict:
+        """What ``member``'s REGISTER_ACK carries for this plug-in."""
+
+
 class Scheduler:
     """Runs until every registered node said goodbye (exit code 0) or one of them died (exit code 1)."""
 
     def __init__(self, tier: str, port: int, num_servers: int, num_workers: int, *,
                  heartbeat_interval: float, heartbeat_timeout: float, start_timeout: float,
-                 max_message_bytes: int, ctx: Optional[zmq.Context] = None, ts_variable: str = "",
-                 max_greed_rate: float = 0.9, keys: Optional[CurveKeys] = None, cross_party: bool = False,
+                 max_message_bytes: int, ctx: Optional[zmq.Context] = None,
+                 keys: Optional[CurveKeys] = None, cross_party: bool = False,
                  max_queued_replies: int = 100_000, local_ipc: bool = True, listen_fd: Optional[int] = None,
-                 host: str = "127.0.0.1"):
+                 host: str = "127.0.0.1", plugins: Sequence[TierPlugin] = ()):
         self.tier = tier
-        # TSEngine: the variable that switches it on in this tier (named in errors), the greedy
-        # probability, and the coordinator once the tier is complete and its nodes asked for it.
-        self.ts_variable = ts_variable
-        self.max_greed_rate = max_greed_rate
-        self.ts: Optional[Coordinator] = None
-        # TSEngine: a secret of the tier's registered nodes that their TSEngine links carry, so that
-        # nobody else can send partial sums or results into the aggregation tree.
-        self.ts_secret = ""
+        self.plugins = list(plugins)
+        self._plugin_of: Dict[MsgType, TierPlugin] = {t: p for p in self.plugins for t in p.messages}
         self.num_servers = num_servers
         self.num_workers = num_workers
         self.heartbeat_interval = heartbeat_interval
@@ -105,7 +112,7 @@ class Scheduler:
         self.loop.close()
         return self.exit_code
 
-    def _send(self, member: Member, msg: Message) -> None:
+    def send(self, member: Member, msg: Message) -> None:
         self.link.send(msg, member.identity)
 
     def _handle(self, msg: Message, identity: Optional[bytes], link: Link) -> None:
@@ -123,17 +130,15 @@ class Scheduler:
         elif member is None:
             raise ProtocolError(f"{msg.type.name} from unregistered peer {peer_label(identity)}")
         elif msg.type == MsgType.HEARTBEAT:
-            self._send(member, Message(MsgType.HEARTBEAT_ACK, req_id=msg.req_id))
+            self.send(member, Message(MsgType.HEARTBEAT_ACK, req_id=msg.req_id))
         elif msg.type == MsgType.POLICY:
             # MixedSync: parties are independent, so the global tier survives losing one.
             self.tolerate_worker_loss = meta_field(msg, "tolerate_worker_loss", bool)
             log.info("%s: %s lost workers", self.tier, "tolerating" if self.tolerate_worker_loss else "failing on")
         elif msg.type == MsgType.BARRIER:
             self._on_barrier(msg, member)
-        elif msg.type in TS_QUESTIONS:
-            if self.ts is None:
-                raise ProtocolError(f"{msg.type.name} from {member.name}, but TSEngine is off in this tier")
-            self.ts.handle(msg, ROOT if member.role == "server" else member.rank)
+        elif msg.type in self._plugin_of:
+            self._plugin_of[msg.type].handle(msg, member)
         elif msg.type == MsgType.BYE:
             failure = meta_field(msg, "failure", str, None)
             if failure is not None:
@@ -248,15 +253,15 @@ class Scheduler:
             meta = {"rank": m.rank, "servers": addresses, "num_workers": self.num_workers,
                     "num_servers": self.num_servers, "tier": self.tier, **self.layout,
                     "rejoined": m.identity == rejoined}
-            if self.ts is not None and m.ts:
-                meta["ts_secret"] = self.ts_secret
+            for plugin in self.plugins:
+                meta.update(plugin.ack_meta(m))
             if m.role == "server":
                 meta["clients"] = clients
                 if client_keys:
                     meta["client_keys"] = client_keys
                 if master is not None:
                     meta["master_client"] = master
-            self._send(m, Message(MsgType.REGISTER_ACK, meta=meta))
+            self.send(m, Message(MsgType.REGISTER_ACK, meta=meta))
 
     def _assign_ranks(self) -> None:
         servers = [m for m in self.members.values() if m.role == "server"]
@@ -274,13 +279,14 @@ class Scheduler:
             m.rank = rank
         for rank, m in enumerate(workers):
             m.rank = rank
-        if not self._start_tsengine(servers, workers):
-            return
+        for plugin in self.plugins:
+            if not plugin.tier_complete(self, servers, workers):
+                return
         # Workers divide keys over this tier's servers along the global servers' parts, so every
         # server of the tier must divide for the same number of global servers.
         counts = sorted({m.global_servers or 1 for m in servers})
         if len(counts) > 1:
-            self._fail(f"{self.tier}: the servers disagree on DMLC_NUM_GLOBAL_SERVER ({counts}); it must be "
+            self.fail(f"{self.tier}: the servers disagree on DMLC_NUM_GLOBAL_SERVER ({counts}); it must be "
                        "the same on every local server", None)
             return
         # Parties are told apart by the party each local server names (its party's scheduler).
@@ -290,35 +296,6 @@ class Scheduler:
         self._announce_servers(list(self.members.values()))
         self.registered = True
         log.info("%s: all %d nodes registered", self.tier, len(self.members))
-
-    def _start_tsengine(self, servers: List[Member], workers: List[Member]) -> bool:
-        """Start the TSEngine coordinator if the tier's nodes asked for it. Every node that takes
-        part (servers, training workers; not the master worker) must agree, else the tier fails now
-        with the variable named, rather than half of it waiting for messages the other half never
-        sends. False if the tier was failed."""
-        taking_part = servers + [m for m in workers if not m.master]
-        on = [m for m in taking_part if m.ts]
-        if not on:
-            return True
-        variable = self.ts_variable or "ENABLE_*_TS"
-        off = [m for m in taking_part if not m.ts]
-        if off:
-            self._fail(f"{self.tier}: {variable}=1 is set on {', '.join(m.name for m in on)} but not on "
-                       f"{', '.join(m.name for m in off)}; set it on every server and worker of the tier", None)
-            return False
-        if len(servers) != 1:
-            self._fail(f"{self.tier}: {variable}=1 needs exactly one server in the tier (the aggregation "
-                       f"root), there are {len(servers)}", None)
-            return False
-        addresses = {ROOT: (servers[0].host, servers[0].port)}
-        addresses.update({m.rank: (m.host, m.port) for m in workers if not m.master})
-        by_node = {ROOT: servers[0], **{m.rank: m for m in workers if not m.master}}
-        self.ts_secret = uuid.uuid4().hex
-        self.ts = Coordinator(self.tier, addresses, lambda node, msg: self._send(by_node[node], msg),
-                              self.max_greed_rate)
-        log.info("%s: TSEngine on (%s), %d node(s) below the root, greedy rate %.2f", self.tier, variable,
-                 len(addresses) - 1, self.max_greed_rate)
-        return True
 
     def _group(self, group: str) -> List[Member]:
         return [m for m in self.members.values() if group == "all" or m.role == group]
@@ -333,7 +310,7 @@ class Scheduler:
         waiting.add(member.identity)
         if len(waiting) == len(self._group(group)):
             for m in self._group(group):
-                self._send(m, Message(MsgType.BARRIER_ACK, meta={"group": group}))
+                self.send(m, Message(MsgType.BARRIER_ACK, meta={"group": group}))
             waiting.clear()
 
     def _on_bye(self, member: Member) -> None:
@@ -348,7 +325,7 @@ class Scheduler:
         if not self.registered and now - self.started > self.start_timeout:
             missing_s = self.num_servers - sum(m.role == "server" for m in self.members.values())
             missing_w = self.num_workers - sum(m.role == "worker" for m in self.members.values())
-            self._fail(f"{self.tier}: start-up timed out after {self.start_timeout:.0f}s: "
+            self.fail(f"{self.tier}: start-up timed out after {self.start_timeout:.0f}s: "
                        f"{missing_s} server(s) and {missing_w} worker(s) never registered "
                        "(check DMLC_NUM_SERVER / DMLC_NUM_WORKER and the scheduler address)", None)
             return
@@ -357,7 +334,7 @@ class Scheduler:
                 continue
             if m.lost_at is not None:
                 if now - m.lost_at > m.restart_timeout:
-                    self._fail(f"{self.tier}: {m.role} {m.name} (rank {m.rank}, {m.host}:{m.port}) died and was "
+                    self.fail(f"{self.tier}: {m.role} {m.name} (rank {m.rank}, {m.host}:{m.port}) died and was "
                                f"not restarted within {m.restart_timeout:.0f}s (GEOMX_RESTART_TIMEOUT); restart "
                                "it with GEOMX_CHECKPOINT_RESTORE=<its checkpoint file>", m)
                     return
@@ -377,21 +354,21 @@ class Scheduler:
     def _lost(self, member: Member, reason: str) -> None:
         member.done = True
         if not (self.tolerate_worker_loss and member.role == "worker"):
-            self._fail(reason, member)
+            self.fail(reason, member)
             return
         log.warning("%s (the tier carries on)", reason)
         for m in self.members.values():
             if not m.done:
-                self._send(m, Message(MsgType.PEER_LEFT, meta={"reason": reason, "rank": member.rank,
+                self.send(m, Message(MsgType.PEER_LEFT, meta={"reason": reason, "rank": member.rank,
                                                                "role": member.role}))
         if all(m.done for m in self.members.values()):
             self.exit_code = 0
 
-    def _fail(self, reason: str, dead: Optional[Member]) -> None:
+    def fail(self, reason: str, dead: Optional[Member]) -> None:
         log.error("%s", reason)
         for m in self.members.values():
             if m is not dead and not m.done:
-                self._send(m, Message(MsgType.PEER_DEAD, meta={"reason": reason}))
+                self.send(m, Message(MsgType.PEER_DEAD, meta={"reason": reason}))
         self.exit_code = 1
 
 

@@ -485,7 +485,7 @@ def _listen_fd(r: _Reader, port: int, port_variable: str) -> Optional[int]:
 
 
 # The largest DGT block: a UDP datagram carries at most 65507 bytes, of which the datagram header
-# (geomx.dgt.datagram) takes 76.
+# (geomx.dgt.datagram: sender id, MAC, wire header) takes 80.
 DGT_MAX_BLOCK_SIZE = 65424
 
 
@@ -537,9 +537,6 @@ def _curve_keys(r: _Reader, role: str, kw: dict) -> Optional[security.CurveKeys]
         # key, which the trust model (a client knows its own party's key and the central one's) lacks.
         raise ConfigError(f"ENABLE_INTER_TS=1 cannot be combined with GEOMX_CURVE_SECRET_KEY yet (TSEngine relays "
                           f"between parties are not encrypted) (role: {role})")
-    if secret is not None and kw.get("dgt_mode") == 1:
-        raise ConfigError(f"ENABLE_DGT=1 sends gradient blocks in plain UDP datagrams, which CURVE cannot protect; "
-                          f"with GEOMX_CURVE_SECRET_KEY use ENABLE_DGT=2 or 3 (low-priority TCP link) (role: {role})")
     public_dir = r.str("GEOMX_CURVE_PUBLIC_KEYS_DIR")
     inside_party = r.bool("GEOMX_CURVE_INSIDE_PARTY", True)
     if secret is None:

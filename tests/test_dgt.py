@@ -1,6 +1,7 @@
 """DGT (geomx/dgt): block scoring and channel assignment against a loop-by-loop model, 4-bit
 quantization with residuals, reassembly (reordered, duplicated, dropped, late blocks) in a real
-event loop, malformed and spoofed datagrams over real UDP sockets, and the start-up checks."""
+event loop, the datagram MAC (every tampered byte refused) and replay window, malformed, forged and
+replayed datagrams over real UDP sockets, and the start-up checks."""
 import logging
 import socket
 import time
@@ -9,11 +10,18 @@ import numpy as np
 import pytest
 import zmq
 
-from geomx import config, dgt, wire
+from geomx import config, dgt, transport, wire
 from geomx.dgt import blocks, datagram
-from geomx.errors import ConfigError
+from geomx.errors import ConfigError, ProtocolError
 from geomx.transport import EventLoop
 from geomx.wire import Message, MsgType
+
+
+@pytest.fixture(autouse=True)
+def _fresh_refusal_log():
+    # Refusals are logged once per 5 s per peer and kind in a process; each test expects its own.
+    transport.log_limited._last.clear()
+
 
 # -- numpy models of the sender's arithmetic (written independently, element by element) ----------
 
@@ -203,50 +211,168 @@ def test_tcp_blocks_from_strangers_and_bad_blocks_are_dropped(caplog):
         h.close()
 
 
-# -- datagrams over real UDP sockets --------------------------------------------------------------
+# -- the datagram: MAC over every byte --------------------------------------------------------------
+
+KEY = bytes(range(32))
 
 
-def test_malformed_and_spoofed_datagrams_are_dropped_and_serving_continues(caplog):
-    h = Harness(grace=5.0)
-    port = h.rx.open_udp()
-    token = bytes.fromhex(h.info["token"])
-    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    addr = ("127.0.0.1", port)
+def datagram_bytes(msg, sender_id=1, key=KEY):
+    return b"".join(bytes(memoryview(f)) for f in datagram.encode(sender_id, datagram.Mac(key), msg))
 
-    def good(offset, values, tok=token, sender=0):
-        b = h.block(1, offset, values, sender=sender)
-        return b"".join(bytes(memoryview(f)) for f in datagram.encode(tok, b))
 
+def test_datagram_round_trip_and_every_tampered_byte_is_refused():
+    msg = Message(MsgType.DGT_BLOCK, sender=3, req_id=77, key=3, offset=4, numel=4, total=NUMEL, priority=2,
+                  version=1, data=np.array([1.5, -2, 3, 4], np.float32))
+    dg = datagram_bytes(msg)
+    assert len(dg) == datagram.DATAGRAM_HEADER + 16
+    macs = {1: datagram.Mac(KEY)}
+    sender_id, got = datagram.open_datagram(memoryview(dg), macs)
+    assert sender_id == 1
+    assert (got.type, got.sender, got.req_id, got.key, got.offset, got.numel, got.total, got.priority,
+            got.version) == (MsgType.DGT_BLOCK, 3, 77, 3, 4, 4, NUMEL, 2, 1)
+    assert got.data.tolist() == [1.5, -2, 3, 4]
+    # One bit changed anywhere (sender id, MAC, header, data) and the datagram is refused.
+    for i in range(len(dg)):
+        for bit in (0x01, 0x80):
+            bad = bytearray(dg)
+            bad[i] ^= bit
+            with pytest.raises(ProtocolError, match="bad MAC|unknown sender id"):
+                datagram.open_datagram(memoryview(bad), macs)
+    # Cut short, extended, another key, another party's sender id, nobody's sender id.
+    for bad, needle in ((dg[:-1], "bad MAC"), (dg + b"\0", "bad MAC"), (dg[:40], "shorter than"),
+                        (datagram_bytes(msg, key=bytes(32)), "bad MAC"),
+                        (datagram_bytes(msg, sender_id=2), "bad MAC"),
+                        (datagram_bytes(msg, sender_id=9), "unknown sender id")):
+        with pytest.raises(ProtocolError, match=needle):
+            datagram.open_datagram(memoryview(bad), {1: datagram.Mac(KEY), 2: datagram.Mac(bytes(32))})
+    # A valid MAC over something that is not a block is still refused, by the decoder.
+    push = Message(MsgType.PUSH, key=3, total=NUMEL, data=np.ones(4, np.float32))
+    head, data = wire.encode(push)
+    sid = datagram.SENDER_ID.pack(1)
+    forged_push = sid + datagram.Mac(KEY).digest(sid, head, data) + bytes(head) + bytes(data)
+    with pytest.raises(ProtocolError, match="only DGT_BLOCK"):
+        datagram.open_datagram(memoryview(forged_push), macs)
+    with pytest.raises(ValueError, match="32 bytes"):
+        datagram.Mac(b"short")
+
+
+class UdpHarness(Harness):
+    """A receiver with its UDP channel, a sending socket, and the party's sender id and MAC."""
+
+    def __init__(self, grace=5.0):
+        super().__init__(grace=grace)
+        self.port = self.rx.open_udp()
+        self.sender_id = self.info["sender_id"]
+        self.key = bytes.fromhex(self.info["key"])
+        self.tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addr = ("127.0.0.1", self.port)
+
+    def datagram(self, req, offset, values, sender=0, key=None, sender_id=None):
+        b = self.block(req, offset, values, sender=sender)
+        return datagram_bytes(b, self.sender_id if sender_id is None else sender_id, key or self.key)
+
+    sent = 0  # blocks sent, over UDP and TCP
+
+    def sendto(self, *datagrams):
+        for dg in datagrams:
+            self.tx.sendto(dg, self.addr)
+            self.sent += 1
+
+    def send(self, msg, low=False):
+        super().send(msg, low)
+        self.sent += 1
+
+    def settle(self):
+        """Run the loop until every block sent so far has been taken, ignored or refused."""
+        deadline = time.monotonic() + 10
+        st = self.rx.stats
+        while st.blocks + st.rejected < self.sent and time.monotonic() < deadline:
+            self.loop.run_once(0.05)
+        assert st.blocks + st.rejected == self.sent, st.as_dict()
+
+    def close(self):
+        self.tx.close()
+        self.rx.close()
+        super().close()
+
+
+def test_malformed_and_forged_datagrams_are_dropped_and_serving_continues(caplog):
+    h = UdpHarness()
     try:
-        with caplog.at_level(logging.WARNING, logger="geomx.dgt"):
-            dg = good(0, [1, 2, 3, 4])
-            tx.sendto(b"short", addr)
-            tx.sendto(dg[:-3], addr)  # truncated data: wrong size
-            tx.sendto(dg + b"\0\0\0\0", addr)  # trailing bytes: wrong size
-            tx.sendto(good(0, [1, 2, 3, 4], tok=b"\x01" * 16), addr)  # foreign sender (unknown token)
-            tx.sendto(good(0, [1, 2, 3, 4], sender=1), addr)  # right token, wrong party rank
-            junk = bytearray(dg)
-            junk[16:20] = b"XXXX"  # bad magic
-            tx.sendto(bytes(junk), addr)
-            b = h.block(1, 0, [1, 2, 3, 4])
-            b.key = 99
-            tx.sendto(b"".join(bytes(memoryview(f)) for f in datagram.encode(token, b)), addr)  # unknown key
-            m = Message(MsgType.PUSH, key=3, total=NUMEL, data=np.ones(4, np.float32))
-            tx.sendto(token + b"".join(bytes(memoryview(f)) for f in wire.encode(m)), addr)  # not a block
-            tx.sendto(dg, addr)  # finally two good ones
-            tx.sendto(good(4, [5, 6, 7, 8]), addr)
-            deadline = time.monotonic() + 10
-            while h.rx.stats.blocks < 2 and time.monotonic() < deadline:
-                h.loop.run_once(0.05)
-        assert h.rx.stats.rejected == 8, caplog.text
-        for reason in ("shorter than", "data frame is", "unknown sender token", "does not match",
-                       "bad magic", "does not hold", "only DGT_BLOCK"):
+        with caplog.at_level(logging.WARNING):
+            dg = h.datagram(1, 0, [1, 2, 3, 4])
+            bad_magic = bytearray(dg)
+            bad_magic[datagram.PREFIX:datagram.PREFIX + 4] = b"XXXX"
+            h.sendto(b"short",
+                     dg[:-3],  # truncated
+                     dg + b"\0\0\0\0",  # trailing bytes
+                     bytes(bad_magic),  # changed header
+                     h.datagram(1, 0, [1, 2, 3, 4], key=bytes(32)),  # another key
+                     h.datagram(1, 0, [1, 2, 3, 4], sender_id=77))  # nobody's sender id
+            h.settle()
+            assert h.rx.stats.forged == 6 and h.rx.stats.rejected == 6 and not h.rx.streams
+            unknown_key = h.block(1, 0, [1, 2, 3, 4])
+            unknown_key.key = 99
+            h.sendto(h.datagram(1, 0, [1, 2, 3, 4], sender=1),  # MAC fine, another party's rank
+                     datagram_bytes(unknown_key, h.sender_id, h.key))  # MAC fine, unknown key
+            h.sendto(dg, h.datagram(1, 4, [5, 6, 7, 8]))  # finally two good ones
+            h.settle()
+        assert h.rx.stats.rejected == 8 and h.rx.stats.forged == 6, h.rx.stats.as_dict()
+        for reason in ("shorter than", "bad MAC", "unknown sender id", "does not match", "does not hold"):
             assert reason in caplog.text, reason
         h.send(h.block(1, 8, [9, 10], last_nsent=3))
         assert h.delivered and h.delivered[0][0].data.tolist() == list(range(1, 11))
     finally:
-        tx.close()
-        h.rx.close()
+        h.close()
+
+
+def test_replayed_and_out_of_window_datagrams_are_refused_and_hold_no_state(caplog):
+    """A genuine datagram sent again is ignored while its push is open, after it was delivered, and
+    once it is older than the window; one far ahead of the party's request ids (even with a valid
+    MAC) and forged ones with far-future request ids never open a push, so the genuine pushes after
+    them (more than MAX_OPEN_PUSHES of them) are all delivered, exactly."""
+    h = UdpHarness()
+    try:
+        with caplog.at_level(logging.WARNING):
+            # Forged: random MACs, the party's real sender id, far-future request ids. Before the
+            # MAC, 16 of these filled the open-push limit of the key.
+            rng = np.random.default_rng(5)
+            forged = []
+            for r in range(40):
+                dg = bytearray(h.datagram(2 ** 40 + r, 0, [9, 9, 9, 9]))
+                dg[datagram.SENDER_ID.size:datagram.PREFIX] = rng.bytes(datagram.MAC_BYTES)
+                forged.append(bytes(dg))
+            h.sendto(*forged)
+            # Genuine MAC, request id beyond the window.
+            h.sendto(h.datagram(dgt.receiver.REQ_WINDOW + 1, 0, [9, 9, 9, 9]))
+            h.settle()
+            assert h.rx.stats.forged == 40 and h.rx.stats.out_of_window == 1 and h.rx.stats.rejected == 41
+            assert not h.rx.streams  # nothing was kept of any of them
+            first = h.datagram(1, 0, [1, 2, 3, 4])
+            h.sendto(first, first)  # the second is a replay while push 1 is open
+            h.settle()
+            assert h.rx.stats.duplicates == 1
+            h.send(h.block(1, 4, [5, 6, 7, 8]))
+            h.send(h.block(1, 8, [9, 10], last_nsent=3))
+            h.sendto(first)  # replay after push 1 was delivered: not added to push 2
+            h.settle()
+            assert h.rx.stats.duplicates == 2
+            # 20 more pushes (more than MAX_OPEN_PUSHES and RECENT_PUSHES), then push 1 again.
+            for r in range(2, 22):
+                h.sendto(h.datagram(r, 0, [r, r, r, r]))
+                h.settle()
+                h.send(h.block(r, 4, [r, r, r, r]))
+                h.send(h.block(r, 8, [r, r], last_nsent=3))
+            h.sendto(first)
+            h.settle()
+        assert h.rx.stats.too_old == 1 and h.rx.stats.late == 0, h.rx.stats.as_dict()
+        got = [(m.req_id, m.data.tolist()) for m, _ in h.delivered]
+        assert got == [(1, list(range(1, 11)))] + [(r, [r] * 10) for r in range(2, 22)]
+        assert "bad MAC" in caplog.text and "beyond the replay window" in caplog.text
+        assert "already received" in caplog.text and "older than the replay window" in caplog.text
+        # Refusals are logged once per 5 s per (peer, kind): 40 forged datagrams, one line.
+        assert len([r for r in caplog.records if "bad MAC" in r.getMessage()]) == 1
+    finally:
         h.close()
 
 
@@ -366,5 +492,81 @@ def test_sender_to_receiver_over_sockets(mode):
     finally:
         tx.close()
         link.close()
+        h.rx.close()
+        h.close()
+
+
+def test_captured_genuine_datagrams_replayed_or_altered_change_nothing():
+    """The local server's real datagrams go through a tap that keeps a copy. After each push is
+    delivered, every datagram captured so far is sent again, and again with its request id moved to
+    the next push (MAC unchanged): each push still arrives exactly as sent, and every replay is
+    ignored or refused."""
+    from geomx.config import NodeConfig
+    from geomx.transport import bind_router, connect_dealer
+
+    numel = 1000
+    cfg = NodeConfig(role="server", num_worker=1, dgt_mode=1, dgt_k=0.4, dgt_channels=2, dgt_block_size=64,
+                     dgt_grace=5.0)
+    h = Harness(grace=5.0, numel=numel)
+    router, port = bind_router(h.loop, 0, "global-clients", wan=True)
+    h.loop.add(router, lambda msg, ident, link: h.rx.on_tcp_block(msg, ident, link.name), routed=True)
+    udp_port = h.rx.open_udp()
+    tap = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tap.bind(("127.0.0.1", 0))
+    tap.setblocking(False)
+    captured = []
+
+    def forward():
+        while True:
+            try:
+                dg = tap.recv(65535)
+            except BlockingIOError:
+                return
+            captured.append(dg)
+            tap.sendto(dg, ("127.0.0.1", udp_port))
+
+    h.loop.add_fd(tap, forward)
+    link = connect_dealer(h.loop, "127.0.0.1", port, CLIENT[1], "ls->server0", peer="server0", wan=True)
+    tx = dgt.Sender(cfg, h.loop)
+    tx.attach([link], [("127.0.0.1", port)])
+    advert = h.rx.advert(CLIENT, 0, 1)
+    tx.on_server_meta(0, {"dgt": {**advert, "udp_port": tap.getsockname()[1]}})  # the party sends to the tap
+    rng = np.random.default_rng(3)
+    pushes = [rng.standard_normal(numel).astype(np.float32) for _ in range(4)]
+    attacker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    replayed = 0
+    try:
+        for r, data in enumerate(pushes, start=1):
+            tx.send(0, Message(MsgType.PUSHPULL, sender=0, req_id=r, key=3, offset=0, numel=numel, total=numel,
+                               dtype=wire.dtype_code(np.float32), data=data))
+            deadline = time.monotonic() + 10
+            while len(h.delivered) < r and time.monotonic() < deadline:
+                h.loop.run_once(0.02)
+            assert len(h.delivered) == r
+            before = h.rx.stats.blocks + h.rx.stats.rejected
+            for dg in list(captured):
+                attacker.sendto(dg, ("127.0.0.1", udp_port))
+                moved = bytearray(dg)
+                # The header's request id (little-endian u64 after magic, type, dtype, flags, sender).
+                at = datagram.PREFIX + 12
+                moved[at:at + 8] = (r + 1).to_bytes(8, "little")
+                attacker.sendto(bytes(moved), ("127.0.0.1", udp_port))
+                replayed += 2
+            deadline = time.monotonic() + 10
+            while h.rx.stats.blocks + h.rx.stats.rejected < before + 2 * len(captured) \
+                    and time.monotonic() < deadline:
+                h.loop.run_once(0.02)
+        assert tx.sent["low"] > 0 and captured
+        for (msg, _), expected in zip(h.delivered, pushes):
+            assert msg.data.tobytes() == expected.tobytes()
+        st = h.rx.stats
+        assert st.late == 0 and st.missing == 0, st.as_dict()
+        assert st.forged == replayed // 2 and st.duplicates == replayed // 2, st.as_dict()
+    finally:
+        attacker.close()
+        tx.close()
+        link.close()
+        h.loop.remove_fd(tap)
+        tap.close()
         h.rx.close()
         h.close()

@@ -1,6 +1,13 @@
 """DGT's receiving end, in the global server: authenticate blocks, reassemble each push, and hand it
 to the server as one ordinary PUSHPULL.
 
+A UDP datagram is taken only if its MAC checks with the key of the party its sender id names
+(:mod:`geomx.dgt.datagram`), and only into a replay window: a block already received is ignored,
+one of a push older than the last ``RECENT_PUSHES`` of its key is dropped, and one whose request
+id is more than ``REQ_WINDOW`` beyond the highest the party has used on its reliable TCP link is
+refused. Nothing of a refused datagram is kept, so forged or replayed datagrams cannot displace
+genuine blocks or take up the ``MAX_OPEN_PUSHES`` limit.
+
 A push is identified by (party, key, request id). Its last block always comes over the reliable TCP
 link and says how many blocks were sent; the push is delivered as soon as all of them are in, or
 ``grace`` seconds after the last block, whichever comes first. A block still missing then counts as
@@ -20,7 +27,8 @@ import numpy as np
 
 from .. import wire
 from ..errors import ProtocolError
-from ..transport import EventLoop, peer_label
+from ..security import template
+from ..transport import EventLoop, log_limited, peer_label
 from ..wire import Message, MsgType, meta_field
 from . import blocks, datagram
 
@@ -35,6 +43,12 @@ LOW_SUFFIX = b"/low"  # identity suffix of a local server's low-priority TCP lin
 MAX_OPEN_PUSHES = 16  # unfinished pushes kept per (party, key); more is a misbehaving sender
 RECENT_PUSHES = 8  # delivered pushes per (party, key) whose blocks are still recognised when late
 UDP_RCVBUF = 8 << 20  # asked for; the kernel caps it at net.core.rmem_max
+# How far beyond the highest request id a party has used on its reliable link (INIT, blocks) a
+# datagram's request id may be. A party's request ids count all its requests (every key, every
+# server); its UDP blocks may overtake its own TCP messages still in flight, which are at most
+# GEOMX_MAX_KEYS_PER_CLIENT (100,000) keys times GEOMX_MAX_ROUNDS_AHEAD (16) rounds of them. A
+# request id further ahead than this is nothing a party sends.
+REQ_WINDOW = 1 << 24
 
 
 class _Assembly:
@@ -69,7 +83,11 @@ class _KeyStream:
 
 
 class Stats:
-    __slots__ = ("blocks", "late", "duplicates", "missing", "too_old", "rejected", "pushes")
+    # rejected: every block refused; forged: of those, datagrams whose MAC (or sender id) failed;
+    # out_of_window: MAC-verified datagrams beyond REQ_WINDOW. duplicates and too_old are ignored
+    # blocks (replays among them), not counted as rejected.
+    __slots__ = ("blocks", "late", "duplicates", "missing", "too_old", "rejected", "forged", "out_of_window",
+                 "pushes")
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -86,15 +104,17 @@ class Receiver:
         self.lookup = lookup
         self.deliver = deliver
         self.name = name
-        self.tokens: Dict[bytes, Client] = {}
-        self.client_token: Dict[Client, bytes] = {}
+        self.client_sender: Dict[Client, int] = {}  # the party's sender id ...
+        self.sender_client: Dict[int, Client] = {}
+        self.macs: Dict[int, datagram.Mac] = {}  # ... and the MAC of its key, by sender id
         self.client_rank: Dict[Client, int] = {}
+        self.high: Dict[Client, int] = {}  # highest request id seen on the party's reliable link
         self.streams: Dict[Tuple[Client, int], _KeyStream] = {}
         self.stats = Stats()
+        self._keys: Dict[Client, bytes] = {}
         self.udp: Optional[socket.socket] = None
         self.udp_port = 0
         self._rx = bytearray(datagram.MAX_DATAGRAM + 1)
-        self._warned: Dict[str, int] = collections.Counter()
 
     # -- set-up -------------------------------------------------------------------------------
     def open_udp(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -116,16 +136,21 @@ class Receiver:
         self.loop.add_fd(sock, self._on_udp_readable)
         return self.udp_port
 
-    def advert(self, client: Client, rank: int, mode: int) -> dict:
-        """What a party learns in its INIT replies: the mode, this server's UDP port and the party's
-        token (random, per party; issued once and sent only over the party's TCP link)."""
-        token = self.client_token.get(client)
-        if token is None:
-            token = datagram.new_token()
-            self.client_token[client] = token
-            self.tokens[token] = client
+    def advert(self, client: Client, rank: int, mode: int, req_id: int = 0) -> dict:
+        """What a party learns in its INIT replies (``req_id``: the INIT's): the mode, this server's UDP
+        port, the party's sender id and its MAC key (random, per party and server; made once and sent
+        only over the party's TCP link, which CURVE encrypts)."""
+        sender_id = self.client_sender.get(client)
+        if sender_id is None:
+            sender_id = len(self.client_sender) + 1  # not secret: it only names the key
+            key = datagram.new_key()
+            self.client_sender[client] = sender_id
+            self.sender_client[sender_id] = client
+            self.macs[sender_id] = datagram.Mac(key)
+            self._keys[client] = key
         self.client_rank[client] = rank
-        return {"mode": mode, "udp_port": self.udp_port, "token": token.hex()}
+        self.high[client] = max(self.high.get(client, 0), req_id)
+        return {"mode": mode, "udp_port": self.udp_port, "sender_id": sender_id, "key": self._keys[client].hex()}
 
     def close(self) -> None:
         if self.udp is not None:
@@ -136,11 +161,13 @@ class Receiver:
     # -- input --------------------------------------------------------------------------------
     def _reject(self, reason: str, source: str) -> None:
         self.stats.rejected += 1
-        kind = reason.split(":")[0]
-        self._warned[kind] += 1
-        n = self._warned[kind]
-        if n <= 10 or n % 1000 == 0:  # a flood of bad datagrams must not flood the log too
-            log.warning("%s: dropped a DGT block from %s: %s (%d so far)", self.name, source, reason, n)
+        self._log(f"{self.name}: dropped a DGT block from {source}: {reason}", source, reason)
+
+    @staticmethod
+    def _log(text: str, source: str, reason: str) -> None:
+        # Once per 5 s per (peer, kind): a flood of bad datagrams must not flood the log too, and the
+        # kind is the reason's template, so attacker-chosen numbers do not make new kinds.
+        log_limited(logging.WARNING, text, key=("dgt", source, template(reason)))
 
     def _on_udp_readable(self) -> None:
         assert self.udp is not None
@@ -150,32 +177,43 @@ class Receiver:
                 n, addr = self.udp.recvfrom_into(self._rx)
             except (BlockingIOError, InterruptedError):
                 return
-            source = f"{addr[0]}:{addr[1]}"
+            buf = view[:n]
             try:
-                token, msg = datagram.decode(view[:n])
-                client = self.tokens.get(token)
-                if client is None:
-                    raise ProtocolError("unknown sender token (not a party of this server)")
+                # The MAC first: until it checks, every byte may be an attacker's, so nothing else
+                # of the datagram is read (the source address only names it in the log).
+                sender_id = datagram.sender_of(buf)
+                datagram.verify(buf, self.macs.get(sender_id))
+            except ProtocolError as exc:
+                self.stats.forged += 1
+                self._reject(str(exc), addr[0])
+                continue
+            client = self.sender_client[sender_id]
+            source = peer_label(client[1])
+            try:
+                msg = datagram.decode(buf)
                 if msg.sender != self.client_rank[client]:
-                    raise ProtocolError(f"sender {msg.sender} does not match the token's party "
+                    raise ProtocolError(f"sender {msg.sender} does not match the key's party "
                                         f"{self.client_rank[client]}")
-                self._on_block(client, msg, last=False)
+                ignored = self._on_block(client, msg, last=False, reliable=False)
             except ProtocolError as exc:
                 self._reject(str(exc), source)
+                continue
+            if ignored:
+                self._log(f"{self.name}: ignored a DGT datagram from {source}: {ignored}", source, ignored)
 
     def on_tcp_block(self, msg: Message, identity: bytes, link_name: str) -> None:
         """A block from a party's reliable link or (modes 2, 3) its low-priority TCP link."""
         main = identity[:-len(LOW_SUFFIX)] if identity.endswith(LOW_SUFFIX) else identity
         client = (link_name, main)
         try:
-            if client not in self.client_token:
+            if client not in self.client_sender:
                 raise ProtocolError("block from a party that never initialised a key here")
             if msg.sender != self.client_rank[client]:
                 raise ProtocolError(f"sender {msg.sender} does not match the link's party {self.client_rank[client]}")
             last = msg.meta is not None and "dgt" in msg.meta
             if last and main != identity:
                 raise ProtocolError("the last block of a push must come over the reliable link")
-            self._on_block(client, msg, last=last)
+            self._on_block(client, msg, last=last, reliable=main == identity)
         except ProtocolError as exc:
             self._reject(str(exc), peer_label(identity))
 
@@ -201,7 +239,17 @@ class Receiver:
             raise ProtocolError(f"key {msg.key}: block of dtype {msg.data.dtype}, key is {dtype}")
         return msg.data.astype(np.float32, copy=False)
 
-    def _on_block(self, client: Client, msg: Message, last: bool) -> None:
+    def _on_block(self, client: Client, msg: Message, last: bool, reliable: bool) -> Optional[str]:
+        """Take one block; ProtocolError if it is refused, or why it was ignored (a duplicate, too old)."""
+        if reliable:
+            if msg.req_id > self.high[client]:
+                self.high[client] = msg.req_id
+        elif msg.req_id > self.high[client] + REQ_WINDOW:
+            # Before any state is made for it: such a block would open a push that no last block
+            # ever finishes, and MAX_OPEN_PUSHES of them would shut the genuine ones out.
+            self.stats.out_of_window += 1
+            raise ProtocolError(f"request id {msg.req_id} is beyond the replay window (the party's link is at "
+                                f"request {self.high[client]}, at most {REQ_WINDOW} ahead is taken)")
         held = self.lookup(msg.key)
         if held is None:
             raise ProtocolError(f"block for key {msg.key}, which this server does not hold")
@@ -214,14 +262,13 @@ class Receiver:
         asm = stream.open.get(msg.req_id)
         if asm is None:
             if msg.req_id <= stream.newest:
-                self._late(stream, msg, values)
-                return
+                return self._late(stream, msg, values)
             if len(stream.open) >= MAX_OPEN_PUSHES:
                 raise ProtocolError(f"key {msg.key}: more than {MAX_OPEN_PUSHES} unfinished pushes")
             asm = stream.open[msg.req_id] = _Assembly(msg.req_id, numel)
         if msg.offset in asm.seen:
             self.stats.duplicates += 1
-            return
+            return f"block at {msg.offset} of request {msg.req_id} was already received (a replay or a duplicate)"
         if last:
             info = meta_field(msg, "dgt", dict)
             nsent, part_offset, key_total = info.get("nsent"), info.get("offset"), info.get("total")
@@ -249,20 +296,24 @@ class Receiver:
                 self.loop.call_later(self.grace, lambda: self._expire(stream, asm))
         elif asm.nsent is not None and len(asm.seen) >= asm.nsent:
             self._finish(stream, asm)
+        return None
 
-    def _late(self, stream: _KeyStream, msg: Message, values: np.ndarray) -> None:
+    def _late(self, stream: _KeyStream, msg: Message, values: np.ndarray) -> Optional[str]:
+        """A block of a delivered push: added to the next push once, unless it is too old to tell."""
         seen = stream.recent.get(msg.req_id)
         if seen is None:
             self.stats.too_old += 1
-            return
+            return (f"block of request {msg.req_id} is older than the replay window (the last {RECENT_PUSHES} "
+                    f"pushes of key {msg.key})")
         if msg.offset in seen:
             self.stats.duplicates += 1
-            return
+            return f"block at {msg.offset} of request {msg.req_id} was already received (a replay or a duplicate)"
         seen.add(msg.offset)
         self.stats.late += 1
         if stream.carry is None:
             stream.carry = np.zeros(msg.total, dtype=np.float32)
         stream.carry[msg.offset:msg.offset + msg.numel] += values
+        return None
 
     def _expire(self, stream: _KeyStream, asm: _Assembly) -> None:
         if stream.open.get(asm.req_id) is asm:

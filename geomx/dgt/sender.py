@@ -4,8 +4,8 @@ send each on the channel its score earns (see :mod:`geomx.dgt.blocks`).
 Channel 0 is the party's ordinary TCP link to the global server (the KVClient's), so important
 blocks never wait behind unimportant ones. Channels 1..C are, in mode 1, UDP sockets marked with
 decreasing IP_TOS, and in modes 2 and 3 one second TCP link (identity ``<main>/low``, IP_TOS 0) on
-which the blocks go in channel order. The global server's UDP port and this party's token arrive
-in the meta of the INIT replies (``meta["dgt"]``), so nothing is configured by hand.
+which the blocks go in channel order. The global server's UDP port, this party's sender id and its
+MAC key arrive in the meta of the INIT replies (``meta["dgt"]``), so nothing is configured by hand.
 """
 from __future__ import annotations
 
@@ -38,14 +38,15 @@ def channel_tos(channel: int, channels: int) -> int:
 class _Peer:
     """One global server as seen by the sender."""
 
-    __slots__ = ("link", "low", "host", "udp_port", "token", "mode")
+    __slots__ = ("link", "low", "host", "udp_port", "sender_id", "mac", "mode")
 
     def __init__(self, link: Link, host: str):
         self.link = link
         self.low: Optional[Link] = None
         self.host = host
         self.udp_port = 0
-        self.token: Optional[bytes] = None
+        self.sender_id = 0
+        self.mac: Optional[datagram.Mac] = None
         self.mode = 0  # as the global server announced it; 0 until then
 
 
@@ -121,19 +122,23 @@ class Sender:
         info = meta.get("dgt")
         if not isinstance(info, dict) or server >= len(self.peers):
             return
-        mode, port, token = info.get("mode"), info.get("udp_port"), info.get("token")
-        if not (isinstance(mode, int) and isinstance(port, int) and 0 <= port <= 65535 and isinstance(token, str)):
-            log.error("%s: global server %d sent a malformed DGT announcement %r", self.name, server, info)
+        mode, port, sender_id, key = info.get("mode"), info.get("udp_port"), info.get("sender_id"), info.get("key")
+        if not (isinstance(mode, int) and isinstance(port, int) and 0 <= port <= 65535
+                and isinstance(sender_id, int) and 0 < sender_id < 1 << 32 and isinstance(key, str)):
+            # Not the announcement itself: it holds the key.
+            log.error("%s: global server %d sent a malformed DGT announcement (fields mode, udp_port, sender_id, "
+                      "key)", self.name, server)
             return
         try:
-            raw = bytes.fromhex(token)
+            raw = bytes.fromhex(key)
         except ValueError:
             raw = b""
-        if len(raw) != datagram.TOKEN_BYTES:
-            log.error("%s: global server %d sent a malformed DGT token", self.name, server)
+        if len(raw) != datagram.KEY_BYTES:
+            log.error("%s: global server %d sent a malformed DGT key (field key: %d bytes, expected %d)",
+                      self.name, server, len(raw), datagram.KEY_BYTES)
             return
         peer = self.peers[server]
-        peer.mode, peer.udp_port, peer.token = mode, port, raw
+        peer.mode, peer.udp_port, peer.sender_id, peer.mac = mode, port, sender_id, datagram.Mac(raw)
 
     def not_ready(self, servers: Sequence[int]) -> Optional[str]:
         """Why a push to ``servers`` cannot use DGT (None when it can)."""
@@ -145,6 +150,8 @@ class Sender:
                         "set the same ENABLE_DGT on the global and local servers")
             if self.mode == 1 and not peer.udp_port:
                 return f"global server {i} announced no UDP port for DGT mode 1"
+            if self.mode == 1 and peer.mac is None:
+                return f"global server {i} announced no DGT key (field key) for DGT mode 1"
         return None
 
     def report_loss(self, worker: object, loss: float) -> None:
@@ -201,9 +208,10 @@ class Sender:
                 self.sent["udp_lost_at_sender"] += 1  # GEOMX_DGT_TEST_DROP_RATE: lost on purpose
                 return
             block = self._block(msg, i, per, channel, exact=True)
-            assert peer.token is not None
+            assert peer.mac is not None
             try:
-                self.udp[channel - 1].sendmsg(datagram.encode(peer.token, block), [], 0, (peer.host, peer.udp_port))
+                self.udp[channel - 1].sendmsg(datagram.encode(peer.sender_id, peer.mac, block), [], 0,
+                                              (peer.host, peer.udp_port))
             except OSError:
                 # A full socket buffer (or ENOBUFS): this datagram is lost, like one lost on the way.
                 self.sent["udp_lost_at_sender"] += 1

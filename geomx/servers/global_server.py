@@ -452,7 +452,7 @@ class GlobalServer(ServerBase):
                 # checkpoint holds their round (see KVClient). Not under MixedSync, which has no rounds.
                 meta["round"] = ks.pushes_of(client)
             if self.dgt is not None and client[0] == self.wan_link.name:
-                meta["dgt"] = self.dgt.advert(client, req.sender, self.cfg.dgt_mode)
+                meta["dgt"] = self.dgt.advert(client, req.sender, self.cfg.dgt_mode, req.req_id)
         elif self.cfg.use_esync and req.key == ESYNC_KEY and req.type == MsgType.PUSHPULL:
             meta["esync_steps"] = self.esync_steps_for(client)
         saved = self.checkpointed.get(req.key)

@@ -388,20 +388,10 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
                               f"(role: {role})")
         kw["checkpoint_every"] = r.int("GEOMX_CHECKPOINT_EVERY", 10, minimum=1)
         kw["restart_timeout"] = r.float("GEOMX_RESTART_TIMEOUT", 60.0)
-    if kw["use_hfa"] and kw["use_esync"]:
-        raise ConfigError(f"MXNET_KVSTORE_USE_HFA and GEOMX_USE_ESYNC cannot both be set (role: {role})")
     kw["enable_p3"] = r.bool("ENABLE_P3")
     kw["p3_slice_size"] = r.int("GEOMX_P3_SLICE_SIZE", 40_000, minimum=1)
     kw["p3_window"] = r.int("GEOMX_P3_WINDOW", 2, minimum=1)
     kw["p3_trace"] = r.str("GEOMX_P3_TRACE")
-    if kw["enable_p3"] and kw.get("checkpoint_dir"):
-        # Checkpoint replay numbers whole pushes per key; P3 slices would be counted as rounds.
-        raise ConfigError(f"ENABLE_P3 and GEOMX_CHECKPOINT_DIR cannot both be set (role: {role})")
-    if kw["enable_p3"] and (kw["use_hfa"] or kw["use_esync"]):
-        # HFA/ESync exchange whole models every K2 rounds; per-layer priorities buy nothing there and
-        # the combination is untested, so it is refused rather than half-supported.
-        which = "MXNET_KVSTORE_USE_HFA" if kw["use_hfa"] else "GEOMX_USE_ESYNC"
-        raise ConfigError(f"ENABLE_P3 and {which} cannot both be set (role: {role})")
     kw["max_greed_rate_ts"] = r.fraction("MAX_GREED_RATE_TS", 0.9)
     # Each flag matters only to the roles that take part in that tier's TSEngine.
     kw["enable_inter_ts"] = r.bool("ENABLE_INTER_TS") and role in (GLOBAL_SERVER, LOCAL_SERVER)
@@ -411,26 +401,12 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
         if kw[name.lower()] and in_party and kw["num_server"] != 1:
             raise ConfigError(f"{name}=1 needs one local server per party (DMLC_NUM_SERVER=1): the local server "
                               f"is its party's node in the aggregation tree, got {kw['num_server']} (role: {role})")
-    if kw["enable_intra_ts"] and kw["use_esync"]:
-        raise ConfigError(f"ENABLE_INTRA_TS=1 cannot be combined with GEOMX_USE_ESYNC=1 (ESync gives each worker "
-                          f"its step count with its own reply; TSEngine relays one result) (role: {role})")
-    if kw["enable_inter_ts"]:
-        if kw["num_global_server"] != 1:
-            raise ConfigError(f"ENABLE_INTER_TS=1 needs DMLC_NUM_GLOBAL_SERVER=1 (the global server is the root of "
-                              f"the parties' aggregation tree), got {kw['num_global_server']} (role: {role})")
-        for name, on in (("MXNET_KVSTORE_USE_HFA", kw["use_hfa"]), ("GEOMX_USE_ESYNC", kw["use_esync"]),
-                         ("GEOMX_CHECKPOINT_DIR", kw.get("checkpoint_dir") is not None),
-                         ("GEOMX_CHECKPOINT_RESTORE", kw.get("checkpoint_restore") is not None)):
-            if on:
-                raise ConfigError(f"ENABLE_INTER_TS=1 cannot be combined with {name} (TSEngine's trees and "
-                                  f"relays are neither averaged over several rounds nor replayed after a restart) "
-                                  f"(role: {role})")
-    if kw["enable_p3"] and (kw["enable_inter_ts"] or kw["enable_intra_ts"]):
-        # TSEngine's trees and relays move whole rounds; P3 cuts them into slices sent by priority.
-        which = "ENABLE_INTER_TS" if kw["enable_inter_ts"] else "ENABLE_INTRA_TS"
-        raise ConfigError(f"ENABLE_P3 and {which} cannot both be set (role: {role})")
+    if kw["enable_inter_ts"] and kw["num_global_server"] != 1:
+        raise ConfigError(f"ENABLE_INTER_TS=1 needs DMLC_NUM_GLOBAL_SERVER=1 (the global server is the root of "
+                          f"the parties' aggregation tree), got {kw['num_global_server']} (role: {role})")
     if role in (GLOBAL_SERVER, LOCAL_SERVER):
         _load_dgt(r, kw)
+    _refuse_combinations(kw, r.str("GEOMX_CURVE_SECRET_KEY") is not None, role)
     kw["curve"] = _curve_keys(r, role, kw)
     return NodeConfig(**kw)
 
@@ -491,21 +467,12 @@ DGT_MAX_BLOCK_SIZE = 65424
 
 def _load_dgt(r: _Reader, kw: dict) -> None:
     """DGT's variables (read by global and local servers, the two ends of a WAN push)."""
-    role = r.role
     mode = r.int("ENABLE_DGT", 0)
     if mode not in (0, 1, 2, 3):
         raise r._fail("ENABLE_DGT", f"must be 0 (off), 1 (UDP), 2 (TCP) or 3 (TCP + 4-bit), got {mode}")
     kw["dgt_mode"] = mode
     if not mode:
         return
-    for name, on in (("MXNET_KVSTORE_USE_HFA", kw["use_hfa"]), ("GEOMX_USE_ESYNC", kw["use_esync"]),
-                     ("GEOMX_CHECKPOINT_DIR", kw.get("checkpoint_dir") is not None),
-                     ("GEOMX_CHECKPOINT_RESTORE", kw.get("checkpoint_restore") is not None),
-                     ("ENABLE_P3", kw["enable_p3"]), ("ENABLE_INTER_TS", kw["enable_inter_ts"])):
-        if on:
-            raise ConfigError(f"ENABLE_DGT={mode} cannot be combined with {name}: DGT carries the "
-                              f"per-round gradient pushes of FSA / MixedSync only, whole, from a local server "
-                              f"straight to the global servers, without checkpoints (role: {role})")
 
     kw["dgt_k"] = r.number("DMLC_K", 0.5, 0.0, 1.0, open_low=True)
     kw["dgt_k_min"] = r.number("DMLC_K_MIN", 0.2, 0.0, 1.0, open_low=True)
@@ -528,15 +495,70 @@ def _load_dgt(r: _Reader, kw: dict) -> None:
     kw["dgt_test_drop_rate"] = drop
 
 
+@dataclasses.dataclass(frozen=True)
+class Refused:
+    """Two switches that cannot be on together in one process, and why (docs/Configurations.md,
+    "Combinations refused", lists the same rows; tests/test_config.py checks that it does)."""
+
+    first: str
+    second: str
+    why: str
+
+
+_HFA_ESYNC_CKPT = "TSEngine's trees and relays are neither averaged over several rounds nor replayed after a restart"
+_DGT_ONLY = ("DGT carries the per-round gradient pushes of FSA / MixedSync only, whole, from a local server straight "
+             "to the global servers, without checkpoints")
+_P3_WHOLE = ("HFA/ESync exchange whole models every K2 rounds: per-layer priorities buy nothing there, and the "
+             "combination is untested")
+REFUSED_COMBINATIONS = (
+    Refused("MXNET_KVSTORE_USE_HFA", "GEOMX_USE_ESYNC", "both decide how the parties' models are averaged"),
+    Refused("ENABLE_P3", "GEOMX_CHECKPOINT_DIR",
+            "checkpoint replay numbers whole pushes per key; P3 slices would be counted as rounds"),
+    Refused("ENABLE_P3", "MXNET_KVSTORE_USE_HFA", _P3_WHOLE),
+    Refused("ENABLE_P3", "GEOMX_USE_ESYNC", _P3_WHOLE),
+    Refused("ENABLE_P3", "ENABLE_INTER_TS",
+            "TSEngine's trees and relays move whole rounds; P3 cuts them into slices sent by priority"),
+    Refused("ENABLE_P3", "ENABLE_INTRA_TS",
+            "TSEngine's trees and relays move whole rounds; P3 cuts them into slices sent by priority"),
+    Refused("ENABLE_INTRA_TS", "GEOMX_USE_ESYNC",
+            "ESync gives each worker its step count with its own reply; TSEngine relays one result"),
+    Refused("ENABLE_INTER_TS", "MXNET_KVSTORE_USE_HFA", _HFA_ESYNC_CKPT),
+    Refused("ENABLE_INTER_TS", "GEOMX_USE_ESYNC", _HFA_ESYNC_CKPT),
+    Refused("ENABLE_INTER_TS", "GEOMX_CHECKPOINT_DIR", _HFA_ESYNC_CKPT),
+    Refused("ENABLE_INTER_TS", "GEOMX_CHECKPOINT_RESTORE", _HFA_ESYNC_CKPT),
+    # Local servers of different parties would connect to each other: each would need the other's key,
+    # which the trust model (a client knows its own party's key and the central one's) lacks.
+    Refused("ENABLE_INTER_TS", "GEOMX_CURVE_SECRET_KEY", "TSEngine relays between parties are not encrypted yet"),
+    Refused("ENABLE_DGT", "MXNET_KVSTORE_USE_HFA", _DGT_ONLY),
+    Refused("ENABLE_DGT", "GEOMX_USE_ESYNC", _DGT_ONLY),
+    Refused("ENABLE_DGT", "GEOMX_CHECKPOINT_DIR", _DGT_ONLY),
+    Refused("ENABLE_DGT", "GEOMX_CHECKPOINT_RESTORE", _DGT_ONLY),
+    Refused("ENABLE_DGT", "ENABLE_P3", _DGT_ONLY),
+    Refused("ENABLE_DGT", "ENABLE_INTER_TS", _DGT_ONLY),
+)
+
+
+def _switches(kw: dict, curve: bool) -> dict:
+    """Which of the switches REFUSED_COMBINATIONS names are on in this process (each as its roles read
+    it: e.g. ENABLE_INTER_TS only on servers, the checkpoint variables only on global servers)."""
+    return {"MXNET_KVSTORE_USE_HFA": kw["use_hfa"], "GEOMX_USE_ESYNC": kw["use_esync"],
+            "ENABLE_P3": kw["enable_p3"], "ENABLE_INTER_TS": kw["enable_inter_ts"],
+            "ENABLE_INTRA_TS": kw["enable_intra_ts"], "ENABLE_DGT": bool(kw.get("dgt_mode")),
+            "GEOMX_CHECKPOINT_DIR": kw.get("checkpoint_dir") is not None,
+            "GEOMX_CHECKPOINT_RESTORE": kw.get("checkpoint_restore") is not None, "GEOMX_CURVE_SECRET_KEY": curve}
+
+
+def _refuse_combinations(kw: dict, curve: bool, role: str) -> None:
+    on = _switches(kw, curve)
+    for rule in REFUSED_COMBINATIONS:
+        if on[rule.first] and on[rule.second]:
+            raise ConfigError(f"{rule.first} cannot be combined with {rule.second}: {rule.why} (role: {role})")
+
+
 def _curve_keys(r: _Reader, role: str, kw: dict) -> Optional[security.CurveKeys]:
     """CURVE is on whenever this node has a secret key; listeners also need the allow-list, and a local
     server the name of the central party's key (the only other party it connects to)."""
     secret = r.str("GEOMX_CURVE_SECRET_KEY")
-    if secret is not None and kw.get("enable_inter_ts"):
-        # Local servers of different parties would connect to each other: each would need the other's
-        # key, which the trust model (a client knows its own party's key and the central one's) lacks.
-        raise ConfigError(f"ENABLE_INTER_TS=1 cannot be combined with GEOMX_CURVE_SECRET_KEY yet (TSEngine relays "
-                          f"between parties are not encrypted) (role: {role})")
     public_dir = r.str("GEOMX_CURVE_PUBLIC_KEYS_DIR")
     inside_party = r.bool("GEOMX_CURVE_INSIDE_PARTY", True)
     if secret is None:

@@ -433,3 +433,33 @@ def test_bind_address_is_the_advertised_one_and_must_be_local():
     with pytest.raises(ConfigError, match="DMLC_PS_GLOBAL_ROOT_URI=10.0.0.1 is not an address"):
         config.load(env_for("global_scheduler")).scheduler_bind_address()
     assert config.load(env_for("global_scheduler", GEOMX_BIND_HOST="*")).scheduler_bind_address() == "*"
+
+
+def test_refused_combinations_table_matches_the_docs_and_each_rule_refuses():
+    """docs/Configurations.md lists exactly config.REFUSED_COMBINATIONS, and every row refuses a
+    global server (the role that reads every switch) that has both on, naming both."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "Configurations.md").read_text()
+    section = text[text.index("### Combinations refused at start-up"):text.index("## 2. Not yet implemented")]
+    documented = set(re.findall(r"^\| `(\w+)` \| `(\w+)` \|", section, re.M))
+    assert documented == {(r.first, r.second) for r in config.REFUSED_COMBINATIONS}
+    switches = config._switches
+    for rule in config.REFUSED_COMBINATIONS:
+        kw = {"use_hfa": False, "use_esync": False, "enable_p3": False, "enable_inter_ts": False,
+              "enable_intra_ts": False, "dgt_mode": 0}
+        on = {"MXNET_KVSTORE_USE_HFA": ("use_hfa", True), "GEOMX_USE_ESYNC": ("use_esync", True),
+              "ENABLE_P3": ("enable_p3", True), "ENABLE_INTER_TS": ("enable_inter_ts", True),
+              "ENABLE_INTRA_TS": ("enable_intra_ts", True), "ENABLE_DGT": ("dgt_mode", 1),
+              "GEOMX_CHECKPOINT_DIR": ("checkpoint_dir", "/tmp"),
+              "GEOMX_CHECKPOINT_RESTORE": ("checkpoint_restore", "/tmp/x.npz")}
+        curve = False
+        for name in (rule.first, rule.second):
+            if name == "GEOMX_CURVE_SECRET_KEY":
+                curve = True
+            else:
+                field, value = on[name]
+                kw[field] = value
+        assert switches(kw, curve)[rule.first] and switches(kw, curve)[rule.second]
+        with pytest.raises(ConfigError, match=f"{rule.first} cannot be combined with {rule.second}: "):
+            config._refuse_combinations(kw, curve, "global server")

@@ -7,8 +7,8 @@ deadline, counting what is still missing as zero and folding late blocks into th
 See docs/DGT.md.
 """
 from .blocks import Quantizer, Scorer, assign_channels, block_elements, block_means, dequantize, quantize
-from .receiver import Receiver
+from .receiver import LOW_SUFFIX, Receiver
 from .sender import AdaptiveK, Sender
 
-__all__ = ["AdaptiveK", "Quantizer", "Receiver", "Scorer", "Sender", "assign_channels", "block_elements",
+__all__ = ["LOW_SUFFIX", "AdaptiveK", "Quantizer", "Receiver", "Scorer", "Sender", "assign_channels", "block_elements",
            "block_means", "dequantize", "quantize"]

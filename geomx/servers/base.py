@@ -20,6 +20,10 @@ log = logging.getLogger("geomx.server")
 Client = Tuple[str, bytes]  # (link name, ZeroMQ identity)
 
 
+# A request reassembled from parts (DGT's blocks) whose keys were checked as each part arrived.
+KEY_CHECKED = object()
+
+
 class ServerBase:
     """Subclasses say how many pushes make a round (:meth:`expected_pushes`) and what to do when a
     round is complete (:meth:`dispatch_round`).
@@ -145,15 +149,16 @@ class ServerBase:
             self.master_client[link_name] = master
         early, self.early = [e for e in self.early if e[2].name == link_name], \
             [e for e in self.early if e[2].name != link_name]
-        for msg, identity, link in early:
+        for msg, identity, link, sender_key in early:
             try:
-                self.handle_client(msg, identity, link)
+                self.dispatch(msg, identity, link, sender_key)
             except ProtocolError as exc:
                 self.reply_error(link, identity, msg, str(exc))
 
-    def registered_client(self, link: Link, identity: bytes) -> Optional[bool]:
-        """True if ``identity`` carries a token the scheduler registered for ``link``'s tier; None
-        while that list is not known yet."""
+    def registered_client(self, link: Link, identity: bytes, sender_key: object) -> Optional[bool]:
+        """True if ``identity`` carries a token the scheduler registered for ``link``'s tier (and, with
+        CURVE, ``sender_key``, the key the message came with, is the one that token registered with);
+        None while that list is not known yet."""
         allowed = self.allowed.get(link.name)
         if allowed is None:
             return None
@@ -163,7 +168,7 @@ class ServerBase:
         key = allowed[token]
         # With CURVE the token must also come with the key it registered with: a party that learnt
         # another's token still cannot act in its name.
-        return key is None or key == link.sender_key
+        return key is None or sender_key is KEY_CHECKED or key == sender_key
 
     def from_master(self, link: Link, identity: bytes) -> bool:
         """True if the request came from the central party's master worker (its token, on its link)."""
@@ -172,16 +177,22 @@ class ServerBase:
 
     # -- dispatch -----------------------------------------------------------------------------
     def handle_client(self, msg: Message, identity: Optional[bytes], link: Link) -> None:
+        """A message as it arrives on a client socket (the event loop's handler)."""
+        self.dispatch(msg, identity, link, link.sender_key)
+
+    def dispatch(self, msg: Message, identity: Optional[bytes], link: Link, sender_key: object) -> None:
+        """Handle ``msg``; ``sender_key``: the CURVE key (name) it came with, read when it arrived (or
+        KEY_CHECKED for a request made of parts whose keys were checked then)."""
         assert identity is not None
         if msg.type == MsgType.TS_MERGE and self.ts_root is not None:
             self.ts_root.handle(msg, identity, link)
             return
         if self.require_registration:
-            known = self.registered_client(link, identity)
+            known = self.registered_client(link, identity, sender_key)
             if known is None:
                 if len(self.early) >= self.EARLY_REQUESTS:
                     raise ProtocolError("too many requests before this server's clients are known")
-                self.early.append((msg, identity, link))
+                self.early.append((msg, identity, link, sender_key))
                 return
             if not known:
                 # Not one of the clients its tier's scheduler registered (a stranger, or a guessed

@@ -16,9 +16,9 @@ from .. import checkpoint, commands, compression, dgt
 from ..config import NodeConfig
 from ..errors import GeoMXError, ProtocolError
 from ..optimizer_spec import is_plain_sgd, optimizer_from_spec, sgd_step, states_from_wire, states_to_wire
-from ..transport import EventLoop, Link, bind_router, log_limited
+from ..transport import EventLoop, Link, bind_router, log_limited, peer_label
 from ..wire import Message, MsgType, meta_field
-from .base import Client, ServerBase
+from .base import KEY_CHECKED, Client, ServerBase
 from .keystate import ESYNC_KEY, KeyState
 
 log = logging.getLogger("geomx.server")
@@ -87,21 +87,26 @@ class GlobalServer(ServerBase):
         ks = self.keys.get(key)
         return None if ks is None or not ks.initialized else (ks.numel, ks.dtype)
 
-    def handle_client(self, msg: Message, identity: Optional[bytes], link: Link) -> None:
+    def dispatch(self, msg: Message, identity: Optional[bytes], link: Link, sender_key: object) -> None:
         if msg.type == MsgType.DGT_BLOCK:
             if self.dgt is None or link is not self.wan_link:
                 raise ProtocolError("DGT block, but DGT is off here (ENABLE_DGT) or it came from a "
                                     "central-party client")
             assert identity is not None
+            main = identity[:-len(dgt.LOW_SUFFIX)] if identity.endswith(dgt.LOW_SUFFIX) else identity
+            if self.registered_client(link, main, sender_key) is not True:
+                raise ProtocolError(f"DGT block from {peer_label(identity)}, which is not a registered client of "
+                                    "this server")
             self.dgt.on_tcp_block(msg, identity, link.name)
             return
-        super().handle_client(msg, identity, link)
+        super().dispatch(msg, identity, link, sender_key)
 
     def _deliver_dgt_push(self, msg: Message, identity: bytes) -> None:
         """A reassembled DGT push enters the server as the party's ordinary PUSHPULL (it runs from
         a timer too, so a refusal is answered here rather than by the event loop)."""
         try:
-            self.handle_client(msg, identity, self.wan_link)
+            # Its blocks' keys were checked as they arrived (the last one over the party's reliable link).
+            self.dispatch(msg, identity, self.wan_link, KEY_CHECKED)
         except ProtocolError as exc:
             self.reply_error(self.wan_link, identity, msg, str(exc))
         except Exception as exc:  # noqa: BLE001 - one bad push must not take the server down

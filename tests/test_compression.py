@@ -17,6 +17,8 @@ try:
 except ImportError:
     _compress = None
 
+pytestmark = pytest.mark.unit
+
 NOT_BUILT = "geomx._compress is not built; run `pip install -e . --no-build-isolation`"
 SIZES = [0, 1, 7, 15, 16, 17, 31, 33, 64, 1023, 100003]
 TINY = float(np.nextafter(np.float32(0), np.float32(1)))

@@ -50,6 +50,7 @@ def model_channels(scores, k, channels):
     return out
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("k,channels", [(0.5, 3), (0.8, 1), (0.1, 4), (1.0, 3)])
 def test_scoring_and_channels_match_model(dtype, k, channels):
@@ -73,11 +74,13 @@ def test_scoring_and_channels_match_model(dtype, k, channels):
         assert set(ch[ch > 0].tolist()) == set(range(1, channels + 1))
 
 
+@pytest.mark.unit
 def test_ties_keep_block_order_and_single_block():
     assert blocks.assign_channels(np.array([1.0, 1.0, 1.0, 1.0, 0.5]), 0.5, 2).tolist() == [0, 0, 1, 2, 0]
     assert blocks.assign_channels(np.array([0.0]), 0.5, 3).tolist() == [0]
 
 
+@pytest.mark.unit
 def test_quantizer_matches_model_and_keeps_residual():
     rng = np.random.default_rng(3)
     x = rng.standard_normal(101).astype(np.float32)
@@ -137,6 +140,7 @@ class Harness:
         self.ctx.term()
 
 
+@pytest.mark.system
 def test_reordered_and_duplicated_blocks_reassemble_exactly():
     h = Harness()
     try:
@@ -154,6 +158,7 @@ def test_reordered_and_duplicated_blocks_reassemble_exactly():
         h.close()
 
 
+@pytest.mark.unit
 def test_dropped_block_counts_zero_and_late_block_joins_next_round():
     h = Harness(grace=0.1)
     try:
@@ -173,6 +178,7 @@ def test_dropped_block_counts_zero_and_late_block_joins_next_round():
         h.close()
 
 
+@pytest.mark.unit
 def test_pushes_are_delivered_in_order():
     h = Harness(grace=5.0)
     try:
@@ -186,6 +192,7 @@ def test_pushes_are_delivered_in_order():
         h.close()
 
 
+@pytest.mark.unit
 def test_tcp_blocks_from_strangers_and_bad_blocks_are_dropped(caplog):
     h = Harness()
     try:
@@ -206,6 +213,7 @@ def test_tcp_blocks_from_strangers_and_bad_blocks_are_dropped(caplog):
 # -- datagrams over real UDP sockets --------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_malformed_and_spoofed_datagrams_are_dropped_and_serving_continues(caplog):
     h = Harness(grace=5.0)
     port = h.rx.open_udp()
@@ -257,6 +265,7 @@ BASE = {"DMLC_ROLE": "server", "DMLC_PS_ROOT_URI": "127.0.0.1", "DMLC_PS_ROOT_PO
         "DMLC_PS_GLOBAL_ROOT_PORT": "9001", "DMLC_NUM_GLOBAL_SERVER": "1", "DMLC_NUM_GLOBAL_WORKER": "1"}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("env,needle", [
     ({"ENABLE_DGT": "4"}, "ENABLE_DGT must be 0"),
     ({"DMLC_K": "0"}, "DMLC_K must be in (0, 1]"),
@@ -276,6 +285,7 @@ def test_bad_settings_fail_at_start_up(env, needle):
     assert needle in str(err.value) and "role: server" in str(err.value)
 
 
+@pytest.mark.unit
 def test_dgt_with_checkpoints_fails_at_start_up(tmp_path):
     env = {**BASE, "DMLC_ROLE_GLOBAL": "global_server", "DMLC_NUM_ALL_WORKER": "1", "ENABLE_DGT": "2",
            "GEOMX_CHECKPOINT_DIR": str(tmp_path)}
@@ -283,6 +293,7 @@ def test_dgt_with_checkpoints_fails_at_start_up(tmp_path):
         config.load(env)
 
 
+@pytest.mark.unit
 def test_settings_are_read_by_servers_only():
     cfg = config.load({**BASE, "ENABLE_DGT": "2", "DMLC_K": "0.8", "DMLC_UDP_CHANNEL_NUM": "2",
                        "ADAPTIVE_K_FLAG": "1", "DGT_GRACE_MS": "20"})
@@ -291,6 +302,7 @@ def test_settings_are_read_by_servers_only():
     assert config.load(worker).dgt_mode == 0
 
 
+@pytest.mark.unit
 def test_adaptive_k_follows_the_loss():
     k = dgt.AdaptiveK(0.8, 0.2, workers=2, enabled=True)
     k.report("w0", 2.0)
@@ -329,6 +341,7 @@ def model_mode3(pushes, per, k, channels, alpha):
     return out
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("mode", [1, 2, 3])
 def test_sender_to_receiver_over_sockets(mode):
     from geomx.config import NodeConfig

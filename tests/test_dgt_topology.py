@@ -9,9 +9,11 @@ import threading
 import time
 
 import pytest
-from example_runs import EXAMPLES, curves, iterations_per_epoch
+from helpers import EXAMPLES, curves, iterations_per_epoch
 
 from geomx.launch import Topology, run
+
+pytestmark = pytest.mark.system
 
 # A long grace period: a loss-free run must not depend on how fast this (shared) machine is. A
 # complete push is delivered as soon as its last block is in, so this does not slow the run down.

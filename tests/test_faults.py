@@ -2,199 +2,54 @@
 SIGKILLed workers and servers that the others must detect through heartbeats and report."""
 from __future__ import annotations
 
-import os
+import functools
 import re
 import signal
 import socket
-import struct
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
 import pytest
 import zmq
+from helpers import (
+    FAST_HEARTBEATS,
+    Cluster,
+    LineLog,
+    assert_no_process_left,
+    header,
+    rss_bytes,
+    slow_cmd,
+)
 
 from geomx import wire
 from geomx.launch import Topology, run
 from geomx.wire import Flag, Message, MsgType
 
-REPO = Path(__file__).resolve().parents[1]
-SLOW_WORKER = str(REPO / "tests" / "workers" / "exact_worker.py")
-_HEADER = struct.Struct("<4sBBHiQqQQQiI")
-
-# Fast failure detection for the kill tests (PS_HEARTBEAT_TIMEOUT must exceed 2 x the interval).
-FAST_HEARTBEATS = {"PS_HEARTBEAT_INTERVAL": "0.5", "PS_HEARTBEAT_TIMEOUT": "3"}
-
-
-def slow_cmd(rounds: int, sleep: float) -> List[str]:
-    return [sys.executable, SLOW_WORKER, "--slice", "{slice}", "--rounds", str(rounds), "--sleep", str(sleep)]
-
-
-# -- helpers --------------------------------------------------------------------------------------
-
-class LineLog:
-    """A thread-safe text sink (a ``stream`` for launch.run) that can wait for a line."""
-
-    def __init__(self):
-        self._lines: List[str] = []
-        self._cond = threading.Condition()
-
-    def write(self, text: str) -> int:
-        with self._cond:
-            self._lines.extend(text.splitlines())
-            self._cond.notify_all()
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def lines(self) -> List[str]:
-        with self._cond:
-            return list(self._lines)
-
-    def text(self) -> str:
-        return "\n".join(self.lines())
-
-    def wait_for(self, pattern: str, timeout: float, done=lambda: False) -> re.Match:
-        rx = re.compile(pattern)
-        end = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for line in self._lines:
-                    m = rx.search(line)
-                    if m:
-                        return m
-                left = end - time.monotonic()
-                if left <= 0 or done():
-                    raise AssertionError(f"no line matching {pattern!r} within {timeout}s; output:\n"
-                                         + "\n".join(self._lines[-60:]))
-                self._cond.wait(min(left, 0.2))
-
-
-class Cluster:
-    """The processes of a topology started by hand (not through launch.run, which would stop everything
-    as soon as one process dies and so hide how geomx itself reacts), each in its own process group."""
-
-    def __init__(self, topology: Topology, command: List[str]):
-        self.specs = topology.processes(command)
-        self.specs_by_name = {spec.name: spec for spec in self.specs}
-        self.procs: Dict[str, subprocess.Popen] = {}
-        self.log = LineLog()
-        self._threads: List[threading.Thread] = []
-
-    def start(self) -> "Cluster":
-        for spec in self.specs:
-            self._launch(spec.name, spec.argv, spec.env)
-        return self
-
-    def _launch(self, name: str, argv: List[str], env: Dict[str, str]) -> None:
-        proc = subprocess.Popen(argv, env=env, cwd=REPO, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs[name] = proc
-        t = threading.Thread(target=self._pump, args=(name, proc), daemon=True)
-        t.start()
-        self._threads.append(t)
-
-    def restart(self, name: str, **env: str) -> None:
-        """Start process ``name`` again (after it died), with ``env`` added to its environment; its
-        output goes on under the same name."""
-        assert self.procs[name].poll() is not None, f"{name} is still running"
-        spec = self.specs_by_name[name]
-        self._launch(name, spec.argv, {**spec.env, **env})
-
-    def _pump(self, name: str, proc: subprocess.Popen) -> None:
-        for raw in iter(proc.stdout.readline, b""):
-            self.log.write(f"[{name}] " + raw.decode("utf-8", "replace"))
-        proc.wait()
-        self.log.write(f"[{name}] <exited with {proc.returncode}>\n")
-
-    def running(self) -> List[str]:
-        return [n for n, p in self.procs.items() if p.poll() is None]
-
-    def wait_all(self, timeout: float) -> bool:
-        end = time.monotonic() + timeout
-        while self.running() and time.monotonic() < end:
-            time.sleep(0.05)
-        return not self.running()
-
-    def output(self, name: str) -> str:
-        prefix = f"[{name}] "
-        return "\n".join(line for line in self.log.lines() if line.startswith(prefix))
-
-    def kill(self, name: str) -> float:
-        os.kill(self.procs[name].pid, signal.SIGKILL)
-        return time.monotonic()
-
-    def stop(self) -> None:
-        for p in self.procs.values():
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        for t in self._threads:
-            t.join(timeout=2)
-
-    def __enter__(self) -> "Cluster":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def group_gone(pgid: int) -> bool:
-    """True when no process is left in the group (its leader, our child, has been reaped)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def assert_no_process_left(cluster: Cluster) -> None:
-    """Every process of the topology and anything it started is gone (checked before any cleanup kill)."""
-    end = time.monotonic() + 5
-    while True:
-        left = [n for n, p in cluster.procs.items() if p.poll() is None or not group_gone(p.pid)]
-        if not left:
-            return
-        if time.monotonic() > end:
-            raise AssertionError(f"processes left behind: {left}")
-        time.sleep(0.1)
-
+pytestmark = pytest.mark.system
 
 # -- (a) hostile messages to a live topology ------------------------------------------------------
 
-def header(mtype=MsgType.PUSH, dtype=0, flags=0, key=0, offset=0, numel=0, total=0, magic=wire.MAGIC):
-    return _HEADER.pack(magic, int(mtype), dtype, flags, 0, 1, key, offset, numel, total, 0, 0)
-
-
 def hostile_messages() -> Dict[str, List[bytes]]:
     """name -> frames; each is refused by wire.decode or by the receiving node."""
+    hostile_header = functools.partial(header, req_id=1)  # as the hostile peer writes them
+
     def push(req_id: int, key: int, data: np.ndarray) -> List[bytes]:
         return [bytes(f) for f in wire.encode(Message(MsgType.PUSH, req_id=req_id, key=key, data=data))]
 
     return {
-        "truncated header": [header()[:10]],
-        "bad magic": [header(magic=b"EVIL")],
-        "wrong frame count": [header(flags=int(Flag.HAS_META)), b"{}", b"extra"],
-        "unknown type": [_HEADER.pack(wire.MAGIC, 99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)],
-        "data length mismatch": [header(dtype=1, flags=int(Flag.HAS_DATA), key=0, numel=10, total=10),
+        "truncated header": [hostile_header()[:10]],
+        "bad magic": [hostile_header(magic=b"EVIL")],
+        "wrong frame count": [hostile_header(flags=int(Flag.HAS_META)), b"{}", b"extra"],
+        "unknown type": [header(mtype=99)],
+        "data length mismatch": [hostile_header(dtype=1, flags=int(Flag.HAS_DATA), key=0, numel=10, total=10),
                                  b"\0" * 7],
-        "oversized meta": [header(flags=int(Flag.HAS_META)), b'{"a":"' + b"x" * (wire.MAX_META_BYTES + 10) + b'"}'],
-        "nested meta": [header(flags=int(Flag.HAS_META)), b"[" * 200_000],
-        "non-object meta": [header(flags=int(Flag.HAS_META)), b"[1,2,3]"],
-        "bad slice": [header(offset=5, numel=10, total=12)],
+        "oversized meta": [hostile_header(flags=int(Flag.HAS_META)),
+                           b'{"a":"' + b"x" * (wire.MAX_META_BYTES + 10) + b'"}'],
+        "nested meta": [hostile_header(flags=int(Flag.HAS_META)), b"[" * 200_000],
+        "non-object meta": [hostile_header(flags=int(Flag.HAS_META)), b"[1,2,3]"],
+        "bad slice": [hostile_header(offset=5, numel=10, total=12)],
         # Well-formed, but wrong for the keys the workers use (key 1 has 7 float32, key 0 has 12): the
         # server refuses them with an ERROR reply and must not fold them into a round.
         "wrong size push": push(1, 1, np.ones(5, np.float32)),
@@ -481,14 +336,6 @@ def test_killed_central_scheduler_stops_the_topology():
 
 
 # -- (e) a flood from one peer cannot make a server hold more and more memory -----------------------
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
-
 
 def test_flood_of_pushes_pulls_and_unread_replies_is_bounded():
     """A peer that (a) pushes 100 rounds of a 4 MB key nobody else pushes, (b) parks pulls without end and

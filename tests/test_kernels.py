@@ -16,6 +16,8 @@ try:
 except ImportError:
     _kernels = None
 
+pytestmark = pytest.mark.unit
+
 SIZES = [0, 1, 7, 8, 9, 1023, 100003]
 NOT_BUILT = "geomx._kernels is not built; run `pip install -e . --no-build-isolation`"
 

@@ -8,7 +8,8 @@ import signal
 import socket
 import threading
 import time
-from typing import Dict, List
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
 
 import numpy as np
 import pytest
@@ -178,7 +179,7 @@ def test_hostile_messages_to_live_server_and_scheduler():
     assert elapsed < 60
 
 
-# -- (b), (c) killed nodes ------------------------------------------------------------------------
+# -- (b), (c), (d) killed nodes --------------------------------------------------------------------
 
 def _kill_and_watch(topology: Topology, victim: str, wait_pattern: str, dead_pattern: str,
                     expect_in: Dict[str, str]) -> str:
@@ -219,10 +220,53 @@ def _kill_and_watch(topology: Topology, victim: str, wait_pattern: str, dead_pat
     return out
 
 
-def test_killed_worker_stops_the_topology():
-    topo = Topology(parties=2, workers_per_party=2, env=dict(FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60"))
-    out = _kill_and_watch(
-        topo, "party0/worker1",
+@dataclass(frozen=True)
+class Kill:
+    """One kill-a-role case: ``victim`` is SIGKILLed in a topology of 2 parties x ``workers`` workers
+    once ``wait_pattern`` shows up; then (``_kill_and_watch``) ``dead_pattern`` and each process's line of
+    ``expect_in`` must appear; last, ``names`` (patterns with ``{}`` for the groups of ``named_by``,
+    which reads the victim's rank or port from the output) must be in the output: whoever reports the
+    death names the victim exactly."""
+    victim: str
+    wait_pattern: str
+    dead_pattern: str
+    expect_in: Dict[str, str]
+    named_by: str
+    names: Tuple[str, ...]
+    workers: int = 1
+    env: Dict[str, str] = field(default_factory=dict)
+
+
+SCHEDULER_SILENT = r"the {tier} scheduler at 127\.0\.0\.1:{port} has not answered for [\d.]+s; presumed dead"
+
+
+def _scheduler_kill(tier: str, victim: str, wait_pattern: str, dead_pattern: str, expect_in: Dict[str, str]) -> Kill:
+    """(d) a killed scheduler: its nodes notice the silence and stop the rest through the other tier."""
+    return Kill(victim, wait_pattern, dead_pattern, expect_in,
+                named_by=rf"^\[{re.escape(victim)}\] .*listening on port (\d+)",
+                names=(SCHEDULER_SILENT.format(tier=tier, port="{}"),))
+
+
+# With ENABLE_INTER_TS the local servers also relay partial sums and results to each other: a dead one
+# must end the run with the same clear error, not leave the others waiting for a hop.
+_LOCAL_SERVER = dict(
+    victim="party1/server",
+    wait_pattern=r"^\[party1/worker0\] ROUND 0 OK",
+    dead_pattern=r"^\[party1/scheduler\] .*ERROR.*server local_server .*presumed dead",
+    expect_in={
+        "party1/worker0": r"presumed dead",
+        "global_scheduler": r"ERROR.*worker local_server .*presumed dead",
+        "party0/server": r"ERROR.*presumed dead",
+        "party0/worker0": r"presumed dead",
+    },
+    # The party scheduler names the dead server by its address.
+    named_by=r"^\[party1/server\] .*serving \d+ worker\(s\) on port (\d+)",
+    names=(r"^\[party1/scheduler\] .*server local_server \(rank 0, 127\.0\.0\.1:{}\) .*presumed dead",))
+
+KILLS = {
+    # (b) a killed worker
+    "worker": Kill(
+        "party0/worker1",
         wait_pattern=r"^\[party0/worker1\] ROUND 0 OK",
         dead_pattern=r"^\[party0/scheduler\] .*ERROR.*worker .*\(rank \d+, .*\) sent no heartbeat for .*presumed dead",
         expect_in={
@@ -230,38 +274,16 @@ def test_killed_worker_stops_the_topology():
             "party0/server": r"ERROR.*presumed dead",
             "party1/worker0": r"presumed dead",
             "global_server0": r"ERROR.*presumed dead",
-        })
-    # The party scheduler names the dead worker by its rank in the party.
-    rank = re.search(r"^\[party0/worker1\] RANK (\d+)", out, re.M).group(1)
-    assert re.search(rf"^\[party0/scheduler\] .*worker .*\(rank {rank}, .*presumed dead", out, re.M), out[-8000:]
-
-
-@pytest.mark.parametrize("tsengine", [False, True], ids=["fsa", "inter-ts"])
-def test_killed_local_server_stops_the_topology(tsengine):
-    # With ENABLE_INTER_TS the local servers also relay partial sums and results to each other: a
-    # dead one must end the run with the same clear error, not leave the others waiting for a hop.
-    env = dict(FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60", **({"ENABLE_INTER_TS": "1"} if tsengine else {}))
-    topo = Topology(parties=2, workers_per_party=1, env=env)
-    out = _kill_and_watch(
-        topo, "party1/server",
-        wait_pattern=r"^\[party1/worker0\] ROUND 0 OK",
-        dead_pattern=r"^\[party1/scheduler\] .*ERROR.*server local_server .*presumed dead",
-        expect_in={
-            "party1/worker0": r"presumed dead",
-            "global_scheduler": r"ERROR.*worker local_server .*presumed dead",
-            "party0/server": r"ERROR.*presumed dead",
-            "party0/worker0": r"presumed dead",
-        })
-    # The party scheduler names the dead server by its address.
-    port = re.search(r"^\[party1/server\] .*serving \d+ worker\(s\) on port (\d+)", out, re.M).group(1)
-    assert re.search(rf"^\[party1/scheduler\] .*server local_server \(rank 0, 127\.0\.0\.1:{port}\) .*presumed dead",
-                     out, re.M), out[-8000:]
-
-
-def test_killed_global_server_stops_the_topology():
-    topo = Topology(parties=2, workers_per_party=1, env=dict(FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60"))
-    out = _kill_and_watch(
-        topo, "global_server0",
+        },
+        # The party scheduler names the dead worker by its rank in the party.
+        named_by=r"^\[party0/worker1\] RANK (\d+)",
+        names=(r"^\[party0/scheduler\] .*worker .*\(rank {}, .*presumed dead",),
+        workers=2),
+    # (c) killed servers
+    "local-server-fsa": Kill(**_LOCAL_SERVER),
+    "local-server-inter-ts": Kill(**_LOCAL_SERVER, env={"ENABLE_INTER_TS": "1"}),
+    "global-server": Kill(
+        "global_server0",
         wait_pattern=r"^\[party0/worker0\] ROUND 0 OK",
         dead_pattern=r"^\[global_scheduler\] .*ERROR.*server global_server .*presumed dead",
         expect_in={
@@ -270,23 +292,15 @@ def test_killed_global_server_stops_the_topology():
             "party1/server": r"ERROR.*presumed dead",
             "party0/worker0": r"presumed dead",
             "party1/worker0": r"presumed dead",
-        })
-    # Both of its tiers' schedulers name it by the address it serves that tier on.
-    wan, lan = re.search(r"^\[global_server0\] .*serving \d+ party\(ies\) on port (\d+) and \d+ central "
-                         r"worker\(s\) on port (\d+)", out, re.M).groups()
-    assert re.search(rf"^\[global_scheduler\] .*server global_server \(rank 0, 127\.0\.0\.1:{wan}\)", out, re.M)
-    assert re.search(rf"^\[central/scheduler\] .*server global_server \(rank 0, 127\.0\.0\.1:{lan}\)", out, re.M)
-
-
-# -- (d) killed schedulers: their nodes notice the silence and stop the rest through the other tier --
-
-SCHEDULER_SILENT = r"the {tier} scheduler at 127\.0\.0\.1:{port} has not answered for [\d.]+s; presumed dead"
-
-
-def test_killed_party_scheduler_stops_the_topology():
-    topo = Topology(parties=2, workers_per_party=1, env=dict(FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60"))
-    out = _kill_and_watch(
-        topo, "party1/scheduler",
+        },
+        # Both of its tiers' schedulers name it by the address it serves that tier on.
+        named_by=r"^\[global_server0\] .*serving \d+ party\(ies\) on port (\d+) and \d+ central "
+                 r"worker\(s\) on port (\d+)",
+        names=(r"^\[global_scheduler\] .*server global_server \(rank 0, 127\.0\.0\.1:{0}\)",
+               r"^\[central/scheduler\] .*server global_server \(rank 0, 127\.0\.0\.1:{1}\)")),
+    # (d) killed schedulers
+    "party-scheduler": _scheduler_kill(
+        "party", "party1/scheduler",
         wait_pattern=r"^\[party1/worker0\] ROUND 0 OK",
         # Its local server tells the global tier, whose scheduler stops everyone else.
         dead_pattern=r"^\[global_scheduler\] .*ERROR.*worker local_server .* failed: .*party scheduler .*presumed dead",
@@ -296,15 +310,9 @@ def test_killed_party_scheduler_stops_the_topology():
             "global_server0": r"ERROR.*party scheduler .* presumed dead",
             "party0/server": r"ERROR.*party scheduler .* presumed dead",
             "party0/worker0": r"party scheduler .* presumed dead",
-        })
-    port = re.search(r"^\[party1/scheduler\] .*listening on port (\d+)", out, re.M).group(1)
-    assert re.search(SCHEDULER_SILENT.format(tier="party", port=port), out), out[-8000:]
-
-
-def test_killed_global_scheduler_stops_the_topology():
-    topo = Topology(parties=2, workers_per_party=1, env=dict(FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60"))
-    out = _kill_and_watch(
-        topo, "global_scheduler",
+        }),
+    "global-scheduler": _scheduler_kill(
+        "global", "global_scheduler",
         wait_pattern=r"^\[party0/worker0\] ROUND 0 OK",
         # Every global-tier node notices; each tells its other tier's scheduler, which stops that tier.
         dead_pattern=r"^\[party0/scheduler\] .*ERROR.*local_server .* failed: .*global scheduler .*presumed dead",
@@ -315,24 +323,30 @@ def test_killed_global_scheduler_stops_the_topology():
             "party0/worker0": r"global scheduler .* presumed dead",
             "party1/worker0": r"global scheduler .* presumed dead",
             "central/scheduler": r"ERROR.*global scheduler .* presumed dead",
-        })
-    port = re.search(r"^\[global_scheduler\] .*listening on port (\d+)", out, re.M).group(1)
-    assert re.search(SCHEDULER_SILENT.format(tier="global", port=port), out), out[-8000:]
-
-
-def test_killed_central_scheduler_stops_the_topology():
-    topo = Topology(parties=2, workers_per_party=1, env=dict(FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60"))
-    out = _kill_and_watch(
-        topo, "central/scheduler",
+        }),
+    "central-scheduler": _scheduler_kill(
+        "central", "central/scheduler",
         wait_pattern=r"^\[party0/worker0\] ROUND 0 OK",
         dead_pattern=r"^\[global_scheduler\] .*ERROR.*global_server .* failed: .*central scheduler .*presumed dead",
         expect_in={
             "global_server0": r"ERROR.*central scheduler .* presumed dead",
             "party0/server": r"ERROR.*central scheduler .* presumed dead",
             "party1/worker0": r"central scheduler .* presumed dead",
-        })
-    port = re.search(r"^\[central/scheduler\] .*listening on port (\d+)", out, re.M).group(1)
-    assert re.search(SCHEDULER_SILENT.format(tier="central", port=port), out), out[-8000:]
+        }),
+}
+
+
+@pytest.mark.parametrize("case", KILLS.values(), ids=KILLS.keys())
+def test_killed_role_stops_the_topology(case: Kill):
+    topo = Topology(parties=2, workers_per_party=case.workers,
+                    env=dict(FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60", **case.env))
+    out = _kill_and_watch(topo, case.victim, wait_pattern=case.wait_pattern, dead_pattern=case.dead_pattern,
+                          expect_in=case.expect_in)
+    named = re.search(case.named_by, out, re.M)
+    assert named, f"no line matching {case.named_by!r}:\n{out[-8000:]}"
+    for pattern in case.names:
+        pattern = pattern.format(*named.groups())
+        assert re.search(pattern, out, re.M), f"no line matching {pattern!r}:\n{out[-8000:]}"
 
 
 # -- (e) a flood from one peer cannot make a server hold more and more memory -----------------------

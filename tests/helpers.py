@@ -1,6 +1,7 @@
 """The tests' shared helpers, in one place (fixtures are in conftest.py).
 
 - paths: ``REPO``, ``WORKERS`` (tests/workers), ``EXAMPLES``;
+- the compiled extensions: ``built_or_skip``, ``fail_unbuilt_under_ci``;
 - wire headers built by hand: ``HEADER``, ``header()``;
 - tests/workers/exact_worker.py: ``slow_cmd()``, the byte patterns ``INIT_BYTES`` / ``PUSH_BYTES``;
 - a topology started by hand, process by process: ``Cluster`` (with ``LineLog``, ``FAST_HEARTBEATS``);
@@ -40,6 +41,28 @@ from geomx.wire import MsgType
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = REPO / "tests" / "workers"
 EXAMPLES = REPO / "examples"
+
+# -- the compiled extensions (geomx._kernels, geomx._compress) --------------------------------------
+# (pytest is imported where used: the benchmarks import this module too.)
+
+def fail_unbuilt_under_ci(module, not_built: str) -> None:
+    """Under CI (``CI`` set) the compiled kernels must be tested: fail when ``module`` is None."""
+    import pytest
+
+    if module is None and os.environ.get("CI"):
+        pytest.fail(f"{not_built} (CI is set, so the compiled kernels must be tested)")
+
+
+def built_or_skip(module, not_built: str):
+    """The compiled ``module``; a skip outside CI when it is missing (None), an error under CI."""
+    import pytest
+
+    if module is None:
+        if os.environ.get("CI"):
+            pytest.fail(not_built, pytrace=False)
+        pytest.skip(not_built)
+    return module
+
 
 # -- wire headers built by hand -------------------------------------------------------------------
 

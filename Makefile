@@ -1,9 +1,10 @@
-# Two entry points, both from a fresh checkout: `make demo` and `make test`.
+# Two entry points, both from a fresh checkout: `make demo` and `make test`; `make test-unit` is the quick
+# half of the tests (in-process, about a minute), `make test-system` the other half (README.md, "Tests").
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-unit test-system bench clean
 
 setup: $(VENV)/.installed
 
@@ -21,8 +22,17 @@ demo: setup
 	$(BIN)/geomx-launch --parties 2 --workers 2 -- \
 		$(BIN)/python examples/cnn.py --cpu --data-slice-idx {slice} --epoch 5 --eval-every 10
 
+# Every test (what CI runs, .ci/run): the unit and the system tests.
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The tests that run inside the pytest process (marker `unit`, tests/conftest.py).
+test-unit: setup
+	$(BIN)/python -m pytest -q -m unit
+
+# The tests that start processes, talk to other processes or run topologies (marker `system`).
+test-system: setup
+	$(BIN)/python -m pytest -q -m system
 
 clean:
 	rm -rf $(VENV) build *.egg-info geomx/*.so csrc/*.c

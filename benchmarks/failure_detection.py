@@ -8,8 +8,8 @@ the script records
 * detect: seconds from the kill to the first log line that declares it dead (``presumed dead``);
 * all stopped: seconds from the kill until every other process has exited (each with an error).
 
-It uses the same hand-started cluster as tests/test_faults.py (not the launcher, which would stop
-everything as soon as one process dies and so hide how geomx itself reacts).
+It uses the same hand-started cluster as tests/test_faults.py (tests/helpers.py's Cluster; not the
+launcher, which would stop everything as soon as one process dies and so hide how geomx itself reacts).
 
     python benchmarks/failure_detection.py                       # default and short heartbeats
     python benchmarks/failure_detection.py --settings 0.5/3 --roles worker,global_scheduler
@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-from test_faults import Cluster, slow_cmd  # noqa: E402
+from helpers import Cluster, slow_cmd  # noqa: E402
 
 from geomx.launch import Topology  # noqa: E402
 

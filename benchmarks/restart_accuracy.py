@@ -5,7 +5,7 @@ per worker, and whether they are identical.
     python benchmarks/restart_accuracy.py [--parties 2] [--epochs 3] [--kill-at 20] [--every 5]
 
 The interrupted run SIGKILLs global_server0 once a worker reports iteration ``--kill-at`` and starts
-it again with GEOMX_CHECKPOINT_RESTORE (tests/test_faults.py's Cluster runs the processes).
+it again with GEOMX_CHECKPOINT_RESTORE (tests/helpers.py's Cluster runs the processes).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from test_faults import Cluster  # noqa: E402
+from helpers import Cluster  # noqa: E402
 
 from geomx import checkpoint  # noqa: E402
 from geomx.launch import Topology, run  # noqa: E402

@@ -1,36 +1,90 @@
-"""Shared helpers: run a whole local topology and capture its output."""
-import io
+"""Fixtures, and the rule that every test is of one kind (the shared helpers are in helpers.py).
+
+Every test is marked ``unit`` (it runs in the pytest process: it starts no process and talks to no other
+process) or ``system`` (it starts processes, opens sockets to other processes or runs a topology): a
+module of one kind says so once (``pytestmark = pytest.mark.unit``), a mixed module on each test.
+Collection stops on a test marked neither or both, and a ``unit`` test that starts a process fails.
+``pytest -m unit`` runs the quick half (``make test-unit``), ``pytest -m system`` the rest.
+"""
 import sys
-from pathlib import Path
+import threading
 
 import pytest
+from helpers import run_topology
 
-from geomx.launch import Topology, run
+from geomx import transport
 
-ROOT = Path(__file__).resolve().parent.parent
-WORKERS = ROOT / "tests" / "workers"
+KINDS = ("unit", "system")
 
 
-class Result:
-    def __init__(self, code: int, output: str):
-        self.code = code
-        self.output = output
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects anything: an unmarked test is refused whatever is run
+def pytest_collection_modifyitems(config, items):
+    wrong = []
+    for item in items:
+        kinds = sorted({mark.name for mark in item.iter_markers() if mark.name in KINDS})
+        if len(kinds) != 1:
+            wrong.append(f"  {item.nodeid}: {' and '.join(kinds) if kinds else 'neither'}")
+    if wrong:
+        raise pytest.UsageError(
+            "every test must be marked either `unit` (in-process) or `system` (starts processes, talks to other "
+            "processes, runs a topology); see tests/conftest.py. Marked wrongly:\n" + "\n".join(wrong))
 
-    def lines(self, needle: str):
-        return [line for line in self.output.splitlines() if needle in line]
+
+# The audit events of everything that starts a process (subprocess, os.fork, os.posix_spawn, os.system, ...).
+_SPAWN_EVENTS = {"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.system", "os.exec",
+                 "pty.spawn"}
+# Standard-library look-ups that run a short probe (ctypes.util.find_library runs `ldconfig -p`, as
+# geomx.transport does once for libc; platform runs `uname`): not a process the test starts.
+_PROBING_MODULES = {"ctypes.util", "platform"}
+_unit_test = {"nodeid": None, "elsewhere": []}
+
+
+def _a_probe_of(frame) -> bool:
+    while frame is not None:
+        if frame.f_globals.get("__name__") in _PROBING_MODULES:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _refuse_processes_in_unit_tests(event, args):
+    if event in _SPAWN_EVENTS and _unit_test["nodeid"] is not None and not _a_probe_of(sys._getframe(1)):
+        if threading.current_thread() is not threading.main_thread():
+            _unit_test["elsewhere"].append(f"{event} {args!r:.300}")  # reported when the test ends
+        # Failed is a BaseException: an `except Exception` on the way cannot swallow it.
+        pytest.fail(f"{_unit_test['nodeid']} is marked unit but starts a process ({event}): mark it system")
+
+
+sys.addaudithook(_refuse_processes_in_unit_tests)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request):
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    _unit_test.update(nodeid=request.node.nodeid, elsewhere=[])
+    try:
+        yield
+    finally:
+        elsewhere, _unit_test["nodeid"] = _unit_test["elsewhere"], None
+    if elsewhere:  # refused in another thread, whose failure the test itself may not have seen
+        pytest.fail(f"{request.node.nodeid} is marked unit but a thread of it started processes: {elsewhere}; "
+                    "mark it system")
 
 
 @pytest.fixture
 def topology_run():
-    """``topology_run(script, args, **topology) -> Result``: run ``tests/workers/<script>`` on every worker."""
+    """``topology_run(script, args, **topology) -> Result``: run ``tests/workers/<script>`` on every worker
+    (helpers.run_topology)."""
+    return run_topology
 
-    def _run(script, args=(), timeout=120, env=None, **kw):
-        topo = Topology(env=dict(env or {}), **kw)
-        stream = io.StringIO()
-        code = run(topo, [sys.executable, str(WORKERS / script), *args], timeout=timeout, stream=stream)
-        return Result(code, stream.getvalue())
 
-    return _run
+@pytest.fixture
+def fresh_refusal_log():
+    """Refusals are logged once per 5 s per peer and kind in a process; a test that expects its own uses
+    this (test_security.py and test_trust.py, for every test)."""
+    transport.log_limited._last.clear()
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,7 @@
 """The store's user-facing API in a real 2-party topology (tests/workers/api_worker.py asserts)."""
+import pytest
+
+pytestmark = pytest.mark.system
 
 
 def test_api_surface_and_optimizer_states(tmp_path, topology_run):

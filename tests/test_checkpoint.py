@@ -12,17 +12,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from test_faults import FAST_HEARTBEATS, Cluster, assert_no_process_left, slow_cmd
+from helpers import FAST_HEARTBEATS, REPO, Cluster, assert_no_process_left, slow_cmd
 
 from geomx import checkpoint
 from geomx.checkpoint import Checkpoint, CheckpointError, KeyRecord
 from geomx.launch import Topology
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def sample(rank: int = 0, scale: float = 1.0) -> Checkpoint:
@@ -38,6 +35,7 @@ def sample(rank: int = 0, scale: float = 1.0) -> Checkpoint:
 
 # -- the file format --------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_checkpoint_round_trip(tmp_path):
     path = checkpoint.file_name(str(tmp_path), 1)
     size = checkpoint.save(sample(rank=1), path)
@@ -67,6 +65,7 @@ def _corruptions(good: bytes):
     }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case", ["truncated to half", "truncated by one byte", "empty", "a flipped byte",
                                   "not a zip"])
 def test_corrupt_checkpoint_is_refused(tmp_path, case):
@@ -77,6 +76,7 @@ def test_corrupt_checkpoint_is_refused(tmp_path, case):
         checkpoint.load(str(path))
 
 
+@pytest.mark.unit
 def test_checkpoint_with_inconsistent_header_is_refused(tmp_path):
     path = str(tmp_path / "c.npz")
     arrays = {"header": np.frombuffer(b'{"format": "geomx-checkpoint/1", "rank": 0, "num_global_server": 1, '
@@ -107,6 +107,7 @@ while True:
 """
 
 
+@pytest.mark.system
 def test_crash_during_save_keeps_the_last_good_checkpoint(tmp_path):
     """SIGKILL a process that rewrites a 32 MB checkpoint over and over (so it is almost always in the
     middle of a save): the file is always a complete checkpoint of one generation, never a torn one."""
@@ -138,6 +139,7 @@ def _restart_topology(tmp_path, global_servers=1, local_servers=1, **env):
         FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60", GEOMX_CHECKPOINT_DIR=str(tmp_path), **env))
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("every,kill_after,wait_for_detection,global_servers,victim,local_servers", [
     (3, 4, True, 1, 0, 1),
     # Two global servers with key 2 split between them; the second one dies and is back before the
@@ -196,6 +198,7 @@ def test_global_server_restarted_from_checkpoint_loses_no_update(tmp_path, every
         assert_no_process_left(cluster)
 
 
+@pytest.mark.system
 def test_global_server_not_restarted_in_time_ends_with_a_clear_error(tmp_path):
     topo = _restart_topology(tmp_path, GEOMX_CHECKPOINT_EVERY="2", GEOMX_RESTART_TIMEOUT="4")
     with Cluster(topo, slow_cmd(30, 0.3)) as cluster:
@@ -215,6 +218,7 @@ def test_global_server_not_restarted_in_time_ends_with_a_clear_error(tmp_path):
         assert_no_process_left(cluster)
 
 
+@pytest.mark.system
 def test_restart_from_corrupt_checkpoint_is_refused_at_start(tmp_path):
     """A global server told to start from a truncated checkpoint exits at once with an error naming
     the file (it never joins the tier with half a model)."""
@@ -229,6 +233,7 @@ def test_restart_from_corrupt_checkpoint_is_refused_at_start(tmp_path):
     assert re.search(rf"checkpoint {re.escape(str(path))} is unreadable \(truncated or corrupt\?\)", proc.stderr)
 
 
+@pytest.mark.system
 def test_checkpoint_on_request_then_whole_topology_restart(tmp_path, topology_run):
     """``kv.save_checkpoint()`` after round 2 writes exactly the closed form at round 2 (checked by
     the worker). The run then finishes (the last checkpoint is taken at the parties' STOP); a new

@@ -2,10 +2,10 @@
 independent numpy model carrying residual and momentum state, frames, registry validation."""
 import json
 import math
-import os
 
 import numpy as np
 import pytest
+from helpers import built_or_skip, fail_unbuilt_under_ci
 
 from geomx import compression as C
 from geomx.compression import feedback
@@ -17,23 +17,20 @@ try:
 except ImportError:
     _compress = None
 
+pytestmark = pytest.mark.unit
+
 NOT_BUILT = "geomx._compress is not built; run `pip install -e . --no-build-isolation`"
 SIZES = [0, 1, 7, 15, 16, 17, 31, 33, 64, 1023, 100003]
 TINY = float(np.nextafter(np.float32(0), np.float32(1)))
 
 
 def test_extension_built_when_ci_is_set():
-    if _compress is None and os.environ.get("CI"):
-        pytest.fail(f"{NOT_BUILT} (CI is set, so the compiled kernels must be tested)")
+    fail_unbuilt_under_ci(_compress, NOT_BUILT)
 
 
 @pytest.fixture(scope="module")
 def ck():
-    if _compress is None:
-        if os.environ.get("CI"):
-            pytest.fail(NOT_BUILT, pytrace=False)
-        pytest.skip(NOT_BUILT)
-    return _compress
+    return built_or_skip(_compress, NOT_BUILT)
 
 
 @pytest.fixture(params=["compiled", "numpy"])

@@ -26,7 +26,7 @@ workers' and two parties' sums are exact in any order); measured values are in d
 import statistics
 
 import pytest
-from example_runs import SEEDS, checked_curves, run_concurrently
+from helpers import SEEDS, checked_curves, run_concurrently
 
 PARTIES, WORKERS = 2, 2
 BATCH = 32
@@ -40,7 +40,7 @@ MPQ_ADAM_TOLERANCE = 0.03
 UNCOMPRESSED_FLOOR = 0.93
 LEARNING_RATES = {"adam": 0.01, "sgd": 0.1}
 # 3 seeds x 7 flows of ~30 s of CPU each: about 10 minutes on an idle 2-core machine.
-pytestmark = pytest.mark.timeout(2400)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(2400)]
 COMMON = ["--cpu", "-ds", "{slice}", "-bs", str(BATCH), "--max-iters", str(ITERS), "-ep", "1000",
           "--eval-every", str(EVAL_EVERY)]
 ENV = {"MXNET_KVSTORE_SIZE_LOWER_BOUND": str(BOUND)}

@@ -6,6 +6,8 @@ With P3 the local server still encodes each key once (one residual per key) and 
 700-element slice its part of the payload; the pulled values must be the same."""
 import pytest
 
+pytestmark = pytest.mark.system
+
 P3 = {"ENABLE_P3": "1", "GEOMX_P3_SLICE_SIZE": "700"}
 
 

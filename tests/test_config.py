@@ -78,6 +78,7 @@ def refused(env: dict) -> str:
 
 # -- valid environments ---------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_global_scheduler_fields():
     cfg = config.load(env_for("global_scheduler"))
     assert cfg.role == config.GLOBAL_SCHEDULER
@@ -90,6 +91,7 @@ def test_global_scheduler_fields():
     assert not cfg.is_master_worker
 
 
+@pytest.mark.unit
 def test_global_server_fields():
     cfg = config.load(env_for("global_server", DMLC_ENABLE_CENTRAL_WORKER="1"))
     assert cfg.role == config.GLOBAL_SERVER
@@ -102,6 +104,7 @@ def test_global_server_fields():
     assert cfg.needs_global_tier and cfg.needs_local_tier
 
 
+@pytest.mark.unit
 def test_checkpoint_fields(tmp_path):
     cfg = config.load(env_for("global_server"))
     assert (cfg.checkpoint_dir, cfg.checkpoint_every, cfg.checkpoint_restore, cfg.restart_timeout) == \
@@ -116,6 +119,7 @@ def test_checkpoint_fields(tmp_path):
     assert "GEOMX_CHECKPOINT_DIR" in msg and "is not a directory" in msg and "role: global_server" in msg
 
 
+@pytest.mark.unit
 def test_party_scheduler_fields():
     cfg = config.load(env_for("scheduler"))
     assert cfg.role == config.SCHEDULER
@@ -125,6 +129,7 @@ def test_party_scheduler_fields():
     assert not cfg.needs_global_tier and cfg.needs_local_tier
 
 
+@pytest.mark.unit
 def test_local_server_fields():
     cfg = config.load(env_for("server"))
     assert cfg.role == config.LOCAL_SERVER
@@ -136,6 +141,7 @@ def test_local_server_fields():
     assert cfg.needs_global_tier and cfg.needs_local_tier
 
 
+@pytest.mark.unit
 def test_worker_fields_and_defaults():
     cfg = config.load(env_for("worker"))
     assert cfg.role == config.WORKER
@@ -154,6 +160,7 @@ def test_worker_fields_and_defaults():
     assert config.is_worker_process(env_for("worker"))
 
 
+@pytest.mark.unit
 def test_master_worker_fields():
     cfg = config.load(env_for("master_worker"))
     assert cfg.role == config.WORKER and cfg.is_master_worker
@@ -163,6 +170,7 @@ def test_master_worker_fields():
         assert not config.load(env_for("master_worker", DMLC_ROLE_MASTER_WORKER=spelling)).is_master_worker
 
 
+@pytest.mark.unit
 def test_optional_variables_parsed():
     cfg = config.load(env_for(
         "server", PS_HEARTBEAT_INTERVAL="0.5", PS_HEARTBEAT_TIMEOUT="3", GEOMX_START_TIMEOUT="7.5",
@@ -176,12 +184,14 @@ def test_optional_variables_parsed():
     assert cfg.advertised_host("127.0.0.1", 9) == "192.168.3.4"
 
 
+@pytest.mark.unit
 def test_advertised_host_without_node_host():
     assert config.load(env_for("worker", DMLC_INTERFACE="lo")).advertised_host("127.0.0.1", 9) == "127.0.0.1"
     # The routing probe: the local address used to reach a loopback peer is a loopback address.
     assert config.load(env_for("worker")).advertised_host("127.0.0.1", 9).startswith("127.")
 
 
+@pytest.mark.unit
 def test_values_are_stripped():
     env = {k: f"  {v} " for k, v in env_for("server").items()}
     cfg = config.load(env)
@@ -189,6 +199,7 @@ def test_values_are_stripped():
     assert cfg.root_uri == "10.0.1.1" and cfg.root_port == 9093 and cfg.num_worker == 4
 
 
+@pytest.mark.unit
 def test_every_launcher_environment_parses():
     """The launcher's environments and the config contract agree for every process it starts."""
     topo = Topology(parties=2, workers_per_party=2, global_servers=2, central_workers=2)
@@ -217,6 +228,7 @@ def test_every_launcher_environment_parses():
 MISSING = [(name, var) for name, (_, required) in ENVS.items() for var in required]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name,var", MISSING, ids=[f"{n}-{v}" for n, v in MISSING])
 @pytest.mark.parametrize("how", ["absent", "empty"])
 def test_missing_variable_named_with_role(name, var, how):
@@ -227,11 +239,13 @@ def test_missing_variable_named_with_role(name, var, how):
     assert f"role: {role}" in msg
 
 
+@pytest.mark.unit
 def test_missing_role():
     msg = refused(env_for("worker", DMLC_ROLE=None))
     assert "DMLC_ROLE" in msg and "DMLC_ROLE_GLOBAL" in msg
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("var,value", [("DMLC_ROLE", "trainer"), ("DMLC_ROLE_GLOBAL", "global_worker")])
 def test_unknown_role(var, value):
     msg = refused(env_for("worker", **{var: value}))
@@ -240,6 +254,7 @@ def test_unknown_role(var, value):
 
 # -- bad values -----------------------------------------------------------------------------------
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name,var,value,why", [
     ("worker", "DMLC_NUM_WORKER", "four", "must be an integer"),
     ("worker", "DMLC_NUM_WORKER", "0", "must be >= 1"),
@@ -274,6 +289,7 @@ def test_bad_value_named(name, var, value, why):
     assert repr(value) in msg or value in msg
 
 
+@pytest.mark.unit
 def test_port_bounds_accepted():
     assert config.load(env_for("worker", DMLC_PS_ROOT_PORT="1")).root_port == 1
     assert config.load(env_for("worker", DMLC_PS_ROOT_PORT="65535")).root_port == 65535
@@ -281,6 +297,7 @@ def test_port_bounds_accepted():
 
 # -- inconsistent combinations --------------------------------------------------------------------
 
+@pytest.mark.unit
 @pytest.mark.parametrize("n", ["2", "3"])
 def test_several_servers_per_party_are_accepted(n):
     # A party may have several local servers (the original refused it); its scheduler and workers
@@ -289,17 +306,20 @@ def test_several_servers_per_party_are_accepted(n):
         assert config.load(env_for(role, DMLC_NUM_SERVER=n)).num_server == int(n)
 
 
+@pytest.mark.unit
 def test_global_server_counts_must_agree():
     msg = refused(env_for("global_server", DMLC_NUM_SERVER="1"))
     assert "DMLC_NUM_SERVER" in msg and "DMLC_NUM_GLOBAL_SERVER" in msg
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("role", [None, "worker", "scheduler", "bogus"])
 def test_global_server_requires_server_role(role):
     msg = refused(env_for("global_server", DMLC_ROLE=role))
     assert "DMLC_ROLE" in msg and "global_server" in msg
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["global_scheduler", "global_server", "scheduler", "server"])
 def test_master_worker_flag_only_on_workers(name):
     msg = refused(env_for(name, DMLC_ROLE_MASTER_WORKER="1"))
@@ -309,6 +329,7 @@ def test_master_worker_flag_only_on_workers(name):
     assert not config.load(env_for(name, DMLC_ROLE_MASTER_WORKER="0")).is_master_worker
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("interval,timeout,ok", [
     ("1", "2", False),        # equal to twice the interval
     ("1", "1.5", False),
@@ -329,6 +350,7 @@ def test_heartbeat_timeout_must_exceed_twice_interval(interval, timeout, ok):
         assert "PS_HEARTBEAT_TIMEOUT" in msg and "PS_HEARTBEAT_INTERVAL" in msg and "role: worker" in msg
 
 
+@pytest.mark.unit
 def test_load_reads_os_environ(monkeypatch):
     # A nested context so that the role variables are gone again before the test ends.
     with monkeypatch.context() as m:
@@ -351,6 +373,7 @@ def _clean_env(**extra) -> dict:
     return env
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("name,missing", [("scheduler", "DMLC_NUM_WORKER"), ("server", "DMLC_PS_GLOBAL_ROOT_PORT"),
                                           ("global_server", "DMLC_NUM_ALL_WORKER")])
 def test_node_exits_2_naming_missing_variable(name, missing):
@@ -365,6 +388,7 @@ def test_node_exits_2_naming_missing_variable(name, missing):
     assert elapsed < 20, f"geomx.node took {elapsed:.1f}s to refuse a bad configuration"
 
 
+@pytest.mark.system
 def test_node_exits_2_on_bad_heartbeat_and_worker_role():
     env = _clean_env(**env_for("scheduler", PS_HEARTBEAT_INTERVAL="5", PS_HEARTBEAT_TIMEOUT="6"))
     proc = subprocess.run([sys.executable, "-m", "geomx.node"], env=env, cwd=REPO, capture_output=True,
@@ -376,6 +400,7 @@ def test_node_exits_2_on_bad_heartbeat_and_worker_role():
     assert proc.returncode == 2 and "DMLC_ROLE=worker" in proc.stderr
 
 
+@pytest.mark.unit
 def test_listen_fd(tmp_path):
     import socket
 
@@ -402,6 +427,7 @@ def test_listen_fd(tmp_path):
         assert "must be an integer" in refused(env_for("scheduler", GEOMX_LISTEN_FD="x"))
 
 
+@pytest.mark.unit
 def test_bind_host_and_fixed_ports():
     cfg = config.load(env_for("server"))
     assert (cfg.bind_host, cfg.server_port, cfg.central_port, cfg.ts_port, cfg.dgt_udp_port) == (None, 0, 0, 0, 0)
@@ -419,6 +445,7 @@ def test_bind_host_and_fixed_ports():
     assert "GEOMX_CENTRAL_PORT and GEOMX_SERVER_PORT are both 9100" in msg
 
 
+@pytest.mark.unit
 def test_bind_address_is_the_advertised_one_and_must_be_local():
     cfg = config.load(env_for("server", DMLC_NODE_HOST="127.0.0.1"))
     assert cfg.bind_address("10.0.1.1", 9093) == "127.0.0.1"
@@ -435,6 +462,7 @@ def test_bind_address_is_the_advertised_one_and_must_be_local():
     assert config.load(env_for("global_scheduler", GEOMX_BIND_HOST="*")).scheduler_bind_address() == "*"
 
 
+@pytest.mark.unit
 def test_refused_combinations_table_matches_the_docs_and_each_rule_refuses():
     """docs/Configurations.md lists exactly config.REFUSED_COMBINATIONS, and every row refuses a
     global server (the role that reads every switch) that has both on, naming both."""

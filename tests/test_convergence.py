@@ -27,10 +27,10 @@ noisier still). Batch size 16 and 5 epochs give plain SGD enough iterations on t
 import statistics
 
 import pytest
-from example_runs import SEEDS, checked_curves, iterations_per_epoch, run_concurrently
+from helpers import SEEDS, checked_curves, iterations_per_epoch, run_concurrently
 
 # The module's runs all happen in the first test's fixture: 3 seeds x ~2 minutes on 2 cores.
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(1200)]
 
 PARTIES, WORKERS = 2, 1
 EPOCHS = 5

@@ -13,7 +13,7 @@ import pytest
 from geomx import delivery
 from geomx.errors import PeerDeadError
 
-pytestmark = pytest.mark.skipif(not delivery.COMPILED, reason="geomx._delivery is not built")
+pytestmark = [pytest.mark.unit, pytest.mark.skipif(not delivery.COMPILED, reason="geomx._delivery is not built")]
 
 
 def resolve_later(fut: cf.Future, value=None, error=None, delay: float = 0.2) -> threading.Thread:

@@ -58,6 +58,7 @@ def model_channels(scores, k, channels):
     return out
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("k,channels", [(0.5, 3), (0.8, 1), (0.1, 4), (1.0, 3)])
 def test_scoring_and_channels_match_model(dtype, k, channels):
@@ -81,11 +82,13 @@ def test_scoring_and_channels_match_model(dtype, k, channels):
         assert set(ch[ch > 0].tolist()) == set(range(1, channels + 1))
 
 
+@pytest.mark.unit
 def test_ties_keep_block_order_and_single_block():
     assert blocks.assign_channels(np.array([1.0, 1.0, 1.0, 1.0, 0.5]), 0.5, 2).tolist() == [0, 0, 1, 2, 0]
     assert blocks.assign_channels(np.array([0.0]), 0.5, 3).tolist() == [0]
 
 
+@pytest.mark.unit
 def test_quantizer_matches_model_and_keeps_residual():
     rng = np.random.default_rng(3)
     x = rng.standard_normal(101).astype(np.float32)
@@ -145,6 +148,7 @@ class Harness:
         self.ctx.term()
 
 
+@pytest.mark.system
 def test_reordered_and_duplicated_blocks_reassemble_exactly():
     h = Harness()
     try:
@@ -162,6 +166,7 @@ def test_reordered_and_duplicated_blocks_reassemble_exactly():
         h.close()
 
 
+@pytest.mark.unit
 def test_dropped_block_counts_zero_and_late_block_joins_next_round():
     h = Harness(grace=0.1)
     try:
@@ -181,6 +186,7 @@ def test_dropped_block_counts_zero_and_late_block_joins_next_round():
         h.close()
 
 
+@pytest.mark.unit
 def test_pushes_are_delivered_in_order():
     h = Harness(grace=5.0)
     try:
@@ -194,6 +200,7 @@ def test_pushes_are_delivered_in_order():
         h.close()
 
 
+@pytest.mark.unit
 def test_tcp_blocks_from_strangers_and_bad_blocks_are_dropped(caplog):
     h = Harness()
     try:
@@ -220,6 +227,7 @@ def datagram_bytes(msg, sender_id=1, key=KEY):
     return b"".join(bytes(memoryview(f)) for f in datagram.encode(sender_id, datagram.Mac(key), msg))
 
 
+@pytest.mark.unit
 def test_datagram_round_trip_and_every_tampered_byte_is_refused():
     msg = Message(MsgType.DGT_BLOCK, sender=3, req_id=77, key=3, offset=4, numel=4, total=NUMEL, priority=2,
                   version=1, data=np.array([1.5, -2, 3, 4], np.float32))
@@ -296,6 +304,7 @@ class UdpHarness(Harness):
         super().close()
 
 
+@pytest.mark.unit
 def test_malformed_and_forged_datagrams_are_dropped_and_serving_continues(caplog):
     h = UdpHarness()
     try:
@@ -326,6 +335,7 @@ def test_malformed_and_forged_datagrams_are_dropped_and_serving_continues(caplog
         h.close()
 
 
+@pytest.mark.unit
 def test_replayed_and_out_of_window_datagrams_are_refused_and_hold_no_state(caplog):
     """A genuine datagram sent again is ignored while its push is open, after it was delivered, and
     once it is older than the window; one far ahead of the party's request ids (even with a valid
@@ -383,6 +393,7 @@ BASE = {"DMLC_ROLE": "server", "DMLC_PS_ROOT_URI": "127.0.0.1", "DMLC_PS_ROOT_PO
         "DMLC_PS_GLOBAL_ROOT_PORT": "9001", "DMLC_NUM_GLOBAL_SERVER": "1", "DMLC_NUM_GLOBAL_WORKER": "1"}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("env,needle", [
     ({"ENABLE_DGT": "4"}, "ENABLE_DGT must be 0"),
     ({"DMLC_K": "0"}, "DMLC_K must be in (0, 1]"),
@@ -402,6 +413,7 @@ def test_bad_settings_fail_at_start_up(env, needle):
     assert needle in str(err.value) and "role: server" in str(err.value)
 
 
+@pytest.mark.unit
 def test_dgt_with_checkpoints_fails_at_start_up(tmp_path):
     env = {**BASE, "DMLC_ROLE_GLOBAL": "global_server", "DMLC_NUM_ALL_WORKER": "1", "ENABLE_DGT": "2",
            "GEOMX_CHECKPOINT_DIR": str(tmp_path)}
@@ -409,6 +421,7 @@ def test_dgt_with_checkpoints_fails_at_start_up(tmp_path):
         config.load(env)
 
 
+@pytest.mark.unit
 def test_settings_are_read_by_servers_only():
     cfg = config.load({**BASE, "ENABLE_DGT": "2", "DMLC_K": "0.8", "DMLC_UDP_CHANNEL_NUM": "2",
                        "ADAPTIVE_K_FLAG": "1", "DGT_GRACE_MS": "20"})
@@ -417,6 +430,7 @@ def test_settings_are_read_by_servers_only():
     assert config.load(worker).dgt_mode == 0
 
 
+@pytest.mark.unit
 def test_adaptive_k_follows_the_loss():
     k = dgt.AdaptiveK(0.8, 0.2, workers=2, enabled=True)
     k.report("w0", 2.0)
@@ -455,6 +469,7 @@ def model_mode3(pushes, per, k, channels, alpha):
     return out
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("mode", [1, 2, 3])
 def test_sender_to_receiver_over_sockets(mode):
     from geomx.config import NodeConfig
@@ -496,6 +511,7 @@ def test_sender_to_receiver_over_sockets(mode):
         h.close()
 
 
+@pytest.mark.unit
 def test_captured_genuine_datagrams_replayed_or_altered_change_nothing():
     """The local server's real datagrams go through a tap that keeps a copy. After each push is
     delivered, every datagram captured so far is sent again, and again with its request id moved to

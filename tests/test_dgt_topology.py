@@ -14,13 +14,14 @@ import time
 
 import numpy as np
 import pytest
-from example_runs import EXAMPLES, curves, iterations_per_epoch
-from test_faults import Cluster, assert_no_process_left
+from helpers import EXAMPLES, Cluster, assert_no_process_left, curves, iterations_per_epoch
 
 from geomx import wire
 from geomx.dgt import datagram
 from geomx.launch import Topology, run
 from geomx.wire import Message, MsgType
+
+pytestmark = pytest.mark.system
 
 # A long grace period: a loss-free run must not depend on how fast this (shared) machine is. A
 # complete push is delivered as soon as its last block is in, so this does not slow the run down.

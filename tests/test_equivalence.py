@@ -5,7 +5,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import WORKERS
+from helpers import WORKERS
+
+pytestmark = pytest.mark.system
 
 WORKERS_TOTAL = 4
 

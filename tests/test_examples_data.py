@@ -32,6 +32,7 @@ def _write(path, payload: bytes, gz: bool) -> str:
 # IDX reader
 # --------------------------------------------------------------------------------------------------
 
+@pytest.mark.unit
 @pytest.mark.parametrize("gz", [False, True])
 def test_read_idx_uint8_images_and_labels(tmp_path, gz):
     rng = np.random.RandomState(1)
@@ -47,6 +48,7 @@ def test_read_idx_uint8_images_and_labels(tmp_path, gz):
     np.testing.assert_array_equal(got_labels, labels)
 
 
+@pytest.mark.unit
 def test_read_idx_gzip_detected_by_content_not_name(tmp_path):
     data = np.arange(12, dtype=np.uint8).reshape(3, 4)
     path = tmp_path / "no-extension"
@@ -54,6 +56,7 @@ def test_read_idx_gzip_detected_by_content_not_name(tmp_path):
     np.testing.assert_array_equal(utils.read_idx(str(path)), data)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("dtype,code", [(">i2", 0x0B), (">i4", 0x0C), (">f4", 0x0D), (">f8", 0x0E),
                                         ("i1", 0x09)])
 def test_read_idx_other_dtypes_big_endian(tmp_path, dtype, code):
@@ -65,6 +68,7 @@ def test_read_idx_other_dtypes_big_endian(tmp_path, dtype, code):
     np.testing.assert_array_equal(got, data.astype(np.dtype(dtype).newbyteorder("=")))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("gz", [False, True])
 def test_write_idx_round_trip(tmp_path, gz):
     data = np.random.RandomState(0).rand(5, 3).astype(np.float32)
@@ -75,6 +79,7 @@ def test_write_idx_round_trip(tmp_path, gz):
     np.testing.assert_array_equal(utils.read_idx(path), data)
 
 
+@pytest.mark.unit
 def test_read_idx_bad_magic(tmp_path):
     payload = bytearray(_idx_bytes(np.zeros((2, 2), dtype=np.uint8)))
     payload[0] = 0x12
@@ -83,12 +88,14 @@ def test_read_idx_bad_magic(tmp_path):
         utils.read_idx(path)
 
 
+@pytest.mark.unit
 def test_read_idx_unknown_type_code(tmp_path):
     path = _write(tmp_path / "bad", _idx_bytes(np.zeros((2, 2), dtype=np.uint8), type_code=0x42), gz=False)
     with pytest.raises(utils.IDXFormatError, match="type code 0x42"):
         utils.read_idx(path)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("gz", [False, True])
 def test_read_idx_truncated_data(tmp_path, gz):
     payload = _idx_bytes(np.ones((4, 5, 5), dtype=np.uint8))
@@ -97,6 +104,7 @@ def test_read_idx_truncated_data(tmp_path, gz):
         utils.read_idx(path)
 
 
+@pytest.mark.unit
 def test_read_idx_truncated_header_and_empty(tmp_path):
     header_only = _idx_bytes(np.ones((4, 5, 5), dtype=np.uint8))[:9]  # 3 dims declared, 1.25 given
     with pytest.raises(utils.IDXFormatError, match="truncated IDX header"):
@@ -105,12 +113,14 @@ def test_read_idx_truncated_header_and_empty(tmp_path):
         utils.read_idx(_write(tmp_path / "e", b"", gz=False))
 
 
+@pytest.mark.unit
 def test_read_idx_trailing_bytes(tmp_path):
     path = _write(tmp_path / "long", _idx_bytes(np.ones((3,), dtype=np.uint8)) + b"\x00", gz=False)
     with pytest.raises(utils.IDXFormatError, match="trailing"):
         utils.read_idx(path)
 
 
+@pytest.mark.unit
 def test_read_idx_corrupt_gzip(tmp_path):
     blob = gzip.compress(_idx_bytes(np.ones((50,), dtype=np.uint8)))
     path = tmp_path / "broken.gz"
@@ -141,6 +151,7 @@ def _collect(loader):
     return np.concatenate(xs), np.concatenate(ys)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("gz", [False, True])
 def test_load_arrays_mnist_from_idx(tmp_path, gz):
     raw = _make_fake_mnist(str(tmp_path), gz=gz)
@@ -152,6 +163,7 @@ def test_load_arrays_mnist_from_idx(tmp_path, gz):
     np.testing.assert_array_equal(y_test, raw["test_labels"])
 
 
+@pytest.mark.unit
 def test_load_arrays_fashion_mnist_in_subfolder(tmp_path):
     sub = tmp_path / "fashion-mnist"
     sub.mkdir()
@@ -160,6 +172,7 @@ def test_load_arrays_fashion_mnist_in_subfolder(tmp_path):
     np.testing.assert_array_equal(y_train, raw["train_labels"])
 
 
+@pytest.mark.unit
 def test_missing_idx_file_names_it(tmp_path):
     _make_fake_mnist(str(tmp_path))
     os.remove(os.path.join(str(tmp_path), "t10k-labels-idx1-ubyte.gz"))
@@ -167,11 +180,13 @@ def test_missing_idx_file_names_it(tmp_path):
         utils.load_arrays("mnist", str(tmp_path))
 
 
+@pytest.mark.unit
 def test_mnist_without_data_dir_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="--data-dir"):
         utils.load_arrays("mnist", None)
 
 
+@pytest.mark.unit
 def test_digits_arrays():
     x_train, y_train, x_test, y_test = utils.load_digits_arrays()
     assert x_train.shape == (1497, 1, 28, 28) and x_test.shape == (300, 1, 28, 28)
@@ -184,6 +199,7 @@ def test_digits_arrays():
     np.testing.assert_array_equal(again[3], y_test)
 
 
+@pytest.mark.unit
 def test_resize_bilinear_constant_and_range():
     flat = np.full((2, 8, 8), 0.25, dtype=np.float32)
     np.testing.assert_allclose(utils.resize_bilinear(flat, 28), 0.25, atol=1e-6)
@@ -194,6 +210,7 @@ def test_resize_bilinear_constant_and_range():
     assert out.min() == 0.0 and out.max() == 7.0
 
 
+@pytest.mark.unit
 def test_shard_indices_contiguous_and_disjoint():
     labels = np.arange(103) % 10
     shards = [utils.shard_indices(labels, 4, i) for i in range(4)]
@@ -203,6 +220,7 @@ def test_shard_indices_contiguous_and_disjoint():
     assert len(set(flat.tolist())) == 100  # disjoint; the last 3 samples are left out
 
 
+@pytest.mark.unit
 def test_shard_indices_split_by_class_sorts_by_label():
     labels = np.random.RandomState(0).randint(0, 10, size=200)
     shards = [utils.shard_indices(labels, 4, i, split_by_class=True) for i in range(4)]
@@ -215,6 +233,7 @@ def test_shard_indices_split_by_class_sorts_by_label():
     assert all(len(np.unique(labels[s])) <= 4 for s in shards)
 
 
+@pytest.mark.unit
 def test_shard_indices_rejects_bad_index():
     with pytest.raises(ValueError):
         utils.shard_indices(np.zeros(10), 4, 4)
@@ -222,6 +241,7 @@ def test_shard_indices_rejects_bad_index():
         utils.shard_indices(np.zeros(3), 4, 0)
 
 
+@pytest.mark.unit
 def test_load_data_shards_of_four_workers():
     x_train, y_train, _, y_test = utils.load_digits_arrays()
     per = len(y_train) // 4
@@ -238,6 +258,7 @@ def test_load_data_shards_of_four_workers():
     assert len(set(np.concatenate(seen).tolist())) == 4 * per
 
 
+@pytest.mark.unit
 def test_load_data_shuffled_shard_has_same_samples():
     _, y_train, _, _ = utils.load_digits_arrays()
     per = len(y_train) // 4
@@ -248,6 +269,7 @@ def test_load_data_shuffled_shard_has_same_samples():
     np.testing.assert_array_equal(np.sort(y), np.sort(y_train[per:2 * per]))  # ... same shard
 
 
+@pytest.mark.unit
 def test_load_data_split_by_class_fake_mnist(tmp_path):
     raw = _make_fake_mnist(str(tmp_path))
     labels = raw["train_labels"]
@@ -286,6 +308,7 @@ def _weights_digest(*extra):
     return out.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.system
 def test_build_cnn_identical_weights_across_processes():
     first = _weights_digest()
     second = _weights_digest("disturb-global-rng-first")  # build_cnn reseeds, so this does not matter
@@ -293,6 +316,7 @@ def test_build_cnn_identical_weights_across_processes():
     assert first == second
 
 
+@pytest.mark.unit
 def test_build_cnn_architecture_and_seed_dependence():
     import mxnet as mx
 
@@ -309,6 +333,7 @@ def test_build_cnn_architecture_and_seed_dependence():
     assert not np.array_equal(w, list(other.collect_params().values())[0].data().asnumpy())
 
 
+@pytest.mark.unit
 def test_evaluate_counts_correct_predictions():
     import mxnet as mx
 

@@ -6,9 +6,12 @@ import subprocess
 import sys
 import time
 
-from test_faults import SLOW_WORKER, Cluster
+import pytest
+from helpers import SLOW_WORKER, Cluster
 
 from geomx.launch import Topology
+
+pytestmark = pytest.mark.system
 
 
 def test_crashing_worker_stops_topology_fast(topology_run):

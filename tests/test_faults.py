@@ -2,199 +2,55 @@
 SIGKILLed workers and servers that the others must detect through heartbeats and report."""
 from __future__ import annotations
 
-import os
+import functools
 import re
 import signal
 import socket
-import struct
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
-from typing import Dict, List
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
 
 import numpy as np
 import pytest
 import zmq
+from helpers import (
+    FAST_HEARTBEATS,
+    Cluster,
+    LineLog,
+    assert_no_process_left,
+    header,
+    rss_bytes,
+    slow_cmd,
+)
 
 from geomx import wire
 from geomx.launch import Topology, run
 from geomx.wire import Flag, Message, MsgType
 
-REPO = Path(__file__).resolve().parents[1]
-SLOW_WORKER = str(REPO / "tests" / "workers" / "exact_worker.py")
-_HEADER = struct.Struct("<4sBBHiQqQQQiI")
-
-# Fast failure detection for the kill tests (PS_HEARTBEAT_TIMEOUT must exceed 2 x the interval).
-FAST_HEARTBEATS = {"PS_HEARTBEAT_INTERVAL": "0.5", "PS_HEARTBEAT_TIMEOUT": "3"}
-
-
-def slow_cmd(rounds: int, sleep: float) -> List[str]:
-    return [sys.executable, SLOW_WORKER, "--slice", "{slice}", "--rounds", str(rounds), "--sleep", str(sleep)]
-
-
-# -- helpers --------------------------------------------------------------------------------------
-
-class LineLog:
-    """A thread-safe text sink (a ``stream`` for launch.run) that can wait for a line."""
-
-    def __init__(self):
-        self._lines: List[str] = []
-        self._cond = threading.Condition()
-
-    def write(self, text: str) -> int:
-        with self._cond:
-            self._lines.extend(text.splitlines())
-            self._cond.notify_all()
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def lines(self) -> List[str]:
-        with self._cond:
-            return list(self._lines)
-
-    def text(self) -> str:
-        return "\n".join(self.lines())
-
-    def wait_for(self, pattern: str, timeout: float, done=lambda: False) -> re.Match:
-        rx = re.compile(pattern)
-        end = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for line in self._lines:
-                    m = rx.search(line)
-                    if m:
-                        return m
-                left = end - time.monotonic()
-                if left <= 0 or done():
-                    raise AssertionError(f"no line matching {pattern!r} within {timeout}s; output:\n"
-                                         + "\n".join(self._lines[-60:]))
-                self._cond.wait(min(left, 0.2))
-
-
-class Cluster:
-    """The processes of a topology started by hand (not through launch.run, which would stop everything
-    as soon as one process dies and so hide how geomx itself reacts), each in its own process group."""
-
-    def __init__(self, topology: Topology, command: List[str]):
-        self.specs = topology.processes(command)
-        self.specs_by_name = {spec.name: spec for spec in self.specs}
-        self.procs: Dict[str, subprocess.Popen] = {}
-        self.log = LineLog()
-        self._threads: List[threading.Thread] = []
-
-    def start(self) -> "Cluster":
-        for spec in self.specs:
-            self._launch(spec.name, spec.argv, spec.env)
-        return self
-
-    def _launch(self, name: str, argv: List[str], env: Dict[str, str]) -> None:
-        proc = subprocess.Popen(argv, env=env, cwd=REPO, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs[name] = proc
-        t = threading.Thread(target=self._pump, args=(name, proc), daemon=True)
-        t.start()
-        self._threads.append(t)
-
-    def restart(self, name: str, **env: str) -> None:
-        """Start process ``name`` again (after it died), with ``env`` added to its environment; its
-        output goes on under the same name."""
-        assert self.procs[name].poll() is not None, f"{name} is still running"
-        spec = self.specs_by_name[name]
-        self._launch(name, spec.argv, {**spec.env, **env})
-
-    def _pump(self, name: str, proc: subprocess.Popen) -> None:
-        for raw in iter(proc.stdout.readline, b""):
-            self.log.write(f"[{name}] " + raw.decode("utf-8", "replace"))
-        proc.wait()
-        self.log.write(f"[{name}] <exited with {proc.returncode}>\n")
-
-    def running(self) -> List[str]:
-        return [n for n, p in self.procs.items() if p.poll() is None]
-
-    def wait_all(self, timeout: float) -> bool:
-        end = time.monotonic() + timeout
-        while self.running() and time.monotonic() < end:
-            time.sleep(0.05)
-        return not self.running()
-
-    def output(self, name: str) -> str:
-        prefix = f"[{name}] "
-        return "\n".join(line for line in self.log.lines() if line.startswith(prefix))
-
-    def kill(self, name: str) -> float:
-        os.kill(self.procs[name].pid, signal.SIGKILL)
-        return time.monotonic()
-
-    def stop(self) -> None:
-        for p in self.procs.values():
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        for t in self._threads:
-            t.join(timeout=2)
-
-    def __enter__(self) -> "Cluster":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def group_gone(pgid: int) -> bool:
-    """True when no process is left in the group (its leader, our child, has been reaped)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def assert_no_process_left(cluster: Cluster) -> None:
-    """Every process of the topology and anything it started is gone (checked before any cleanup kill)."""
-    end = time.monotonic() + 5
-    while True:
-        left = [n for n, p in cluster.procs.items() if p.poll() is None or not group_gone(p.pid)]
-        if not left:
-            return
-        if time.monotonic() > end:
-            raise AssertionError(f"processes left behind: {left}")
-        time.sleep(0.1)
-
+pytestmark = pytest.mark.system
 
 # -- (a) hostile messages to a live topology ------------------------------------------------------
 
-def header(mtype=MsgType.PUSH, dtype=0, flags=0, key=0, offset=0, numel=0, total=0, magic=wire.MAGIC):
-    return _HEADER.pack(magic, int(mtype), dtype, flags, 0, 1, key, offset, numel, total, 0, 0)
-
-
 def hostile_messages() -> Dict[str, List[bytes]]:
     """name -> frames; each is refused by wire.decode or by the receiving node."""
+    hostile_header = functools.partial(header, req_id=1)  # as the hostile peer writes them
+
     def push(req_id: int, key: int, data: np.ndarray) -> List[bytes]:
         return [bytes(f) for f in wire.encode(Message(MsgType.PUSH, req_id=req_id, key=key, data=data))]
 
     return {
-        "truncated header": [header()[:10]],
-        "bad magic": [header(magic=b"EVIL")],
-        "wrong frame count": [header(flags=int(Flag.HAS_META)), b"{}", b"extra"],
-        "unknown type": [_HEADER.pack(wire.MAGIC, 99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)],
-        "data length mismatch": [header(dtype=1, flags=int(Flag.HAS_DATA), key=0, numel=10, total=10),
+        "truncated header": [hostile_header()[:10]],
+        "bad magic": [hostile_header(magic=b"EVIL")],
+        "wrong frame count": [hostile_header(flags=int(Flag.HAS_META)), b"{}", b"extra"],
+        "unknown type": [header(mtype=99)],
+        "data length mismatch": [hostile_header(dtype=1, flags=int(Flag.HAS_DATA), key=0, numel=10, total=10),
                                  b"\0" * 7],
-        "oversized meta": [header(flags=int(Flag.HAS_META)), b'{"a":"' + b"x" * (wire.MAX_META_BYTES + 10) + b'"}'],
-        "nested meta": [header(flags=int(Flag.HAS_META)), b"[" * 200_000],
-        "non-object meta": [header(flags=int(Flag.HAS_META)), b"[1,2,3]"],
-        "bad slice": [header(offset=5, numel=10, total=12)],
+        "oversized meta": [hostile_header(flags=int(Flag.HAS_META)),
+                           b'{"a":"' + b"x" * (wire.MAX_META_BYTES + 10) + b'"}'],
+        "nested meta": [hostile_header(flags=int(Flag.HAS_META)), b"[" * 200_000],
+        "non-object meta": [hostile_header(flags=int(Flag.HAS_META)), b"[1,2,3]"],
+        "bad slice": [hostile_header(offset=5, numel=10, total=12)],
         # Well-formed, but wrong for the keys the workers use (key 1 has 7 float32, key 0 has 12): the
         # server refuses them with an ERROR reply and must not fold them into a round.
         "wrong size push": push(1, 1, np.ones(5, np.float32)),
@@ -323,7 +179,7 @@ def test_hostile_messages_to_live_server_and_scheduler():
     assert elapsed < 60
 
 
-# -- (b), (c) killed nodes ------------------------------------------------------------------------
+# -- (b), (c), (d) killed nodes --------------------------------------------------------------------
 
 def _kill_and_watch(topology: Topology, victim: str, wait_pattern: str, dead_pattern: str,
                     expect_in: Dict[str, str]) -> str:
@@ -364,10 +220,53 @@ def _kill_and_watch(topology: Topology, victim: str, wait_pattern: str, dead_pat
     return out
 
 
-def test_killed_worker_stops_the_topology():
-    topo = Topology(parties=2, workers_per_party=2, env=dict(FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60"))
-    out = _kill_and_watch(
-        topo, "party0/worker1",
+@dataclass(frozen=True)
+class Kill:
+    """One kill-a-role case: ``victim`` is SIGKILLed in a topology of 2 parties x ``workers`` workers
+    once ``wait_pattern`` shows up; then (``_kill_and_watch``) ``dead_pattern`` and each process's line of
+    ``expect_in`` must appear; last, ``names`` (patterns with ``{}`` for the groups of ``named_by``,
+    which reads the victim's rank or port from the output) must be in the output: whoever reports the
+    death names the victim exactly."""
+    victim: str
+    wait_pattern: str
+    dead_pattern: str
+    expect_in: Dict[str, str]
+    named_by: str
+    names: Tuple[str, ...]
+    workers: int = 1
+    env: Dict[str, str] = field(default_factory=dict)
+
+
+SCHEDULER_SILENT = r"the {tier} scheduler at 127\.0\.0\.1:{port} has not answered for [\d.]+s; presumed dead"
+
+
+def _scheduler_kill(tier: str, victim: str, wait_pattern: str, dead_pattern: str, expect_in: Dict[str, str]) -> Kill:
+    """(d) a killed scheduler: its nodes notice the silence and stop the rest through the other tier."""
+    return Kill(victim, wait_pattern, dead_pattern, expect_in,
+                named_by=rf"^\[{re.escape(victim)}\] .*listening on port (\d+)",
+                names=(SCHEDULER_SILENT.format(tier=tier, port="{}"),))
+
+
+# With ENABLE_INTER_TS the local servers also relay partial sums and results to each other: a dead one
+# must end the run with the same clear error, not leave the others waiting for a hop.
+_LOCAL_SERVER = dict(
+    victim="party1/server",
+    wait_pattern=r"^\[party1/worker0\] ROUND 0 OK",
+    dead_pattern=r"^\[party1/scheduler\] .*ERROR.*server local_server .*presumed dead",
+    expect_in={
+        "party1/worker0": r"presumed dead",
+        "global_scheduler": r"ERROR.*worker local_server .*presumed dead",
+        "party0/server": r"ERROR.*presumed dead",
+        "party0/worker0": r"presumed dead",
+    },
+    # The party scheduler names the dead server by its address.
+    named_by=r"^\[party1/server\] .*serving \d+ worker\(s\) on port (\d+)",
+    names=(r"^\[party1/scheduler\] .*server local_server \(rank 0, 127\.0\.0\.1:{}\) .*presumed dead",))
+
+KILLS = {
+    # (b) a killed worker
+    "worker": Kill(
+        "party0/worker1",
         wait_pattern=r"^\[party0/worker1\] ROUND 0 OK",
         dead_pattern=r"^\[party0/scheduler\] .*ERROR.*worker .*\(rank \d+, .*\) sent no heartbeat for .*presumed dead",
         expect_in={
@@ -375,38 +274,16 @@ def test_killed_worker_stops_the_topology():
             "party0/server": r"ERROR.*presumed dead",
             "party1/worker0": r"presumed dead",
             "global_server0": r"ERROR.*presumed dead",
-        })
-    # The party scheduler names the dead worker by its rank in the party.
-    rank = re.search(r"^\[party0/worker1\] RANK (\d+)", out, re.M).group(1)
-    assert re.search(rf"^\[party0/scheduler\] .*worker .*\(rank {rank}, .*presumed dead", out, re.M), out[-8000:]
-
-
-@pytest.mark.parametrize("tsengine", [False, True], ids=["fsa", "inter-ts"])
-def test_killed_local_server_stops_the_topology(tsengine):
-    # With ENABLE_INTER_TS the local servers also relay partial sums and results to each other: a
-    # dead one must end the run with the same clear error, not leave the others waiting for a hop.
-    env = dict(FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60", **({"ENABLE_INTER_TS": "1"} if tsengine else {}))
-    topo = Topology(parties=2, workers_per_party=1, env=env)
-    out = _kill_and_watch(
-        topo, "party1/server",
-        wait_pattern=r"^\[party1/worker0\] ROUND 0 OK",
-        dead_pattern=r"^\[party1/scheduler\] .*ERROR.*server local_server .*presumed dead",
-        expect_in={
-            "party1/worker0": r"presumed dead",
-            "global_scheduler": r"ERROR.*worker local_server .*presumed dead",
-            "party0/server": r"ERROR.*presumed dead",
-            "party0/worker0": r"presumed dead",
-        })
-    # The party scheduler names the dead server by its address.
-    port = re.search(r"^\[party1/server\] .*serving \d+ worker\(s\) on port (\d+)", out, re.M).group(1)
-    assert re.search(rf"^\[party1/scheduler\] .*server local_server \(rank 0, 127\.0\.0\.1:{port}\) .*presumed dead",
-                     out, re.M), out[-8000:]
-
-
-def test_killed_global_server_stops_the_topology():
-    topo = Topology(parties=2, workers_per_party=1, env=dict(FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60"))
-    out = _kill_and_watch(
-        topo, "global_server0",
+        },
+        # The party scheduler names the dead worker by its rank in the party.
+        named_by=r"^\[party0/worker1\] RANK (\d+)",
+        names=(r"^\[party0/scheduler\] .*worker .*\(rank {}, .*presumed dead",),
+        workers=2),
+    # (c) killed servers
+    "local-server-fsa": Kill(**_LOCAL_SERVER),
+    "local-server-inter-ts": Kill(**_LOCAL_SERVER, env={"ENABLE_INTER_TS": "1"}),
+    "global-server": Kill(
+        "global_server0",
         wait_pattern=r"^\[party0/worker0\] ROUND 0 OK",
         dead_pattern=r"^\[global_scheduler\] .*ERROR.*server global_server .*presumed dead",
         expect_in={
@@ -415,23 +292,15 @@ def test_killed_global_server_stops_the_topology():
             "party1/server": r"ERROR.*presumed dead",
             "party0/worker0": r"presumed dead",
             "party1/worker0": r"presumed dead",
-        })
-    # Both of its tiers' schedulers name it by the address it serves that tier on.
-    wan, lan = re.search(r"^\[global_server0\] .*serving \d+ party\(ies\) on port (\d+) and \d+ central "
-                         r"worker\(s\) on port (\d+)", out, re.M).groups()
-    assert re.search(rf"^\[global_scheduler\] .*server global_server \(rank 0, 127\.0\.0\.1:{wan}\)", out, re.M)
-    assert re.search(rf"^\[central/scheduler\] .*server global_server \(rank 0, 127\.0\.0\.1:{lan}\)", out, re.M)
-
-
-# -- (d) killed schedulers: their nodes notice the silence and stop the rest through the other tier --
-
-SCHEDULER_SILENT = r"the {tier} scheduler at 127\.0\.0\.1:{port} has not answered for [\d.]+s; presumed dead"
-
-
-def test_killed_party_scheduler_stops_the_topology():
-    topo = Topology(parties=2, workers_per_party=1, env=dict(FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60"))
-    out = _kill_and_watch(
-        topo, "party1/scheduler",
+        },
+        # Both of its tiers' schedulers name it by the address it serves that tier on.
+        named_by=r"^\[global_server0\] .*serving \d+ party\(ies\) on port (\d+) and \d+ central "
+                 r"worker\(s\) on port (\d+)",
+        names=(r"^\[global_scheduler\] .*server global_server \(rank 0, 127\.0\.0\.1:{0}\)",
+               r"^\[central/scheduler\] .*server global_server \(rank 0, 127\.0\.0\.1:{1}\)")),
+    # (d) killed schedulers
+    "party-scheduler": _scheduler_kill(
+        "party", "party1/scheduler",
         wait_pattern=r"^\[party1/worker0\] ROUND 0 OK",
         # Its local server tells the global tier, whose scheduler stops everyone else.
         dead_pattern=r"^\[global_scheduler\] .*ERROR.*worker local_server .* failed: .*party scheduler .*presumed dead",
@@ -441,15 +310,9 @@ def test_killed_party_scheduler_stops_the_topology():
             "global_server0": r"ERROR.*party scheduler .* presumed dead",
             "party0/server": r"ERROR.*party scheduler .* presumed dead",
             "party0/worker0": r"party scheduler .* presumed dead",
-        })
-    port = re.search(r"^\[party1/scheduler\] .*listening on port (\d+)", out, re.M).group(1)
-    assert re.search(SCHEDULER_SILENT.format(tier="party", port=port), out), out[-8000:]
-
-
-def test_killed_global_scheduler_stops_the_topology():
-    topo = Topology(parties=2, workers_per_party=1, env=dict(FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60"))
-    out = _kill_and_watch(
-        topo, "global_scheduler",
+        }),
+    "global-scheduler": _scheduler_kill(
+        "global", "global_scheduler",
         wait_pattern=r"^\[party0/worker0\] ROUND 0 OK",
         # Every global-tier node notices; each tells its other tier's scheduler, which stops that tier.
         dead_pattern=r"^\[party0/scheduler\] .*ERROR.*local_server .* failed: .*global scheduler .*presumed dead",
@@ -460,35 +323,33 @@ def test_killed_global_scheduler_stops_the_topology():
             "party0/worker0": r"global scheduler .* presumed dead",
             "party1/worker0": r"global scheduler .* presumed dead",
             "central/scheduler": r"ERROR.*global scheduler .* presumed dead",
-        })
-    port = re.search(r"^\[global_scheduler\] .*listening on port (\d+)", out, re.M).group(1)
-    assert re.search(SCHEDULER_SILENT.format(tier="global", port=port), out), out[-8000:]
-
-
-def test_killed_central_scheduler_stops_the_topology():
-    topo = Topology(parties=2, workers_per_party=1, env=dict(FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60"))
-    out = _kill_and_watch(
-        topo, "central/scheduler",
+        }),
+    "central-scheduler": _scheduler_kill(
+        "central", "central/scheduler",
         wait_pattern=r"^\[party0/worker0\] ROUND 0 OK",
         dead_pattern=r"^\[global_scheduler\] .*ERROR.*global_server .* failed: .*central scheduler .*presumed dead",
         expect_in={
             "global_server0": r"ERROR.*central scheduler .* presumed dead",
             "party0/server": r"ERROR.*central scheduler .* presumed dead",
             "party1/worker0": r"central scheduler .* presumed dead",
-        })
-    port = re.search(r"^\[central/scheduler\] .*listening on port (\d+)", out, re.M).group(1)
-    assert re.search(SCHEDULER_SILENT.format(tier="central", port=port), out), out[-8000:]
+        }),
+}
+
+
+@pytest.mark.parametrize("case", KILLS.values(), ids=KILLS.keys())
+def test_killed_role_stops_the_topology(case: Kill):
+    topo = Topology(parties=2, workers_per_party=case.workers,
+                    env=dict(FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60", **case.env))
+    out = _kill_and_watch(topo, case.victim, wait_pattern=case.wait_pattern, dead_pattern=case.dead_pattern,
+                          expect_in=case.expect_in)
+    named = re.search(case.named_by, out, re.M)
+    assert named, f"no line matching {case.named_by!r}:\n{out[-8000:]}"
+    for pattern in case.names:
+        pattern = pattern.format(*named.groups())
+        assert re.search(pattern, out, re.M), f"no line matching {pattern!r}:\n{out[-8000:]}"
 
 
 # -- (e) a flood from one peer cannot make a server hold more and more memory -----------------------
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
-
 
 def test_flood_of_pushes_pulls_and_unread_replies_is_bounded():
     """A peer that (a) pushes 100 rounds of a 4 MB key nobody else pushes, (b) parks pulls without end and

@@ -15,6 +15,7 @@ from typing import Any, List, Tuple
 import numpy as np
 import pytest
 import zmq
+from helpers import SERVER_ENV, dead_port, initialised
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +27,8 @@ from geomx.membership.scheduler import GROUPS
 from geomx.servers import GlobalServer, LocalServer
 from geomx.transport import EventLoop
 from geomx.wire import DTYPES, Message, MsgType
+
+pytestmark = pytest.mark.unit
 
 EXAMPLES = int(os.environ.get("GEOMX_FUZZ_EXAMPLES", "100"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
@@ -126,40 +129,16 @@ def test_scheduler_handler(ctx, msgs):
         sched.loop.close()
 
 
-_SERVER_ENV = {"DMLC_PS_ROOT_URI": "127.0.0.1", "DMLC_PS_ROOT_PORT": "9", "DMLC_NUM_SERVER": "1",
-               "DMLC_NUM_WORKER": "2", "DMLC_PS_GLOBAL_ROOT_URI": "127.0.0.1", "DMLC_PS_GLOBAL_ROOT_PORT": "9",
-               "DMLC_NUM_GLOBAL_SERVER": "1", "DMLC_NUM_GLOBAL_WORKER": "2"}
-
-
-def _dead_port() -> int:
-    """A port nothing listens on: the servers' upstream requests stay pending, as on a slow WAN."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _initialised(server, keys=(0, 1, 2, 3)) -> None:
-    from geomx.servers.keystate import KeyState
-
-    for k in keys:
-        n = 12 if k % 2 == 0 else 6
-        ks = server.keys[k] = KeyState(k, n, np.dtype(np.float32))
-        ks.store = np.arange(n, dtype=np.float32)
-        ks.initialized = True
-
-
 @FUZZ
 @given(msgs=sequences)
 def test_local_server_handler(ctx, msgs):
-    cfg = config.load(dict(_SERVER_ENV, DMLC_ROLE="server"))
+    cfg = config.load(dict(SERVER_ENV, DMLC_ROLE="server"))
     loop = EventLoop(ctx, 1 << 20, name="fuzz local server")
     try:
         server = LocalServer(cfg, loop)
-        server.connect_upstream(KVClient(loop, [("127.0.0.1", _dead_port())], identity="ls", sender=0,
+        server.connect_upstream(KVClient(loop, [("127.0.0.1", dead_port())], identity="ls", sender=0,
                                          bigarray_bound=10 ** 6, wan=False, name="ls"))
-        _initialised(server, keys=(0, 1))  # keys 2 and 3 start uninitialised
+        initialised(server, keys=(0, 1))  # keys 2 and 3 start uninitialised
         feed(server.handle_client, server.link, msgs)
     finally:
         loop.close()
@@ -173,12 +152,12 @@ def mxnet():
 @FUZZ
 @given(msgs=sequences, central=st.booleans())
 def test_global_server_handler(ctx, mxnet, msgs, central):
-    cfg = config.load(dict(_SERVER_ENV, DMLC_ROLE_GLOBAL="global_server", DMLC_ROLE="server",
+    cfg = config.load(dict(SERVER_ENV, DMLC_ROLE_GLOBAL="global_server", DMLC_ROLE="server",
                            DMLC_NUM_ALL_WORKER="4", DMLC_ENABLE_CENTRAL_WORKER="1"))
     loop = EventLoop(ctx, 1 << 20, name="fuzz global server")
     try:
         server = GlobalServer(cfg, loop)
-        _initialised(server, keys=(0, 1))
+        initialised(server, keys=(0, 1))
         link = server.lan_link if central else server.wan_link
         feed(server.handle_client, link, msgs)
     finally:
@@ -197,7 +176,7 @@ def test_scheduler_link_handler(ctx, msgs):
     loop = EventLoop(ctx, 1 << 20, name="fuzz node")
     fatal: List[Exception] = []
     try:
-        member = TierMember(loop, "party", ("127.0.0.1", _dead_port()), role="worker", host="127.0.0.1", port=0,
+        member = TierMember(loop, "party", ("127.0.0.1", dead_port()), role="worker", host="127.0.0.1", port=0,
                             name="w", heartbeat_interval=1.0, heartbeat_timeout=20.0, on_fatal=fatal.append)
         member.barrier("worker", lambda: None)
         feed(member._handle, member.link, [(b"", m) for m in msgs], routed=False)
@@ -214,7 +193,7 @@ def test_client_reply_handler(ctx, msgs, pending):
     loop = EventLoop(ctx, 1 << 20, name="fuzz client")
     results: List[Any] = []
     try:
-        client = KVClient(loop, [("127.0.0.1", _dead_port())] * 2, identity="c", sender=0, bigarray_bound=8,
+        client = KVClient(loop, [("127.0.0.1", dead_port())] * 2, identity="c", sender=0, bigarray_bound=8,
                           wan=False, name="c")
         for i, mtype in enumerate(pending):
             if mtype == MsgType.COMMAND:

@@ -2,6 +2,8 @@
 compared with zero tolerance at every round (tests/workers/exact_worker.py does the comparing)."""
 import pytest
 
+pytestmark = pytest.mark.system
+
 CASES = {
     # name: (worker args, topology)
     "push-then-pull": (["--mode", "push-pull"], dict(parties=2, workers_per_party=2)),

@@ -25,6 +25,7 @@ def _python(code: str, **kw) -> subprocess.CompletedProcess:
                           cwd=str(ROOT / "tests"), **kw)
 
 
+@pytest.mark.system
 def test_alias_hook_is_installed_and_costs_no_import_at_start():
     out = _python("import sys, os\n"
                   "hook = sys.modules.get('_geomx_numpy_aliases')\n"
@@ -49,6 +50,7 @@ assert not any(hasattr(numpy, name) for name in {ALIASES!r})
 """
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("hooked", [True, False])
 def test_mxnet_imports_on_a_numpy_without_the_aliases(hooked):
     code = _REMOVE_ALIASES
@@ -68,6 +70,7 @@ def test_mxnet_imports_on_a_numpy_without_the_aliases(hooked):
                          out.stderr), out.stderr[-3000:]
 
 
+@pytest.mark.system
 def test_alias_hook_leaves_names_numpy_has():
     # Nothing to restore: the pinned numpy of Python <= 3.11 still has all six (deprecated), numpy 1.26
     # none. Either way the hook sets exactly the names numpy lacked, to the builtins.
@@ -85,6 +88,7 @@ def test_alias_hook_leaves_names_numpy_has():
 SCRIPTS = ("geomx-launch", "geomx-node", "geomx-keys", "geomx-p3-merge")
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_console_script_version(script):
     out = subprocess.run([str(BIN / script), "--version"], capture_output=True, text=True, timeout=60)
@@ -92,6 +96,7 @@ def test_console_script_version(script):
     assert out.stdout.strip() == f"{script} {__version__}"
 
 
+@pytest.mark.system
 def test_geomx_node_help_names_roles_variables_and_the_docs():
     out = subprocess.run([str(BIN / "geomx-node"), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -109,6 +114,7 @@ def test_geomx_node_help_names_roles_variables_and_the_docs():
         assert f"`{var}`" in docs, var
 
 
+@pytest.mark.system
 def test_geomx_node_refuses_arguments():
     out = subprocess.run([str(BIN / "geomx-node"), "--role", "server"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
@@ -125,6 +131,7 @@ def _env_for(role_name: str, required) -> dict:
     return env
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("role_name", [name for name, _ in node_cli.ROLE_VARIABLES])
 def test_geomx_node_help_lists_exactly_the_required_variables(role_name):
     """What --help calls required is what config.load() requires: with all of them a role loads, and

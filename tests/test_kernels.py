@@ -1,11 +1,11 @@
 """Compiled kernels (geomx._kernels) against their numpy twins in geomx.kernels, bit for bit."""
 import importlib
 import logging
-import os
 import sys
 
 import numpy as np
 import pytest
+from helpers import built_or_skip, fail_unbuilt_under_ci
 
 import geomx
 from geomx import kernels
@@ -16,23 +16,20 @@ try:
 except ImportError:
     _kernels = None
 
+pytestmark = pytest.mark.unit
+
 SIZES = [0, 1, 7, 8, 9, 1023, 100003]
 NOT_BUILT = "geomx._kernels is not built; run `pip install -e . --no-build-isolation`"
 
 
 def test_extension_built_when_ci_is_set():
-    if _kernels is None and os.environ.get("CI"):
-        pytest.fail(f"{NOT_BUILT} (CI is set, so the compiled kernels must be tested)")
+    fail_unbuilt_under_ci(_kernels, NOT_BUILT)
 
 
 @pytest.fixture(scope="module")
 def compiled():
     """The compiled module; a skip outside CI when it is missing, an error under CI."""
-    if _kernels is None:
-        if os.environ.get("CI"):
-            pytest.fail(NOT_BUILT, pytrace=False)
-        pytest.skip(NOT_BUILT)
-    return _kernels
+    return built_or_skip(_kernels, NOT_BUILT)
 
 
 @pytest.fixture(params=["f16c", "scalar"])

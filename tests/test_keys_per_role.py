@@ -17,7 +17,7 @@ from typing import List
 import numpy as np
 import pytest
 import zmq
-from test_faults import Cluster, assert_no_process_left, slow_cmd
+from helpers import Cluster, assert_no_process_left, slow_cmd
 
 from geomx import config, security, transport, wire
 from geomx.launch import Topology
@@ -88,6 +88,7 @@ def frames(msg: Message) -> List[bytes]:
     return [bytes(f) for f in wire.encode(msg)]
 
 
+@pytest.mark.unit
 def test_a_party_key_opens_only_its_own_party_listeners_and_the_global_tier(keys, caplog):
     """party0's listeners (here one inside the party and one other parties reach) admit party0's own
     key on both, and party1's and the central party's only on the cross-party one."""
@@ -123,6 +124,7 @@ def _register(role: str, party=None, master=False, token=None) -> Message:
     return Message(MsgType.REGISTER, meta=meta)
 
 
+@pytest.mark.unit
 def test_registrations_are_bound_to_their_keys(keys, caplog):
     """At the global scheduler: a party cannot register a global server (the central key's role), nor
     register for a party another key holds, nor hold two parties; the servers learn each client's key."""
@@ -188,6 +190,7 @@ SERVER_ENV = {"DMLC_PS_ROOT_URI": "127.0.0.1", "DMLC_PS_ROOT_PORT": "1", "DMLC_P
               "DMLC_ROLE": "server", "DMLC_NUM_ALL_WORKER": "2", "DMLC_ENABLE_CENTRAL_WORKER": "1"}
 
 
+@pytest.mark.unit
 def test_global_server_takes_a_token_only_with_its_key_and_master_commands_only_from_the_master(
         keys, mxnet_module):
     """A registered party that learnt another's token still cannot push or STOP in its name (its key
@@ -245,6 +248,7 @@ def test_global_server_takes_a_token_only_with_its_key_and_master_commands_only_
         listener.close()
 
 
+@pytest.mark.system
 def test_a_party_key_cannot_reach_another_party_while_the_topology_trains(tmp_path):
     """A live CURVE topology of two parties trains to the exact oracle while a process holding party1's
     (legitimate) key connects to party0's scheduler and local server and to the global server's central
@@ -298,6 +302,7 @@ def test_a_party_key_cannot_reach_another_party_while_the_topology_trains(tmp_pa
         assert_no_process_left(cluster)
 
 
+@pytest.mark.unit
 def test_a_second_connection_cannot_take_over_a_connected_identity():
     """A listener ignores a second connection that presents an identity already connected: the first
     keeps receiving its replies, and the second's messages are never handled (with ROUTER_HANDOVER

@@ -1,8 +1,11 @@
 """Round bookkeeping of a server's key (geomx.servers.keystate): what happens to waiting requests when
 a round can never complete."""
 import numpy as np
+import pytest
 
 from geomx.servers.keystate import KeyState
+
+pytestmark = pytest.mark.unit
 
 
 def _key(numel=4):

@@ -12,13 +12,11 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
+from helpers import REPO, assert_all_dead, kill_group, live_group_members
 
 from geomx.launch import Ports, Topology, main, run
-
-REPO = Path(__file__).resolve().parents[1]
 
 # A non-worker stand-in: prints its pid, optionally ignores SIGTERM, sleeps NODE_EXIT_AFTER
 # seconds (default: "forever") and exits with NODE_EXIT_CODE.
@@ -57,50 +55,6 @@ NODE_CMD = [sys.executable, "-c", NODE]
 WORKER_CMD = [sys.executable, "-c", WORKER, "{slice}", "{party}", "{rank}"]
 
 
-def alive(pid: int) -> bool:
-    """True when ``pid`` exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
-
-
-def assert_all_dead(pids, within: float = 3.0) -> None:
-    end = time.monotonic() + within
-    while True:
-        left = [p for p in pids if alive(p)]
-        if not left:
-            return
-        if time.monotonic() > end:
-            raise AssertionError(f"processes still alive: {left}")
-        time.sleep(0.05)
-
-
-def live_group_members(pgid: int):
-    """Non-zombie processes in process group ``pgid`` (scans /proc; zombies left to a
-    non-reaping PID 1 do not count)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry))
-    return members
-
-
 def pids_in(output: str):
     return [int(m) for m in re.findall(r"^\[[^\]]+\] PID (\d+)$", output, flags=re.M)]
 
@@ -119,6 +73,7 @@ def dmlc(env):
     return {k: v for k, v in env.items() if k.startswith(("DMLC_", "GEOMX_"))}
 
 
+@pytest.mark.unit
 def test_process_env_exact(monkeypatch):
     for k in list(os.environ):
         if k.startswith("DMLC_"):
@@ -183,6 +138,7 @@ def test_process_env_exact(monkeypatch):
             assert s.argv == [sys.executable, "-m", "geomx.node"]
 
 
+@pytest.mark.unit
 def test_central_workers_slices():
     topo = Topology(parties=2, workers_per_party=3, central_workers=2)
     specs = {s.name: s for s in topo.processes(["w", "{slice}", "{party}", "{rank}"])}
@@ -205,6 +161,7 @@ def test_central_workers_slices():
     assert specs["party1/worker2"].env["DMLC_PS_ROOT_PORT"] == port
 
 
+@pytest.mark.unit
 def test_invalid_topology():
     with pytest.raises(ValueError, match="parties"):
         Topology(parties=0).processes(["x"])
@@ -217,6 +174,7 @@ def test_invalid_topology():
 # ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_dry_run(capsys):
     rc = main(["--dry-run", "-p", "2", "-w", "2", "-s", "2", "--env", "PS_VERBOSE=1",
                "--node-env", "global_server*:MXNET_KVSTORE_SIZE_LOWER_BOUND=1000",
@@ -236,6 +194,7 @@ def test_dry_run(capsys):
     assert "PATH=" not in text.replace("_PATH=", "")  # only the selected variables
 
 
+@pytest.mark.system
 def test_dry_run_module_entry_point():
     p = subprocess.run([sys.executable, "-m", "geomx.launch", "--dry-run", "-p", "1", "-w", "1", "--",
                         "echo", "{slice}"], cwd=REPO, capture_output=True, text=True, timeout=30)
@@ -243,6 +202,7 @@ def test_dry_run_module_entry_point():
     assert "# party0/worker0 (worker)" in p.stdout
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "argv, flag",
     [
@@ -267,6 +227,7 @@ def test_cli_errors(capsys, argv, flag):
 # ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.system
 def test_success_and_log_prefixing(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="geomx.launch")
     topo = Topology(parties=2, workers_per_party=2, node_command=NODE_CMD, env={"NODE_EXIT_AFTER": "0.5"})
@@ -291,6 +252,7 @@ def test_success_and_log_prefixing(tmp_path, caplog):
     assert_all_dead(pids_in(text))
 
 
+@pytest.mark.system
 def test_worker_failure_stops_everything(caplog):
     topo = Topology(parties=2, workers_per_party=2, node_command=NODE_CMD,
                     env={"FAIL_SLICE": "3", "FAIL_AFTER": "1.0", "FAIL_CODE": "3", "SPAWN_SLICE": "1",
@@ -309,6 +271,7 @@ def test_worker_failure_stops_everything(caplog):
     assert [pid for pid in pids if live_group_members(pid)] == []
 
 
+@pytest.mark.system
 def test_node_failure_and_signal_exit_code(caplog):
     topo = small(WORKER_SLEEP="1000", NODE_EXIT_AFTER="1000")
     topo.node_env = {"party0/server": {"NODE_EXIT_AFTER": "0.5", "NODE_EXIT_CODE": "2"}}
@@ -324,6 +287,7 @@ def test_node_failure_and_signal_exit_code(caplog):
     assert_all_dead(pids_in(out.getvalue()))
 
 
+@pytest.mark.system
 def test_stragglers_are_killed_after_grace(caplog):
     # Nodes never exit; one of them even ignores SIGTERM and needs SIGKILL.
     topo = small()
@@ -340,6 +304,7 @@ def test_stragglers_are_killed_after_grace(caplog):
     assert_all_dead(pids)
 
 
+@pytest.mark.system
 def test_timeout(caplog):
     out = io.StringIO()
     t0 = time.monotonic()
@@ -350,12 +315,14 @@ def test_timeout(caplog):
     assert_all_dead(pids_in(out.getvalue()))
 
 
+@pytest.mark.system
 def test_missing_worker_executable(caplog):
     rc = run(small(), ["/nonexistent/geomx-worker"], stream=io.StringIO(), timeout=20)
     assert rc == 127
     assert "could not start central/master_worker" in caplog.text
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("sig, expected", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_to_launcher(sig, expected):
     node_cmd = shlex.join(NODE_CMD)
@@ -380,9 +347,7 @@ def test_signal_to_launcher(sig, expected):
         assert f"[launch] launcher received {signal.Signals(sig).name}; stopping the topology" in err
         assert_all_dead(pids)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill_group(proc)
 
 
 # ----------------------------------------------------------------------------------------
@@ -390,6 +355,7 @@ def test_signal_to_launcher(sig, expected):
 # ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.system
 def test_scheduler_ports_cannot_be_taken_before_the_schedulers_bind():
     # Every scheduler's node command first binds its own port the way another program starting at the
     # same moment could. The launcher holds each port in a listening socket the scheduler inherits, so
@@ -408,6 +374,7 @@ def test_scheduler_ports_cannot_be_taken_before_the_schedulers_bind():
     assert len([line for line in text.splitlines() if "EXACT OK" in line]) == 1
 
 
+@pytest.mark.unit
 def test_reserved_ports_are_closed_by_the_launcher():
     topo = small()
     ports = topo.reserve_ports()
@@ -427,6 +394,7 @@ def test_reserved_ports_are_closed_by_the_launcher():
 # ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.system
 def test_remote_wrapper_passes_the_exit_status():
     def status(*argv):
         # The input stays open while the command runs (its end would stop the command).
@@ -443,6 +411,7 @@ def test_remote_wrapper_passes_the_exit_status():
     assert status("/nonexistent/x") == 127
 
 
+@pytest.mark.system
 def test_remote_wrapper_stops_its_group_when_its_input_ends():
     # A command that starts a grandchild and sleeps: closing the wrapper's input (what the launcher does to
     # stop a remote process, and what a broken SSH connection does) ends both.

@@ -12,6 +12,8 @@ from geomx.launch import free_ports
 from geomx.servers import GlobalServer, LocalServer
 from geomx.transport import EventLoop
 
+pytestmark = pytest.mark.unit
+
 TIERS = {"DMLC_PS_ROOT_URI": "127.0.0.1", "DMLC_PS_ROOT_PORT": "9", "DMLC_NUM_SERVER": "1", "DMLC_NUM_WORKER": "2",
          "DMLC_PS_GLOBAL_ROOT_URI": "127.0.0.1", "DMLC_PS_GLOBAL_ROOT_PORT": "9", "DMLC_NUM_GLOBAL_SERVER": "1",
          "DMLC_NUM_GLOBAL_WORKER": "2"}

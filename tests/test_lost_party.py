@@ -2,10 +2,12 @@
 surviving party trains to the end (under FSA the same loss ends the run, see test_faults.py)."""
 import sys
 
-from conftest import WORKERS
-from test_faults import FAST_HEARTBEATS, Cluster, assert_no_process_left
+import pytest
+from helpers import FAST_HEARTBEATS, WORKERS, Cluster, assert_no_process_left
 
 from geomx.launch import Topology
+
+pytestmark = pytest.mark.system
 
 
 def test_killed_party_under_mixedsync_does_not_stop_the_others():

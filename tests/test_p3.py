@@ -23,6 +23,7 @@ from geomx.transport import EventLoop, bind_router, connect_dealer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.unit
 def test_partition_slices_each_server_part():
     # One server: fixed-size slices from 0, the last one partial.
     assert partition(5, 10, 1, 1000, slice_size=4) == [(0, 0, 4), (0, 4, 4), (0, 8, 2)]
@@ -42,6 +43,7 @@ def test_partition_slices_each_server_part():
         assert max(n for _, n in covered) == 40_000
 
 
+@pytest.mark.unit
 def test_send_queue_order_over_a_real_socket():
     """The DEALER connects before its server listens, so the socket takes only its window (one
     message) and everything else waits in the queue; once the server binds, the queue must hand the
@@ -75,6 +77,7 @@ def test_send_queue_order_over_a_real_socket():
         + [("PUSH", 9, 1000 * i) for i in range(1, 6)] + [("PULL", 9, 0), ("STOP", 0, 0)], got
 
 
+@pytest.mark.unit
 def test_config_p3_variables():
     base = {"DMLC_ROLE": "worker", "DMLC_PS_ROOT_URI": "127.0.0.1", "DMLC_PS_ROOT_PORT": "9000",
             "DMLC_NUM_SERVER": "1", "DMLC_NUM_WORKER": "1", "DMLC_NUM_ALL_WORKER": "1"}
@@ -96,6 +99,7 @@ def test_config_p3_variables():
         config.load({**gsrv, "ENABLE_P3": "1", "GEOMX_CHECKPOINT_DIR": "/tmp"})
 
 
+@pytest.mark.system
 def test_p3_with_dist_async_is_refused_clearly(topology_run):
     result = topology_run("hfa_async_worker.py", [], parties=1, workers_per_party=1, timeout=60,
                           env={"ENABLE_P3": "1"})
@@ -119,6 +123,7 @@ def _rounds(events, node_prefix, cat, key):
     return [(min(e["ts"] for e in r), max(e["ts"] for e in r), max(e["ts"] + e["dur"] for e in r)) for r in out]
 
 
+@pytest.mark.system
 @pytest.mark.skipif(os.geteuid() != 0, reason="the emulated WAN needs root")
 @pytest.mark.parametrize("enable_p3", ["1", "0"])
 def test_p3_first_layer_overtakes_last_layer_on_slow_wan(tmp_path, enable_p3):

@@ -1,9 +1,12 @@
 """Key placement (geomx.kvclient.partition): the split rule of GeoMX towards the global servers, and
 the alignment that lets a party have several local servers."""
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geomx.kvclient import partition
+
+pytestmark = pytest.mark.unit
 
 BOUND = 1000
 

@@ -21,23 +21,16 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import pytest
 import zmq
-from test_faults import Cluster, LineLog, assert_no_process_left, slow_cmd
+from helpers import INIT_BYTES, PUSH_BYTES, REPO, Cluster, LineLog, assert_no_process_left, slow_cmd
 
-from geomx import config, security, transport, wire
+from geomx import config, security, wire
 from geomx.config import ConfigError
 from geomx.launch import Topology, run
 from geomx.transport import EventLoop, bind_router, connect_dealer
 from geomx.wire import Message, MsgType
 
-REPO = Path(__file__).resolve().parents[1]
-
-pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="this libzmq was built without CURVE")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_refusal_log():
-    # Refusals are logged once per 5 s per text in a process; each test expects its own.
-    transport.log_limited._last.clear()
+pytestmark = [pytest.mark.skipif(not zmq.has("curve"), reason="this libzmq was built without CURVE"),
+              pytest.mark.usefixtures("fresh_refusal_log")]  # conftest.py
 
 
 @pytest.fixture
@@ -52,6 +45,7 @@ def keydir(tmp_path):
 
 # -- key files and configuration ------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_generate_writes_a_private_secret_and_refuses_to_overwrite(tmp_path):
     public, secret = security.generate(str(tmp_path), "party0")
     assert public.name == "party0.key" and secret.name == "party0.key_secret"
@@ -65,6 +59,7 @@ def test_generate_writes_a_private_secret_and_refuses_to_overwrite(tmp_path):
     assert security.load_secret(str(secret))[0] != pub
 
 
+@pytest.mark.system
 def test_geomx_keys_command(tmp_path, capsys):
     out = subprocess.run([sys.executable, "-m", "geomx.security", "generate", "--dir", str(tmp_path), "--name",
                           "partyA"], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
@@ -84,6 +79,7 @@ LOCAL_SERVER = {"DMLC_ROLE": "server", **_PARTY, **_GLOBAL}
 WORKER = {"DMLC_ROLE": "worker", **_PARTY, "DMLC_NUM_ALL_WORKER": "1"}
 
 
+@pytest.mark.unit
 def test_config_reads_the_keys(keydir):
     allowed = keydir / "allowed"
     cfg = config.load(dict(LOCAL_SERVER, GEOMX_CURVE_SECRET_KEY=str(allowed / "party0.key_secret"),
@@ -99,6 +95,7 @@ def test_config_reads_the_keys(keydir):
     assert worker.curve.public == party0 and not worker.curve.inside_party
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("change, needle", [
     ({"GEOMX_CURVE_SECRET_KEY": "{d}/allowed/nope.key_secret"}, "GEOMX_CURVE_SECRET_KEY is unusable: cannot read"),
     ({"GEOMX_CURVE_SECRET_KEY": "{d}/allowed/party0.key"}, "GEOMX_CURVE_SECRET_KEY is unusable: .* holds no secret"),
@@ -173,6 +170,7 @@ def pair_factory():
         p.close()
 
 
+@pytest.mark.unit
 def test_allowed_key_gets_through_encrypted(keydir, pair_factory):
     pair = pair_factory(keys_of(keydir, "central", None), keys_of(keydir, "party0")).exchange(
         until=lambda p: p.received)
@@ -181,6 +179,7 @@ def test_allowed_key_gets_through_encrypted(keydir, pair_factory):
     assert pair.refused == []
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("local_ipc", [False, True], ids=["tcp", "unix"])
 def test_unknown_key_is_refused_and_logged_on_both_sides(keydir, pair_factory, caplog, local_ipc):
     caplog.set_level(logging.INFO, logger="geomx")
@@ -198,6 +197,7 @@ def test_unknown_key_is_refused_and_logged_on_both_sides(keydir, pair_factory, c
     assert f"to test-listener from {client}:" in server_lines[0]
 
 
+@pytest.mark.system
 def test_wrong_server_key_is_refused(keydir, pair_factory, caplog):
     # The client takes party0's key for the central party's: the handshake cannot decrypt.
     caplog.set_level(logging.INFO, logger="geomx")
@@ -208,6 +208,7 @@ def test_wrong_server_key_is_refused(keydir, pair_factory, caplog):
     assert any("REFUSED a CURVE handshake that did not decrypt" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("plain_side", ["client", "server"])
 def test_curve_on_one_side_only_is_refused(keydir, pair_factory, caplog, plain_side):
     caplog.set_level(logging.INFO, logger="geomx")
@@ -231,6 +232,7 @@ def test_curve_on_one_side_only_is_refused(keydir, pair_factory, caplog, plain_s
     assert any("INSECURE: CURVE is off" in r.getMessage() for r in caplog.records) or security._warned_insecure
 
 
+@pytest.mark.unit
 def test_inside_party_links_may_stay_in_clear(keydir, pair_factory):
     server = keys_of(keydir, "party0", None, inside_party=False)
     client = keys_of(keydir, "party0", None, inside_party=False)
@@ -297,17 +299,11 @@ def can_capture() -> bool:
         return False
 
 
-def exact_pattern(values: np.ndarray) -> bytes:
-    return values.astype(np.float32).tobytes()
+# INIT_BYTES and PUSH_BYTES (helpers.py) cross the party links in clear: the initial value of key 2 of
+# tests/workers/exact_worker.py and party 0's round-0 push of it.
 
 
-# Bytes that cross the party links in clear: the initial value of key 2 of tests/workers/exact_worker.py
-# (global server -> parties, in its INIT replies) and party 0's round-0 push of it (local server ->
-# global server): both repeat these patterns throughout their 1.2 MB.
-INIT_BYTES = exact_pattern(np.arange(101))
-PUSH_BYTES = exact_pattern((np.arange(26) % 13) - 6 + 2)
-
-
+@pytest.mark.system
 @pytest.mark.skipif(not can_capture(), reason="capturing loopback traffic needs root (CAP_NET_RAW)")
 @pytest.mark.parametrize("curve", [True, False], ids=["curve", "clear"])
 def test_party_link_carries_no_tensor_bytes_with_curve(tmp_path, curve):
@@ -332,6 +328,7 @@ def test_party_link_carries_no_tensor_bytes_with_curve(tmp_path, curve):
     assert ("INSECURE: CURVE is off" in out) == (not curve)
 
 
+@pytest.mark.system
 def test_intruders_are_refused_while_the_topology_trains_on(tmp_path):
     topo = Topology(parties=1, workers_per_party=2, env={"GEOMX_START_TIMEOUT": "60"})
     topo.make_curve_keys(str(tmp_path / "keys"))

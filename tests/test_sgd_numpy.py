@@ -8,6 +8,8 @@ import pytest
 
 from geomx.optimizer_spec import is_plain_sgd, sgd_step
 
+pytestmark = pytest.mark.unit
+
 
 def _pair(**params):
     """Two identical optimizers: one for MXNet's updater, one for sgd_step."""

@@ -16,17 +16,16 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
+from helpers import INIT_BYTES, PUSH_BYTES, REPO, kill_group
 
 from geomx import wan
 
-REPO = Path(__file__).resolve().parents[1]
 SSHD = "/usr/sbin/sshd"
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.system, pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists(SSHD) or shutil.which("ssh") is None or shutil.which("tc") is None,
-    reason="needs root, ip/tc, the OpenSSH client and Debian's openssh-server (/usr/sbin/sshd)")
+    reason="needs root, ip/tc, the OpenSSH client and Debian's openssh-server (/usr/sbin/sshd)")]
 
 
 class Hosts:
@@ -131,10 +130,9 @@ def _collect(proc: subprocess.Popen, lines: list) -> threading.Thread:
     return t
 
 
-# Bytes that cross the WAN in clear (as in tests/test_security.py): the initial value of key 2 of
-# tests/workers/exact_worker.py (global server -> parties) and a party's round-0 push of it.
-INIT_BYTES = np.arange(101).astype(np.float32).tobytes()
-PUSH_BYTES = ((np.arange(26) % 13) - 6 + 2).astype(np.float32).tobytes()
+# INIT_BYTES and PUSH_BYTES (helpers.py) cross the WAN in clear (as in tests/test_security.py): the
+# initial value of key 2 of tests/workers/exact_worker.py (global server -> parties) and a party's
+# round-0 push of it.
 
 
 @pytest.mark.parametrize("security", ["", "none"], ids=["default-curve", "clear"])
@@ -151,8 +149,7 @@ def test_fsa_over_ssh_reaches_the_exact_oracle(hosts, tmp_path, security):
         try:
             rc = proc.wait(timeout=240)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+            kill_group(proc)
         reader.join(5)
     finally:
         capture.terminate()
@@ -198,8 +195,7 @@ def test_a_remote_worker_killed_mid_run_stops_every_host(hosts):
         os.kill(pid, signal.SIGKILL)  # the namespaces share the PID namespace with the test
         rc = proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_group(proc)
     reader.join(5)
     text = "".join(lines)
     assert rc == 128 + signal.SIGKILL, text[-5000:]
@@ -232,8 +228,7 @@ def test_ctrl_c_stops_every_host(hosts):
         proc.send_signal(signal.SIGINT)  # `ip netns exec` execs the launcher: this is its pid
         rc = proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_group(proc)
     reader.join(5)
     text = "".join(lines)
     assert rc == 130, text[-5000:]
@@ -262,8 +257,7 @@ def test_three_sites_started_separately_on_their_hosts(hosts, tmp_path):
             out[site] = p.communicate(timeout=240)[0]
     finally:
         for p in procs.values():
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+            kill_group(p)
     assert {s: p.returncode for s, p in procs.items()} == {"party0": 0, "party1": 0, "central": 0}, \
         {s: o[-3000:] for s, o in out.items()}
     for site in ("party0", "party1"):
@@ -288,8 +282,7 @@ def test_a_launcher_killed_outright_leaves_nothing_behind(hosts):
         proc.kill()
         proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_group(proc)
     reader.join(5)
     # Within the hosts' SIGTERM-to-SIGKILL delay (geomx/launch/remote.py) and a heartbeat or two.
     deadline = time.monotonic() + 30

@@ -3,6 +3,8 @@ against numpy models of asynchronous application, and HFA against a numpy model 
 averaging."""
 import pytest
 
+pytestmark = pytest.mark.system
+
 
 @pytest.mark.parametrize("optimizer,bsc", [("sgd", False), ("dcasgd", False), ("sgd", True)])
 def test_mixedsync_serialized_arrivals_match_oracle(tmp_path, topology_run, optimizer, bsc):

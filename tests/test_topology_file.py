@@ -4,20 +4,17 @@ placement of every process, the firewall list, and three sites started by three 
 from __future__ import annotations
 
 import os
-import random
-import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
+from helpers import REPO, free_port_range, kill_group, listening
 
 from geomx.launch import main
 from geomx.launch.sitefile import TopologyFileError, load, loads
 
-REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "topologies"
 
 # The minimal form of issue 14, as written.
@@ -105,6 +102,7 @@ BAD = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_topology_files(case):
     text, message = BAD[case]
@@ -114,6 +112,7 @@ def test_bad_topology_files(case):
     assert message in str(info.value), str(info.value)
 
 
+@pytest.mark.unit
 def test_bad_file_from_the_command_line(tmp_path, capsys):
     path = tmp_path / "t.toml"
     path.write_text(BAD["zero workers"][0])
@@ -123,6 +122,7 @@ def test_bad_file_from_the_command_line(tmp_path, capsys):
     assert "cannot read the topology file: No such file or directory" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_minimal_form_as_written():
     topo = loads(MINIMAL, "m.toml")
     specs = topo.processes(["python", "cnn.py", "-ds", "{slice}"])
@@ -155,6 +155,7 @@ def test_minimal_form_as_written():
     assert "GEOMX_CURVE_SECRET_KEY" not in clear.processes(["x"])[-1].env
 
 
+@pytest.mark.unit
 def test_minimal_form_firewall(tmp_path, capsys):
     path = tmp_path / "m.toml"
     path.write_text(MINIMAL)
@@ -176,6 +177,7 @@ def test_minimal_form_firewall(tmp_path, capsys):
     ]
 
 
+@pytest.mark.unit
 def test_optional_fields():
     text = """
 port_base = 7000
@@ -235,12 +237,14 @@ env = { ENABLE_INTRA_TS = 1, OMP_NUM_THREADS = 4 }
     assert specs["eu/worker0"].env["OMP_NUM_THREADS"] == "4" and "OMP_NUM_THREADS" not in g.env
 
 
+@pytest.mark.unit
 def test_examples_load():
     for path in sorted(EXAMPLES.glob("*.toml")):
         topo = load(str(path))
         assert topo.processes(["x"]), path
 
 
+@pytest.mark.unit
 def test_dry_run_per_host_and_site_selection(capsys):
     path = str(EXAMPLES / "two-datacenters.toml")
     assert main(["--topology", path, "--dry-run", "--", "{python}", "cnn.py", "-ds", "{slice}"]) == 0
@@ -261,6 +265,7 @@ def test_dry_run_per_host_and_site_selection(capsys):
     assert "no site named 'asia' (sites: central, eu, us)" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("argv, message", [
     (["-p", "3"], "-p/--parties cannot be combined with --topology"),
     (["--curve"], "--curve cannot be combined with --topology"),
@@ -272,6 +277,7 @@ def test_single_machine_flags_refused_with_a_topology(capsys, argv, message):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_site_mode_needs_keys_for_curve_across_hosts(tmp_path, capsys):
     path = tmp_path / "m.toml"
     path.write_text(MINIMAL)
@@ -280,6 +286,7 @@ def test_site_mode_needs_keys_for_curve_across_hosts(tmp_path, capsys):
         capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_site_flags_need_a_topology(capsys):
     for flag in (["--site", "party0"], ["--print-firewall"]):
         with pytest.raises(SystemExit):
@@ -292,44 +299,10 @@ def test_site_flags_need_a_topology(capsys):
 # ----------------------------------------------------------------------------------------------
 
 
-def _free_range(n: int) -> int:
-    """A first port of ``n`` consecutive ports free on 127.0.0.1, below the ephemeral range (so that
-    no OS-chosen port lands there while the test runs)."""
-    rng = random.Random()
-    for _ in range(200):
-        first = rng.randrange(20000, 32000 - n)
-        socks = []
-        try:
-            for port in range(first, first + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
-
-
-def _listening(ports) -> set:
-    """(address, port) of the TCP sockets in LISTEN state at ``ports`` (from /proc/net/tcp)."""
-    found = set()
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            addr, port = fields[1].split(":")
-            if fields[3] == "0A" and int(port, 16) in ports:
-                ip = socket.inet_ntoa(bytes.fromhex(addr)[::-1])
-                found.add((ip, int(port, 16)))
-    return found
-
-
+@pytest.mark.system
 @pytest.mark.parametrize("security", ["none", "curve"])
 def test_three_sites_started_separately_reach_the_exact_oracle(tmp_path, security):
-    base = _free_range(30)
+    base = free_port_range(30)
     text = (EXAMPLES / "one-machine.toml").read_text()
     for i, old in enumerate(("9310-9319", "9320-9329", "9330-9339")):
         text = text.replace(old, f"{base + 10 * i}-{base + 10 * i + 9}")
@@ -364,7 +337,7 @@ def test_three_sites_started_separately_reach_the_exact_oracle(tmp_path, securit
     def watch():
         # Which of the declared ports are listening, and where, while the sites run.
         while any(p.poll() is None for p in procs.values()):
-            seen.update(_listening(ports))
+            seen.update(listening(ports))
             time.sleep(0.02)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -373,9 +346,7 @@ def test_three_sites_started_separately_reach_the_exact_oracle(tmp_path, securit
         codes = {site: p.wait(timeout=200) for site, p in procs.items()}
     finally:
         for p in procs.values():
-            if p.poll() is None:
-                os.killpg(p.pid, 9)
-                p.wait()
+            kill_group(p)
         watcher.join(5)
     out = {}
     for site, f in logs.items():

@@ -14,7 +14,8 @@ from geomx import transport
 from geomx.transport import EventLoop, bind_router, connect_dealer
 from geomx.wire import Message, MsgType
 
-pytestmark = pytest.mark.skipif(transport._ipc_path(1) is None, reason="no network namespaces here (not Linux)")
+pytestmark = [pytest.mark.unit,
+              pytest.mark.skipif(transport._ipc_path(1) is None, reason="no network namespaces here (not Linux)")]
 
 
 def exchange(local_ipc_server: bool, local_ipc_client: bool, drop_tcp: bool, timeout: float = 3.0):

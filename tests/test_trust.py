@@ -1,6 +1,6 @@
 """Zero-trust hardening (issue 15): what a hostile or broken peer sends is refused with a reply that
 says why, nothing it sends makes the others wait forever or grow without bound, and training stays
-exact. The network cases attack real processes over real sockets (tests/test_faults.py's Cluster)."""
+exact. The network cases attack real processes over real sockets (tests/helpers.py's Cluster)."""
 from __future__ import annotations
 
 import io
@@ -14,13 +14,22 @@ import struct
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import List
 
 import numpy as np
 import pytest
 import zmq
-from test_faults import Cluster, assert_no_process_left, slow_cmd
+from helpers import (
+    REPO,
+    SERVER_ENV,
+    WORKERS,
+    Cluster,
+    assert_no_process_left,
+    dead_port,
+    initialised,
+    rss_bytes,
+    slow_cmd,
+)
 
 from geomx import security, transport, wire
 from geomx.errors import ProtocolError
@@ -30,14 +39,9 @@ from geomx.servers.keystate import KeyState
 from geomx.tsengine.peer import TSPeer
 from geomx.wire import Message, MsgType
 
-REPO = Path(__file__).resolve().parents[1]
-REPO_WORKERS = str(REPO / "tests" / "workers")
+pytestmark = pytest.mark.usefixtures("fresh_refusal_log")  # conftest.py
 
-
-@pytest.fixture(autouse=True)
-def _fresh_refusal_log():
-    # Refusals are logged once per 5 s per peer and kind in a process; each test expects its own.
-    transport.log_limited._last.clear()
+REPO_WORKERS = str(WORKERS)
 
 
 def raw_request(mtype: MsgType, meta_json: bytes, *, req_id: int = 1, key: int = 0,
@@ -51,6 +55,7 @@ def raw_request(mtype: MsgType, meta_json: bytes, *, req_id: int = 1, key: int =
 
 # -- 1. numbers are finite ------------------------------------------------------------------------
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text, field", [
     (b'{"esync_seconds":Infinity}', "'esync_seconds' is inf"),
     (b'{"esync_seconds":-Infinity}', "'esync_seconds' is -inf"),
@@ -69,11 +74,13 @@ def test_decode_refuses_non_finite_and_out_of_range_numbers(text, field):
     assert wire.decode(raw_request(MsgType.PULL, b'{"a":[9223372036854775807,-9223372036854775808]}')).meta
 
 
+@pytest.mark.unit
 def test_encode_refuses_non_finite_numbers_naming_them():
     with pytest.raises(ProtocolError, match=r"PUSHPULL: meta holds a number that is not finite .*'esync_seconds'"):
         wire.encode(Message(MsgType.PUSHPULL, meta={"esync_steps": 1, "esync_seconds": float("inf")}))
 
 
+@pytest.mark.unit
 def test_a_failing_reply_does_not_leave_the_other_waiters_of_a_round_unanswered():
     ks = KeyState(0, 3, np.dtype(np.float32))
     ks.initialized = True
@@ -94,6 +101,7 @@ def _port(cluster: Cluster, pattern: str) -> int:
     return int(re.search(pattern, cluster.log.text(), re.M).group(1))
 
 
+@pytest.mark.system
 def test_esync_timings_that_are_not_finite_are_refused_while_training_stays_exact():
     """The issue's case: a party (or a stranger at the global server's party port) reports an ESync
     timing of Infinity. Before the fix the speed 0 it gave made the global server divide by zero while
@@ -153,6 +161,7 @@ def test_esync_timings_that_are_not_finite_are_refused_while_training_stays_exac
 
 # -- 2. bounded resources -------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_refusal_log_is_keyed_by_peer_and_kind_and_its_state_is_bounded(caplog):
     limiter = security.RateLimitedLog(interval=60, max_keys=100)
     with caplog.at_level(logging.WARNING, logger="geomx.security"):
@@ -177,14 +186,7 @@ def zmtp_null_dealer(port: int) -> socket.socket:
     return s
 
 
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
+@pytest.mark.system
 def test_floods_of_bad_headers_keys_and_unfinished_frames_at_a_live_local_server():
     """While a party trains: (a) 5000 malformed messages, each with different bytes, from one peer
     are logged a few times, not 5000; (b) INITs of new keys from that peer, which is not a registered
@@ -232,20 +234,20 @@ def test_floods_of_bad_headers_keys_and_unfinished_frames_at_a_live_local_server
         assert sorted((r.type, r.req_id) for r in stops) == [(MsgType.ERROR, 7)] * 3 + [(MsgType.ERROR, 8)] * 3
         assert all("which is not a registered client" in r.meta["error"] for r in stops), stops
 
-        before = _rss(pid)
+        before = rss_bytes(pid)
         raw = zmtp_null_dealer(port)
         frame = b"\x03" + struct.pack(">Q", 1 << 20) + b"x" * (1 << 20)  # MORE | LONG, 1 MiB
         for _ in range(150):
             raw.sendall(frame)
         end = time.monotonic() + 20
-        while _rss(pid) - before < 100 << 20 and time.monotonic() < end:
+        while rss_bytes(pid) - before < 100 << 20 and time.monotonic() < end:
             time.sleep(0.05)  # polling a measurement: libzmq takes the frames on its own thread
-        during = _rss(pid) - before
+        during = rss_bytes(pid) - before
         raw.close()
         end = time.monotonic() + 20
-        while _rss(pid) - before > 40 << 20 and time.monotonic() < end:
+        while rss_bytes(pid) - before > 40 << 20 and time.monotonic() < end:
             time.sleep(0.05)
-        after = _rss(pid) - before
+        after = rss_bytes(pid) - before
         print(f"local server RSS: +{during >> 20} MiB with the unfinished message, +{after >> 20} MiB after")
         assert during >= 100 << 20, "the attack did not reach the server (nothing to measure)"
         assert after <= 40 << 20, f"the server still holds {after >> 20} MiB after the sender left"
@@ -288,6 +290,7 @@ print("RELAYED", flush=True)
 """
 
 
+@pytest.mark.system
 def test_a_worker_closing_at_interpreter_exit_can_still_relay(tmp_path):
     """The issue's ordinary-run hang (2 parties x 2 workers, ENABLE_INTRA_TS=1 ENABLE_INTER_TS=1): a
     worker whose script had ended closes its kvstore at interpreter exit and still has to relay the
@@ -303,6 +306,7 @@ def test_a_worker_closing_at_interpreter_exit_can_still_relay(tmp_path):
     assert "requested during shutdown" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.unit
 def test_a_relay_that_cannot_be_sent_ends_the_node_with_the_reason():
     """A hop this node owes cannot be sent: the node fails at once, naming the hop (a worker then
     tells its scheduler, which stops the tier), instead of the peer waiting for it forever."""
@@ -323,6 +327,7 @@ def test_a_relay_that_cannot_be_sent_ends_the_node_with_the_reason():
         ctx.destroy(linger=0)
 
 
+@pytest.mark.system
 def test_two_parties_of_two_workers_with_intra_and_inter_tsengine_finish_exactly():
     topo = Topology(parties=2, workers_per_party=2, env={"ENABLE_INTRA_TS": "1", "ENABLE_INTER_TS": "1",
                                                          "GEOMX_START_TIMEOUT": "60"})
@@ -337,6 +342,7 @@ def test_two_parties_of_two_workers_with_intra_and_inter_tsengine_finish_exactly
 
 # -- 4. nothing waits forever ---------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_a_request_to_a_server_that_never_answers_fails_after_its_deadline_naming_it():
     """A listener that takes requests and never answers (stuck, or dropping them): every request
     fails after GEOMX_REQUEST_TIMEOUT with the server's address and what it was asked."""
@@ -372,6 +378,7 @@ def test_a_request_to_a_server_that_never_answers_fails_after_its_deadline_namin
     assert f"party server 0 at 127.0.0.1:{port} did not answer COMMAND get_states within 1s" in str(command[1])
 
 
+@pytest.mark.system
 def test_a_stuck_local_server_fails_its_workers_requests_before_any_heartbeat_timeout():
     """The local server is frozen (SIGSTOP: alive to the kernel, silent) while its workers train, with
     PS_HEARTBEAT_TIMEOUT at 60 s: the workers' requests fail after GEOMX_REQUEST_TIMEOUT (4 s) naming
@@ -401,10 +408,10 @@ def test_a_stuck_local_server_fails_its_workers_requests_before_any_heartbeat_ti
         assert_no_process_left(cluster)
 
 
+@pytest.mark.unit
 def test_a_leaving_server_answers_every_request_still_waiting():
     """A local server that exits (here: told to, as geomx.node does when it stops) refuses the pushes
     of an incomplete round and the parked pulls with an error naming it, over its real socket."""
-    from test_fuzz import _SERVER_ENV, _dead_port, _initialised
 
     from geomx import config
     from geomx.servers import LocalServer
@@ -413,10 +420,10 @@ def test_a_leaving_server_answers_every_request_still_waiting():
     loop = transport.EventLoop(ctx, name="local server")
     client = ctx.socket(zmq.DEALER)
     try:
-        server = LocalServer(config.load(dict(_SERVER_ENV, DMLC_ROLE="server")), loop)
-        server.connect_upstream(KVClient(loop, [("127.0.0.1", _dead_port())], identity="ls", sender=0,
+        server = LocalServer(config.load(dict(SERVER_ENV, DMLC_ROLE="server")), loop)
+        server.connect_upstream(KVClient(loop, [("127.0.0.1", dead_port())], identity="ls", sender=0,
                                          bigarray_bound=10 ** 6, wan=False, name="ls"))
-        _initialised(server, keys=(0,))
+        initialised(server, keys=(0,))
         client.setsockopt(zmq.IDENTITY, b"worker0>0")
         client.connect(f"tcp://127.0.0.1:{server.port}")
         client.send_multipart(wire.encode(Message(MsgType.PUSH, req_id=1, key=0, data=np.ones(12, np.float32))))
@@ -443,6 +450,7 @@ def _npy_member(shape, data: bytes) -> bytes:
     return out.getvalue() + data
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("claimed", [1 << 40, (1 << 62) // 4])
 def test_a_checkpoint_member_claiming_more_elements_than_it_holds_is_refused_not_allocated(tmp_path, claimed):
     """A checkpoint whose header and .npy member claim 2^40 elements (a few bytes stored) used to raise
@@ -475,7 +483,6 @@ class InProcessServer:
     clients are registered as the tier's scheduler would do it, and DEALERs to talk to it."""
 
     def __init__(self, kind: str, **env: str):
-        from test_fuzz import _SERVER_ENV, _dead_port
 
         from geomx import config
         from geomx.servers import GlobalServer, LocalServer
@@ -484,13 +491,13 @@ class InProcessServer:
         self.loop = transport.EventLoop(self.ctx, name=kind, local_ipc=False)
         self.socks: List[zmq.Socket] = []
         if kind == "local server":
-            self.server = LocalServer(config.load(dict(_SERVER_ENV, DMLC_ROLE="server", **env)), self.loop)
-            self.server.connect_upstream(KVClient(self.loop, [("127.0.0.1", _dead_port())], identity="ls",
+            self.server = LocalServer(config.load(dict(SERVER_ENV, DMLC_ROLE="server", **env)), self.loop)
+            self.server.connect_upstream(KVClient(self.loop, [("127.0.0.1", dead_port())], identity="ls",
                                                   sender=0, bigarray_bound=10 ** 6, wan=False, name="ls"))
             self.ports = {"party": self.server.port}
             self.server.allow(self.server.link.name, [TOKEN])
         else:
-            cfg = config.load(dict(_SERVER_ENV, DMLC_ROLE_GLOBAL="global_server", DMLC_ROLE="server",
+            cfg = config.load(dict(SERVER_ENV, DMLC_ROLE_GLOBAL="global_server", DMLC_ROLE="server",
                                    DMLC_NUM_ALL_WORKER="4", **env))
             self.server = GlobalServer(cfg, self.loop)
             self.ports = {"wan": self.server.wan_port, "lan": self.server.lan_port}
@@ -523,15 +530,15 @@ class InProcessServer:
 REGISTERED = f"worker0#{TOKEN}>0".encode()
 
 
+@pytest.mark.unit
 def test_strangers_and_guessed_identities_are_refused_and_a_registered_client_is_still_bounded():
     """The local server takes requests only from identities carrying a registered token: the old,
     predictable ``worker0>0`` and a wrong token are refused; the registered worker may declare at most
     GEOMX_MAX_KEYS_PER_CLIENT keys and push at most GEOMX_MAX_ROUNDS_AHEAD rounds ahead."""
-    from test_fuzz import _initialised
 
     srv = InProcessServer("local server", GEOMX_MAX_KEYS_PER_CLIENT="6")
     try:
-        _initialised(srv.server, keys=(0,))
+        initialised(srv.server, keys=(0,))
         for identity in (b"worker0>0", f"worker0#{'f' * 32}>0".encode(), b"flooder"):
             sock = srv.client(identity, "party")
             for mtype in (MsgType.INIT, MsgType.PULL, MsgType.STOP):
@@ -558,12 +565,12 @@ def test_strangers_and_guessed_identities_are_refused_and_a_registered_client_is
         srv.close()
 
 
+@pytest.mark.unit
 def test_esync_timings_out_of_range_from_a_registered_party_are_refused(mxnet_module):
-    from test_fuzz import _initialised
 
     srv = InProcessServer("global server", GEOMX_USE_ESYNC="1", DMLC_ENABLE_CENTRAL_WORKER="1")
     try:
-        _initialised(srv.server, keys=(0,))
+        initialised(srv.server, keys=(0,))
         party = srv.client(f"local_server0#{TOKEN}>0".encode(), "wan")
         cases = {'{"esync_steps":1,"esync_seconds":0}': "'esync_seconds' is 0.0, must be in [1e-06, 3.1536e+07]",
                  '{"esync_steps":1,"esync_seconds":1e-300}': "'esync_seconds' is 1e-300, must be in",
@@ -586,15 +593,15 @@ def mxnet_module():
     return pytest.importorskip("mxnet")
 
 
+@pytest.mark.unit
 def test_checkpoint_requests_from_a_registered_client_are_coalesced_and_all_answered(tmp_path, mxnet_module, caplog):
     """200 SAVE_CHECKPOINT requests at once: each is answered (by the checkpoint written after it came,
     or with an error once 64 wait), and far fewer checkpoints are written than asked for (each used to
     start a writer thread with its own copy of the optimizer state)."""
-    from test_fuzz import _initialised
 
     srv = InProcessServer("global server", GEOMX_CHECKPOINT_DIR=str(tmp_path))
     try:
-        _initialised(srv.server)
+        initialised(srv.server)
         master = srv.client(f"master_worker0#{TOKEN}>0".encode(), "lan")
         with caplog.at_level(logging.INFO, logger="geomx.server"):
             for i in range(200):
@@ -615,17 +622,17 @@ def test_checkpoint_requests_from_a_registered_client_are_coalesced_and_all_answ
     assert 1 <= len(written) <= 20, len(written)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name, value, needle", [
     ("GEOMX_REQUEST_TIMEOUT", "0", "GEOMX_REQUEST_TIMEOUT must be > 0"),
     ("GEOMX_REQUEST_TIMEOUT", "soon", "GEOMX_REQUEST_TIMEOUT must be a number"),
     ("GEOMX_MAX_KEYS_PER_CLIENT", "0", "GEOMX_MAX_KEYS_PER_CLIENT must be"),
 ])
 def test_new_limits_are_checked_naming_the_variable(name, value, needle):
-    from test_fuzz import _SERVER_ENV
 
     from geomx import config
 
-    cfg = config.load(dict(_SERVER_ENV, DMLC_ROLE="server"))
+    cfg = config.load(dict(SERVER_ENV, DMLC_ROLE="server"))
     assert (cfg.request_timeout, cfg.max_keys_per_client) == (600.0, 100_000)
     with pytest.raises(config.ConfigError, match=re.escape(needle)):
-        config.load(dict(_SERVER_ENV, DMLC_ROLE="server", **{name: value}))
+        config.load(dict(SERVER_ENV, DMLC_ROLE="server", **{name: value}))

@@ -29,6 +29,7 @@ def table_of(rates):
 
 # -- policy ---------------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_throughput_table_is_a_moving_average_and_ignores_broken_measurements():
     t = ThroughputTable(alpha=0.25)
     assert t.get(0, 1) is None and t.uplink(0) is None
@@ -45,6 +46,7 @@ def test_throughput_table_is_a_moving_average_and_ignores_broken_measurements():
         ThroughputTable(alpha=0)
 
 
+@pytest.mark.unit
 def test_greedy_choice_takes_the_fastest_measured_link():
     t = table_of({(ROOT, 0): 10.0, (ROOT, 1): 300.0, (ROOT, 2): 50.0, (1, 0): 999.0})
     rng = random.Random(1)
@@ -54,6 +56,7 @@ def test_greedy_choice_takes_the_fastest_measured_link():
     assert {choose_receiver(ROOT, [0, 2], t, 1.0, rng) for _ in range(50)} == {2}
 
 
+@pytest.mark.unit
 def test_greed_rate_zero_explores_uniformly():
     t = table_of({(ROOT, 0): 10.0, (ROOT, 1): 300.0, (ROOT, 2): 50.0})
     rng = random.Random(7)
@@ -63,6 +66,7 @@ def test_greed_rate_zero_explores_uniformly():
         assert 850 < picks[node] < 1150, picks
 
 
+@pytest.mark.unit
 def test_greedy_probability_is_capped_by_what_is_known():
     # One of four candidates measured (and it is the fastest): greedy with probability 1/4 only, so
     # the known node is picked 1/4 + 3/4 * 1/4 = 7/16 of the time (float division, not the
@@ -77,6 +81,7 @@ def test_greedy_probability_is_capped_by_what_is_known():
     assert abs(picks[3] / 4000 - (0.9 + 0.1 / 4)) < 0.03, picks
 
 
+@pytest.mark.unit
 def test_orient_sends_toward_the_root_and_the_faster_uplink():
     t = ThroughputTable()
     assert orient(ROOT, 4, t) == (4, ROOT)
@@ -91,6 +96,7 @@ def test_orient_sends_toward_the_root_and_the_faster_uplink():
     assert orient(1, 2, t) == (2, 1)
 
 
+@pytest.mark.unit
 def test_session_pairs_ready_nodes_into_a_tree_that_ends_at_the_root():
     t = table_of({(0, ROOT): 100.0, (1, ROOT): 10.0, (2, ROOT): 100.0, (3, ROOT): 100.0})
     s = Session([0, 1, 2, 3])
@@ -105,6 +111,7 @@ def test_session_pairs_ready_nodes_into_a_tree_that_ends_at_the_root():
     assert s.ask_push(2, t) == [(2, ROOT)]  # 2 holds 1's and its own
 
 
+@pytest.mark.unit
 def test_session_relay_serves_everyone_once_and_then_finishes():
     s = Session([0, 1, 2])
     t = ThroughputTable()
@@ -159,6 +166,7 @@ def relay_order(coord, rec, key=0, rnd=0):
     return hops
 
 
+@pytest.mark.unit
 def test_relay_prefers_fast_links_from_an_injected_table():
     coord, rec = coordinator(greed=1.0)
     # Party 3 sits behind a slow link: everyone reaches it slowly. Fast links to 0, 1, 2.
@@ -173,6 +181,7 @@ def test_relay_prefers_fast_links_from_an_injected_table():
     assert all(src != 3 for src, _ in hops)  # ... and never relays (off the critical path)
 
 
+@pytest.mark.unit
 def test_relay_with_greed_rate_zero_explores():
     firsts = collections.Counter()
     for seed in range(200):
@@ -184,6 +193,7 @@ def test_relay_with_greed_rate_zero_explores():
     assert max(firsts.values()) < 100, firsts
 
 
+@pytest.mark.unit
 def test_relay_reports_update_the_table():
     coord, rec = coordinator(greed=0.9)
     relay_order(coord, rec)
@@ -191,6 +201,7 @@ def test_relay_reports_update_the_table():
     assert sorted(v for v in coord.table.snapshot().values()) == [1.0] * 4
 
 
+@pytest.mark.unit
 def test_coordinator_pairs_pushes_and_rejects_bad_questions():
     coord, rec = coordinator(greed=0.9)
     coord.handle(Message(MsgType.TS_ASK_PUSH, key=5, version=2), 1)
@@ -243,6 +254,7 @@ def via_wire(msg):
     return wire.decode(wire.encode(msg))
 
 
+@pytest.mark.unit
 def test_tree_and_relay_over_sockets_give_the_exact_sum_to_every_node():
     ctx = zmq.Context()
     loop = EventLoop(ctx, name="test")
@@ -310,6 +322,7 @@ def test_tree_and_relay_over_sockets_give_the_exact_sum_to_every_node():
         ctx.destroy(linger=0)
 
 
+@pytest.mark.unit
 def test_a_refused_hop_ends_the_sender_with_the_reason():
     ctx = zmq.Context()
     loop = EventLoop(ctx, name="test")
@@ -335,6 +348,7 @@ def test_a_refused_hop_ends_the_sender_with_the_reason():
         ctx.destroy(linger=0)
 
 
+@pytest.mark.unit
 def test_a_stranger_cannot_send_into_the_aggregation_tree():
     """A TS_MERGE or TS_MODEL from a link without the tier's TSEngine secret (a stranger, or a node of
     another tier) is refused with a TS_ACK that says why, and reaches neither the partial sums nor the
@@ -379,6 +393,7 @@ def server_env(**extra):
     return env
 
 
+@pytest.mark.unit
 def test_config_reads_the_tsengine_variables():
     cfg = config.load(server_env(ENABLE_INTER_TS="1", ENABLE_INTRA_TS="1", MAX_GREED_RATE_TS="0"))
     assert cfg.enable_inter_ts and cfg.enable_intra_ts and cfg.max_greed_rate_ts == 0.0
@@ -389,6 +404,7 @@ def test_config_reads_the_tsengine_variables():
     assert not config.load(worker).enable_inter_ts
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("extra, message", [
     ({"MAX_GREED_RATE_TS": "1.5"}, "MAX_GREED_RATE_TS must be in [0, 1]"),
     ({"MAX_GREED_RATE_TS": "greedy"}, "MAX_GREED_RATE_TS must be a number"),
@@ -406,6 +422,7 @@ def test_config_refuses_what_cannot_work(extra, message):
         config.load(server_env(**extra))
 
 
+@pytest.mark.system
 def test_inter_ts_on_some_servers_only_fails_the_tier_at_start(topology_run):
     result = topology_run("exact_worker.py", ["--slice", "{slice}", "--rounds", "1"], parties=2,
                           workers_per_party=1, timeout=60, node_env={"party1/server": {"ENABLE_INTER_TS": "1"}})
@@ -413,6 +430,7 @@ def test_inter_ts_on_some_servers_only_fails_the_tier_at_start(topology_run):
     assert result.lines("ENABLE_INTER_TS=1 is set on local_server but not on"), result.output[-3000:]
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("what, message", [
     ("bsc", "bsc cannot be combined with ENABLE_INTER_TS=1"),
     ("async", "ENABLE_INTER_TS=1 works with dist_sync only"),
@@ -425,6 +443,7 @@ def test_inter_ts_refuses_codecs_and_mixedsync_at_start(topology_run, what, mess
     assert not result.lines("NOT REFUSED")
 
 
+@pytest.mark.system
 def test_membership_does_not_import_tsengine():
     """TSEngine plugs into the scheduler (geomx/tsengine/tier.py) instead of being imported by it."""
     import subprocess

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 # ---- specification ------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_parse_rate_units():
     assert wan.parse_rate("20mbit") == 20e6
     assert wan.parse_rate("1gbit") == 1e9
@@ -36,18 +37,21 @@ def test_parse_rate_units():
             wan.parse_rate(bad)
 
 
+@pytest.mark.unit
 def test_format_rate_round_trip():
     for text in ("20mbit", "1gbit", "500kbit", "2.5mbit"):
         assert wan.format_rate(wan.parse_rate(text)) == text
     assert wan.format_rate(None) == "uncapped"
 
 
+@pytest.mark.unit
 def test_parse_spec_default_applies_to_parties_only():
     spec = wan.parse_spec("20mbit", parties=2)
     assert spec.rates == {"central": None, "party0": 20e6, "party1": 20e6}
     assert spec.delay_ms == 0
 
 
+@pytest.mark.unit
 def test_parse_spec_delay():
     spec = wan.parse_spec("20mbit,delay=25ms", parties=2)
     assert spec.delay_ms == 25 and spec.rates["party1"] == 20e6
@@ -55,6 +59,7 @@ def test_parse_spec_delay():
     assert wan.parse_spec("delay=10", parties=1).rates == {"central": None, "party0": None}
 
 
+@pytest.mark.unit
 def test_parse_spec_heterogeneous_and_overrides():
     spec = wan.parse_spec("party0=100mbit,party1=10mbit,central=1gbit", parties=2)
     assert spec.rates == {"central": 1e9, "party0": 100e6, "party1": 10e6}
@@ -65,6 +70,7 @@ def test_parse_spec_heterogeneous_and_overrides():
     assert "party1=50mbit" in spec.describe()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text, message", [
     ("party2=10mbit", "only 2 parties"),
     ("moon=10mbit", "unknown link"),
@@ -90,6 +96,7 @@ SAMPLE_IP_JSON = json.dumps([
 ])
 
 
+@pytest.mark.unit
 def test_parse_link_counters_router_view():
     c = wan.parse_link_counters(SAMPLE_IP_JSON, {"dc0": "central", "dc1": "party0"})
     # router rx = the DC's upload, router tx = its download
@@ -101,11 +108,13 @@ def test_parse_link_counters_router_view():
         wan.parse_link_counters("not json", {})
 
 
+@pytest.mark.unit
 def test_parse_link_counters_old_stats_key():
     text = json.dumps([{"ifname": "dc0", "stats": {"rx": {"bytes": 7}, "tx": {"bytes": 8}}}])
     assert wan.parse_link_counters(text, {"dc0": "central"})["central"].total == 15
 
 
+@pytest.mark.unit
 def test_counter_delta():
     before = {"party0": LinkCounters(100, 200, 1, 2)}
     after = {"party0": LinkCounters(1100, 700, 11, 7), "party1": LinkCounters(5, 6)}
@@ -114,6 +123,7 @@ def test_counter_delta():
     assert d["party1"] == LinkCounters(5, 6)
 
 
+@pytest.mark.unit
 def test_lower_bound_wan_and_compute():
     counters = {"central": LinkCounters(10_000_000, 10_000_000),
                 "party0": LinkCounters(2_500_000, 2_500_000),
@@ -133,6 +143,7 @@ def test_lower_bound_wan_and_compute():
     assert wan.lower_bound(0.0, counters, {})["bottleneck"] is None
 
 
+@pytest.mark.unit
 def test_format_report():
     counters = {"central": LinkCounters(0, 0), "party0": LinkCounters(2_500_000, 1_000_000)}
     text = wan.format_report(counters, {"central": None, "party0": 20e6}, seconds=1.0)
@@ -141,6 +152,7 @@ def test_format_report():
     assert text.splitlines()[-1].startswith("| all |")
 
 
+@pytest.mark.unit
 def test_require_root_message(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(WanError, match="needs root"):
@@ -151,6 +163,7 @@ def test_require_root_message(monkeypatch):
 
 # ---- launcher placement (no root needed: dry run) -----------------------------------------------
 
+@pytest.mark.unit
 def test_launch_placement_rewrites_hosts_and_argv():
     from geomx.launch import Topology
 
@@ -171,6 +184,7 @@ def test_launch_placement_rewrites_hosts_and_argv():
     assert plain["party1/worker0"].env["DMLC_NODE_HOST"] == "127.0.0.1"
 
 
+@pytest.mark.unit
 def test_launch_wan_flag_without_root(monkeypatch, capsys):
     from geomx import launch
 
@@ -182,6 +196,7 @@ def test_launch_wan_flag_without_root(monkeypatch, capsys):
 
 # ---- benchmark suite: rows, summary, report -----------------------------------------------------
 
+@pytest.mark.unit
 def test_suite_rows_and_summary(tmp_path):
     import suite
 
@@ -243,6 +258,7 @@ _SENDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.system
 @pytest.mark.skipif(os.geteuid() != 0, reason="building an emulated WAN needs root "
                     "(network namespaces, veth, tc); run the tests as root to include this one")
 def test_two_party_wan_rate_and_teardown():
@@ -303,6 +319,7 @@ _PING = textwrap.dedent("""
 """)
 
 
+@pytest.mark.system
 @pytest.mark.skipif(os.geteuid() != 0, reason="building an emulated WAN needs root")
 @pytest.mark.skipif(shutil.which("nft") is None, reason="added latency needs nft (apt-get install nftables)")
 def test_delay_relay_adds_latency():
@@ -326,6 +343,7 @@ def test_delay_relay_adds_latency():
     assert not any(ns in listed for ns in names)
 
 
+@pytest.mark.unit
 def test_parse_spec_global_server_links_default_to_central():
     spec = wan.parse_spec("20mbit,central=10mbit,gs1=5mbit", parties=2, global_server_dcs=3)
     assert spec.rates == {"central": 10e6, "party0": 20e6, "party1": 20e6, "gs0": 10e6, "gs1": 5e6, "gs2": 10e6}

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 
 import numpy as np
 import pytest
 import zmq
+from helpers import HEADER, header
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,14 +16,7 @@ from geomx import wire
 from geomx.errors import ProtocolError
 from geomx.wire import DTYPES, HEADER_SIZE, MAGIC, MAX_ELEMENTS, MAX_META_BYTES, Flag, Message, MsgType, decode, encode
 
-_HEADER = struct.Struct("<4sBBHiQqQQQiI")
-
-
-def header(mtype=MsgType.PUSH, dtype=0, flags=0, sender=0, req_id=0, key=0, offset=0, numel=0, total=0,
-           priority=0, version=0, magic=MAGIC) -> bytes:
-    return _HEADER.pack(magic, int(mtype), dtype, flags, sender, req_id, key, offset, numel, total, priority,
-                        version)
-
+pytestmark = pytest.mark.unit
 
 def as_bytes(frames):
     return [bytes(f) for f in frames]
@@ -38,7 +31,7 @@ def rejected(frames, match: str, **kw) -> str:
 # -- round trips ----------------------------------------------------------------------------------
 
 def test_header_size_matches_layout():
-    assert HEADER_SIZE == _HEADER.size == 60
+    assert HEADER_SIZE == HEADER.size == 60
 
 
 @pytest.mark.parametrize("code", sorted(DTYPES))
@@ -48,7 +41,7 @@ def test_round_trip_every_dtype(code):
     msg = Message(MsgType.PUSH, sender=3, req_id=77, key=12, priority=-4, version=9, data=data)
     frames = encode(msg)
     assert len(frames) == 2
-    header_fields = _HEADER.unpack(bytes(frames[0]))
+    header_fields = HEADER.unpack(bytes(frames[0]))
     assert header_fields[0] == MAGIC and header_fields[2] == code
     for form in (frames, as_bytes(frames), [memoryview(bytes(f)) for f in frames]):
         out = decode(form)
@@ -206,7 +199,7 @@ def test_reject_bad_magic(magic):
 
 @pytest.mark.parametrize("mtype", [0, 11, 15, 23, 31, 34, 255])  # 22 is DGT_BLOCK
 def test_reject_unknown_type(mtype):
-    rejected([_HEADER.pack(MAGIC, mtype, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)], f"unknown message type {mtype}")
+    rejected([HEADER.pack(MAGIC, mtype, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)], f"unknown message type {mtype}")
 
 
 @pytest.mark.parametrize("dtype", [7, 8, 100, 255])
@@ -361,7 +354,7 @@ def plausible_messages(draw):
     offset = draw(st.integers(0, 40) | st.integers(0, 2**64 - 1))
     total = draw(st.just(offset + numel) | st.integers(0, 2**64 - 1)) % 2**64
     key = draw(st.integers(-2**63, 2**63 - 1))
-    head = _HEADER.pack(MAGIC, mtype, dtype, flags, draw(st.integers(-2**31, 2**31 - 1)),
+    head = HEADER.pack(MAGIC, mtype, dtype, flags, draw(st.integers(-2**31, 2**31 - 1)),
                         draw(st.integers(0, 2**64 - 1)), key, offset, numel, total,
                         draw(st.integers(-2**31, 2**31 - 1)), draw(st.integers(0, 2**32 - 1)))
     json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),

@@ -1,0 +1,450 @@
+"""The tests' shared helpers, in one place (fixtures are in conftest.py).
+
+- paths: ``REPO``, ``WORKERS`` (tests/workers), ``EXAMPLES``;
+- the compiled extensions: ``built_or_skip``, ``fail_unbuilt_under_ci``;
+- wire headers built by hand: ``HEADER``, ``header()``;
+- tests/workers/exact_worker.py: ``slow_cmd()``, the byte patterns ``INIT_BYTES`` / ``PUSH_BYTES``;
+- a topology started by hand, process by process: ``Cluster`` (with ``LineLog``, ``FAST_HEARTBEATS``);
+- processes: "nothing left running" checks (``assert_no_process_left``, ``assert_all_dead``,
+  ``live_group_members``), ``kill_group``, ``rss_bytes``;
+- ports: ``dead_port``, ``free_port_range``, ``listening``;
+- servers inside the test process: ``SERVER_ENV``, ``initialised``;
+- topology runs through geomx.launch.run: ``Result`` / ``run_topology`` (the ``topology_run`` fixture),
+  and the example scripts' runs and accuracy curves (``run_example``, ``run_concurrently``, ``curves``).
+
+Tests import them by name (``from helpers import Cluster``): pytest puts tests/ on ``sys.path``.
+"""
+from __future__ import annotations
+
+import io
+import os
+import random
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+from geomx import wire
+from geomx.launch import Topology, run
+from geomx.wire import MsgType
+
+# -- paths ----------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+WORKERS = REPO / "tests" / "workers"
+EXAMPLES = REPO / "examples"
+
+# -- the compiled extensions (geomx._kernels, geomx._compress) --------------------------------------
+# (pytest is imported where used: the benchmarks import this module too.)
+
+def fail_unbuilt_under_ci(module, not_built: str) -> None:
+    """Under CI (``CI`` set) the compiled kernels must be tested: fail when ``module`` is None."""
+    import pytest
+
+    if module is None and os.environ.get("CI"):
+        pytest.fail(f"{not_built} (CI is set, so the compiled kernels must be tested)")
+
+
+def built_or_skip(module, not_built: str):
+    """The compiled ``module``; a skip outside CI when it is missing (None), an error under CI."""
+    import pytest
+
+    if module is None:
+        if os.environ.get("CI"):
+            pytest.fail(not_built, pytrace=False)
+        pytest.skip(not_built)
+    return module
+
+
+# -- wire headers built by hand -------------------------------------------------------------------
+
+# geomx.wire's 60-byte header: magic, type, dtype, flags, sender, req_id, key, offset, numel, total,
+# priority, version.
+HEADER = struct.Struct("<4sBBHiQqQQQiI")
+
+
+def header(mtype=MsgType.PUSH, dtype=0, flags=0, sender=0, req_id=0, key=0, offset=0, numel=0, total=0,
+           priority=0, version=0, magic=wire.MAGIC) -> bytes:
+    return HEADER.pack(magic, int(mtype), dtype, flags, sender, req_id, key, offset, numel, total, priority,
+                       version)
+
+
+# -- tests/workers/exact_worker.py ----------------------------------------------------------------
+
+SLOW_WORKER = str(WORKERS / "exact_worker.py")
+
+
+def slow_cmd(rounds: int, sleep: float) -> List[str]:
+    return [sys.executable, SLOW_WORKER, "--slice", "{slice}", "--rounds", str(rounds), "--sleep", str(sleep)]
+
+
+def exact_pattern(values: np.ndarray) -> bytes:
+    return values.astype(np.float32).tobytes()
+
+
+# Bytes that cross the party links (and the WAN) in clear: the initial value of key 2 of exact_worker.py
+# (global server -> parties, in its INIT replies) and party 0's round-0 push of it (local server ->
+# global server): both repeat these patterns throughout their 1.2 MB.
+INIT_BYTES = exact_pattern(np.arange(101))
+PUSH_BYTES = exact_pattern((np.arange(26) % 13) - 6 + 2)
+
+# -- a topology started by hand -------------------------------------------------------------------
+
+# Fast failure detection for the kill tests (PS_HEARTBEAT_TIMEOUT must exceed 2 x the interval).
+FAST_HEARTBEATS = {"PS_HEARTBEAT_INTERVAL": "0.5", "PS_HEARTBEAT_TIMEOUT": "3"}
+
+
+class LineLog:
+    """A thread-safe text sink (a ``stream`` for launch.run) that can wait for a line."""
+
+    def __init__(self):
+        self._lines: List[str] = []
+        self._cond = threading.Condition()
+
+    def write(self, text: str) -> int:
+        with self._cond:
+            self._lines.extend(text.splitlines())
+            self._cond.notify_all()
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def lines(self) -> List[str]:
+        with self._cond:
+            return list(self._lines)
+
+    def text(self) -> str:
+        return "\n".join(self.lines())
+
+    def wait_for(self, pattern: str, timeout: float, done=lambda: False) -> re.Match:
+        rx = re.compile(pattern)
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self._lines:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                left = end - time.monotonic()
+                if left <= 0 or done():
+                    raise AssertionError(f"no line matching {pattern!r} within {timeout}s; output:\n"
+                                         + "\n".join(self._lines[-60:]))
+                self._cond.wait(min(left, 0.2))
+
+
+class Cluster:
+    """The processes of a topology started by hand (not through launch.run, which would stop everything
+    as soon as one process dies and so hide how geomx itself reacts), each in its own process group."""
+
+    def __init__(self, topology: Topology, command: List[str]):
+        self.specs = topology.processes(command)
+        self.specs_by_name = {spec.name: spec for spec in self.specs}
+        self.procs: Dict[str, subprocess.Popen] = {}
+        self.log = LineLog()
+        self._threads: List[threading.Thread] = []
+
+    def start(self) -> "Cluster":
+        for spec in self.specs:
+            self._launch(spec.name, spec.argv, spec.env)
+        return self
+
+    def _launch(self, name: str, argv: List[str], env: Dict[str, str]) -> None:
+        proc = subprocess.Popen(argv, env=env, cwd=REPO, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        t = threading.Thread(target=self._pump, args=(name, proc), daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def restart(self, name: str, **env: str) -> None:
+        """Start process ``name`` again (after it died), with ``env`` added to its environment; its
+        output goes on under the same name."""
+        assert self.procs[name].poll() is not None, f"{name} is still running"
+        spec = self.specs_by_name[name]
+        self._launch(name, spec.argv, {**spec.env, **env})
+
+    def _pump(self, name: str, proc: subprocess.Popen) -> None:
+        for raw in iter(proc.stdout.readline, b""):
+            self.log.write(f"[{name}] " + raw.decode("utf-8", "replace"))
+        proc.wait()
+        self.log.write(f"[{name}] <exited with {proc.returncode}>\n")
+
+    def running(self) -> List[str]:
+        return [n for n, p in self.procs.items() if p.poll() is None]
+
+    def wait_all(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while self.running() and time.monotonic() < end:
+            time.sleep(0.05)
+        return not self.running()
+
+    def output(self, name: str) -> str:
+        prefix = f"[{name}] "
+        return "\n".join(line for line in self.log.lines() if line.startswith(prefix))
+
+    def kill(self, name: str) -> float:
+        os.kill(self.procs[name].pid, signal.SIGKILL)
+        return time.monotonic()
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        for t in self._threads:
+            t.join(timeout=2)
+
+    def __enter__(self) -> "Cluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# -- processes: nothing left running --------------------------------------------------------------
+
+def group_gone(pgid: int) -> bool:
+    """True when no process is left in the group (its leader, our child, has been reaped)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def assert_no_process_left(cluster: Cluster) -> None:
+    """Every process of the topology and anything it started is gone (checked before any cleanup kill)."""
+    end = time.monotonic() + 5
+    while True:
+        left = [n for n, p in cluster.procs.items() if p.poll() is None or not group_gone(p.pid)]
+        if not left:
+            return
+        if time.monotonic() > end:
+            raise AssertionError(f"processes left behind: {left}")
+        time.sleep(0.1)
+
+
+def alive(pid: int) -> bool:
+    """True when ``pid`` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def assert_all_dead(pids, within: float = 3.0) -> None:
+    end = time.monotonic() + within
+    while True:
+        left = [p for p in pids if alive(p)]
+        if not left:
+            return
+        if time.monotonic() > end:
+            raise AssertionError(f"processes still alive: {left}")
+        time.sleep(0.05)
+
+
+def live_group_members(pgid: int):
+    """Non-zombie processes in process group ``pgid`` (scans /proc; zombies left to a
+    non-reaping PID 1 do not count)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry))
+    return members
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """The clean-up after a test's own process (started with ``start_new_session=True``): if it still
+    runs, SIGKILL its whole process group and reap it."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+# -- ports ----------------------------------------------------------------------------------------
+
+def dead_port() -> int:
+    """A port nothing listens on: the servers' upstream requests stay pending, as on a slow WAN."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_port_range(n: int) -> int:
+    """A first port of ``n`` consecutive ports free on 127.0.0.1, below the ephemeral range (so that
+    no OS-chosen port lands there while the test runs)."""
+    rng = random.Random()
+    for _ in range(200):
+        first = rng.randrange(20000, 32000 - n)
+        socks = []
+        try:
+            for port in range(first, first + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+def listening(ports) -> set:
+    """(address, port) of the TCP sockets in LISTEN state at ``ports`` (from /proc/net/tcp)."""
+    found = set()
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            addr, port = fields[1].split(":")
+            if fields[3] == "0A" and int(port, 16) in ports:
+                ip = socket.inet_ntoa(bytes.fromhex(addr)[::-1])
+                found.add((ip, int(port, 16)))
+    return found
+
+
+# -- servers inside the test process --------------------------------------------------------------
+
+# What config.load needs for a local or global server whose upstream is never reached.
+SERVER_ENV = {"DMLC_PS_ROOT_URI": "127.0.0.1", "DMLC_PS_ROOT_PORT": "9", "DMLC_NUM_SERVER": "1",
+              "DMLC_NUM_WORKER": "2", "DMLC_PS_GLOBAL_ROOT_URI": "127.0.0.1", "DMLC_PS_GLOBAL_ROOT_PORT": "9",
+              "DMLC_NUM_GLOBAL_SERVER": "1", "DMLC_NUM_GLOBAL_WORKER": "2"}
+
+
+def initialised(server, keys=(0, 1, 2, 3)) -> None:
+    """Give ``server`` initialised keys: the even ones 12 float32, the odd ones 6."""
+    from geomx.servers.keystate import KeyState
+
+    for k in keys:
+        n = 12 if k % 2 == 0 else 6
+        ks = server.keys[k] = KeyState(k, n, np.dtype(np.float32))
+        ks.store = np.arange(n, dtype=np.float32)
+        ks.initialized = True
+
+
+# -- topology runs through geomx.launch.run -------------------------------------------------------
+
+class Result:
+    def __init__(self, code: int, output: str):
+        self.code = code
+        self.output = output
+
+    def lines(self, needle: str):
+        return [line for line in self.output.splitlines() if needle in line]
+
+
+def run_topology(script, args=(), timeout=120, env=None, **kw) -> Result:
+    """Run ``tests/workers/<script>`` on every worker of ``Topology(env=env, **kw)``."""
+    topo = Topology(env=dict(env or {}), **kw)
+    stream = io.StringIO()
+    code = run(topo, [sys.executable, str(WORKERS / script), *args], timeout=timeout, stream=stream)
+    return Result(code, stream.getvalue())
+
+
+# -- the example scripts on real 2-party topologies, several at once, and their accuracy ----------
+#
+# Shared by the convergence tests (test_convergence.py, test_compression_convergence.py,
+# test_dgt_topology.py). Training on load_digits is chaotic: one run's final accuracy on the 300 test
+# images moves by 1-3 points with the seed or with the last bit of a kernel's rounding, so those tests
+# compare means over ``SEEDS`` (the examples' ``--seed``: initial weights and data order), not single runs.
+
+SEEDS = (0, 1, 2)
+DIGITS_TRAIN_IMAGES = 1497  # load_digits' training split (the examples' default data set)
+
+
+def iterations_per_epoch(workers, batch):
+    """Iterations per epoch of each of ``workers`` workers at ``batch``: each gets an equal slice of
+    load_digits' training images, the last batch partial."""
+    return -(-(DIGITS_TRAIN_IMAGES // workers) // batch)
+
+
+_ACC = re.compile(r"^\[(?P<name>[^\]]+)\] \[Time [0-9.]+\]\[Epoch \d+\]\[Iteration (?P<it>\d+)\] "
+                  r"Test Acc (?P<acc>[0-9.]+)")
+
+
+def run_example(script, args, parties, workers, env=None, timeout=300):
+    """Run ``examples/<script>`` on every worker of a topology; return (code, output, seconds)."""
+    topo = Topology(parties=parties, workers_per_party=workers, env=dict(env or {}))
+    stream = io.StringIO()
+    start = time.monotonic()
+    code = run(topo, [sys.executable, str(EXAMPLES / script), *args], timeout=timeout, stream=stream)
+    return code, stream.getvalue(), time.monotonic() - start
+
+
+def run_concurrently(jobs, **topology):
+    """{label: (code, output, seconds)} for ``jobs`` = {label: (script, args, env)}, all started at once."""
+    results = {}
+
+    def target(label, script, args, env):
+        try:
+            results[label] = run_example(script, args, env=env, **topology)
+        except Exception as exc:  # reported by the caller's assertions
+            results[label] = (-1, f"{type(exc).__name__}: {exc}", 0.0)
+
+    threads = [threading.Thread(target=target, args=(label, *job)) for label, job in jobs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def curves(output):
+    """{worker name: [(iterations, accuracy), ...]} from the ``Test Acc`` lines."""
+    out = {}
+    for line in output.splitlines():
+        m = _ACC.match(line)
+        if m:
+            out.setdefault(m.group("name"), []).append((int(m.group("it")), float(m.group("acc"))))
+    return out
+
+
+def checked_curves(label, result, expected_workers):
+    """The run's curves, after checking that it exited 0 and every worker reported."""
+    code, output, _ = result
+    assert code == 0, f"{label}: exit status {code}\n{output[-4000:]}"
+    accs = curves(output)
+    assert len(accs) == expected_workers, f"{label}: no Test Acc line from every worker\n{output[-4000:]}"
+    return accs

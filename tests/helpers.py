@@ -28,9 +28,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import numpy as np
+import zmq
 
 from geomx import wire
 from geomx.launch import Topology, run
@@ -448,3 +449,28 @@ def checked_curves(label, result, expected_workers):
     accs = curves(output)
     assert len(accs) == expected_workers, f"{label}: no Test Acc line from every worker\n{output[-4000:]}"
     return accs
+
+
+class DrivenLoop:
+    """A node's event loop in the test's process, run by the test (``ctx``, ``loop``), and the test's
+    own sockets to it (``socks``): what the in-process server and listener cases share."""
+
+    ctx: zmq.Context
+    loop: Any  # geomx.transport.EventLoop
+    socks: List[zmq.Socket]
+
+    def replies(self, sock, count: int, timeout: float = 30) -> List[wire.Message]:
+        """Run the loop until ``sock`` has ``count`` replies (or ``timeout`` passed); the replies."""
+        out: List[wire.Message] = []
+        end = time.monotonic() + timeout
+        while len(out) < count and time.monotonic() < end:
+            self.loop.run_once(0.01)
+            while sock.poll(0):
+                out.append(wire.decode(sock.recv_multipart()))
+        return out
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close(linger=0)
+        self.loop.close()
+        self.ctx.destroy(linger=0)

@@ -17,7 +17,7 @@ from typing import List
 import numpy as np
 import pytest
 import zmq
-from helpers import Cluster, assert_no_process_left, slow_cmd
+from helpers import Cluster, DrivenLoop, assert_no_process_left, slow_cmd
 
 from geomx import config, security, transport, wire
 from geomx.launch import Topology
@@ -44,7 +44,7 @@ def keys(tmp_path):
     return of
 
 
-class Listener:
+class Listener(DrivenLoop):
     """An event loop of ``owner``'s keys in this process, and CURVE clients of other parties' keys."""
 
     def __init__(self, owner_keys):
@@ -68,20 +68,6 @@ class Listener:
         while time.monotonic() < end and not until():
             self.loop.run_once(0.01)
 
-    def replies(self, sock: zmq.Socket, count: int, timeout: float = 20) -> List[Message]:
-        out: List[Message] = []
-        end = time.monotonic() + timeout
-        while len(out) < count and time.monotonic() < end:
-            self.loop.run_once(0.01)
-            while sock.poll(0):
-                out.append(wire.decode(sock.recv_multipart()))
-        return out
-
-    def close(self) -> None:
-        for sock in self.socks:
-            sock.close(linger=0)
-        self.loop.close()
-        self.ctx.destroy(linger=0)
 
 
 def frames(msg: Message) -> List[bytes]:

@@ -24,6 +24,7 @@ from helpers import (
     SERVER_ENV,
     WORKERS,
     Cluster,
+    DrivenLoop,
     assert_no_process_left,
     dead_port,
     initialised,
@@ -478,7 +479,7 @@ def test_a_checkpoint_member_claiming_more_elements_than_it_holds_is_refused_not
 TOKEN = "0123456789abcdef" * 2  # as TierMember makes them: 32 hex digits
 
 
-class InProcessServer:
+class InProcessServer(DrivenLoop):
     """A real local or global server in this process (its event loop driven by the test) whose
     clients are registered as the tier's scheduler would do it, and DEALERs to talk to it."""
 
@@ -511,20 +512,6 @@ class InProcessServer:
         self.socks.append(sock)
         return sock
 
-    def replies(self, sock: zmq.Socket, count: int, timeout: float = 30) -> List[Message]:
-        out: List[Message] = []
-        end = time.monotonic() + timeout
-        while len(out) < count and time.monotonic() < end:
-            self.loop.run_once(0.02)
-            while sock.poll(0):
-                out.append(wire.decode(sock.recv_multipart()))
-        return out
-
-    def close(self) -> None:
-        for sock in self.socks:
-            sock.close(linger=0)
-        self.loop.close()
-        self.ctx.destroy(linger=0)
 
 
 REGISTERED = f"worker0#{TOKEN}>0".encode()

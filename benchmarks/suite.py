@@ -55,6 +55,7 @@ REPO = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, "suite_worker.py")
 sys.path.insert(0, HERE)
 
+import summary as summarymod  # noqa: E402
 from native_launch import native_procs, run_processes  # noqa: E402
 from suite_worker import MARK_TAG, RESULT_TAG  # noqa: E402  (no MXNet import at module level)
 
@@ -133,6 +134,25 @@ ROWS: List[Row] = [
     Row("geomx-mixedsync", "geomx", worker_args=("--kv-type", "dist_async"),
         flags="mx.kv.create('dist_async') (docs/Synchronization.md)",
         note="MixedSync: synchronous inside a party, asynchronous across parties"),
+    Row("geomx-dcasgd", "geomx", worker_args=("--kv-type", "dist_async", "--optimizer", "dcasgd", "--lr", "0.1"),
+        flags="mx.kv.create('dist_async') + kv.set_optimizer(mx.optimizer.DCASGD(learning_rate=0.1, momentum=0, "
+              "lamda=0.04)) (docs/Synchronization.md)",
+        note="MixedSync + DC-ASGD: the global server compensates each party's stale gradient", default=False),
+    Row("geomx-esync", "geomx", env={"GEOMX_USE_ESYNC": "1"}, worker_args=("--esync",), default=False,
+        flags="GEOMX_USE_ESYNC=1 (every process); local Adam, kv.esync_steps() local steps per global average "
+              "(examples/cnn_esync.py)",
+        note="ESync: each party takes as many local steps per global average as its speed allows"),
+    # Combinations (docs/Configurations.md lists what is refused): BSC with P3's slices and priorities.
+    Row("geomx-bsc-p3", "geomx", env={"ENABLE_P3": "1"},
+        worker_args=("--local-optimizer", "--compression",
+                     '{"type": "bsc", "threshold": 0.01, "size_lower_bound": 1000}'),
+        flags="geomx-bsc + ENABLE_P3=1", note="bi-sparse compression over P3's sliced, prioritised links",
+        default=False),
+    Row("geomx-bsc-2gs", "geomx", global_servers=2, env={"MXNET_KVSTORE_BIGARRAY_BOUND": "100000"},
+        worker_args=("--local-optimizer", "--compression",
+                     '{"type": "bsc", "threshold": 0.01, "size_lower_bound": 1000}'),
+        flags="geomx-bsc + DMLC_NUM_GLOBAL_SERVER=2", note="bi-sparse compression, keys over two global servers",
+        default=False),
     # HFA: the variables go to every process (the schedulers ignore them). Throughput runs cover
     # exactly two global rounds (warm-up 0), so WAN bytes per sample average whole rounds.
     Row("geomx-hfa", "geomx", env=_hfa_env(20, 10), worker_args=("--hfa",),
@@ -590,6 +610,11 @@ def _run_row(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"]) -
     span = watcher.span()
     rates = w.rates() if w is not None else {}
     out.update(parse_round_trips(text) or {})
+    # CPU time and peak memory of every process: geomx nodes log them at exit, workers report theirs.
+    out["resources"] = summarymod.parse_resources(text)
+    for r in results:
+        if "cpu_s" in r:
+            out["resources"][f"worker{r['worker']}"] = {"cpu_s": r["cpu_s"], "max_rss_mb": r["max_rss_mb"]}
     if mode == "throughput":
         iters = len(results[0]["iter_ms"])
         out.update(summarise_throughput(results, span, iters, rates, workers_per_party=args.workers))
@@ -600,14 +625,79 @@ def _run_row(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"]) -
         out.update(summarise_accuracy(evals, args.target_acc))
         out["tta_median_s"] = max(statistics.median(r["iter_ms"]) for r in results) / 1e3
         out["tta_iters"] = len(next(r["iter_ms"] for r in results if r["worker"] == 0))
+        # Slowest worker's mean time per iteration (HFA/ESync: local steps and averaging rounds together).
+        out["tta_mean_s"] = max(r["loop_s"] / len(r["iter_ms"]) for r in results)
         rr = worker_rates(results, args.workers)
         out["tta_party_iters_per_s"] = rr.get("party_iters_per_s")
         if span:
             out["wan_bytes_total"] = sum(c.up for c in span.values())
+            out["wan_bytes_per_iter"] = out["wan_bytes_total"] / out["tta_iters"]
             # Samples of worker 0's span (every worker runs the same number of iterations).
             out["wan_bytes_per_sample"] = out["wan_bytes_total"] / (
                 sum(len(r["iter_ms"]) for r in results) * results[0]["batch"])
     return out
+
+
+def accuracy_run(row: Row, args, w: Optional["wanmod.Wan"], k: int) -> dict:
+    print(f"# {row.name} / cnn / time to accuracy (run {k + 1}/{args.tta_repeats}, "
+          f"{row.tta_iters if row.tta_iters is not None else args.tta_iters} iterations) ...",
+          file=sys.stderr, flush=True)
+    r = run_row(row, "cnn", "accuracy", args, w)
+    if r.get("ok"):
+        print(f"#   time to {args.target_acc:.0%}: {_f(r.get('time_to_target_s'), '.1f')} s, "
+              f"final {_f(r.get('final_acc'), '.3f')}, {r['tta_mean_s']:.3f} s/iter, "
+              f"WAN {_f((r.get('wan_bytes_per_iter') or 0) / 1e6, '.2f')} MB/iter, run {r['wall_s']} s",
+              file=sys.stderr, flush=True)
+    return r
+
+
+def _config(args, rows: Sequence[Row], rates: Mapping[str, Optional[float]]) -> dict:
+    return {"wan": args.wan, "rates": dict(rates), "parties": args.parties, "workers_per_party": args.workers,
+            "batch_size": args.batch_size, "iters": args.iters, "warmup": args.warmup,
+            "big_iters": args.big_iters, "big_warmup": args.big_warmup, "repeats": args.repeats,
+            "tta_iters": args.tta_iters, "tta_repeats": args.tta_repeats, "eval_every": args.eval_every,
+            "target_acc": args.target_acc, "omp_threads": args.omp_threads, "quick": args.quick,
+            "competing_flow": args.competing_flow, "rows": [dataclasses.asdict(r) for r in rows],
+            "geomx_commit": _git_head()}
+
+
+def run_summary(args, rows: Sequence[Row], w: Optional["wanmod.Wan"], t_all: float) -> int:
+    """``--summary``: every row ``--tta-repeats`` times, the rows interleaved (repeat 1 of every row,
+    then repeat 2, ...: a drift of the machine spreads over all rows); the JSON report is rewritten after
+    every run, so an interrupted summary keeps what it measured."""
+    runs: Dict[str, List[dict]] = {r.name: [] for r in rows}
+    report: dict = {}
+    load_before = os.getloadavg()
+    for k in range(args.tta_repeats):
+        for row in rows:
+            runs[row.name].append(accuracy_run(row, args, w, k))
+            merged = []
+            for r in rows:
+                if runs[r.name]:
+                    m = summarymod.merge_accuracy_runs(runs[r.name])
+                    m["run_details"] = [{x: v for x, v in run.items() if x != "log_tail"} for run in runs[r.name]]
+                    merged.append(m)
+            summarymod.add_ratios(merged)
+            report = {"benchmark": "summary", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                      "command": " ".join(["benchmarks/suite.py"] + (sys.argv[1:] if sys.argv else [])),
+                      "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                  "python": platform.python_version(), "loadavg_before": load_before,
+                                  "loadavg_now": os.getloadavg()},
+                      "config": _config(args, rows, w.rates() if w is not None else {}),
+                      "rows": merged, "total_s": round(time.perf_counter() - t_all, 1)}
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1, default=str)
+    table = summarymod.markdown(report)
+    print(table)
+    md = os.path.splitext(args.out)[0] + ".md"
+    with open(md, "w") as f:
+        f.write(table + "\n")
+    if args.plot:
+        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
+        summarymod.plot(report, args.plot)
+    print(f"\n(wrote {args.out}, {md} and {args.plot}; total {report['total_s']} s)", file=sys.stderr)
+    return 0 if all(r.get("ok_runs") == args.tta_repeats for r in report["rows"]) else 1
 
 
 def merge_repeats(runs: List[dict]) -> dict:
@@ -634,12 +724,18 @@ def _git_head() -> Optional[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="few iterations, one repeat: < 10 minutes on 2 cores")
-    p.add_argument("--wan", default="20mbit", help="link spec (geomx.wan; default 20mbit on every party link, "
-                   "central uncapped); 'off' runs on loopback without namespaces (no bytes, no bound)")
-    p.add_argument("--rows", default=",".join(r.name for r in ROWS if r.default),
+    p.add_argument("--summary", action="store_true",
+                   help="the summary of docs/Benchmarks.md: every row of benchmarks/summary.py's SUMMARY_ROWS, "
+                        f"accuracy runs only, --tta-repeats 3, WAN {summarymod.SUMMARY_WAN}; writes "
+                        "bench_out/summary.{json,md} and docs/images/summary.png")
+    p.add_argument("--wan", default=None, help="link spec (geomx.wan; default 20mbit on every party link, "
+                   "central uncapped; --summary: " + summarymod.SUMMARY_WAN + "); 'off' runs on loopback "
+                   "without namespaces (no bytes, no bound)")
+    p.add_argument("--rows", default=None,
                    help="rows to run, in order (default: all but " +
                         ", ".join(r.name for r in ROWS if not r.default) + ")")
-    p.add_argument("--models", default="cnn,big", help="throughput models (cnn, big)")
+    p.add_argument("--models", default=None, help="throughput models (cnn, big; 'none': accuracy runs only)")
+    p.add_argument("--tta-repeats", type=int, default=None, help="accuracy runs per row (1; --summary 3)")
     p.add_argument("--no-accuracy", action="store_true", help="skip the time-to-accuracy runs")
     p.add_argument("--parties", type=int, default=2)
     p.add_argument("--workers", type=int, default=2, help="workers per party")
@@ -659,17 +755,25 @@ def main(argv=None) -> int:
     p.add_argument("--competing-flow", action="store_true",
                    help="run a bulk TCP flow from every party to the central DC during every run "
                         "(a congested WAN, for the DGT rows)")
-    p.add_argument("--out", default="bench_out/suite.json")
-    p.add_argument("--plot", default="bench_out/suite.png")
+    p.add_argument("--out", default=None, help="JSON report (bench_out/suite.json; --summary: bench_out/summary.json)")
+    p.add_argument("--plot", default=None, help="PNG (bench_out/suite.png; --summary: docs/images/summary.png)")
     args = p.parse_args(argv)
     q = args.quick
+    for name, default, summary in (
+            ("wan", "20mbit", summarymod.SUMMARY_WAN),
+            ("rows", ",".join(r.name for r in ROWS if r.default), ",".join(summarymod.SUMMARY_ROWS)),
+            ("models", "cnn,big", "none"), ("tta_repeats", 1, 3),
+            ("out", "bench_out/suite.json", "bench_out/summary.json"),
+            ("plot", "bench_out/suite.png", os.path.join(REPO, "docs", "images", "summary.png"))):
+        if getattr(args, name) is None:
+            setattr(args, name, summary if args.summary else default)
     for name, full, quick in (("iters", 20, 8), ("warmup", 3, 2), ("big_iters", 5, 2), ("big_warmup", 1, 1),
                               ("repeats", 2, 1), ("tta_iters", 120, 50), ("timeout", 900.0, 400.0)):
         if getattr(args, name) is None:
             setattr(args, name, quick if q else full)
 
     rows = [row_by_name(n.strip()) for n in args.rows.split(",") if n.strip()]
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    models = [m.strip() for m in args.models.split(",") if m.strip() and m.strip() != "none"]
     for m in models:
         if m not in MODELS:
             p.error(f"unknown model {m!r}")
@@ -686,6 +790,13 @@ def main(argv=None) -> int:
             return 2
     t_all = time.perf_counter()
     report_rows: List[dict] = []
+    if args.summary:
+        try:
+            print(f"# emulated WAN: {w.describe() if w is not None else 'off'}", file=sys.stderr, flush=True)
+            return run_summary(args, rows, w, t_all)
+        finally:
+            if w is not None:
+                w.close()
     try:
         if w is not None:
             print(f"# emulated WAN: {w.describe()}", file=sys.stderr, flush=True)
@@ -706,13 +817,8 @@ def main(argv=None) -> int:
                 report_rows.append(merge_repeats(runs))
         if not args.no_accuracy:
             for row in rows:
-                print(f"# {row.name} / cnn / time to accuracy "
-                      f"({row.tta_iters if row.tta_iters is not None else args.tta_iters} iterations) ...",
-                      file=sys.stderr, flush=True)
-                r = run_row(row, "cnn", "accuracy", args, w)
-                if r.get("ok"):
-                    print(f"#   time to {args.target_acc:.0%}: {_f(r.get('time_to_target_s'), '.1f')} s, "
-                          f"final {_f(r.get('final_acc'), '.3f')}, run {r['wall_s']} s", file=sys.stderr, flush=True)
+                runs = [accuracy_run(row, args, w, k) for k in range(args.tta_repeats)]
+                r = runs[0] if len(runs) == 1 else dict(summarymod.merge_accuracy_runs(runs), runs=runs)
                 target = next((x for x in report_rows if x["row"] == row.name and x["model"] == "cnn"), None)
                 if target is None:
                     target = {"row": row.name, "model": "cnn", "ok": r.get("ok"), "status": r.get("status")}
@@ -740,15 +846,8 @@ def main(argv=None) -> int:
         "command": " ".join([os.path.relpath(sys.argv[0], REPO) if sys.argv[0] else "suite.py"] + sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "loadavg_after": os.getloadavg()},
-        "config": {"wan": args.wan, "rates": {k: v for k, v in rates.items()}, "parties": args.parties,
-                   "workers_per_party": args.workers, "batch_size": args.batch_size, "iters": args.iters,
-                   "warmup": args.warmup, "big_iters": args.big_iters, "big_warmup": args.big_warmup,
-                   "repeats": args.repeats, "tta_iters": args.tta_iters, "eval_every": args.eval_every,
-                   "target_acc": args.target_acc, "omp_threads": args.omp_threads, "quick": q,
-                   "competing_flow": args.competing_flow,
-                   "models": {m: MODELS[m] for m in models},
-                   "rows": [dataclasses.asdict(r) for r in rows], "geomx_commit": _git_head(),
-                   "bound": "max(compute, (up+down bytes)/rate on the bottleneck link), per iteration"},
+        "config": dict(_config(args, rows, rates), models={m: MODELS[m] for m in models},
+                       bound="max(compute, (up+down bytes)/rate on the bottleneck link), per iteration"),
         "rows": report_rows,
         "total_s": round(time.perf_counter() - t_all, 1),
     }

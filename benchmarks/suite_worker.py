@@ -33,14 +33,22 @@ iterations together) ``kv.pushpull(k, w / kv.num_workers, out=w)`` for every key
 each evaluation records whether it came right after a global average (iteration % (K1*K2) == 0),
 i.e. whether it evaluated the global model or worker 0's local one.
 
+``--esync`` (with ``GEOMX_USE_ESYNC=1``; accuracy mode only): the flow of ``examples/cnn_esync.py``, one
+iteration being one local Adam step; after ``kv.esync_steps()`` of them (the party's assignment) a
+pushpull of ``weights / kv.num_workers`` and of the workers' mean step count, which decides when all
+stop together. ``--optimizer dcasgd``: MXNet's DCASGD on the global server (with ``--kv-type
+dist_async``: MixedSync + DC-ASGD).
+
 Every result carries ``loop_s``: the wall-clock time of the timed loop (throughput mode) or the sum
-of the iteration times (accuracy mode), so the suite can report iterations per second per worker.
+of the iteration times (accuracy mode), so the suite can report iterations per second per worker,
+and ``cpu_s`` / ``max_rss_mb`` (the process's CPU time and peak resident memory).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 
@@ -128,6 +136,13 @@ def main(argv=None) -> int:
                    help="pipelined steps (the P3 rows): push the gradients in backward order (last layer "
                         "first, as MXNet's engine produces them), pull every weight, and do not wait: the "
                         "next forward pass waits only for the weights it reaches")
+    p.add_argument("--optimizer", choices=["adam", "dcasgd"], default="adam",
+                   help="the servers' optimizer: adam (lr --lr) or dcasgd (MXNet's DCASGD, momentum 0, "
+                        "lamda 0.04, lr --lr; the MixedSync + DC-ASGD row, docs/Synchronization.md)")
+    p.add_argument("--esync", action="store_true",
+                   help="ESync flow (examples/cnn_esync.py): each round kv.esync_steps() local Adam steps, then "
+                        "pushpull of weights / kv.num_workers; one iteration = one local step; needs "
+                        "GEOMX_USE_ESYNC=1")
     p.add_argument("--hfa", action="store_true",
                    help="HFA flow (examples/cnn_hfa.py): local Adam every iteration, pushpull of "
                         "weights / kv.num_workers every K1 iterations; needs MXNET_KVSTORE_USE_HFA=1")
@@ -141,26 +156,34 @@ def main(argv=None) -> int:
         import geomx  # noqa: F401  - registers geomx's store for mx.kv.create("dist_sync")
     import utils
 
-    if args.hfa:
+    if args.hfa or args.esync:
         import geomx.config
 
-        # Without HFA the servers would treat the pushed weights as gradients (as examples/cnn_hfa.py).
-        if args.native or not geomx.config.load().use_hfa:
+        # Without HFA (ESync) the servers would treat the pushed weights as gradients (as examples/cnn_hfa.py).
+        if args.hfa and (args.native or not geomx.config.load().use_hfa):
             print("suite_worker.py --hfa: geomx only, with MXNET_KVSTORE_USE_HFA=1, MXNET_KVSTORE_HFA_K1 and "
                   "MXNET_KVSTORE_HFA_K2 on every server and worker", file=sys.stderr, flush=True)
+            return 2
+        if args.esync and (args.native or not geomx.config.load().use_esync):
+            print("suite_worker.py --esync: geomx only, with GEOMX_USE_ESYNC=1 on every server and worker",
+                  file=sys.stderr, flush=True)
             return 2
     ctx = mx.cpu()
     arrays = utils.load_arrays("digits") if args.mode == "accuracy" else None
     t_setup = time.perf_counter()
     kv = mx.kv.create(args.kv_type)
     is_master = bool(getattr(kv, "is_master_worker", False))
-    optimizer = mx.optimizer.Adam(learning_rate=args.lr)
+    if args.optimizer == "dcasgd":
+        optimizer = mx.optimizer.DCASGD(learning_rate=args.lr, momentum=0.0, lamda=0.04)
+    else:
+        optimizer = mx.optimizer.Adam(learning_rate=args.lr)
+    averaging = args.hfa or args.esync  # the servers average models; no optimizer on them
     if args.hfa:
         k1, k2 = kv.hfa_periods
     if args.native or is_master:
         if args.compression:
             kv.set_gradient_compression(json.loads(args.compression))
-        if not args.local_optimizer and not args.hfa:
+        if not args.local_optimizer and not averaging:
             kv.set_optimizer(optimizer)
     net = build_model(args.model, ctx)
     params = list(net.collect_params().values())
@@ -189,6 +212,8 @@ def main(argv=None) -> int:
                     bufs[idx].astype("float32").copyto(param.data())
                 else:
                     kv.pull(idx, out=param.data())
+    if args.esync:
+        kv.init(len(params), mx.nd.zeros((1,)))  # the progress key (see below)
     if is_master:
         mx.nd.waitall()
         print("master worker initialised %d keys" % len(params), flush=True)
@@ -199,11 +224,20 @@ def main(argv=None) -> int:
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     marker = args.slice == 0
     trainer = None
-    if args.local_optimizer or args.hfa:
+    if args.local_optimizer or averaging:
         trainer = gluon.Trainer(net.collect_params(), "adam", {"learning_rate": args.lr}, kvstore=None)
     hfa_state = {"it": 0}
-    if args.hfa:
+    if averaging:
         local_workers = kv.num_workers  # this party's workers: the local server sums their pushes
+    # ESync: one more key, every worker's local steps so far averaged like the weights, so that all
+    # workers see the same value after the same round and stop together (examples/cnn_esync.py).
+    progress_key = len(params)
+    esync_state = {"steps_left": 0, "mean_steps": 0.0, "progress": mx.nd.zeros((1,)), "synced": False}
+
+    def finished(it: int) -> bool:
+        if args.esync:  # only right after a global round, on the average over all workers
+            return esync_state["synced"] and esync_state["mean_steps"] >= args.max_iters
+        return it >= args.max_iters
 
     def step(data, label):
         t0 = time.perf_counter()
@@ -213,7 +247,21 @@ def main(argv=None) -> int:
         mx.nd.waitall()
         t1 = time.perf_counter()
         batch = data.shape[0]
-        if args.hfa:
+        if args.esync:
+            trainer.step(batch)
+            hfa_state["it"] += 1
+            if esync_state["steps_left"] <= 1:
+                for idx, param in enumerate(params):
+                    kv.pushpull(idx, param.data() / local_workers, out=param.data(), priority=-idx)
+                kv.pushpull(progress_key, mx.nd.array([hfa_state["it"] / local_workers]),
+                            out=esync_state["progress"])
+                esync_state["mean_steps"] = float(esync_state["progress"].asscalar())
+                esync_state["steps_left"] = kv.esync_steps()  # assigned in that round's reply
+                esync_state["synced"] = True
+            else:
+                esync_state["steps_left"] -= 1
+                esync_state["synced"] = False
+        elif args.hfa:
             trainer.step(batch)
             hfa_state["it"] += 1
             if hfa_state["it"] % k1 == 0:
@@ -249,6 +297,10 @@ def main(argv=None) -> int:
               "params": nparams, "batch": args.batch_size, "setup_s": round(setup_s, 3), "mode": args.mode}
 
     if args.mode == "throughput":
+        if args.esync:
+            print("suite_worker.py --esync: accuracy mode only (the parties' step counts differ, so a fixed "
+                  "number of iterations per worker would not end in the same global round)", file=sys.stderr)
+            return 2
         rng = np.random.RandomState(args.seed + args.slice)
         data = mx.nd.array(rng.rand(args.batch_size, 1, 28, 28).astype(np.float32))
         label = mx.nd.array(rng.randint(0, 10, args.batch_size).astype(np.float32))
@@ -274,21 +326,21 @@ def main(argv=None) -> int:
         clock, it = 0.0, 0
         if marker:
             print(MARK_TAG + "start", flush=True)
-        while it < args.max_iters:
+        while not finished(it):
             for data, label in train_data:
                 c, t = step(data, label)
                 compute.append(round(c, 3))
                 total.append(round(t, 3))
                 clock += t / 1e3
                 it += 1
-                if marker and (it % args.eval_every == 0 or it == args.max_iters):
+                if marker and (it % args.eval_every == 0 or finished(it)):
                     acc = utils.evaluate(net, test_data, ctx)
                     ev = {"t": round(clock, 3), "it": it, "acc": round(acc, 4)}
                     if args.hfa:
                         ev["global"] = it % (k1 * k2) == 0  # right after a global average
                     evals.append(ev)
                     print(f"[iter {it}] train time {clock:.2f}s test acc {acc:.4f}", flush=True)
-                if it >= args.max_iters:
+                if finished(it):
                     break
         if marker:
             print(MARK_TAG + "end", flush=True)
@@ -296,6 +348,9 @@ def main(argv=None) -> int:
 
     finite = all(bool(np.isfinite(q.data().asnumpy()).all()) for q in params)
     result["finite"] = finite
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 3)
+    result["max_rss_mb"] = round(usage.ru_maxrss / 1024.0, 1)  # Linux: kilobytes
     print(RESULT_TAG + json.dumps(result), flush=True)
     if args.native:
         kv._barrier()  # leave together; the store's destructor tells the scheduler we are done

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import sys
 import textwrap
 from typing import Dict, List, Optional, Tuple
@@ -290,6 +291,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     logutil.setup(cfg.verbose, cfg.role)
     _hide_roles_from_mxnet()
+    try:
+        return _run_role(cfg)
+    finally:
+        _log_resources()
+
+
+def _log_resources() -> None:
+    """One line at exit with this process's CPU time and peak memory (benchmarks/suite.py reads it:
+    the global server's CPU per iteration as the number of parties grows)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    log.info("resources: cpu %.3f s, max rss %.1f MB", usage.ru_utime + usage.ru_stime,
+             usage.ru_maxrss / 1024.0)  # ru_maxrss is in kilobytes on Linux
+
+
+def _run_role(cfg: NodeConfig) -> int:
     try:
         if cfg.is_scheduler:
             return _scheduler(cfg)

@@ -595,7 +595,8 @@ class Wan:
         return format_report(self.counters(), self.rates(), seconds)
 
     def describe(self) -> str:
-        return ", ".join(f"{dc} ({self.addresses[dc]}, {format_rate(self.spec.rate(dc))})" for dc in self.dcs)
+        links = ", ".join(f"{dc} ({self.addresses[dc]}, {format_rate(self.spec.rate(dc))})" for dc in self.dcs)
+        return links + (f"; {self.spec.delay_ms:g} ms one way between data centers" if self.spec.delay_ms else "")
 
     # ---- teardown
     def close(self) -> None:

@@ -233,6 +233,43 @@ def test_suite_rows_and_summary(tmp_path):
         assert png.stat().st_size > 1000
 
 
+@pytest.mark.unit
+def test_summary_merges_repeated_accuracy_runs(tmp_path):
+    import suite
+    import summary
+
+    assert all(suite.row_by_name(n) for n in summary.SUMMARY_ROWS)  # every summary row exists
+    text = ("[central/global_server0] 12:00:01 INFO geomx.node: resources: cpu 12.500 s, max rss 310.2 MB\n"
+            "[party0/worker0] unrelated line\n")
+    assert summary.parse_resources(text) == {"central/global_server0": {"cpu_s": 12.5, "max_rss_mb": 310.2}}
+
+    def run(t, acc, s_iter, ok=True):
+        evals = [{"t": 1.0, "it": 5, "acc": 0.5}, {"t": 2.0, "it": 10, "acc": acc}]
+        return {"row": "geomx-fsa", "ok": ok, "time_to_target_s": t, "final_acc": acc, "tta_mean_s": s_iter,
+                "wan_bytes_per_iter": 2e6, "evals": evals, "status": 0 if ok else 124}
+
+    m = summary.merge_accuracy_runs([run(10.0, 0.95, 0.5), run(14.0, 0.96, 0.7), run(12.0, 0.93, 0.6),
+                                     run(None, 0.0, 0.0, ok=False)])
+    assert (m["runs"], m["ok_runs"], m["reached"]) == (4, 3, 3)
+    assert m["time_to_target_s"] == 12.0 and m["s_per_iter"] == 0.6 and m["final_acc"] == 0.95
+    assert m["tta_spread"] == pytest.approx(14.0 / 10.0 - 1.0)
+    assert m["evals"][-1]["acc"] == 0.93  # the median run's curve (time to target 12 s)
+    never = summary.merge_accuracy_runs([run(None, 0.5, 0.1), run(None, 0.6, 0.1), run(11.0, 0.91, 0.1)])
+    assert never["reached"] == 1 and never["time_to_target_s"] == 11.0 and never["evals"][-1]["acc"] == 0.6
+    nat = dict(summary.merge_accuracy_runs([run(60.0, 0.95, 1.5)]), row="native")
+    rows = [nat, m, summary.merge_accuracy_runs([run(None, 0.0, 0.0, ok=False)])]
+    summary.add_ratios(rows)
+    assert rows[1]["speed_ratio"] == pytest.approx(2.5) and rows[1]["tta_ratio"] == pytest.approx(5.0)
+    report = {"rows": rows, "config": {"target_acc": 0.9, "wan": "20mbit,delay=50ms",
+                                       "rows": [{"name": "geomx-fsa", "flags": "(default)"}]}}
+    md = summary.markdown(report)
+    assert "| geomx-fsa | 0.600 | 2.50x | 12.0 | 40% | 3/3 | 5.00x | 0.950 | 2.00 | (default) |" in md
+    assert "FAILED" in md
+    png = tmp_path / "summary.png"
+    if summary.plot(report, str(png)):
+        assert png.stat().st_size > 1000
+
+
 # ---- root: a real two-party WAN -----------------------------------------------------------------
 
 _RECEIVER = textwrap.dedent("""

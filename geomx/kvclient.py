@@ -2,8 +2,8 @@
 and local servers (towards the global servers): key placement over several servers, request ids,
 reassembly of slices, and completion callbacks. Runs in the owner's event-loop thread.
 
-With P3 (``ENABLE_P3=1``) data-path requests are cut into slices and go through one priority
-:class:`~geomx.p3.SendQueue` per server (see geomx/p3.py)."""
+How the messages reach the servers' sockets is the sender's business (:mod:`geomx.senders`, by
+name: ``zmq``, ``p3``'s sliced priority queues, ``dgt``'s blocks)."""
 from __future__ import annotations
 
 import itertools
@@ -13,9 +13,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import compression, wire
+from . import compression, senders, wire
 from .errors import GeoMXError, PeerDeadError, ProtocolError, RemoteError, SecurityError
-from .p3 import CONTROL, DATA, SendQueue, Trace
+from .p3 import CONTROL, DATA, Trace
+from .senders import Sender
 from .transport import EventLoop, Link, connect_dealer
 from .wire import Message, MsgType
 
@@ -114,14 +115,14 @@ class _Pending:
 
 
 class KVClient:
-    """``p3_slice_size`` > 0 turns P3 on: data-path requests are sliced and queued by priority, with
-    at most ``p3_window`` messages per server handed to its socket. ``trace_dir`` records every
-    data-path message's send and reply times (P3 on or off) into a chrome://tracing file there."""
+    """``via`` hands the messages to the servers' sockets (:mod:`geomx.senders`: ``zmq`` by default,
+    ``p3``'s priority queues, ``dgt``'s blocks); its ``slice_size`` cuts data-path requests into P3
+    slices. ``trace_dir`` records every data-path message's send and reply times (P3 on or off) into
+    a chrome://tracing file there."""
 
     def __init__(self, loop: EventLoop, servers: Sequence[Tuple[str, int]], *, identity: str, sender: int,
                  bigarray_bound: int, wan: bool, name: str, global_servers: Optional[int] = None,
-                 p3_slice_size: int = 0, p3_window: int = 2, trace_dir: Optional[str] = None,
-                 request_timeout: float = 0.0):
+                 via: Optional[Sender] = None, trace_dir: Optional[str] = None, request_timeout: float = 0.0):
         self.loop = loop
         self.sender = sender
         self.bigarray_bound = bigarray_bound
@@ -129,14 +130,12 @@ class KVClient:
         self.name = name
         self.identity = identity
         self.wan = wan
-        self.p3_slice_size = p3_slice_size
-        self.p3_window = p3_window
+        self.via = via if via is not None else Sender(loop)
         self.links: List[Link] = []
-        self.queues: List[SendQueue] = []
         self.addresses = [(str(h), int(p)) for h, p in servers]
         for i, (host, port) in enumerate(self.addresses):
             self.links.append(self._connect(i, host, port))
-            self.queues.append(SendQueue(loop, self.links[i]))
+            self.via.attach(i, self.links[i], self.addresses[i])
         self.trace = Trace(trace_dir, name) if trace_dir else None
         # Global servers that checkpoint say so in their INIT replies (meta "round"). Towards them,
         # pushes are numbered (header ``version`` = round + 1, per server and key) and kept after
@@ -159,14 +158,10 @@ class KVClient:
             loop.call_every(min(5.0, request_timeout / 4), self._expire)
 
     def _connect(self, server: int, host: str, port: int) -> Link:
-        # P3: libzmq may hold p3_window messages and the kernel about one slice of float32;
-        # everything else waits in the SendQueue, where priorities still decide.
-        p3 = self.p3_slice_size > 0
         peer = f"{'global' if self.wan else 'party'} server {server}"
         link = connect_dealer(self.loop, host, port, f"{self.identity}>{server}".encode(),
                               f"{self.name}->server{server}", peer=peer, wan=self.wan, cross_party=self.wan,
-                              send_window=self.p3_window if p3 else 0,
-                              send_buffer=max(1 << 16, 4 * self.p3_slice_size) if p3 else 0)
+                              **self.via.link_options())
         link.on_refused = lambda reason: self.fail_all(SecurityError(reason))
         self.loop.add(link, self._make_handler(server), routed=False)
         return link
@@ -186,9 +181,9 @@ class KVClient:
         old = self.links[server]
         self.loop.remove(old)
         old.close()  # drops whatever was still queued for the dead process
+        self.via.discard(server)  # its unsent messages are resent below with the unanswered ones
         link = self.links[server] = self._connect(server, host, port)
-        self.queues[server].clear()  # its unsent messages are resent below with the unanswered ones
-        self.queues[server] = SendQueue(self.loop, link)
+        self.via.attach(server, link, (host, port))
         link.bytes_sent, link.bytes_received = old.bytes_sent, old.bytes_received
         replayed = 0
         for (srv, _key), msgs in self.retained.items():
@@ -214,7 +209,7 @@ class KVClient:
 
     def parts(self, key: int, total: int, sliced: bool = False) -> List[Part]:
         return partition(key, total, len(self.links), self.bigarray_bound, self.global_servers,
-                         self.p3_slice_size if sliced else 0)
+                         self.via.slice_size if sliced else 0)
 
     def span_parts(self, key: int, offset: int, numel: int, total: int, sliced: bool = False) -> List[Part]:
         """The parts of ``key`` (``total`` elements) that make up its slice ``[offset, offset + numel)``:
@@ -224,30 +219,19 @@ class KVClient:
         if sum(p[2] for p in parts) != numel:
             raise ProtocolError(f"key {key}: slice [{offset}, {offset + numel}) of {total} elements does not "
                                 "consist of whole parts of the global servers")
-        return p3_slices(parts, self.p3_slice_size if sliced else 0)
-
-    def _send(self, server: int, msg: Message, kind: int, on_sent: Optional[Callable[[], None]] = None) -> None:
-        if self.p3_slice_size:
-            self.queues[server].put(msg, kind, on_sent)
-        else:
-            self.links[server].send(msg)
-            if on_sent is not None:
-                on_sent()
+        return p3_slices(parts, self.via.slice_size if sliced else 0)
 
     def request(self, mtype: MsgType, key: int, total: int, dtype: Any, callback: Callback, *,
                 data: Optional[np.ndarray] = None, meta: Optional[dict] = None, priority: int = 0,
                 version: int = 0, encoder: Optional[Encoder] = None,
-                span: Optional[Tuple[int, int]] = None,
-                send: Optional[Callable[[int, Message], None]] = None) -> None:
+                span: Optional[Tuple[int, int]] = None) -> None:
         """Send ``mtype`` for ``key`` to the servers holding it; ``callback(value, error)`` once all
         parts answered (``value`` is the reassembled array when the servers sent data).
 
         ``total`` is the number of elements sent; with ``span=(offset, key_total)`` they are the
         slice of a larger key starting at ``offset`` (a local server's share of the key).
         With ``encoder``, each part's data is ``encoder(offset, numel)`` (offsets relative to the
-        data): an encoded gradient (compression frames) instead of a slice of ``data``. With ``send``,
-        each part's message is handed to ``send(server index, message)`` instead of the server's link
-        (DGT)."""
+        data): an encoded gradient (compression frames) instead of a slice of ``data``."""
         if self.failed is not None:
             callback(None, self.failed)
             return
@@ -288,14 +272,11 @@ class KVClient:
                     msg.version = rounds + 1
                     self.push_rounds[(server, key)] = rounds + 1
             self.pending[req_id].sent[(server, offset)] = msg
-            if send is not None:
-                send(server, msg)  # DGT: the local server's push to the global tier goes as blocks
-                continue
             on_sent = None
             if pending.times is not None:
                 stamp = pending.times[(server, offset)] = [Trace.now(), None]
                 on_sent = lambda stamp=stamp: stamp.__setitem__(1, Trace.now())  # noqa: E731
-            self._send(server, msg, DATA, on_sent)
+            self.via.send(server, msg, DATA, on_sent)
 
     def broadcast(self, mtype: MsgType, callback: Callable[[List[Message], Optional[Exception]], None], *,
                   meta: Optional[dict] = None, datas: Optional[Sequence[Optional[np.ndarray]]] = None,
@@ -316,7 +297,7 @@ class KVClient:
             if datas is not None and datas[i] is not None:
                 msg.data = datas[i]
             pending.sent[(i, 0)] = msg
-            self._send(i, msg, CONTROL)
+            self.via.send(i, msg, CONTROL)
 
     def _make_handler(self, server: int) -> Callable[[Message, Optional[bytes], Link], None]:
         def handle(msg: Message, identity: Optional[bytes], link: Link) -> None:
@@ -440,8 +421,7 @@ class KVClient:
     def fail_all(self, exc: Exception) -> None:
         """Complete every outstanding request with ``exc`` (a peer died, or we are shutting down)."""
         self.failed = exc
-        for queue in self.queues:
-            queue.clear()
+        self.via.close()
         pending, self.pending = self.pending, {}
         for p in pending.values():
             try:
@@ -450,4 +430,11 @@ class KVClient:
                 log.exception("%s: callback failed while failing requests", self.name)
 
 
-__all__ = ["KVClient", "partition", "PeerDeadError"]
+def client_options(cfg: Any, loop: EventLoop, dgt: Optional[Any] = None) -> Dict[str, Any]:
+    """The :class:`KVClient` arguments from a NodeConfig: its sender (``senders.for_node``: DGT for a
+    local server with ``dgt``, P3 with ``ENABLE_P3=1``), the trace directory and the request deadline."""
+    return {"via": senders.for_node(cfg, loop, dgt), "trace_dir": cfg.p3_trace,
+            "request_timeout": cfg.request_timeout}
+
+
+__all__ = ["KVClient", "client_options", "partition", "PeerDeadError"]

@@ -18,9 +18,8 @@ import zmq
 from . import __version__, checkpoint, config, logutil
 from .config import NodeConfig
 from .errors import ConfigError, GeoMXError
-from .kvclient import KVClient
+from .kvclient import KVClient, client_options
 from .membership import Scheduler, TierMember
-from .p3 import client_options
 from .servers import GlobalServer, LocalServer
 from .servers.base import ServerBase
 from .transport import EventLoop
@@ -129,7 +128,7 @@ def _local_server(cfg: NodeConfig) -> int:
     upstream = KVClient(loop, glob.info.servers, identity=glob.client_identity(f"local_server{glob.info.rank}"),
                         sender=glob.info.rank,
                         bigarray_bound=cfg.bigarray_bound, wan=True, name=f"local_server{glob.info.rank}",
-                        **client_options(cfg))
+                        **client_options(cfg, loop, server.dgt))
     server.connect_upstream(upstream)
     # A global server restarted from its checkpoint: reconnect, resend what it lost.
     glob.on_servers_changed = lambda old, new: upstream.update_servers(new.servers)

@@ -92,12 +92,6 @@ class SendQueue:
         self._key_floor.clear()
 
 
-def client_options(cfg: Any) -> Dict[str, Any]:
-    """The :class:`~geomx.kvclient.KVClient` arguments for P3, tracing and deadlines from a NodeConfig."""
-    return {"p3_slice_size": cfg.p3_slice_size if cfg.enable_p3 else 0, "p3_window": cfg.p3_window,
-            "trace_dir": cfg.p3_trace, "request_timeout": cfg.request_timeout}
-
-
 class Trace:
     """Per-slice timestamps of one client's data-path requests, written as chrome://tracing JSON.
 

@@ -14,9 +14,8 @@ import zmq
 
 from .config import NodeConfig
 from .errors import GeoMXError, PeerDeadError
-from .kvclient import KVClient
+from .kvclient import KVClient, client_options
 from .membership import TierInfo, TierMember
-from .p3 import client_options
 from .transport import EventLoop, Link, bind_router
 from .tsengine.peer import TSPeer
 from .wire import Message, MsgType
@@ -79,7 +78,7 @@ class WorkerNode:
                 self.kv = KVClient(self.loop, self.info.servers, identity=identity,
                                    sender=self.info.rank, bigarray_bound=cfg.bigarray_bound, wan=False,
                                    name=("master_worker" if cfg.is_master_worker else "worker") + str(self.info.rank),
-                                   global_servers=self.info.global_servers, **client_options(cfg))
+                                   global_servers=self.info.global_servers, **client_options(cfg, self.loop))
                 self.kv.on_meta = self._on_meta
                 # A global server of the central party restarted from its checkpoint.
                 kv = self.kv

@@ -595,7 +595,7 @@ def test_checkpoint_requests_from_a_registered_client_are_coalesced_and_all_answ
                 master.send_multipart(wire.encode(Message(MsgType.COMMAND, req_id=1 + i,
                                                           meta={"cmd": "save_checkpoint"})))
             got = {r.req_id: r for r in srv.replies(master, 200, timeout=60)}
-            while srv.server._busy:  # the last checkpoint's thread reports on the loop
+            while srv.server.writer.busy:  # the last checkpoint's thread reports on the loop
                 srv.loop.run_once(0.02)
     finally:
         srv.close()

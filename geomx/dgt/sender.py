@@ -95,7 +95,9 @@ class Sender:
 
     # -- set-up -------------------------------------------------------------------------------
     def attach(self, links: Sequence[Link], hosts: Sequence[Tuple[str, int]]) -> None:
-        """Use the party's links to the global servers (``hosts``: their advertised addresses)."""
+        """Use the party's links to the global servers (``hosts``: their advertised addresses), in
+        server order; called once per server (geomx.senders.DgtSender) or once for all."""
+        first = not self.peers
         for link, (host, port) in zip(links, hosts):
             peer = _Peer(link, host)
             if self.mode in (2, 3):
@@ -106,6 +108,8 @@ class Sender:
                 peer.low.sock.setsockopt(zmq.TOS, 0)
                 self.loop.links.append(peer.low)  # closed with the loop; it receives nothing
             self.peers.append(peer)
+        if not first:
+            return
         if self.mode == 1:
             for c in range(1, self.channels + 1):
                 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

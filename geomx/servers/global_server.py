@@ -4,10 +4,7 @@ weights. It belongs to two tiers: the global tier (clients: local servers, acros
 central party (clients: the master worker and central workers)."""
 from __future__ import annotations
 
-import itertools
 import logging
-import threading
-import time
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
@@ -15,11 +12,12 @@ import numpy as np
 from .. import checkpoint, commands, compression, dgt
 from ..config import NodeConfig
 from ..errors import GeoMXError, ProtocolError
-from ..optimizer_spec import is_plain_sgd, optimizer_from_spec, sgd_step, states_from_wire, states_to_wire
 from ..transport import EventLoop, Link, bind_router, log_limited, peer_label
 from ..wire import Message, MsgType, meta_field
 from .base import KEY_CHECKED, Client, ServerBase
+from .checkpointing import CheckpointWriter
 from .keystate import ESYNC_KEY, KeyState
+from .updater import Updater
 
 log = logging.getLogger("geomx.server")
 
@@ -47,9 +45,7 @@ class GlobalServer(ServerBase):
         self.local_servers = cfg.num_global_worker  # each sends STOP
         self.parties = cfg.num_global_worker  # aggregates per round; set from registration (several
         # local servers of a party each send their own keys, so parties <= local servers)
-        self.optimizer_spec: Optional[dict] = None
-        self.updater: Any = None
-        self.plain_sgd = False  # the updater is SGD without momentum: _apply runs it in numpy
+        self.updater: Optional[Updater] = None  # the master worker's optimizer, once it set one
         self.global_sync = True
         self.rank = 0  # global rank, set once the global scheduler assigned it
         self.party_rank: Dict[Client, int] = {}  # client -> its global rank (as sent in headers)
@@ -65,22 +61,22 @@ class GlobalServer(ServerBase):
         # what each client was told of them (its cue to drop the pushes it keeps for a replay).
         self.checkpointed: Dict[int, int] = {}
         self.told_checkpointed: Dict[tuple, int] = {}
-        self.next_checkpoint_round = cfg.checkpoint_every
         self.restored_from: Optional[str] = None
         self.restored_clients: Optional[tuple] = None  # (stopped, pushing) of a checkpoint, until known
-        self._writer: Optional[threading.Thread] = None  # the thread writing the latest checkpoint
-        # SAVE_CHECKPOINT requests that came while a checkpoint was being written: answered together by
-        # the one checkpoint taken when it is done (one snapshot at a time, however many requests).
-        self._requested: Optional[List[Callable[[object], None]]] = None
-        self._busy = False  # a requested checkpoint is being written
+        self.writer: Optional[CheckpointWriter] = None
+        if cfg.checkpoint_dir:
+            self.writer = CheckpointWriter(loop, self.name, cfg.checkpoint_dir, cfg.checkpoint_every,
+                                           cfg.heartbeat_timeout, lambda: self.rank, self.snapshot,
+                                           self._checkpoint_durable)
         self.dgt: Optional[dgt.Receiver] = None
         if cfg.dgt_mode:
             self.dgt = dgt.Receiver(loop, cfg.dgt_grace, self._held, self._deliver_dgt_push, self.name)
             if cfg.dgt_mode == 1:
                 self.dgt.open_udp(cfg.bind_address(cfg.global_root_uri, cfg.global_root_port), cfg.dgt_udp_port)
 
-        self._save_seq = itertools.count(1)  # snapshots in the order taken ...
-        self._saved_seq = 0  # ... and the newest one known to be on disk
+    @property
+    def optimizer_spec(self) -> Optional[dict]:
+        return None if self.updater is None else self.updater.spec
 
     # -- DGT ----------------------------------------------------------------------------------
     def _held(self, key: int) -> Optional[tuple]:
@@ -137,24 +133,17 @@ class GlobalServer(ServerBase):
         ks.finish_round(r, value)
         if self.ts_root is not None:
             self.ts_root.relay(ks.key, r, value)  # ENABLE_INTER_TS: the parties get it by relay
-        if self.cfg.checkpoint_dir and ks.progress >= self.next_checkpoint_round:
-            self._periodic_checkpoint()
+        self._maybe_checkpoint(ks)
 
     # -- checkpoints --------------------------------------------------------------------------
-    def _periodic_checkpoint(self) -> None:
+    def _maybe_checkpoint(self, ks: KeyState) -> None:
         """Every GEOMX_CHECKPOINT_EVERY rounds: save once every key has completed the target round."""
-        done = min((ks.progress for ks in self.keys.values() if ks.initialized), default=0)
-        if done < self.next_checkpoint_round:
-            return
-        if self._writer is not None and self._writer.is_alive():
-            # The previous checkpoint is still being written (a slow disk): skip this one rather
-            # than queue up copies of the model; the parties keep their pushes until the next.
-            log.warning("%s: checkpoint at round %d skipped: the previous one is still being written",
-                        self.name, done)
-        else:
-            self.save_checkpoint(f"round {done}")
-        every = self.cfg.checkpoint_every
-        self.next_checkpoint_round = (done // every + 1) * every
+        if self.writer is not None and ks.progress >= self.writer.next_round:
+            self.writer.periodic(min((k.progress for k in self.keys.values() if k.initialized), default=0))
+
+    def _checkpoint_durable(self, ckpt: checkpoint.Checkpoint) -> None:
+        # From now on the clients may forget their pushes of rounds this checkpoint holds.
+        self.checkpointed = {rec.key: rec.completed for rec in ckpt.keys}
 
     def snapshot(self) -> checkpoint.Checkpoint:
         """This server's state now. Every key is at a round boundary of its own (partial rounds are
@@ -162,9 +151,8 @@ class GlobalServer(ServerBase):
         counts: Dict[int, int] = {}
         num_update, states = 0, None
         if self.updater is not None:
-            counts = dict(self.updater.optimizer._index_update_count)
-            num_update = int(self.updater.optimizer.num_update)
-            states = states_to_wire(self.updater.states)
+            counts, num_update = self.updater.update_counts()
+            states = self.updater.states_to_wire()
         keys = [checkpoint.KeyRecord(ks.key, ks.store, ks.progress, int(counts.get(ks.key, 0)), ks.offset, ks.total)
                 for ks in self.keys.values() if ks.initialized]
 
@@ -179,101 +167,10 @@ class GlobalServer(ServerBase):
 
     def save_checkpoint(self, why: str, done: Optional[Callable[[object], None]] = None,
                         wait: bool = False) -> Optional[Dict[str, Any]]:
-        """Snapshot now (on the loop: values are references, optimizer states a copy) and write the
-        file on a background thread, so the loop keeps serving (and heartbeating) meanwhile. Writes
-        happen one after the other, in snapshot order. ``done(info or GeoMXError)`` runs on the loop
-        once the file is durable; with ``wait`` this returns ``info`` (or raises) instead."""
-        if not self.cfg.checkpoint_dir:
+        """A checkpoint now (:meth:`CheckpointWriter.save`)."""
+        if self.writer is None:
             raise GeoMXError(f"global server {self.rank}: checkpoints are off (set GEOMX_CHECKPOINT_DIR)")
-        start = time.perf_counter()
-        job = _SaveJob(self.snapshot(), checkpoint.file_name(self.cfg.checkpoint_dir, self.rank), why, done, wait)
-        job.start = start
-        job.seq = next(self._save_seq)
-        previous = self._writer
-
-        def write() -> None:
-            if previous is not None:
-                previous.join()
-            try:
-                job.size = checkpoint.save(job.ckpt, job.path)
-            except OSError as exc:
-                job.error = GeoMXError(f"global server {self.rank}: cannot write checkpoint {job.path}: {exc}")
-            job.seconds = time.perf_counter() - job.start
-            with job.lock:
-                job.finished.set()
-                report = not job.wait  # else the loop, waiting for it, reports it
-            if report:
-                try:
-                    self.loop.call_soon_threadsafe(lambda: self._saved(job))
-                except Exception:  # noqa: BLE001 - the server has shut down meanwhile: nobody to tell
-                    pass
-
-        # Not a daemon: an exiting server finishes the file it is writing.
-        self._writer = threading.Thread(target=write, name="geomx-checkpoint")
-        self._writer.start()
-        if not wait:
-            return None
-        # The loop waits here (the STOP that asked for it is answered after it), but not beyond half the
-        # heartbeat timeout: its scheduler would declare it dead. A slow disk then loses only durability.
-        limit = self.cfg.heartbeat_timeout / 2
-        job.finished.wait(limit)
-        with job.lock:
-            if not job.finished.is_set():
-                job.wait = False  # the writer reports it on the loop when it is done
-                log.error("%s: checkpoint (%s) not written after %.1fs (half of PS_HEARTBEAT_TIMEOUT); going on "
-                          "without waiting for it", self.name, why, limit)
-                return None
-        return self._saved(job)
-
-    def request_checkpoint(self, done: Callable[[object], None]) -> None:
-        """SAVE_CHECKPOINT: a checkpoint now, or, while one is being written, the next one (taken once
-        it is done, for every request that came meanwhile). ``done`` as for save_checkpoint."""
-        if not self._busy:
-            self._start_requested([done])
-            return
-        if self._requested is None:
-            self._requested = []
-        if len(self._requested) >= self.MAX_WAITING_CHECKPOINT_REQUESTS:
-            done(GeoMXError(f"global server {self.rank}: {len(self._requested)} checkpoint requests wait for "
-                            "the one being written already"))
-            return
-        self._requested.append(done)
-
-    MAX_WAITING_CHECKPOINT_REQUESTS = 64
-
-    def _start_requested(self, dones: List[Callable[[object], None]]) -> None:
-        def answer(result: object) -> None:
-            self._busy = False
-            for done in dones:
-                done(result)
-            if self._requested:
-                waiting, self._requested = self._requested, None
-                self._start_requested(waiting)
-
-        self.save_checkpoint("requested", done=answer)
-        self._busy = True
-
-    def _saved(self, job: "_SaveJob") -> Optional[Dict[str, Any]]:
-        """On the loop, once ``job``'s file is written (or failed)."""
-        if job.error is not None:
-            log.error("%s", job.error)
-            if job.done is not None:
-                job.done(job.error)
-            if job.wait:
-                raise job.error
-            return None
-        if job.seq > self._saved_seq:  # a waited-for save may finish before an earlier one is reported
-            self._saved_seq = job.seq
-            # From now on the clients may forget their pushes of rounds this checkpoint holds.
-            self.checkpointed = {rec.key: rec.completed for rec in job.ckpt.keys}
-        rounds = [rec.completed for rec in job.ckpt.keys] or [0]
-        log.info("%s: checkpoint (%s) of %d key(s) at rounds %d..%d: %s, %d bytes in %.3fs", self.name, job.why,
-                 len(job.ckpt.keys), min(rounds), max(rounds), job.path, job.size, job.seconds)
-        info = {"path": job.path, "bytes": job.size, "seconds": job.seconds, "min_round": min(rounds),
-                "max_round": max(rounds), "rank": self.rank}
-        if job.done is not None:
-            job.done(info)
-        return info
+        return self.writer.save(why, done, wait)
 
     def restore(self, ckpt: checkpoint.Checkpoint, path: str) -> None:
         """Take over the state of the checkpoint (before joining the tiers)."""
@@ -286,13 +183,10 @@ class GlobalServer(ServerBase):
         self.compression_params = ckpt.compression
         if ckpt.optimizer is not None:
             self._set_optimizer(ckpt.optimizer, from_master=True)
-            opt = self.updater.optimizer
-            for rec in ckpt.keys:
-                if rec.update_count:
-                    opt._index_update_count[rec.key] = rec.update_count
-            opt.num_update = ckpt.num_update
+            assert self.updater is not None
+            self.updater.restore_counts(((rec.key, rec.update_count) for rec in ckpt.keys), ckpt.num_update)
             if ckpt.states is not None:
-                self._load_states(states_from_wire(*ckpt.states))
+                self.updater.load_states(*ckpt.states)
         for rec in ckpt.keys:
             ks = self.keys[rec.key] = KeyState(rec.key, rec.value.size, rec.value.dtype, rec.offset, rec.total)
             ks.store = rec.value
@@ -308,9 +202,8 @@ class GlobalServer(ServerBase):
         self.restored_clients = ({(name, bytes.fromhex(ident)) for name, ident in ckpt.stopped},
                                  {(name, bytes.fromhex(ident)) for name, ident in ckpt.pushing})
         self.checkpointed = {rec.key: rec.completed for rec in ckpt.keys}
-        if self.cfg.checkpoint_every:
-            done = min([rec.completed for rec in ckpt.keys] or [0])
-            self.next_checkpoint_round = (done // self.cfg.checkpoint_every + 1) * self.cfg.checkpoint_every
+        if self.writer is not None:
+            self.writer.restored_at(min([rec.completed for rec in ckpt.keys] or [0]))
         self.restored_from = path
         rounds = [rec.completed for rec in ckpt.keys] or [0]
         log.info("%s: restored from %s: rank %d, %d key(s) at rounds %d..%d, optimizer %s", self.name, path,
@@ -383,8 +276,7 @@ class GlobalServer(ServerBase):
                 self.party_views[(client, ks.key)] = value  # the party receives these weights
             self.reply(link, identity, msg, value if msg.type == MsgType.PUSHPULL else None)
         ks.serve_parked()
-        if self.cfg.checkpoint_dir and ks.progress >= self.next_checkpoint_round:
-            self._periodic_checkpoint()
+        self._maybe_checkpoint(ks)
 
     def _reply_weight_delta(self, link: Link, identity: bytes, msg: Message, ks: KeyState, party: Client,
                             weights: np.ndarray) -> None:
@@ -405,46 +297,11 @@ class GlobalServer(ServerBase):
 
     def _apply(self, ks: KeyState, grad_np: np.ndarray, party: Optional[Client] = None) -> np.ndarray:
         """Run the optimizer on ``ks`` with ``grad_np``; the new weights become the key's value.
-
-        DC-ASGD under MixedSync compensates each party's delay against the weights *that party*
-        last pulled (the paper's per-worker backup), not against the key's last update by anyone.
-        """
-        import mxnet as mx
-
-        index = ks.update_index
-        if index != ks.key and index not in self.updater.states:
-            # A P3 slice's first update: it takes the key's learning-rate and weight-decay multipliers.
-            opt = self.updater.optimizer
-            for table in (opt.lr_mult, opt.wd_mult, opt.idx2name):
-                if ks.key in table:
-                    table[index] = table[ks.key]
-        if self.plain_sgd and ks.dtype == np.float32:
-            # Stateless SGD in numpy: ~7x faster than MXNet's kernel, and no copy out of an NDArray.
-            self.updater.states.setdefault(index, None)  # what MXNet's Updater records for it
-            self.updater.states_synced[index] = True
-            ks.store = sgd_step(self.updater.optimizer, index, ks.store, grad_np)
-            ks.weight_nd = None  # MXNet's copy, if another optimizer made one, is stale now
-            return ks.store
-        if ks.weight_nd is None:
-            ks.weight_nd = mx.nd.array(ks.store, dtype=ks.dtype)
-        if grad_np.flags.writeable and grad_np.flags.c_contiguous and grad_np.flags.aligned:
-            # A round sum this server owns and drops after the update: lend it to MXNet (no copy).
-            grad = mx.nd.from_numpy(grad_np, zero_copy=True)
-        else:
-            grad = mx.nd.empty(grad_np.shape, dtype=ks.dtype)
-            grad._sync_copyfrom(grad_np)
-        dcasgd = party is not None and self.optimizer_spec is not None and self.optimizer_spec["name"] == "dcasgd"
-        if dcasgd:
-            state = self.updater.states.get(ks.key)
-            if state is None:
-                state = self.updater.optimizer.create_state(ks.key, ks.weight_nd)
-                self.updater.states[ks.key] = state
-                self.updater.states_synced[ks.key] = True
-            state[1][:] = self.party_views[(party, ks.key)].reshape(state[1].shape)
-        self.updater(index, grad, ks.weight_nd)
-        value = ks.weight_nd.asnumpy().reshape(-1)
-        ks.store = value
-        return value
+        DC-ASGD under MixedSync (``party`` set) compensates against the weights that party holds."""
+        assert self.updater is not None
+        backup = self.party_views[(party, ks.key)] if party is not None and self.updater.name == "dcasgd" else None
+        ks.store = self.updater.apply(ks.key, ks.update_index, ks.store, grad_np, backup)
+        return ks.store
 
     def reply_meta(self, req: Message, client: Client) -> Optional[dict]:
         meta: Dict[str, Any] = {}
@@ -561,7 +418,8 @@ class GlobalServer(ServerBase):
                 self.reply(link, identity, msg)
             elif cmd == commands.GET_STATES:
                 self._require_optimizer()
-                desc, blob = states_to_wire(self.updater.states)
+                assert self.updater is not None
+                desc, blob = self.updater.states_to_wire()
                 desc["optimizer"] = self.optimizer_spec
                 self.reply(link, identity, msg, blob, meta=desc)
             elif cmd == commands.SET_STATES:
@@ -570,8 +428,8 @@ class GlobalServer(ServerBase):
                 if len(parts) != self.cfg.num_global_server:
                     raise GeoMXError(f"states for {len(parts)} global servers, there are "
                                      f"{self.cfg.num_global_server}")
-                states = states_from_wire(*parts[self.rank])
-                self._load_states(states)
+                assert self.updater is not None
+                self.updater.load_states(*parts[self.rank])
                 self.reply(link, identity, msg)
             elif cmd == commands.SAVE_CHECKPOINT:
                 def answer(result: object) -> None:
@@ -580,7 +438,9 @@ class GlobalServer(ServerBase):
                     else:
                         self.reply(link, identity, msg, meta=result)  # type: ignore[arg-type]
 
-                self.request_checkpoint(answer)
+                if self.writer is None:
+                    raise GeoMXError(f"global server {self.rank}: checkpoints are off (set GEOMX_CHECKPOINT_DIR)")
+                self.writer.request(answer)
             elif cmd == commands.SET_COMPRESSION:
                 self._set_compression(meta_field(msg, "params", dict))
                 self.reply(link, identity, msg)
@@ -631,51 +491,18 @@ class GlobalServer(ServerBase):
             return
         if spec == self.optimizer_spec:
             return
-        import mxnet as mx
-
-        opt = optimizer_from_spec(spec)
-        self.updater = mx.optimizer.get_updater(opt)
-        self.plain_sgd = is_plain_sgd(opt)
-        self.optimizer_spec = spec
+        self.updater = Updater(spec)
         log.info("%s: optimizer %s %s", self.name, spec["name"], spec["params"])
 
     def _require_optimizer(self) -> None:
         if self.updater is None:
             raise GeoMXError("no optimizer is set on the global server")
 
-    def _load_states(self, states: Dict[int, Any]) -> None:
-        import mxnet as mx
-
-        def to_nd(node: Any) -> Any:
-            if node is None:
-                return None
-            if isinstance(node, tuple):
-                return tuple(to_nd(x) for x in node)
-            return mx.nd.array(node, dtype=node.dtype)
-
-        self.updater.states = {k: to_nd(v) for k, v in states.items()}
-        self.updater.states_synced = {k: False for k in states}
-
     def on_all_stopped(self) -> None:
         log.info("%s: every client stopped", self.name)
         if self.dgt is not None:
             log.info("%s: DGT blocks received %s", self.name, self.dgt.stats.as_dict())
         self.exit_code = 0
-
-
-class _SaveJob:
-    """One checkpoint on its way to disk."""
-
-    def __init__(self, ckpt: checkpoint.Checkpoint, path: str, why: str,
-                 done: Optional[Callable[[object], None]], wait: bool):
-        self.ckpt, self.path, self.why, self.done, self.wait = ckpt, path, why, done, wait
-        self.start = time.perf_counter()
-        self.size = 0
-        self.seconds = 0.0
-        self.error: Optional[GeoMXError] = None
-        self.seq = 0
-        self.lock = threading.Lock()
-        self.finished = threading.Event()
 
 
 def _without_progress(spec: Dict[str, Any]) -> Dict[str, Any]:

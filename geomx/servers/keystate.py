@@ -51,7 +51,7 @@ class KeyState:
     """
 
     __slots__ = ("key", "numel", "dtype", "offset", "total", "store", "initialized", "rounds", "completed",
-                 "arrivals", "pushes_by", "slice_pushes", "parked", "init_requested", "weight_nd", "milestone",
+                 "arrivals", "pushes_by", "slice_pushes", "parked", "init_requested", "milestone",
                  "local_rounds", "priority", "first_round", "slices", "slice_size", "update_index")
 
     def __init__(self, key: int, numel: int, dtype: np.dtype, offset: int = 0, total: Optional[int] = None):
@@ -80,7 +80,6 @@ class KeyState:
         # The optimizer's index for this state: the key, or a slice's own (see GlobalServer._apply).
         self.update_index = key
         self.parked: List[Any] = []  # (client, reply): pulls waiting for a round or for the init
-        self.weight_nd: Any = None  # MXNet copy of the weights when the global server runs an optimizer
         self.milestone: Optional[np.ndarray] = None  # HFA: the global model at the last global round
         self.local_rounds = 0  # HFA: party-level averages since the start
         # Rounds every client is taken to have pushed already: 0, or the rounds a restored

@@ -59,8 +59,7 @@ class LocalServer(ServerBase):
         them may need the global tier."""
         self.upstream = client
         client.on_meta = self._on_upstream_meta
-        if self.dgt is not None:
-            self.dgt.attach(client.links, client.addresses)
+        if self.dgt is not None:  # the client sends through it (geomx.senders.DgtSender)
             client.on_server_meta = self.dgt.on_server_meta
         self.loop.add(self.link, self.handle_client, routed=True)
 
@@ -152,8 +151,7 @@ class LocalServer(ServerBase):
 
         # The workers' priority goes on across the WAN (P3 orders the global tier's slices by it).
         self.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_result, data=acc,
-                              encoder=self._encoder(ks, acc), span=(ks.offset, ks.total), priority=ks.priority,
-                              send=None if self.dgt is None else self.dgt.send)
+                              encoder=self._encoder(ks, acc), span=(ks.offset, ks.total), priority=ks.priority)
 
     def finish_round(self, ks: KeyState, r: int, value: np.ndarray) -> None:
         ks.finish_round(r, value)

@@ -122,6 +122,7 @@ def plot(report: dict, path: str) -> bool:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("# matplotlib not installed (pip install geomx[bench]); no plot", file=sys.stderr)
         return False
@@ -148,6 +149,11 @@ def plot(report: dict, path: str) -> bool:
     ax2.set_yticklabels(names, fontsize=8)
     ax2.invert_yaxis()
     ax2.set_xscale("log")
+    ax2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax2.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    for i, v in enumerate(mb):
+        ax2.text(v, i, f" {v:.2f}", va="center", fontsize=7)
+    ax2.set_xlim(min(mb) / 1.5, max(mb) * 3)
     ax2.set_xlabel("WAN MB per iteration (all links, log scale)")
     ax2.set_title("bytes on the WAN")
     fig.tight_layout()

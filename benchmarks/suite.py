@@ -58,6 +58,7 @@ sys.path.insert(0, HERE)
 import summary as summarymod  # noqa: E402
 from native_launch import native_procs, run_processes  # noqa: E402
 from suite_worker import MARK_TAG, RESULT_TAG  # noqa: E402  (no MXNet import at module level)
+from summary import fmt as _f  # noqa: E402
 
 from geomx import wan as wanmod  # noqa: E402
 from geomx.wan import LinkCounters  # noqa: E402
@@ -307,10 +308,6 @@ def summarise_accuracy(evals: Sequence[dict], target: float) -> dict:
     return out
 
 
-def _f(v, fmt: str, empty: str = "-") -> str:
-    return empty if v is None else format(v, fmt)
-
-
 def markdown(report: dict) -> str:
     target = report.get("config", {}).get("target_acc")
     tgt = f"{target * 100:.0f}%" if target else "target"
@@ -410,12 +407,8 @@ def markdown_tail(report: dict, baseline: str = "geomx-fsa") -> str:
 
 def plot(report: dict, path: str) -> bool:
     """Time-to-accuracy curves and speedup bars into ``path``; False when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("# matplotlib not installed (pip install geomx[bench]); no plot", file=sys.stderr)
+    plt = summarymod.pyplot()
+    if plt is None:
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     curves = 0

@@ -87,6 +87,23 @@ def add_ratios(rows: List[dict]) -> None:
             r["tta_ratio"] = nat["time_to_target_s"] / r["time_to_target_s"]
 
 
+def fmt(v: Optional[float], spec: str, empty: str = "-") -> str:
+    """``v`` formatted with ``spec``; ``empty`` for a missing value (benchmarks/suite.py's tables too)."""
+    return empty if v is None else format(v, spec)
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (with a note) when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("# matplotlib not installed (pip install geomx[bench]); no plot", file=sys.stderr)
+        return None
+    return plt
+
+
 def _x(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.1f}x" if v >= 10 else f"{v:.2f}x"
 
@@ -108,24 +125,20 @@ def markdown(report: dict) -> str:
         wan = r.get("wan_bytes_per_iter")
         lines.append(
             f"| {name} | {r['s_per_iter']:.3f} | {_x(r.get('speed_ratio'))} "
-            f"| {'never' if t is None else f'{t:.1f}'} | {'-' if spread is None else f'{spread * 100:.0f}%'} "
+            f"| {fmt(t, '.1f', 'never')} | {'-' if spread is None else f'{spread * 100:.0f}%'} "
             f"| {r.get('reached', 0)}/{r.get('ok_runs')} | {_x(r.get('tta_ratio'))} "
-            f"| {'-' if r.get('final_acc') is None else format(r['final_acc'], '.3f')} "
-            f"| {'-' if wan is None else f'{wan / 1e6:.2f}'} | {flags.get(name, '')} |")
+            f"| {fmt(r.get('final_acc'), '.3f')} "
+            f"| {fmt(None if wan is None else wan / 1e6, '.2f')} | {flags.get(name, '')} |")
     return "\n".join(lines)
 
 
 def plot(report: dict, path: str) -> bool:
     """Accuracy against training time per row (the median run; log time axis) and WAN MB per
     iteration (log axis). False when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        print("# matplotlib not installed (pip install geomx[bench]); no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
+    from matplotlib import ticker
     rows = [r for r in report["rows"] if r.get("ok")]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
     cmap = plt.get_cmap("tab20")
@@ -149,8 +162,8 @@ def plot(report: dict, path: str) -> bool:
     ax2.set_yticklabels(names, fontsize=8)
     ax2.invert_yaxis()
     ax2.set_xscale("log")
-    ax2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax2.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax2.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax2.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
     for i, v in enumerate(mb):
         ax2.text(v, i, f" {v:.2f}", va="center", fontsize=7)
     ax2.set_xlim(min(mb) / 1.5, max(mb) * 3)

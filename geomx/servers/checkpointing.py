@@ -62,14 +62,14 @@ class CheckpointWriter:
         self._save_seq = itertools.count(1)  # snapshots in the order taken ...
         self._saved_seq = 0  # ... and the newest one known to be on disk
 
-    def restored_at(self, done: int) -> None:
-        """Restored from a checkpoint whose slowest key had completed ``done`` rounds."""
-        if self.every:
-            self.next_round = (done // self.every + 1) * self.every
+    def schedule_after(self, done: int) -> None:
+        """Every key has completed ``done`` rounds (saved, skipped, or restored from a checkpoint): the
+        next periodic checkpoint is at the next multiple of ``every`` (GEOMX_CHECKPOINT_EVERY, >= 1)."""
+        self.next_round = (done // self.every + 1) * self.every
 
     def periodic(self, done: int) -> None:
         """Every key has completed ``done`` rounds: save if a periodic checkpoint is due."""
-        if not self.every or done < self.next_round:
+        if done < self.next_round:
             return
         if self._writer is not None and self._writer.is_alive():
             # The previous checkpoint is still being written (a slow disk): skip this one rather
@@ -78,7 +78,7 @@ class CheckpointWriter:
                         self.name, done)
         else:
             self.save(f"round {done}")
-        self.next_round = (done // self.every + 1) * self.every
+        self.schedule_after(done)
 
     def save(self, why: str, done: Optional[Done] = None, wait: bool = False) -> Optional[Dict[str, Any]]:
         """Snapshot now and write the file on a background thread. Writes happen one after the other,

@@ -168,9 +168,12 @@ class GlobalServer(ServerBase):
     def save_checkpoint(self, why: str, done: Optional[Callable[[object], None]] = None,
                         wait: bool = False) -> Optional[Dict[str, Any]]:
         """A checkpoint now (:meth:`CheckpointWriter.save`)."""
+        return self._checkpoint_writer().save(why, done, wait)
+
+    def _checkpoint_writer(self) -> CheckpointWriter:
         if self.writer is None:
             raise GeoMXError(f"global server {self.rank}: checkpoints are off (set GEOMX_CHECKPOINT_DIR)")
-        return self.writer.save(why, done, wait)
+        return self.writer
 
     def restore(self, ckpt: checkpoint.Checkpoint, path: str) -> None:
         """Take over the state of the checkpoint (before joining the tiers)."""
@@ -203,7 +206,7 @@ class GlobalServer(ServerBase):
                                  {(name, bytes.fromhex(ident)) for name, ident in ckpt.pushing})
         self.checkpointed = {rec.key: rec.completed for rec in ckpt.keys}
         if self.writer is not None:
-            self.writer.restored_at(min([rec.completed for rec in ckpt.keys] or [0]))
+            self.writer.schedule_after(min([rec.completed for rec in ckpt.keys] or [0]))
         self.restored_from = path
         rounds = [rec.completed for rec in ckpt.keys] or [0]
         log.info("%s: restored from %s: rank %d, %d key(s) at rounds %d..%d, optimizer %s", self.name, path,
@@ -417,19 +420,16 @@ class GlobalServer(ServerBase):
                 log.info("%s: global tier is %s", self.name, mode)
                 self.reply(link, identity, msg)
             elif cmd == commands.GET_STATES:
-                self._require_optimizer()
-                assert self.updater is not None
-                desc, blob = self.updater.states_to_wire()
+                desc, blob = self._require_optimizer().states_to_wire()
                 desc["optimizer"] = self.optimizer_spec
                 self.reply(link, identity, msg, blob, meta=desc)
             elif cmd == commands.SET_STATES:
-                self._require_optimizer()
+                updater = self._require_optimizer()
                 parts = commands.split_merged(msg.meta or {}, msg.data)
                 if len(parts) != self.cfg.num_global_server:
                     raise GeoMXError(f"states for {len(parts)} global servers, there are "
                                      f"{self.cfg.num_global_server}")
-                assert self.updater is not None
-                self.updater.load_states(*parts[self.rank])
+                updater.load_states(*parts[self.rank])
                 self.reply(link, identity, msg)
             elif cmd == commands.SAVE_CHECKPOINT:
                 def answer(result: object) -> None:
@@ -438,9 +438,7 @@ class GlobalServer(ServerBase):
                     else:
                         self.reply(link, identity, msg, meta=result)  # type: ignore[arg-type]
 
-                if self.writer is None:
-                    raise GeoMXError(f"global server {self.rank}: checkpoints are off (set GEOMX_CHECKPOINT_DIR)")
-                self.writer.request(answer)
+                self._checkpoint_writer().request(answer)
             elif cmd == commands.SET_COMPRESSION:
                 self._set_compression(meta_field(msg, "params", dict))
                 self.reply(link, identity, msg)
@@ -494,9 +492,10 @@ class GlobalServer(ServerBase):
         self.updater = Updater(spec)
         log.info("%s: optimizer %s %s", self.name, spec["name"], spec["params"])
 
-    def _require_optimizer(self) -> None:
+    def _require_optimizer(self) -> Updater:
         if self.updater is None:
             raise GeoMXError("no optimizer is set on the global server")
+        return self.updater
 
     def on_all_stopped(self) -> None:
         log.info("%s: every client stopped", self.name)

@@ -55,7 +55,7 @@ def server_with_model(directory: str, params: int, keys: int, make_opt) -> Globa
         ks.store = rng.standard_normal(n, dtype=np.float32)
         ks.initialized = True
         if make_opt is not None:
-            server._apply(ks, rng.standard_normal(n, dtype=np.float32))  # creates the optimizer state
+            server.policy.round_result(ks, rng.standard_normal(n, dtype=np.float32))  # creates the optimizer state
         ks.completed = 1
     return server
 

@@ -474,3 +474,45 @@ class DrivenLoop:
             sock.close(linger=0)
         self.loop.close()
         self.ctx.destroy(linger=0)
+
+
+# -- a real server in the test's process, its clients registered ------------------------------------
+
+TOKEN = "0123456789abcdef" * 2  # as TierMember makes them: 32 hex digits
+
+
+class InProcessServer(DrivenLoop):
+    """A real local or global server in this process (its event loop driven by the test) whose
+    clients are registered as the tier's scheduler would do it, and DEALERs to talk to it. ``master``:
+    the central-party client is the master worker."""
+
+    def __init__(self, kind: str, master: bool = False, **env: str):
+
+        from geomx import config, transport
+        from geomx.kvclient import KVClient
+        from geomx.servers import GlobalServer, LocalServer
+
+        self.ctx = zmq.Context()
+        self.loop = transport.EventLoop(self.ctx, name=kind, local_ipc=False)
+        self.socks: List[zmq.Socket] = []
+        if kind == "local server":
+            self.server = LocalServer(config.load(dict(SERVER_ENV, DMLC_ROLE="server", **env)), self.loop)
+            self.server.connect_upstream(KVClient(self.loop, [("127.0.0.1", dead_port())], identity="ls",
+                                                  sender=0, bigarray_bound=10 ** 6, wan=False, name="ls"))
+            self.ports = {"party": self.server.port}
+            self.server.allow(self.server.link.name, [TOKEN])
+        else:
+            cfg = config.load(dict(SERVER_ENV, DMLC_ROLE_GLOBAL="global_server", DMLC_ROLE="server",
+                                   DMLC_NUM_ALL_WORKER="4", **env))
+            self.server = GlobalServer(cfg, self.loop)
+            self.ports = {"wan": self.server.wan_port, "lan": self.server.lan_port}
+            self.server.allow(self.server.wan_link.name, [TOKEN])
+            # The central party's scheduler names its master worker: here the registered client.
+            self.server.allow(self.server.lan_link.name, [TOKEN], master=TOKEN if master else None)
+
+    def client(self, identity: bytes, port: str) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, identity)
+        sock.connect(f"tcp://127.0.0.1:{self.ports[port]}")
+        self.socks.append(sock)
+        return sock

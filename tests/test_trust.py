@@ -22,9 +22,10 @@ import zmq
 from helpers import (
     REPO,
     SERVER_ENV,
+    TOKEN,
     WORKERS,
     Cluster,
-    DrivenLoop,
+    InProcessServer,
     assert_no_process_left,
     dead_port,
     initialised,
@@ -476,44 +477,6 @@ def test_a_checkpoint_member_claiming_more_elements_than_it_holds_is_refused_not
 
 # -- registered clients: what the servers still bound for them --------------------------------------
 
-TOKEN = "0123456789abcdef" * 2  # as TierMember makes them: 32 hex digits
-
-
-class InProcessServer(DrivenLoop):
-    """A real local or global server in this process (its event loop driven by the test) whose
-    clients are registered as the tier's scheduler would do it, and DEALERs to talk to it."""
-
-    def __init__(self, kind: str, **env: str):
-
-        from geomx import config
-        from geomx.servers import GlobalServer, LocalServer
-
-        self.ctx = zmq.Context()
-        self.loop = transport.EventLoop(self.ctx, name=kind, local_ipc=False)
-        self.socks: List[zmq.Socket] = []
-        if kind == "local server":
-            self.server = LocalServer(config.load(dict(SERVER_ENV, DMLC_ROLE="server", **env)), self.loop)
-            self.server.connect_upstream(KVClient(self.loop, [("127.0.0.1", dead_port())], identity="ls",
-                                                  sender=0, bigarray_bound=10 ** 6, wan=False, name="ls"))
-            self.ports = {"party": self.server.port}
-            self.server.allow(self.server.link.name, [TOKEN])
-        else:
-            cfg = config.load(dict(SERVER_ENV, DMLC_ROLE_GLOBAL="global_server", DMLC_ROLE="server",
-                                   DMLC_NUM_ALL_WORKER="4", **env))
-            self.server = GlobalServer(cfg, self.loop)
-            self.ports = {"wan": self.server.wan_port, "lan": self.server.lan_port}
-            self.server.allow(self.server.wan_link.name, [TOKEN])
-            self.server.allow(self.server.lan_link.name, [TOKEN])
-
-    def client(self, identity: bytes, port: str) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, identity)
-        sock.connect(f"tcp://127.0.0.1:{self.ports[port]}")
-        self.socks.append(sock)
-        return sock
-
-
-
 REGISTERED = f"worker0#{TOKEN}>0".encode()
 
 
@@ -570,7 +533,7 @@ def test_esync_timings_out_of_range_from_a_registered_party_are_refused(mxnet_mo
         got = {r.req_id: r for r in srv.replies(party, len(cases))}
         for i, needle in enumerate(cases.values()):
             assert got[1 + i].type == MsgType.ERROR and needle in got[1 + i].meta["error"], (needle, got.get(1 + i))
-        assert not srv.server.esync_speed and not srv.server.keys[0].rounds  # nothing recorded or summed
+        assert not srv.server.policy.speed and not srv.server.keys[0].rounds  # nothing recorded or summed
     finally:
         srv.close()
 

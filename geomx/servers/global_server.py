@@ -16,15 +16,11 @@ from ..transport import EventLoop, Link, bind_router, log_limited, peer_label
 from ..wire import Message, MsgType, meta_field
 from .base import KEY_CHECKED, Client, ServerBase
 from .checkpointing import CheckpointWriter
-from .keystate import ESYNC_KEY, KeyState
+from .keystate import KeyState
+from .sync import GLOBAL_POLICIES, GlobalPolicy, chosen
 from .updater import Updater
 
 log = logging.getLogger("geomx.server")
-
-# The time a party reports for its ESync local steps: from a microsecond to a year. Beyond these a
-# speed is not a measurement, and 0 or infinity would break the steps' ratio.
-ESYNC_MIN_SECONDS = 1e-6
-ESYNC_MAX_SECONDS = 365 * 86400.0
 
 
 class GlobalServer(ServerBase):
@@ -46,17 +42,14 @@ class GlobalServer(ServerBase):
         self.parties = cfg.num_global_worker  # aggregates per round; set from registration (several
         # local servers of a party each send their own keys, so parties <= local servers)
         self.updater: Optional[Updater] = None  # the master worker's optimizer, once it set one
-        self.global_sync = True
+        # The synchronization algorithm (geomx/servers/sync): FSA, HFA or ESync as configured,
+        # MixedSync once the master worker asks for dist_async.
+        self.policy: GlobalPolicy = GLOBAL_POLICIES[chosen(cfg)](self)
         self.rank = 0  # global rank, set once the global scheduler assigned it
         self.party_rank: Dict[Client, int] = {}  # client -> its global rank (as sent in headers)
         self.lost_parties: set = set()
         self.on_async: Optional[Callable[[], None]] = None  # set by the node: tell the global scheduler
         self.compression_params: Optional[Dict[str, Any]] = None  # set by the master worker
-        self.down_codecs: Dict[Client, Any] = {}  # MixedSync + BSC: one downlink codec per party
-        # (party, key) -> the weights that party holds: what it received last (its DC-ASGD backup);
-        # under BSC, the sum of the sparsified changes sent to it.
-        self.party_views: Dict[tuple, np.ndarray] = {}
-        self.esync_speed: Dict[Client, float] = {}  # ESync: each party's measured local steps per second
         # Checkpoints (GEOMX_CHECKPOINT_DIR): the rounds of each key in the last saved checkpoint, and
         # what each client was told of them (its cue to drop the pushes it keeps for a replay).
         self.checkpointed: Dict[int, int] = {}
@@ -77,6 +70,11 @@ class GlobalServer(ServerBase):
     @property
     def optimizer_spec(self) -> Optional[dict]:
         return None if self.updater is None else self.updater.spec
+
+    @property
+    def global_sync(self) -> bool:
+        """Whether the parties' pushes form synchronous rounds (not MixedSync)."""
+        return self.policy.synchronous
 
     # -- DGT ----------------------------------------------------------------------------------
     def _held(self, key: int) -> Optional[tuple]:
@@ -111,16 +109,7 @@ class GlobalServer(ServerBase):
 
     # -- round bookkeeping --------------------------------------------------------------------
     def expected_pushes(self, link: Link) -> int:
-        central = self.central_workers if self.cfg.enable_central_worker else 0
-        if link is self.lan_link:
-            # Under FSA the central workers push into the parties' rounds: a round is complete once
-            # every party and every central worker pushed, whichever link the last push came by
-            # (counting only the central ones here completed rounds before the parties had pushed).
-            # Under MixedSync their pushes are summed among themselves and applied once.
-            return self.parties + central if central and self.global_sync else central
-        if not self.global_sync:
-            return 1  # MixedSync: every party's push is applied on arrival (see on_push)
-        return self.parties + central
+        return self.policy.expected_pushes(link)
 
     def expected_stops(self) -> int:
         return self.local_servers + self.central_workers - len(self.lost_parties)
@@ -129,17 +118,18 @@ class GlobalServer(ServerBase):
         return self.parties + (self.central_workers if self.cfg.enable_central_worker else 0)
 
     def dispatch_round(self, ks: KeyState, r: int, acc: np.ndarray) -> None:
-        value = acc if self.updater is None else self._apply(ks, acc)
+        value = self.policy.round_result(ks, acc)
         ks.finish_round(r, value)
         if self.ts_root is not None:
             self.ts_root.relay(ks.key, r, value)  # ENABLE_INTER_TS: the parties get it by relay
-        self._maybe_checkpoint(ks)
+        self.maybe_checkpoint(ks)
 
     # -- checkpoints --------------------------------------------------------------------------
-    def _maybe_checkpoint(self, ks: KeyState) -> None:
+    def maybe_checkpoint(self, ks: KeyState) -> None:
         """Every GEOMX_CHECKPOINT_EVERY rounds: save once every key has completed the target round."""
-        if self.writer is not None and ks.progress >= self.writer.next_round:
-            self.writer.periodic(min((k.progress for k in self.keys.values() if k.initialized), default=0))
+        progress = self.policy.progress
+        if self.writer is not None and progress(ks) >= self.writer.next_round:
+            self.writer.periodic(min((progress(k) for k in self.keys.values() if k.initialized), default=0))
 
     def _checkpoint_durable(self, ckpt: checkpoint.Checkpoint) -> None:
         # From now on the clients may forget their pushes of rounds this checkpoint holds.
@@ -153,7 +143,8 @@ class GlobalServer(ServerBase):
         if self.updater is not None:
             counts, num_update = self.updater.update_counts()
             states = self.updater.states_to_wire()
-        keys = [checkpoint.KeyRecord(ks.key, ks.store, ks.progress, int(counts.get(ks.key, 0)), ks.offset, ks.total)
+        keys = [checkpoint.KeyRecord(ks.key, ks.store, self.policy.progress(ks), int(counts.get(ks.key, 0)),
+                                     ks.offset, ks.total)
                 for ks in self.keys.values() if ks.initialized]
 
         def clients(group: set) -> List[List[str]]:
@@ -182,7 +173,7 @@ class GlobalServer(ServerBase):
                 f"checkpoint {path} was taken with {ckpt.num_global_server} global server(s), "
                 f"DMLC_NUM_GLOBAL_SERVER is {self.cfg.num_global_server}")
         self.rank = ckpt.rank
-        self.global_sync = ckpt.global_sync
+        self.policy = GLOBAL_POLICIES[chosen(self.cfg, ckpt.global_sync)](self)
         self.compression_params = ckpt.compression
         if ckpt.optimizer is not None:
             self._set_optimizer(ckpt.optimizer, from_master=True)
@@ -194,11 +185,7 @@ class GlobalServer(ServerBase):
             ks = self.keys[rec.key] = KeyState(rec.key, rec.value.size, rec.value.dtype, rec.offset, rec.total)
             ks.store = rec.value
             ks.initialized = True
-            if ckpt.global_sync:
-                ks.completed = ks.first_round = rec.completed
-            else:
-                # MixedSync records the updates applied; its rounds (central workers') start afresh.
-                ks.arrivals = rec.completed
+            self.policy.restore_key(ks, rec.completed)
         # Who had stopped or pushed: that matters only if this server rejoins the topology it came
         # from; known once the global tier answers (adopt_clients or forget_clients). Until then the
         # clients of a new topology, whose identities may be the same, are not refused.
@@ -240,86 +227,17 @@ class GlobalServer(ServerBase):
 
     def on_push(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
         self.party_rank[client] = msg.sender
-        if self.cfg.use_esync and msg.key == ESYNC_KEY and msg.meta:
-            steps = meta_field(msg, "esync_steps", int)
-            seconds = meta_field(msg, "esync_seconds", float)
-            # Refused (ERROR reply, nothing summed) rather than skipped: a zero or unbounded speed
-            # would make esync_steps_for divide by zero or overflow inside the round's replies.
-            if not 1 <= steps <= self.cfg.esync_max_steps:
-                raise ProtocolError(f"meta field 'esync_steps' is {steps}, must be in "
-                                    f"[1, {self.cfg.esync_max_steps}] (GEOMX_ESYNC_MAX_STEPS)")
-            if not ESYNC_MIN_SECONDS <= seconds <= ESYNC_MAX_SECONDS:
-                raise ProtocolError(f"meta field 'esync_seconds' is {seconds}, must be in "
-                                    f"[{ESYNC_MIN_SECONDS:g}, {ESYNC_MAX_SECONDS:g}]")
-            self.esync_speed[client] = steps / seconds
-        if self.global_sync or link is not self.wan_link:
+        if not self.policy.on_push(msg, client, link, identity):
             super().on_push(msg, client, link, identity)
-            return
-        # MixedSync: apply this party's aggregate now; it continues with the newest weights.
-        ks = self.pushed_key(msg, link, identity)
-        if ks is None:
-            return
-        if msg.offset != ks.offset or msg.numel != ks.numel:
-            # The optimizer step needs the party's whole aggregate of the key at once.
-            self.reply_error(link, identity, msg, "dist_async (MixedSync) applies each party's push on arrival "
-                                                  "and cannot take P3 slices: unset ENABLE_P3 on the local "
-                                                  "servers or use dist_sync")
-            return
-        if self.updater is None:
-            self.reply_error(link, identity, msg, "dist_async (MixedSync) needs an optimizer on the global "
-                                                  "server: call kv.set_optimizer on the master worker")
-            return
-        value = self._apply(ks, msg.data, party=client)
-        # Not a round: the central workers' rounds (summed among themselves) count in ks.completed.
-        ks.arrivals += 1
-        if msg.payload and msg.type == MsgType.PUSHPULL:
-            self._reply_weight_delta(link, identity, msg, ks, client, value)
-        else:
-            if msg.type == MsgType.PUSHPULL:
-                self.party_views[(client, ks.key)] = value  # the party receives these weights
-            self.reply(link, identity, msg, value if msg.type == MsgType.PUSHPULL else None)
-        ks.serve_parked()
-        self._maybe_checkpoint(ks)
-
-    def _reply_weight_delta(self, link: Link, identity: bytes, msg: Message, ks: KeyState, party: Client,
-                            weights: np.ndarray) -> None:
-        """MixedSync + BSC: the new weights are dense, so send the party the change from the weights
-        it holds, sparsified by this party's downlink codec (its residual keeps what is not sent
-        yet), and remember what the party now holds."""
-        assert self.compression_params is not None
-        codec = self.down_codecs.get(party)
-        if codec is None:
-            codec = self.down_codecs[party] = compression.create(self.compression_params, link="wan")
-        held = self.party_views[(party, ks.key)]
-        payload = codec.encode(ks.key, weights - held)
-        self.party_views[(party, ks.key)] = held + compression.decode_payload(payload, ks.numel)
-        payload_meta, data = compression.to_frames(payload)
-        link.send(Message(MsgType.RESPONSE, req_id=msg.req_id, key=msg.key, offset=msg.offset, numel=msg.numel,
-                          total=msg.total, meta={"payload": payload_meta, "delta": True}, data=data,
-                          payload=True), identity)
-
-    def _apply(self, ks: KeyState, grad_np: np.ndarray, party: Optional[Client] = None) -> np.ndarray:
-        """Run the optimizer on ``ks`` with ``grad_np``; the new weights become the key's value.
-        DC-ASGD under MixedSync (``party`` set) compensates against the weights that party holds."""
-        assert self.updater is not None
-        backup = self.party_views[(party, ks.key)] if party is not None and self.updater.name == "dcasgd" else None
-        ks.store = self.updater.apply(ks.key, ks.update_index, ks.store, grad_np, backup)
-        return ks.store
 
     def reply_meta(self, req: Message, client: Client) -> Optional[dict]:
         meta: Dict[str, Any] = {}
         if req.type == MsgType.INIT:
             if self.compression_params is not None:
                 meta["compression"] = self.compression_params
-            ks = self.keys.get(req.key)
-            if self.cfg.checkpoint_dir and ks is not None and self.global_sync:
-                # Checkpoints are on: the client numbers its pushes from here and keeps them until a
-                # checkpoint holds their round (see KVClient). Not under MixedSync, which has no rounds.
-                meta["round"] = ks.pushes_of(client)
             if self.dgt is not None and client[0] == self.wan_link.name:
                 meta["dgt"] = self.dgt.advert(client, req.sender, self.cfg.dgt_mode, req.req_id)
-        elif self.cfg.use_esync and req.key == ESYNC_KEY and req.type == MsgType.PUSHPULL:
-            meta["esync_steps"] = self.esync_steps_for(client)
+        self.policy.reply_meta(req, client, meta)
         saved = self.checkpointed.get(req.key)
         if saved is not None and req.type != MsgType.INIT and self.told_checkpointed.get((client, req.key)) != saved:
             # The client may forget its pushes of this key's rounds before ``saved``.
@@ -327,19 +245,8 @@ class GlobalServer(ServerBase):
             meta["checkpointed"] = saved
         return meta or None
 
-    def esync_steps_for(self, client: Client) -> int:
-        """ESync: local steps for ``client``'s next round, so that every party takes about as long as
-        the slowest one does for a single step: round(speed / slowest speed), within [1, max]."""
-        speed = self.esync_speed.get(client)
-        if speed is None or len(self.esync_speed) < self.parties:
-            return 1
-        slowest = min(self.esync_speed.values())
-        return max(1, min(self.cfg.esync_max_steps, round(speed / slowest)))
-
     def fail_rounds_without(self, client: Client) -> None:
-        if not self.global_sync and client[0] == self.wan_link.name:
-            # MixedSync: a party's updates are applied on arrival, outside the rounds (which are the
-            # central workers' alone), so a party that stops leaves no round incomplete.
+        if not self.policy.rounds_need(client):
             return
         super().fail_rounds_without(client)
 
@@ -366,13 +273,11 @@ class GlobalServer(ServerBase):
             ks.serve_parked()
         reply = self.replier(link, identity, msg)
         if link is self.wan_link:
-            # What a party received at INIT is what it holds until its first reply: MixedSync + BSC
-            # sends it changes relative to that (not to the initial value: it may join late).
             send = reply
 
             def reply(value: object) -> None:
                 if isinstance(value, np.ndarray):
-                    self.party_views[(client, ks.key)] = value
+                    self.policy.party_received(client, ks.key, value)
                 send(value)
 
         if ks.initialized:
@@ -391,29 +296,14 @@ class GlobalServer(ServerBase):
                 raise GeoMXError(f"{cmd} is the master worker's to send (DMLC_ROLE_MASTER_WORKER=1 in the "
                                  "central party); refused from this client")
             if cmd == commands.SET_OPTIMIZER:
-                if self.compression_params is not None and self.compression_params["type"] in ("bsc", "mpq") \
-                        and self.global_sync:
-                    raise GeoMXError(f"{self.compression_params['type']} is on: the global servers sum sparse "
-                                     "gradients; keep the optimizer on the workers (update_on_kvstore=False)")
-                if self.cfg.use_hfa or self.cfg.use_esync:
-                    raise GeoMXError("with HFA (MXNET_KVSTORE_USE_HFA=1) or ESync (GEOMX_USE_ESYNC=1) the global "
-                                     "servers average the parties' models and run no optimizer; keep the "
-                                     "optimizer on the workers")
+                self.policy.check_optimizer()
                 self._set_optimizer(meta_field(msg, "spec", dict), master)
                 self.reply(link, identity, msg)
             elif cmd == commands.SYNC_MODE:
                 sync = meta_field(msg, "sync", bool)
-                if not sync and self.cfg.enable_inter_ts:
-                    raise GeoMXError("ENABLE_INTER_TS=1 works with dist_sync only, not dist_async (MixedSync "
-                                     "applies each party's push on arrival; there is no round to aggregate)")
-                if not sync and self.cfg.use_hfa:
-                    raise GeoMXError("HFA (MXNET_KVSTORE_USE_HFA=1) works with dist_sync only, not dist_async")
-                if not sync and self.cfg.use_esync:
-                    raise GeoMXError("ESync (GEOMX_USE_ESYNC=1) works with dist_sync only, not dist_async")
-                if not sync and self.cfg.enable_p3:
-                    raise GeoMXError("P3 (ENABLE_P3=1) works with dist_sync only, not dist_async: MixedSync "
-                                     "applies each party's whole aggregate on arrival")
-                self.global_sync = sync
+                if sync != self.policy.synchronous:
+                    self.policy.leave(sync)
+                    self.policy = GLOBAL_POLICIES[chosen(self.cfg, sync)](self, self.policy.outside_rounds)
                 if not sync and self.on_async is not None:
                     self.on_async()
                 mode = "synchronous (FSA)" if sync else "asynchronous (MixedSync)"
@@ -467,10 +357,7 @@ class GlobalServer(ServerBase):
         if any(ks.initialized for ks in self.keys.values()):
             raise GeoMXError("set_gradient_compression must come before kv.init (the parties learn the "
                              "codec when they initialise their keys)")
-        if codec.name in ("bsc", "mpq") and self.updater is not None and self.global_sync:
-            raise GeoMXError(f"{codec.name}: the global servers sum sparse gradients and send sparse sums "
-                             "back; keep the optimizer on the workers (update_on_kvstore=False), as "
-                             "GeoMX's cnn_bsc.py does")
+        self.policy.check_codec(codec)
         self.compression_params = codec.params()
         log.info("%s: gradient compression %s", self.name, self.compression_params)
 

@@ -10,9 +10,6 @@ import numpy as np
 from .. import kernels
 from ..kernels import accumulate
 
-# ESync measures and assigns local steps on one key per round: the first parameter (key 0).
-ESYNC_KEY = 0
-
 Reply = Callable[[Optional[np.ndarray]], None]
 
 log = logging.getLogger("geomx.server")
@@ -51,8 +48,8 @@ class KeyState:
     """
 
     __slots__ = ("key", "numel", "dtype", "offset", "total", "store", "initialized", "rounds", "completed",
-                 "arrivals", "pushes_by", "slice_pushes", "parked", "init_requested", "milestone",
-                 "local_rounds", "priority", "first_round", "slices", "slice_size", "update_index")
+                 "pushes_by", "slice_pushes", "parked", "init_requested", "priority", "first_round", "slices",
+                 "slice_size", "update_index")
 
     def __init__(self, key: int, numel: int, dtype: np.dtype, offset: int = 0, total: Optional[int] = None):
         self.key = key
@@ -66,9 +63,6 @@ class KeyState:
         self.init_requested = False
         self.rounds: Dict[int, Round] = {}
         self.completed = 0  # rounds finished
-        # MixedSync on the global server: parties' updates applied on arrival, outside the rounds
-        # (which then hold only the central workers' pushes, summed among themselves).
-        self.arrivals = 0
         self.pushes_by: Dict[Any, int] = {}  # client -> rounds it has pushed into (whole or a slice)
         self.slice_pushes: Dict[Any, int] = {}  # (client, slice offset) -> pushes of that slice
         self.priority = 0  # of the latest push (a local server forwards the round with it)
@@ -77,20 +71,12 @@ class KeyState:
         # the slice at the part's start.
         self.slices: Dict[int, "KeyState"] = {}
         self.slice_size = 0
-        # The optimizer's index for this state: the key, or a slice's own (see GlobalServer._apply).
+        # The optimizer's index for this state: the key, or a slice's own (see Updater.apply).
         self.update_index = key
         self.parked: List[Any] = []  # (client, reply): pulls waiting for a round or for the init
-        self.milestone: Optional[np.ndarray] = None  # HFA: the global model at the last global round
-        self.local_rounds = 0  # HFA: party-level averages since the start
         # Rounds every client is taken to have pushed already: 0, or the rounds a restored
         # checkpoint holds (the parties resend only the rounds after it).
         self.first_round = 0
-
-    @property
-    def progress(self) -> int:
-        """Updates of the key so far: its rounds, plus MixedSync's updates on arrival. What periodic
-        checkpoints count and record."""
-        return self.completed + self.arrivals
 
     def pushes_of(self, client: Any) -> int:
         """How many pushes of ``client`` this key has seen (its next push opens that round)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 from typing import Callable, List, Optional
 
 import numpy as np
@@ -18,7 +17,8 @@ from ..transport import EventLoop, Link, bind_router
 from ..tsengine.peer import TSPeer
 from ..wire import Message, MsgType, meta_field
 from .base import Client, ServerBase
-from .keystate import ESYNC_KEY, KeyState
+from .keystate import KeyState
+from .sync import PARTY_POLICIES, PartyPolicy, chosen
 
 log = logging.getLogger("geomx.server")
 
@@ -32,9 +32,9 @@ class LocalServer(ServerBase):
         self.upstream: Optional[KVClient] = None  # set once the global tier is known
         self._stopping = False
         self.codec: Optional[compression.Codec] = None  # WAN codec, as the master worker chose
-        self.delta_replies: set = set()  # keys whose pending global reply is a weight change
-        self.esync_steps = 1  # ESync: local steps per round assigned to this party by the state server
-        self.esync_since = time.monotonic()
+        # What a complete party round becomes (geomx/servers/sync): the party's aggregate across the
+        # WAN (FSA, MixedSync), or its model averaged with the other parties' (HFA, ESync).
+        self.policy: PartyPolicy = PARTY_POLICIES[chosen(cfg)](self)
         self.parties = cfg.num_global_worker  # set from the global tier's registration
         # ENABLE_INTER_TS: round sums go up an aggregation tree of parties and results come back by
         # relay, through TSEngine links that other parties' local servers open to this port.
@@ -64,8 +64,6 @@ class LocalServer(ServerBase):
         self.loop.add(self.link, self.handle_client, routed=True)
 
     def _on_upstream_meta(self, key: int, meta: dict) -> None:
-        if meta.get("delta") is True:
-            self.delta_replies.add(key)
         params = meta.get("compression")
         if isinstance(params, dict) and (self.codec is None or params != self.codec.params()):
             try:
@@ -73,16 +71,10 @@ class LocalServer(ServerBase):
                 log.info("%s: gradient compression on the WAN: %s", self.name, self.codec.params())
             except ValueError as exc:
                 log.error("%s: the global server sent an unusable codec %s: %s", self.name, params, exc)
-        steps = meta.get("esync_steps")
-        valid = isinstance(steps, int) and 1 <= steps <= self.cfg.esync_max_steps
-        if self.cfg.use_esync and key == ESYNC_KEY and valid:
-            self.esync_steps = steps
-            self.esync_since = time.monotonic()
+        self.policy.on_upstream_meta(key, meta)
 
     def reply_meta(self, req: Message, client: Client) -> Optional[dict]:
-        if self.cfg.use_esync and req.key == ESYNC_KEY and req.type == MsgType.PUSHPULL:
-            return {"esync_steps": self.esync_steps}
-        return None
+        return self.policy.reply_meta(req)
 
     def expected_pushes(self, link: Link) -> int:
         return self.cfg.num_worker
@@ -115,7 +107,7 @@ class LocalServer(ServerBase):
                     self._fail_parked(ks, str(error))
                     return
                 ks.store = value
-                ks.milestone = value  # HFA starts from the global model, as every party does
+                self.policy.on_initialized(ks, value)
                 ks.initialized = True
                 ks.serve_parked()
 
@@ -129,29 +121,7 @@ class LocalServer(ServerBase):
             reply(GeoMXError(error))
 
     def dispatch_round(self, ks: KeyState, r: int, acc: np.ndarray) -> None:
-        assert self.upstream is not None
-        if self.cfg.use_hfa or self.cfg.use_esync:
-            self._hfa_round(ks, r, acc)
-            return
-        if self.inter_ts is not None:
-            self._inter_ts_round(ks, r, acc)
-            return
-        sent = time.monotonic()
-
-        def on_global_result(value: Optional[np.ndarray], error: Optional[Exception]) -> None:
-            self.round_trips.append(time.monotonic() - sent)
-            if error is not None:
-                self._fail_upstream(ks, r, error)
-                return
-            if ks.key in self.delta_replies:
-                # MixedSync + BSC: the global server sent the change to the weights this party holds.
-                self.delta_replies.discard(ks.key)
-                value = ks.store + value
-            self.finish_round(ks, r, value)
-
-        # The workers' priority goes on across the WAN (P3 orders the global tier's slices by it).
-        self.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_result, data=acc,
-                              encoder=self._encoder(ks, acc), span=(ks.offset, ks.total), priority=ks.priority)
+        self.policy.round_done(ks, r, acc)
 
     def finish_round(self, ks: KeyState, r: int, value: np.ndarray) -> None:
         ks.finish_round(r, value)
@@ -161,9 +131,11 @@ class LocalServer(ServerBase):
     def ts_expected(self) -> int:
         return self.cfg.num_worker
 
-    def _inter_ts_round(self, ks: KeyState, r: int, acc: np.ndarray) -> None:
+    def forward_inter_ts(self, ks: KeyState, r: int, acc: np.ndarray) -> None:
+        """ENABLE_INTER_TS: the round's sum goes up the parties' aggregation tree; the result comes
+        back by relay (ts_model)."""
         assert self.inter_ts is not None
-        if self._encoder(ks, acc) is not None:
+        if self.encoder(ks, acc) is not None:
             self._fail_round(ks, r, GeoMXError(
                 f"key {ks.key} is {ks.dtype}: with ENABLE_INTER_TS=1 the WAN carries keys in their own dtype, "
                 f"so the {self.codec.name if self.codec else ''} codec needs float16 keys (as examples/cnn_fp16.py "
@@ -187,7 +159,7 @@ class LocalServer(ServerBase):
         self.ts_waiting.discard((key, rnd))
         self.finish_round(self.keys[key], rnd, data)
 
-    def _fail_upstream(self, ks: KeyState, r: int, error: Exception) -> None:
+    def fail_upstream(self, ks: KeyState, r: int, error: Exception) -> None:
         log.error("%s: key %d round %d failed upstream: %s", self.name, ks.key, r, error)
         self._fail_round(ks, r, GeoMXError(f"global tier refused key {ks.key}: {error}"))
 
@@ -200,39 +172,13 @@ class LocalServer(ServerBase):
         if r in ks.rounds:  # not when its waiters were answered already (the server is leaving)
             ks.fail_round(r, error)
 
-    def _encoder(self, ks: KeyState, acc: np.ndarray):
+    def encoder(self, ks: KeyState, acc: np.ndarray):
         """How ``acc`` crosses the WAN: None for dense, else a per-part encoder of one payload (the
         codec keeps one residual per key, so the key is encoded once and sliced per global server)."""
         if self.codec is None or ks.dtype != np.float32 or self.codec.for_tensor(ks.numel) == "dense":
             return None
         payload = self.codec.encode(ks.key, acc)
         return lambda offset, numel: compression.to_frames(compression.slice_payload(payload, offset, numel))
-
-    def _hfa_round(self, ks: KeyState, r: int, party_model: np.ndarray) -> None:
-        """HFA: workers pushed ``weights / num_workers``, so ``party_model`` is the party's average.
-        Every K2-th average goes global as ``(average - milestone) / parties``; the global servers sum
-        those deltas (parties weighted equally, as in GeoMX) and the new milestone is
-        ``milestone + sum``. Other rounds stay inside the party."""
-        ks.local_rounds += 1
-        if self.cfg.use_hfa and ks.local_rounds % self.cfg.hfa_k2:
-            self.finish_round(ks, r, party_model)
-            return
-        meta = None
-        if self.cfg.use_esync and ks.key == ESYNC_KEY:
-            # ESync: tell the state server how long this party took for the steps it was assigned.
-            meta = {"esync_steps": self.esync_steps, "esync_seconds": time.monotonic() - self.esync_since}
-        assert ks.milestone is not None and self.upstream is not None
-        delta = (party_model - ks.milestone) / np.asarray(self.parties, dtype=party_model.dtype)
-
-        def on_global_delta(total: Optional[np.ndarray], error: Optional[Exception]) -> None:
-            if error is not None:
-                self._fail_upstream(ks, r, error)
-                return
-            ks.milestone = ks.milestone + total
-            self.finish_round(ks, r, ks.milestone)
-
-        self.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_delta, data=delta, meta=meta,
-                              span=(ks.offset, ks.total))
 
     # -- commands -----------------------------------------------------------------------------
     def on_command(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:

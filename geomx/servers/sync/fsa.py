@@ -1,0 +1,90 @@
+"""FSA, fully synchronous aggregation (dist_sync): every party (and every central worker, when they
+train) pushes each round of a key; the global server sums the round, runs the master worker's
+optimizer on the sum if it set one, and answers everyone with the new value.
+
+The local server's half, :class:`Forward`, is also MixedSync's: each complete party round goes
+across the WAN as the party's aggregate and the global tier's answer is the party's next value."""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+
+from ...errors import GeoMXError
+from ...wire import Message, MsgType
+from .base import GlobalPolicy, PartyPolicy
+
+if TYPE_CHECKING:
+    from ...transport import Link
+    from ..base import Client
+    from ..keystate import KeyState
+
+
+class FullSync(GlobalPolicy):
+    name = "fsa"
+
+    def expected_pushes(self, link: "Link") -> int:
+        server = self.server
+        central = server.central_workers if server.cfg.enable_central_worker else 0
+        if link is server.lan_link and not central:
+            return 0
+        # The central workers push into the parties' rounds: a round is complete once every party
+        # and every central worker pushed, whichever link the last push came by (counting only the
+        # central ones on their link completed rounds before the parties had pushed).
+        return server.parties + central
+
+    def reply_meta(self, req: Message, client: "Client", meta: dict) -> None:
+        ks = self.server.keys.get(req.key)
+        if req.type == MsgType.INIT and self.server.writer is not None and ks is not None:
+            # Checkpoints are on: the client numbers its pushes from here and keeps them until a
+            # checkpoint holds their round (see KVClient).
+            meta["round"] = ks.pushes_of(client)
+
+    def leave(self, synchronous: bool) -> None:
+        cfg = self.server.cfg
+        if cfg.enable_inter_ts:
+            raise GeoMXError("ENABLE_INTER_TS=1 works with dist_sync only, not dist_async (MixedSync "
+                             "applies each party's push on arrival; there is no round to aggregate)")
+        if cfg.enable_p3:
+            raise GeoMXError("P3 (ENABLE_P3=1) works with dist_sync only, not dist_async: MixedSync "
+                             "applies each party's whole aggregate on arrival")
+
+
+class Forward(PartyPolicy):
+    """FSA and MixedSync on a local server: a complete round's sum goes up (over TSEngine's tree
+    with ENABLE_INTER_TS), and the global tier's answer finishes the round."""
+
+    name = "fsa"
+
+    def __init__(self, server) -> None:
+        super().__init__(server)
+        # Keys whose pending global reply is a change to the weights this party holds (MixedSync
+        # with BSC, announced in the reply's meta) rather than the weights.
+        self.delta_replies: set = set()
+
+    def on_upstream_meta(self, key: int, meta: dict) -> None:
+        if meta.get("delta") is True:
+            self.delta_replies.add(key)
+
+    def round_done(self, ks: "KeyState", r: int, acc: np.ndarray) -> None:
+        server = self.server
+        if server.inter_ts is not None:
+            server.forward_inter_ts(ks, r, acc)
+            return
+        sent = time.monotonic()
+
+        def on_global_result(value: Optional[np.ndarray], error: Optional[Exception]) -> None:
+            server.round_trips.append(time.monotonic() - sent)
+            if error is not None:
+                server.fail_upstream(ks, r, error)
+                return
+            if ks.key in self.delta_replies:
+                self.delta_replies.discard(ks.key)
+                value = ks.store + value
+            server.finish_round(ks, r, value)
+
+        assert server.upstream is not None
+        # The workers' priority goes on across the WAN (P3 orders the global tier's slices by it).
+        server.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_result, data=acc,
+                                encoder=server.encoder(ks, acc), span=(ks.offset, ks.total), priority=ks.priority)

@@ -33,7 +33,7 @@ class GlobalServer(ServerBase):
     def __init__(self, cfg: NodeConfig, loop: EventLoop):
         super().__init__(loop, "global server", cfg.max_rounds_ahead, cfg.max_keys_per_client)
         self.cfg = cfg
-        self.checkpointing = bool(cfg.checkpoint_dir)
+        self.checkpointing = bool(cfg.checkpoint.dir)
         # Each side binds the address it advertises to its tier, at its fixed port if one is set.
         self.wan_link, self.wan_port = bind_router(loop, cfg.server_port, "global-clients", wan=True, cross_party=True,
                                                    host=cfg.bind_address(cfg.global_root_uri, cfg.global_root_port))
@@ -64,14 +64,14 @@ class GlobalServer(ServerBase):
         self.restored_from: Optional[str] = None
         self.restored_clients: Optional[tuple] = None  # (stopped, pushing) of a checkpoint, until known
         self.writer: Optional[CheckpointWriter] = None
-        if cfg.checkpoint_dir:
-            self.writer = CheckpointWriter(loop, self.name, cfg.checkpoint_dir, cfg.checkpoint_every,
+        if cfg.checkpoint.dir:
+            self.writer = CheckpointWriter(loop, self.name, cfg.checkpoint.dir, cfg.checkpoint.every,
                                            cfg.heartbeat_timeout, lambda: self.rank, self.snapshot,
                                            self._checkpoint_durable)
         self.dgt: Optional[dgt.Receiver] = None
-        if cfg.dgt_mode:
-            self.dgt = dgt.Receiver(loop, cfg.dgt_grace, self._held, self._deliver_dgt_push, self.name)
-            if cfg.dgt_mode == 1:
+        if cfg.dgt.mode:
+            self.dgt = dgt.Receiver(loop, cfg.dgt.grace, self._held, self._deliver_dgt_push, self.name)
+            if cfg.dgt.mode == 1:
                 self.dgt.open_udp(cfg.bind_address(cfg.global_root_uri, cfg.global_root_port), cfg.dgt_udp_port)
 
     @property
@@ -231,7 +231,7 @@ class GlobalServer(ServerBase):
     def on_client_stop(self, client: Client) -> None:
         # A client that stopped is not coming back to say so again: record it, so that a server
         # restored later still knows how many STOPs it has to wait for.
-        if self.cfg.checkpoint_dir and len(self.stopped_clients) < self.expected_stops():
+        if self.cfg.checkpoint.dir and len(self.stopped_clients) < self.expected_stops():
             # Durable before the STOP is answered: the client will not say it again.
             try:
                 self.save_checkpoint("a client stopped", wait=True)
@@ -240,14 +240,14 @@ class GlobalServer(ServerBase):
 
     def on_push(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
         self.party_rank[client] = msg.sender
-        if self.cfg.use_esync and msg.key == ESYNC_KEY and msg.meta:
+        if self.cfg.esync.enabled and msg.key == ESYNC_KEY and msg.meta:
             steps = meta_field(msg, "esync_steps", int)
             seconds = meta_field(msg, "esync_seconds", float)
             # Refused (ERROR reply, nothing summed) rather than skipped: a zero or unbounded speed
             # would make esync_steps_for divide by zero or overflow inside the round's replies.
-            if not 1 <= steps <= self.cfg.esync_max_steps:
+            if not 1 <= steps <= self.cfg.esync.max_steps:
                 raise ProtocolError(f"meta field 'esync_steps' is {steps}, must be in "
-                                    f"[1, {self.cfg.esync_max_steps}] (GEOMX_ESYNC_MAX_STEPS)")
+                                    f"[1, {self.cfg.esync.max_steps}] (GEOMX_ESYNC_MAX_STEPS)")
             if not ESYNC_MIN_SECONDS <= seconds <= ESYNC_MAX_SECONDS:
                 raise ProtocolError(f"meta field 'esync_seconds' is {seconds}, must be in "
                                     f"[{ESYNC_MIN_SECONDS:g}, {ESYNC_MAX_SECONDS:g}]")
@@ -312,13 +312,13 @@ class GlobalServer(ServerBase):
             if self.compression_params is not None:
                 meta["compression"] = self.compression_params
             ks = self.keys.get(req.key)
-            if self.cfg.checkpoint_dir and ks is not None and self.global_sync:
+            if self.cfg.checkpoint.dir and ks is not None and self.global_sync:
                 # Checkpoints are on: the client numbers its pushes from here and keeps them until a
                 # checkpoint holds their round (see KVClient). Not under MixedSync, which has no rounds.
                 meta["round"] = ks.pushes_of(client)
             if self.dgt is not None and client[0] == self.wan_link.name:
-                meta["dgt"] = self.dgt.advert(client, req.sender, self.cfg.dgt_mode, req.req_id)
-        elif self.cfg.use_esync and req.key == ESYNC_KEY and req.type == MsgType.PUSHPULL:
+                meta["dgt"] = self.dgt.advert(client, req.sender, self.cfg.dgt.mode, req.req_id)
+        elif self.cfg.esync.enabled and req.key == ESYNC_KEY and req.type == MsgType.PUSHPULL:
             meta["esync_steps"] = self.esync_steps_for(client)
         saved = self.checkpointed.get(req.key)
         if saved is not None and req.type != MsgType.INIT and self.told_checkpointed.get((client, req.key)) != saved:
@@ -334,7 +334,7 @@ class GlobalServer(ServerBase):
         if speed is None or len(self.esync_speed) < self.parties:
             return 1
         slowest = min(self.esync_speed.values())
-        return max(1, min(self.cfg.esync_max_steps, round(speed / slowest)))
+        return max(1, min(self.cfg.esync.max_steps, round(speed / slowest)))
 
     def fail_rounds_without(self, client: Client) -> None:
         if not self.global_sync and client[0] == self.wan_link.name:
@@ -395,7 +395,7 @@ class GlobalServer(ServerBase):
                         and self.global_sync:
                     raise GeoMXError(f"{self.compression_params['type']} is on: the global servers sum sparse "
                                      "gradients; keep the optimizer on the workers (update_on_kvstore=False)")
-                if self.cfg.use_hfa or self.cfg.use_esync:
+                if self.cfg.hfa.enabled or self.cfg.esync.enabled:
                     raise GeoMXError("with HFA (MXNET_KVSTORE_USE_HFA=1) or ESync (GEOMX_USE_ESYNC=1) the global "
                                      "servers average the parties' models and run no optimizer; keep the "
                                      "optimizer on the workers")
@@ -403,14 +403,14 @@ class GlobalServer(ServerBase):
                 self.reply(link, identity, msg)
             elif cmd == commands.SYNC_MODE:
                 sync = meta_field(msg, "sync", bool)
-                if not sync and self.cfg.enable_inter_ts:
+                if not sync and self.cfg.tsengine.inter:
                     raise GeoMXError("ENABLE_INTER_TS=1 works with dist_sync only, not dist_async (MixedSync "
                                      "applies each party's push on arrival; there is no round to aggregate)")
-                if not sync and self.cfg.use_hfa:
+                if not sync and self.cfg.hfa.enabled:
                     raise GeoMXError("HFA (MXNET_KVSTORE_USE_HFA=1) works with dist_sync only, not dist_async")
-                if not sync and self.cfg.use_esync:
+                if not sync and self.cfg.esync.enabled:
                     raise GeoMXError("ESync (GEOMX_USE_ESYNC=1) works with dist_sync only, not dist_async")
-                if not sync and self.cfg.enable_p3:
+                if not sync and self.cfg.p3.enabled:
                     raise GeoMXError("P3 (ENABLE_P3=1) works with dist_sync only, not dist_async: MixedSync "
                                      "applies each party's whole aggregate on arrival")
                 self.global_sync = sync
@@ -456,13 +456,13 @@ class GlobalServer(ServerBase):
             codec = compression.create(params)
         except ValueError as exc:
             raise GeoMXError(str(exc)) from None
-        if self.cfg.enable_inter_ts and codec.name not in ("none", "fp16"):
+        if self.cfg.tsengine.inter and codec.name not in ("none", "fp16"):
             raise GeoMXError(f"{codec.name} cannot be combined with ENABLE_INTER_TS=1: TSEngine sums and relays "
                              "dense tensors between parties (use 'fp16' with float16 keys, or unset "
                              "ENABLE_INTER_TS)")
         if self.dgt is not None and codec.name != "none":
             raise GeoMXError(f"gradient compression {codec.name!r} cannot be combined with DGT "
-                             f"(ENABLE_DGT={self.cfg.dgt_mode} on the global server): DGT sends dense "
+                             f"(ENABLE_DGT={self.cfg.dgt.mode} on the global server): DGT sends dense "
                              "blocks of the parties' sums; unset one of them")
         if any(ks.initialized for ks in self.keys.values()):
             raise GeoMXError("set_gradient_compression must come before kv.init (the parties learn the "

@@ -43,10 +43,10 @@ class LocalServer(ServerBase):
         self.ts_waiting: set = set()  # (key, round) contributed, result not yet relayed here
         self.ts_link: Optional[Link] = None
         self.ts_port = 0
-        if cfg.enable_inter_ts:
+        if cfg.tsengine.inter:
             self.ts_link, self.ts_port = bind_router(loop, cfg.ts_port, "ts-peers", wan=True, cross_party=True,
                                                      host=cfg.bind_address(cfg.global_root_uri, cfg.global_root_port))
-        self.dgt: Optional[dgt.Sender] = dgt.Sender(cfg, loop) if cfg.dgt_mode else None
+        self.dgt: Optional[dgt.Sender] = dgt.Sender(cfg, loop) if cfg.dgt.mode else None
         self.round_trips: List[float] = []  # seconds from a key's push to the global reply (logged at stop)
 
     def connect_inter_ts(self, peer: TSPeer) -> None:
@@ -74,13 +74,13 @@ class LocalServer(ServerBase):
             except ValueError as exc:
                 log.error("%s: the global server sent an unusable codec %s: %s", self.name, params, exc)
         steps = meta.get("esync_steps")
-        valid = isinstance(steps, int) and 1 <= steps <= self.cfg.esync_max_steps
-        if self.cfg.use_esync and key == ESYNC_KEY and valid:
+        valid = isinstance(steps, int) and 1 <= steps <= self.cfg.esync.max_steps
+        if self.cfg.esync.enabled and key == ESYNC_KEY and valid:
             self.esync_steps = steps
             self.esync_since = time.monotonic()
 
     def reply_meta(self, req: Message, client: Client) -> Optional[dict]:
-        if self.cfg.use_esync and req.key == ESYNC_KEY and req.type == MsgType.PUSHPULL:
+        if self.cfg.esync.enabled and req.key == ESYNC_KEY and req.type == MsgType.PUSHPULL:
             return {"esync_steps": self.esync_steps}
         return None
 
@@ -130,7 +130,7 @@ class LocalServer(ServerBase):
 
     def dispatch_round(self, ks: KeyState, r: int, acc: np.ndarray) -> None:
         assert self.upstream is not None
-        if self.cfg.use_hfa or self.cfg.use_esync:
+        if self.cfg.hfa.enabled or self.cfg.esync.enabled:
             self._hfa_round(ks, r, acc)
             return
         if self.inter_ts is not None:
@@ -214,11 +214,11 @@ class LocalServer(ServerBase):
         those deltas (parties weighted equally, as in GeoMX) and the new milestone is
         ``milestone + sum``. Other rounds stay inside the party."""
         ks.local_rounds += 1
-        if self.cfg.use_hfa and ks.local_rounds % self.cfg.hfa_k2:
+        if self.cfg.hfa.enabled and ks.local_rounds % self.cfg.hfa.k2:
             self.finish_round(ks, r, party_model)
             return
         meta = None
-        if self.cfg.use_esync and ks.key == ESYNC_KEY:
+        if self.cfg.esync.enabled and ks.key == ESYNC_KEY:
             # ESync: tell the state server how long this party took for the steps it was assigned.
             meta = {"esync_steps": self.esync_steps, "esync_seconds": time.monotonic() - self.esync_since}
         assert ks.milestone is not None and self.upstream is not None

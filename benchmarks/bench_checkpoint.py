@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
 from geomx import checkpoint  # noqa: E402
-from geomx.config import GLOBAL_SERVER, NodeConfig  # noqa: E402
+from geomx.config import GLOBAL_SERVER, CheckpointConfig, NodeConfig  # noqa: E402
 from geomx.optimizer_spec import optimizer_to_spec  # noqa: E402
 from geomx.servers import GlobalServer  # noqa: E402
 from geomx.servers.keystate import KeyState  # noqa: E402
@@ -43,7 +43,7 @@ OPTIMIZERS = {
 
 def server_with_model(directory: str, params: int, keys: int, make_opt) -> GlobalServer:
     cfg = NodeConfig(role=GLOBAL_SERVER, num_global_server=1, num_global_worker=1, num_server=1, num_worker=1,
-                     checkpoint_dir=directory)
+                     checkpoint=CheckpointConfig(dir=directory))
     server = GlobalServer(cfg, EventLoop(zmq.Context.instance(), name="bench"))
     if make_opt is not None:
         server._set_optimizer(optimizer_to_spec(make_opt()), from_master=True)

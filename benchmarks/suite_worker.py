@@ -160,11 +160,11 @@ def main(argv=None) -> int:
         import geomx.config
 
         # Without HFA (ESync) the servers would treat the pushed weights as gradients (as examples/cnn_hfa.py).
-        if args.hfa and (args.native or not geomx.config.load().use_hfa):
+        if args.hfa and (args.native or not geomx.config.load().hfa.enabled):
             print("suite_worker.py --hfa: geomx only, with MXNET_KVSTORE_USE_HFA=1, MXNET_KVSTORE_HFA_K1 and "
                   "MXNET_KVSTORE_HFA_K2 on every server and worker", file=sys.stderr, flush=True)
             return 2
-        if args.esync and (args.native or not geomx.config.load().use_esync):
+        if args.esync and (args.native or not geomx.config.load().esync.enabled):
             print("suite_worker.py --esync: geomx only, with GEOMX_USE_ESYNC=1 on every server and worker",
                   file=sys.stderr, flush=True)
             return 2

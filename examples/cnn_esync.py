@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     ctx = utils.get_context(args.cpu)
     # Load the data before joining the topology, so a missing data set fails fast and clearly.
     arrays = utils.load_arrays(args.dataset, args.data_dir)
-    if not geomx.config.load().use_esync:
+    if not geomx.config.load().esync.enabled:
         print("cnn_esync.py: set GEOMX_USE_ESYNC=1 on every server and worker (see scripts/cpu/run_esync.sh)",
               file=sys.stderr, flush=True)
         return 2

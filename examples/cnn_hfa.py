@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     arrays = utils.load_arrays(args.dataset, args.data_dir)
     # Without HFA the servers would treat the pushed weights as gradients: refuse before joining the
     # topology (the original asserts its three variables).
-    if not geomx.config.load().use_hfa:
+    if not geomx.config.load().hfa.enabled:
         print("cnn_hfa.py: set MXNET_KVSTORE_USE_HFA=1, MXNET_KVSTORE_HFA_K1 and MXNET_KVSTORE_HFA_K2 on "
               "every server and worker (see scripts/cpu/run_hfa_sync.sh)", file=sys.stderr, flush=True)
         return 2

@@ -23,8 +23,86 @@ ROLES = (GLOBAL_SCHEDULER, GLOBAL_SERVER, SCHEDULER, LOCAL_SERVER, WORKER)
 
 
 @dataclasses.dataclass(frozen=True)
+class HFAConfig:
+    """Hierarchical Frequency Aggregation: workers average inside the party every ``k1`` local steps,
+    local servers go global every ``k2`` party averages."""
+
+    enabled: bool = False  # MXNET_KVSTORE_USE_HFA
+    k1: int = 1  # MXNET_KVSTORE_HFA_K1
+    k2: int = 1  # MXNET_KVSTORE_HFA_K2
+
+
+@dataclasses.dataclass(frozen=True)
+class ESyncConfig:
+    """ESync: the global server sets each party's local steps per round so that parties arrive together."""
+
+    enabled: bool = False  # GEOMX_USE_ESYNC
+    max_steps: int = 64  # GEOMX_ESYNC_MAX_STEPS
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Global-server checkpoints (docs/Deployment.md, "Checkpoint and restore"); read by global servers
+    only, every other role keeps the defaults."""
+
+    dir: Optional[str] = None  # set: the global server checkpoints and may be restarted
+    # Rounds between periodic checkpoints (the parties keep their pushes since the last one).
+    every: int = 10
+    restore: Optional[str] = None  # a checkpoint file this global server starts from
+    restart_timeout: float = 60.0  # how long the schedulers wait for a dead global server to come back
+
+
+@dataclasses.dataclass(frozen=True)
+class P3Config:
+    """P3: data-path requests cut into slices of at most ``slice_size`` elements and sent by priority,
+    with at most ``window`` messages handed to each socket at a time (see docs/Scheduling.md)."""
+
+    enabled: bool = False  # ENABLE_P3
+    slice_size: int = 40_000  # GEOMX_P3_SLICE_SIZE
+    window: int = 2  # GEOMX_P3_WINDOW
+    # Directory for per-request send/reply timelines (chrome://tracing JSON, one file per client
+    # process; GEOMX_P3_TRACE), with P3 on or off so that the two can be compared.
+    trace: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TSEngineConfig:
+    """TSEngine: aggregation trees and relay broadcasts across parties (``inter``: local servers and
+    global server) and inside a party (``intra``: workers and local server); schedulers pick the next
+    receiver greedily with probability at most ``max_greed_rate``."""
+
+    inter: bool = False  # ENABLE_INTER_TS
+    intra: bool = False  # ENABLE_INTRA_TS
+    max_greed_rate: float = 0.9  # MAX_GREED_RATE_TS
+
+
+@dataclasses.dataclass(frozen=True)
+class DGTConfig:
+    """DGT (differential gradient transmission) of local server -> global server pushes; see geomx/dgt
+    and docs/DGT.md. Read by the two ends of a WAN push (global and local servers) only."""
+
+    # 0 = off, 1 = low-priority blocks over UDP, 2 = over a second, low-priority TCP link, 3 = like 2
+    # with those blocks quantized to 4 bits.
+    mode: int = 0
+    k: float = 0.5  # fraction of blocks sent on the reliable channel
+    k_min: float = 0.2  # lower bound of K under ADAPTIVE_K_FLAG
+    adaptive_k: bool = False
+    channels: int = 3  # low-priority channels
+    block_size: int = 4096  # bytes
+    alpha: float = 0.3  # weight of a block's previous score in its moving average
+    grace: float = 0.05  # seconds a receiver waits for missing blocks after the last one
+    test_drop_rate: float = 0.0  # tests only: fraction of UDP datagrams the sender drops
+
+
+@dataclasses.dataclass(frozen=True)
 class NodeConfig:
-    """Everything a geomx process needs to know about itself, read from the environment once."""
+    """Everything a geomx process needs to know about itself, read from the environment once.
+
+    Topology, addresses and limits are flat fields; each optional feature's settings are one frozen
+    part (``cfg.p3``, ``cfg.tsengine``, ``cfg.dgt``, ``cfg.checkpoint``, ``cfg.hfa``, ``cfg.esync``),
+    loaded by its own ``_load_*`` function below. Security is the part ``cfg.curve`` (a
+    :class:`security.CurveKeys`, or None for links in clear).
+    """
 
     role: str
     is_master_worker: bool = False
@@ -74,46 +152,13 @@ class NodeConfig:
     # None when MXNET_KVSTORE_SIZE_LOWER_BOUND is unset: a master worker then lets the global
     # servers' own value decide (as GeoMX's scripts expect), and they fall back to 200000.
     size_lower_bound: Optional[int] = None
-    # Hierarchical Frequency Aggregation: workers average inside the party every K1 local steps,
-    # local servers go global every K2 party averages.
-    use_hfa: bool = False
-    hfa_k1: int = 1
-    hfa_k2: int = 1
-    # ESync: the global server sets each party's local steps per round so that parties arrive together.
-    use_esync: bool = False
-    esync_max_steps: int = 64
-    # Global-server checkpoints (docs/Deployment.md, "Checkpoint and restore").
-    checkpoint_dir: Optional[str] = None  # set: the global server checkpoints and may be restarted
-    # Rounds between periodic checkpoints (the parties keep their pushes since the last one).
-    checkpoint_every: int = 10
-    checkpoint_restore: Optional[str] = None  # a checkpoint file this global server starts from
-    restart_timeout: float = 60.0  # how long the schedulers wait for a dead global server to come back
-    # P3: data-path requests cut into slices of at most p3_slice_size elements and sent by priority,
-    # with at most p3_window messages handed to each socket at a time (see docs/Scheduling.md).
-    enable_p3: bool = False
-    p3_slice_size: int = 40_000
-    p3_window: int = 2
-    # Directory for per-request send/reply timelines (chrome://tracing JSON, one file per client
-    # process), with P3 on or off so that the two can be compared.
-    p3_trace: Optional[str] = None
-    # TSEngine: aggregation trees and relay broadcasts across parties (ENABLE_INTER_TS: local
-    # servers and global server) and inside a party (ENABLE_INTRA_TS: workers and local server);
-    # schedulers pick the next receiver greedily with probability at most MAX_GREED_RATE_TS.
-    enable_inter_ts: bool = False
-    enable_intra_ts: bool = False
-    max_greed_rate_ts: float = 0.9
-    # DGT (differential gradient transmission) of local server -> global server pushes; see
-    # geomx/dgt and docs/DGT.md. 0 = off, 1 = low-priority blocks over UDP, 2 = over a second,
-    # low-priority TCP link, 3 = like 2 with those blocks quantized to 4 bits.
-    dgt_mode: int = 0
-    dgt_k: float = 0.5  # fraction of blocks sent on the reliable channel
-    dgt_k_min: float = 0.2  # lower bound of K under ADAPTIVE_K_FLAG
-    dgt_adaptive_k: bool = False
-    dgt_channels: int = 3  # low-priority channels
-    dgt_block_size: int = 4096  # bytes
-    dgt_alpha: float = 0.3  # weight of a block's previous score in its moving average
-    dgt_grace: float = 0.05  # seconds a receiver waits for missing blocks after the last one
-    dgt_test_drop_rate: float = 0.0  # tests only: fraction of UDP datagrams the sender drops
+    # Feature settings, one part per feature (each the defaults when its variables are unset).
+    hfa: HFAConfig = HFAConfig()
+    esync: ESyncConfig = ESyncConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    p3: P3Config = P3Config()
+    tsengine: TSEngineConfig = TSEngineConfig()
+    dgt: DGTConfig = DGTConfig()
     # CURVE keys of this node's party (None: links in clear; see geomx/security.py).
     curve: Optional[security.CurveKeys] = None
 
@@ -371,44 +416,63 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
     kw["verbose"] = r.int("PS_VERBOSE", 0)
     kw["bigarray_bound"] = r.int("MXNET_KVSTORE_BIGARRAY_BOUND", 1_000_000, minimum=1)
     kw["size_lower_bound"] = r.int("MXNET_KVSTORE_SIZE_LOWER_BOUND", None, minimum=1)
-    kw["use_hfa"] = r.bool("MXNET_KVSTORE_USE_HFA")
-    kw["hfa_k1"] = r.int("MXNET_KVSTORE_HFA_K1", 1, minimum=1)
-    kw["hfa_k2"] = r.int("MXNET_KVSTORE_HFA_K2", 1, minimum=1)
-    kw["use_esync"] = r.bool("GEOMX_USE_ESYNC")
-    kw["esync_max_steps"] = r.int("GEOMX_ESYNC_MAX_STEPS", 64, minimum=1)
-    if role == GLOBAL_SERVER:
-        kw["checkpoint_restore"] = r.str("GEOMX_CHECKPOINT_RESTORE")
-        if kw["checkpoint_restore"] is not None and not os.path.isfile(kw["checkpoint_restore"]):
-            raise ConfigError(f"GEOMX_CHECKPOINT_RESTORE={kw['checkpoint_restore']!r} is not a file (role: {role})")
-        default_dir = os.path.dirname(os.path.abspath(kw["checkpoint_restore"])) if kw["checkpoint_restore"] else None
-        kw["checkpoint_dir"] = r.str("GEOMX_CHECKPOINT_DIR", default_dir)
-        if kw["checkpoint_dir"] is not None and os.path.exists(kw["checkpoint_dir"]) \
-                and not os.path.isdir(kw["checkpoint_dir"]):
-            raise ConfigError(f"GEOMX_CHECKPOINT_DIR={kw['checkpoint_dir']!r} exists and is not a directory "
-                              f"(role: {role})")
-        kw["checkpoint_every"] = r.int("GEOMX_CHECKPOINT_EVERY", 10, minimum=1)
-        kw["restart_timeout"] = r.float("GEOMX_RESTART_TIMEOUT", 60.0)
-    kw["enable_p3"] = r.bool("ENABLE_P3")
-    kw["p3_slice_size"] = r.int("GEOMX_P3_SLICE_SIZE", 40_000, minimum=1)
-    kw["p3_window"] = r.int("GEOMX_P3_WINDOW", 2, minimum=1)
-    kw["p3_trace"] = r.str("GEOMX_P3_TRACE")
-    kw["max_greed_rate_ts"] = r.fraction("MAX_GREED_RATE_TS", 0.9)
-    # Each flag matters only to the roles that take part in that tier's TSEngine.
-    kw["enable_inter_ts"] = r.bool("ENABLE_INTER_TS") and role in (GLOBAL_SERVER, LOCAL_SERVER)
-    kw["enable_intra_ts"] = r.bool("ENABLE_INTRA_TS") and role in (LOCAL_SERVER, WORKER)
-    in_party = role == LOCAL_SERVER or (role == WORKER and not kw["is_master_worker"])
-    for name in ("ENABLE_INTER_TS", "ENABLE_INTRA_TS"):
-        if kw[name.lower()] and in_party and kw["num_server"] != 1:
-            raise ConfigError(f"{name}=1 needs one local server per party (DMLC_NUM_SERVER=1): the local server "
-                              f"is its party's node in the aggregation tree, got {kw['num_server']} (role: {role})")
-    if kw["enable_inter_ts"] and kw["num_global_server"] != 1:
-        raise ConfigError(f"ENABLE_INTER_TS=1 needs DMLC_NUM_GLOBAL_SERVER=1 (the global server is the root of "
-                          f"the parties' aggregation tree), got {kw['num_global_server']} (role: {role})")
-    if role in (GLOBAL_SERVER, LOCAL_SERVER):
-        _load_dgt(r, kw)
+    kw["hfa"] = _load_hfa(r)
+    kw["esync"] = _load_esync(r)
+    kw["checkpoint"] = _load_checkpoint(r) if role == GLOBAL_SERVER else CheckpointConfig()
+    kw["p3"] = _load_p3(r)
+    kw["tsengine"] = _load_tsengine(r, kw)
+    kw["dgt"] = _load_dgt(r) if role in (GLOBAL_SERVER, LOCAL_SERVER) else DGTConfig()
     _refuse_combinations(kw, r.str("GEOMX_CURVE_SECRET_KEY") is not None, role)
     kw["curve"] = _curve_keys(r, role, kw)
     return NodeConfig(**kw)
+
+
+def _load_hfa(r: _Reader) -> HFAConfig:
+    return HFAConfig(enabled=r.bool("MXNET_KVSTORE_USE_HFA"), k1=r.int("MXNET_KVSTORE_HFA_K1", 1, minimum=1),
+                     k2=r.int("MXNET_KVSTORE_HFA_K2", 1, minimum=1))
+
+
+def _load_esync(r: _Reader) -> ESyncConfig:
+    return ESyncConfig(enabled=r.bool("GEOMX_USE_ESYNC"), max_steps=r.int("GEOMX_ESYNC_MAX_STEPS", 64, minimum=1))
+
+
+def _load_checkpoint(r: _Reader) -> CheckpointConfig:
+    """The checkpoint variables (read by global servers, the only role that checkpoints)."""
+    restore = r.str("GEOMX_CHECKPOINT_RESTORE")
+    if restore is not None and not os.path.isfile(restore):
+        raise ConfigError(f"GEOMX_CHECKPOINT_RESTORE={restore!r} is not a file (role: {r.role})")
+    # Restored without GEOMX_CHECKPOINT_DIR: it goes on checkpointing next to the file it came from.
+    default_dir = os.path.dirname(os.path.abspath(restore)) if restore else None
+    directory = r.str("GEOMX_CHECKPOINT_DIR", default_dir)
+    if directory is not None and os.path.exists(directory) and not os.path.isdir(directory):
+        raise ConfigError(f"GEOMX_CHECKPOINT_DIR={directory!r} exists and is not a directory "
+                          f"(role: {r.role})")
+    return CheckpointConfig(dir=directory, every=r.int("GEOMX_CHECKPOINT_EVERY", 10, minimum=1), restore=restore,
+                            restart_timeout=r.float("GEOMX_RESTART_TIMEOUT", 60.0))
+
+
+def _load_p3(r: _Reader) -> P3Config:
+    return P3Config(enabled=r.bool("ENABLE_P3"), slice_size=r.int("GEOMX_P3_SLICE_SIZE", 40_000, minimum=1),
+                    window=r.int("GEOMX_P3_WINDOW", 2, minimum=1), trace=r.str("GEOMX_P3_TRACE"))
+
+
+def _load_tsengine(r: _Reader, kw: dict) -> TSEngineConfig:
+    """TSEngine's variables; ``kw`` is the topology load() read so far (the trees need one node per
+    party and one root)."""
+    role = r.role
+    max_greed_rate = r.fraction("MAX_GREED_RATE_TS", 0.9)
+    # Each flag matters only to the roles that take part in that tier's TSEngine.
+    inter = r.bool("ENABLE_INTER_TS") and role in (GLOBAL_SERVER, LOCAL_SERVER)
+    intra = r.bool("ENABLE_INTRA_TS") and role in (LOCAL_SERVER, WORKER)
+    in_party = role == LOCAL_SERVER or (role == WORKER and not kw["is_master_worker"])
+    for name, on in (("ENABLE_INTER_TS", inter), ("ENABLE_INTRA_TS", intra)):
+        if on and in_party and kw["num_server"] != 1:
+            raise ConfigError(f"{name}=1 needs one local server per party (DMLC_NUM_SERVER=1): the local server "
+                              f"is its party's node in the aggregation tree, got {kw['num_server']} (role: {role})")
+    if inter and kw["num_global_server"] != 1:
+        raise ConfigError(f"ENABLE_INTER_TS=1 needs DMLC_NUM_GLOBAL_SERVER=1 (the global server is the root of "
+                          f"the parties' aggregation tree), got {kw['num_global_server']} (role: {role})")
+    return TSEngineConfig(inter=inter, intra=intra, max_greed_rate=max_greed_rate)
 
 
 def _optional_port(r: _Reader, name: str) -> int:
@@ -465,34 +529,30 @@ def _listen_fd(r: _Reader, port: int, port_variable: str) -> Optional[int]:
 DGT_MAX_BLOCK_SIZE = 65424
 
 
-def _load_dgt(r: _Reader, kw: dict) -> None:
+def _load_dgt(r: _Reader) -> DGTConfig:
     """DGT's variables (read by global and local servers, the two ends of a WAN push)."""
     mode = r.int("ENABLE_DGT", 0)
     if mode not in (0, 1, 2, 3):
         raise r._fail("ENABLE_DGT", f"must be 0 (off), 1 (UDP), 2 (TCP) or 3 (TCP + 4-bit), got {mode}")
-    kw["dgt_mode"] = mode
     if not mode:
-        return
+        return DGTConfig()
 
-    kw["dgt_k"] = r.number("DMLC_K", 0.5, 0.0, 1.0, open_low=True)
-    kw["dgt_k_min"] = r.number("DMLC_K_MIN", 0.2, 0.0, 1.0, open_low=True)
-    kw["dgt_adaptive_k"] = r.bool("ADAPTIVE_K_FLAG")
+    k = r.number("DMLC_K", 0.5, 0.0, 1.0, open_low=True)
+    k_min = r.number("DMLC_K_MIN", 0.2, 0.0, 1.0, open_low=True)
+    adaptive_k = r.bool("ADAPTIVE_K_FLAG")
     channels = r.int("DMLC_UDP_CHANNEL_NUM", 3)
     if channels < 1:
         raise r._fail("DMLC_UDP_CHANNEL_NUM", f"must be >= 1 (low-priority channels), got {channels}")
-    kw["dgt_channels"] = channels
     block = r.int("DGT_BLOCK_SIZE", 4096)
     if block < 4 or block % 4 or block > DGT_MAX_BLOCK_SIZE:
         raise r._fail("DGT_BLOCK_SIZE", f"must be a multiple of 4 bytes (the element size of float32; "
                                         f"float16 divides it too) between 4 and {DGT_MAX_BLOCK_SIZE}, "
                                         f"got {block}")
-    kw["dgt_block_size"] = block
     alpha = r.number("DGT_CONTRIBUTION_ALPHA", 0.3, 0.0, 1.0, open_high=True)
-    kw["dgt_alpha"] = alpha
     grace = r.int("DGT_GRACE_MS", 50)
-    kw["dgt_grace"] = grace / 1000.0
     drop = r.number("GEOMX_DGT_TEST_DROP_RATE", 0.0, 0.0, 1.0, open_high=True)
-    kw["dgt_test_drop_rate"] = drop
+    return DGTConfig(mode=mode, k=k, k_min=k_min, adaptive_k=adaptive_k, channels=channels, block_size=block,
+                     alpha=alpha, grace=grace / 1000.0, test_drop_rate=drop)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -540,12 +600,14 @@ REFUSED_COMBINATIONS = (
 
 def _switches(kw: dict, curve: bool) -> dict:
     """Which of the switches REFUSED_COMBINATIONS names are on in this process (each as its roles read
-    it: e.g. ENABLE_INTER_TS only on servers, the checkpoint variables only on global servers)."""
-    return {"MXNET_KVSTORE_USE_HFA": kw["use_hfa"], "GEOMX_USE_ESYNC": kw["use_esync"],
-            "ENABLE_P3": kw["enable_p3"], "ENABLE_INTER_TS": kw["enable_inter_ts"],
-            "ENABLE_INTRA_TS": kw["enable_intra_ts"], "ENABLE_DGT": bool(kw.get("dgt_mode")),
-            "GEOMX_CHECKPOINT_DIR": kw.get("checkpoint_dir") is not None,
-            "GEOMX_CHECKPOINT_RESTORE": kw.get("checkpoint_restore") is not None, "GEOMX_CURVE_SECRET_KEY": curve}
+    it: e.g. ENABLE_INTER_TS only on servers, the checkpoint variables only on global servers). ``kw``
+    holds NodeConfig's feature parts by field name."""
+    ts, ckpt = kw["tsengine"], kw["checkpoint"]
+    return {"MXNET_KVSTORE_USE_HFA": kw["hfa"].enabled, "GEOMX_USE_ESYNC": kw["esync"].enabled,
+            "ENABLE_P3": kw["p3"].enabled, "ENABLE_INTER_TS": ts.inter,
+            "ENABLE_INTRA_TS": ts.intra, "ENABLE_DGT": bool(kw["dgt"].mode),
+            "GEOMX_CHECKPOINT_DIR": ckpt.dir is not None,
+            "GEOMX_CHECKPOINT_RESTORE": ckpt.restore is not None, "GEOMX_CURVE_SECRET_KEY": curve}
 
 
 def _refuse_combinations(kw: dict, curve: bool, role: str) -> None:

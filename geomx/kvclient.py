@@ -433,7 +433,7 @@ class KVClient:
 def client_options(cfg: Any, loop: EventLoop, dgt: Optional[Any] = None) -> Dict[str, Any]:
     """The :class:`KVClient` arguments from a NodeConfig: its sender (``senders.for_node``: DGT for a
     local server with ``dgt``, P3 with ``ENABLE_P3=1``), the trace directory and the request deadline."""
-    return {"via": senders.for_node(cfg, loop, dgt), "trace_dir": cfg.p3_trace,
+    return {"via": senders.for_node(cfg, loop, dgt), "trace_dir": cfg.p3.trace,
             "request_timeout": cfg.request_timeout}
 
 

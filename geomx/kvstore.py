@@ -134,7 +134,7 @@ class GeoKVStore(KVStoreBase):
     @property
     def hfa_periods(self) -> Tuple[int, int]:
         """HFA's (K1, K2) from MXNET_KVSTORE_HFA_K1/K2; (1, 1) when HFA is off."""
-        return (self._cfg.hfa_k1, self._cfg.hfa_k2) if self._cfg.use_hfa else (1, 1)
+        return (self._cfg.hfa.k1, self._cfg.hfa.k2) if self._cfg.hfa.enabled else (1, 1)
 
     def esync_steps(self) -> int:
         """ESync (GEOMX_USE_ESYNC=1): how many local steps this worker takes before its next pushpull.

@@ -55,7 +55,7 @@ def _scheduler(cfg: NodeConfig) -> int:
                       max_queued_replies=cfg.max_queued_replies, local_ipc=cfg.local_ipc,
                       cross_party=cfg.role == config.GLOBAL_SCHEDULER, listen_fd=cfg.listen_fd,
                       host=cfg.scheduler_bind_address(),
-                      plugins=[TSEngineTier(ts_variable, cfg.max_greed_rate_ts)])
+                      plugins=[TSEngineTier(ts_variable, cfg.tsengine.max_greed_rate)])
     return sched.run()
 
 
@@ -112,11 +112,11 @@ def _local_server(cfg: NodeConfig) -> int:
     # global tier counts parties by their scheduler, since a party may have several local servers.
     party = _member(loop, cfg, "party", (cfg.root_uri, cfg.root_port), "server", server.port,
                     "local_server", fatal, layout={"global_servers": cfg.num_global_server, "relay": True},
-                    ts=cfg.enable_intra_ts)
+                    ts=cfg.tsengine.intra)
     # Under ENABLE_INTER_TS other parties send partial sums and results to server.ts_port.
     glob = _member(loop, cfg, "global", (cfg.global_root_uri, cfg.global_root_port), "worker", server.ts_port,
                    "local_server", fatal, layout={"party": f"{cfg.root_uri}:{cfg.root_port}"},
-                   ts=cfg.enable_inter_ts)
+                   ts=cfg.tsengine.inter)
     party.register()
     glob.register()
     _wait(loop, cfg, lambda: party.info is not None and glob.info is not None, fatal, "registration")
@@ -133,11 +133,11 @@ def _local_server(cfg: NodeConfig) -> int:
     # A global server restarted from its checkpoint: reconnect, resend what it lost.
     glob.on_servers_changed = lambda old, new: upstream.update_servers(new.servers)
     server.on_fatal = fatal.append
-    if cfg.enable_intra_ts:  # this server is the root of its party's aggregation tree
+    if cfg.tsengine.intra:  # this server is the root of its party's aggregation tree
         server.ts_root = TSPeer(loop, ROOT, "local_server", server, party.send, fatal.append, wan=False,
                                   secret=party.info.ts_secret)
         party.on_tsengine = server.ts_root.on_answer
-    if cfg.enable_inter_ts:
+    if cfg.tsengine.inter:
         peer = TSPeer(loop, glob.info.rank, f"local_server{glob.info.rank}", server, glob.send, fatal.append,
                       wan=True, secret=glob.info.ts_secret)
         glob.on_tsengine = peer.on_answer
@@ -150,8 +150,8 @@ def _local_server(cfg: NodeConfig) -> int:
 def _restartable(member: TierMember, cfg: NodeConfig, restarting: bool) -> None:
     """A global server that checkpoints asks its schedulers to wait for its restart should it die;
     one started from a checkpoint asks to take the place of the one that died."""
-    if cfg.checkpoint_dir:
-        member.register_meta["restart_timeout"] = cfg.restart_timeout
+    if cfg.checkpoint.dir:
+        member.register_meta["restart_timeout"] = cfg.checkpoint.restart_timeout
     member.register_meta["restart"] = restarting
 
 
@@ -162,7 +162,7 @@ def _global_server(cfg: NodeConfig) -> int:
     # only adds hand-offs: run its ops in the calling thread instead (unless the user chose).
     os.environ.setdefault("MXNET_ENGINE_TYPE", "NaiveEngine")
     # A checkpoint to start from is read (and refused if unusable) before anything else happens.
-    ckpt = checkpoint.load(cfg.checkpoint_restore) if cfg.checkpoint_restore else None
+    ckpt = checkpoint.load(cfg.checkpoint.restore) if cfg.checkpoint.restore else None
     import mxnet  # noqa: F401
 
     ctx = zmq.Context()
@@ -170,11 +170,11 @@ def _global_server(cfg: NodeConfig) -> int:
                      max_queued_replies=cfg.max_queued_replies, local_ipc=cfg.local_ipc)
     server = GlobalServer(cfg, loop)
     if ckpt is not None:
-        server.restore(ckpt, cfg.checkpoint_restore)
+        server.restore(ckpt, cfg.checkpoint.restore)
     fatal: List[Exception] = []
     glob = _member(loop, cfg, "global", (cfg.global_root_uri, cfg.global_root_port), "server",
                    server.wan_port, "global_server", fatal, rank_hint=None if ckpt is None else ckpt.rank,
-                   ts=cfg.enable_inter_ts)
+                   ts=cfg.tsengine.inter)
     _restartable(glob, cfg, ckpt is not None)
 
     def on_registered(info) -> None:
@@ -191,13 +191,13 @@ def _global_server(cfg: NodeConfig) -> int:
     _wait(loop, cfg, lambda: glob.info is not None, fatal, "global-tier registration")
     assert glob.info is not None
     if ckpt is not None and glob.info.rank != ckpt.rank:
-        raise checkpoint.CheckpointError(f"{cfg.checkpoint_restore} is global server {ckpt.rank}'s checkpoint, "
+        raise checkpoint.CheckpointError(f"{cfg.checkpoint.restore} is global server {ckpt.rank}'s checkpoint, "
                                          f"the global tier gave this server rank {glob.info.rank}")
     server.rank = glob.info.rank
     server.on_async = lambda: glob.set_policy(tolerate_worker_loss=True)
     if not server.global_sync:
         server.on_async()  # restored under MixedSync
-    if cfg.enable_inter_ts:
+    if cfg.tsengine.inter:
         server.ts_root = TSPeer(loop, ROOT, "global_server", server, glob.send, fatal.append, wan=True,
                                   secret=glob.info.ts_secret)
         glob.on_tsengine = server.ts_root.on_answer

@@ -136,6 +136,6 @@ def for_node(cfg: Any, loop: EventLoop, dgt: Optional[Any] = None) -> Sender:
     :class:`geomx.dgt.Sender`), ``p3`` with ``ENABLE_P3=1``, else ``zmq``."""
     if dgt is not None:
         return create("dgt", loop, dgt=dgt)
-    if cfg.enable_p3:
-        return create("p3", loop, slice_size=cfg.p3_slice_size, window=cfg.p3_window)
+    if cfg.p3.enabled:
+        return create("p3", loop, slice_size=cfg.p3.slice_size, window=cfg.p3.window)
     return create("zmq", loop)

@@ -38,7 +38,7 @@ class WorkerNode:
         self._closing = False
         # ENABLE_INTRA_TS: pushes go up an aggregation tree of the party's workers and results come
         # back by relay (the master worker, which does not train, never takes part).
-        self.intra_ts = cfg.enable_intra_ts and not cfg.is_master_worker
+        self.intra_ts = cfg.tsengine.intra and not cfg.is_master_worker
         self.ts: Optional[TSPeer] = None
         self.ts_link: Optional[Link] = None
         self.ts_pushed: Dict[int, int] = {}  # key -> rounds this worker contributed

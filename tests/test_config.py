@@ -2,6 +2,7 @@
 ``python -m geomx.node`` in a real subprocess)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -107,14 +108,14 @@ def test_global_server_fields():
 @pytest.mark.unit
 def test_checkpoint_fields(tmp_path):
     cfg = config.load(env_for("global_server"))
-    assert (cfg.checkpoint_dir, cfg.checkpoint_every, cfg.checkpoint_restore, cfg.restart_timeout) == \
+    assert (cfg.checkpoint.dir, cfg.checkpoint.every, cfg.checkpoint.restore, cfg.checkpoint.restart_timeout) == \
         (None, 10, None, 60.0)
     ckpt = tmp_path / "global_server1.npz"
     ckpt.write_bytes(b"x")
     cfg = config.load(env_for("global_server", GEOMX_CHECKPOINT_RESTORE=str(ckpt), GEOMX_CHECKPOINT_EVERY="3",
                               GEOMX_RESTART_TIMEOUT="7.5"))
     # Restored without GEOMX_CHECKPOINT_DIR: it goes on checkpointing next to the file it came from.
-    assert (cfg.checkpoint_dir, cfg.checkpoint_every, cfg.restart_timeout) == (str(tmp_path), 3, 7.5)
+    assert (cfg.checkpoint.dir, cfg.checkpoint.every, cfg.checkpoint.restart_timeout) == (str(tmp_path), 3, 7.5)
     msg = refused(env_for("global_server", GEOMX_CHECKPOINT_DIR=str(ckpt)))
     assert "GEOMX_CHECKPOINT_DIR" in msg and "is not a directory" in msg and "role: global_server" in msg
 
@@ -473,21 +474,22 @@ def test_refused_combinations_table_matches_the_docs_and_each_rule_refuses():
     documented = set(re.findall(r"^\| `(\w+)` \| `(\w+)` \|", section, re.M))
     assert documented == {(r.first, r.second) for r in config.REFUSED_COMBINATIONS}
     switches = config._switches
+    off = {"hfa": config.HFAConfig(), "esync": config.ESyncConfig(), "p3": config.P3Config(),
+           "tsengine": config.TSEngineConfig(), "dgt": config.DGTConfig(), "checkpoint": config.CheckpointConfig()}
+    on = {"MXNET_KVSTORE_USE_HFA": ("hfa", {"enabled": True}), "GEOMX_USE_ESYNC": ("esync", {"enabled": True}),
+          "ENABLE_P3": ("p3", {"enabled": True}), "ENABLE_INTER_TS": ("tsengine", {"inter": True}),
+          "ENABLE_INTRA_TS": ("tsengine", {"intra": True}), "ENABLE_DGT": ("dgt", {"mode": 1}),
+          "GEOMX_CHECKPOINT_DIR": ("checkpoint", {"dir": "/tmp"}),
+          "GEOMX_CHECKPOINT_RESTORE": ("checkpoint", {"restore": "/tmp/x.npz"})}
     for rule in config.REFUSED_COMBINATIONS:
-        kw = {"use_hfa": False, "use_esync": False, "enable_p3": False, "enable_inter_ts": False,
-              "enable_intra_ts": False, "dgt_mode": 0}
-        on = {"MXNET_KVSTORE_USE_HFA": ("use_hfa", True), "GEOMX_USE_ESYNC": ("use_esync", True),
-              "ENABLE_P3": ("enable_p3", True), "ENABLE_INTER_TS": ("enable_inter_ts", True),
-              "ENABLE_INTRA_TS": ("enable_intra_ts", True), "ENABLE_DGT": ("dgt_mode", 1),
-              "GEOMX_CHECKPOINT_DIR": ("checkpoint_dir", "/tmp"),
-              "GEOMX_CHECKPOINT_RESTORE": ("checkpoint_restore", "/tmp/x.npz")}
+        kw = dict(off)
         curve = False
         for name in (rule.first, rule.second):
             if name == "GEOMX_CURVE_SECRET_KEY":
                 curve = True
             else:
-                field, value = on[name]
-                kw[field] = value
+                part, values = on[name]
+                kw[part] = dataclasses.replace(kw[part], **values)
         assert switches(kw, curve)[rule.first] and switches(kw, curve)[rule.second]
         with pytest.raises(ConfigError, match=f"{rule.first} cannot be combined with {rule.second}: "):
             config._refuse_combinations(kw, curve, "global server")

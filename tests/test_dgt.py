@@ -425,9 +425,9 @@ def test_dgt_with_checkpoints_fails_at_start_up(tmp_path):
 def test_settings_are_read_by_servers_only():
     cfg = config.load({**BASE, "ENABLE_DGT": "2", "DMLC_K": "0.8", "DMLC_UDP_CHANNEL_NUM": "2",
                        "ADAPTIVE_K_FLAG": "1", "DGT_GRACE_MS": "20"})
-    assert (cfg.dgt_mode, cfg.dgt_k, cfg.dgt_channels, cfg.dgt_adaptive_k, cfg.dgt_grace) == (2, 0.8, 2, True, 0.02)
+    assert (cfg.dgt.mode, cfg.dgt.k, cfg.dgt.channels, cfg.dgt.adaptive_k, cfg.dgt.grace) == (2, 0.8, 2, True, 0.02)
     worker = {**BASE, "DMLC_ROLE": "worker", "DMLC_NUM_ALL_WORKER": "1", "ENABLE_DGT": "9"}
-    assert config.load(worker).dgt_mode == 0
+    assert config.load(worker).dgt.mode == 0
 
 
 @pytest.mark.unit
@@ -472,12 +472,12 @@ def model_mode3(pushes, per, k, channels, alpha):
 @pytest.mark.unit
 @pytest.mark.parametrize("mode", [1, 2, 3])
 def test_sender_to_receiver_over_sockets(mode):
-    from geomx.config import NodeConfig
+    from geomx.config import DGTConfig, NodeConfig
     from geomx.transport import bind_router, connect_dealer
 
     numel, per = 1000, 16  # 63 blocks of 16 float32 (64-byte blocks), the last one 8 elements
-    cfg = NodeConfig(role="server", num_worker=1, dgt_mode=mode, dgt_k=0.4, dgt_channels=2, dgt_block_size=64,
-                     dgt_grace=5.0)
+    cfg = NodeConfig(role="server", num_worker=1,
+                     dgt=DGTConfig(mode=mode, k=0.4, channels=2, block_size=64, grace=5.0))
     h = Harness(grace=5.0, numel=numel)
     router, port = bind_router(h.loop, 0, "global-clients", wan=True)
     h.loop.add(router, lambda msg, ident, link: h.rx.on_tcp_block(msg, ident, link.name), routed=True)
@@ -500,7 +500,7 @@ def test_sender_to_receiver_over_sockets(mode):
         assert [m.req_id for m, _ in h.delivered] == [1, 2, 3, 4]
         assert [m.meta for m, _ in h.delivered] == [{"x": r} for r in range(1, 5)]
         assert tx.sent["low"] > 0 and tx.sent["reliable"] > 0
-        want = pushes if mode != 3 else model_mode3(pushes, per, 0.4, 2, cfg.dgt_alpha)
+        want = pushes if mode != 3 else model_mode3(pushes, per, 0.4, 2, cfg.dgt.alpha)
         for (msg, _), expected in zip(h.delivered, want):
             assert msg.data.dtype == np.float32 and msg.data.tobytes() == expected.tobytes()
         assert h.rx.stats.missing == 0 and h.rx.stats.rejected == 0
@@ -517,12 +517,12 @@ def test_captured_genuine_datagrams_replayed_or_altered_change_nothing():
     delivered, every datagram captured so far is sent again, and again with its request id moved to
     the next push (MAC unchanged): each push still arrives exactly as sent, and every replay is
     ignored or refused."""
-    from geomx.config import NodeConfig
+    from geomx.config import DGTConfig, NodeConfig
     from geomx.transport import bind_router, connect_dealer
 
     numel = 1000
-    cfg = NodeConfig(role="server", num_worker=1, dgt_mode=1, dgt_k=0.4, dgt_channels=2, dgt_block_size=64,
-                     dgt_grace=5.0)
+    cfg = NodeConfig(role="server", num_worker=1,
+                     dgt=DGTConfig(mode=1, k=0.4, channels=2, block_size=64, grace=5.0))
     h = Harness(grace=5.0, numel=numel)
     router, port = bind_router(h.loop, 0, "global-clients", wan=True)
     h.loop.add(router, lambda msg, ident, link: h.rx.on_tcp_block(msg, ident, link.name), routed=True)

@@ -396,12 +396,12 @@ def server_env(**extra):
 @pytest.mark.unit
 def test_config_reads_the_tsengine_variables():
     cfg = config.load(server_env(ENABLE_INTER_TS="1", ENABLE_INTRA_TS="1", MAX_GREED_RATE_TS="0"))
-    assert cfg.enable_inter_ts and cfg.enable_intra_ts and cfg.max_greed_rate_ts == 0.0
-    assert config.load(server_env()).max_greed_rate_ts == 0.9
+    assert cfg.tsengine.inter and cfg.tsengine.intra and cfg.tsengine.max_greed_rate == 0.0
+    assert config.load(server_env()).tsengine.max_greed_rate == 0.9
     # A worker never takes part across parties, whatever its environment says.
     worker = {"DMLC_ROLE": "worker", "DMLC_PS_ROOT_URI": "127.0.0.1", "DMLC_PS_ROOT_PORT": "9000",
               "DMLC_NUM_SERVER": "1", "DMLC_NUM_WORKER": "2", "DMLC_NUM_ALL_WORKER": "4", "ENABLE_INTER_TS": "1"}
-    assert not config.load(worker).enable_inter_ts
+    assert not config.load(worker).tsengine.inter
 
 
 @pytest.mark.unit

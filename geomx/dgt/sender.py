@@ -82,14 +82,14 @@ class Sender:
         self.cfg = cfg
         self.loop = loop
         self.name = name
-        self.mode = cfg.dgt_mode
-        self.channels = cfg.dgt_channels
-        self.scorer = blocks.Scorer(cfg.dgt_alpha)
+        self.mode = cfg.dgt.mode
+        self.channels = cfg.dgt.channels
+        self.scorer = blocks.Scorer(cfg.dgt.alpha)
         self.quantizer = blocks.Quantizer() if self.mode == 3 else None
-        self.k = AdaptiveK(cfg.dgt_k, cfg.dgt_k_min, cfg.num_worker, cfg.dgt_adaptive_k)
+        self.k = AdaptiveK(cfg.dgt.k, cfg.dgt.k_min, cfg.num_worker, cfg.dgt.adaptive_k)
         self.peers: List[_Peer] = []
         self.udp: List[socket.socket] = []
-        self.drop_rate = cfg.dgt_test_drop_rate
+        self.drop_rate = cfg.dgt.test_drop_rate
         self._rng = np.random.default_rng()
         self.sent = {"reliable": 0, "low": 0, "dropped_zero": 0, "udp_lost_at_sender": 0}
 
@@ -119,7 +119,7 @@ class Sender:
         log.info("%s: DGT mode %d (%s), K=%.3g%s, %d low-priority channel(s), %d-byte blocks",
                  self.name, self.mode, MODE_NAMES[self.mode], self.k.k0,
                  f" adaptive down to {self.k.k_min:.3g}" if self.k.enabled else "", self.channels,
-                 self.cfg.dgt_block_size)
+                 self.cfg.dgt.block_size)
 
     def on_server_meta(self, server: int, meta: dict) -> None:
         """Learn a global server's DGT announcement from a reply's meta."""
@@ -179,7 +179,7 @@ class Sender:
                 or peer.mode != self.mode):
             peer.link.send(msg)
             return
-        per = blocks.block_elements(self.cfg.dgt_block_size, data.dtype)
+        per = blocks.block_elements(self.cfg.dgt.block_size, data.dtype)
         scores = self.scorer.update((msg.key, msg.offset), data, per)
         channels = blocks.assign_channels(scores, self.k.k, self.channels)
         last = scores.size - 1

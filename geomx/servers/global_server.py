@@ -29,7 +29,7 @@ class GlobalServer(ServerBase):
     def __init__(self, cfg: NodeConfig, loop: EventLoop):
         super().__init__(loop, "global server", cfg.max_rounds_ahead, cfg.max_keys_per_client)
         self.cfg = cfg
-        self.checkpointing = bool(cfg.checkpoint_dir)
+        self.checkpointing = bool(cfg.checkpoint.dir)
         # Each side binds the address it advertises to its tier, at its fixed port if one is set.
         self.wan_link, self.wan_port = bind_router(loop, cfg.server_port, "global-clients", wan=True, cross_party=True,
                                                    host=cfg.bind_address(cfg.global_root_uri, cfg.global_root_port))
@@ -57,14 +57,14 @@ class GlobalServer(ServerBase):
         self.restored_from: Optional[str] = None
         self.restored_clients: Optional[tuple] = None  # (stopped, pushing) of a checkpoint, until known
         self.writer: Optional[CheckpointWriter] = None
-        if cfg.checkpoint_dir:
-            self.writer = CheckpointWriter(loop, self.name, cfg.checkpoint_dir, cfg.checkpoint_every,
+        if cfg.checkpoint.dir:
+            self.writer = CheckpointWriter(loop, self.name, cfg.checkpoint.dir, cfg.checkpoint.every,
                                            cfg.heartbeat_timeout, lambda: self.rank, self.snapshot,
                                            self._checkpoint_durable)
         self.dgt: Optional[dgt.Receiver] = None
-        if cfg.dgt_mode:
-            self.dgt = dgt.Receiver(loop, cfg.dgt_grace, self._held, self._deliver_dgt_push, self.name)
-            if cfg.dgt_mode == 1:
+        if cfg.dgt.mode:
+            self.dgt = dgt.Receiver(loop, cfg.dgt.grace, self._held, self._deliver_dgt_push, self.name)
+            if cfg.dgt.mode == 1:
                 self.dgt.open_udp(cfg.bind_address(cfg.global_root_uri, cfg.global_root_port), cfg.dgt_udp_port)
 
     @property
@@ -218,7 +218,7 @@ class GlobalServer(ServerBase):
     def on_client_stop(self, client: Client) -> None:
         # A client that stopped is not coming back to say so again: record it, so that a server
         # restored later still knows how many STOPs it has to wait for.
-        if self.cfg.checkpoint_dir and len(self.stopped_clients) < self.expected_stops():
+        if self.cfg.checkpoint.dir and len(self.stopped_clients) < self.expected_stops():
             # Durable before the STOP is answered: the client will not say it again.
             try:
                 self.save_checkpoint("a client stopped", wait=True)
@@ -236,7 +236,7 @@ class GlobalServer(ServerBase):
             if self.compression_params is not None:
                 meta["compression"] = self.compression_params
             if self.dgt is not None and client[0] == self.wan_link.name:
-                meta["dgt"] = self.dgt.advert(client, req.sender, self.cfg.dgt_mode, req.req_id)
+                meta["dgt"] = self.dgt.advert(client, req.sender, self.cfg.dgt.mode, req.req_id)
         self.policy.reply_meta(req, client, meta)
         saved = self.checkpointed.get(req.key)
         if saved is not None and req.type != MsgType.INIT and self.told_checkpointed.get((client, req.key)) != saved:
@@ -346,13 +346,13 @@ class GlobalServer(ServerBase):
             codec = compression.create(params)
         except ValueError as exc:
             raise GeoMXError(str(exc)) from None
-        if self.cfg.enable_inter_ts and codec.name not in ("none", "fp16"):
+        if self.cfg.tsengine.inter and codec.name not in ("none", "fp16"):
             raise GeoMXError(f"{codec.name} cannot be combined with ENABLE_INTER_TS=1: TSEngine sums and relays "
                              "dense tensors between parties (use 'fp16' with float16 keys, or unset "
                              "ENABLE_INTER_TS)")
         if self.dgt is not None and codec.name != "none":
             raise GeoMXError(f"gradient compression {codec.name!r} cannot be combined with DGT "
-                             f"(ENABLE_DGT={self.cfg.dgt_mode} on the global server): DGT sends dense "
+                             f"(ENABLE_DGT={self.cfg.dgt.mode} on the global server): DGT sends dense "
                              "blocks of the parties' sums; unset one of them")
         if any(ks.initialized for ks in self.keys.values()):
             raise GeoMXError("set_gradient_compression must come before kv.init (the parties learn the "

@@ -43,10 +43,10 @@ class LocalServer(ServerBase):
         self.ts_waiting: set = set()  # (key, round) contributed, result not yet relayed here
         self.ts_link: Optional[Link] = None
         self.ts_port = 0
-        if cfg.enable_inter_ts:
+        if cfg.tsengine.inter:
             self.ts_link, self.ts_port = bind_router(loop, cfg.ts_port, "ts-peers", wan=True, cross_party=True,
                                                      host=cfg.bind_address(cfg.global_root_uri, cfg.global_root_port))
-        self.dgt: Optional[dgt.Sender] = dgt.Sender(cfg, loop) if cfg.dgt_mode else None
+        self.dgt: Optional[dgt.Sender] = dgt.Sender(cfg, loop) if cfg.dgt.mode else None
         self.round_trips: List[float] = []  # seconds from a key's push to the global reply (logged at stop)
 
     def connect_inter_ts(self, peer: TSPeer) -> None:

@@ -30,9 +30,9 @@ PARTY_POLICIES: Dict[str, Type[PartyPolicy]] = {
 def chosen(cfg: NodeConfig, synchronous: bool = True) -> str:
     """The algorithm this process's switches select: ESync or HFA if set (both dist_sync only),
     else FSA for dist_sync and MixedSync for dist_async (the master worker's kvstore type)."""
-    if cfg.use_esync:
+    if cfg.esync.enabled:
         return "esync"
-    if cfg.use_hfa:
+    if cfg.hfa.enabled:
         return "hfa"
     return "fsa" if synchronous else "mixedsync"
 

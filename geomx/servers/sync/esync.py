@@ -36,7 +36,7 @@ class ESync(ModelAveraging):
 
     def on_push(self, msg: Message, client: "Client", link: "Link", identity: bytes) -> bool:
         if msg.key == ESYNC_KEY and msg.meta:
-            max_steps = self.server.cfg.esync_max_steps
+            max_steps = self.server.cfg.esync.max_steps
             steps = meta_field(msg, "esync_steps", int)
             seconds = meta_field(msg, "esync_seconds", float)
             # Refused (ERROR reply, nothing summed) rather than skipped: a zero or unbounded speed
@@ -62,7 +62,7 @@ class ESync(ModelAveraging):
         if speed is None or len(self.speed) < self.server.parties:
             return 1
         slowest = min(self.speed.values())
-        return max(1, min(self.server.cfg.esync_max_steps, round(speed / slowest)))
+        return max(1, min(self.server.cfg.esync.max_steps, round(speed / slowest)))
 
 
 class ESyncParty(HFAParty):
@@ -86,7 +86,7 @@ class ESyncParty(HFAParty):
 
     def on_upstream_meta(self, key: int, meta: dict) -> None:
         steps = meta.get("esync_steps")
-        if key == ESYNC_KEY and isinstance(steps, int) and 1 <= steps <= self.server.cfg.esync_max_steps:
+        if key == ESYNC_KEY and isinstance(steps, int) and 1 <= steps <= self.server.cfg.esync.max_steps:
             self.steps = steps
             self.since = time.monotonic()
 

@@ -43,10 +43,10 @@ class FullSync(GlobalPolicy):
 
     def leave(self, synchronous: bool) -> None:
         cfg = self.server.cfg
-        if cfg.enable_inter_ts:
+        if cfg.tsengine.inter:
             raise GeoMXError("ENABLE_INTER_TS=1 works with dist_sync only, not dist_async (MixedSync "
                              "applies each party's push on arrival; there is no round to aggregate)")
-        if cfg.enable_p3:
+        if cfg.p3.enabled:
             raise GeoMXError("P3 (ENABLE_P3=1) works with dist_sync only, not dist_async: MixedSync "
                              "applies each party's whole aggregate on arrival")
 

@@ -52,7 +52,7 @@ class HFAParty(PartyPolicy):
     def goes_global(self, ks: "KeyState") -> bool:
         """Whether this party round of ``ks`` is averaged across the parties too."""
         rounds = self.local_rounds[ks.key] = self.local_rounds.get(ks.key, 0) + 1
-        return rounds % self.server.cfg.hfa_k2 == 0
+        return rounds % self.server.cfg.hfa.k2 == 0
 
     def push_meta(self, ks: "KeyState") -> Optional[dict]:
         """What the push of a global round carries besides the delta."""

@@ -34,8 +34,9 @@ def pytest_collection_modifyitems(config, items):
 _SPAWN_EVENTS = {"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.system", "os.exec",
                  "pty.spawn"}
 # Standard-library look-ups that run a short probe (ctypes.util.find_library runs `ldconfig -p`, as
-# geomx.transport does once for libc; platform runs `uname`): not a process the test starts.
-_PROBING_MODULES = {"ctypes.util", "platform"}
+# geomx.transport does once for libc; platform runs `uname`; numpy.testing runs `lscpu` when it is first
+# imported): not a process the test starts.
+_PROBING_MODULES = {"ctypes.util", "platform", "numpy.testing._private.utils"}
 _unit_test = {"nodeid": None, "elsewhere": []}
 
 

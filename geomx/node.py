@@ -23,6 +23,7 @@ from .membership import Scheduler, TierMember
 from .servers import GlobalServer, LocalServer
 from .servers.base import ServerBase
 from .transport import EventLoop
+from .tsengine.keys import LinkKeys
 from .tsengine.peer import TSPeer
 from .tsengine.policy import ROOT
 from .tsengine.tier import TSEngineTier
@@ -135,11 +136,11 @@ def _local_server(cfg: NodeConfig) -> int:
     server.on_fatal = fatal.append
     if cfg.tsengine.intra:  # this server is the root of its party's aggregation tree
         server.ts_root = TSPeer(loop, ROOT, "local_server", server, party.send, fatal.append, wan=False,
-                                  secret=party.info.ts_secret)
+                                  keys=LinkKeys.from_meta(party.info.ts_keys))
         party.on_tsengine = server.ts_root.on_answer
     if cfg.tsengine.inter:
         peer = TSPeer(loop, glob.info.rank, f"local_server{glob.info.rank}", server, glob.send, fatal.append,
-                      wan=True, secret=glob.info.ts_secret)
+                      wan=True, keys=LinkKeys.from_meta(glob.info.ts_keys))
         glob.on_tsengine = peer.on_answer
         server.connect_inter_ts(peer)
     log.info("serving %d worker(s) on port %d; %d global server(s)", cfg.num_worker, server.port,
@@ -199,7 +200,7 @@ def _global_server(cfg: NodeConfig) -> int:
         server.on_async()  # restored under MixedSync
     if cfg.tsengine.inter:
         server.ts_root = TSPeer(loop, ROOT, "global_server", server, glob.send, fatal.append, wan=True,
-                                  secret=glob.info.ts_secret)
+                                  keys=LinkKeys.from_meta(glob.info.ts_keys))
         glob.on_tsengine = server.ts_root.on_answer
     glob.on_peer_left = server.on_peer_left
     logutil.set_label(f"global_server{server.rank}")

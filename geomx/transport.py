@@ -552,7 +552,7 @@ class EventLoop:
 
 def identity_token(identity: bytes) -> str:
     """The secret a registered node's link carries in its identity (``NAME#TOKEN>WHERE``): a client's
-    registration token, or a TSEngine link's tier secret; "" if there is none."""
+    registration token, or a TSEngine link's key; "" if there is none."""
     return identity.rpartition(b">")[0].rpartition(b"#")[2].decode("ascii", "replace")
 
 

@@ -17,6 +17,7 @@ from .errors import GeoMXError, PeerDeadError
 from .kvclient import KVClient, client_options
 from .membership import TierInfo, TierMember
 from .transport import EventLoop, Link, bind_router
+from .tsengine.keys import LinkKeys
 from .tsengine.peer import TSPeer
 from .wire import Message, MsgType
 
@@ -86,7 +87,7 @@ class WorkerNode:
                 if self.intra_ts:
                     assert self.ts_link is not None
                     self.ts = TSPeer(self.loop, self.info.rank, f"worker{self.info.rank}", self, self.member.send,
-                                     self._on_ts_fatal, wan=False, secret=self.info.ts_secret)
+                                     self._on_ts_fatal, wan=False, keys=LinkKeys.from_meta(self.info.ts_keys))
                     self.member.on_tsengine = self.ts.on_answer
                     self.loop.add(self.ts_link, self.ts.handle, routed=True)
                     self.loop.call_every(min(5.0, cfg.request_timeout / 4), self._expire_ts)

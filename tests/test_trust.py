@@ -38,6 +38,7 @@ from geomx.errors import ProtocolError
 from geomx.kvclient import KVClient
 from geomx.launch import Topology, run
 from geomx.servers.keystate import KeyState
+from geomx.tsengine.keys import LinkKeys
 from geomx.tsengine.peer import TSPeer
 from geomx.wire import Message, MsgType
 
@@ -317,7 +318,7 @@ def test_a_relay_that_cannot_be_sent_ends_the_node_with_the_reason():
     failures: List[Exception] = []
     try:
         peer = TSPeer(loop, 1, "worker1", owner=None, ask=lambda m: None, on_fatal=failures.append, wan=False,
-                      secret="0" * 32)
+                      keys=LinkKeys())
         peer.relay(2, 3, np.ones(4, np.float32))
         peer.on_answer(Message(MsgType.TS_RELAY_TO, key=2, version=3,
                                meta={"rank": 0, "host": "127.0.0.1", "port": -1}))  # not a port

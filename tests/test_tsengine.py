@@ -13,11 +13,18 @@ from geomx import config, wire
 from geomx.errors import ConfigError, ProtocolError
 from geomx.transport import EventLoop, bind_router
 from geomx.tsengine.coordinator import Coordinator
+from geomx.tsengine.keys import LinkKeys, keys_meta, link_key
 from geomx.tsengine.peer import TSPeer
 from geomx.tsengine.policy import ROOT, Session, ThroughputTable, choose_receiver, orient
 from geomx.wire import Message, MsgType
 
-SECRET = "5" * 32  # the tier's TSEngine secret (a scheduler hands it out; see TSPeer)
+SECRET = b"5" * 32  # a tier's secret, from which its scheduler derives the link keys (geomx/tsengine/keys.py)
+
+
+def node_keys(node, nodes):
+    """``node``'s link keys in a tier of ``nodes``, as its scheduler hands them out (via the wire's JSON)."""
+    return LinkKeys.from_meta(wire.decode(wire.encode(Message(MsgType.REGISTER_ACK, meta=keys_meta(
+        SECRET, node, nodes)))).meta)
 
 
 def table_of(rates):
@@ -278,7 +285,7 @@ def test_tree_and_relay_over_sockets_give_the_exact_sum_to_every_node():
             loop.call_later(0, lambda: coord.handle(via_wire(msg), node))
 
         peers[node] = owner.peer = TSPeer(loop, node, f"node{node}", owner, ask, failures.append, wan=True,
-                                          secret=SECRET)
+                                          keys=node_keys(node, list(owners)))
         loop.add(link, peers[node].handle, routed=True)
     coord = Coordinator("test tier", addresses, deliver, 0.9, rng=random.Random(5))
     # Node 2 sends slowly: it should hand its sum to a peer rather than receive one.
@@ -333,9 +340,11 @@ def test_a_refused_hop_ends_the_sender_with_the_reason():
 
     failures = []
     link, port = bind_router(loop, 0, "ts-0")
-    receiver = TSPeer(loop, 0, "node0", Refusing(), lambda m: None, failures.append, wan=True, secret=SECRET)
+    receiver = TSPeer(loop, 0, "node0", Refusing(), lambda m: None, failures.append, wan=True,
+                      keys=node_keys(0, [ROOT, 0]))
     loop.add(link, receiver.handle, routed=True)
-    sender = TSPeer(loop, ROOT, "root", SumOwner(), lambda m: None, failures.append, wan=True, secret=SECRET)
+    sender = TSPeer(loop, ROOT, "root", SumOwner(), lambda m: None, failures.append, wan=True,
+                    keys=node_keys(ROOT, [ROOT, 0]))
     try:
         sender.models[(0, 0)] = np.ones(4, np.float32)
         sender.on_answer(Message(MsgType.TS_RELAY_TO, key=0, version=0,
@@ -349,22 +358,28 @@ def test_a_refused_hop_ends_the_sender_with_the_reason():
 
 
 @pytest.mark.unit
-def test_a_stranger_cannot_send_into_the_aggregation_tree():
-    """A TS_MERGE or TS_MODEL from a link without the tier's TSEngine secret (a stranger, or a node of
-    another tier) is refused with a TS_ACK that says why, and reaches neither the partial sums nor the
-    owner; the same from a node with the secret is taken."""
+def test_neither_a_stranger_nor_another_node_of_the_tier_can_send_as_a_node():
+    """A TS_MERGE or TS_MODEL is taken only from a link that carries the key of the link from the node
+    it names (``sender``) to this node. A stranger (a made-up key, none, or a node of another tier)
+    and a registered node of the same tier posing as another (its own key, another's node id: with one
+    secret per tier this was taken) get a TS_ACK that says why, and reach neither the partial sums nor
+    the owner; node 9's own hop is taken."""
     ctx = zmq.Context()
     loop = EventLoop(ctx, name="test")
     failures = []
     owner = SumOwner()
     link, port = bind_router(loop, 0, "ts-0")
-    receiver = TSPeer(loop, 0, "node0", owner, lambda m: None, failures.append, wan=True, secret=SECRET)
+    nodes = [ROOT, 0, 5, 9]
+    receiver = TSPeer(loop, 0, "node0", owner, lambda m: None, failures.append, wan=True, keys=node_keys(0, nodes))
     loop.add(link, receiver.handle, routed=True)
+    cases = {"stranger": "f" * 32, "no key": None, "another tier": link_key(b"6" * 32, 9, 0),
+             "node 5 posing as 9": link_key(SECRET, 5, 0), "9's key to another node": link_key(SECRET, 9, 5),
+             "node 9": link_key(SECRET, 9, 0)}
     try:
         acks = {}
-        for who, secret in (("stranger", "f" * 32), ("no secret", None), ("member", SECRET)):
+        for who, key in cases.items():
             sock = ctx.socket(zmq.DEALER)
-            tail = "" if secret is None else f"#{secret}"
+            tail = "" if key is None else f"#{key}"
             sock.setsockopt(zmq.IDENTITY, f"worker9-ts9{tail}>127.0.0.1:{port}".encode())
             sock.connect(f"tcp://127.0.0.1:{port}")
             sock.send_multipart([bytes(f) for f in wire.encode(Message(
@@ -372,15 +387,38 @@ def test_a_stranger_cannot_send_into_the_aggregation_tree():
             loop.run_until(lambda: sock.poll(0), timeout=10, what=f"the {who}'s TS_ACK")  # noqa: B023
             acks[who] = wire.decode(sock.recv_multipart())
             sock.close(linger=0)
-        for who in ("stranger", "no secret"):
-            assert acks[who].type == MsgType.TS_ACK
-            assert "not from a registered node of this tier" in acks[who].meta["error"], acks[who]
-        assert acks["member"].type == MsgType.TS_ACK and acks["member"].meta is None
+            if who != "node 9":
+                assert not owner.models, who  # nothing taken before the genuine hop
+        for who in cases:
+            if who != "node 9":
+                assert acks[who].type == MsgType.TS_ACK
+                assert "not from TSEngine node 9 of this tier" in acks[who].meta["error"], (who, acks[who])
+        assert acks["node 9"].type == MsgType.TS_ACK and acks["node 9"].meta is None
         assert list(owner.models) == [(0, 0)] and not failures
     finally:
         loop.close()
         receiver.close()
         ctx.destroy(linger=0)
+
+
+@pytest.mark.unit
+def test_each_node_holds_only_the_keys_of_its_own_links():
+    """A node can send as itself and check its senders, but holds no key of a link between two other
+    nodes; malformed keys from the network are refused, naming what."""
+    nodes = [ROOT, 0, 1, 2]
+    keys = {n: node_keys(n, nodes) for n in nodes}
+    for n in nodes:
+        others = sorted(m for m in nodes if m != n)
+        assert sorted(keys[n].to) == others and sorted(keys[n].from_) == others
+        for m in others:
+            assert keys[n].to[m] == keys[m].from_[n]  # what n sends with is what m expects from n
+    held = {k for n in (0,) for k in (*keys[n].to.values(), *keys[n].from_.values())}
+    between_others = {link_key(SECRET, a, b) for a in nodes for b in nodes if a != b and 0 not in (a, b)}
+    assert not held & between_others
+    assert len({k for n in nodes for k in keys[n].to.values()}) == len(nodes) * (len(nodes) - 1)
+    with pytest.raises(ProtocolError, match="malformed TSEngine link keys"):
+        LinkKeys.from_meta({"to": {"x": "0" * 32}, "from": {}})
+    assert LinkKeys.from_meta({}) == LinkKeys()
 
 
 # -- configuration and refusals -------------------------------------------------------------------

@@ -10,7 +10,7 @@ import logging
 import os
 import time
 import uuid
-from typing import Callable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 from ..errors import PeerDeadError, ProtocolError, SecurityError
 from ..transport import EventLoop, Link, connect_dealer
@@ -42,8 +42,8 @@ class TierInfo:
     client_keys: Mapping[str, str] = dataclasses.field(default_factory=dict)
     #: A server of the central party: the master worker's token (only it sets optimizer and codec).
     master_client: Optional[str] = None
-    #: TSEngine: the tier's secret that its nodes' TSEngine links carry (see TSPeer).
-    ts_secret: str = ""
+    #: TSEngine: this node's link keys, as the scheduler sent them (geomx.tsengine.keys.LinkKeys).
+    ts_keys: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class TierMember:
@@ -148,7 +148,7 @@ class TierMember:
                 meta_field(msg, "rejoined", bool, False),
                 tuple(str(t) for t in meta_field(msg, "clients", list, []) if isinstance(t, str)),
                 {str(t): str(k) for t, k in meta_field(msg, "client_keys", dict, {}).items()},
-                meta_field(msg, "master_client", str, None), meta_field(msg, "ts_secret", str, ""))
+                meta_field(msg, "master_client", str, None), meta_field(msg, "ts_keys", dict, {}))
             if old is None and self.on_registered is not None:
                 self.on_registered(self.info)
             if old is not None and old.servers != parsed and self.on_servers_changed is not None:

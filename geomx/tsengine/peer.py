@@ -19,6 +19,7 @@ waiting for a round that cannot complete. A dead peer is found by the tier's hea
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import itertools
 import logging
 import time
@@ -29,6 +30,7 @@ import numpy as np
 from ..errors import GeoMXError, ProtocolError
 from ..transport import EventLoop, Link, connect_dealer, identity_token, log_limited, peer_label
 from ..wire import Message, MsgType, meta_field
+from .keys import LinkKeys
 from .partial import Partial, partial_dtype_ok
 from .policy import ROOT
 
@@ -65,11 +67,12 @@ class TSPeer:
     ``ask(msg)`` sends a question to the tier's scheduler; ``on_fatal(exc)`` ends the node."""
 
     def __init__(self, loop: EventLoop, node: int, name: str, owner: Owner, ask: Callable[[Message], None],
-                 on_fatal: Callable[[Exception], None], wan: bool, secret: str):
+                 on_fatal: Callable[[Exception], None], wan: bool, keys: LinkKeys):
         self.loop = loop
-        # The tier's TSEngine secret (from its scheduler): this node's links carry it in their identity,
-        # and a TS_MERGE or TS_MODEL from a link without it is refused.
-        self.secret = secret
+        # This node's link keys (from its scheduler, geomx/tsengine/keys.py): its link to node j carries
+        # keys.to[j] in its identity; a TS_MERGE or TS_MODEL that says it is from node i is taken only
+        # from a link that carries keys.from_[i].
+        self.keys = keys
         self.node = node
         self.name = name
         self.owner = owner
@@ -167,7 +170,7 @@ class TSPeer:
         port = meta_field(answer, "port", int)
         link = self.links.get((host, port))
         if link is None:
-            identity = f"{self.name}-ts{self.node}#{self.secret}>{host}:{port}".encode()
+            identity = f"{self.name}-ts{self.node}#{self.keys.to.get(to, '')}>{host}:{port}".encode()
             link = connect_dealer(self.loop, host, port, identity, f"{self.name}-ts->{to}",
                                   peer=f"TSEngine peer {to}", wan=self.wan, cross_party=self.wan)
             self.loop.add(link, self._on_ack, routed=False)
@@ -201,8 +204,10 @@ class TSPeer:
         """A TS_MERGE or TS_MODEL that arrived on one of the owner's ROUTER sockets."""
         assert identity is not None
         key, rnd = msg.key, msg.version
-        if identity_token(identity) != self.secret:
-            reason = "not from a registered node of this tier (its link lacks the tier's TSEngine secret)"
+        expected = self.keys.from_.get(msg.sender)
+        if expected is None or not hmac.compare_digest(identity_token(identity).encode(), expected.encode()):
+            reason = (f"not from TSEngine node {msg.sender} of this tier (its link lacks that node's key: a "
+                      "stranger, or another node posing as it)")
             log_limited(logging.WARNING, f"{self.name}: refused {msg.type.name} from {peer_label(identity)}: {reason}",
                         key=(identity, "ts stranger"))
             link.send(Message(MsgType.TS_ACK, req_id=msg.req_id, key=key, version=rnd, meta={"error": reason}),

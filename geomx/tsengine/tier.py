@@ -1,15 +1,15 @@
 """TSEngine's part in a tier's scheduler (a :class:`geomx.membership.scheduler.TierPlugin`): once
 the tier is complete, checks that every node taking part agrees, starts the coordinator, answers the
-nodes' questions, and hands the nodes taking part the tier's TSEngine secret."""
+nodes' questions, and hands each node taking part the keys of its own TSEngine links (keys.py)."""
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import TYPE_CHECKING, List, Optional
 
 from ..errors import ProtocolError
 from ..wire import Message
 from .coordinator import QUESTIONS, Coordinator
+from .keys import keys_meta, tier_secret
 from .policy import ROOT
 
 if TYPE_CHECKING:  # membership does not import TSEngine; only the names, for the annotations
@@ -28,9 +28,10 @@ class TSEngineTier:
         self.variable = variable
         self.max_greed_rate = max_greed_rate
         self.coordinator: Optional[Coordinator] = None
-        # Carried by the TSEngine links of the nodes taking part (see TSPeer), so that nobody else can
-        # send partial sums or results into the aggregation tree.
-        self.secret = uuid.uuid4().hex
+        # What each TSEngine link's key is derived from (geomx/tsengine/keys.py), so that nobody else
+        # can send partial sums or results into the aggregation tree, nor one node as another.
+        self.secret = tier_secret()
+        self.nodes: list = []  # the tree's nodes: ROOT and the training workers' ranks
 
     def tier_complete(self, scheduler: "Scheduler", servers: List["Member"], workers: List["Member"]) -> bool:
         """Start the coordinator if the tier's nodes asked for it. Every node that takes part (servers,
@@ -53,6 +54,7 @@ class TSEngineTier:
         addresses = {ROOT: (servers[0].host, servers[0].port)}
         addresses.update({m.rank: (m.host, m.port) for m in workers if not m.master})
         by_node = {ROOT: servers[0], **{m.rank: m for m in workers if not m.master}}
+        self.nodes = sorted(by_node)
         self.coordinator = Coordinator(scheduler.tier, addresses,
                                        lambda node, msg: scheduler.send(by_node[node], msg), self.max_greed_rate)
         log.info("%s: TSEngine on (%s), %d node(s) below the root, greedy rate %.2f", scheduler.tier,
@@ -65,4 +67,7 @@ class TSEngineTier:
         self.coordinator.handle(msg, ROOT if member.role == "server" else member.rank)
 
     def ack_meta(self, member: "Member") -> dict:
-        return {"ts_secret": self.secret} if self.coordinator is not None and member.ts else {}
+        if self.coordinator is None or not member.ts or member.master:
+            return {}
+        node = ROOT if member.role == "server" else member.rank
+        return {"ts_keys": keys_meta(self.secret, node, self.nodes)}

@@ -9,7 +9,7 @@ import dataclasses
 import os
 import socket
 import stat
-from typing import Mapping, Optional
+from typing import Dict, Mapping, Optional, Tuple
 
 from . import security
 from .errors import ConfigError
@@ -131,6 +131,9 @@ class NodeConfig:
     # this file descriptor (GEOMX_LISTEN_FD), so that no other process can take the port before the
     # scheduler runs.
     listen_fd: Optional[int] = None
+    # Global scheduler: how many local servers each party registers, by the party's scheduler address
+    # as its local servers name it (GEOMX_PARTY_SERVERS; None: any party may fill the free slots).
+    party_servers: Optional[Tuple[Tuple[str, int], ...]] = None
     # Liveness and limits.
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 20.0
@@ -385,6 +388,8 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
     if role in (SCHEDULER, GLOBAL_SCHEDULER):
         kw["listen_fd"] = _listen_fd(r, kw["global_root_port"] if role == GLOBAL_SCHEDULER else kw["root_port"],
                                      "DMLC_PS_GLOBAL_ROOT_PORT" if role == GLOBAL_SCHEDULER else "DMLC_PS_ROOT_PORT")
+    if role == GLOBAL_SCHEDULER:
+        kw["party_servers"] = _party_servers(r, kw["num_global_worker"])
     kw["bind_host"] = _bind_host(r)
     kw["server_port"] = _optional_port(r, "GEOMX_SERVER_PORT")
     kw["central_port"] = _optional_port(r, "GEOMX_CENTRAL_PORT")
@@ -497,6 +502,27 @@ def _bind_host(r: _Reader) -> Optional[str]:
         raise r._fail("GEOMX_BIND_HOST", f"must be an IPv4 address of this machine, or * / 0.0.0.0 for every "
                                          f"interface, got {raw!r}")
     return raw
+
+
+def _party_servers(r: _Reader, num_global_worker: int) -> Optional[Tuple[Tuple[str, int], ...]]:
+    """GEOMX_PARTY_SERVERS: ``HOST:PORT=N,...``, each party's scheduler address (its local servers'
+    DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT) and how many local servers it has (its DMLC_NUM_SERVER)."""
+    raw = r.str("GEOMX_PARTY_SERVERS")
+    if raw is None:
+        return None
+    out: Dict[str, int] = {}
+    for item in raw.split(","):
+        party, _, count = item.strip().rpartition("=")
+        if not party or ":" not in party or not count.strip().isdigit() or int(count) < 1:
+            raise r._fail("GEOMX_PARTY_SERVERS", f"must be HOST:PORT=N,... (each party's scheduler address and its "
+                                                 f"number of local servers, N >= 1), got {item.strip()!r}")
+        if party in out:
+            raise r._fail("GEOMX_PARTY_SERVERS", f"names the party {party} twice")
+        out[party] = int(count)
+    if sum(out.values()) != num_global_worker:
+        raise r._fail("GEOMX_PARTY_SERVERS", f"adds up to {sum(out.values())} local servers, DMLC_NUM_GLOBAL_WORKER "
+                                             f"is {num_global_worker}")
+    return tuple(out.items())
 
 
 def _listen_fd(r: _Reader, port: int, port_variable: str) -> Optional[int]:

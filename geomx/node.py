@@ -56,7 +56,8 @@ def _scheduler(cfg: NodeConfig) -> int:
                       max_queued_replies=cfg.max_queued_replies, local_ipc=cfg.local_ipc,
                       cross_party=cfg.role == config.GLOBAL_SCHEDULER, listen_fd=cfg.listen_fd,
                       host=cfg.scheduler_bind_address(),
-                      plugins=[TSEngineTier(ts_variable, cfg.tsengine.max_greed_rate)])
+                      plugins=[TSEngineTier(ts_variable, cfg.tsengine.max_greed_rate)],
+                      party_servers=dict(cfg.party_servers) if cfg.party_servers is not None else None)
     return sched.run()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import time
@@ -493,3 +494,22 @@ def test_refused_combinations_table_matches_the_docs_and_each_rule_refuses():
         assert switches(kw, curve)[rule.first] and switches(kw, curve)[rule.second]
         with pytest.raises(ConfigError, match=f"{rule.first} cannot be combined with {rule.second}: "):
             config._refuse_combinations(kw, curve, "global server")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("value, needle", [
+    ("10.0.0.2:9094=1,10.0.0.3:9094", "must be HOST:PORT=N,..."),
+    ("10.0.0.2=2", "must be HOST:PORT=N,..."),
+    ("10.0.0.2:9094=0,10.0.0.3:9094=2", "must be HOST:PORT=N,..."),
+    ("10.0.0.2:9094=1,10.0.0.2:9094=1", "names the party 10.0.0.2:9094 twice"),
+    ("10.0.0.2:9094=1,10.0.0.3:9094=2", "adds up to 3 local servers, DMLC_NUM_GLOBAL_WORKER is 2"),
+])
+def test_party_servers_are_checked_naming_the_variable(value, needle):
+    env = {"DMLC_ROLE_GLOBAL": "global_scheduler", "DMLC_PS_GLOBAL_ROOT_URI": "127.0.0.1",
+           "DMLC_PS_GLOBAL_ROOT_PORT": "9092", "DMLC_NUM_GLOBAL_SERVER": "1", "DMLC_NUM_GLOBAL_WORKER": "2"}
+    assert config.load(dict(env, GEOMX_PARTY_SERVERS="10.0.0.2:9094=1, 10.0.0.3:9094=1")).party_servers == (
+        ("10.0.0.2:9094", 1), ("10.0.0.3:9094", 1))
+    assert config.load(env).party_servers is None
+    with pytest.raises(ConfigError, match=re.escape(needle)) as err:
+        config.load(dict(env, GEOMX_PARTY_SERVERS=value))
+    assert "GEOMX_PARTY_SERVERS" in str(err.value)

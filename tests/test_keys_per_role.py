@@ -164,6 +164,50 @@ def test_registrations_are_bound_to_their_keys(keys, caplog):
         ctx.destroy(linger=0)
 
 
+@pytest.mark.unit
+def test_a_party_cannot_take_another_partys_local_server_slot(keys, caplog):
+    """GEOMX_PARTY_SERVERS (the launcher sets it): before the global tier is complete, party1 (an allowed
+    key) registers its one local server and then tries a second one for itself, which would have taken
+    party0's slot (party0's own then failed with "more workers than the 2 expected"); and party0's key
+    first names a party the variable does not know. Both refused, naming the variable; party0's
+    genuine local server still takes its slot and the tier completes."""
+    caplog.set_level(logging.INFO, logger="geomx")
+    central = keys("central")
+    ctx = zmq.Context()
+    sched = Scheduler("global", 0, 1, 2, heartbeat_interval=1.0, heartbeat_timeout=30.0, start_timeout=60.0,
+                      max_message_bytes=1 << 20, ctx=ctx, keys=central, cross_party=True, local_ipc=False,
+                      party_servers={"10.0.0.2:9094": 1, "10.0.0.3:9094": 1})
+    listener = Listener(central)
+    try:
+        listener.loop.close()
+        socks = {label: listener.client(keys(name), sched.port)
+                 for label, name in (("p0", "party0"), ("p0b", "party0"), ("p1", "party1"), ("p1b", "party1"),
+                                     ("gs", "central"))}
+
+        def step(label: str, msg: Message, members: int) -> None:
+            before, logged = len(sched.members), len(caplog.records)
+            socks[label].send_multipart(frames(msg))
+            end = time.monotonic() + 10
+            while time.monotonic() < end and len(sched.members) == before and len(caplog.records) == logged:
+                sched.loop.run_once(0.01)
+            assert len(sched.members) == members, [r.getMessage() for r in caplog.records]
+
+        step("p1", _register("worker", party="10.0.0.3:9094"), 1)
+        caplog.clear()
+        step("p1b", _register("worker", party="10.0.0.3:9094"), 1)
+        assert "that party's 1 local server(s) registered already (GEOMX_PARTY_SERVERS)" in caplog.text
+        caplog.clear()
+        step("p0b", _register("worker", party="10.0.0.9:9094"), 1)
+        assert "GEOMX_PARTY_SERVERS on the global scheduler names no such party" in caplog.text
+        step("p0", _register("worker", party="10.0.0.2:9094"), 2)
+        step("gs", _register("server"), 3)
+        assert sched.registered
+    finally:
+        listener.close()
+        sched.loop.close()
+        ctx.destroy(linger=0)
+
+
 @pytest.fixture(scope="module")
 def mxnet_module():
     return pytest.importorskip("mxnet")

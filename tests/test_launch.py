@@ -97,7 +97,8 @@ def test_process_env_exact(monkeypatch):
     h = "127.0.0.1"
     assert dmlc(by["global_scheduler"].env) == dict(
         DMLC_ROLE_GLOBAL="global_scheduler", DMLC_PS_GLOBAL_ROOT_URI=h, DMLC_PS_GLOBAL_ROOT_PORT="9092",
-        DMLC_NUM_GLOBAL_SERVER="2", DMLC_NUM_GLOBAL_WORKER="2", DMLC_NODE_HOST=h)
+        DMLC_NUM_GLOBAL_SERVER="2", DMLC_NUM_GLOBAL_WORKER="2", DMLC_NODE_HOST=h,
+        GEOMX_PARTY_SERVERS=f"{h}:9094=1,{h}:9095=1")
     for i in range(2):
         assert dmlc(by[f"global_server{i}"].env) == dict(
             DMLC_ROLE_GLOBAL="global_server", DMLC_ROLE="server",

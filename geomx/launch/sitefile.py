@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from .topology import ROLE_KEYS, Ports, ProcessSpec, Topology
+from .topology import ROLE_KEYS, Ports, ProcessSpec, Topology, declare_party_servers
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -291,7 +291,7 @@ class SiteTopology:
             spec.host = host.ssh
             spec.cwd = host.workdir
             out.append(spec)
-        return out
+        return declare_party_servers(out)
 
     @property
     def spans_hosts(self) -> bool:

@@ -428,7 +428,7 @@ class Topology:
                         i,
                     )
                 )
-        return schedulers + servers + workers
+        return declare_party_servers(schedulers + servers + workers)
 
     def _env(self, name: str, role_env: Dict[str, object], dc: str = "central") -> Dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ROLE_KEYS}
@@ -447,3 +447,18 @@ class Topology:
                 env.update({str(k): str(v) for k, v in extra.items()})
         return env
 
+
+def declare_party_servers(specs: List[ProcessSpec]) -> List[ProcessSpec]:
+    """Tell the global scheduler each party's number of local servers (GEOMX_PARTY_SERVERS), by the
+    party scheduler address its local servers will name, read from their final environments: the
+    global tier then refuses a local server that would take another party's slot."""
+    counts: Dict[str, int] = {}
+    for spec in specs:
+        env = spec.env
+        if env.get("DMLC_ROLE") == "server" and "DMLC_ROLE_GLOBAL" not in env:
+            party = f"{env['DMLC_PS_ROOT_URI']}:{env['DMLC_PS_ROOT_PORT']}"
+            counts[party] = counts.get(party, 0) + 1
+    for spec in specs:
+        if spec.env.get("DMLC_ROLE_GLOBAL") == "global_scheduler":
+            spec.env["GEOMX_PARTY_SERVERS"] = ",".join(f"{party}={n}" for party, n in counts.items())
+    return specs

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import re
 import time
-from typing import Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import zmq
 
@@ -78,8 +78,12 @@ class Scheduler:
                  max_message_bytes: int, ctx: Optional[zmq.Context] = None,
                  keys: Optional[CurveKeys] = None, cross_party: bool = False,
                  max_queued_replies: int = 100_000, local_ipc: bool = True, listen_fd: Optional[int] = None,
-                 host: str = "127.0.0.1", plugins: Sequence[TierPlugin] = ()):
+                 host: str = "127.0.0.1", plugins: Sequence[TierPlugin] = (),
+                 party_servers: Optional[Mapping[str, int]] = None):
         self.tier = tier
+        # Global tier (GEOMX_PARTY_SERVERS): each party's local-server slots, so that no party can take
+        # another's before the tier is complete (with CURVE a party name is bound to one key).
+        self.party_servers = dict(party_servers) if party_servers is not None else None
         self.plugins = list(plugins)
         self._plugin_of: Dict[MsgType, TierPlugin] = {t: p for p in self.plugins for t in p.messages}
         self.num_servers = num_servers
@@ -180,6 +184,8 @@ class Scheduler:
             return
         if self.registered:
             raise ProtocolError(f"late REGISTER from {name or peer_label(identity)}: the tier is complete")
+        if role == "worker" and self.party_servers is not None:
+            self._check_party_slot(party, name or peer_label(identity))
         count = sum(1 for m in self.members.values() if m.role == role)
         if count >= (self.num_servers if role == "server" else self.num_workers):
             raise ProtocolError(f"REGISTER from {name or peer_label(identity)}: more {role}s than the "
@@ -192,6 +198,18 @@ class Scheduler:
         log.debug("%s: registered %s %s at %s:%d", self.tier, role, name, host, port)
         if len(self.members) == self.num_servers + self.num_workers:
             self._assign_ranks()
+
+    def _check_party_slot(self, party: Optional[str], name: str) -> None:
+        """GEOMX_PARTY_SERVERS: a local server takes one of its own party's slots, never another's."""
+        assert self.party_servers is not None
+        slots = self.party_servers.get(party or "")
+        if slots is None:
+            raise ProtocolError(f"REGISTER of {name} for party {party!r}: GEOMX_PARTY_SERVERS on the global "
+                                f"scheduler names no such party ({', '.join(sorted(self.party_servers))})")
+        taken = sum(1 for m in self.members.values() if m.party == party)
+        if taken >= slots:
+            raise ProtocolError(f"REGISTER of {name} for party {party!r}: that party's {slots} local server(s) "
+                                "registered already (GEOMX_PARTY_SERVERS)")
 
     def _check_key(self, key: str, role: str, party: Optional[str], name: str) -> None:
         """With CURVE, a registration is bound to the key it came with: the tier's servers are of the

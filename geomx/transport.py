@@ -29,7 +29,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 import zmq
 import zmq.utils.garbage  # noqa: F401
 
-from . import security, wire
+from . import connguard, security, wire
 from .errors import ProtocolError
 
 log = logging.getLogger("geomx.transport")
@@ -68,6 +68,8 @@ class Link:
         # owner fails with it (retrying cannot help). Unset: the reason is only logged.
         self.on_refused: Optional[Callable[[str], None]] = None
         self.monitor: Optional[zmq.Socket] = None
+        # A listener's measure of what libzmq holds per TCP connection (geomx/connguard.py).
+        self.guard: Optional[connguard.ConnectionGuard] = None
         self._handshake_failures = 0
         self._first_failure = 0.0  # time.monotonic() of the first of the current run of failures
         self.refused = False
@@ -95,9 +97,11 @@ class Link:
                 return
         self.bytes_sent += sum(len(f) if not isinstance(f, memoryview) else f.nbytes for f in frames)
 
-    def recv_frames(self) -> List[Any]:
+    def recv_frames(self, routed: bool) -> List[Any]:
         frames = self.sock.recv_multipart(copy=False, flags=_NOBLOCK)
         self.bytes_received += sum(len(f) for f in frames)
+        if self.guard is not None:
+            self.guard.delivered(frames, 1 if routed else 0)
         return frames
 
     def close(self) -> None:
@@ -118,8 +122,15 @@ class Link:
                 frames = self.monitor.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return disconnected
-            event = security.parse_monitor_message(frames)["event"]
+            parsed = security.parse_monitor_message(frames)
+            event = parsed["event"]
+            if event == zmq.EVENT_ACCEPTED:
+                if self.guard is not None:
+                    self.guard.accepted(parsed["value"])
+                continue
             if event == zmq.EVENT_DISCONNECTED:
+                if self.guard is not None:
+                    self.guard.closed(parsed["value"])
                 disconnected = True
                 continue
             reason = security.handshake_failure(frames, server=server, curve=self.curve, link_name=self.name,
@@ -365,6 +376,7 @@ class EventLoop:
         self.poller.register(self._wake_rx, zmq.POLLIN)
         self.stopped = False
         self.links: List[Link] = []
+        self._guards: List[Link] = []  # listeners whose connections are measured (connguard)
         self._trim_due = False
 
     # -- registration -------------------------------------------------------------------------
@@ -392,13 +404,30 @@ class EventLoop:
         elif cross_party:
             security.warn_insecure(link.name)
         # A unique address: pyzmq's default is derived from the socket's fd, which the OS reuses.
-        events = security.MONITORED | (zmq.EVENT_DISCONNECTED if server else 0)
+        events = security.MONITORED | (zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED if server else 0)
+        if server:
+            self._guard(link)
         link.monitor = link.sock.get_monitor_socket(events, f"inproc://geomx-monitor-{next(_monitors)}")
 
         def on_event() -> None:
             if link.on_monitor_event(server):
                 self._release_memory_soon()
         self._add_raw(link.monitor, on_event)
+
+    def _guard(self, link: Link) -> None:
+        """Measure what libzmq holds per connection of listener ``link``; cut a connection that holds
+        more than one largest message (geomx/connguard.py)."""
+        def drain() -> bool:
+            entry = self.handlers.get(link.sock)
+            # Not yet (or no longer) served by this loop: nothing of it is read, so nothing is measured.
+            return entry is not None and any(self._drain(*entry) for _ in range(64))
+
+        link.guard = connguard.ConnectionGuard(link.name, link.curve, connguard.limit_for(self.max_message_bytes),
+                                               drain, lambda text, key: _refusals(logging.ERROR, text, key=key))
+        if not self._guards:
+            self.call_every(connguard.CHECK_INTERVAL, lambda: [guarded.guard.check() for guarded in self._guards
+                                          if guarded.guard is not None and not guarded.sock.closed])
+        self._guards.append(link)
 
     def _release_memory_soon(self) -> None:
         """A peer of a listener left: what libzmq held for it (e.g. the frames of a message it never
@@ -492,12 +521,13 @@ class EventLoop:
             _, _, fn = heapq.heappop(self._timers)
             fn()
 
-    def _drain(self, link: Link, handler: Handler, routed: bool) -> None:
+    def _drain(self, link: Link, handler: Handler, routed: bool) -> bool:
+        """Handle the messages waiting on ``link``; True when none is left."""
         for _ in range(256):  # bounded so one busy peer cannot starve the others
             try:
-                frames = link.recv_frames()
+                frames = link.recv_frames(routed)
             except zmq.Again:
-                return
+                return True
             identity = None
             if routed:
                 identity = bytes(frames[0].buffer)
@@ -524,6 +554,7 @@ class EventLoop:
                 log.exception("%s: error while handling %s from %s on %s",
                               self.name, msg.type.name, peer_label(identity), link.name)
                 self._refuse(link, identity, msg, f"internal error: {exc}")
+        return False
 
     def _refuse(self, link: Link, identity: Optional[bytes], msg: wire.Message, reason: str) -> None:
         """Answer a refused request with ERROR so that its sender fails clearly instead of waiting."""

@@ -376,7 +376,7 @@ class EventLoop:
         self.poller.register(self._wake_rx, zmq.POLLIN)
         self.stopped = False
         self.links: List[Link] = []
-        self._guards: List[Link] = []  # listeners whose connections are measured (connguard)
+        self._guarded: List[Link] = []  # listeners whose connections are measured (connguard)
         self._trim_due = False
 
     # -- registration -------------------------------------------------------------------------
@@ -417,17 +417,28 @@ class EventLoop:
     def _guard(self, link: Link) -> None:
         """Measure what libzmq holds per connection of listener ``link``; cut a connection that holds
         more than one largest message (geomx/connguard.py)."""
-        def drain() -> bool:
+        def drain() -> None:
             entry = self.handlers.get(link.sock)
-            # Not yet (or no longer) served by this loop: nothing of it is read, so nothing is measured.
-            return entry is not None and any(self._drain(*entry) for _ in range(64))
+            if entry is not None:  # not served by this loop (yet): nothing of it is read or measured
+                self._drain(*entry)
+
+        def refresh() -> None:
+            events = self._raw.get(link.monitor)
+            if events is not None:
+                events()
 
         link.guard = connguard.ConnectionGuard(link.name, link.curve, connguard.limit_for(self.max_message_bytes),
-                                               drain, lambda text, key: _refusals(logging.ERROR, text, key=key))
-        if not self._guards:
-            self.call_every(connguard.CHECK_INTERVAL, lambda: [guarded.guard.check() for guarded in self._guards
-                                          if guarded.guard is not None and not guarded.sock.closed])
-        self._guards.append(link)
+                                               drain, refresh,
+                                               lambda text, key: _refusals(logging.ERROR, text, key=key))
+        if not self._guarded:
+            self.call_every(connguard.CHECK_INTERVAL, self._check_guards)
+        self._guarded.append(link)
+
+    def _check_guards(self) -> None:
+        self._guarded = [link for link in self._guarded if not link.sock.closed]
+        for link in self._guarded:
+            assert link.guard is not None
+            link.guard.check()
 
     def _release_memory_soon(self) -> None:
         """A peer of a listener left: what libzmq held for it (e.g. the frames of a message it never
@@ -523,6 +534,10 @@ class EventLoop:
 
     def _drain(self, link: Link, handler: Handler, routed: bool) -> bool:
         """Handle the messages waiting on ``link``; True when none is left."""
+        if link.guard is not None:
+            # Its connection events first: a message is counted to the connection it came from, and
+            # a new connection's descriptor may be the number of one just closed.
+            link.guard.refresh()
         for _ in range(256):  # bounded so one busy peer cannot starve the others
             try:
                 frames = link.recv_frames(routed)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -166,7 +167,7 @@ def test_frame_wire_bytes():
 def test_a_reused_descriptor_is_not_measured():
     """A descriptor closed and reused for another connection is not the one that was accepted: it is
     neither measured nor cut."""
-    guard = connguard.ConnectionGuard("t", False, 0, lambda: True, lambda text, key: None)
+    guard = connguard.ConnectionGuard("t", False, 0, lambda: None, lambda: None, lambda text, key: None)
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
@@ -188,3 +189,77 @@ def test_a_reused_descriptor_is_not_measured():
         finally:
             for s in (first, second, a, b):
                 s.close()
+
+
+def test_messages_counted_to_a_connection_that_did_not_send_them_give_it_no_credit():
+    """An earlier connection's messages on a reused descriptor, counted to the new one, make it hold
+    less than nothing: the count is clamped, so its next bytes count in full."""
+    guard = connguard.ConnectionGuard("t", False, 0, lambda: None, lambda: None, lambda text, key: None)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+        try:
+            guard.accepted(accepted.fileno())
+            guard.connections[accepted.fileno()].delivered = 1000  # as if another's messages were counted
+            assert guard.held(accepted.fileno()) == 0
+            client.sendall(b"0123456789")
+            assert accepted.recv(10, socket.MSG_WAITALL) == b"0123456789"  # read, as libzmq would
+            assert guard.held(accepted.fileno()) == 10
+        finally:
+            client.close()
+            accepted.close()
+
+
+def test_a_flood_of_complete_messages_does_not_keep_an_unfinished_one_from_being_cut(ctx):
+    """One connection keeps the listener busy with complete (malformed) messages, faster than they are
+    read; another holds a message that never ends: that one is still cut, and the flood is not."""
+    loop, link, port, received = listener(ctx)
+    guard = link.guard
+    flooder, holder = zmtp_dealer(port), zmtp_dealer(port)
+    stop = threading.Event()
+    burst = frame(b"z", more=False) * 20_000
+
+    def flood():
+        try:
+            while not stop.is_set():
+                flooder.sendall(burst)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=flood, daemon=True)
+    try:
+        run_until(loop, lambda: len(guard.connections) == 2, "both connections to be accepted")
+        thread.start()
+        chunk = frame(b"y" * MAX_MESSAGE, more=True)
+        for _ in range(guard.limit // MAX_MESSAGE + 2):
+            holder.sendall(chunk)
+        run_until(loop, lambda: guard.cut == 1, "the connection holding an unfinished message to be cut")
+        assert link.bytes_received > 100_000, "the flood did not reach the listener"
+        assert holder.recv(65536) is not None  # its handshake, or the end
+        assert len(guard.connections) == 1  # the flooder's: it delivers what it sends
+    finally:
+        stop.set()
+        flooder.shutdown(socket.SHUT_RDWR)  # ends a sendall blocked on a listener that stopped reading
+        thread.join(10)
+        flooder.close()
+        holder.close()
+        loop.close()
+
+
+def test_a_zmtp2_peer_is_served_without_a_connection_descriptor(ctx):
+    """A ZMTP 2.0 peer's messages carry no metadata (no ZMQ_SRCFD): the listener still takes them and
+    keeps serving (before, looking the descriptor up raised out of the event loop)."""
+    loop, link, port, received = listener(ctx)
+    old = socket.create_connection(("127.0.0.1", port), timeout=20)
+    try:
+        old.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + b"\x01" + b"\x05")  # ZMTP 2.0 greeting, DEALER
+        old.sendall(frame(b"", more=False))  # its (empty) identity
+        request = [bytes(f) for f in wire.encode(Message(MsgType.PULL, req_id=5, key=1))]
+        old.sendall(b"".join(frame(f, more=i < len(request) - 1) for i, f in enumerate(request)))
+        run_until(loop, lambda: len(received) == 1, "the ZMTP 2.0 peer's message")
+        assert received[0].req_id == 5
+    finally:
+        old.close()
+        loop.close()

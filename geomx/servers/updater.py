@@ -27,8 +27,11 @@ class Updater:
         self._mx = mx
         self._updater = mx.optimizer.get_updater(self.optimizer)
         self.plain_sgd = is_plain_sgd(self.optimizer)
-        # MXNet's copy of each key's weights, for the optimizers that update an NDArray in place.
-        self._weights: Dict[int, Any] = {}
+        # MXNet's copy of the weights of each optimizer index (a key, or a P3 slice: each slice has its
+        # own shape and state), for the optimizers that update an NDArray in place, with the array
+        # apply() last returned for it: while the server's store is still that array the copy is
+        # current; anything else (a checkpoint restore, a plain-SGD step, a new INIT) is copied in.
+        self._weights: Dict[Any, Tuple[Any, np.ndarray]] = {}
 
     @property
     def name(self) -> str:
@@ -54,12 +57,13 @@ class Updater:
         if self.plain_sgd and store.dtype == np.float32:
             states.setdefault(index, None)  # what MXNet's Updater records for it
             self._updater.states_synced[index] = True
-            self._weights.pop(key, None)  # MXNet's copy, if another path made one, is stale now
             return sgd_step(opt, index, store, grad_np)
         mx = self._mx
-        weight = self._weights.get(key)
-        if weight is None:
-            weight = self._weights[key] = mx.nd.array(store, dtype=store.dtype)
+        weight, current = self._weights.get(index, (None, None))
+        if weight is None or weight.shape != store.shape or weight.dtype != store.dtype:
+            weight = mx.nd.array(store, dtype=store.dtype)
+        elif current is not store:
+            weight._sync_copyfrom(store)
         if grad_np.flags.writeable and grad_np.flags.c_contiguous and grad_np.flags.aligned:
             # A round sum the server owns and drops after the update: lend it to MXNet (no copy).
             grad = mx.nd.from_numpy(grad_np, zero_copy=True)
@@ -67,13 +71,15 @@ class Updater:
             grad = mx.nd.empty(grad_np.shape, dtype=store.dtype)
             grad._sync_copyfrom(grad_np)
         if backup is not None:
-            state = states.get(key)
+            state = states.get(index)
             if state is None:
-                state = states[key] = opt.create_state(key, weight)
-                self._updater.states_synced[key] = True
+                state = states[index] = opt.create_state(index, weight)
+                self._updater.states_synced[index] = True
             state[1][:] = backup.reshape(state[1].shape)
         self._updater(index, grad, weight)
-        return weight.asnumpy().reshape(-1)
+        value = weight.asnumpy().reshape(-1)
+        self._weights[index] = (weight, value)
+        return value
 
     # -- what a checkpoint or GET_STATES carries ---------------------------------------------------
     def update_counts(self) -> Tuple[Dict[Any, int], int]:

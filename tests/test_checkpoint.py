@@ -140,22 +140,25 @@ def _restart_topology(tmp_path, global_servers=1, local_servers=1, **env):
 
 
 @pytest.mark.system
-@pytest.mark.parametrize("every,kill_after,wait_for_detection,global_servers,victim,local_servers", [
-    (3, 4, True, 1, 0, 1),
+@pytest.mark.parametrize("every,kill_after,wait_for_detection,global_servers,victim,local_servers,optimizer", [
+    (3, 4, True, 1, 0, 1, "sgd"),
     # Two global servers with key 2 split between them; the second one dies and is back before the
     # schedulers even notice (it takes the old one's place at once).
-    (1, 2, False, 2, 1, 1),
+    (1, 2, False, 2, 1, 1, "sgd"),
+    # Adam on the global servers (issue 26): its moments and update counts come back from the
+    # checkpoint, and the replayed rounds are updated from there, as if nothing had happened.
+    (3, 4, False, 2, 0, 1, "adam"),
 ])
 def test_global_server_restarted_from_checkpoint_loses_no_update(tmp_path, every, kill_after, wait_for_detection,
-                                                                 global_servers, victim, local_servers):
+                                                                 global_servers, victim, local_servers, optimizer):
     """SIGKILL a global server mid-training and restart it from its checkpoint: the workers' every
-    pulled value (SGD, lr 1, integer gradients) equals the uninterrupted closed form exactly. With a
-    checkpoint every 3 rounds and the kill after round 4, the parties replay rounds the checkpoint
-    lacks."""
+    pulled value (integer gradients; SGD with lr 1, or Adam) equals the uninterrupted run's exactly (the
+    closed form, or one MXNet updater in the worker). With a checkpoint every 3 rounds and the kill after
+    round 4, the parties replay rounds the checkpoint lacks."""
     rounds = 8
     topo = _restart_topology(tmp_path, global_servers, local_servers, GEOMX_CHECKPOINT_EVERY=str(every),
                              GEOMX_RESTART_TIMEOUT="60", MXNET_KVSTORE_BIGARRAY_BOUND="1000")
-    cmd = slow_cmd(rounds, 0.3) + ["--optimizer", "sgd"]
+    cmd = slow_cmd(rounds, 0.3) + ["--optimizer", optimizer]
     name = f"global_server{victim}"
     with Cluster(topo, cmd) as cluster:
         cluster.log.wait_for(rf"^\[party1/worker0\] ROUND {kill_after} OK", 90)

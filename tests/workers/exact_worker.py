@@ -1,8 +1,9 @@
 """A worker for the exact-oracle tests: integer-valued pushes whose float32 sums are exact.
 
 Every training worker w (global data-slice index) pushes ``(w + 1) * (t + 1) * base_k`` for key k in
-round t. The closed forms (no optimizer: the round's sum; SGD lr=1: init minus the running sum) are
-checked with zero tolerance after every pull. With ``--store dist_async`` (MixedSync, SGD) each update is
+round t. The closed forms (no optimizer: the round's sum; SGD lr=1: init minus the running sum), or with
+Adam on the global server one MXNet updater over the same sums in this process, are checked with zero
+tolerance after every pull. With ``--store dist_async`` (MixedSync, SGD) each update is
 applied on arrival in an order nobody knows, so only the global server's final value is checked, by the
 master worker (SGD with lr=1 subtracts exact integers: any order gives the same sum). Prints ``PID <pid>`` at start,
 ``RANK <rank>`` once connected, ``ROUND <t> OK`` after each round and ``EXACT OK`` at the end (exit 0).
@@ -30,6 +31,10 @@ def init_value(k):
     return (np.arange(int(np.prod(SHAPES[k]))) % 101).astype(np.float32).reshape(SHAPES[k])
 
 
+def adam():
+    return mx.optimizer.Adam(learning_rate=0.01)
+
+
 def check_checkpoint(kv, t, expected):
     """Ask for a checkpoint after round t and check what the (one) global server wrote: every key has
     completed t + 1 rounds (a later round cannot have completed: it needs this worker's push), and
@@ -54,7 +59,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--slice", type=int, required=True)
     p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--optimizer", choices=["none", "sgd"], default="none")
+    p.add_argument("--optimizer", choices=["none", "sgd", "adam"], default="none",
+                   help="the global server's optimizer: none (pulls are the round sums), SGD with lr 1 (a "
+                        "closed form), or Adam (MXNet's own updater over the round sums in this process)")
     p.add_argument("--mode", choices=["push-pull", "pushpull", "list"], default="push-pull")
     p.add_argument("--crash-slice", type=int, default=-1, help="this worker raises after its first round")
     p.add_argument("--crash-pending-slice", type=int, default=-1,
@@ -89,6 +96,8 @@ def main():
     if kv.is_master_worker:
         if args.optimizer == "sgd":
             kv.set_optimizer(mx.optimizer.SGD(learning_rate=1.0, momentum=0.0, wd=0.0, rescale_grad=1.0))
+        elif args.optimizer == "adam":
+            kv.set_optimizer(adam())
         for k in keys:
             kv.init(k, mx.nd.array(init_value(k)))
         print("master initialised", flush=True)
@@ -100,12 +109,22 @@ def main():
     outs = {k: mx.nd.zeros(SHAPES[k]) for k in keys}
     for k in keys:
         kv.pull(k, out=outs[k])
+    reference = {}  # key -> its values after each round, from one MXNet updater (Adam)
+
     def expected(k, t):
         """Key k's value after round t (t = -1: the initial value)."""
         if t < 0:
             return init_value(k)
         if args.optimizer == "none":
             return (coeff_sum * (t + 1) * base(k)).astype(np.float32)
+        if args.optimizer == "adam":
+            values = reference.setdefault(k, [])
+            if not values:
+                updater, weight = mx.optimizer.get_updater(adam()), mx.nd.array(init_value(k))
+                for r in range(args.rounds):
+                    updater(k, mx.nd.array(coeff_sum * (r + 1) * base(k)), weight)
+                    values.append(weight.asnumpy())
+            return values[t]
         return (init_value(k) - coeff_sum * sum(range(1, t + 2)) * base(k)).astype(np.float32)
 
     def matches(outs, t, when):

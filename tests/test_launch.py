@@ -432,3 +432,27 @@ def test_remote_wrapper_stops_its_group_when_its_input_ends():
     proc.stdin.close()
     assert proc.wait(timeout=15) == 128 + signal.SIGTERM
     assert_all_dead(pids)
+
+
+@pytest.mark.system
+def test_remote_wrapper_killed_takes_its_command_along():
+    """Issue 27 item 5: a SIGKILLed wrapper (nothing runs in it any more) must not leave its command
+    running untracked: its guard stops the command's whole group (SIGTERM, SIGKILL after KILL_AFTER)."""
+    from geomx.launch.remote import KILL_AFTER
+
+    proc = subprocess.Popen([sys.executable, "-m", "geomx.launch.remote", "--", sys.executable, "-c", WORKER,
+                             "0", "p", "0"], cwd=REPO,
+                            env=dict(os.environ, SPAWN_SLICE="0", WORKER_SLEEP="1000", GEOMX_DATA_SLICE="0"),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    end = time.monotonic() + 15
+    while len(pids_in("".join("[w] " + line for line in lines))) < 2 and time.monotonic() < end:
+        time.sleep(0.05)
+    pids = pids_in("".join("[w] " + line for line in lines))
+    assert len(pids) == 2, lines  # the command and its grandchild
+    proc.kill()
+    assert proc.wait(timeout=5) == -signal.SIGKILL
+    assert_all_dead(pids, within=KILL_AFTER + 5)
+    proc.stdin.close()

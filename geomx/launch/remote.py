@@ -7,6 +7,11 @@ session (process group) of its own and stops that whole group (SIGTERM, SIGKILL 
 SSH client's input open while it wants the process to run, and the input also ends when the SSH
 connection breaks. Its exit status is ``ARGV``'s (128 + N for signal N), which SSH passes back.
 
+The wrapper itself may die without a chance to clean up (SIGKILL, the OOM killer). So that the command
+cannot outlive it, a small guard process asks the kernel (Linux's ``PR_SET_PDEATHSIG``) for a signal
+when the wrapper dies, and then stops the command's group the same way (SIGTERM, SIGKILL after
+:data:`KILL_AFTER` seconds). On a normal end the wrapper ends the guard.
+
 Free of MXNet imports, like the rest of the launcher.
 """
 
@@ -23,6 +28,39 @@ from typing import List, Optional
 #: Seconds between SIGTERM and SIGKILL when the group is stopped.
 KILL_AFTER = 5.0
 
+# The guard: ``python -c GUARD PGID WRAPPER_PID KILL_AFTER``. It gets SIGTERM when the wrapper dies
+# (PR_SET_PDEATHSIG, set by itself: if the wrapper died before that, its parent is already another
+# process) and then stops the group. A separate process, because nothing runs in a SIGKILLed wrapper.
+GUARD = """
+import ctypes, os, signal, sys, time
+pgid, wrapper, kill_after = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+def alive():
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except OSError:
+        return False
+def stop(*_):
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except OSError:
+        os._exit(0)
+    end = time.monotonic() + kill_after
+    while alive() and time.monotonic() < end:
+        time.sleep(0.05)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+    os._exit(0)
+signal.signal(signal.SIGTERM, stop)
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+if os.getppid() != wrapper:
+    stop()
+while True:
+    signal.pause()
+"""
+
 
 def _signal_group(pgid: int, sig: int) -> bool:
     try:
@@ -37,6 +75,16 @@ class _Group:
         self.child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
         self.lock = threading.Lock()
         self.stopping = False
+        self.guard: Optional[subprocess.Popen] = None
+        if sys.platform.startswith("linux"):  # PR_SET_PDEATHSIG is Linux's
+            self.guard = subprocess.Popen(
+                [sys.executable, "-c", GUARD, str(self.child.pid), str(os.getpid()), str(KILL_AFTER)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+    def end_guard(self) -> None:
+        if self.guard is not None:
+            self.guard.kill()
+            self.guard.wait()
 
     def stop(self) -> None:
         with self.lock:
@@ -81,6 +129,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
     # Whatever the command left in its group (children it started) goes with it.
     _signal_group(group.child.pid, signal.SIGKILL)
+    group.end_guard()
     return code if code >= 0 else 128 - code
 
 

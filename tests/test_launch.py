@@ -412,10 +412,8 @@ def test_remote_wrapper_passes_the_exit_status():
     assert status("/nonexistent/x") == 127
 
 
-@pytest.mark.system
-def test_remote_wrapper_stops_its_group_when_its_input_ends():
-    # A command that starts a grandchild and sleeps: closing the wrapper's input (what the launcher does to
-    # stop a remote process, and what a broken SSH connection does) ends both.
+def _wrapped_sleeper():
+    """The remote wrapper running a command that starts a grandchild and sleeps: (wrapper, [both pids])."""
     proc = subprocess.Popen([sys.executable, "-m", "geomx.launch.remote", "--", sys.executable, "-c", WORKER,
                              "0", "p", "0"], cwd=REPO,
                             env=dict(os.environ, SPAWN_SLICE="0", WORKER_SLEEP="1000", GEOMX_DATA_SLICE="0"),
@@ -428,6 +426,14 @@ def test_remote_wrapper_stops_its_group_when_its_input_ends():
         time.sleep(0.05)
     pids = pids_in("".join("[w] " + line for line in lines))
     assert len(pids) == 2, lines  # the command and its grandchild
+    return proc, pids
+
+
+@pytest.mark.system
+def test_remote_wrapper_stops_its_group_when_its_input_ends():
+    # Closing the wrapper's input (what the launcher does to stop a remote process, and what a broken SSH
+    # connection does) ends the command and its grandchild.
+    proc, pids = _wrapped_sleeper()
     assert proc.poll() is None
     proc.stdin.close()
     assert proc.wait(timeout=15) == 128 + signal.SIGTERM
@@ -440,18 +446,7 @@ def test_remote_wrapper_killed_takes_its_command_along():
     running untracked: its guard stops the command's whole group (SIGTERM, SIGKILL after KILL_AFTER)."""
     from geomx.launch.remote import KILL_AFTER
 
-    proc = subprocess.Popen([sys.executable, "-m", "geomx.launch.remote", "--", sys.executable, "-c", WORKER,
-                             "0", "p", "0"], cwd=REPO,
-                            env=dict(os.environ, SPAWN_SLICE="0", WORKER_SLEEP="1000", GEOMX_DATA_SLICE="0"),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    lines = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
-    reader.start()
-    end = time.monotonic() + 15
-    while len(pids_in("".join("[w] " + line for line in lines))) < 2 and time.monotonic() < end:
-        time.sleep(0.05)
-    pids = pids_in("".join("[w] " + line for line in lines))
-    assert len(pids) == 2, lines  # the command and its grandchild
+    proc, pids = _wrapped_sleeper()
     proc.kill()
     assert proc.wait(timeout=5) == -signal.SIGKILL
     assert_all_dead(pids, within=KILL_AFTER + 5)

@@ -46,7 +46,6 @@ OPTIMIZERS = {
     "adam": lambda: mx.optimizer.Adam(learning_rate=0.01, epsilon=1e-4),
     "dcasgd": lambda: mx.optimizer.DCASGD(learning_rate=0.5, lamda=0.04),
 }
-HFA_STEPS = 8
 
 
 def numel(k):
@@ -296,7 +295,7 @@ def run_hfa(kv, args, parties, per_party):
     w = {k: mx.nd.zeros(SHAPES[k], dtype=dtype_of(args.codec, k)) for k in SHAPES}
     for k in SHAPES:
         kv.broadcast(k, w[k], out=w[k])
-    for s in range(1, HFA_STEPS + 1):
+    for s in range(1, args.steps + 1):
         for k in SHAPES:
             w[k] -= mx.nd.array(local_step(args.slice, s, k).reshape(SHAPES[k]), dtype=w[k].dtype)
         if s % k1 == 0:
@@ -330,7 +329,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--slice", type=int, required=True)
     p.add_argument("--case", required=True, help="JSON: sync, codec, optimizer, global_servers")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="FSA, MixedSync, ESync: rounds")
+    p.add_argument("--steps", type=int, default=8, help="HFA: local steps (averages every K1)")
     p.add_argument("--turn", default=None, help="MixedSync: the token file that orders the parties' pushes")
     args = p.parse_args()
     case = json.loads(args.case)

@@ -8,7 +8,13 @@ links) and runs every row of :data:`ROWS` on it, one after the other:
 * ``geomx-fsa``: vanilla HiPS (fully synchronous: local server per party, one global server in the
   central DC), started with ``geomx.launch.run`` with each party in its namespace;
 * later optimizations: one :class:`Row` each (env vars / node env / worker flags = their documented
-  switches).
+  switches);
+* ``ddp`` / ``ddp-fp16`` (not in the default ``--rows``; issue 32): PyTorch DistributedDataParallel over
+  gloo on the same WAN, model (a torch twin with MXNet's initial weights), data, batch and Adam
+  (``benchmarks/ddp_worker.py``): one rank per training worker, ranks ordered by site, the TCPStore
+  rendezvous in the central DC, no central training worker; ``ddp-fp16`` adds DDP's
+  ``fp16_compress_hook``. torch is not a geomx dependency (``pip install torch==2.13.0``); without it
+  the suite says so and skips these rows.
 
 Per row and model (``cnn``: the examples' CNN; ``big``: ~5.4M parameters), a throughput run on
 fixed-seed synthetic batches; for the ``cnn`` model also a time-to-accuracy run on ``load_digits``.
@@ -31,10 +37,13 @@ Output: Markdown tables (stdout), a JSON file, a PNG (time-to-accuracy curves + 
         --rows geomx-fsa,geomx-mixedsync,geomx-hfa --tta-iters 60    # (one line) issue 5's rows
     sudo python benchmarks/suite.py --parties 4 --workers 1 --wan all=100mbit,party3=40mbit --models big
         --no-accuracy --rows geomx-fsa,geomx-tsengine                # (one line) TSEngine's row
+    sudo python benchmarks/suite.py --wan all=20mbit,delay=50ms --rows native,geomx-fsa,ddp,ddp-fp16
+                                                                 # torch DDP against geomx (issue 32)
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import datetime
 import io
@@ -42,6 +51,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -53,10 +63,12 @@ from typing import Dict, List, Mapping, Optional, Sequence
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, "suite_worker.py")
+DDP_WORKER = os.path.join(HERE, "ddp_worker.py")
 sys.path.insert(0, HERE)
 
+import ddp_worker  # noqa: E402  (no torch import at module level)
 import summary as summarymod  # noqa: E402
-from native_launch import native_procs, run_processes  # noqa: E402
+from native_launch import free_port, native_procs, run_processes  # noqa: E402
 from suite_worker import MARK_TAG, RESULT_TAG  # noqa: E402  (no MXNet import at module level)
 from summary import fmt as _f  # noqa: E402
 
@@ -80,7 +92,7 @@ class Row:
     """
 
     name: str
-    system: str  # "native" or "geomx"
+    system: str  # "native", "geomx" or "ddp" (torch DistributedDataParallel, benchmarks/ddp_worker.py)
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     node_env: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
     worker_args: Sequence[str] = ()
@@ -196,6 +208,15 @@ ROWS: List[Row] = [
     Row("geomx-curve-wan-only", "geomx", curve=True, default=False, env={"GEOMX_CURVE_INSIDE_PARTY": "0"},
         flags="geomx-launch --curve --env GEOMX_CURVE_INSIDE_PARTY=0",
         note="geomx-fsa with CURVE on the links between parties only"),
+    # torch DDP on the same WAN, model, data, batch and Adam (issue 32; benchmarks/ddp_worker.py): rank
+    # p*W+i = worker i of party p, in party p's namespace; TCPStore in the central DC; gloo on wan0.
+    Row("ddp", "ddp", default=False,
+        flags="torch DistributedDataParallel(model) over gloo, torch.optim.Adam; ranks ordered by site, "
+              "TCPStore rendezvous in the central DC",
+        note="PyTorch DDP: gloo's ring all-reduce over every training worker (no central worker)"),
+    Row("ddp-fp16", "ddp", worker_args=("--comm-hook", "fp16"), default=False,
+        flags="ddp + ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)",
+        note="PyTorch DDP, gradients all-reduced as float16"),
 ]
 
 MODELS = {"cnn": "examples' CNN (utils.build_cnn, ~0.18M params)",
@@ -495,7 +516,8 @@ class _LineStream(io.TextIOBase):
 
 
 def worker_argv(row: Row, model: str, mode: str, args, slice_arg: str, native: bool) -> List[str]:
-    cmd = [sys.executable, WORKER, "--model", model, "--mode", mode, "--slice", slice_arg,
+    script = DDP_WORKER if row.system == "ddp" else WORKER
+    cmd = [sys.executable, script, "--model", model, "--mode", mode, "--slice", slice_arg,
            "--batch-size", str(args.batch_size), "--seed", str(args.seed),
            "--num-workers", str(args.parties * args.workers)]
     if mode == "throughput":
@@ -567,6 +589,25 @@ def _run_row(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"]) -
                       worker_hosts=[w.address(dc) for dc in dcs], worker_prefixes=[w.exec_argv(dc) for dc in dcs])
         run = run_processes(native_procs(argvs, base_env, **kw), args.timeout, on_line=watcher.line)
         status, text = run["status"], run["log"]
+    elif row.system == "ddp":
+        try:
+            init = ddp_init_file(model, args.seed)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            init, status, text = None, 1, f"[suite] {exc}\n"
+        if init is not None:
+            argvs = [worker_argv(row, model, mode, args, str(i), native=False) + ["--init", init]
+                     for i in range(nworkers)]
+            dcs = [f"party{i // args.workers}" for i in range(nworkers)]  # rank i = worker i % W of party i // W
+            kw = dict(store_host="127.0.0.1", iface="lo")
+            if w is not None:
+                kw = dict(store_host=w.address("central"), store_prefix=w.exec_argv("central"),
+                          worker_prefixes=[w.exec_argv(dc) for dc in dcs], iface=wanmod.DC_IFACE)
+            port = free_port()
+            ready = os.path.join(os.path.dirname(init), f"store-{port}-{time.time_ns()}.ready")
+            procs = ddp_worker.ddp_procs(argvs, base_env, store_port=port, timeout=args.timeout, ready_file=ready,
+                                         **kw)
+            run = run_processes(procs, args.timeout, on_line=watcher.line, tag="ddp")
+            status, text = run["status"], run["log"]
     else:
         from geomx.launch import Topology
         from geomx.launch import run as launch_run
@@ -631,6 +672,44 @@ def _run_row(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"]) -
     return out
 
 
+_DDP_INIT: Dict[tuple, str] = {}
+
+
+def ddp_init_file(model: str, seed: int) -> str:
+    """MXNet's initial weights of ``model``, a probe and the digits arrays, for the DDP rows
+    (``suite_worker.py --dump-init``, outside the WAN; once per model and seed, removed at exit)."""
+    key = (model, seed)
+    if key not in _DDP_INIT:
+        d = tempfile.mkdtemp(prefix="geomx-suite-ddp-")
+        atexit.register(shutil.rmtree, d, True)
+        path = os.path.join(d, f"init_{model}.npz")
+        proc = subprocess.run([sys.executable, WORKER, "--dump-init", path, "--model", model, "--seed", str(seed)],
+                              capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"suite_worker.py --dump-init failed:\n{proc.stdout}{proc.stderr}")
+        _DDP_INIT[key] = path
+    return _DDP_INIT[key]
+
+
+def skip_unavailable(rows: Sequence[Row]) -> tuple:
+    """``(rows that can run, [{"row", "reason"}])``: the DDP rows need torch with gloo in this
+    interpreter's environment (the workers run ``sys.executable``)."""
+    if not any(r.system == "ddp" for r in rows):
+        return list(rows), []
+    reason = ddp_worker.torch_missing_in(sys.executable)
+    if reason is None:
+        return list(rows), []
+    skipped = [{"row": r.name, "reason": reason} for r in rows if r.system == "ddp"]
+    for s in skipped:
+        print(f"# {s['row']}: SKIPPED: {s['reason']}", file=sys.stderr, flush=True)
+    return [r for r in rows if r.system != "ddp"], skipped
+
+
+def _print_skipped(args) -> None:
+    for s in getattr(args, "skipped_rows", None) or []:
+        print(f"\n{s['row']}: skipped: {s['reason']}")
+
+
 def accuracy_run(row: Row, args, w: Optional["wanmod.Wan"], k: int) -> dict:
     print(f"# {row.name} / cnn / time to accuracy (run {k + 1}/{args.tta_repeats}, "
           f"{row.tta_iters if row.tta_iters is not None else args.tta_iters} iterations) ...",
@@ -645,13 +724,14 @@ def accuracy_run(row: Row, args, w: Optional["wanmod.Wan"], k: int) -> dict:
 
 
 def _config(args, rows: Sequence[Row], rates: Mapping[str, Optional[float]]) -> dict:
+    skipped = getattr(args, "skipped_rows", None)  # rows left out (the DDP rows without torch)
     return {"wan": args.wan, "rates": dict(rates), "parties": args.parties, "workers_per_party": args.workers,
             "batch_size": args.batch_size, "iters": args.iters, "warmup": args.warmup,
             "big_iters": args.big_iters, "big_warmup": args.big_warmup, "repeats": args.repeats,
             "tta_iters": args.tta_iters, "tta_repeats": args.tta_repeats, "eval_every": args.eval_every,
             "target_acc": args.target_acc, "omp_threads": args.omp_threads, "quick": args.quick,
             "competing_flow": args.competing_flow, "rows": [dataclasses.asdict(r) for r in rows],
-            "geomx_commit": _git_head()}
+            "geomx_commit": _git_head(), **({"skipped_rows": skipped} if skipped else {})}
 
 
 def run_summary(args, rows: Sequence[Row], w: Optional["wanmod.Wan"], t_all: float) -> int:
@@ -683,6 +763,7 @@ def run_summary(args, rows: Sequence[Row], w: Optional["wanmod.Wan"], t_all: flo
                 json.dump(report, f, indent=1, default=str)
     table = summarymod.markdown(report)
     print(table)
+    _print_skipped(args)
     md = os.path.splitext(args.out)[0] + ".md"
     with open(md, "w") as f:
         f.write(table + "\n")
@@ -766,6 +847,7 @@ def main(argv=None) -> int:
             setattr(args, name, quick if q else full)
 
     rows = [row_by_name(n.strip()) for n in args.rows.split(",") if n.strip()]
+    rows, args.skipped_rows = skip_unavailable(rows)
     models = [m.strip() for m in args.models.split(",") if m.strip() and m.strip() != "none"]
     for m in models:
         if m not in MODELS:
@@ -863,6 +945,7 @@ def main(argv=None) -> int:
             json.dump(report, f, indent=1, default=str)
     if args.plot:
         plot(report, args.plot)
+    _print_skipped(args)
     print(f"\n(wrote {args.out} and {args.plot}; total {report['total_s']} s)", file=sys.stderr)
     return 0 if all(r.get("ok") for r in report_rows) else 1
 

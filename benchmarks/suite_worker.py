@@ -39,6 +39,10 @@ pushpull of ``weights / kv.num_workers`` and of the workers' mean step count, wh
 stop together. ``--optimizer dcasgd``: MXNet's DCASGD on the global server (with ``--kv-type
 dist_async``: MixedSync + DC-ASGD).
 
+``--dump-init FILE`` writes the model's initial weights (those every row starts from), a probe batch with
+the model's output on it, and the digits arrays into one ``.npz`` and exits: the torch DDP rows
+(``benchmarks/ddp_worker.py``, which never imports MXNet) start from it.
+
 Every result carries ``loop_s``: the wall-clock time of the timed loop (throughput mode) or the sum
 of the iteration times (accuracy mode), so the suite can report iterations per second per worker,
 and ``cpu_s`` / ``max_rss_mb`` (the process's CPU time and peak resident memory).
@@ -57,6 +61,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 
 RESULT_TAG = "SUITE_RESULT "
 MARK_TAG = "SUITE_MARK "
+#: Adam's learning rate of every row (the servers' or the workers' own); benchmarks/ddp_worker.py uses it too.
+DEFAULT_LR = 0.01
 
 
 def build_big(ctx, seed: int = 0):
@@ -110,6 +116,29 @@ def build_model(name: str, ctx):
     raise ValueError(f"unknown model {name!r}")
 
 
+def dump_init(model: str, path: str, seed: int) -> int:
+    """``--dump-init FILE``: what the torch DDP rows (benchmarks/ddp_worker.py) need from MXNet, in one
+    ``.npz``: the initial weights every geomx / native row starts from (``p0``, ``p1``, ... in
+    ``collect_params`` order, default layout), a probe batch and the MXNet model's output on it (the
+    torch twin must reproduce it), and the digits arrays of ``utils.load_arrays`` (``x_train`` ...)."""
+    import mxnet as mx
+    import numpy as np
+    import utils
+
+    net = build_model(model, mx.cpu())
+    params = list(net.collect_params().values())
+    probe = np.random.RandomState(seed).rand(4, 1, 28, 28).astype(np.float32)
+    out = {f"p{i}": q.data().asnumpy() for i, q in enumerate(params)}
+    out["names"] = np.array([q.name for q in params])
+    out["probe"] = probe
+    out["probe_out"] = net(mx.nd.array(probe)).asnumpy()
+    out["x_train"], out["y_train"], out["x_test"], out["y_test"] = utils.load_arrays("digits")
+    np.savez(path, **out)
+    print(f"dumped {len(params)} parameters ({sum(int(np.prod(q.shape)) for q in params)} values) of {model} "
+          f"to {path}", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--native", action="store_true")
@@ -120,7 +149,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-iters", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=DEFAULT_LR)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--slice", type=int, default=0, help="global worker index")
     p.add_argument("--num-workers", type=int, default=4, help="training workers worldwide (data sharding)")
@@ -143,10 +172,15 @@ def main(argv=None) -> int:
                    help="ESync flow (examples/cnn_esync.py): each round kv.esync_steps() local Adam steps, then "
                         "pushpull of weights / kv.num_workers; one iteration = one local step; needs "
                         "GEOMX_USE_ESYNC=1")
+    p.add_argument("--dump-init", default=None, metavar="FILE",
+                   help="write the model's initial weights, a probe and the digits arrays to FILE (.npz) for the "
+                        "torch DDP rows (benchmarks/ddp_worker.py), then exit; no store is created")
     p.add_argument("--hfa", action="store_true",
                    help="HFA flow (examples/cnn_hfa.py): local Adam every iteration, pushpull of "
                         "weights / kv.num_workers every K1 iterations; needs MXNET_KVSTORE_USE_HFA=1")
     args = p.parse_args(argv)
+    if args.dump_init:
+        return dump_init(args.model, args.dump_init, args.seed)
 
     import mxnet as mx
     import numpy as np

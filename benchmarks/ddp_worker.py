@@ -52,7 +52,7 @@ from typing import Dict, List, Optional, Sequence
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from suite_worker import DEFAULT_LR, MARK_TAG, RESULT_TAG  # noqa: E402  (no MXNet import at module level)
+from suite_worker import MARK_TAG, RESULT_TAG, add_run_args  # noqa: E402  (no MXNet import at module level)
 
 #: Parameter counts of suite_worker.build_model's MXNet models (printed by ``suite_worker.py
 #: --dump-init``); the torch twins must have exactly these.
@@ -200,15 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--init", default=None, help="suite_worker.py --dump-init's file (required for training)")
     p.add_argument("--comm-hook", choices=["none", "fp16"], default="none")
     # The suite's worker flags (suite.worker_argv), with suite_worker.py's meaning.
-    p.add_argument("--model", choices=sorted(PARAM_COUNTS), default="cnn")
-    p.add_argument("--mode", choices=["throughput", "accuracy"], default="throughput")
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--max-iters", type=int, default=100)
-    p.add_argument("--eval-every", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=DEFAULT_LR)
-    p.add_argument("--seed", type=int, default=42)
+    add_run_args(p)
     p.add_argument("--slice", type=int, default=None, help="global worker index (= the rank)")
     p.add_argument("--num-workers", type=int, default=None, help="training workers worldwide (= the world size)")
     p.add_argument("--calibrate", type=int, default=3, help="forward+backward passes timed without communication")

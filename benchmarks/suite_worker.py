@@ -139,9 +139,8 @@ def dump_init(model: str, path: str, seed: int) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--native", action="store_true")
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a run that every row's worker takes (suite.worker_argv): this file's and ddp_worker.py's."""
     p.add_argument("--model", choices=["cnn", "big", "lastbig"], default="cnn")
     p.add_argument("--mode", choices=["throughput", "accuracy"], default="throughput")
     p.add_argument("--iters", type=int, default=10)
@@ -151,6 +150,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=DEFAULT_LR)
     p.add_argument("--seed", type=int, default=42)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--native", action="store_true")
+    add_run_args(p)
     p.add_argument("--slice", type=int, default=0, help="global worker index")
     p.add_argument("--num-workers", type=int, default=4, help="training workers worldwide (data sharding)")
     p.add_argument("--kv-type", default="dist_sync")

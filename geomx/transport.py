@@ -30,7 +30,7 @@ import zmq
 import zmq.utils.garbage  # noqa: F401
 
 from . import connguard, security, wire
-from .errors import ProtocolError
+from .errors import ProtocolError, internal_error
 
 log = logging.getLogger("geomx.transport")
 
@@ -568,7 +568,7 @@ class EventLoop:
             except Exception as exc:  # noqa: BLE001 - one bad request must not take the node down
                 log.exception("%s: error while handling %s from %s on %s",
                               self.name, msg.type.name, peer_label(identity), link.name)
-                self._refuse(link, identity, msg, f"internal error: {exc}")
+                self._refuse(link, identity, msg, internal_error(exc))
         return False
 
     def _refuse(self, link: Link, identity: Optional[bytes], msg: wire.Message, reason: str) -> None:

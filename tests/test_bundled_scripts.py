@@ -83,13 +83,13 @@ SHORT_FORMS: Dict[str, ShortForm] = {
     # twice the learning rate, slower (0.86-0.87 after 5 epochs, 1 run; 0.90 at -lr 0.005), hence 8 epochs:
     # 0.9133 / 0.9533 / 0.98 over 12 runs; 9.7-54 s
     "run_mixed_sync.sh": ShortForm(("-ep", "8", "--eval-every", "24"), 0.75),
-    # DC-ASGD is plain SGD plus the delay term, and its iterate wanders. At the script's default DCASGD_LR=0.1
-    # it diverged in 2 of 21 runs of 15 epochs (stuck at 0.06-0.14 from iteration ~60 on; the others ended
-    # 0.88-0.98), so the test sets the script's knob to 0.05: 18 of 18 runs learned, and faster (0.36-0.90
-    # at iteration 50, against 0.12-0.64 at 0.1). Single evaluations still dip: after iteration 100, 2 of
-    # 204 were under 0.7 (lowest 0.5167), hence 0.50, which a diverged run (<= 0.14) cannot reach.
+    # DC-ASGD is plain SGD plus the delay term, and its iterate wanders. At DCASGD_LR=0.1, the script's
+    # default until 2026-12-06, it diverged in 2 of 21 runs of 15 epochs (stuck at 0.06-0.14 from iteration
+    # ~60 on; the others ended 0.88-0.98); at 0.05, its default since, 18 of 18 runs learned, and faster
+    # (0.36-0.90 at iteration 50, against 0.12-0.64 at 0.1). Single evaluations still dip: after iteration
+    # 100, 2 of 204 were under 0.7 (lowest 0.5167), hence 0.50, which a diverged run (<= 0.14) cannot reach.
     # Last accuracy: 0.9167 / 0.9733 / 0.9833 over 11 runs of this form; 13.5-14.8 s
-    "run_dcasgd.sh": ShortForm(("-ep", "15", "--eval-every", "30"), 0.50, {"DCASGD_LR": "0.05"}),
+    "run_dcasgd.sh": ShortForm(("-ep", "15", "--eval-every", "30"), 0.50),
 }
 
 # The GPU script run for real (the others are checked from their text only).

@@ -148,3 +148,18 @@ def test_dcasgd_backup_is_per_index():
         ref.states[index][1][:] = backup
         ref(index, mx.nd.array(grad), weight)
         np.testing.assert_array_equal(store, weight.asnumpy(), err_msg=f"round {t}")
+
+
+def test_internal_error_names_the_cause_in_one_line():
+    """What the other nodes are told of an unexpected error (geomx.errors.internal_error): MXNet's own
+    errors carry a whole traceback whose first line says nothing ("Traceback (most recent call last):"),
+    which is what every process of the topology showed when run_p3.sh crashed; the cause is last."""
+    from geomx.errors import internal_error
+
+    try:
+        mx.nd.ones((3,)) + mx.nd.ones((4,))
+    except mx.base.MXNetError as exc:
+        told = internal_error(exc)
+    assert "\n" not in told and told.startswith("internal error: MXNetError: ")
+    assert "Traceback" not in told and "broadcast" in told, told
+    assert internal_error(KeyError(3)) == "internal error: KeyError: 3"

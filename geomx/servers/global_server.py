@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import checkpoint, commands, compression, dgt
 from ..config import NodeConfig
-from ..errors import GeoMXError, ProtocolError
+from ..errors import GeoMXError, ProtocolError, internal_error
 from ..transport import EventLoop, Link, bind_router, log_limited, peer_label
 from ..wire import Message, MsgType, meta_field
 from .base import KEY_CHECKED, Client, ServerBase
@@ -105,7 +105,7 @@ class GlobalServer(ServerBase):
             self.reply_error(self.wan_link, identity, msg, str(exc))
         except Exception as exc:  # noqa: BLE001 - one bad push must not take the server down
             log.exception("%s: error while handling a DGT push of key %d", self.name, msg.key)
-            self.reply_error(self.wan_link, identity, msg, f"internal error: {exc}")
+            self.reply_error(self.wan_link, identity, msg, internal_error(exc))
 
     # -- round bookkeeping --------------------------------------------------------------------
     def expected_pushes(self, link: Link) -> int:

@@ -17,49 +17,19 @@ Free of MXNet imports, like the rest of the launcher.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 #: Seconds between SIGTERM and SIGKILL when the group is stopped.
 KILL_AFTER = 5.0
 
-# The guard: ``python -c GUARD PGID WRAPPER_PID KILL_AFTER``. It gets SIGTERM when the wrapper dies
-# (PR_SET_PDEATHSIG, set by itself: if the wrapper died before that, its parent is already another
-# process) and then stops the group. A separate process, because nothing runs in a SIGKILLed wrapper.
-GUARD = """
-import ctypes, os, signal, sys, time
-pgid, wrapper, kill_after = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-def alive():
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except OSError:
-        return False
-def stop(*_):
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except OSError:
-        os._exit(0)
-    end = time.monotonic() + kill_after
-    while alive() and time.monotonic() < end:
-        time.sleep(0.05)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except OSError:
-        pass
-    os._exit(0)
-signal.signal(signal.SIGTERM, stop)
-ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-if os.getppid() != wrapper:
-    stop()
-while True:
-    signal.pause()
-"""
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _signal_group(pgid: int, sig: int) -> bool:
@@ -70,6 +40,33 @@ def _signal_group(pgid: int, sig: int) -> bool:
         return False
 
 
+def _stop_group(pgid: int, ended: Callable[[], bool]) -> None:
+    """SIGTERM to the group, up to :data:`KILL_AFTER` seconds for ``ended()``, then SIGKILL."""
+    _signal_group(pgid, signal.SIGTERM)
+    end = time.monotonic() + KILL_AFTER
+    while not ended() and time.monotonic() < end:
+        time.sleep(0.05)
+    _signal_group(pgid, signal.SIGKILL)
+
+
+def _guard(pgid: int, wrapper: int) -> int:
+    """The guard (``remote.py --guard PGID WRAPPER_PID``, run as a file so that it imports nothing of
+    geomx, whose package would load MXNet in a worker's environment): waits for SIGTERM, which the
+    kernel sends when the wrapper dies (``PR_SET_PDEATHSIG``, asked for here: if the wrapper died
+    before that, this process's parent is another one already), then stops the group. A separate
+    process, because nothing runs in a SIGKILLed wrapper."""
+    def stop(*_: object) -> None:
+        _stop_group(pgid, lambda: not _signal_group(pgid, 0))
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != wrapper:
+        stop()
+    while True:
+        signal.pause()
+
+
 class _Group:
     def __init__(self, argv: List[str]):
         self.child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -78,7 +75,7 @@ class _Group:
         self.guard: Optional[subprocess.Popen] = None
         if sys.platform.startswith("linux"):  # PR_SET_PDEATHSIG is Linux's
             self.guard = subprocess.Popen(
-                [sys.executable, "-c", GUARD, str(self.child.pid), str(os.getpid()), str(KILL_AFTER)],
+                [sys.executable, os.path.abspath(__file__), "--guard", str(self.child.pid), str(os.getpid())],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
 
     def end_guard(self) -> None:
@@ -91,11 +88,7 @@ class _Group:
             if self.stopping:
                 return
             self.stopping = True
-        _signal_group(self.child.pid, signal.SIGTERM)
-        end = time.monotonic() + KILL_AFTER
-        while self.child.poll() is None and time.monotonic() < end:
-            time.sleep(0.05)
-        _signal_group(self.child.pid, signal.SIGKILL)
+        _stop_group(self.child.pid, lambda: self.child.poll() is not None)
 
     def watch_stdin(self) -> None:
         try:
@@ -108,6 +101,8 @@ class _Group:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--guard"]:
+        return _guard(int(args[1]), int(args[2]))
     if args[:1] == ["--"]:
         args = args[1:]
     if not args:

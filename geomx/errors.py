@@ -25,9 +25,10 @@ class RemoteError(GeoMXError):
     """A server answered a request with an error (bad key, shape mismatch, unknown optimizer...)."""
 
 
-def internal_error(exc: BaseException) -> str:
-    """What a peer is told of an unexpected exception while handling its request: one line, the
-    exception's type and its last line (MXNet's errors carry a whole traceback and put the cause, e.g.
-    ``Check failed: ...``, last; the full text goes to the node's own log)."""
+def internal_error(exc: BaseException, doing: str = "") -> str:
+    """What a peer is told of an unexpected exception while handling its request (``doing``: e.g.
+    "while answering"): one line, the exception's type and its last line (MXNet's errors carry a whole
+    traceback and put the cause, e.g. ``Check failed: ...``, last; the full text goes to the node's own
+    log)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"internal error: {type(exc).__name__}: {lines[-1] if lines else repr(exc)}"
+    return f"internal error{' ' + doing if doing else ''}: {type(exc).__name__}: {lines[-1] if lines else repr(exc)}"

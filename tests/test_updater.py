@@ -163,3 +163,4 @@ def test_internal_error_names_the_cause_in_one_line():
     assert "\n" not in told and told.startswith("internal error: MXNetError: ")
     assert "Traceback" not in told and "broadcast" in told, told
     assert internal_error(KeyError(3)) == "internal error: KeyError: 3"
+    assert internal_error(ValueError("a\nb"), "while answering") == "internal error while answering: ValueError: b"

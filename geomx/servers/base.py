@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from .. import compression
-from ..errors import GeoMXError, ProtocolError
+from ..errors import GeoMXError, ProtocolError, internal_error
 from ..security import template
 from ..transport import EventLoop, Link, identity_token, log_limited, peer_label
 from ..tsengine.partial import partial_dtype_ok
@@ -125,7 +125,7 @@ class ServerBase:
                 # removed: an exception here must not leave this request, or the others, unanswered.
                 log.exception("%s: cannot answer %s of key %d from %s", self.name, req.type.name, req.key,
                               peer_label(identity))
-                self.reply_error(link, identity, req, f"internal error while answering: {exc!r}")
+                self.reply_error(link, identity, req, internal_error(exc, "while answering"))
         return reply
 
     def reply_meta(self, req: Message, client: Client) -> Optional[dict]:

@@ -4,6 +4,8 @@ tolerance; fp16 keys are summed in float32 and rounded once.
 
 With P3 the local server still encodes each key once (one residual per key) and sends each
 700-element slice its part of the payload; the pulled values must be the same."""
+import json
+
 import pytest
 
 pytestmark = pytest.mark.system
@@ -11,15 +13,21 @@ pytestmark = pytest.mark.system
 P3 = {"ENABLE_P3": "1", "GEOMX_P3_SLICE_SIZE": "700"}
 
 
+def _fsa(codec, global_servers=1):
+    """tests/workers/matrix_worker.py's case: FSA, no optimizer on the global servers (the combination
+    matrix runs the same worker)."""
+    return json.dumps({"sync": "fsa", "codec": codec, "optimizer": "none", "global_servers": str(global_servers)})
+
+
 @pytest.mark.parametrize("codec,global_servers,p3", [("bsc", 1, False), ("bsc", 2, False), ("fp16", 1, False),
                                                      ("mpq", 1, False), ("bsc", 2, True), ("mpq", 1, True)])
 def test_pulled_values_match_pipeline_model(topology_run, codec, global_servers, p3):
-    result = topology_run("codec_worker.py", ["--slice", "{slice}", "--codec", codec], parties=2,
-                          workers_per_party=2, global_servers=global_servers,
+    result = topology_run("matrix_worker.py", ["--slice", "{slice}", "--case", _fsa(codec, global_servers)],
+                          parties=2, workers_per_party=2, global_servers=global_servers,
                           env={"MXNET_KVSTORE_BIGARRAY_BOUND": "2000", **(P3 if p3 else {})})
     assert result.code == 0, result.output[-4000:]
     assert not result.lines("MISMATCH")
-    assert len(result.lines("CODEC OK")) == 4
+    assert len(result.lines("MATRIX OK")) == 4
 
 
 @pytest.mark.parametrize("servers_have_bound", [True, False])
@@ -30,10 +38,10 @@ def test_servers_bound_applies_when_master_sets_none(topology_run, servers_have_
     dense and the pulled values would differ (the servers_have_bound=False case shows that)."""
     servers = {"global_server*": {"MXNET_KVSTORE_SIZE_LOWER_BOUND": "1000"},
                "party*/server": {"MXNET_KVSTORE_SIZE_LOWER_BOUND": "1000"}}
-    result = topology_run("codec_worker.py", ["--slice", "{slice}", "--codec", "bsc", "--bound-from-servers"],
+    result = topology_run("matrix_worker.py", ["--slice", "{slice}", "--case", _fsa("bsc"), "--bound-from-servers"],
                           parties=2, workers_per_party=1, node_env=servers if servers_have_bound else {})
     if servers_have_bound:
         assert result.code == 0, result.output[-4000:]
-        assert len(result.lines("CODEC OK")) == 2
+        assert len(result.lines("MATRIX OK")) == 2
     else:
         assert result.code != 0 and result.lines("MISMATCH"), result.output[-4000:]

@@ -57,8 +57,10 @@ def dtype_of(codec, k):
     return np.float16 if codec == "fp16" or (codec == "mpq" and small) else np.float32
 
 
-def codec_params(codec):
-    out = {"type": codec, "size_lower_bound": BOUND}
+def codec_params(codec, bound_from_servers=False):
+    """The master's codec; with ``bound_from_servers`` it names no size_lower_bound (GeoMX's layout:
+    MXNET_KVSTORE_SIZE_LOWER_BOUND=BOUND on the servers only), and the model still uses BOUND."""
+    out = {"type": codec} if bound_from_servers else {"type": codec, "size_lower_bound": BOUND}
     if codec in ("bsc", "mpq"):
         out["threshold"] = 0.05
     return out
@@ -163,6 +165,20 @@ def local_step(slice_, s, k):
     return ((((np.arange(numel(k)) + 3 * slice_ + s) % 9) - 4) / 4).astype(np.float32)
 
 
+def party_averages(w, k, parties, per_party):
+    """Each party's average of its workers' ``w[i][k]`` (what its local server sums from ``w / workers``)."""
+    return [sum(w[i][k] / np.float32(per_party) for i in range(p * per_party, (p + 1) * per_party))
+            for p in range(parties)]
+
+
+def global_average(up, k, avgs, milestone):
+    """HFA's and ESync's global round: the milestone plus the parties' deltas from it over ``parties``,
+    each through its party's codec."""
+    parties = len(avgs)
+    deltas = [up.send(p, k, (avgs[p] - milestone) / np.float32(parties)) for p in range(parties)]
+    return milestone + sum(deltas[1:], deltas[0])
+
+
 def hfa_model(codec, parties, per_party, k1, k2, steps):
     """Each worker's weights after ``steps`` local steps under HFA; the milestones' deltas cross the WAN
     through each party's codec."""
@@ -177,14 +193,12 @@ def hfa_model(codec, parties, per_party, k1, k2, steps):
         if s % k1:
             continue
         for k in SHAPES:
-            avgs = [sum(w[i][k] / np.float32(per_party) for i in range(p * per_party, (p + 1) * per_party))
-                    for p in range(parties)]
+            avgs = party_averages(w, k, parties, per_party)
             if (s // k1) % k2:
                 for i in range(n):
                     w[i][k] = avgs[i // per_party]
             else:
-                deltas = [up.send(p, k, (avgs[p] - milestone[k]) / np.float32(parties)) for p in range(parties)]
-                milestone[k] = milestone[k] + sum(deltas[1:], deltas[0])
+                milestone[k] = global_average(up, k, avgs, milestone[k])
                 for i in range(n):
                     w[i][k] = milestone[k]
     return w
@@ -207,13 +221,7 @@ def esync_models(codec, parties, per_party, steps_by_round):
                 for k in SHAPES:
                     wi[k] = wi[k] - local_step(i, r * 1000 + s, k)
             w.append(wi)
-        new = {}
-        for k in SHAPES:
-            avgs = [sum(w[i][k] / np.float32(per_party) for i in range(p * per_party, (p + 1) * per_party))
-                    for p in range(parties)]
-            deltas = [up.send(p, k, (avgs[p] - model[k]) / np.float32(parties)) for p in range(parties)]
-            new[k] = model[k] + sum(deltas[1:], deltas[0])
-        model = new
+        model = {k: global_average(up, k, party_averages(w, k, parties, per_party), model[k]) for k in SHAPES}
         out.append(digest(model))
     return out
 
@@ -332,6 +340,8 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="FSA, MixedSync, ESync: rounds")
     p.add_argument("--steps", type=int, default=8, help="HFA: local steps (averages every K1)")
     p.add_argument("--turn", default=None, help="MixedSync: the token file that orders the parties' pushes")
+    p.add_argument("--bound-from-servers", action="store_true",
+                   help="the master sends no size_lower_bound (the servers' variable must apply)")
     args = p.parse_args()
     case = json.loads(args.case)
     args.sync, args.codec, args.optimizer = case["sync"], case["codec"], case["optimizer"]
@@ -342,7 +352,7 @@ def main():
         if args.optimizer != "none":
             kv.set_optimizer(OPTIMIZERS[args.optimizer]())
         if args.codec != "none":
-            kv.set_gradient_compression(codec_params(args.codec))
+            kv.set_gradient_compression(codec_params(args.codec, args.bound_from_servers))
         for k in SHAPES:
             value = init_value(k) if (args.optimizer != "none" or averaging) else np.zeros(numel(k), np.float32)
             kv.init(k, mx.nd.array(value.reshape(SHAPES[k]), dtype=dtype_of(args.codec, k)))

@@ -50,6 +50,9 @@ class CheckpointConfig:
     every: int = 10
     restore: Optional[str] = None  # a checkpoint file this global server starts from
     restart_timeout: float = 60.0  # how long the schedulers wait for a dead global server to come back
+    # The global tier's rank this global server asks for (GEOMX_GLOBAL_SERVER_RANK, set by the launcher):
+    # its checkpoint file is named after it, so the launcher knows which file restarts it.
+    rank: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +140,12 @@ class NodeConfig:
     # Liveness and limits.
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 20.0
+    # How long the global tier waits for a party whose WAN link went silent (a local server and the
+    # global scheduler, each of the other) before it counts as dead; 0: the heartbeat timeout.
+    wan_outage_window: float = 300.0
+    # What the global tier does when a party is lost (beyond the outage window, or failed): "stop"
+    # (the run ends with the error) or "continue" (it goes on with the other parties).
+    lost_party: str = "stop"
     start_timeout: float = 120.0
     max_message_bytes: int = 1 << 31
     # Flood bounds: rounds a client's pushes (and parked pulls) of one key may run ahead, and replies
@@ -411,6 +420,8 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
             f"PS_HEARTBEAT_TIMEOUT ({kw['heartbeat_timeout']}) must exceed twice PS_HEARTBEAT_INTERVAL "
             f"({kw['heartbeat_interval']}) (role: {role})"
         )
+    kw["wan_outage_window"] = outage_window(env, role)
+    kw["lost_party"] = lost_party(env, role)
     kw["start_timeout"] = r.float("GEOMX_START_TIMEOUT", 120.0)
     kw["max_message_bytes"] = r.int("GEOMX_MAX_MESSAGE_BYTES", 1 << 31, minimum=1024)
     kw["max_rounds_ahead"] = r.int("GEOMX_MAX_ROUNDS_AHEAD", 16, minimum=1)
@@ -428,6 +439,14 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
     kw["tsengine"] = _load_tsengine(r, kw)
     kw["dgt"] = _load_dgt(r) if role in (GLOBAL_SERVER, LOCAL_SERVER) else DGTConfig()
     _refuse_combinations(kw, r.str("GEOMX_CURVE_SECRET_KEY") is not None, role)
+    if kw["lost_party"] == "continue" and role in (GLOBAL_SCHEDULER, GLOBAL_SERVER, LOCAL_SERVER):
+        averaging = [n for n, on in (("MXNET_KVSTORE_USE_HFA", kw["hfa"].enabled),
+                                     ("GEOMX_USE_ESYNC", kw["esync"].enabled),
+                                     ("ENABLE_INTER_TS", kw["tsengine"].inter)) if on]
+        if averaging:
+            raise ConfigError(f"GEOMX_LOST_PARTY=continue works with FSA and MixedSync only, not with {averaging[0]}: "
+                              "HFA and ESync average over a fixed set of parties and TSEngine's tree holds every "
+                              f"party (role: {role})")
     kw["curve"] = _curve_keys(r, role, kw)
     return NodeConfig(**kw)
 
@@ -452,8 +471,43 @@ def _load_checkpoint(r: _Reader) -> CheckpointConfig:
     if directory is not None and os.path.exists(directory) and not os.path.isdir(directory):
         raise ConfigError(f"GEOMX_CHECKPOINT_DIR={directory!r} exists and is not a directory "
                           f"(role: {r.role})")
+    rank = r.int("GEOMX_GLOBAL_SERVER_RANK", None)
+    servers = r.int("DMLC_NUM_GLOBAL_SERVER", 1, minimum=1)
+    if rank is not None and rank >= servers:
+        raise r._fail("GEOMX_GLOBAL_SERVER_RANK", f"must be < DMLC_NUM_GLOBAL_SERVER ({servers}), got {rank}")
     return CheckpointConfig(dir=directory, every=r.int("GEOMX_CHECKPOINT_EVERY", 10, minimum=1), restore=restore,
-                            restart_timeout=r.float("GEOMX_RESTART_TIMEOUT", 60.0))
+                            restart_timeout=r.float("GEOMX_RESTART_TIMEOUT", 60.0), rank=rank)
+
+
+def outage_window(env: Mapping[str, str], role: str = "launcher") -> float:
+    """GEOMX_WAN_OUTAGE_WINDOW of a process's environment, in seconds (the launcher reads it too: its
+    SSH connections to the sites must ride out what the global tier rides out)."""
+    return _Reader(env, role).number("GEOMX_WAN_OUTAGE_WINDOW", 300.0, 0.0, 7 * 86400.0)
+
+
+def lost_party(env: Mapping[str, str], role: str = "launcher") -> str:
+    """GEOMX_LOST_PARTY of a process's environment: "stop" (default) or "continue" (the launcher
+    reads it too, to let a lost party's processes end without stopping the others)."""
+    value = (env.get("GEOMX_LOST_PARTY") or "stop").strip().lower()
+    if value not in ("stop", "continue"):
+        raise ConfigError(f"GEOMX_LOST_PARTY must be \"stop\" or \"continue\", got {value!r} (role: {role})")
+    return value
+
+
+def checkpoint_restart(env: Mapping[str, str]) -> Optional[Tuple[Dict[str, str], float]]:
+    """For the launcher: how a global server with environment ``env`` that was killed is started again
+    from its latest checkpoint, as (variables to add, seconds to wait first); None when it keeps no
+    checkpoint (no GEOMX_CHECKPOINT_DIR) or has no rank of its own (GEOMX_GLOBAL_SERVER_RANK). The wait
+    lets its schedulers notice the death first: they refuse a replacement for a server they heard
+    from within two heartbeat intervals (geomx/membership/scheduler.py)."""
+    r = _Reader(env, GLOBAL_SERVER)
+    directory, rank = r.str("GEOMX_CHECKPOINT_DIR"), r.int("GEOMX_GLOBAL_SERVER_RANK", None)
+    if directory is None or rank is None:
+        return None
+    from .checkpoint import file_name
+
+    wait = 2 * r.float("PS_HEARTBEAT_INTERVAL", 1.0) + 0.5
+    return {"GEOMX_CHECKPOINT_RESTORE": file_name(directory, rank)}, wait
 
 
 def _load_p3(r: _Reader) -> P3Config:

@@ -17,7 +17,7 @@ from . import compression, senders, wire
 from .errors import GeoMXError, PeerDeadError, ProtocolError, RemoteError, SecurityError
 from .p3 import CONTROL, DATA, Trace
 from .senders import Sender
-from .transport import EventLoop, Link, connect_dealer
+from .transport import EventLoop, Link, connect_dealer, reconnected_identity
 from .wire import Message, MsgType
 
 log = logging.getLogger("geomx.kvclient")
@@ -133,15 +133,27 @@ class KVClient:
         self.via = via if via is not None else Sender(loop)
         self.links: List[Link] = []
         self.addresses = [(str(h), int(p)) for h, p in servers]
+        # Per server: connections made after the first broke (each under a new identity, see
+        # geomx.transport.reconnected_identity).
+        self.generations = [0] * len(self.addresses)
+        # Requests sent again over a new connection: a second answer to one of them is a duplicate.
+        self.resent: Dict[int, None] = {}
+        # While the WAN is out (the owner says so) requests wait without a deadline.
+        self.paused = False
         for i, (host, port) in enumerate(self.addresses):
             self.links.append(self._connect(i, host, port))
             self.via.attach(i, self.links[i], self.addresses[i])
         self.trace = Trace(trace_dir, name) if trace_dir else None
-        # Global servers that checkpoint say so in their INIT replies (meta "round"). Towards them,
-        # pushes are numbered (header ``version`` = round + 1, per server and key) and kept after
-        # they are answered until the server reports a checkpoint holding their round (meta
-        # "checkpointed"), so that a server restarted from that checkpoint gets them again.
-        self.push_rounds: Dict[Tuple[int, int], int] = {}  # (server, key) -> rounds pushed
+        # Global servers give the round a key starts from in their INIT replies (meta "round").
+        # Towards them, pushes are numbered (header ``version`` = round + 1, per server, key and
+        # slice), so that one sent twice (again over a new connection after an outage, or to a
+        # server restarted from a checkpoint) is summed once. Servers that checkpoint say so (meta
+        # "checkpoints"): pushes to them are kept after they are answered until the server reports
+        # a checkpoint holding their round (meta "checkpointed"), so that a server restarted from
+        # that checkpoint gets them again.
+        self.first_rounds: Dict[Tuple[int, int], int] = {}  # (server, key) -> the INIT reply's round
+        self.push_rounds: Dict[Tuple[int, int, int], int] = {}  # (server, key, offset) -> rounds pushed
+        self.checkpointing: set = set()  # (server, key) whose server checkpoints
         self.retained: Dict[Tuple[int, int], List[Message]] = {}  # (server, key) -> answered pushes
         self._ids = itertools.count(1)
         self.pending: Dict[int, _Pending] = {}
@@ -159,12 +171,67 @@ class KVClient:
 
     def _connect(self, server: int, host: str, port: int) -> Link:
         peer = f"{'global' if self.wan else 'party'} server {server}"
-        link = connect_dealer(self.loop, host, port, f"{self.identity}>{server}".encode(),
-                              f"{self.name}->server{server}", peer=peer, wan=self.wan, cross_party=self.wan,
-                              **self.via.link_options())
+        identity = reconnected_identity(f"{self.identity}>{server}".encode(), self.generations[server])
+        link = connect_dealer(self.loop, host, port, identity, f"{self.name}->server{server}", peer=peer,
+                              wan=self.wan, cross_party=self.wan, **self.via.link_options())
         link.on_refused = lambda reason: self.fail_all(SecurityError(reason))
+        link.on_disconnected = lambda: self._on_disconnected(server)
         self.loop.add(link, self._make_handler(server), routed=False)
         return link
+
+    def _relink(self, server: int, host: str, port: int) -> Link:
+        """Close server ``server``'s link (dropping whatever was still queued on it) and connect
+        again at ``host:port`` under the next identity."""
+        old_address, self.addresses[server] = self.addresses[server], (host, port)
+        old = self.links[server]
+        self.loop.remove(old)
+        old.close()
+        self.via.discard(server)  # its unsent messages are sent again with the unanswered ones
+        self.generations[server] += 1
+        link = self.links[server] = self._connect(server, host, port)
+        self.via.attach(server, link, (host, port))
+        link.bytes_sent, link.bytes_received = old.bytes_sent, old.bytes_received
+        # The same server (reconnect) took this node's key before; a restarted one is a new process.
+        link.proven = old.proven and (host, port) == old_address
+        return link
+
+    def _resend_unanswered(self, server: int) -> int:
+        """Send every request that server ``server`` has not answered again over its new link, in order."""
+        resent = 0
+        for req_id in sorted(self.pending):
+            p = self.pending[req_id]
+            for (srv, offset), msg in p.sent.items():
+                unanswered = p.replies[srv] is None if p.is_broadcast else (srv, offset) in p.parts
+                if srv == server and unanswered:
+                    self.via.resend(server, msg, CONTROL if p.is_broadcast else DATA)
+                    resent += 1
+                    self.resent[req_id] = None
+                    p.since = time.monotonic()  # its deadline starts again
+        while len(self.resent) > 1_000_000:  # bounded: only a very late duplicate could need more
+            del self.resent[next(iter(self.resent))]
+        return resent
+
+    def _on_disconnected(self, server: int) -> None:
+        # Whatever this server had not answered may have been lost with the connection. With nothing
+        # outstanding nothing was lost (and a server that closed its end at the run's end is left be).
+        if any(srv == server for p in self.pending.values() for srv, _ in p.parts):
+            self.reconnect(server, "its connection ended")
+
+    def reconnect(self, server: int, why: str) -> None:
+        """Server ``server``'s connection broke (``why``), or may have lost messages (a WAN outage):
+        connect again and send what it has not answered. Numbered pushes it already holds are summed
+        once (see :meth:`geomx.servers.base.ServerBase.resent_push`), requests it already answered
+        are answered again and the second answer is dropped here."""
+        if self.failed is not None or self.links[server].sock.closed:
+            return
+        link = self._relink(server, *self.addresses[server])
+        resent = self._resend_unanswered(server)
+        log.warning("%s: link to %s: %s; reconnected and sent %d unanswered request(s) again", self.name,
+                    link.peer, why, resent)
+
+    def reconnect_all(self, why: str) -> None:
+        for server in range(len(self.links)):
+            self.reconnect(server, why)
 
     def update_servers(self, servers: Sequence[Tuple[str, int]]) -> None:
         """The tier's scheduler announced the server list again: follow the servers that moved."""
@@ -177,29 +244,14 @@ class KVClient:
         the same identity and send it, in order, the answered pushes it may have lost (those after
         its checkpoint) and every request it had not answered. It discards what it already holds
         (numbered pushes of rounds in its checkpoint)."""
-        self.addresses[server] = (host, port)
-        old = self.links[server]
-        self.loop.remove(old)
-        old.close()  # drops whatever was still queued for the dead process
-        self.via.discard(server)  # its unsent messages are resent below with the unanswered ones
-        link = self.links[server] = self._connect(server, host, port)
-        self.via.attach(server, link, (host, port))
-        link.bytes_sent, link.bytes_received = old.bytes_sent, old.bytes_received
+        self._relink(server, host, port)
         replayed = 0
         for (srv, _key), msgs in self.retained.items():
             if srv == server:
                 for msg in msgs:
-                    link.send(msg)
+                    self.via.resend(server, msg)
                 replayed += len(msgs)
-        resent = 0
-        for req_id in sorted(self.pending):
-            p = self.pending[req_id]
-            for (srv, offset), msg in p.sent.items():
-                unanswered = p.replies[srv] is None if p.is_broadcast else (srv, offset) in p.parts
-                if srv == server and unanswered:
-                    link.send(msg)
-                    resent += 1
-                    p.since = time.monotonic()  # its deadline starts again with the new server
+        resent = self._resend_unanswered(server)
         log.warning("%s: server %d restarted at %s:%d; replayed %d answered push(es) after its checkpoint "
                     "and resent %d unanswered request(s)", self.name, server, host, port, replayed, resent)
 
@@ -266,11 +318,10 @@ class KVClient:
                 msg.payload = True
             elif data is not None:
                 msg.data = data[start:start + numel]
-            if mtype in (MsgType.PUSH, MsgType.PUSHPULL):
-                rounds = self.push_rounds.get((server, key))
-                if rounds is not None:
-                    msg.version = rounds + 1
-                    self.push_rounds[(server, key)] = rounds + 1
+            if mtype in (MsgType.PUSH, MsgType.PUSHPULL) and (server, key) in self.first_rounds:
+                rounds = self.push_rounds.get((server, key, offset), self.first_rounds[(server, key)])
+                msg.version = rounds + 1
+                self.push_rounds[(server, key, offset)] = rounds + 1
             self.pending[req_id].sent[(server, offset)] = msg
             on_sent = None
             if pending.times is not None:
@@ -311,7 +362,12 @@ class KVClient:
             self._on_replayed_reply(server, msg)
             return
         p = self.pending.get(msg.req_id)
-        if p is None:
+        if p is None or (msg.req_id in self.resent and (server, msg.offset if not p.is_broadcast else 0)
+                         not in p.parts):
+            if msg.req_id in self.resent:
+                log.debug("%s: second answer from server %d to request %d (sent again); dropped", self.name, server,
+                          msg.req_id)
+                return
             raise ProtocolError(f"reply to unknown request {msg.req_id} from server {server}")
         if p.is_broadcast:
             self._on_broadcast_reply(server, msg, p)
@@ -361,9 +417,11 @@ class KVClient:
         if sent.type == MsgType.INIT:
             start = meta.get("round")
             if isinstance(start, int) and not isinstance(start, bool) and start >= 0:
-                self.push_rounds.setdefault(where, start)
+                self.first_rounds.setdefault(where, start)
+                if meta.get("checkpoints") is True:
+                    self.checkpointing.add(where)
             return
-        if sent.version:
+        if sent.version and where in self.checkpointing:
             sent.req_id = 0  # a replay's answer is only checked, nobody waits for it
             self.retained.setdefault(where, []).append(sent)
         saved = meta.get("checkpointed")
@@ -395,7 +453,7 @@ class KVClient:
     def _expire(self) -> None:
         """Fail the requests unanswered for longer than ``request_timeout``, naming the servers that
         did not answer and what they were asked."""
-        if self.failed is not None or not self.pending:
+        if self.failed is not None or not self.pending or self.paused:
             return
         limit = time.monotonic() - self.request_timeout
         for req_id in [i for i, p in self.pending.items() if p.since < limit]:

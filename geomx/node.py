@@ -57,18 +57,20 @@ def _scheduler(cfg: NodeConfig) -> int:
                       cross_party=cfg.role == config.GLOBAL_SCHEDULER, listen_fd=cfg.listen_fd,
                       host=cfg.scheduler_bind_address(),
                       plugins=[TSEngineTier(ts_variable, cfg.tsengine.max_greed_rate)],
-                      party_servers=dict(cfg.party_servers) if cfg.party_servers is not None else None)
+                      party_servers=dict(cfg.party_servers) if cfg.party_servers is not None else None,
+                      outage_window=cfg.wan_outage_window if cfg.role == config.GLOBAL_SCHEDULER else 0.0,
+                      lost_party=cfg.lost_party if cfg.role == config.GLOBAL_SCHEDULER else "stop")
     return sched.run()
 
 
 def _member(loop: EventLoop, cfg: NodeConfig, tier: str, scheduler: tuple, role: str, port: int,
             name: str, fatal: List[Exception], rank_hint: Optional[int] = None,
-            layout: Optional[dict] = None, ts: bool = False) -> TierMember:
+            layout: Optional[dict] = None, ts: bool = False, outage_window: float = 0.0) -> TierMember:
     return TierMember(loop, tier, scheduler, role=role, host=cfg.advertised_host(*scheduler), port=port,
                       name=name, rank_hint=rank_hint, layout=layout, ts=ts,
                       heartbeat_interval=cfg.heartbeat_interval,
                       heartbeat_timeout=cfg.heartbeat_timeout, start_timeout=cfg.start_timeout,
-                      on_fatal=fatal.append, cross_party=tier == "global")
+                      on_fatal=fatal.append, cross_party=tier == "global", outage_window=outage_window)
 
 
 def _wait(loop: EventLoop, cfg: NodeConfig, done, fatal: List[Exception], what: str) -> None:
@@ -94,7 +96,7 @@ def _serve(loop: EventLoop, server: ServerBase, members: List[TierMember], fatal
         code = server.exit_code or 0
     # Its clients learn that it leaves from the replies to whatever they still wait for (after the
     # upstream requests failed, whose callbacks answer some of them already).
-    server.leave(str(fatal[0]) if fatal else "every client stopped")
+    server.leave(str(fatal[0]) if fatal else "every client stopped", failed=bool(fatal))
     # Give the goodbyes and last replies a moment to leave.
     for _ in range(3):
         loop.run_once(0.05)
@@ -118,7 +120,7 @@ def _local_server(cfg: NodeConfig) -> int:
     # Under ENABLE_INTER_TS other parties send partial sums and results to server.ts_port.
     glob = _member(loop, cfg, "global", (cfg.global_root_uri, cfg.global_root_port), "worker", server.ts_port,
                    "local_server", fatal, layout={"party": f"{cfg.root_uri}:{cfg.root_port}"},
-                   ts=cfg.tsengine.inter)
+                   ts=cfg.tsengine.inter, outage_window=cfg.wan_outage_window)
     party.register()
     glob.register()
     _wait(loop, cfg, lambda: party.info is not None and glob.info is not None, fatal, "registration")
@@ -134,6 +136,7 @@ def _local_server(cfg: NodeConfig) -> int:
     server.connect_upstream(upstream)
     # A global server restarted from its checkpoint: reconnect, resend what it lost.
     glob.on_servers_changed = lambda old, new: upstream.update_servers(new.servers)
+    _ride_out_outages(glob, upstream, cfg)
     server.on_fatal = fatal.append
     if cfg.tsengine.intra:  # this server is the root of its party's aggregation tree
         server.ts_root = TSPeer(loop, ROOT, "local_server", server, party.send, fatal.append, wan=False,
@@ -147,6 +150,29 @@ def _local_server(cfg: NodeConfig) -> int:
     log.info("serving %d worker(s) on port %d; %d global server(s)", cfg.num_worker, server.port,
              len(glob.info.servers))
     return _serve(loop, server, [party, glob], fatal, upstream)
+
+
+def _ride_out_outages(glob: TierMember, upstream: KVClient, cfg: NodeConfig) -> None:
+    """The WAN link is down while the global scheduler is silent: the requests to the global servers
+    wait without a deadline, and once it answers again the links to them are made anew and whatever
+    was unanswered is sent again (what was on the wire may be lost, and an old connection may take
+    minutes to recover by itself)."""
+    if cfg.wan_outage_window <= 0:
+        return
+    if 0 < cfg.request_timeout < cfg.wan_outage_window:
+        log.warning("GEOMX_REQUEST_TIMEOUT (%gs) is shorter than GEOMX_WAN_OUTAGE_WINDOW (%gs): the party's workers "
+                    "give up on a round that waits for the WAN sooner than the global tier gives up on the party",
+                    cfg.request_timeout, cfg.wan_outage_window)
+
+    def on_outage() -> None:
+        upstream.paused = True
+
+    def on_restored(seconds: float) -> None:
+        upstream.paused = False
+        upstream.reconnect_all(f"the WAN link was out for {seconds:.0f}s")
+
+    glob.on_outage = on_outage
+    glob.on_restored = on_restored
 
 
 def _restartable(member: TierMember, cfg: NodeConfig, restarting: bool) -> None:
@@ -175,7 +201,8 @@ def _global_server(cfg: NodeConfig) -> int:
         server.restore(ckpt, cfg.checkpoint.restore)
     fatal: List[Exception] = []
     glob = _member(loop, cfg, "global", (cfg.global_root_uri, cfg.global_root_port), "server",
-                   server.wan_port, "global_server", fatal, rank_hint=None if ckpt is None else ckpt.rank,
+                   server.wan_port, "global_server", fatal,
+                   rank_hint=cfg.checkpoint.rank if ckpt is None else ckpt.rank,
                    ts=cfg.tsengine.inter)
     _restartable(glob, cfg, ckpt is not None)
 

@@ -52,9 +52,17 @@ class Sender:
         if on_sent is not None:
             on_sent()
 
+    def resend(self, server: int, msg: Message, kind: int = DATA) -> None:
+        """Send ``msg`` again, whole, over server ``server``'s new link (after :meth:`discard`): a
+        request that link's predecessor may have lost. P3 queues it (its links take only a window
+        of messages: sent straight, it would block the loop while the link is down)."""
+        link = self.links[server]
+        assert link is not None
+        link.send(msg)
+
     def discard(self, server: int) -> None:
-        """Server ``server`` is being replaced: forget what is not on its socket yet (the client
-        resends every unanswered request to the new one)."""
+        """Server ``server``'s link is being replaced: forget what is not on its socket yet (the client
+        resends every unanswered request over the new one)."""
 
     def close(self) -> None:
         """The client failed or stopped: drop everything not sent yet."""
@@ -83,6 +91,9 @@ class P3Sender(Sender):
     def send(self, server: int, msg: Message, kind: int = DATA, on_sent: OnSent = None) -> None:
         self.queues[server].put(msg, kind, on_sent)
 
+    def resend(self, server: int, msg: Message, kind: int = DATA) -> None:
+        self.queues[server].put(msg, kind, None)
+
     def discard(self, server: int) -> None:
         queue = self.queues.pop(server, None)
         if queue is not None:
@@ -104,11 +115,14 @@ class DgtSender(Sender):
         self.dgt = dgt
 
     def attach(self, server: int, link: Link, address: Tuple[str, int]) -> None:
-        if server != len(self.dgt.peers):
-            # DGT keeps its per-server state (low-priority link, key, UDP port) from the start; a
-            # replaced server cannot happen: DGT is refused with checkpoints (docs/Configurations.md).
-            raise RuntimeError(f"DGT: server {server} attached out of order or twice")
         super().attach(server, link, address)
+        if server < len(self.dgt.peers):
+            # The same server over a new connection (DGT is refused with checkpoints, so a server
+            # never moves): its per-server state (key, UDP port) stays.
+            self.dgt.relink(server, link, address[1])
+            return
+        if server != len(self.dgt.peers):
+            raise RuntimeError(f"DGT: server {server} attached out of order")
         self.dgt.attach([link], [address])
 
     def send(self, server: int, msg: Message, kind: int = DATA, on_sent: OnSent = None) -> None:

@@ -67,12 +67,22 @@ class Link:
         # Called with the reason when the peer refused this (client) link's CURVE handshake; the
         # owner fails with it (retrying cannot help). Unset: the reason is only logged.
         self.on_refused: Optional[Callable[[str], None]] = None
+        # A client link: called when its connection ended (reset, or closed by the peer). Whatever
+        # was on the wire is lost; the owner replaces the link (see reconnected_identity) and sends
+        # its unanswered requests again. Unset: libzmq reconnects and nothing is resent.
+        self.on_disconnected: Optional[Callable[[], None]] = None
         self.monitor: Optional[zmq.Socket] = None
         # A listener's measure of what libzmq holds per TCP connection (geomx/connguard.py).
         self.guard: Optional[connguard.ConnectionGuard] = None
         self._handshake_failures = 0
         self._first_failure = 0.0  # time.monotonic() of the first of the current run of failures
         self.refused = False
+        # A client link: its current connection completed its handshake (it may have carried messages),
+        # and whether the peer ever took this node's key (over this link or the one it replaced): then
+        # handshakes that break off without detail are the network's doing (a link down behind a relay
+        # or proxy), not a refused key.
+        self.established = False
+        self.proven = False
 
     def send(self, msg: wire.Message, identity: Optional[bytes] = None, block: bool = True) -> None:
         """Send ``msg``; with ``block=False`` raise ``zmq.Again`` (nothing sent) when the socket's
@@ -114,7 +124,7 @@ class Link:
 
     def on_monitor_event(self, server: bool) -> bool:
         """A handshake event of this link's socket: log a refusal, or fail a refused client link.
-        True when (a listener's) peer disconnected."""
+        True when a connection of this link ended."""
         assert self.monitor is not None
         disconnected = False
         while True:
@@ -131,13 +141,17 @@ class Link:
             if event == zmq.EVENT_DISCONNECTED:
                 if self.guard is not None:
                     self.guard.closed(parsed["value"])
-                disconnected = True
+                # A client counts only the end of a connection that was established: one refused in its
+                # handshake carried nothing (libzmq retries it, and the refusal is counted below).
+                disconnected = server or self.established
+                self.established = False
                 continue
             reason = security.handshake_failure(frames, server=server, curve=self.curve, link_name=self.name,
                                                 peer=self.peer)
             if reason is None:
                 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     self._handshake_failures = 0
+                    self.established = self.proven = True
                 continue
             if server:
                 _refusals(logging.ERROR, reason)
@@ -150,7 +164,8 @@ class Link:
             # (which accepts, then closes when it cannot reach it): only failures that go on for
             # HANDSHAKE_GRACE_S count.
             definite = event != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-            persistent = self._handshake_failures >= 3 and time.monotonic() - self._first_failure >= HANDSHAKE_GRACE_S
+            persistent = (self._handshake_failures >= 3 and time.monotonic() - self._first_failure >= HANDSHAKE_GRACE_S
+                          and not self.proven)
             if (definite or persistent) and not self.refused:
                 self.refused = True  # reported once; the owner fails with it
                 log.error("%s", reason)
@@ -289,6 +304,12 @@ def connect_dealer(loop: "EventLoop", host: str, port: int, identity: bytes, nam
     if send_buffer:
         sock.setsockopt(zmq.SNDBUF, send_buffer)
     sock.setsockopt(zmq.IDENTITY, identity)
+    if cross_party:
+        # Across the WAN a connection attempt made while a link is down would wait out the kernel's
+        # SYN retries (about two minutes, backing off); abandoned after 2 s and retried at most 1 s
+        # later, a new connection is up within seconds of the link's return.
+        sock.setsockopt(zmq.CONNECT_TIMEOUT, WAN_CONNECT_TIMEOUT_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
     link = Link(sock, name, wan)
     link.peer = f"{peer} at {host}:{port}"
     loop.secure(link, server=False, cross_party=cross_party)
@@ -404,14 +425,17 @@ class EventLoop:
         elif cross_party:
             security.warn_insecure(link.name)
         # A unique address: pyzmq's default is derived from the socket's fd, which the OS reuses.
-        events = security.MONITORED | (zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED if server else 0)
+        events = security.MONITORED | zmq.EVENT_DISCONNECTED | (zmq.EVENT_ACCEPTED if server else 0)
         if server:
             self._guard(link)
         link.monitor = link.sock.get_monitor_socket(events, f"inproc://geomx-monitor-{next(_monitors)}")
 
         def on_event() -> None:
             if link.on_monitor_event(server):
-                self._release_memory_soon()
+                if server:
+                    self._release_memory_soon()
+                elif link.on_disconnected is not None and not link.sock.closed:
+                    link.on_disconnected()
         self._add_raw(link.monitor, on_event)
 
     def _guard(self, link: Link) -> None:
@@ -457,6 +481,9 @@ class EventLoop:
         self.poller.register(sock, zmq.POLLIN)
 
     def remove(self, link: Link) -> None:
+        """Stop serving ``link`` (its owner closes it: a link made anew after a reconnection)."""
+        if link in self.links:
+            self.links.remove(link)
         if link.sock in self.handlers:
             self.poller.unregister(link.sock)
             del self.handlers[link.sock]
@@ -596,10 +623,37 @@ class EventLoop:
         self._wake_rx.close(linger=0)
 
 
+WAN_CONNECT_TIMEOUT_MS = 2000
+
+# A client that lost its connection reconnects under a new identity, its own plus ``~N`` (the N-th
+# connection): a listener may still hold the old connection (the peer's TCP has not noticed that it
+# is dead), and libzmq ignores a second connection presenting an identity in use (no
+# ROUTER_HANDOVER, see bind_router). Listeners know a client by its identity without the suffix.
+_GENERATION = b"~"
+
+
+def reconnected_identity(identity: bytes, generation: int) -> bytes:
+    """The identity of a client's ``generation``-th connection (0: the identity itself)."""
+    return identity if generation == 0 else identity + _GENERATION + str(generation).encode()
+
+
+def split_identity(identity: bytes) -> Tuple[bytes, int]:
+    """(the client's identity, its connection's generation): see :func:`reconnected_identity`."""
+    head, sep, tail = identity.rpartition(_GENERATION)
+    if sep and head and tail.isdigit() and len(tail) < 10:
+        return head, int(tail)
+    return identity, 0
+
+
+def base_identity(identity: bytes) -> bytes:
+    """A client's identity without its connection's generation (see :func:`reconnected_identity`)."""
+    return split_identity(identity)[0]
+
+
 def identity_token(identity: bytes) -> str:
     """The secret a registered node's link carries in its identity (``NAME#TOKEN>WHERE``): a client's
     registration token, or a TSEngine link's key; "" if there is none."""
-    return identity.rpartition(b">")[0].rpartition(b"#")[2].decode("ascii", "replace")
+    return base_identity(identity).rpartition(b">")[0].rpartition(b"#")[2].decode("ascii", "replace")
 
 
 _TOKEN_IN_IDENTITY = re.compile(r"#([0-9a-f]{6})[0-9a-f]{26}")
@@ -617,4 +671,5 @@ def peer_label(identity: Optional[bytes]) -> str:
     return _TOKEN_IN_IDENTITY.sub(r"#\1...", text)
 
 
-__all__: Sequence[str] = ["Link", "EventLoop", "bind_router", "connect_dealer", "peer_label", "identity_token"]
+__all__: Sequence[str] = ["Link", "EventLoop", "bind_router", "connect_dealer", "peer_label", "identity_token",
+                          "base_identity", "reconnected_identity", "split_identity"]

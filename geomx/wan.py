@@ -580,6 +580,20 @@ class Wan:
     def rates(self) -> Dict[str, Optional[float]]:
         return {dc: self.spec.rate(dc) for dc in self.dcs}
 
+    def set_link(self, dc: str, up: bool) -> None:
+        """Take ``dc``'s link down (an outage: its packets are dropped, its connections stay open and
+        retransmit) or bring it back up."""
+        _run(["ip", "-n", self.router, "link", "set", self._iface_of[dc], "up" if up else "down"])
+
+    def reset_connections(self, dc: str, peer: str, keep_port: Optional[int] = None) -> None:
+        """Abort every TCP connection in ``dc``'s namespace to or from ``peer``'s address, as a
+        firewall reload or a NAT's lost state would (``ss -K``); connections on ``keep_port`` (either
+        end) are left alone."""
+        expr = ["dst", self.addresses[peer]]
+        if keep_port is not None:
+            expr += ["and", "not", "sport", "=", f":{keep_port}", "and", "not", "dport", "=", f":{keep_port}"]
+        _run(self.exec_argv(dc) + ["ss", "-K", "-t", *expr])
+
     def counters(self, raw: bool = False) -> Dict[str, LinkCounters]:
         """Bytes per link since the WAN was built (``raw``: the kernel's absolute counters)."""
         if self.closed:

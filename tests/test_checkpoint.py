@@ -6,20 +6,22 @@ the run.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
-from helpers import FAST_HEARTBEATS, REPO, Cluster, assert_no_process_left, slow_cmd
+from helpers import FAST_HEARTBEATS, REPO, Cluster, LineLog, assert_no_process_left, slow_cmd
 
 from geomx import checkpoint
 from geomx.checkpoint import Checkpoint, CheckpointError, KeyRecord
-from geomx.launch import Topology
+from geomx.launch import Topology, run
 
 
 def sample(rank: int = 0, scale: float = 1.0) -> Checkpoint:
@@ -199,6 +201,53 @@ def test_global_server_restarted_from_checkpoint_loses_no_update(tmp_path, every
                 # had to send them again (4 keys x at least one round).
                 assert sum(int(answered) for answered, _ in replays) >= 4, replays
         assert_no_process_left(cluster)
+
+
+def _global_server_pid(checkpoint_dir, rank: int) -> int:
+    """The process id of the global server of ``rank`` that checkpoints into ``checkpoint_dir``."""
+    want = {b"DMLC_ROLE_GLOBAL=global_server", f"GEOMX_CHECKPOINT_DIR={checkpoint_dir}".encode(),
+            f"GEOMX_GLOBAL_SERVER_RANK={rank}".encode()}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = set(f.read().split(b"\0"))
+        except (OSError, ValueError):
+            continue
+        if entry.isdigit() and want <= env:
+            return int(entry)
+    raise AssertionError(f"no global server of rank {rank} checkpointing into {checkpoint_dir}")
+
+
+@pytest.mark.system
+def test_the_launcher_restarts_a_killed_global_server_from_its_checkpoint(tmp_path, caplog):
+    """geomx-launch starts a SIGKILLed global server again from its latest checkpoint, by itself: the
+    parties ride it out and every pulled value equals the uninterrupted run's (checkpoint every 3
+    rounds, killed after round 4: the parties replay round 4). A second kill is restarted too."""
+    caplog.set_level(logging.INFO, logger="geomx.launch")
+    topo = _restart_topology(tmp_path, GEOMX_CHECKPOINT_EVERY="3", GEOMX_RESTART_TIMEOUT="60")
+    out = LineLog()
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(rc=run(topo, slow_cmd(12, 0.3), stream=out, timeout=240)),
+                              daemon=True)
+    runner.start()
+    try:
+        for after, restart in ((4, 1), (8, 2)):
+            out.wait_for(rf"^\[party1/worker0\] ROUND {after} OK", 120)
+            os.kill(_global_server_pid(tmp_path, 0), signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while len(re.findall(r"^\[global_scheduler\] .*server global_server \(rank 0\) restarted", out.text(),
+                                 re.M)) < restart:
+                assert time.monotonic() < deadline and runner.is_alive(), out.text()[-8000:]
+                time.sleep(0.1)
+            assert f"restart {restart} of 3" in caplog.text, caplog.text
+    finally:
+        runner.join(240)
+    text = out.text()
+    assert result.get("rc") == 0, text[-8000:]
+    assert "MISMATCH" not in text
+    assert sorted(re.findall(r"^\[(party\d/worker0)\] EXACT OK", text, re.M)) == ["party0/worker0", "party1/worker0"]
+    assert re.search(r"global_server0 was killed \(SIGKILL\); starting it again in [\d.]+ s from its checkpoint",
+                     caplog.text), caplog.text
 
 
 @pytest.mark.system

@@ -283,6 +283,10 @@ def test_unknown_role(var, value):
     ("global_server", "GEOMX_CHECKPOINT_EVERY", "often", "must be an integer"),
     ("global_server", "GEOMX_RESTART_TIMEOUT", "0", "must be > 0"),
     ("global_server", "GEOMX_CHECKPOINT_RESTORE", "/nonexistent/global_server0.npz", "is not a file"),
+    ("global_scheduler", "GEOMX_WAN_OUTAGE_WINDOW", "-1", "must be in [0, 604800]"),
+    ("server", "GEOMX_WAN_OUTAGE_WINDOW", "long", "must be a number in [0, 604800]"),
+    ("global_server", "GEOMX_GLOBAL_SERVER_RANK", "2", "must be < DMLC_NUM_GLOBAL_SERVER (2)"),
+    ("global_server", "GEOMX_LOST_PARTY", "maybe", 'must be "stop" or "continue"'),
 ])
 def test_bad_value_named(name, var, value, why):
     msg = refused(env_for(name, **{var: value}))
@@ -513,3 +517,11 @@ def test_party_servers_are_checked_naming_the_variable(value, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)) as err:
         config.load(dict(env, GEOMX_PARTY_SERVERS=value))
     assert "GEOMX_PARTY_SERVERS" in str(err.value)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("switch", ["MXNET_KVSTORE_USE_HFA", "GEOMX_USE_ESYNC"])
+def test_continuing_without_a_lost_party_is_refused_where_averages_need_every_party(switch):
+    msg = refused(env_for("global_server", GEOMX_LOST_PARTY="continue", **{switch: "1"}))
+    assert f"GEOMX_LOST_PARTY=continue works with FSA and MixedSync only, not with {switch}" in msg
+    config.load(env_for("global_server", GEOMX_LOST_PARTY="continue"))  # FSA: taken

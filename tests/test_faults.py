@@ -240,11 +240,18 @@ class Kill:
 SCHEDULER_SILENT = r"the {tier} scheduler at 127\.0\.0\.1:{port} has not answered for [\d.]+s; presumed dead"
 
 
+# A silence across the WAN (a party's local server and the global scheduler, each of the other) is first
+# taken for an outage of the link for GEOMX_WAN_OUTAGE_WINDOW (tests/test_ssh_launch.py); these cases
+# check the death that follows, so the window is 0 there.
+NO_OUTAGE_WINDOW = {"GEOMX_WAN_OUTAGE_WINDOW": "0"}
+
+
 def _scheduler_kill(tier: str, victim: str, wait_pattern: str, dead_pattern: str, expect_in: Dict[str, str]) -> Kill:
     """(d) a killed scheduler: its nodes notice the silence and stop the rest through the other tier."""
     return Kill(victim, wait_pattern, dead_pattern, expect_in,
                 named_by=rf"^\[{re.escape(victim)}\] .*listening on port (\d+)",
-                names=(SCHEDULER_SILENT.format(tier=tier, port="{}"),))
+                names=(SCHEDULER_SILENT.format(tier=tier, port="{}"),),
+                env=dict(NO_OUTAGE_WINDOW) if tier == "global" else {})
 
 
 # With ENABLE_INTER_TS the local servers also relay partial sums and results to each other: a dead one
@@ -280,8 +287,8 @@ KILLS = {
         names=(r"^\[party0/scheduler\] .*worker .*\(rank {}, .*presumed dead",),
         workers=2),
     # (c) killed servers
-    "local-server-fsa": Kill(**_LOCAL_SERVER),
-    "local-server-inter-ts": Kill(**_LOCAL_SERVER, env={"ENABLE_INTER_TS": "1"}),
+    "local-server-fsa": Kill(**_LOCAL_SERVER, env=dict(NO_OUTAGE_WINDOW)),
+    "local-server-inter-ts": Kill(**_LOCAL_SERVER, env=dict(NO_OUTAGE_WINDOW, ENABLE_INTER_TS="1")),
     "global-server": Kill(
         "global_server0",
         wait_pattern=r"^\[party0/worker0\] ROUND 0 OK",

@@ -105,7 +105,7 @@ def test_process_env_exact(monkeypatch):
             DMLC_PS_GLOBAL_ROOT_URI=h, DMLC_PS_GLOBAL_ROOT_PORT="9092",
             DMLC_PS_ROOT_URI=h, DMLC_PS_ROOT_PORT="9093", DMLC_NUM_SERVER="2", DMLC_NUM_WORKER="1",
             DMLC_NUM_GLOBAL_SERVER="2", DMLC_NUM_GLOBAL_WORKER="2", DMLC_NUM_ALL_WORKER="4",
-            DMLC_ENABLE_CENTRAL_WORKER="0", DMLC_NODE_HOST=h)
+            DMLC_ENABLE_CENTRAL_WORKER="0", DMLC_NODE_HOST=h, GEOMX_GLOBAL_SERVER_RANK=str(i))
     assert dmlc(by["central/scheduler"].env) == dict(
         DMLC_ROLE="scheduler", DMLC_PS_ROOT_URI=h, DMLC_PS_ROOT_PORT="9093", DMLC_NUM_SERVER="2",
         DMLC_NUM_WORKER="1", DMLC_NODE_HOST=h)

@@ -19,10 +19,14 @@ class _FakeDgt:
     """Records what DgtSender hands to DGT (the real geomx.dgt.Sender is tested in test_dgt.py)."""
 
     def __init__(self):
-        self.peers, self.sent = [], []
+        self.peers, self.sent, self.relinked = [], [], []
 
     def attach(self, links, hosts):
         self.peers.extend(links)
+
+    def relink(self, server, link, port):
+        self.peers[server] = link
+        self.relinked.append(server)
 
     def send(self, server, msg):
         self.sent.append((server, msg.type.name))
@@ -50,7 +54,8 @@ def test_registry_and_choice_from_the_configuration():
 
 def test_each_sender_delivers_over_a_real_socket():
     """zmq sends in order at once; p3 reorders by priority (data before control); dgt gives data-path
-    messages to DGT and control messages to the socket; on_sent runs for every data message."""
+    messages to DGT and control messages to the socket, and follows a server's link made anew; on_sent
+    runs for every data message."""
     ctx = zmq.Context()
     loop = EventLoop(ctx, name="test")
     port = free_ports(1)[0]
@@ -77,8 +82,13 @@ def test_each_sender_delivers_over_a_real_socket():
         link = connect_dealer(loop, "127.0.0.1", port, b"dgt", "dgt", peer="server")
         loop.add(link, lambda *a: None, routed=False)
         s.attach(0, link, ("127.0.0.1", port))
-        with pytest.raises(RuntimeError, match="out of order or twice"):
-            s.attach(0, link, ("127.0.0.1", port))
+        with pytest.raises(RuntimeError, match="out of order"):
+            s.attach(2, link, ("127.0.0.1", port))
+        # Server 0's link made anew (a reconnection): DGT keeps its state and sends over the new link.
+        again = connect_dealer(loop, "127.0.0.1", port, b"dgt~1", "dgt", peer="server")
+        loop.add(again, lambda *a: None, routed=False)
+        s.attach(0, again, ("127.0.0.1", port))
+        assert fake.relinked == [0] and fake.peers == [again] and s.links[0] is again
         got.clear()
         s.send(0, wire.Message(wire.MsgType.PUSHPULL, key=2, data=data), DATA)
         s.send(0, wire.Message(wire.MsgType.STOP), CONTROL)

@@ -97,6 +97,12 @@ BAD = {
                                  "or for none (the launcher then generates the keys)"),
     "empty worker hosts": (CENTRAL + PARTY0 + "worker_hosts = []\n",
                            "[[party]] 'party0': worker_hosts must be a non-empty list of hosts, got []"),
+    "outage window not seconds": ('outage_window = "5m"\n' + CENTRAL + PARTY0,
+                                  "top level: outage_window must be seconds in [0, 604800], got '5m'"),
+    "outage window twice": ('outage_window = 60\n[env]\nGEOMX_WAN_OUTAGE_WINDOW = 60\n' + CENTRAL + PARTY0,
+                            "top level: outage_window and env.GEOMX_WAN_OUTAGE_WINDOW are both set; keep one"),
+    "lost party policy": ('lost_party = "wait"\n' + CENTRAL + PARTY0,
+                          "top level: lost_party must be \"stop\" or \"continue\", got 'wait'"),
     "unknown host key": (CENTRAL + PARTY0 + 'worker_hosts = [{ host = "a", gpu = 1 }]\n',
                          "[[party]] 'party0' worker_hosts[0]: unknown key 'gpu'"),
 }
@@ -183,6 +189,8 @@ def test_optional_fields():
 port_base = 7000
 keys_dir = "/keys"
 python = "/venv/bin/python"
+outage_window = 600
+lost_party = "continue"
 [env]
 PS_VERBOSE = 1
 [role_env.server]
@@ -233,6 +241,8 @@ env = { ENABLE_INTRA_TS = 1, OMP_NUM_THREADS = 4 }
         site = "central" if not name.startswith("eu/") else "eu"
         assert s.env["GEOMX_CURVE_SECRET_KEY"] == f"/keys/{site}.key_secret"
         assert s.env["GEOMX_CURVE_CENTRAL_KEY"] == "central" and s.env["PS_VERBOSE"] == "1"
+        assert s.env["GEOMX_WAN_OUTAGE_WINDOW"] == "600" and s.env["GEOMX_LOST_PARTY"] == "continue"
+        assert s.party_may_be_lost == (site == "eu") and s.party == ("eu" if site == "eu" else "")
     assert specs["global_server0"].env["ENABLE_DGT"] == "2" and "ENABLE_DGT" not in specs["eu/server0"].env
     assert specs["eu/worker0"].env["OMP_NUM_THREADS"] == "4" and "OMP_NUM_THREADS" not in g.env
 

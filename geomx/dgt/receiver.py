@@ -28,7 +28,7 @@ import numpy as np
 from .. import wire
 from ..errors import ProtocolError
 from ..security import template
-from ..transport import EventLoop, log_limited, peer_label
+from ..transport import EventLoop, base_identity, log_limited, peer_label
 from ..wire import Message, MsgType, meta_field
 from . import blocks, datagram
 
@@ -204,7 +204,7 @@ class Receiver:
     def on_tcp_block(self, msg: Message, identity: bytes, link_name: str) -> None:
         """A block from a party's reliable link or (modes 2, 3) its low-priority TCP link."""
         main = identity[:-len(LOW_SUFFIX)] if identity.endswith(LOW_SUFFIX) else identity
-        client = (link_name, main)
+        client = (link_name, base_identity(main))
         try:
             if client not in self.client_sender:
                 raise ProtocolError("block from a party that never initialised a key here")
@@ -213,7 +213,7 @@ class Receiver:
             last = msg.meta is not None and "dgt" in msg.meta
             if last and main != identity:
                 raise ProtocolError("the last block of a push must come over the reliable link")
-            self._on_block(client, msg, last=last, reliable=main == identity)
+            self._on_block(client, msg, last=last, reliable=main == identity, identity=main)
         except ProtocolError as exc:
             self._reject(str(exc), peer_label(identity))
 
@@ -239,8 +239,10 @@ class Receiver:
             raise ProtocolError(f"key {msg.key}: block of dtype {msg.data.dtype}, key is {dtype}")
         return msg.data.astype(np.float32, copy=False)
 
-    def _on_block(self, client: Client, msg: Message, last: bool, reliable: bool) -> Optional[str]:
-        """Take one block; ProtocolError if it is refused, or why it was ignored (a duplicate, too old)."""
+    def _on_block(self, client: Client, msg: Message, last: bool, reliable: bool,
+                  identity: bytes = b"") -> Optional[str]:
+        """Take one block; ProtocolError if it is refused, or why it was ignored (a duplicate, too old).
+        ``identity``: the connection a last block came by, which its push is answered on."""
         if reliable:
             if msg.req_id > self.high[client]:
                 self.high[client] = msg.req_id
@@ -282,7 +284,7 @@ class Receiver:
                 raise ProtocolError(f"key {msg.key}: last block with a non-object request meta")
             asm.nsent, asm.part_offset, asm.key_total, asm.meta = nsent, part_offset, key_total, request_meta
             asm.sender, asm.version = msg.sender, version
-            asm.identity = client[1]
+            asm.identity = identity or client[1]
         asm.seen.add(msg.offset)
         asm.buf[msg.offset:msg.offset + msg.numel] = values
         if last:

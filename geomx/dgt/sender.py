@@ -100,13 +100,7 @@ class Sender:
         first = not self.peers
         for link, (host, port) in zip(links, hosts):
             peer = _Peer(link, host)
-            if self.mode in (2, 3):
-                identity = link.sock.getsockopt(zmq.IDENTITY) + LOW_SUFFIX
-                peer.low = connect_dealer(self.loop, host, port, identity, f"{link.name}/low",
-                                          peer=f"global server {len(self.peers)} (low priority)", wan=True,
-                                          cross_party=True)
-                peer.low.sock.setsockopt(zmq.TOS, 0)
-                self.loop.links.append(peer.low)  # closed with the loop; it receives nothing
+            self._connect_low(peer, port, len(self.peers))
             self.peers.append(peer)
         if not first:
             return
@@ -120,6 +114,27 @@ class Sender:
                  self.name, self.mode, MODE_NAMES[self.mode], self.k.k0,
                  f" adaptive down to {self.k.k_min:.3g}" if self.k.enabled else "", self.channels,
                  self.cfg.dgt.block_size)
+
+    def _connect_low(self, peer: _Peer, port: int, server: int) -> None:
+        """Modes 2 and 3: the low-priority link beside ``peer``'s link, under the same identity plus
+        LOW_SUFFIX (the global server knows the two as one party)."""
+        if self.mode not in (2, 3):
+            return
+        identity = peer.link.sock.getsockopt(zmq.IDENTITY) + LOW_SUFFIX
+        peer.low = connect_dealer(self.loop, peer.host, port, identity, f"{peer.link.name}/low",
+                                  peer=f"global server {server} (low priority)", wan=True, cross_party=True)
+        peer.low.sock.setsockopt(zmq.TOS, 0)
+        self.loop.links.append(peer.low)  # closed with the loop; it receives nothing
+
+    def relink(self, server: int, link: Link, port: int) -> None:
+        """Server ``server``'s link was made anew (after its connection broke): send over it, and make
+        the low-priority link anew beside it. What the server learnt of this party stays (its UDP
+        port, the party's sender id and key)."""
+        peer = self.peers[server]
+        if peer.low is not None:
+            peer.low.close()
+        peer.link = link
+        self._connect_low(peer, port, server)
 
     def on_server_meta(self, server: int, meta: dict) -> None:
         """Learn a global server's DGT announcement from a reply's meta."""

@@ -9,9 +9,9 @@ import shlex
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from .. import __version__
+from .. import __version__, config
 from .supervisor import log, run, run_processes
 from .topology import ProcessSpec, Topology
 
@@ -223,7 +223,21 @@ def _dry_run_lines(specs: List[ProcessSpec], explicit_keys: Sequence[str] = ()) 
     return lines
 
 
+def _over_ssh_restart(spec: ProcessSpec, over_ssh: Callable[[ProcessSpec], ProcessSpec]
+                      ) -> Optional[Tuple[ProcessSpec, float]]:
+    again = spec.restart() if spec.restart is not None else None
+    return None if again is None else (over_ssh(again[0]), again[1])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except config.ConfigError as exc:  # a variable the launcher reads (GEOMX_LOST_PARTY, ...) is wrong
+        print(f"geomx-launch: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     if "--" in argv:
@@ -393,7 +407,8 @@ def _run_over_ssh(topo, command: List[str], args) -> int:
     pythons = {h.ssh: h.python for h in topo.hosts}
     keys = None
     try:
-        conns = Connections([h.ssh for h in topo.hosts], config=args.ssh_config)
+        conns = Connections([h.ssh for h in topo.hosts], config=args.ssh_config,
+                            silent_for=max(config.outage_window({**topo.env, **s.env}) for s in topo.sites))
     except SSHError as exc:
         log.error("%s", exc)
         return 255
@@ -408,12 +423,17 @@ def _run_over_ssh(topo, command: List[str], args) -> int:
             log.error("%s; nothing was started", exc)
             return 255
         specs = topo.processes(command, keys_dir=keys)
-        remote = [
-            ProcessSpec(spec.name, conns.argv(spec.host, remote_command(spec, _explicit_keys(topo, spec),
-                                                                        pythons[spec.host])),
-                        dict(os.environ), spec.is_worker, spec.dc, host=spec.host, site=spec.site, keep_stdin=True)
-            for spec in specs
-        ]
+
+        def over_ssh(spec: ProcessSpec) -> ProcessSpec:
+            wrapped = ProcessSpec(spec.name, conns.argv(spec.host, remote_command(spec, _explicit_keys(topo, spec),
+                                                                                  pythons[spec.host])),
+                                  dict(os.environ), spec.is_worker, spec.dc, host=spec.host, site=spec.site,
+                                  keep_stdin=True, party=spec.party, party_may_be_lost=spec.party_may_be_lost)
+            if spec.restart is not None:
+                wrapped.restart = lambda: _over_ssh_restart(spec, over_ssh)
+            return wrapped
+
+        remote = [over_ssh(spec) for spec in specs]
         hosts = ", ".join(conns.hosts)
         security = "CURVE (keys generated on each site's host)" if keys else \
             "CURVE (keys_dir)" if topo.security == "curve" else "no encryption"

@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from .topology import ROLE_KEYS, Ports, ProcessSpec, Topology, declare_party_servers
+from .topology import ROLE_KEYS, Ports, ProcessSpec, Topology, declare_party_servers, enable_restarts
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,7 +44,8 @@ DEFAULT_PORT_BASE = 9000
 #: What --dry-run shows for the directory of automatically generated keys.
 AUTO_KEYS_PLACEHOLDER = "<keys generated at start>"
 
-_TOP_KEYS = {"central", "party", "security", "keys_dir", "env", "role_env", "port_base", "python", "workdir"}
+_TOP_KEYS = {"central", "party", "security", "keys_dir", "env", "role_env", "port_base", "python", "workdir",
+             "outage_window", "lost_party"}
 _HOST_KEYS = {"host", "address", "bind", "python", "workdir"}
 _SITE_KEYS = _HOST_KEYS | {"name", "ports", "env", "role_env", "keys_dir", "server_hosts", "worker_hosts"}
 _CENTRAL_KEYS = _SITE_KEYS | {"global_servers", "central_workers"}
@@ -288,10 +289,11 @@ class SiteTopology:
                 spec.argv = [host.python, *spec.argv[1:]]
             spec.name = _rename(spec.name, self.parties)
             spec.dc = spec.site = site.name
+            spec.party = site.name if site.kind == "party" else ""
             spec.host = host.ssh
             spec.cwd = host.workdir
             out.append(spec)
-        return declare_party_servers(out)
+        return enable_restarts(declare_party_servers(out))
 
     @property
     def spans_hosts(self) -> bool:
@@ -514,6 +516,23 @@ def loads(text: str, path: str = "<topology>") -> SiteTopology:
         seen[p.name] = f"[[party]] #{i + 1}"
     topo = SiteTopology(path, central, parties, "none", ck.env(doc, "env", "top level"),
                         ck.role_env(doc, "top level"), port_base)
+    window = doc.get("outage_window")
+    if window is not None:
+        # How long the global tier rides out a party's silent WAN link: every process reads it from
+        # GEOMX_WAN_OUTAGE_WINDOW (config.py), so the field is that variable for the whole topology.
+        if isinstance(window, bool) or not isinstance(window, (int, float)) or not 0 <= window <= 7 * 86400:
+            raise ck.fail("top level", f"outage_window must be seconds in [0, 604800], got {window!r}")
+        if "GEOMX_WAN_OUTAGE_WINDOW" in topo.env:
+            raise ck.fail("top level", "outage_window and env.GEOMX_WAN_OUTAGE_WINDOW are both set; keep one")
+        topo.env["GEOMX_WAN_OUTAGE_WINDOW"] = f"{window:g}"
+    policy = doc.get("lost_party")
+    if policy is not None:
+        # What the global tier does with a party lost beyond the window: GEOMX_LOST_PARTY, likewise.
+        if policy not in ("stop", "continue"):
+            raise ck.fail("top level", f"lost_party must be \"stop\" or \"continue\", got {policy!r}")
+        if "GEOMX_LOST_PARTY" in topo.env:
+            raise ck.fail("top level", "lost_party and env.GEOMX_LOST_PARTY are both set; keep one")
+        topo.env["GEOMX_LOST_PARTY"] = policy
     with_keys = [s for s in topo.sites if s.keys_dir is not None]
     if security is None:
         # Encrypted by default across hosts; one machine (every site at one address) runs in clear

@@ -26,18 +26,31 @@ class SSHError(RuntimeError):
     """A host could not be reached (the message names it and carries SSH's own words)."""
 
 
-#: Options of every SSH command: no prompts, and a dead connection is noticed within ~15 s.
-BASE_OPTIONS = ["-o", "BatchMode=yes", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
+#: Options of every SSH command: no prompts.
+BASE_OPTIONS = ["-o", "BatchMode=yes"]
+
+#: Seconds between the SSH client's keep-alive probes of a host.
+ALIVE_INTERVAL = 5
+
+
+def keep_alive_options(silent_for: float) -> List[str]:
+    """A connection is dropped once its host has not answered for about ``silent_for`` seconds (at least
+    15): the global tier's outage window, so that a WAN outage it rides out does not end the sessions,
+    and with them the processes, of the site behind the link."""
+    probes = max(3, -(-int(silent_for) // ALIVE_INTERVAL) + 1)
+    return ["-o", f"ServerAliveInterval={ALIVE_INTERVAL}", "-o", f"ServerAliveCountMax={probes}"]
 
 
 class Connections:
-    """The master connections to ``hosts`` (SSH targets)."""
+    """The master connections to ``hosts`` (SSH targets); a host silent for ``silent_for`` seconds is
+    taken to be lost."""
 
-    def __init__(self, hosts: Sequence[str], config: Optional[str] = None, connect_timeout: float = 20.0):
+    def __init__(self, hosts: Sequence[str], config: Optional[str] = None, connect_timeout: float = 20.0,
+                 silent_for: float = 15.0):
         if shutil.which("ssh") is None:
             raise SSHError("the OpenSSH client (ssh) is not installed: apt-get install openssh-client")
         self.hosts = list(dict.fromkeys(hosts))
-        self.options = list(BASE_OPTIONS) + (["-F", config] if config else [])
+        self.options = list(BASE_OPTIONS) + keep_alive_options(silent_for) + (["-F", config] if config else [])
         self.connect_timeout = connect_timeout
         # Short: a control socket path must fit in 108 bytes (%C is 40 hex digits).
         self.dir = tempfile.mkdtemp(prefix="gx-ssh-")

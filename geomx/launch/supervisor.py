@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, List, Optional, Sequence, Union
+from typing import IO, Dict, List, Optional, Sequence, Tuple, Union
 
 from .topology import ProcessSpec, Topology
 
@@ -131,12 +131,13 @@ class _Launcher:
                 pass
 
     # ---- start
-    def start(self, spec: ProcessSpec) -> None:
+    def start(self, spec: ProcessSpec, again: bool = False) -> None:
+        """Start ``spec`` (``again``: in place of its killed predecessor, whose log it continues)."""
         logfile = None
         if self.log_dir is not None:
             path = os.path.join(self.log_dir, spec.name + ".log")
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            logfile = open(path, "wb")
+            logfile = open(path, "ab" if again else "wb")
         try:
             popen = subprocess.Popen(
                 spec.argv,
@@ -330,6 +331,38 @@ def run_processes(
     return status
 
 
+#: Times one process is started again after it was killed (a global server from its checkpoint).
+MAX_RESTARTS = 3
+
+
+def _killed_by(rc: int) -> Optional[int]:
+    """The signal that ended a process with exit status ``rc``: a local child's negative status, or a
+    remote one's 128 + N (passed back by geomx.launch.remote and SSH); None if it exited."""
+    if rc < 0:
+        return -rc
+    return rc - 128 if 128 < rc < 128 + 65 else None
+
+
+def _replacement(child: _Child, rc: int, restarts: Dict[str, int]) -> Optional[Tuple[ProcessSpec, float]]:
+    """The process to start in place of ``child``, which ended with ``rc``, and when: only a process
+    that can be restarted (ProcessSpec.restart) and was killed, not one that failed with an error of
+    its own or that the launcher stopped; at most MAX_RESTARTS times."""
+    sig = _killed_by(rc)
+    if child.spec.restart is None or sig is None or sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        return None
+    if restarts.get(child.name, 0) >= MAX_RESTARTS:
+        log.error("%s was killed again (%s) after %d restarts; not restarting it", child.name, _signal_name(-sig),
+                  MAX_RESTARTS)
+        return None
+    again = child.spec.restart()
+    if again is None:
+        return None
+    restarts[child.name] = restarts.get(child.name, 0) + 1
+    log.warning("%s was killed (%s); starting it again in %.1f s from its checkpoint (restart %d of %d)", child.name,
+                _signal_name(-sig), again[1], restarts[child.name], MAX_RESTARTS)
+    return again
+
+
 def _supervise(launcher: _Launcher, description: str, timeout: Optional[float], grace: float):
     start = time.monotonic()
     deadline = start + timeout if timeout is not None else None
@@ -353,8 +386,21 @@ def _supervise(launcher: _Launcher, description: str, timeout: Optional[float], 
             raise _Signalled(launcher.pending_signal)
 
     grace_deadline: Optional[float] = None
+    restarts: Dict[str, int] = {}  # process name -> times started again
+    due: List[Tuple[float, ProcessSpec]] = []  # replacements waiting to be started
+    lost: Dict[str, str] = {}  # party -> why the run goes on without it (GEOMX_LOST_PARTY=continue)
     while True:
         now = time.monotonic()
+        for when, spec in [d for d in due if d[0] <= now]:
+            due.remove((when, spec))
+            launcher.critical = True
+            try:
+                launcher.start(spec, again=True)
+            except OSError as exc:
+                log.error("could not start %s again (%s); stopping the topology", spec.name, exc)
+                return 1, []
+            finally:
+                launcher.critical = False
         for c in launcher.children:
             if c.returncode is not None:
                 continue
@@ -362,6 +408,22 @@ def _supervise(launcher: _Launcher, description: str, timeout: Optional[float], 
             if rc is None:
                 continue
             c.returncode = rc
+            again = _replacement(c, rc, restarts)
+            if again is not None:
+                due.append((now + again[1], again[0]))
+                continue
+            if rc != 0 and c.spec.party in lost:
+                continue  # a process of a party the run already goes on without
+            if rc != 0 and c.spec.party_may_be_lost:
+                status = _exit_status(rc)
+                lost[c.spec.party] = f"{c.name} exited with code {status}"
+                log.warning("%s exited with code %d; the run goes on without party %s (GEOMX_LOST_PARTY=continue)",
+                            c.name, status, c.spec.party)
+                # Its party's other processes stop with it (the global tier drops the party).
+                for other in launcher.children:
+                    if other.spec.party == c.spec.party and other.returncode is None:
+                        _signal_group(other.pgid, signal.SIGTERM)
+                continue
             if rc != 0:
                 status = _exit_status(rc)
                 detail = f" (killed by {_signal_name(rc)})" if rc < 0 else ""
@@ -369,10 +431,14 @@ def _supervise(launcher: _Launcher, description: str, timeout: Optional[float], 
                 return status, []
             log.info("%s exited with code 0", c.name)
 
-        if all(c.returncode is not None for c in launcher.children if c.spec.is_worker):
+        if not due and all(c.returncode is not None for c in launcher.children if c.spec.is_worker):
             pending = [c for c in launcher.children if c.returncode is None]
             if not pending:
-                log.info("all processes exited with code 0")
+                if lost:
+                    log.warning("the run ended without part%s %s: %s", "y" if len(lost) == 1 else "ies",
+                                ", ".join(sorted(lost)), "; ".join(lost[p] for p in sorted(lost)))
+                else:
+                    log.info("all processes exited with code 0")
                 return 0, []
             if grace_deadline is None:
                 grace_deadline = now + grace

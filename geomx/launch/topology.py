@@ -11,8 +11,10 @@ import random
 import shlex
 import socket
 import sys
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Union
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from .. import config
 
 #: The command every non-worker process (schedulers, servers) runs by default.
 DEFAULT_NODE_COMMAND = [sys.executable, "-m", "geomx.node"]
@@ -44,6 +46,7 @@ ROLE_KEYS = frozenset(
         "DMLC_GLOBAL_RANK",
         "GEOMX_DATA_SLICE",
         "GEOMX_LISTEN_FD",
+        "GEOMX_GLOBAL_SERVER_RANK",
         # One process's own ports (a topology file sets them per process).
         "GEOMX_SERVER_PORT",
         "GEOMX_CENTRAL_PORT",
@@ -74,6 +77,14 @@ class ProcessSpec:
     site: str = ""
     #: Keep the process's input open while it may run (SSH sessions; closing it stops the remote process).
     keep_stdin: bool = False
+    #: A process the launcher starts again when it is killed: returns its replacement and the seconds
+    #: to wait before starting it, or None (see :func:`enable_restarts`).
+    restart: Optional[Callable[[], Optional[Tuple["ProcessSpec", float]]]] = field(
+        default=None, compare=False, repr=False)
+    #: The party it belongs to ("" for the central site's processes) and whether the run goes on
+    #: without that party should the process fail (GEOMX_LOST_PARTY=continue): see :func:`enable_restarts`.
+    party: str = ""
+    party_may_be_lost: bool = False
 
 
 @dataclass
@@ -299,7 +310,8 @@ class Topology:
             listener = ports.listeners.get(listen_port) if listen_port else None
             if listener is not None:
                 role_env = dict(role_env, GEOMX_LISTEN_FD=listener.fileno())
-            spec = ProcessSpec(name, argv, self._env(name, role_env, dc), False, dc)
+            spec = ProcessSpec(name, argv, self._env(name, role_env, dc), False, dc,
+                               party=dc if dc.startswith("party") else "")
             spec.listener = listener
             return spec
 
@@ -307,7 +319,8 @@ class Topology:
             dc = dc_of(party)
             role_env = dict(role_env, GEOMX_DATA_SLICE=slice_idx)
             argv = list(self.dc_prefix.get(dc, [])) + _substitute(command, slice_idx, party, rank)
-            return ProcessSpec(name, argv, self._env(name, role_env, dc), True, dc)
+            return ProcessSpec(name, argv, self._env(name, role_env, dc), True, dc,
+                               party=dc if dc.startswith("party") else "")
 
         # ---- central party / global layer
         schedulers.append(
@@ -353,6 +366,7 @@ class Topology:
                         DMLC_NUM_GLOBAL_WORKER=NGW,
                         DMLC_NUM_ALL_WORKER=ALL,
                         DMLC_ENABLE_CENTRAL_WORKER=enable_cw,
+                        GEOMX_GLOBAL_SERVER_RANK=i,
                     ),
                     f"gs{i}" if self.separate_global_servers else "central",
                 )
@@ -428,7 +442,7 @@ class Topology:
                         i,
                     )
                 )
-        return declare_party_servers(schedulers + servers + workers)
+        return enable_restarts(declare_party_servers(schedulers + servers + workers))
 
     def _env(self, name: str, role_env: Dict[str, object], dc: str = "central") -> Dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ROLE_KEYS}
@@ -462,3 +476,25 @@ def declare_party_servers(specs: List[ProcessSpec]) -> List[ProcessSpec]:
         if spec.env.get("DMLC_ROLE_GLOBAL") == "global_scheduler":
             spec.env["GEOMX_PARTY_SERVERS"] = ",".join(f"{party}={n}" for party, n in counts.items())
     return specs
+
+
+def enable_restarts(specs: List[ProcessSpec]) -> List[ProcessSpec]:
+    """What the launcher does when a process ends badly, from the final environments: a global server
+    that keeps checkpoints (GEOMX_CHECKPOINT_DIR) is started again from its latest checkpoint when it
+    is killed (geomx.config.checkpoint_restart); with GEOMX_LOST_PARTY=continue a party's process that
+    fails takes only its party out of the run."""
+    for spec in specs:
+        if spec.env.get("DMLC_ROLE_GLOBAL") == "global_server":
+            spec.restart = lambda spec=spec: _from_checkpoint(spec)
+        spec.party_may_be_lost = bool(spec.party) and config.lost_party(spec.env) == "continue"
+    return specs
+
+
+def _from_checkpoint(spec: ProcessSpec) -> Optional[Tuple[ProcessSpec, float]]:
+    how = config.checkpoint_restart(spec.env)
+    if how is None:
+        return None
+    extra, wait = how
+    again = replace(spec, env={**spec.env, **extra}, listener=None)
+    again.restart = lambda: _from_checkpoint(again)
+    return again, wait

@@ -13,7 +13,7 @@ import uuid
 from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 from ..errors import PeerDeadError, ProtocolError, SecurityError
-from ..transport import EventLoop, Link, connect_dealer
+from ..transport import EventLoop, Link, connect_dealer, reconnected_identity
 from ..wire import Message, MsgType, meta_field
 
 log = logging.getLogger("geomx.membership")
@@ -51,15 +51,27 @@ class TierMember:
                  port: int, name: str, master: bool = False, rank_hint: Optional[int] = None, ts: bool = False,
                  layout: Optional[dict] = None,
                  heartbeat_interval: float, heartbeat_timeout: float, start_timeout: float = 120.0,
-                 on_fatal: Callable[[Exception], None], cross_party: bool = False):
+                 on_fatal: Callable[[Exception], None], cross_party: bool = False, outage_window: float = 0.0):
         self.loop = loop
         self.tier = tier
         self.scheduler = scheduler
         self.on_fatal = on_fatal
         self.heartbeat_timeout = heartbeat_timeout
+        # A scheduler across the WAN (a local server's, at the global tier): silence beyond the
+        # heartbeat timeout is taken for an outage of the link until this many seconds
+        # (GEOMX_WAN_OUTAGE_WINDOW); 0: it is a death.
+        self.outage_window = outage_window
+        self.outage_since: Optional[float] = None  # the last answer before the current outage
+        self._said_outage = 0.0
+        # Called with the outage's length in seconds once the scheduler answers again: the node's data
+        # links across the same WAN were down as long and may have lost what was on the wire.
+        self.on_restored: Optional[Callable[[float], None]] = None
+        self.on_outage: Optional[Callable[[], None]] = None  # called when an outage begins
         self.start_timeout = start_timeout
         self._answered = False
-        self.on_peer_left: Optional[Callable[[int, str], None]] = None
+        # Called with (rank, reason, party: the lost node's party name or None) when the tier goes on
+        # without a node (MixedSync, or GEOMX_LOST_PARTY=continue).
+        self.on_peer_left: Optional[Callable[[int, str, Optional[str]], None]] = None
         # Called with (old, new) when the scheduler announces a server's new address (a global
         # server restarted from a checkpoint).
         self.on_servers_changed: Optional[Callable[[TierInfo, TierInfo], None]] = None
@@ -68,24 +80,49 @@ class TierMember:
         self.on_registered: Optional[Callable[[TierInfo], None]] = None
         # TSEngine answers from the scheduler (TS_PUSH_TO / TS_RELAY_TO), when this node takes part.
         self.on_tsengine: Optional[Callable[[Message], None]] = None
-        identity = f"{name}@{tier}#{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
+        self.identity = f"{name}@{tier}#{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
         # Registered with the scheduler, which tells only the tier's servers: this node's data links
         # carry it in their identities (client_identity), so a server can tell its registered
         # clients from anyone else who reaches its port, and nobody can guess a client's identity.
         self.token = uuid.uuid4().hex
-        self.link: Link = connect_dealer(loop, scheduler[0], scheduler[1], identity, f"{tier}-scheduler-link",
-                                         peer=f"the {tier} scheduler", cross_party=cross_party)
-        self.link.on_refused = lambda reason: self._fail(SecurityError(reason))
-        loop.add(self.link, self._handle, routed=False)
+        self.cross_party = cross_party
+        self.generation = 0  # connections to the scheduler made after the first broke
+        self.link: Link = self._connect()
         self.register_meta = {"role": role, "host": host, "port": port, "name": name, "master": master,
                               "rank": -1 if rank_hint is None else rank_hint, "ts": ts, "token": self.token,
                               **(layout or {})}
         self.info: Optional[TierInfo] = None
-        self._barrier_waiters: List[Callable[[], None]] = []
+        # Barriers are numbered, so that one sent again over a new connection is answered once.
+        self._barrier_waiters: List[Tuple[int, str, Callable[[], None]]] = []
+        self._barriers_entered = 0
         self._last_ack = time.monotonic()
         self._failed = False
         self._said_bye = False
         loop.call_every(heartbeat_interval, self._beat)
+
+    def _connect(self) -> Link:
+        link = connect_dealer(self.loop, self.scheduler[0], self.scheduler[1],
+                              reconnected_identity(self.identity, self.generation), f"{self.tier}-scheduler-link",
+                              peer=f"the {self.tier} scheduler", cross_party=self.cross_party)
+        link.on_refused = lambda reason: self._fail(SecurityError(reason))
+        link.on_disconnected = lambda: self._reconnect("its connection ended")
+        self.loop.add(link, self._handle, routed=False)
+        return link
+
+    def _reconnect(self, why: str) -> None:
+        """A new connection to the scheduler (under a new identity: the scheduler may still hold the
+        old one); barriers not yet answered are entered again."""
+        if self._said_bye or self._failed:
+            return
+        log.info("%s scheduler link: %s; reconnecting", self.tier, why)
+        old = self.link
+        self.loop.remove(old)
+        old.close()
+        self.generation += 1
+        self.link = self._connect()
+        self.link.proven = old.proven
+        for seq, group, _ in self._barrier_waiters:
+            self.link.send(Message(MsgType.BARRIER, meta={"group": group, "n": seq}))
 
     def client_identity(self, name: str) -> str:
         """The identity (before KVClient's ``>server``) of this node's links to its tier's servers."""
@@ -95,8 +132,10 @@ class TierMember:
         self.link.send(Message(MsgType.REGISTER, meta=self.register_meta))
 
     def barrier(self, group: str, on_done: Callable[[], None]) -> None:
-        self._barrier_waiters.append(on_done)
-        self.link.send(Message(MsgType.BARRIER, meta={"group": group}))
+        seq = self._barriers_entered
+        self._barriers_entered += 1
+        self._barrier_waiters.append((seq, group, on_done))
+        self.link.send(Message(MsgType.BARRIER, meta={"group": group, "n": seq}))
 
     def send(self, msg: Message) -> None:
         """A message to this tier's scheduler (TSEngine questions)."""
@@ -115,15 +154,35 @@ class TierMember:
     def _beat(self) -> None:
         if self._said_bye or self._failed:
             return
-        silent = time.monotonic() - self._last_ack
+        now = time.monotonic()
+        silent = now - self._last_ack
         # Until the scheduler has answered once, it may simply not be up yet: wait up to start_timeout.
         limit = self.heartbeat_timeout if self._answered else max(self.heartbeat_timeout, self.start_timeout)
-        if silent > limit:
+        if self._answered and silent > limit and silent <= self.outage_window:
+            self._outage(now, silent)
+        elif silent > limit:
+            beyond = f" (beyond GEOMX_WAN_OUTAGE_WINDOW={self.outage_window:g}s)" if self.outage_window else ""
             self._fail(PeerDeadError(
                 f"the {self.tier} scheduler at {self.scheduler[0]}:{self.scheduler[1]} has not answered "
-                f"for {silent:.1f}s; presumed dead"))
+                f"for {silent:.1f}s; presumed dead{beyond}"))
             return
         self.link.send(Message(MsgType.HEARTBEAT))
+
+    def _outage(self, now: float, silent: float) -> None:
+        """Silent beyond the heartbeat timeout, inside the outage window: the WAN link is taken to be
+        down. Reconnect once (the old connection may never recover, or be reset meanwhile), and say
+        so every 30 s."""
+        if self.outage_since is None:
+            self.outage_since = self._last_ack
+            self._reconnect(f"no answer for {silent:.0f}s")
+            if self.on_outage is not None:
+                self.on_outage()
+        elif now - self._said_outage < 30:
+            return
+        self._said_outage = now
+        log.warning("the %s scheduler at %s:%d has not answered for %.0fs: taken for a WAN outage; waiting %.0fs "
+                    "more for the link (GEOMX_WAN_OUTAGE_WINDOW=%gs)", self.tier, self.scheduler[0],
+                    self.scheduler[1], silent, self.outage_window - silent, self.outage_window)
 
     def _fail(self, exc: Exception) -> None:
         if not self._failed:
@@ -133,6 +192,11 @@ class TierMember:
     def _handle(self, msg: Message, identity: Optional[bytes], link: Link) -> None:
         self._last_ack = time.monotonic()
         self._answered = True
+        if self.outage_since is not None:
+            down, self.outage_since = self._last_ack - self.outage_since, None
+            log.warning("the %s scheduler answers again after %.1fs", self.tier, down)
+            if self.on_restored is not None:
+                self.on_restored(down)
         if msg.type == MsgType.HEARTBEAT_ACK:
             return
         if msg.type == MsgType.REGISTER_ACK:
@@ -154,13 +218,15 @@ class TierMember:
             if old is not None and old.servers != parsed and self.on_servers_changed is not None:
                 self.on_servers_changed(old, self.info)
         elif msg.type == MsgType.BARRIER_ACK:
-            if self._barrier_waiters:
-                self._barrier_waiters.pop(0)()
+            seq = meta_field(msg, "n", int, None)
+            if self._barrier_waiters and (seq is None or seq == self._barrier_waiters[0][0]):
+                self._barrier_waiters.pop(0)[2]()
+            # else: a second answer to a barrier entered again over a new connection
         elif msg.type == MsgType.PEER_LEFT:
             rank = meta_field(msg, "rank", int)
             reason = meta_field(msg, "reason", str, "")
             if self.on_peer_left is not None:
-                self.on_peer_left(rank, reason)
+                self.on_peer_left(rank, reason, meta_field(msg, "party", str, None))
             else:
                 log.warning("%s", reason)
         elif msg.type in (MsgType.TS_PUSH_TO, MsgType.TS_RELAY_TO) and self.on_tsengine is not None:

@@ -12,7 +12,7 @@ import zmq
 
 from ..errors import ProtocolError
 from ..security import CurveKeys
-from ..transport import EventLoop, Link, bind_router, peer_label
+from ..transport import EventLoop, Link, base_identity, bind_router, peer_label, split_identity
 from ..wire import Message, MsgType, meta_field
 
 log = logging.getLogger("geomx.scheduler")
@@ -51,6 +51,18 @@ class Member:
     token: str = ""
     # With CURVE: the name of the key its REGISTER came with (the listener's ZAP handler admitted it).
     key: Optional[str] = None
+    # Seconds of silence taken for a WAN outage rather than a death (a party's local server at the
+    # global scheduler: GEOMX_WAN_OUTAGE_WINDOW); 0: the heartbeat timeout decides.
+    outage_window: float = 0.0
+    silent_since: Optional[float] = None  # when it went silent beyond the heartbeat timeout
+    said_silent: float = 0.0  # when the tier was last told of that silence
+    # Barriers this member has been let through (its BARRIERs are numbered, so one sent again over a
+    # new connection is answered again rather than taken for the next).
+    barriers_passed: int = 0
+
+    @property
+    def base(self) -> bytes:
+        return base_identity(self.identity)
 
 
 class TierPlugin(Protocol):
@@ -79,8 +91,16 @@ class Scheduler:
                  keys: Optional[CurveKeys] = None, cross_party: bool = False,
                  max_queued_replies: int = 100_000, local_ipc: bool = True, listen_fd: Optional[int] = None,
                  host: str = "127.0.0.1", plugins: Sequence[TierPlugin] = (),
-                 party_servers: Optional[Mapping[str, int]] = None):
+                 party_servers: Optional[Mapping[str, int]] = None, outage_window: float = 0.0,
+                 lost_party: str = "stop"):
         self.tier = tier
+        # The global tier: how long a party's local server may be silent (its WAN link down) before
+        # it counts as dead (GEOMX_WAN_OUTAGE_WINDOW; 0: the heartbeat timeout decides).
+        self.outage_window = outage_window
+        # GEOMX_LOST_PARTY: "continue": a party's local server lost (beyond the outage window, or failed)
+        # leaves the tier, which goes on with the other parties; "stop": the tier stops.
+        self.lost_party = lost_party
+        self.lost_party_names: set = set()
         # Global tier (GEOMX_PARTY_SERVERS): each party's local-server slots, so that no party can take
         # another's before the tier is complete (with CURVE a party name is bound to one key).
         self.party_servers = dict(party_servers) if party_servers is not None else None
@@ -112,7 +132,13 @@ class Scheduler:
         self.loop.call_every(self.heartbeat_interval, self._check_liveness)
         while self.exit_code is None:
             self.loop.run_once(0.5)
-        # Let the last messages (acks, dead-peer notices) leave before the socket closes.
+        if self.exit_code:
+            # Let the dead-peer notices leave before the socket closes (it drops what it still holds):
+            # without one, a party's nodes would take the scheduler's silence for a WAN outage and wait
+            # out GEOMX_WAN_OUTAGE_WINDOW.
+            until = time.monotonic() + 1.0
+            while time.monotonic() < until:
+                self.loop.run_once(0.1)
         self.loop.close()
         return self.exit_code
 
@@ -121,9 +147,15 @@ class Scheduler:
 
     def _handle(self, msg: Message, identity: Optional[bytes], link: Link) -> None:
         assert identity is not None
-        member = self.members.get(identity)
+        member = self.members.get(base_identity(identity))
         if member is not None:
+            if identity != member.identity:
+                self._reconnected(member, identity)
             member.last_seen = time.monotonic()
+            if member.silent_since is not None:
+                log.warning("%s: %s %s (rank %d) is back after %.1fs of silence (a WAN outage); the tier goes on",
+                            self.tier, member.role, member.name, member.rank, member.last_seen - member.silent_since)
+                member.silent_since = None
             if member.lost_at is not None:
                 # Presumed dead, but it was only stalled: it is still the server of its rank.
                 log.warning("%s: %s %s (rank %d) is back after %.1fs", self.tier, member.role, member.name,
@@ -153,6 +185,18 @@ class Scheduler:
         else:
             raise ProtocolError(f"unexpected {msg.type.name} at a scheduler")
 
+    def _reconnected(self, member: Member, identity: bytes) -> None:
+        """A member's message over a new connection (it reconnected after its old one broke): answer
+        it there from now on. A late message over an older connection changes nothing; with CURVE the
+        new connection must carry the key the member registered with."""
+        if split_identity(identity)[1] < split_identity(member.identity)[1]:
+            return
+        if self.link.curve and self.link.sender_key != member.key:
+            raise ProtocolError(f"{member.name}'s identity over a connection with the key {self.link.sender_key}, "
+                                f"not the key {member.key} it registered with")
+        log.info("%s: %s %s (rank %d) reconnected", self.tier, member.role, member.name, member.rank)
+        member.identity = identity
+
     def _on_register(self, msg: Message, identity: bytes) -> None:
         role = meta_field(msg, "role", str)
         host = meta_field(msg, "host", str)
@@ -174,7 +218,7 @@ class Scheduler:
         token = meta_field(msg, "token", str, "")
         if token and not _TOKEN.fullmatch(token):
             raise ProtocolError("REGISTER with a malformed token")
-        if identity in self.members:
+        if base_identity(identity) in self.members:
             raise ProtocolError(f"{peer_label(identity)} registered twice")
         key = self.link.sender_key if self.link.curve else None
         if key is not None:
@@ -190,11 +234,12 @@ class Scheduler:
         if count >= (self.num_servers if role == "server" else self.num_workers):
             raise ProtocolError(f"REGISTER from {name or peer_label(identity)}: more {role}s than the "
                                 f"{self.num_servers if role == 'server' else self.num_workers} expected")
-        self.members[identity] = Member(identity, role, host, port, name or peer_label(identity), master,
-                                        rank_hint if rank_hint >= 0 else None, len(self.members),
-                                        time.monotonic(), global_servers, relay,
-                                        None if party is None else party[:200], restart_timeout=restart_timeout,
-                                        ts=ts, token=token, key=key)
+        self.members[base_identity(identity)] = Member(
+            identity, role, host, port, name or peer_label(identity), master, rank_hint if rank_hint >= 0 else None,
+            len(self.members), time.monotonic(), global_servers, relay, None if party is None else party[:200],
+            restart_timeout=restart_timeout, ts=ts, token=token, key=key,
+            # A party's local server reaches the global scheduler over its WAN link.
+            outage_window=self.outage_window if party is not None else 0.0)
         log.debug("%s: registered %s %s at %s:%d", self.tier, role, name, host, port)
         if len(self.members) == self.num_servers + self.num_workers:
             self._assign_ranks()
@@ -248,8 +293,8 @@ class Scheduler:
             log.error("%s", reason)
             self.link.send(Message(MsgType.PEER_DEAD, meta={"reason": reason}), identity)
             return
-        del self.members[old.identity]
-        self.members[identity] = dataclasses.replace(
+        del self.members[old.base]
+        self.members[base_identity(identity)] = dataclasses.replace(
             old, identity=identity, host=host, port=port, name=name or peer_label(identity),
             last_seen=time.monotonic(), restart_timeout=restart_timeout, lost_at=None)
         down = "" if old.lost_at is None else f" after {time.monotonic() - old.lost_at:.1f}s"
@@ -324,11 +369,17 @@ class Scheduler:
             raise ProtocolError(f"BARRIER for unknown group {group!r}")
         if group != "all" and member.role != group:
             raise ProtocolError(f"{member.name} ({member.role}) entered the {group} barrier")
+        seq = meta_field(msg, "n", int, member.barriers_passed)
+        if seq < member.barriers_passed:
+            # Sent again over a new connection: the acknowledgement was lost with the old one.
+            self.send(member, Message(MsgType.BARRIER_ACK, meta={"group": group, "n": seq}))
+            return
         waiting = self.barriers[group]
-        waiting.add(member.identity)
+        waiting.add(member.base)
         if len(waiting) == len(self._group(group)):
             for m in self._group(group):
-                self.send(m, Message(MsgType.BARRIER_ACK, meta={"group": group}))
+                self.send(m, Message(MsgType.BARRIER_ACK, meta={"group": group, "n": m.barriers_passed}))
+                m.barriers_passed += 1
             waiting.clear()
 
     def _on_bye(self, member: Member) -> None:
@@ -357,9 +408,15 @@ class Scheduler:
                                "it with GEOMX_CHECKPOINT_RESTORE=<its checkpoint file>", m)
                     return
                 continue
-            if now - m.last_seen > self.heartbeat_timeout:
+            silent = now - m.last_seen
+            if silent > self.heartbeat_timeout:
+                if silent <= m.outage_window:
+                    self._outage(m, now)
+                    continue
                 reason = (f"{self.tier}: {m.role} {m.name} (rank {m.rank}, {m.host}:{m.port}) sent no "
-                          f"heartbeat for {now - m.last_seen:.1f}s; presumed dead")
+                          f"heartbeat for {silent:.1f}s; presumed dead")
+                if m.outage_window:
+                    reason += f" (beyond GEOMX_WAN_OUTAGE_WINDOW={m.outage_window:g}s)"
                 if m.role == "server" and m.restart_timeout > 0:
                     # It checkpoints: the tier waits for it to come back from its checkpoint.
                     m.lost_at = now
@@ -369,16 +426,39 @@ class Scheduler:
                 self._lost(m, reason)
                 return
 
+    def _outage(self, m: Member, now: float) -> None:
+        """A party's local server silent beyond the heartbeat timeout but inside the outage window: its
+        WAN link is taken to be down; the tier waits (and says so every 30 s)."""
+        silent = now - m.last_seen
+        if m.silent_since is None:
+            m.silent_since = m.last_seen
+        elif now - m.said_silent < 30:
+            return
+        m.said_silent = now
+        log.warning("%s: %s %s (rank %d, party %s) silent for %.0fs: taken for a WAN outage; the tier waits "
+                    "%.0fs more for it (GEOMX_WAN_OUTAGE_WINDOW=%gs)", self.tier, m.role, m.name, m.rank, m.party,
+                    silent, m.outage_window - silent, m.outage_window)
+
     def _lost(self, member: Member, reason: str) -> None:
         member.done = True
-        if not (self.tolerate_worker_loss and member.role == "worker"):
+        party_goes = self.lost_party == "continue" and member.party is not None and self.registered
+        if not ((self.tolerate_worker_loss and member.role == "worker") or party_goes):
             self.fail(reason, member)
             return
-        log.warning("%s (the tier carries on)", reason)
+        if party_goes:
+            self.lost_party_names.add(member.party)
+            left = {m.party for m in self.members.values() if m.party is not None} - self.lost_party_names
+            if not left:
+                self.fail(f"{reason}; it was the last party (GEOMX_LOST_PARTY=continue)", member)
+                return
+            log.warning("%s; the tier carries on without party %s, with %d part%s left (GEOMX_LOST_PARTY=continue)",
+                        reason, member.party, len(left), "y" if len(left) == 1 else "ies")
+        else:
+            log.warning("%s (the tier carries on)", reason)
         for m in self.members.values():
             if not m.done:
                 self.send(m, Message(MsgType.PEER_LEFT, meta={"reason": reason, "rank": member.rank,
-                                                               "role": member.role}))
+                                                               "role": member.role, "party": member.party}))
         if all(m.done for m in self.members.values()):
             self.exit_code = 0
 

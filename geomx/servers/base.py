@@ -10,14 +10,20 @@ import numpy as np
 from .. import compression
 from ..errors import GeoMXError, ProtocolError, internal_error
 from ..security import template
-from ..transport import EventLoop, Link, identity_token, log_limited, peer_label
+from ..transport import EventLoop, Link, base_identity, identity_token, log_limited, peer_label
 from ..tsengine.partial import partial_dtype_ok
 from ..wire import DTYPES, Message, MsgType, meta_field
 from .keystate import KeyState
 
 log = logging.getLogger("geomx.server")
 
-Client = Tuple[str, bytes]  # (link name, ZeroMQ identity)
+Client = Tuple[str, bytes]  # (link name, ZeroMQ identity without its connection's generation)
+
+
+def client_of(link: Link, identity: bytes) -> Client:
+    """Who sent a request: the same client over every connection it made (see
+    geomx.transport.reconnected_identity); replies go to the identity the request came from."""
+    return link.name, base_identity(identity)
 
 
 # A request reassembled from parts (DGT's blocks) whose keys were checked as each part arrived.
@@ -118,7 +124,7 @@ class ServerBase:
             if sliced and isinstance(value, np.ndarray):
                 value = value[start:start + req.numel]
             try:
-                meta = self.reply_meta(req, (link.name, identity))
+                meta = self.reply_meta(req, client_of(link, identity))
                 self.reply(link, identity, req, value, meta=meta)  # type: ignore[arg-type]
             except Exception as exc:  # noqa: BLE001 - the request must still be answered
                 # Replies go out in a loop over a finished round's waiters, after the round was
@@ -199,7 +205,7 @@ class ServerBase:
                 # identity): it may not INIT, push, pull, command or STOP here.
                 raise ProtocolError(f"{msg.type.name} from {peer_label(identity)}, which is not a registered "
                                     f"client of this server (it did not register with this tier's scheduler)")
-        client: Client = (link.name, identity)
+        client = client_of(link, identity)
         if client in self.stopped_clients:
             raise ProtocolError(f"{msg.type.name} after STOP")
         if msg.type == MsgType.INIT:
@@ -299,7 +305,7 @@ class ServerBase:
                                                   f"outside its {msg.total} elements")
             return None
         if ks is None:
-            client = (link.name, identity)
+            client = client_of(link, identity)
             declared = self.keys_declared.get(client, 0)
             if declared >= self.max_keys_per_client:
                 self.reply_error(link, identity, msg, f"key {msg.key}: this client already declared {declared} keys "
@@ -361,9 +367,24 @@ class ServerBase:
         self.pushing_clients.add(client)
         r, rnd = ks.add_push(client, msg.data, self.replier(link, identity, msg, ks),
                              want_value=msg.type == MsgType.PUSHPULL, start=start, priority=msg.priority)
-        if rnd.elements == expected * ks.numel:
-            acc, rnd.acc = rnd.acc, None
-            self.dispatch_round(ks, r, ks.round_value(acc))
+        if rnd.elements == self.round_expects(ks, r, expected) * ks.numel:
+            self.complete_round(ks, r, rnd)
+
+    def round_expects(self, ks: KeyState, r: int, expected: int) -> int:
+        """The pushes that complete round ``r`` of ``ks``, given ``expected`` for a round from now on
+        (the global server adds a lost party's pushes into rounds it pushed before it was lost)."""
+        return expected
+
+    def round_scale(self, ks: KeyState, pushes: int) -> float:
+        """What a complete round's sum of ``pushes`` pushes is multiplied by (1: as it is)."""
+        return 1.0
+
+    def complete_round(self, ks: KeyState, r: int, rnd: Any) -> None:
+        acc, rnd.acc = rnd.acc, None
+        scale = self.round_scale(ks, rnd.elements // max(ks.numel, 1))
+        if scale != 1.0:
+            acc = (acc * scale).astype(acc.dtype, copy=False)
+        self.dispatch_round(ks, r, ks.round_value(acc))
 
     def resent_push(self, ks: KeyState, msg: Message, client: Client, link: Link, identity: bytes) -> bool:
         """A numbered push (``version`` = round + 1): True when it was handled here because it repeats
@@ -381,11 +402,13 @@ class ServerBase:
         if r < ks.completed:
             # Already summed (before the checkpoint, or replayed earlier): the key's value includes
             # it. It is the round's own result when r is the last completed round.
-            log.debug("%s: key %d round %d resent by %s; already complete", self.name, msg.key, r,
-                      peer_label(identity))
+            log.info("%s: key %d round %d pushed again by %s (over a new connection); summed once already",
+                     self.name, msg.key, r, peer_label(identity))
             reply(ks.store if want_value else None)
         else:
             # This process already holds the push in the open round r: answer when it completes.
+            log.info("%s: key %d round %d pushed again by %s (over a new connection); held once", self.name,
+                     msg.key, r, peer_label(identity))
             rnd = ks.rounds.get(r)
             if rnd is None:
                 reply(GeoMXError(f"key {msg.key}: round {r} was refused"))
@@ -417,10 +440,10 @@ class ServerBase:
                 else:
                     ks.parked.append((other, reply))
 
-    def leave(self, reason: str) -> None:
-        """This server is about to exit: answer every request still waiting here (pushes of rounds
-        that are not complete, parked pulls and INITs) with an error that says so, rather than leave
-        their clients waiting for replies that will never come."""
+    def leave(self, reason: str, failed: bool = False) -> None:
+        """This server is about to exit (``failed``: because the run failed): answer every request
+        still waiting here (pushes of rounds that are not complete, parked pulls and INITs) with an
+        error that says so, rather than leave their clients waiting for replies that will never come."""
         error = GeoMXError(f"{self.name} is leaving ({reason}) with this request unanswered")
         waiting = 0
         for ks in self.keys.values():

@@ -47,7 +47,11 @@ class GlobalServer(ServerBase):
         self.policy: GlobalPolicy = GLOBAL_POLICIES[chosen(cfg)](self)
         self.rank = 0  # global rank, set once the global scheduler assigned it
         self.party_rank: Dict[Client, int] = {}  # client -> its global rank (as sent in headers)
-        self.lost_parties: set = set()
+        self.lost_parties: set = set()  # global ranks of the local servers the tier carries on without
+        # GEOMX_LOST_PARTY=continue under FSA: the parties lost (by the name their local servers
+        # registered with) and those local servers as clients here (their earlier pushes still count).
+        self.lost_party_names: set = set()
+        self.lost_clients: set = set()
         self.on_async: Optional[Callable[[], None]] = None  # set by the node: tell the global scheduler
         self.compression_params: Optional[Dict[str, Any]] = None  # set by the master worker
         # Checkpoints (GEOMX_CHECKPOINT_DIR): the rounds of each key in the last saved checkpoint, and
@@ -233,6 +237,13 @@ class GlobalServer(ServerBase):
     def reply_meta(self, req: Message, client: Client) -> Optional[dict]:
         meta: Dict[str, Any] = {}
         if req.type == MsgType.INIT:
+            ks = self.keys.get(req.key)
+            if ks is not None:
+                # The client numbers its pushes of the key from here, so that one it sends twice (over a
+                # new connection after a WAN outage, or to this server restarted from a checkpoint) is
+                # summed once; with checkpoints it keeps them until a checkpoint holds their round.
+                meta["round"] = ks.pushes_of(client)
+                meta["checkpoints"] = self.writer is not None
             if self.compression_params is not None:
                 meta["compression"] = self.compression_params
             if self.dgt is not None and client[0] == self.wan_link.name:
@@ -250,15 +261,58 @@ class GlobalServer(ServerBase):
             return
         super().fail_rounds_without(client)
 
-    def on_peer_left(self, rank: int, reason: str) -> None:
-        """A party's local server died under MixedSync: carry on without it."""
+    def on_peer_left(self, rank: int, reason: str, party: Optional[str] = None) -> None:
+        """A party's local server is gone and the tier carries on without it: under MixedSync (its
+        rounds never waited for a party), or under FSA with GEOMX_LOST_PARTY=continue, where the rounds
+        it has not pushed into complete with the other parties' pushes, scaled to the full count."""
         lost = [c for c, r in self.party_rank.items() if r == rank and c[0] == self.wan_link.name]
-        log.warning("%s: party %d is gone (%s); MixedSync continues without it", self.name, rank, reason)
         self.lost_parties.add(rank)
         for client in lost:
             self.stopped_clients.discard(client)
+        if self.policy.synchronous and party is not None:
+            self.lost_clients.update(lost)
+            if party not in self.lost_party_names:
+                self.lost_party_names.add(party)
+                left = self.parties - len(self.lost_party_names)
+                log.warning("%s: party %s is gone (%s); its rounds go on with %d part%s, each round's sum scaled to "
+                            "%d (GEOMX_LOST_PARTY=continue)", self.name, party, reason, left,
+                            "y" if left == 1 else "ies", self.parties)
+            self.complete_rounds_now_full()
+        else:
+            log.warning("%s: party %d is gone (%s); MixedSync continues without it", self.name, rank, reason)
         if len(self.stopped_clients) >= self.expected_stops():
             self.on_all_stopped()
+
+    def leave(self, reason: str, failed: bool = False) -> None:
+        if failed and self.writer is not None and any(ks.initialized for ks in self.keys.values()):
+            # The run stops (a party lost with GEOMX_LOST_PARTY=stop, any other failure): what the tier
+            # completed so far is saved, so that a new run can start from it (GEOMX_CHECKPOINT_RESTORE).
+            try:
+                self.writer.save(f"final, the run stops: {reason[:200]}", wait=True)
+            except GeoMXError:
+                pass  # logged by the writer
+        super().leave(reason, failed)
+
+    def round_expects(self, ks: KeyState, r: int, expected: int) -> int:
+        # A lost party's push into a round it reached before it was lost is part of that round.
+        return expected + sum(1 for c in self.lost_clients if ks.pushes_of(c) > r)
+
+    def round_scale(self, ks: KeyState, pushes: int) -> float:
+        full = self.ts_expected()
+        return full / pushes if self.lost_party_names and 0 < pushes < full else 1.0
+
+    def complete_rounds_now_full(self) -> None:
+        """After a party is lost: complete, in order, the open rounds that waited only for it."""
+        expected = self.expected_pushes(self.wan_link)
+        for ks in list(self.keys.values()):
+            for state in [ks, *ks.slices.values()]:
+                for r in sorted(state.rounds):
+                    rnd = state.rounds.get(r)
+                    if rnd is None or rnd.acc is None:
+                        continue
+                    if rnd.elements != self.round_expects(state, r, expected) * state.numel:
+                        break
+                    self.complete_round(state, r, rnd)
 
     # -- init ---------------------------------------------------------------------------------
     def on_init(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:

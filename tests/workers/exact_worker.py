@@ -81,6 +81,10 @@ def main():
     p.add_argument("--master-sleep", type=float, default=0.0,
                    help="seconds the master worker sleeps after each round (the parties finish first)")
     p.add_argument("--store", choices=["dist_sync", "dist_async"], default="dist_sync")
+    p.add_argument("--lost-slice", type=int, default=-1,
+                   help="the party of this slice (one worker) is lost after round 0 (GEOMX_LOST_PARTY=continue): "
+                        "later rounds sum the others' pushes, scaled by --lost-scale")
+    p.add_argument("--lost-scale", type=float, default=1.0)
     p.add_argument("--report-loss", action="store_true",
                    help="kv.report_loss(4 / (t + 1)) before round t (DGT's adaptive K)")
     args = p.parse_args()
@@ -116,6 +120,8 @@ def main():
         if t < 0:
             return init_value(k)
         if args.optimizer == "none":
+            if args.lost_slice >= 0 and t >= 1:
+                return ((coeff_sum - (args.lost_slice + 1)) * args.lost_scale * (t + 1) * base(k)).astype(np.float32)
             return (coeff_sum * (t + 1) * base(k)).astype(np.float32)
         if args.optimizer == "adam":
             values = reference.setdefault(k, [])

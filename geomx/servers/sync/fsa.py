@@ -12,12 +12,11 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from ...errors import GeoMXError
-from ...wire import Message, MsgType
+from ...wire import MsgType
 from .base import GlobalPolicy, PartyPolicy
 
 if TYPE_CHECKING:
     from ...transport import Link
-    from ..base import Client
     from ..keystate import KeyState
 
 
@@ -32,14 +31,7 @@ class FullSync(GlobalPolicy):
         # The central workers push into the parties' rounds: a round is complete once every party
         # and every central worker pushed, whichever link the last push came by (counting only the
         # central ones on their link completed rounds before the parties had pushed).
-        return server.parties + central
-
-    def reply_meta(self, req: Message, client: "Client", meta: dict) -> None:
-        ks = self.server.keys.get(req.key)
-        if req.type == MsgType.INIT and self.server.writer is not None and ks is not None:
-            # Checkpoints are on: the client numbers its pushes from here and keeps them until a
-            # checkpoint holds their round (see KVClient).
-            meta["round"] = ks.pushes_of(client)
+        return server.parties - len(server.lost_party_names) + central
 
     def leave(self, synchronous: bool) -> None:
         cfg = self.server.cfg

@@ -59,7 +59,7 @@ class MixedSync(GlobalPolicy):
         if link is not server.wan_link:
             return False
         ks = server.pushed_key(msg, link, identity)
-        if ks is None:
+        if ks is None or self._applied_already(msg, client, link, identity, ks):
             return True
         if msg.offset != ks.offset or msg.numel != ks.numel:
             # The optimizer step needs the party's whole aggregate of the key at once.
@@ -84,6 +84,22 @@ class MixedSync(GlobalPolicy):
             server.reply(link, identity, msg, value if msg.type == MsgType.PUSHPULL else None)
         ks.serve_parked()
         server.maybe_checkpoint(ks)
+        return True
+
+    def _applied_already(self, msg: Message, client: "Client", link: "Link", identity: bytes, ks: "KeyState") -> bool:
+        """A numbered push (``version`` = the party's count + 1) that was applied already: sent again
+        over a new connection after its reply was lost. Answered with the key's weights, whole (the
+        change a lost reply carried never reached the party), and not applied again."""
+        if not msg.version:
+            return False
+        count = msg.version - 1
+        if count >= ks.pushes_of(client):
+            ks.pushes_by[client] = count + 1
+            return False
+        weights = ks.store if msg.type == MsgType.PUSHPULL else None
+        if weights is not None:
+            self.party_views[(client, ks.key)] = weights
+        self.server.reply(link, identity, msg, weights)
         return True
 
     def _reply_weight_delta(self, link: "Link", identity: bytes, msg: Message, ks: "KeyState", party: "Client",

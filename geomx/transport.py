@@ -435,7 +435,14 @@ class EventLoop:
                 if server:
                     self._release_memory_soon()
                 elif link.on_disconnected is not None and not link.sock.closed:
-                    link.on_disconnected()
+                    # What the peer sent before its connection ended is handled first (its last replies,
+                    # a dead-peer notice): the owner's new link replaces this one and drops what it holds,
+                    # and a request answered there would be sent again to a peer that may be gone.
+                    entry = self.handlers.get(link.sock)
+                    while entry is not None and not link.sock.closed and not self._drain(*entry):
+                        pass
+                    if not link.sock.closed:
+                        link.on_disconnected()
         self._add_raw(link.monitor, on_event)
 
     def _guard(self, link: Link) -> None:

@@ -362,12 +362,11 @@ class KVClient:
             self._on_replayed_reply(server, msg)
             return
         p = self.pending.get(msg.req_id)
-        if p is None or (msg.req_id in self.resent and (server, msg.offset if not p.is_broadcast else 0)
-                         not in p.parts):
-            if msg.req_id in self.resent:
-                log.debug("%s: second answer from server %d to request %d (sent again); dropped", self.name, server,
-                          msg.req_id)
-                return
+        if msg.req_id in self.resent and (p is None or (server, 0 if p.is_broadcast else msg.offset) not in p.parts):
+            log.debug("%s: second answer from server %d to request %d (sent again); dropped", self.name, server,
+                      msg.req_id)
+            return
+        if p is None:
             raise ProtocolError(f"reply to unknown request {msg.req_id} from server {server}")
         if p.is_broadcast:
             self._on_broadcast_reply(server, msg, p)

@@ -254,9 +254,11 @@ class WorkerNode:
         fut.result()
 
     def _release(self, fut: cf.Future) -> None:
+        # A barrier already failed by a dead peer stays failed: the scheduler's release may still
+        # be read after its dead-peer notice, from the same connection's last messages.
         if fut in self._barriers:
             self._barriers.remove(fut)
-        fut.set_result(None)
+            fut.set_result(None)
 
     def close(self, timeout: float = 30.0, failure: Optional[str] = None) -> None:
         """Tell the servers this worker is done, say goodbye to the scheduler, stop the I/O thread.

@@ -231,6 +231,7 @@ def _global_server(cfg: NodeConfig) -> int:
                                   keys=LinkKeys.from_meta(glob.info.ts_keys))
         glob.on_tsengine = server.ts_root.on_answer
     glob.on_peer_left = server.on_peer_left
+    glob.on_client_joined = lambda info, joined: server.on_client_joined(info.clients, info.client_keys, joined)
     logutil.set_label(f"global_server{server.rank}")
     # The same rank in the central party, so both tiers agree on which server holds which key.
     central = _member(loop, cfg, "central", (cfg.root_uri, cfg.root_port), "server", server.lan_port,

@@ -41,6 +41,9 @@ class MsgType(enum.IntEnum):
     PEER_DEAD = 8
     PEER_LEFT = 9  # a node is gone but the tier carries on (a party under MixedSync)
     POLICY = 10  # node -> scheduler: how to treat lost nodes
+    # server -> scheduler: the client list of a REGISTER_ACK is in force (meta "token": the party's
+    # local server that rejoined the tier, which is acknowledged only once every server admits it)
+    ADMITTED = 11
     # key-value (client <-> server)
     INIT = 16
     PUSH = 17

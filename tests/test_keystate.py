@@ -41,3 +41,31 @@ def test_failed_round_leaves_pulls_of_earlier_rounds_alone():
     ks.fail_round(1, error)
     assert answers == {"a": error}
     assert [client for client, _ in ks.parked] == ["c"]
+
+
+def test_a_client_that_joins_later_starts_after_every_opened_round_whole_or_sliced():
+    """A rejoining party's local server (GEOMX_LOST_PARTY=continue): its first push goes into the round
+    after the last one any client opened, in the key and in each P3 slice (also in a slice created
+    later); its first pull waits for the round before that; other clients keep their own rounds."""
+    ks = _key()
+    for r in range(3):
+        ks.add_push("a", np.ones(4, np.float32), lambda v: None, want_value=False)
+        ks.finish_round(r, np.full(4, r, np.float32))
+    ks.add_push("a", np.ones(4, np.float32), lambda v: None, want_value=False)  # round 3 open
+    assert ks.start_client("new") == 4
+    assert ks.pushes_of("new") == ks.next_round("new") == 4 and ks.pushes_of("a") == 4
+    assert not ks.pull_ready("new")  # round 3 is not complete yet
+    ks.finish_round(3, np.zeros(4, np.float32))
+    assert ks.pull_ready("new")
+    r, _ = ks.add_push("new", np.ones(4, np.float32), lambda v: None, want_value=False)
+    assert r == 4 and ks.pushes_of("new") == 5
+
+    sliced = _key(6)
+    child = sliced.slices[0] = KeyState(7, 3, np.dtype(np.float32))
+    for _ in range(2):
+        child.add_push("a", np.ones(3, np.float32), lambda v: None, want_value=False)
+    assert sliced.start_client("new") == 2  # the slice's rounds count, not the part's (never pushed whole)
+    assert child.next_round("new") == 2 and child.next_round("a") == 2
+    later = KeyState(7, 3, np.dtype(np.float32), offset=3, total=6)
+    later.starts = dict(sliced.starts)  # as ServerBase.slice_state makes a slice's state
+    assert later.next_round("new") == 2 and later.next_round("a") == 0

@@ -85,3 +85,89 @@ def test_a_lost_party_with_stop_ends_the_run_after_a_final_checkpoint(tmp_path):
                      r"at rounds 1\.\.1", text), text[-8000:]
     saved = checkpoint.load(checkpoint.file_name(str(tmp_path), 0))
     assert [k.completed for k in saved.keys] == [1] * len(saved.keys) and saved.keys
+
+
+def _site(path, site, worker, log):
+    """``geomx-launch --topology PATH --site SITE -- WORKER`` as a data center's operator starts it."""
+    import os
+    import subprocess
+
+    from helpers import REPO
+
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for k in [k for k in env if k.startswith("DMLC_")]:
+        del env[k]
+    return subprocess.Popen([sys.executable, "-m", "geomx.launch", "--topology", str(path), "--site", site,
+                             "--timeout", "170",
+                             # the central site's only worker (the master) ends after its INITs
+                             "--grace", "150", "--", *worker], cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.mark.parametrize("security", ["none", "curve"])
+def test_a_lost_party_restarted_with_its_site_rejoins_and_the_oracle_of_each_membership_holds(tmp_path, security):
+    """GEOMX_LOST_PARTY=continue, three sites started separately (tests/test_topology_file.py): party1's
+    worker fails after round 0, so party1 is lost and its launcher ends; round 1 on are party0's pushes
+    scaled to both parties. Party1's site is then started again with `geomx-launch --site party1`: its
+    local server registers again (with CURVE under party1's own key), takes party1's slot, receives the
+    current model, and joins at the next round; from there every round is party0's push plus the
+    rejoined worker's. Each worker checks every value it pulls exactly (tests/workers/exact_worker.py,
+    rejoin_run); party0 waits at round 5 until the rejoin is acknowledged, so it trains on with it."""
+    import time
+
+    from helpers import REPO, free_port_range, kill_group
+
+    base = free_port_range(30)
+    text = (REPO / "examples" / "topologies" / "one-machine.toml").read_text()
+    for i, old in enumerate(("9310-9319", "9320-9329", "9330-9339")):
+        text = text.replace(old, f"{base + 10 * i}-{base + 10 * i + 9}")
+    head = 'lost_party = "continue"\n'
+    if security == "curve":
+        from geomx import security as keys
+
+        keys.generate_topology_keys(str(tmp_path / "keys"), ["central", "party0", "party1"])
+        head += f'keys_dir = "{tmp_path / "keys"}"\n'
+    env = "".join(f'{k} = "{v}"\n' for k, v in dict(FAST_HEARTBEATS, GEOMX_START_TIMEOUT="60").items())
+    path = tmp_path / "sites.toml"
+    path.write_text(head + text + "\n[env]\n" + env)
+    gate = tmp_path / "rejoined"
+    worker = [sys.executable, str(REPO / "tests" / "workers" / "exact_worker.py"), "--slice", "{slice}",
+              "--rounds", "30", "--sleep", "0.05", "--lost-slice", "1", "--lost-scale", "2", "--rejoin-push", "1000",
+              "--wait-round", "5", "--wait-file", str(gate)]
+    logs = {name: open(tmp_path / f"{name}.log", "w+") for name in ("central", "party0", "party1", "party1-again")}
+    procs = {site: _site(path, site, worker + (["--crash-slice", "1"] if site == "party1" else []), logs[site])
+             for site in ("party1", "party0", "central")}
+
+    def read(name):
+        logs[name].flush()
+        return (tmp_path / f"{name}.log").read_text()
+
+    try:
+        first = procs["party1"].wait(timeout=120)
+        procs["party1-again"] = _site(path, "party1", worker + ["--rejoining"], logs["party1-again"])
+        deadline = time.monotonic() + 120
+        while "[party1/worker0] INITIALISED" not in read("party1-again"):
+            assert time.monotonic() < deadline and procs["central"].poll() is None, \
+                {name: read(name)[-3000:] for name in logs}
+            time.sleep(0.1)
+        gate.write_text("")
+        codes = {name: p.wait(timeout=150) for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            kill_group(p)
+    out = {name: read(name) for name in logs}
+    assert first != 0 and "injected failure" in out["party1"], out["party1"][-3000:]
+    assert codes == {"party1": first, "party0": 0, "central": 0, "party1-again": 0}, \
+        {name: o[-4000:] for name, o in out.items()}
+    assert not any("MISMATCH" in o for o in out.values())
+    assert re.search(r"\[party0/worker0\] REJOIN SEEN from round ([5-9]|1\d)\b", out["party0"]), out["party0"][-3000:]
+    assert "[party0/worker0] EXACT OK" in out["party0"]
+    joined = re.search(r"\[party1/worker0\] JOINED at round (\d+)", out["party1-again"])
+    assert joined and "[party1/worker0] EXACT OK" in out["party1-again"], out["party1-again"][-3000:]
+    # Its local server took party1's slot again, and the global server counted it from that round on.
+    slot = re.search(r"\[global_scheduler\] .*party [\d.:]+ rejoins: local_server takes rank (\d) again",
+                     out["central"])
+    assert slot, out["central"][-4000:]
+    assert re.search(rf"\[global_server0\] .*key 0: the rejoined party \(rank {slot.group(1)}\) takes part from round "
+                     rf"{joined.group(1)}\b", out["central"]), out["central"][-4000:]
+    assert ("CURVE is off" in out["central"]) == (security == "none")

@@ -197,7 +197,7 @@ def test_reject_bad_magic(magic):
     rejected([header(magic=magic)], "bad magic")
 
 
-@pytest.mark.parametrize("mtype", [0, 11, 15, 23, 31, 34, 255])  # 22 is DGT_BLOCK
+@pytest.mark.parametrize("mtype", [0, 12, 15, 23, 31, 34, 255])  # 11 is ADMITTED, 22 DGT_BLOCK
 def test_reject_unknown_type(mtype):
     rejected([HEADER.pack(MAGIC, mtype, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)], f"unknown message type {mtype}")
 

@@ -414,7 +414,9 @@ def _supervise(launcher: _Launcher, description: str, timeout: Optional[float], 
                 continue
             if rc != 0 and c.spec.party in lost:
                 continue  # a process of a party the run already goes on without
-            if rc != 0 and c.spec.party_may_be_lost:
+            if rc != 0 and c.spec.party_may_be_lost and any(o.spec.party != c.spec.party for o in launcher.children):
+                # (A launcher of that party's site alone, --site, fails with it: the run's other sites
+                # go on, and the party can be started again to rejoin.)
                 status = _exit_status(rc)
                 lost[c.spec.party] = f"{c.name} exited with code {status}"
                 log.warning("%s exited with code %d; the run goes on without party %s (GEOMX_LOST_PARTY=continue)",

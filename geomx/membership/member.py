@@ -75,6 +75,9 @@ class TierMember:
         # Called with (old, new) when the scheduler announces a server's new address (a global
         # server restarted from a checkpoint).
         self.on_servers_changed: Optional[Callable[[TierInfo, TierInfo], None]] = None
+        # A server: called with (new info, the joined client: meta "token", "rank", "party") when a lost
+        # party's local server took its place again; the scheduler hears ADMITTED once it returns.
+        self.on_client_joined: Optional[Callable[[TierInfo, dict], None]] = None
         # Called with the first TierInfo, in the same loop turn as the REGISTER_ACK: before any message
         # from the tier's other nodes (who learn the tier from the same acknowledgements) is handled.
         self.on_registered: Optional[Callable[[TierInfo], None]] = None
@@ -217,6 +220,13 @@ class TierMember:
                 self.on_registered(self.info)
             if old is not None and old.servers != parsed and self.on_servers_changed is not None:
                 self.on_servers_changed(old, self.info)
+            joined = meta_field(msg, "joined", dict, None)
+            if old is not None and joined is not None:
+                if not isinstance(joined.get("token"), str) or not isinstance(joined.get("rank"), int):
+                    raise ProtocolError("REGISTER_ACK with a malformed joined client")
+                if self.on_client_joined is not None:
+                    self.on_client_joined(self.info, joined)
+                self.link.send(Message(MsgType.ADMITTED, meta={"token": joined["token"]}))
         elif msg.type == MsgType.BARRIER_ACK:
             seq = meta_field(msg, "n", int, None)
             if self._barrier_waiters and (seq is None or seq == self._barrier_waiters[0][0]):

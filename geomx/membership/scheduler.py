@@ -59,6 +59,13 @@ class Member:
     # Barriers this member has been let through (its BARRIERs are numbered, so one sent again over a
     # new connection is answered again rather than taken for the next).
     barriers_passed: int = 0
+    # Lost while the tier carried on (MixedSync, GEOMX_LOST_PARTY=continue): its slot (rank) waits for
+    # its party to register again (a rejoin); the lost process itself is told it is out.
+    left: bool = False
+    # A rejoining member: the servers that have not yet admitted its token (ADMITTED); it is
+    # acknowledged once none is left, so that none of its first requests can meet a server that
+    # does not know it.
+    admitting: Optional[set] = None
 
     @property
     def base(self) -> bytes:
@@ -123,6 +130,7 @@ class Scheduler:
         self.exit_code: Optional[int] = None
         self.tolerate_worker_loss = False
         self.layout: dict = {}  # how keys are divided in this tier (sent with every REGISTER_ACK)
+        self.clients_version = 0  # REGISTER_ACKs that changed the servers' client lists (rejoins)
         self.started = time.monotonic()
 
     # -- main loop ----------------------------------------------------------------------------
@@ -148,6 +156,14 @@ class Scheduler:
     def _handle(self, msg: Message, identity: Optional[bytes], link: Link) -> None:
         assert identity is not None
         member = self.members.get(base_identity(identity))
+        if member is not None and member.left:
+            # Lost beyond the outage window (or failed) while the tier carried on: it may not take part
+            # again over its old registration, which the tier's rounds no longer count on.
+            if msg.type != MsgType.BYE:
+                self.link.send(Message(MsgType.PEER_DEAD, meta={"reason": (
+                    f"{self.tier}: the tier went on without {member.name} (rank {member.rank}, party {member.party}): "
+                    "restart the party's site to rejoin")}), identity)
+            return
         if member is not None:
             if identity != member.identity:
                 self._reconnected(member, identity)
@@ -165,6 +181,8 @@ class Scheduler:
             self._on_register(msg, identity)
         elif member is None:
             raise ProtocolError(f"{msg.type.name} from unregistered peer {peer_label(identity)}")
+        elif msg.type == MsgType.ADMITTED:
+            self._on_admitted(msg, member)
         elif msg.type == MsgType.HEARTBEAT:
             self.send(member, Message(MsgType.HEARTBEAT_ACK, req_id=msg.req_id))
         elif msg.type == MsgType.POLICY:
@@ -226,6 +244,11 @@ class Scheduler:
         if meta_field(msg, "restart", bool, False) and self.registered:
             self._on_restart(identity, role, host, port, name, rank_hint, restart_timeout)
             return
+        if self.registered and role == "worker" and party is not None:
+            slot = next((m for m in self.members.values() if m.left and m.party == party[:200]), None)
+            if slot is not None:
+                self._on_rejoin(slot, identity, host, port, name or peer_label(identity), token, key)
+                return
         if self.registered:
             raise ProtocolError(f"late REGISTER from {name or peer_label(identity)}: the tier is complete")
         if role == "worker" and self.party_servers is not None:
@@ -301,9 +324,51 @@ class Scheduler:
         log.warning("%s: %s %s (rank %d) restarted%s, now at %s:%d", self.tier, role, name, rank, down, host, port)
         self._announce_servers(rejoined=identity)
 
-    def _announce_servers(self, members: Optional[List[Member]] = None, rejoined: Optional[bytes] = None) -> None:
+    def _on_rejoin(self, slot: Member, identity: bytes, host: str, port: int, name: str, token: str,
+                   key: Optional[str]) -> None:
+        """A lost party's local server registers again (its site restarted): it takes the lost one's
+        slot (rank; with CURVE the party's key was checked already), the servers admit its token, and
+        then it is acknowledged like any member. The servers decide where its rounds begin."""
+        if not token:
+            raise ProtocolError(f"REGISTER of {name} to rejoin party {slot.party!r} without a token")
+        del self.members[slot.base]
+        member = self.members[base_identity(identity)] = dataclasses.replace(
+            slot, identity=identity, host=host, port=port, name=name, last_seen=time.monotonic(), done=False,
+            left=False, token=token, key=key, silent_since=None, said_silent=0.0, barriers_passed=0,
+            lost_at=None)
+        if not any(m.left and m.party == slot.party for m in self.members.values()):
+            self.lost_party_names.discard(slot.party)
+        servers = [m for m in self.members.values() if m.role == "server" and not m.done]
+        member.admitting = {m.base for m in servers}
+        log.warning("%s: party %s rejoins: %s takes rank %d again; it is acknowledged once the %d server(s) admit it",
+                    self.tier, slot.party, name, member.rank, len(servers))
+        self.clients_version += 1
+        self._announce_servers(servers, joined=member)
+        self._admitted(member)
+
+    def _on_admitted(self, msg: Message, server: Member) -> None:
+        token = meta_field(msg, "token", str)
+        if server.role != "server":
+            raise ProtocolError(f"ADMITTED from {server.name}, which is not a server of the tier")
+        joiner = next((m for m in self.members.values() if m.token == token and m.admitting is not None), None)
+        if joiner is None:
+            return  # a joiner acknowledged already (a server's answer over a new connection)
+        joiner.admitting.discard(server.base)
+        self._admitted(joiner)
+
+    def _admitted(self, joiner: Member) -> None:
+        assert joiner.admitting is not None
+        if not joiner.admitting - {m.base for m in self.members.values() if m.done}:
+            joiner.admitting = None
+            self._announce_servers([joiner])
+            log.warning("%s: party %s rejoined as rank %d; it joins each key's rounds at the next one it can "
+                        "take part in", self.tier, joiner.party, joiner.rank)
+
+    def _announce_servers(self, members: Optional[List[Member]] = None, rejoined: Optional[bytes] = None,
+                          joined: Optional[Member] = None) -> None:
         """Send every member (or ``members``) its rank and the tier's server list; the server that
-        ``rejoined`` (took a dead one's place) is told so."""
+        ``rejoined`` (took a dead one's place) is told so, and the servers who must admit a party's
+        local server that ``joined`` again learn which it is."""
         servers = sorted((m for m in self.members.values() if m.role == "server"), key=lambda m: m.rank)
         addresses = [[m.host, m.port] for m in servers]
         # Servers learn which identities their clients (this tier's workers) use, with CURVE the key each
@@ -324,6 +389,9 @@ class Scheduler:
                     meta["client_keys"] = client_keys
                 if master is not None:
                     meta["master_client"] = master
+                if joined is not None:
+                    meta["joined"] = {"token": joined.token, "rank": joined.rank, "party": joined.party,
+                                      "n": self.clients_version}
             self.send(m, Message(MsgType.REGISTER_ACK, meta=meta))
 
     def _assign_ranks(self) -> None:
@@ -441,10 +509,12 @@ class Scheduler:
 
     def _lost(self, member: Member, reason: str) -> None:
         member.done = True
+        member.admitting = None
         party_goes = self.lost_party == "continue" and member.party is not None and self.registered
         if not ((self.tolerate_worker_loss and member.role == "worker") or party_goes):
             self.fail(reason, member)
             return
+        member.left = member.party is not None  # its party may register again and take its place
         if party_goes:
             self.lost_party_names.add(member.party)
             left = {m.party for m in self.members.values() if m.party is not None} - self.lost_party_names

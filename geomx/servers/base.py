@@ -291,6 +291,7 @@ class ServerBase:
             # An index of its own for the optimizer's state and update count (Adam's step t counts
             # this slice's updates): negative, so it never collides with a key.
             child.update_index = -(1 + (ks.key << 35) + msg.offset)
+            child.starts = dict(ks.starts)  # a client that joined later starts its slices there too
         return child
 
     def declare_key(self, msg: Message, link: Link, identity: bytes) -> Optional[KeyState]:

@@ -12,7 +12,7 @@ import numpy as np
 from .. import checkpoint, commands, compression, dgt
 from ..config import NodeConfig
 from ..errors import GeoMXError, ProtocolError, internal_error
-from ..transport import EventLoop, Link, bind_router, log_limited, peer_label
+from ..transport import EventLoop, Link, bind_router, identity_token, log_limited, peer_label
 from ..wire import Message, MsgType, meta_field
 from .base import KEY_CHECKED, Client, ServerBase
 from .checkpointing import CheckpointWriter
@@ -52,6 +52,12 @@ class GlobalServer(ServerBase):
         # registered with) and those local servers as clients here (their earlier pushes still count).
         self.lost_party_names: set = set()
         self.lost_clients: set = set()
+        # A lost party's local server that registered again (its site restarted): its token -> its
+        # global rank, and those clients once they declared a key (each key's rounds take them from
+        # KeyState.start_client on); the lost party's name stays in lost_party_names, so the rounds
+        # count it only from there.
+        self.joining: Dict[str, int] = {}
+        self.joined_clients: set = set()
         self.on_async: Optional[Callable[[], None]] = None  # set by the node: tell the global scheduler
         self.compression_params: Optional[Dict[str, Any]] = None  # set by the master worker
         # Checkpoints (GEOMX_CHECKPOINT_DIR): the rounds of each key in the last saved checkpoint, and
@@ -230,6 +236,9 @@ class GlobalServer(ServerBase):
                 pass  # logged; the previous checkpoint stays
 
     def on_push(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
+        if client in self.lost_clients:
+            # The tier went on without it: its rounds are counted without it (a rejoin is a new client).
+            raise ProtocolError(f"push from {peer_label(identity)}, whose party the tier went on without")
         self.party_rank[client] = msg.sender
         if not self.policy.on_push(msg, client, link, identity):
             super().on_push(msg, client, link, identity)
@@ -294,8 +303,25 @@ class GlobalServer(ServerBase):
         super().leave(reason, failed)
 
     def round_expects(self, ks: KeyState, r: int, expected: int) -> int:
-        # A lost party's push into a round it reached before it was lost is part of that round.
-        return expected + sum(1 for c in self.lost_clients if ks.pushes_of(c) > r)
+        # A lost party's push into a round it reached before it was lost is part of that round, and a
+        # party that joined again is part of every round from the one it started at.
+        lost = sum(1 for c in self.lost_clients if ks.starts.get(c, ks.first_round) <= r < ks.pushes_of(c))
+        joined = sum(1 for c in self.joined_clients if c not in self.lost_clients and ks.starts.get(c, r + 1) <= r)
+        return expected + lost + joined
+
+    def on_client_joined(self, tokens, keys, joined: dict) -> None:
+        """The global scheduler took a lost party's local server back (it registered again): admit its
+        token; its rounds begin, per key, at its INIT (on_init)."""
+        self.allow(self.wan_link.name, tokens, keys)
+        rank, party = joined["rank"], joined.get("party")
+        self.joining[joined["token"]] = rank
+        self.lost_parties.discard(rank)  # its STOP is expected again
+        if self.policy.synchronous:
+            log.warning("%s: party %s (rank %d) rejoins; each key's rounds count it from the first round it can "
+                        "take part in", self.name, party, rank)
+        else:
+            log.warning("%s: party %s (rank %d) rejoins; MixedSync applies its pushes as they come", self.name,
+                        party, rank)
 
     def round_scale(self, ks: KeyState, pushes: int) -> float:
         full = self.ts_expected()
@@ -321,6 +347,13 @@ class GlobalServer(ServerBase):
         ks = self.declare_key(msg, link, identity)
         if ks is None:
             return
+        rank = self.joining.get(identity_token(identity)) if link is self.wan_link else None
+        if rank is not None and self.policy.synchronous and client not in ks.starts:
+            self.party_rank[client] = rank
+            self.joined_clients.add(client)
+            start = ks.start_client(client)
+            log.info("%s: key %d: the rejoined party (rank %d) takes part from round %d", self.name, ks.key, rank,
+                     start)
         if msg.data is not None and not ks.initialized:
             ks.store = np.array(msg.data, copy=True)
             ks.initialized = True

@@ -49,7 +49,7 @@ class KeyState:
 
     __slots__ = ("key", "numel", "dtype", "offset", "total", "store", "initialized", "rounds", "completed",
                  "pushes_by", "slice_pushes", "parked", "init_requested", "priority", "first_round", "slices",
-                 "slice_size", "update_index")
+                 "slice_size", "update_index", "starts")
 
     def __init__(self, key: int, numel: int, dtype: np.dtype, offset: int = 0, total: Optional[int] = None):
         self.key = key
@@ -77,14 +77,29 @@ class KeyState:
         # Rounds every client is taken to have pushed already: 0, or the rounds a restored
         # checkpoint holds (the parties resend only the rounds after it).
         self.first_round = 0
+        # Clients that joined later (a lost party's local server that rejoined): the round each one's
+        # first push goes into, instead of first_round; the rounds before it do not wait for it.
+        self.starts: Dict[Any, int] = {}
 
     def pushes_of(self, client: Any) -> int:
         """How many pushes of ``client`` this key has seen (its next push opens that round)."""
-        return self.pushes_by.get(client, self.first_round)
+        pushes = self.pushes_by.get(client)
+        return pushes if pushes is not None else self.starts.get(client, self.first_round)
 
     def next_round(self, client: Any, start: int = 0) -> int:
         """The round a push of the slice at ``start`` (relative to this part) from ``client`` goes into."""
-        return self.slice_pushes.get((client, start), self.first_round)
+        pushes = self.slice_pushes.get((client, start))
+        return pushes if pushes is not None else self.starts.get(client, self.first_round)
+
+    def start_client(self, client: Any) -> int:
+        """A client joining now: its rounds begin after every round another client has opened (whole
+        or, P3, in any slice), so no open round waits for it; returns that round."""
+        states = [self, *self.slices.values()]
+        start = max(max([s.completed for s in states] + [p for s in states for p in s.pushes_by.values()]),
+                    max(self.starts.values(), default=0))
+        for s in states:
+            s.starts[client] = start
+        return start
 
     def add_push(self, client: Any, data: np.ndarray, reply: Reply, want_value: bool, start: int = 0,
                  priority: int = 0) -> tuple:

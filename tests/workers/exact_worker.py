@@ -85,6 +85,17 @@ def main():
                    help="the party of this slice (one worker) is lost after round 0 (GEOMX_LOST_PARTY=continue): "
                         "later rounds sum the others' pushes, scaled by --lost-scale")
     p.add_argument("--lost-scale", type=float, default=1.0)
+    p.add_argument("--rejoin-push", type=int, default=0,
+                   help="with --lost-slice: that party's site is restarted and its worker (--rejoining) pushes "
+                        "(slice + 1) * REJOIN_PUSH * base_k in every round from the one it joins; the others "
+                        "accept each round's value in one of three phases, in order: everyone, the lost party "
+                        "scaled away, the rejoined party's constant push, and must see the last")
+    p.add_argument("--rejoining", action="store_true",
+                   help="this worker's party rejoins a running topology: it learns the global round from "
+                        "the first value it pulls after a push and runs to --rounds")
+    p.add_argument("--wait-round", type=int, default=-1,
+                   help="before this round, wait until --wait-file exists (the test lets a site rejoin first)")
+    p.add_argument("--wait-file", default=None)
     p.add_argument("--report-loss", action="store_true",
                    help="kv.report_loss(4 / (t + 1)) before round t (DGT's adaptive K)")
     args = p.parse_args()
@@ -145,6 +156,10 @@ def main():
                 return False
         return True
 
+    if args.rejoin_push:
+        if args.rejoining:
+            print("INITIALISED", flush=True)  # its INITs are answered: its rounds' start is fixed
+        return rejoin_run(kv, args, keys, outs, coeff_sum)
     for k in keys:
         got = outs[k].asnumpy()
         # (Under MixedSync another party's update may be in already: nothing to check before the end.)
@@ -195,6 +210,73 @@ def main():
                 matches(outs, args.rounds - 1, "final (after 30 s)")
                 return 1
             time.sleep(0.1)
+    print(f"EXACT OK slice {args.slice} rank {kv.rank} rounds {args.rounds}", flush=True)
+    return 0
+
+
+def rejoin_run(kv, args, keys, outs, coeff_sum):
+    """GEOMX_LOST_PARTY=continue with a party that comes back (optimizer none: each value is a round's
+    sum). The party of --lost-slice (one worker, S = its slice) is lost after round 0 and its restarted
+    worker pushes a constant; with P the rest's coefficient sum, round t's value is one of
+    full: coeff_sum (t + 1) base, lost: P (t + 1) --lost-scale base, rejoined: (P (t + 1) + (S + 1) J) base,
+    and the phases follow in that order with no round missing or counted twice."""
+    lost, joined_push = args.lost_slice + 1, args.rejoin_push
+    rest = coeff_sum - lost
+
+    def forms(t):
+        return [coeff_sum * (t + 1), rest * args.lost_scale * (t + 1), rest * (t + 1) + lost * joined_push]
+
+    def value(k, coefficient):
+        return (coefficient * base(k)).astype(np.float32)
+
+    def round_of(outs):
+        """The rejoiner's view: the round whose rejoined-phase value every key holds, or None."""
+        c = float(outs[keys[0]].asnumpy().reshape(-1)[0] / base(keys[0]).reshape(-1)[0])
+        t = round((c - lost * joined_push) / rest) - 1
+        if t >= 0 and all(np.array_equal(outs[k].asnumpy(), value(k, forms(t)[2])) for k in keys):
+            return t
+        return None
+
+    phase, seen_at, t = 0, None, 0
+    while True:
+        if t == args.wait_round and args.wait_file and not args.rejoining:
+            while not os.path.exists(args.wait_file):
+                time.sleep(0.05)
+        if t == 1 and args.slice == args.crash_slice:
+            raise RuntimeError("injected failure")
+        mine = (args.slice + 1) * (joined_push if args.rejoining else t + 1)
+        for k in keys:
+            kv.push(k, mx.nd.array(mine * base(k)), priority=-k)
+            kv.pull(k, out=outs[k], priority=-k)
+        if args.rejoining:
+            now = round_of(outs)
+            if now is None or (seen_at is not None and now != t):
+                print(f"MISMATCH rejoined round: value of round {now}, expected round {t if seen_at else '?'}",
+                      flush=True)
+                return 1
+            if seen_at is None:
+                seen_at = t = now
+                print(f"JOINED at round {t}", flush=True)
+        else:
+            matched = [i for i, c in enumerate(forms(t)) if all(np.array_equal(outs[k].asnumpy(), value(k, c))
+                                                                  for k in keys)]
+            if not matched or matched[-1] < phase:
+                print(f"MISMATCH round {t}: {outs[keys[0]].asnumpy().reshape(-1)[:3]} is none of phases "
+                      f"{phase}.. {[float(c) for c in forms(t)]} x base", flush=True)
+                return 1
+            if matched[-1] == 2 and phase < 2:
+                seen_at = t
+                print(f"REJOIN SEEN from round {t}", flush=True)
+            phase = matched[-1]
+        print(f"ROUND {t} OK slice {args.slice}", flush=True)
+        t += 1
+        if t >= args.rounds:
+            break
+        time.sleep(args.sleep)
+    if seen_at is None:
+        print("MISMATCH the rejoined party never took part", flush=True)
+        return 1
+    kv.barrier()
     print(f"EXACT OK slice {args.slice} rank {kv.rank} rounds {args.rounds}", flush=True)
     return 0
 

@@ -144,7 +144,9 @@ class NodeConfig:
     # global scheduler, each of the other) before it counts as dead; 0: the heartbeat timeout.
     wan_outage_window: float = 300.0
     # What the global tier does when a party is lost (beyond the outage window, or failed): "stop"
-    # (the run ends with the error) or "continue" (it goes on with the other parties).
+    # (the run ends with the error), "continue" (it goes on with the other parties; the party may
+    # rejoin when its site is started again) or "rejoin" (the same, and geomx-launch starts the lost
+    # party's processes again itself).
     lost_party: str = "stop"
     start_timeout: float = 120.0
     max_message_bytes: int = 1 << 31
@@ -439,12 +441,13 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
     kw["tsengine"] = _load_tsengine(r, kw)
     kw["dgt"] = _load_dgt(r) if role in (GLOBAL_SERVER, LOCAL_SERVER) else DGTConfig()
     _refuse_combinations(kw, r.str("GEOMX_CURVE_SECRET_KEY") is not None, role)
-    if kw["lost_party"] == "continue" and role in (GLOBAL_SCHEDULER, GLOBAL_SERVER, LOCAL_SERVER):
+    if kw["lost_party"] != "stop" and role in (GLOBAL_SCHEDULER, GLOBAL_SERVER, LOCAL_SERVER):
         averaging = [n for n, on in (("MXNET_KVSTORE_USE_HFA", kw["hfa"].enabled),
                                      ("GEOMX_USE_ESYNC", kw["esync"].enabled),
                                      ("ENABLE_INTER_TS", kw["tsengine"].inter)) if on]
         if averaging:
-            raise ConfigError(f"GEOMX_LOST_PARTY=continue works with FSA and MixedSync only, not with {averaging[0]}: "
+            raise ConfigError(f"GEOMX_LOST_PARTY={kw['lost_party']} works with FSA and MixedSync only, not with "
+                              f"{averaging[0]}: "
                               "HFA and ESync average over a fixed set of parties and TSEngine's tree holds every "
                               f"party (role: {role})")
     kw["curve"] = _curve_keys(r, role, kw)
@@ -485,12 +488,17 @@ def outage_window(env: Mapping[str, str], role: str = "launcher") -> float:
     return _Reader(env, role).number("GEOMX_WAN_OUTAGE_WINDOW", 300.0, 0.0, 7 * 86400.0)
 
 
+LOST_PARTY_POLICIES = ("stop", "continue", "rejoin")
+
+
 def lost_party(env: Mapping[str, str], role: str = "launcher") -> str:
-    """GEOMX_LOST_PARTY of a process's environment: "stop" (default) or "continue" (the launcher
-    reads it too, to let a lost party's processes end without stopping the others)."""
+    """GEOMX_LOST_PARTY of a process's environment: "stop" (default), "continue" or "rejoin" (the
+    launcher reads it too, to let a lost party's processes end without stopping the others and, with
+    "rejoin", to start them again)."""
     value = (env.get("GEOMX_LOST_PARTY") or "stop").strip().lower()
-    if value not in ("stop", "continue"):
-        raise ConfigError(f"GEOMX_LOST_PARTY must be \"stop\" or \"continue\", got {value!r} (role: {role})")
+    if value not in LOST_PARTY_POLICIES:
+        raise ConfigError(f"GEOMX_LOST_PARTY must be one of {', '.join(LOST_PARTY_POLICIES)}, got {value!r} "
+                          f"(role: {role})")
     return value
 
 

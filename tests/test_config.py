@@ -286,7 +286,7 @@ def test_unknown_role(var, value):
     ("global_scheduler", "GEOMX_WAN_OUTAGE_WINDOW", "-1", "must be in [0, 604800]"),
     ("server", "GEOMX_WAN_OUTAGE_WINDOW", "long", "must be a number in [0, 604800]"),
     ("global_server", "GEOMX_GLOBAL_SERVER_RANK", "2", "must be < DMLC_NUM_GLOBAL_SERVER (2)"),
-    ("global_server", "GEOMX_LOST_PARTY", "maybe", 'must be "stop" or "continue"'),
+    ("global_server", "GEOMX_LOST_PARTY", "maybe", 'must be one of stop, continue, rejoin'),
 ])
 def test_bad_value_named(name, var, value, why):
     msg = refused(env_for(name, **{var: value}))

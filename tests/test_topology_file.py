@@ -102,7 +102,7 @@ BAD = {
     "outage window twice": ('outage_window = 60\n[env]\nGEOMX_WAN_OUTAGE_WINDOW = 60\n' + CENTRAL + PARTY0,
                             "top level: outage_window and env.GEOMX_WAN_OUTAGE_WINDOW are both set; keep one"),
     "lost party policy": ('lost_party = "wait"\n' + CENTRAL + PARTY0,
-                          "top level: lost_party must be \"stop\" or \"continue\", got 'wait'"),
+                          "top level: lost_party must be one of stop, continue, rejoin, got 'wait'"),
     "unknown host key": (CENTRAL + PARTY0 + 'worker_hosts = [{ host = "a", gpu = 1 }]\n',
                          "[[party]] 'party0' worker_hosts[0]: unknown key 'gpu'"),
 }

@@ -431,6 +431,8 @@ def _run_over_ssh(topo, command: List[str], args) -> int:
                                   keep_stdin=True, party=spec.party, party_may_be_lost=spec.party_may_be_lost)
             if spec.restart is not None:
                 wrapped.restart = lambda: _over_ssh_restart(spec, over_ssh)
+            if spec.rejoin is not None:
+                wrapped.rejoin = lambda n: over_ssh(spec.rejoin(n))  # type: ignore[misc]
             return wrapped
 
         remote = [over_ssh(spec) for spec in specs]

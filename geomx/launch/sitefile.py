@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from .. import config
 from .topology import ROLE_KEYS, Ports, ProcessSpec, Topology, declare_party_servers, enable_restarts
 
 if sys.version_info >= (3, 11):
@@ -528,8 +529,9 @@ def loads(text: str, path: str = "<topology>") -> SiteTopology:
     policy = doc.get("lost_party")
     if policy is not None:
         # What the global tier does with a party lost beyond the window: GEOMX_LOST_PARTY, likewise.
-        if policy not in ("stop", "continue"):
-            raise ck.fail("top level", f"lost_party must be \"stop\" or \"continue\", got {policy!r}")
+        if policy not in config.LOST_PARTY_POLICIES:
+            raise ck.fail("top level", f"lost_party must be one of {', '.join(config.LOST_PARTY_POLICIES)}, got "
+                                       f"{policy!r}")
         if "GEOMX_LOST_PARTY" in topo.env:
             raise ck.fail("top level", "lost_party and env.GEOMX_LOST_PARTY are both set; keep one")
         topo.env["GEOMX_LOST_PARTY"] = policy

@@ -363,6 +363,17 @@ def _replacement(child: _Child, rc: int, restarts: Dict[str, int]) -> Optional[T
     return again
 
 
+def _may_rejoin(launcher: _Launcher, party: str, rejoins: Dict[str, int]) -> bool:
+    """Whether the lost ``party`` is to be started again now: GEOMX_LOST_PARTY=rejoin, none of its
+    processes still running, and fewer than MAX_RESTARTS starts so far."""
+    mine = [c for c in launcher.children if c.spec.party == party]
+    if not mine or mine[0].spec.rejoin is None or any(c.returncode is None for c in mine):
+        return False
+    if rejoins.get(party, 0) >= MAX_RESTARTS:
+        return False
+    return True
+
+
 def _supervise(launcher: _Launcher, description: str, timeout: Optional[float], grace: float):
     start = time.monotonic()
     deadline = start + timeout if timeout is not None else None
@@ -389,6 +400,7 @@ def _supervise(launcher: _Launcher, description: str, timeout: Optional[float], 
     restarts: Dict[str, int] = {}  # process name -> times started again
     due: List[Tuple[float, ProcessSpec]] = []  # replacements waiting to be started
     lost: Dict[str, str] = {}  # party -> why the run goes on without it (GEOMX_LOST_PARTY=continue)
+    rejoins: Dict[str, int] = {}  # party -> times started again (GEOMX_LOST_PARTY=rejoin)
     while True:
         now = time.monotonic()
         for when, spec in [d for d in due if d[0] <= now]:
@@ -432,6 +444,16 @@ def _supervise(launcher: _Launcher, description: str, timeout: Optional[float], 
                 log.error("%s exited with code %d%s; stopping the topology", c.name, status, detail)
                 return status, []
             log.info("%s exited with code 0", c.name)
+
+        for party in [p for p in lost if _may_rejoin(launcher, p, rejoins)]:
+            # Every process of the lost party has ended: start them all again, a little later each time.
+            n = rejoins[party] = rejoins.get(party, 0) + 1
+            log.warning("starting party %s again (%d of %d) so that it rejoins the run (GEOMX_LOST_PARTY=rejoin)",
+                        party, n, MAX_RESTARTS)
+            for spec in launcher.specs:
+                if spec.party == party and spec.rejoin is not None:
+                    due.append((now + 2.0 * n, spec.rejoin(n)))
+            del lost[party]
 
         if not due and all(c.returncode is not None for c in launcher.children if c.spec.is_worker):
             pending = [c for c in launcher.children if c.returncode is None]

@@ -85,6 +85,8 @@ class ProcessSpec:
     #: without that party should the process fail (GEOMX_LOST_PARTY=continue): see :func:`enable_restarts`.
     party: str = ""
     party_may_be_lost: bool = False
+    #: GEOMX_LOST_PARTY=rejoin: the process to start for the n-th time its lost party is started again.
+    rejoin: Optional[Callable[[int], "ProcessSpec"]] = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -482,12 +484,24 @@ def enable_restarts(specs: List[ProcessSpec]) -> List[ProcessSpec]:
     """What the launcher does when a process ends badly, from the final environments: a global server
     that keeps checkpoints (GEOMX_CHECKPOINT_DIR) is started again from its latest checkpoint when it
     is killed (geomx.config.checkpoint_restart); with GEOMX_LOST_PARTY=continue a party's process that
-    fails takes only its party out of the run."""
+    fails takes only its party out of the run, and with GEOMX_LOST_PARTY=rejoin the launcher starts the
+    party's processes again once they have all ended."""
     for spec in specs:
         if spec.env.get("DMLC_ROLE_GLOBAL") == "global_server":
             spec.restart = lambda spec=spec: _from_checkpoint(spec)
-        spec.party_may_be_lost = bool(spec.party) and config.lost_party(spec.env) == "continue"
+        policy = config.lost_party(spec.env)
+        spec.party_may_be_lost = bool(spec.party) and policy != "stop"
+        if spec.party and policy == "rejoin":
+            spec.rejoin = lambda n, spec=spec: _rejoining(spec, n)
     return specs
+
+
+def _rejoining(spec: ProcessSpec, n: int) -> ProcessSpec:
+    """``spec`` started again for its party's n-th rejoin: its scheduler binds its port itself (the
+    launcher's socket went to the first one), and the training script can tell (GEOMX_PARTY_RESTART)."""
+    env = {k: v for k, v in spec.env.items() if k != "GEOMX_LISTEN_FD"}
+    env["GEOMX_PARTY_RESTART"] = str(n)
+    return replace(spec, env=env, listener=None)
 
 
 def _from_checkpoint(spec: ProcessSpec) -> Optional[Tuple[ProcessSpec, float]]:

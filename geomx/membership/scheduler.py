@@ -510,7 +510,7 @@ class Scheduler:
     def _lost(self, member: Member, reason: str) -> None:
         member.done = True
         member.admitting = None
-        party_goes = self.lost_party == "continue" and member.party is not None and self.registered
+        party_goes = self.lost_party != "stop" and member.party is not None and self.registered
         if not ((self.tolerate_worker_loss and member.role == "worker") or party_goes):
             self.fail(reason, member)
             return
@@ -519,10 +519,10 @@ class Scheduler:
             self.lost_party_names.add(member.party)
             left = {m.party for m in self.members.values() if m.party is not None} - self.lost_party_names
             if not left:
-                self.fail(f"{reason}; it was the last party (GEOMX_LOST_PARTY=continue)", member)
+                self.fail(f"{reason}; it was the last party (GEOMX_LOST_PARTY={self.lost_party})", member)
                 return
-            log.warning("%s; the tier carries on without party %s, with %d part%s left (GEOMX_LOST_PARTY=continue)",
-                        reason, member.party, len(left), "y" if len(left) == 1 else "ies")
+            log.warning("%s; the tier carries on without party %s, with %d part%s left (GEOMX_LOST_PARTY=%s)",
+                        reason, member.party, len(left), "y" if len(left) == 1 else "ies", self.lost_party)
         else:
             log.warning("%s (the tier carries on)", reason)
         for m in self.members.values():

@@ -284,8 +284,8 @@ class GlobalServer(ServerBase):
                 self.lost_party_names.add(party)
                 left = self.parties - len(self.lost_party_names)
                 log.warning("%s: party %s is gone (%s); its rounds go on with %d part%s, each round's sum scaled to "
-                            "%d (GEOMX_LOST_PARTY=continue)", self.name, party, reason, left,
-                            "y" if left == 1 else "ies", self.parties)
+                            "%d (GEOMX_LOST_PARTY=%s)", self.name, party, reason, left,
+                            "y" if left == 1 else "ies", self.parties, self.cfg.lost_party)
             self.complete_rounds_now_full()
         else:
             log.warning("%s: party %d is gone (%s); MixedSync continues without it", self.name, rank, reason)

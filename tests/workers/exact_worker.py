@@ -99,6 +99,8 @@ def main():
     p.add_argument("--report-loss", action="store_true",
                    help="kv.report_loss(4 / (t + 1)) before round t (DGT's adaptive K)")
     args = p.parse_args()
+    # geomx-launch started this worker's lost party again (GEOMX_LOST_PARTY=rejoin): it rejoins.
+    args.rejoining = args.rejoining or int(os.environ.get("GEOMX_PARTY_RESTART", "0")) > 0
     print("PID", os.getpid(), flush=True)
     kv = mx.kv.create(args.store)
     final_only = args.store == "dist_async"
@@ -242,7 +244,7 @@ def rejoin_run(kv, args, keys, outs, coeff_sum):
         if t == args.wait_round and args.wait_file and not args.rejoining:
             while not os.path.exists(args.wait_file):
                 time.sleep(0.05)
-        if t == 1 and args.slice == args.crash_slice:
+        if t == 1 and args.slice == args.crash_slice and not args.rejoining:
             raise RuntimeError("injected failure")
         mine = (args.slice + 1) * (joined_push if args.rejoining else t + 1)
         for k in keys:

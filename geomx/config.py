@@ -134,6 +134,9 @@ class NodeConfig:
     # this file descriptor (GEOMX_LISTEN_FD), so that no other process can take the port before the
     # scheduler runs.
     listen_fd: Optional[int] = None
+    # Global scheduler: started again in place of one that died (GEOMX_SCHEDULER_RESUME=1, set by the
+    # launcher): the tier's nodes come back to it with their ranks.
+    scheduler_resume: bool = False
     # Global scheduler: how many local servers each party registers, by the party's scheduler address
     # as its local servers name it (GEOMX_PARTY_SERVERS; None: any party may fill the free slots).
     party_servers: Optional[Tuple[Tuple[str, int], ...]] = None
@@ -401,6 +404,7 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
                                      "DMLC_PS_GLOBAL_ROOT_PORT" if role == GLOBAL_SCHEDULER else "DMLC_PS_ROOT_PORT")
     if role == GLOBAL_SCHEDULER:
         kw["party_servers"] = _party_servers(r, kw["num_global_worker"])
+        kw["scheduler_resume"] = r.bool("GEOMX_SCHEDULER_RESUME")
     kw["bind_host"] = _bind_host(r)
     kw["server_port"] = _optional_port(r, "GEOMX_SERVER_PORT")
     kw["central_port"] = _optional_port(r, "GEOMX_CENTRAL_PORT")
@@ -516,6 +520,16 @@ def checkpoint_restart(env: Mapping[str, str]) -> Optional[Tuple[Dict[str, str],
 
     wait = 2 * r.float("PS_HEARTBEAT_INTERVAL", 1.0) + 0.5
     return {"GEOMX_CHECKPOINT_RESTORE": file_name(directory, rank)}, wait
+
+
+def scheduler_restart(env: Mapping[str, str]) -> Optional[Tuple[Dict[str, str], float]]:
+    """For the launcher: how a global scheduler with environment ``env`` that was killed is started
+    again, as (variables to add, seconds to wait first): at once, and it binds its port itself. The
+    tier's nodes reconnect and come back to it with their ranks; None with TSEngine across the WAN
+    (ENABLE_INTER_TS), whose trees the scheduler holds and cannot learn back."""
+    if _Reader(env, GLOBAL_SCHEDULER).bool("ENABLE_INTER_TS"):
+        return None
+    return {"GEOMX_SCHEDULER_RESUME": "1"}, 0.2
 
 
 def _load_p3(r: _Reader) -> P3Config:

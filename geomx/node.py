@@ -59,7 +59,8 @@ def _scheduler(cfg: NodeConfig) -> int:
                       plugins=[TSEngineTier(ts_variable, cfg.tsengine.max_greed_rate)],
                       party_servers=dict(cfg.party_servers) if cfg.party_servers is not None else None,
                       outage_window=cfg.wan_outage_window if cfg.role == config.GLOBAL_SCHEDULER else 0.0,
-                      lost_party=cfg.lost_party if cfg.role == config.GLOBAL_SCHEDULER else "stop")
+                      lost_party=cfg.lost_party if cfg.role == config.GLOBAL_SCHEDULER else "stop",
+                      resume=cfg.scheduler_resume)
     return sched.run()
 
 
@@ -232,6 +233,8 @@ def _global_server(cfg: NodeConfig) -> int:
         glob.on_tsengine = server.ts_root.on_answer
     glob.on_peer_left = server.on_peer_left
     glob.on_client_joined = lambda info, joined: server.on_client_joined(info.clients, info.client_keys, joined)
+    # A restarted global scheduler learns from the global servers which parties the tier goes on without.
+    glob.resume_meta = lambda: {"left": [[rank, party, key] for rank, (party, key) in sorted(server.left.items())]}
     logutil.set_label(f"global_server{server.rank}")
     # The same rank in the central party, so both tiers agree on which server holds which key.
     central = _member(loop, cfg, "central", (cfg.root_uri, cfg.root_port), "server", server.lan_port,

@@ -246,7 +246,7 @@ def test_the_launcher_restarts_a_killed_global_server_from_its_checkpoint(tmp_pa
     assert result.get("rc") == 0, text[-8000:]
     assert "MISMATCH" not in text
     assert sorted(re.findall(r"^\[(party\d/worker0)\] EXACT OK", text, re.M)) == ["party0/worker0", "party1/worker0"]
-    assert re.search(r"global_server0 was killed \(SIGKILL\); starting it again in [\d.]+ s from its checkpoint",
+    assert re.search(r"global_server0 was killed \(SIGKILL\); starting it again in [\d.]+ s, from its checkpoint",
                      caplog.text), caplog.text
 
 

@@ -331,7 +331,8 @@ def run_processes(
     return status
 
 
-#: Times one process is started again after it was killed (a global server from its checkpoint).
+#: Times one process is started again after it was killed (a global server from its checkpoint, the
+#: global scheduler with its nodes' help).
 MAX_RESTARTS = 3
 
 
@@ -358,8 +359,9 @@ def _replacement(child: _Child, rc: int, restarts: Dict[str, int]) -> Optional[T
     if again is None:
         return None
     restarts[child.name] = restarts.get(child.name, 0) + 1
-    log.warning("%s was killed (%s); starting it again in %.1f s from its checkpoint (restart %d of %d)", child.name,
-                _signal_name(-sig), again[1], restarts[child.name], MAX_RESTARTS)
+    how = "the tier's nodes come back to it" if child.name == "global_scheduler" else "from its checkpoint"
+    log.warning("%s was killed (%s); starting it again in %.1f s, %s (restart %d of %d)", child.name,
+                _signal_name(-sig), again[1], how, restarts[child.name], MAX_RESTARTS)
     return again
 
 

@@ -135,6 +135,9 @@ def listening_sockets(n: int, host: str = "127.0.0.1") -> List[socket.socket]:
         for _ in range(n):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             socks.append(s)
+            # Its accepted connections inherit this; without it, those left in TIME_WAIT by a scheduler
+            # that died keep the one started in its place from binding the port (as libzmq binds).
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host, 0))
             s.listen(128)
     except BaseException:
@@ -489,11 +492,24 @@ def enable_restarts(specs: List[ProcessSpec]) -> List[ProcessSpec]:
     for spec in specs:
         if spec.env.get("DMLC_ROLE_GLOBAL") == "global_server":
             spec.restart = lambda spec=spec: _from_checkpoint(spec)
+        elif spec.env.get("DMLC_ROLE_GLOBAL") == "global_scheduler":
+            spec.restart = lambda spec=spec: _resumed_scheduler(spec)
         policy = config.lost_party(spec.env)
         spec.party_may_be_lost = bool(spec.party) and policy != "stop"
         if spec.party and policy == "rejoin":
             spec.rejoin = lambda n, spec=spec: _rejoining(spec, n)
     return specs
+
+
+def _resumed_scheduler(spec: ProcessSpec) -> Optional[Tuple[ProcessSpec, float]]:
+    how = config.scheduler_restart(spec.env)
+    if how is None:
+        return None
+    extra, wait = how
+    env = {k: v for k, v in spec.env.items() if k != "GEOMX_LISTEN_FD"}  # the first one had the socket
+    again = replace(spec, env={**env, **extra}, listener=None)
+    again.restart = lambda: _resumed_scheduler(again)
+    return again, wait
 
 
 def _rejoining(spec: ProcessSpec, n: int) -> ProcessSpec:

@@ -78,6 +78,10 @@ class TierMember:
         # A server: called with (new info, the joined client: meta "token", "rank", "party") when a lost
         # party's local server took its place again; the scheduler hears ADMITTED once it returns.
         self.on_client_joined: Optional[Callable[[TierInfo, dict], None]] = None
+        # What this node adds to its registration when it resumes it with a restarted scheduler (a
+        # global server: the parties the tier goes on without).
+        self.resume_meta: Optional[Callable[[], dict]] = None
+        self._policy: Optional[bool] = None  # the last POLICY sent, sent again to a restarted scheduler
         # Called with the first TierInfo, in the same loop turn as the REGISTER_ACK: before any message
         # from the tier's other nodes (who learn the tier from the same acknowledgements) is handled.
         self.on_registered: Optional[Callable[[TierInfo], None]] = None
@@ -124,6 +128,15 @@ class TierMember:
         self.generation += 1
         self.link = self._connect()
         self.link.proven = old.proven
+        if self.info is not None:
+            # The scheduler may have died and been started again (GEOMX_SCHEDULER_RESUME): it learns
+            # the tier back from its nodes. The same scheduler takes this as the reconnection it is.
+            resume = {"rank": self.info.rank, "barriers": self._barriers_entered - len(self._barrier_waiters)}
+            if self.resume_meta is not None:
+                resume.update(self.resume_meta())
+            self.link.send(Message(MsgType.REGISTER, meta={**self.register_meta, "resume": resume}))
+            if self._policy is not None:
+                self.set_policy(self._policy)
         for seq, group, _ in self._barrier_waiters:
             self.link.send(Message(MsgType.BARRIER, meta={"group": group, "n": seq}))
 
@@ -145,6 +158,7 @@ class TierMember:
         self.link.send(msg)
 
     def set_policy(self, tolerate_worker_loss: bool) -> None:
+        self._policy = tolerate_worker_loss
         self.link.send(Message(MsgType.POLICY, meta={"tolerate_worker_loss": tolerate_worker_loss}))
 
     def bye(self, failure: Optional[str] = None) -> None:

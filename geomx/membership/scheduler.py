@@ -99,8 +99,11 @@ class Scheduler:
                  max_queued_replies: int = 100_000, local_ipc: bool = True, listen_fd: Optional[int] = None,
                  host: str = "127.0.0.1", plugins: Sequence[TierPlugin] = (),
                  party_servers: Optional[Mapping[str, int]] = None, outage_window: float = 0.0,
-                 lost_party: str = "stop"):
+                 lost_party: str = "stop", resume: bool = False):
         self.tier = tier
+        # Started again in place of a scheduler that died (GEOMX_SCHEDULER_RESUME): the tier's nodes
+        # come back with their ranks (REGISTER with "resume"), and it goes on once all of them have.
+        self.resuming = resume
         # The global tier: how long a party's local server may be silent (its WAN link down) before
         # it counts as dead (GEOMX_WAN_OUTAGE_WINDOW; 0: the heartbeat timeout decides).
         self.outage_window = outage_window
@@ -236,11 +239,21 @@ class Scheduler:
         token = meta_field(msg, "token", str, "")
         if token and not _TOKEN.fullmatch(token):
             raise ProtocolError("REGISTER with a malformed token")
+        resume = meta_field(msg, "resume", dict, None)
         if base_identity(identity) in self.members:
+            if resume is not None:
+                return  # a member's new connection to this same scheduler (handled as a reconnection)
             raise ProtocolError(f"{peer_label(identity)} registered twice")
         key = self.link.sender_key if self.link.curve else None
         if key is not None:
             self._check_key(key, role, party, name or peer_label(identity))
+        if resume is not None:
+            if not self.resuming:
+                raise ProtocolError(f"{name or peer_label(identity)} resumes its registration, but this scheduler "
+                                    "did not restart (GEOMX_SCHEDULER_RESUME)")
+            self._on_resume(identity, role, host, port, name or peer_label(identity), master, global_servers,
+                            relay, party, restart_timeout, ts, token, key, resume)
+            return
         if meta_field(msg, "restart", bool, False) and self.registered:
             self._on_restart(identity, role, host, port, name, rank_hint, restart_timeout)
             return
@@ -267,6 +280,58 @@ class Scheduler:
         if len(self.members) == self.num_servers + self.num_workers:
             self._assign_ranks()
 
+    def _on_resume(self, identity: bytes, role: str, host: str, port: int, name: str, master: bool,
+                   global_servers: Optional[int], relay: bool, party: Optional[str], restart_timeout: float,
+                   ts: bool, token: str, key: Optional[str], resume: dict) -> None:
+        """A node of the tier registered with the scheduler that died: it comes back with its rank (and
+        its barriers passed); global servers also name the parties the tier had gone on without, whose
+        slots stay free for them to rejoin."""
+        rank, passed = resume.get("rank"), resume.get("barriers", 0)
+        limit = self.num_servers if role == "server" else self.num_workers
+        if not isinstance(rank, int) or not 0 <= rank < limit or not isinstance(passed, int) or passed < 0:
+            raise ProtocolError(f"{name} resumes with a bad rank {rank!r} (or barrier count)")
+        if any(m.role == role and m.rank == rank for m in self.members.values()):
+            raise ProtocolError(f"{name} resumes as {role} rank {rank}, which another node holds")
+        if ts:
+            raise ProtocolError(f"{name} takes part in TSEngine, whose trees a restarted scheduler cannot rebuild")
+        self.members[base_identity(identity)] = Member(
+            identity, role, host, port, name, master, None, len(self.members), time.monotonic(), global_servers,
+            relay, None if party is None else party[:200], rank=rank, restart_timeout=restart_timeout, token=token,
+            key=key, outage_window=self.outage_window if party is not None else 0.0, barriers_passed=passed)
+        for entry in resume.get("left", []):
+            self._left_slot(entry)
+        log.info("%s: %s %s is back as rank %d (%d of %d)", self.tier, role, name, rank, len(self.members),
+                 self.num_servers + self.num_workers)
+        if len(self.members) == self.num_servers + self.num_workers:
+            self._resumed()
+
+    def _left_slot(self, entry: object) -> None:
+        """A party the tier had gone on without (from a global server's resume): its slot, kept free."""
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], int) and
+                isinstance(entry[1], str) and (entry[2] is None or isinstance(entry[2], str))):
+            raise ProtocolError(f"a resume with a malformed lost party {entry!r}")
+        rank, party, key = entry
+        if any(m.role == "worker" and m.rank == rank for m in self.members.values()):
+            return  # known already (another global server named it, or it came back itself)
+        identity = f"left:{party}#{rank}".encode()
+        self.members[identity] = Member(identity, "worker", "", 0, f"local_server of party {party}", False, None,
+                                        len(self.members), time.monotonic(), party=party[:200], rank=rank,
+                                        done=True, left=True, key=key)
+        self.lost_party_names.add(party)
+
+    def _resumed(self) -> None:
+        servers = [m for m in self.members.values() if m.role == "server"]
+        workers = [m for m in self.members.values() if m.role == "worker"]
+        counts = sorted({m.global_servers or 1 for m in servers})
+        parties = {m.party if m.party is not None else m.name for m in workers}
+        self.layout = {"global_servers": counts[0] if counts else 1, "relay": any(m.relay for m in servers),
+                       "num_parties": len(parties)}
+        self.resuming = False
+        self.registered = True
+        self._announce_servers()
+        log.warning("%s: the scheduler restarted and all %d nodes are back; the tier goes on", self.tier,
+                    len(self.members))
+
     def _check_party_slot(self, party: Optional[str], name: str) -> None:
         """GEOMX_PARTY_SERVERS: a local server takes one of its own party's slots, never another's."""
         assert self.party_servers is not None
@@ -291,7 +356,7 @@ class Scheduler:
         if party is None:
             return
         for m in self.members.values():
-            if m.party == party and m.key != key:
+            if m.party == party and m.key is not None and m.key != key:
                 raise ProtocolError(f"REGISTER of {name} for party {party!r} with the key {key}: that party "
                                     f"registered with the key {m.key}")
             if m.key == key and m.party is not None and m.party != party:
@@ -459,6 +524,12 @@ class Scheduler:
 
     def _check_liveness(self) -> None:
         now = time.monotonic()
+        if self.resuming and now - self.started > self.start_timeout:
+            back = len(self.members)
+            self.fail(f"{self.tier}: the restarted scheduler heard from {back} of the "
+                      f"{self.num_servers + self.num_workers} nodes within {self.start_timeout:.0f}s "
+                      "(GEOMX_START_TIMEOUT); the others did not come back", None)
+            return
         if not self.registered and now - self.started > self.start_timeout:
             missing_s = self.num_servers - sum(m.role == "server" for m in self.members.values())
             missing_w = self.num_workers - sum(m.role == "worker" for m in self.members.values())

@@ -58,6 +58,7 @@ class GlobalServer(ServerBase):
         # count it only from there.
         self.joining: Dict[str, int] = {}
         self.joined_clients: set = set()
+        self.left: Dict[int, tuple] = {}  # global rank -> (party, its CURVE key) of a party lost for now
         self.on_async: Optional[Callable[[], None]] = None  # set by the node: tell the global scheduler
         self.compression_params: Optional[Dict[str, Any]] = None  # set by the master worker
         # Checkpoints (GEOMX_CHECKPOINT_DIR): the rounds of each key in the last saved checkpoint, and
@@ -276,6 +277,10 @@ class GlobalServer(ServerBase):
         it has not pushed into complete with the other parties' pushes, scaled to the full count."""
         lost = [c for c, r in self.party_rank.items() if r == rank and c[0] == self.wan_link.name]
         self.lost_parties.add(rank)
+        if party is not None:
+            allowed = self.allowed.get(self.wan_link.name, {})
+            keys = [allowed.get(identity_token(c[1])) for c in lost]
+            self.left[rank] = (party, next((k for k in keys if k is not None), None))
         for client in lost:
             self.stopped_clients.discard(client)
         if self.policy.synchronous and party is not None:
@@ -316,6 +321,7 @@ class GlobalServer(ServerBase):
         rank, party = joined["rank"], joined.get("party")
         self.joining[joined["token"]] = rank
         self.lost_parties.discard(rank)  # its STOP is expected again
+        self.left.pop(rank, None)
         if self.policy.synchronous:
             log.warning("%s: party %s (rank %d) rejoins; each key's rounds count it from the first round it can "
                         "take part in", self.name, party, rank)

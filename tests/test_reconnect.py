@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -253,6 +254,70 @@ def test_a_scheduler_follows_a_reconnected_member_and_lets_a_barrier_through_onc
         assert member.last_seen > seen and member.identity == b"worker@party#2-bb~1"
     finally:
         for sock in socks.values():
+            sock.close(linger=0)
+        sched.loop.close()
+        ctx.destroy(linger=0)
+
+
+def test_a_restarted_scheduler_learns_the_tier_back_and_keeps_a_lost_partys_slot_for_its_rejoin():
+    """GEOMX_SCHEDULER_RESUME: the global server and party p0's local server come back with their ranks
+    (the server naming party p1, lost before, with rank 1); the tier goes on once they are back (p1's
+    kept slot counts), a second node claiming a held rank is refused, and a fresh local server of p1
+    then rejoins into rank 1, acknowledged only after the server admitted its token."""
+    ctx = zmq.Context()
+    sched = Scheduler("global tier", 0, 1, 2, heartbeat_interval=1.0, heartbeat_timeout=30.0, start_timeout=60.0,
+                      max_message_bytes=1 << 20, ctx=ctx, local_ipc=False, lost_party="continue", resume=True)
+    socks = []
+
+    def dealer(identity: bytes):
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, identity)
+        sock.connect(f"tcp://127.0.0.1:{sched.port}")
+        socks.append(sock)
+        return sock
+
+    def answers(sock, count: int, timeout: float = 10):
+        out, end = [], time.monotonic() + timeout
+        while len(out) < count and time.monotonic() < end:
+            sched.loop.run_once(0.01)
+            while sock.poll(0):
+                out.append(wire.decode(sock.recv_multipart()))
+        return out
+
+    def register(sock, role, party=None, resume=None):
+        meta = {"role": role, "host": "127.0.0.1", "port": 1, "name": role, "token": uuid.uuid4().hex}
+        meta.update({"party": party} if party else {})
+        meta.update({"resume": resume} if resume is not None else {})
+        send(sock, Message(MsgType.REGISTER, meta=meta))
+        return meta["token"]
+
+    try:
+        server = dealer(b"global_server@global#1-aa~1")
+        register(server, "server", resume={"rank": 0, "barriers": 2, "left": [[1, "p1", None]]})
+        answers(server, 1, timeout=0.3)
+        assert not sched.registered and sched.members[b"left:p1#1"].left
+        p0 = dealer(b"local_server@global#2-bb~3")
+        register(p0, "worker", party="p0", resume={"rank": 0, "barriers": 0})
+        assert [m.type for m in answers(p0, 1)] == [MsgType.REGISTER_ACK]
+        assert sched.registered and sched.members[b"global_server@global#1-aa"].barriers_passed == 2
+        assert sched.lost_party_names == {"p1"}
+        (ack,) = answers(server, 1)
+        assert ack.type == MsgType.REGISTER_ACK and ack.meta["num_parties"] == 2
+        # Nobody else can come back as the local server of rank 0.
+        intruder = dealer(b"local_server@global#9-zz~1")
+        register(intruder, "worker", party="p0", resume={"rank": 0})
+        assert not answers(intruder, 1, timeout=0.3) and b"local_server@global#9-zz" not in sched.members
+        # p1's site started again: its new local server takes rank 1 once the server admits it.
+        fresh = dealer(b"local_server@global#3-cc")
+        token = register(fresh, "worker", party="p1")
+        (update,) = answers(server, 1)
+        assert update.meta["joined"]["token"] == token and update.meta["joined"]["rank"] == 1
+        assert token in update.meta["clients"] and not answers(fresh, 1, timeout=0.3)
+        send(server, Message(MsgType.ADMITTED, meta={"token": token}))
+        (ack,) = answers(fresh, 1)
+        assert ack.type == MsgType.REGISTER_ACK and ack.meta["rank"] == 1 and not sched.lost_party_names
+    finally:
+        for sock in socks:
             sock.close(linger=0)
         sched.loop.close()
         ctx.destroy(linger=0)

@@ -242,6 +242,21 @@ def assert_no_process_left(cluster: Cluster) -> None:
         time.sleep(0.1)
 
 
+def pid_with_environ(*entries: str) -> int:
+    """The process id of the one process whose environment holds every ``NAME=value`` of ``entries``
+    (a topology's process, found by what its launcher set for it)."""
+    want = {e.encode() for e in entries}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = set(f.read().split(b"\0"))
+        except (OSError, ValueError):
+            continue
+        if entry.isdigit() and want <= env:
+            return int(entry)
+    raise AssertionError(f"no process with {', '.join(entries)} in its environment")
+
+
 def alive(pid: int) -> bool:
     """True when ``pid`` exists and is not a zombie."""
     try:

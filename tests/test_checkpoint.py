@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import FAST_HEARTBEATS, REPO, Cluster, LineLog, assert_no_process_left, slow_cmd
+from helpers import FAST_HEARTBEATS, REPO, Cluster, LineLog, assert_no_process_left, pid_with_environ, slow_cmd
 
 from geomx import checkpoint
 from geomx.checkpoint import Checkpoint, CheckpointError, KeyRecord
@@ -205,17 +205,8 @@ def test_global_server_restarted_from_checkpoint_loses_no_update(tmp_path, every
 
 def _global_server_pid(checkpoint_dir, rank: int) -> int:
     """The process id of the global server of ``rank`` that checkpoints into ``checkpoint_dir``."""
-    want = {b"DMLC_ROLE_GLOBAL=global_server", f"GEOMX_CHECKPOINT_DIR={checkpoint_dir}".encode(),
-            f"GEOMX_GLOBAL_SERVER_RANK={rank}".encode()}
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = set(f.read().split(b"\0"))
-        except (OSError, ValueError):
-            continue
-        if entry.isdigit() and want <= env:
-            return int(entry)
-    raise AssertionError(f"no global server of rank {rank} checkpointing into {checkpoint_dir}")
+    return pid_with_environ("DMLC_ROLE_GLOBAL=global_server", f"GEOMX_CHECKPOINT_DIR={checkpoint_dir}",
+                            f"GEOMX_GLOBAL_SERVER_RANK={rank}")
 
 
 @pytest.mark.system

@@ -201,29 +201,42 @@ def test_p3_sends_what_was_unanswered_again_through_its_queue_without_blocking()
         ctx.destroy(linger=0)
 
 
+class _Peers:
+    """Raw DEALERs in front of an in-process scheduler, whose loop runs while they wait for answers."""
+
+    def __init__(self, sched: Scheduler, ctx: zmq.Context):
+        self.sched, self.ctx, self.socks = sched, ctx, []
+
+    def dealer(self, identity: bytes) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, identity)
+        sock.connect(f"tcp://127.0.0.1:{self.sched.port}")
+        self.socks.append(sock)
+        return sock
+
+    def answers(self, sock: zmq.Socket, count: int, timeout: float = 10) -> list:
+        out, end = [], time.monotonic() + timeout
+        while len(out) < count and time.monotonic() < end:
+            self.sched.loop.run_once(0.01)
+            while sock.poll(0):
+                out.append(wire.decode(sock.recv_multipart()))
+        return out
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close(linger=0)
+        self.sched.loop.close()
+        self.ctx.destroy(linger=0)
+
+
 def test_a_scheduler_follows_a_reconnected_member_and_lets_a_barrier_through_once():
     """A member's messages over a new connection: the scheduler answers there from then on; the barrier
     it entered before the break, entered again, is answered at once and no new barrier starts."""
     ctx = zmq.Context()
     sched = Scheduler("party", 0, 1, 1, heartbeat_interval=1.0, heartbeat_timeout=30.0, start_timeout=60.0,
                       max_message_bytes=1 << 20, ctx=ctx, local_ipc=False)
-    socks = {}
-
-    def dealer(identity: bytes):
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, identity)
-        sock.connect(f"tcp://127.0.0.1:{sched.port}")
-        socks[identity] = sock
-        return sock
-
-    def answers(sock, count: int, timeout: float = 10):
-        out, end = [], time.monotonic() + timeout
-        while len(out) < count and time.monotonic() < end:
-            sched.loop.run_once(0.01)
-            while sock.poll(0):
-                out.append(wire.decode(sock.recv_multipart()))
-        return out
-
+    peers = _Peers(sched, ctx)
+    dealer, answers = peers.dealer, peers.answers
     try:
         server, worker = dealer(b"local_server@party#1-aa"), dealer(b"worker@party#2-bb")
         send(server, Message(MsgType.REGISTER, meta={"role": "server", "host": "127.0.0.1", "port": 1, "name": "ls"}))
@@ -253,10 +266,7 @@ def test_a_scheduler_follows_a_reconnected_member_and_lets_a_barrier_through_onc
             sched.loop.run_once(0.01)
         assert member.last_seen > seen and member.identity == b"worker@party#2-bb~1"
     finally:
-        for sock in socks.values():
-            sock.close(linger=0)
-        sched.loop.close()
-        ctx.destroy(linger=0)
+        peers.close()
 
 
 def test_a_restarted_scheduler_learns_the_tier_back_and_keeps_a_lost_partys_slot_for_its_rejoin():
@@ -267,22 +277,8 @@ def test_a_restarted_scheduler_learns_the_tier_back_and_keeps_a_lost_partys_slot
     ctx = zmq.Context()
     sched = Scheduler("global tier", 0, 1, 2, heartbeat_interval=1.0, heartbeat_timeout=30.0, start_timeout=60.0,
                       max_message_bytes=1 << 20, ctx=ctx, local_ipc=False, lost_party="continue", resume=True)
-    socks = []
-
-    def dealer(identity: bytes):
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, identity)
-        sock.connect(f"tcp://127.0.0.1:{sched.port}")
-        socks.append(sock)
-        return sock
-
-    def answers(sock, count: int, timeout: float = 10):
-        out, end = [], time.monotonic() + timeout
-        while len(out) < count and time.monotonic() < end:
-            sched.loop.run_once(0.01)
-            while sock.poll(0):
-                out.append(wire.decode(sock.recv_multipart()))
-        return out
+    peers = _Peers(sched, ctx)
+    dealer, answers = peers.dealer, peers.answers
 
     def register(sock, role, party=None, resume=None):
         meta = {"role": role, "host": "127.0.0.1", "port": 1, "name": role, "token": uuid.uuid4().hex}
@@ -317,7 +313,4 @@ def test_a_restarted_scheduler_learns_the_tier_back_and_keeps_a_lost_partys_slot
         (ack,) = answers(fresh, 1)
         assert ack.type == MsgType.REGISTER_ACK and ack.meta["rank"] == 1 and not sched.lost_party_names
     finally:
-        for sock in socks:
-            sock.close(linger=0)
-        sched.loop.close()
-        ctx.destroy(linger=0)
+        peers.close()

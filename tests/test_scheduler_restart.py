@@ -9,25 +9,11 @@ import threading
 import time
 
 import pytest
-from helpers import LineLog, slow_cmd
+from helpers import LineLog, pid_with_environ, slow_cmd
 
 from geomx.launch import Topology, run
 
 pytestmark = pytest.mark.system
-
-
-def _pid_of(role: str, mark: str) -> int:
-    """The process id of the ``role`` (DMLC_ROLE_GLOBAL) process of the run marked ``mark``."""
-    want = {f"DMLC_ROLE_GLOBAL={role}".encode(), f"GEOMX_TEST_RUN={mark}".encode()}
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = set(f.read().split(b"\0"))
-        except (OSError, ValueError):
-            continue
-        if entry.isdigit() and want <= env:
-            return int(entry)
-    raise AssertionError(f"no {role} process in run {mark}")
 
 
 def test_the_launcher_restarts_a_killed_global_scheduler_and_training_goes_on_exactly(tmp_path, caplog):
@@ -46,7 +32,7 @@ def test_the_launcher_restarts_a_killed_global_scheduler_and_training_goes_on_ex
     try:
         for after, restart in ((3, 1), (8, 2)):
             out.wait_for(rf"^\[party1/worker0\] ROUND {after} OK", 120)
-            os.kill(_pid_of("global_scheduler", str(tmp_path)), signal.SIGKILL)
+            os.kill(pid_with_environ("DMLC_ROLE_GLOBAL=global_scheduler", f"GEOMX_TEST_RUN={tmp_path}"), signal.SIGKILL)
             deadline = time.monotonic() + 60
             while len(re.findall(r"^\[global_scheduler\] .*the scheduler restarted and all 3 nodes are back",
                                  out.text(), re.M)) < restart:

@@ -66,6 +66,8 @@ class Member:
     # acknowledged once none is left, so that none of its first requests can meet a server that
     # does not know it.
     admitting: Optional[set] = None
+    # A restart of its rank waits (see Scheduler._on_restart): whether it spoke since.
+    spoke_since_restart: bool = False
 
     @property
     def base(self) -> bytes:
@@ -134,6 +136,9 @@ class Scheduler:
         self.tolerate_worker_loss = False
         self.layout: dict = {}  # how keys are divided in this tier (sent with every REGISTER_ACK)
         self.clients_version = 0  # REGISTER_ACKs that changed the servers' client lists (rejoins)
+        # Restarts of a server heard from too recently to tell whether it died: (the old member, the
+        # replacement's registration), decided by whether the old one speaks again (see _on_restart).
+        self._restarts_waiting: List[Tuple[Member, tuple]] = []
         self.started = time.monotonic()
 
     # -- main loop ----------------------------------------------------------------------------
@@ -171,6 +176,7 @@ class Scheduler:
             if identity != member.identity:
                 self._reconnected(member, identity)
             member.last_seen = time.monotonic()
+            member.spoke_since_restart = True
             if member.silent_since is not None:
                 log.warning("%s: %s %s (rank %d) is back after %.1fs of silence (a WAN outage); the tier goes on",
                             self.tier, member.role, member.name, member.rank, member.last_seen - member.silent_since)
@@ -374,12 +380,10 @@ class Scheduler:
                                 "restartable server of that rank in the tier")
         silent = time.monotonic() - old.last_seen
         if old.lost_at is None and silent < 2 * self.heartbeat_interval:
-            # The server of that rank is alive: this is the wrong checkpoint (or a second copy).
-            reason = (f"{self.tier}: restart of {role} {name} as rank {rank} refused: the server of that rank "
-                      f"({old.host}:{old.port}) is alive (heard from {silent:.1f}s ago); use the checkpoint of the "
-                      "server that died")
-            log.error("%s", reason)
-            self.link.send(Message(MsgType.PEER_DEAD, meta={"reason": reason}), identity)
+            # Heard from a moment ago: dead since, or alive (the wrong checkpoint, or a second copy)?
+            # A live server heartbeats within one interval; decided then (_restart_decided).
+            old.spoke_since_restart = False
+            self._restarts_waiting.append((old, (identity, role, host, port, name, rank, restart_timeout)))
             return
         del self.members[old.base]
         self.members[base_identity(identity)] = dataclasses.replace(
@@ -428,6 +432,25 @@ class Scheduler:
             self._announce_servers([joiner])
             log.warning("%s: party %s rejoined as rank %d; it joins each key's rounds at the next one it can "
                         "take part in", self.tier, joiner.party, joiner.rank)
+
+    def _restart_decided(self, now: float) -> None:
+        """The restarts that waited for their old server to speak or stay silent: refused if it spoke
+        after the restart asked (it is alive), taken once it was silent for two heartbeat intervals."""
+        waiting, self._restarts_waiting = self._restarts_waiting, []
+        for old, (identity, role, host, port, name, rank, restart_timeout) in waiting:
+            if self.members.get(old.base) is not old:
+                continue  # replaced meanwhile (by another restart)
+            silent = now - old.last_seen
+            if old.spoke_since_restart:
+                reason = (f"{self.tier}: restart of {role} {name} as rank {rank} refused: the server of that rank "
+                          f"({old.host}:{old.port}) is alive (heard from {silent:.1f}s ago); use the checkpoint of "
+                          "the server that died")
+                log.error("%s", reason)
+                self.link.send(Message(MsgType.PEER_DEAD, meta={"reason": reason}), identity)
+            elif silent >= 2 * self.heartbeat_interval:
+                self._on_restart(identity, role, host, port, name, rank, restart_timeout)
+            else:
+                self._restarts_waiting.append((old, (identity, role, host, port, name, rank, restart_timeout)))
 
     def _announce_servers(self, members: Optional[List[Member]] = None, rejoined: Optional[bytes] = None,
                           joined: Optional[Member] = None) -> None:
@@ -524,6 +547,8 @@ class Scheduler:
 
     def _check_liveness(self) -> None:
         now = time.monotonic()
+        if self._restarts_waiting:
+            self._restart_decided(now)
         if self.resuming and now - self.started > self.start_timeout:
             back = len(self.members)
             self.fail(f"{self.tier}: the restarted scheduler heard from {back} of the "

@@ -185,14 +185,16 @@ def _restartable(member: TierMember, cfg: NodeConfig, restarting: bool) -> None:
 
 
 def _global_server(cfg: NodeConfig) -> int:
-    # The optimizer runs in MXNet; importing it takes seconds, so do it before joining the tiers
-    # rather than inside the event loop, where it would stall heartbeats. The server calls MXNet from
-    # its one event-loop thread and waits for every result at once, so MXNet's own threaded engine
-    # only adds hand-offs: run its ops in the calling thread instead (unless the user chose).
+    # The optimizer runs in numpy (servers/updater.py); only an optimizer the numpy engine cannot run
+    # exactly (NAG, DC-ASGD, ...) imports MXNet, when the master worker sets it: that import takes
+    # seconds on the event loop (logged; heartbeats time out after PS_HEARTBEAT_TIMEOUT, 20 s). The
+    # server calls MXNet from its one event-loop thread and waits for every result at once, so MXNet's
+    # own threaded engine only adds hand-offs: should it be imported, run its ops in the calling
+    # thread instead (unless the user chose).
     os.environ.setdefault("MXNET_ENGINE_TYPE", "NaiveEngine")
-    # A checkpoint to start from is read (and refused if unusable) before anything else happens.
+    # A checkpoint to start from is read (and refused if unusable) before anything else happens; its
+    # optimizer (and MXNet, if that needs it) is set up by server.restore, before joining the tiers.
     ckpt = checkpoint.load(cfg.checkpoint.restore) if cfg.checkpoint.restore else None
-    import mxnet  # noqa: F401
 
     ctx = zmq.Context()
     loop = EventLoop(ctx, cfg.max_message_bytes, name="global server", keys=cfg.curve,

@@ -5,12 +5,15 @@ second slice of a key was updated against the first slice's weights (issue 26: r
 server's Adam failed with MXNet's "Incompatible attr ... expected [40000], got [11072]")."""
 from __future__ import annotations
 
+import json
+
 import mxnet as mx
 import numpy as np
 import pytest
 
+from geomx.errors import GeoMXError
 from geomx.optimizer_spec import optimizer_to_spec
-from geomx.servers.updater import Updater
+from geomx.servers.updater import Updater, neutral_spec
 
 pytestmark = pytest.mark.unit
 
@@ -164,3 +167,177 @@ def test_internal_error_names_the_cause_in_one_line():
     assert "Traceback" not in told and "broadcast" in told, told
     assert internal_error(KeyError(3)) == "internal error: KeyError: 3"
     assert internal_error(ValueError("a\nb"), "while answering") == "internal error while answering: ValueError: b"
+
+
+# -- the engine: numpy where the MXNet spec maps exactly, MXNet's updater otherwise ---------------------
+
+@mx.optimizer.register
+class _CustomSGD(mx.optimizer.SGD):  # a user's optimizer, registered under its own name
+    pass
+
+
+def _stepped(sched, updates):
+    for n in range(1, updates + 1):
+        sched(n)
+    return sched
+
+
+NUMPY_SPECS = {
+    "sgd": lambda: mx.optimizer.SGD(learning_rate=0.1),
+    "sgd-momentum-wd-clip": lambda: mx.optimizer.SGD(learning_rate=0.05, momentum=0.9, wd=0.01, clip_gradient=0.5,
+                                                     rescale_grad=0.5),
+    "adam": lambda: mx.optimizer.Adam(learning_rate=0.01, wd=0.001, beta1=0.8, clip_gradient=1.0),
+    "adam-resumed": lambda: mx.optimizer.Adam(learning_rate=0.01, begin_num_update=7),
+    "rmsprop-centered": lambda: mx.optimizer.RMSProp(learning_rate=0.01, centered=True, clip_weights=2.0),
+    "adagrad": lambda: mx.optimizer.AdaGrad(learning_rate=0.1, wd=0.01),
+    "factor": lambda: mx.optimizer.SGD(learning_rate=0.1, momentum=0.9, lr_scheduler=mx.lr_scheduler.FactorScheduler(
+        step=2, factor=0.5, stop_factor_lr=0.02)),
+    "factor-warmup": lambda: mx.optimizer.Adam(learning_rate=0.01, lr_scheduler=mx.lr_scheduler.FactorScheduler(
+        step=3, factor=0.7, base_lr=0.01, warmup_steps=2, warmup_begin_lr=0.001)),
+    "multifactor": lambda: mx.optimizer.Adam(learning_rate=0.01, lr_scheduler=mx.lr_scheduler.MultiFactorScheduler(
+        step=[1, 3], factor=0.3)),
+    "cosine": lambda: mx.optimizer.RMSProp(learning_rate=0.01, lr_scheduler=mx.lr_scheduler.CosineScheduler(
+        max_update=4, base_lr=0.01, final_lr=0.001)),
+    "poly-warmup": lambda: mx.optimizer.SGD(momentum=0.5, lr_scheduler=mx.lr_scheduler.PolyScheduler(
+        max_update=6, base_lr=0.1, pwr=3, warmup_steps=2, warmup_mode="constant", warmup_begin_lr=0.05)),
+}
+
+MXNET_SPECS = {  # what MXNet's engine keeps, and the reason it names
+    "nag": (lambda: mx.optimizer.NAG(learning_rate=0.05, momentum=0.9), "'nag' has no numpy engine"),
+    "dcasgd": (lambda: mx.optimizer.DCASGD(learning_rate=0.1), "'dcasgd' has no numpy engine"),
+    "signum": (lambda: mx.optimizer.Signum(learning_rate=0.1), "'signum' has no numpy engine"),
+    "custom": (lambda: _CustomSGD(learning_rate=0.1), "'_customsgd' has no numpy engine"),
+    "factor-stepped": (lambda: mx.optimizer.SGD(learning_rate=0.1, lr_scheduler=_stepped(
+        mx.lr_scheduler.FactorScheduler(step=2, factor=0.5, base_lr=0.1), 5)), "already stepped"),
+    "multifactor-stepped": (lambda: mx.optimizer.SGD(lr_scheduler=_stepped(
+        mx.lr_scheduler.MultiFactorScheduler(step=[2, 4], factor=0.5, base_lr=0.1), 3)), "already stepped"),
+    "cosine-rate-overridden": (lambda: mx.optimizer.SGD(learning_rate=0.5, lr_scheduler=mx.lr_scheduler.CosineScheduler(
+        max_update=10, base_lr=0.1)), "decays from 0.1"),
+    "warmup-to-another-rate": (lambda: mx.optimizer.SGD(learning_rate=0.5, lr_scheduler=mx.lr_scheduler.FactorScheduler(
+        step=3, base_lr=0.1, warmup_steps=2)), "warmup ends at 0.1"),
+    "poly-past-max-update": (lambda: mx.optimizer.SGD(begin_num_update=20, lr_scheduler=mx.lr_scheduler.PolyScheduler(
+        max_update=10, base_lr=0.1)), "starts past its max_update"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NUMPY_SPECS))
+def test_specs_that_map_run_in_numpy_like_mxnets_updater(name):
+    """Every spec that maps runs in the numpy engine and ends bit for bit where MXNet's updater ends (whole
+    keys and P3 slices, schedules through their decays and warmups, a resumed optimizer's counts)."""
+    make = NUMPY_SPECS[name]
+    updater = Updater(optimizer_to_spec(make()))
+    assert updater.engine == "numpy", updater.engine_reason
+    assert updater.optimizer is None
+    init, grads = _init(), _grads(8)
+    want = _reference(make, init, grads)
+    stores = {(k, off): init[k][off:off + n].copy() for k, total in KEYS.items() for off, n in _slices(total)}
+    order = [(k, off, n) for k, total in KEYS.items() for off, n in _slices(total)]
+    for round_grads in grads:
+        _sliced(updater, stores, round_grads, order)
+    for k, total in KEYS.items():
+        got = np.concatenate([stores[(k, off)] for off, _ in _slices(total)])
+        np.testing.assert_array_equal(got, want[k], err_msg=f"{name}, key {k}")
+    ref = make()
+    begin = ref.begin_num_update
+    counts, num_update = updater.update_counts()
+    assert num_update == begin + 8 and set(counts.values()) == {begin + 8}
+
+
+@pytest.mark.parametrize("name", sorted(MXNET_SPECS))
+def test_specs_that_do_not_map_keep_mxnets_engine(name):
+    make, reason = MXNET_SPECS[name]
+    updater = Updater(optimizer_to_spec(make()))
+    assert updater.engine == "mxnet" and reason in updater.engine_reason, updater.engine_reason
+    with pytest.raises(GeoMXError, match="cannot run in numpy"):
+        Updater(optimizer_to_spec(make()), engine="numpy")
+    if name != "dcasgd":  # (DC-ASGD's own test is above: it needs a backup)
+        init, grads = _init(), _grads(3)
+        want = _reference(make, init, grads)
+        stores = dict(init)
+        for round_grads in grads:
+            for k, g in round_grads.items():
+                stores[k] = updater.apply(k, k, stores[k], g.copy())
+        for k in KEYS:
+            np.testing.assert_array_equal(stores[k], want[k], err_msg=f"{name}, key {k}")
+
+
+@pytest.mark.parametrize("spec,reason", [
+    ({"name": "adam", "params": {"learning_rate": 0.1}, "lr_mult": {"fc1_weight": 2.0}}, "other than key numbers"),
+    ({"name": "adam", "params": {"learning_rate": 0.1}, "wd_mult": {"-5": 2.0}}, "other than key numbers"),
+    ({"name": "adam", "params": {"learning_rate": 0.1, "beta1": 1.5}}, "beta1"),
+    ({"name": "sgd", "params": {"learning_rate": 0.1, "nesterov": True}}, "nesterov have no numpy equivalent"),
+    ({"name": "sgd", "params": {"learning_rate": 0.1}, "num_update": -1}, "not a count"),
+    ({"name": "sgd", "params": {}, "lr_scheduler": {"class": "LRScheduler", "state": {"base_lr": 0.1}}},
+     "has no numpy schedule"),
+])
+def test_neutral_spec_names_why_a_spec_does_not_map(spec, reason):
+    got, why = neutral_spec(spec)
+    assert got is None and reason in why, why
+
+
+def _run(updater, stores, grads, order):
+    for round_grads in grads:
+        _sliced(updater, stores, round_grads, order)
+
+
+@pytest.mark.parametrize("first,second", [("numpy", "numpy"), ("mxnet", "numpy"), ("numpy", "mxnet")])
+@pytest.mark.parametrize("name", ["adam", "sgd-momentum", "rmsprop", "adagrad", "sgd-fp32"])
+def test_checkpoint_round_trip_within_and_across_engines(name, first, second):
+    """Counts and states through a checkpoint's encoding (JSON description + one byte buffer): a new
+    updater continues bit for bit where an uninterrupted one ends, on the same engine and across them
+    (both describe their states in MXNet's layout)."""
+    make = OPTIMIZERS[name]
+    init, grads = _init(), _grads(6)
+    want = _reference(make, init, grads)
+    spec = optimizer_to_spec(make())
+    before = Updater(spec, engine=first)
+    assert before.engine == first
+    stores = {(k, off): init[k][off:off + n].copy() for k, total in KEYS.items() for off, n in _slices(total)}
+    order = [(k, off, n) for k, total in KEYS.items() for off, n in _slices(total)]
+    _run(before, stores, grads[:3], order)
+    counts, num_update = before.update_counts()
+    desc, blob = before.states_to_wire()
+    desc = json.loads(json.dumps(desc))
+    after = Updater(spec, engine=second)
+    after.restore_counts(counts.items(), num_update)
+    after.load_states(desc, blob.copy())
+    assert after.update_counts() == (counts, num_update)
+    stores = {key: value.copy() for key, value in stores.items()}
+    _run(after, stores, grads[3:], order[::-1])
+    for k, total in KEYS.items():
+        got = np.concatenate([stores[(k, off)] for off, _ in _slices(total)])
+        np.testing.assert_array_equal(got, want[k], err_msg=f"{name}, key {k}")
+    if (first, second) == ("numpy", "numpy"):
+        desc2, blob2 = after.states_to_wire()
+        assert set(desc2["states"]) == set(desc["states"])
+
+
+def test_numpy_engine_refuses_states_of_another_optimizer():
+    adam = Updater(optimizer_to_spec(OPTIMIZERS["adam"]()))
+    adam.apply(0, 0, np.zeros(4, np.float32), np.ones(4, np.float32))
+    sgd = Updater(optimizer_to_spec(OPTIMIZERS["sgd-momentum"]()))
+    with pytest.raises(GeoMXError, match="do not fit sgd"):
+        sgd.load_states(*adam.states_to_wire())
+
+
+def test_a_key_that_is_not_float32_moves_the_numpy_engine_to_mxnets():
+    """The numpy rules are float32: a float16 key hands the counts and states so far to MXNet's updater,
+    which then runs every key (as it did before the numpy engine), continuing exactly."""
+    make = OPTIMIZERS["adam"]
+    rng = np.random.RandomState(5)
+    w32 = rng.standard_normal(64).astype(np.float32)
+    w16 = rng.standard_normal(64).astype(np.float16)
+    grads = [rng.standard_normal(64).astype(np.float32) for _ in range(4)]
+    ref = mx.optimizer.get_updater(make())
+    ref32, ref16 = mx.nd.array(w32), mx.nd.array(w16, dtype=np.float16)
+    updater = Updater(optimizer_to_spec(make()))
+    for t, g in enumerate(grads):
+        w32 = updater.apply(0, 0, w32, g.copy())
+        ref(0, mx.nd.array(g), ref32)
+        if t >= 2:
+            w16 = updater.apply(1, 1, w16, g.astype(np.float16))
+            ref(1, mx.nd.array(g, dtype=np.float16), ref16)
+        assert updater.engine == ("numpy" if t < 2 else "mxnet")
+    np.testing.assert_array_equal(w32, ref32.asnumpy())
+    np.testing.assert_array_equal(w16, ref16.asnumpy())
+    assert updater.update_counts() == ({0: 4, 1: 2}, 4)

@@ -470,7 +470,8 @@ class GlobalServer(ServerBase):
         if spec == self.optimizer_spec:
             return
         self.updater = Updater(spec)
-        log.info("%s: optimizer %s %s", self.name, spec["name"], spec["params"])
+        log.info("%s: optimizer %s %s, %s engine (%s)", self.name, spec["name"], spec["params"],
+                 self.updater.engine, self.updater.engine_reason)
 
     def _require_optimizer(self) -> Updater:
         if self.updater is None:

@@ -16,6 +16,9 @@ _SCALARS = (bool, int, float, str, type(None))
 # Base-class arguments that are not hyper-parameters or are rebuilt separately.
 _SKIP = {"self", "kwargs", "param_idx2name", "sym", "param_dict", "lr_scheduler"}
 _SCHEDULERS = ("FactorScheduler", "MultiFactorScheduler", "PolyScheduler", "CosineScheduler")
+# Constructor arguments an optimizer keeps under another attribute name (MXNet's AdaGrad keeps eps as
+# float_stable_eps): without this the spec would lose them and the server run with the default.
+_ATTRIBUTES = {("adagrad", "eps"): "float_stable_eps"}
 
 
 def _registered_name(opt: Any) -> str:
@@ -55,7 +58,7 @@ def optimizer_to_spec(opt: Any) -> Dict[str, Any]:
     name = _registered_name(opt)
     params: Dict[str, Any] = {}
     for arg in _constructor_args(type(opt)):
-        attr = "lr" if arg == "learning_rate" else arg
+        attr = _ATTRIBUTES.get((name, arg), "lr" if arg == "learning_rate" else arg)
         if hasattr(opt, attr):
             params[arg] = _scalar(getattr(opt, attr), f"{name}.{arg}")
     lr_mult = {str(k): float(v) for k, v in opt.lr_mult.items()}

@@ -341,3 +341,17 @@ def test_a_key_that_is_not_float32_moves_the_numpy_engine_to_mxnets():
     np.testing.assert_array_equal(w32, ref32.asnumpy())
     np.testing.assert_array_equal(w16, ref16.asnumpy())
     assert updater.update_counts() == ({0: 4, 1: 2}, 4)
+
+
+def test_adagrads_eps_reaches_the_server():
+    """MXNet's AdaGrad keeps its eps as float_stable_eps: the spec still carries it, and the server's
+    update (either engine) equals MXNet's own with that eps."""
+    opt = mx.optimizer.AdaGrad(learning_rate=0.1, eps=1e-2)
+    spec = optimizer_to_spec(opt)
+    assert spec["params"]["eps"] == pytest.approx(1e-2)
+    weight, grad = np.full(5, 0.5, np.float32), np.linspace(-1, 1, 5).astype(np.float32)
+    want = mx.nd.array(weight)
+    mx.optimizer.get_updater(mx.optimizer.AdaGrad(learning_rate=0.1, eps=1e-2))(0, mx.nd.array(grad), want)
+    for engine in ("numpy", "mxnet"):
+        got = Updater(json.loads(json.dumps(spec)), engine=engine).apply(0, 0, weight.copy(), grad)
+        assert np.array_equal(got, want.asnumpy().reshape(-1)), engine

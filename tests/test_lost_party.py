@@ -1,7 +1,9 @@
 """Under MixedSync a party that dies does not stop the others: the global tier drops it and the
 surviving party trains to the end. Under FSA the same loss ends the run (test_faults.py), unless
 GEOMX_LOST_PARTY=continue."""
+import os
 import re
+import signal
 import sys
 
 import pytest
@@ -173,11 +175,15 @@ def test_a_lost_party_restarted_with_its_site_rejoins_and_the_oracle_of_each_mem
     assert ("CURVE is off" in out["central"]) == (security == "none")
 
 
-def test_with_rejoin_the_launcher_starts_a_lost_party_again_and_it_rejoins_exactly(caplog, tmp_path):
+@pytest.mark.parametrize("how", ["fails", "sigkill"])
+def test_with_rejoin_the_launcher_starts_a_lost_party_again_and_it_rejoins_exactly(caplog, tmp_path, how):
     """GEOMX_LOST_PARTY=rejoin, one launcher for the whole topology: party1's worker fails after round
-    0; the launcher lets party1's processes end, then starts them all again (GEOMX_PARTY_RESTART=1 tells
-    the worker), party1 rejoins with nobody touching the run, and the run ends with exit 0. Every value
-    each worker pulls is checked exactly against its round's membership, as in the --site test above."""
+    0 (its party says why at once), or is SIGKILLed after round 1 (nobody says goodbye: the global tier
+    still counts party1 when its new local server registers, and takes the new one once the old one
+    stays silent); the launcher lets party1's processes end, then starts them all again
+    (GEOMX_PARTY_RESTART=1 tells the worker), party1 rejoins with nobody touching the run, and the run
+    ends with exit 0. Every value each worker pulls is checked exactly against its round's membership,
+    as in the --site test above."""
     import logging
     import threading
 
@@ -192,19 +198,25 @@ def test_with_rejoin_the_launcher_starts_a_lost_party_again_and_it_rejoins_exact
     result: dict = {}
     gate = tmp_path / "rejoined"
     cmd = [sys.executable, SLOW_WORKER, "--slice", "{slice}", "--rounds", "30", "--sleep", "0.05",
-           "--crash-slice", "1", "--lost-slice", "1", "--lost-scale", "2", "--rejoin-push", "1000",
-           "--wait-round", "5", "--wait-file", str(gate)]
+           "--crash-slice", "1" if how == "fails" else "-1", "--lost-slice", "1", "--lost-scale", "2",
+           "--rejoin-push", "1000", "--wait-round", "5", "--wait-file", str(gate)]
     runner = threading.Thread(target=lambda: result.setdefault("rc", run(topo, cmd, stream=out, timeout=240)))
     runner.start()
     try:
+        if how == "sigkill":
+            out.wait_for(r"^\[party1/worker0\] ROUND 1 OK", 120, done=lambda: not runner.is_alive())
+            os.kill(int(out.wait_for(r"^\[party1/worker0\] PID (\d+)", 5).group(1)), signal.SIGKILL)
         out.wait_for(r"^\[party1/worker0\] INITIALISED", 150, done=lambda: not runner.is_alive())
     finally:
         gate.write_text("")  # party0 trains on from round 5 (also when the wait failed: the run ends)
         runner.join(200)
     text = out.text()
     assert result.get("rc") == 0, text[-8000:]
-    assert "MISMATCH" not in text and "injected failure" in text, text[-8000:]
+    assert "MISMATCH" not in text and ("injected failure" in text) == (how == "fails"), text[-8000:]
     assert "starting party party1 again (1 of 3) so that it rejoins the run (GEOMX_LOST_PARTY=rejoin)" in caplog.text
     assert re.search(r"\[party0/worker0\] REJOIN SEEN from round \d+", text), text[-8000:]
     assert "[party1/worker0] JOINED at round" in text and text.count("EXACT OK") == 2, text[-8000:]
     assert "the run ended without party" not in caplog.text
+    if how == "sigkill":
+        # The old local server was still counted when the new one registered: replaced once silent.
+        assert re.search(r"\[global_scheduler\] .*was replaced: its party's site started again", text), text[-8000:]

@@ -373,7 +373,9 @@ def _may_rejoin(launcher: _Launcher, party: str, rejoins: Dict[str, int]) -> boo
         return False
     if rejoins.get(party, 0) >= MAX_RESTARTS:
         return False
-    return True
+    # Not once the global tier has ended (it is here when this launcher runs the central site).
+    central = [c for c in launcher.children if c.name == "global_scheduler"]
+    return not central or central[-1].returncode is None
 
 
 def _supervise(launcher: _Launcher, description: str, timeout: Optional[float], grace: float):
@@ -433,8 +435,8 @@ def _supervise(launcher: _Launcher, description: str, timeout: Optional[float], 
                 # go on, and the party can be started again to rejoin.)
                 status = _exit_status(rc)
                 lost[c.spec.party] = f"{c.name} exited with code {status}"
-                log.warning("%s exited with code %d; the run goes on without party %s (GEOMX_LOST_PARTY=continue)",
-                            c.name, status, c.spec.party)
+                log.warning("%s exited with code %d; the run goes on without party %s (GEOMX_LOST_PARTY=%s)",
+                            c.name, status, c.spec.party, "rejoin" if c.spec.rejoin is not None else "continue")
                 # Its party's other processes stop with it (the global tier drops the party).
                 for other in launcher.children:
                     if other.spec.party == c.spec.party and other.returncode is None:

@@ -71,7 +71,8 @@ class TierMember:
         self._answered = False
         # Called with (rank, reason, party: the lost node's party name or None) when the tier goes on
         # without a node (MixedSync, or GEOMX_LOST_PARTY=continue).
-        self.on_peer_left: Optional[Callable[[int, str, Optional[str]], None]] = None
+        # A server also gets the lost node's token (its requests are refused from then on).
+        self.on_peer_left: Optional[Callable[[int, str, Optional[str], Optional[str]], None]] = None
         # Called with (old, new) when the scheduler announces a server's new address (a global
         # server restarted from a checkpoint).
         self.on_servers_changed: Optional[Callable[[TierInfo, TierInfo], None]] = None
@@ -82,6 +83,7 @@ class TierMember:
         # global server: the parties the tier goes on without).
         self.resume_meta: Optional[Callable[[], dict]] = None
         self._policy: Optional[bool] = None  # the last POLICY sent, sent again to a restarted scheduler
+        self._registering = False
         # Called with the first TierInfo, in the same loop turn as the REGISTER_ACK: before any message
         # from the tier's other nodes (who learn the tier from the same acknowledgements) is handled.
         self.on_registered: Optional[Callable[[TierInfo], None]] = None
@@ -137,6 +139,8 @@ class TierMember:
             self.link.send(Message(MsgType.REGISTER, meta={**self.register_meta, "resume": resume}))
             if self._policy is not None:
                 self.set_policy(self._policy)
+        elif self._registering:
+            self.register()  # not acknowledged yet: the scheduler may be a new one that never saw it
         for seq, group, _ in self._barrier_waiters:
             self.link.send(Message(MsgType.BARRIER, meta={"group": group, "n": seq}))
 
@@ -145,6 +149,7 @@ class TierMember:
         return f"{name}#{self.token}"
 
     def register(self) -> None:
+        self._registering = True
         self.link.send(Message(MsgType.REGISTER, meta=self.register_meta))
 
     def barrier(self, group: str, on_done: Callable[[], None]) -> None:
@@ -250,7 +255,8 @@ class TierMember:
             rank = meta_field(msg, "rank", int)
             reason = meta_field(msg, "reason", str, "")
             if self.on_peer_left is not None:
-                self.on_peer_left(rank, reason, meta_field(msg, "party", str, None))
+                self.on_peer_left(rank, reason, meta_field(msg, "party", str, None),
+                                  meta_field(msg, "token", str, None))
             else:
                 log.warning("%s", reason)
         elif msg.type in (MsgType.TS_PUSH_TO, MsgType.TS_RELAY_TO) and self.on_tsengine is not None:

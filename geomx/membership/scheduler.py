@@ -106,6 +106,7 @@ class Scheduler:
         # Started again in place of a scheduler that died (GEOMX_SCHEDULER_RESUME): the tier's nodes
         # come back with their ranks (REGISTER with "resume"), and it goes on once all of them have.
         self.resuming = resume
+        self.restarted = resume
         # The global tier: how long a party's local server may be silent (its WAN link down) before
         # it counts as dead (GEOMX_WAN_OUTAGE_WINDOW; 0: the heartbeat timeout decides).
         self.outage_window = outage_window
@@ -139,6 +140,11 @@ class Scheduler:
         # Restarts of a server heard from too recently to tell whether it died: (the old member, the
         # replacement's registration), decided by whether the old one speaks again (see _on_restart).
         self._restarts_waiting: List[Tuple[Member, tuple]] = []
+        # REGISTERs that wait for a decision: (the message, its identity, its CURVE key, since when). A
+        # plain one while this scheduler resumes (replayed once the tier is back), and one of a party
+        # whose old local server is still in the tier (its site was started again: taken once the old
+        # one has been silent two heartbeat intervals, refused if it speaks).
+        self._held: List[Tuple[Message, bytes, Optional[str], float]] = []
         self.started = time.monotonic()
 
     # -- main loop ----------------------------------------------------------------------------
@@ -187,7 +193,12 @@ class Scheduler:
                             member.rank, member.last_seen - member.lost_at)
                 member.lost_at = None
         if msg.type == MsgType.REGISTER:
-            self._on_register(msg, identity)
+            try:
+                self._on_register(msg, identity, self.link.sender_key if self.link.curve else None)
+            except ProtocolError as exc:
+                # Said to the node too: it would otherwise wait out GEOMX_START_TIMEOUT for an answer.
+                self.link.send(Message(MsgType.PEER_DEAD, meta={"reason": f"{self.tier}: {exc}"}), identity)
+                raise
         elif member is None:
             raise ProtocolError(f"{msg.type.name} from unregistered peer {peer_label(identity)}")
         elif msg.type == MsgType.ADMITTED:
@@ -224,7 +235,7 @@ class Scheduler:
         log.info("%s: %s %s (rank %d) reconnected", self.tier, member.role, member.name, member.rank)
         member.identity = identity
 
-    def _on_register(self, msg: Message, identity: bytes) -> None:
+    def _on_register(self, msg: Message, identity: bytes, key: Optional[str]) -> None:
         role = meta_field(msg, "role", str)
         host = meta_field(msg, "host", str)
         port = meta_field(msg, "port", int)
@@ -246,17 +257,23 @@ class Scheduler:
         if token and not _TOKEN.fullmatch(token):
             raise ProtocolError("REGISTER with a malformed token")
         resume = meta_field(msg, "resume", dict, None)
-        if base_identity(identity) in self.members:
-            if resume is not None:
+        known = self.members.get(base_identity(identity))
+        if known is not None:
+            if resume is not None or identity != known.identity:
                 return  # a member's new connection to this same scheduler (handled as a reconnection)
             raise ProtocolError(f"{peer_label(identity)} registered twice")
-        key = self.link.sender_key if self.link.curve else None
+        if self.resuming and resume is None:
+            # A node new to the tier (a lost party's site started again) while the tier comes back.
+            self._held.append((msg, identity, key, time.monotonic()))
+            return
         if key is not None:
             self._check_key(key, role, party, name or peer_label(identity))
         if resume is not None:
             if not self.resuming:
-                raise ProtocolError(f"{name or peer_label(identity)} resumes its registration, but this scheduler "
-                                    "did not restart (GEOMX_SCHEDULER_RESUME)")
+                why = "its whole tier is back already" if self.restarted else \
+                    "did not restart (GEOMX_SCHEDULER_RESUME)"
+                raise ProtocolError(f"{name or peer_label(identity)} resumes its registration, but this "
+                                    f"scheduler {why}")
             self._on_resume(identity, role, host, port, name or peer_label(identity), master, global_servers,
                             relay, party, restart_timeout, ts, token, key, resume)
             return
@@ -267,6 +284,15 @@ class Scheduler:
             slot = next((m for m in self.members.values() if m.left and m.party == party[:200]), None)
             if slot is not None:
                 self._on_rejoin(slot, identity, host, port, name or peer_label(identity), token, key)
+                return
+            old = next((m for m in self.members.values() if m.role == "worker" and m.party == party[:200]
+                        and not m.done), None)
+            if old is not None and self.lost_party != "stop":
+                # Its site was started again while the tier still counts the old local server (it died
+                # without a goodbye): decided by whether the old one speaks again (_decide_held).
+                if not any(h[1] == identity for h in self._held):
+                    old.spoke_since_restart = False
+                    self._held.append((msg, identity, key, time.monotonic()))
                 return
         if self.registered:
             raise ProtocolError(f"late REGISTER from {name or peer_label(identity)}: the tier is complete")
@@ -292,7 +318,7 @@ class Scheduler:
         """A node of the tier registered with the scheduler that died: it comes back with its rank (and
         its barriers passed); global servers also name the parties the tier had gone on without, whose
         slots stay free for them to rejoin."""
-        rank, passed = resume.get("rank"), resume.get("barriers", 0)
+        rank, passed, left = resume.get("rank"), resume.get("barriers", 0), resume.get("left", [])
         limit = self.num_servers if role == "server" else self.num_workers
         if not isinstance(rank, int) or not 0 <= rank < limit or not isinstance(passed, int) or passed < 0:
             raise ProtocolError(f"{name} resumes with a bad rank {rank!r} (or barrier count)")
@@ -300,29 +326,43 @@ class Scheduler:
             raise ProtocolError(f"{name} resumes as {role} rank {rank}, which another node holds")
         if ts:
             raise ProtocolError(f"{name} takes part in TSEngine, whose trees a restarted scheduler cannot rebuild")
+        # Only the tier's servers (with CURVE: the scheduler's own key) say which parties were lost.
+        if left and role != "server":
+            raise ProtocolError(f"{name} names lost parties in its resume, but only the tier's servers may")
+        if not isinstance(left, list) or not all(self._left_entry_ok(e) for e in left):
+            raise ProtocolError(f"{name} resumes with a malformed list of lost parties")
         self.members[base_identity(identity)] = Member(
             identity, role, host, port, name, master, None, len(self.members), time.monotonic(), global_servers,
             relay, None if party is None else party[:200], rank=rank, restart_timeout=restart_timeout, token=token,
             key=key, outage_window=self.outage_window if party is not None else 0.0, barriers_passed=passed)
-        for entry in resume.get("left", []):
+        for entry in left:
             self._left_slot(entry)
-        log.info("%s: %s %s is back as rank %d (%d of %d)", self.tier, role, name, rank, len(self.members),
-                 self.num_servers + self.num_workers)
+        log.info("%s: %s %s is back as rank %d (%d of %d)", self.tier, role, name, rank,
+                 sum(not m.left for m in self.members.values()), self.num_servers + self.num_workers)
         if len(self.members) == self.num_servers + self.num_workers:
             self._resumed()
 
-    def _left_slot(self, entry: object) -> None:
+    def _left_entry_ok(self, entry: object) -> bool:
+        return (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], int)
+                and 0 <= entry[0] < self.num_workers and isinstance(entry[1], str)
+                and (entry[2] is None or isinstance(entry[2], str)))
+
+    def _left_slot(self, entry: list) -> None:
         """A party the tier had gone on without (from a global server's resume): its slot, kept free."""
-        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], int) and
-                isinstance(entry[1], str) and (entry[2] is None or isinstance(entry[2], str))):
-            raise ProtocolError(f"a resume with a malformed lost party {entry!r}")
         rank, party, key = entry
-        if any(m.role == "worker" and m.rank == rank for m in self.members.values()):
-            return  # known already (another global server named it, or it came back itself)
+        held = next((m for m in self.members.values() if m.role == "worker" and m.rank == rank), None)
+        if held is not None:
+            if held.left and held.key is None and key is not None:
+                held.key = key  # another global server knew the party's key
+            elif not held.left:
+                # The lost local server itself came back first: the tier went on without it.
+                self._lost(held, f"{self.tier}: worker {held.name} (rank {rank}, party {party}) resumed, but the "
+                                 "tier had gone on without its party")
+            return
         identity = f"left:{party}#{rank}".encode()
         self.members[identity] = Member(identity, "worker", "", 0, f"local_server of party {party}", False, None,
                                         len(self.members), time.monotonic(), party=party[:200], rank=rank,
-                                        done=True, left=True, key=key)
+                                        done=True, left=True, key=key, outage_window=self.outage_window)
         self.lost_party_names.add(party)
 
     def _resumed(self) -> None:
@@ -337,6 +377,8 @@ class Scheduler:
         self._announce_servers()
         log.warning("%s: the scheduler restarted and all %d nodes are back; the tier goes on", self.tier,
                     len(self.members))
+        if self._held:
+            self._decide_held(time.monotonic())  # a lost party's site that came meanwhile
 
     def _check_party_slot(self, party: Optional[str], name: str) -> None:
         """GEOMX_PARTY_SERVERS: a local server takes one of its own party's slots, never another's."""
@@ -404,7 +446,7 @@ class Scheduler:
         member = self.members[base_identity(identity)] = dataclasses.replace(
             slot, identity=identity, host=host, port=port, name=name, last_seen=time.monotonic(), done=False,
             left=False, token=token, key=key, silent_since=None, said_silent=0.0, barriers_passed=0,
-            lost_at=None)
+            lost_at=None, outage_window=self.outage_window)
         if not any(m.left and m.party == slot.party for m in self.members.values()):
             self.lost_party_names.discard(slot.party)
         servers = [m for m in self.members.values() if m.role == "server" and not m.done]
@@ -432,6 +474,35 @@ class Scheduler:
             self._announce_servers([joiner])
             log.warning("%s: party %s rejoined as rank %d; it joins each key's rounds at the next one it can "
                         "take part in", self.tier, joiner.party, joiner.rank)
+
+    def _decide_held(self, now: float) -> None:
+        """The REGISTERs that waited: of a party whose old local server is still counted, the old one
+        is lost once silent for two heartbeat intervals (its site was started again) and the new one
+        takes its slot; if the old one speaks, the new one is refused. Any other is handled now."""
+        held, self._held = self._held, []
+        for msg, identity, key, since in held:
+            party = meta_field(msg, "party", str, None)
+            old = next((m for m in self.members.values() if m.role == "worker" and party is not None
+                        and m.party == party[:200] and not m.done), None)
+            if old is not None:
+                if old.spoke_since_restart and old.last_seen > since:
+                    reason = (f"{self.tier}: REGISTER for party {party} refused: its local server {old.name} (rank "
+                              f"{old.rank}) is alive; a second copy of a party cannot join")
+                    log.error("%s", reason)
+                    self.link.send(Message(MsgType.PEER_DEAD, meta={"reason": reason}), identity)
+                    continue
+                if now - old.last_seen < 2 * self.heartbeat_interval:
+                    self._held.append((msg, identity, key, since))
+                    continue
+                self._lost(old, f"{self.tier}: worker {old.name} (rank {old.rank}, party {party}) was replaced: "
+                                f"its party's site started again (silent for {now - old.last_seen:.1f}s)")
+                if self.exit_code is not None:
+                    return
+            try:
+                self._on_register(msg, identity, key)
+            except ProtocolError as exc:
+                log.warning("%s: REGISTER from %s refused: %s", self.tier, peer_label(identity), exc)
+                self.link.send(Message(MsgType.PEER_DEAD, meta={"reason": f"{self.tier}: {exc}"}), identity)
 
     def _restart_decided(self, now: float) -> None:
         """The restarts that waited for their old server to speak or stay silent: refused if it spoke
@@ -461,11 +532,12 @@ class Scheduler:
         addresses = [[m.host, m.port] for m in servers]
         # Servers learn which identities their clients (this tier's workers) use, with CURVE the key each
         # must come with, and which of them is the master worker; nobody else does.
-        workers = [m for m in self.members.values() if m.role == "worker" and m.token]
+        workers = [m for m in self.members.values() if m.role == "worker" and m.token and not m.left]
         clients = sorted(m.token for m in workers)
         client_keys = {m.token: m.key for m in workers if m.key is not None}
         master = next((m.token for m in workers if m.master), None)
-        for m in members if members is not None else [m for m in self.members.values() if not m.done]:
+        for m in members if members is not None else [m for m in self.members.values()
+                                                      if not m.done and m.admitting is None]:
             meta = {"rank": m.rank, "servers": addresses, "num_workers": self.num_workers,
                     "num_servers": self.num_servers, "tier": self.tier, **self.layout,
                     "rejoined": m.identity == rejoined}
@@ -549,8 +621,10 @@ class Scheduler:
         now = time.monotonic()
         if self._restarts_waiting:
             self._restart_decided(now)
+        if self._held and not self.resuming:
+            self._decide_held(now)
         if self.resuming and now - self.started > self.start_timeout:
-            back = len(self.members)
+            back = sum(not m.left for m in self.members.values())
             self.fail(f"{self.tier}: the restarted scheduler heard from {back} of the "
                       f"{self.num_servers + self.num_workers} nodes within {self.start_timeout:.0f}s "
                       "(GEOMX_START_TIMEOUT); the others did not come back", None)
@@ -623,8 +697,10 @@ class Scheduler:
             log.warning("%s (the tier carries on)", reason)
         for m in self.members.values():
             if not m.done:
-                self.send(m, Message(MsgType.PEER_LEFT, meta={"reason": reason, "rank": member.rank,
-                                                               "role": member.role, "party": member.party}))
+                meta = {"reason": reason, "rank": member.rank, "role": member.role, "party": member.party}
+                if m.role == "server" and member.token:
+                    meta["token"] = member.token  # the servers refuse its requests from now on
+                self.send(m, Message(MsgType.PEER_LEFT, meta=meta))
         if all(m.done for m in self.members.values()):
             self.exit_code = 0
 

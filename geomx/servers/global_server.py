@@ -59,6 +59,7 @@ class GlobalServer(ServerBase):
         self.joining: Dict[str, int] = {}
         self.joined_clients: set = set()
         self.left: Dict[int, tuple] = {}  # global rank -> (party, its CURVE key) of a party lost for now
+        self.gone_tokens: set = set()  # the lost local servers' tokens: their requests are refused
         self.on_async: Optional[Callable[[], None]] = None  # set by the node: tell the global scheduler
         self.compression_params: Optional[Dict[str, Any]] = None  # set by the master worker
         # Checkpoints (GEOMX_CHECKPOINT_DIR): the rounds of each key in the last saved checkpoint, and
@@ -93,6 +94,10 @@ class GlobalServer(ServerBase):
         return None if ks is None or not ks.initialized else (ks.numel, ks.dtype)
 
     def dispatch(self, msg: Message, identity: Optional[bytes], link: Link, sender_key: object) -> None:
+        if self.gone_tokens and identity is not None and identity_token(identity) in self.gone_tokens:
+            # A lost local server that still runs (its link came back after the window): the tier's
+            # rounds no longer count it, under any sync algorithm; it must start again to rejoin.
+            raise ProtocolError(f"{msg.type.name} from {peer_label(identity)}, whose party the tier went on without")
         if msg.type == MsgType.DGT_BLOCK:
             if self.dgt is None or link is not self.wan_link:
                 raise ProtocolError("DGT block, but DGT is off here (ENABLE_DGT) or it came from a "
@@ -237,9 +242,6 @@ class GlobalServer(ServerBase):
                 pass  # logged; the previous checkpoint stays
 
     def on_push(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
-        if client in self.lost_clients:
-            # The tier went on without it: its rounds are counted without it (a rejoin is a new client).
-            raise ProtocolError(f"push from {peer_label(identity)}, whose party the tier went on without")
         self.party_rank[client] = msg.sender
         if not self.policy.on_push(msg, client, link, identity):
             super().on_push(msg, client, link, identity)
@@ -271,12 +273,18 @@ class GlobalServer(ServerBase):
             return
         super().fail_rounds_without(client)
 
-    def on_peer_left(self, rank: int, reason: str, party: Optional[str] = None) -> None:
+    def on_peer_left(self, rank: int, reason: str, party: Optional[str] = None, token: Optional[str] = None) -> None:
         """A party's local server is gone and the tier carries on without it: under MixedSync (its
         rounds never waited for a party), or under FSA with GEOMX_LOST_PARTY=continue, where the rounds
         it has not pushed into complete with the other parties' pushes, scaled to the full count."""
         lost = [c for c, r in self.party_rank.items() if r == rank and c[0] == self.wan_link.name]
         self.lost_parties.add(rank)
+        self.gone_tokens.update(identity_token(c[1]) for c in lost)
+        if token is not None:
+            self.gone_tokens.add(token)
+        for joiner in [t for t, r in self.joining.items() if r == rank]:
+            del self.joining[joiner]  # a rejoining server lost again, perhaps before its INITs arrived
+            self.gone_tokens.add(joiner)
         if party is not None:
             allowed = self.allowed.get(self.wan_link.name, {})
             keys = [allowed.get(identity_token(c[1])) for c in lost]

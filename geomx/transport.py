@@ -559,8 +559,8 @@ class EventLoop:
                 self._drain(*entry)
             elif sock in self.fd_handlers:
                 self.fd_handlers[sock]()
-            elif sock in self._raw:
-                self._raw[sock]()
+            elif sock in self._raw and not getattr(sock, "closed", False):
+                self._raw[sock]()  # (a socket closed by an earlier handler of this turn is skipped)
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             _, _, fn = heapq.heappop(self._timers)

@@ -232,11 +232,13 @@ def test_a_flood_of_complete_messages_does_not_keep_an_unfinished_one_from_being
     try:
         run_until(loop, lambda: len(guard.connections) == 2, "both connections to be accepted")
         thread.start()
+        # The flood is under way before the unfinished message starts (asserted after the cut, it
+        # failed once in CI at load 10: the flooding thread had barely run by then).
+        run_until(loop, lambda: link.bytes_received > 100_000, "the flood to reach the listener")
         chunk = frame(b"y" * MAX_MESSAGE, more=True)
         for _ in range(guard.limit // MAX_MESSAGE + 2):
             holder.sendall(chunk)
         run_until(loop, lambda: guard.cut == 1, "the connection holding an unfinished message to be cut")
-        assert link.bytes_received > 100_000, "the flood did not reach the listener"
         assert holder.recv(65536) is not None  # its handshake, or the end
         assert len(guard.connections) == 1  # the flooder's: it delivers what it sends
     finally:

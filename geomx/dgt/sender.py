@@ -134,6 +134,9 @@ class Sender:
         port, the party's sender id and key)."""
         peer = self.peers[server]
         if peer.low is not None:
+            # Out of the loop first: its connection monitor would otherwise be read after the close (CI
+            # saw a local server die of that at the end of a run with two global servers).
+            self.loop.remove(peer.low)
             peer.low.close()
         peer.link = link
         self._connect_low(peer, port, server)

@@ -66,8 +66,6 @@ class Member:
     # acknowledged once none is left, so that none of its first requests can meet a server that
     # does not know it.
     admitting: Optional[set] = None
-    # A restart of its rank waits (see Scheduler._on_restart): whether it spoke since.
-    spoke_since_restart: bool = False
 
     @property
     def base(self) -> bytes:
@@ -139,7 +137,7 @@ class Scheduler:
         self.clients_version = 0  # REGISTER_ACKs that changed the servers' client lists (rejoins)
         # Restarts of a server heard from too recently to tell whether it died: (the old member, the
         # replacement's registration), decided by whether the old one speaks again (see _on_restart).
-        self._restarts_waiting: List[Tuple[Member, tuple]] = []
+        self._restarts_waiting: List[Tuple[Member, tuple, float]] = []  # (old, registration, since)
         # REGISTERs that wait for a decision: (the message, its identity, its CURVE key, since when). A
         # plain one while this scheduler resumes (replayed once the tier is back), and one of a party
         # whose old local server is still in the tier (its site was started again: taken once the old
@@ -182,7 +180,6 @@ class Scheduler:
             if identity != member.identity:
                 self._reconnected(member, identity)
             member.last_seen = time.monotonic()
-            member.spoke_since_restart = True
             if member.silent_since is not None:
                 log.warning("%s: %s %s (rank %d) is back after %.1fs of silence (a WAN outage); the tier goes on",
                             self.tier, member.role, member.name, member.rank, member.last_seen - member.silent_since)
@@ -291,7 +288,6 @@ class Scheduler:
                 # Its site was started again while the tier still counts the old local server (it died
                 # without a goodbye): decided by whether the old one speaks again (_decide_held).
                 if not any(h[1] == identity for h in self._held):
-                    old.spoke_since_restart = False
                     self._held.append((msg, identity, key, time.monotonic()))
                 return
         if self.registered:
@@ -424,8 +420,8 @@ class Scheduler:
         if old.lost_at is None and silent < 2 * self.heartbeat_interval:
             # Heard from a moment ago: dead since, or alive (the wrong checkpoint, or a second copy)?
             # A live server heartbeats within one interval; decided then (_restart_decided).
-            old.spoke_since_restart = False
-            self._restarts_waiting.append((old, (identity, role, host, port, name, rank, restart_timeout)))
+            self._restarts_waiting.append((old, (identity, role, host, port, name, rank, restart_timeout),
+                                           time.monotonic()))
             return
         del self.members[old.base]
         self.members[base_identity(identity)] = dataclasses.replace(
@@ -485,7 +481,7 @@ class Scheduler:
             old = next((m for m in self.members.values() if m.role == "worker" and party is not None
                         and m.party == party[:200] and not m.done), None)
             if old is not None:
-                if old.spoke_since_restart and old.last_seen > since:
+                if old.last_seen > since:
                     reason = (f"{self.tier}: REGISTER for party {party} refused: its local server {old.name} (rank "
                               f"{old.rank}) is alive; a second copy of a party cannot join")
                     log.error("%s", reason)
@@ -508,11 +504,11 @@ class Scheduler:
         """The restarts that waited for their old server to speak or stay silent: refused if it spoke
         after the restart asked (it is alive), taken once it was silent for two heartbeat intervals."""
         waiting, self._restarts_waiting = self._restarts_waiting, []
-        for old, (identity, role, host, port, name, rank, restart_timeout) in waiting:
+        for old, (identity, role, host, port, name, rank, restart_timeout), since in waiting:
             if self.members.get(old.base) is not old:
                 continue  # replaced meanwhile (by another restart)
             silent = now - old.last_seen
-            if old.spoke_since_restart:
+            if old.last_seen > since:
                 reason = (f"{self.tier}: restart of {role} {name} as rank {rank} refused: the server of that rank "
                           f"({old.host}:{old.port}) is alive (heard from {silent:.1f}s ago); use the checkpoint of "
                           "the server that died")
@@ -521,7 +517,7 @@ class Scheduler:
             elif silent >= 2 * self.heartbeat_interval:
                 self._on_restart(identity, role, host, port, name, rank, restart_timeout)
             else:
-                self._restarts_waiting.append((old, (identity, role, host, port, name, rank, restart_timeout)))
+                self._restarts_waiting.append((old, (identity, role, host, port, name, rank, restart_timeout), since))
 
     def _announce_servers(self, members: Optional[List[Member]] = None, rejoined: Optional[bytes] = None,
                           joined: Optional[Member] = None) -> None:

@@ -117,6 +117,9 @@ ROWS: List[Row] = [
         note="MXNet 1.9.1 ps-lite dist_sync; one server in the central DC; every worker crosses the WAN"),
     Row("geomx-fsa", "geomx", flags="(default)",
         note="vanilla HiPS: fully synchronous, a local server per party, one global server"),
+    Row("geomx-fsa-whole", "geomx", env={"GEOMX_WAN_SLICE_BYTES": "0"}, default=False,
+        flags="GEOMX_WAN_SLICE_BYTES=0 (global servers)",
+        note="FSA without cut-through rounds: each key crosses the WAN whole, up and then down"),
     Row("geomx-bsc", "geomx",
         worker_args=("--local-optimizer", "--compression",
                      '{"type": "bsc", "threshold": 0.01, "size_lower_bound": 1000}'),
@@ -406,6 +409,25 @@ def markdown_sync(report: dict, baseline: str = "geomx-fsa") -> str:
     return "\n".join(lines)
 
 
+def markdown_busy(report: dict) -> str:
+    """Per row, the fraction of the timed span each capped link was busy up and down, and the time
+    per iteration against the link's full-duplex floor (max(up, down) bytes / rate)."""
+    dcs = sorted({dc for r in report["rows"] for dc in (r.get("busy") or {})})
+    lines = ["| model | row | s/iter | duplex bound s/iter | measured / duplex bound | "
+             + " | ".join(f"{dc} up / down busy" for dc in dcs) + " |",
+             "|---|---|---|---|---|" + "---|" * len(dcs)]
+    for r in report["rows"]:
+        busy = r.get("busy")
+        if not busy:
+            continue
+        bound = r.get("bound_duplex_s")
+        ratio = r["median_s"] / bound if bound else None
+        cells = [f"{busy[dc]['up']:.2f} / {busy[dc]['down']:.2f}" if dc in busy else "-" for dc in dcs]
+        lines.append(f"| {r['model']} | {r['row']} | {_f(r.get('median_s'), '.3f')} | {_f(bound, '.3f')} "
+                     f"| {_f(ratio, '.2f')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown_tail(report: dict, baseline: str = "geomx-fsa") -> str:
     """For the DGT rows: median and p90 iteration time, p90 against ``baseline``, and accuracy cost."""
     lines = ["| model | row | s/iter (median) | s/iter (p90) | {0} p90 / row p90 | push→reply p50 (s) "
@@ -575,12 +597,9 @@ def run_row(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"]) ->
             flows.close()
 
 
-def _run_row(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"]) -> dict:
-    watcher = _MarkWatcher(w)
-    base_env = {"OMP_NUM_THREADS": str(args.omp_threads)}
-    base_env.update(row.env)
-    nworkers = args.parties * args.workers
-    t0 = time.perf_counter()
+def _launch(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"], watcher: "_MarkWatcher",
+            base_env: Dict[str, str], nworkers: int) -> tuple:
+    """Run the row's processes to the end; (exit status, their output)."""
     if row.system == "native":
         argvs = [worker_argv(row, model, mode, args, str(i), native=True) for i in range(nworkers)]
         dcs = [f"party{i // args.workers}" for i in range(nworkers)]
@@ -627,6 +646,24 @@ def _run_row(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"]) -
             status = launch_run(topo, worker_argv(row, model, mode, args, "{slice}", native=False),
                                 timeout=args.timeout, stream=stream, grace=20.0)
         text = stream.getvalue()
+    return status, text
+
+
+def _run_row(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"]) -> dict:
+    watcher = _MarkWatcher(w)
+    base_env = {"OMP_NUM_THREADS": str(args.omp_threads)}
+    base_env.update(row.env)
+    nworkers = args.parties * args.workers
+    t0 = time.perf_counter()
+    # Per link and direction, how much of the timed span it was busy (docs/Benchmarks.md, "Both
+    # directions of a link").
+    sampling = w is not None and mode == "throughput"
+    if sampling:
+        w.start_sampling()
+    try:
+        status, text = _launch(row, model, mode, args, w, watcher, base_env, nworkers)
+    finally:
+        samples = w.stop_sampling() if sampling else []
     wall = time.perf_counter() - t0
     results = parse_results(text)
     ok = status == 0 and len(results) == nworkers and all(r.get("finite") for r in results)
@@ -653,6 +690,8 @@ def _run_row(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"]) -
     if mode == "throughput":
         iters = len(results[0]["iter_ms"])
         out.update(summarise_throughput(results, span, iters, rates, workers_per_party=args.workers))
+        if samples and "start" in watcher.times and "end" in watcher.times:
+            out["busy"] = wanmod.busy_fractions(samples, rates, watcher.times["start"], watcher.times["end"])
         out["setup_s"] = max(r["setup_s"] for r in results)
         out["params"] = results[0]["params"]
     else:
@@ -942,6 +981,12 @@ def main(argv=None) -> int:
     print("\nPer party (iterations/s over each worker's own timed loop, mean per party), WAN bytes per "
           "sample, time to accuracy; ratios against geomx-fsa:\n")
     print(sync)
+    if any(r.get("busy") for r in report_rows):
+        busy = markdown_busy(report)
+        report["busy_table_markdown"] = busy
+        print("\nShare of the timed span each capped link was busy, per direction (at least half its rate "
+              "in a 10 ms sample):\n")
+        print(busy)
     if any(r.get("row", "").startswith("geomx-dgt") for r in report_rows):
         tail = markdown_tail(report)
         report["tail_table_markdown"] = tail

@@ -166,6 +166,11 @@ class NodeConfig:
     verbose: int = 0
     # Key placement (MultiGPS) and codecs.
     bigarray_bound: int = 1_000_000
+    # Global server: the slice size, in bytes, it asks its clients to cut their FSA pushes and pulls
+    # of a dense key into (GEOMX_WAN_SLICE_BYTES; 0: whole keys). Each slice is updated and answered
+    # as soon as every party's copy of it is in, so results stream down the WAN while later slices
+    # still stream up (docs/Scheduling.md, "Cut-through rounds").
+    wan_slice_bytes: int = 65536
     # None when MXNET_KVSTORE_SIZE_LOWER_BOUND is unset: a master worker then lets the global
     # servers' own value decide (as GeoMX's scripts expect), and they fall back to 200000.
     size_lower_bound: Optional[int] = None
@@ -438,6 +443,11 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
     kw["verbose"] = r.int("PS_VERBOSE", 0)
     kw["bigarray_bound"] = r.int("MXNET_KVSTORE_BIGARRAY_BOUND", 1_000_000, minimum=1)
     kw["size_lower_bound"] = r.int("MXNET_KVSTORE_SIZE_LOWER_BOUND", None, minimum=1)
+    if role == GLOBAL_SERVER:
+        kw["wan_slice_bytes"] = r.int("GEOMX_WAN_SLICE_BYTES", 65536, minimum=0)
+        if 0 < kw["wan_slice_bytes"] < 4096:
+            raise r._fail("GEOMX_WAN_SLICE_BYTES", f"must be 0 (whole keys) or at least 4096, got "
+                                                   f"{kw['wan_slice_bytes']} (each slice is a message of its own)")
     kw["hfa"] = _load_hfa(r)
     kw["esync"] = _load_esync(r)
     kw["checkpoint"] = _load_checkpoint(r) if role == GLOBAL_SERVER else CheckpointConfig()

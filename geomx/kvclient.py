@@ -154,6 +154,9 @@ class KVClient:
         self.first_rounds: Dict[Tuple[int, int], int] = {}  # (server, key) -> the INIT reply's round
         self.push_rounds: Dict[Tuple[int, int, int], int] = {}  # (server, key, offset) -> rounds pushed
         self.checkpointing: set = set()  # (server, key) whose server checkpoints
+        # Cut-through rounds: key -> the slice size (elements) its global servers asked for in their
+        # INIT replies (meta "slice"); dense pushes and pulls of the key go in slices of that size.
+        self.slices: Dict[int, int] = {}
         self.retained: Dict[Tuple[int, int], List[Message]] = {}  # (server, key) -> answered pushes
         self._ids = itertools.count(1)
         self.pending: Dict[int, _Pending] = {}
@@ -259,19 +262,29 @@ class KVClient:
     def num_servers(self) -> int:
         return len(self.links)
 
-    def parts(self, key: int, total: int, sliced: bool = False) -> List[Part]:
-        return partition(key, total, len(self.links), self.bigarray_bound, self.global_servers,
-                         self.via.slice_size if sliced else 0)
+    # A server asking for smaller slices is ignored: per-message costs would swamp the round.
+    MIN_SLICE = 256
 
-    def span_parts(self, key: int, offset: int, numel: int, total: int, sliced: bool = False) -> List[Part]:
+    def parts(self, key: int, total: int, slice_size: int = 0) -> List[Part]:
+        return partition(key, total, len(self.links), self.bigarray_bound, self.global_servers, slice_size)
+
+    def span_parts(self, key: int, offset: int, numel: int, total: int, slice_size: int = 0) -> List[Part]:
         """The parts of ``key`` (``total`` elements) that make up its slice ``[offset, offset + numel)``:
         a local server holding one slice of a key forwards exactly the global parts inside it (cut
-        into P3 slices when ``sliced``)."""
+        into slices of ``slice_size`` elements, if not 0)."""
         parts = [p for p in self.parts(key, total) if offset <= p[1] and p[1] + p[2] <= offset + numel]
         if sum(p[2] for p in parts) != numel:
             raise ProtocolError(f"key {key}: slice [{offset}, {offset + numel}) of {total} elements does not "
                                 "consist of whole parts of the global servers")
-        return p3_slices(parts, self.via.slice_size if sliced else 0)
+        return p3_slices(parts, slice_size)
+
+    def slice_size(self, mtype: MsgType, key: int, encoded: bool) -> int:
+        """How many elements each message of a ``mtype`` request of ``key`` carries at most (0: a
+        whole part): P3's slices when the sender has them, else the global servers' cut-through
+        slices for dense data (an encoded push is already small and travels whole)."""
+        if mtype not in _SLICED:
+            return 0
+        return self.via.slice_size or (0 if encoded else self.slices.get(key, 0))
 
     def request(self, mtype: MsgType, key: int, total: int, dtype: Any, callback: Callback, *,
                 data: Optional[np.ndarray] = None, meta: Optional[dict] = None, priority: int = 0,
@@ -288,10 +301,10 @@ class KVClient:
             callback(None, self.failed)
             return
         base, key_total = span if span is not None else (0, total)
-        sliced = mtype in _SLICED
+        slice_size = self.slice_size(mtype, key, encoder is not None)
         try:
-            parts = (self.span_parts(key, base, total, key_total, sliced) if span is not None
-                     else self.parts(key, total, sliced))
+            parts = (self.span_parts(key, base, total, key_total, slice_size) if span is not None
+                     else self.parts(key, total, slice_size))
         except ProtocolError as exc:
             callback(None, exc)
             return
@@ -414,6 +427,9 @@ class KVClient:
         meta = reply.meta or {}
         where = (server, sent.key)
         if sent.type == MsgType.INIT:
+            size = meta.get("slice")
+            if isinstance(size, int) and not isinstance(size, bool) and size >= self.MIN_SLICE:
+                self.slices[sent.key] = min(size, self.slices.get(sent.key, size))
             start = meta.get("round")
             if isinstance(start, int) and not isinstance(start, bool) and start >= 0:
                 self.first_rounds.setdefault(where, start)

@@ -307,6 +307,46 @@ def lower_bound(compute_s: float, counters: Mapping[str, LinkCounters],
     return {"bound_s": bound, "compute_s": compute_s, "wan_s": wan_s, "bottleneck": bottleneck}
 
 
+def parse_proc_net_dev(text: str, ifaces: Iterable[str]) -> Dict[str, tuple]:
+    """``(rx_bytes, tx_bytes)`` of each of ``ifaces`` from ``/proc/net/dev``'s text."""
+    wanted, out = set(ifaces), {}
+    for line in text.splitlines():
+        name, sep, rest = line.partition(":")
+        name = name.strip()
+        if sep and name in wanted:
+            fields = rest.split()
+            out[name] = (int(fields[0]), int(fields[8]))
+    return out
+
+
+def busy_fractions(samples: Sequence[tuple], rates: Mapping[str, Optional[float]], start: float, end: float,
+                   threshold: float = 0.5) -> Dict[str, Dict[str, float]]:
+    """Per capped link and direction, the fraction of ``[start, end]`` it was busy.
+
+    ``samples``: ``(time, {dc: (up bytes, down bytes)})`` in time order, as :meth:`Wan.stop_sampling`
+    returns them. An interval between two samples counts as busy in a direction when that direction
+    carried at least ``threshold`` of what the link's rate allows in it (acknowledgements and
+    control messages alone do not make a direction busy).
+    """
+    inside = [s for s in samples if start <= s[0] <= end]
+    busy: Dict[str, Dict[str, float]] = {}
+    total = 0.0
+    for (t0, a), (t1, b) in zip(inside, inside[1:]):
+        dt = t1 - t0
+        total += dt
+        for dc, rate in rates.items():
+            if rate is None or dc not in a or dc not in b:
+                continue
+            cap = rate / 8.0 * dt
+            row = busy.setdefault(dc, {"up": 0.0, "down": 0.0})
+            for i, way in enumerate(("up", "down")):
+                if b[dc][i] - a[dc][i] >= threshold * cap:
+                    row[way] += dt
+    if total <= 0:
+        return {}
+    return {dc: {way: t / total for way, t in row.items()} for dc, row in busy.items()}
+
+
 def _fmt_bytes(n: float) -> str:
     for unit, mult in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(n) >= mult:
@@ -445,6 +485,7 @@ class Wan:
         self._prev_handlers: Dict[int, object] = {}
         self._baseline: Optional[Dict[str, LinkCounters]] = None
         self._relays: List[subprocess.Popen] = []
+        self._sampler: Optional[tuple] = None  # (process, samples file) while sampling
 
     # ---- construction
     @classmethod
@@ -605,6 +646,47 @@ class Wan:
             return now
         return counter_delta(now, self._baseline)
 
+    def start_sampling(self, interval: float = 0.01) -> None:
+        """Sample every link's byte counters each ``interval`` seconds (a process in the router
+        namespace reading ``/proc/net/dev``) until :meth:`stop_sampling`."""
+        import sys
+        import tempfile
+
+        self.stop_sampling()
+        fd, path = tempfile.mkstemp(prefix="geomx-wan-samples-", suffix=".json")
+        os.close(fd)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.router, sys.executable, "-m", "geomx.wan", "sample", "--interval",
+             str(interval), "--out", path, *self.router_ifaces],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True, close_fds=True)
+        line = proc.stdout.readline().strip() if proc.stdout else ""
+        if line != "ready":
+            proc.kill()
+            os.unlink(path)
+            raise WanError(f"link sampler did not start: {line or proc.poll()}")
+        self._sampler = (proc, path)
+
+    def stop_sampling(self) -> List[tuple]:
+        """The samples since :meth:`start_sampling`: ``(monotonic time, {dc: (up, down)})`` (empty if
+        none was running)."""
+        sampler, self._sampler = self._sampler, None
+        if sampler is None:
+            return []
+        proc, path = sampler
+        try:
+            proc.terminate()
+            proc.wait(timeout=10)
+            with open(path) as f:
+                raw = json.load(f)
+        except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+            proc.kill()
+            raise WanError(f"link sampler failed: {exc}") from None
+        finally:
+            if os.path.exists(path):
+                os.unlink(path)
+        return [(t, {self.router_ifaces[i]: tuple(v) for i, v in row.items()}) for t, row in raw]
+
     def report(self, seconds: Optional[float] = None) -> str:
         return format_report(self.counters(), self.rates(), seconds)
 
@@ -620,6 +702,12 @@ class Wan:
             return
         self.closed = True
         try:
+            if self._sampler is not None:
+                proc, path = self._sampler
+                self._sampler = None
+                proc.kill()
+                if os.path.exists(path):
+                    os.unlink(path)
             for relay in self._relays:
                 try:
                     os.killpg(relay.pid, signal.SIGKILL)
@@ -739,6 +827,23 @@ def _relay_main(port: int, delay_ms: float, mark: int) -> int:
         threading.Thread(target=_relay_connection, args=(client, delay, mark), daemon=True).start()
 
 
+def _sample_main(ifaces: Sequence[str], interval: float, out: str) -> int:
+    """Read ``/proc/net/dev`` (this process's namespace) every ``interval`` seconds until SIGTERM,
+    then write the samples to ``out`` as JSON: ``[[monotonic time, {iface: [rx, tx]}], ...]``."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    samples = []
+    print("ready", flush=True)
+    while not stop.is_set():
+        with open("/proc/net/dev") as f:
+            text = f.read()
+        samples.append((time.monotonic(), parse_proc_net_dev(text, ifaces)))
+        stop.wait(interval)
+    with open(out, "w") as f:
+        json.dump(samples, f)
+    return 0
+
+
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
 
@@ -748,11 +853,18 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     r.add_argument("--port", type=int, default=RELAY_PORT)
     r.add_argument("--delay-ms", type=float, required=True)
     r.add_argument("--mark", type=int, default=RELAY_MARK)
+    m = sub.add_parser("sample", help="sample interface byte counters (run in the router namespace by "
+                                      "Wan.start_sampling)")
+    m.add_argument("--interval", type=float, default=0.01)
+    m.add_argument("--out", required=True)
+    m.add_argument("ifaces", nargs="+")
     c = sub.add_parser("cleanup", help="delete leftover namespaces of killed runs")
     c.add_argument("--prefix", default=NAME_PREFIX)
     args = p.parse_args(argv)
     if args.cmd == "relay":
         return _relay_main(args.port, args.delay_ms, args.mark)
+    if args.cmd == "sample":
+        return _sample_main(args.ifaces, args.interval, args.out)
     for ns in cleanup_stale(args.prefix):
         print(f"deleted {ns}")
     return 0

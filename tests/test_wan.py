@@ -115,6 +115,26 @@ def test_parse_link_counters_old_stats_key():
 
 
 @pytest.mark.unit
+def test_parse_proc_net_dev_and_busy_fractions():
+    text = ("Inter-|   Receive                                                |  Transmit\n"
+            " face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls "
+            "carrier compressed\n"
+            "   dc0:  1000  10 0 0 0 0 0 0  2000 20 0 0 0 0 0 0\n"
+            "    lo: 5 1 0 0 0 0 0 0 5 1 0 0 0 0 0 0\n")
+    assert wan.parse_proc_net_dev(text, ["dc0", "dc9"]) == {"dc0": (1000, 2000)}
+    # 8 Mbit/s = 10_000 bytes per 10 ms: busy at half of that or more.
+    rates = {"party0": 8e6, "central": None}
+    ups = [0, 10_000, 20_000, 24_000, 24_000, 34_000]
+    downs = [0, 0, 5_000, 15_000, 25_000, 25_000]
+    samples = [(i * 0.01, {"party0": (u, d), "central": (u, d)}) for i, (u, d) in enumerate(zip(ups, downs))]
+    busy = wan.busy_fractions(samples, rates, 0.0, 0.05)
+    assert busy == {"party0": {"up": pytest.approx(0.6), "down": pytest.approx(0.6)}}
+    # Only the samples inside [start, end] count.
+    assert wan.busy_fractions(samples, rates, 0.025, 0.05) == {"party0": {"up": 0.5, "down": 0.5}}
+    assert wan.busy_fractions(samples[:1], rates, 0.0, 1.0) == {}
+
+
+@pytest.mark.unit
 def test_counter_delta():
     before = {"party0": LinkCounters(100, 200, 1, 2)}
     after = {"party0": LinkCounters(1100, 700, 11, 7), "party1": LinkCounters(5, 6)}
@@ -312,12 +332,21 @@ def test_two_party_wan_rate_and_teardown():
                                 stdout=subprocess.PIPE, text=True)
         try:
             assert recv.stdout.readline().strip() == "ready"
+            w.start_sampling(0.01)
             subprocess.run(w.exec_argv("party0") + [sys.executable, "-c", _SENDER, w.address("central"),
                                                     str(nbytes)], check=True, timeout=30)
             out, _ = recv.communicate(timeout=30)
+            samples = w.stop_sampling()
         finally:
             if recv.poll() is None:
                 recv.kill()
+        # The sampler saw party0's link busy upwards for the transfer (~0.8 s at 40 Mbit/s), never
+        # downwards (acknowledgements only), and party1's link idle.
+        span = samples[-1][0] - samples[0][0]
+        busy = wan.busy_fractions(samples, w.rates(), samples[0][0], samples[-1][0])
+        assert 0.6 < busy["party0"]["up"] * span < 1.2, (busy, span)
+        assert busy["party0"]["down"] == 0 and busy["party1"] == {"up": 0, "down": 0}, busy
+        assert "central" not in busy  # uncapped
         total, after_first, seconds = out.split()
         assert int(total) == nbytes
         measured = int(after_first) * 8 / float(seconds)

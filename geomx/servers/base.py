@@ -249,25 +249,33 @@ class ServerBase:
 
     def slice_state(self, msg: Message, ks: KeyState, link: Link, identity: bytes) -> Optional[KeyState]:
         """The state a data-path request works on: the key's (part's), or with ``slice_rounds`` and
-        a P3 slice, that slice's own state (created on first use from the part's value)."""
+        a slice (P3's, or the cut-through slices of :meth:`GlobalServer.slice_size`), that slice's
+        own state (created by the first push of it from the part's value)."""
         whole = msg.offset == ks.offset and msg.numel == ks.numel
         if not self.slice_rounds or (whole and not ks.slices):
             return ks
+        if msg.type == MsgType.PULL:
+            # Only pushes cut a key into slice states; a pull reads the slice's state if there is
+            # one of its size, else the part's assembled value. So a client that only pulls (a
+            # master worker without P3, asked for cut-through slices by the global servers) may
+            # slice differently from the P3 parties that push.
+            child = ks.slices.get(msg.offset)
+            return child if child is not None and child.numel == msg.numel else ks
+        alike = "set ENABLE_P3 and GEOMX_P3_SLICE_SIZE alike on every local server"
         error = None
-        if whole and msg.type != MsgType.PULL:
-            error = "pushed whole while other clients push it in P3 slices: set ENABLE_P3 on every local server"
-        elif not whole and ks.rounds:
-            error = "pushed in P3 slices while other clients push it whole: set ENABLE_P3 on every local server"
-        if whole:
-            if error:
-                self.reply_error(link, identity, msg, f"key {msg.key}: {error}")
-                return None
-            return ks
+        if whole:  # (a whole push while the key has slices)
+            self.reply_error(link, identity, msg, f"key {msg.key}: pushed whole while other clients push it in "
+                                                  f"slices: {alike}")
+            return None
+        if ks.rounds:
+            error = f"pushed in slices while other clients push it whole: {alike}"
         start = msg.offset - ks.offset
         child = ks.slices.get(msg.offset)
         if self.checkpointing:
             error = ("P3 slices cannot be checkpointed (GEOMX_CHECKPOINT_DIR is set on this server): unset "
                      "ENABLE_P3 on the local servers or the checkpoint directory")
+        elif error:
+            pass
         elif child is None:
             if start == 0:
                 ks.slice_size = msg.numel

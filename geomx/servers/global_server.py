@@ -256,6 +256,9 @@ class GlobalServer(ServerBase):
                 # summed once; with checkpoints it keeps them until a checkpoint holds their round.
                 meta["round"] = ks.pushes_of(client)
                 meta["checkpoints"] = self.writer is not None
+                slice_size = self.slice_size(ks)
+                if slice_size:
+                    meta["slice"] = slice_size
             if self.compression_params is not None:
                 meta["compression"] = self.compression_params
             if self.dgt is not None and client[0] == self.wan_link.name:
@@ -267,6 +270,21 @@ class GlobalServer(ServerBase):
             self.told_checkpointed[(client, req.key)] = saved
             meta["checkpointed"] = saved
         return meta or None
+
+    def slice_size(self, ks: KeyState) -> int:
+        """Cut-through rounds: the slice (in elements) this server asks its clients to cut the key's
+        pushes and pulls into, 0 for whole keys. Each slice is updated and answered as soon as every
+        party's copy of it is in (``slice_rounds``), so while later slices still travel up the WAN the
+        first ones' results already travel down: each direction of a party's link stays busy for the
+        whole round instead of half of it. Not where rounds are not elementwise sums of whole pushes
+        (HFA, ESync, MixedSync), are replayed from checkpoints, or travel as DGT blocks or TSEngine
+        relays."""
+        cfg = self.cfg
+        if (not cfg.wan_slice_bytes or not self.policy.slices or self.checkpointing or cfg.checkpoint.restore
+                or self.dgt is not None or cfg.tsengine.inter or cfg.tsengine.intra):
+            return 0
+        size = max(1, cfg.wan_slice_bytes // np.dtype(ks.dtype).itemsize)
+        return size if size < ks.numel else 0
 
     def fail_rounds_without(self, client: Client) -> None:
         if not self.policy.rounds_need(client):

@@ -32,6 +32,9 @@ class GlobalPolicy:
     # The parties' pushes form numbered rounds: what checkpoint replay counts (the clients number
     # their pushes from the "round" an INIT reply carries).
     synchronous = True
+    # A round of a key may be cut into slices, each a round of its own (cut-through rounds,
+    # GEOMX_WAN_SLICE_BYTES): only where every push of a round is summed elementwise.
+    slices = False
 
     def __init__(self, server: "GlobalServer", outside_rounds: Optional[Dict[int, int]] = None):
         self.server = server

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 class FullSync(GlobalPolicy):
     name = "fsa"
+    slices = True
 
     def expected_pushes(self, link: "Link") -> int:
         server = self.server

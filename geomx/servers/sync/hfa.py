@@ -22,6 +22,7 @@ class ModelAveraging(FullSync):
 
     name = "hfa"
     switch_name = "HFA (MXNET_KVSTORE_USE_HFA=1)"
+    slices = False  # whole models every K2 rounds: nothing streams behind them
 
     def check_optimizer(self) -> None:
         super().check_optimizer()

@@ -412,17 +412,24 @@ def markdown_sync(report: dict, baseline: str = "geomx-fsa") -> str:
 def markdown_busy(report: dict) -> str:
     """Per row, the fraction of the timed span each capped link was busy up and down, and the time
     per iteration against the link's full-duplex floor (max(up, down) bytes / rate)."""
+    rates = report.get("config", {}).get("rates") or {}
     dcs = sorted({dc for r in report["rows"] for dc in (r.get("busy") or {})})
     lines = ["| model | row | s/iter | duplex bound s/iter | measured / duplex bound | "
-             + " | ".join(f"{dc} up / down busy" for dc in dcs) + " |",
-             "|---|---|---|---|---|" + "---|" * len(dcs)]
+             + " | ".join(f"{dc} busy up / down | {dc} used up / down" for dc in dcs) + " |",
+             "|---|---|---|---|---|" + "---|---|" * len(dcs)]
     for r in report["rows"]:
         busy = r.get("busy")
         if not busy:
             continue
         bound = r.get("bound_duplex_s")
         ratio = r["median_s"] / bound if bound else None
-        cells = [f"{busy[dc]['up']:.2f} / {busy[dc]['down']:.2f}" if dc in busy else "-" for dc in dcs]
+        cells = []
+        for dc in dcs:
+            moved = (r.get("link_bytes_per_iter") or {}).get(dc)
+            rate = rates.get(dc)
+            cells.append(f"{busy[dc]['up']:.2f} / {busy[dc]['down']:.2f}" if dc in busy else "-")
+            per_s = 8 / rate / r["median_s"] if rate else 0.0
+            cells.append(f"{moved['up'] * per_s:.2f} / {moved['down'] * per_s:.2f}" if moved and rate else "-")
         lines.append(f"| {r['model']} | {r['row']} | {_f(r.get('median_s'), '.3f')} | {_f(bound, '.3f')} "
                      f"| {_f(ratio, '.2f')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -691,7 +698,11 @@ def _run_row(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"]) -
         iters = len(results[0]["iter_ms"])
         out.update(summarise_throughput(results, span, iters, rates, workers_per_party=args.workers))
         if samples and "start" in watcher.times and "end" in watcher.times:
-            out["busy"] = wanmod.busy_fractions(samples, rates, watcher.times["start"], watcher.times["end"])
+            start = watcher.times["start"]
+            out["busy"] = wanmod.busy_fractions(samples, rates, start, watcher.times["end"])
+            # Three iterations of each capped link, 10 ms a character (docs/Benchmarks.md shows them).
+            out["timeline"] = {dc: wanmod.timeline(samples, rate, dc, start, start + 3 * out["median_s"])
+                               for dc, rate in rates.items() if rate is not None}
         out["setup_s"] = max(r["setup_s"] for r in results)
         out["params"] = results[0]["params"]
     else:
@@ -984,9 +995,12 @@ def main(argv=None) -> int:
     if any(r.get("busy") for r in report_rows):
         busy = markdown_busy(report)
         report["busy_table_markdown"] = busy
-        print("\nShare of the timed span each capped link was busy, per direction (at least half its rate "
-              "in a 10 ms sample):\n")
+        print("\nPer capped link and direction: busy = share of the timed span's 10 ms samples carrying at "
+              "least a tenth of the rate; used = bytes / (rate x time):\n")
         print(busy)
+        for r in report_rows:
+            for dc, (up, down) in sorted((r.get("timeline") or {}).items()):
+                print(f"\n{r['row']} {dc} up:   {up}\n{r['row']} {dc} down: {down}")
     if any(r.get("row", "").startswith("geomx-dgt") for r in report_rows):
         tail = markdown_tail(report)
         report["tail_table_markdown"] = tail

@@ -65,7 +65,7 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = [
     "WanError",
@@ -320,13 +320,15 @@ def parse_proc_net_dev(text: str, ifaces: Iterable[str]) -> Dict[str, tuple]:
 
 
 def busy_fractions(samples: Sequence[tuple], rates: Mapping[str, Optional[float]], start: float, end: float,
-                   threshold: float = 0.5) -> Dict[str, Dict[str, float]]:
+                   threshold: float = 0.1) -> Dict[str, Dict[str, float]]:
     """Per capped link and direction, the fraction of ``[start, end]`` it was busy.
 
     ``samples``: ``(time, {dc: (up bytes, down bytes)})`` in time order, as :meth:`Wan.stop_sampling`
     returns them. An interval between two samples counts as busy in a direction when that direction
-    carried at least ``threshold`` of what the link's rate allows in it (acknowledgements and
-    control messages alone do not make a direction busy).
+    carried at least ``threshold`` of what the link's rate allows in it: TCP acknowledgements of
+    the other direction's data (about 1/30 of its bytes) do not make a direction busy. (The
+    shaper lets a burst of up to 64 KiB out at once after an idle spell, so a busy interval may
+    carry more than the rate: the share of the capacity used is bytes / (rate x time).)
     """
     inside = [s for s in samples if start <= s[0] <= end]
     busy: Dict[str, Dict[str, float]] = {}
@@ -345,6 +347,20 @@ def busy_fractions(samples: Sequence[tuple], rates: Mapping[str, Optional[float]
     if total <= 0:
         return {}
     return {dc: {way: t / total for way, t in row.items()} for dc, row in busy.items()}
+
+
+def timeline(samples: Sequence[tuple], rate: float, dc: str, start: float, end: float) -> Tuple[str, str]:
+    """``dc``'s link from ``start`` to ``end`` as two lines of characters, up and down, one per
+    sample interval: ``#`` at least half the rate, ``+`` at least a tenth, ``.`` less (idle, or
+    acknowledgements only)."""
+    inside = [s for s in samples if start <= s[0] <= end and dc in s[1]]
+    lines = ["", ""]
+    for (t0, a), (t1, b) in zip(inside, inside[1:]):
+        cap = rate / 8.0 * (t1 - t0)
+        for i in (0, 1):
+            moved = b[dc][i] - a[dc][i]
+            lines[i] += "#" if moved >= 0.5 * cap else "+" if moved >= 0.1 * cap else "."
+    return lines[0], lines[1]
 
 
 def _fmt_bytes(n: float) -> str:

@@ -132,6 +132,8 @@ def test_parse_proc_net_dev_and_busy_fractions():
     # Only the samples inside [start, end] count.
     assert wan.busy_fractions(samples, rates, 0.025, 0.05) == {"party0": {"up": 0.5, "down": 0.5}}
     assert wan.busy_fractions(samples[:1], rates, 0.0, 1.0) == {}
+    # One character per interval: '#' half the rate or more, '+' a tenth or more, '.' less.
+    assert wan.timeline(samples, 8e6, "party0", 0.0, 0.05) == ("##+.#", ".###.")
 
 
 @pytest.mark.unit

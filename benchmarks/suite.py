@@ -144,6 +144,11 @@ ROWS: List[Row] = [
         flags="DMLC_NUM_GLOBAL_SERVER=2 (launcher -s 2 --separate-global-servers); one machine and link per "
               "global server; tensors >= 100000 elements split over both",
         note="MultiGPS as deployed: two global servers, each behind its own central-rate link", default=False),
+    Row("geomx-2gs-links-even", "geomx", global_servers=2, separate_global_servers=True,
+        env={"MXNET_KVSTORE_BIGARRAY_BOUND": "10000"},
+        flags="as geomx-2gs-links with MXNET_KVSTORE_BIGARRAY_BOUND=10000: tensors >= 10000 elements split over "
+              "both, so each link carries about half the bytes",
+        note="MultiGPS as deployed, the bytes split evenly between the two central links", default=False),
     Row("geomx-2ls", "geomx", local_servers=2, env={"MXNET_KVSTORE_BIGARRAY_BOUND": "100000"},
         flags="DMLC_NUM_SERVER=2 in every party (launcher -l 2)",
         note="two local servers per party (keys divided between them)", default=False),

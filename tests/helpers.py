@@ -531,3 +531,16 @@ class InProcessServer(DrivenLoop):
         sock.connect(f"tcp://127.0.0.1:{self.ports[port]}")
         self.socks.append(sock)
         return sock
+
+
+def trace_rounds(events, node_prefix: str, cat: str, key: int) -> list:
+    """The GEOMX_P3_TRACE events (``geomx.p3.load_traces``) of ``key``'s ``cat`` messages at the nodes
+    named ``node_prefix*``, in time order, one list per round (a round starts again at offset 0)."""
+    evs = sorted((e for e in events if e["node"].startswith(node_prefix) and e["cat"] == cat
+                  and e["args"]["key"] == key), key=lambda e: (e["ts"], e["args"]["offset"]))
+    rounds: list = []
+    for e in evs:
+        if not rounds or e["args"]["offset"] == 0:
+            rounds.append([])
+        rounds[-1].append(e)
+    return rounds

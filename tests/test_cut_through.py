@@ -3,7 +3,7 @@ dense FSA key's pushes and pulls into slices of GEOMX_WAN_SLICE_BYTES; each slic
 own, answered as soon as every party's copy of it is in, so results travel down the WAN while later
 slices still travel up.
 
-The exact oracles run with it on (test_hips_exact.py: key 2, 300k float32, goes up in 19 slices,
+The exact oracles run with it on (test_hips_exact.py: key 2, 300k float32, goes up in 16 slices,
 cut inside each global server's part with two of them); here: which keys the servers slice and
 which they keep whole, how a client reads the request, pulls that slice differently from the
 pushers, and on an emulated 20 Mbit/s WAN the timeline that shows both directions busy at once.
@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import SERVER_ENV, TOKEN, InProcessServer
+from helpers import SERVER_ENV, TOKEN, InProcessServer, trace_rounds
 
 from geomx import config, p3, senders, wire
 from geomx.errors import ConfigError
@@ -58,7 +58,8 @@ SIZES = {0: (100_000, np.float32), 1: (100_000, np.float16), 2: (16_384, np.floa
     # 64 KiB by default: 16384 float32 or 32768 float16; a key of one slice or less stays whole.
     ({}, True, {0: 16_384, 1: 32_768, 2: None, 3: 16_384}),
     ({"GEOMX_WAN_SLICE_BYTES": "400000"}, True, {0: None, 1: None, 2: None, 3: None}),
-    ({"GEOMX_WAN_SLICE_BYTES": "8192"}, True, {0: 2048, 1: 4096, 2: 2048, 3: 2048}),
+    # At most GlobalServer.MAX_SLICES (16) slices per key: 100,000 elements go in slices of 6250.
+    ({"GEOMX_WAN_SLICE_BYTES": "8192"}, True, {0: 6250, 1: 6250, 2: 2048, 3: 2048}),
     ({"GEOMX_WAN_SLICE_BYTES": "0"}, True, {0: None, 1: None, 2: None, 3: None}),
     # MixedSync applies each party's whole aggregate on arrival; HFA and ESync average whole models.
     ({}, False, {0: None, 1: None, 2: None, 3: None}),
@@ -166,15 +167,8 @@ def test_a_client_that_only_pulls_may_slice_differently_from_the_parties_that_pu
 
 def _slice_events(events, key):
     """Per round at the local server: [(sent, answered, offset)] of ``key``'s PUSHPULL messages."""
-    evs = sorted((e for e in events if e["node"].startswith("local_server") and e["cat"] == "PUSHPULL"
-                  and e["args"]["key"] == key), key=lambda e: (e["ts"], e["args"]["offset"]))
-    rounds, current = [], []
-    for e in evs:
-        if current and e["args"]["offset"] == 0:
-            rounds.append(current)
-            current = []
-        current.append((e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6, e["args"]["offset"]))
-    return rounds + [current] if current else rounds
+    return [[(e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6, e["args"]["offset"]) for e in r]
+            for r in trace_rounds(events, "local_server", "PUSHPULL", key)]
 
 
 @pytest.mark.system
@@ -183,9 +177,10 @@ def _slice_events(events, key):
 def test_results_stream_down_the_wan_while_later_slices_still_go_up(tmp_path, slice_bytes):
     """One party, one worker, a 20 Mbit/s WAN; per round a 2 MB key (500k float32) goes up and its
     result comes down (exact values: tests/workers/p3_order_worker.py). By default the local server
-    sends it in 31 slices and the first slice's result is back within a third of the time the key
-    takes to go up (0.8 s at 20 Mbit/s): the link carried results down while it still carried the
-    key up. With GEOMX_WAN_SLICE_BYTES=0 (the control) the key goes whole, up then down."""
+    sends it in 16 slices (at most 16 per key, each at least 64 KiB), and the first slice's result is
+    back within a third of the time the key takes to go up (0.8 s at 20 Mbit/s): the link carried
+    results down while it still carried the key up. With GEOMX_WAN_SLICE_BYTES=0 (the control) the key
+    goes whole, up then down."""
     trace = tmp_path / "trace"
     cmd = [sys.executable, "-m", "geomx.launch", "-p", "1", "-w", "1", "--wan", "20mbit", "--timeout", "240",
            "--env", f"GEOMX_WAN_SLICE_BYTES={slice_bytes}", "--env", f"GEOMX_P3_TRACE={trace}", "--",
@@ -202,7 +197,7 @@ def test_results_stream_down_the_wan_while_later_slices_still_go_up(tmp_path, sl
         if slice_bytes == "0":
             assert [o for _, _, o in r] == [0]
             continue
-        assert [o for _, _, o in r] == list(range(0, 500_000, 16_384))
+        assert [o for _, _, o in r] == list(range(0, 500_000, 31_250))  # 16 slices (MAX_SLICES)
         start = min(s for s, _, _ in r)
         first_back = r[0][1] - start
         last_back = max(d for _, d, _ in r) - start

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import zmq
+from helpers import trace_rounds
 
 from geomx import config, p3, wire
 from geomx.errors import ConfigError
@@ -110,17 +111,8 @@ def test_p3_with_dist_async_is_refused_clearly(topology_run):
 
 def _rounds(events, node_prefix, cat, key):
     """Per round, (first handed to the socket, last answered) over ``key``'s slices at a node."""
-    evs = sorted((e for e in events if e["node"].startswith(node_prefix) and e["cat"] == cat
-                  and e["args"]["key"] == key), key=lambda e: (e["ts"], e["args"]["offset"]))
-    out, current = [], []
-    for e in evs:
-        if current and e["args"]["offset"] == 0:
-            out.append(current)
-            current = []
-        current.append(e)
-    if current:
-        out.append(current)
-    return [(min(e["ts"] for e in r), max(e["ts"] for e in r), max(e["ts"] + e["dur"] for e in r)) for r in out]
+    return [(min(e["ts"] for e in r), max(e["ts"] for e in r), max(e["ts"] + e["dur"] for e in r))
+            for r in trace_rounds(events, node_prefix, cat, key)]
 
 
 @pytest.mark.system

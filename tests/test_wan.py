@@ -122,13 +122,13 @@ def test_parse_proc_net_dev_and_busy_fractions():
             "   dc0:  1000  10 0 0 0 0 0 0  2000 20 0 0 0 0 0 0\n"
             "    lo: 5 1 0 0 0 0 0 0 5 1 0 0 0 0 0 0\n")
     assert wan.parse_proc_net_dev(text, ["dc0", "dc9"]) == {"dc0": (1000, 2000)}
-    # 8 Mbit/s = 10_000 bytes per 10 ms: busy at half of that or more.
+    # 8 Mbit/s = 10_000 bytes per 10 ms: busy at a tenth of that or more.
     rates = {"party0": 8e6, "central": None}
     ups = [0, 10_000, 20_000, 24_000, 24_000, 34_000]
     downs = [0, 0, 5_000, 15_000, 25_000, 25_000]
     samples = [(i * 0.01, {"party0": (u, d), "central": (u, d)}) for i, (u, d) in enumerate(zip(ups, downs))]
     busy = wan.busy_fractions(samples, rates, 0.0, 0.05)
-    assert busy == {"party0": {"up": pytest.approx(0.6), "down": pytest.approx(0.6)}}
+    assert busy == {"party0": {"up": pytest.approx(0.8), "down": pytest.approx(0.6)}}
     # Only the samples inside [start, end] count.
     assert wan.busy_fractions(samples, rates, 0.025, 0.05) == {"party0": {"up": 0.5, "down": 0.5}}
     assert wan.busy_fractions(samples[:1], rates, 0.0, 1.0) == {}

@@ -271,6 +271,11 @@ class GlobalServer(ServerBase):
             meta["checkpointed"] = saved
         return meta or None
 
+    # Cut-through slices per key at most: a large key gets larger slices, so that the cost of a message
+    # per slice stays bounded where the link is fast (its pipeline's fill and drain, 2/MAX_SLICES of the
+    # key's time on the wire, stays small where it is slow).
+    MAX_SLICES = 16
+
     def slice_size(self, ks: KeyState) -> int:
         """Cut-through rounds: the slice (in elements) this server asks its clients to cut the key's
         pushes and pulls into, 0 for whole keys. Each slice is updated and answered as soon as every
@@ -283,7 +288,7 @@ class GlobalServer(ServerBase):
         if (not cfg.wan_slice_bytes or not self.policy.slices or self.checkpointing or cfg.checkpoint.restore
                 or self.dgt is not None or cfg.tsengine.inter or cfg.tsengine.intra):
             return 0
-        size = max(1, cfg.wan_slice_bytes // np.dtype(ks.dtype).itemsize)
+        size = max(1, cfg.wan_slice_bytes // np.dtype(ks.dtype).itemsize, -(-ks.numel // self.MAX_SLICES))
         return size if size < ks.numel else 0
 
     def fail_rounds_without(self, client: Client) -> None:

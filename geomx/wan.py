@@ -330,11 +330,9 @@ def busy_fractions(samples: Sequence[tuple], rates: Mapping[str, Optional[float]
     shaper lets a burst of up to 64 KiB out at once after an idle spell, so a busy interval may
     carry more than the rate: the share of the capacity used is bytes / (rate x time).)
     """
-    inside = [s for s in samples if start <= s[0] <= end]
     busy: Dict[str, Dict[str, float]] = {}
     total = 0.0
-    for (t0, a), (t1, b) in zip(inside, inside[1:]):
-        dt = t1 - t0
+    for dt, a, b in _intervals(samples, start, end):
         total += dt
         for dc, rate in rates.items():
             if rate is None or dc not in a or dc not in b:
@@ -349,14 +347,20 @@ def busy_fractions(samples: Sequence[tuple], rates: Mapping[str, Optional[float]
     return {dc: {way: t / total for way, t in row.items()} for dc, row in busy.items()}
 
 
+def _intervals(samples: Sequence[tuple], start: float, end: float) -> Iterable[tuple]:
+    """``(seconds, counters before, counters after)`` of each interval between two consecutive
+    samples taken in ``[start, end]``."""
+    inside = [s for s in samples if start <= s[0] <= end]
+    return ((t1 - t0, a, b) for (t0, a), (t1, b) in zip(inside, inside[1:]))
+
+
 def timeline(samples: Sequence[tuple], rate: float, dc: str, start: float, end: float) -> Tuple[str, str]:
     """``dc``'s link from ``start`` to ``end`` as two lines of characters, up and down, one per
     sample interval: ``#`` at least half the rate, ``+`` at least a tenth, ``.`` less (idle, or
     acknowledgements only)."""
-    inside = [s for s in samples if start <= s[0] <= end and dc in s[1]]
     lines = ["", ""]
-    for (t0, a), (t1, b) in zip(inside, inside[1:]):
-        cap = rate / 8.0 * (t1 - t0)
+    for dt, a, b in _intervals([s for s in samples if dc in s[1]], start, end):
+        cap = rate / 8.0 * dt
         for i in (0, 1):
             moved = b[dc][i] - a[dc][i]
             lines[i] += "#" if moved >= 0.5 * cap else "+" if moved >= 0.1 * cap else "."

@@ -262,20 +262,18 @@ class ServerBase:
             child = ks.slices.get(msg.offset)
             return child if child is not None and child.numel == msg.numel else ks
         alike = "set ENABLE_P3 and GEOMX_P3_SLICE_SIZE alike on every local server"
-        error = None
         if whole:  # (a whole push while the key has slices)
             self.reply_error(link, identity, msg, f"key {msg.key}: pushed whole while other clients push it in "
                                                   f"slices: {alike}")
             return None
-        if ks.rounds:
-            error = f"pushed in slices while other clients push it whole: {alike}"
+        error = None
         start = msg.offset - ks.offset
         child = ks.slices.get(msg.offset)
         if self.checkpointing:
             error = ("P3 slices cannot be checkpointed (GEOMX_CHECKPOINT_DIR is set on this server): unset "
                      "ENABLE_P3 on the local servers or the checkpoint directory")
-        elif error:
-            pass
+        elif ks.rounds:
+            error = f"pushed in slices while other clients push it whole: {alike}"
         elif child is None:
             if start == 0:
                 ks.slice_size = msg.numel

@@ -121,6 +121,14 @@ class NodeConfig:
     num_global_worker: int = 0
     num_all_worker: int = 0
     enable_central_worker: bool = False
+    # Workers, as the launcher sets them: the worker's place among every training worker (parties'
+    # first; GEOMX_DATA_SLICE, None when started by hand) and its party ("party0", ..., "central";
+    # GEOMX_PARTY). The PyTorch front end's rank() and party().
+    data_slice: Optional[int] = None
+    party: Optional[str] = None
+    # Workers: the global tier's mode for front ends without a kvstore type (GEOMX_SYNC_MODE: "sync",
+    # FSA, the default; "async", MixedSync). MXNet's dist_sync / dist_async decide it there.
+    sync_mode: str = "sync"
     node_host: Optional[str] = None
     interface: Optional[str] = None
     # Listeners (docs/Configurations.md, "Addresses and ports"): the address they bind (None: the
@@ -396,6 +404,13 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
         kw["num_worker"] = r.int("DMLC_NUM_WORKER", required=True, minimum=1)
     if role in (GLOBAL_SERVER, WORKER):
         kw["num_all_worker"] = r.int("DMLC_NUM_ALL_WORKER", required=True, minimum=1)
+    if role == WORKER:
+        if r.str("GEOMX_DATA_SLICE") is not None:
+            kw["data_slice"] = r.int("GEOMX_DATA_SLICE")
+        kw["party"] = r.str("GEOMX_PARTY")
+        kw["sync_mode"] = (r.str("GEOMX_SYNC_MODE") or "sync").strip().lower()
+        if kw["sync_mode"] not in ("sync", "async"):
+            raise r._fail("GEOMX_SYNC_MODE", "must be sync (FSA) or async (MixedSync)")
     kw["enable_central_worker"] = r.bool("DMLC_ENABLE_CENTRAL_WORKER")
 
     if role == GLOBAL_SERVER and kw["num_server"] != kw["num_global_server"]:

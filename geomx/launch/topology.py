@@ -45,6 +45,7 @@ ROLE_KEYS = frozenset(
         "DMLC_RANK",
         "DMLC_GLOBAL_RANK",
         "GEOMX_DATA_SLICE",
+        "GEOMX_PARTY",
         "GEOMX_LISTEN_FD",
         "GEOMX_GLOBAL_SERVER_RANK",
         # One process's own ports (a topology file sets them per process).
@@ -322,7 +323,7 @@ class Topology:
 
         def worker(name: str, role_env: Dict[str, object], slice_idx: int, party, rank: int) -> ProcessSpec:
             dc = dc_of(party)
-            role_env = dict(role_env, GEOMX_DATA_SLICE=slice_idx)
+            role_env = dict(role_env, GEOMX_DATA_SLICE=slice_idx, GEOMX_PARTY=dc)
             argv = list(self.dc_prefix.get(dc, [])) + _substitute(command, slice_idx, party, rank)
             return ProcessSpec(name, argv, self._env(name, role_env, dc), True, dc,
                                party=dc if dc.startswith("party") else "")

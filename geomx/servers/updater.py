@@ -126,7 +126,12 @@ def _import_mxnet(why: str) -> Any:
     if "mxnet" in sys.modules:
         return sys.modules["mxnet"]
     start = time.monotonic()
-    import mxnet as mx
+    try:
+        import mxnet as mx
+    except ImportError as exc:  # the core installs without MXNet: say so to the master worker, not "No module"
+        raise GeoMXError(f"the global server needs MXNet for this optimizer ({why}), and MXNet is not installed "
+                         "where it runs: pip install 'geomx[mxnet]' (Python 3.9-3.12), or set an optimizer the "
+                         "numpy engine runs") from exc
 
     took = time.monotonic() - start
     (log.warning if took > 1.0 else log.info)("imported MXNet for the optimizer in %.1f s (%s)", took, why)
@@ -143,6 +148,9 @@ class Updater:
 
     def __init__(self, spec: Dict[str, Any], engine: Optional[str] = None):
         self.spec = spec
+        if spec.get("rule") == "torch":
+            self._start_torch_rule(spec, engine)
+            return
         neutral, why = neutral_spec(spec)
         if engine == NUMPY and neutral is None:
             raise GeoMXError(f"optimizer {spec.get('name')!r} cannot run in numpy: {why}")
@@ -158,6 +166,20 @@ class Updater:
             self._neutral.num_update = self._begin  # MXNet's begin_num_update
         else:
             self._start_mxnet(why or "engine mxnet asked for")
+
+    def _start_torch_rule(self, spec: Dict[str, Any], engine: Optional[str]) -> None:
+        """A spec from the PyTorch front end (``rule: torch``): the numpy engine only, never MXNet."""
+        if engine not in (None, NUMPY):
+            raise GeoMXError(f"optimizer engine {engine!r}: a torch-rule spec runs in the numpy engine only")
+        try:
+            neutral = normalize_spec(spec)
+        except OptimizerSpecError as exc:
+            raise GeoMXError(f"the global server cannot run this optimizer: {exc}") from None
+        self.optimizer = None
+        self.plain_sgd = False
+        self._begin = 0
+        self.engine, self.engine_reason = NUMPY, "torch.optim's rule"
+        self._neutral = NeutralUpdater(neutral)
 
     def _start_mxnet(self, why: str) -> None:
         from ..optimizer_spec import is_plain_sgd, optimizer_from_spec
@@ -206,6 +228,10 @@ class Updater:
                 if index not in neutral.counts:
                     neutral.counts[index] = self._begin  # MXNet counts from begin_num_update
                 return neutral.apply(key, index, store, grad_np)
+            if self.spec.get("rule") == "torch":
+                raise GeoMXError(f"key {key}: the server runs torch.optim's rules on float32 weights only "
+                                 f"(this key is {store.dtype}" + (", and DC-ASGD needs MXNet's dcasgd)"
+                                                                   if backup is not None else ")"))
             self._numpy_to_mxnet(f"key {key} is {store.dtype}, the numpy engine runs float32"
                                  if backup is None else "a DC-ASGD backup arrived")
         return self._apply_mxnet(key, index, store, grad_np, backup)

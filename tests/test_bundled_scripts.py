@@ -39,6 +39,7 @@ CPU_DIR = REPO / "scripts" / "cpu"
 GPU_DIR = REPO / "scripts" / "gpu"
 CPU_SCRIPTS = sorted(path.name for path in CPU_DIR.glob("run_*.sh"))
 GPU_SCRIPTS = sorted(path.name for path in GPU_DIR.glob("run_*.sh"))
+TORCH_DIR = REPO / "scripts" / "torch"
 PORTS = (9092, 9093, 9094, 9095)  # scripts/lib/hips.sh: global scheduler, central and party schedulers
 WORKERS = tuple(f"worker_{i}" for i in range(4))  # the training workers (the master worker does not train)
 TIMEOUT = 240  # seconds per script run; a short form takes 8-15 s on an idle 2-core machine, ~50 s loaded
@@ -91,6 +92,21 @@ SHORT_FORMS: Dict[str, ShortForm] = {
     # Last accuracy: 0.9167 / 0.9733 / 0.9833 over 11 runs of this form; 13.5-14.8 s
     "run_dcasgd.sh": ShortForm(("-ep", "15", "--eval-every", "30"), 0.50),
 }
+
+# The PyTorch demos (scripts/torch/run_*.sh, examples/torch/cnn.py; the same 12-process topology), run where
+# torch is installed (the CI job with geomx[torch] and no MXNet). Measured 2026-12-07 on the 2-core machine at
+# load 5-8, last accuracy of the 4 workers (all equal in each run), seconds per run:
+TORCH_SHORT_FORMS: Dict[str, ShortForm] = {
+    # FSA, the global server running torch.optim.Adam's rule: 0.96; 30 s
+    "run_vanilla.sh": ShortForm(("-ep", "5", "--eval-every", "20"), 0.85),
+    # BSC 0.01, each worker's Adam (mode local): 0.8867; 33 s (lr 0.001 instead of 0.01: 0.45)
+    "run_bsc.sh": ShortForm(("-ep", "5", "--eval-every", "20"), 0.70),
+    # MixedSync: 0.8733, 0.8967; 30-55 s
+    "run_mixed_sync.sh": ShortForm(("-ep", "5", "--eval-every", "20"), 0.65),
+    # HFA K1 4, K2 3: 0.93; 28-69 s
+    "run_hfa.sh": ShortForm(("-ep", "5", "--eval-every", "20"), 0.75),
+}
+TORCH_SCRIPTS = sorted(path.name for path in TORCH_DIR.glob("run_*.sh"))
 
 # The GPU script run for real (the others are checked from their text only).
 GPU_RUN = "run_vanilla_hips.sh"
@@ -217,9 +233,19 @@ def test_cpu_script_trains_in_short_form(script, tmp_path):
     check_trained(run_script(CPU_DIR / script, form.args, tmp_path / "logs", form.env), form.threshold)
 
 
+@pytest.mark.parametrize("script", TORCH_SCRIPTS)
+def test_torch_script_trains_in_short_form(script, tmp_path):
+    pytest.importorskip("torch")
+    form = TORCH_SHORT_FORMS.get(script)
+    assert form is not None, f"scripts/torch/{script} has no short form: add it to TORCH_SHORT_FORMS"
+    check_trained(run_script(TORCH_DIR / script, form.args, tmp_path / "logs", form.env), form.threshold)
+
+
 def test_every_short_form_names_a_script():
     stale = sorted(set(SHORT_FORMS) - set(CPU_SCRIPTS))
     assert not stale, f"SHORT_FORMS has entries for scripts that do not exist in scripts/cpu: {stale}"
+    stale = sorted(set(TORCH_SHORT_FORMS) - set(TORCH_SCRIPTS))
+    assert not stale, f"TORCH_SHORT_FORMS has entries for scripts that do not exist in scripts/torch: {stale}"
     assert GPU_RUN in CPU_SCRIPTS
 
 

@@ -2,14 +2,16 @@
 
 * Exact oracles (tests/workers/torch_exact_worker.py): integer-valued gradients averaged over every
   worker, in mode server (the global servers run torch.optim's rule) and mode local (each worker steps
-  its own optimizer on the averaged gradient), under FSA, MixedSync, P3, FP16 and a key above the
-  big-array bound split over two global servers; zero tolerance where the arithmetic is exact.
+  its own optimizer on the averaged gradient), under FSA, MixedSync, P3, FP16, HFA and a key above the
+  big-array bound split over two global servers; zero tolerance where the arithmetic is exact. ESync:
+  every worker ends on the same model.
 * Equivalence with torch DDP (gloo, 4 ranks, same model, seeds and shards) after 20 steps of SGD with
   momentum and of Adam, in both modes.
 * A worker that fails, or misuses the optimizer, stops the whole topology with its reason.
 * Unit: the optimizer spec and the parameter checks.
 """
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +37,13 @@ CASES = {
         "MXNET_KVSTORE_BIGARRAY_BOUND": "100000"})),
     "server-sgd-p3": (["--mode", "server"], dict(env={"ENABLE_P3": "1"})),
     "local-sgd-fp16": (["--mode", "local", "--compression", "fp16"], {}),
+    # HFA: each worker's own SGD steps, party averages every 2, global every 4: at a global average
+    # the weights are the oracle's (the loss is linear), exactly.
+    "hfa-k1-2-k2-2": (["--rounds", "8"], dict(env={"MXNET_KVSTORE_USE_HFA": "1", "MXNET_KVSTORE_HFA_K1": "2",
+                                                   "MXNET_KVSTORE_HFA_K2": "2"})),
+    # ESync: the parties' step counts are assigned at run time, so no closed form: every worker ends on
+    # the same global model after the same rounds (checked below).
+    "esync": (["--rounds", "6"], dict(env={"GEOMX_USE_ESYNC": "1"})),
 }
 
 
@@ -48,6 +57,8 @@ def test_exact_oracle(case):
     assert result.code == 0, result.output[-4000:]
     assert result.output.count("EXACT OK") == 5, result.output[-4000:]
     assert "MISMATCH" not in result.output
+    finals = re.findall(r"\] FINAL (.*)", result.output)
+    assert len(finals) == (4 if case == "esync" else 0) and len(set(finals)) <= 1, finals
 
 
 @pytest.mark.system

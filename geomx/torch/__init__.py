@@ -21,7 +21,9 @@ which the next forward pass needs first, come back first (P3 when ``ENABLE_P3=1`
 * ``mode="local"``: the servers sum; every worker receives the averaged gradient and steps its own
   optimizer (any torch optimizer; what BSC and MPQ need).
 * HFA (``MXNET_KVSTORE_USE_HFA=1``): every worker steps its own optimizer; every K1 steps the party
-  averages its models, every K2 party averages the parties do (the servers average weights).
+  averages its models, every K2 party averages the parties do (the servers average weights). ESync
+  (``GEOMX_USE_ESYNC=1``): the same, every round global, with the global server assigning each party
+  its local steps (``opt.esync_steps``); stop on ``opt.mean_steps``.
 
 Everything below the optimizer (codecs, MixedSync, P3, several global servers, DGT, TSEngine, CURVE,
 checkpoints on the servers) is the core's, configured by the same variables as for MXNet.
@@ -37,6 +39,7 @@ import torch
 
 from .. import config
 from ..errors import GeoMXError
+from ..servers.sync.esync import ESYNC_KEY
 from ..store import Store, key_id
 from .spec import optimizer_to_spec
 
@@ -204,11 +207,10 @@ class DistributedOptimizer:
             raise GeoMXError(f"backward_passes_per_step must be at least 1, got {backward_passes_per_step}")
         s = store()
         self.optimizer = optimizer
-        self.hfa = s.cfg.hfa.enabled
-        if self.hfa or s.cfg.esync.enabled:
-            if s.cfg.esync.enabled:
-                raise GeoMXError("ESync (GEOMX_USE_ESYNC=1) is not available from PyTorch yet; use HFA or FSA")
-            mode = "local"  # HFA averages models; the optimizer runs on the workers
+        # HFA and ESync average models: the optimizer runs on the workers.
+        self.averaging = "esync" if s.cfg.esync.enabled else "hfa" if s.cfg.hfa.enabled else None
+        if self.averaging:
+            mode = "local"
         self.mode = mode
         self.backward_passes_per_step = backward_passes_per_step
         self._named = self._check_parameters(optimizer, named_parameters)
@@ -231,6 +233,11 @@ class DistributedOptimizer:
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self._params)]
         self._steps = 0
         self._k1, self._k2 = s.hfa_periods
+        # ESync: local steps this round, as the global server assigned them to the party; the workers'
+        # mean step count travels in ESYNC_KEY (key 0, whose replies carry the assignment).
+        self._round_steps, self._assigned, self.mean_steps = 0, 1, 0.0
+        if self.averaging == "esync":
+            s.init(ESYNC_KEY, 1, np.float32, np.zeros(1, np.float32)).result()
 
     # -- checks --------------------------------------------------------------------------------------
     @staticmethod
@@ -266,7 +273,7 @@ class DistributedOptimizer:
     # -- sending gradients as backward produces them --------------------------------------------------
     def _hook(self, index: int) -> Any:
         def hook(param: torch.Tensor) -> None:
-            if self.hfa:
+            if self.averaging:
                 return
             self._passes[index] += 1
             if self._passes[index] == self.backward_passes_per_step:
@@ -299,8 +306,8 @@ class DistributedOptimizer:
             raise GeoMXError("step(closure) is not supported: call backward() before step()")
         if is_master_worker():
             raise GeoMXError("the master worker does not train (if not gx.is_master_worker(): ...)")
-        if self.hfa:
-            return self._hfa_step()
+        if self.averaging:
+            return self._averaging_step()
         if not self._futures and not any(self._passes):
             raise GeoMXError("step() without backward(): no gradient was computed since the last step")
         self._check_lr()
@@ -336,19 +343,34 @@ class DistributedOptimizer:
                                  "scheduler?): in mode='server' the global servers run the optimizer; pass "
                                  "schedule={...} to DistributedOptimizer, or use mode='local'")
 
-    def _hfa_step(self) -> Any:
+    def _averaging_step(self) -> Any:
         """HFA: a local step; every K1 steps the party averages its workers' models (pushpull of
-        weights / workers), and every K2 of those the local servers average the parties'."""
+        weights / workers), and every K2 of those the local servers average the parties'. ESync: the
+        same with K2 = 1 and K1 = the steps the global server assigned to this party for the round."""
         result = self.optimizer.step()
         self._steps += 1
-        if self._steps % self._k1 == 0:
+        self._round_steps += 1
+        if self._round_steps >= (self._assigned if self.averaging == "esync" else self._k1):
+            self._round_steps = 0
             s = store()
             workers = np.float32(s.num_workers)
             futures = [(p, s.pushpull(k, _to_numpy(p).astype(np.float32, copy=True) / workers, priority=-i))
                        for i, (p, k) in enumerate(zip(self._params, self._keys))]
+            progress = None
+            if self.averaging == "esync":
+                progress = s.pushpull(ESYNC_KEY, np.array([self._steps], np.float32) / workers)
             for p, fut in futures:
                 _assign(p, fut.result())
+            if progress is not None:
+                self.mean_steps = float(progress.result()[0])
+                self._assigned = s.esync_steps()
         return result
+
+    @property
+    def esync_steps(self) -> int:
+        """ESync: the local steps this worker takes in the current round (1 until the global server
+        has measured every party)."""
+        return self._assigned
 
     # -- states ---------------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:

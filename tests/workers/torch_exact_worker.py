@@ -38,6 +38,7 @@ def main():
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     p.add_argument("--sync", choices=["sync", "async"], default="sync")
     p.add_argument("--compression", default=None, help="fp16: the averaged gradients are float16-rounded")
+    p.add_argument("--sleep", type=float, default=0.0, help="seconds after each round (a test acts meanwhile)")
     p.add_argument("--fail-rank", type=int, default=-1, help="this worker misbehaves after its first round")
     p.add_argument("--failure", choices=["raise", "no-backward", "unused"], default="raise",
                    help="how: raise an exception, call step() without backward(), or leave a parameter "
@@ -59,7 +60,7 @@ def main():
     n, world = gx.size(), sum(range(1, gx.size() + 1))
     for name, param in params.items():
         assert torch.equal(param.data, init_value(name)), f"{name}: not the master worker's initial value"
-    print(f"RANK {gx.rank()} of {n} party {gx.party()}", flush=True)
+    print(f"RANK {gx.rank()} of {n} party {gx.party()} curve {gx.store().cfg.curve is not None}", flush=True)
 
     if gx.is_master_worker():
         if args.sync == "async":
@@ -118,6 +119,7 @@ def main():
                 print(f"MISMATCH round {t} {name}: {(got - want).abs().max().item()}", flush=True)
                 sys.exit(1)
         print(f"ROUND {t} OK", flush=True)
+        time.sleep(args.sleep)
     if args.sync == "async":
         gx.barrier()
     print("EXACT OK", flush=True)

@@ -186,6 +186,125 @@ def serve_store(args) -> int:
     return 0
 
 
+
+def train_loop(args, rank: int, init: dict, net, step, calibrate, barrier, result: dict) -> None:
+    """The timed loop shared by DDP and geomx.torch (``--geomx``): throughput (the synthetic batch) or
+    accuracy (the digits shards, evaluated on rank 0); fills ``result``. ``step(x, y)`` is one
+    iteration in ms, ``calibrate(x, y)`` forward + backward passes without communication."""
+    import numpy as np
+    import torch
+
+    world = args.world_size if args.geomx is None else args.num_workers
+    marker = rank == 0
+    rng = np.random.RandomState(args.seed + rank)  # suite_worker.py's synthetic batch, same draws
+    synth_x = torch.from_numpy(rng.rand(args.batch_size, 1, 28, 28).astype(np.float32))
+    synth_y = torch.from_numpy(rng.randint(0, 10, args.batch_size).astype(np.int64))
+    if args.mode == "throughput":
+        for _ in range(args.warmup):
+            step(synth_x, synth_y)
+        compute = calibrate(synth_x, synth_y)
+        barrier()
+        if marker:
+            print(MARK_TAG + "start", flush=True)
+        total = []
+        t_loop = time.perf_counter()
+        for _ in range(args.iters):
+            total.append(round(step(synth_x, synth_y), 3))
+        loop_s = time.perf_counter() - t_loop
+        if marker:
+            print(MARK_TAG + "end", flush=True)
+        result.update(iter_ms=total, compute_ms=compute, loop_s=round(loop_s, 4))
+    else:
+        compute = calibrate(synth_x, synth_y)
+        x_train, y_train = init["x_train"], init["y_train"].astype(np.int64)
+        x_test = torch.from_numpy(init["x_test"])
+        y_test = init["y_test"].astype(np.int64).reshape(-1)
+        per = len(y_train) // world  # utils.shard_indices: contiguous shards
+        shard = np.arange(rank * per, rank * per + per)
+        order_rng = np.random.RandomState(args.seed + rank)  # utils._SeededRandomSampler
+        evals, total = [], []
+        clock, it = 0.0, 0
+        barrier()
+        if marker:
+            print(MARK_TAG + "start", flush=True)
+        while it < args.max_iters:
+            perm = shard[order_rng.permutation(per)]
+            for b in range(0, per, args.batch_size):
+                idx = perm[b:b + args.batch_size]
+                t = step(torch.from_numpy(x_train[idx]), torch.from_numpy(y_train[idx]))
+                total.append(round(t, 3))
+                clock += t / 1e3
+                it += 1
+                if marker and (it % args.eval_every == 0 or it >= args.max_iters):
+                    with torch.no_grad():
+                        pred = net(x_test).argmax(dim=1).numpy()
+                    acc = float((pred == y_test).mean())
+                    evals.append({"t": round(clock, 3), "it": it, "acc": round(acc, 4)})
+                    print(f"[iter {it}] train time {clock:.2f}s test acc {acc:.4f}", flush=True)
+                if it >= args.max_iters:
+                    break
+        if marker:
+            print(MARK_TAG + "end", flush=True)
+        result.update(iter_ms=total, compute_ms=compute, evals=evals, loop_s=round(clock, 4))
+
+
+def report(result: dict, net) -> None:
+    """The result line the suite parses: the loop's figures, finite weights, CPU time and peak memory."""
+    import torch
+
+    result["finite"] = all(bool(torch.isfinite(q).all()) for q in net.parameters())
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 3)
+    result["max_rss_mb"] = round(usage.ru_maxrss / 1024.0, 1)
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def geomx_main(args, net, init: dict, nparams: int) -> int:
+    """``--geomx MODE``: the same loop over geomx.torch (a worker started by geomx-launch): Adam in the
+    global servers (mode server) or on each worker (mode local), HFA from the environment."""
+    import torch
+    import torch.nn.functional as F
+
+    import geomx.torch as gx
+
+    t_setup = time.perf_counter()
+    gx.init()
+    compression = json.loads(args.compression) if args.compression else None
+    opt = gx.DistributedOptimizer(torch.optim.Adam(net.parameters(), lr=args.lr),
+                                  named_parameters=net.named_parameters(), mode=args.geomx, compression=compression)
+    gx.broadcast_parameters(net.state_dict())
+    if gx.is_master_worker():
+        print(f"master worker initialised {len(list(net.parameters()))} keys", flush=True)
+        return 0
+    setup_s = time.perf_counter() - t_setup
+
+    def step(x, y) -> float:
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=False)
+        F.cross_entropy(net(x), y).backward()  # each gradient leaves as soon as it is accumulated
+        opt.step()
+        return (time.perf_counter() - t0) * 1e3
+
+    def calibrate(x, y) -> List[float]:
+        out = []
+        for _ in range(args.calibrate):
+            t0 = time.perf_counter()
+            with opt.no_sync():
+                F.cross_entropy(net(x), y).backward()
+            out.append(round((time.perf_counter() - t0) * 1e3, 3))
+        opt.zero_grad(set_to_none=False)
+        return out
+
+    store = gx.store()
+    result = {"system": "geomx-torch", "mode_geomx": args.geomx, "worker": args.slice, "model": args.model,
+              "hfa": list(store.hfa_periods) if store.cfg.hfa.enabled else None, "params": nparams,
+              "batch": args.batch_size, "setup_s": round(setup_s, 3), "mode": args.mode,
+              "compute_note": "forward+backward under opt.no_sync(), timed before the loop"}
+    train_loop(args, args.slice, init, net, step, calibrate, lambda: None, result)
+    report(result, net)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check-torch", action="store_true", help="exit 0 when torch with gloo imports, else say why")
@@ -198,7 +317,11 @@ def main(argv=None) -> int:
     p.add_argument("--store-ready-file", default=None,
                    help="the store creates this file once it listens; ranks wait for it before connecting")
     p.add_argument("--init", default=None, help="suite_worker.py --dump-init's file (required for training)")
-    p.add_argument("--comm-hook", choices=["none", "fp16"], default="none")
+    p.add_argument("--comm-hook", choices=["none", "fp16", "powersgd"], default="none")
+    p.add_argument("--geomx", choices=["server", "local"], default=None,
+                   help="not DDP: geomx.torch's DistributedOptimizer in this mode (a worker of geomx-launch; the "
+                        "rows geomx-torch-*)")
+    p.add_argument("--compression", default=None, help="--geomx: the DistributedOptimizer's compression (JSON)")
     # The suite's worker flags (suite.worker_argv), with suite_worker.py's meaning.
     add_run_args(p)
     p.add_argument("--slice", type=int, default=None, help="global worker index (= the rank)")
@@ -209,14 +332,15 @@ def main(argv=None) -> int:
         reason = torch_missing()
         print(reason or "ok", flush=True)
         return 1 if reason else 0
-    if args.store_host is None or args.store_port is None or args.world_size is None:
-        p.error("--store-host, --store-port and --world-size are required")
-    if args.serve_store:
-        return serve_store(args)
-    if args.slice is not None and args.slice != args.rank:
-        p.error(f"--slice {args.slice} and --rank {args.rank} differ: the rank is the data shard")
-    if args.num_workers is not None and args.num_workers != args.world_size:
-        p.error(f"--num-workers {args.num_workers} and --world-size {args.world_size} differ")
+    if args.geomx is None:
+        if args.store_host is None or args.store_port is None or args.world_size is None:
+            p.error("--store-host, --store-port and --world-size are required")
+        if args.serve_store:
+            return serve_store(args)
+        if args.slice is not None and args.slice != args.rank:
+            p.error(f"--slice {args.slice} and --rank {args.rank} differ: the rank is the data shard")
+        if args.num_workers is not None and args.num_workers != args.world_size:
+            p.error(f"--num-workers {args.num_workers} and --world-size {args.world_size} differ")
     if not args.init:
         p.error("--init FILE is required (suite_worker.py --dump-init FILE --model M)")
 
@@ -228,6 +352,8 @@ def main(argv=None) -> int:
 
     torch.manual_seed(args.seed)
     rank, world = args.rank, args.world_size
+    if args.geomx is not None:
+        rank, world = args.slice, args.num_workers
     with np.load(args.init) as z:
         init = {k: z[k] for k in z.files}
     net = build_torch(args.model)
@@ -238,6 +364,8 @@ def main(argv=None) -> int:
               f"MXNet's; gloo on {os.environ.get('GLOO_SOCKET_IFNAME')}, threads {torch.get_num_threads()}",
               flush=True)
 
+    if args.geomx is not None:
+        return geomx_main(args, net, init, nparams)
     t_setup = time.perf_counter()
     if args.store_ready_file:
         deadline = time.monotonic() + args.timeout
@@ -253,6 +381,13 @@ def main(argv=None) -> int:
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 
         ddp.register_comm_hook(None, fp16_compress_hook)
+    elif args.comm_hook == "powersgd":
+        # torch's own WAN-friendly hook: rank-1 PowerSGD after 10 plain all-reduce iterations (its defaults
+        # with error feedback and warm start), the recipe torch's documentation gives.
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+
+        state = powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=10)
+        ddp.register_comm_hook(state, powersgd.powerSGD_hook)
     opt = torch.optim.Adam(ddp.parameters(), lr=args.lr)
     dist.barrier()
     setup_s = time.perf_counter() - t_setup
@@ -275,66 +410,11 @@ def main(argv=None) -> int:
         opt.zero_grad(set_to_none=False)
         return out
 
-    marker = rank == 0
     result = {"system": "ddp", "comm_hook": args.comm_hook, "worker": rank, "model": args.model, "hfa": None,
               "params": nparams, "batch": args.batch_size, "setup_s": round(setup_s, 3), "mode": args.mode,
               "compute_note": "forward+backward under ddp.no_sync(), timed before the loop"}
-    rng = np.random.RandomState(args.seed + rank)  # suite_worker.py's synthetic batch, same draws
-    synth_x = torch.from_numpy(rng.rand(args.batch_size, 1, 28, 28).astype(np.float32))
-    synth_y = torch.from_numpy(rng.randint(0, 10, args.batch_size).astype(np.int64))
-    if args.mode == "throughput":
-        for _ in range(args.warmup):
-            step(synth_x, synth_y)
-        compute = calibrate(synth_x, synth_y)
-        dist.barrier()
-        if marker:
-            print(MARK_TAG + "start", flush=True)
-        total = []
-        t_loop = time.perf_counter()
-        for _ in range(args.iters):
-            total.append(round(step(synth_x, synth_y), 3))
-        loop_s = time.perf_counter() - t_loop
-        if marker:
-            print(MARK_TAG + "end", flush=True)
-        result.update(iter_ms=total, compute_ms=compute, loop_s=round(loop_s, 4))
-    else:
-        compute = calibrate(synth_x, synth_y)
-        x_train, y_train = init["x_train"], init["y_train"].astype(np.int64)
-        x_test = torch.from_numpy(init["x_test"])
-        y_test = init["y_test"].astype(np.int64).reshape(-1)
-        per = len(y_train) // world  # utils.shard_indices: contiguous shards
-        shard = np.arange(rank * per, rank * per + per)
-        order_rng = np.random.RandomState(args.seed + rank)  # utils._SeededRandomSampler
-        evals, total = [], []
-        clock, it = 0.0, 0
-        dist.barrier()
-        if marker:
-            print(MARK_TAG + "start", flush=True)
-        while it < args.max_iters:
-            perm = shard[order_rng.permutation(per)]
-            for b in range(0, per, args.batch_size):
-                idx = perm[b:b + args.batch_size]
-                t = step(torch.from_numpy(x_train[idx]), torch.from_numpy(y_train[idx]))
-                total.append(round(t, 3))
-                clock += t / 1e3
-                it += 1
-                if marker and (it % args.eval_every == 0 or it >= args.max_iters):
-                    with torch.no_grad():
-                        pred = ddp.module(x_test).argmax(dim=1).numpy()
-                    acc = float((pred == y_test).mean())
-                    evals.append({"t": round(clock, 3), "it": it, "acc": round(acc, 4)})
-                    print(f"[iter {it}] train time {clock:.2f}s test acc {acc:.4f}", flush=True)
-                if it >= args.max_iters:
-                    break
-        if marker:
-            print(MARK_TAG + "end", flush=True)
-        result.update(iter_ms=total, compute_ms=compute, evals=evals, loop_s=round(clock, 4))
-
-    result["finite"] = all(bool(torch.isfinite(q).all()) for q in net.parameters())
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    result["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 3)
-    result["max_rss_mb"] = round(usage.ru_maxrss / 1024.0, 1)
-    print(RESULT_TAG + json.dumps(result), flush=True)
+    train_loop(args, rank, init, net, step, lambda x, y: calibrate(x, y), dist.barrier, result)
+    report(result, net)
     store.add(DONE_KEY, 1)
     dist.destroy_process_group()
     return 0

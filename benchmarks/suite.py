@@ -64,6 +64,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, "suite_worker.py")
 DDP_WORKER = os.path.join(HERE, "ddp_worker.py")
+# Rows whose workers are torch processes (benchmarks/ddp_worker.py), from MXNet's initial weights.
+TORCH_SYSTEMS = ("ddp", "geomx-torch")
 sys.path.insert(0, HERE)
 
 import ddp_worker  # noqa: E402  (no torch import at module level)
@@ -92,7 +94,9 @@ class Row:
     """
 
     name: str
-    system: str  # "native", "geomx" or "ddp" (torch DistributedDataParallel, benchmarks/ddp_worker.py)
+    # "native", "geomx", "ddp" (torch DistributedDataParallel, benchmarks/ddp_worker.py) or "geomx-torch"
+    # (geomx.torch's DistributedOptimizer, benchmarks/ddp_worker.py --geomx, under geomx-launch)
+    system: str
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     node_env: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
     worker_args: Sequence[str] = ()
@@ -225,6 +229,31 @@ ROWS: List[Row] = [
     Row("ddp-fp16", "ddp", worker_args=("--comm-hook", "fp16"), default=False,
         flags="ddp + ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)",
         note="PyTorch DDP, gradients all-reduced as float16"),
+    Row("ddp-powersgd", "ddp", worker_args=("--comm-hook", "powersgd"), default=False,
+        flags="ddp + ddp.register_comm_hook(PowerSGDState(None, matrix_approximation_rank=1, "
+              "start_powerSGD_iter=10), powerSGD_hook)",
+        note="PyTorch DDP with torch's own WAN-friendly hook: rank-1 PowerSGD after 10 plain iterations"),
+    # geomx.torch (issue 29; benchmarks/ddp_worker.py --geomx): the DDP rows' torch model, weights, data and
+    # Adam, the workers started by geomx-launch as in the geomx rows.
+    *[Row(f"geomx-torch-{name}", "geomx-torch", env=env, worker_args=("--geomx", *args), default=False,
+          flags=flags, note=note, **extra) for name, env, args, flags, note, extra in [
+        ("fsa", {}, ("server",), "gx.DistributedOptimizer(Adam) (mode server)",
+         "geomx.torch, FSA: the global server runs torch.optim.Adam's rule", {}),
+        ("p3", {"ENABLE_P3": "1"}, ("server",), "geomx-torch-fsa + ENABLE_P3=1",
+         "geomx.torch, P3's slices and priorities", {}),
+        ("fp16", {}, ("local", "--compression", '{"type": "fp16"}'),
+         "gx.DistributedOptimizer(Adam, mode='local', compression={'type': 'fp16'})",
+         "geomx.torch, float16 on every link, each worker's Adam", {}),
+        ("bsc", {}, ("local", "--compression", '{"type": "bsc", "threshold": 0.01, "size_lower_bound": 1000}'),
+         "gx.DistributedOptimizer(Adam, mode='local', compression={'type': 'bsc', 'threshold': 0.01, "
+         "'size_lower_bound': 1000})", "geomx.torch, bi-sparse compression, each worker's Adam", {}),
+        ("mpq", {}, ("local", "--compression", '{"type": "mpq", "threshold": 0.01, "size_lower_bound": 1000}'),
+         "gx.DistributedOptimizer(Adam, mode='local', compression={'type': 'mpq', ...})",
+         "geomx.torch, mixed precision, each worker's Adam", {}),
+        ("hfa", _hfa_env(20, 10), ("local",), "MXNET_KVSTORE_USE_HFA=1 K1=20 K2=10; gx.DistributedOptimizer(Adam)",
+         "geomx.torch, HFA: party average every 20 iterations, global every 200",
+         dict(iters=400, warmup=0, tta_iters=400)),
+    ]],
 ]
 
 MODELS = {"cnn": "examples' CNN (utils.build_cnn, ~0.18M params)",
@@ -551,7 +580,7 @@ class _LineStream(io.TextIOBase):
 
 
 def worker_argv(row: Row, model: str, mode: str, args, slice_arg: str, native: bool) -> List[str]:
-    script = DDP_WORKER if row.system == "ddp" else WORKER
+    script = DDP_WORKER if row.system in TORCH_SYSTEMS else WORKER
     cmd = [sys.executable, script, "--model", model, "--mode", mode, "--slice", slice_arg,
            "--batch-size", str(args.batch_size), "--seed", str(args.seed),
            "--num-workers", str(args.parties * args.workers)]
@@ -655,8 +684,10 @@ def _launch(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"], wa
         with tempfile.TemporaryDirectory(prefix="geomx-suite-keys-") as keys:
             if row.curve:
                 topo.make_curve_keys(keys)
-            status = launch_run(topo, worker_argv(row, model, mode, args, "{slice}", native=False),
-                                timeout=args.timeout, stream=stream, grace=20.0)
+            argv = worker_argv(row, model, mode, args, "{slice}", native=False)
+            if row.system == "geomx-torch":
+                argv += ["--init", ddp_init_file(model, args.seed)]
+            status = launch_run(topo, argv, timeout=args.timeout, stream=stream, grace=20.0)
         text = stream.getvalue()
     return status, text
 
@@ -748,17 +779,17 @@ def ddp_init_file(model: str, seed: int) -> str:
 
 
 def skip_unavailable(rows: Sequence[Row]) -> tuple:
-    """``(rows that can run, [{"row", "reason"}])``: the DDP rows need torch with gloo in this
+    """``(rows that can run, [{"row", "reason"}])``: the torch rows need torch with gloo in this
     interpreter's environment (the workers run ``sys.executable``)."""
-    if not any(r.system == "ddp" for r in rows):
+    if not any(r.system in TORCH_SYSTEMS for r in rows):
         return list(rows), []
     reason = ddp_worker.torch_missing_in(sys.executable)
     if reason is None:
         return list(rows), []
-    skipped = [{"row": r.name, "reason": reason} for r in rows if r.system == "ddp"]
+    skipped = [{"row": r.name, "reason": reason} for r in rows if r.system in TORCH_SYSTEMS]
     for s in skipped:
         print(f"# {s['row']}: SKIPPED: {s['reason']}", file=sys.stderr, flush=True)
-    return [r for r in rows if r.system != "ddp"], skipped
+    return [r for r in rows if r.system not in TORCH_SYSTEMS], skipped
 
 
 def _print_skipped(args) -> None:

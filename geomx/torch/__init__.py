@@ -32,7 +32,8 @@ docs/PyTorch.md is the guide.
 from __future__ import annotations
 
 import concurrent.futures as cf
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+import contextlib
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -229,6 +230,7 @@ class DistributedOptimizer:
         # Every worker starts from the master worker's values.
         broadcast_parameters(self._named)
         self._futures: Dict[int, cf.Future] = {}
+        self._paused = False
         self._passes = [0] * len(self._params)
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self._params)]
         self._steps = 0
@@ -273,7 +275,7 @@ class DistributedOptimizer:
     # -- sending gradients as backward produces them --------------------------------------------------
     def _hook(self, index: int) -> Any:
         def hook(param: torch.Tensor) -> None:
-            if self.averaging:
+            if self.averaging or self._paused:
                 return
             self._passes[index] += 1
             if self._passes[index] == self.backward_passes_per_step:
@@ -294,6 +296,16 @@ class DistributedOptimizer:
     # -- the step ----------------------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate gradients here without sending them (DDP's ``no_sync``);
+        the first backward pass after it sends the accumulated gradient."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     @property
     def param_groups(self) -> List[dict]:

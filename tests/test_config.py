@@ -525,3 +525,12 @@ def test_continuing_without_a_lost_party_is_refused_where_averages_need_every_pa
     msg = refused(env_for("global_server", GEOMX_LOST_PARTY="continue", **{switch: "1"}))
     assert f"GEOMX_LOST_PARTY=continue works with FSA and MixedSync only, not with {switch}" in msg
     config.load(env_for("global_server", GEOMX_LOST_PARTY="continue"))  # FSA: taken
+
+
+@pytest.mark.unit
+def test_worker_place_and_sync_mode_for_the_torch_front_end():
+    cfg = config.load(env_for("worker", GEOMX_DATA_SLICE="3", GEOMX_PARTY="party1", GEOMX_SYNC_MODE="Async"))
+    assert (cfg.data_slice, cfg.party, cfg.sync_mode) == (3, "party1", "async")
+    cfg = config.load(env_for("worker"))
+    assert (cfg.data_slice, cfg.party, cfg.sync_mode) == (None, None, "sync")
+    assert "GEOMX_SYNC_MODE must be sync (FSA) or async (MixedSync)" in refused(env_for("worker", GEOMX_SYNC_MODE="x"))

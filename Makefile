@@ -11,10 +11,12 @@ setup: $(VENV)/.installed
 # PYTHON: any of Python 3.9-3.12 (e.g. `make demo PYTHON=python3.12 VENV=.venv312`). constraints.txt pins
 # the tested numpy (< 2) for each; the install also puts the start-up hook of startup/ into the venv,
 # which restores the numpy names MXNet 1.9.1 uses (README.md, "Python 3.12 and numpy").
+# The core installs without a framework: the demo, the examples and most tests are MXNet scripts, hence the
+# `mxnet` extra (it installs nothing on Python 3.13, which MXNet 1.9.1 does not reach: see .ci/run's 3.13 job).
 $(VENV)/.installed: pyproject.toml setup.py csrc/_kernels.pyx csrc/_compress.pyx csrc/_delivery.pyx constraints.txt startup/*
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[test,examples]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[mxnet,test,examples]"
 	touch $@
 
 # The bundled CNN over a whole local topology: central party + 2 parties x 2 workers.

@@ -18,6 +18,10 @@ try:  # setuptools >= 64 builds `pip install -e` through this command (PEP 660)
 except ImportError:  # pragma: no cover - pyproject.toml requires a newer setuptools
     editable_wheel = None
 
+# Built against numpy 2 (pyproject.toml), for numpy 1.23's C API: the extensions then import on numpy 1.23.5
+# and later, 1.x and 2.x, so the core runs on both (MXNet's extra keeps numpy < 2 for MXNet).
+NUMPY_MACROS = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), ("NPY_TARGET_VERSION", "NPY_1_23_API_VERSION")]
+
 extensions = [
     Extension(
         "geomx._kernels",
@@ -25,17 +29,18 @@ extensions = [
         include_dirs=[np.get_include()],
         # No -march=native: the wheel must run on any x86-64; F16C is chosen at run time.
         extra_compile_args=["-O3"],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        define_macros=NUMPY_MACROS,
     ),
     Extension(
         "geomx._compress",
         ["csrc/_compress.pyx"],
         include_dirs=[np.get_include()],
         extra_compile_args=["-O3"],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        define_macros=NUMPY_MACROS,
     ),
     # C++ for the engine callback's types (dmlc::Error, std::mutex); no MXNet headers or library needed
-    # at build time: libmxnet's entry points are looked up at run time (geomx/delivery.py).
+    # at build time: libmxnet's entry points are looked up at run time (geomx/delivery.py). So it is built
+    # everywhere, also where MXNet is not installed; only geomx.delivery (the MXNet front end) imports it.
     Extension(
         "geomx._delivery",
         ["csrc/_delivery.pyx"],
@@ -46,7 +51,7 @@ extensions = [
 
 # The numpy-alias hook (startup/_geomx_numpy_aliases.py says why): a .pth file that `site` runs at
 # interpreter start and the module it imports. Both go to the top of site-packages, outside the geomx
-# package, because importing geomx in a worker process imports MXNet.
+# package: importing anything inside it runs geomx/__init__.py, which every interpreter would then pay for.
 STARTUP_FILES = ["startup/geomx-numpy-aliases.pth", "startup/_geomx_numpy_aliases.py"]
 
 

@@ -12,9 +12,14 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import mxnet as mx
 import numpy as np
-from mxnet.kvstore.base import KVStoreBase
+
+try:
+    import mxnet as mx
+    from mxnet.kvstore.base import KVStoreBase
+except ImportError as exc:  # the core installs without a framework
+    raise ImportError("geomx's MXNet front end needs MXNet 1.9.1: pip install 'geomx[mxnet]' (Python 3.9-3.12)") \
+        from exc
 
 from . import delivery, store
 from .errors import GeoMXError

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import sys
-import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -287,6 +286,8 @@ class Store:
         if self.closed:
             return
         self.closed = True
+        _live_stores.discard(self)
+        _closers.pop(self, None)
         try:
             if failure is None:
                 self.wait_inflight()
@@ -296,11 +297,13 @@ class Store:
             self.node.close(failure=failure)
 
 
-_live_stores: "weakref.WeakSet[Store]" = weakref.WeakSet()
+# Open stores, held here until closed: a script that drops its last reference to one is still a member of the
+# topology, which it leaves at exit (a store collected unclosed would vanish without a goodbye).
+_live_stores: "set[Store]" = set()
 # Front ends' ways to say in one line why a script died (MXNet wraps geomx's errors in its own).
 failure_summaries: List[Callable[[BaseException], Optional[str]]] = []
 # Front ends' closers, run at exit instead of Store.close_with for the stores they own.
-_closers: "weakref.WeakKeyDictionary[Store, Callable[[Optional[str]], None]]" = weakref.WeakKeyDictionary()
+_closers: "Dict[Store, Callable[[Optional[str]], None]]" = {}
 
 
 def on_exit_close(store: Store, closer: Callable[[Optional[str]], None]) -> None:

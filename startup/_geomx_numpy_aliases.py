@@ -14,7 +14,7 @@ imports numpy, sets each alias that numpy lacks to the builtin it stood for, rem
 normal import go on. Names numpy still has are left alone (numpy 1.23.5 has all six), so on the pinned
 numpy this changes nothing.
 
-This module must not import geomx: ``import geomx`` in a worker process imports MXNet.
+This module must not import geomx: every interpreter would then pay for ``import geomx`` at start.
 """
 import sys
 

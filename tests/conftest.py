@@ -5,6 +5,12 @@ process) or ``system`` (it starts processes, opens sockets to other processes or
 module of one kind says so once (``pytestmark = pytest.mark.unit``), a mixed module on each test.
 Collection stops on a test marked neither or both, and a ``unit`` test that starts a process fails.
 ``pytest -m unit`` runs the quick half (``make test-unit``), ``pytest -m system`` the rest.
+
+The suite also runs where MXNet is not installed (the core alone, as on Python 3.13: .ci/run's third job). A
+module that imports mxnet, itself or through geomx.kvstore, geomx.delivery or examples/utils.py, therefore
+starts with ``mx = pytest.importorskip("mxnet")`` before those imports: it is reported skipped instead of
+failing collection. A test that needs MXNet in a module that does not says so itself (``pytest.importorskip``
+in the test, or ``skipif`` where only the processes it starts import mxnet).
 """
 import sys
 import threading

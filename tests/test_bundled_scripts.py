@@ -93,7 +93,7 @@ SHORT_FORMS: Dict[str, ShortForm] = {
     "run_dcasgd.sh": ShortForm(("-ep", "15", "--eval-every", "30"), 0.50),
 }
 
-# The PyTorch demos (scripts/torch/run_*.sh, examples/torch/cnn.py; the same 12-process topology), run where
+# The PyTorch demos (scripts/torch/run_*.sh, examples/pytorch/cnn.py; the same 12-process topology), run where
 # torch is installed (the CI job with geomx[torch] and no MXNet). Measured 2026-12-07 on the 2-core machine at
 # load 5-8, last accuracy of the 4 workers (all equal in each run), seconds per run:
 TORCH_SHORT_FORMS: Dict[str, ShortForm] = {

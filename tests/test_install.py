@@ -1,7 +1,12 @@
-"""What installing geomx puts in place: the numpy-alias hook that lets MXNet 1.9.1 import on numpy >= 1.24
-(so on Python 3.12), and the console scripts (``--version``, ``geomx-node --help``).
+"""What installing geomx puts in place: its requirements (the core needs no framework; the ``mxnet`` and
+``torch`` extras bring one), the numpy-alias hook that lets MXNet 1.9.1 import on numpy >= 1.24 (so on
+Python 3.12), and the console scripts (``--version``, ``geomx-node --help``).
 
-Each check runs the installed interpreter or script in a subprocess, as a user would."""
+The requirements are read from the installed distribution's metadata; every other check runs the installed
+interpreter or script in a subprocess, as a user would. The checks that import MXNet are skipped where it is
+not installed (the core alone, e.g. on Python 3.13)."""
+import importlib.metadata
+import importlib.util
 import os
 import re
 import subprocess
@@ -9,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement  # pytest's own dependency
+from packaging.specifiers import SpecifierSet
 
 from geomx import __version__, config
 from geomx import node as node_cli
@@ -17,12 +24,85 @@ from geomx.errors import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 ALIASES = ("bool", "int", "float", "complex", "object", "str")
+HAS_MXNET = importlib.util.find_spec("mxnet") is not None
+PYTHONS = ("3.9", "3.10", "3.11", "3.12", "3.13")
 
 
-def _python(code: str, **kw) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DMLC_", "GEOMX_"))}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
-                          cwd=str(ROOT / "tests"), **kw)
+def _python(code: str, env=None, **kw) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter, with ``env`` added to this one's environment (less geomx's variables)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("DMLC_", "GEOMX_"))}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=full_env, cwd=str(ROOT / "tests"), **kw)
+
+
+def _declared(python: str, extra: str = "") -> dict:
+    """``{name: specifier}`` of the installed geomx's requirements on Python ``python``: the core's (no
+    ``extra``), or those that ``extra`` adds to the core's."""
+    def applies(req: Requirement, extra: str) -> bool:
+        return req.marker is None or req.marker.evaluate({"python_version": python, "extra": extra})
+
+    # Run from the repository root, the source tree's geomx.egg-info (written by the last build here, whichever
+    # environment it was for) comes first on sys.path: read the installed distribution's metadata instead.
+    installed = [d for d in importlib.metadata.distributions(name="geomx") if Path(d.locate_file("")).resolve() != ROOT]
+    assert installed, "geomx is not installed"
+    found = {}
+    for req in map(Requirement, installed[0].requires or []):
+        if applies(req, extra) and not (extra and applies(req, "")):
+            assert req.name not in found, f"{req.name} required twice on Python {python} ({extra or 'core'})"
+            found[req.name] = str(req.specifier)
+    return found
+
+
+# The metadata is written at install time: after a change to pyproject.toml's dependencies, reinstall.
+_STALE = "(an install older than pyproject.toml? `make setup` or `pip install -e .` reinstalls)"
+
+
+def _version_tuple(python: str) -> tuple:
+    return tuple(int(part) for part in python.split("."))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("python", PYTHONS)
+def test_the_core_requires_numpy_and_pyzmq_only(python):
+    """``pip install geomx``: no framework, and numpy 1.x or 2.x (the extensions are built against numpy 2 for
+    numpy 1.23's C API: pyproject.toml's build-system), from the first numpy with wheels for that Python."""
+    core = _declared(python)
+    expected = {"numpy", "pyzmq"} | ({"tomli"} if _version_tuple(python) < (3, 11) else set())
+    assert set(core) == expected, f"{core} {_STALE}"
+    assert "2.4.0" in SpecifierSet(core["numpy"]), core["numpy"]
+    oldest = "1.23.5" if _version_tuple(python) < (3, 12) else "1.26.4" if _version_tuple(python) < (3, 13) else "2.1.0"
+    assert oldest in SpecifierSet(core["numpy"]), core["numpy"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("python", PYTHONS)
+def test_the_mxnet_extra_brings_mxnet_with_numpy_below_2_up_to_python_3_12(python):
+    extra = _declared(python, "mxnet")
+    if _version_tuple(python) >= (3, 13):  # MXNet 1.9.1 stops at 3.12: the extra adds nothing there
+        assert extra == {}, f"{extra} {_STALE}"
+        return
+    assert extra.get("mxnet") == "==1.9.1", f"{extra} {_STALE}"
+    assert "1.26.4" in SpecifierSet(extra["numpy"]) and "2.0.0" not in SpecifierSet(extra["numpy"]), extra
+    # MXNet imports distutils, which setuptools provides again from 3.12 on
+    assert ("setuptools" in extra) == (python == "3.12"), extra
+    assert set(extra) <= {"mxnet", "numpy", "setuptools"}, extra
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("python", PYTHONS)
+def test_the_torch_extra_brings_torch(python):
+    assert _declared(python, "torch") == {"torch": ">=2.1"}, _STALE
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("role", ["", "worker"])
+def test_import_geomx_imports_no_framework(role):
+    """``import geomx`` (in a worker process too) loads neither MXNet nor PyTorch: the core runs without them."""
+    env = {"DMLC_ROLE": role} if role else {}
+    out = _python("import sys, geomx\nprint(sorted(m for m in ('mxnet', 'torch') if m in sys.modules))", env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.system
@@ -51,6 +131,7 @@ assert not any(hasattr(numpy, name) for name in {ALIASES!r})
 
 
 @pytest.mark.system
+@pytest.mark.skipif(not HAS_MXNET, reason="MXNet is not installed (pip install 'geomx[mxnet]', Python <= 3.12)")
 @pytest.mark.parametrize("hooked", [True, False])
 def test_mxnet_imports_on_a_numpy_without_the_aliases(hooked):
     code = _REMOVE_ALIASES

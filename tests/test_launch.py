@@ -112,7 +112,7 @@ def test_process_env_exact(monkeypatch):
     assert dmlc(by["central/master_worker"].env) == dict(
         DMLC_ROLE="worker", DMLC_ROLE_MASTER_WORKER="1", DMLC_PS_ROOT_URI=h, DMLC_PS_ROOT_PORT="9093",
         DMLC_NUM_SERVER="2", DMLC_NUM_WORKER="1", DMLC_NUM_ALL_WORKER="4", DMLC_ENABLE_CENTRAL_WORKER="0",
-        GEOMX_DATA_SLICE="0", DMLC_NODE_HOST=h)
+        GEOMX_DATA_SLICE="0", GEOMX_PARTY="central", DMLC_NODE_HOST=h)
     for p, port in enumerate(["9094", "9095"]):
         assert dmlc(by[f"party{p}/scheduler"].env) == dict(
             DMLC_ROLE="scheduler", DMLC_PS_ROOT_URI=h, DMLC_PS_ROOT_PORT=port, DMLC_NUM_SERVER="1",
@@ -126,7 +126,7 @@ def test_process_env_exact(monkeypatch):
             assert dmlc(s.env) == dict(
                 DMLC_ROLE="worker", DMLC_PS_ROOT_URI=h, DMLC_PS_ROOT_PORT=port, DMLC_NUM_SERVER="1",
                 DMLC_NUM_WORKER="2", DMLC_NUM_ALL_WORKER="4", GEOMX_DATA_SLICE=str(p * 2 + i),
-                DMLC_NODE_HOST=h)
+                GEOMX_PARTY=f"party{p}", DMLC_NODE_HOST=h)
             assert s.argv == ["python", "cnn.py", "--data-slice-idx", str(p * 2 + i), f"--tag=p{p}r{i}"]
             assert s.is_worker
     assert by["central/master_worker"].argv[3:] == ["0", "--tag=pcentralr0"]

@@ -224,7 +224,7 @@ def test_suite_rows_and_summary(tmp_path):
 
     names = [r.name for r in suite.ROWS]
     assert names[0] == "native" and "geomx-fsa" in names
-    assert all(r.system in ("native", "geomx", "ddp") for r in suite.ROWS)
+    assert all(r.system in ("native", "geomx", "ddp", "geomx-torch") for r in suite.ROWS)
     assert not any(r.default for r in suite.ROWS if r.system == "ddp")  # torch DDP rows: only when named
     rates = {"central": None, "party0": 20e6, "party1": 20e6}
     results = [{"worker": i, "iter_ms": [1000.0, 1100.0, 1050.0], "compute_ms": [100.0, 120.0, 110.0],

@@ -501,7 +501,7 @@ class GlobalServer(ServerBase):
         if spec == self.optimizer_spec:
             return
         self.updater = Updater(spec)
-        log.info("%s: optimizer %s %s, %s engine (%s)", self.name, spec["name"], spec["params"],
+        log.info("%s: optimizer %s %s, %s engine (%s)", self.name, spec.get("name"), spec.get("params"),
                  self.updater.engine, self.updater.engine_reason)
 
     def _require_optimizer(self) -> Updater:

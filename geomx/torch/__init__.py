@@ -36,7 +36,12 @@ import contextlib
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
-import torch
+
+try:
+    import torch
+except ImportError as exc:  # the core installs without a framework
+    raise ImportError("geomx.torch needs PyTorch: pip install 'geomx[torch]' (or install the torch build you "
+                      "want first, then geomx)") from exc
 
 from .. import config
 from ..errors import GeoMXError

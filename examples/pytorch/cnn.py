@@ -5,10 +5,10 @@ scikit-learn's digits upscaled to 28x28, each worker on its own contiguous shard
 torch script distributed: ``gx.init()``, ``gx.DistributedOptimizer(...)``, ``gx.broadcast_parameters``
 and leaving the training loop to the workers that are not the master worker.
 
-    geomx-launch -p 2 -w 2 -- python examples/torch/cnn.py --slice {slice}
-    geomx-launch -p 2 -w 2 -- python examples/torch/cnn.py --slice {slice} --compression bsc   # mode local
-    geomx-launch -p 2 -w 2 --env GEOMX_SYNC_MODE=async -- python examples/torch/cnn.py --slice {slice}
-    python examples/torch/cnn.py --single            # one process, no geomx (the baseline)
+    geomx-launch -p 2 -w 2 -- python examples/pytorch/cnn.py --slice {slice}
+    geomx-launch -p 2 -w 2 -- python examples/pytorch/cnn.py --slice {slice} --compression bsc   # mode local
+    geomx-launch -p 2 -w 2 --env GEOMX_SYNC_MODE=async -- python examples/pytorch/cnn.py --slice {slice}
+    python examples/pytorch/cnn.py --single            # one process, no geomx (the baseline)
 
 docs/PyTorch.md explains the modes and switches; scripts/torch/ has one launcher script per demo.
 """

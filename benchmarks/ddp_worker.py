@@ -248,6 +248,32 @@ def train_loop(args, rank: int, init: dict, net, step, calibrate, barrier, resul
         result.update(iter_ms=total, compute_ms=compute, evals=evals, loop_s=round(clock, 4))
 
 
+def timed_steps(args, model, opt, no_sync):
+    """``step(x, y)``: one iteration (zero_grad, forward, backward, optimizer step) in ms;
+    ``calibrate(x, y)``: ``args.calibrate`` forward + backward passes under ``no_sync()`` (no
+    communication), in ms each, gradients zeroed after."""
+    import torch.nn.functional as F
+
+    def step(x, y) -> float:
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=False)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        return (time.perf_counter() - t0) * 1e3
+
+    def calibrate(x, y) -> List[float]:
+        out = []
+        for _ in range(args.calibrate):
+            t0 = time.perf_counter()
+            with no_sync():
+                F.cross_entropy(model(x), y).backward()
+            out.append(round((time.perf_counter() - t0) * 1e3, 3))
+        opt.zero_grad(set_to_none=False)
+        return out
+
+    return step, calibrate
+
+
 def report(result: dict, net) -> None:
     """The result line the suite parses: the loop's figures, finite weights, CPU time and peak memory."""
     import torch
@@ -263,7 +289,6 @@ def geomx_main(args, net, init: dict, nparams: int) -> int:
     """``--geomx MODE``: the same loop over geomx.torch (a worker started by geomx-launch): Adam in the
     global servers (mode server) or on each worker (mode local), HFA from the environment."""
     import torch
-    import torch.nn.functional as F
 
     import geomx.torch as gx
 
@@ -278,23 +303,8 @@ def geomx_main(args, net, init: dict, nparams: int) -> int:
         return 0
     setup_s = time.perf_counter() - t_setup
 
-    def step(x, y) -> float:
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=False)
-        F.cross_entropy(net(x), y).backward()  # each gradient leaves as soon as it is accumulated
-        opt.step()
-        return (time.perf_counter() - t0) * 1e3
-
-    def calibrate(x, y) -> List[float]:
-        out = []
-        for _ in range(args.calibrate):
-            t0 = time.perf_counter()
-            with opt.no_sync():
-                F.cross_entropy(net(x), y).backward()
-            out.append(round((time.perf_counter() - t0) * 1e3, 3))
-        opt.zero_grad(set_to_none=False)
-        return out
-
+    # Each gradient leaves as soon as backward has accumulated it; step() waits for the values.
+    step, calibrate = timed_steps(args, net, opt, opt.no_sync)
     store = gx.store()
     result = {"system": "geomx-torch", "mode_geomx": args.geomx, "worker": args.slice, "model": args.model,
               "hfa": list(store.hfa_periods) if store.cfg.hfa.enabled else None, "params": nparams,
@@ -347,7 +357,6 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.manual_seed(args.seed)
@@ -392,28 +401,12 @@ def main(argv=None) -> int:
     dist.barrier()
     setup_s = time.perf_counter() - t_setup
 
-    def step(x, y) -> float:
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=False)
-        loss = F.cross_entropy(ddp(x), y)
-        loss.backward()  # all-reduces every bucket and waits for them
-        opt.step()
-        return (time.perf_counter() - t0) * 1e3
-
-    def calibrate(x, y) -> List[float]:
-        out = []
-        for _ in range(args.calibrate):
-            t0 = time.perf_counter()
-            with ddp.no_sync():
-                F.cross_entropy(ddp(x), y).backward()
-            out.append(round((time.perf_counter() - t0) * 1e3, 3))
-        opt.zero_grad(set_to_none=False)
-        return out
-
+    # backward() all-reduces every bucket and waits for them.
+    step, calibrate = timed_steps(args, ddp, opt, ddp.no_sync)
     result = {"system": "ddp", "comm_hook": args.comm_hook, "worker": rank, "model": args.model, "hfa": None,
               "params": nparams, "batch": args.batch_size, "setup_s": round(setup_s, 3), "mode": args.mode,
               "compute_note": "forward+backward under ddp.no_sync(), timed before the loop"}
-    train_loop(args, rank, init, net, step, lambda x, y: calibrate(x, y), dist.barrier, result)
+    train_loop(args, rank, init, net, step, calibrate, dist.barrier, result)
     report(result, net)
     store.add(DONE_KEY, 1)
     dist.destroy_process_group()

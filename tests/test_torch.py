@@ -110,6 +110,7 @@ def test_global_server_killed_and_restarted_from_its_checkpoint_loses_nothing(tm
     ("raise", "worker 1 fails on purpose in round 1"),
     ("no-backward", "step() without backward()"),
     ("unused", "parameter 'c' got no gradient in this step"),
+    ("late-compression", "compression= must be set before the parameters are declared"),
 ])
 def test_a_failing_worker_stops_everything_with_its_reason(failure, reason):
     result = run_topology("torch_exact_worker.py", ["--fail-rank", "1", "--failure", failure, "--rounds", "3"],

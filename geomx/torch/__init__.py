@@ -224,6 +224,11 @@ class DistributedOptimizer:
         self._keys = [key_id(name) for name, _ in self._named]
         self._lrs = [float(group["lr"]) for group in optimizer.param_groups]
         if compression is not None:
+            declared = [name for name, _ in self._named if name in _declared]
+            if declared:
+                # The global servers take a codec before the keys are declared (as GeoMX does).
+                raise GeoMXError(f"compression= must be set before the parameters are declared ({declared[0]!r} "
+                                 "already is): create the DistributedOptimizer before broadcast_parameters")
             s.set_compression(compression)  # validated everywhere; the master worker's counts
         if mode == "server":
             spec = optimizer_to_spec(optimizer, self._param_index(), schedule)

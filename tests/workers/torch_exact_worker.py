@@ -40,9 +40,9 @@ def main():
     p.add_argument("--compression", default=None, help="fp16: the averaged gradients are float16-rounded")
     p.add_argument("--sleep", type=float, default=0.0, help="seconds after each round (a test acts meanwhile)")
     p.add_argument("--fail-rank", type=int, default=-1, help="this worker misbehaves after its first round")
-    p.add_argument("--failure", choices=["raise", "no-backward", "unused"], default="raise",
-                   help="how: raise an exception, call step() without backward(), or leave a parameter "
-                        "without a gradient")
+    p.add_argument("--failure", choices=["raise", "no-backward", "unused", "late-compression"], default="raise",
+                   help="how: raise an exception, call step() without backward(), leave a parameter without a "
+                        "gradient, or (at once) declare the parameters before setting compression")
     args = p.parse_args()
 
     assert "mxnet" not in sys.modules
@@ -54,8 +54,12 @@ def main():
             param.data.copy_(init_value(name))
     make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=1.0),
             "adam": lambda ps: torch.optim.Adam(ps, lr=0.01)}[args.optimizer]
+    compression = {"type": args.compression} if args.compression else None
+    if gx.rank() == args.fail_rank and args.failure == "late-compression" and not gx.is_master_worker():
+        gx.broadcast_parameters(params)
+        compression = {"type": "fp16"}
     opt = gx.DistributedOptimizer(make(list(params.values())), named_parameters=params.items(), mode=args.mode,
-                                  compression={"type": args.compression} if args.compression else None)
+                                  compression=compression)
     gx.broadcast_parameters(params)
     n, world = gx.size(), sum(range(1, gx.size() + 1))
     for name, param in params.items():

@@ -231,7 +231,7 @@ ROWS: List[Row] = [
         note="PyTorch DDP, gradients all-reduced as float16"),
     Row("ddp-powersgd", "ddp", worker_args=("--comm-hook", "powersgd"), default=False,
         flags="ddp + ddp.register_comm_hook(PowerSGDState(None, matrix_approximation_rank=1, "
-              "start_powerSGD_iter=10), powerSGD_hook)",
+              "start_powerSGD_iter=10), powerSGD_hook) (throughput runs: start_powerSGD_iter=2, in the warm-up)",
         note="PyTorch DDP with torch's own WAN-friendly hook: rank-1 PowerSGD after 10 plain iterations"),
     # geomx.torch (issue 29; benchmarks/ddp_worker.py --geomx): the DDP rows' torch model, weights, data and
     # Adam, the workers started by geomx-launch as in the geomx rows.

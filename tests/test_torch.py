@@ -41,6 +41,9 @@ CASES = {
         "MXNET_KVSTORE_BIGARRAY_BOUND": "100000"})),
     "server-sgd-p3": (["--mode", "server"], dict(env={"ENABLE_P3": "1"})),
     "local-sgd-fp16": (["--mode", "local", "--compression", "fp16"], {}),
+    # TSEngine across parties and DGT's blocks (mode 2: a second TCP link) under the same exact values.
+    "server-sgd-tsengine": (["--mode", "server"], dict(env={"ENABLE_INTER_TS": "1"})),
+    "local-sgd-dgt": (["--mode", "local"], dict(env={"ENABLE_DGT": "2", "DMLC_K": "0.5"})),
     # HFA: each worker's own SGD steps, party averages every 2, global every 4: at a global average
     # the weights are the oracle's (the loss is linear), exactly.
     "hfa-k1-2-k2-2": (["--rounds", "8"], dict(env={"MXNET_KVSTORE_USE_HFA": "1", "MXNET_KVSTORE_HFA_K1": "2",

@@ -253,6 +253,10 @@ ROWS: List[Row] = [
         ("hfa", _hfa_env(20, 10), ("local",), "MXNET_KVSTORE_USE_HFA=1 K1=20 K2=10; gx.DistributedOptimizer(Adam)",
          "geomx.torch, HFA: party average every 20 iterations, global every 200",
          dict(iters=400, warmup=0, tta_iters=400)),
+        ("2gs-links-even", {"MXNET_KVSTORE_BIGARRAY_BOUND": "10000"}, ("server",),
+         "geomx-torch-fsa + launcher -s 2 --separate-global-servers, MXNET_KVSTORE_BIGARRAY_BOUND=10000",
+         "geomx.torch, FSA over two global servers, each behind its own link, the bytes split evenly",
+         dict(global_servers=2, separate_global_servers=True)),
     ]],
 ]
 

@@ -127,9 +127,6 @@ class Store:
         except KeyError:
             raise GeoMXError(f"key {key} was not initialised (init)") from None
 
-    def is_declared(self, key: int) -> bool:
-        return key in self._sizes
-
     def command(self, meta: dict, datas: Optional[List[Optional[np.ndarray]]] = None) -> List[Any]:
         """Send a command to every global server (through the party's local servers); their replies."""
         return self.node.broadcast(MsgType.COMMAND, meta=meta, datas=datas).result()

@@ -197,8 +197,11 @@ class Updater:
         self._weights: Dict[Any, Tuple[Any, np.ndarray]] = {}
 
     def _numpy_to_mxnet(self, why: str) -> None:
-        """Continue in MXNet's updater from where the numpy engine is (its counts and states)."""
+        """Continue in MXNet's updater from where the numpy engine is (its counts and states); a
+        torch-rule optimizer has no MXNet twin and is refused instead."""
         assert self._neutral is not None
+        if self.spec.get("rule") == "torch":
+            raise GeoMXError(f"the server runs torch.optim's rules on float32 weights only, in numpy ({why})")
         counts, num_update = self.update_counts()
         desc, blob = self.states_to_wire()
         log.warning("optimizer %s moves from the numpy engine to MXNet's: %s", self.name, why)
@@ -228,10 +231,6 @@ class Updater:
                 if index not in neutral.counts:
                     neutral.counts[index] = self._begin  # MXNet counts from begin_num_update
                 return neutral.apply(key, index, store, grad_np)
-            if self.spec.get("rule") == "torch":
-                raise GeoMXError(f"key {key}: the server runs torch.optim's rules on float32 weights only "
-                                 f"(this key is {store.dtype}" + (", and DC-ASGD needs MXNet's dcasgd)"
-                                                                   if backup is not None else ")"))
             self._numpy_to_mxnet(f"key {key} is {store.dtype}, the numpy engine runs float32"
                                  if backup is None else "a DC-ASGD backup arrived")
         return self._apply_mxnet(key, index, store, grad_np, backup)

@@ -170,6 +170,14 @@ def _declare(name: str, tensor: torch.Tensor) -> cf.Future:
     return fut
 
 
+def _share(tensor: torch.Tensor, n: Any) -> np.ndarray:
+    """``tensor / n`` as a new float32 array: the servers sum every contributor's push, so pushing each one's
+    share makes the sum their mean."""
+    data = _to_numpy(tensor).astype(np.float32, copy=True)
+    data /= np.float32(n)
+    return data
+
+
 def _assign(tensor: torch.Tensor, value: np.ndarray) -> None:
     with torch.no_grad():
         tensor.copy_(torch.from_numpy(np.asarray(value).reshape(tuple(tensor.shape))))
@@ -243,8 +251,8 @@ class DistributedOptimizer:
         self._paused = False
         self._passes = [0] * len(self._params)
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self._params)]
-        self._steps = 0
-        self._k1, self._k2 = s.hfa_periods
+        self._steps = 0  # local steps (HFA, ESync)
+        self._k1 = s.hfa_periods[0]  # K2 is the local servers' to count
         # ESync: local steps this round, as the global server assigned them to the party; the workers'
         # mean step count travels in ESYNC_KEY (key 0, whose replies carry the assignment).
         self._round_steps, self._assigned, self.mean_steps = 0, 1, 0.0
@@ -297,11 +305,8 @@ class DistributedOptimizer:
         grad = p.grad
         if grad is None:
             raise GeoMXError(f"parameter {self._named[index][0]!r} has no gradient")
-        # The servers sum every worker's push: send grad / size, and the sum is the average.
-        data = _to_numpy(grad).astype(np.float32, copy=True)
-        data /= np.float32(size())
         # First layers first: the next forward pass needs them first (MXNet's trainer does the same).
-        self._futures[index] = store().pushpull(self._keys[index], data, priority=-index)
+        self._futures[index] = store().pushpull(self._keys[index], _share(grad, size()), priority=-index)
 
     # -- the step ----------------------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -351,7 +356,6 @@ class DistributedOptimizer:
             else:
                 assert p.grad is not None
                 _assign(p.grad, value)
-        self._steps += 1
         if self.mode == "local":
             return self.optimizer.step()
         return None
@@ -375,12 +379,11 @@ class DistributedOptimizer:
         if self._round_steps >= (self._assigned if self.averaging == "esync" else self._k1):
             self._round_steps = 0
             s = store()
-            workers = np.float32(s.num_workers)
-            futures = [(p, s.pushpull(k, _to_numpy(p).astype(np.float32, copy=True) / workers, priority=-i))
+            futures = [(p, s.pushpull(k, _share(p, s.num_workers), priority=-i))
                        for i, (p, k) in enumerate(zip(self._params, self._keys))]
             progress = None
             if self.averaging == "esync":
-                progress = s.pushpull(ESYNC_KEY, np.array([self._steps], np.float32) / workers)
+                progress = s.pushpull(ESYNC_KEY, np.array([self._steps], np.float32) / np.float32(s.num_workers))
             for p, fut in futures:
                 _assign(p, fut.result())
             if progress is not None:

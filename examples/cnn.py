@@ -20,6 +20,7 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)  # for utils (which also finds geomx in a source checkout)
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 
 import mxnet as mx  # noqa: E402
 import utils  # noqa: E402
@@ -37,6 +38,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--report-loss", type=int, default=0, metavar="N",
                         help="every N iterations, report the batch loss with kv.report_loss (DGT's "
                              "ADAPTIVE_K_FLAG=1 lowers K as it falls; 0 = never)")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                        help="the servers' optimizer: adam, or sgd with --momentum (default adam)")
+    parser.add_argument("--momentum", type=float, default=0.0, help="SGD's momentum (default 0)")
+    parser.add_argument("--compression", type=json.loads, default=None, metavar="JSON",
+                        help="the master worker's kv.set_gradient_compression, e.g. "
+                             "'{\"type\": \"bsc\", \"threshold\": 0.01}': with bsc or mpq each party's local "
+                             "server runs the optimizer and the WAN carries its sparsified steps "
+                             "(docs/Compression.md); nothing else in this script changes")
     parser.add_argument("--kvstore", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -58,10 +67,14 @@ def main(argv=None) -> int:
     # Unlike the original (which checks --mixed-sync first), --mixed-sync --dcasgd gives DCASGD.
     if args.dcasgd:
         optimizer = mx.optimizer.DCASGD(learning_rate=args.learning_rate)
+    elif args.optimizer == "sgd":
+        optimizer = mx.optimizer.SGD(learning_rate=args.learning_rate, momentum=args.momentum)
     else:
         optimizer = mx.optimizer.Adam(learning_rate=args.learning_rate)
     # The master worker installs the optimizer on the global server(s). Without servers (a local
     # store, for sanity runs) this process is its own "master": the store itself runs the optimizer.
+    if is_master and args.compression is not None:
+        kv.set_gradient_compression(args.compression)  # before the keys are initialised
     if is_master or not distributed:
         kv.set_optimizer(optimizer)
     if distributed:

@@ -17,11 +17,12 @@ from geomx.compression.aggregate import slice_payload, sparse_from_dense, sparse
 from geomx.compression.base import (
     DEFAULT_MOMENTUM,
     DEFAULT_SIZE_LOWER_BOUND,
+    PARTY_OPTIMIZER_WARMUP,
     Codec,
     Payload,
     decode_payload,
 )
-from geomx.compression.codecs import BSCCodec, DenseCodec, FP16Codec, MPQCodec
+from geomx.compression.codecs import SPARSE_CODECS, BSCCodec, DenseCodec, FP16Codec, MPQCodec
 from geomx.compression.feedback import ErrorFeedback, Residual, SampledTopK, kept_count, sample_size
 from geomx.compression.frames import from_frames, to_frames
 from geomx.compression.kernels import scatter_add
@@ -36,8 +37,10 @@ __all__ = [
     "ErrorFeedback",
     "FP16Codec",
     "MPQCodec",
+    "PARTY_OPTIMIZER_WARMUP",
     "Payload",
     "Residual",
+    "SPARSE_CODECS",
     "SampledTopK",
     "create",
     "decode_payload",

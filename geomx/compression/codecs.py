@@ -54,7 +54,7 @@ from geomx.compression.base import (
 from geomx.compression.feedback import ErrorFeedback, SampledTopK
 from geomx.compression.registry import register
 
-__all__ = ["BSCCodec", "DenseCodec", "FP16Codec", "MPQCodec", "to_fp16"]
+__all__ = ["BSCCodec", "DenseCodec", "FP16Codec", "MPQCodec", "SPARSE_CODECS", "to_fp16"]
 
 
 def to_fp16(flat: np.ndarray) -> np.ndarray:
@@ -216,3 +216,9 @@ class MPQCodec(_SparseCodec):
 
     def _small(self) -> TensorScheme:
         return "fp16"
+
+
+SPARSE_CODECS = frozenset(codec.name for codec in (BSCCodec, MPQCodec))
+"""The codecs whose WAN payloads are sparse: what the global servers sum is sparse, so under FSA the
+master worker's optimizer runs on each party's local server (on its dense gradient) and the WAN
+carries its steps (geomx/servers/sync/fsa.py)."""

@@ -62,6 +62,7 @@ class GlobalServer(ServerBase):
         self.gone_tokens: set = set()  # the lost local servers' tokens: their requests are refused
         self.on_async: Optional[Callable[[], None]] = None  # set by the node: tell the global scheduler
         self.compression_params: Optional[Dict[str, Any]] = None  # set by the master worker
+        self.default_warmup = False  # the master worker left the codec's warm-up to geomx (_settle_codec)
         # Checkpoints (GEOMX_CHECKPOINT_DIR): the rounds of each key in the last saved checkpoint, and
         # what each client was told of them (its cue to drop the pushes it keeps for a replay).
         self.checkpointed: Dict[int, int] = {}
@@ -82,6 +83,15 @@ class GlobalServer(ServerBase):
     @property
     def optimizer_spec(self) -> Optional[dict]:
         return None if self.updater is None else self.updater.spec
+
+    @property
+    def party_optimizer(self) -> bool:
+        """Whether the master worker's optimizer runs on the parties' local servers rather than here:
+        under FSA with a sparse codec (BSC, MPQ), each party's local server steps it on the party's
+        dense gradient and sends the step, sparsified with error feedback; this server sums the
+        parties' steps into the weights (geomx/servers/sync/fsa.py, docs/Compression.md)."""
+        return (self.updater is not None and self.policy.synchronous and self.compression_params is not None
+                and self.compression_params["type"] in compression.SPARSE_CODECS)
 
     @property
     def global_sync(self) -> bool:
@@ -135,7 +145,9 @@ class GlobalServer(ServerBase):
 
     def dispatch_round(self, ks: KeyState, r: int, acc: np.ndarray) -> None:
         value = self.policy.round_result(ks, acc)
-        ks.finish_round(r, value)
+        # With the optimizer on the parties' local servers (sparse codecs) the pushes are answered
+        # with the round's change to the weights, which is sparse; the key keeps the weights.
+        ks.finish_round(r, value, answer=acc if self.party_optimizer else None)
         if self.ts_root is not None:
             self.ts_root.relay(ks.key, r, value)  # ENABLE_INTER_TS: the parties get it by relay
         self.maybe_checkpoint(ks)
@@ -260,9 +272,14 @@ class GlobalServer(ServerBase):
                 if slice_size:
                     meta["slice"] = slice_size
             if self.compression_params is not None:
+                self._settle_codec()
                 meta["compression"] = self.compression_params
+            if self.party_optimizer and client[0] == self.wan_link.name:
+                meta["party_optimizer"] = self.optimizer_spec
             if self.dgt is not None and client[0] == self.wan_link.name:
                 meta["dgt"] = self.dgt.advert(client, req.sender, self.cfg.dgt.mode, req.req_id)
+        elif req.type == MsgType.PUSHPULL and self.party_optimizer and client[0] == self.wan_link.name:
+            meta["delta"] = True  # the answer is the round's change to the weights (dispatch_round)
         self.policy.reply_meta(req, client, meta)
         saved = self.checkpointed.get(req.key)
         if saved is not None and req.type != MsgType.INIT and self.told_checkpointed.get((client, req.key)) != saved:
@@ -483,7 +500,20 @@ class GlobalServer(ServerBase):
                              "codec when they initialise their keys)")
         self.policy.check_codec(codec)
         self.compression_params = codec.params()
+        self.default_warmup = codec.name in compression.SPARSE_CODECS and not (
+            set(compression.PARTY_OPTIMIZER_WARMUP) & set(params))
         log.info("%s: gradient compression %s", self.name, self.compression_params)
+
+    def _settle_codec(self) -> None:
+        """Fix the codec the parties get with their first INIT reply (neither codec nor optimizer may
+        change after it): a sparse codec whose warm-up the master worker left to its default gets the
+        shorter one for optimizer steps when the optimizer runs on the parties (``party_optimizer``)."""
+        if self.default_warmup and self.party_optimizer:
+            assert self.compression_params is not None
+            self.compression_params = {**self.compression_params, **compression.PARTY_OPTIMIZER_WARMUP}
+            log.info("%s: the parties' local servers run the optimizer: codec warm-up %s", self.name,
+                     compression.PARTY_OPTIMIZER_WARMUP)
+        self.default_warmup = False
 
     def _set_optimizer(self, spec: Dict[str, Any], from_master: bool) -> None:
         if self.restored_from is not None and self.optimizer_spec is not None \
@@ -500,7 +530,11 @@ class GlobalServer(ServerBase):
             return
         if spec == self.optimizer_spec:
             return
-        self.updater = Updater(spec)
+        updater = Updater(spec)
+        params = self.compression_params
+        if params is not None and params["type"] in compression.SPARSE_CODECS and self.policy.synchronous:
+            self.policy.check_party_optimizer(params["type"], updater)
+        self.updater = updater
         log.info("%s: optimizer %s %s, %s engine (%s)", self.name, spec.get("name"), spec.get("params"),
                  self.updater.engine, self.updater.engine_reason)
 

@@ -163,13 +163,15 @@ class KeyState:
     def park_pull(self, client: Any, reply: Reply) -> None:
         self.parked.append((client, reply))
 
-    def finish_round(self, r: int, value: np.ndarray) -> None:
-        """Round ``r`` is done and ``value`` is the key's new value: answer its pushes and due pulls."""
+    def finish_round(self, r: int, value: np.ndarray, answer: Optional[np.ndarray] = None) -> None:
+        """Round ``r`` is done and ``value`` is the key's new value: answer its pushes (with ``answer``
+        when given, e.g. the change to the value, else the value) and due pulls (with the value)."""
         rnd = self.rounds.pop(r)
         self.store = value
         self.completed = r + 1
+        sent = value if answer is None else answer
         for reply, want_value in rnd.waiters:
-            _answer(reply, value if want_value else None)
+            _answer(reply, sent if want_value else None)
         self.serve_parked()
 
     def fail_round(self, r: int, error: Exception) -> None:

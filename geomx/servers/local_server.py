@@ -19,6 +19,7 @@ from ..wire import Message, MsgType, meta_field
 from .base import Client, ServerBase
 from .keystate import KeyState
 from .sync import PARTY_POLICIES, PartyPolicy, chosen
+from .updater import Updater
 
 log = logging.getLogger("geomx.server")
 
@@ -32,6 +33,10 @@ class LocalServer(ServerBase):
         self.upstream: Optional[KVClient] = None  # set once the global tier is known
         self._stopping = False
         self.codec: Optional[compression.Codec] = None  # WAN codec, as the master worker chose
+        # Under FSA with a sparse codec the master worker's optimizer runs here, on the party's dense
+        # gradient, and the WAN carries its steps (party_step); the global servers send it with INIT.
+        self.updater: Optional[Updater] = None
+        self.updater_error: Optional[str] = None
         # What a complete party round becomes (geomx/servers/sync): the party's aggregate across the
         # WAN (FSA, MixedSync), or its model averaged with the other parties' (HFA, ESync).
         self.policy: PartyPolicy = PARTY_POLICIES[chosen(cfg)](self)
@@ -71,7 +76,33 @@ class LocalServer(ServerBase):
                 log.info("%s: gradient compression on the WAN: %s", self.name, self.codec.params())
             except ValueError as exc:
                 log.error("%s: the global server sent an unusable codec %s: %s", self.name, params, exc)
+        spec = meta.get("party_optimizer")
+        if isinstance(spec, dict) and (self.updater is None or spec != self.updater.spec):
+            try:
+                self.updater, self.updater_error = Updater(spec), None
+                log.info("%s: runs the optimizer %s %s on the party's gradient (%s engine); the WAN carries "
+                         "its steps", self.name, spec.get("name"), spec.get("params"), self.updater.engine)
+            except GeoMXError as exc:  # every round fails with it: a raw gradient must not go up instead
+                self.updater_error = f"the global servers' optimizer cannot run on this local server: {exc}"
+                log.error("%s: %s", self.name, self.updater_error)
         self.policy.on_upstream_meta(key, meta)
+
+    def party_step(self, ks: KeyState, grad: np.ndarray) -> np.ndarray:
+        """This party's share of the global step of ``ks`` from its workers' summed gradient ``grad``.
+
+        The optimizer steps on ``grad * parties`` (the party's estimate of the sum over every worker,
+        which is what the global servers' optimizer sees under FSA, parties being equal), with this
+        party's own optimizer state; the share is the change it makes to the weights, divided by the
+        number of parties, so the global servers' sum of the shares is the parties' mean step. For SGD
+        without momentum and a dense codec that is FSA's step exactly. Sparsified with error feedback
+        (the codec's residual), the steps keep what dense Adam or momentum SGD would do, delayed,
+        where the sparsified gradient under a worker's own Adam lost most of each entry's movement
+        (docs/Compression.md, "The optimizer before the codec")."""
+        assert self.updater is not None and ks.store is not None
+        parties = np.float32(self.parties)
+        weights = ks.store.astype(np.float32)  # the numpy engine's float32 rules, whatever the key's dtype
+        stepped = self.updater.apply(ks.key, ks.update_index, weights, grad.astype(np.float32) * parties)
+        return ((stepped - weights) / parties).astype(ks.dtype, copy=False)
 
     def reply_meta(self, req: Message, client: Client) -> Optional[dict]:
         return self.policy.reply_meta(req)

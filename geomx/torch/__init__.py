@@ -19,7 +19,7 @@ which the next forward pass needs first, come back first (P3 when ``ENABLE_P3=1`
 * ``mode="server"`` (default): the global servers run the optimizer (torch.optim's update rule, in
   numpy: SGD, Adam, AdamW, RMSprop, Adagrad) and send back weights.
 * ``mode="local"``: the servers sum; every worker receives the averaged gradient and steps its own
-  optimizer (any torch optimizer; what BSC and MPQ need).
+  optimizer (any torch optimizer).
 * HFA (``MXNET_KVSTORE_USE_HFA=1``): every worker steps its own optimizer; every K1 steps the party
   averages its models, every K2 party averages the parties do (the servers average weights). ESync
   (``GEOMX_USE_ESYNC=1``): the same, every round global, with the global server assigning each party
@@ -205,8 +205,10 @@ class DistributedOptimizer:
     ``named_parameters``: the model's ``named_parameters()``; names are the keys on the servers, so
     every worker must build the same model. ``mode``: ``"server"`` or ``"local"`` (module docstring).
     ``compression``: ``{'type': 'fp16'|'bsc'|'mpq', ...}`` as MXNet's ``set_gradient_compression``
-    (BSC and MPQ need ``mode="local"``). ``backward_passes_per_step``: backward passes accumulated
-    into one step (gradient accumulation); the gradient is sent after the last one.
+    (with BSC and MPQ in mode server each party's local server runs the optimizer and the WAN carries
+    its sparsified steps: docs/Compression.md, "The optimizer before the codec").
+    ``backward_passes_per_step``: backward passes accumulated into one step (gradient accumulation);
+    the gradient is sent after the last one.
     ``schedule``: in mode server, a learning-rate schedule the servers run (geomx/servers/optimizers.py:
     ``{"type": "step", "step": 100, "factor": 0.5}`` ...); a torch LR scheduler changing the rate
     on a worker cannot reach them (refused at ``step()``).

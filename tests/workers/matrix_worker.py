@@ -84,9 +84,12 @@ def init_value(k):
 class Uplinks:
     """Each party's WAN codec, as its local server holds it."""
 
-    def __init__(self, codec, parties):
+    def __init__(self, codec, parties, party_optimizer=False):
         self.codec = codec
-        self.codecs = [compression.create(codec_params(codec), link="wan") if codec != "none" else None
+        params = codec_params(codec)
+        if party_optimizer:  # the warm-up the global servers give optimizer steps when none is set
+            params.update(compression.PARTY_OPTIMIZER_WARMUP)
+        self.codecs = [compression.create(params, link="wan") if codec != "none" else None
                        for _ in range(parties)]
 
     def sparse(self, k):
@@ -108,16 +111,35 @@ def party_sum(party, per_party, t, k, codec):
 
 
 def fsa_model(codec, optimizer, parties, per_party, rounds):
-    """What every worker pulls after each round under FSA."""
-    up = Uplinks(codec, parties)
+    """What every worker pulls after each round under FSA. With a sparse codec (BSC, MPQ) and an
+    optimizer, each party's local server steps its own copy of the optimizer on ``parties`` times its
+    party's sum, from the current weights, and sends a ``1 / parties`` share of the change through its
+    codec; the global servers add the sum of the shares to the weights (geomx/servers/sync/fsa.py)."""
+    party_optimizer = optimizer != "none" and codec in compression.SPARSE_CODECS
+    up = Uplinks(codec, parties, party_optimizer)
     updater = mx.optimizer.get_updater(OPTIMIZERS[optimizer]()) if optimizer != "none" else None
+    party_updaters = [mx.optimizer.get_updater(OPTIMIZERS[optimizer]()) for _ in range(parties)] \
+        if party_optimizer else []
     weights = {k: mx.nd.array(init_value(k), dtype=dtype_of(codec, k)) for k in SHAPES}
     out = []
     for t in range(rounds):
         pulled = {}
         for k in SHAPES:
+            dt = dtype_of(codec, k)
+            if party_optimizer:
+                w = weights[k].asnumpy()
+                w32, shares = w.astype(np.float32), []
+                for p in range(parties):
+                    stepped = mx.nd.array(w32)
+                    g = party_sum(p, per_party, t, k, codec).astype(dt).astype(np.float32) * np.float32(parties)
+                    party_updaters[p](k, mx.nd.array(g), stepped)
+                    share = ((stepped.asnumpy() - w32) / np.float32(parties)).astype(dt)
+                    shares.append(up.send(p, k, share))
+                weights[k] = mx.nd.array(w + sum(shares).astype(dt), dtype=dt)
+                pulled[k] = weights[k].asnumpy()
+                continue
             total = sum(up.send(p, k, party_sum(p, per_party, t, k, codec)) for p in range(parties))
-            total = total.astype(dtype_of(codec, k))
+            total = total.astype(dt)
             if updater is None:
                 pulled[k] = total
             else:

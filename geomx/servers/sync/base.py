@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import numpy as np
 
+from ...compression import SPARSE_CODECS
 from ...errors import GeoMXError
 from ...wire import Message
 
@@ -52,10 +53,13 @@ class GlobalPolicy:
 
     def round_result(self, ks: "KeyState", acc: np.ndarray) -> np.ndarray:
         """The key's new value from a complete round's sum: the optimizer's step when the master
-        worker set one, the sum itself otherwise (the workers run the optimizer)."""
+        worker set one (the sum of the parties' steps under a sparse codec: ``party_optimizer``), the
+        sum itself otherwise (the workers run the optimizer)."""
         updater = self.server.updater
         if updater is None:
             return acc
+        if self.server.party_optimizer:
+            return ks.store + acc  # the parties' optimizer steps, each weighted by its local server
         ks.store = updater.apply(ks.key, ks.update_index, ks.store, acc)
         return ks.store
 
@@ -70,18 +74,34 @@ class GlobalPolicy:
         return True
 
     def check_optimizer(self) -> None:
-        """Raise GeoMXError if the global servers may not run the master worker's optimizer."""
+        """Raise GeoMXError if the global servers may not take the master worker's optimizer now."""
         params = self.server.compression_params
-        if params is not None and params["type"] in ("bsc", "mpq"):
-            raise GeoMXError(f"{params['type']} is on: the global servers sum sparse gradients; keep the optimizer "
-                             "on the workers (update_on_kvstore=False)")
+        if params is not None and params["type"] in SPARSE_CODECS:
+            self.check_party_optimizer(params["type"])
+            if any(ks.initialized for ks in self.server.keys.values()):
+                raise GeoMXError(f"with {params['type']}, set the optimizer before kv.init: each party's local "
+                                 "server runs it and learns it with its keys' INIT replies")
 
     def check_codec(self, codec: Any) -> None:
         """Raise GeoMXError if the gradient codec ``codec`` cannot serve this algorithm."""
-        if codec.name in ("bsc", "mpq") and self.server.updater is not None:
-            raise GeoMXError(f"{codec.name}: the global servers sum sparse gradients and send sparse sums "
-                             "back; keep the optimizer on the workers (update_on_kvstore=False), as "
-                             "GeoMX's cnn_bsc.py does")
+        if codec.name in SPARSE_CODECS and self.server.updater is not None:
+            self.check_party_optimizer(codec.name, self.server.updater)
+
+    def check_party_optimizer(self, codec: str, updater: Any = None) -> None:
+        """A sparse codec with an optimizer (``updater``, once it is built): each party's local server
+        steps it on the party's dense gradient and the WAN carries the steps (FSA's Forward). Local
+        servers run the numpy engine only (they never load MXNet), and central workers pushing
+        gradients into the parties' rounds would be summed with those steps."""
+        if updater is not None and updater.engine != "numpy":
+            raise GeoMXError(f"{codec} with an optimizer on the servers runs the optimizer on each party's local "
+                             f"server, in numpy: SGD, Adam, RMSProp, AdaGrad (MXNet's or torch.optim's rules); "
+                             f"{updater.name!r} needs MXNet's engine ({updater.engine_reason}). Keep it on the "
+                             "workers (update_on_kvstore=False) or use one of those")
+        if self.server.cfg.enable_central_worker:
+            raise GeoMXError(f"{codec} with an optimizer on the servers runs the optimizer on each party's local "
+                             "server, so central workers (DMLC_ENABLE_CENTRAL_WORKER=1) cannot push gradients into "
+                             "the rounds; keep the optimizer on the workers (update_on_kvstore=False) or unset "
+                             "central training")
 
     def leave(self, synchronous: bool) -> None:
         """The master worker chose dist_sync (``synchronous``) or dist_async, which this policy is

@@ -65,6 +65,15 @@ class Forward(PartyPolicy):
         if server.inter_ts is not None:
             server.forward_inter_ts(ks, r, acc)
             return
+        if server.updater_error is not None:
+            server.fail_upstream(ks, r, GeoMXError(server.updater_error))
+            return
+        if server.updater is not None:
+            try:
+                acc = server.party_step(ks, acc)  # answered with the parties' summed steps (a delta)
+            except GeoMXError as exc:
+                server.fail_upstream(ks, r, exc)
+                return
         sent = time.monotonic()
 
         def on_global_result(value: Optional[np.ndarray], error: Optional[Exception]) -> None:

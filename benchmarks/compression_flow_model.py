@@ -1,26 +1,34 @@
-"""A single-process model of the compression examples' flow, for studying codec settings quickly.
+"""A single-process model of the compression flows, for studying codec settings quickly.
 
-It computes what a real topology of 2 parties x 2 workers running ``examples/cnn_bsc.py`` computes,
-in one process: each worker's mean gradient on its own shard of load_digits (the examples' data
-order, model and seeds), the party sums, each party's WAN codec (the library's own codec, built by
-``geomx.compression.create`` with the same parameters, so its residual, warm-up and threshold samples
-are the real ones), the sum of the decoded payloads over the parties, and the workers' local
-optimizer step on that aggregate (``trainer.step(num_all_workers)``). On the development machine its
-accuracy curves equal the real topology's to the last printed digit (seed 0, BSC 0.01, local Adam:
-0.5033 0.7067 0.7900 ... 0.9667 both ways), so one setting costs seconds instead of a topology run.
+It computes what a real topology of 2 parties x 2 workers computes, in one process: each worker's
+mean gradient on its own shard of load_digits (the examples' data order, model and seeds), each
+party's WAN codec (the library's own codec, built by ``geomx.compression.create`` with the same
+parameters, so its residual, warm-up, threshold samples and float16 rounding are the real ones), the
+sum of the decoded payloads over the parties, and the step. Two flows (``--scheme``):
 
-MPQ's float16 small tensors are not modelled (``--codec`` is ``none`` or ``bsc``). Used for the
-diagnosis in docs/Compression.md ("Why local Adam stalled"); for example::
+* ``grad``: ``examples/cnn_bsc.py``'s. The parties' gradient sums go through the codecs and the workers'
+  local optimizer steps on the aggregate (``trainer.step(num_all_workers)``). On the development
+  machine its accuracy curves equal the real topology's to the last printed digit (seed 0, BSC 0.01,
+  local Adam: 0.5033 0.7067 0.7900 ... 0.9667 both ways).
+* ``update``: the optimizer on the servers under BSC/MPQ (docs/Compression.md, "The optimizer before
+  the codec"). Each party steps its own optimizer (MXNet's Adam or momentum-SGD rule, in numpy) on
+  its party's mean gradient, and its step goes through the codec; the weights take the mean of the
+  decoded steps.
 
-    python benchmarks/compression_flow_model.py --codec bsc --optimizer adam --momentum 0.9 --warmup-rounds 0
-    python benchmarks/compression_flow_model.py --codec bsc --optimizer sgd --lr 0.1 --seeds 0 1 2 3 4 5
+It counts the WAN bytes as framed on the wire (``geomx.compression.to_frames``): each party's payload
+up, and the global sum (exact sparse, or dense) down to every party. It prints, per seed, the
+iterations to ``--target`` test accuracy, the bytes until then and the final accuracy (the mean of the
+last five evaluations), then the medians. Used for docs/Compression.md's tables, for example::
 
-Prints each seed's curve (test accuracy every ``--eval-every`` iterations) and score (the mean of
-the last three evaluations), then the median score over the seeds.
+    python benchmarks/compression_flow_model.py --codec none --seeds 0 1 2 3 4
+    python benchmarks/compression_flow_model.py --codec bsc --scheme update --warmup-rounds 10 \\
+        --warmup-threshold 0.05 --seeds 0 1 2 3 4
+    python benchmarks/compression_flow_model.py --codec bsc --optimizer sgd-momentum --lr 0.02 --iters 120
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -31,8 +39,41 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 PARTIES, WORKERS_PER_PARTY = 2, 2
 
 
-def run(args: argparse.Namespace, seed: int) -> list[float]:
-    """The accuracy curve of one seed."""
+class PartyOptimizer:
+    """One party's optimizer over flat float32 vectors: MXNet's Adam, SGD with momentum 0.9, or SGD."""
+
+    def __init__(self, kind: str, lr: float, sizes):
+        import numpy as np
+
+        self.kind, self.lr, self.t = kind, lr, 0
+        self.m = [np.zeros(n, np.float32) for n in sizes]
+        self.v = [np.zeros(n, np.float32) for n in sizes]
+
+    def step(self, i: int, g, first_key: bool):
+        """The change to the weights of tensor ``i`` (its own state) for gradient ``g``."""
+        import numpy as np
+
+        if first_key:
+            self.t += 1
+        if self.kind == "adam":
+            b1, b2, eps = 0.9, 0.999, 1e-8
+            m, v = self.m[i], self.v[i]
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * g * g
+            lr_t = self.lr * np.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
+            return (-lr_t * m / (np.sqrt(v) + eps)).astype(np.float32)
+        if self.kind == "sgd-momentum":
+            m = self.m[i]
+            m *= 0.9
+            m -= self.lr * g
+            return m.copy()
+        return (-self.lr * g).astype(np.float32)
+
+
+def run(args: argparse.Namespace, seed: int):
+    """The accuracy curve of one seed and the WAN bytes sent up to each evaluation."""
     import mxnet as mx
     import numpy as np
     import utils
@@ -44,6 +85,7 @@ def run(args: argparse.Namespace, seed: int) -> list[float]:
     arrays = utils.load_arrays()
     net = utils.build_cnn(mx.cpu(), seed=seed)
     params = list(net.collect_params().values())
+    sizes = [p.data().size for p in params]
     loaders = [utils.load_data(args.batch, workers, w, arrays=arrays, seed=seed)[0] for w in range(workers)]
     test_data = utils.load_data(args.batch, workers, 0, arrays=arrays, seed=seed)[1]
     batches = [iter(()) for _ in range(workers)]
@@ -56,17 +98,24 @@ def run(args: argparse.Namespace, seed: int) -> list[float]:
             return next(batches[w])
 
     codec_params = {"type": args.codec, "size_lower_bound": args.bound}
-    if args.codec == "bsc":
+    if args.codec in ("bsc", "mpq"):
         codec_params.update(threshold=args.ratio, momentum=args.momentum, warmup_rounds=args.warmup_rounds,
-                            warmup_threshold=args.warmup_threshold)
+                            warmup_threshold=args.warmup_threshold, value_dtype=args.value_dtype)
     codecs = [compression.create(codec_params, link="wan") for _ in range(PARTIES)]
-    opt_params = {"learning_rate": args.lr}
-    optimizer = args.optimizer
-    if optimizer == "sgd-momentum":
-        optimizer, opt_params["momentum"] = "sgd", 0.9
-    trainer = gluon.Trainer(net.collect_params(), optimizer, opt_params, kvstore=None)
+
+    def wire_bytes(payload) -> int:
+        return int(compression.to_frames(payload)[1].nbytes)
+
+    if args.scheme == "grad":
+        opt_params = {"learning_rate": args.lr}
+        optimizer = args.optimizer
+        if optimizer == "sgd-momentum":
+            optimizer, opt_params["momentum"] = "sgd", 0.9
+        trainer = gluon.Trainer(net.collect_params(), optimizer, opt_params, kvstore=None)
+    else:
+        party_opts = [PartyOptimizer(args.optimizer, args.lr, sizes) for _ in range(PARTIES)]
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-    curve = []
+    curve, sent, total_bytes = [], [], 0
     for it in range(1, args.iters + 1):
         sums = [[None] * len(params) for _ in range(PARTIES)]
         for w in range(workers):
@@ -79,39 +128,63 @@ def run(args: argparse.Namespace, seed: int) -> list[float]:
                 g = (p.grad() / data.shape[0]).asnumpy().reshape(-1)  # what the worker pushes
                 sums[party][i] = g if sums[party][i] is None else sums[party][i] + g
         for i, p in enumerate(params):
-            total = np.zeros(p.data().size, np.float32)
+            total = np.zeros(sizes[i], np.float32)
             for party in range(PARTIES):
-                payload = codecs[party].encode(i, sums[party][i])
+                x = sums[party][i]
+                if args.scheme == "update":
+                    x = party_opts[party].step(i, x / WORKERS_PER_PARTY, first_key=(i == 0))
+                payload = codecs[party].encode(i, x)
+                total_bytes += wire_bytes(payload)
                 total += compression.decode_payload(payload, total.size)
-            p.grad()[:] = mx.nd.array(total.reshape(p.shape))
-        trainer.step(workers)
+            if codecs[0].for_tensor(sizes[i]) == "bsc":
+                total_bytes += PARTIES * wire_bytes(compression.sparse_from_dense(total))
+            else:
+                total_bytes += PARTIES * wire_bytes(codecs[0].encode(10_000 + i, total))  # dense or fp16
+            if args.scheme == "grad":
+                p.grad()[:] = mx.nd.array(total.reshape(p.shape))
+            else:
+                p.set_data(p.data() + mx.nd.array((total / PARTIES).reshape(p.shape)))
+        if args.scheme == "grad":
+            trainer.step(workers)
         if it % args.eval_every == 0:
             curve.append(utils.evaluate(net, test_data, mx.cpu()))
-    return curve
+            sent.append(total_bytes)
+    return curve, sent
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--codec", choices=("none", "bsc"), default="bsc")
+    p.add_argument("--codec", choices=("none", "bsc", "mpq"), default="bsc")
+    p.add_argument("--scheme", choices=("grad", "update"), default="grad",
+                   help="grad: the workers' optimizer on the aggregate (cnn_bsc.py); update: each party's "
+                        "optimizer before the codec (the servers' optimizer under BSC/MPQ)")
     p.add_argument("--optimizer", choices=("adam", "sgd", "sgd-momentum"), default="adam",
-                   help="the workers' local optimizer (sgd-momentum: SGD with momentum 0.9)")
+                   help="sgd-momentum: SGD with momentum 0.9")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--ratio", type=float, default=0.01, help="BSC threshold (kept fraction)")
     p.add_argument("--momentum", type=float, default=0.0, help="BSC momentum correction")
     p.add_argument("--warmup-rounds", type=int, default=30)
     p.add_argument("--warmup-threshold", type=float, default=0.25)
+    p.add_argument("--value-dtype", choices=("float16", "float32"), default="float16")
     p.add_argument("--bound", type=int, default=1000, help="size lower bound")
     p.add_argument("--batch", type=int, default=32, help="batch per worker")
-    p.add_argument("--iters", type=int, default=120)
-    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=1)
+    p.add_argument("--target", type=float, default=0.9)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = p.parse_args(argv)
-    scores = []
+    rounds, megabytes, finals = [], [], []
     for seed in args.seeds:
-        curve = run(args, seed)
-        scores.append(statistics.mean(curve[-3:]))
-        print(f"seed {seed}: score {scores[-1]:.4f}; curve {' '.join(f'{a:.4f}' for a in curve)}", flush=True)
-    print(f"median score over seeds {args.seeds}: {statistics.median(scores):.4f}")
+        curve, sent = run(args, seed)
+        hit = next((k for k, acc in enumerate(curve) if acc >= args.target), None)
+        rounds.append((hit + 1) * args.eval_every if hit is not None else float("inf"))
+        megabytes.append(sent[hit] / 1e6 if hit is not None else float("inf"))
+        finals.append(statistics.mean(curve[-5:]))
+        print(f"seed {seed}: {args.target:.0%} at iteration {rounds[-1]}, {megabytes[-1]:.2f} MB on the WAN; "
+              f"final {finals[-1]:.4f}; curve {' '.join(f'{a:.2f}' for a in curve)}", flush=True)
+    print(json.dumps({"rounds": rounds, "mb": megabytes, "median_rounds": statistics.median(rounds),
+                      "median_mb": round(statistics.median(megabytes), 3),
+                      "median_final": round(statistics.median(finals), 4)}))
     return 0
 
 

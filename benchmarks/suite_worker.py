@@ -162,7 +162,8 @@ def main(argv=None) -> int:
     p.add_argument("--compression", default=None, help="JSON for kv.set_gradient_compression")
     p.add_argument("--local-optimizer", action="store_true",
                    help="no optimizer on the servers: pull the aggregated gradient, Adam step locally "
-                        "(the flow of examples/cnn_bsc.py; needed by bsc / fp16 / mpq)")
+                        "(the flow of examples/cnn_bsc.py; fp16 needs it; with bsc / mpq the servers' optimizer runs "
+                        "on the parties' local servers otherwise)")
     p.add_argument("--wire-dtype", default="float32",
                    help="dtype of the keys: float32, float16 (fp16 compression), or mixed:N (MPQ: float16 "
                         "for tensors of fewer than N elements, float32 for the others)")

@@ -256,8 +256,9 @@ def model_splitmix_positions(n, count, seed, block=8):
 class BSCModel:
     """The documented BSC algorithm, in plain numpy, with its own per-key state."""
 
-    def __init__(self, r, m=0.0, bound=200000, seed=0, warmup=30, start=0.25):
+    def __init__(self, r, m=0.0, bound=200000, seed=0, warmup=30, start=0.25, half=True):
         self.r, self.m, self.bound, self.seed = r, np.float32(m), bound, seed
+        self.half = half  # value_dtype float16: sent values rounded to float16 after a power-of-two scale
         self.warmup, self.start = warmup, start
         self.u, self.v, self.steps, self.rounds = {}, {}, {}, {}
         self.last_ratio = {}
@@ -300,7 +301,11 @@ class BSCModel:
                 thr, cap = np.sort(sample)[::-1][ks - 1], min(n, 2 * k)
         sel = np.flatnonzero((np.abs(v) >= thr) & (v != 0))[:cap]
         vals = v[sel].copy()
-        v[sel] = 0
+        if self.half and vals.size:
+            # the largest magnitude scaled into [2**14, 2**15), rounded to float16, scaled back
+            scale = np.float32(2.0 ** (15 - math.frexp(float(np.max(np.abs(vals))))[1]))
+            vals = (vals * scale).astype(np.float16).astype(np.float32) / scale
+        v[sel] = v[sel] - vals  # the rounding error stays
         u[sel] = 0
         return "sparse", vals, sel
 
@@ -315,16 +320,20 @@ def _grads(rng, n, steps):
 @pytest.mark.parametrize("r", [0.01, 0.05])
 @pytest.mark.parametrize("m", [0.9, 0.0, 0.5])
 @pytest.mark.parametrize("warmup", [None, 0, 8])
-def test_bsc_matches_model_over_steps(kernel_impl, r, m, warmup):
+@pytest.mark.parametrize("value_dtype", [None, "float32"])
+def test_bsc_matches_model_over_steps(kernel_impl, r, m, warmup, value_dtype):
     # sizes: sampled threshold (60000), exactly ranked (3000 <= sample size), small dense (500)
     sizes = {0: 60000, 1: 3000, 2: 500, 7: 25000}
     bound = 1000
     params = {"type": "bsc", "threshold": r, "momentum": m, "size_lower_bound": bound, "seed": 5}
+    half = value_dtype is None  # the default: float16 values
+    if value_dtype is not None:
+        params["value_dtype"] = value_dtype
     if warmup is None:  # the default warm-up: 30 rounds from 0.25
-        model = BSCModel(r, m, bound, seed=5)
+        model = BSCModel(r, m, bound, seed=5, half=half)
     else:  # 8 rounds from 0.4, or none
         params.update(warmup_rounds=warmup, warmup_threshold=0.4)
-        model = BSCModel(r, m, bound, seed=5, warmup=warmup, start=0.4)
+        model = BSCModel(r, m, bound, seed=5, warmup=warmup, start=0.4, half=half)
     codec = C.create(params)
     rng = np.random.default_rng(1)
     streams = {key: list(_grads(rng, n, 22)) for key, n in sizes.items()}
@@ -538,14 +547,25 @@ def _payloads():
         C.Payload("dense", rng.standard_normal(10).astype(np.float64)),
         C.Payload("dense", rng.standard_normal(10).astype(np.float16)),
         C.Payload("fp16", rng.standard_normal(10).astype(np.float16)),
+        # what a codec with value_dtype float16 sends: float16 numbers times a power of two
+        C.Payload("sparse", np.array([3e-5, -1.5e-3, 2.5e-7], np.float32).astype(np.float16).astype(np.float32)
+                  * np.float32(2.0 ** -20), np.array([0, 4, 9], np.int32)),
+        C.Payload("sparse", np.array([7.0, -0.0625], np.float32), np.array([2, 2], np.int64)),
     ]
 
 
-@pytest.mark.parametrize("i", range(7))
+@pytest.mark.parametrize("i", range(9))
 def test_frames_round_trip(i):
     p = _payloads()[i]
     meta, data = C.to_frames(p)
-    assert data.dtype == np.uint8 and data.ndim == 1 and data.size == p.nbytes
+    assert data.dtype == np.uint8 and data.ndim == 1
+    # increasing indices travel as 16-bit gaps, float16-representable sparse values (times a power of
+    # two) as float16: 2 bytes each instead of 4
+    index_bytes = 0 if p.indices is None else (2 if meta["index_dtype"] == "gap16" else p.indices.itemsize)
+    value_bytes = 2 if (p.kind, meta["value_dtype"]) == ("sparse", "float16") else p.values.itemsize
+    assert data.size == p.nnz * (index_bytes + value_bytes)
+    assert (meta["index_dtype"] == "gap16") == (p.indices is not None and p.nnz > 0
+                                                and bool(np.all(np.diff(p.indices) >= 0)))
     meta = json.loads(json.dumps(meta))
     for buf in (data, data.tobytes(), bytearray(data.tobytes()), memoryview(data.tobytes())):
         q = C.from_frames(meta, buf, 10)
@@ -554,7 +574,8 @@ def test_frames_round_trip(i):
         if p.indices is None:
             assert q.indices is None
         else:
-            assert q.indices.dtype == p.indices.dtype and _bits(q.indices) == _bits(p.indices)
+            want = np.int32 if meta["index_dtype"] == "gap16" else p.indices.dtype
+            assert q.indices.dtype == want and np.array_equal(q.indices, p.indices)
     # a misaligned buffer still decodes (copied)
     shifted = np.empty(data.size + 1, np.uint8)[1:]
     shifted[:] = data
@@ -570,7 +591,10 @@ def test_frames_unsorted_duplicate_indices_add_up():
 
 
 def _sparse_frame():
-    return C.to_frames(C.Payload("sparse", np.ones(2, np.float32), np.array([1, 7], np.int32)))
+    """A sparse frame in the plain layout (int32 indices, float32 values), built by hand: to_frames
+    packs these indices and values smaller (gap16, float16), which GAP16_MALFORMED covers."""
+    data = np.concatenate([np.array([1, 7], "<i4").view(np.uint8), np.ones(2, "<f4").view(np.uint8)])
+    return {"kind": "sparse", "nnz": 2, "index_dtype": "int32", "value_dtype": "float32"}, data
 
 
 MALFORMED = [
@@ -609,6 +633,54 @@ def test_from_frames_rejects_malformed(case):
     args = mutate(dict(meta), data)
     with pytest.raises(ValueError, match=message):
         C.from_frames(*args)
+
+
+def _compact_frame():
+    meta, data = C.to_frames(C.Payload("sparse", np.array([1.0, -2.0], np.float32), np.array([1, 7], np.int32)))
+    assert (meta["index_dtype"], meta["value_dtype"], data.size) == ("gap16", "float16", 8)
+    return meta, data
+
+
+GAP16_MALFORMED = [
+    ("scale missing", lambda m, d: ({k: v for k, v in m.items() if k != "scale"}, d, 10), "needs an int 'scale'"),
+    ("scale bool", lambda m, d: ({**m, "scale": True}, d, 10), "needs an int 'scale'"),
+    ("scale float", lambda m, d: ({**m, "scale": 1.5}, d, 10), "needs an int 'scale'"),
+    ("scale too large", lambda m, d: ({**m, "scale": 1000}, d, 10), "needs an int 'scale'"),
+    ("scale on float32", lambda m, d: ({**m, "value_dtype": "float32"}, np.zeros(12, np.uint8), 10),
+     "'scale' belongs to sparse frames with float16 values"),
+    ("gaps past the end", lambda m, d: (m, d, 7), "index 7 is out of range for a tensor of 7"),
+    ("gaps overflow", lambda m, d: (m, np.concatenate([np.array([65535, 65535], "<u2").view(np.uint8), d[4:]]),
+                                    100000), "index 131070 is out of range"),
+    ("short gap data", lambda m, d: (m, d[:-1], 10), "needs 8 bytes, got 7"),
+    ("gap16 on dense", lambda m, d: ({"kind": "dense", "nnz": 10, "index_dtype": "gap16", "value_dtype": "float32"},
+                                     np.zeros(40, np.uint8), 10), "index_dtype must be null"),
+]
+
+
+@pytest.mark.parametrize("case", GAP16_MALFORMED, ids=[c[0] for c in GAP16_MALFORMED])
+def test_from_frames_rejects_malformed_compact(case):
+    """Hostile compact frames (gap16 indices, float16 values with a scale) are refused by name."""
+    _, mutate, message = case
+    meta, data = _compact_frame()
+    with pytest.raises(ValueError, match=message):
+        C.from_frames(*mutate(dict(meta), data))
+
+
+def test_compact_frames_carry_a_codecs_payload_exactly():
+    """A BSC payload (increasing indices, float16-rounded values) travels in 4 bytes an entry and decodes
+    to the same tensor; one whose gaps exceed 16 bits falls back to int32 indices."""
+    n = 200000
+    codec = C.create({"type": "bsc", "threshold": 0.01, "size_lower_bound": 0, "warmup_rounds": 0})
+    g = np.random.default_rng(4).standard_normal(n).astype(np.float32)
+    p = codec.encode(0, g)
+    meta, data = C.to_frames(p)
+    assert (meta["index_dtype"], meta["value_dtype"]) == ("gap16", "float16") and data.size == 4 * p.nnz
+    q = C.from_frames(json.loads(json.dumps(meta)), data.tobytes(), n)
+    assert _bits(C.decode_payload(q, n)) == _bits(C.decode_payload(p, n))
+    far = C.Payload("sparse", np.array([1.0, 2.0], np.float32), np.array([3, 70000], np.int32))
+    meta, data = C.to_frames(far)
+    assert meta["index_dtype"] == "int32" and data.size == 2 * (4 + 2)
+    assert np.array_equal(C.from_frames(meta, data, n).indices, far.indices)
 
 
 def test_from_frames_rejects_malformed_dense():

@@ -14,6 +14,7 @@ from geomx.compression import kernels
 
 __all__ = [
     "DEFAULT_MOMENTUM",
+    "DEFAULT_VALUE_DTYPE",
     "DEFAULT_SIZE_LOWER_BOUND",
     "DEFAULT_WARMUP_ROUNDS",
     "DEFAULT_WARMUP_THRESHOLD",
@@ -21,8 +22,10 @@ __all__ = [
     "PARTY_OPTIMIZER_WARMUP",
     "Codec",
     "Payload",
+    "VALUE_DTYPES",
     "decode_payload",
     "flat_gradient",
+    "half_scale",
 ]
 
 DEFAULT_SIZE_LOWER_BOUND = 200_000
@@ -47,6 +50,13 @@ local servers (the WAN carries optimizer steps, not gradients). Those steps keep
 in the residual, so the long warm-up the workers' own Adam needs (30 rounds from 0.25, about 4.7 dense
 rounds of bytes) buys nothing more there: 10 rounds from 0.05 reached 90 % in as many rounds (median
 over 5 seeds, docs/Compression.md) for a fifth of its bytes."""
+
+DEFAULT_VALUE_DTYPE = "float16"
+"""The precision of the values a sparse codec sends: ``float16`` rounds each selected value to float16
+after a per-payload power-of-two scale (the rounding error stays in the residual, so nothing is lost
+over rounds) and the frame carries 2 bytes per value instead of 4; ``float32`` sends them as they are."""
+
+VALUE_DTYPES = ("float16", "float32")
 
 LINKS = ("wan", "party")
 """The links a codec can serve: local server <-> global server, or worker <-> local server."""
@@ -83,7 +93,8 @@ class Payload:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of values and indices, i.e. the size of the frame :func:`to_frames` builds."""
+        """Bytes of values and indices in memory; :func:`~geomx.compression.to_frames` packs a sparse
+        payload smaller when it can (gap16 indices, float16 values), so its frame may be up to half."""
         return int(self.values.nbytes + (0 if self.indices is None else self.indices.nbytes))
 
 
@@ -113,6 +124,45 @@ def flat_gradient(grad: np.ndarray) -> np.ndarray:
     if not flat.dtype.isnative:
         flat = flat.astype(flat.dtype.newbyteorder("="))
     return flat
+
+
+HALF_SCALE_LIMIT = 120
+"""Largest ``|scale|`` of :func:`half_scale` (and accepted in a frame): ``2**scale`` and its inverse
+stay normal float32 numbers."""
+
+
+def half_scale(values: np.ndarray, lossless: bool = True) -> tuple[int, np.ndarray] | None:
+    """``(scale, halves)`` with ``halves = float16(values * 2**scale)``, the scale a power of two that
+    brings the largest magnitude into ``[2**14, 2**15)`` (float16's top binade, so small values keep
+    as many bits as float16 allows); None when there is no finite non-zero value, or (``lossless``)
+    when ``halves * 2**-scale`` is not exactly ``values``.
+
+    Power-of-two scaling is exact in float32, so a value that went through this once (rounded, with
+    ``lossless=False``) passes the lossless check when it is framed (:func:`geomx.compression.to_frames`).
+    """
+    flat = np.asarray(values, dtype=np.float32).reshape(-1)
+    if flat.size == 0:
+        return None
+    top = float(np.max(np.abs(flat)))
+    if not np.isfinite(top) or top == 0.0:
+        return None
+    scale = 15 - int(np.frexp(top)[1])  # top = f * 2**e, f in [0.5, 1): top * 2**(15 - e) in [2**14, 2**15)
+    if abs(scale) > HALF_SCALE_LIMIT:
+        return None
+    halves = (flat * np.float32(2.0 ** scale)).astype(np.float16)
+    if lossless and not np.array_equal(halves.astype(np.float32) * np.float32(2.0 ** -scale), flat):
+        return None
+    return scale, halves
+
+
+def round_to_half(values: np.ndarray) -> np.ndarray:
+    """``values`` (float32) rounded to what :func:`half_scale` can frame in 2 bytes each: a new array;
+    ``values`` itself when there is nothing to round."""
+    found = half_scale(values, lossless=False)
+    if found is None:
+        return values
+    scale, halves = found
+    return halves.astype(np.float32) * np.float32(2.0 ** -scale)
 
 
 def decode_payload(payload: Payload, size: int) -> np.ndarray:
@@ -167,6 +217,13 @@ def check_ratio(name: str, value: Any) -> float:
     if not (0.0 < r < 1.0):  # also rejects NaN
         raise ValueError(f"{name} must be in (0, 1) (the fraction of entries kept), got {value!r}")
     return r
+
+
+def check_value_dtype(value: Any) -> str:
+    """``value`` as one of :data:`VALUE_DTYPES`, or ValueError."""
+    if value not in VALUE_DTYPES:
+        raise ValueError(f"value_dtype must be one of {list(VALUE_DTYPES)}, got {value!r}")
+    return str(value)
 
 
 def check_momentum(name: str, value: Any) -> float:

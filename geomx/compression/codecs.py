@@ -8,16 +8,17 @@ How each tensor travels (``Codec.for_tensor(numel, link)``; "large" is
 codec     party, large     party, small     WAN, large          WAN, small
 ========  ===============  ===============  ==================  ==================
 none      dense            dense            dense               dense
-bsc       dense (fp32)     dense (fp32)     bsc (fp32 sparse)   dense (fp32)
+bsc       dense (fp32)     dense (fp32)     bsc (sparse)        dense (fp32)
 fp16      fp16             fp16             fp16                fp16
-mpq       dense (fp32)     fp16             bsc (fp32 sparse)   fp16
+mpq       dense (fp32)     fp16             bsc (sparse)        fp16
 ========  ===============  ===============  ==================  ==================
 
 ``party`` is the worker <-> local server link, ``WAN`` the local server <-> global server link
 (both directions).  ``bsc`` means :class:`~geomx.compression.feedback.SampledTopK` wrapped in
 :class:`~geomx.compression.feedback.ErrorFeedback`: per key, a residual (and DGC momentum
-correction when asked for) and a warm-up of the kept fraction; indices travel as int32 (int64
-from 2**31 elements), no padding.
+correction when asked for) and a warm-up of the kept fraction; sent values are rounded to float16
+after a power-of-two scale (``value_dtype``, the error kept in the residual); frames pack increasing
+indices as 16-bit gaps and such values as float16 (:mod:`geomx.compression.frames`), no padding.
 
 In the BSC and MPQ schemes the local server encodes its party's aggregate with a ``link="wan"``
 codec; the global server sums the parties' sparse updates
@@ -39,6 +40,7 @@ from geomx import kernels as array_kernels
 from geomx.compression.base import (
     DEFAULT_MOMENTUM,
     DEFAULT_SIZE_LOWER_BOUND,
+    DEFAULT_VALUE_DTYPE,
     DEFAULT_WARMUP_ROUNDS,
     DEFAULT_WARMUP_THRESHOLD,
     Codec,
@@ -123,12 +125,14 @@ class FP16Codec(Codec):
 class _SparseCodec(Codec):
     """Shared parameters and large-tensor path of ``bsc`` and ``mpq``."""
 
-    _KEYS = ("threshold", "momentum", "size_lower_bound", "seed", "warmup_rounds", "warmup_threshold")
+    _KEYS = ("threshold", "momentum", "size_lower_bound", "seed", "warmup_rounds", "warmup_threshold",
+             "value_dtype")
 
     def __init__(self, threshold: float, *, momentum: float = DEFAULT_MOMENTUM,
                  size_lower_bound: int = DEFAULT_SIZE_LOWER_BOUND, seed: int = 0,
                  warmup_rounds: int = DEFAULT_WARMUP_ROUNDS,
-                 warmup_threshold: float = DEFAULT_WARMUP_THRESHOLD, link: str = "wan") -> None:
+                 warmup_threshold: float = DEFAULT_WARMUP_THRESHOLD,
+                 value_dtype: str = DEFAULT_VALUE_DTYPE, link: str = "wan") -> None:
         super().__init__(size_lower_bound=size_lower_bound, link=link)
         self.threshold = check_ratio("threshold", threshold)
         self.momentum = check_momentum("momentum", momentum)
@@ -136,7 +140,8 @@ class _SparseCodec(Codec):
         topk = SampledTopK(self.threshold, seed=self.seed, warmup_rounds=warmup_rounds,
                            warmup_threshold=warmup_threshold)
         self.warmup_rounds, self.warmup_threshold = topk.warmup_rounds, topk.warmup_threshold
-        self.feedback = ErrorFeedback(topk, self.momentum)
+        self.feedback = ErrorFeedback(topk, self.momentum, value_dtype)
+        self.value_dtype = self.feedback.value_dtype
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], *, link: str = "wan") -> _SparseCodec:
@@ -149,12 +154,14 @@ class _SparseCodec(Codec):
                    size_lower_bound=params.get("size_lower_bound", DEFAULT_SIZE_LOWER_BOUND),
                    seed=params.get("seed", 0),
                    warmup_rounds=params.get("warmup_rounds", DEFAULT_WARMUP_ROUNDS),
-                   warmup_threshold=params.get("warmup_threshold", DEFAULT_WARMUP_THRESHOLD), link=link)
+                   warmup_threshold=params.get("warmup_threshold", DEFAULT_WARMUP_THRESHOLD),
+                   value_dtype=params.get("value_dtype", DEFAULT_VALUE_DTYPE), link=link)
 
     def params(self) -> dict[str, Any]:
         return {"type": self.name, "threshold": self.threshold, "momentum": self.momentum,
                 "size_lower_bound": self.size_lower_bound, "seed": self.seed,
-                "warmup_rounds": self.warmup_rounds, "warmup_threshold": self.warmup_threshold}
+                "warmup_rounds": self.warmup_rounds, "warmup_threshold": self.warmup_threshold,
+                "value_dtype": self.value_dtype}
 
     def _small(self) -> TensorScheme:
         raise NotImplementedError
@@ -203,6 +210,9 @@ class BSCCodec(_SparseCodec):
     warmup_threshold : float, optional
         Kept fraction of a key's first round, ``0 < f < 1`` (default 0.25); no warm-up when it
         is not above ``threshold``.
+    value_dtype : {"float16", "float32"}, optional
+        Precision of the sent values (default float16: rounded after a power-of-two scale, the
+        rounding error kept in the residual; 2 bytes a value on the wire instead of 4).
     """
 
     def _small(self) -> TensorScheme:

@@ -10,6 +10,7 @@ import numpy as np
 from geomx.compression import kernels
 from geomx.compression.base import (
     DEFAULT_MOMENTUM,
+    DEFAULT_VALUE_DTYPE,
     DEFAULT_WARMUP_THRESHOLD,
     Codec,
     Payload,
@@ -19,8 +20,10 @@ from geomx.compression.base import (
     check_key,
     check_momentum,
     check_ratio,
+    check_value_dtype,
     decode_payload,
     flat_gradient,
+    round_to_half,
 )
 
 __all__ = ["ErrorFeedback", "Residual", "SampledTopK", "kept_count", "sample_size", "warmup_ratio"]
@@ -198,7 +201,9 @@ class ErrorFeedback:
         u = m*u + g          # momentum correction
         v = v + u            # accumulation (v is the residual plus what is new)
         p = inner.encode(key, v)
-        v = v - decode(p)    # what was sent leaves the residual (sparse: v[sel] becomes 0)
+        p = half(p)          # value_dtype float16: values rounded to float16 after a power-of-two scale
+        v = v - decode(p)    # what was sent leaves the residual (sparse: v[sel] becomes 0, or the
+                             # rounding error of its value)
         u[sent] = 0          # momentum factor masking (dense payloads: all of u)
 
     With ``m = 0`` this is plain error feedback (``v`` accumulates ``g``).  The state takes
@@ -211,11 +216,17 @@ class ErrorFeedback:
     momentum : float, optional
         Momentum correction factor, ``0 <= m < 1`` (default 0: plain error feedback, see
         :data:`geomx.compression.base.DEFAULT_MOMENTUM`).
+    value_dtype : {"float16", "float32"}, optional
+        Precision of a sparse payload's values (default float16,
+        :data:`geomx.compression.base.DEFAULT_VALUE_DTYPE`): float16 halves their bytes on the wire and
+        leaves the rounding error in ``v``.
     """
 
-    def __init__(self, inner: Codec, momentum: float = DEFAULT_MOMENTUM) -> None:
+    def __init__(self, inner: Codec, momentum: float = DEFAULT_MOMENTUM,
+                 value_dtype: str = DEFAULT_VALUE_DTYPE) -> None:
         self.inner = inner
         self.momentum = check_momentum("momentum", momentum)
+        self.value_dtype = check_value_dtype(value_dtype)
         self._state: dict[int, Residual] = {}
 
     def state(self, key: int) -> Residual | None:
@@ -251,6 +262,8 @@ class ErrorFeedback:
                              "its residual state was reset") from exc
         if payload.kind == "sparse":
             assert payload.indices is not None
+            if self.value_dtype == "float16" and payload.nnz:
+                payload = Payload("sparse", round_to_half(payload.values), payload.indices)
             kernels.scatter_add(st.v, payload.indices, -payload.values)
             st.u[payload.indices] = 0.0
         else:

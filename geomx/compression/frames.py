@@ -6,19 +6,34 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from geomx.compression.base import Payload
+from geomx.compression.base import HALF_SCALE_LIMIT, Payload, half_scale
 
 __all__ = ["META_KEYS", "from_frames", "to_frames"]
 
 META_KEYS = ("kind", "nnz", "index_dtype", "value_dtype")
-"""Keys of a frame's meta dict, all required, no others."""
+"""Keys of a frame's meta dict, all required; ``scale`` is the only other one, on a sparse frame with
+float16 values."""
 
 _VALUE_DTYPES = {
     "dense": ("float16", "float32", "float64"),
     "fp16": ("float16",),
-    "sparse": ("float32",),
+    "sparse": ("float32", "float16"),
 }
-_INDEX_DTYPES = ("int32", "int64")
+_INDEX_DTYPES = ("int32", "int64", "gap16")
+_GAP_MAX = 0xFFFF
+"""``gap16``: increasing indices as uint16 gaps (the first from 0), 2 bytes an index instead of 4; a
+tensor's sparse payload at 1 % has gaps of about 100, so every gap but a rare one fits (a payload with
+one that does not travels as int32/int64)."""
+
+
+def _gaps(indices: np.ndarray) -> np.ndarray | None:
+    """``indices`` as uint16 gaps (little-endian), or None if they decrease or a gap exceeds 65535."""
+    if indices.size == 0:
+        return None
+    gaps = np.diff(indices.astype(np.int64), prepend=0)
+    if gaps.min() < 0 or gaps.max() > _GAP_MAX:
+        return None
+    return gaps.astype("<u2")
 
 
 def to_frames(payload: Payload) -> tuple[dict[str, Any], np.ndarray]:
@@ -28,6 +43,11 @@ def to_frames(payload: Payload) -> tuple[dict[str, Any], np.ndarray]:
     padding; the meta dict says how to read it::
 
         {"kind": "sparse", "nnz": 3, "index_dtype": "int32", "value_dtype": "float32"}
+
+    A sparse payload is packed as small as it goes without loss: increasing indices whose gaps fit
+    16 bits as ``gap16``, and values that are float16 numbers times one power of two (what a codec
+    with ``value_dtype`` float16 sends, :func:`geomx.compression.base.half_scale`) as ``float16``
+    with ``"scale": s`` (the value is the float16 number times ``2**-s``).
 
     Parameters
     ----------
@@ -51,8 +71,9 @@ def to_frames(payload: Payload) -> tuple[dict[str, Any], np.ndarray]:
     kind = payload.kind
     if kind not in _VALUE_DTYPES:
         raise ValueError(f"unknown payload kind {kind!r}")
-    if values.dtype.name not in _VALUE_DTYPES[kind]:
-        raise ValueError(f"{kind} payload values must be {_VALUE_DTYPES[kind]}, got {values.dtype}")
+    if values.dtype.name not in _VALUE_DTYPES[kind] or (kind == "sparse" and values.dtype != np.float32):
+        raise ValueError(f"{kind} payload values must be {_VALUE_DTYPES[kind] if kind != 'sparse' else 'float32'}, "
+                         f"got {values.dtype}")
     values = values.astype(values.dtype.newbyteorder("<"), copy=False)
     nnz = int(values.size)
     meta: dict[str, Any] = {"kind": kind, "nnz": nnz, "index_dtype": None,
@@ -68,8 +89,16 @@ def to_frames(payload: Payload) -> tuple[dict[str, Any], np.ndarray]:
         raise ValueError(f"sparse indices must be int32 or int64, got {indices.dtype}")
     if indices.size != nnz:
         raise ValueError(f"sparse payload has {indices.size} indices and {nnz} values")
-    indices = indices.astype(indices.dtype.newbyteorder("<"), copy=False)
-    meta["index_dtype"] = indices.dtype.name
+    gaps = _gaps(indices)
+    if gaps is not None:
+        indices, meta["index_dtype"] = gaps, "gap16"
+    else:
+        indices = indices.astype(indices.dtype.newbyteorder("<"), copy=False)
+        meta["index_dtype"] = indices.dtype.name
+    halves = half_scale(values)
+    if halves is not None:
+        meta["scale"], values = halves[0], halves[1].astype("<f2", copy=False)
+        meta["value_dtype"] = "float16"
     data = np.empty(indices.nbytes + values.nbytes, dtype=np.uint8)
     data[: indices.nbytes] = indices.view(np.uint8)
     data[indices.nbytes:] = values.view(np.uint8)
@@ -111,7 +140,8 @@ def from_frames(meta: Mapping[str, Any], data: object, size: int) -> Payload:
     Returns
     -------
     Payload
-        Arrays are read-only views of ``data`` when it is aligned, copies otherwise.
+        Arrays are read-only views of ``data`` when it is aligned, copies otherwise; gap16 indices
+        and float16 sparse values are decoded to int32 (int64 above 2**31 elements) and float32.
 
     Raises
     ------
@@ -119,10 +149,11 @@ def from_frames(meta: Mapping[str, Any], data: object, size: int) -> Payload:
         With a message saying what is wrong, if: ``meta`` is not a mapping with exactly
         :data:`META_KEYS`; ``kind`` is unknown; ``nnz`` is not an int in ``[0, size]`` (sparse)
         or not ``size`` (dense, fp16); a dtype is outside the whitelist for the kind (values:
-        dense float16/32/64, fp16 float16, sparse float32; indices: int32/int64 for sparse,
-        None otherwise); the byte length is not ``nnz * (index + value itemsize)``; or an index
-        is outside ``[0, size)``.  Indices may come in any order and repeat (they add up when
-        decoded); only their range is checked.  Values are not checked for inf/NaN.
+        dense float16/32/64, fp16 float16, sparse float32 or float16 with an int ``scale`` within
+        ``HALF_SCALE_LIMIT``; indices: int32/int64/gap16 for sparse, None otherwise); the byte
+        length is not ``nnz * (index + value itemsize)``; or an index is outside ``[0, size)``.
+        Indices may come in any order and repeat (they add up when decoded); only their range is
+        checked.  Values are not checked for inf/NaN.
     """
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 0:
         raise ValueError(f"size must be an int >= 0, got {size!r}")
@@ -130,10 +161,10 @@ def from_frames(meta: Mapping[str, Any], data: object, size: int) -> Payload:
     if not isinstance(meta, Mapping):
         raise ValueError(f"frame meta must be a dict, got {type(meta).__name__}")
     missing = [k for k in META_KEYS if k not in meta]
-    extra = sorted(str(k) for k in meta if k not in META_KEYS)
+    extra = sorted(str(k) for k in meta if k not in META_KEYS and k != "scale")
     if missing or extra:
-        raise ValueError(f"frame meta must have exactly the keys {list(META_KEYS)}; "
-                         f"missing {missing}, unexpected {extra}")
+        raise ValueError(f"frame meta must have exactly the keys {list(META_KEYS)} (and 'scale' with "
+                         f"float16 sparse values); missing {missing}, unexpected {extra}")
     kind = meta["kind"]
     if not isinstance(kind, str) or kind not in _VALUE_DTYPES:
         raise ValueError(f"frame kind must be one of {sorted(_VALUE_DTYPES)}, got {kind!r}")
@@ -146,13 +177,20 @@ def from_frames(meta: Mapping[str, Any], data: object, size: int) -> Payload:
         raise ValueError(f"{kind} frame value_dtype must be one of {_VALUE_DTYPES[kind]}, "
                          f"got {value_dtype!r}")
     index_dtype = meta["index_dtype"]
+    scale = meta.get("scale")
+    if (kind, value_dtype) == ("sparse", "float16"):
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Integral) or abs(scale) > HALF_SCALE_LIMIT:
+            raise ValueError(f"a sparse frame with float16 values needs an int 'scale' in "
+                             f"[-{HALF_SCALE_LIMIT}, {HALF_SCALE_LIMIT}], got {scale!r}")
+    elif "scale" in meta:
+        raise ValueError(f"'scale' belongs to sparse frames with float16 values, not {kind}/{value_dtype}")
     if kind == "sparse":
         if not isinstance(index_dtype, str) or index_dtype not in _INDEX_DTYPES:
             raise ValueError(f"sparse frame index_dtype must be one of {_INDEX_DTYPES}, "
                              f"got {index_dtype!r}")
         if nnz > size:
             raise ValueError(f"sparse frame has nnz={nnz} for a tensor of {size} elements")
-        index_size = np.dtype(index_dtype).itemsize
+        index_size = 2 if index_dtype == "gap16" else np.dtype(index_dtype).itemsize
     else:
         if index_dtype is not None:
             raise ValueError(f"{kind} frame index_dtype must be null, got {index_dtype!r}")
@@ -166,8 +204,15 @@ def from_frames(meta: Mapping[str, Any], data: object, size: int) -> Payload:
                          f"{expected} bytes, got {buf.size}")
     if kind != "sparse":
         return Payload(kind, _read(buf, 0, nnz, value_dtype))
-    indices = _read(buf, 0, nnz, index_dtype)
+    if index_dtype == "gap16":
+        indices = np.cumsum(_read(buf, 0, nnz, "uint16"), dtype=np.int64)  # increasing from the first gap
+        if nnz and size <= np.iinfo(np.int32).max:
+            indices = indices.astype(np.int32)
+    else:
+        indices = _read(buf, 0, nnz, index_dtype)
     values = _read(buf, nnz * index_size, nnz, value_dtype)
+    if value_dtype == "float16":
+        values = values.astype(np.float32) * np.float32(2.0 ** -int(scale))  # exact: a power of two
     if nnz:
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= size:

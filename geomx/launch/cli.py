@@ -168,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
         "namespace, joined through a bridge by links capped with tbf. SPEC: RATE for every party link "
         "(e.g. 20mbit), and/or partyN=RATE, central=RATE (default uncapped), all=RATE, delay=MS "
         "(added one-way latency between data centers through a delaying relay; needs nft). "
-        "Prints the bytes that crossed each link at the end (see geomx/wan.py)",
+        "Prints the bytes that crossed each link at the end (see geomx/testing/wan.py)",
     )
     p.add_argument(
         "--separate-global-servers",
@@ -279,7 +279,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
 
     wan_spec = None
     if args.wan is not None:
-        from .. import wan as wanmod  # no MXNet import there either
+        # Imported only for --wan: the harness is not part of the runtime (no MXNet import there either).
+        from ..testing import wan as wanmod
 
         try:
             wan_spec = wanmod.parse_spec(args.wan, args.parties, topology.global_server_dcs)
@@ -317,7 +318,7 @@ def _place_on_wan(topology: Topology, wan) -> None:
 
 
 def _run_on_wan(topology: Topology, command: Sequence[str], spec, args) -> int:
-    from .. import wan as wanmod
+    from ..testing import wan as wanmod
 
     try:
         w = wanmod.Wan.create(wanmod.dc_names(topology.parties, topology.global_server_dcs), spec)
@@ -339,7 +340,7 @@ def _run_on_wan(topology: Topology, command: Sequence[str], spec, args) -> int:
                     print(f"[launch] WAN bytes per link over {elapsed:.1f} s:\n{report}", file=sys.stderr)
                 except wanmod.WanError as exc:
                     log.error("could not read the WAN counters: %s", exc)
-    except SystemExit as exc:  # SIGTERM/SIGHUP while the WAN existed (see geomx.wan)
+    except SystemExit as exc:  # SIGTERM/SIGHUP while the WAN existed (see geomx.testing.wan)
         code = exc.code if isinstance(exc.code, int) else 1
         log.error("launcher received a termination signal; topology stopped, WAN torn down")
         return code

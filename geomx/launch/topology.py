@@ -20,7 +20,7 @@ from .. import config
 DEFAULT_NODE_COMMAND = [sys.executable, "-m", "geomx.node"]
 
 #: Scheduler ports on an emulated WAN: below Linux's default ephemeral range (32768-60999) and above
-#: the WAN relay's port (geomx/wan.py).
+#: the WAN relay's port (geomx/testing/wan.py).
 _WAN_PORTS = (20000, 32768)
 
 #: Variables the launcher controls. Values inherited from the parent environment are

@@ -12,7 +12,7 @@ from ..errors import GeoMXError, ProtocolError, internal_error
 from ..security import template
 from ..transport import EventLoop, Link, base_identity, identity_token, log_limited, peer_label
 from ..tsengine.partial import partial_dtype_ok
-from ..wire import DTYPES, Message, MsgType, meta_field
+from ..wire import DTYPES, Message, MsgType, error_reply, meta_field
 from .keystate import KeyState
 
 log = logging.getLogger("geomx.server")
@@ -106,8 +106,7 @@ class ServerBase:
     def reply_error(self, link: Link, identity: bytes, req: Message, error: str) -> None:
         log_limited(logging.WARNING, f"{self.name}: {req.type.name} from {peer_label(identity)} refused: {error}",
                     key=(identity, link.name, req.type, template(error)))
-        link.send(Message(MsgType.ERROR, req_id=req.req_id, key=req.key, offset=req.offset, total=req.total,
-                          meta={"error": f"{self.name}: {error}"}), identity)
+        link.send(error_reply(req, f"{self.name}: {error}"), identity)
 
     def replier(self, link: Link, identity: bytes, req: Message, ks: Optional[KeyState] = None):
         """A one-argument reply function: an array (or None) answers, an Exception refuses.

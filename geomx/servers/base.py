@@ -439,12 +439,8 @@ class ServerBase:
                                "the synchronous round cannot complete")
             for r in [r for r in ks.rounds if r >= done]:
                 ks.fail_round(r, error)
-            parked, ks.parked = ks.parked, []
-            for other, reply in parked:
-                if ks.pushes_of(other) > done:
-                    reply(error)
-                else:
-                    ks.parked.append((other, reply))
+            # Parked pulls of clients that pushed past ``done`` wait for a round that cannot complete.
+            ks.answer_parked(error, lambda other: ks.pushes_of(other) > done)  # noqa: B023 - called at once
 
     def leave(self, reason: str, failed: bool = False) -> None:
         """This server is about to exit (``failed``: because the run failed): answer every request
@@ -457,13 +453,7 @@ class ServerBase:
                 for r in list(state.rounds):
                     waiting += len(state.rounds[r].waiters)
                     state.fail_round(r, error)
-                parked, state.parked = state.parked, []
-                waiting += len(parked)
-                for _client, reply in parked:
-                    try:
-                        reply(error)
-                    except Exception:  # noqa: BLE001 - the others must still be answered
-                        log.exception("%s: cannot refuse a parked request", self.name)
+                waiting += state.answer_parked(error)
         if waiting:
             log.warning("%s: leaving (%s); refused %d request(s) still waiting", self.name, reason, waiting)
 

@@ -401,7 +401,6 @@ def _main_topology(parser: argparse.ArgumentParser, args, command: List[str]) ->
 
 def _run_over_ssh(topo, command: List[str], args) -> int:
     """Every process on its host, one SSH session each over one connection per host."""
-    import os
 
     from .ssh import Connections, SSHError, remote_command
 
@@ -426,9 +425,11 @@ def _run_over_ssh(topo, command: List[str], args) -> int:
         specs = topo.processes(command, keys_dir=keys)
 
         def over_ssh(spec: ProcessSpec) -> ProcessSpec:
+            # The SSH client gets the launcher's environment (set for the child, not read here).
             wrapped = ProcessSpec(spec.name, conns.argv(spec.host, remote_command(spec, _explicit_keys(topo, spec),
                                                                                   pythons[spec.host])),
-                                  dict(os.environ), spec.is_worker, spec.dc, host=spec.host, site=spec.site,
+                                  config.inherited_environment(), spec.is_worker, spec.dc, host=spec.host,
+                                  site=spec.site,
                                   keep_stdin=True, party=spec.party, party_may_be_lost=spec.party_may_be_lost)
             if spec.restart is not None:
                 wrapped.restart = lambda: _over_ssh_restart(spec, over_ssh)

@@ -451,7 +451,9 @@ class Topology:
         return enable_restarts(declare_party_servers(schedulers + servers + workers))
 
     def _env(self, name: str, role_env: Dict[str, object], dc: str = "central") -> Dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in ROLE_KEYS}
+        # The launcher's own environment is handed on (less the roles); the settings below are set for
+        # the child, not read.
+        env = config.inherited_environment(drop=ROLE_KEYS)
         # Children write into pipes; without this Python children block-buffer their output.
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.update({k: str(v) for k, v in role_env.items()})

@@ -162,21 +162,20 @@ def _kill_netns_processes(ns: str, timeout: float = 3.0) -> None:
         proc = _run(["ip", "netns", "pids", ns], check=False)
         return [int(x) for x in proc.stdout.split() if x.strip().isdigit() and int(x) != os.getpid()]
 
+    def send(signum: int, targets: List[int]) -> None:
+        for pid in targets:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
     found = pids()
-    for pid in found:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    send(signal.SIGTERM, found)
     end = time.monotonic() + timeout
     while found and time.monotonic() < end:
         time.sleep(0.05)
         found = pids()
-    for pid in found:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    send(signal.SIGKILL, found)
 
 
 def _delete_netns(ns: str) -> None:

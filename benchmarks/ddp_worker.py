@@ -59,7 +59,7 @@ from suite_worker import MARK_TAG, RESULT_TAG, add_run_args  # noqa: E402  (no M
 PARAM_COUNTS = {"cnn": 178762, "big": 5406090, "lastbig": 2188224}
 #: Key of the TCPStore counter the workers increment when they are done (the store's process then exits).
 DONE_KEY = "geomx_suite_ddp_done"
-#: The WAN interface of every data center namespace (geomx.wan.DC_IFACE; not imported: no geomx here).
+#: The WAN interface of every data center namespace (geomx.testing.wan.DC_IFACE; not imported: no geomx here).
 WAN_IFACE = "wan0"
 
 

@@ -1,6 +1,6 @@
 """Benchmark suite: native MXNet dist_sync versus geomx (and each of its optimizations) on one emulated WAN.
 
-One invocation builds one emulated WAN (``geomx.wan``: a network namespace per data center, tbf-capped
+One invocation builds one emulated WAN (``geomx.testing.wan``: a network namespace per data center, tbf-capped
 links) and runs every row of :data:`ROWS` on it, one after the other:
 
 * ``native``: MXNet 1.9.1's ps-lite ``dist_sync``: scheduler + one server in the central DC, the
@@ -74,8 +74,8 @@ from native_launch import free_port, native_procs, run_processes  # noqa: E402
 from suite_worker import MARK_TAG, RESULT_TAG  # noqa: E402  (no MXNet import at module level)
 from summary import fmt as _f  # noqa: E402
 
-from geomx import wan as wanmod  # noqa: E402
-from geomx.wan import LinkCounters  # noqa: E402
+from geomx.testing import wan as wanmod  # noqa: E402
+from geomx.testing.wan import LinkCounters  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # Rows: one entry per system / optimization. Later issues add one entry each.
@@ -911,7 +911,7 @@ def main(argv=None) -> int:
                    help="the summary of docs/Benchmarks.md: every row of benchmarks/summary.py's SUMMARY_ROWS, "
                         f"accuracy runs only, --tta-repeats 3, WAN {summarymod.SUMMARY_WAN}; writes "
                         "bench_out/summary.{json,md} and docs/images/summary.png")
-    p.add_argument("--wan", default=None, help="link spec (geomx.wan; default 20mbit on every party link, "
+    p.add_argument("--wan", default=None, help="link spec (geomx.testing.wan; default 20mbit on every party link, "
                    "central uncapped; --summary: " + summarymod.SUMMARY_WAN + "); 'off' runs on loopback "
                    "without namespaces (no bytes, no bound)")
     p.add_argument("--rows", default=None,

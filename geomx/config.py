@@ -9,7 +9,7 @@ import dataclasses
 import os
 import socket
 import stat
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 from . import security
 from .errors import ConfigError
@@ -656,11 +656,16 @@ def _listen_fd(r: _Reader, port: int, port_variable: str) -> Optional[int]:
 DGT_MAX_BLOCK_SIZE = 65424
 
 
-def _load_dgt(r: _Reader) -> DGTConfig:
-    """DGT's variables (read by global and local servers, the two ends of a WAN push)."""
+def _dgt_mode(r: _Reader) -> int:
     mode = r.int("ENABLE_DGT", 0)
     if mode not in (0, 1, 2, 3):
         raise r._fail("ENABLE_DGT", f"must be 0 (off), 1 (UDP), 2 (TCP) or 3 (TCP + 4-bit), got {mode}")
+    return mode
+
+
+def _load_dgt(r: _Reader) -> DGTConfig:
+    """DGT's variables (read by global and local servers, the two ends of a WAN push)."""
+    mode = _dgt_mode(r)
     if not mode:
         return DGTConfig()
 
@@ -778,3 +783,43 @@ def is_worker_process(env: Optional[Mapping[str, str]] = None) -> bool:
     """True when this process is a training worker (``DMLC_ROLE=worker`` and no global role)."""
     env = os.environ if env is None else env
     return (env.get("DMLC_ROLE") or "").strip() == WORKER and not (env.get("DMLC_ROLE_GLOBAL") or "").strip()
+
+
+# -- The environment beyond one node's configuration -------------------------------------------------
+# The launcher asks a few switches of the environments it gives its processes, hands its own on to
+# them, and a node takes a few variables away from (or gives defaults to) MXNet in its own process.
+# Those reads and changes live here too, so that each variable has one rule.
+
+def switch(env: Mapping[str, str], name: str, role: str = "launcher") -> bool:
+    """Switch ``name`` of a process's environment ``env``, by the rule every node reads it with:
+    1/true/yes/on, 0/false/no/off (unset: off); anything else is refused, naming the variable."""
+    return _Reader(env, role).bool(name)
+
+
+def dgt_mode(env: Mapping[str, str], role: str = "launcher") -> int:
+    """ENABLE_DGT of a process's environment: 0 (off), 1 (UDP channels), 2 (TCP) or 3 (TCP + 4-bit)."""
+    return _dgt_mode(_Reader(env, role))
+
+
+def inherited_environment(drop: Iterable[str] = ()) -> Dict[str, str]:
+    """This process's environment less the variables ``drop``: the base the launcher gives every
+    process it starts (and the SSH client it starts them through)."""
+    dropped = set(drop)
+    return {k: v for k, v in os.environ.items() if k not in dropped}
+
+
+# MXNet starts its own ps-lite server or scheduler at import time when it sees these (and then never
+# returns), so a geomx node hides them before anything imports mxnet.
+MXNET_TRAPS = ("DMLC_ROLE", "DMLC_ROLE_GLOBAL", "DMLC_PS_ROOT_URI", "DMLC_PS_ROOT_PORT")
+
+
+def hide_roles_from_mxnet() -> None:
+    """Remove :data:`MXNET_TRAPS` from this process's environment (a node calls it once its
+    configuration is loaded)."""
+    for name in MXNET_TRAPS:
+        os.environ.pop(name, None)
+
+
+def default_mxnet_engine(engine: str) -> None:
+    """MXNET_ENGINE_TYPE for an MXNet this process may import later, unless the user chose one."""
+    os.environ.setdefault("MXNET_ENGINE_TYPE", engine)

@@ -24,15 +24,11 @@ import numpy as np
 from mxnet.base import _LIB, check_call
 
 from .errors import GeoMXError
+from .kernels import load_extension
 
 log = logging.getLogger("geomx.delivery")
 
-try:
-    from geomx import _delivery
-except ImportError as exc:  # pragma: no cover - exercised only on an unbuilt source tree
-    log.warning("geomx._delivery is not built (%s); pulls use a slower custom operator. "
-                "Build it with `pip install -e .` or `python setup.py build_ext --inplace`.", exc)
-    _delivery = None
+_delivery = load_extension("_delivery", log, "pulls use a slower custom operator")
 
 COMPILED: bool = _delivery is not None
 

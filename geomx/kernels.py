@@ -1,8 +1,9 @@
 """Array hot paths of the parameter servers: compiled (geomx._kernels) when built, numpy otherwise."""
 from __future__ import annotations
 
+import importlib
 import logging
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -24,8 +25,23 @@ _log = logging.getLogger(__name__)
 _SUM_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _checked(arr: object, name: str, writable: bool = False) -> np.ndarray:
-    """Return ``arr`` after the same layout checks the compiled kernels make.
+def load_extension(name: str, log: logging.Logger, instead: str) -> Optional[ModuleType]:
+    """The compiled extension ``geomx.<name>``, or None when it is not built.
+
+    A missing extension is logged once, on ``log`` (the caller's logger), as a warning saying what runs
+    ``instead`` and how to build it. Every compiled extension (``_kernels``, ``_compress``,
+    ``_delivery``) is loaded through here.
+    """
+    try:
+        return importlib.import_module(f"geomx.{name}")
+    except ImportError as exc:
+        log.warning("geomx.%s is not built (%s); %s. Build it with `pip install -e . --no-build-isolation`.",
+                    name, exc, instead)
+        return None
+
+
+def checked(arr: object, name: str, writable: bool = False) -> np.ndarray:
+    """Return ``arr`` after the same layout checks the compiled kernels make (both extensions' kernels).
 
     Parameters
     ----------
@@ -105,8 +121,8 @@ def ref_sum_into(dst: np.ndarray, src: np.ndarray) -> None:
     ValueError
         On a size mismatch, a bad layout or partial overlap.
     """
-    _checked(dst, "dst", writable=True)
-    _checked(src, "src")
+    checked(dst, "dst", writable=True)
+    checked(src, "src")
     if dst.dtype != src.dtype:
         raise TypeError(f"dtype mismatch: dst is {dst.dtype}, src is {src.dtype}")
     _check_same_size(dst, src)
@@ -133,8 +149,8 @@ def ref_copy_into(dst: np.ndarray, src: np.ndarray) -> None:
     ValueError
         On a size mismatch or a bad layout.
     """
-    _checked(dst, "dst", writable=True)
-    _checked(src, "src")
+    checked(dst, "dst", writable=True)
+    checked(src, "src")
     if dst.dtype != src.dtype:
         raise TypeError(f"dtype mismatch: dst is {dst.dtype}, src is {src.dtype}")
     if dst.dtype.hasobject:
@@ -162,8 +178,8 @@ def ref_scale_into(dst: np.ndarray, src: np.ndarray, alpha: float) -> None:
     ValueError
         On a size mismatch, a bad layout or partial overlap.
     """
-    _checked(dst, "dst", writable=True)
-    _checked(src, "src")
+    checked(dst, "dst", writable=True)
+    checked(src, "src")
     _check_dtype(dst, "dst", np.float32)
     _check_dtype(src, "src", np.float32)
     _check_same_size(dst, src)
@@ -174,7 +190,7 @@ def ref_scale_into(dst: np.ndarray, src: np.ndarray, alpha: float) -> None:
 def _prepared_out(out: np.ndarray | None, src: np.ndarray, dtype: type) -> np.ndarray | None:
     """Check a caller-supplied conversion output (``None`` passes through)."""
     if out is not None:
-        _checked(out, "out", writable=True)
+        checked(out, "out", writable=True)
         _check_dtype(out, "out", dtype)
         _check_same_size(out, src)
         _check_overlap(out, src, allow_same=False)
@@ -203,7 +219,7 @@ def ref_f32_to_f16(src: np.ndarray, out: np.ndarray | None = None) -> np.ndarray
     ValueError
         On a size mismatch, a bad layout or overlap between ``src`` and ``out``.
     """
-    _checked(src, "src")
+    checked(src, "src")
     _check_dtype(src, "src", np.float32)
     if _prepared_out(out, src, np.float16) is None:
         return src.astype(np.float16)
@@ -233,7 +249,7 @@ def ref_f16_to_f32(src: np.ndarray, out: np.ndarray | None = None) -> np.ndarray
     ValueError
         On a size mismatch, a bad layout or overlap between ``src`` and ``out``.
     """
-    _checked(src, "src")
+    checked(src, "src")
     _check_dtype(src, "src", np.float16)
     if _prepared_out(out, src, np.float32) is None:
         return src.astype(np.float32)
@@ -262,12 +278,7 @@ reference = SimpleNamespace(
 )
 """The numpy twins of the compiled kernels, for tests and for the fallback."""
 
-try:
-    from geomx import _kernels
-except ImportError as exc:
-    _log.warning("geomx._kernels is not built (%s); using the slower numpy kernels. "
-                 "Build it with `pip install -e . --no-build-isolation`.", exc)
-    _kernels = None
+_kernels = load_extension("_kernels", _log, "using the slower numpy kernels")
 
 COMPILED: bool = _kernels is not None
 """True when the compiled extension geomx._kernels was imported."""

@@ -439,19 +439,21 @@ class KVClient:
         if sent.version and where in self.checkpointing:
             sent.req_id = 0  # a replay's answer is only checked, nobody waits for it
             self.retained.setdefault(where, []).append(sent)
-        saved = meta.get("checkpointed")
-        if isinstance(saved, int) and where in self.retained:
-            # The server's checkpoint holds rounds < saved of this key: it will never need them again.
-            self.retained[where] = [m for m in self.retained[where] if m.version > saved]
+        self._prune_retained(where, meta)
 
     def _on_replayed_reply(self, server: int, msg: Message) -> None:
         if msg.type == MsgType.ERROR:
             log.error("%s: server %d refused a replayed push of key %d: %s", self.name, server, msg.key,
                       (msg.meta or {}).get("error"))
             return
-        saved = (msg.meta or {}).get("checkpointed")
-        where = (server, msg.key)
+        self._prune_retained((server, msg.key), msg.meta)
+
+    def _prune_retained(self, where: Tuple[int, int], meta: Optional[dict]) -> None:
+        """Drop the retained pushes of ``where`` (server, key) that a reply's ``checkpointed`` says the
+        server's checkpoint holds: it will never ask for them again."""
+        saved = (meta or {}).get("checkpointed")
         if isinstance(saved, int) and where in self.retained:
+            # The checkpoint holds rounds < saved of this key.
             self.retained[where] = [m for m in self.retained[where] if m.version > saved]
 
     def _on_broadcast_reply(self, server: int, msg: Message, p: _Pending) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import resource
 import sys
 import textwrap
@@ -29,16 +28,6 @@ from .tsengine.policy import ROOT
 from .tsengine.tier import TSEngineTier
 
 log = logging.getLogger("geomx.node")
-
-# MXNet starts its own ps-lite server or scheduler at import time when it sees these (and then never
-# returns), so a geomx node hides them before anything imports mxnet.
-_MXNET_TRAPS = ("DMLC_ROLE", "DMLC_ROLE_GLOBAL", "DMLC_PS_ROOT_URI", "DMLC_PS_ROOT_PORT")
-
-
-def _hide_roles_from_mxnet() -> None:
-    for name in _MXNET_TRAPS:
-        os.environ.pop(name, None)
-
 
 def _scheduler(cfg: NodeConfig) -> int:
     if cfg.role == config.GLOBAL_SCHEDULER:
@@ -191,7 +180,7 @@ def _global_server(cfg: NodeConfig) -> int:
     # server calls MXNet from its one event-loop thread and waits for every result at once, so MXNet's
     # own threaded engine only adds hand-offs: should it be imported, run its ops in the calling
     # thread instead (unless the user chose).
-    os.environ.setdefault("MXNET_ENGINE_TYPE", "NaiveEngine")
+    config.default_mxnet_engine("NaiveEngine")
     # A checkpoint to start from is read (and refused if unusable) before anything else happens; its
     # optimizer (and MXNet, if that needs it) is set up by server.restore, before joining the tiers.
     ckpt = checkpoint.load(cfg.checkpoint.restore) if cfg.checkpoint.restore else None
@@ -324,7 +313,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         logging.getLogger("geomx.node").error("configuration error: %s", exc)
         return 2
     logutil.setup(cfg.verbose, cfg.role)
-    _hide_roles_from_mxnet()
+    config.hide_roles_from_mxnet()  # before anything imports mxnet (config.MXNET_TRAPS)
     try:
         return _run_role(cfg)
     finally:

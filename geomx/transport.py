@@ -609,8 +609,7 @@ class EventLoop:
         """Answer a refused request with ERROR so that its sender fails clearly instead of waiting."""
         if identity is None or msg.type not in _REQUESTS:
             return
-        link.send(wire.Message(wire.MsgType.ERROR, req_id=msg.req_id, key=msg.key, offset=msg.offset,
-                               total=msg.total, meta={"error": f"{self.name}: {reason}"}), identity)
+        link.send(wire.error_reply(msg, f"{self.name}: {reason}"), identity)
 
     def run_until(self, done: Callable[[], bool], timeout: Optional[float] = None,
                   what: str = "condition") -> None:

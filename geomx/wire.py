@@ -116,6 +116,13 @@ class Message:
         return DTYPES.get(self.dtype)
 
 
+def error_reply(request: Message, error: str) -> Message:
+    """The ERROR answering ``request``: its request id and key range, the reason in ``meta["error"]``
+    (what the requester's client raises as a RemoteError)."""
+    return Message(MsgType.ERROR, req_id=request.req_id, key=request.key, offset=request.offset,
+                   total=request.total, meta={"error": error})
+
+
 # Plain ints for the per-message paths: arithmetic on enum members costs microseconds each.
 _HAS_META = int(Flag.HAS_META)
 _HAS_DATA = int(Flag.HAS_DATA)

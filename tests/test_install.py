@@ -106,6 +106,18 @@ def test_import_geomx_imports_no_framework(role):
 
 
 @pytest.mark.system
+def test_the_runtime_imports_no_test_harness():
+    """``import geomx`` (and the node and launcher entry points) never loads ``geomx.testing``, the emulated
+    WAN harness: the launcher imports it only for ``--wan``. Importing the harness itself does load it,
+    which shows the check sees the module when it is there."""
+    probe = "print('geomx.testing' in sys.modules, 'geomx.testing.wan' in sys.modules)"
+    out = _python(f"import sys, geomx, geomx.node, geomx.launch.cli\n{probe}\n"
+                  f"import geomx.testing.wan\n{probe}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:2] == ["False False", "True True"]
+
+
+@pytest.mark.system
 def test_alias_hook_is_installed_and_costs_no_import_at_start():
     out = _python("import sys, os\n"
                   "hook = sys.modules.get('_geomx_numpy_aliases')\n"

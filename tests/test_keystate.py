@@ -43,6 +43,27 @@ def test_failed_round_leaves_pulls_of_earlier_rounds_alone():
     assert [client for client, _ in ks.parked] == ["c"]
 
 
+def test_answering_parked_requests_keeps_the_others_and_those_parked_meanwhile():
+    """A refused or served request leaves the parked list; the ones not due stay, a failing reply does not
+    stop the others being answered, and a request parked by a reply (as the reply of a retried pull may)
+    is kept for later."""
+    ks = _key()
+    answers = []
+
+    def failing(value):
+        answers.append(("a", value))
+        raise RuntimeError("the connection is gone")
+
+    ks.park_pull("a", failing)
+    ks.park_pull("b", lambda v: (answers.append(("b", v)), ks.park_pull("b", lambda v: None)))
+    ks.park_pull("c", lambda v: answers.append(("c", v)))
+    error = RuntimeError("leaving")
+    assert ks.answer_parked(error, lambda client: client != "c") == 2
+    assert answers == [("a", error), ("b", error)]
+    assert sorted(client for client, _ in ks.parked) == ["b", "c"]
+    assert ks.answer_parked(error) == 2 and ks.parked == []
+
+
 def test_a_client_that_joins_later_starts_after_every_opened_round_whole_or_sliced():
     """A rejoining party's local server (GEOMX_LOST_PARTY=continue): its first push goes into the round
     after the last one any client opened, in the key and in each P3 slice (also in a slice created

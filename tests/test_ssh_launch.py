@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from helpers import INIT_BYTES, PUSH_BYTES, REPO, kill_group
 
-from geomx import wan
+from geomx.testing import wan
 
 SSHD = "/usr/sbin/sshd"
 

@@ -103,6 +103,11 @@ BAD = {
                             "top level: outage_window and env.GEOMX_WAN_OUTAGE_WINDOW are both set; keep one"),
     "lost party policy": ('lost_party = "wait"\n' + CENTRAL + PARTY0,
                           "top level: lost_party must be one of stop, continue, rejoin, got 'wait'"),
+    # Feature switches are read by the nodes' rule (geomx.config), which the listeners follow.
+    "switch neither on nor off": (CENTRAL + PARTY0 + 'env = { ENABLE_INTRA_TS = "maybe" }\n',
+                                  "[[party]] 'party0': ENABLE_INTRA_TS must be 0 or 1, got 'maybe' (role: launcher)"),
+    "unknown DGT mode": (CENTRAL + "[central.role_env.global_server]\nENABLE_DGT = 4\n" + PARTY0,
+                         "[central]: ENABLE_DGT must be 0 (off), 1 (UDP), 2 (TCP) or 3 (TCP + 4-bit), got 4"),
     "unknown host key": (CENTRAL + PARTY0 + 'worker_hosts = [{ host = "a", gpu = 1 }]\n',
                          "[[party]] 'party0' worker_hosts[0]: unknown key 'gpu'"),
 }
@@ -245,6 +250,19 @@ env = { ENABLE_INTRA_TS = 1, OMP_NUM_THREADS = 4 }
         assert s.party_may_be_lost == (site == "eu") and s.party == ("eu" if site == "eu" else "")
     assert specs["global_server0"].env["ENABLE_DGT"] == "2" and "ENABLE_DGT" not in specs["eu/server0"].env
     assert specs["eu/worker0"].env["OMP_NUM_THREADS"] == "4" and "OMP_NUM_THREADS" not in g.env
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("inter, dgt, ts_port, udp_port", [("yes", "1", True, True), ("off", "2", False, False),
+                                                           ("true", "0", True, False), ("0", "3", False, False)])
+def test_listeners_follow_the_switches_as_the_nodes_read_them(inter, dgt, ts_port, udp_port):
+    """TSEngine's relay port and DGT's UDP channels are opened by the rule the nodes read the switches with
+    (any spelling geomx.config accepts; DGT's UDP channels in mode 1 only)."""
+    text = (CENTRAL + f'[central.role_env.global_server]\nENABLE_DGT = "{dgt}"\n' + PARTY0
+            + f'env = {{ ENABLE_INTER_TS = "{inter}" }}\n')
+    specs = {s.name: s.env for s in loads(text, "t.toml").processes(["x"])}
+    assert ("GEOMX_TS_PORT" in specs["party0/server"]) == ts_port
+    assert ("GEOMX_DGT_UDP_PORT" in specs["global_server0"]) == udp_port
 
 
 @pytest.mark.unit

@@ -1,4 +1,4 @@
-"""Tests of the emulated WAN (geomx.wan) and of the benchmark suite's pure parts.
+"""Tests of the emulated WAN (geomx.testing.wan) and of the benchmark suite's pure parts.
 
 Everything but ``test_two_party_wan_rate_and_teardown`` runs without root. That test builds a real
 two-party WAN (network namespaces, veth, bridge, tbf), pushes a bounded TCP transfer through a capped
@@ -15,8 +15,8 @@ import textwrap
 
 import pytest
 
-from geomx import wan
-from geomx.wan import LinkCounters, WanError
+from geomx.testing import wan
+from geomx.testing.wan import LinkCounters, WanError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))

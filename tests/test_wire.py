@@ -130,6 +130,16 @@ def test_slice_without_data():
     assert (out.offset, out.numel, out.total, out.dtype) == (10, 5, 20, 1) and out.data is None
 
 
+def test_error_reply_answers_the_request_it_refuses():
+    """An ERROR names the refused request (id and slice of its key) and carries the reason, across the wire."""
+    req = Message(MsgType.PUSH, sender=9, req_id=77, key=4, offset=40, total=100, version=3,
+                  data=np.ones(25, np.float32))
+    out = decode(as_bytes(encode(wire.error_reply(req, "gs0: key 4 was never initialised"))))
+    assert out.type == MsgType.ERROR
+    assert (out.req_id, out.key, out.offset, out.total) == (77, 4, 40, 100)
+    assert out.meta == {"error": "gs0: key 4 was never initialised"} and out.data is None
+
+
 def test_non_contiguous_and_multidimensional_data_is_flattened():
     a = np.arange(24, dtype=np.float64).reshape(4, 6)
     for data in (a, a[:, ::2], a.T):

@@ -10,6 +10,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from ..kernels import checked as _checked
+from ..kernels import load_extension
+
 __all__ = [
     "COMPILED",
     "dgc_accumulate",
@@ -29,23 +32,6 @@ _U64 = np.uint64
 _GOLDEN = _U64(0x9E3779B97F4A7C15)
 _MIX1 = _U64(0xBF58476D1CE4E5B9)
 _MIX2 = _U64(0x94D049BB133111EB)
-
-
-def _checked(arr: object, name: str, writable: bool = False) -> np.ndarray:
-    """Return ``arr`` after the layout checks the compiled kernels make (see geomx.kernels)."""
-    if not isinstance(arr, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(arr).__name__}")
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}; pass arr.ravel()")
-    if not arr.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous; pass np.ascontiguousarray({name})")
-    if not arr.flags.aligned:
-        raise ValueError(f"{name} is not aligned to its dtype; pass a copy")
-    if not arr.dtype.isnative:
-        raise TypeError(f"{name} has non-native byte order ({arr.dtype.str})")
-    if writable and not arr.flags.writeable:
-        raise ValueError(f"{name} is read-only")
-    return arr
 
 
 def _check_f32(arr: np.ndarray, name: str) -> None:
@@ -304,12 +290,7 @@ reference = SimpleNamespace(
 )
 """The numpy twins of the compiled codec kernels, for tests and for the fallback."""
 
-try:
-    from geomx import _compress
-except ImportError as exc:
-    _log.warning("geomx._compress is not built (%s); the codecs use the slower numpy kernels. "
-                 "Build it with `pip install -e . --no-build-isolation`.", exc)
-    _compress = None
+_compress = load_extension("_compress", _log, "the codecs use the slower numpy kernels")
 
 COMPILED: bool = _compress is not None
 """True when the compiled extension geomx._compress was imported."""

@@ -168,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
         "namespace, joined through a bridge by links capped with tbf. SPEC: RATE for every party link "
         "(e.g. 20mbit), and/or partyN=RATE, central=RATE (default uncapped), all=RATE, delay=MS "
         "(added one-way latency between data centers through a delaying relay; needs nft). "
-        "Prints the bytes that crossed each link at the end (see geomx/wan.py)",
+        "Prints the bytes that crossed each link at the end (see geomx/testing/wan.py)",
     )
     p.add_argument(
         "--separate-global-servers",
@@ -279,7 +279,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
 
     wan_spec = None
     if args.wan is not None:
-        from .. import wan as wanmod  # no MXNet import there either
+        # Imported only for --wan: the harness is not part of the runtime (no MXNet import there either).
+        from ..testing import wan as wanmod
 
         try:
             wan_spec = wanmod.parse_spec(args.wan, args.parties, topology.global_server_dcs)
@@ -317,7 +318,7 @@ def _place_on_wan(topology: Topology, wan) -> None:
 
 
 def _run_on_wan(topology: Topology, command: Sequence[str], spec, args) -> int:
-    from .. import wan as wanmod
+    from ..testing import wan as wanmod
 
     try:
         w = wanmod.Wan.create(wanmod.dc_names(topology.parties, topology.global_server_dcs), spec)
@@ -339,7 +340,7 @@ def _run_on_wan(topology: Topology, command: Sequence[str], spec, args) -> int:
                     print(f"[launch] WAN bytes per link over {elapsed:.1f} s:\n{report}", file=sys.stderr)
                 except wanmod.WanError as exc:
                     log.error("could not read the WAN counters: %s", exc)
-    except SystemExit as exc:  # SIGTERM/SIGHUP while the WAN existed (see geomx.wan)
+    except SystemExit as exc:  # SIGTERM/SIGHUP while the WAN existed (see geomx.testing.wan)
         code = exc.code if isinstance(exc.code, int) else 1
         log.error("launcher received a termination signal; topology stopped, WAN torn down")
         return code
@@ -400,7 +401,6 @@ def _main_topology(parser: argparse.ArgumentParser, args, command: List[str]) ->
 
 def _run_over_ssh(topo, command: List[str], args) -> int:
     """Every process on its host, one SSH session each over one connection per host."""
-    import os
 
     from .ssh import Connections, SSHError, remote_command
 
@@ -425,9 +425,11 @@ def _run_over_ssh(topo, command: List[str], args) -> int:
         specs = topo.processes(command, keys_dir=keys)
 
         def over_ssh(spec: ProcessSpec) -> ProcessSpec:
+            # The SSH client gets the launcher's environment (set for the child, not read here).
             wrapped = ProcessSpec(spec.name, conns.argv(spec.host, remote_command(spec, _explicit_keys(topo, spec),
                                                                                   pythons[spec.host])),
-                                  dict(os.environ), spec.is_worker, spec.dc, host=spec.host, site=spec.site,
+                                  config.inherited_environment(), spec.is_worker, spec.dc, host=spec.host,
+                                  site=spec.site,
                                   keep_stdin=True, party=spec.party, party_may_be_lost=spec.party_may_be_lost)
             if spec.restart is not None:
                 wrapped.restart = lambda: _over_ssh_restart(spec, over_ssh)

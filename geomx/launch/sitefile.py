@@ -22,9 +22,10 @@ import re
 import shlex
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .. import config
+from ..errors import ConfigError
 from .topology import ROLE_KEYS, Ports, ProcessSpec, Topology, declare_party_servers, enable_restarts
 
 if sys.version_info >= (3, 11):
@@ -52,7 +53,6 @@ _SITE_KEYS = _HOST_KEYS | {"name", "ports", "env", "role_env", "keys_dir", "serv
 _CENTRAL_KEYS = _SITE_KEYS | {"global_servers", "central_workers"}
 _PARTY_KEYS = _SITE_KEYS | {"workers", "local_servers"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_TRUE = ("1", "true", "yes", "on")
 
 
 class TopologyFileError(ValueError):
@@ -187,8 +187,13 @@ class SiteTopology:
             merged.update(site.role_env.get(role, {}))
             return merged
 
-        def on(env: Dict[str, str], key: str) -> bool:
-            return str(env.get(key, "")).strip().lower() in _TRUE
+        def read(site: Site, env: Dict[str, str], reader: Callable[..., Any], *args: str) -> Any:
+            # A feature read by the rule the node will read it with (config): the file gets the listeners
+            # the node will open, and a value the node would refuse is refused here already.
+            try:
+                return reader(env, *args)
+            except ConfigError as exc:
+                raise TopologyFileError(f"{self.path}: {_where(site)}: {exc}") from None
 
         c = self.central
         everyone = [c.name, *party_names]
@@ -202,7 +207,7 @@ class SiteTopology:
             env = env_of(c, "global_server")
             name = f"global_server{i}"
             placed = {"GEOMX_SERVER_PORT": str(take(c, host, name, "global server, for the parties", party_names))}
-            if env.get("ENABLE_DGT", "").strip() == "1":
+            if read(c, env, config.dgt_mode) == 1:  # UDP channels beside the server's TCP port
                 listeners.append(Listener(c.name, name, host, int(placed["GEOMX_SERVER_PORT"]), "udp",
                                           "global server, DGT channel", tuple(party_names)))
                 placed["GEOMX_DGT_UDP_PORT"] = placed["GEOMX_SERVER_PORT"]
@@ -224,7 +229,7 @@ class SiteTopology:
                 env = env_of(site, "server")
                 placed = {"GEOMX_SERVER_PORT": str(take(site, host, f"{site.name}/{suffix}",
                                                         "local server, for its workers", [site.name]))}
-                if on(env, "ENABLE_INTER_TS"):
+                if read(site, env, config.switch, "ENABLE_INTER_TS"):
                     others = [n for n in everyone if n != site.name]
                     placed["GEOMX_TS_PORT"] = str(take(site, host, f"{site.name}/{suffix}",
                                                        "local server, TSEngine relays", others))
@@ -233,7 +238,7 @@ class SiteTopology:
                 host = site.worker_hosts[i % len(site.worker_hosts)] if site.worker_hosts else site.host
                 env = env_of(site, "worker")
                 placed = {}
-                if on(env, "ENABLE_INTRA_TS"):
+                if read(site, env, config.switch, "ENABLE_INTRA_TS"):
                     placed["GEOMX_TS_PORT"] = str(take(site, host, f"{site.name}/worker{i}",
                                                        "worker, TSEngine relays", [site.name]))
                 procs.append((f"party{p}/worker{i}", site, "worker", host, dict(env, **placed)))

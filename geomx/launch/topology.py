@@ -20,7 +20,7 @@ from .. import config
 DEFAULT_NODE_COMMAND = [sys.executable, "-m", "geomx.node"]
 
 #: Scheduler ports on an emulated WAN: below Linux's default ephemeral range (32768-60999) and above
-#: the WAN relay's port (geomx/wan.py).
+#: the WAN relay's port (geomx/testing/wan.py).
 _WAN_PORTS = (20000, 32768)
 
 #: Variables the launcher controls. Values inherited from the parent environment are
@@ -451,7 +451,9 @@ class Topology:
         return enable_restarts(declare_party_servers(schedulers + servers + workers))
 
     def _env(self, name: str, role_env: Dict[str, object], dc: str = "central") -> Dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in ROLE_KEYS}
+        # The launcher's own environment is handed on (less the roles); the settings below are set for
+        # the child, not read.
+        env = config.inherited_environment(drop=ROLE_KEYS)
         # Children write into pipes; without this Python children block-buffer their output.
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.update({k: str(v) for k, v in role_env.items()})

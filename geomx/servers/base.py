@@ -12,7 +12,7 @@ from ..errors import GeoMXError, ProtocolError, internal_error
 from ..security import template
 from ..transport import EventLoop, Link, base_identity, identity_token, log_limited, peer_label
 from ..tsengine.partial import partial_dtype_ok
-from ..wire import DTYPES, Message, MsgType, meta_field
+from ..wire import DTYPES, Message, MsgType, error_reply, meta_field
 from .keystate import KeyState
 
 log = logging.getLogger("geomx.server")
@@ -106,8 +106,7 @@ class ServerBase:
     def reply_error(self, link: Link, identity: bytes, req: Message, error: str) -> None:
         log_limited(logging.WARNING, f"{self.name}: {req.type.name} from {peer_label(identity)} refused: {error}",
                     key=(identity, link.name, req.type, template(error)))
-        link.send(Message(MsgType.ERROR, req_id=req.req_id, key=req.key, offset=req.offset, total=req.total,
-                          meta={"error": f"{self.name}: {error}"}), identity)
+        link.send(error_reply(req, f"{self.name}: {error}"), identity)
 
     def replier(self, link: Link, identity: bytes, req: Message, ks: Optional[KeyState] = None):
         """A one-argument reply function: an array (or None) answers, an Exception refuses.
@@ -440,12 +439,8 @@ class ServerBase:
                                "the synchronous round cannot complete")
             for r in [r for r in ks.rounds if r >= done]:
                 ks.fail_round(r, error)
-            parked, ks.parked = ks.parked, []
-            for other, reply in parked:
-                if ks.pushes_of(other) > done:
-                    reply(error)
-                else:
-                    ks.parked.append((other, reply))
+            # Parked pulls of clients that pushed past ``done`` wait for a round that cannot complete.
+            ks.answer_parked(error, lambda other: ks.pushes_of(other) > done)  # noqa: B023 - called at once
 
     def leave(self, reason: str, failed: bool = False) -> None:
         """This server is about to exit (``failed``: because the run failed): answer every request
@@ -458,13 +453,7 @@ class ServerBase:
                 for r in list(state.rounds):
                     waiting += len(state.rounds[r].waiters)
                     state.fail_round(r, error)
-                parked, state.parked = state.parked, []
-                waiting += len(parked)
-                for _client, reply in parked:
-                    try:
-                        reply(error)
-                    except Exception:  # noqa: BLE001 - the others must still be answered
-                        log.exception("%s: cannot refuse a parked request", self.name)
+                waiting += state.answer_parked(error)
         if waiting:
             log.warning("%s: leaving (%s); refused %d request(s) still waiting", self.name, reason, waiting)
 

@@ -180,21 +180,24 @@ class KeyState:
         otherwise wait forever."""
         for reply, _ in self.rounds.pop(r).waiters:
             _answer(reply, error)
-        still = []
-        for client, reply in self.parked:
-            if self.initialized and self.pushes_of(client) > r:
-                _answer(reply, error)
-            else:
-                still.append((client, reply))
-        self.parked = still
+        self.answer_parked(error, lambda client: self.initialized and self.pushes_of(client) > r)
 
     def serve_parked(self) -> None:
-        if not self.parked:
-            return
-        still = []
-        for client, reply in self.parked:
-            if self.pull_ready(client):
-                _answer(reply, self.store)
+        """Answer every parked pull whose round has completed with the key's value."""
+        if self.parked:
+            self.answer_parked(self.store, self.pull_ready)
+
+    def answer_parked(self, value: Any, due: Optional[Callable[[Any], bool]] = None) -> int:
+        """Answer with ``value`` (the key's value, or an exception that refuses) every parked request
+        whose client ``due`` accepts (every one without ``due``); the others stay parked. Returns how
+        many were answered. The one way parked requests leave the list."""
+        # Taken off first: a reply that parks again lands in the new list, not in the one being read.
+        parked, self.parked = self.parked, []
+        answered = 0
+        for client, reply in parked:
+            if due is None or due(client):
+                _answer(reply, value)
+                answered += 1
             else:
-                still.append((client, reply))
-        self.parked = still
+                self.parked.append((client, reply))
+        return answered

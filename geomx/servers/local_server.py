@@ -147,9 +147,7 @@ class LocalServer(ServerBase):
 
     def _fail_parked(self, ks: KeyState, error: str) -> None:
         log.error("%s: key %d: %s", self.name, ks.key, error)
-        parked, ks.parked = ks.parked, []
-        for _client, reply in parked:
-            reply(GeoMXError(error))
+        ks.answer_parked(GeoMXError(error))
 
     def dispatch_round(self, ks: KeyState, r: int, acc: np.ndarray) -> None:
         self.policy.round_done(ks, r, acc)

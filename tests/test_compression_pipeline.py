@@ -45,3 +45,19 @@ def test_servers_bound_applies_when_master_sets_none(topology_run, servers_have_
         assert len(result.lines("MATRIX OK")) == 2
     else:
         assert result.code != 0 and result.lines("MISMATCH"), result.output[-4000:]
+
+
+@pytest.mark.parametrize("what, message", [
+    ("late", "with bsc, set the optimizer before kv.init"),
+    ("central", "central workers (DMLC_ENABLE_CENTRAL_WORKER=1) cannot push gradients"),
+    ("dcasgd", "needs MXNet's engine"),
+])
+def test_servers_optimizer_with_bsc_refused_where_parties_cannot_run_it(topology_run, what, message):
+    """The master worker's set_optimizer is refused, naming why, where the parties' local servers could
+    not run the optimizer in front of the codec (docs/Compression.md, "The optimizer before the codec")."""
+    topo = {"central_workers": 1, "env": {"DMLC_ENABLE_CENTRAL_WORKER": "1"}} if what == "central" else {}
+    result = topology_run("party_optimizer_refusal_worker.py", [what], parties=1, workers_per_party=1,
+                          timeout=60, **topo)
+    assert result.lines("REFUSED"), result.output[-3000:]
+    assert result.lines(message), result.output[-3000:]
+    assert not result.lines("NOT REFUSED")

@@ -22,11 +22,11 @@ from geomx.compression.base import (
     Payload,
     decode_payload,
 )
-from geomx.compression.codecs import SPARSE_CODECS, BSCCodec, DenseCodec, FP16Codec, MPQCodec
+from geomx.compression.codecs import BSCCodec, DenseCodec, FP16Codec, MPQCodec
 from geomx.compression.feedback import ErrorFeedback, Residual, SampledTopK, kept_count, sample_size
 from geomx.compression.frames import from_frames, to_frames
 from geomx.compression.kernels import scatter_add
-from geomx.compression.registry import create, known_types, register
+from geomx.compression.registry import codec_class, create, known_types, register
 
 __all__ = [
     "BSCCodec",
@@ -40,8 +40,8 @@ __all__ = [
     "PARTY_OPTIMIZER_WARMUP",
     "Payload",
     "Residual",
-    "SPARSE_CODECS",
     "SampledTopK",
+    "codec_class",
     "create",
     "decode_payload",
     "from_frames",

@@ -275,6 +275,14 @@ class Codec(ABC):
     """
 
     name: ClassVar[str] = ""
+    # What the codec does on the WAN, declared for the servers' rules of what combines with what
+    # (geomx/servers/codec_rules.py), which read these and never a codec's name:
+    encodes: ClassVar[bool] = False
+    """A tensor may leave in another form than its own dtype, dense (features that move raw dense sums,
+    DGT's blocks, cannot carry it)."""
+    sparse: ClassVar[bool] = False
+    """Large tensors travel as sparse updates with a residual: a sum of them is sparse, and what is not
+    sent yet waits (an optimizer must run in front of the codec, not behind it)."""
 
     def __init__(self, *, size_lower_bound: int = DEFAULT_SIZE_LOWER_BOUND, link: str = "wan"):
         self.size_lower_bound = check_count("size_lower_bound", size_lower_bound)

@@ -56,7 +56,7 @@ from geomx.compression.base import (
 from geomx.compression.feedback import ErrorFeedback, SampledTopK
 from geomx.compression.registry import register
 
-__all__ = ["BSCCodec", "DenseCodec", "FP16Codec", "MPQCodec", "SPARSE_CODECS", "to_fp16"]
+__all__ = ["BSCCodec", "DenseCodec", "FP16Codec", "MPQCodec", "to_fp16"]
 
 
 def to_fp16(flat: np.ndarray) -> np.ndarray:
@@ -103,6 +103,7 @@ class FP16Codec(Codec):
     Parameters: ``size_lower_bound`` (accepted for uniformity, unused).
     """
 
+    encodes = True
     _KEYS = ("size_lower_bound",)
 
     @classmethod
@@ -125,6 +126,7 @@ class FP16Codec(Codec):
 class _SparseCodec(Codec):
     """Shared parameters and large-tensor path of ``bsc`` and ``mpq``."""
 
+    encodes = sparse = True
     _KEYS = ("threshold", "momentum", "size_lower_bound", "seed", "warmup_rounds", "warmup_threshold",
              "value_dtype")
 
@@ -227,8 +229,3 @@ class MPQCodec(_SparseCodec):
     def _small(self) -> TensorScheme:
         return "fp16"
 
-
-SPARSE_CODECS = frozenset(codec.name for codec in (BSCCodec, MPQCodec))
-"""The codecs whose WAN payloads are sparse: what the global servers sum is sparse, so under FSA the
-master worker's optimizer runs on each party's local server (on its dense gradient) and the WAN
-carries its steps (geomx/servers/sync/fsa.py)."""

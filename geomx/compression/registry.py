@@ -5,7 +5,7 @@ from typing import Any, Callable, Mapping, TypeVar
 
 from geomx.compression.base import LINKS, Codec
 
-__all__ = ["create", "known_types", "register"]
+__all__ = ["codec_class", "create", "known_types", "register"]
 
 _REGISTRY: dict[str, type[Codec]] = {}
 
@@ -51,6 +51,12 @@ def register(name: str) -> Callable[[C], C]:
 def known_types() -> list[str]:
     """Registered codec names, sorted."""
     return sorted(_REGISTRY)
+
+
+def codec_class(name: str) -> type[Codec]:
+    """The class registered as ``name`` (its declared capabilities: ``Codec.encodes``, ``Codec.sparse``);
+    KeyError if there is none."""
+    return _REGISTRY[name]
 
 
 def create(params: Mapping[str, Any], *, link: str = "wan") -> Codec:

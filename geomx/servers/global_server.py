@@ -14,6 +14,7 @@ from ..config import NodeConfig
 from ..errors import GeoMXError, ProtocolError, internal_error
 from ..transport import EventLoop, Link, bind_router, identity_token, log_limited, peer_label
 from ..wire import Message, MsgType, meta_field
+from . import codec_rules
 from .base import KEY_CHECKED, Client, ServerBase
 from .checkpointing import CheckpointWriter
 from .keystate import KeyState
@@ -91,7 +92,7 @@ class GlobalServer(ServerBase):
         dense gradient and sends the step, sparsified with error feedback; this server sums the
         parties' steps into the weights (geomx/servers/sync/fsa.py, docs/Compression.md)."""
         return (self.updater is not None and self.policy.synchronous and self.compression_params is not None
-                and self.compression_params["type"] in compression.SPARSE_CODECS)
+                and compression.codec_class(self.compression_params["type"]).sparse)
 
     @property
     def global_sync(self) -> bool:
@@ -436,47 +437,66 @@ class GlobalServer(ServerBase):
                 # may change it, whatever its message says of itself.
                 raise GeoMXError(f"{cmd} is the master worker's to send (DMLC_ROLE_MASTER_WORKER=1 in the "
                                  "central party); refused from this client")
-            if cmd == commands.SET_OPTIMIZER:
-                self.policy.check_optimizer()
-                self._set_optimizer(meta_field(msg, "spec", dict), master)
-                self.reply(link, identity, msg)
-            elif cmd == commands.SYNC_MODE:
-                sync = meta_field(msg, "sync", bool)
-                if sync != self.policy.synchronous:
-                    self.policy.leave(sync)
-                    self.policy = GLOBAL_POLICIES[chosen(self.cfg, sync)](self, self.policy.outside_rounds)
-                if not sync and self.on_async is not None:
-                    self.on_async()
-                mode = "synchronous (FSA)" if sync else "asynchronous (MixedSync)"
-                log.info("%s: global tier is %s", self.name, mode)
-                self.reply(link, identity, msg)
-            elif cmd == commands.GET_STATES:
-                desc, blob = self._require_optimizer().states_to_wire()
-                desc["optimizer"] = self.optimizer_spec
-                self.reply(link, identity, msg, blob, meta=desc)
-            elif cmd == commands.SET_STATES:
-                updater = self._require_optimizer()
-                parts = commands.split_merged(msg.meta or {}, msg.data)
-                if len(parts) != self.cfg.num_global_server:
-                    raise GeoMXError(f"states for {len(parts)} global servers, there are "
-                                     f"{self.cfg.num_global_server}")
-                updater.load_states(*parts[self.rank])
-                self.reply(link, identity, msg)
-            elif cmd == commands.SAVE_CHECKPOINT:
-                def answer(result: object) -> None:
-                    if isinstance(result, Exception):
-                        self.reply_error(link, identity, msg, str(result))
-                    else:
-                        self.reply(link, identity, msg, meta=result)  # type: ignore[arg-type]
-
-                self._checkpoint_writer().request(answer)
-            elif cmd == commands.SET_COMPRESSION:
-                self._set_compression(meta_field(msg, "params", dict))
-                self.reply(link, identity, msg)
-            else:
+            handler = self.COMMANDS.get(cmd)
+            if handler is None:
                 raise ProtocolError(f"unknown command {cmd!r}")
+            handler(self, msg, link, identity, master)
         except GeoMXError as exc:
             self.reply_error(link, identity, msg, str(exc))
+
+    # -- the commands, one handler each (COMMANDS): (message, link, identity, from the master worker) --
+    def _cmd_set_optimizer(self, msg: Message, link: Link, identity: bytes, master: bool) -> None:
+        self.policy.check_optimizer()
+        self._set_optimizer(meta_field(msg, "spec", dict), master)
+        self.reply(link, identity, msg)
+
+    def _cmd_sync_mode(self, msg: Message, link: Link, identity: bytes, master: bool) -> None:
+        sync = meta_field(msg, "sync", bool)
+        if sync != self.policy.synchronous:
+            self.policy.leave(sync)
+            self.policy = GLOBAL_POLICIES[chosen(self.cfg, sync)](self, self.policy.outside_rounds)
+        if not sync and self.on_async is not None:
+            self.on_async()
+        mode = "synchronous (FSA)" if sync else "asynchronous (MixedSync)"
+        log.info("%s: global tier is %s", self.name, mode)
+        self.reply(link, identity, msg)
+
+    def _cmd_get_states(self, msg: Message, link: Link, identity: bytes, master: bool) -> None:
+        desc, blob = self._require_optimizer().states_to_wire()
+        desc["optimizer"] = self.optimizer_spec
+        self.reply(link, identity, msg, blob, meta=desc)
+
+    def _cmd_set_states(self, msg: Message, link: Link, identity: bytes, master: bool) -> None:
+        updater = self._require_optimizer()
+        parts = commands.split_merged(msg.meta or {}, msg.data)
+        if len(parts) != self.cfg.num_global_server:
+            raise GeoMXError(f"states for {len(parts)} global servers, there are {self.cfg.num_global_server}")
+        updater.load_states(*parts[self.rank])
+        self.reply(link, identity, msg)
+
+    def _cmd_save_checkpoint(self, msg: Message, link: Link, identity: bytes, master: bool) -> None:
+        def answer(result: object) -> None:
+            if isinstance(result, Exception):
+                self.reply_error(link, identity, msg, str(result))
+            else:
+                self.reply(link, identity, msg, meta=result)  # type: ignore[arg-type]
+
+        self._checkpoint_writer().request(answer)
+
+    def _cmd_set_compression(self, msg: Message, link: Link, identity: bytes, master: bool) -> None:
+        self._set_compression(meta_field(msg, "params", dict))
+        self.reply(link, identity, msg)
+
+    COMMANDS: Dict[str, Callable[..., None]] = {
+        commands.SET_OPTIMIZER: _cmd_set_optimizer,
+        commands.SYNC_MODE: _cmd_sync_mode,
+        commands.GET_STATES: _cmd_get_states,
+        commands.SET_STATES: _cmd_set_states,
+        commands.SAVE_CHECKPOINT: _cmd_save_checkpoint,
+        commands.SET_COMPRESSION: _cmd_set_compression,
+    }
+    """The commands a global server answers (geomx/commands.py), each by its handler; a new command is
+    one handler and one entry here."""
 
     def _set_compression(self, params: Dict[str, Any]) -> None:
         """Accept the master worker's codec; the parties' local servers learn it from INIT replies."""
@@ -487,20 +507,13 @@ class GlobalServer(ServerBase):
             codec = compression.create(params)
         except ValueError as exc:
             raise GeoMXError(str(exc)) from None
-        if self.cfg.tsengine.inter and codec.name not in ("none", "fp16"):
-            raise GeoMXError(f"{codec.name} cannot be combined with ENABLE_INTER_TS=1: TSEngine sums and relays "
-                             "dense tensors between parties (use 'fp16' with float16 keys, or unset "
-                             "ENABLE_INTER_TS)")
-        if self.dgt is not None and codec.name != "none":
-            raise GeoMXError(f"gradient compression {codec.name!r} cannot be combined with DGT "
-                             f"(ENABLE_DGT={self.cfg.dgt.mode} on the global server): DGT sends dense "
-                             "blocks of the parties' sums; unset one of them")
+        codec_rules.check(self, codec)  # what the features switched on here can carry
         if any(ks.initialized for ks in self.keys.values()):
             raise GeoMXError("set_gradient_compression must come before kv.init (the parties learn the "
                              "codec when they initialise their keys)")
         self.policy.check_codec(codec)
         self.compression_params = codec.params()
-        self.default_warmup = codec.name in compression.SPARSE_CODECS and not (
+        self.default_warmup = codec.sparse and not (
             set(compression.PARTY_OPTIMIZER_WARMUP) & set(params))
         log.info("%s: gradient compression %s", self.name, self.compression_params)
 
@@ -532,7 +545,7 @@ class GlobalServer(ServerBase):
             return
         updater = Updater(spec)
         params = self.compression_params
-        if params is not None and params["type"] in compression.SPARSE_CODECS and self.policy.synchronous:
+        if params is not None and compression.codec_class(params["type"]).sparse and self.policy.synchronous:
             self.policy.check_party_optimizer(params["type"], updater)
         self.updater = updater
         log.info("%s: optimizer %s %s, %s engine (%s)", self.name, spec.get("name"), spec.get("params"),

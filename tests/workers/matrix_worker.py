@@ -115,7 +115,7 @@ def fsa_model(codec, optimizer, parties, per_party, rounds):
     optimizer, each party's local server steps its own copy of the optimizer on ``parties`` times its
     party's sum, from the current weights, and sends a ``1 / parties`` share of the change through its
     codec; the global servers add the sum of the shares to the weights (geomx/servers/sync/fsa.py)."""
-    party_optimizer = optimizer != "none" and codec in compression.SPARSE_CODECS
+    party_optimizer = optimizer != "none" and compression.codec_class(codec).sparse
     up = Uplinks(codec, parties, party_optimizer)
     updater = mx.optimizer.get_updater(OPTIMIZERS[optimizer]()) if optimizer != "none" else None
     party_updaters = [mx.optimizer.get_updater(OPTIMIZERS[optimizer]()) for _ in range(parties)] \

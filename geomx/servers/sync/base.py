@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import numpy as np
 
-from ...compression import SPARSE_CODECS
+from ...compression import codec_class
 from ...errors import GeoMXError
 from ...wire import Message
 
@@ -76,7 +76,7 @@ class GlobalPolicy:
     def check_optimizer(self) -> None:
         """Raise GeoMXError if the global servers may not take the master worker's optimizer now."""
         params = self.server.compression_params
-        if params is not None and params["type"] in SPARSE_CODECS:
+        if params is not None and codec_class(params["type"]).sparse:
             self.check_party_optimizer(params["type"])
             if any(ks.initialized for ks in self.server.keys.values()):
                 raise GeoMXError(f"with {params['type']}, set the optimizer before kv.init: each party's local "
@@ -84,7 +84,7 @@ class GlobalPolicy:
 
     def check_codec(self, codec: Any) -> None:
         """Raise GeoMXError if the gradient codec ``codec`` cannot serve this algorithm."""
-        if codec.name in SPARSE_CODECS and self.server.updater is not None:
+        if codec.sparse and self.server.updater is not None:
             self.check_party_optimizer(codec.name, self.server.updater)
 
     def check_party_optimizer(self, codec: str, updater: Any = None) -> None:

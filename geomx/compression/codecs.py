@@ -228,4 +228,3 @@ class MPQCodec(_SparseCodec):
 
     def _small(self) -> TensorScheme:
         return "fp16"
-

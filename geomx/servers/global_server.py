@@ -86,13 +86,18 @@ class GlobalServer(ServerBase):
         return None if self.updater is None else self.updater.spec
 
     @property
+    def sparse_codec(self) -> Optional[str]:
+        """The master worker's codec's name when it declares ``sparse`` (BSC, MPQ), else None."""
+        params = self.compression_params
+        return params["type"] if params is not None and compression.codec_class(params["type"]).sparse else None
+
+    @property
     def party_optimizer(self) -> bool:
         """Whether the master worker's optimizer runs on the parties' local servers rather than here:
         under FSA with a sparse codec (BSC, MPQ), each party's local server steps it on the party's
         dense gradient and sends the step, sparsified with error feedback; this server sums the
         parties' steps into the weights (geomx/servers/sync/fsa.py, docs/Compression.md)."""
-        return (self.updater is not None and self.policy.synchronous and self.compression_params is not None
-                and compression.codec_class(self.compression_params["type"]).sparse)
+        return self.updater is not None and self.policy.synchronous and self.sparse_codec is not None
 
     @property
     def global_sync(self) -> bool:
@@ -544,9 +549,8 @@ class GlobalServer(ServerBase):
         if spec == self.optimizer_spec:
             return
         updater = Updater(spec)
-        params = self.compression_params
-        if params is not None and compression.codec_class(params["type"]).sparse and self.policy.synchronous:
-            self.policy.check_party_optimizer(params["type"], updater)
+        if self.sparse_codec is not None and self.policy.synchronous:
+            self.policy.check_party_optimizer(self.sparse_codec, updater)
         self.updater = updater
         log.info("%s: optimizer %s %s, %s engine (%s)", self.name, spec.get("name"), spec.get("params"),
                  self.updater.engine, self.updater.engine_reason)

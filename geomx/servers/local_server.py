@@ -100,8 +100,10 @@ class LocalServer(ServerBase):
         (docs/Compression.md, "The optimizer before the codec")."""
         assert self.updater is not None and ks.store is not None
         parties = np.float32(self.parties)
-        weights = ks.store.astype(np.float32)  # the numpy engine's float32 rules, whatever the key's dtype
-        stepped = self.updater.apply(ks.key, ks.update_index, weights, grad.astype(np.float32) * parties)
+        # The numpy engine's float32 rules, whatever the key's dtype; apply() writes neither array, so a
+        # float32 store is used as it is.
+        weights = np.asarray(ks.store, dtype=np.float32)
+        stepped = self.updater.apply(ks.key, ks.update_index, weights, np.asarray(grad, dtype=np.float32) * parties)
         return ((stepped - weights) / parties).astype(ks.dtype, copy=False)
 
     def reply_meta(self, req: Message, client: Client) -> Optional[dict]:

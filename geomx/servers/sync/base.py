@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import numpy as np
 
-from ...compression import codec_class
 from ...errors import GeoMXError
 from ...wire import Message
 
@@ -75,11 +74,11 @@ class GlobalPolicy:
 
     def check_optimizer(self) -> None:
         """Raise GeoMXError if the global servers may not take the master worker's optimizer now."""
-        params = self.server.compression_params
-        if params is not None and codec_class(params["type"]).sparse:
-            self.check_party_optimizer(params["type"])
+        codec = self.server.sparse_codec
+        if codec is not None:
+            self.check_party_optimizer(codec)
             if any(ks.initialized for ks in self.server.keys.values()):
-                raise GeoMXError(f"with {params['type']}, set the optimizer before kv.init: each party's local "
+                raise GeoMXError(f"with {codec}, set the optimizer before kv.init: each party's local "
                                  "server runs it and learns it with its keys' INIT replies")
 
     def check_codec(self, codec: Any) -> None:

@@ -138,6 +138,9 @@ class NodeConfig:
     central_port: int = 0  # GSrv: for the central party's workers
     ts_port: int = 0  # LS (ENABLE_INTER_TS), W (ENABLE_INTRA_TS): TSEngine links
     dgt_udp_port: int = 0  # GSrv, ENABLE_DGT=1: the UDP channel
+    # Every role: the port of the node's /metrics listener (GEOMX_METRICS_PORT; 0: none). It binds
+    # the node's listener address like every other listener (bind_host).
+    metrics_port: int = 0
     # Schedulers: a TCP socket the launcher bound and listens on at the scheduler's port, inherited as
     # this file descriptor (GEOMX_LISTEN_FD), so that no other process can take the port before the
     # scheduler runs.
@@ -404,10 +407,10 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
         kw["num_worker"] = r.int("DMLC_NUM_WORKER", required=True, minimum=1)
     if role in (GLOBAL_SERVER, WORKER):
         kw["num_all_worker"] = r.int("DMLC_NUM_ALL_WORKER", required=True, minimum=1)
+    kw["party"] = r.str("GEOMX_PARTY")  # the launcher's name of the process's site (metrics label)
     if role == WORKER:
         if r.str("GEOMX_DATA_SLICE") is not None:
             kw["data_slice"] = r.int("GEOMX_DATA_SLICE")
-        kw["party"] = r.str("GEOMX_PARTY")
         kw["sync_mode"] = (r.str("GEOMX_SYNC_MODE") or "sync").strip().lower()
         if kw["sync_mode"] not in ("sync", "async"):
             raise r._fail("GEOMX_SYNC_MODE", "must be sync (FSA) or async (MixedSync)")
@@ -429,8 +432,10 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
     kw["server_port"] = _optional_port(r, "GEOMX_SERVER_PORT")
     kw["central_port"] = _optional_port(r, "GEOMX_CENTRAL_PORT")
     kw["ts_port"] = _optional_port(r, "GEOMX_TS_PORT")
+    kw["metrics_port"] = _optional_port(r, "GEOMX_METRICS_PORT")
     kw["dgt_udp_port"] = _optional_port(r, "GEOMX_DGT_UDP_PORT")
-    fixed = [(n, kw[n.lower()[6:]]) for n in ("GEOMX_SERVER_PORT", "GEOMX_CENTRAL_PORT", "GEOMX_TS_PORT")]
+    fixed = [(n, kw[n.lower()[6:]]) for n in ("GEOMX_SERVER_PORT", "GEOMX_CENTRAL_PORT", "GEOMX_TS_PORT",
+                                                     "GEOMX_METRICS_PORT")]
     fixed = [(n, p) for n, p in fixed if p]
     for i, (name, port) in enumerate(fixed):
         for other, other_port in fixed[:i]:

@@ -199,6 +199,11 @@ class GeoKVStore(KVStoreBase):
         DGT's ``ADAPTIVE_K_FLAG=1`` uses it)."""
         self._store.report_loss(loss)
 
+    def report_accuracy(self, accuracy: float) -> None:
+        """This worker's latest accuracy in [0, 1], for its metrics and the status page
+        (:meth:`geomx.store.Store.report_accuracy`)."""
+        self._store.report_accuracy(accuracy)
+
     def save_optimizer_states(self, fname: str, dump_optimizer: bool = False) -> None:
         """Save the global servers' optimizer states to ``fname`` (an .npz file without pickles)."""
         self._store.save_optimizer_states(fname)

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 
 import zmq
 
-from . import __version__, checkpoint, config, logutil
+from . import __version__, checkpoint, config, logutil, metrics
 from .config import NodeConfig
 from .errors import ConfigError, GeoMXError
 from .kvclient import KVClient, client_options
@@ -50,6 +50,8 @@ def _scheduler(cfg: NodeConfig) -> int:
                       outage_window=cfg.wan_outage_window if cfg.role == config.GLOBAL_SCHEDULER else 0.0,
                       lost_party=cfg.lost_party if cfg.role == config.GLOBAL_SCHEDULER else "stop",
                       resume=cfg.scheduler_resume)
+    role = "global_scheduler" if cfg.role == config.GLOBAL_SCHEDULER else "scheduler"
+    _observe(sched.loop, cfg, role, None, cfg.scheduler_bind_address(), node=role)
     return sched.run()
 
 
@@ -61,6 +63,16 @@ def _member(loop: EventLoop, cfg: NodeConfig, tier: str, scheduler: tuple, role:
                       heartbeat_interval=cfg.heartbeat_interval,
                       heartbeat_timeout=cfg.heartbeat_timeout, start_timeout=cfg.start_timeout,
                       on_fatal=fatal.append, cross_party=tier == "global", outage_window=outage_window)
+
+
+def _observe(loop: EventLoop, cfg: NodeConfig, role: str, server: Optional[ServerBase], host: str,
+             node: Optional[str] = None) -> None:
+    """Name the node in its metrics, count its server's rounds, and serve them (GEOMX_METRICS_PORT).
+    The listener's thread is a daemon: it ends with the process."""
+    loop.metrics.identify(role=role, node=node or role, party=cfg.party or "")
+    if server is not None:
+        loop.metrics.add_collector(lambda: metrics.server_samples(server))
+    metrics.serve(cfg.metrics_port, host, loop)
 
 
 def _wait(loop: EventLoop, cfg: NodeConfig, done, fatal: List[Exception], what: str) -> None:
@@ -101,6 +113,7 @@ def _local_server(cfg: NodeConfig) -> int:
     loop = EventLoop(ctx, cfg.max_message_bytes, name="local server", keys=cfg.curve,
                      max_queued_replies=cfg.max_queued_replies, local_ipc=cfg.local_ipc)
     server = LocalServer(cfg, loop)
+    _observe(loop, cfg, "local_server", server, cfg.bind_address(cfg.root_uri, cfg.root_port))
     fatal: List[Exception] = []
     # The party's workers divide keys along the global servers' parts (kvclient.partition); the
     # global tier counts parties by their scheduler, since a party may have several local servers.
@@ -116,6 +129,7 @@ def _local_server(cfg: NodeConfig) -> int:
     _wait(loop, cfg, lambda: party.info is not None and glob.info is not None, fatal, "registration")
     assert glob.info is not None and party.info is not None
     logutil.set_label(f"local_server{glob.info.rank}")
+    loop.metrics.identify(node=f"local_server{glob.info.rank}")
     server.parties = glob.info.num_parties
     # Only the party's registered workers may use this server (from before its first request).
     server.allow(server.link.name, party.info.clients, party.info.client_keys)
@@ -189,6 +203,7 @@ def _global_server(cfg: NodeConfig) -> int:
     loop = EventLoop(ctx, cfg.max_message_bytes, name="global server", keys=cfg.curve,
                      max_queued_replies=cfg.max_queued_replies, local_ipc=cfg.local_ipc)
     server = GlobalServer(cfg, loop)
+    _observe(loop, cfg, "global_server", server, cfg.bind_address(cfg.global_root_uri, cfg.global_root_port))
     if ckpt is not None:
         server.restore(ckpt, cfg.checkpoint.restore)
     fatal: List[Exception] = []
@@ -227,6 +242,7 @@ def _global_server(cfg: NodeConfig) -> int:
     # A restarted global scheduler learns from the global servers which parties the tier goes on without.
     glob.resume_meta = lambda: {"left": [[rank, party, key] for rank, (party, key) in sorted(server.left.items())]}
     logutil.set_label(f"global_server{server.rank}")
+    loop.metrics.identify(node=f"global_server{server.rank}")
     # The same rank in the central party, so both tiers agree on which server holds which key.
     central = _member(loop, cfg, "central", (cfg.root_uri, cfg.root_port), "server", server.lan_port,
                       "global_server", fatal, rank_hint=server.rank,

@@ -233,9 +233,20 @@ class Store:
         loss = float(loss)
         if not (math.isfinite(loss) and loss > 0):
             raise GeoMXError(f"report_loss needs a finite loss > 0, got {loss}")
+        # One dict entry, written from the training thread: the metrics listener reads it (GIL-atomic).
+        self.node.loop.metrics.set("geomx_training_loss", loss)
         if self.is_master_worker:
             return
         self._inflight.append(self.node.broadcast(MsgType.COMMAND, meta={"cmd": commands.REPORT_LOSS, "loss": loss}))
+
+    def report_accuracy(self, accuracy: float) -> None:
+        """This worker's latest accuracy (a number in [0, 1]), shown by its metrics
+        (``geomx_training_accuracy``) and the launcher's status page. Stays in this process."""
+        self.check()
+        accuracy = float(accuracy)
+        if not (math.isfinite(accuracy) and 0.0 <= accuracy <= 1.0):
+            raise GeoMXError(f"report_accuracy needs a number in [0, 1], got {accuracy}")
+        self.node.loop.metrics.set("geomx_training_accuracy", accuracy)
 
     def save_optimizer_states(self, fname: str) -> None:
         """Save the global servers' optimizer states to ``fname`` (an .npz file without pickles)."""

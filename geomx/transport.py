@@ -29,7 +29,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 import zmq
 import zmq.utils.garbage  # noqa: F401
 
-from . import connguard, security, wire
+from . import connguard, metrics, security, wire
 from .errors import ProtocolError, internal_error
 
 log = logging.getLogger("geomx.transport")
@@ -399,6 +399,9 @@ class EventLoop:
         self.links: List[Link] = []
         self._guarded: List[Link] = []  # listeners whose connections are measured (connguard)
         self._trim_due = False
+        # What this node counts (geomx/metrics.py): read by collectors in this thread.
+        self.metrics = metrics.Metrics(role=name, node=name)
+        self.metrics.add_collector(lambda: metrics.link_samples(self.links))
 
     # -- registration -------------------------------------------------------------------------
     def add(self, link: Link, handler: Handler, routed: bool) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import zmq
 
+from . import metrics
 from .config import NodeConfig
 from .errors import GeoMXError, PeerDeadError
 from .kvclient import KVClient, client_options
@@ -81,6 +82,7 @@ class WorkerNode:
                                    name=("master_worker" if cfg.is_master_worker else "worker") + str(self.info.rank),
                                    global_servers=self.info.global_servers, **client_options(cfg, self.loop))
                 self.kv.on_meta = self._on_meta
+                self._observe(self.kv, cfg.bind_address(*scheduler))
                 # A global server of the central party restarted from its checkpoint.
                 kv = self.kv
                 self.member.on_servers_changed = lambda old, new: kv.update_servers(new.servers)
@@ -102,6 +104,13 @@ class WorkerNode:
         if self.kv is not None:
             self.kv.write_trace()
         self.loop.close()
+
+    def _observe(self, kv: KVClient, host: str) -> None:
+        """Name this worker in its metrics, count its unanswered requests, serve them (GEOMX_METRICS_PORT)."""
+        self.loop.metrics.identify(role="master_worker" if self.cfg.is_master_worker else "worker",
+                                   node=kv.name, party=self.cfg.party or "")
+        self.loop.metrics.add_collector(lambda: [metrics.sample("geomx_pending_requests", len(kv.pending))])
+        metrics.serve(self.cfg.metrics_port, host, self.loop)
 
     def _on_meta(self, key: int, meta: dict) -> None:
         self.reply_meta[key] = meta

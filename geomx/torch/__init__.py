@@ -50,8 +50,8 @@ from ..store import Store, key_id
 from .spec import optimizer_to_spec
 
 __all__ = ["init", "is_initialized", "rank", "size", "party", "local_rank", "local_size", "is_master_worker",
-           "DistributedOptimizer", "broadcast_parameters", "barrier", "report_loss", "save_checkpoint", "shutdown",
-           "store", "key_id"]
+           "DistributedOptimizer", "broadcast_parameters", "barrier", "report_loss", "report_accuracy",
+           "save_checkpoint", "shutdown", "store", "key_id"]
 
 _store: Optional[Store] = None
 # name -> the INIT of its key (the global servers' copy), shared by the optimizer and broadcast_parameters.
@@ -132,6 +132,11 @@ def barrier() -> None:
 def report_loss(loss: float) -> None:
     """This worker's training loss, for DGT's adaptive K (``ADAPTIVE_K_FLAG=1``)."""
     store().report_loss(float(loss))
+
+
+def report_accuracy(accuracy: float) -> None:
+    """This worker's latest accuracy in [0, 1], for its metrics and the launcher's status page."""
+    store().report_accuracy(float(accuracy))
 
 
 def save_checkpoint() -> List[Dict[str, Any]]:

@@ -1,0 +1,287 @@
+"""What a geomx process measures, and the one place that names it.
+
+Every metric is declared once in :data:`CATALOGUE` (name, kind, unit, labels, meaning); docs/Observability.md
+is that table. A process keeps one :class:`Metrics`. Most figures already exist as plain counters on
+the objects that do the work (a :class:`~geomx.transport.Link` counts its bytes, a key's state counts
+its rounds), so they are read only when somebody asks, by *collectors* that run in the node's
+event-loop thread: counting costs the data path nothing. Rare events (a refused message, a checkpoint
+save, a round that waited for a party) are counted where they happen with :meth:`Metrics.inc`.
+
+:class:`MetricsServer` answers ``GET /metrics`` in Prometheus' text format (version 0.0.4) and
+``GET /metrics.json`` with the same samples as JSON (what tests, benchmarks and the launcher's status
+page read). It serves from a thread of its own and asks the event loop for a fresh reading; a loop
+that does not answer within a second (a global server busy in its optimizer) gets the last reading,
+marked by ``geomx_metrics_stale 1``.
+"""
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import math
+import os
+import threading
+import time
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+
+log = logging.getLogger("geomx.metrics")
+
+Labels = Tuple[Tuple[str, str], ...]
+
+
+class Family(NamedTuple):
+    kind: str  # "counter" or "gauge"
+    unit: str
+    labels: Tuple[str, ...]
+    help: str
+
+
+#: Every metric a geomx process can expose. Counters end in ``_total``; units are in the name.
+CATALOGUE: Dict[str, Family] = {
+    "geomx_node_info": Family("gauge", "", ("role", "node", "party"),
+                              "Always 1: the node's role, name and party, for joins in PromQL."),
+    "geomx_link_sent_bytes_total": Family(
+        "counter", "bytes", ("link", "scope"),
+        "Bytes of geomx messages this process sent on a link (frames as handed to ZeroMQ; scope: wan for "
+        "the links between a party and the global servers, lan inside a site)."),
+    "geomx_link_received_bytes_total": Family(
+        "counter", "bytes", ("link", "scope"), "Bytes of geomx messages this process received on a link."),
+    "geomx_peer_received_bytes_total": Family(
+        "counter", "bytes", ("link", "peer"),
+        "A listener's received bytes by the peer that sent them (a global server's WAN listener: per party)."),
+    "geomx_refused_messages_total": Family(
+        "counter", "", ("link", "peer", "reason"),
+        "Messages refused (malformed, unauthorised, out of protocol) by link, sender and kind of refusal."),
+    "geomx_rounds_total": Family(
+        "counter", "", (), "Aggregation rounds this server completed, summed over its keys (P3 slices: per slice)."),
+    "geomx_round_seconds_total": Family(
+        "counter", "seconds", (),
+        "Time from a round's first push to its completion, summed over rounds (divide by geomx_rounds_total)."),
+    "geomx_round_waited_for_total": Family(
+        "counter", "", ("peer",),
+        "Rounds whose last push came from this peer: the party (or worker) the round waited for."),
+    "geomx_round_wait_seconds_total": Family(
+        "counter", "seconds", ("peer",),
+        "For the rounds a peer completed last: time from the round's first push to that peer's, summed."),
+    "geomx_keys": Family("gauge", "", (), "Keys (or key parts) this server holds."),
+    "geomx_pending_requests": Family("gauge", "", (), "Requests a client sent and has no answer to yet."),
+    "geomx_checkpoint_saves_total": Family("counter", "", (), "Checkpoints this global server wrote."),
+    "geomx_training_loss": Family("gauge", "", (), "The last loss the training script reported (report_loss)."),
+    "geomx_training_accuracy": Family("gauge", "", (),
+                                      "The last accuracy the training script reported (report_accuracy)."),
+    "geomx_process_cpu_seconds_total": Family("counter", "seconds", (), "CPU time of this process, user and system."),
+    "geomx_process_resident_memory_bytes": Family("gauge", "bytes", (), "Resident memory of this process."),
+    "geomx_metrics_stale": Family("gauge", "", (),
+                                  "1 when the event loop did not answer in time and this reading is the last one."),
+}
+
+
+class Sample(NamedTuple):
+    name: str
+    labels: Labels
+    value: float
+
+
+Collector = Callable[[], Iterable[Sample]]
+
+
+def sample(name: str, value: float, **labels: object) -> Sample:
+    """One reading of a catalogued metric (unknown names fail here, in tests, not at a scrape)."""
+    family = CATALOGUE[name]
+    if set(labels) != set(family.labels):
+        raise ValueError(f"{name} takes the labels {family.labels}, got {tuple(labels)}")
+    return Sample(name, tuple((k, str(labels[k])) for k in family.labels), float(value))
+
+
+class Metrics:
+    """The metrics of one node: event counters plus collectors read on demand."""
+
+    def __init__(self, role: str, node: str, party: str = "") -> None:
+        self.info = {"role": role, "node": node, "party": party}
+        self._counts: Dict[Tuple[str, Labels], float] = {}
+        self._collectors: List[Collector] = []
+
+    def inc(self, name: str, amount: float = 1.0, **labels: object) -> None:
+        s = sample(name, amount, **labels)
+        key = (s.name, s.labels)
+        self._counts[key] = self._counts.get(key, 0.0) + s.value
+
+    def set(self, name: str, value: float, **labels: object) -> None:
+        s = sample(name, value, **labels)
+        self._counts[(s.name, s.labels)] = s.value
+
+    def add_collector(self, fn: Collector) -> None:
+        self._collectors.append(fn)
+
+    def identify(self, role: Optional[str] = None, node: Optional[str] = None, party: Optional[str] = None) -> None:
+        """Name the node (its name changes once its tier gives it a rank: ``local_server1``)."""
+        for field, given in (("role", role), ("node", node), ("party", party)):
+            if given is not None:
+                self.info[field] = given
+
+    def collect(self) -> List[Sample]:
+        """Every sample now. Runs in the event-loop thread (collectors read its objects unlocked)."""
+        out = [sample("geomx_node_info", 1, **self.info)]
+        out += [Sample(name, labels, value) for (name, labels), value in list(self._counts.items())]
+        for fn in self._collectors:
+            try:
+                out.extend(fn())
+            except Exception:  # noqa: BLE001 - one broken collector must not hide the others
+                log.exception("a metrics collector failed")
+        out.extend(process_samples())
+        return out
+
+
+def process_samples() -> List[Sample]:
+    t = os.times()
+    out = [sample("geomx_process_cpu_seconds_total", t.user + t.system)]
+    try:
+        with open("/proc/self/statm") as f:
+            resident_pages = int(f.read().split()[1])
+        out.append(sample("geomx_process_resident_memory_bytes", resident_pages * os.sysconf("SC_PAGE_SIZE")))
+    except (OSError, ValueError, IndexError):
+        pass  # not Linux: no memory figure
+    return out
+
+
+def link_samples(links: Iterable) -> List[Sample]:
+    """Bytes per link of an event loop (``loop.links``), both directions."""
+    out: List[Sample] = []
+    for link in list(links):
+        scope = "wan" if link.wan else "lan"
+        out.append(sample("geomx_link_sent_bytes_total", link.bytes_sent, link=link.name, scope=scope))
+        out.append(sample("geomx_link_received_bytes_total", link.bytes_received, link=link.name, scope=scope))
+    return out
+
+
+# -- exposition -------------------------------------------------------------------------------------
+
+def _escape(value: str, quotes: bool = True) -> str:
+    """A label value (``quotes``) or HELP text in the exposition format's escapes."""
+    value = value.replace("\\", "\\\\").replace("\n", "\\n")
+    return value.replace('"', '\\"') if quotes else value
+
+
+def _number(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(int(value)) if value == int(value) and abs(value) < 2 ** 53 else repr(value)
+
+
+def render_text(samples: Iterable[Sample]) -> str:
+    """Prometheus' text exposition format: a HELP and TYPE line per family, then its samples."""
+    by_name: Dict[str, List[Sample]] = {}
+    for s in samples:
+        by_name.setdefault(s.name, []).append(s)
+    lines: List[str] = []
+    for name in sorted(by_name):
+        family = CATALOGUE[name]
+        lines.append(f"# HELP {name} {_escape(family.help, quotes=False)}")
+        lines.append(f"# TYPE {name} {family.kind}")
+        for s in by_name[name]:
+            labels = ",".join(f'{k}="{_escape(v)}"' for k, v in s.labels)
+            lines.append(f"{name}{{{labels}}} {_number(s.value)}" if labels else f"{name} {_number(s.value)}")
+    return "\n".join(lines) + "\n"
+
+
+def to_json(samples: Iterable[Sample], info: Dict[str, str]) -> dict:
+    """The same samples for programs: ``{"node": {...}, "time": t, "samples": [[name, {labels}, value]]}``."""
+    return {"node": dict(info), "time": time.time(),
+            "samples": [[s.name, dict(s.labels), s.value] for s in samples]}
+
+
+def value(reading: dict, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples in a JSON reading whose labels include ``labels`` (0 if none)."""
+    return sum(v for n, ls, v in reading["samples"]
+               if n == name and all(ls.get(k) == want for k, want in labels.items()))
+
+
+class MetricsServer:
+    """``/metrics`` and ``/metrics.json`` of one node, served from a daemon thread.
+
+    ``loop`` (an :class:`~geomx.transport.EventLoop`) runs the collection in its own thread; a loop
+    that is gone or busy for over ``wait`` seconds gets the last reading, marked stale.
+    """
+
+    def __init__(self, metrics: Metrics, loop, host: str, port: int, wait: float = 1.0) -> None:
+        self.metrics = metrics
+        self.loop = loop
+        self.wait = wait
+        self._last: List[Sample] = []
+        self._lock = threading.Lock()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                path = self.path.split("?", 1)[0]
+                if path not in ("/metrics", "/metrics.json"):
+                    self.send_error(404, "geomx serves /metrics and /metrics.json")
+                    return
+                samples = owner.read()
+                if path == "/metrics":
+                    body = render_text(samples).encode()
+                    ctype = "text/plain; version=0.0.4; charset=utf-8"
+                else:
+                    body = json.dumps(to_json(samples, owner.metrics.info)).encode()
+                    ctype = "application/json"
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt: str, *args: object) -> None:
+                log.debug("%s: " + fmt, self.address_string(), *args)
+
+        bind = "" if host == "*" else host
+        self.httpd = http.server.ThreadingHTTPServer((bind, port), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="geomx-metrics", daemon=True)
+        self._thread.start()
+
+    def read(self) -> List[Sample]:
+        done = threading.Event()
+        box: List[List[Sample]] = []
+
+        def collect() -> None:
+            box.append(self.metrics.collect())
+            done.set()
+
+        try:
+            self.loop.call_soon_threadsafe(collect)
+        except Exception:  # noqa: BLE001 - a closed loop: serve the last reading
+            pass
+        with self._lock:
+            if done.wait(self.wait) and box:
+                self._last = box[0]
+                return self._last + [sample("geomx_metrics_stale", 0)]
+            return self._last + [sample("geomx_metrics_stale", 1)]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def server_samples(server) -> List[Sample]:
+    """A server's keys and completed rounds (P3: each slice's rounds count)."""
+    rounds = 0
+    for ks in list(server.keys.values()):
+        rounds += ks.completed + sum(child.completed for child in list(ks.slices.values()))
+    return [sample("geomx_keys", len(server.keys)), sample("geomx_rounds_total", rounds)]
+
+
+def serve(port: int, host: str, loop) -> Optional[MetricsServer]:
+    """Start ``loop``'s metrics listener on ``host:port`` (GEOMX_METRICS_PORT; 0: none)."""
+    if not port:
+        return None
+    from .errors import ConfigError
+
+    try:
+        server = MetricsServer(loop.metrics, loop, host, port)
+    except OSError as exc:
+        raise ConfigError(f"GEOMX_METRICS_PORT={port}: cannot listen on {host}:{port}: {exc.strerror}") from None
+    log.info("metrics on http://%s:%d/metrics", host, server.port)
+    return server

@@ -63,9 +63,6 @@ class P3Config:
     enabled: bool = False  # ENABLE_P3
     slice_size: int = 40_000  # GEOMX_P3_SLICE_SIZE
     window: int = 2  # GEOMX_P3_WINDOW
-    # Directory for per-request send/reply timelines (chrome://tracing JSON, one file per client
-    # process; GEOMX_P3_TRACE), with P3 on or off so that the two can be compared.
-    trace: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +138,9 @@ class NodeConfig:
     # Every role: the port of the node's /metrics listener (GEOMX_METRICS_PORT; 0: none). It binds
     # the node's listener address like every other listener (bind_host).
     metrics_port: int = 0
+    # Every role: the directory of this process's trace events (GEOMX_TRACE, or its older name
+    # GEOMX_P3_TRACE; geomx/trace.py), written at exit; None: no trace.
+    trace: Optional[str] = None
     # Schedulers: a TCP socket the launcher bound and listens on at the scheduler's port, inherited as
     # this file descriptor (GEOMX_LISTEN_FD), so that no other process can take the port before the
     # scheduler runs.
@@ -433,6 +433,7 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
     kw["central_port"] = _optional_port(r, "GEOMX_CENTRAL_PORT")
     kw["ts_port"] = _optional_port(r, "GEOMX_TS_PORT")
     kw["metrics_port"] = _optional_port(r, "GEOMX_METRICS_PORT")
+    kw["trace"] = r.str("GEOMX_TRACE") or r.str("GEOMX_P3_TRACE")
     kw["dgt_udp_port"] = _optional_port(r, "GEOMX_DGT_UDP_PORT")
     fixed = [(n, kw[n.lower()[6:]]) for n in ("GEOMX_SERVER_PORT", "GEOMX_CENTRAL_PORT", "GEOMX_TS_PORT",
                                                      "GEOMX_METRICS_PORT")]
@@ -564,7 +565,7 @@ def scheduler_restart(env: Mapping[str, str]) -> Optional[Tuple[Dict[str, str], 
 
 def _load_p3(r: _Reader) -> P3Config:
     return P3Config(enabled=r.bool("ENABLE_P3"), slice_size=r.int("GEOMX_P3_SLICE_SIZE", 40_000, minimum=1),
-                    window=r.int("GEOMX_P3_WINDOW", 2, minimum=1), trace=r.str("GEOMX_P3_TRACE"))
+                    window=r.int("GEOMX_P3_WINDOW", 2, minimum=1))
 
 
 def _load_tsengine(r: _Reader, kw: dict) -> TSEngineConfig:

@@ -15,8 +15,9 @@ import numpy as np
 
 from . import compression, senders, wire
 from .errors import GeoMXError, PeerDeadError, ProtocolError, RemoteError, SecurityError
-from .p3 import CONTROL, DATA, Trace
+from .p3 import CONTROL, DATA
 from .senders import Sender
+from .trace import Trace
 from .transport import EventLoop, Link, connect_dealer, reconnected_identity
 from .wire import Message, MsgType
 
@@ -144,6 +145,9 @@ class KVClient:
             self.links.append(self._connect(i, host, port))
             self.via.attach(i, self.links[i], self.addresses[i])
         self.trace = Trace(trace_dir, name) if trace_dir else None
+        # A worker's trace: key -> when its last request was answered; the time from there to the key's
+        # next push is the worker's computation (forward and backward), drawn as a "compute" span.
+        self.answered_at: Optional[Dict[int, float]] = {} if self.trace is not None and not wan else None
         # Global servers give the round a key starts from in their INIT replies (meta "round").
         # Towards them, pushes are numbered (header ``version`` = round + 1, per server, key and
         # slice), so that one sent twice (again over a new connection after an outage, or to a
@@ -320,6 +324,9 @@ class KVClient:
         pending.what = f"{mtype.name} of key {key}"
         if self.trace is not None and mtype in _SLICED:
             pending.times, pending.mtype, pending.priority = {}, mtype.name, priority
+            if self.answered_at is not None and mtype != MsgType.PULL and key in self.answered_at:
+                self.trace.span(f"compute before key {key}", "compute", self.answered_at.pop(key), Trace.now(), key,
+                                key=key)
         code = wire.dtype_code(dtype)
         for server, offset, numel in parts:
             msg = Message(mtype, sender=self.sender, req_id=req_id, key=key, offset=offset, numel=numel,
@@ -420,6 +427,8 @@ class KVClient:
         p.remaining -= 1
         if p.remaining == 0:
             del self.pending[msg.req_id]
+            if self.answered_at is not None and p.times is not None:
+                self.answered_at[msg.key] = Trace.now()
             p.callback(None if p.error else p.result, p.error)
 
     def _track_rounds(self, server: int, reply: Message, sent: Message) -> None:
@@ -508,7 +517,7 @@ class KVClient:
 def client_options(cfg: Any, loop: EventLoop, dgt: Optional[Any] = None) -> Dict[str, Any]:
     """The :class:`KVClient` arguments from a NodeConfig: its sender (``senders.for_node``: DGT for a
     local server with ``dgt``, P3 with ``ENABLE_P3=1``), the trace directory and the request deadline."""
-    return {"via": senders.for_node(cfg, loop, dgt), "trace_dir": cfg.p3.trace,
+    return {"via": senders.for_node(cfg, loop, dgt), "trace_dir": cfg.trace,
             "request_timeout": cfg.request_timeout}
 
 

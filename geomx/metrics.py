@@ -76,6 +76,10 @@ CATALOGUE: Dict[str, Family] = {
 }
 
 
+#: Most label sets one event counter keeps (see Metrics.inc).
+MAX_SERIES = 200
+
+
 class Sample(NamedTuple):
     name: str
     labels: Labels
@@ -99,11 +103,19 @@ class Metrics:
     def __init__(self, role: str, node: str, party: str = "") -> None:
         self.info = {"role": role, "node": node, "party": party}
         self._counts: Dict[Tuple[str, Labels], float] = {}
+        self._series: Dict[str, int] = {}  # name -> label sets counted by inc
         self._collectors: List[Collector] = []
 
     def inc(self, name: str, amount: float = 1.0, **labels: object) -> None:
         s = sample(name, amount, **labels)
         key = (s.name, s.labels)
+        if key not in self._counts:
+            # Labels can come from the network (a refused sender's identity): past MAX_SERIES series
+            # of one name, new ones are counted under peer="other", so no peer can grow the node.
+            if self._series.get(name, 0) >= MAX_SERIES:
+                key = (s.name, tuple((k, "other" if k == "peer" else v) for k, v in s.labels))
+            if key not in self._counts:
+                self._series[name] = self._series.get(name, 0) + 1
         self._counts[key] = self._counts.get(key, 0.0) + s.value
 
     def set(self, name: str, value: float, **labels: object) -> None:
@@ -265,12 +277,31 @@ class MetricsServer:
         self.httpd.server_close()
 
 
+def peer_name(client: object) -> str:
+    """A client's name for a label: a registered identity's ``NAME`` (``local_server1``), without its
+    secret token; a server's client is (link name, identity)."""
+    identity = client[1] if isinstance(client, tuple) else client
+    if not isinstance(identity, bytes):
+        return "?"
+    return identity.split(b"#", 1)[0].decode("ascii", "replace")[:64] or "?"
+
+
 def server_samples(server) -> List[Sample]:
-    """A server's keys and completed rounds (P3: each slice's rounds count)."""
+    """A server's keys, completed rounds (P3: each slice's rounds count), their time, and who they waited for."""
     rounds = 0
     for ks in list(server.keys.values()):
         rounds += ks.completed + sum(child.completed for child in list(ks.slices.values()))
-    return [sample("geomx_keys", len(server.keys)), sample("geomx_rounds_total", rounds)]
+    out = [sample("geomx_keys", len(server.keys)), sample("geomx_rounds_total", rounds),
+           sample("geomx_round_seconds_total", server.round_seconds)]
+    waited: Dict[str, List[float]] = {}
+    for client, (count, seconds) in list(server.waited_for.items()):
+        total = waited.setdefault(peer_name(client), [0, 0.0])
+        total[0] += count
+        total[1] += seconds
+    for peer, (count, seconds) in sorted(waited.items()):
+        out.append(sample("geomx_round_waited_for_total", count, peer=peer))
+        out.append(sample("geomx_round_wait_seconds_total", seconds, peer=peer))
+    return out
 
 
 def serve(port: int, host: str, loop) -> Optional[MetricsServer]:

@@ -21,6 +21,7 @@ from .kvclient import KVClient, client_options
 from .membership import Scheduler, TierMember
 from .servers import GlobalServer, LocalServer
 from .servers.base import ServerBase
+from .trace import Trace
 from .transport import EventLoop
 from .tsengine.keys import LinkKeys
 from .tsengine.peer import TSPeer
@@ -103,7 +104,9 @@ def _serve(loop: EventLoop, server: ServerBase, members: List[TierMember], fatal
     for _ in range(3):
         loop.run_once(0.05)
     if upstream is not None:
-        upstream.write_trace()
+        upstream.write_trace()  # the local server's spans with its WAN requests'
+    elif server.trace is not None:
+        server.trace.write()
     loop.close()
     return code
 
@@ -138,6 +141,7 @@ def _local_server(cfg: NodeConfig) -> int:
                         bigarray_bound=cfg.bigarray_bound, wan=True, name=f"local_server{glob.info.rank}",
                         **client_options(cfg, loop, server.dgt))
     server.connect_upstream(upstream)
+    server.trace = upstream.trace  # one trace file per process: its rounds and its WAN requests
     # A global server restarted from its checkpoint: reconnect, resend what it lost.
     glob.on_servers_changed = lambda old, new: upstream.update_servers(new.servers)
     _ride_out_outages(glob, upstream, cfg)
@@ -243,6 +247,8 @@ def _global_server(cfg: NodeConfig) -> int:
     glob.resume_meta = lambda: {"left": [[rank, party, key] for rank, (party, key) in sorted(server.left.items())]}
     logutil.set_label(f"global_server{server.rank}")
     loop.metrics.identify(node=f"global_server{server.rank}")
+    if cfg.trace:
+        server.trace = Trace(cfg.trace, f"global_server{server.rank}")
     # The same rank in the central party, so both tiers agree on which server holds which key.
     central = _member(loop, cfg, "central", (cfg.root_uri, cfg.root_port), "server", server.lan_port,
                       "global_server", fatal, rank_hint=server.rank,

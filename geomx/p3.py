@@ -10,21 +10,19 @@ overtakes lower-priority slices that are not on the wire yet. That is the point 
 produces the last layer's gradient first, but the next forward needs the first layer's weights
 first.
 
-:class:`Trace` records, per slice, when it was queued, handed to the socket and answered, and writes
-them as a chrome://tracing (Trace Event Format) JSON file, one per client process.
+The request timeline (when each slice was queued, handed to the socket and answered) is recorded by
+:class:`geomx.trace.Trace`, which this module re-exports with ``load_traces`` and ``merge_traces``.
 """
 from __future__ import annotations
 
 import heapq
 import itertools
-import json
 import logging
-import os
-import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import zmq
 
+from .trace import Trace, load_traces, main, merge_traces  # noqa: F401 - their old home
 from .transport import EventLoop, Link
 from .wire import Message
 
@@ -90,102 +88,3 @@ class SendQueue:
     def clear(self) -> None:
         self._heap.clear()
         self._key_floor.clear()
-
-
-class Trace:
-    """Per-slice timestamps of one client's data-path requests, written as chrome://tracing JSON.
-
-    One complete ("X") event per slice, from the moment it was handed to the socket to its reply,
-    on a row per key; ``args`` hold the slice, its priority and how long it waited in the P3 queue.
-    Timestamps are wall-clock microseconds, so the files of several processes line up.
-    """
-
-    MAX_EVENTS = 1_000_000  # memory bound for long runs; later slices are counted, not kept
-
-    def __init__(self, directory: str, name: str):
-        self.directory = directory
-        self.name = name
-        self.events: List[Dict[str, Any]] = []
-        self.dropped = 0
-
-    @staticmethod
-    def now() -> float:
-        return time.time()
-
-    def record(self, mtype: str, key: int, offset: int, numel: int, priority: int, server: int,
-               queued: float, sent: Optional[float], replied: float, ok: bool) -> None:
-        if len(self.events) >= self.MAX_EVENTS:
-            self.dropped += 1
-            return
-        sent = queued if sent is None else sent
-        self.events.append({
-            "name": f"{mtype} key {key} [{offset}:{offset + numel})", "cat": mtype, "ph": "X",
-            "ts": round(sent * 1e6, 1), "dur": round(max(0.0, replied - sent) * 1e6, 1),
-            "pid": os.getpid(), "tid": key,
-            "args": {"key": key, "offset": offset, "numel": numel, "priority": priority, "server": server,
-                     "queued_us": round((sent - queued) * 1e6, 1), "ok": ok},
-        })
-
-    def write(self) -> Optional[str]:
-        """Write ``<directory>/<name>-<pid>.json``; returns the path (None if it could not)."""
-        path = os.path.join(self.directory, f"{self.name}-{os.getpid()}.json")
-        meta = [{"name": "process_name", "ph": "M", "pid": os.getpid(), "args": {"name": self.name}}]
-        try:
-            os.makedirs(self.directory, exist_ok=True)
-            with open(path + ".tmp", "w") as f:
-                json.dump({"traceEvents": meta + self.events, "displayTimeUnit": "ms",
-                           "otherData": {"node": self.name, "dropped_events": self.dropped}}, f)
-            os.replace(path + ".tmp", path)
-        except OSError as exc:
-            log.error("%s: could not write the P3 trace %s: %s", self.name, path, exc)
-            return None
-        log.info("%s: wrote %d trace events to %s", self.name, len(self.events), path)
-        return path
-
-
-def load_traces(directory: str) -> List[Dict[str, Any]]:
-    """Every slice event of every trace file in ``directory`` (what a test or benchmark reads)."""
-    events: List[Dict[str, Any]] = []
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".json"):
-            with open(os.path.join(directory, name)) as f:
-                doc = json.load(f)
-            node = doc.get("otherData", {}).get("node", name)
-            for ev in doc["traceEvents"]:
-                if ev.get("ph") == "X":
-                    events.append({**ev, "node": node})
-    return events
-
-
-def merge_traces(directory: str, out: str) -> int:
-    """One chrome://tracing file with every process's events; returns the number of events."""
-    docs = []
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".json"):
-            with open(os.path.join(directory, name)) as f:
-                docs.append(json.load(f))
-    events = [ev for doc in docs for ev in doc["traceEvents"]]
-    with open(out, "w") as f:
-        json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
-    return sum(1 for ev in events if ev.get("ph") == "X")
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    import argparse
-
-    from . import __version__
-
-    p = argparse.ArgumentParser(prog="geomx-p3-merge",
-                                description="Merge the per-process trace files of GEOMX_P3_TRACE into one "
-                                            "file for chrome://tracing or ui.perfetto.dev")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("directory", help="the GEOMX_P3_TRACE directory (one .json file per process)")
-    p.add_argument("out", help="the merged trace file to write")
-    args = p.parse_args(argv)
-    n = merge_traces(args.directory, args.out)
-    print(f"{n} slice events -> {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -82,6 +82,8 @@ class WorkerNode:
                                    name=("master_worker" if cfg.is_master_worker else "worker") + str(self.info.rank),
                                    global_servers=self.info.global_servers, **client_options(cfg, self.loop))
                 self.kv.on_meta = self._on_meta
+                if self.kv.trace is not None and cfg.party:  # every party has a worker0: name the file apart
+                    self.kv.trace.name = f"{cfg.party}/{self.kv.name}"
                 self._observe(self.kv, cfg.bind_address(*scheduler))
                 # A global server of the central party restarted from its checkpoint.
                 kv = self.kv

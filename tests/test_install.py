@@ -178,7 +178,7 @@ def test_alias_hook_leaves_names_numpy_has():
     assert out.stdout.split() == ["True", "kept"]
 
 
-SCRIPTS = ("geomx-launch", "geomx-node", "geomx-keys", "geomx-p3-merge")
+SCRIPTS = ("geomx-launch", "geomx-node", "geomx-keys", "geomx-trace", "geomx-p3-merge")
 
 
 @pytest.mark.system

@@ -148,3 +148,20 @@ def test_metrics_port_is_read_and_checked_against_the_other_listeners():
         config.load(dict(env, GEOMX_SERVER_PORT="9100"))
     with pytest.raises(ConfigError, match="GEOMX_METRICS_PORT"):
         config.load(dict(env, GEOMX_METRICS_PORT="http"))
+
+
+def test_peers_named_by_the_network_cannot_grow_a_counter_without_bound():
+    m = metrics.Metrics("global_server", "global_server0")
+    for i in range(metrics.MAX_SERIES + 50):
+        m.inc("geomx_refused_messages_total", link="global-clients", peer=f"stranger{i}", reason="unregistered")
+    refused = [s for s in m.collect() if s.name == "geomx_refused_messages_total"]
+    assert len(refused) == metrics.MAX_SERIES + 1
+    assert sum(s.value for s in refused) == metrics.MAX_SERIES + 50
+    other = [s for s in refused if dict(s.labels)["peer"] == "other"]
+    assert len(other) == 1 and other[0].value == 50
+
+
+def test_peer_names_drop_the_secret_token():
+    assert metrics.peer_name(("global-clients", b"local_server1#0123456789abcdef0123456789abcdef>x")) == \
+        "local_server1"
+    assert metrics.peer_name(None) == "?"

@@ -83,10 +83,10 @@ def test_config_p3_variables():
     base = {"DMLC_ROLE": "worker", "DMLC_PS_ROOT_URI": "127.0.0.1", "DMLC_PS_ROOT_PORT": "9000",
             "DMLC_NUM_SERVER": "1", "DMLC_NUM_WORKER": "1", "DMLC_NUM_ALL_WORKER": "1"}
     cfg = config.load(base)
-    assert (cfg.p3.enabled, cfg.p3.slice_size, cfg.p3.window, cfg.p3.trace) == (False, 40_000, 2, None)
+    assert (cfg.p3.enabled, cfg.p3.slice_size, cfg.p3.window, cfg.trace) == (False, 40_000, 2, None)
     cfg = config.load({**base, "ENABLE_P3": "1", "GEOMX_P3_SLICE_SIZE": "1000", "GEOMX_P3_WINDOW": "1",
                        "GEOMX_P3_TRACE": "/tmp/x"})
-    assert (cfg.p3.enabled, cfg.p3.slice_size, cfg.p3.window, cfg.p3.trace) == (True, 1000, 1, "/tmp/x")
+    assert (cfg.p3.enabled, cfg.p3.slice_size, cfg.p3.window, cfg.trace) == (True, 1000, 1, "/tmp/x")
     for name, bad, text in [("ENABLE_P3", "maybe", "ENABLE_P3 must be 0 or 1"),
                             ("GEOMX_P3_SLICE_SIZE", "0", "GEOMX_P3_SLICE_SIZE must be >= 1"),
                             ("GEOMX_P3_WINDOW", "x", "GEOMX_P3_WINDOW must be an integer")]:

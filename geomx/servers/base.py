@@ -3,13 +3,15 @@ known keys, synchronous aggregation rounds, parked pulls, and the stop protocol.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from .. import compression
+from .. import compression, metrics
 from ..errors import GeoMXError, ProtocolError, internal_error
 from ..security import template
+from ..trace import Trace
 from ..transport import EventLoop, Link, base_identity, identity_token, log_limited, peer_label
 from ..tsengine.partial import partial_dtype_ok
 from ..wire import DTYPES, Message, MsgType, error_reply, meta_field
@@ -52,6 +54,11 @@ class ServerBase:
         self.max_rounds_ahead = max_rounds_ahead
         self.waiting: Dict[tuple, Tuple[int, int]] = {}  # (key state, client) -> requests, elements parked
         self.keys: Dict[int, KeyState] = {}
+        # Rounds' metrics: seconds from first push to completion, summed; per client whose push came
+        # last: [rounds, seconds from the round's first push to that client's, summed].
+        self.round_seconds = 0.0
+        self.trace: Optional[Trace] = None  # GEOMX_TRACE: this server's aggregate and update spans
+        self.waited_for: Dict[Any, List[Any]] = {}
         self.stopped_clients: set = set()
         self.pushing_clients: set = set()  # clients that have pushed at least once
         self.exit_code: Optional[int] = None
@@ -386,11 +393,26 @@ class ServerBase:
         return 1.0
 
     def complete_round(self, ks: KeyState, r: int, rnd: Any) -> None:
+        # The round's metrics (read by metrics.server_samples): time to complete, and who it waited for.
+        now = time.monotonic()
+        self.round_seconds += now - rnd.opened
+        waited = self.waited_for.get(rnd.last)
+        if waited is None:
+            waited = self.waited_for[rnd.last] = [0, 0.0]
+        waited[0] += 1
+        waited[1] += rnd.last_at - rnd.opened
         acc, rnd.acc = rnd.acc, None
         scale = self.round_scale(ks, rnd.elements // max(ks.numel, 1))
         if scale != 1.0:
             acc = (acc * scale).astype(acc.dtype, copy=False)
         self.dispatch_round(ks, r, ks.round_value(acc))
+        if self.trace is not None:
+            opened = self.trace.wall(rnd.opened)
+            done = self.trace.wall(now)
+            self.trace.span(f"aggregate key {ks.key} round {r}", "aggregate", opened, done, ks.key, key=ks.key,
+                            round=r, offset=ks.offset, waited_for=metrics.peer_name(rnd.last))
+            self.trace.span(f"update key {ks.key} round {r}", "update", done, self.trace.now(), ks.key, key=ks.key,
+                            round=r, offset=ks.offset)
 
     def resent_push(self, ks: KeyState, msg: Message, client: Client, link: Link, identity: bytes) -> bool:
         """A numbered push (``version`` = round + 1): True when it was handled here because it repeats

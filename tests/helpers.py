@@ -534,9 +534,10 @@ class InProcessServer(DrivenLoop):
 
 
 def trace_rounds(events, node_prefix: str, cat: str, key: int) -> list:
-    """The GEOMX_P3_TRACE events (``geomx.p3.load_traces``) of ``key``'s ``cat`` messages at the nodes
-    named ``node_prefix*``, in time order, one list per round (a round starts again at offset 0)."""
-    evs = sorted((e for e in events if e["node"].startswith(node_prefix) and e["cat"] == cat
+    """The GEOMX_TRACE events (``geomx.trace.load_traces``) of ``key``'s ``cat`` messages at the nodes
+    named ``node_prefix*`` (after their party: ``party0/worker0``), in time order, one list per round
+    (a round starts again at offset 0)."""
+    evs = sorted((e for e in events if e["node"].rsplit("/", 1)[-1].startswith(node_prefix) and e["cat"] == cat
                   and e["args"]["key"] == key), key=lambda e: (e["ts"], e["args"]["offset"]))
     rounds: list = []
     for e in evs:

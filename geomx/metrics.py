@@ -63,6 +63,13 @@ CATALOGUE: Dict[str, Family] = {
     "geomx_round_wait_seconds_total": Family(
         "counter", "seconds", ("peer",),
         "For the rounds a peer completed last: time from the round's first push to that peer's, summed."),
+    "geomx_codec_input_bytes_total": Family(
+        "counter", "bytes", ("codec",), "Bytes of the dense tensors a local server's codec encoded for the WAN."),
+    "geomx_codec_output_bytes_total": Family(
+        "counter", "bytes", ("codec",),
+        "Bytes of the encoded payloads it sent instead (input over output: the compression ratio)."),
+    "geomx_codec_residual_norm": Family(
+        "gauge", "", ("codec",), "L2 norm of what the codec's error feedback holds back, over every key."),
     "geomx_keys": Family("gauge", "", (), "Keys (or key parts) this server holds."),
     "geomx_pending_requests": Family("gauge", "", (), "Requests a client sent and has no answer to yet."),
     "geomx_checkpoint_saves_total": Family("counter", "", (), "Checkpoints this global server wrote."),
@@ -301,6 +308,20 @@ def server_samples(server) -> List[Sample]:
     for peer, (count, seconds) in sorted(waited.items()):
         out.append(sample("geomx_round_waited_for_total", count, peer=peer))
         out.append(sample("geomx_round_wait_seconds_total", seconds, peer=peer))
+    return out
+
+
+def codec_samples(server) -> List[Sample]:
+    """A local server's WAN codec: bytes in and out, and its residual (none without a codec)."""
+    codec = server.codec
+    if codec is None:
+        return []
+    name = codec.name
+    out = [sample("geomx_codec_input_bytes_total", server.codec_bytes[0], codec=name),
+           sample("geomx_codec_output_bytes_total", server.codec_bytes[1], codec=name)]
+    norm = codec.residual_norm()
+    if norm is not None:
+        out.append(sample("geomx_codec_residual_norm", norm, codec=name))
     return out
 
 

@@ -346,6 +346,10 @@ class Codec(ABC):
         :func:`decode_payload`."""
         return decode_payload(payload, size)
 
+    def residual_norm(self) -> float | None:
+        """The L2 norm of what error feedback holds back (None: this codec keeps no residual)."""
+        return None
+
     def reset(self, key: int | None = None) -> None:  # noqa: B027 - a no-op default on purpose
         """Forget the state of ``key`` (or of every key); stateless codecs do nothing."""
 

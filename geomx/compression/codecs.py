@@ -187,6 +187,9 @@ class _SparseCodec(Codec):
     def reset(self, key: int | None = None) -> None:
         self.feedback.reset(key)
 
+    def residual_norm(self) -> float:
+        return self.feedback.residual_norm()
+
 
 @register("bsc")
 class BSCCodec(_SparseCodec):

@@ -233,6 +233,10 @@ class ErrorFeedback:
         """The residual state of ``key`` (None before its first encode)."""
         return self._state.get(key)
 
+    def residual_norm(self) -> float:
+        """The L2 norm of every key's residual ``v`` together: what the codec still owes the receiver."""
+        return float(np.sqrt(sum(float(np.dot(st.v, st.v)) for st in list(self._state.values()))))
+
     def encode(self, key: int, grad: np.ndarray) -> Payload:
         """Encode ``grad`` plus the key's residual; see the class docstring.
 

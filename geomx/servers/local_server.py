@@ -33,6 +33,7 @@ class LocalServer(ServerBase):
         self.upstream: Optional[KVClient] = None  # set once the global tier is known
         self._stopping = False
         self.codec: Optional[compression.Codec] = None  # WAN codec, as the master worker chose
+        self.codec_bytes = [0, 0]  # dense bytes it encoded, encoded bytes sent (geomx_codec_*_bytes_total)
         # Under FSA with a sparse codec the master worker's optimizer runs here, on the party's dense
         # gradient, and the WAN carries its steps (party_step); the global servers send it with INIT.
         self.updater: Optional[Updater] = None
@@ -209,7 +210,14 @@ class LocalServer(ServerBase):
         if self.codec is None or ks.dtype != np.float32 or self.codec.for_tensor(ks.numel) == "dense":
             return None
         payload = self.codec.encode(ks.key, acc)
-        return lambda offset, numel: compression.to_frames(compression.slice_payload(payload, offset, numel))
+        self.codec_bytes[0] += acc.nbytes
+
+        def part(offset: int, numel: int):
+            meta, data = compression.to_frames(compression.slice_payload(payload, offset, numel))
+            self.codec_bytes[1] += data.nbytes
+            return meta, data
+
+        return part
 
     # -- commands -----------------------------------------------------------------------------
     def on_command(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:

@@ -37,10 +37,10 @@ def round_trips(nbytes: int, keys_dir: str | None, repeats: int) -> list:
     client = EventLoop(zmq.Context(), name="client", keys=client_keys)
     got = []
     link, port = bind_router(server, 0, "bench-listener", cross_party=True)
-    server.add(link, lambda m, ident, lk: lk.send(Message(MsgType.RESPONSE, req_id=m.req_id, data=m.data), ident),
+    server.add(link, lambda m, origin: origin.reply(Message(MsgType.RESPONSE, req_id=m.req_id, data=m.data)),
                routed=True)
     up = connect_dealer(client, "127.0.0.1", port, b"bench", "bench-link", peer="bench", cross_party=True)
-    client.add(up, lambda m, ident, lk: got.append(m), routed=False)
+    client.add(up, lambda m, origin: got.append(m), routed=False)
     data = np.ones(nbytes // 4, np.float32)
     times = []
     try:

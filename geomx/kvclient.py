@@ -18,7 +18,7 @@ from .errors import GeoMXError, PeerDeadError, ProtocolError, RemoteError, Secur
 from .p3 import CONTROL, DATA
 from .senders import Sender
 from .trace import Trace
-from .transport import EventLoop, Link, connect_dealer, reconnected_identity
+from .transport import EventLoop, Handler, Link, Origin, connect_dealer, reconnected_identity
 from .wire import Message, MsgType
 
 log = logging.getLogger("geomx.kvclient")
@@ -370,8 +370,8 @@ class KVClient:
             pending.sent[(i, 0)] = msg
             self.via.send(i, msg, CONTROL)
 
-    def _make_handler(self, server: int) -> Callable[[Message, Optional[bytes], Link], None]:
-        def handle(msg: Message, identity: Optional[bytes], link: Link) -> None:
+    def _make_handler(self, server: int) -> Handler:
+        def handle(msg: Message, origin: Origin) -> None:
             self._on_reply(server, msg)
         return handle
 

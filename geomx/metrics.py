@@ -164,12 +164,19 @@ def process_samples() -> List[Sample]:
 
 
 def link_samples(links: Iterable) -> List[Sample]:
-    """Bytes per link of an event loop (``loop.links``), both directions."""
+    """Bytes per link of an event loop (``loop.links``), both directions, and a listener's by peer
+    (the identities of one peer's successive connections together)."""
     out: List[Sample] = []
     for link in list(links):
         scope = "wan" if link.wan else "lan"
         out.append(sample("geomx_link_sent_bytes_total", link.bytes_sent, link=link.name, scope=scope))
         out.append(sample("geomx_link_received_bytes_total", link.bytes_received, link=link.name, scope=scope))
+        by_name: Dict[str, int] = {}
+        for identity, size in list(link.bytes_by_peer.items()):
+            name = peer_name(identity)
+            by_name[name] = by_name.get(name, 0) + size
+        for name, size in sorted(by_name.items()):
+            out.append(sample("geomx_peer_received_bytes_total", size, link=link.name, peer=name))
     return out
 
 

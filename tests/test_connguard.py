@@ -33,7 +33,7 @@ def listener(ctx, keys=None, local_ipc=False):
     loop = EventLoop(ctx, MAX_MESSAGE, name="test server", keys=keys, local_ipc=local_ipc)
     link, port = bind_router(loop, 0, "test listener")
     received = []
-    loop.add(link, lambda msg, identity, _link: received.append(msg), routed=True)
+    loop.add(link, lambda msg, origin: received.append(msg), routed=True)
     return loop, link, port, received
 
 

@@ -480,7 +480,7 @@ def test_sender_to_receiver_over_sockets(mode):
                      dgt=DGTConfig(mode=mode, k=0.4, channels=2, block_size=64, grace=5.0))
     h = Harness(grace=5.0, numel=numel)
     router, port = bind_router(h.loop, 0, "global-clients", wan=True)
-    h.loop.add(router, lambda msg, ident, link: h.rx.on_tcp_block(msg, ident, link.name), routed=True)
+    h.loop.add(router, lambda msg, origin: h.rx.on_tcp_block(msg, origin.identity, origin.link.name), routed=True)
     if mode == 1:
         h.rx.open_udp()
     link = connect_dealer(h.loop, "127.0.0.1", port, CLIENT[1], "ls->server0", peer="server0", wan=True)
@@ -525,7 +525,7 @@ def test_captured_genuine_datagrams_replayed_or_altered_change_nothing():
                      dgt=DGTConfig(mode=1, k=0.4, channels=2, block_size=64, grace=5.0))
     h = Harness(grace=5.0, numel=numel)
     router, port = bind_router(h.loop, 0, "global-clients", wan=True)
-    h.loop.add(router, lambda msg, ident, link: h.rx.on_tcp_block(msg, ident, link.name), routed=True)
+    h.loop.add(router, lambda msg, origin: h.rx.on_tcp_block(msg, origin.identity, origin.link.name), routed=True)
     udp_port = h.rx.open_udp()
     tap = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     tap.bind(("127.0.0.1", 0))

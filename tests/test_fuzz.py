@@ -25,7 +25,7 @@ from geomx.kvclient import KVClient
 from geomx.membership import Scheduler, TierMember
 from geomx.membership.scheduler import GROUPS
 from geomx.servers import GlobalServer, LocalServer
-from geomx.transport import EventLoop
+from geomx.transport import EventLoop, Origin
 from geomx.wire import DTYPES, Message, MsgType
 
 pytestmark = pytest.mark.unit
@@ -100,7 +100,7 @@ sequences = st.lists(st.tuples(st.sampled_from(PEERS), messages()), min_size=1, 
 def feed(handler, link, msgs: List[Tuple[bytes, Message]], routed: bool = True) -> None:
     for identity, msg in msgs:
         try:
-            handler(msg, identity if routed else None, link)
+            handler(msg, Origin(link, identity if routed else None))
         except ProtocolError:
             pass  # refused: the event loop logs it and answers ERROR
 

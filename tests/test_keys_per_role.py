@@ -85,7 +85,7 @@ def test_a_party_key_opens_only_its_own_party_listeners_and_the_global_tier(keys
         inside, inside_port = bind_router(listener.loop, 0, "party-clients", cross_party=False)
         across, across_port = bind_router(listener.loop, 0, "global-clients", cross_party=True)
         for link in (inside, across):
-            listener.loop.add(link, lambda m, ident, link: got.setdefault((link.name, link.sender_key), m.key),
+            listener.loop.add(link, lambda m, origin: got.setdefault((origin.link.name, origin.curve_key), m.key),
                               routed=True)
         for name in ("party0", "party1", "central"):
             for port, key in ((inside_port, 1), (across_port, 2)):
@@ -341,7 +341,7 @@ def test_a_second_connection_cannot_take_over_a_connected_identity():
     loop = EventLoop(ctx, name="listener", local_ipc=False)
     got: List[int] = []
     link, port = bind_router(loop, 0, "party-clients")
-    loop.add(link, lambda m, ident, lk: (got.append(m.key), lk.send(Message(MsgType.RESPONSE, key=m.key), ident)),
+    loop.add(link, lambda m, origin: (got.append(m.key), origin.reply(Message(MsgType.RESPONSE, key=m.key))),
              routed=True)
     try:
         socks = []

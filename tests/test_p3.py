@@ -69,7 +69,7 @@ def test_send_queue_order_over_a_real_socket():
         queue.put(wire.Message(wire.MsgType.PUSH, key=1, priority=-1, data=data))
         assert len(queue) == 9  # one message went to the socket
         server, _ = bind_router(loop, port, "server")
-        loop.add(server, lambda msg, identity, lk: got.append((msg.type.name, msg.key, msg.offset)), routed=True)
+        loop.add(server, lambda msg, origin: got.append((msg.type.name, msg.key, msg.offset)), routed=True)
         loop.run_until(lambda: len(got) == 10, timeout=20, what="the queued messages")
     finally:
         loop.close()

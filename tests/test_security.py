@@ -137,11 +137,11 @@ class Pair:
         self.received: List[Message] = []
         self.refused: List[str] = []
         self.server_link, port = bind_router(self.server, 0, "test-listener", cross_party=cross_party)
-        self.server.add(self.server_link, lambda m, ident, link: self.received.append(m), routed=True)
+        self.server.add(self.server_link, lambda m, origin: self.received.append(m), routed=True)
         self.client_link = connect_dealer(self.client, "127.0.0.1", port, b"client", "test-client-link",
                                           peer="the test listener", cross_party=cross_party)
         self.client_link.on_refused = self.refused.append
-        self.client.add(self.client_link, lambda m, ident, link: None, routed=False)
+        self.client.add(self.client_link, lambda m, origin: None, routed=False)
 
     def exchange(self, seconds: float = 3.0, until=lambda p: False) -> "Pair":
         self.client_link.send(Message(MsgType.PUSH, key=7, data=np.arange(16, dtype=np.float32)))

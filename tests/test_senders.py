@@ -61,7 +61,7 @@ def test_each_sender_delivers_over_a_real_socket():
     port = free_ports(1)[0]
     server, _ = bind_router(loop, port, "server")
     got = []
-    loop.add(server, lambda msg, identity, lk: got.append((msg.type.name, msg.key)), routed=True)
+    loop.add(server, lambda msg, origin: got.append((msg.type.name, msg.key)), routed=True)
     data = np.zeros(10, dtype=np.float32)
     try:
         for name, options in (("zmq", {}), ("p3", {"slice_size": 10, "window": 8})):

@@ -1,4 +1,4 @@
-"""Local peers over Unix-domain sockets (geomx/transport.py): a listener offers one next to its TCP
+"""Local peers over Unix-domain sockets (geomx/transport/zmq_link.py): a listener offers one next to its TCP
 port, a client in the same network namespace uses it, GEOMX_LOCAL_IPC=0 keeps everything on TCP."""
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import zmq
 
-from geomx import transport
-from geomx.transport import EventLoop, bind_router, connect_dealer
+from geomx.transport import EventLoop, bind_router, connect_dealer, zmq_link
 from geomx.wire import Message, MsgType
 
 pytestmark = [pytest.mark.unit,
-              pytest.mark.skipif(transport._ipc_path(1) is None, reason="no network namespaces here (not Linux)")]
+              pytest.mark.skipif(zmq_link._ipc_path(1) is None, reason="no network namespaces here (not Linux)")]
 
 
 def exchange(local_ipc_server: bool, local_ipc_client: bool, drop_tcp: bool, timeout: float = 3.0):
@@ -26,7 +25,7 @@ def exchange(local_ipc_server: bool, local_ipc_client: bool, drop_tcp: bool, tim
     got = []
     try:
         router, port = bind_router(server, 0, "listener")
-        server.add(router, lambda msg, identity, link: got.append((msg, identity)), routed=True)
+        server.add(router, lambda msg, origin: got.append((msg, origin.identity)), routed=True)
         if drop_tcp:
             router.sock.unbind(f"tcp://127.0.0.1:{port}")  # where bind_router binds by default
         link = connect_dealer(client, "127.0.0.1", port, b"w0", "dealer", peer="listener")
@@ -70,7 +69,7 @@ def test_a_tcp_only_listener_removes_a_stale_socket_file():
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.bind(("", 0))
             port = probe.getsockname()[1]
-        path = transport._ipc_path(port)
+        path = zmq_link._ipc_path(port)
         assert path is not None
         # What a killed listener leaves: a socket file nobody listens on (an earlier one of this
         # port, left by another test's killed node, may be there already).
@@ -88,15 +87,15 @@ def test_a_tcp_only_listener_removes_a_stale_socket_file():
 
 
 def test_socket_directory_is_private_and_names_the_namespace():
-    path = transport._ipc_path(4242)
+    path = zmq_link._ipc_path(4242)
     directory = os.path.dirname(path)
     assert os.stat(directory).st_mode & 0o777 == 0o700
     assert os.path.basename(path) == f"{os.stat('/proc/self/ns/net').st_ino}-4242.sock"
 
 
 def test_remote_hosts_are_not_local():
-    assert transport._is_local("127.0.0.1")
-    assert not transport._is_local("192.0.2.1")  # TEST-NET-1: never an address of this machine
+    assert zmq_link._is_local("127.0.0.1")
+    assert not zmq_link._is_local("192.0.2.1")  # TEST-NET-1: never an address of this machine
 
 
 def test_a_port_taken_raises_and_leaves_no_socket_open():

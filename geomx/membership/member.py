@@ -13,7 +13,7 @@ import uuid
 from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 from ..errors import PeerDeadError, ProtocolError, SecurityError
-from ..transport import EventLoop, Link, connect_dealer, reconnected_identity
+from ..transport import EventLoop, Link, Origin, connect_dealer, reconnected_identity
 from ..wire import Message, MsgType, meta_field
 
 log = logging.getLogger("geomx.membership")
@@ -211,7 +211,7 @@ class TierMember:
             self._failed = True
             self.on_fatal(exc)
 
-    def _handle(self, msg: Message, identity: Optional[bytes], link: Link) -> None:
+    def _handle(self, msg: Message, origin: Origin) -> None:
         self._last_ack = time.monotonic()
         self._answered = True
         if self.outage_since is not None:

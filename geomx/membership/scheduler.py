@@ -12,7 +12,7 @@ import zmq
 
 from ..errors import ProtocolError
 from ..security import CurveKeys
-from ..transport import EventLoop, Link, base_identity, bind_router, peer_label, split_identity
+from ..transport import EventLoop, Origin, base_identity, bind_router, peer_label, split_identity
 from ..wire import Message, MsgType, meta_field
 
 log = logging.getLogger("geomx.scheduler")
@@ -165,7 +165,8 @@ class Scheduler:
     def send(self, member: Member, msg: Message) -> None:
         self.link.send(msg, member.identity)
 
-    def _handle(self, msg: Message, identity: Optional[bytes], link: Link) -> None:
+    def _handle(self, msg: Message, origin: Origin) -> None:
+        identity = origin.identity
         assert identity is not None
         member = self.members.get(base_identity(identity))
         if member is not None and member.left:
@@ -178,7 +179,7 @@ class Scheduler:
             return
         if member is not None:
             if identity != member.identity:
-                self._reconnected(member, identity)
+                self._reconnected(member, origin)
             member.last_seen = time.monotonic()
             if member.silent_since is not None:
                 log.warning("%s: %s %s (rank %d) is back after %.1fs of silence (a WAN outage); the tier goes on",
@@ -191,7 +192,7 @@ class Scheduler:
                 member.lost_at = None
         if msg.type == MsgType.REGISTER:
             try:
-                self._on_register(msg, identity, self.link.sender_key if self.link.curve else None)
+                self._on_register(msg, identity, origin.curve_key)
             except ProtocolError as exc:
                 # Said to the node too: it would otherwise wait out GEOMX_START_TIMEOUT for an answer.
                 self.link.send(Message(MsgType.PEER_DEAD, meta={"reason": f"{self.tier}: {exc}"}), identity)
@@ -220,14 +221,16 @@ class Scheduler:
         else:
             raise ProtocolError(f"unexpected {msg.type.name} at a scheduler")
 
-    def _reconnected(self, member: Member, identity: bytes) -> None:
+    def _reconnected(self, member: Member, origin: Origin) -> None:
         """A member's message over a new connection (it reconnected after its old one broke): answer
         it there from now on. A late message over an older connection changes nothing; with CURVE the
         new connection must carry the key the member registered with."""
+        identity = origin.identity
+        assert identity is not None
         if split_identity(identity)[1] < split_identity(member.identity)[1]:
             return
-        if self.link.curve and self.link.sender_key != member.key:
-            raise ProtocolError(f"{member.name}'s identity over a connection with the key {self.link.sender_key}, "
+        if self.link.curve and origin.curve_key != member.key:
+            raise ProtocolError(f"{member.name}'s identity over a connection with the key {origin.curve_key}, "
                                 f"not the key {member.key} it registered with")
         log.info("%s: %s %s (rank %d) reconnected", self.tier, member.role, member.name, member.rank)
         member.identity = identity

@@ -12,7 +12,7 @@ from .. import compression, metrics
 from ..errors import GeoMXError, ProtocolError, internal_error
 from ..security import template
 from ..trace import Trace
-from ..transport import EventLoop, Link, base_identity, identity_token, log_limited, peer_label
+from ..transport import EventLoop, Link, Origin, base_identity, identity_token, log_limited, peer_label
 from ..tsengine.partial import partial_dtype_ok
 from ..wire import DTYPES, Message, MsgType, error_reply, meta_field
 from .keystate import KeyState
@@ -72,7 +72,7 @@ class ServerBase:
         # link name -> {token: the key name its requests must come with (CURVE), or None}
         self.allowed: Dict[str, Dict[str, Optional[str]]] = {}
         self.master_client: Dict[str, str] = {}  # link name -> the master worker's token (central party)
-        self.early: List[Tuple[Message, bytes, Link]] = []
+        self.early: List[Tuple[Message, Origin, bool]] = []  # (request, its origin, key_checked)
 
     # -- hooks --------------------------------------------------------------------------------
     def expected_pushes(self, link: Link) -> int:
@@ -159,13 +159,13 @@ class ServerBase:
         self.allowed[link_name] = {t: keys.get(t) for t in tokens}
         if master is not None:
             self.master_client[link_name] = master
-        early, self.early = [e for e in self.early if e[2].name == link_name], \
-            [e for e in self.early if e[2].name != link_name]
-        for msg, identity, link, sender_key in early:
+        early, self.early = [e for e in self.early if e[1].link.name == link_name], \
+            [e for e in self.early if e[1].link.name != link_name]
+        for msg, origin, key_checked in early:
             try:
-                self.dispatch(msg, identity, link, sender_key)
+                self.dispatch(msg, origin, key_checked)
             except ProtocolError as exc:
-                self.reply_error(link, identity, msg, str(exc))
+                self.reply_error(origin.link, origin.identity, msg, str(exc))
 
     def registered_client(self, link: Link, identity: bytes, sender_key: object) -> Optional[bool]:
         """True if ``identity`` carries a token the scheduler registered for ``link``'s tier (and, with
@@ -188,23 +188,24 @@ class ServerBase:
         return master is not None and identity_token(identity) == master
 
     # -- dispatch -----------------------------------------------------------------------------
-    def handle_client(self, msg: Message, identity: Optional[bytes], link: Link) -> None:
+    def handle_client(self, msg: Message, origin: Origin) -> None:
         """A message as it arrives on a client socket (the event loop's handler)."""
-        self.dispatch(msg, identity, link, link.sender_key)
+        self.dispatch(msg, origin)
 
-    def dispatch(self, msg: Message, identity: Optional[bytes], link: Link, sender_key: object) -> None:
-        """Handle ``msg``; ``sender_key``: the CURVE key (name) it came with, read when it arrived (or
-        KEY_CHECKED for a request made of parts whose keys were checked then)."""
+    def dispatch(self, msg: Message, origin: Origin, key_checked: bool = False) -> None:
+        """Handle ``msg`` from ``origin`` (with the CURVE key it came with, read when it arrived);
+        ``key_checked``: a request made of parts whose keys were checked as they arrived (DGT's)."""
+        identity, link = origin.identity, origin.link
         assert identity is not None
         if msg.type == MsgType.TS_MERGE and self.ts_root is not None:
-            self.ts_root.handle(msg, identity, link)
+            self.ts_root.handle(msg, origin)
             return
         if self.require_registration:
-            known = self.registered_client(link, identity, sender_key)
+            known = self.registered_client(link, identity, KEY_CHECKED if key_checked else origin.curve_key)
             if known is None:
                 if len(self.early) >= self.EARLY_REQUESTS:
                     raise ProtocolError("too many requests before this server's clients are known")
-                self.early.append((msg, identity, link, sender_key))
+                self.early.append((msg, origin, key_checked))
                 return
             if not known:
                 # Not one of the clients its tier's scheduler registered (a stranger, or a guessed

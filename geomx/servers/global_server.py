@@ -12,7 +12,7 @@ import numpy as np
 from .. import checkpoint, commands, compression, dgt
 from ..config import NodeConfig
 from ..errors import GeoMXError, ProtocolError, internal_error
-from ..transport import EventLoop, Link, bind_router, identity_token, log_limited, peer_label
+from ..transport import EventLoop, Link, Origin, bind_router, identity_token, log_limited, peer_label
 from ..wire import Message, MsgType, meta_field
 from . import codec_rules
 from .base import KEY_CHECKED, Client, ServerBase
@@ -109,7 +109,8 @@ class GlobalServer(ServerBase):
         ks = self.keys.get(key)
         return None if ks is None or not ks.initialized else (ks.numel, ks.dtype)
 
-    def dispatch(self, msg: Message, identity: Optional[bytes], link: Link, sender_key: object) -> None:
+    def dispatch(self, msg: Message, origin: Origin, key_checked: bool = False) -> None:
+        identity, link = origin.identity, origin.link
         if self.gone_tokens and identity is not None and identity_token(identity) in self.gone_tokens:
             # A lost local server that still runs (its link came back after the window): the tier's
             # rounds no longer count it, under any sync algorithm; it must start again to rejoin.
@@ -120,19 +121,19 @@ class GlobalServer(ServerBase):
                                     "central-party client")
             assert identity is not None
             main = identity[:-len(dgt.LOW_SUFFIX)] if identity.endswith(dgt.LOW_SUFFIX) else identity
-            if self.registered_client(link, main, sender_key) is not True:
+            if self.registered_client(link, main, KEY_CHECKED if key_checked else origin.curve_key) is not True:
                 raise ProtocolError(f"DGT block from {peer_label(identity)}, which is not a registered client of "
                                     "this server")
             self.dgt.on_tcp_block(msg, identity, link.name)
             return
-        super().dispatch(msg, identity, link, sender_key)
+        super().dispatch(msg, origin, key_checked)
 
     def _deliver_dgt_push(self, msg: Message, identity: bytes) -> None:
         """A reassembled DGT push enters the server as the party's ordinary PUSHPULL (it runs from
         a timer too, so a refusal is answered here rather than by the event loop)."""
         try:
             # Its blocks' keys were checked as they arrived (the last one over the party's reliable link).
-            self.dispatch(msg, identity, self.wan_link, KEY_CHECKED)
+            self.dispatch(msg, Origin(self.wan_link, identity), key_checked=True)
         except ProtocolError as exc:
             self.reply_error(self.wan_link, identity, msg, str(exc))
         except Exception as exc:  # noqa: BLE001 - one bad push must not take the server down

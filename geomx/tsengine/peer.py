@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Protocol, Tuple
 import numpy as np
 
 from ..errors import GeoMXError, ProtocolError
-from ..transport import EventLoop, Link, connect_dealer, identity_token, log_limited, peer_label
+from ..transport import EventLoop, Link, Origin, connect_dealer, identity_token, log_limited
 from ..wire import Message, MsgType, meta_field
 from .keys import LinkKeys
 from .partial import Partial, partial_dtype_ok
@@ -180,7 +180,7 @@ class TSPeer:
         link.send(Message(kind, sender=self.node, req_id=req_id, key=answer.key, version=answer.version,
                           total=value.size, meta=meta, data=value))
 
-    def _on_ack(self, msg: Message, identity: Optional[bytes], link: Link) -> None:
+    def _on_ack(self, msg: Message, origin: Origin) -> None:
         if msg.type != MsgType.TS_ACK:
             raise ProtocolError(f"unexpected {msg.type.name} on a TSEngine link")
         hop = self.hops.pop(msg.req_id, None)
@@ -200,22 +200,22 @@ class TSPeer:
             self._check_idle()
 
     # -- data from other nodes ----------------------------------------------------------------
-    def handle(self, msg: Message, identity: Optional[bytes], link: Link) -> None:
+    def handle(self, msg: Message, origin: Origin) -> None:
         """A TS_MERGE or TS_MODEL that arrived on one of the owner's ROUTER sockets."""
+        identity = origin.identity
         assert identity is not None
         key, rnd = msg.key, msg.version
         expected = self.keys.from_.get(msg.sender)
         if expected is None or not hmac.compare_digest(identity_token(identity).encode(), expected.encode()):
             reason = (f"not from TSEngine node {msg.sender} of this tier (its link lacks that node's key: a "
                       "stranger, or another node posing as it)")
-            log_limited(logging.WARNING, f"{self.name}: refused {msg.type.name} from {peer_label(identity)}: {reason}",
+            log_limited(logging.WARNING, f"{self.name}: refused {msg.type.name} from {origin.label}: {reason}",
                         key=(identity, "ts stranger"))
-            link.send(Message(MsgType.TS_ACK, req_id=msg.req_id, key=key, version=rnd, meta={"error": reason}),
-                      identity)
+            origin.reply(Message(MsgType.TS_ACK, req_id=msg.req_id, key=key, version=rnd, meta={"error": reason}))
             return
         error = self._check(msg)
-        link.send(Message(MsgType.TS_ACK, req_id=msg.req_id, key=key, version=rnd,
-                          meta=None if error is None else {"error": error}), identity)
+        origin.reply(Message(MsgType.TS_ACK, req_id=msg.req_id, key=key, version=rnd,
+                             meta=None if error is None else {"error": error}))
         if error is not None:
             log.warning("%s: refused %s of key %d round %d from node %d: %s", self.name, msg.type.name, key,
                         rnd, msg.sender, error)

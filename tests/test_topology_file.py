@@ -12,7 +12,7 @@ import time
 import pytest
 from helpers import REPO, free_port_range, kill_group, listening
 
-from geomx.launch import main
+from geomx.launch import Ports, Topology, main
 from geomx.launch.sitefile import TopologyFileError, load, loads
 
 EXAMPLES = REPO / "examples" / "topologies"
@@ -320,6 +320,62 @@ def test_site_flags_need_a_topology(capsys):
         with pytest.raises(SystemExit):
             main([*flag, "--", "x"])
         assert f"{flag[0]} needs --topology FILE" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_topology_form_chosen_by_the_topology_flag_as_argparse_reads_it(capsys):
+    """Two command lines, one parser each: --topology (also --topology=FILE or abbreviated) picks the file's;
+    each form's help points at the other; the file form's own flags need a file."""
+    path = str(EXAMPLES / "minimal.toml")
+    for argv in (["--topology", path], [f"--topology={path}"], ["--topo", path]):
+        assert main([*argv, "--print-firewall"]) == 0
+        assert capsys.readouterr().out.startswith("# central (10.1.0.1): 4 port(s)")
+    with pytest.raises(SystemExit):
+        main(["--ssh-config", "ssh.conf", "--", "x"])
+    assert "--ssh-config needs --topology FILE" in capsys.readouterr().err
+    for argv, usage, other in ((["--help"], "usage: geomx-launch [options] -- COMMAND",
+                                "geomx-launch --topology FILE --help"),
+                               (["--topology", path, "--help"], "usage: geomx-launch --topology FILE",
+                                "geomx-launch --help")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        text = capsys.readouterr().out
+        # (argparse may wrap the help at a hyphen)
+        assert e.value.code == 0 and text.startswith(usage) and other.replace(" ", "") in "".join(text.split())
+
+
+@pytest.mark.unit
+def test_one_host_file_gives_the_single_machine_process_list(monkeypatch):
+    """The single-machine form is a layout of one host: a topology file with every site on that host gives
+    the same processes (names, argv, environments, roles, sites), one Layout deriving both. What the file
+    adds is documented (Deployment.md, "One description, one process list"): every listener's port is
+    fixed (GEOMX_SERVER_PORT, GEOMX_CENTRAL_PORT; the single-machine form gives only the schedulers' and
+    the OS chooses the others), its bind address is declared (GEOMX_BIND_HOST) and its host is named."""
+    monkeypatch.delenv("GEOMX_BIND_HOST", raising=False)
+    text = ('[env]\nPS_VERBOSE = 1\n[central]\nhost = "127.0.0.1"\nglobal_servers = 2\ncentral_workers = 2\n'
+            '[[party]]\nname = "party0"\nhost = "127.0.0.1"\nworkers = 2\n'
+            '[[party]]\nname = "party1"\nhost = "127.0.0.1"\nworkers = 3\nlocal_servers = 2\n')
+    topo = loads(text, "one.toml")
+    assert topo.security == "none"  # one machine: in clear, as the single-machine form without --curve
+    command = ["python", "train.py", "-ds", "{slice}", "--party={party}", "--rank={rank}"]
+    from_file = topo.processes(command)
+    by_name = {s.name: s.env for s in from_file}
+    ports = Ports(global_root=int(by_name["global_scheduler"]["DMLC_PS_GLOBAL_ROOT_PORT"]),
+                  central_root=int(by_name["central/scheduler"]["DMLC_PS_ROOT_PORT"]),
+                  parties=[int(by_name[f"party{p}/scheduler"]["DMLC_PS_ROOT_PORT"]) for p in range(2)])
+    single = Topology(parties=2, workers_per_party=[2, 3], global_servers=2, central_workers=2,
+                      local_servers=[1, 2], env={"PS_VERBOSE": "1"}).processes(command, ports)
+    assert [s.name for s in single] == [s.name for s in from_file] and len(single) == 16
+    file_only = {"GEOMX_BIND_HOST", "GEOMX_SERVER_PORT", "GEOMX_CENTRAL_PORT"}
+    for one, other in zip(single, from_file):
+        assert one.argv == other.argv, one.name
+        assert one.env == {k: v for k, v in other.env.items() if k not in file_only}, one.name
+        assert other.env["GEOMX_BIND_HOST"] == "127.0.0.1"
+        assert ("GEOMX_SERVER_PORT" in other.env) == (other.env.get("DMLC_ROLE") == "server"), one.name
+        assert (one.is_worker, one.site, one.party, one.dc, one.cwd) == \
+            (other.is_worker, other.site, other.party, other.dc, other.cwd), one.name
+        assert (one.restart is None, one.rejoin is None) == (other.restart is None, other.rejoin is None)
+        assert (one.host, other.host) == ("", "127.0.0.1")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Start a whole GeoMX topology (global layer + parties): on one machine, or on the sites and hosts of a
 topology file (one site here with ``--site``, or every host over SSH).
 
-The package: :mod:`.topology` (the processes of a topology and their environment), :mod:`.sitefile`
-(topology files: sites, hosts, fixed ports), :mod:`.supervisor` (starting, relaying and stopping
-processes), :mod:`.ssh` and :mod:`.remote` (processes on other hosts), :mod:`.cli` (``geomx-launch``).
+The package: :mod:`.layout` (a topology's sites and hosts, and the one place its process list is derived:
+names, roles, environments, ports, hosts), :mod:`.topology` (the single-machine form, a layout on this
+machine), :mod:`.sitefile` (topology files: a layout over sites, hosts and fixed ports), :mod:`.supervisor`
+(starting, relaying and stopping processes), :mod:`.ssh` and :mod:`.remote` (processes on other hosts),
+:mod:`.cli` (``geomx-launch``: one parser per form).
 
 The topology is the one of the original GeoMX demo scripts (see
 ``shared/reference/geomx-behaviour.md`` §1.4), generalised:
@@ -29,8 +31,9 @@ The package must stay free of MXNet imports so that the launcher starts fast.
 """
 
 from .cli import main
+from .layout import DEFAULT_NODE_COMMAND, ROLE_KEYS, Layout, ProcessSpec
 from .supervisor import EXIT_STRAGGLER, EXIT_TIMEOUT, run
-from .topology import DEFAULT_NODE_COMMAND, ROLE_KEYS, Ports, ProcessSpec, Topology, free_ports
+from .topology import Ports, Topology, free_ports
 
-__all__ = ["Topology", "ProcessSpec", "Ports", "free_ports", "run", "main", "DEFAULT_NODE_COMMAND", "ROLE_KEYS",
-           "EXIT_TIMEOUT", "EXIT_STRAGGLER"]
+__all__ = ["Topology", "Layout", "ProcessSpec", "Ports", "free_ports", "run", "main", "DEFAULT_NODE_COMMAND",
+           "ROLE_KEYS", "EXIT_TIMEOUT", "EXIT_STRAGGLER"]

@@ -1,4 +1,15 @@
-"""The command line of the launcher (``geomx-launch``, ``python -m geomx.launch``)."""
+"""The command lines of the launcher (``geomx-launch``, ``python -m geomx.launch``), two forms with a parser
+each, chosen by ``--topology``:
+
+* on this machine, ``geomx-launch [-p N -w N -s N ...] -- COMMAND`` (:func:`_machine_parser`), a
+  :class:`~.topology.Topology`;
+* from a topology file, ``geomx-launch --topology FILE [--site NAME[@HOST]] -- COMMAND``
+  (:func:`_topology_parser`), a :class:`~.sitefile.SiteTopology`: every host over SSH, one site here, or
+  ``--dry-run`` / ``--print-firewall``.
+
+Both derive their processes from one :class:`~.layout.Layout`. Each parser knows the other form's flags
+only to refuse them with a message naming the form they belong to.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +23,9 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .. import __version__, config
+from .layout import ProcessSpec
 from .supervisor import log, run, run_processes
-from .topology import ProcessSpec, Topology
+from .topology import Topology
 
 #: Prefixes of the variables shown by ``--dry-run``.
 DRY_RUN_PREFIXES = ("DMLC_", "GEOMX_", "ENABLE_", "MXNET_")
@@ -77,33 +89,81 @@ def _pattern_key_value(text: str):
     return pattern, key, value
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="geomx-launch",
-        description="Start a whole GeoMX topology (global scheduler/servers, a central party and "
-        "P parties) on one machine, or from a topology file (--topology) on its sites and hosts: every host "
-        "over SSH, or one site here (--site). Workers run COMMAND, in which {slice}, {party} and {rank} "
-        "are replaced by the worker's data-slice index, party index (or 'central') and rank, and {python} "
-        "by the host's interpreter (topology files).",
-        usage="%(prog)s [options] -- COMMAND ...",
-    )
+class _OtherForm(argparse.Action):
+    """A flag of the other command line: refused with ``message``, which names the form it belongs to."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, message: str = "", **kwargs):
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.message = message
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(self.message)
+
+
+#: The single-machine form's flags (a topology file says what they say).
+_MACHINE_FLAGS = (("-p", "--parties"), ("-w", "--workers"), ("-s", "--global-servers"), ("-l", "--local-servers"),
+                  ("-c", "--central-workers"), ("--host",), ("--env",), ("--node-env",), ("--node-command",),
+                  ("--wan",), ("--separate-global-servers",), ("--curve",))
+#: The topology-file form's own flags.
+_TOPOLOGY_FLAGS = (("--site",), ("--print-firewall",), ("--ssh-config",))
+
+
+def _new_parser(usage: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="geomx-launch", usage=usage, description=description, epilog=epilog)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("-p", "--parties", type=_int_at_least(1), default=None, help="number of parties (default 2)")
+    return p
+
+
+def _supervision_options(p: argparse.ArgumentParser, dry_run: str) -> None:
+    """The flags both forms share: how the launcher supervises what it starts."""
+    p.add_argument("--dry-run", action="store_true", help=dry_run)
     p.add_argument(
-        "-w", "--workers", type=_int_at_least(1), default=None, help="workers per party (default 2)"
+        "--timeout",
+        type=_positive_float,
+        default=None,
+        metavar="SEC",
+        help="stop everything after SEC (exit 124)",
     )
+    p.add_argument(
+        "--grace",
+        type=_non_negative_float,
+        default=30.0,
+        metavar="SEC",
+        help="after every worker succeeded, how long to wait for the other processes to exit (default 30)",
+    )
+    p.add_argument(
+        "--log-dir",
+        default=None,
+        metavar="DIR",
+        help="also write each process's raw output to DIR/<name>.log",
+    )
+    p.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+
+def _machine_parser() -> argparse.ArgumentParser:
+    """``geomx-launch [options] -- COMMAND``: a whole topology on this machine."""
+    p = _new_parser(
+        "%(prog)s [options] -- COMMAND ...",
+        "Start a whole GeoMX topology (global scheduler/servers, a central party and P parties) on this "
+        "machine. Workers run COMMAND, in which {slice}, {party} and {rank} are replaced by the worker's "
+        "data-slice index, party index (or 'central') and rank.",
+        "Across sites and hosts: geomx-launch --topology FILE [--site NAME | --dry-run | --print-firewall] -- "
+        "COMMAND (geomx-launch --topology FILE --help).",
+    )
+    p.add_argument("-p", "--parties", type=_int_at_least(1), default=2, help="number of parties (default 2)")
+    p.add_argument("-w", "--workers", type=_int_at_least(1), default=2, help="workers per party (default 2)")
     p.add_argument(
         "-s",
         "--global-servers",
         type=_int_at_least(1),
-        default=None,
+        default=1,
         help="number of global servers (default 1)",
     )
     p.add_argument(
         "-l",
         "--local-servers",
         type=_local_servers_arg,
-        default=None,
+        default=1,
         metavar="N|N0,N1,...",
         help="local servers per party: one count for every party or one per party (default 1)",
     )
@@ -111,11 +171,11 @@ def _parser() -> argparse.ArgumentParser:
         "-c",
         "--central-workers",
         type=_int_at_least(0),
-        default=None,
+        default=0,
         help="training workers in the central party "
         "(default 0: only the master worker, which does not train)",
     )
-    p.add_argument("--host", default=None,
+    p.add_argument("--host", default="127.0.0.1",
                    help="address every process advertises and every listener binds (default 127.0.0.1)")
     p.add_argument(
         "--env",
@@ -141,26 +201,6 @@ def _parser() -> argparse.ArgumentParser:
         help="command for the non-worker processes (shell-split; default: python -m geomx.node)",
     )
     p.add_argument(
-        "--timeout",
-        type=_positive_float,
-        default=None,
-        metavar="SEC",
-        help="stop everything after SEC (exit 124)",
-    )
-    p.add_argument(
-        "--grace",
-        type=_non_negative_float,
-        default=30.0,
-        metavar="SEC",
-        help="after every worker succeeded, how long to wait for the other processes to exit (default 30)",
-    )
-    p.add_argument(
-        "--log-dir",
-        default=None,
-        metavar="DIR",
-        help="also write each process's raw output to DIR/<name>.log",
-    )
-    p.add_argument(
         "--wan",
         default=None,
         metavar="SPEC",
@@ -182,35 +222,58 @@ def _parser() -> argparse.ArgumentParser:
         help="encrypt and authenticate every link with CURVE, using throwaway key pairs (one per data center) "
         "generated into a temporary directory and removed at exit",
     )
-    p.add_argument("--dry-run", action="store_true", help="print the processes as shell lines (with --topology: "
-                   "per host) and exit")
+    _supervision_options(p, "print the processes as shell lines and exit")
+    for flags in _TOPOLOGY_FLAGS:
+        p.add_argument(*flags, action=_OtherForm, message=f"{flags[-1]} needs --topology FILE")
+    return p
+
+
+def _topology_parser() -> argparse.ArgumentParser:
+    """``geomx-launch --topology FILE ... -- COMMAND``: the sites and hosts of a topology file."""
+    p = _new_parser(
+        "%(prog)s --topology FILE [--site NAME[@HOST] | --print-firewall] [options] -- COMMAND ...",
+        "Start the GeoMX topology a topology file places on sites and hosts: every host over SSH, or one "
+        "site here (--site). Workers run COMMAND, in which {slice}, {party} and {rank} are replaced by the "
+        "worker's data-slice index, party index (or 'central') and rank, and {python} by its host's interpreter.",
+        "On one machine without a file: geomx-launch [-p N -w N ...] -- COMMAND (geomx-launch --help).",
+    )
     p.add_argument(
         "--topology",
-        default=None,
+        required=True,
         metavar="FILE",
         help="a topology file (TOML; docs/Deployment.md, 'The topology file') placing the topology on sites and "
-        "hosts, instead of the single-machine flags above. Use with --site, --dry-run or --print-firewall",
+        "hosts. Without --site, --dry-run or --print-firewall: every process is started on its host over SSH",
     )
     p.add_argument(
         "--site",
         default=None,
         metavar="NAME[@HOST]",
-        help="with --topology: start only that site's processes, here (for a site on several hosts, only "
-        "those placed on HOST: its SSH target or address)",
+        help="start only that site's processes, here (for a site on several hosts, only those placed on HOST: "
+        "its SSH target or address)",
     )
     p.add_argument(
         "--ssh-config",
         default=None,
         metavar="FILE",
-        help="with --topology and no --site: the OpenSSH client configuration (ssh -F FILE) for reaching the hosts",
+        help="without --site: the OpenSSH client configuration (ssh -F FILE) for reaching the hosts",
     )
     p.add_argument(
         "--print-firewall",
         action="store_true",
-        help="with --topology: print, per site, the ports its hosts must accept and from which sites, and exit",
+        help="print, per site, the ports its hosts must accept and from which sites, and exit",
     )
-    p.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    _supervision_options(p, "print the processes as shell lines, per host, and exit")
+    for flags in _MACHINE_FLAGS:
+        p.add_argument(*flags, action=_OtherForm,
+                       message=f"{'/'.join(flags)} cannot be combined with --topology (the topology file says it)")
     return p
+
+
+def _names_a_topology(options: Sequence[str]) -> bool:
+    """Whether the options (before ``--``) choose the topology-file form: ``--topology`` given, as argparse
+    reads it (``--topology FILE``, ``--topology=FILE`` or an abbreviation such as ``--topo``)."""
+    return any(len(flag) >= len("--to") and "--topology".startswith(flag)
+               for flag in (option.split("=", 1)[0] for option in options if option.startswith("--")))
 
 
 def _dry_run_lines(specs: List[ProcessSpec], explicit_keys: Sequence[str] = ()) -> List[str]:
@@ -239,28 +302,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
+    options, command = argv, None
     if "--" in argv:
         idx = argv.index("--")
-        args = parser.parse_args(argv[:idx])
-        if args.command:
-            parser.error(f"unexpected arguments before '--': {shlex.join(args.command)}")
-        command = argv[idx + 1 :]
-    else:
-        args = parser.parse_args(argv)
+        options, command = argv[:idx], argv[idx + 1:]
+    topology_form = _names_a_topology(options)
+    parser = _topology_parser() if topology_form else _machine_parser()
+    args = parser.parse_args(options)
+    if command is None:
         command = list(args.command)
-    if args.topology is not None:
+    elif args.command:
+        parser.error(f"unexpected arguments before '--': {shlex.join(args.command)}")
+    if topology_form:
         return _main_topology(parser, args, command)
-    for flag, value in (("--site", args.site), ("--print-firewall", args.print_firewall or None)):
-        if value is not None:
-            parser.error(f"{flag} needs --topology FILE")
+    return _main_machine(parser, args, command)
+
+
+def _main_machine(parser: argparse.ArgumentParser, args, command: List[str]) -> int:
+    """``geomx-launch [options] -- COMMAND``: the topology on this machine."""
     if not command:
         parser.error("the following arguments are required: COMMAND (give it after '--')")
-    for name, default in (("parties", 2), ("workers", 2), ("global_servers", 1), ("local_servers", 1),
-                          ("central_workers", 0), ("host", "127.0.0.1")):
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-
     node_env: Dict[str, Dict[str, str]] = {}
     for pattern, key, value in args.node_env:
         node_env.setdefault(pattern, {})[key] = value
@@ -347,21 +408,11 @@ def _run_on_wan(topology: Topology, command: Sequence[str], spec, args) -> int:
     return status
 
 
-# Single-machine flags that a topology file replaces.
-_SINGLE_MACHINE_FLAGS = (("parties", "-p/--parties"), ("workers", "-w/--workers"),
-                         ("global_servers", "-s/--global-servers"), ("local_servers", "-l/--local-servers"),
-                         ("central_workers", "-c/--central-workers"), ("host", "--host"), ("env", "--env"),
-                         ("node_env", "--node-env"), ("node_command", "--node-command"), ("wan", "--wan"),
-                         ("separate_global_servers", "--separate-global-servers"), ("curve", "--curve"))
-
-
 def _main_topology(parser: argparse.ArgumentParser, args, command: List[str]) -> int:
-    """``--topology FILE`` with ``--dry-run``, ``--print-firewall`` or ``--site NAME``."""
+    """``geomx-launch --topology FILE``: over SSH, one site here (``--site``), ``--dry-run`` or
+    ``--print-firewall``."""
     from .sitefile import TopologyFileError, load
 
-    for name, flag in _SINGLE_MACHINE_FLAGS:
-        if getattr(args, name) not in (None, False, []):
-            parser.error(f"{flag} cannot be combined with --topology (the topology file says it)")
     try:
         topo = load(args.topology)
     except TopologyFileError as exc:

@@ -11,30 +11,27 @@ The minimal form (docs/Deployment.md, "The topology file", lists every field)::
     workers = 2
 
 :func:`load` reads and validates a file into a :class:`SiteTopology`; every mistake raises
-:class:`TopologyFileError` naming the file, the site and the field. :meth:`SiteTopology.processes`
-gives every process with its host, environment (fixed ports, bind and advertised addresses) and
-argv; :meth:`SiteTopology.firewall` the ports each site must open to which other sites.
+:class:`TopologyFileError` naming the file, the site and the field. :meth:`SiteTopology.layout` is the
+file as a :class:`~.layout.Layout` (the description the single-machine form gives too), and
+:meth:`SiteTopology.processes` the processes it derives, each with its host, environment (fixed ports,
+bind and advertised addresses) and argv; :meth:`SiteTopology.firewall` the ports each site must open to
+which other sites.
 """
 
 from __future__ import annotations
 
 import re
-import shlex
 import sys
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .. import config
-from ..errors import ConfigError
-from .topology import ROLE_KEYS, Ports, ProcessSpec, Topology, declare_party_servers, enable_restarts
+from .layout import ROLE_KEYS, ROLES, Host, Layout, LayoutError, Listener, PortPlan, ProcessSpec, Site, worker_argv
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python < 3.11 only
     import tomli as tomllib
-
-#: Roles of ``role_env`` tables.
-ROLES = ("global_scheduler", "global_server", "scheduler", "server", "master_worker", "worker")
 
 #: Variables the launcher sets from the file itself; ``env`` tables may not set them.
 PLACEMENT_KEYS = frozenset({"GEOMX_BIND_HOST", "GEOMX_SERVER_PORT", "GEOMX_CENTRAL_PORT", "GEOMX_TS_PORT",
@@ -57,57 +54,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 class TopologyFileError(ValueError):
     """A mistake in a topology file; the message names the file, the site and the field."""
-
-
-@dataclass(frozen=True)
-class Host:
-    """One machine of a site."""
-
-    ssh: str  # SSH target as written (``user@`` allowed)
-    address: str  # what other processes connect to (advertised)
-    bind: str  # what this machine's listeners bind
-    python: str
-    workdir: Optional[str]
-
-    @property
-    def internal(self) -> str:
-        """The address processes of its own site use (the bound one, which behind NAT differs)."""
-        return self.address if self.bind == "*" else self.bind
-
-
-@dataclass
-class Site:
-    name: str
-    kind: str  # "central" or "party"
-    host: Host  # schedulers (and every process without a host list of its own)
-    server_hosts: List[Host]
-    worker_hosts: List[Host]
-    ports: Optional[Tuple[int, int]]  # [first, last] of the site's own range, or None (shared counter)
-    env: Dict[str, str]
-    role_env: Dict[str, Dict[str, str]]
-    keys_dir: Optional[str]
-    count: int  # parties: workers; central: global servers
-    extra: int  # parties: local servers; central: central workers
-
-    @property
-    def hosts(self) -> List[Host]:
-        seen: Dict[str, Host] = {}
-        for h in [self.host, *self.server_hosts, *self.worker_hosts]:
-            seen.setdefault(h.ssh, h)
-        return list(seen.values())
-
-
-@dataclass(frozen=True)
-class Listener:
-    """A port some process listens on, and the sites that must reach it."""
-
-    site: str
-    process: str
-    host: Host
-    port: int
-    proto: str  # "tcp" or "udp"
-    what: str
-    reached_from: Tuple[str, ...]
 
 
 @dataclass
@@ -144,107 +90,28 @@ class SiteTopology:
         return list(seen.values())
 
     # ---- processes ------------------------------------------------------------------------
-    def _topology(self) -> Topology:
-        return Topology(
-            parties=len(self.parties),
-            workers_per_party=[p.count for p in self.parties],
-            global_servers=self.central.count,
-            central_workers=self.central.extra,
-            local_servers=[p.extra for p in self.parties],
-            dc_hosts={"central": self.central.host.address,
-                      **{f"party{i}": p.host.address for i, p in enumerate(self.parties)}},
-        )
+    def layout(self, keys_dir: Optional[str] = None) -> Layout:
+        """The file's sites as a :class:`Layout`, each site with the CURVE keys its processes use: its
+        ``keys_dir``, or with automatic keys ``keys_dir`` here (default: a placeholder, for --dry-run)."""
+        curve = self.security == "curve"
 
-    def _placement(self) -> Tuple[List[Tuple[str, Site, str, Host, Dict[str, str]]], Ports, List[Listener]]:
-        """Every process (internal name, site, role, host, its launcher-set env), the scheduler ports
-        and every listener, in start order; ports are given out here."""
-        counters: Dict[str, int] = {}  # address -> next port, for sites without a range of their own
-        ranges: Dict[Tuple[str, str], int] = {}  # (site, address) -> next port in the site's range
-        listeners: List[Listener] = []
-        procs: List[Tuple[str, Site, str, Host, Dict[str, str]]] = []
-        party_names = [p.name for p in self.parties]
+        def keys(site: Site) -> Optional[str]:
+            if not curve:
+                return None
+            return (keys_dir or AUTO_KEYS_PLACEHOLDER) if self.auto_keys else site.keys_dir
 
-        def take(site: Site, host: Host, process: str, what: str, reached_from: Sequence[str],
-                 proto: str = "tcp") -> int:
-            if site.ports is None:
-                port = counters.get(host.address, self.port_base)
-                counters[host.address] = port + 1
-            else:
-                first, last = site.ports
-                port = ranges.get((site.name, host.address), first)
-                if port > last:
-                    raise TopologyFileError(
-                        f"{self.path}: {_where(site)}: ports {first}-{last} hold {last - first + 1} port(s), too few "
-                        f"for the listeners on {host.address} (each scheduler, server and TSEngine link takes one)")
-                ranges[(site.name, host.address)] = port + 1
-            listeners.append(Listener(site.name, process, host, port, proto, what, tuple(reached_from)))
-            return port
+        central, *parties = [replace(site, keys_dir=keys(site)) for site in self.sites]
+        return Layout(central, parties, env=self.env, role_env=self.role_env,
+                      central_key=self.central.name if curve else None)
 
-        def env_of(site: Site, role: str) -> Dict[str, str]:
-            merged = dict(self.env)
-            merged.update(self.role_env.get(role, {}))
-            merged.update(site.env)
-            merged.update(site.role_env.get(role, {}))
-            return merged
-
-        def read(site: Site, env: Dict[str, str], reader: Callable[..., Any], *args: str) -> Any:
-            # A feature read by the rule the node will read it with (config): the file gets the listeners
-            # the node will open, and a value the node would refuse is refused here already.
-            try:
-                return reader(env, *args)
-            except ConfigError as exc:
-                raise TopologyFileError(f"{self.path}: {_where(site)}: {exc}") from None
-
-        c = self.central
-        everyone = [c.name, *party_names]
-        g_env = env_of(c, "global_scheduler")
-        g_port = take(c, c.host, "global_scheduler", "global scheduler", everyone)
-        procs.append(("global_scheduler", c, "global_scheduler", c.host, g_env))
-        c_port = take(c, c.host, "central/scheduler", "central scheduler", [c.name])
-        procs.append(("central/scheduler", c, "scheduler", c.host, env_of(c, "scheduler")))
-        for i in range(c.count):
-            host = c.server_hosts[i % len(c.server_hosts)] if c.server_hosts else c.host
-            env = env_of(c, "global_server")
-            name = f"global_server{i}"
-            placed = {"GEOMX_SERVER_PORT": str(take(c, host, name, "global server, for the parties", party_names))}
-            if read(c, env, config.dgt_mode) == 1:  # UDP channels beside the server's TCP port
-                listeners.append(Listener(c.name, name, host, int(placed["GEOMX_SERVER_PORT"]), "udp",
-                                          "global server, DGT channel", tuple(party_names)))
-                placed["GEOMX_DGT_UDP_PORT"] = placed["GEOMX_SERVER_PORT"]
-            placed["GEOMX_CENTRAL_PORT"] = str(take(c, host, name, "global server, for the central workers",
-                                                    [c.name]))
-            procs.append((name, c, "global_server", host, dict(env, **placed)))
-        for j in range(max(1, c.extra)):
-            host = c.worker_hosts[j % len(c.worker_hosts)] if c.worker_hosts else c.host
-            name = "central/master_worker" if j == 0 else f"central/worker{j}"
-            procs.append((name, c, "master_worker" if j == 0 else "worker", host, env_of(c, "master_worker" if j == 0
-                                                                                      else "worker")))
-        party_ports = []
-        for p, site in enumerate(self.parties):
-            party_ports.append(take(site, site.host, f"{site.name}/scheduler", "party scheduler", [site.name]))
-            procs.append((f"party{p}/scheduler", site, "scheduler", site.host, env_of(site, "scheduler")))
-            for i in range(site.extra):
-                host = site.server_hosts[i % len(site.server_hosts)] if site.server_hosts else site.host
-                suffix = "server" if site.extra == 1 else f"server{i}"
-                env = env_of(site, "server")
-                placed = {"GEOMX_SERVER_PORT": str(take(site, host, f"{site.name}/{suffix}",
-                                                        "local server, for its workers", [site.name]))}
-                if read(site, env, config.switch, "ENABLE_INTER_TS"):
-                    others = [n for n in everyone if n != site.name]
-                    placed["GEOMX_TS_PORT"] = str(take(site, host, f"{site.name}/{suffix}",
-                                                       "local server, TSEngine relays", others))
-                procs.append((f"party{p}/{suffix}", site, "server", host, dict(env, **placed)))
-            for i in range(site.count):
-                host = site.worker_hosts[i % len(site.worker_hosts)] if site.worker_hosts else site.host
-                env = env_of(site, "worker")
-                placed = {}
-                if read(site, env, config.switch, "ENABLE_INTRA_TS"):
-                    placed["GEOMX_TS_PORT"] = str(take(site, host, f"{site.name}/worker{i}",
-                                                       "worker, TSEngine relays", [site.name]))
-                procs.append((f"party{p}/worker{i}", site, "worker", host, dict(env, **placed)))
-        ports = Ports(global_root=g_port, central_root=c_port, parties=party_ports)
+    def _placement(self, command: Union[str, Sequence[str]], keys_dir: Optional[str] = None
+                   ) -> Tuple[List[ProcessSpec], List[Listener]]:
+        try:
+            specs, listeners = self.layout(keys_dir).processes(command, _FixedPorts(self))
+        except LayoutError as exc:
+            raise TopologyFileError(f"{self.path}: {_where(exc.site)}: {exc}") from None
         self._check_clashes(listeners)
-        return procs, ports, listeners
+        return specs, listeners
 
     def _check_clashes(self, listeners: List[Listener]) -> None:
         seen: Dict[Tuple[str, str, int], Listener] = {}
@@ -259,7 +126,8 @@ class SiteTopology:
             seen[key] = lst
 
     def listeners(self) -> List[Listener]:
-        return self._placement()[2]
+        """Every listener, in the order its port was given out (the command does not matter)."""
+        return self._placement(["COMMAND"])[1]
 
     def processes(self, command: Union[str, Sequence[str]], keys_dir: Optional[str] = None) -> List[ProcessSpec]:
         """Every process of the topology, in start order, with its host, site and environment.
@@ -267,39 +135,7 @@ class SiteTopology:
         ``{python}`` in ``command`` is replaced by the host's interpreter (``python`` field).
         ``keys_dir``: with automatic keys, the directory the launcher generated them into on every host
         (default: a placeholder, for --dry-run)."""
-        if isinstance(command, str):
-            command = shlex.split(command)
-        placed, ports, _ = self._placement()
-        topo = self._topology()
-        specs = topo.processes(list(command), ports)
-        by_name = {name: (site, role, host, env) for name, site, role, host, env in placed}
-        curve = self.security == "curve"
-        out = []
-        for spec in specs:
-            site, role, host, env = by_name[spec.name]
-            spec.env.update(env)
-            spec.env["DMLC_NODE_HOST"] = host.address
-            if "DMLC_PS_ROOT_URI" in spec.env:
-                # The site's own scheduler is reached inside the site (the global one across sites).
-                spec.env["DMLC_PS_ROOT_URI"] = site.host.internal
-            spec.env["GEOMX_BIND_HOST"] = host.bind
-            if curve:
-                keys = site.keys_dir if not self.auto_keys else keys_dir or AUTO_KEYS_PLACEHOLDER
-                assert keys is not None  # load() checked it
-                spec.env["GEOMX_CURVE_SECRET_KEY"] = f"{keys.rstrip('/')}/{site.name}.key_secret"
-                spec.env["GEOMX_CURVE_PUBLIC_KEYS_DIR"] = keys
-                spec.env["GEOMX_CURVE_CENTRAL_KEY"] = self.central.name
-            if spec.is_worker:
-                spec.argv = [a.replace("{python}", host.python) for a in spec.argv]
-            elif spec.argv[:1] == [sys.executable]:
-                spec.argv = [host.python, *spec.argv[1:]]
-            spec.name = _rename(spec.name, self.parties)
-            spec.dc = spec.site = site.name
-            spec.party = site.name if site.kind == "party" else ""
-            spec.host = host.ssh
-            spec.cwd = host.workdir
-            out.append(spec)
-        return enable_restarts(declare_party_servers(out))
+        return self._placement(worker_argv(command), keys_dir)[0]
 
     @property
     def spans_hosts(self) -> bool:
@@ -330,12 +166,30 @@ class SiteTopology:
         return lines
 
 
-def _rename(name: str, parties: List[Site]) -> str:
-    """``party<p>/...`` (the topology model's names) -> ``<party name>/...``."""
-    m = re.match(r"^party(\d+)/(.*)$", name)
-    if m is None:
-        return name
-    return f"{parties[int(m.group(1))].name}/{m.group(2)}"
+class _FixedPorts(PortPlan):
+    """A topology file's ports: every listener takes the next port of its site's ``ports`` range on its host's
+    address or, for a site without one, of a counter from ``port_base`` per address shared by such sites."""
+
+    fixed = True
+
+    def __init__(self, topo: SiteTopology):
+        self.topo = topo
+        self.counters: Dict[str, int] = {}  # address -> next port, for sites without a range of their own
+        self.ranges: Dict[Tuple[str, str], int] = {}  # (site, address) -> next port in the site's range
+
+    def take(self, site: Site, host: Host, process: str, role: str) -> int:
+        if site.ports is None:
+            port = self.counters.get(host.address, self.topo.port_base)
+            self.counters[host.address] = port + 1
+            return port
+        first, last = site.ports
+        port = self.ranges.get((site.name, host.address), first)
+        if port > last:
+            raise TopologyFileError(
+                f"{self.topo.path}: {_where(site)}: ports {first}-{last} hold {last - first + 1} port(s), too few "
+                f"for the listeners on {host.address} (each scheduler, server and TSEngine link takes one)")
+        self.ranges[(site.name, host.address)] = port + 1
+        return port
 
 
 def _where(site: Union[Site, str, None], index: Optional[int] = None) -> str:
@@ -501,17 +355,18 @@ def loads(text: str, path: str = "<topology>") -> SiteTopology:
             raise ck.fail(where, "host is required (the SSH target, user@ allowed, and the address others reach)")
         main = ck.host({k: table[k] for k in _HOST_KEYS if k in table}, where, defaults)
         if kind == "central":
-            count = ck.count(table, "global_servers", where, 1, 1)
-            extra = ck.count(table, "central_workers", where, 0, 0)
+            servers = ck.count(table, "global_servers", where, 1, 1)
+            workers = ck.count(table, "central_workers", where, 0, 0)
         else:
-            count = ck.count(table, "workers", where, None, 1)
-            extra = ck.count(table, "local_servers", where, 1, 1)
+            workers = ck.count(table, "workers", where, None, 1)
+            servers = ck.count(table, "local_servers", where, 1, 1)
         # A site's address and bind belong to its main host; the other hosts give their own.
         others = dict(defaults, bind=None)
-        return Site(raw_name, kind, main, ck.hosts(table, "server_hosts", where, others),
-                    ck.hosts(table, "worker_hosts", where, others), ck.ports(table, where),
-                    ck.env(table, "env", where), ck.role_env(table, where),
-                    ck.string(table, "keys_dir", where, ck.string(doc, "keys_dir", "top level")), count, extra)
+        return Site(raw_name, kind, main, servers=servers, workers=workers,
+                    server_hosts=ck.hosts(table, "server_hosts", where, others),
+                    worker_hosts=ck.hosts(table, "worker_hosts", where, others), ports=ck.ports(table, where),
+                    env=ck.env(table, "env", where), role_env=ck.role_env(table, where),
+                    keys_dir=ck.string(table, "keys_dir", where, ck.string(doc, "keys_dir", "top level")))
 
     central = site(doc["central"], "central", 0)
     parties = [site(p, "party", i) for i, p in enumerate(parties_raw)]

@@ -19,7 +19,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .topology import ProcessSpec
+from .layout import ProcessSpec
 
 
 class SSHError(RuntimeError):

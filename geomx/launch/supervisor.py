@@ -14,7 +14,8 @@ import threading
 import time
 from typing import IO, Dict, List, Optional, Sequence, Tuple, Union
 
-from .topology import ProcessSpec, Topology
+from .layout import ProcessSpec
+from .topology import Topology
 
 log = logging.getLogger("geomx.launch")
 

@@ -1,93 +1,38 @@
-"""The topology model of the launcher: which processes a GeoMX topology has, with which environment.
+"""The single-machine form of a launch: a GeoMX topology on this machine (``geomx-launch -p .. -w ..``), and
+the scheduler ports the launcher holds for it.
+
+:class:`Topology` is a :class:`~.layout.Layout` whose sites all run here (or, with ``--wan``, each in its
+network namespace); its processes are derived by :meth:`.layout.Layout.processes`, as a topology file's are.
 
 Free of MXNet imports (the launcher must start fast).
 """
 
 from __future__ import annotations
 
-import fnmatch
-import os
 import random
-import shlex
 import socket
-import sys
-from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Union
 
-from .. import config
+from .layout import (
+    DEFAULT_NODE_COMMAND,
+    ROLE_KEYS,
+    Host,
+    Layout,
+    PortPlan,
+    ProcessSpec,
+    Site,
+    declare_party_servers,
+    enable_restarts,
+    worker_argv,
+)
 
-#: The command every non-worker process (schedulers, servers) runs by default.
-DEFAULT_NODE_COMMAND = [sys.executable, "-m", "geomx.node"]
+__all__ = ["DEFAULT_NODE_COMMAND", "ROLE_KEYS", "ProcessSpec", "Ports", "Topology", "free_ports", "listening_sockets",
+           "declare_party_servers", "enable_restarts"]
 
 #: Scheduler ports on an emulated WAN: below Linux's default ephemeral range (32768-60999) and above
 #: the WAN relay's port (geomx/testing/wan.py).
 _WAN_PORTS = (20000, 32768)
-
-#: Variables the launcher controls. Values inherited from the parent environment are
-#: dropped so that e.g. a launcher started from inside a worker does not leak its role.
-ROLE_KEYS = frozenset(
-    {
-        "DMLC_ROLE",
-        "DMLC_ROLE_GLOBAL",
-        "DMLC_ROLE_MASTER_WORKER",
-        "DMLC_PS_ROOT_URI",
-        "DMLC_PS_ROOT_PORT",
-        "DMLC_PS_GLOBAL_ROOT_URI",
-        "DMLC_PS_GLOBAL_ROOT_PORT",
-        "DMLC_NUM_SERVER",
-        "DMLC_NUM_WORKER",
-        "DMLC_NUM_GLOBAL_SERVER",
-        "DMLC_NUM_GLOBAL_WORKER",
-        "DMLC_NUM_ALL_WORKER",
-        "DMLC_ENABLE_CENTRAL_WORKER",
-        "DMLC_NODE_HOST",
-        "DMLC_INTERFACE",
-        "DMLC_RANK",
-        "DMLC_GLOBAL_RANK",
-        "GEOMX_DATA_SLICE",
-        "GEOMX_PARTY",
-        "GEOMX_LISTEN_FD",
-        "GEOMX_GLOBAL_SERVER_RANK",
-        # One process's own ports (a topology file sets them per process).
-        "GEOMX_SERVER_PORT",
-        "GEOMX_CENTRAL_PORT",
-        "GEOMX_TS_PORT",
-        "GEOMX_DGT_UDP_PORT",
-    }
-)
-
-#: Prefixes of the variables shown by ``--dry-run``.
-
-@dataclass
-class ProcessSpec:
-    """One process of the topology: its name (log prefix), argv and full environment."""
-
-    name: str
-    argv: List[str]
-    env: Dict[str, str]
-    is_worker: bool
-    #: Data center the process belongs to: ``"central"``, ``"partyN"`` or ``"gsN"`` (used by ``--wan``).
-    dc: str = ""
-    #: A scheduler's listening socket, bound by the launcher (see :meth:`Topology.reserve_ports`): the
-    #: child inherits it (``GEOMX_LISTEN_FD``), the launcher closes its own copy once the child runs.
-    listener: Optional[socket.socket] = field(default=None, compare=False, repr=False)
-    #: Working directory (None: the launcher's).
-    cwd: Optional[str] = None
-    #: Topology files: the machine it runs on (SSH target, ``user@`` allowed) and its site's name.
-    host: str = ""
-    site: str = ""
-    #: Keep the process's input open while it may run (SSH sessions; closing it stops the remote process).
-    keep_stdin: bool = False
-    #: A process the launcher starts again when it is killed: returns its replacement and the seconds
-    #: to wait before starting it, or None (see :func:`enable_restarts`).
-    restart: Optional[Callable[[], Optional[Tuple["ProcessSpec", float]]]] = field(
-        default=None, compare=False, repr=False)
-    #: The party it belongs to ("" for the central site's processes) and whether the run goes on
-    #: without that party should the process fail (GEOMX_LOST_PARTY=continue): see :func:`enable_restarts`.
-    party: str = ""
-    party_may_be_lost: bool = False
-    #: GEOMX_LOST_PARTY=rejoin: the process to start for the n-th time its lost party is started again.
-    rejoin: Optional[Callable[[int], "ProcessSpec"]] = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -147,14 +92,6 @@ def listening_sockets(n: int, host: str = "127.0.0.1") -> List[socket.socket]:
         raise
     return socks
 
-
-def _substitute(args: Sequence[str], slice_idx: int, party: Union[int, str], rank: int) -> List[str]:
-    # Plain substring replacement (not str.format) so that other braces are left alone.
-    out = []
-    for a in args:
-        a = a.replace("{slice}", str(slice_idx)).replace("{party}", str(party)).replace("{rank}", str(rank))
-        out.append(a)
-    return out
 
 
 @dataclass
@@ -273,261 +210,53 @@ class Topology:
         return Ports(global_root=ports[0], central_root=ports[1], parties=ports[2:],
                      listeners=dict(zip(ports, socks)))
 
+    def layout(self) -> Layout:
+        """This topology as sites on this machine: ``central`` and ``party0`` .. (each at its ``dc_hosts``
+        address, run through its ``dc_prefix``; with ``separate_global_servers`` the global servers on
+        hosts ``gs0`` .. of their own), all with the ``curve_dir`` keys."""
+        self.validate()
+
+        def here(dc: str) -> Host:
+            return Host("", self.dc_host(dc), prefix=tuple(self.dc_prefix.get(dc, ())), dc=dc)
+
+        central = Site("central", "central", here("central"), servers=self.global_servers,
+                       workers=self.central_workers, keys_dir=self.curve_dir,
+                       server_hosts=[here(f"gs{i}") for i in range(self.global_server_dcs)])
+        parties = [Site(f"party{p}", "party", here(f"party{p}"), servers=servers, workers=workers,
+                        keys_dir=self.curve_dir)
+                   for p, (servers, workers) in enumerate(zip(self.servers_per_party, self.workers_of_party))]
+        return Layout(central, parties, env=dict(self.env), node_env=dict(self.node_env),
+                      node_command=list(self.node_command) if self.node_command is not None else None)
+
     def processes(
         self, command: Union[str, Sequence[str]], ports: Optional[Ports] = None
     ) -> List[ProcessSpec]:
-        """All processes in start order: schedulers, then servers, then workers."""
-        self.validate()
-        if isinstance(command, str):
-            command = shlex.split(command)
-        command = list(command)
-        if not command:
-            raise ValueError("empty worker command")
+        """All processes in start order: schedulers, then servers, then workers (see :meth:`Layout.processes`).
+
+        ``ports``: the schedulers' (default: free ports, :meth:`pick_ports`); every other listener binds a
+        port the OS chooses."""
+        layout = self.layout()
+        command = worker_argv(command)
         if ports is None:
             ports = self.pick_ports()
         if len(ports.parties) != self.parties:
             raise ValueError(f"need {self.parties} party ports, got {len(ports.parties)}")
-        node_cmd = list(self.node_command) if self.node_command is not None else list(DEFAULT_NODE_COMMAND)
-
-        host = chost = self.dc_host("central")
-        P, NGS, CW = self.parties, self.global_servers, self.central_workers
-        WS = self.workers_of_party
-        PW = sum(WS)  # the parties' training workers; their slices come first
-        first_slice = [sum(WS[:p]) for p in range(P)]
-        G, C = ports.global_root, ports.central_root
-        ALL = self.num_all_workers
-        LS = self.servers_per_party
-        NGW = sum(LS)  # DMLC_NUM_GLOBAL_WORKER: the global tier's workers are the local servers
-        central_num_worker = max(1, CW)
-        enable_cw = 1 if CW > 0 else 0
-
-        schedulers: List[ProcessSpec] = []
-        servers: List[ProcessSpec] = []
-        workers: List[ProcessSpec] = []
-
-        def dc_of(party) -> str:
-            if isinstance(party, str):
-                return party  # "central" or "gsN"
-            return f"party{party}"
-
-        def node(name: str, role_env: Dict[str, object], party="central", listen_port: int = 0) -> ProcessSpec:
-            dc = dc_of(party)
-            argv = list(self.dc_prefix.get(dc, [])) + list(node_cmd)
-            listener = ports.listeners.get(listen_port) if listen_port else None
-            if listener is not None:
-                role_env = dict(role_env, GEOMX_LISTEN_FD=listener.fileno())
-            spec = ProcessSpec(name, argv, self._env(name, role_env, dc), False, dc,
-                               party=dc if dc.startswith("party") else "")
-            spec.listener = listener
-            return spec
-
-        def worker(name: str, role_env: Dict[str, object], slice_idx: int, party, rank: int) -> ProcessSpec:
-            dc = dc_of(party)
-            role_env = dict(role_env, GEOMX_DATA_SLICE=slice_idx, GEOMX_PARTY=dc)
-            argv = list(self.dc_prefix.get(dc, [])) + _substitute(command, slice_idx, party, rank)
-            return ProcessSpec(name, argv, self._env(name, role_env, dc), True, dc,
-                               party=dc if dc.startswith("party") else "")
-
-        # ---- central party / global layer
-        schedulers.append(
-            node(
-                "global_scheduler",
-                dict(
-                    DMLC_ROLE_GLOBAL="global_scheduler",
-                    DMLC_PS_GLOBAL_ROOT_URI=host,
-                    DMLC_PS_GLOBAL_ROOT_PORT=G,
-                    DMLC_NUM_GLOBAL_SERVER=NGS,
-                    DMLC_NUM_GLOBAL_WORKER=NGW,
-                ),
-                listen_port=G,
-            )
-        )
-        schedulers.append(
-            node(
-                "central/scheduler",
-                dict(
-                    DMLC_ROLE="scheduler",
-                    DMLC_PS_ROOT_URI=host,
-                    DMLC_PS_ROOT_PORT=C,
-                    DMLC_NUM_SERVER=NGS,
-                    DMLC_NUM_WORKER=central_num_worker,
-                ),
-                listen_port=C,
-            )
-        )
-        for i in range(NGS):
-            servers.append(
-                node(
-                    f"global_server{i}",
-                    dict(
-                        DMLC_ROLE_GLOBAL="global_server",
-                        DMLC_ROLE="server",
-                        DMLC_PS_GLOBAL_ROOT_URI=host,
-                        DMLC_PS_GLOBAL_ROOT_PORT=G,
-                        DMLC_PS_ROOT_URI=host,
-                        DMLC_PS_ROOT_PORT=C,
-                        DMLC_NUM_SERVER=NGS,
-                        DMLC_NUM_WORKER=central_num_worker,
-                        DMLC_NUM_GLOBAL_SERVER=NGS,
-                        DMLC_NUM_GLOBAL_WORKER=NGW,
-                        DMLC_NUM_ALL_WORKER=ALL,
-                        DMLC_ENABLE_CENTRAL_WORKER=enable_cw,
-                        GEOMX_GLOBAL_SERVER_RANK=i,
-                    ),
-                    f"gs{i}" if self.separate_global_servers else "central",
-                )
-            )
-        central_worker_env = dict(
-            DMLC_ROLE="worker",
-            DMLC_PS_ROOT_URI=host,
-            DMLC_PS_ROOT_PORT=C,
-            DMLC_NUM_SERVER=NGS,
-            DMLC_NUM_WORKER=central_num_worker,
-            DMLC_NUM_ALL_WORKER=ALL,
-            DMLC_ENABLE_CENTRAL_WORKER=enable_cw,
-        )
-        master_env = dict(central_worker_env)
-        master_env["DMLC_ROLE_MASTER_WORKER"] = 1
-        workers.append(
-            worker("central/master_worker", master_env, PW if CW > 0 else 0, "central", 0)
-        )
-        for j in range(1, CW):
-            workers.append(worker(f"central/worker{j}", central_worker_env, PW + j, "central", j))
-
-        # ---- parties
-        for p in range(P):
-            port = ports.parties[p]
-            W = WS[p]
-            host = self.dc_host(f"party{p}")
-            schedulers.append(
-                node(
-                    f"party{p}/scheduler",
-                    dict(
-                        DMLC_ROLE="scheduler",
-                        DMLC_PS_ROOT_URI=host,
-                        DMLC_PS_ROOT_PORT=port,
-                        DMLC_NUM_SERVER=LS[p],
-                        DMLC_NUM_WORKER=W,
-                    ),
-                    p,
-                    listen_port=port,
-                )
-            )
-            for i in range(LS[p]):
-                servers.append(
-                    node(
-                        f"party{p}/server" if LS[p] == 1 else f"party{p}/server{i}",
-                        dict(
-                            DMLC_ROLE="server",
-                            DMLC_PS_ROOT_URI=host,
-                            DMLC_PS_ROOT_PORT=port,
-                            DMLC_PS_GLOBAL_ROOT_URI=chost,
-                            DMLC_PS_GLOBAL_ROOT_PORT=G,
-                            DMLC_NUM_SERVER=LS[p],
-                            DMLC_NUM_WORKER=W,
-                            DMLC_NUM_GLOBAL_SERVER=NGS,
-                            DMLC_NUM_GLOBAL_WORKER=NGW,
-                        ),
-                        p,
-                    )
-                )
-            for i in range(W):
-                workers.append(
-                    worker(
-                        f"party{p}/worker{i}",
-                        dict(
-                            DMLC_ROLE="worker",
-                            DMLC_PS_ROOT_URI=host,
-                            DMLC_PS_ROOT_PORT=port,
-                            DMLC_NUM_SERVER=LS[p],
-                            DMLC_NUM_WORKER=W,
-                            DMLC_NUM_ALL_WORKER=ALL,
-                        ),
-                        first_slice[p] + i,
-                        p,
-                        i,
-                    )
-                )
-        return enable_restarts(declare_party_servers(schedulers + servers + workers))
-
-    def _env(self, name: str, role_env: Dict[str, object], dc: str = "central") -> Dict[str, str]:
-        # The launcher's own environment is handed on (less the roles); the settings below are set for
-        # the child, not read.
-        env = config.inherited_environment(drop=ROLE_KEYS)
-        # Children write into pipes; without this Python children block-buffer their output.
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        env.update({k: str(v) for k, v in role_env.items()})
-        env["DMLC_NODE_HOST"] = self.dc_host(dc)
-        if self.curve_dir is not None:
-            # A global server in a data center of its own ("gsN") still belongs to the central party.
-            party = dc if dc.startswith("party") else "central"
-            env["GEOMX_CURVE_SECRET_KEY"] = os.path.join(self.curve_dir, f"{party}.key_secret")
-            env["GEOMX_CURVE_PUBLIC_KEYS_DIR"] = self.curve_dir
-        env.update({str(k): str(v) for k, v in self.env.items()})
-        for pattern, extra in self.node_env.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                env.update({str(k): str(v) for k, v in extra.items()})
-        return env
+        return layout.processes(command, _SchedulerPorts(ports, layout))[0]
 
 
-def declare_party_servers(specs: List[ProcessSpec]) -> List[ProcessSpec]:
-    """Tell the global scheduler each party's number of local servers (GEOMX_PARTY_SERVERS), by the
-    party scheduler address its local servers will name, read from their final environments: the
-    global tier then refuses a local server that would take another party's slot."""
-    counts: Dict[str, int] = {}
-    for spec in specs:
-        env = spec.env
-        if env.get("DMLC_ROLE") == "server" and "DMLC_ROLE_GLOBAL" not in env:
-            party = f"{env['DMLC_PS_ROOT_URI']}:{env['DMLC_PS_ROOT_PORT']}"
-            counts[party] = counts.get(party, 0) + 1
-    for spec in specs:
-        if spec.env.get("DMLC_ROLE_GLOBAL") == "global_scheduler":
-            spec.env["GEOMX_PARTY_SERVERS"] = ",".join(f"{party}={n}" for party, n in counts.items())
-    return specs
+class _SchedulerPorts(PortPlan):
+    """The single-machine form's ports: the schedulers' from a :class:`Ports`, given out by site; every other
+    listener binds a port the OS chooses."""
 
+    fixed = False
 
-def enable_restarts(specs: List[ProcessSpec]) -> List[ProcessSpec]:
-    """What the launcher does when a process ends badly, from the final environments: a global server
-    that keeps checkpoints (GEOMX_CHECKPOINT_DIR) is started again from its latest checkpoint when it
-    is killed (geomx.config.checkpoint_restart); with GEOMX_LOST_PARTY=continue a party's process that
-    fails takes only its party out of the run, and with GEOMX_LOST_PARTY=rejoin the launcher starts the
-    party's processes again once they have all ended."""
-    for spec in specs:
-        if spec.env.get("DMLC_ROLE_GLOBAL") == "global_server":
-            spec.restart = lambda spec=spec: _from_checkpoint(spec)
-        elif spec.env.get("DMLC_ROLE_GLOBAL") == "global_scheduler":
-            spec.restart = lambda spec=spec: _resumed_scheduler(spec)
-        policy = config.lost_party(spec.env)
-        spec.party_may_be_lost = bool(spec.party) and policy != "stop"
-        if spec.party and policy == "rejoin":
-            spec.rejoin = lambda n, spec=spec: _rejoining(spec, n)
-    return specs
+    def __init__(self, ports: Ports, layout: Layout):
+        self.ports = ports
+        self.by_site = {layout.central.name: ports.central_root,
+                        **{site.name: port for site, port in zip(layout.parties, ports.parties)}}
 
+    def take(self, site: Site, host: Host, process: str, role: str) -> int:
+        return self.ports.global_root if role == "global_scheduler" else self.by_site[site.name]
 
-def _resumed_scheduler(spec: ProcessSpec) -> Optional[Tuple[ProcessSpec, float]]:
-    how = config.scheduler_restart(spec.env)
-    if how is None:
-        return None
-    extra, wait = how
-    env = {k: v for k, v in spec.env.items() if k != "GEOMX_LISTEN_FD"}  # the first one had the socket
-    again = replace(spec, env={**env, **extra}, listener=None)
-    again.restart = lambda: _resumed_scheduler(again)
-    return again, wait
-
-
-def _rejoining(spec: ProcessSpec, n: int) -> ProcessSpec:
-    """``spec`` started again for its party's n-th rejoin: its scheduler binds its port itself (the
-    launcher's socket went to the first one), and the training script can tell (GEOMX_PARTY_RESTART)."""
-    env = {k: v for k, v in spec.env.items() if k != "GEOMX_LISTEN_FD"}
-    env["GEOMX_PARTY_RESTART"] = str(n)
-    return replace(spec, env=env, listener=None)
-
-
-def _from_checkpoint(spec: ProcessSpec) -> Optional[Tuple[ProcessSpec, float]]:
-    how = config.checkpoint_restart(spec.env)
-    if how is None:
-        return None
-    extra, wait = how
-    again = replace(spec, env={**spec.env, **extra}, listener=None)
-    again.restart = lambda: _from_checkpoint(again)
-    return again, wait
+    def held(self, port: int) -> Optional[socket.socket]:
+        return self.ports.listeners.get(port)

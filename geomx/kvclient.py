@@ -346,7 +346,7 @@ class KVClient:
             on_sent = None
             if pending.times is not None:
                 stamp = pending.times[(server, offset)] = [Trace.now(), None]
-                on_sent = lambda stamp=stamp: stamp.__setitem__(1, Trace.now())  # noqa: E731
+                on_sent = lambda handed, stamp=stamp: stamp.__setitem__(1, handed)  # noqa: E731
             self.via.send(server, msg, DATA, on_sent)
 
     def broadcast(self, mtype: MsgType, callback: Callable[[List[Message], Optional[Exception]], None], *,

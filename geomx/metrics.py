@@ -45,10 +45,12 @@ CATALOGUE: Dict[str, Family] = {
         "Bytes of geomx messages this process sent on a link (frames as handed to ZeroMQ; scope: wan for "
         "the links between a party and the global servers, lan inside a site)."),
     "geomx_link_received_bytes_total": Family(
-        "counter", "bytes", ("link", "scope"), "Bytes of geomx messages this process received on a link."),
+        "counter", "bytes", ("link", "scope"),
+        "Bytes of geomx messages this process received on a link (on a listener with ZeroMQ's identity frames)."),
     "geomx_peer_received_bytes_total": Family(
         "counter", "bytes", ("link", "peer"),
-        "A listener's received bytes by the peer that sent them (a global server's WAN listener: per party)."),
+        "A listener's received bytes by the peer that sent them, as the peer counts them sent (a global "
+        "server's WAN listener: per party)."),
     "geomx_refused_messages_total": Family(
         "counter", "", ("link", "peer", "reason"),
         "Messages refused (malformed, unauthorised, out of protocol) by link, sender and kind of refusal."),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import zmq
@@ -53,7 +54,7 @@ class SendQueue:
     def __len__(self) -> int:
         return len(self._heap)
 
-    def put(self, msg: Message, kind: int = DATA, on_sent: Optional[Callable[[], None]] = None) -> None:
+    def put(self, msg: Message, kind: int = DATA, on_sent: Optional[Callable[[float], None]] = None) -> None:
         priority = msg.priority
         if kind == DATA:
             floor = self._key_floor.get(msg.key)
@@ -70,6 +71,7 @@ class SendQueue:
         self._waiting = False
         while self._heap:
             kind, _, _, msg, on_sent = self._heap[0]
+            handed = time.time()  # before the hand-over (see geomx.senders.OnSent)
             try:
                 self.link.send(msg, block=False)
             except zmq.Again:
@@ -83,7 +85,7 @@ class SendQueue:
                 if floor[1] == 0:
                     del self._key_floor[msg.key]
             if on_sent is not None:
-                on_sent()
+                on_sent(handed)
 
     def clear(self) -> None:
         self._heap.clear()

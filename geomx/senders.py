@@ -15,13 +15,16 @@ name from a node's configuration, as ps-lite picks its van by name.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 from .p3 import DATA, SendQueue
 from .transport import EventLoop, Link
 from .wire import Message
 
-OnSent = Optional[Callable[[], None]]
+# Called with the wall-clock time (time.time()) just before the message was handed to its socket: taken
+# before the hand-over, so that a thread preempted right after it cannot date the send after its answer.
+OnSent = Optional[Callable[[float], None]]
 
 
 class Sender:
@@ -48,9 +51,10 @@ class Sender:
         """Send ``msg`` (``kind``: ``p3.DATA`` or ``p3.CONTROL``); ``on_sent`` once it is on the socket."""
         link = self.links[server]
         assert link is not None
+        handed = time.time()
         link.send(msg)
         if on_sent is not None:
-            on_sent()
+            on_sent(handed)
 
     def resend(self, server: int, msg: Message, kind: int = DATA) -> None:
         """Send ``msg`` again, whole, over server ``server``'s new link (after :meth:`discard`): a
@@ -129,9 +133,10 @@ class DgtSender(Sender):
         if kind != DATA:
             super().send(server, msg, kind, on_sent)
             return
+        handed = time.time()
         self.dgt.send(server, msg)
         if on_sent is not None:
-            on_sent()
+            on_sent(handed)
 
 
 SENDERS: Dict[str, Type[Sender]] = {"zmq": Sender, "p3": P3Sender, "dgt": DgtSender}

@@ -98,17 +98,18 @@ def test_process_env_exact(monkeypatch):
     assert dmlc(by["global_scheduler"].env) == dict(
         DMLC_ROLE_GLOBAL="global_scheduler", DMLC_PS_GLOBAL_ROOT_URI=h, DMLC_PS_GLOBAL_ROOT_PORT="9092",
         DMLC_NUM_GLOBAL_SERVER="2", DMLC_NUM_GLOBAL_WORKER="2", DMLC_NODE_HOST=h,
-        GEOMX_PARTY_SERVERS=f"{h}:9094=1,{h}:9095=1")
+        GEOMX_PARTY_SERVERS=f"{h}:9094=1,{h}:9095=1", GEOMX_PARTY="central")
     for i in range(2):
         assert dmlc(by[f"global_server{i}"].env) == dict(
             DMLC_ROLE_GLOBAL="global_server", DMLC_ROLE="server",
             DMLC_PS_GLOBAL_ROOT_URI=h, DMLC_PS_GLOBAL_ROOT_PORT="9092",
             DMLC_PS_ROOT_URI=h, DMLC_PS_ROOT_PORT="9093", DMLC_NUM_SERVER="2", DMLC_NUM_WORKER="1",
             DMLC_NUM_GLOBAL_SERVER="2", DMLC_NUM_GLOBAL_WORKER="2", DMLC_NUM_ALL_WORKER="4",
-            DMLC_ENABLE_CENTRAL_WORKER="0", DMLC_NODE_HOST=h, GEOMX_GLOBAL_SERVER_RANK=str(i))
+            DMLC_ENABLE_CENTRAL_WORKER="0", DMLC_NODE_HOST=h, GEOMX_GLOBAL_SERVER_RANK=str(i),
+            GEOMX_PARTY="central")
     assert dmlc(by["central/scheduler"].env) == dict(
         DMLC_ROLE="scheduler", DMLC_PS_ROOT_URI=h, DMLC_PS_ROOT_PORT="9093", DMLC_NUM_SERVER="2",
-        DMLC_NUM_WORKER="1", DMLC_NODE_HOST=h)
+        DMLC_NUM_WORKER="1", DMLC_NODE_HOST=h, GEOMX_PARTY="central")
     assert dmlc(by["central/master_worker"].env) == dict(
         DMLC_ROLE="worker", DMLC_ROLE_MASTER_WORKER="1", DMLC_PS_ROOT_URI=h, DMLC_PS_ROOT_PORT="9093",
         DMLC_NUM_SERVER="2", DMLC_NUM_WORKER="1", DMLC_NUM_ALL_WORKER="4", DMLC_ENABLE_CENTRAL_WORKER="0",
@@ -116,11 +117,12 @@ def test_process_env_exact(monkeypatch):
     for p, port in enumerate(["9094", "9095"]):
         assert dmlc(by[f"party{p}/scheduler"].env) == dict(
             DMLC_ROLE="scheduler", DMLC_PS_ROOT_URI=h, DMLC_PS_ROOT_PORT=port, DMLC_NUM_SERVER="1",
-            DMLC_NUM_WORKER="2", DMLC_NODE_HOST=h)
+            DMLC_NUM_WORKER="2", DMLC_NODE_HOST=h, GEOMX_PARTY=f"party{p}")
         assert dmlc(by[f"party{p}/server"].env) == dict(
             DMLC_ROLE="server", DMLC_PS_ROOT_URI=h, DMLC_PS_ROOT_PORT=port,
             DMLC_PS_GLOBAL_ROOT_URI=h, DMLC_PS_GLOBAL_ROOT_PORT="9092", DMLC_NUM_SERVER="1",
-            DMLC_NUM_WORKER="2", DMLC_NUM_GLOBAL_SERVER="2", DMLC_NUM_GLOBAL_WORKER="2", DMLC_NODE_HOST=h)
+            DMLC_NUM_WORKER="2", DMLC_NUM_GLOBAL_SERVER="2", DMLC_NUM_GLOBAL_WORKER="2", DMLC_NODE_HOST=h,
+            GEOMX_PARTY=f"party{p}")
         for i in range(2):
             s = by[f"party{p}/worker{i}"]
             assert dmlc(s.env) == dict(

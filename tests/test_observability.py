@@ -113,7 +113,7 @@ def prometheus_targets(config_text):
 def test_prometheus_scrapes_each_party_link_while_it_trains(tmp_path):
     if shutil.which("prometheus") is None:
         pytest.skip("Debian's prometheus is not installed (.ci/run installs it as root)")
-    base = consecutive_free_ports(12)
+    base = consecutive_free_ports(13)  # 12 processes, then Prometheus
     hold = tmp_path / "hold"
     printed = subprocess.run(launch(["--metrics-port", str(base), "--print-prometheus"], hold), cwd=REPO,
                              capture_output=True, text=True, timeout=60)
@@ -126,7 +126,7 @@ def test_prometheus_scrapes_each_party_link_while_it_trains(tmp_path):
     check = subprocess.run(["promtool", "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True,
                            text=True) if shutil.which("promtool") else None
     assert check is None or check.returncode == 0, check.stdout + check.stderr
-    prom_port = consecutive_free_ports(1)
+    prom_port = base + len(targets)
     prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
                              f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"))
@@ -217,5 +217,5 @@ def test_one_trace_file_shows_an_iteration_across_every_tier(tmp_path):
             wan = [ev for ev in spans(ls, "PUSHPULL") if ev["args"]["key"] == key]
             assert len(wan) == ROUNDS
             req = sorted(wan, key=lambda ev: ev["ts"])[r]
-            assert req["ts"] <= up["ts"] <= req["ts"] + req["dur"]
+            assert req["ts"] <= up["ts"] <= req["ts"] + req["dur"], (ls, up, [(e["ts"], e["dur"]) for e in wan])
     assert svg.read_text().startswith("<svg") and "global_server0 · update" in svg.read_text()

@@ -71,8 +71,10 @@ def test_each_sender_delivers_over_a_real_socket():
             loop.add(link, lambda *a: None, routed=False)
             s.attach(0, link, ("127.0.0.1", port))
             sent: list = []
-            s.send(0, wire.Message(wire.MsgType.PUSH, key=3, priority=-3, data=data), DATA, lambda s=sent: s.append(3))
-            s.send(0, wire.Message(wire.MsgType.PUSH, key=1, priority=-1, data=data), DATA, lambda s=sent: s.append(1))
+            s.send(0, wire.Message(wire.MsgType.PUSH, key=3, priority=-3, data=data), DATA,
+                   lambda _, s=sent: s.append(3))
+            s.send(0, wire.Message(wire.MsgType.PUSH, key=1, priority=-1, data=data), DATA,
+                   lambda _, s=sent: s.append(1))
             s.send(0, wire.Message(wire.MsgType.STOP), CONTROL)
             loop.run_until(lambda: len(got) == 3, timeout=20, what=f"{name}'s messages")
             assert got == [("PUSH", 3), ("PUSH", 1), ("STOP", 0)] and sorted(sent) == [1, 3], (name, got)

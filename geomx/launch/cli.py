@@ -23,6 +23,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .. import __version__, config
+from . import prometheus
 from .layout import ProcessSpec
 from .supervisor import log, run, run_processes
 from .topology import Topology
@@ -103,7 +104,7 @@ class _OtherForm(argparse.Action):
 #: The single-machine form's flags (a topology file says what they say).
 _MACHINE_FLAGS = (("-p", "--parties"), ("-w", "--workers"), ("-s", "--global-servers"), ("-l", "--local-servers"),
                   ("-c", "--central-workers"), ("--host",), ("--env",), ("--node-env",), ("--node-command",),
-                  ("--wan",), ("--separate-global-servers",), ("--curve",))
+                  ("--wan",), ("--separate-global-servers",), ("--curve",), ("--metrics-port",))
 #: The topology-file form's own flags.
 _TOPOLOGY_FLAGS = (("--site",), ("--print-firewall",), ("--ssh-config",))
 
@@ -136,6 +137,12 @@ def _supervision_options(p: argparse.ArgumentParser, dry_run: str) -> None:
         default=None,
         metavar="DIR",
         help="also write each process's raw output to DIR/<name>.log",
+    )
+    p.add_argument(
+        "--print-prometheus",
+        action="store_true",
+        help="print a Prometheus scrape configuration with every process's metrics listener, and exit "
+        "(docs/Observability.md)",
     )
     p.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
@@ -221,6 +228,14 @@ def _machine_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="encrypt and authenticate every link with CURVE, using throwaway key pairs (one per data center) "
         "generated into a temporary directory and removed at exit",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=_int_at_least(1),
+        default=None,
+        metavar="BASE",
+        help="every process serves /metrics (Prometheus) and /metrics.json: the n-th process in start order "
+        "(as --dry-run lists them) on port BASE+n (docs/Observability.md)",
     )
     _supervision_options(p, "print the processes as shell lines and exit")
     for flags in _TOPOLOGY_FLAGS:
@@ -336,7 +351,15 @@ def _main_machine(parser: argparse.ArgumentParser, args, command: List[str]) -> 
         env=dict(args.env),
         node_env=node_env,
         node_command=shlex.split(args.node_command) if args.node_command is not None else None,
+        metrics_base=args.metrics_port,
     )
+    if args.metrics_port is not None and args.metrics_port + topology.num_processes - 1 > 65535:
+        parser.error(f"--metrics-port {args.metrics_port}: its {topology.num_processes} ports run past 65535")
+    if args.print_prometheus:
+        if args.metrics_port is None:
+            parser.error("--print-prometheus needs --metrics-port BASE (the ports it would list)")
+        print(prometheus.scrape_config(prometheus.targets_of(topology.processes(command or ["COMMAND"]))), end="")
+        return 0
 
     wan_spec = None
     if args.wan is not None:
@@ -421,6 +444,13 @@ def _main_topology(parser: argparse.ArgumentParser, args, command: List[str]) ->
     if args.print_firewall:
         for line in topo.firewall():
             print(line)
+        return 0
+    if args.print_prometheus:
+        if not topo.metrics:
+            print(f"geomx-launch: {args.topology}: --print-prometheus needs `metrics = true` in the topology file",
+                  file=sys.stderr)
+            return 2
+        print(prometheus.scrape_config(prometheus.targets_of(topo.processes(command or ["COMMAND"]))), end="")
         return 0
     if not command:
         parser.error("the following arguments are required: COMMAND (give it after '--')")

@@ -56,6 +56,7 @@ ROLE_KEYS = frozenset(
         "GEOMX_CENTRAL_PORT",
         "GEOMX_TS_PORT",
         "GEOMX_DGT_UDP_PORT",
+        "GEOMX_METRICS_PORT",
     }
 )
 
@@ -224,6 +225,11 @@ class Layout:
     node_command: Optional[List[str]] = None
     #: GEOMX_CURVE_CENTRAL_KEY of every process under CURVE (None: not set; the nodes' default ``central``).
     central_key: Optional[str] = None
+    #: Every process serves its metrics (GEOMX_METRICS_PORT, docs/Observability.md): with a port plan that
+    #: fixes ports (a topology file), each takes one from its site's range after every other listener; on
+    #: one machine, the n-th process in start order takes ``metrics_base + n``.
+    metrics: bool = False
+    metrics_base: Optional[int] = None
 
     @property
     def sites(self) -> List[Site]:
@@ -248,6 +254,7 @@ class Layout:
         central_num_worker = max(1, c.workers)
         enable_cw = 1 if c.workers > 0 else 0
         listeners: List[Listener] = []
+        placed_at: Dict[str, Tuple[Site, Host, str]] = {}  # process name -> its site, host and role
         schedulers: List[ProcessSpec] = []
         servers: List[ProcessSpec] = []
         workers: List[ProcessSpec] = []
@@ -280,10 +287,14 @@ class Layout:
                 argv = [*host.prefix, *self.node_command]
             else:
                 argv = [*host.prefix, host.python or DEFAULT_NODE_COMMAND[0], *DEFAULT_NODE_COMMAND[1:]]
+            if worker is None:  # its party as a worker's is named, for its metrics' labels
+                launcher_env = dict(launcher_env, GEOMX_PARTY="central" if site.kind == "central"
+                                    else f"party{parties.index(site)}")
             out = ProcessSpec(name, argv, self._environment(site, host, launcher_env, user_env), worker is not None,
                               host.dc or site.name, cwd=host.workdir, host=host.ssh, site=site.name,
                               party=site.name if site.kind == "party" else "")
             out.listener = listener
+            placed_at[name] = (site, host, role)
             return out
 
         # ---- the central site: the global tier and the central party
@@ -409,7 +420,21 @@ class Layout:
                     **placed,
                 ), user_env, worker=(first_slice + i, p, i)))
             first_slice += site.workers
-        return enable_restarts(declare_party_servers(schedulers + servers + workers)), listeners
+        specs = schedulers + servers + workers
+        if self.metrics or self.metrics_base is not None:
+            # Last, so that turning metrics on moves no other listener's port.
+            for n, s in enumerate(specs):
+                site, host, role = placed_at[s.name]
+                if "GEOMX_METRICS_PORT" in self._user_env(site, role, s.name):
+                    continue  # the description gives this process its own
+                if ports.fixed:
+                    port = listen(site, host, s.name, role, "metrics (/metrics for Prometheus)", [site.name])
+                else:
+                    assert self.metrics_base is not None, "metrics on one machine need metrics_base"
+                    port = self.metrics_base + n
+                    listeners.append(Listener(site.name, s.name, host, port, "tcp", "metrics", (site.name,)))
+                s.env["GEOMX_METRICS_PORT"] = str(port)
+        return enable_restarts(declare_party_servers(specs)), listeners
 
     def _user_env(self, site: Site, role: str, name: str) -> Dict[str, str]:
         """The variables of the process ``name`` that the description sets (``env`` ... ``node_env``)."""

@@ -44,7 +44,7 @@ DEFAULT_PORT_BASE = 9000
 AUTO_KEYS_PLACEHOLDER = "<keys generated at start>"
 
 _TOP_KEYS = {"central", "party", "security", "keys_dir", "env", "role_env", "port_base", "python", "workdir",
-             "outage_window", "lost_party"}
+             "outage_window", "lost_party", "metrics"}
 _HOST_KEYS = {"host", "address", "bind", "python", "workdir"}
 _SITE_KEYS = _HOST_KEYS | {"name", "ports", "env", "role_env", "keys_dir", "server_hosts", "worker_hosts"}
 _CENTRAL_KEYS = _SITE_KEYS | {"global_servers", "central_workers"}
@@ -69,6 +69,9 @@ class SiteTopology:
     #: CURVE without keys_dir: the launcher generates each site's key pair on the site's host at start
     #: (over SSH) and hands out the public keys; see geomx/launch/cli.py.
     auto_keys: bool = False
+    #: ``metrics = true``: every process serves /metrics on a port of its site's range, bound to its host's
+    #: internal address (reached from inside its site; docs/Observability.md).
+    metrics: bool = False
 
     @property
     def sites(self) -> List[Site]:
@@ -102,7 +105,7 @@ class SiteTopology:
 
         central, *parties = [replace(site, keys_dir=keys(site)) for site in self.sites]
         return Layout(central, parties, env=self.env, role_env=self.role_env,
-                      central_key=self.central.name if curve else None)
+                      central_key=self.central.name if curve else None, metrics=self.metrics)
 
     def _placement(self, command: Union[str, Sequence[str]], keys_dir: Optional[str] = None
                    ) -> Tuple[List[ProcessSpec], List[Listener]]:
@@ -377,6 +380,10 @@ def loads(text: str, path: str = "<topology>") -> SiteTopology:
         seen[p.name] = f"[[party]] #{i + 1}"
     topo = SiteTopology(path, central, parties, "none", ck.env(doc, "env", "top level"),
                         ck.role_env(doc, "top level"), port_base)
+    metrics = doc.get("metrics", False)
+    if not isinstance(metrics, bool):
+        raise ck.fail("top level", f"metrics must be true or false, got {metrics!r}")
+    topo.metrics = metrics
     window = doc.get("outage_window")
     if window is not None:
         # How long the global tier rides out a party's silent WAN link: every process reads it from

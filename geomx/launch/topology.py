@@ -126,6 +126,9 @@ class Topology:
     #: CURVE (``--curve``): a directory with one key pair per data center, ``central.key[_secret]``,
     #: ``party0.key[_secret]``, ... (see :meth:`make_curve_keys`); it is every party's allow-list too.
     curve_dir: Optional[str] = None
+    #: Every process serves its metrics (``--metrics-port``): the n-th process in start order on
+    #: ``metrics_base + n`` (None: none do).
+    metrics_base: Optional[int] = None
 
     @property
     def dcs(self) -> List[str]:
@@ -226,7 +229,8 @@ class Topology:
                         keys_dir=self.curve_dir)
                    for p, (servers, workers) in enumerate(zip(self.servers_per_party, self.workers_of_party))]
         return Layout(central, parties, env=dict(self.env), node_env=dict(self.node_env),
-                      node_command=list(self.node_command) if self.node_command is not None else None)
+                      node_command=list(self.node_command) if self.node_command is not None else None,
+                      metrics_base=self.metrics_base)
 
     def processes(
         self, command: Union[str, Sequence[str]], ports: Optional[Ports] = None

@@ -114,8 +114,10 @@ class Link:
             return frames, None, None
         envelope = frames[0]
         identity = bytes(envelope.buffer)
-        # Per peer (a global server's WAN listener: per party). Identities come from the network: past
-        # MAX_PEERS of them, new ones are counted together, so no peer can grow this table.
+        # Per peer (a global server's WAN listener: per party), the message as its sender sent it (without
+        # the identity frame ZeroMQ adds). Identities come from the network: past MAX_PEERS of them, new
+        # ones are counted together, so no peer can grow this table.
+        size -= len(envelope)
         by_peer = self.bytes_by_peer
         if identity in by_peer:
             by_peer[identity] += size

@@ -453,3 +453,23 @@ def test_remote_wrapper_killed_takes_its_command_along():
     assert proc.wait(timeout=5) == -signal.SIGKILL
     assert_all_dead(pids, within=KILL_AFTER + 5)
     proc.stdin.close()
+
+
+@pytest.mark.unit
+def test_metrics_ports_in_start_order_and_the_scrape_configuration(capsys):
+    topo = Topology(parties=2, workers_per_party=1, metrics_base=30000)
+    specs = topo.processes(["python", "x.py"], Ports(global_root=9092, central_root=9093, parties=[9094, 9095]))
+    assert [s.env["GEOMX_METRICS_PORT"] for s in specs] == [str(30000 + n) for n in range(len(specs))]
+    assert len(specs) == topo.num_processes
+    assert main(["-p", "2", "-w", "1", "--metrics-port", "30000", "--print-prometheus", "--", "python", "x.py"]) == 0
+    config = capsys.readouterr().out
+    assert [line.split('"')[1] for line in config.splitlines() if "- targets:" in line] == \
+        [f"127.0.0.1:{30000 + n}" for n in range(len(specs))]
+    assert '{geomx_process: "party1/worker0", geomx_role: "worker", geomx_site: "party1"}' in config
+    assert '{geomx_process: "central/master_worker", geomx_role: "master_worker", geomx_site: "central"}' in config
+    with pytest.raises(SystemExit):
+        main(["-p", "2", "--print-prometheus", "--", "x"])
+    assert "--print-prometheus needs --metrics-port BASE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["-p", "2", "--metrics-port", "65530", "--", "x"])
+    assert "ports run past 65535" in capsys.readouterr().err

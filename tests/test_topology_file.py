@@ -101,6 +101,8 @@ BAD = {
                                   "top level: outage_window must be seconds in [0, 604800], got '5m'"),
     "outage window twice": ('outage_window = 60\n[env]\nGEOMX_WAN_OUTAGE_WINDOW = 60\n' + CENTRAL + PARTY0,
                             "top level: outage_window and env.GEOMX_WAN_OUTAGE_WINDOW are both set; keep one"),
+    "metrics not a boolean": ('metrics = "yes"\n' + CENTRAL + PARTY0,
+                              "top level: metrics must be true or false, got 'yes'"),
     "lost party policy": ('lost_party = "wait"\n' + CENTRAL + PARTY0,
                           "top level: lost_party must be one of stop, continue, rejoin, got 'wait'"),
     # Feature switches are read by the nodes' rule (geomx.config), which the listeners follow.
@@ -186,6 +188,36 @@ def test_minimal_form_firewall(tmp_path, capsys):
         "tcp 10.1.0.3:9000  party1/scheduler (party scheduler)  from party1 (10.1.0.3)",
         "tcp 10.1.0.3:9001  party1/server (local server, for its workers)  from party1 (10.1.0.3)",
     ]
+
+
+@pytest.mark.unit
+def test_metrics_take_ports_after_every_other_listener_and_show_in_the_firewall_and_the_scrape_config(
+        tmp_path, capsys):
+    path = tmp_path / "m.toml"
+    path.write_text("metrics = true\n" + MINIMAL)
+    topo = load(str(path))
+    by = {s.name: s for s in topo.processes(["x"])}
+    plain = {s.name: s for s in loads(MINIMAL, "m.toml").processes(["x"])}
+    # Every other port as without metrics; then each process one port of its site's range, in start order.
+    for name, s in by.items():
+        assert {k: v for k, v in s.env.items() if k != "GEOMX_METRICS_PORT"} == plain[name].env
+    assert {n: s.env["GEOMX_METRICS_PORT"] for n, s in by.items()} == {
+        "global_scheduler": "9004", "central/scheduler": "9005", "global_server0": "9006",
+        "central/master_worker": "9007", "party0/scheduler": "9002", "party0/server": "9003",
+        "party0/worker0": "9004", "party0/worker1": "9005", "party1/scheduler": "9002", "party1/server": "9003",
+        "party1/worker0": "9004", "party1/worker1": "9005"}
+    assert main(["--topology", str(path), "--print-firewall"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "# central (10.1.0.1): 8 port(s)" in lines
+    assert "tcp 10.1.0.2:9004  party0/worker0 (metrics (/metrics for Prometheus))  from party0 (10.1.0.2)" in lines
+    assert main(["--topology", str(path), "--print-prometheus", "--", "x"]) == 0
+    config = capsys.readouterr().out
+    assert config.count("- targets:") == 12
+    assert '- targets: ["10.1.0.3:9003"]\n        labels: {geomx_process: "party1/server", ' \
+           'geomx_role: "local_server", geomx_site: "party1"}' in config
+    path.write_text(MINIMAL)
+    assert main(["--topology", str(path), "--print-prometheus", "--", "x"]) == 2
+    assert "--print-prometheus needs `metrics = true` in the topology file" in capsys.readouterr().err
 
 
 @pytest.mark.unit

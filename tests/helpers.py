@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import os
-import random
 import re
 import signal
 import socket
@@ -35,6 +34,7 @@ import zmq
 
 from geomx import wire
 from geomx.launch import Topology, run
+from geomx.launch.topology import free_port_range  # noqa: F401 - the tests take it from here
 from geomx.wire import MsgType
 
 # -- paths ----------------------------------------------------------------------------------------
@@ -324,27 +324,6 @@ def dead_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def free_port_range(n: int) -> int:
-    """A first port of ``n`` consecutive ports free on 127.0.0.1, below the ephemeral range (so that
-    no OS-chosen port lands there while the test runs)."""
-    rng = random.Random()
-    for _ in range(200):
-        first = rng.randrange(20000, 32000 - n)
-        socks = []
-        try:
-            for port in range(first, first + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
 
 
 def listening(ports) -> set:

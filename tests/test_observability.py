@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +20,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from helpers import REPO, WORKERS
+from helpers import REPO, WORKERS, free_port_range
 
 from geomx import metrics, trace
 
@@ -30,24 +30,6 @@ ROUNDS = 4
 KEYS = 2  # metrics_worker.SIZES
 # Whole keys on the WAN (no cut-through slices), so a round is a key's round at every server.
 ENV = ["--env", "GEOMX_WAN_SLICE_BYTES=0"]
-
-
-def consecutive_free_ports(n: int) -> int:
-    """A base port with ``n`` free ports after it (checked a moment ago)."""
-    for base in range(20000, 60000, 97):
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                s.bind(("127.0.0.1", p))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
 
 
 def launch(args, hold, parties=2, workers=1):
@@ -113,7 +95,7 @@ def prometheus_targets(config_text):
 def test_prometheus_scrapes_each_party_link_while_it_trains(tmp_path):
     if shutil.which("prometheus") is None:
         pytest.skip("Debian's prometheus is not installed (.ci/run installs it as root)")
-    base = consecutive_free_ports(13)  # 12 processes, then Prometheus
+    base = free_port_range(13)  # 12 processes, then Prometheus
     hold = tmp_path / "hold"
     printed = subprocess.run(launch(["--metrics-port", str(base), "--print-prometheus"], hold), cwd=REPO,
                              capture_output=True, text=True, timeout=60)
@@ -219,3 +201,49 @@ def test_one_trace_file_shows_an_iteration_across_every_tier(tmp_path):
             req = sorted(wan, key=lambda ev: ev["ts"])[r]
             assert req["ts"] <= up["ts"] <= req["ts"] + req["dur"], (ls, up, [(e["ts"], e["dur"]) for e in wan])
     assert svg.read_text().startswith("<svg") and "global_server0 · update" in svg.read_text()
+
+
+def _status(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status.json", timeout=10) as r:
+        return json.load(r)
+
+
+def test_launcher_status_page_follows_the_run_to_its_end(tmp_path):
+    """geomx-launch --status: every process gets a metrics port, the page sees them all and the rounds
+    the workers ran, then the launcher tells it each exit and the end, and it serves on (--status-linger)
+    until the launcher is interrupted."""
+    hold = tmp_path / "hold"
+    port = free_port_range(1)
+    run = Run(launch(["--status", f"127.0.0.1:{port}", "--status-linger", "120"], hold), trainers=2)
+    try:
+        run.wait_trained()
+        deadline = time.monotonic() + 60
+        while True:  # the page polls each node about once a second
+            try:
+                status = _status(port)
+            except OSError:
+                status = None
+            if status and status["rounds"]["total"] == KEYS * ROUNDS and \
+                    all(n["state"] == "up" for n in status["nodes"]):
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(0.2)
+        assert len(status["nodes"]) == 10 and status["shape"] == {"parties": ["party0", "party1"], "global_servers": 1}
+        assert status["waits"]["parties"]["party0"]["rounds"] + status["waits"]["parties"]["party1"]["rounds"] == \
+            KEYS * ROUNDS
+        hold.touch()
+        while True:  # the run ends; the page stays
+            status = _status(port)
+            if status["run"]["state"] == "ended":
+                break
+            assert time.monotonic() < deadline + 60, status["run"]
+            time.sleep(0.2)
+        assert status["run"]["status"] == 0 and status["run"]["ok"]
+        exits = {e["node"] for e in status["events"] if e["kind"] == "exit"}
+        assert exits == {n["name"] for n in status["nodes"]}
+        run.proc.send_signal(signal.SIGINT)  # ends the linger
+        assert run.proc.wait(60) == 0, "".join(run.lines[-40:])
+        with pytest.raises(OSError):
+            _status(port)
+    finally:
+        run.kill()

@@ -26,7 +26,7 @@ from .. import __version__, config
 from . import prometheus
 from .layout import ProcessSpec
 from .supervisor import log, run, run_processes
-from .topology import Topology
+from .topology import Topology, free_port_range
 
 #: Prefixes of the variables shown by ``--dry-run``.
 DRY_RUN_PREFIXES = ("DMLC_", "GEOMX_", "ENABLE_", "MXNET_")
@@ -43,6 +43,17 @@ def _int_at_least(minimum: int):
         return value
 
     return parse
+
+
+def _status_address(text: str) -> Tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected [HOST:]PORT, got {text!r}") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {number}")
+    return host or "127.0.0.1", number
 
 
 def _positive_float(text: str) -> float:
@@ -137,6 +148,22 @@ def _supervision_options(p: argparse.ArgumentParser, dry_run: str) -> None:
         default=None,
         metavar="DIR",
         help="also write each process's raw output to DIR/<name>.log",
+    )
+    p.add_argument(
+        "--status",
+        default=None,
+        type=_status_address,
+        metavar="[HOST:]PORT",
+        help="serve a live status page of the run at http://HOST:PORT/ (default host 127.0.0.1): sites, WAN "
+        "links and their throughput, rounds, the party rounds wait for, accuracy, refusals and exits "
+        "(docs/Observability.md). Every process serves its metrics for it",
+    )
+    p.add_argument(
+        "--status-linger",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="SEC",
+        help="with --status: keep serving the page SEC seconds after the run ended (default 0)",
     )
     p.add_argument(
         "--print-prometheus",
@@ -353,6 +380,8 @@ def _main_machine(parser: argparse.ArgumentParser, args, command: List[str]) -> 
         node_command=shlex.split(args.node_command) if args.node_command is not None else None,
         metrics_base=args.metrics_port,
     )
+    if args.status is not None and topology.metrics_base is None:
+        topology.metrics_base = free_port_range(topology.num_processes, topology.host)
     if args.metrics_port is not None and args.metrics_port + topology.num_processes - 1 > 65535:
         parser.error(f"--metrics-port {args.metrics_port}: its {topology.num_processes} ports run past 65535")
     if args.print_prometheus:
@@ -390,9 +419,11 @@ def _main_machine(parser: argparse.ArgumentParser, args, command: List[str]) -> 
         return 0
 
     _log_to_stderr()
-    if wan_spec is None:
-        return run(topology, command, timeout=args.timeout, log_dir=args.log_dir, grace=args.grace)
-    return _run_on_wan(topology, command, wan_spec, args)
+    with _StatusPage(args) as page:
+        if wan_spec is None:
+            return run(topology, command, timeout=args.timeout, log_dir=args.log_dir, grace=args.grace,
+                       observer=page.start)
+        return _run_on_wan(topology, command, wan_spec, args, page.start)
 
 
 def _place_on_wan(topology: Topology, wan) -> None:
@@ -401,7 +432,8 @@ def _place_on_wan(topology: Topology, wan) -> None:
     topology.dc_prefix = {dc: wan.exec_argv(dc) for dc in wan.dcs}
 
 
-def _run_on_wan(topology: Topology, command: Sequence[str], spec, args) -> int:
+def _run_on_wan(topology: Topology, command: Sequence[str], spec, args,
+                observer: Optional[Callable[[List[ProcessSpec]], object]] = None) -> int:
     from ..testing import wan as wanmod
 
     try:
@@ -416,7 +448,8 @@ def _run_on_wan(topology: Topology, command: Sequence[str], spec, args) -> int:
             log.info("emulated WAN: %s", w.describe())
             _place_on_wan(topology, w)
             try:
-                status = run(topology, command, timeout=args.timeout, log_dir=args.log_dir, grace=args.grace)
+                status = run(topology, command, timeout=args.timeout, log_dir=args.log_dir, grace=args.grace,
+                             observer=observer)
             finally:
                 try:
                     elapsed = time.monotonic() - t0
@@ -429,6 +462,41 @@ def _run_on_wan(topology: Topology, command: Sequence[str], spec, args) -> int:
         log.error("launcher received a termination signal; topology stopped, WAN torn down")
         return code
     return status
+
+
+class _StatusPage:
+    """``--status``: the live status page, started once the process list exists (``start`` is the
+    supervisor's observer factory) and served ``--status-linger`` seconds after the run."""
+
+    def __init__(self, args) -> None:
+        self.address = args.status
+        self.linger = args.status_linger
+        self.page = None
+
+    def __enter__(self) -> "_StatusPage":
+        return self
+
+    def start(self, specs: List[ProcessSpec]):
+        if self.address is None:
+            return None
+        from .status import StatusPage
+
+        host, port = self.address
+        self.page = StatusPage.of_processes(specs, host, port)  # it logs its address
+        return self.page
+
+    def __exit__(self, *exc: object) -> None:
+        if self.page is None:
+            return
+        try:
+            if self.linger > 0:
+                print(f"[launch] the status page stays at {self.page.url} for {self.linger:g} s", file=sys.stderr,
+                      flush=True)
+                time.sleep(self.linger)  # what --status-linger asks for; Ctrl-C ends it
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.page.close()
 
 
 def _main_topology(parser: argparse.ArgumentParser, args, command: List[str]) -> int:
@@ -474,13 +542,19 @@ def _main_topology(parser: argparse.ArgumentParser, args, command: List[str]) ->
     warning = topo.insecure_warning()
     if warning:
         log.warning("%s", warning)
-    if args.site is None:
-        return _run_over_ssh(topo, command, args)
-    return run_processes(specs, f"site {args.site} of {args.topology}", timeout=args.timeout, log_dir=args.log_dir,
-                         grace=args.grace)
+    if args.status is not None and not topo.metrics:
+        print(f"geomx-launch: {args.topology}: --status needs `metrics = true` in the topology file (the page reads "
+              f"every process's metrics)", file=sys.stderr)
+        return 2
+    with _StatusPage(args) as page:
+        if args.site is None:
+            return _run_over_ssh(topo, command, args, page.start)
+        return run_processes(specs, f"site {args.site} of {args.topology}", timeout=args.timeout,
+                             log_dir=args.log_dir, grace=args.grace, observer=page.start(specs))
 
 
-def _run_over_ssh(topo, command: List[str], args) -> int:
+def _run_over_ssh(topo, command: List[str], args,
+                  observer: Optional[Callable[[List[ProcessSpec]], object]] = None) -> int:
     """Every process on its host, one SSH session each over one connection per host."""
 
     from .ssh import Connections, SSHError, remote_command
@@ -523,7 +597,8 @@ def _run_over_ssh(topo, command: List[str], args) -> int:
         security = "CURVE (keys generated on each site's host)" if keys else \
             "CURVE (keys_dir)" if topo.security == "curve" else "no encryption"
         return run_processes(remote, f"{args.topology} over SSH on {hosts}, {security}", timeout=args.timeout,
-                             log_dir=args.log_dir, grace=args.grace)
+                             log_dir=args.log_dir, grace=args.grace,
+                             observer=observer(specs) if observer is not None else None)
     finally:
         if keys is not None:
             conns.remove(keys)

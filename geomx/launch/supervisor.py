@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Dict, List, Optional, Sequence, Tuple, Union
+from typing import IO, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .layout import ProcessSpec
 from .topology import Topology
@@ -94,6 +94,8 @@ class _Launcher:
         self.log_dir = log_dir
         self.kill_timeout = kill_timeout
         self.children: List[_Child] = []
+        self.observer: Optional[Any] = None  # told of each exit and of the end (run_processes)
+        self.why = ""  # why the run ended badly, for the observer
         self.stream_lock = threading.Lock()
         self.stopping = False
         # While a child is being started, a SIGINT/SIGTERM is deferred so that no started
@@ -242,6 +244,7 @@ def run(
     stream: Optional[IO[str]] = None,
     grace: float = 30.0,
     kill_timeout: float = 5.0,
+    observer: Optional[Any] = None,
 ) -> int:
     """Run the topology until it finishes; return an exit status.
 
@@ -265,8 +268,10 @@ def run(
             f"{topology.global_servers} global server(s), {topology.central_workers} central worker(s) on "
             + (", ".join(f"{dc} {h}" for dc, h in topology.dc_hosts.items()) if topology.dc_hosts else topology.host)
         )
+        if callable(observer):  # built from the process list, now that it exists (the status page)
+            observer = observer(specs)
         return run_processes(specs, description, timeout=timeout, log_dir=log_dir, stream=stream, grace=grace,
-                             kill_timeout=kill_timeout)
+                             kill_timeout=kill_timeout, observer=observer)
     finally:
         ports.close()  # those of schedulers that were never started
 
@@ -280,11 +285,16 @@ def run_processes(
     stream: Optional[IO[str]] = None,
     grace: float = 30.0,
     kill_timeout: float = 5.0,
+    observer: Optional[Any] = None,
 ) -> int:
-    """Start ``specs`` in order and supervise them as :func:`run` describes (``description`` is logged)."""
+    """Start ``specs`` in order and supervise them as :func:`run` describes (``description`` is logged).
+
+    ``observer`` (the status page, :class:`.status.StatusPage`) is told each process's exit,
+    ``process_exited(name, status, reason)``, and the end, ``run_ended(status, why)``."""
     if stream is None:
         stream = sys.stdout
     launcher = _Launcher(specs, stream, log_dir, kill_timeout)
+    launcher.observer = observer
     with _ACTIVE_LOCK:
         _ACTIVE.add(launcher)
 
@@ -311,6 +321,7 @@ def run_processes(
     except (_Signalled, KeyboardInterrupt) as exc:
         signum = exc.signum if isinstance(exc, _Signalled) else signal.SIGINT
         status = 128 + int(signum)
+        launcher.why = f"the launcher received {signal.Signals(signum).name}"
         log.error("launcher received %s; stopping the topology", signal.Signals(signum).name)
     finally:
         launcher.stopping = True
@@ -329,6 +340,8 @@ def run_processes(
             launcher.close()
             with _ACTIVE_LOCK:
                 _ACTIVE.discard(launcher)
+            if observer is not None:
+                observer.run_ended(status, launcher.why if status else "every process exited with code 0")
     return status
 
 
@@ -392,6 +405,7 @@ def _supervise(launcher: _Launcher, description: str, timeout: Optional[float], 
             log.error(
                 "could not start %s (%s): %s; stopping the topology", spec.name, shlex.join(spec.argv), exc
             )
+            launcher.why = f"could not start {spec.name}: {exc}"
             if isinstance(exc, FileNotFoundError):
                 return 127, []
             if isinstance(exc, PermissionError):
@@ -415,6 +429,7 @@ def _supervise(launcher: _Launcher, description: str, timeout: Optional[float], 
                 launcher.start(spec, again=True)
             except OSError as exc:
                 log.error("could not start %s again (%s); stopping the topology", spec.name, exc)
+                launcher.why = f"could not start {spec.name} again: {exc}"
                 return 1, []
             finally:
                 launcher.critical = False
@@ -425,6 +440,9 @@ def _supervise(launcher: _Launcher, description: str, timeout: Optional[float], 
             if rc is None:
                 continue
             c.returncode = rc
+            if launcher.observer is not None:
+                launcher.observer.process_exited(c.name, _exit_status(rc),
+                                                 f"killed by {_signal_name(rc)}" if rc < 0 else "")
             again = _replacement(c, rc, restarts)
             if again is not None:
                 due.append((now + again[1], again[0]))
@@ -447,6 +465,7 @@ def _supervise(launcher: _Launcher, description: str, timeout: Optional[float], 
                 status = _exit_status(rc)
                 detail = f" (killed by {_signal_name(rc)})" if rc < 0 else ""
                 log.error("%s exited with code %d%s; stopping the topology", c.name, status, detail)
+                launcher.why = f"{c.name} exited with code {status}{detail}"
                 return status, []
             log.info("%s exited with code 0", c.name)
 
@@ -481,6 +500,8 @@ def _supervise(launcher: _Launcher, description: str, timeout: Optional[float], 
                     log.error(
                         "%s still running %.3g s after every worker succeeded; terminating it", c.name, grace
                     )
+                launcher.why = f"{', '.join(c.name for c in pending)} still running {grace:.3g} s after every worker " \
+                    "succeeded"
                 return EXIT_STRAGGLER, pending
 
         if deadline is not None and now >= deadline:
@@ -490,6 +511,7 @@ def _supervise(launcher: _Launcher, description: str, timeout: Optional[float], 
                 timeout,
                 ", ".join(still) or "none",
             )
+            launcher.why = f"timeout of {timeout:.3g} s exceeded"
             return EXIT_TIMEOUT, []
         time.sleep(0.05)
 

@@ -69,6 +69,27 @@ def free_ports(n: int, host: str = "127.0.0.1") -> List[int]:
             s.close()
 
 
+def free_port_range(n: int, host: str = "127.0.0.1") -> int:
+    """A first port of ``n`` consecutive ports free on ``host``, below the ephemeral range (so that no
+    OS-chosen port lands there while they are used): ``--status`` without ``--metrics-port``, tests."""
+    rng = random.Random()  # noqa: S311 - any free range does
+    for _ in range(200):
+        first = rng.randrange(20000, 32000 - n)
+        socks = []
+        try:
+            for port in range(first, first + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((host, port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
 def listening_sockets(n: int, host: str = "127.0.0.1") -> List[socket.socket]:
     """``n`` TCP sockets bound at distinct free ports of ``host`` and listening.
 

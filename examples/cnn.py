@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
 
     print(f"Start training on {num_all_workers} workers, my rank is {kv.rank}.", flush=True)
-    reporter = utils.Reporter(net, test_data, ctx)
+    reporter = utils.Reporter(net, test_data, ctx, kv)
     epoch = iteration = 0
     for epoch, iteration, (data, label) in utils.iterate(train_data, args.epoch, args.max_iters):
         report = distributed and args.report_loss and iteration % args.report_loss == 0
@@ -106,7 +106,9 @@ def main(argv=None) -> int:
             kv.pull(idx, out=param.data(), priority=-idx)
 
         if losses and iteration % args.report_loss == 0:
-            kv.report_loss(losses[0].asscalar())
+            # A batch the model fits perfectly has a cross-entropy of 0, which float rounding can make
+            # -1e-7; report_loss takes losses > 0 (DGT's adaptive K divides by the first one).
+            kv.report_loss(max(float(losses[0].asscalar()), 1e-6))
         if iteration % args.eval_every == 0:
             reporter.report(epoch, iteration)
 

@@ -128,7 +128,7 @@ def train(args: argparse.Namespace, compression: dict, dtype_of=None, describe=N
     print(f"Start training on {num_all_workers} workers, my rank is {kv.rank}.", flush=True)
     if describe is not None:
         print(describe(params), flush=True)
-    reporter = utils.Reporter(net, test_data, ctx)
+    reporter = utils.Reporter(net, test_data, ctx, kv)
     epoch = iteration = 0
     for epoch, iteration, (data, label) in utils.iterate(train_data, args.epoch, args.max_iters):
         batch = utils.compute_gradients(net, loss_fn, data, label, ctx)

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     print(f"Start training on {num_all_workers} workers, my rank is {kv.rank}.", flush=True)
     print(f"ESync: training until the workers average {budget} local steps.", flush=True)
     stream = utils.iterate(train_data, progress=False)  # endless: the budget decides when to stop
-    reporter = utils.Reporter(net, test_data, ctx)
+    reporter = utils.Reporter(net, test_data, ctx, kv)
     iteration = 0
     epoch = 0
     rnd = 0

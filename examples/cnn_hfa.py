@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     print(f"Start training on {num_all_workers} workers, my rank is {kv.rank}.", flush=True)
     print(f"HFA: K1={k1} (local steps between party averages), K2={k2} (party averages between "
           f"global averages): global model every {k1 * k2} iterations.", flush=True)
-    reporter = utils.Reporter(net, test_data, ctx)
+    reporter = utils.Reporter(net, test_data, ctx, kv)
     epoch = iteration = 0
     for epoch, iteration, (data, label) in utils.iterate(train_data, args.epoch, args.max_iters):
         batch = utils.compute_gradients(net, loss_fn, data, label, ctx)

@@ -379,8 +379,12 @@ class Reporter:
 
     LINE = "[Time %.3f][Epoch %d][Iteration %d] Test Acc %.4f"
 
-    def __init__(self, net: gluon.Block, test_data: Iterable[Sequence[mx.nd.NDArray]], ctx: mx.Context):
+    def __init__(self, net: gluon.Block, test_data: Iterable[Sequence[mx.nd.NDArray]], ctx: mx.Context,
+                 kv: Optional[object] = None):
         self.net = net
+        # geomx's kvstore: each accuracy also goes to the worker's metrics (kv.report_accuracy), which
+        # the launcher's status page and Prometheus show. Native MXNet's kvstore has no such call.
+        self.report_to = getattr(kv, "report_accuracy", None)
         self.test_data = test_data
         self.ctx = ctx
         self.start = time.time()
@@ -391,6 +395,8 @@ class Reporter:
         acc = evaluate(self.net, self.test_data, self.ctx)
         self.last_iteration = iteration
         print(self.LINE % (time.time() - self.start, epoch, iteration, acc), flush=True)
+        if self.report_to is not None:
+            self.report_to(acc)
         return acc
 
     def report_final(self, epoch: int, iteration: int) -> Optional[float]:

@@ -247,3 +247,45 @@ def test_launcher_status_page_follows_the_run_to_its_end(tmp_path):
             _status(port)
     finally:
         run.kill()
+
+
+def test_progress_line_on_a_terminal_and_nothing_of_it_in_a_pipe(tmp_path):
+    """On a terminal the launcher draws the progress line (accuracy reported by the workers included)
+    and, at the end, its table; with the output in a pipe, neither."""
+    import pty
+
+    hold = tmp_path / "hold"
+    main_fd, child_fd = pty.openpty()
+    proc = subprocess.Popen(launch([], hold), stdout=child_fd, stderr=child_fd, stdin=subprocess.DEVNULL, cwd=REPO,
+                            close_fds=True)
+    os.close(child_fd)
+    out = b""
+    try:
+        deadline = time.monotonic() + 180
+        while b"acc 1.000" not in out:  # every worker reported its last accuracy, and a poll saw it
+            assert time.monotonic() < deadline and proc.poll() is None, out.decode(errors="replace")[-3000:]
+            try:
+                out += os.read(main_fd, 65536)
+            except OSError:
+                break
+        hold.touch()
+        while True:
+            try:
+                chunk = os.read(main_fd, 65536)
+            except OSError:  # the terminal's other end closed: the launcher is gone
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert proc.wait(60) == 0, out.decode(errors="replace")[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main_fd)
+    text = out.decode(errors="replace")
+    assert "\r\x1b[2K[geomx 0:" in text
+    table = text[text.index("[geomx] "):]
+    assert "  party0->gs0 " in table and "  party1->gs0 " in table
+    assert "  party0/worker0           accuracy 1.0000  loss 0.25" in table.replace("\r", "")
+    piped = subprocess.run(launch([], hold), capture_output=True, text=True, cwd=REPO, timeout=180)
+    assert piped.returncode == 0 and "[geomx" not in piped.stdout + piped.stderr

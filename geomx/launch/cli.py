@@ -380,7 +380,8 @@ def _main_machine(parser: argparse.ArgumentParser, args, command: List[str]) -> 
         node_command=shlex.split(args.node_command) if args.node_command is not None else None,
         metrics_base=args.metrics_port,
     )
-    if args.status is not None and topology.metrics_base is None:
+    if (args.status is not None or _Watch.terminal()) and topology.metrics_base is None:
+        # The page and the progress line read every process's metrics: free ports for them.
         topology.metrics_base = free_port_range(topology.num_processes, topology.host)
     if args.metrics_port is not None and args.metrics_port + topology.num_processes - 1 > 65535:
         parser.error(f"--metrics-port {args.metrics_port}: its {topology.num_processes} ports run past 65535")
@@ -419,11 +420,11 @@ def _main_machine(parser: argparse.ArgumentParser, args, command: List[str]) -> 
         return 0
 
     _log_to_stderr()
-    with _StatusPage(args) as page:
+    with _Watch(args, metrics=topology.metrics_base is not None) as watch:
         if wan_spec is None:
             return run(topology, command, timeout=args.timeout, log_dir=args.log_dir, grace=args.grace,
-                       observer=page.start)
-        return _run_on_wan(topology, command, wan_spec, args, page.start)
+                       stream=watch, observer=watch.start)
+        return _run_on_wan(topology, command, wan_spec, args, watch)
 
 
 def _place_on_wan(topology: Topology, wan) -> None:
@@ -432,8 +433,7 @@ def _place_on_wan(topology: Topology, wan) -> None:
     topology.dc_prefix = {dc: wan.exec_argv(dc) for dc in wan.dcs}
 
 
-def _run_on_wan(topology: Topology, command: Sequence[str], spec, args,
-                observer: Optional[Callable[[List[ProcessSpec]], object]] = None) -> int:
+def _run_on_wan(topology: Topology, command: Sequence[str], spec, args, watch: "_Watch") -> int:
     from ..testing import wan as wanmod
 
     try:
@@ -449,7 +449,7 @@ def _run_on_wan(topology: Topology, command: Sequence[str], spec, args,
             _place_on_wan(topology, w)
             try:
                 status = run(topology, command, timeout=args.timeout, log_dir=args.log_dir, grace=args.grace,
-                             observer=observer)
+                             stream=watch, observer=watch.start)
             finally:
                 try:
                     elapsed = time.monotonic() - t0
@@ -464,32 +464,50 @@ def _run_on_wan(topology: Topology, command: Sequence[str], spec, args,
     return status
 
 
-class _StatusPage:
-    """``--status``: the live status page, started once the process list exists (``start`` is the
-    supervisor's observer factory) and served ``--status-linger`` seconds after the run."""
+class _Watch:
+    """What a person sees of a run beyond the processes' output: ``--status``'s page, and on a terminal
+    the progress line (:mod:`.progress`). Both start once the process list exists (``start`` is the
+    supervisor's observer factory); this object is the supervisor's output stream, which the progress
+    line shares. The page is served ``--status-linger`` seconds after the run."""
 
-    def __init__(self, args) -> None:
+    def __init__(self, args, metrics: bool) -> None:
         self.address = args.status
         self.linger = args.status_linger
+        self.progress_wanted = metrics and self.terminal()
         self.page = None
+        self.progress = None
 
-    def __enter__(self) -> "_StatusPage":
+    @staticmethod
+    def terminal() -> bool:
+        return sys.stdout.isatty()
+
+    def __enter__(self) -> "_Watch":
         return self
 
     def start(self, specs: List[ProcessSpec]):
-        if self.address is None:
+        if self.address is None and not self.progress_wanted:
             return None
+        from .progress import Progress
         from .status import StatusPage
 
-        host, port = self.address
+        host, port = self.address if self.address is not None else ("127.0.0.1", None)
         self.page = StatusPage.of_processes(specs, host, port)  # it logs its address
-        return self.page
+        if not self.progress_wanted:
+            return self.page
+        self.progress = Progress(sys.stdout, self.page)
+        return self.progress
+
+    def write(self, text: str) -> None:
+        (self.progress or sys.stdout).write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
 
     def __exit__(self, *exc: object) -> None:
         if self.page is None:
             return
         try:
-            if self.linger > 0:
+            if self.linger > 0 and self.address is not None:
                 print(f"[launch] the status page stays at {self.page.url} for {self.linger:g} s", file=sys.stderr,
                       flush=True)
                 time.sleep(self.linger)  # what --status-linger asks for; Ctrl-C ends it
@@ -546,15 +564,14 @@ def _main_topology(parser: argparse.ArgumentParser, args, command: List[str]) ->
         print(f"geomx-launch: {args.topology}: --status needs `metrics = true` in the topology file (the page reads "
               f"every process's metrics)", file=sys.stderr)
         return 2
-    with _StatusPage(args) as page:
+    with _Watch(args, metrics=topo.metrics) as watch:
         if args.site is None:
-            return _run_over_ssh(topo, command, args, page.start)
+            return _run_over_ssh(topo, command, args, watch)
         return run_processes(specs, f"site {args.site} of {args.topology}", timeout=args.timeout,
-                             log_dir=args.log_dir, grace=args.grace, observer=page.start(specs))
+                             log_dir=args.log_dir, grace=args.grace, stream=watch, observer=watch.start(specs))
 
 
-def _run_over_ssh(topo, command: List[str], args,
-                  observer: Optional[Callable[[List[ProcessSpec]], object]] = None) -> int:
+def _run_over_ssh(topo, command: List[str], args, watch: "_Watch") -> int:
     """Every process on its host, one SSH session each over one connection per host."""
 
     from .ssh import Connections, SSHError, remote_command
@@ -597,8 +614,7 @@ def _run_over_ssh(topo, command: List[str], args,
         security = "CURVE (keys generated on each site's host)" if keys else \
             "CURVE (keys_dir)" if topo.security == "curve" else "no encryption"
         return run_processes(remote, f"{args.topology} over SSH on {hosts}, {security}", timeout=args.timeout,
-                             log_dir=args.log_dir, grace=args.grace,
-                             observer=observer(specs) if observer is not None else None)
+                             log_dir=args.log_dir, grace=args.grace, stream=watch, observer=watch.start(specs))
     finally:
         if keys is not None:
             conns.remove(keys)

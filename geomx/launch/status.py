@@ -313,6 +313,7 @@ class Series:
 class StatusPage:
     """Polls ``nodes`` and serves the run's status page on ``host:port`` (0: any free port; see ``port``).
 
+    ``port`` None: no page, the figures only (:meth:`status`; the launcher's progress line).
     ``parties`` (``["party0", "party1"]``) and ``global_servers`` (their number) are the topology's shape:
     the sites and WAN links drawn before any node answers. ``interval`` is the time between polls,
     ``timeout`` a poll's limit per node, ``history`` the points each chart keeps. Polling and serving
@@ -320,7 +321,7 @@ class StatusPage:
     """
 
     def __init__(self, nodes: Sequence[Node], parties: Sequence[str], global_servers: int,
-                 host: str = "127.0.0.1", port: int = 0, *, interval: float = 1.0, timeout: float = 1.5,
+                 host: str = "127.0.0.1", port: Optional[int] = 0, *, interval: float = 1.0, timeout: float = 1.5,
                  history: int = 600, title: str = "geomx run") -> None:
         for node in nodes:
             if node.role not in ROLES:
@@ -372,20 +373,24 @@ class StatusPage:
             def log_message(self, fmt: str, *args: object) -> None:
                 log.debug("%s: " + fmt, self.address_string(), *args)
 
+        self.host = host
+        self._poll_thread = threading.Thread(target=self._poll_forever, name="geomx-status-poller", daemon=True)
+        self._poll_thread.start()
+        self.httpd: Optional[http.server.ThreadingHTTPServer] = None
+        self.port = 0
+        if port is None:  # figures only (the launcher's progress line): nothing served
+            return
         bind = "" if host == "*" else host
         self.httpd = http.server.ThreadingHTTPServer((bind, port), Handler)
         self.httpd.daemon_threads = True
-        self.host = host
-        self.port: int = self.httpd.server_address[1]
+        self.port = self.httpd.server_address[1]
         self._server_thread = threading.Thread(target=self.httpd.serve_forever, name="geomx-status-page",
                                                daemon=True)
-        self._poll_thread = threading.Thread(target=self._poll_forever, name="geomx-status-poller", daemon=True)
         self._server_thread.start()
-        self._poll_thread.start()
         log.info("status page on %s (%d of %d processes polled)", self.url, len(self._polled), len(self.nodes))
 
     @classmethod
-    def of_processes(cls, specs: Sequence[Any], host: str = "127.0.0.1", port: int = 0,
+    def of_processes(cls, specs: Sequence[Any], host: str = "127.0.0.1", port: Optional[int] = 0,
                      **kwargs: Any) -> "StatusPage":
         """The page of the launcher's process list (its parties and global servers read from it)."""
         nodes = nodes_of(specs)
@@ -428,8 +433,9 @@ class StatusPage:
     def close(self) -> None:
         """Stop polling and serving."""
         self._stop.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
         self._poll_thread.join(timeout=self.timeout + 1)
         self._pool.shutdown(wait=False, cancel_futures=True)
 

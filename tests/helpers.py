@@ -16,6 +16,7 @@ Tests import them by name (``from helpers import Cluster``): pytest puts tests/ 
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -447,11 +448,27 @@ def checked_curves(label, result, expected_workers):
 
 class DrivenLoop:
     """A node's event loop in the test's process, run by the test (``ctx``, ``loop``), and the test's
-    own sockets to it (``socks``): what the in-process server and listener cases share."""
+    own sockets to it (``socks``): what the in-process server and listener cases share.
+
+    It owns its context: a subclass's ``__init__`` makes it with :meth:`_own_context` first and builds
+    the rest inside ``with self._closed_on_error():``, so that a constructor that fails half-way
+    leaves nothing open; :meth:`close` ends the context whatever else fails."""
 
     ctx: zmq.Context
-    loop: Any  # geomx.transport.EventLoop
+    loop: Any = None  # geomx.transport.EventLoop
     socks: List[zmq.Socket]
+
+    def _own_context(self) -> None:
+        self.ctx = zmq.Context()
+        self.socks = []
+
+    @contextlib.contextmanager
+    def _closed_on_error(self):
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
 
     def replies(self, sock, count: int, timeout: float = 30) -> List[wire.Message]:
         """Run the loop until ``sock`` has ``count`` replies (or ``timeout`` passed); the replies."""
@@ -464,10 +481,13 @@ class DrivenLoop:
         return out
 
     def close(self) -> None:
-        for sock in self.socks:
-            sock.close(linger=0)
-        self.loop.close()
-        self.ctx.destroy(linger=0)
+        try:
+            for sock in self.socks:
+                sock.close(linger=0)
+            if self.loop is not None:
+                self.loop.close()
+        finally:
+            self.ctx.destroy(linger=0)  # also closes whatever the lines above did not
 
 
 # -- a real server in the test's process, its clients registered ------------------------------------
@@ -486,23 +506,23 @@ class InProcessServer(DrivenLoop):
         from geomx.kvclient import KVClient
         from geomx.servers import GlobalServer, LocalServer
 
-        self.ctx = zmq.Context()
-        self.loop = transport.EventLoop(self.ctx, name=kind, local_ipc=False)
-        self.socks: List[zmq.Socket] = []
-        if kind == "local server":
-            self.server = LocalServer(config.load(dict(SERVER_ENV, DMLC_ROLE="server", **env)), self.loop)
-            self.server.connect_upstream(KVClient(self.loop, [("127.0.0.1", dead_port())], identity="ls",
-                                                  sender=0, bigarray_bound=10 ** 6, wan=False, name="ls"))
-            self.ports = {"party": self.server.port}
-            self.server.allow(self.server.link.name, [TOKEN])
-        else:
-            cfg = config.load(dict(SERVER_ENV, DMLC_ROLE_GLOBAL="global_server", DMLC_ROLE="server",
-                                   DMLC_NUM_ALL_WORKER="4", **env))
-            self.server = GlobalServer(cfg, self.loop)
-            self.ports = {"wan": self.server.wan_port, "lan": self.server.lan_port}
-            self.server.allow(self.server.wan_link.name, [TOKEN])
-            # The central party's scheduler names its master worker: here the registered client.
-            self.server.allow(self.server.lan_link.name, [TOKEN], master=TOKEN if master else None)
+        self._own_context()
+        with self._closed_on_error():
+            self.loop = transport.EventLoop(self.ctx, name=kind, local_ipc=False)
+            if kind == "local server":
+                self.server = LocalServer(config.load(dict(SERVER_ENV, DMLC_ROLE="server", **env)), self.loop)
+                self.server.connect_upstream(KVClient(self.loop, [("127.0.0.1", dead_port())], identity="ls",
+                                                      sender=0, bigarray_bound=10 ** 6, wan=False, name="ls"))
+                self.ports = {"party": self.server.port}
+                self.server.allow(self.server.link.name, [TOKEN])
+            else:
+                cfg = config.load(dict(SERVER_ENV, DMLC_ROLE_GLOBAL="global_server", DMLC_ROLE="server",
+                                       DMLC_NUM_ALL_WORKER="4", **env))
+                self.server = GlobalServer(cfg, self.loop)
+                self.ports = {"wan": self.server.wan_port, "lan": self.server.lan_port}
+                self.server.allow(self.server.wan_link.name, [TOKEN])
+                # The central party's scheduler names its master worker: here the registered client.
+                self.server.allow(self.server.lan_link.name, [TOKEN], master=TOKEN if master else None)
 
     def client(self, identity: bytes, port: str) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)

@@ -9,8 +9,9 @@
   ``live_group_members``), ``kill_group``, ``rss_bytes``;
 - ports: ``dead_port``, ``free_port_range``, ``listening``;
 - servers inside the test process: ``SERVER_ENV``, ``initialised``;
-- topology runs through geomx.launch.run: ``Result`` / ``run_topology`` (the ``topology_run`` fixture),
-  and the example scripts' runs and accuracy curves (``run_example``, ``run_concurrently``, ``curves``).
+- topology runs through geomx.launch.run: ``Result`` / ``run_topology`` (the ``topology_run`` fixture), with
+  the workers' structured reports (``Result.reports``, ``exact_slices``; tests/workers/results.py), and the
+  example scripts' runs and accuracy curves (``run_example``, ``run_concurrently``, ``curves``).
 
 Tests import them by name (``from helpers import Cluster``): pytest puts tests/ on ``sys.path``.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import signal
@@ -25,10 +27,11 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import zmq
@@ -362,21 +365,46 @@ def initialised(server, keys=(0, 1, 2, 3)) -> None:
 
 # -- topology runs through geomx.launch.run -------------------------------------------------------
 
+# Where the workers of a run_topology write their reports (tests/workers/results.py).
+RESULTS_VARIABLE = "GEOMX_TEST_RESULTS"
+
+
 class Result:
-    def __init__(self, code: int, output: str):
+    """A topology run: its exit ``code``, every process's ``output`` (lines prefixed with its name), and
+    ``reports``: what each worker reported through tests/workers/results.py (one dict per worker process
+    that reported, in no particular order)."""
+
+    def __init__(self, code: int, output: str, reports: Sequence[Dict[str, Any]] = ()):
         self.code = code
         self.output = output
+        self.reports = list(reports)
 
     def lines(self, needle: str):
         return [line for line in self.output.splitlines() if needle in line]
 
 
+def read_reports(directory: str) -> List[Dict[str, Any]]:
+    """The workers' reports in ``directory`` (tests/workers/results.py), ordered by data slice."""
+    reports = [json.loads(path.read_text()) for path in sorted(Path(directory).glob("worker-*.json"))]
+    return sorted(reports, key=lambda r: (r.get("slice", -1), r["pid"]))
+
+
 def run_topology(script, args=(), timeout=120, env=None, **kw) -> Result:
-    """Run ``tests/workers/<script>`` on every worker of ``Topology(env=env, **kw)``."""
-    topo = Topology(env=dict(env or {}), **kw)
-    stream = io.StringIO()
-    code = run(topo, [sys.executable, str(WORKERS / script), *args], timeout=timeout, stream=stream)
-    return Result(code, stream.getvalue())
+    """Run ``tests/workers/<script>`` on every worker of ``Topology(env=env, **kw)``; the workers' reports
+    come back in ``Result.reports``."""
+    with tempfile.TemporaryDirectory(prefix="geomx-reports-") as reports:
+        topo = Topology(env={**(env or {}), RESULTS_VARIABLE: reports}, **kw)
+        stream = io.StringIO()
+        code = run(topo, [sys.executable, str(WORKERS / script), *args], timeout=timeout, stream=stream)
+        return Result(code, stream.getvalue(), read_reports(reports))
+
+
+def exact_slices(result: Result) -> List[int]:
+    """The data slices of the workers that reported their exact oracle held to the end (``exact``:
+    tests/workers/exact_worker.py, core_exact_worker.py), after checking that none reported a mismatch."""
+    mismatches = [r for r in result.reports if "mismatch" in r]
+    assert not mismatches, (mismatches, result.output[-4000:])
+    return sorted(r["slice"] for r in result.reports if r.get("exact"))
 
 
 # -- the example scripts on real 2-party topologies, several at once, and their accuracy ----------

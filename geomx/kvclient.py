@@ -227,7 +227,7 @@ class KVClient:
     def reconnect(self, server: int, why: str) -> None:
         """Server ``server``'s connection broke (``why``), or may have lost messages (a WAN outage):
         connect again and send what it has not answered. Numbered pushes it already holds are summed
-        once (see :meth:`geomx.servers.base.ServerBase.resent_push`), requests it already answered
+        once (see :meth:`geomx.servers.features.replay.Replay.take_push`), requests it already answered
         are answered again and the second answer is dropped here."""
         if self.failed is not None or self.links[server].sock.closed:
             return

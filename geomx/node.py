@@ -21,11 +21,11 @@ from .kvclient import KVClient, client_options
 from .membership import Scheduler, TierMember
 from .servers import GlobalServer, LocalServer
 from .servers.base import ServerBase
+from .servers.features import TSRoot
 from .trace import Trace
 from .transport import EventLoop
 from .tsengine.keys import LinkKeys
 from .tsengine.peer import TSPeer
-from .tsengine.policy import ROOT
 from .tsengine.tier import TSEngineTier
 
 log = logging.getLogger("geomx.node")
@@ -147,10 +147,10 @@ def _local_server(cfg: NodeConfig) -> int:
     glob.on_servers_changed = lambda old, new: upstream.update_servers(new.servers)
     _ride_out_outages(glob, upstream, cfg)
     server.on_fatal = fatal.append
-    if cfg.tsengine.intra:  # this server is the root of its party's aggregation tree
-        server.ts_root = TSPeer(loop, ROOT, "local_server", server, party.send, fatal.append, wan=False,
-                                  keys=LinkKeys.from_meta(party.info.ts_keys))
-        party.on_tsengine = server.ts_root.on_answer
+    root = server.features.get(TSRoot)
+    if root is not None:  # ENABLE_INTRA_TS: this server is the root of its party's aggregation tree
+        party.on_tsengine = root.connect("local_server", party.send, fatal.append, wan=False,
+                                         keys=LinkKeys.from_meta(party.info.ts_keys)).on_answer
     if cfg.tsengine.inter:
         peer = TSPeer(loop, glob.info.rank, f"local_server{glob.info.rank}", server, glob.send, fatal.append,
                       wan=True, keys=LinkKeys.from_meta(glob.info.ts_keys))
@@ -238,10 +238,10 @@ def _global_server(cfg: NodeConfig) -> int:
     server.on_async = lambda: glob.set_policy(tolerate_worker_loss=True)
     if not server.global_sync:
         server.on_async()  # restored under MixedSync
-    if cfg.tsengine.inter:
-        server.ts_root = TSPeer(loop, ROOT, "global_server", server, glob.send, fatal.append, wan=True,
-                                  keys=LinkKeys.from_meta(glob.info.ts_keys))
-        glob.on_tsengine = server.ts_root.on_answer
+    root = server.features.get(TSRoot)
+    if root is not None:  # ENABLE_INTER_TS: this server is the root of the parties' aggregation tree
+        glob.on_tsengine = root.connect("global_server", glob.send, fatal.append, wan=True,
+                                        keys=LinkKeys.from_meta(glob.info.ts_keys)).on_answer
     glob.on_peer_left = server.on_peer_left
     glob.on_client_joined = lambda info, joined: server.on_client_joined(info.clients, info.client_keys, joined)
     # A restarted global scheduler learns from the global servers which parties the tier goes on without.

@@ -37,6 +37,7 @@ from geomx import security, transport, wire
 from geomx.errors import ProtocolError
 from geomx.kvclient import KVClient
 from geomx.launch import Topology, run
+from geomx.servers.features import Checkpointing
 from geomx.servers.keystate import KeyState
 from geomx.tsengine.keys import LinkKeys
 from geomx.tsengine.peer import TSPeer
@@ -574,7 +575,8 @@ def test_checkpoint_requests_from_a_registered_client_are_coalesced_and_all_answ
                 master.send_multipart(wire.encode(Message(MsgType.COMMAND, req_id=1 + i,
                                                           meta={"cmd": "save_checkpoint"})))
             got = {r.req_id: r for r in srv.replies(master, 200, timeout=60)}
-            while srv.server.writer.busy:  # the last checkpoint's thread reports on the loop
+            writer = srv.server.features.require(Checkpointing).writer
+            while writer.busy:  # the last checkpoint's thread reports on the loop
                 srv.loop.run_once(0.02)
     finally:
         srv.close()

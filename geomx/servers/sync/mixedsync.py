@@ -83,7 +83,7 @@ class MixedSync(GlobalPolicy):
                 self.party_views[(client, ks.key)] = value  # the party receives these weights
             server.reply(link, identity, msg, value if msg.type == MsgType.PUSHPULL else None)
         ks.serve_parked()
-        server.maybe_checkpoint(ks)
+        server.features.round_complete(ks, None, value)  # an update outside rounds (checkpoints count it)
         return True
 
     def _applied_already(self, msg: Message, client: "Client", link: "Link", identity: bytes, ks: "KeyState") -> bool:

@@ -16,9 +16,9 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from .. import checkpoint
-from ..errors import GeoMXError
-from ..transport import EventLoop
+from ... import checkpoint
+from ...errors import GeoMXError
+from ...transport import EventLoop
 
 log = logging.getLogger("geomx.server")
 

@@ -15,14 +15,16 @@ marked by ``geomx_metrics_stale 1``.
 """
 from __future__ import annotations
 
+import collections
 import http.server
 import json
 import logging
 import math
 import os
+import statistics
 import threading
 import time
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 log = logging.getLogger("geomx.metrics")
 
@@ -72,6 +74,14 @@ CATALOGUE: Dict[str, Family] = {
         "Bytes of the encoded payloads it sent instead (input over output: the compression ratio)."),
     "geomx_codec_residual_norm": Family(
         "gauge", "", ("codec",), "L2 norm of what the codec's error feedback holds back, over every key."),
+    "geomx_wan_round_trips_total": Family(
+        "counter", "", (), "A local server's requests to the global servers answered (a key's round each)."),
+    "geomx_wan_round_trip_seconds_total": Family(
+        "counter", "seconds", (), "Their time from the push to the global servers' answer, summed."),
+    "geomx_wan_round_trip_p50_seconds": Family(
+        "gauge", "seconds", (), "The median of that time over the last 10,000 round trips."),
+    "geomx_wan_round_trip_p90_seconds": Family(
+        "gauge", "seconds", (), "Its 90th percentile over the last 10,000 round trips."),
     "geomx_keys": Family("gauge", "", (), "Keys (or key parts) this server holds."),
     "geomx_pending_requests": Family("gauge", "", (), "Requests a client sent and has no answer to yet."),
     "geomx_checkpoint_saves_total": Family("counter", "", (), "Checkpoints this global server wrote."),
@@ -320,17 +330,43 @@ def server_samples(server) -> List[Sample]:
     return out
 
 
-def codec_samples(server) -> List[Sample]:
-    """A local server's WAN codec: bytes in and out, and its residual (none without a codec)."""
+class Durations:
+    """Durations of one kind (a local server's WAN round trips): how many and their sum since the start,
+    and the latest ``window`` of them for quantiles, so a run of days keeps a bounded memory."""
+
+    def __init__(self, window: int = 10_000) -> None:
+        self.count = 0
+        self.total = 0.0
+        self.recent: Deque[float] = collections.deque(maxlen=window)
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.total += seconds
+        self.recent.append(seconds)
+
+    def quantiles(self) -> Optional[Tuple[float, float]]:
+        """(median, 90th percentile) of the recent ones; None below two."""
+        if len(self.recent) < 2:
+            return None
+        recent = list(self.recent)
+        return statistics.median(recent), statistics.quantiles(recent, n=10)[-1]
+
+
+def local_server_samples(server) -> List[Sample]:
+    """A local server's WAN round trips, and its WAN codec: bytes in and out, its residual."""
+    out = [sample("geomx_wan_round_trips_total", server.round_trips.count),
+           sample("geomx_wan_round_trip_seconds_total", server.round_trips.total)]
+    q = server.round_trips.quantiles()
+    if q is not None:
+        out += [sample("geomx_wan_round_trip_p50_seconds", q[0]), sample("geomx_wan_round_trip_p90_seconds", q[1])]
     codec = server.codec
     if codec is None:
-        return []
-    name = codec.name
-    out = [sample("geomx_codec_input_bytes_total", server.codec_bytes[0], codec=name),
-           sample("geomx_codec_output_bytes_total", server.codec_bytes[1], codec=name)]
+        return out
+    out += [sample("geomx_codec_input_bytes_total", server.codec_bytes[0], codec=codec.name),
+            sample("geomx_codec_output_bytes_total", server.codec_bytes[1], codec=codec.name)]
     norm = codec.residual_norm()
     if norm is not None:
-        out.append(sample("geomx_codec_residual_norm", norm, codec=name))
+        out.append(sample("geomx_codec_residual_norm", norm, codec=codec.name))
     return out
 
 

@@ -117,7 +117,7 @@ def _local_server(cfg: NodeConfig) -> int:
                      max_queued_replies=cfg.max_queued_replies, local_ipc=cfg.local_ipc)
     server = LocalServer(cfg, loop)
     _observe(loop, cfg, "local_server", server, cfg.bind_address(cfg.root_uri, cfg.root_port))
-    loop.metrics.add_collector(lambda: metrics.codec_samples(server))
+    loop.metrics.add_collector(lambda: metrics.local_server_samples(server))
     fatal: List[Exception] = []
     # The party's workers divide keys along the global servers' parts (kvclient.partition); the
     # global tier counts parties by their scheduler, since a party may have several local servers.

@@ -489,6 +489,8 @@ class KVClient:
             else:
                 silent = sorted({srv for srv, _ in p.parts})
             peers = ", ".join(self.links[srv].peer for srv in silent)
+            for srv in silent:
+                self.loop.metrics.inc("geomx_deadline_misses_total", peer=self.links[srv].peer)
             error = GeoMXError(f"{self.name}: {peers} did not answer {p.what} within {self.request_timeout:g}s "
                                "(GEOMX_REQUEST_TIMEOUT): it is stuck, cut off from this node, or dropped the "
                                "request")

@@ -85,6 +85,9 @@ CATALOGUE: Dict[str, Family] = {
     "geomx_keys": Family("gauge", "", (), "Keys (or key parts) this server holds."),
     "geomx_pending_requests": Family("gauge", "", (), "Requests a client sent and has no answer to yet."),
     "geomx_checkpoint_saves_total": Family("counter", "", (), "Checkpoints this global server wrote."),
+    "geomx_deadline_misses_total": Family(
+        "counter", "", ("peer",),
+        "Requests a server did not answer within GEOMX_REQUEST_TIMEOUT, by that server (each fails its run)."),
     "geomx_training_loss": Family("gauge", "", (), "The last loss the training script reported (report_loss)."),
     "geomx_training_accuracy": Family("gauge", "", (),
                                       "The last accuracy the training script reported (report_accuracy)."),

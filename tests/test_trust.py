@@ -33,7 +33,7 @@ from helpers import (
     slow_cmd,
 )
 
-from geomx import security, transport, wire
+from geomx import metrics, security, transport, wire
 from geomx.errors import ProtocolError
 from geomx.kvclient import KVClient
 from geomx.launch import Topology, run
@@ -384,11 +384,13 @@ def test_a_request_to_a_server_that_never_answers_fails_after_its_deadline_namin
         while silent.poll(0):
             silent.recv_multipart()
             received += 1
+        misses = metrics.to_json(loop.metrics.collect(), {})
     finally:
         loop.close()
         silent.close(linger=0)
         ctx.destroy(linger=0)
     assert received == 2, "the requests did not reach the silent server"
+    assert metrics.value(misses, "geomx_deadline_misses_total", peer=f"party server 0 at 127.0.0.1:{port}") == 2
     assert 1.0 <= took < 5.0, took
     pull, command = results
     assert pull[0] is None and command[0] == []
@@ -578,6 +580,7 @@ def test_checkpoint_requests_from_a_registered_client_are_coalesced_and_all_answ
             writer = srv.server.features.require(Checkpointing).writer
             while writer.busy:  # the last checkpoint's thread reports on the loop
                 srv.loop.run_once(0.02)
+            reading = metrics.to_json(srv.loop.metrics.collect(), {})
     finally:
         srv.close()
     assert sorted(got) == list(range(1, 201))
@@ -588,6 +591,7 @@ def test_checkpoint_requests_from_a_registered_client_are_coalesced_and_all_answ
     written = [r for r in caplog.records if "checkpoint (requested)" in r.getMessage()]
     print(f"{len(ok)} requests answered by {len(written)} checkpoints, {len(refused)} refused")
     assert 1 <= len(written) <= 20, len(written)
+    assert metrics.value(reading, "geomx_checkpoint_saves_total") == len(written)
 
 
 @pytest.mark.unit

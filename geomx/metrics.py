@@ -82,6 +82,19 @@ CATALOGUE: Dict[str, Family] = {
         "gauge", "seconds", (), "The median of that time over the last 10,000 round trips."),
     "geomx_wan_round_trip_p90_seconds": Family(
         "gauge", "seconds", (), "Its 90th percentile over the last 10,000 round trips."),
+    "geomx_mixedsync_updates_total": Family(
+        "counter", "", ("peer",), "MixedSync (dist_async): a party's pushes the global server applied, by party."),
+    "geomx_mixedsync_staleness_total": Family(
+        "counter", "", ("peer",),
+        "MixedSync: for each of them, the other parties' updates of the key since this party received its "
+        "weights, summed (divided by the updates: the mean staleness)."),
+    "geomx_esync_local_steps": Family(
+        "gauge", "", ("peer",), "ESync: the local steps the global server assigns a party for its next round."),
+    "geomx_hfa_party_rounds_total": Family(
+        "counter", "", (),
+        "HFA and ESync, at a local server: its party's averaging rounds (each after the workers' local steps)."),
+    "geomx_hfa_global_rounds_total": Family(
+        "counter", "", (), "HFA and ESync: those of its rounds that were averaged across the parties too."),
     "geomx_keys": Family("gauge", "", (), "Keys (or key parts) this server holds."),
     "geomx_pending_requests": Family("gauge", "", (), "Requests a client sent and has no answer to yet."),
     "geomx_checkpoint_saves_total": Family("counter", "", (), "Checkpoints this global server wrote."),
@@ -233,6 +246,35 @@ def to_json(samples: Iterable[Sample], info: Dict[str, str]) -> dict:
             "samples": [[s.name, dict(s.labels), s.value] for s in samples]}
 
 
+def dump(m: Metrics, directory: str) -> Optional[str]:
+    """Write ``m``'s reading now as ``<directory>/<node>-<pid>.json`` (GEOMX_METRICS_DIR, at a process's
+    end: its last figures, for tests and benchmarks); returns the path, None if it could not."""
+    name = f"{m.info['party']}-{m.info['node']}" if m.info["party"] else m.info["node"]
+    path = os.path.join(directory, f"{name.replace('/', '-')}-{os.getpid()}.json")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(to_json(m.collect(), m.info), f)
+        os.replace(path + ".tmp", path)
+    except OSError as exc:
+        log.error("could not write the metrics to %s: %s", path, exc)
+        return None
+    return path
+
+
+def load_dumps(directory: str) -> Dict[str, dict]:
+    """Every reading :func:`dump` wrote into ``directory``, by ``party/node`` (``party0/worker0``,
+    ``central/global_server0``; the node alone where it has no party)."""
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".json"):
+            with open(os.path.join(directory, name)) as f:
+                reading = json.load(f)
+            node = reading["node"]
+            out[f"{node['party']}/{node['node']}" if node["party"] else node["node"]] = reading
+    return out
+
+
 def value(reading: dict, name: str, **labels: str) -> float:
     """The sum of ``name``'s samples in a JSON reading whose labels include ``labels`` (0 if none)."""
     return sum(v for n, ls, v in reading["samples"]
@@ -330,6 +372,9 @@ def server_samples(server) -> List[Sample]:
     for peer, (count, seconds) in sorted(waited.items()):
         out.append(sample("geomx_round_waited_for_total", count, peer=peer))
         out.append(sample("geomx_round_wait_seconds_total", seconds, peer=peer))
+    policy = getattr(server, "policy", None)  # the global server's synchronization algorithm
+    if policy is not None:
+        out += policy.samples()
     return out
 
 

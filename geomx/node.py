@@ -53,7 +53,10 @@ def _scheduler(cfg: NodeConfig) -> int:
                       resume=cfg.scheduler_resume)
     role = "global_scheduler" if cfg.role == config.GLOBAL_SCHEDULER else "scheduler"
     _observe(sched.loop, cfg, role, None, cfg.scheduler_bind_address(), node=role)
-    return sched.run()
+    code = sched.run()
+    if cfg.metrics_dir:
+        metrics.dump(sched.loop.metrics, cfg.metrics_dir)
+    return code
 
 
 def _member(loop: EventLoop, cfg: NodeConfig, tier: str, scheduler: tuple, role: str, port: int,
@@ -82,7 +85,7 @@ def _wait(loop: EventLoop, cfg: NodeConfig, done, fatal: List[Exception], what: 
         raise fatal[0]
 
 
-def _serve(loop: EventLoop, server: ServerBase, members: List[TierMember], fatal: List[Exception],
+def _serve(loop: EventLoop, cfg: NodeConfig, server: ServerBase, members: List[TierMember], fatal: List[Exception],
            upstream: Optional[KVClient] = None) -> int:
     while server.exit_code is None and not fatal:
         loop.run_once(0.5)
@@ -107,6 +110,8 @@ def _serve(loop: EventLoop, server: ServerBase, members: List[TierMember], fatal
         upstream.write_trace()  # the local server's spans with its WAN requests'
     elif server.trace is not None:
         server.trace.write()
+    if cfg.metrics_dir:
+        metrics.dump(loop.metrics, cfg.metrics_dir)  # its last figures, for tests and benchmarks
     loop.close()
     return code
 
@@ -158,7 +163,7 @@ def _local_server(cfg: NodeConfig) -> int:
         server.connect_inter_ts(peer)
     log.info("serving %d worker(s) on port %d; %d global server(s)", cfg.num_worker, server.port,
              len(glob.info.servers))
-    return _serve(loop, server, [party, glob], fatal, upstream)
+    return _serve(loop, cfg, server, [party, glob], fatal, upstream)
 
 
 def _ride_out_outages(glob: TierMember, upstream: KVClient, cfg: NodeConfig) -> None:
@@ -261,7 +266,7 @@ def _global_server(cfg: NodeConfig) -> int:
     _wait(loop, cfg, lambda: central.info is not None, fatal, "central-party registration")
     log.info("serving %d party(ies) on port %d and %d central worker(s) on port %d (%d local server(s))",
              server.parties, server.wan_port, cfg.num_worker, server.lan_port, cfg.num_global_worker)
-    return _serve(loop, server, [glob, central], fatal)
+    return _serve(loop, cfg, server, [glob, central], fatal)
 
 
 # What --help says about roles and required variables; tests/test_install.py checks it against what

@@ -17,9 +17,9 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import SERVER_ENV, TOKEN, InProcessServer, trace_rounds
+from helpers import TOKEN, InProcessServer, server_config, trace_rounds
 
-from geomx import config, p3, senders, wire
+from geomx import p3, senders, wire
 from geomx.errors import ConfigError
 from geomx.kvclient import KVClient
 from geomx.servers.keystate import KeyState
@@ -100,8 +100,7 @@ def test_a_checkpointing_global_server_keeps_keys_whole(tmp_path):
                                           ("x", "must be an integer")])
 def test_a_bad_slice_size_names_the_variable(value, error):
     with pytest.raises(ConfigError, match=f"GEOMX_WAN_SLICE_BYTES.*{re.escape(error)}"):
-        config.load(dict(SERVER_ENV, DMLC_ROLE_GLOBAL="global_server", DMLC_ROLE="server",
-                         DMLC_NUM_ALL_WORKER="4", GEOMX_WAN_SLICE_BYTES=value))
+        server_config("global server", GEOMX_WAN_SLICE_BYTES=value)
 
 
 @pytest.mark.unit

@@ -21,7 +21,6 @@ import pytest
 import zmq
 from helpers import (
     REPO,
-    SERVER_ENV,
     TOKEN,
     WORKERS,
     Cluster,
@@ -30,6 +29,7 @@ from helpers import (
     dead_port,
     initialised,
     rss_bytes,
+    server_config,
     slow_cmd,
 )
 
@@ -434,14 +434,13 @@ def test_a_leaving_server_answers_every_request_still_waiting():
     """A local server that exits (here: told to, as geomx.node does when it stops) refuses the pushes
     of an incomplete round and the parked pulls with an error naming it, over its real socket."""
 
-    from geomx import config
     from geomx.servers import LocalServer
 
     ctx = zmq.Context()
     loop = transport.EventLoop(ctx, name="local server")
     client = ctx.socket(zmq.DEALER)
     try:
-        server = LocalServer(config.load(dict(SERVER_ENV, DMLC_ROLE="server")), loop)
+        server = LocalServer(server_config("local server"), loop)
         server.connect_upstream(KVClient(loop, [("127.0.0.1", dead_port())], identity="ls", sender=0,
                                          bigarray_bound=10 ** 6, wan=False, name="ls"))
         initialised(server, keys=(0,))
@@ -604,7 +603,7 @@ def test_new_limits_are_checked_naming_the_variable(name, value, needle):
 
     from geomx import config
 
-    cfg = config.load(dict(SERVER_ENV, DMLC_ROLE="server"))
+    cfg = server_config("local server")
     assert (cfg.request_timeout, cfg.max_keys_per_client) == (600.0, 100_000)
     with pytest.raises(config.ConfigError, match=re.escape(needle)):
-        config.load(dict(SERVER_ENV, DMLC_ROLE="server", **{name: value}))
+        server_config("local server", **{name: value})

@@ -138,6 +138,9 @@ class NodeConfig:
     # Every role: the port of the node's /metrics listener (GEOMX_METRICS_PORT; 0: none). It binds
     # the node's listener address like every other listener (bind_host).
     metrics_port: int = 0
+    # Every role: where the process writes its last metrics reading when it ends (GEOMX_METRICS_DIR;
+    # what tests and benchmarks read, geomx/metrics.py); None: nowhere.
+    metrics_dir: Optional[str] = None
     # Every role: the directory of this process's trace events (GEOMX_TRACE, or its older name
     # GEOMX_P3_TRACE; geomx/trace.py), written at exit; None: no trace.
     trace: Optional[str] = None
@@ -434,6 +437,7 @@ def load(env: Optional[Mapping[str, str]] = None) -> NodeConfig:
     kw["ts_port"] = _optional_port(r, "GEOMX_TS_PORT")
     kw["metrics_port"] = _optional_port(r, "GEOMX_METRICS_PORT")
     kw["trace"] = r.str("GEOMX_TRACE") or r.str("GEOMX_P3_TRACE")
+    kw["metrics_dir"] = r.str("GEOMX_METRICS_DIR")
     kw["dgt_udp_port"] = _optional_port(r, "GEOMX_DGT_UDP_PORT")
     fixed = [(n, kw[n.lower()[6:]]) for n in ("GEOMX_SERVER_PORT", "GEOMX_CENTRAL_PORT", "GEOMX_TS_PORT",
                                                      "GEOMX_METRICS_PORT")]

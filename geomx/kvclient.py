@@ -227,7 +227,7 @@ class KVClient:
     def reconnect(self, server: int, why: str) -> None:
         """Server ``server``'s connection broke (``why``), or may have lost messages (a WAN outage):
         connect again and send what it has not answered. Numbered pushes it already holds are summed
-        once (see :meth:`geomx.servers.base.ServerBase.resent_push`), requests it already answered
+        once (see :meth:`geomx.servers.features.replay.Replay.take_push`), requests it already answered
         are answered again and the second answer is dropped here."""
         if self.failed is not None or self.links[server].sock.closed:
             return
@@ -489,6 +489,8 @@ class KVClient:
             else:
                 silent = sorted({srv for srv, _ in p.parts})
             peers = ", ".join(self.links[srv].peer for srv in silent)
+            for srv in silent:
+                self.loop.metrics.inc("geomx_deadline_misses_total", peer=self.links[srv].peer)
             error = GeoMXError(f"{self.name}: {peers} did not answer {p.what} within {self.request_timeout:g}s "
                                "(GEOMX_REQUEST_TIMEOUT): it is stuck, cut off from this node, or dropped the "
                                "request")

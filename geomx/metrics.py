@@ -15,14 +15,16 @@ marked by ``geomx_metrics_stale 1``.
 """
 from __future__ import annotations
 
+import collections
 import http.server
 import json
 import logging
 import math
 import os
+import statistics
 import threading
 import time
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 log = logging.getLogger("geomx.metrics")
 
@@ -72,9 +74,33 @@ CATALOGUE: Dict[str, Family] = {
         "Bytes of the encoded payloads it sent instead (input over output: the compression ratio)."),
     "geomx_codec_residual_norm": Family(
         "gauge", "", ("codec",), "L2 norm of what the codec's error feedback holds back, over every key."),
+    "geomx_wan_round_trips_total": Family(
+        "counter", "", (), "A local server's requests to the global servers answered (a key's round each)."),
+    "geomx_wan_round_trip_seconds_total": Family(
+        "counter", "seconds", (), "Their time from the push to the global servers' answer, summed."),
+    "geomx_wan_round_trip_p50_seconds": Family(
+        "gauge", "seconds", (), "The median of that time over the last 10,000 round trips."),
+    "geomx_wan_round_trip_p90_seconds": Family(
+        "gauge", "seconds", (), "Its 90th percentile over the last 10,000 round trips."),
+    "geomx_mixedsync_updates_total": Family(
+        "counter", "", ("peer",), "MixedSync (dist_async): a party's pushes the global server applied, by party."),
+    "geomx_mixedsync_staleness_total": Family(
+        "counter", "", ("peer",),
+        "MixedSync: for each of them, the other parties' updates of the key since this party received its "
+        "weights, summed (divided by the updates: the mean staleness)."),
+    "geomx_esync_local_steps": Family(
+        "gauge", "", ("peer",), "ESync: the local steps the global server assigns a party for its next round."),
+    "geomx_hfa_party_rounds_total": Family(
+        "counter", "", (),
+        "HFA and ESync, at a local server: its party's averaging rounds (each after the workers' local steps)."),
+    "geomx_hfa_global_rounds_total": Family(
+        "counter", "", (), "HFA and ESync: those of its rounds that were averaged across the parties too."),
     "geomx_keys": Family("gauge", "", (), "Keys (or key parts) this server holds."),
     "geomx_pending_requests": Family("gauge", "", (), "Requests a client sent and has no answer to yet."),
     "geomx_checkpoint_saves_total": Family("counter", "", (), "Checkpoints this global server wrote."),
+    "geomx_deadline_misses_total": Family(
+        "counter", "", ("peer",),
+        "Requests a server did not answer within GEOMX_REQUEST_TIMEOUT, by that server (each fails its run)."),
     "geomx_training_loss": Family("gauge", "", (), "The last loss the training script reported (report_loss)."),
     "geomx_training_accuracy": Family("gauge", "", (),
                                       "The last accuracy the training script reported (report_accuracy)."),
@@ -220,6 +246,35 @@ def to_json(samples: Iterable[Sample], info: Dict[str, str]) -> dict:
             "samples": [[s.name, dict(s.labels), s.value] for s in samples]}
 
 
+def dump(m: Metrics, directory: str) -> Optional[str]:
+    """Write ``m``'s reading now as ``<directory>/<node>-<pid>.json`` (GEOMX_METRICS_DIR, at a process's
+    end: its last figures, for tests and benchmarks); returns the path, None if it could not."""
+    name = f"{m.info['party']}-{m.info['node']}" if m.info["party"] else m.info["node"]
+    path = os.path.join(directory, f"{name.replace('/', '-')}-{os.getpid()}.json")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(to_json(m.collect(), m.info), f)
+        os.replace(path + ".tmp", path)
+    except OSError as exc:
+        log.error("could not write the metrics to %s: %s", path, exc)
+        return None
+    return path
+
+
+def load_dumps(directory: str) -> Dict[str, dict]:
+    """Every reading :func:`dump` wrote into ``directory``, by ``party/node`` (``party0/worker0``,
+    ``central/global_server0``; the node alone where it has no party)."""
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".json"):
+            with open(os.path.join(directory, name)) as f:
+                reading = json.load(f)
+            node = reading["node"]
+            out[f"{node['party']}/{node['node']}" if node["party"] else node["node"]] = reading
+    return out
+
+
 def value(reading: dict, name: str, **labels: str) -> float:
     """The sum of ``name``'s samples in a JSON reading whose labels include ``labels`` (0 if none)."""
     return sum(v for n, ls, v in reading["samples"]
@@ -317,20 +372,49 @@ def server_samples(server) -> List[Sample]:
     for peer, (count, seconds) in sorted(waited.items()):
         out.append(sample("geomx_round_waited_for_total", count, peer=peer))
         out.append(sample("geomx_round_wait_seconds_total", seconds, peer=peer))
+    policy = getattr(server, "policy", None)  # the global server's synchronization algorithm
+    if policy is not None:
+        out += policy.samples()
     return out
 
 
-def codec_samples(server) -> List[Sample]:
-    """A local server's WAN codec: bytes in and out, and its residual (none without a codec)."""
+class Durations:
+    """Durations of one kind (a local server's WAN round trips): how many and their sum since the start,
+    and the latest ``window`` of them for quantiles, so a run of days keeps a bounded memory."""
+
+    def __init__(self, window: int = 10_000) -> None:
+        self.count = 0
+        self.total = 0.0
+        self.recent: Deque[float] = collections.deque(maxlen=window)
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.total += seconds
+        self.recent.append(seconds)
+
+    def quantiles(self) -> Optional[Tuple[float, float]]:
+        """(median, 90th percentile) of the recent ones; None below two."""
+        if len(self.recent) < 2:
+            return None
+        recent = list(self.recent)
+        return statistics.median(recent), statistics.quantiles(recent, n=10)[-1]
+
+
+def local_server_samples(server) -> List[Sample]:
+    """A local server's WAN round trips, and its WAN codec: bytes in and out, its residual."""
+    out = [sample("geomx_wan_round_trips_total", server.round_trips.count),
+           sample("geomx_wan_round_trip_seconds_total", server.round_trips.total)]
+    q = server.round_trips.quantiles()
+    if q is not None:
+        out += [sample("geomx_wan_round_trip_p50_seconds", q[0]), sample("geomx_wan_round_trip_p90_seconds", q[1])]
     codec = server.codec
     if codec is None:
-        return []
-    name = codec.name
-    out = [sample("geomx_codec_input_bytes_total", server.codec_bytes[0], codec=name),
-           sample("geomx_codec_output_bytes_total", server.codec_bytes[1], codec=name)]
+        return out
+    out += [sample("geomx_codec_input_bytes_total", server.codec_bytes[0], codec=codec.name),
+            sample("geomx_codec_output_bytes_total", server.codec_bytes[1], codec=codec.name)]
     norm = codec.residual_norm()
     if norm is not None:
-        out.append(sample("geomx_codec_residual_norm", norm, codec=name))
+        out.append(sample("geomx_codec_residual_norm", norm, codec=codec.name))
     return out
 
 

@@ -21,11 +21,11 @@ from .kvclient import KVClient, client_options
 from .membership import Scheduler, TierMember
 from .servers import GlobalServer, LocalServer
 from .servers.base import ServerBase
+from .servers.features import TSRoot
 from .trace import Trace
 from .transport import EventLoop
 from .tsengine.keys import LinkKeys
 from .tsengine.peer import TSPeer
-from .tsengine.policy import ROOT
 from .tsengine.tier import TSEngineTier
 
 log = logging.getLogger("geomx.node")
@@ -53,7 +53,10 @@ def _scheduler(cfg: NodeConfig) -> int:
                       resume=cfg.scheduler_resume)
     role = "global_scheduler" if cfg.role == config.GLOBAL_SCHEDULER else "scheduler"
     _observe(sched.loop, cfg, role, None, cfg.scheduler_bind_address(), node=role)
-    return sched.run()
+    code = sched.run()
+    if cfg.metrics_dir:
+        metrics.dump(sched.loop.metrics, cfg.metrics_dir)
+    return code
 
 
 def _member(loop: EventLoop, cfg: NodeConfig, tier: str, scheduler: tuple, role: str, port: int,
@@ -82,7 +85,7 @@ def _wait(loop: EventLoop, cfg: NodeConfig, done, fatal: List[Exception], what: 
         raise fatal[0]
 
 
-def _serve(loop: EventLoop, server: ServerBase, members: List[TierMember], fatal: List[Exception],
+def _serve(loop: EventLoop, cfg: NodeConfig, server: ServerBase, members: List[TierMember], fatal: List[Exception],
            upstream: Optional[KVClient] = None) -> int:
     while server.exit_code is None and not fatal:
         loop.run_once(0.5)
@@ -107,6 +110,8 @@ def _serve(loop: EventLoop, server: ServerBase, members: List[TierMember], fatal
         upstream.write_trace()  # the local server's spans with its WAN requests'
     elif server.trace is not None:
         server.trace.write()
+    if cfg.metrics_dir:
+        metrics.dump(loop.metrics, cfg.metrics_dir)  # its last figures, for tests and benchmarks
     loop.close()
     return code
 
@@ -117,7 +122,7 @@ def _local_server(cfg: NodeConfig) -> int:
                      max_queued_replies=cfg.max_queued_replies, local_ipc=cfg.local_ipc)
     server = LocalServer(cfg, loop)
     _observe(loop, cfg, "local_server", server, cfg.bind_address(cfg.root_uri, cfg.root_port))
-    loop.metrics.add_collector(lambda: metrics.codec_samples(server))
+    loop.metrics.add_collector(lambda: metrics.local_server_samples(server))
     fatal: List[Exception] = []
     # The party's workers divide keys along the global servers' parts (kvclient.partition); the
     # global tier counts parties by their scheduler, since a party may have several local servers.
@@ -147,10 +152,10 @@ def _local_server(cfg: NodeConfig) -> int:
     glob.on_servers_changed = lambda old, new: upstream.update_servers(new.servers)
     _ride_out_outages(glob, upstream, cfg)
     server.on_fatal = fatal.append
-    if cfg.tsengine.intra:  # this server is the root of its party's aggregation tree
-        server.ts_root = TSPeer(loop, ROOT, "local_server", server, party.send, fatal.append, wan=False,
-                                  keys=LinkKeys.from_meta(party.info.ts_keys))
-        party.on_tsengine = server.ts_root.on_answer
+    root = server.features.get(TSRoot)
+    if root is not None:  # ENABLE_INTRA_TS: this server is the root of its party's aggregation tree
+        party.on_tsengine = root.connect("local_server", party.send, fatal.append, wan=False,
+                                         keys=LinkKeys.from_meta(party.info.ts_keys)).on_answer
     if cfg.tsengine.inter:
         peer = TSPeer(loop, glob.info.rank, f"local_server{glob.info.rank}", server, glob.send, fatal.append,
                       wan=True, keys=LinkKeys.from_meta(glob.info.ts_keys))
@@ -158,7 +163,7 @@ def _local_server(cfg: NodeConfig) -> int:
         server.connect_inter_ts(peer)
     log.info("serving %d worker(s) on port %d; %d global server(s)", cfg.num_worker, server.port,
              len(glob.info.servers))
-    return _serve(loop, server, [party, glob], fatal, upstream)
+    return _serve(loop, cfg, server, [party, glob], fatal, upstream)
 
 
 def _ride_out_outages(glob: TierMember, upstream: KVClient, cfg: NodeConfig) -> None:
@@ -238,10 +243,10 @@ def _global_server(cfg: NodeConfig) -> int:
     server.on_async = lambda: glob.set_policy(tolerate_worker_loss=True)
     if not server.global_sync:
         server.on_async()  # restored under MixedSync
-    if cfg.tsengine.inter:
-        server.ts_root = TSPeer(loop, ROOT, "global_server", server, glob.send, fatal.append, wan=True,
-                                  keys=LinkKeys.from_meta(glob.info.ts_keys))
-        glob.on_tsengine = server.ts_root.on_answer
+    root = server.features.get(TSRoot)
+    if root is not None:  # ENABLE_INTER_TS: this server is the root of the parties' aggregation tree
+        glob.on_tsengine = root.connect("global_server", glob.send, fatal.append, wan=True,
+                                        keys=LinkKeys.from_meta(glob.info.ts_keys)).on_answer
     glob.on_peer_left = server.on_peer_left
     glob.on_client_joined = lambda info, joined: server.on_client_joined(info.clients, info.client_keys, joined)
     # A restarted global scheduler learns from the global servers which parties the tier goes on without.
@@ -261,7 +266,7 @@ def _global_server(cfg: NodeConfig) -> int:
     _wait(loop, cfg, lambda: central.info is not None, fatal, "central-party registration")
     log.info("serving %d party(ies) on port %d and %d central worker(s) on port %d (%d local server(s))",
              server.parties, server.wan_port, cfg.num_worker, server.lan_port, cfg.num_global_worker)
-    return _serve(loop, server, [glob, central], fatal)
+    return _serve(loop, cfg, server, [glob, central], fatal)
 
 
 # What --help says about roles and required variables; tests/test_install.py checks it against what

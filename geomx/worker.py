@@ -105,6 +105,8 @@ class WorkerNode:
             self.loop.run_once(0.05)
         if self.kv is not None:
             self.kv.write_trace()
+        if self.cfg.metrics_dir:
+            metrics.dump(self.loop.metrics, self.cfg.metrics_dir)  # its last figures, for tests and benchmarks
         self.loop.close()
 
     def _observe(self, kv: KVClient, host: str) -> None:

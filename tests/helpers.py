@@ -350,6 +350,18 @@ def listening(ports) -> set:
 SERVER_ENV = {"DMLC_PS_ROOT_URI": "127.0.0.1", "DMLC_PS_ROOT_PORT": "9", "DMLC_NUM_SERVER": "1",
               "DMLC_NUM_WORKER": "2", "DMLC_PS_GLOBAL_ROOT_URI": "127.0.0.1", "DMLC_PS_GLOBAL_ROOT_PORT": "9",
               "DMLC_NUM_GLOBAL_SERVER": "1", "DMLC_NUM_GLOBAL_WORKER": "2"}
+# The variables that make SERVER_ENV one kind of server.
+SERVER_ROLES = {"local server": {"DMLC_ROLE": "server"},
+                "global server": {"DMLC_ROLE_GLOBAL": "global_server", "DMLC_ROLE": "server",
+                                  "DMLC_NUM_ALL_WORKER": "4"}}
+
+
+def server_config(kind: str = "local server", **env: str):
+    """The configuration of a ``kind`` ("local server" or "global server") built in the test process, with
+    ``env`` on top: every test that makes a server (or checks its variables) starts from this one."""
+    from geomx import config
+
+    return config.load({**SERVER_ENV, **SERVER_ROLES[kind], **env})
 
 
 def initialised(server, keys=(0, 1, 2, 3)) -> None:
@@ -530,7 +542,7 @@ class InProcessServer(DrivenLoop):
 
     def __init__(self, kind: str, master: bool = False, **env: str):
 
-        from geomx import config, transport
+        from geomx import transport
         from geomx.kvclient import KVClient
         from geomx.servers import GlobalServer, LocalServer
 
@@ -538,15 +550,13 @@ class InProcessServer(DrivenLoop):
         with self._closed_on_error():
             self.loop = transport.EventLoop(self.ctx, name=kind, local_ipc=False)
             if kind == "local server":
-                self.server = LocalServer(config.load(dict(SERVER_ENV, DMLC_ROLE="server", **env)), self.loop)
+                self.server = LocalServer(server_config("local server", **env), self.loop)
                 self.server.connect_upstream(KVClient(self.loop, [("127.0.0.1", dead_port())], identity="ls",
                                                       sender=0, bigarray_bound=10 ** 6, wan=False, name="ls"))
                 self.ports = {"party": self.server.port}
                 self.server.allow(self.server.link.name, [TOKEN])
             else:
-                cfg = config.load(dict(SERVER_ENV, DMLC_ROLE_GLOBAL="global_server", DMLC_ROLE="server",
-                                       DMLC_NUM_ALL_WORKER="4", **env))
-                self.server = GlobalServer(cfg, self.loop)
+                self.server = GlobalServer(server_config("global server", **env), self.loop)
                 self.ports = {"wan": self.server.wan_port, "lan": self.server.lan_port}
                 self.server.allow(self.server.wan_link.name, [TOKEN])
                 # The central party's scheduler names its master worker: here the registered client.

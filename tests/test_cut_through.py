@@ -17,9 +17,9 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import SERVER_ENV, TOKEN, InProcessServer, trace_rounds
+from helpers import TOKEN, InProcessServer, server_config, trace_rounds
 
-from geomx import config, p3, senders, wire
+from geomx import p3, senders, wire
 from geomx.errors import ConfigError
 from geomx.kvclient import KVClient
 from geomx.servers.keystate import KeyState
@@ -58,7 +58,7 @@ SIZES = {0: (100_000, np.float32), 1: (100_000, np.float16), 2: (16_384, np.floa
     # 64 KiB by default: 16384 float32 or 32768 float16; a key of one slice or less stays whole.
     ({}, True, {0: 16_384, 1: 32_768, 2: None, 3: 16_384}),
     ({"GEOMX_WAN_SLICE_BYTES": "400000"}, True, {0: None, 1: None, 2: None, 3: None}),
-    # At most GlobalServer.MAX_SLICES (16) slices per key: 100,000 elements go in slices of 6250.
+    # At most P3Slices.MAX_SLICES (16) slices per key: 100,000 elements go in slices of 6250.
     ({"GEOMX_WAN_SLICE_BYTES": "8192"}, True, {0: 6250, 1: 6250, 2: 2048, 3: 2048}),
     ({"GEOMX_WAN_SLICE_BYTES": "0"}, True, {0: None, 1: None, 2: None, 3: None}),
     # MixedSync applies each party's whole aggregate on arrival; HFA and ESync average whole models.
@@ -100,8 +100,7 @@ def test_a_checkpointing_global_server_keeps_keys_whole(tmp_path):
                                           ("x", "must be an integer")])
 def test_a_bad_slice_size_names_the_variable(value, error):
     with pytest.raises(ConfigError, match=f"GEOMX_WAN_SLICE_BYTES.*{re.escape(error)}"):
-        config.load(dict(SERVER_ENV, DMLC_ROLE_GLOBAL="global_server", DMLC_ROLE="server",
-                         DMLC_NUM_ALL_WORKER="4", GEOMX_WAN_SLICE_BYTES=value))
+        server_config("global server", GEOMX_WAN_SLICE_BYTES=value)
 
 
 @pytest.mark.unit

@@ -40,11 +40,11 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 import pytest
 import zmq
-from helpers import SERVER_ENV, initialised
+from helpers import initialised, server_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from geomx import commands, config, wire
+from geomx import commands, wire
 from geomx.errors import ProtocolError
 from geomx.kvclient import KVClient
 from geomx.membership import Scheduler, TierMember
@@ -490,7 +490,7 @@ def in_flight(client: KVClient) -> list:
                                        "slice of a larger key for ever (its upstream request has no part)")
 def test_an_init_of_an_empty_slice_is_answered(zmq_ctx):
     """A worker's INIT of elements [0, 0) of a 3-element key is answered (its value or a refusal)."""
-    cfg = config.load(dict(SERVER_ENV, DMLC_ROLE="server"))
+    cfg = server_config("local server")
     loop = EventLoop(zmq_ctx, 1 << 20, name="local server", local_ipc=False)
     upstream = FakeGlobalServer(zmq_ctx)
     worker = None
@@ -511,7 +511,7 @@ def test_an_init_of_an_empty_slice_is_answered(zmq_ctx):
 @FUZZ
 @given(msgs=sequences, registration=registrations)
 def test_local_server_handler(zmq_ctx, msgs, registration):
-    cfg = config.load(dict(SERVER_ENV, DMLC_ROLE="server", **LIMITS))
+    cfg = server_config("local server", **LIMITS)
     loop = EventLoop(zmq_ctx, 1 << 20, name="fuzz local server", local_ipc=False)
     upstream = FakeGlobalServer(zmq_ctx)
     dealers = genuine = None
@@ -578,9 +578,8 @@ def mxnet():
 @given(msgs=global_sequences, registration=registrations)
 def test_global_server_handler(zmq_ctx, mxnet, msgs, registration):
     # One party and one central worker that trains: a round is their two pushes.
-    cfg = config.load(dict(SERVER_ENV, DMLC_ROLE_GLOBAL="global_server", DMLC_ROLE="server", DMLC_NUM_WORKER="1",
-                           DMLC_NUM_GLOBAL_WORKER="1", DMLC_NUM_ALL_WORKER="2", DMLC_ENABLE_CENTRAL_WORKER="1",
-                           **LIMITS))
+    cfg = server_config("global server", DMLC_NUM_WORKER="1", DMLC_NUM_GLOBAL_WORKER="1", DMLC_NUM_ALL_WORKER="2",
+                        DMLC_ENABLE_CENTRAL_WORKER="1", **LIMITS)
     loop = EventLoop(zmq_ctx, 1 << 20, name="fuzz global server", local_ipc=False)
     peers: List[Dealers] = []
     tokens = [uuid.uuid4().hex for _ in range(2)]

@@ -17,9 +17,9 @@ from typing import List
 import numpy as np
 import pytest
 import zmq
-from helpers import Cluster, DrivenLoop, assert_no_process_left, slow_cmd
+from helpers import Cluster, DrivenLoop, assert_no_process_left, server_config, slow_cmd
 
-from geomx import config, security, transport, wire
+from geomx import security, transport, wire
 from geomx.launch import Topology
 from geomx.membership.scheduler import Scheduler
 from geomx.transport import EventLoop, bind_router
@@ -210,10 +210,6 @@ def mxnet_module():
 
 
 TOKENS = {"party0": "a" * 32, "party1": "b" * 32, "master": "c" * 32, "central_worker": "d" * 32}
-SERVER_ENV = {"DMLC_PS_ROOT_URI": "127.0.0.1", "DMLC_PS_ROOT_PORT": "1", "DMLC_PS_GLOBAL_ROOT_URI": "127.0.0.1",
-              "DMLC_PS_GLOBAL_ROOT_PORT": "2", "DMLC_NUM_SERVER": "1", "DMLC_NUM_WORKER": "2",
-              "DMLC_NUM_GLOBAL_SERVER": "1", "DMLC_NUM_GLOBAL_WORKER": "2", "DMLC_ROLE_GLOBAL": "global_server",
-              "DMLC_ROLE": "server", "DMLC_NUM_ALL_WORKER": "2", "DMLC_ENABLE_CENTRAL_WORKER": "1"}
 
 
 @pytest.mark.unit
@@ -227,7 +223,8 @@ def test_global_server_takes_a_token_only_with_its_key_and_master_commands_only_
     central = keys("central")
     listener = Listener(central)
     try:
-        server = GlobalServer(config.load(dict(SERVER_ENV)), listener.loop)
+        cfg = server_config("global server", DMLC_NUM_ALL_WORKER="2", DMLC_ENABLE_CENTRAL_WORKER="1")
+        server = GlobalServer(cfg, listener.loop)
         server.allow(server.wan_link.name, [TOKENS["party0"], TOKENS["party1"]],
                      {TOKENS["party0"]: "party0", TOKENS["party1"]: "party1"})
         server.allow(server.lan_link.name, [TOKENS["master"], TOKENS["central_worker"]],

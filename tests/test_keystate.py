@@ -88,5 +88,5 @@ def test_a_client_that_joins_later_starts_after_every_opened_round_whole_or_slic
     assert sliced.start_client("new") == 2  # the slice's rounds count, not the part's (never pushed whole)
     assert child.next_round("new") == 2 and child.next_round("a") == 2
     later = KeyState(7, 3, np.dtype(np.float32), offset=3, total=6)
-    later.starts = dict(sliced.starts)  # as ServerBase.slice_state makes a slice's state
+    later.starts = dict(sliced.starts)  # as P3Slices.state_for makes a slice's state
     assert later.next_round("new") == 2 and later.next_round("a") == 0

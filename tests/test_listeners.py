@@ -10,6 +10,7 @@ import zmq
 from geomx import config
 from geomx.launch import free_ports
 from geomx.servers import GlobalServer, LocalServer
+from geomx.servers.features import DGTReception
 from geomx.transport import EventLoop
 
 pytestmark = pytest.mark.unit
@@ -54,13 +55,14 @@ def test_global_server_binds_the_declared_ports_and_every_interface_when_told(lo
                            GEOMX_BIND_HOST="0.0.0.0", GEOMX_SERVER_PORT=str(wan), GEOMX_CENTRAL_PORT=str(lan),
                            ENABLE_DGT="1", GEOMX_DGT_UDP_PORT=str(udp)))
     server = GlobalServer(cfg, loop)
+    receiver = server.features.require(DGTReception).receiver
     try:
         assert endpoint(server.wan_link) == f"tcp://0.0.0.0:{wan}"
         assert endpoint(server.lan_link) == f"tcp://0.0.0.0:{lan}"
-        assert server.dgt.udp.getsockname() == ("0.0.0.0", udp)
-        assert server.dgt.udp.type == socket.SOCK_DGRAM
+        assert receiver.udp.getsockname() == ("0.0.0.0", udp)
+        assert receiver.udp.type == socket.SOCK_DGRAM
     finally:
-        server.dgt.close()
+        receiver.close()
 
 
 def test_a_taken_fixed_port_is_an_error(loop):

@@ -160,3 +160,12 @@ def test_peer_names_drop_the_secret_token():
     assert metrics.peer_name(("global-clients", b"local_server1#0123456789abcdef0123456789abcdef>x")) == \
         "local_server1"
     assert metrics.peer_name(None) == "?"
+
+
+def test_durations_keep_count_and_sum_of_all_and_quantiles_of_the_latest_window():
+    d = metrics.Durations(window=10)
+    assert d.quantiles() is None
+    for i in range(1, 101):
+        d.add(float(i))
+    assert (d.count, d.total, len(d.recent)) == (100, 5050.0, 10)
+    assert d.quantiles() == (95.5, 99.9)  # over 91..100 (statistics.quantiles, exclusive method)

@@ -127,6 +127,7 @@ def test_prometheus_scrapes_each_party_link_while_it_trains(tmp_path):
         assert sum(waited.values()) == KEYS * ROUNDS and set(waited) <= {"local_server0", "local_server1"}
         for r in local.values():
             assert metrics.value(r, "geomx_rounds_total") == KEYS * ROUNDS
+            assert metrics.value(r, "geomx_wan_round_trips_total") == KEYS * ROUNDS
         # What each party's local server sent on its WAN link, the global server received from it.
         wan_sent = {}
         for site, r in local.items():

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import SERVER_ENV, TOKEN, InProcessServer, initialised
+from helpers import TOKEN, InProcessServer, initialised, server_config
 
-from geomx import config, wire
+from geomx import wire
 from geomx.servers.sync import GLOBAL_POLICIES, PARTY_POLICIES, chosen
 from geomx.wire import Message, MsgType
 
@@ -30,7 +30,7 @@ def mxnet_module():
     ({"GEOMX_USE_ESYNC": "1"}, True, "esync"),
 ])
 def test_the_switches_choose_an_algorithm_that_has_both_halves(env, synchronous, name):
-    cfg = config.load(dict(SERVER_ENV, DMLC_ROLE="server", **env))
+    cfg = server_config("local server", **env)
     assert chosen(cfg, synchronous) == name
     assert GLOBAL_POLICIES[name].name == name
     assert name in PARTY_POLICIES

@@ -21,7 +21,6 @@ import pytest
 import zmq
 from helpers import (
     REPO,
-    SERVER_ENV,
     TOKEN,
     WORKERS,
     Cluster,
@@ -30,13 +29,15 @@ from helpers import (
     dead_port,
     initialised,
     rss_bytes,
+    server_config,
     slow_cmd,
 )
 
-from geomx import security, transport, wire
+from geomx import metrics, security, transport, wire
 from geomx.errors import ProtocolError
 from geomx.kvclient import KVClient
 from geomx.launch import Topology, run
+from geomx.servers.features import Checkpointing
 from geomx.servers.keystate import KeyState
 from geomx.tsengine.keys import LinkKeys
 from geomx.tsengine.peer import TSPeer
@@ -383,11 +384,13 @@ def test_a_request_to_a_server_that_never_answers_fails_after_its_deadline_namin
         while silent.poll(0):
             silent.recv_multipart()
             received += 1
+        misses = metrics.to_json(loop.metrics.collect(), {})
     finally:
         loop.close()
         silent.close(linger=0)
         ctx.destroy(linger=0)
     assert received == 2, "the requests did not reach the silent server"
+    assert metrics.value(misses, "geomx_deadline_misses_total", peer=f"party server 0 at 127.0.0.1:{port}") == 2
     assert 1.0 <= took < 5.0, took
     pull, command = results
     assert pull[0] is None and command[0] == []
@@ -431,14 +434,13 @@ def test_a_leaving_server_answers_every_request_still_waiting():
     """A local server that exits (here: told to, as geomx.node does when it stops) refuses the pushes
     of an incomplete round and the parked pulls with an error naming it, over its real socket."""
 
-    from geomx import config
     from geomx.servers import LocalServer
 
     ctx = zmq.Context()
     loop = transport.EventLoop(ctx, name="local server")
     client = ctx.socket(zmq.DEALER)
     try:
-        server = LocalServer(config.load(dict(SERVER_ENV, DMLC_ROLE="server")), loop)
+        server = LocalServer(server_config("local server"), loop)
         server.connect_upstream(KVClient(loop, [("127.0.0.1", dead_port())], identity="ls", sender=0,
                                          bigarray_bound=10 ** 6, wan=False, name="ls"))
         initialised(server, keys=(0,))
@@ -574,8 +576,10 @@ def test_checkpoint_requests_from_a_registered_client_are_coalesced_and_all_answ
                 master.send_multipart(wire.encode(Message(MsgType.COMMAND, req_id=1 + i,
                                                           meta={"cmd": "save_checkpoint"})))
             got = {r.req_id: r for r in srv.replies(master, 200, timeout=60)}
-            while srv.server.writer.busy:  # the last checkpoint's thread reports on the loop
+            writer = srv.server.features.require(Checkpointing).writer
+            while writer.busy:  # the last checkpoint's thread reports on the loop
                 srv.loop.run_once(0.02)
+            reading = metrics.to_json(srv.loop.metrics.collect(), {})
     finally:
         srv.close()
     assert sorted(got) == list(range(1, 201))
@@ -586,6 +590,7 @@ def test_checkpoint_requests_from_a_registered_client_are_coalesced_and_all_answ
     written = [r for r in caplog.records if "checkpoint (requested)" in r.getMessage()]
     print(f"{len(ok)} requests answered by {len(written)} checkpoints, {len(refused)} refused")
     assert 1 <= len(written) <= 20, len(written)
+    assert metrics.value(reading, "geomx_checkpoint_saves_total") == len(written)
 
 
 @pytest.mark.unit
@@ -598,7 +603,7 @@ def test_new_limits_are_checked_naming_the_variable(name, value, needle):
 
     from geomx import config
 
-    cfg = config.load(dict(SERVER_ENV, DMLC_ROLE="server"))
+    cfg = server_config("local server")
     assert (cfg.request_timeout, cfg.max_keys_per_client) == (600.0, 100_000)
     with pytest.raises(config.ConfigError, match=re.escape(needle)):
-        config.load(dict(SERVER_ENV, DMLC_ROLE="server", **{name: value}))
+        server_config("local server", **{name: value})

@@ -96,6 +96,32 @@ class ProcessSpec:
     #: GEOMX_LOST_PARTY=rejoin: the process to start for the n-th time its lost party is started again.
     rejoin: Optional[Callable[[int], "ProcessSpec"]] = field(default=None, compare=False, repr=False)
 
+    @property
+    def role(self) -> str:
+        """Its role as its metrics name it (``geomx_node_info{role=...}``): global_scheduler, scheduler,
+        global_server, local_server, master_worker or worker."""
+        env = self.env
+        if env.get("DMLC_ROLE_GLOBAL"):
+            return env["DMLC_ROLE_GLOBAL"]
+        role = env.get("DMLC_ROLE", "")
+        if role == "server":
+            return "local_server"
+        if role == "worker" and env.get("DMLC_ROLE_MASTER_WORKER", "") not in ("", "0"):
+            return "master_worker"
+        return role or "worker"
+
+    @property
+    def metrics_address(self) -> Optional[Tuple[str, int]]:
+        """Where its metrics listener is reached (GEOMX_METRICS_PORT at the address it binds:
+        GEOMX_BIND_HOST unless that is a wildcard, else its advertised DMLC_NODE_HOST); None: it has none."""
+        port = self.env.get("GEOMX_METRICS_PORT", "").strip()
+        if port in ("", "0"):
+            return None
+        host = self.env.get("GEOMX_BIND_HOST", "")
+        if host in ("", "*", "0.0.0.0", "::"):  # noqa: S104 - a wildcard is not an address to reach
+            host = self.env.get("DMLC_NODE_HOST") or "127.0.0.1"
+        return host, int(port)
+
 
 @dataclass(frozen=True)
 class Host:

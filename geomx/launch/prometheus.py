@@ -20,30 +20,10 @@ class Target(NamedTuple):
     port: int
 
 
-def role_of(env) -> str:
-    """A process's role as its metrics name it (``geomx_node_info{role=...}``), from its environment."""
-    if env.get("DMLC_ROLE_GLOBAL"):
-        return env["DMLC_ROLE_GLOBAL"]
-    role = env.get("DMLC_ROLE", "")
-    if role == "server":
-        return "local_server"
-    if role == "worker" and env.get("DMLC_ROLE_MASTER_WORKER") == "1":
-        return "master_worker"
-    return role
-
-
 def targets_of(specs) -> List[Target]:
-    """The metrics listener of each process (``ProcessSpec``) that has one (GEOMX_METRICS_PORT), at the
-    address it binds (GEOMX_BIND_HOST, else the one it advertises)."""
-    out = []
-    for s in specs:
-        port = s.env.get("GEOMX_METRICS_PORT")
-        if not port:
-            continue
-        bind = s.env.get("GEOMX_BIND_HOST")
-        host = s.env["DMLC_NODE_HOST"] if bind in (None, "*", "0.0.0.0") else bind
-        out.append(Target(s.name, role_of(s.env), s.site or s.dc, host, int(port)))
-    return out
+    """The metrics listener of each process (``ProcessSpec``) that has one (GEOMX_METRICS_PORT)."""
+    return [Target(s.name, s.role, s.site or s.dc, *s.metrics_address) for s in specs
+            if s.metrics_address is not None]
 
 
 def _q(text: str) -> str:

@@ -62,28 +62,12 @@ def nodes_of(specs: Iterable[Any]) -> List[Node]:
     """
     nodes = []
     for spec in specs:
-        env = spec.env
-        port = env.get("GEOMX_METRICS_PORT", "")
-        host = env.get("GEOMX_BIND_HOST", "")
-        if host in ("", "*", "0.0.0.0", "::"):  # noqa: S104 - a wildcard is not an address to poll
-            host = env.get("DMLC_NODE_HOST") or "127.0.0.1"
-        if ":" in host:
-            host = f"[{host}]"
-        url = f"http://{host}:{port}/metrics.json" if port.strip() not in ("", "0") else ""
-        nodes.append(Node(spec.name, _role_of(env), spec.party or spec.dc or "central", url))
+        url = ""
+        if spec.metrics_address is not None:
+            host, port = spec.metrics_address
+            url = f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics.json"
+        nodes.append(Node(spec.name, spec.role, spec.party or spec.dc or "central", url))
     return nodes
-
-
-def _role_of(env: Mapping[str, str]) -> str:
-    global_role = env.get("DMLC_ROLE_GLOBAL", "")
-    if global_role in ("global_scheduler", "global_server"):
-        return global_role
-    role = env.get("DMLC_ROLE", "")
-    if role == "server":
-        return "local_server"
-    if role == "worker":
-        return "master_worker" if env.get("DMLC_ROLE_MASTER_WORKER", "") not in ("", "0") else "worker"
-    return role or "worker"
 
 
 # -- aggregation (pure) -----------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """What local and global servers share: the client-facing ROUTER sockets, message validation against
-known keys, synchronous aggregation rounds, parked pulls, and the stop protocol."""
+known keys, synchronous aggregation rounds, parked pulls, and the stop protocol. Features beyond these
+(DGT reception, the TSEngine root, checkpoints, P3 slices, replay) attach through
+geomx/servers/features."""
 from __future__ import annotations
 
 import logging
@@ -13,8 +15,8 @@ from ..errors import GeoMXError, ProtocolError, internal_error
 from ..security import template
 from ..trace import Trace
 from ..transport import EventLoop, Link, Origin, base_identity, identity_token, log_limited, peer_label
-from ..tsengine.partial import partial_dtype_ok
 from ..wire import DTYPES, Message, MsgType, error_reply, meta_field
+from .features.base import Features
 from .keystate import KeyState
 
 log = logging.getLogger("geomx.server")
@@ -34,15 +36,10 @@ KEY_CHECKED = object()
 
 class ServerBase:
     """Subclasses say how many pushes make a round (:meth:`expected_pushes`) and what to do when a
-    round is complete (:meth:`dispatch_round`).
+    round is complete (:meth:`dispatch_round`); the features their configuration switches on
+    (``features``, geomx/servers/features) are called at the points the round engine offers them."""
 
-    ``slice_rounds``: a P3 slice of a key gets a state (rounds, value, optimizer state) of its own,
-    so a slice's round completes, and is answered, as soon as every client pushed that slice; the
-    global server does this so that the first slices' updates travel back while later slices are
-    still arriving. Otherwise slices add into the key's round, complete when every element is in."""
-
-    slice_rounds = False
-    checkpointing = False  # a global server with GEOMX_CHECKPOINT_DIR: refuses P3 slices (slice_state)
+    kind = ""  # "global" or "local": which of geomx/servers/features' rows apply
 
     def __init__(self, loop: EventLoop, name: str, max_rounds_ahead: int = 16, max_keys_per_client: int = 100_000):
         self.loop = loop
@@ -62,9 +59,8 @@ class ServerBase:
         self.stopped_clients: set = set()
         self.pushing_clients: set = set()  # clients that have pushed at least once
         self.exit_code: Optional[int] = None
-        # TSEngine in the tier where this server is the aggregation root (the global server in the
-        # global tier; a local server in its party): partial sums arrive on the client sockets.
-        self.ts_root: Any = None
+        # The features attached to this server (set by the subclass once its sockets are bound).
+        self.features = Features(self)
         # Who may use each client socket (link name -> the tokens its tier's scheduler registered,
         # carried in the clients' identities; see TierMember.client_identity). geomx.node requires
         # it; until the scheduler's list is in, requests wait (at most EARLY_REQUESTS of them).
@@ -81,6 +77,11 @@ class ServerBase:
     def expected_stops(self) -> int:
         raise NotImplementedError
 
+    def full_round_pushes(self) -> int:
+        """Pushes a complete round of a key holds (the global server: every party's, and the central
+        workers' when they train; a local server: its workers')."""
+        raise NotImplementedError
+
     def dispatch_round(self, ks: KeyState, r: int, acc: np.ndarray) -> None:
         raise NotImplementedError
 
@@ -95,6 +96,7 @@ class ServerBase:
 
     def on_client_stop(self, client: Client) -> None:
         """``client`` sent STOP (before it is answered)."""
+        self.features.client_stop(client)
 
     # -- replies ------------------------------------------------------------------------------
     @staticmethod
@@ -130,7 +132,8 @@ class ServerBase:
             if sliced and isinstance(value, np.ndarray):
                 value = value[start:start + req.numel]
             try:
-                meta = self.reply_meta(req, client_of(link, identity))
+                client = client_of(link, identity)
+                meta = self.features.reply_meta(req, client, self.reply_meta(req, client))
                 self.reply(link, identity, req, value, meta=meta)  # type: ignore[arg-type]
             except Exception as exc:  # noqa: BLE001 - the request must still be answered
                 # Replies go out in a loop over a finished round's waiters, after the round was
@@ -142,7 +145,7 @@ class ServerBase:
 
     def reply_meta(self, req: Message, client: Client) -> Optional[dict]:
         """Extra information to send with a data-path reply (ESync's step counts); evaluated when the
-        reply is sent."""
+        reply is sent. The features add theirs (``ServerFeature.reply_meta``)."""
         return None
 
     # -- who may ask -------------------------------------------------------------------------
@@ -197,8 +200,8 @@ class ServerBase:
         ``key_checked``: a request made of parts whose keys were checked as they arrived (DGT's)."""
         identity, link = origin.identity, origin.link
         assert identity is not None
-        if msg.type == MsgType.TS_MERGE and self.ts_root is not None:
-            self.ts_root.handle(msg, origin)
+        handler = self.features.handlers.get(msg.type)  # (TSEngine's partial sums, DGT's blocks)
+        if handler is not None and handler(msg, origin, key_checked):
             return
         if self.require_registration:
             known = self.registered_client(link, identity, KEY_CHECKED if key_checked else origin.curve_key)
@@ -254,58 +257,15 @@ class ServerBase:
             return None
         return ks
 
-    def slice_state(self, msg: Message, ks: KeyState, link: Link, identity: bytes) -> Optional[KeyState]:
-        """The state a data-path request works on: the key's (part's), or with ``slice_rounds`` and
-        a slice (P3's, or the cut-through slices of :meth:`GlobalServer.slice_size`), that slice's
-        own state (created by the first push of it from the part's value)."""
-        whole = msg.offset == ks.offset and msg.numel == ks.numel
-        if not self.slice_rounds or (whole and not ks.slices):
-            return ks
-        if msg.type == MsgType.PULL:
-            # Only pushes cut a key into slice states; a pull reads the slice's state if there is
-            # one of its size, else the part's assembled value. So a client that only pulls (a
-            # master worker without P3, asked for cut-through slices by the global servers) may
-            # slice differently from the P3 parties that push.
-            child = ks.slices.get(msg.offset)
-            return child if child is not None and child.numel == msg.numel else ks
-        alike = "set ENABLE_P3 and GEOMX_P3_SLICE_SIZE alike on every local server"
-        if whole:  # (a whole push while the key has slices)
-            self.reply_error(link, identity, msg, f"key {msg.key}: pushed whole while other clients push it in "
-                                                  f"slices: {alike}")
-            return None
-        error = None
-        start = msg.offset - ks.offset
-        child = ks.slices.get(msg.offset)
-        if self.checkpointing:
-            error = ("P3 slices cannot be checkpointed (GEOMX_CHECKPOINT_DIR is set on this server): unset "
-                     "ENABLE_P3 on the local servers or the checkpoint directory")
-        elif ks.rounds:
-            error = f"pushed in slices while other clients push it whole: {alike}"
-        elif child is None:
-            if start == 0:
-                ks.slice_size = msg.numel
-            size = ks.slice_size
-            if size and (start % size or msg.numel != min(size, ks.numel - start)):
-                error = (f"slice [{msg.offset}, +{msg.numel}) does not fit the {size}-element slices of other "
-                         "clients: GEOMX_P3_SLICE_SIZE must be the same on every local server")
-            elif not ks.initialized:
-                error = "P3 slice before the key was initialised"
-        elif child.numel != msg.numel:
-            error = (f"slice [{msg.offset}, +{msg.numel}) does not fit the [{msg.offset}, +{child.numel}) slices "
-                     "of other clients: GEOMX_P3_SLICE_SIZE must be the same on every local server")
-        if error:
+    def request_state(self, msg: Message, ks: KeyState, link: Link, identity: bytes) -> Optional[KeyState]:
+        """The state a data-path request of ``ks`` works on, once the features had their say: one that
+        refuses the request (``ServerFeature.refuse``) has it answered with the error (None); P3 slices
+        give a slice a state of its own (``ServerFeature.state_for``)."""
+        error = self.features.refusal(msg, ks)
+        if error is not None:
             self.reply_error(link, identity, msg, f"key {msg.key}: {error}")
             return None
-        if child is None:
-            child = ks.slices[msg.offset] = KeyState(ks.key, msg.numel, ks.dtype, msg.offset, ks.total)
-            assert ks.store is not None
-            child.store = ks.store[start:start + msg.numel]
-            child.initialized = True
-            # An index of its own for the optimizer's state and update count (Adam's step t counts
-            # this slice's updates): negative, so it never collides with a key.
-            child.update_index = -(1 + (ks.key << 35) + msg.offset)
-            child.starts = dict(ks.starts)  # a client that joined later starts its slices there too
-        return child
+        return self.features.state_for(msg, ks)
 
     def declare_key(self, msg: Message, link: Link, identity: bytes) -> Optional[KeyState]:
         """Create the key's state from an INIT (or check that the INIT agrees with it)."""
@@ -354,8 +314,8 @@ class ServerBase:
     def on_push(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
         ks = self.pushed_key(msg, link, identity)
         if ks is not None:
-            ks = self.slice_state(msg, ks, link, identity)
-        if ks is None or (msg.version and self.resent_push(ks, msg, client, link, identity)):
+            ks = self.request_state(msg, ks, link, identity)
+        if ks is None or self.features.take_push(msg, ks, client, link, identity):
             return
         expected = self.expected_pushes(link)
         if expected == 0:
@@ -415,36 +375,6 @@ class ServerBase:
             self.trace.span(f"update key {ks.key} round {r}", "update", done, self.trace.now(), ks.key, key=ks.key,
                             round=r, offset=ks.offset)
 
-    def resent_push(self, ks: KeyState, msg: Message, client: Client, link: Link, identity: bytes) -> bool:
-        """A numbered push (``version`` = round + 1): True when it was handled here because it repeats
-        a round this server already has, which happens when a client resends its unanswered and
-        not-yet-checkpointed pushes to a global server restarted from a checkpoint."""
-        r, expected = msg.version - 1, ks.pushes_of(client)
-        if r == expected:
-            return False
-        if r > expected:
-            self.reply_error(link, identity, msg, f"key {msg.key}: push of round {r} from "
-                                                  f"{peer_label(identity)}, expected round {expected}")
-            return True
-        reply = self.replier(link, identity, msg)
-        want_value = msg.type == MsgType.PUSHPULL
-        if r < ks.completed:
-            # Already summed (before the checkpoint, or replayed earlier): the key's value includes
-            # it. It is the round's own result when r is the last completed round.
-            log.info("%s: key %d round %d pushed again by %s (over a new connection); summed once already",
-                     self.name, msg.key, r, peer_label(identity))
-            reply(ks.store if want_value else None)
-        else:
-            # This process already holds the push in the open round r: answer when it completes.
-            log.info("%s: key %d round %d pushed again by %s (over a new connection); held once", self.name,
-                     msg.key, r, peer_label(identity))
-            rnd = ks.rounds.get(r)
-            if rnd is None:
-                reply(GeoMXError(f"key {msg.key}: round {r} was refused"))
-            else:
-                rnd.waiters.append((reply, want_value))
-        return True
-
     def stopped_without_round(self, ks: KeyState, r: int) -> Optional[str]:
         """A stopped pushing client that never pushed round ``r`` of ``ks`` (so it cannot complete)."""
         for client in self.stopped_clients:
@@ -469,6 +399,7 @@ class ServerBase:
         """This server is about to exit (``failed``: because the run failed): answer every request
         still waiting here (pushes of rounds that are not complete, parked pulls and INITs) with an
         error that says so, rather than leave their clients waiting for replies that will never come."""
+        self.features.leave(reason, failed)
         error = GeoMXError(f"{self.name} is leaving ({reason}) with this request unanswered")
         waiting = 0
         for ks in self.keys.values():
@@ -480,39 +411,10 @@ class ServerBase:
         if waiting:
             log.warning("%s: leaving (%s); refused %d request(s) still waiting", self.name, reason, waiting)
 
-    # -- TSEngine root (see geomx.tsengine.peer.Owner) ----------------------------------------
-    def ts_expected(self) -> int:
-        """Pushes a round of this server's TSEngine tier needs."""
-        raise NotImplementedError
-
-    def ts_check(self, kind: MsgType, key: int, rnd: int, data: np.ndarray) -> Optional[str]:
-        ks = self.keys.get(key)
-        if ks is None or not ks.initialized:
-            return f"key {key} is not initialised here"
-        if data.size != ks.numel:
-            return f"key {key}: {data.size} elements sent, this server holds {ks.numel}"
-        if not partial_dtype_ok(data.dtype, ks.dtype):
-            return f"key {key}: dtype {data.dtype} sent, key is {ks.dtype}"
-        if rnd < ks.completed:
-            return f"key {key}: round {rnd} is already complete"
-        return None
-
-    def ts_merged(self, key: int, rnd: int, data: np.ndarray, count: int) -> bool:
-        ks = self.keys[key]
-        round_ = ks.add_contribution(rnd, data, count)
-        if round_.elements < self.ts_expected() * ks.numel:
-            return False
-        acc, round_.acc = round_.acc, None
-        self.dispatch_round(ks, rnd, ks.round_value(acc))
-        return True
-
-    def ts_model(self, key: int, rnd: int, data: np.ndarray) -> None:
-        raise ProtocolError("a server is the root of its TSEngine tier and is never sent a model")
-
     def on_pull(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
         ks = self.known_key(msg, link, identity)
         if ks is not None:
-            ks = self.slice_state(msg, ks, link, identity)
+            ks = self.request_state(msg, ks, link, identity)
         if ks is None:
             return
         reply = self.replier(link, identity, msg, ks)

@@ -9,14 +9,14 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from .. import checkpoint, commands, compression, dgt
+from .. import checkpoint, commands, compression
 from ..config import NodeConfig
-from ..errors import GeoMXError, ProtocolError, internal_error
+from ..errors import GeoMXError, ProtocolError
 from ..transport import EventLoop, Link, Origin, bind_router, identity_token, log_limited, peer_label
 from ..wire import Message, MsgType, meta_field
-from . import codec_rules
-from .base import KEY_CHECKED, Client, ServerBase
-from .checkpointing import CheckpointWriter
+from . import codec_rules, features
+from .base import Client, ServerBase
+from .features import Checkpointing
 from .keystate import KeyState
 from .sync import GLOBAL_POLICIES, GlobalPolicy, chosen
 from .updater import Updater
@@ -25,12 +25,11 @@ log = logging.getLogger("geomx.server")
 
 
 class GlobalServer(ServerBase):
-    slice_rounds = True  # P3: each slice is updated and answered as soon as every party pushed it
+    kind = "global"
 
     def __init__(self, cfg: NodeConfig, loop: EventLoop):
         super().__init__(loop, "global server", cfg.max_rounds_ahead, cfg.max_keys_per_client)
         self.cfg = cfg
-        self.checkpointing = bool(cfg.checkpoint.dir)
         # Each side binds the address it advertises to its tier, at its fixed port if one is set.
         self.wan_link, self.wan_port = bind_router(loop, cfg.server_port, "global-clients", wan=True, cross_party=True,
                                                    host=cfg.bind_address(cfg.global_root_uri, cfg.global_root_port))
@@ -64,22 +63,10 @@ class GlobalServer(ServerBase):
         self.on_async: Optional[Callable[[], None]] = None  # set by the node: tell the global scheduler
         self.compression_params: Optional[Dict[str, Any]] = None  # set by the master worker
         self.default_warmup = False  # the master worker left the codec's warm-up to geomx (_settle_codec)
-        # Checkpoints (GEOMX_CHECKPOINT_DIR): the rounds of each key in the last saved checkpoint, and
-        # what each client was told of them (its cue to drop the pushes it keeps for a replay).
-        self.checkpointed: Dict[int, int] = {}
-        self.told_checkpointed: Dict[tuple, int] = {}
-        self.restored_from: Optional[str] = None
+        self.restored_from: Optional[str] = None  # the checkpoint this server started from
         self.restored_clients: Optional[tuple] = None  # (stopped, pushing) of a checkpoint, until known
-        self.writer: Optional[CheckpointWriter] = None
-        if cfg.checkpoint.dir:
-            self.writer = CheckpointWriter(loop, self.name, cfg.checkpoint.dir, cfg.checkpoint.every,
-                                           cfg.heartbeat_timeout, lambda: self.rank, self.snapshot,
-                                           self._checkpoint_durable)
-        self.dgt: Optional[dgt.Receiver] = None
-        if cfg.dgt.mode:
-            self.dgt = dgt.Receiver(loop, cfg.dgt.grace, self._held, self._deliver_dgt_push, self.name)
-            if cfg.dgt.mode == 1:
-                self.dgt.open_udp(cfg.bind_address(cfg.global_root_uri, cfg.global_root_port), cfg.dgt_udp_port)
+        # DGT reception, the TSEngine root, checkpoints, P3 slices, replay: as configured.
+        self.features = features.build(self)
 
     @property
     def optimizer_spec(self) -> Optional[dict]:
@@ -104,41 +91,13 @@ class GlobalServer(ServerBase):
         """Whether the parties' pushes form synchronous rounds (not MixedSync)."""
         return self.policy.synchronous
 
-    # -- DGT ----------------------------------------------------------------------------------
-    def _held(self, key: int) -> Optional[tuple]:
-        ks = self.keys.get(key)
-        return None if ks is None or not ks.initialized else (ks.numel, ks.dtype)
-
     def dispatch(self, msg: Message, origin: Origin, key_checked: bool = False) -> None:
-        identity, link = origin.identity, origin.link
+        identity = origin.identity
         if self.gone_tokens and identity is not None and identity_token(identity) in self.gone_tokens:
             # A lost local server that still runs (its link came back after the window): the tier's
             # rounds no longer count it, under any sync algorithm; it must start again to rejoin.
             raise ProtocolError(f"{msg.type.name} from {peer_label(identity)}, whose party the tier went on without")
-        if msg.type == MsgType.DGT_BLOCK:
-            if self.dgt is None or link is not self.wan_link:
-                raise ProtocolError("DGT block, but DGT is off here (ENABLE_DGT) or it came from a "
-                                    "central-party client")
-            assert identity is not None
-            main = identity[:-len(dgt.LOW_SUFFIX)] if identity.endswith(dgt.LOW_SUFFIX) else identity
-            if self.registered_client(link, main, KEY_CHECKED if key_checked else origin.curve_key) is not True:
-                raise ProtocolError(f"DGT block from {peer_label(identity)}, which is not a registered client of "
-                                    "this server")
-            self.dgt.on_tcp_block(msg, identity, link.name)
-            return
         super().dispatch(msg, origin, key_checked)
-
-    def _deliver_dgt_push(self, msg: Message, identity: bytes) -> None:
-        """A reassembled DGT push enters the server as the party's ordinary PUSHPULL (it runs from
-        a timer too, so a refusal is answered here rather than by the event loop)."""
-        try:
-            # Its blocks' keys were checked as they arrived (the last one over the party's reliable link).
-            self.dispatch(msg, Origin(self.wan_link, identity), key_checked=True)
-        except ProtocolError as exc:
-            self.reply_error(self.wan_link, identity, msg, str(exc))
-        except Exception as exc:  # noqa: BLE001 - one bad push must not take the server down
-            log.exception("%s: error while handling a DGT push of key %d", self.name, msg.key)
-            self.reply_error(self.wan_link, identity, msg, internal_error(exc))
 
     # -- round bookkeeping --------------------------------------------------------------------
     def expected_pushes(self, link: Link) -> int:
@@ -147,7 +106,7 @@ class GlobalServer(ServerBase):
     def expected_stops(self) -> int:
         return self.local_servers + self.central_workers - len(self.lost_parties)
 
-    def ts_expected(self) -> int:
+    def full_round_pushes(self) -> int:
         return self.parties + (self.central_workers if self.cfg.enable_central_worker else 0)
 
     def dispatch_round(self, ks: KeyState, r: int, acc: np.ndarray) -> None:
@@ -155,21 +114,10 @@ class GlobalServer(ServerBase):
         # With the optimizer on the parties' local servers (sparse codecs) the pushes are answered
         # with the round's change to the weights, which is sparse; the key keeps the weights.
         ks.finish_round(r, value, answer=acc if self.party_optimizer else None)
-        if self.ts_root is not None:
-            self.ts_root.relay(ks.key, r, value)  # ENABLE_INTER_TS: the parties get it by relay
-        self.maybe_checkpoint(ks)
+        # ENABLE_INTER_TS: the parties get it by relay (TSRoot); checkpoints count it (Checkpointing).
+        self.features.round_complete(ks, r, value)
 
-    # -- checkpoints --------------------------------------------------------------------------
-    def maybe_checkpoint(self, ks: KeyState) -> None:
-        """Every GEOMX_CHECKPOINT_EVERY rounds: save once every key has completed the target round."""
-        progress = self.policy.progress
-        if self.writer is not None and progress(ks) >= self.writer.next_round:
-            self.writer.periodic(min((progress(k) for k in self.keys.values() if k.initialized), default=0))
-
-    def _checkpoint_durable(self, ckpt: checkpoint.Checkpoint) -> None:
-        # From now on the clients may forget their pushes of rounds this checkpoint holds.
-        self.checkpointed = {rec.key: rec.completed for rec in ckpt.keys}
-
+    # -- checkpoints (the feature: geomx/servers/features/checkpointing.py) ---------------------
     def snapshot(self) -> checkpoint.Checkpoint:
         """This server's state now. Every key is at a round boundary of its own (partial rounds are
         left out: their pushes are resent after a restart), and its round count is recorded."""
@@ -193,13 +141,8 @@ class GlobalServer(ServerBase):
 
     def save_checkpoint(self, why: str, done: Optional[Callable[[object], None]] = None,
                         wait: bool = False) -> Optional[Dict[str, Any]]:
-        """A checkpoint now (:meth:`CheckpointWriter.save`)."""
-        return self._checkpoint_writer().save(why, done, wait)
-
-    def _checkpoint_writer(self) -> CheckpointWriter:
-        if self.writer is None:
-            raise GeoMXError(f"global server {self.rank}: checkpoints are off (set GEOMX_CHECKPOINT_DIR)")
-        return self.writer
+        """A checkpoint now (:meth:`Checkpointing.save`); GeoMXError if checkpoints are off."""
+        return self.features.require(Checkpointing).save(why, done, wait)
 
     def restore(self, ckpt: checkpoint.Checkpoint, path: str) -> None:
         """Take over the state of the checkpoint (before joining the tiers)."""
@@ -226,9 +169,9 @@ class GlobalServer(ServerBase):
         # clients of a new topology, whose identities may be the same, are not refused.
         self.restored_clients = ({(name, bytes.fromhex(ident)) for name, ident in ckpt.stopped},
                                  {(name, bytes.fromhex(ident)) for name, ident in ckpt.pushing})
-        self.checkpointed = {rec.key: rec.completed for rec in ckpt.keys}
-        if self.writer is not None:
-            self.writer.schedule_after(min([rec.completed for rec in ckpt.keys] or [0]))
+        checkpoints = self.features.get(Checkpointing)
+        if checkpoints is not None:
+            checkpoints.restored(ckpt)
         self.restored_from = path
         rounds = [rec.completed for rec in ckpt.keys] or [0]
         log.info("%s: restored from %s: rank %d, %d key(s) at rounds %d..%d, optimizer %s", self.name, path,
@@ -250,70 +193,25 @@ class GlobalServer(ServerBase):
             self.pushing_clients |= pushing
             self.restored_clients = None
 
-    def on_client_stop(self, client: Client) -> None:
-        # A client that stopped is not coming back to say so again: record it, so that a server
-        # restored later still knows how many STOPs it has to wait for.
-        if self.cfg.checkpoint.dir and len(self.stopped_clients) < self.expected_stops():
-            # Durable before the STOP is answered: the client will not say it again.
-            try:
-                self.save_checkpoint("a client stopped", wait=True)
-            except GeoMXError:
-                pass  # logged; the previous checkpoint stays
-
     def on_push(self, msg: Message, client: Client, link: Link, identity: bytes) -> None:
         self.party_rank[client] = msg.sender
         if not self.policy.on_push(msg, client, link, identity):
             super().on_push(msg, client, link, identity)
 
     def reply_meta(self, req: Message, client: Client) -> Optional[dict]:
+        # (Replay adds the round the client numbers its pushes from, P3Slices the slice size,
+        # Checkpointing the rounds saved, DGTReception the party's DGT settings.)
         meta: Dict[str, Any] = {}
         if req.type == MsgType.INIT:
-            ks = self.keys.get(req.key)
-            if ks is not None:
-                # The client numbers its pushes of the key from here, so that one it sends twice (over a
-                # new connection after a WAN outage, or to this server restarted from a checkpoint) is
-                # summed once; with checkpoints it keeps them until a checkpoint holds their round.
-                meta["round"] = ks.pushes_of(client)
-                meta["checkpoints"] = self.writer is not None
-                slice_size = self.slice_size(ks)
-                if slice_size:
-                    meta["slice"] = slice_size
             if self.compression_params is not None:
                 self._settle_codec()
                 meta["compression"] = self.compression_params
             if self.party_optimizer and client[0] == self.wan_link.name:
                 meta["party_optimizer"] = self.optimizer_spec
-            if self.dgt is not None and client[0] == self.wan_link.name:
-                meta["dgt"] = self.dgt.advert(client, req.sender, self.cfg.dgt.mode, req.req_id)
         elif req.type == MsgType.PUSHPULL and self.party_optimizer and client[0] == self.wan_link.name:
             meta["delta"] = True  # the answer is the round's change to the weights (dispatch_round)
         self.policy.reply_meta(req, client, meta)
-        saved = self.checkpointed.get(req.key)
-        if saved is not None and req.type != MsgType.INIT and self.told_checkpointed.get((client, req.key)) != saved:
-            # The client may forget its pushes of this key's rounds before ``saved``.
-            self.told_checkpointed[(client, req.key)] = saved
-            meta["checkpointed"] = saved
         return meta or None
-
-    # Cut-through slices per key at most: a large key gets larger slices, so that the cost of a message
-    # per slice stays bounded where the link is fast (its pipeline's fill and drain, 2/MAX_SLICES of the
-    # key's time on the wire, stays small where it is slow).
-    MAX_SLICES = 16
-
-    def slice_size(self, ks: KeyState) -> int:
-        """Cut-through rounds: the slice (in elements) this server asks its clients to cut the key's
-        pushes and pulls into, 0 for whole keys. Each slice is updated and answered as soon as every
-        party's copy of it is in (``slice_rounds``), so while later slices still travel up the WAN the
-        first ones' results already travel down: each direction of a party's link stays busy for the
-        whole round instead of half of it. Not where rounds are not elementwise sums of whole pushes
-        (HFA, ESync, MixedSync), are replayed from checkpoints, or travel as DGT blocks or TSEngine
-        relays."""
-        cfg = self.cfg
-        if (not cfg.wan_slice_bytes or not self.policy.slices or self.checkpointing or cfg.checkpoint.restore
-                or self.dgt is not None or cfg.tsengine.inter or cfg.tsengine.intra):
-            return 0
-        size = max(1, cfg.wan_slice_bytes // np.dtype(ks.dtype).itemsize, -(-ks.numel // self.MAX_SLICES))
-        return size if size < ks.numel else 0
 
     def fail_rounds_without(self, client: Client) -> None:
         if not self.policy.rounds_need(client):
@@ -352,16 +250,6 @@ class GlobalServer(ServerBase):
         if len(self.stopped_clients) >= self.expected_stops():
             self.on_all_stopped()
 
-    def leave(self, reason: str, failed: bool = False) -> None:
-        if failed and self.writer is not None and any(ks.initialized for ks in self.keys.values()):
-            # The run stops (a party lost with GEOMX_LOST_PARTY=stop, any other failure): what the tier
-            # completed so far is saved, so that a new run can start from it (GEOMX_CHECKPOINT_RESTORE).
-            try:
-                self.writer.save(f"final, the run stops: {reason[:200]}", wait=True)
-            except GeoMXError:
-                pass  # logged by the writer
-        super().leave(reason, failed)
-
     def round_expects(self, ks: KeyState, r: int, expected: int) -> int:
         # A lost party's push into a round it reached before it was lost is part of that round, and a
         # party that joined again is part of every round from the one it started at.
@@ -385,7 +273,7 @@ class GlobalServer(ServerBase):
                         party, rank)
 
     def round_scale(self, ks: KeyState, pushes: int) -> float:
-        full = self.ts_expected()
+        full = self.full_round_pushes()
         return full / pushes if self.lost_party_names and 0 < pushes < full else 1.0
 
     def complete_rounds_now_full(self) -> None:
@@ -444,9 +332,13 @@ class GlobalServer(ServerBase):
                 raise GeoMXError(f"{cmd} is the master worker's to send (DMLC_ROLE_MASTER_WORKER=1 in the "
                                  "central party); refused from this client")
             handler = self.COMMANDS.get(cmd)
-            if handler is None:
+            if handler is not None:
+                handler(self, msg, link, identity, master)
+                return
+            feature_handler = self.features.commands.get(cmd)  # (SAVE_CHECKPOINT: Checkpointing)
+            if feature_handler is None:
                 raise ProtocolError(f"unknown command {cmd!r}")
-            handler(self, msg, link, identity, master)
+            feature_handler(msg, link, identity, master)
         except GeoMXError as exc:
             self.reply_error(link, identity, msg, str(exc))
 
@@ -480,15 +372,6 @@ class GlobalServer(ServerBase):
         updater.load_states(*parts[self.rank])
         self.reply(link, identity, msg)
 
-    def _cmd_save_checkpoint(self, msg: Message, link: Link, identity: bytes, master: bool) -> None:
-        def answer(result: object) -> None:
-            if isinstance(result, Exception):
-                self.reply_error(link, identity, msg, str(result))
-            else:
-                self.reply(link, identity, msg, meta=result)  # type: ignore[arg-type]
-
-        self._checkpoint_writer().request(answer)
-
     def _cmd_set_compression(self, msg: Message, link: Link, identity: bytes, master: bool) -> None:
         self._set_compression(meta_field(msg, "params", dict))
         self.reply(link, identity, msg)
@@ -498,11 +381,10 @@ class GlobalServer(ServerBase):
         commands.SYNC_MODE: _cmd_sync_mode,
         commands.GET_STATES: _cmd_get_states,
         commands.SET_STATES: _cmd_set_states,
-        commands.SAVE_CHECKPOINT: _cmd_save_checkpoint,
         commands.SET_COMPRESSION: _cmd_set_compression,
     }
     """The commands a global server answers (geomx/commands.py), each by its handler; a new command is
-    one handler and one entry here."""
+    one handler and one entry here (or in a feature's ``commands``: SAVE_CHECKPOINT is Checkpointing's)."""
 
     def _set_compression(self, params: Dict[str, Any]) -> None:
         """Accept the master worker's codec; the parties' local servers learn it from INIT replies."""
@@ -563,8 +445,7 @@ class GlobalServer(ServerBase):
 
     def on_all_stopped(self) -> None:
         log.info("%s: every client stopped", self.name)
-        if self.dgt is not None:
-            log.info("%s: DGT blocks received %s", self.name, self.dgt.stats.as_dict())
+        self.features.all_stopped()
         self.exit_code = 0
 
 

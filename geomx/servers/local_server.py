@@ -4,19 +4,20 @@ then hands the global result back to its workers. It is a server in its party's 
 from __future__ import annotations
 
 import logging
-import statistics
 from typing import Callable, List, Optional
 
 import numpy as np
 
-from .. import commands, compression, dgt
+from .. import commands, compression, dgt, metrics
 from ..config import NodeConfig
 from ..errors import GeoMXError
 from ..kvclient import KVClient
 from ..transport import EventLoop, Link, bind_router
 from ..tsengine.peer import TSPeer
 from ..wire import Message, MsgType, meta_field
+from . import features
 from .base import Client, ServerBase
+from .features import TSRoot
 from .keystate import KeyState
 from .sync import PARTY_POLICIES, PartyPolicy, chosen
 from .updater import Updater
@@ -25,6 +26,8 @@ log = logging.getLogger("geomx.server")
 
 
 class LocalServer(ServerBase):
+    kind = "local"
+
     def __init__(self, cfg: NodeConfig, loop: EventLoop):
         super().__init__(loop, "local server", cfg.max_rounds_ahead, cfg.max_keys_per_client)
         self.cfg = cfg
@@ -53,7 +56,10 @@ class LocalServer(ServerBase):
             self.ts_link, self.ts_port = bind_router(loop, cfg.ts_port, "ts-peers", wan=True, cross_party=True,
                                                      host=cfg.bind_address(cfg.global_root_uri, cfg.global_root_port))
         self.dgt: Optional[dgt.Sender] = dgt.Sender(cfg, loop) if cfg.dgt.mode else None
-        self.round_trips: List[float] = []  # seconds from a key's push to the global reply (logged at stop)
+        # Seconds from a key's push to the global servers' answer (its metrics; logged at stop).
+        self.round_trips = metrics.Durations()
+        # Replay; with ENABLE_INTRA_TS, the root of the party's TSEngine tree.
+        self.features = features.build(self)
 
     def connect_inter_ts(self, peer: TSPeer) -> None:
         assert self.ts_link is not None
@@ -157,10 +163,9 @@ class LocalServer(ServerBase):
 
     def finish_round(self, ks: KeyState, r: int, value: np.ndarray) -> None:
         ks.finish_round(r, value)
-        if self.ts_root is not None:
-            self.ts_root.relay(ks.key, r, value)  # ENABLE_INTRA_TS: the workers get it by relay
+        self.features.round_complete(ks, r, value)  # ENABLE_INTRA_TS: the workers get it by relay
 
-    def ts_expected(self) -> int:
+    def full_round_pushes(self) -> int:
         return self.cfg.num_worker
 
     def forward_inter_ts(self, ks: KeyState, r: int, acc: np.ndarray) -> None:
@@ -177,9 +182,8 @@ class LocalServer(ServerBase):
         self.inter_ts.contribute(ks.key, r, acc, ks.dtype)
 
     # -- TSEngine, a node below the global server (see geomx.tsengine.peer.Owner) ---------------
+    # (ENABLE_INTRA_TS, this server as its party's root: geomx/servers/features/ts_root.py)
     def ts_check(self, kind: MsgType, key: int, rnd: int, data: np.ndarray) -> Optional[str]:
-        if kind == MsgType.TS_MERGE:  # ENABLE_INTRA_TS: this server is its party's root
-            return super().ts_check(kind, key, rnd, data)
         ks = self.keys.get(key)
         if ks is None or (key, rnd) not in self.ts_waiting:
             return f"this party is not waiting for key {key} round {rnd}"
@@ -196,7 +200,8 @@ class LocalServer(ServerBase):
         self._fail_round(ks, r, GeoMXError(f"global tier refused key {ks.key}: {error}"))
 
     def _fail_round(self, ks: KeyState, r: int, error: GeoMXError) -> None:
-        if self.ts_root is not None and self.on_fatal is not None:
+        root = self.features.get(TSRoot)
+        if root is not None and root.relays and self.on_fatal is not None:
             # ENABLE_INTRA_TS: the workers wait for a relay, not for a reply that could carry the
             # error; end this server so that the party scheduler tells them why.
             self.on_fatal(GeoMXError(f"{self.name}: key {ks.key} round {r}: {error}"))
@@ -252,6 +257,7 @@ class LocalServer(ServerBase):
         if self._stopping or self.upstream is None:
             return
         self._stopping = True
+        self.features.all_stopped()
         if self.inter_ts is not None and not self.inter_ts.idle:
             # Other parties may still be waiting for results this server relays to them.
             log.info("%s: all workers stopped; finishing TSEngine relays first", self.name)
@@ -264,11 +270,12 @@ class LocalServer(ServerBase):
         log.info("%s: all workers stopped; stopping the global tier link", self.name)
         if self.dgt is not None:
             log.info("%s: DGT blocks sent %s, final K %.3f", self.name, self.dgt.sent, self.dgt.k.k)
-        if len(self.round_trips) >= 2:
-            # The benchmarks read this line (benchmarks/suite.py, ROUND_TRIP_TAG).
-            q = statistics.quantiles(self.round_trips, n=10)
+        q = self.round_trips.quantiles()
+        if q is not None:
+            # The benchmarks read this line (benchmarks/suite.py, ROUND_TRIP_TAG); p50 and p90 of the
+            # last 10,000 round trips (metrics.Durations).
             log.info("%s: global round trips per key: n=%d p50=%.4f p90=%.4f s", self.name,
-                     len(self.round_trips), statistics.median(self.round_trips), q[-1])
+                     self.round_trips.count, q[0], q[1])
 
         def done(replies: List[Message], error: Optional[Exception]) -> None:
             if error is not None:

@@ -65,6 +65,10 @@ class GlobalPolicy:
     def reply_meta(self, req: Message, client: "Client", meta: dict) -> None:
         """Add what a reply to ``req`` carries for this algorithm to ``meta``."""
 
+    def samples(self) -> list:
+        """This algorithm's own metrics (geomx/metrics.py samples), read in the loop's thread."""
+        return []
+
     def party_received(self, client: "Client", key: int, value: np.ndarray) -> None:
         """A party was sent ``value`` as key ``key``'s weights (its INIT reply)."""
 
@@ -136,6 +140,10 @@ class PartyPolicy:
 
     def on_upstream_meta(self, key: int, meta: dict) -> None:
         """What a global server's reply carried for key ``key`` besides its data."""
+
+    def samples(self) -> list:
+        """This algorithm's own metrics at the local server (geomx/metrics.py samples)."""
+        return []
 
     def reply_meta(self, req: Message) -> Optional[dict]:
         """Extra information a reply to a worker's ``req`` carries."""

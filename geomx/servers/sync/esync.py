@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Dict, Optional
 
+from ... import metrics
 from ...errors import ProtocolError
 from ...wire import Message, MsgType, meta_field
 from .hfa import HFAParty, ModelAveraging
@@ -54,6 +55,10 @@ class ESync(ModelAveraging):
         super().reply_meta(req, client, meta)
         if req.key == ESYNC_KEY and req.type == MsgType.PUSHPULL:
             meta["esync_steps"] = self.steps_for(client)
+
+    def samples(self) -> list:
+        return [metrics.sample("geomx_esync_local_steps", self.steps_for(client), peer=metrics.peer_name(client))
+                for client in list(self.speed)]
 
     def steps_for(self, client: "Client") -> int:
         """Local steps for ``client``'s next round, so that every party takes about as long as the

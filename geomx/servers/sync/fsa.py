@@ -77,7 +77,7 @@ class Forward(PartyPolicy):
         sent = time.monotonic()
 
         def on_global_result(value: Optional[np.ndarray], error: Optional[Exception]) -> None:
-            server.round_trips.append(time.monotonic() - sent)
+            server.round_trips.add(time.monotonic() - sent)
             if error is not None:
                 server.fail_upstream(ks, r, error)
                 return

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Dict, Optional
 
 import numpy as np
 
+from ... import metrics
 from ...errors import GeoMXError
 from ...wire import MsgType
 from .base import PartyPolicy
@@ -46,9 +47,15 @@ class HFAParty(PartyPolicy):
         super().__init__(server)
         self.milestones: Dict[int, np.ndarray] = {}  # key -> the global model at the last global round
         self.local_rounds: Dict[int, int] = {}  # key -> party averages since the start
+        self.global_rounds: Dict[int, int] = {}  # key -> those averaged across the parties too
 
     def on_initialized(self, ks: "KeyState", value: np.ndarray) -> None:
         self.milestones[ks.key] = value  # HFA starts from the global model, as every party does
+
+    def samples(self) -> list:
+        # (Every key has the same counts; a key that is further along is in its round now.)
+        return [metrics.sample("geomx_hfa_party_rounds_total", max(self.local_rounds.values(), default=0)),
+                metrics.sample("geomx_hfa_global_rounds_total", max(self.global_rounds.values(), default=0))]
 
     def goes_global(self, ks: "KeyState") -> bool:
         """Whether this party round of ``ks`` is averaged across the parties too."""
@@ -64,6 +71,7 @@ class HFAParty(PartyPolicy):
         if not self.goes_global(ks):
             server.finish_round(ks, r, party_model)
             return
+        self.global_rounds[ks.key] = self.global_rounds.get(ks.key, 0) + 1
         meta = self.push_meta(ks)
         delta = (party_model - self.milestones[ks.key]) / np.asarray(server.parties, dtype=party_model.dtype)
 

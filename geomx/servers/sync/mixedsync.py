@@ -6,11 +6,11 @@ the central workers, when they train, still sum their pushes in rounds of their 
 A party's local server works as under FSA (:class:`geomx.servers.sync.fsa.Forward`)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict
+from typing import TYPE_CHECKING, Any, Dict, List
 
 import numpy as np
 
-from ... import compression
+from ... import compression, metrics
 from ...wire import Message, MsgType
 from .base import GlobalPolicy
 
@@ -30,6 +30,18 @@ class MixedSync(GlobalPolicy):
         # under BSC, the sum of the sparsified changes sent to it.
         self.party_views: Dict[tuple, np.ndarray] = {}
         self.down_codecs: Dict[Any, Any] = {}  # under BSC: one downlink codec (and residual) per party
+        # Staleness: (party, key) -> the key's update count when the party last received its weights,
+        # and per party [its updates applied, the updates of others each came after, summed].
+        self.received_at: Dict[tuple, int] = {}
+        self.staleness: Dict[Any, List[int]] = {}
+
+    def samples(self) -> list:
+        out = []
+        for client, (updates, stale) in list(self.staleness.items()):
+            peer = metrics.peer_name(client)
+            out += [metrics.sample("geomx_mixedsync_updates_total", updates, peer=peer),
+                    metrics.sample("geomx_mixedsync_staleness_total", stale, peer=peer)]
+        return out
 
     def expected_pushes(self, link: "Link") -> int:
         server = self.server
@@ -53,6 +65,7 @@ class MixedSync(GlobalPolicy):
         # What a party received at INIT is what it holds until its first reply: BSC sends it changes
         # relative to that (not to the initial value: it may join late).
         self.party_views[(client, key)] = value
+        self.received_at[(client, key)] = self.outside_rounds.get(key, 0)
 
     def on_push(self, msg: Message, client: "Client", link: "Link", identity: bytes) -> bool:
         server = self.server
@@ -75,7 +88,13 @@ class MixedSync(GlobalPolicy):
         # DC-ASGD compensates against the weights this party holds, not the key's latest.
         backup = self.party_views[(client, ks.key)] if updater.name == "dcasgd" else None
         ks.store = value = updater.apply(ks.key, ks.update_index, ks.store, msg.data, backup)
-        self.outside_rounds[ks.key] = self.outside_rounds.get(ks.key, 0) + 1
+        count = self.outside_rounds.get(ks.key, 0)
+        stale = self.staleness.setdefault(client, [0, 0])
+        stale[0] += 1
+        stale[1] += count - self.received_at.get((client, ks.key), count)  # others' updates since its view
+        self.outside_rounds[ks.key] = count + 1
+        if msg.type == MsgType.PUSHPULL:
+            self.received_at[(client, ks.key)] = count + 1  # it gets the weights with its own update in
         if msg.payload and msg.type == MsgType.PUSHPULL:
             self._reply_weight_delta(link, identity, msg, ks, client, value)
         else:
@@ -83,7 +102,7 @@ class MixedSync(GlobalPolicy):
                 self.party_views[(client, ks.key)] = value  # the party receives these weights
             server.reply(link, identity, msg, value if msg.type == MsgType.PUSHPULL else None)
         ks.serve_parked()
-        server.maybe_checkpoint(ks)
+        server.features.round_complete(ks, None, value)  # an update outside rounds (checkpoints count it)
         return True
 
     def _applied_already(self, msg: Message, client: "Client", link: "Link", identity: bytes, ks: "KeyState") -> bool:

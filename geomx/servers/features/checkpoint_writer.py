@@ -16,9 +16,9 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from .. import checkpoint
-from ..errors import GeoMXError
-from ..transport import EventLoop
+from ... import checkpoint
+from ...errors import GeoMXError
+from ...transport import EventLoop
 
 log = logging.getLogger("geomx.server")
 
@@ -159,6 +159,7 @@ class CheckpointWriter:
             if job.wait:
                 raise job.error
             return None
+        self.loop.metrics.inc("geomx_checkpoint_saves_total")
         if job.seq > self._saved_seq:  # a waited-for save may finish before an earlier one is reported
             self._saved_seq = job.seq
             self._on_durable(job.ckpt)

@@ -16,6 +16,7 @@ import sys
 import threading
 
 import pytest
+import zmq
 from helpers import run_topology
 
 from geomx import transport
@@ -78,6 +79,17 @@ def _unit_tests_start_no_process(request):
     if elsewhere:  # refused in another thread, whose failure the test itself may not have seen
         pytest.fail(f"{request.node.nodeid} is marked unit but a thread of it started processes: {elsewhere}; "
                     "mark it system")
+
+
+@pytest.fixture
+def zmq_ctx():
+    """A ZeroMQ context for one test, destroyed when the test ends, passed or failed: every socket still
+    open in it is closed with linger 0 (nothing queued is waited for), so no test can hang in ``term`` or
+    leave sockets, ports or I/O threads to the next. Event loops, schedulers and sockets made on it need
+    no ``ctx.destroy`` of their own (a test that must close a loop before it asserts still closes it)."""
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
 
 
 @pytest.fixture

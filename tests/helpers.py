@@ -9,14 +9,17 @@
   ``live_group_members``), ``kill_group``, ``rss_bytes``;
 - ports: ``dead_port``, ``free_port_range``, ``listening``;
 - servers inside the test process: ``SERVER_ENV``, ``initialised``;
-- topology runs through geomx.launch.run: ``Result`` / ``run_topology`` (the ``topology_run`` fixture),
-  and the example scripts' runs and accuracy curves (``run_example``, ``run_concurrently``, ``curves``).
+- topology runs through geomx.launch.run: ``Result`` / ``run_topology`` (the ``topology_run`` fixture), with
+  the workers' structured reports (``Result.reports``, ``exact_slices``; tests/workers/results.py), and the
+  example scripts' runs and accuracy curves (``run_example``, ``run_concurrently``, ``curves``).
 
 Tests import them by name (``from helpers import Cluster``): pytest puts tests/ on ``sys.path``.
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
 import re
 import signal
@@ -24,10 +27,11 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import zmq
@@ -373,21 +377,46 @@ def initialised(server, keys=(0, 1, 2, 3)) -> None:
 
 # -- topology runs through geomx.launch.run -------------------------------------------------------
 
+# Where the workers of a run_topology write their reports (tests/workers/results.py).
+RESULTS_VARIABLE = "GEOMX_TEST_RESULTS"
+
+
 class Result:
-    def __init__(self, code: int, output: str):
+    """A topology run: its exit ``code``, every process's ``output`` (lines prefixed with its name), and
+    ``reports``: what each worker reported through tests/workers/results.py (one dict per worker process
+    that reported, in no particular order)."""
+
+    def __init__(self, code: int, output: str, reports: Sequence[Dict[str, Any]] = ()):
         self.code = code
         self.output = output
+        self.reports = list(reports)
 
     def lines(self, needle: str):
         return [line for line in self.output.splitlines() if needle in line]
 
 
+def read_reports(directory: str) -> List[Dict[str, Any]]:
+    """The workers' reports in ``directory`` (tests/workers/results.py), ordered by data slice."""
+    reports = [json.loads(path.read_text()) for path in sorted(Path(directory).glob("worker-*.json"))]
+    return sorted(reports, key=lambda r: (r.get("slice", -1), r["pid"]))
+
+
 def run_topology(script, args=(), timeout=120, env=None, **kw) -> Result:
-    """Run ``tests/workers/<script>`` on every worker of ``Topology(env=env, **kw)``."""
-    topo = Topology(env=dict(env or {}), **kw)
-    stream = io.StringIO()
-    code = run(topo, [sys.executable, str(WORKERS / script), *args], timeout=timeout, stream=stream)
-    return Result(code, stream.getvalue())
+    """Run ``tests/workers/<script>`` on every worker of ``Topology(env=env, **kw)``; the workers' reports
+    come back in ``Result.reports``."""
+    with tempfile.TemporaryDirectory(prefix="geomx-reports-") as reports:
+        topo = Topology(env={**(env or {}), RESULTS_VARIABLE: reports}, **kw)
+        stream = io.StringIO()
+        code = run(topo, [sys.executable, str(WORKERS / script), *args], timeout=timeout, stream=stream)
+        return Result(code, stream.getvalue(), read_reports(reports))
+
+
+def exact_slices(result: Result) -> List[int]:
+    """The data slices of the workers that reported their exact oracle held to the end (``exact``:
+    tests/workers/exact_worker.py, core_exact_worker.py), after checking that none reported a mismatch."""
+    mismatches = [r for r in result.reports if "mismatch" in r]
+    assert not mismatches, (mismatches, result.output[-4000:])
+    return sorted(r["slice"] for r in result.reports if r.get("exact"))
 
 
 # -- the example scripts on real 2-party topologies, several at once, and their accuracy ----------
@@ -459,11 +488,27 @@ def checked_curves(label, result, expected_workers):
 
 class DrivenLoop:
     """A node's event loop in the test's process, run by the test (``ctx``, ``loop``), and the test's
-    own sockets to it (``socks``): what the in-process server and listener cases share."""
+    own sockets to it (``socks``): what the in-process server and listener cases share.
+
+    It owns its context: a subclass's ``__init__`` makes it with :meth:`_own_context` first and builds
+    the rest inside ``with self._closed_on_error():``, so that a constructor that fails half-way
+    leaves nothing open; :meth:`close` ends the context whatever else fails."""
 
     ctx: zmq.Context
-    loop: Any  # geomx.transport.EventLoop
+    loop: Any = None  # geomx.transport.EventLoop
     socks: List[zmq.Socket]
+
+    def _own_context(self) -> None:
+        self.ctx = zmq.Context()
+        self.socks = []
+
+    @contextlib.contextmanager
+    def _closed_on_error(self):
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
 
     def replies(self, sock, count: int, timeout: float = 30) -> List[wire.Message]:
         """Run the loop until ``sock`` has ``count`` replies (or ``timeout`` passed); the replies."""
@@ -476,10 +521,13 @@ class DrivenLoop:
         return out
 
     def close(self) -> None:
-        for sock in self.socks:
-            sock.close(linger=0)
-        self.loop.close()
-        self.ctx.destroy(linger=0)
+        try:
+            for sock in self.socks:
+                sock.close(linger=0)
+            if self.loop is not None:
+                self.loop.close()
+        finally:
+            self.ctx.destroy(linger=0)  # also closes whatever the lines above did not
 
 
 # -- a real server in the test's process, its clients registered ------------------------------------
@@ -498,21 +546,21 @@ class InProcessServer(DrivenLoop):
         from geomx.kvclient import KVClient
         from geomx.servers import GlobalServer, LocalServer
 
-        self.ctx = zmq.Context()
-        self.loop = transport.EventLoop(self.ctx, name=kind, local_ipc=False)
-        self.socks: List[zmq.Socket] = []
-        if kind == "local server":
-            self.server = LocalServer(server_config("local server", **env), self.loop)
-            self.server.connect_upstream(KVClient(self.loop, [("127.0.0.1", dead_port())], identity="ls",
-                                                  sender=0, bigarray_bound=10 ** 6, wan=False, name="ls"))
-            self.ports = {"party": self.server.port}
-            self.server.allow(self.server.link.name, [TOKEN])
-        else:
-            self.server = GlobalServer(server_config("global server", **env), self.loop)
-            self.ports = {"wan": self.server.wan_port, "lan": self.server.lan_port}
-            self.server.allow(self.server.wan_link.name, [TOKEN])
-            # The central party's scheduler names its master worker: here the registered client.
-            self.server.allow(self.server.lan_link.name, [TOKEN], master=TOKEN if master else None)
+        self._own_context()
+        with self._closed_on_error():
+            self.loop = transport.EventLoop(self.ctx, name=kind, local_ipc=False)
+            if kind == "local server":
+                self.server = LocalServer(server_config("local server", **env), self.loop)
+                self.server.connect_upstream(KVClient(self.loop, [("127.0.0.1", dead_port())], identity="ls",
+                                                      sender=0, bigarray_bound=10 ** 6, wan=False, name="ls"))
+                self.ports = {"party": self.server.port}
+                self.server.allow(self.server.link.name, [TOKEN])
+            else:
+                self.server = GlobalServer(server_config("global server", **env), self.loop)
+                self.ports = {"wan": self.server.wan_port, "lan": self.server.lan_port}
+                self.server.allow(self.server.wan_link.name, [TOKEN])
+                # The central party's scheduler names its master worker: here the registered client.
+                self.server.allow(self.server.lan_link.name, [TOKEN], master=TOKEN if master else None)
 
     def client(self, identity: bytes, port: str) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)

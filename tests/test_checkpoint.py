@@ -17,7 +17,16 @@ import time
 
 import numpy as np
 import pytest
-from helpers import FAST_HEARTBEATS, REPO, Cluster, LineLog, assert_no_process_left, pid_with_environ, slow_cmd
+from helpers import (
+    FAST_HEARTBEATS,
+    REPO,
+    Cluster,
+    LineLog,
+    assert_no_process_left,
+    exact_slices,
+    pid_with_environ,
+    slow_cmd,
+)
 
 from geomx import checkpoint
 from geomx.checkpoint import Checkpoint, CheckpointError, KeyRecord
@@ -285,7 +294,8 @@ def test_checkpoint_on_request_then_whole_topology_restart(tmp_path, topology_ru
     first = topology_run("exact_worker.py", ["--slice", "{slice}", "--rounds", "4", "--optimizer", "sgd",
                                              "--checkpoint-at", "2"], env=env, parties=2, workers_per_party=1)
     assert first.code == 0, first.output[-6000:]
-    assert len(first.lines("CHECKPOINT OK round 2 servers 1")) == 1, first.output[-6000:]
+    assert [r["checkpoint"]["round"] for r in first.reports if "checkpoint" in r] == [2], first.reports
+    assert [r["checkpoint"]["servers"] for r in first.reports if "checkpoint" in r] == [1], first.reports
     saved = checkpoint.load(checkpoint.file_name(str(tmp_path), 0))
     assert sorted(k.completed for k in saved.keys) == [4, 4, 4, 4]
 
@@ -294,5 +304,5 @@ def test_checkpoint_on_request_then_whole_topology_restart(tmp_path, topology_ru
                           node_env={"global_server0": {
                               "GEOMX_CHECKPOINT_RESTORE": checkpoint.file_name(str(tmp_path), 0)}})
     assert second.code == 0, second.output[-6000:]
-    assert len(second.lines("EXACT OK")) == 2, second.output[-6000:]
+    assert exact_slices(second) == [0, 1], (second.reports, second.output[-6000:])
     assert second.lines("restored into a new topology"), second.output[-6000:]

@@ -22,13 +22,6 @@ pytestmark = pytest.mark.unit
 MAX_MESSAGE = 1 << 20
 
 
-@pytest.fixture
-def ctx():
-    ctx = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
-
-
 def listener(ctx, keys=None, local_ipc=False):
     loop = EventLoop(ctx, MAX_MESSAGE, name="test server", keys=keys, local_ipc=local_ipc)
     link, port = bind_router(loop, 0, "test listener")
@@ -52,12 +45,12 @@ def curve_keys():
 
 
 @pytest.mark.parametrize("curve", [False, True], ids=["plain", "curve"])
-def test_held_bytes_are_exact_over_plain_and_curve_links(ctx, curve):
+def test_held_bytes_are_exact_over_plain_and_curve_links(zmq_ctx, curve):
     """After messages of every size class (0, 1- and 8-byte lengths, with and without meta), what a
     connection holds is its handshake alone: each message's wire size is counted to the byte."""
     keys = curve_keys() if curve else None
-    loop, link, port, received = listener(ctx, keys)
-    client_loop = EventLoop(ctx, MAX_MESSAGE, name="test client", keys=keys, local_ipc=False)
+    loop, link, port, received = listener(zmq_ctx, keys)
+    client_loop = EventLoop(zmq_ctx, MAX_MESSAGE, name="test client", keys=keys, local_ipc=False)
     client = connect_dealer(client_loop, "127.0.0.1", port, b"client", "to server", peer="test server")
     try:
         assert link.guard is not None and link.guard.curve == curve
@@ -94,11 +87,11 @@ def frame(data: bytes, more: bool) -> bytes:
     return bytes([0x03 if more else 0x02]) + struct.pack(">Q", len(data)) + data
 
 
-def test_a_message_in_progress_is_kept_and_one_that_never_ends_is_cut(ctx):
+def test_a_message_in_progress_is_kept_and_one_that_never_ends_is_cut(zmq_ctx):
     """The largest message the listener takes, held half-sent through more checks than it takes to cut,
     is kept and then delivered; frames of a message that never ends are cut once they hold more than
     one largest message (GEOMX_MAX_MESSAGE_BYTES plus headers), and the sender sees its connection end."""
-    loop, link, port, received = listener(ctx)
+    loop, link, port, received = listener(zmq_ctx)
     guard = link.guard
     raw = zmtp_dealer(port)
     try:
@@ -143,10 +136,10 @@ def test_a_message_in_progress_is_kept_and_one_that_never_ends_is_cut(ctx):
         loop.close()
 
 
-def test_unix_domain_connections_are_not_measured(ctx):
+def test_unix_domain_connections_are_not_measured(zmq_ctx):
     """Only this user's processes can open the listener's Unix-domain socket: not measured."""
-    loop, link, port, received = listener(ctx, local_ipc=True)
-    client_loop = EventLoop(ctx, MAX_MESSAGE, name="test client", local_ipc=True)
+    loop, link, port, received = listener(zmq_ctx, local_ipc=True)
+    client_loop = EventLoop(zmq_ctx, MAX_MESSAGE, name="test client", local_ipc=True)
     client = connect_dealer(client_loop, "127.0.0.1", port, b"client", "to server", peer="test server")
     try:
         assert client.sock.getsockopt(zmq.LAST_ENDPOINT).startswith(b"ipc://")
@@ -212,10 +205,10 @@ def test_messages_counted_to_a_connection_that_did_not_send_them_give_it_no_cred
             accepted.close()
 
 
-def test_a_flood_of_complete_messages_does_not_keep_an_unfinished_one_from_being_cut(ctx):
+def test_a_flood_of_complete_messages_does_not_keep_an_unfinished_one_from_being_cut(zmq_ctx):
     """One connection keeps the listener busy with complete (malformed) messages, faster than they are
     read; another holds a message that never ends: that one is still cut, and the flood is not."""
-    loop, link, port, received = listener(ctx)
+    loop, link, port, received = listener(zmq_ctx)
     guard = link.guard
     flooder, holder = zmtp_dealer(port), zmtp_dealer(port)
     stop = threading.Event()
@@ -250,10 +243,10 @@ def test_a_flood_of_complete_messages_does_not_keep_an_unfinished_one_from_being
         loop.close()
 
 
-def test_a_zmtp2_peer_is_served_without_a_connection_descriptor(ctx):
+def test_a_zmtp2_peer_is_served_without_a_connection_descriptor(zmq_ctx):
     """A ZMTP 2.0 peer's messages carry no metadata (no ZMQ_SRCFD): the listener still takes them and
     keeps serving (before, looking the descriptor up raised out of the event loop)."""
-    loop, link, port, received = listener(ctx)
+    loop, link, port, received = listener(zmq_ctx)
     old = socket.create_connection(("127.0.0.1", port), timeout=20)
     try:
         old.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + b"\x01" + b"\x05")  # ZMTP 2.0 greeting, DEALER

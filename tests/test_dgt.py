@@ -117,14 +117,21 @@ NUMEL = 10  # blocks of 4 elements: offsets 0, 4, 8 (the last, 2 elements)
 
 
 class Harness:
+    """A DGT receiver in an event loop of its own context; :meth:`close` ends the context whatever fails
+    before it (and a constructor that fails ends it too)."""
+
     def __init__(self, grace=0.2, numel=NUMEL, dtype=np.float32):
         self.ctx = zmq.Context()
-        self.loop = EventLoop(self.ctx, name="test")
-        self.delivered = []
-        self.rx = dgt.Receiver(self.loop, grace, lambda key: (numel, np.dtype(dtype)) if key == 3 else None,
-                               lambda msg, ident: self.delivered.append((msg, ident)))
-        self.info = self.rx.advert(CLIENT, 0, mode=2)
-        self.numel = numel
+        try:
+            self.loop = EventLoop(self.ctx, name="test")
+            self.delivered = []
+            self.rx = dgt.Receiver(self.loop, grace, lambda key: (numel, np.dtype(dtype)) if key == 3 else None,
+                                   lambda msg, ident: self.delivered.append((msg, ident)))
+            self.info = self.rx.advert(CLIENT, 0, mode=2)
+            self.numel = numel
+        except BaseException:
+            self.ctx.destroy(linger=0)
+            raise
 
     def block(self, req, offset, values, last_nsent=None, sender=0):
         values = np.asarray(values, dtype=np.float32)
@@ -144,8 +151,10 @@ class Harness:
             self.loop.run_once(0.02)
 
     def close(self):
-        self.loop.close()
-        self.ctx.term()
+        try:
+            self.loop.close()
+        finally:
+            self.ctx.destroy(linger=0)
 
 
 @pytest.mark.system
@@ -269,11 +278,15 @@ class UdpHarness(Harness):
 
     def __init__(self, grace=5.0):
         super().__init__(grace=grace)
-        self.port = self.rx.open_udp()
-        self.sender_id = self.info["sender_id"]
-        self.key = bytes.fromhex(self.info["key"])
-        self.tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.addr = ("127.0.0.1", self.port)
+        try:
+            self.port = self.rx.open_udp()
+            self.sender_id = self.info["sender_id"]
+            self.key = bytes.fromhex(self.info["key"])
+            self.tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.addr = ("127.0.0.1", self.port)
+        except BaseException:
+            super().close()
+            raise
 
     def datagram(self, req, offset, values, sender=0, key=None, sender_id=None):
         b = self.block(req, offset, values, sender=sender)
@@ -299,9 +312,11 @@ class UdpHarness(Harness):
         assert st.blocks + st.rejected == self.sent, st.as_dict()
 
     def close(self):
-        self.tx.close()
-        self.rx.close()
-        super().close()
+        try:
+            self.tx.close()
+            self.rx.close()
+        finally:
+            super().close()
 
 
 @pytest.mark.unit

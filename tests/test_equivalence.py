@@ -31,12 +31,15 @@ def test_distributed_equals_single_process(tmp_path, topology_run, optimizer, up
             "--out", str(tmp_path / "w{slice}.npz"), *extra]
     result = topology_run("equiv_worker.py", args, parties=2, workers_per_party=2)
     assert result.code == 0, result.output[-4000:]
+    # Each training worker reported where it saved its final weights.
+    outs = {r["slice"]: r["out"] for r in result.reports if not r["master"]}
+    assert sorted(outs) == list(range(WORKERS_TOTAL)), result.reports
     expected = oracle(tmp_path, optimizer)
     for w in range(WORKERS_TOTAL):
-        got = np.load(tmp_path / f"w{w}.npz")
+        got = np.load(outs[w])
         assert sorted(got.files) == sorted(expected.files)
         for name in expected.files:
             np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-5, err_msg=f"worker {w} {name}")
         # And the weights must actually have moved from the initial ones.
-    first = np.load(tmp_path / "w0.npz")
+    first = np.load(outs[0])
     assert any(np.abs(first[n]).sum() > 0 for n in first.files)

@@ -113,7 +113,7 @@ def send_hostile(ctx: zmq.Context, port: int, tag: str, wait: float) -> List[Mes
         sock.close()
 
 
-def test_hostile_messages_to_live_server_and_scheduler():
+def test_hostile_messages_to_live_server_and_scheduler(zmq_ctx):
     topo = Topology(parties=1, workers_per_party=2, env={"GEOMX_START_TIMEOUT": "60"})
     log = LineLog()
     result: Dict[str, int] = {}
@@ -128,31 +128,27 @@ def test_hostile_messages_to_live_server_and_scheduler():
         sched_port = int(log.wait_for(r"^\[party0/scheduler\] .*listening on port (\d+)", 10, finished).group(1))
         log.wait_for(r"^\[party0/worker\d\] ROUND 0 OK", 60, finished)
 
-        ctx = zmq.Context()
-        try:
-            send_raw_garbage(server_port)
-            send_raw_garbage(sched_port)
-            replies = send_hostile(ctx, server_port, "server", wait=10)
-            # Only the well-formed requests are answered, each with an error: the sender is not one of
-            # the party's registered workers (what a registered but buggy worker gets for the same
-            # requests is checked in test_trust.py).
-            assert [(r.type, r.req_id) for r in replies] == [(MsgType.ERROR, i) for i in (1, 2, 3)], replies
-            assert all("PUSH from fuzz-server, which is not a registered client of this server" in r.meta["error"]
-                       for r in replies), replies
-            # The scheduler at most refuses (a request from a peer that never registered).
-            replies = send_hostile(ctx, sched_port, "scheduler", wait=1)
-            assert all(r.type == MsgType.ERROR for r in replies), replies
-            # And a late REGISTER from a stranger is refused once the party is complete.
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.IDENTITY, b"fuzz-late-register")
-            sock.connect(f"tcp://127.0.0.1:{sched_port}")
-            sock.send_multipart(wire.encode(Message(MsgType.REGISTER, meta={
-                "role": "worker", "host": "127.0.0.1", "port": 1, "name": "intruder"})))
-            sock.send_multipart(wire.encode(Message(MsgType.HEARTBEAT)))
-            time.sleep(0.2)
-            sock.close(linger=1000)
-        finally:
-            ctx.term()
+        send_raw_garbage(server_port)
+        send_raw_garbage(sched_port)
+        replies = send_hostile(zmq_ctx, server_port, "server", wait=10)
+        # Only the well-formed requests are answered, each with an error: the sender is not one of
+        # the party's registered workers (what a registered but buggy worker gets for the same
+        # requests is checked in test_trust.py).
+        assert [(r.type, r.req_id) for r in replies] == [(MsgType.ERROR, i) for i in (1, 2, 3)], replies
+        assert all("PUSH from fuzz-server, which is not a registered client of this server" in r.meta["error"]
+                   for r in replies), replies
+        # The scheduler at most refuses (a request from a peer that never registered).
+        replies = send_hostile(zmq_ctx, sched_port, "scheduler", wait=1)
+        assert all(r.type == MsgType.ERROR for r in replies), replies
+        # And a late REGISTER from a stranger is refused once the party is complete.
+        sock = zmq_ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, b"fuzz-late-register")
+        sock.connect(f"tcp://127.0.0.1:{sched_port}")
+        sock.send_multipart(wire.encode(Message(MsgType.REGISTER, meta={
+            "role": "worker", "host": "127.0.0.1", "port": 1, "name": "intruder"})))
+        sock.send_multipart(wire.encode(Message(MsgType.HEARTBEAT)))
+        time.sleep(0.2)
+        sock.close(linger=1000)
         # The hostile traffic went in while training was still going on.
         assert "EXACT OK" not in log.text(), "the workers finished before the hostile messages were sent"
 
@@ -358,7 +354,7 @@ def test_killed_role_stops_the_topology(case: Kill):
 
 # -- (e) a flood from one peer cannot make a server hold more and more memory -----------------------
 
-def test_flood_of_pushes_pulls_and_unread_replies_is_bounded():
+def test_flood_of_pushes_pulls_and_unread_replies_is_bounded(zmq_ctx):
     """A peer that (a) pushes 100 rounds of a 4 MB key nobody else pushes, (b) parks pulls without end and
     (c) sends 60000 pulls without ever reading the replies: the local server refuses them all (the
     peer is not a registered worker of the party) and drops replies beyond GEOMX_MAX_QUEUED_REPLIES (set to 500),
@@ -375,29 +371,26 @@ def test_flood_of_pushes_pulls_and_unread_replies_is_bounded():
                              re.M).group(1))
         server_pid = cluster.procs["party0/server"].pid
         before = rss_bytes(server_pid)
-        ctx = zmq.Context()
-        try:
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.IDENTITY, b"fuzz-flood")
-            sock.setsockopt(zmq.SNDHWM, 0)
-            sock.setsockopt(zmq.RCVHWM, 1)  # and then never read: the server's queue must fill
-            sock.connect(f"tcp://127.0.0.1:{port}")
-            send = lambda m: sock.send_multipart(wire.encode(m), copy=False)  # noqa: E731
-            send(Message(MsgType.INIT, req_id=1, key=99, numel=big, total=big, dtype=1))
-            data = np.ones(big, np.float32)
-            for i in range(100):
-                send(Message(MsgType.PUSH, req_id=100 + i, key=99, data=data))
-            for i in range(100):
-                send(Message(MsgType.PULL, req_id=1000 + i, key=99, numel=big, total=big, dtype=1))
-            # Each is refused with a small ERROR reply (the peer is not registered): enough of them to
-            # fill the kernel's socket buffers, then the server's queue for this peer.
-            for i in range(60_000):
-                send(Message(MsgType.PULL, req_id=10_000 + i, key=2, numel=300000, total=300000, dtype=1))
-            log.wait_for(r"^\[party0/server\] .*dropped replies to fuzz-flood: it leaves 500 replies unread "
-                         r"\(GEOMX_MAX_QUEUED_REPLIES\)", 60)
-            grown = rss_bytes(server_pid) - before
-        finally:
-            ctx.destroy(linger=0)
+        sock = zmq_ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, b"fuzz-flood")
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 1)  # and then never read: the server's queue must fill
+        sock.connect(f"tcp://127.0.0.1:{port}")
+        send = lambda m: sock.send_multipart(wire.encode(m), copy=False)  # noqa: E731
+        send(Message(MsgType.INIT, req_id=1, key=99, numel=big, total=big, dtype=1))
+        data = np.ones(big, np.float32)
+        for i in range(100):
+            send(Message(MsgType.PUSH, req_id=100 + i, key=99, data=data))
+        for i in range(100):
+            send(Message(MsgType.PULL, req_id=1000 + i, key=99, numel=big, total=big, dtype=1))
+        # Each is refused with a small ERROR reply (the peer is not registered): enough of them to
+        # fill the kernel's socket buffers, then the server's queue for this peer.
+        for i in range(60_000):
+            send(Message(MsgType.PULL, req_id=10_000 + i, key=2, numel=300000, total=300000, dtype=1))
+        log.wait_for(r"^\[party0/server\] .*dropped replies to fuzz-flood: it leaves 500 replies unread "
+                     r"\(GEOMX_MAX_QUEUED_REPLIES\)", 60)
+        grown = rss_bytes(server_pid) - before
+        sock.close(linger=0)  # the flood is over (its peer gone) while the party trains on
         out = log.text()
         assert re.search(r"^\[party0/server\] .*rejected PUSH from fuzz-flood .*not a registered client", out,
                          re.M), out[-5000:]

@@ -48,10 +48,10 @@ class Listener(DrivenLoop):
     """An event loop of ``owner``'s keys in this process, and CURVE clients of other parties' keys."""
 
     def __init__(self, owner_keys):
-        self.ctx = zmq.Context()
+        self._own_context()
         self.owner = owner_keys
-        self.loop = EventLoop(self.ctx, name="listener", keys=owner_keys, local_ipc=False)
-        self.socks: List[zmq.Socket] = []
+        with self._closed_on_error():
+            self.loop = EventLoop(self.ctx, name="listener", keys=owner_keys, local_ipc=False)
 
     def client(self, client_keys, port: int, identity: bytes = b"") -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
@@ -111,14 +111,13 @@ def _register(role: str, party=None, master=False, token=None) -> Message:
 
 
 @pytest.mark.unit
-def test_registrations_are_bound_to_their_keys(keys, caplog):
+def test_registrations_are_bound_to_their_keys(keys, caplog, zmq_ctx):
     """At the global scheduler: a party cannot register a global server (the central key's role), nor
     register for a party another key holds, nor hold two parties; the servers learn each client's key."""
     caplog.set_level(logging.INFO, logger="geomx")
     central = keys("central")
-    ctx = zmq.Context()
     sched = Scheduler("global", 0, 1, 2, heartbeat_interval=1.0, heartbeat_timeout=30.0, start_timeout=60.0,
-                      max_message_bytes=1 << 20, ctx=ctx, keys=central, cross_party=True, local_ipc=False)
+                      max_message_bytes=1 << 20, ctx=zmq_ctx, keys=central, cross_party=True, local_ipc=False)
     listener = Listener(central)
     try:
         listener.loop.close()  # the scheduler's own loop serves; the helper only makes clients
@@ -161,11 +160,10 @@ def test_registrations_are_bound_to_their_keys(keys, caplog):
     finally:
         listener.close()
         sched.loop.close()
-        ctx.destroy(linger=0)
 
 
 @pytest.mark.unit
-def test_a_party_cannot_take_another_partys_local_server_slot(keys, caplog):
+def test_a_party_cannot_take_another_partys_local_server_slot(keys, caplog, zmq_ctx):
     """GEOMX_PARTY_SERVERS (the launcher sets it): before the global tier is complete, party1 (an allowed
     key) registers its one local server and then tries a second one for itself, which would have taken
     party0's slot (party0's own then failed with "more workers than the 2 expected"); and party0's key
@@ -173,9 +171,8 @@ def test_a_party_cannot_take_another_partys_local_server_slot(keys, caplog):
     genuine local server still takes its slot and the tier completes."""
     caplog.set_level(logging.INFO, logger="geomx")
     central = keys("central")
-    ctx = zmq.Context()
     sched = Scheduler("global", 0, 1, 2, heartbeat_interval=1.0, heartbeat_timeout=30.0, start_timeout=60.0,
-                      max_message_bytes=1 << 20, ctx=ctx, keys=central, cross_party=True, local_ipc=False,
+                      max_message_bytes=1 << 20, ctx=zmq_ctx, keys=central, cross_party=True, local_ipc=False,
                       party_servers={"10.0.0.2:9094": 1, "10.0.0.3:9094": 1})
     listener = Listener(central)
     try:
@@ -205,7 +202,6 @@ def test_a_party_cannot_take_another_partys_local_server_slot(keys, caplog):
     finally:
         listener.close()
         sched.loop.close()
-        ctx.destroy(linger=0)
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +272,7 @@ def test_global_server_takes_a_token_only_with_its_key_and_master_commands_only_
 
 
 @pytest.mark.system
-def test_a_party_key_cannot_reach_another_party_while_the_topology_trains(tmp_path):
+def test_a_party_key_cannot_reach_another_party_while_the_topology_trains(tmp_path, zmq_ctx):
     """A live CURVE topology of two parties trains to the exact oracle while a process holding party1's
     (legitimate) key connects to party0's scheduler and local server and to the global server's central
     port: each is refused by name, and nothing reaches those listeners."""
@@ -303,24 +299,24 @@ def test_a_party_key_cannot_reach_another_party_while_the_topology_trains(tmp_pa
                                     public["party0"], "party-clients", "party0"),
             "central port": (central_port, public["central"], "central-clients", "central"),
         }
-        ctx = zmq.Context()
+        socks = []
         try:
-            socks = []
             for at, server_key, _, _ in ports.values():
-                sock = ctx.socket(zmq.DEALER)
+                sock = zmq_ctx.socket(zmq.DEALER)
+                socks.append(sock)
                 sock.curve_publickey, sock.curve_secretkey = party1.public, party1.secret
                 sock.curve_serverkey = server_key
                 sock.connect(f"tcp://127.0.0.1:{at}")
                 sock.send_multipart(frames(_register("worker")))
                 sock.send_multipart(frames(Message(MsgType.PULL, key=2, numel=300000, total=300000)))
-                socks.append(sock)
             for _, _, domain, owner in ports.values():
                 log.wait_for(rf"REFUSED a connection to {domain} from 127\.0\.0\.1: its key party1 belongs to "
                              rf"another party; only {owner}'s own key opens this party's listeners", 20)
             assert not any(sock.poll(200) for sock in socks)  # nothing was answered
             assert "EXACT OK" not in log.text(), "training finished before the attacker came"
-        finally:
-            ctx.destroy(linger=0)
+        finally:  # the attacker leaves while the topology trains on
+            for sock in socks:
+                sock.close(linger=0)
         assert cluster.wait_all(120), f"still running: {cluster.running()}"
         out = log.text()
         codes = {name: p.returncode for name, p in cluster.procs.items()}
@@ -330,12 +326,11 @@ def test_a_party_key_cannot_reach_another_party_while_the_topology_trains(tmp_pa
 
 
 @pytest.mark.unit
-def test_a_second_connection_cannot_take_over_a_connected_identity():
+def test_a_second_connection_cannot_take_over_a_connected_identity(zmq_ctx):
     """A listener ignores a second connection that presents an identity already connected: the first
     keeps receiving its replies, and the second's messages are never handled (with ROUTER_HANDOVER
     the second took the first's replies)."""
-    ctx = zmq.Context()
-    loop = EventLoop(ctx, name="listener", local_ipc=False)
+    loop = EventLoop(zmq_ctx, name="listener", local_ipc=False)
     got: List[int] = []
     link, port = bind_router(loop, 0, "party-clients")
     loop.add(link, lambda m, origin: (got.append(m.key), origin.reply(Message(MsgType.RESPONSE, key=m.key))),
@@ -343,7 +338,7 @@ def test_a_second_connection_cannot_take_over_a_connected_identity():
     try:
         socks = []
         for key in (1, 2):
-            sock = ctx.socket(zmq.DEALER)
+            sock = zmq_ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.IDENTITY, b"worker0#" + b"e" * 32 + b">0")
             sock.connect(f"tcp://127.0.0.1:{port}")
             socks.append(sock)
@@ -363,4 +358,3 @@ def test_a_second_connection_cannot_take_over_a_connected_identity():
         assert replies == [1, 3] and second.poll(100) == 0
     finally:
         loop.close()
-        ctx.destroy(linger=0)

@@ -11,7 +11,6 @@ import threading
 import urllib.request
 
 import pytest
-import zmq
 
 from geomx import config, metrics
 from geomx.errors import ConfigError
@@ -79,9 +78,8 @@ def _get(port: int, path: str = "/metrics.json"):
         return r.headers.get("Content-Type"), r.read()
 
 
-def test_listener_reads_in_the_loop_thread_and_marks_a_stuck_loop_stale():
-    ctx = zmq.Context()
-    loop = EventLoop(ctx, name="worker")
+def test_listener_reads_in_the_loop_thread_and_marks_a_stuck_loop_stale(zmq_ctx):
+    loop = EventLoop(zmq_ctx, name="worker")
     loop.metrics.identify(role="worker", node="worker3", party="party1")
     rounds = {"n": 0}
     readers = []
@@ -119,12 +117,10 @@ def test_listener_reads_in_the_loop_thread_and_marks_a_stuck_loop_stale():
         stop.set()
         server.close()
         loop.close()
-        ctx.term()
 
 
-def test_a_taken_port_names_the_variable():
-    ctx = zmq.Context()
-    loop = EventLoop(ctx, name="worker")
+def test_a_taken_port_names_the_variable(zmq_ctx):
+    loop = EventLoop(zmq_ctx, name="worker")
     taken = socket.socket()
     try:
         taken.bind(("127.0.0.1", 0))
@@ -135,7 +131,6 @@ def test_a_taken_port_names_the_variable():
     finally:
         taken.close()
         loop.close()
-        ctx.term()
 
 
 def test_metrics_port_is_read_and_checked_against_the_other_listeners():

@@ -12,7 +12,6 @@ import sys
 
 import numpy as np
 import pytest
-import zmq
 from helpers import trace_rounds
 
 from geomx import config, p3, wire
@@ -45,14 +44,13 @@ def test_partition_slices_each_server_part():
 
 
 @pytest.mark.unit
-def test_send_queue_order_over_a_real_socket():
+def test_send_queue_order_over_a_real_socket(zmq_ctx):
     """The DEALER connects before its server listens, so the socket takes only its window (one
     message) and everything else waits in the queue; once the server binds, the queue must hand the
     rest over best first: key 0 and key 1 overtake the last layer's (key 9) unsent slices, the pull
     of key 9 (given a high priority) still follows key 9's pushes, and the STOP goes last although
     key 1 was queued after it."""
-    ctx = zmq.Context()
-    loop = EventLoop(ctx, name="test")
+    loop = EventLoop(zmq_ctx, name="test")
     port = free_ports(1)[0]
     link = connect_dealer(loop, "127.0.0.1", port, b"client", "client", peer="server", send_window=1,
                           send_buffer=1 << 16)
@@ -73,7 +71,6 @@ def test_send_queue_order_over_a_real_socket():
         loop.run_until(lambda: len(got) == 10, timeout=20, what="the queued messages")
     finally:
         loop.close()
-        ctx.destroy(linger=0)
     assert got == [("PUSH", 9, 0), ("PUSH", 0, 0), ("PUSH", 1, 0)] \
         + [("PUSH", 9, 1000 * i) for i in range(1, 6)] + [("PULL", 9, 0), ("STOP", 0, 0)], got
 

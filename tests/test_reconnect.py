@@ -117,14 +117,13 @@ def mxnet_module():
     return pytest.importorskip("mxnet")
 
 
-def test_a_client_sends_what_was_unanswered_again_and_drops_a_second_answer(caplog):
+def test_a_client_sends_what_was_unanswered_again_and_drops_a_second_answer(caplog, zmq_ctx):
     """KVClient.reconnect: a new connection under the next identity carries the unanswered request
     again; the server answers it twice (the request and its copy); the caller gets one answer and the
     client takes the second for a duplicate, not for a protocol error."""
     caplog.set_level(logging.DEBUG, logger="geomx")
-    ctx = zmq.Context()
-    loop = EventLoop(ctx, name="test client", local_ipc=False)
-    router = ctx.socket(zmq.ROUTER)
+    loop = EventLoop(zmq_ctx, name="test client", local_ipc=False)
+    router = zmq_ctx.socket(zmq.ROUTER)
     port = router.bind_to_random_port("tcp://127.0.0.1")
     try:
         client = KVClient(loop, [("127.0.0.1", port)], identity=f"local_server0#{TOKEN}", sender=0,
@@ -160,17 +159,15 @@ def test_a_client_sends_what_was_unanswered_again_and_drops_a_second_answer(capl
     finally:
         router.close(linger=0)
         loop.close()
-        ctx.destroy(linger=0)
 
 
-def test_p3_sends_what_was_unanswered_again_through_its_queue_without_blocking():
+def test_p3_sends_what_was_unanswered_again_through_its_queue_without_blocking(zmq_ctx):
     """Under P3 a link takes a window of messages only: while the server cannot be reached (nobody
     listens yet), resending a push of 10 slices over the new link must queue them, not block the
     node's loop; once the server listens it gets each slice once, over the new connection."""
     from geomx import senders
 
-    ctx = zmq.Context()
-    loop = EventLoop(ctx, name="test client", local_ipc=False)
+    loop = EventLoop(zmq_ctx, name="test client", local_ipc=False)
     port = free_port_range(1)
     router = None
     try:
@@ -184,7 +181,7 @@ def test_p3_sends_what_was_unanswered_again_through_its_queue_without_blocking()
         started = time.monotonic()
         client.reconnect(0, "a test")
         assert time.monotonic() - started < 1.0
-        router = ctx.socket(zmq.ROUTER)
+        router = zmq_ctx.socket(zmq.ROUTER)
         router.bind(f"tcp://127.0.0.1:{port}")
         got = []
         end = time.monotonic() + 10
@@ -198,11 +195,11 @@ def test_p3_sends_what_was_unanswered_again_through_its_queue_without_blocking()
         if router is not None:
             router.close(linger=0)
         loop.close()
-        ctx.destroy(linger=0)
 
 
 class _Peers:
-    """Raw DEALERs in front of an in-process scheduler, whose loop runs while they wait for answers."""
+    """Raw DEALERs in front of an in-process scheduler, whose loop runs while they wait for answers
+    (their context is the test's ``zmq_ctx``, which ends them all)."""
 
     def __init__(self, sched: Scheduler, ctx: zmq.Context):
         self.sched, self.ctx, self.socks = sched, ctx, []
@@ -226,16 +223,14 @@ class _Peers:
         for sock in self.socks:
             sock.close(linger=0)
         self.sched.loop.close()
-        self.ctx.destroy(linger=0)
 
 
-def test_a_scheduler_follows_a_reconnected_member_and_lets_a_barrier_through_once():
+def test_a_scheduler_follows_a_reconnected_member_and_lets_a_barrier_through_once(zmq_ctx):
     """A member's messages over a new connection: the scheduler answers there from then on; the barrier
     it entered before the break, entered again, is answered at once and no new barrier starts."""
-    ctx = zmq.Context()
     sched = Scheduler("party", 0, 1, 1, heartbeat_interval=1.0, heartbeat_timeout=30.0, start_timeout=60.0,
-                      max_message_bytes=1 << 20, ctx=ctx, local_ipc=False)
-    peers = _Peers(sched, ctx)
+                      max_message_bytes=1 << 20, ctx=zmq_ctx, local_ipc=False)
+    peers = _Peers(sched, zmq_ctx)
     dealer, answers = peers.dealer, peers.answers
     try:
         server, worker = dealer(b"local_server@party#1-aa"), dealer(b"worker@party#2-bb")
@@ -269,15 +264,14 @@ def test_a_scheduler_follows_a_reconnected_member_and_lets_a_barrier_through_onc
         peers.close()
 
 
-def test_a_restarted_scheduler_learns_the_tier_back_and_keeps_a_lost_partys_slot_for_its_rejoin():
+def test_a_restarted_scheduler_learns_the_tier_back_and_keeps_a_lost_partys_slot_for_its_rejoin(zmq_ctx):
     """GEOMX_SCHEDULER_RESUME: the global server and party p0's local server come back with their ranks
     (the server naming party p1, lost before, with rank 1); the tier goes on once they are back (p1's
     kept slot counts), a second node claiming a held rank is refused, and a fresh local server of p1
     then rejoins into rank 1, acknowledged only after the server admitted its token."""
-    ctx = zmq.Context()
     sched = Scheduler("global tier", 0, 1, 2, heartbeat_interval=1.0, heartbeat_timeout=30.0, start_timeout=60.0,
-                      max_message_bytes=1 << 20, ctx=ctx, local_ipc=False, lost_party="continue", resume=True)
-    peers = _Peers(sched, ctx)
+                      max_message_bytes=1 << 20, ctx=zmq_ctx, local_ipc=False, lost_party="continue", resume=True)
+    peers = _Peers(sched, zmq_ctx)
     dealer, answers = peers.dealer, peers.answers
 
     def register(sock, role, party=None, resume=None):

@@ -5,6 +5,7 @@ wrong server key, refused for a plain peer; every refusal logged on both sides."
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import re
@@ -129,19 +130,29 @@ def keys_of(keydir: Path, name: str, central: Optional[str] = "central", inside_
 
 
 class Pair:
-    """A listener (``server_keys``) and a client (``client_keys``), each in its own context and loop."""
+    """A listener (``server_keys``) and a client (``client_keys``), each in its own context and loop (a
+    context has one ZAP handler: the client's must not be the listener's). :meth:`close` ends both
+    contexts whatever happened, also when the pair could not be made."""
 
     def __init__(self, server_keys, client_keys, cross_party: bool = True, local_ipc: bool = True):
-        self.server = EventLoop(zmq.Context(), name="listener", keys=server_keys, local_ipc=local_ipc)
-        self.client = EventLoop(zmq.Context(), name="client", keys=client_keys, local_ipc=local_ipc)
-        self.received: List[Message] = []
-        self.refused: List[str] = []
-        self.server_link, port = bind_router(self.server, 0, "test-listener", cross_party=cross_party)
-        self.server.add(self.server_link, lambda m, origin: self.received.append(m), routed=True)
-        self.client_link = connect_dealer(self.client, "127.0.0.1", port, b"client", "test-client-link",
-                                          peer="the test listener", cross_party=cross_party)
-        self.client_link.on_refused = self.refused.append
-        self.client.add(self.client_link, lambda m, origin: None, routed=False)
+        self.contexts = [zmq.Context(), zmq.Context()]
+        self.loops: List[EventLoop] = []
+        try:
+            self.server = EventLoop(self.contexts[0], name="listener", keys=server_keys, local_ipc=local_ipc)
+            self.loops.append(self.server)
+            self.client = EventLoop(self.contexts[1], name="client", keys=client_keys, local_ipc=local_ipc)
+            self.loops.append(self.client)
+            self.received: List[Message] = []
+            self.refused: List[str] = []
+            self.server_link, port = bind_router(self.server, 0, "test-listener", cross_party=cross_party)
+            self.server.add(self.server_link, lambda m, origin: self.received.append(m), routed=True)
+            self.client_link = connect_dealer(self.client, "127.0.0.1", port, b"client", "test-client-link",
+                                              peer="the test listener", cross_party=cross_party)
+            self.client_link.on_refused = self.refused.append
+            self.client.add(self.client_link, lambda m, origin: None, routed=False)
+        except BaseException:
+            self.close()
+            raise
 
     def exchange(self, seconds: float = 3.0, until=lambda p: False) -> "Pair":
         self.client_link.send(Message(MsgType.PUSH, key=7, data=np.arange(16, dtype=np.float32)))
@@ -152,22 +163,23 @@ class Pair:
         return self
 
     def close(self) -> None:
-        for loop in (self.server, self.client):
-            loop.close()
-            loop.ctx.term()
+        with contextlib.ExitStack() as stack:  # each step runs even if one before it raised
+            for ctx in self.contexts:
+                stack.callback(ctx.destroy, linger=0)
+            for loop in self.loops:
+                stack.callback(loop.close)
 
 
 @pytest.fixture
 def pair_factory():
-    pairs: List[Pair] = []
+    with contextlib.ExitStack() as pairs:  # every pair closed, in reverse order, even if one close fails
 
-    def make(*args, **kw) -> Pair:
-        pairs.append(Pair(*args, **kw))
-        return pairs[-1]
+        def make(*args, **kw) -> Pair:
+            pair = Pair(*args, **kw)
+            pairs.callback(pair.close)
+            return pair
 
-    yield make
-    for p in pairs:
-        p.close()
+        yield make
 
 
 @pytest.mark.unit
@@ -333,7 +345,7 @@ def test_party_link_carries_no_tensor_bytes_with_curve(tmp_path, curve):
 
 
 @pytest.mark.system
-def test_intruders_are_refused_while_the_topology_trains_on(tmp_path):
+def test_intruders_are_refused_while_the_topology_trains_on(tmp_path, zmq_ctx):
     topo = Topology(parties=1, workers_per_party=2, env={"GEOMX_START_TIMEOUT": "60"})
     topo.make_curve_keys(str(tmp_path / "keys"))
     _, intruder_secret = security.generate(str(tmp_path / "intruder"), "intruder")
@@ -355,12 +367,10 @@ def test_intruders_are_refused_while_the_topology_trains_on(tmp_path):
                                      re.M).group(1))
             # 2. A client without CURVE at the global scheduler; 3. a CURVE client that knows the central
             # party's public key but holds an unknown key of its own, at the global server's party port.
-            ctx = zmq.Context()
+            plain, stranger = zmq_ctx.socket(zmq.DEALER), zmq_ctx.socket(zmq.DEALER)
             try:
-                plain = ctx.socket(zmq.DEALER)
                 plain.connect(f"tcp://127.0.0.1:{global_port}")
                 plain.send_multipart(wire_frames(Message(MsgType.REGISTER, meta={"role": "worker"})))
-                stranger = ctx.socket(zmq.DEALER)
                 stranger.curve_publickey, stranger.curve_secretkey = intruder_public, intruder_key
                 stranger.curve_serverkey = central_public
                 stranger.connect(f"tcp://127.0.0.1:{wan_port}")
@@ -371,8 +381,9 @@ def test_intruders_are_refused_while_the_topology_trains_on(tmp_path):
                 log.wait_for(rf"^\[global_server0\] .*REFUSED a connection to global-clients from 127\.0\.0\.1: "
                              rf"its public key {re.escape(intruder_public.decode())} is not in the allow-list", 20)
                 assert plain.poll(500) == 0 and stranger.poll(0) == 0  # nothing was answered
-            finally:
-                ctx.destroy(linger=0)
+            finally:  # the intruders leave while the topology trains on
+                plain.close(linger=0)
+                stranger.close(linger=0)
             assert "EXACT OK" not in log.text(), "training finished before the intruders came"
             intruder_out = intruder.communicate(timeout=90)[0]
         finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import zmq
 
 from geomx import config, senders, wire
 from geomx.launch import free_ports
@@ -32,9 +31,8 @@ class _FakeDgt:
         self.sent.append((server, msg.type.name))
 
 
-def test_registry_and_choice_from_the_configuration():
-    ctx = zmq.Context()
-    loop = EventLoop(ctx, name="test")
+def test_registry_and_choice_from_the_configuration(zmq_ctx):
+    loop = EventLoop(zmq_ctx, name="test")
     try:
         assert set(senders.SENDERS) == {"zmq", "p3", "dgt"}
         with pytest.raises(ValueError, match="unknown sender 'udp'; senders: dgt, p3, zmq"):
@@ -49,15 +47,13 @@ def test_registry_and_choice_from_the_configuration():
         assert senders.for_node(plain, loop, dgt=_FakeDgt()).name == "dgt"
     finally:
         loop.close()
-        ctx.destroy(linger=0)
 
 
-def test_each_sender_delivers_over_a_real_socket():
+def test_each_sender_delivers_over_a_real_socket(zmq_ctx):
     """zmq sends in order at once; p3 reorders by priority (data before control); dgt gives data-path
     messages to DGT and control messages to the socket, and follows a server's link made anew; on_sent
     runs for every data message."""
-    ctx = zmq.Context()
-    loop = EventLoop(ctx, name="test")
+    loop = EventLoop(zmq_ctx, name="test")
     port = free_ports(1)[0]
     server, _ = bind_router(loop, port, "server")
     got = []
@@ -98,4 +94,3 @@ def test_each_sender_delivers_over_a_real_socket():
         assert fake.sent == [(0, "PUSHPULL")] and got == [("STOP", 0)]
     finally:
         loop.close()
-        ctx.destroy(linger=0)

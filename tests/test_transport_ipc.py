@@ -17,9 +17,9 @@ pytestmark = [pytest.mark.unit,
               pytest.mark.skipif(zmq_link._ipc_path(1) is None, reason="no network namespaces here (not Linux)")]
 
 
-def exchange(local_ipc_server: bool, local_ipc_client: bool, drop_tcp: bool, timeout: float = 3.0):
-    """A router and a dealer; the dealer sends one message. Returns what the router got (or None)."""
-    ctx = zmq.Context()
+def exchange(ctx, local_ipc_server: bool, local_ipc_client: bool, drop_tcp: bool, timeout: float = 3.0):
+    """A router and a dealer in ``ctx``; the dealer sends one message. Returns what the router got (or
+    None)."""
     server = EventLoop(ctx, name="server", local_ipc=local_ipc_server)
     client = EventLoop(ctx, name="client", local_ipc=local_ipc_client)
     got = []
@@ -39,31 +39,29 @@ def exchange(local_ipc_server: bool, local_ipc_client: bool, drop_tcp: bool, tim
     finally:
         client.close()
         server.close()
-        ctx.destroy(linger=0)
 
 
-def test_a_local_client_uses_the_unix_socket():
+def test_a_local_client_uses_the_unix_socket(zmq_ctx):
     # With the TCP endpoint gone, only the Unix-domain socket can carry the message.
-    port, got = exchange(True, True, drop_tcp=True)
+    port, got = exchange(zmq_ctx, True, True, drop_tcp=True)
     assert got is not None, "the message did not arrive over the Unix-domain socket"
     msg, identity = got
     assert identity == b"w0" and msg.key == 3
     np.testing.assert_array_equal(msg.data, np.arange(5, dtype=np.float32))
 
 
-def test_tcp_only_when_turned_off():
+def test_tcp_only_when_turned_off(zmq_ctx):
     # The client does not look for the socket: without TCP nothing arrives...
-    _, got = exchange(True, False, drop_tcp=True, timeout=1.0)
+    _, got = exchange(zmq_ctx, True, False, drop_tcp=True, timeout=1.0)
     assert got is None
     # ...and with TCP it does.
-    _, got = exchange(False, False, drop_tcp=False)
+    _, got = exchange(zmq_ctx, False, False, drop_tcp=False)
     assert got is not None and got[0].key == 3
 
 
-def test_a_tcp_only_listener_removes_a_stale_socket_file():
+def test_a_tcp_only_listener_removes_a_stale_socket_file(zmq_ctx):
     # A file that a killed listener left at this port would make local clients connect to nobody.
-    ctx = zmq.Context()
-    loop = EventLoop(ctx, name="server", local_ipc=False)
+    loop = EventLoop(zmq_ctx, name="server", local_ipc=False)
     try:
         # A free port, released at once (libzmq closes its listeners later, in its I/O thread).
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -83,7 +81,6 @@ def test_a_tcp_only_listener_removes_a_stale_socket_file():
         assert bound == port and not os.path.exists(path)
     finally:
         loop.close()
-        ctx.destroy(linger=0)  # whatever failed above, no socket left open blocks the context's end
 
 
 def test_socket_directory_is_private_and_names_the_namespace():
@@ -99,6 +96,7 @@ def test_remote_hosts_are_not_local():
 
 
 def test_a_port_taken_raises_and_leaves_no_socket_open():
+    # A context of its own (not the zmq_ctx fixture): that its term() returns is what this test checks.
     import threading
 
     ctx = zmq.Context()

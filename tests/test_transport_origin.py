@@ -15,10 +15,9 @@ from geomx.wire import Message, MsgType
 pytestmark = pytest.mark.unit
 
 
-def test_each_message_carries_its_own_origin_and_reply_reaches_that_peer():
-    ctx = zmq.Context()
-    server = EventLoop(ctx, name="server", local_ipc=False)
-    client = EventLoop(ctx, name="client", local_ipc=False)
+def test_each_message_carries_its_own_origin_and_reply_reaches_that_peer(zmq_ctx):
+    server = EventLoop(zmq_ctx, name="server", local_ipc=False)
+    client = EventLoop(zmq_ctx, name="client", local_ipc=False)
     seen: List[Origin] = []
     answers: dict = {}
     try:
@@ -55,18 +54,13 @@ def test_each_message_carries_its_own_origin_and_reply_reaches_that_peer():
     finally:
         client.close()
         server.close()
-        ctx.destroy(linger=0)
 
 
-def test_an_origin_is_immutable_and_the_link_keeps_no_sender():
+def test_an_origin_is_immutable_and_the_link_keeps_no_sender(zmq_ctx):
     origin = Origin(link=None, identity=b"w0#" + b"a" * 32 + b">0", curve_key="party0")  # type: ignore[arg-type]
     with pytest.raises(AttributeError):
         origin.curve_key = "party1"  # type: ignore[misc]
     assert origin.label == "w0#aaaaaa...>0"  # the token cut to 6 digits (peer_label)
-    ctx = zmq.Context()
-    try:
-        link = Link(ctx.socket(zmq.DEALER), "x")
-        assert not hasattr(link, "sender_key")  # who sent a message travels with it, never on the link
-        link.close()
-    finally:
-        ctx.term()
+    link = Link(zmq_ctx.socket(zmq.DEALER), "x")
+    assert not hasattr(link, "sender_key")  # who sent a message travels with it, never on the link
+    link.close()

@@ -262,9 +262,8 @@ def via_wire(msg):
 
 
 @pytest.mark.unit
-def test_tree_and_relay_over_sockets_give_the_exact_sum_to_every_node():
-    ctx = zmq.Context()
-    loop = EventLoop(ctx, name="test")
+def test_tree_and_relay_over_sockets_give_the_exact_sum_to_every_node(zmq_ctx):
+    loop = EventLoop(zmq_ctx, name="test")
     workers = 5
     owners = {ROOT: SumOwner(expected=workers), **{w: SumOwner() for w in range(workers)}}
     addresses, peers = {}, {}
@@ -326,13 +325,11 @@ def test_tree_and_relay_over_sockets_give_the_exact_sum_to_every_node():
         loop.close()
         for p in peers.values():
             p.close()
-        ctx.destroy(linger=0)
 
 
 @pytest.mark.unit
-def test_a_refused_hop_ends_the_sender_with_the_reason():
-    ctx = zmq.Context()
-    loop = EventLoop(ctx, name="test")
+def test_a_refused_hop_ends_the_sender_with_the_reason(zmq_ctx):
+    loop = EventLoop(zmq_ctx, name="test")
 
     class Refusing(SumOwner):
         def ts_check(self, kind, key, rnd, data):
@@ -354,18 +351,16 @@ def test_a_refused_hop_ends_the_sender_with_the_reason():
     finally:
         loop.close()
         sender.close()
-        ctx.destroy(linger=0)
 
 
 @pytest.mark.unit
-def test_neither_a_stranger_nor_another_node_of_the_tier_can_send_as_a_node():
+def test_neither_a_stranger_nor_another_node_of_the_tier_can_send_as_a_node(zmq_ctx):
     """A TS_MERGE or TS_MODEL is taken only from a link that carries the key of the link from the node
     it names (``sender``) to this node. A stranger (a made-up key, none, or a node of another tier)
     and a registered node of the same tier posing as another (its own key, another's node id: with one
     secret per tier this was taken) get a TS_ACK that says why, and reach neither the partial sums nor
     the owner; node 9's own hop is taken."""
-    ctx = zmq.Context()
-    loop = EventLoop(ctx, name="test")
+    loop = EventLoop(zmq_ctx, name="test")
     failures = []
     owner = SumOwner()
     link, port = bind_router(loop, 0, "ts-0")
@@ -378,7 +373,7 @@ def test_neither_a_stranger_nor_another_node_of_the_tier_can_send_as_a_node():
     try:
         acks = {}
         for who, key in cases.items():
-            sock = ctx.socket(zmq.DEALER)
+            sock = zmq_ctx.socket(zmq.DEALER)
             tail = "" if key is None else f"#{key}"
             sock.setsockopt(zmq.IDENTITY, f"worker9-ts9{tail}>127.0.0.1:{port}".encode())
             sock.connect(f"tcp://127.0.0.1:{port}")
@@ -398,7 +393,6 @@ def test_neither_a_stranger_nor_another_node_of_the_tier_can_send_as_a_node():
     finally:
         loop.close()
         receiver.close()
-        ctx.destroy(linger=0)
 
 
 @pytest.mark.unit

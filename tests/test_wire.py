@@ -54,23 +54,17 @@ def test_round_trip_every_dtype(code):
         assert out.meta is None
 
 
-def test_round_trip_zmq_frames():
+def test_round_trip_zmq_frames(zmq_ctx):
     """decode takes the zmq.Frame objects a socket returns with copy=False."""
-    ctx = zmq.Context()
-    try:
-        a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
-        a.bind("inproc://wire-test")
-        b.connect("inproc://wire-test")
-        data = np.linspace(-1, 1, 1001, dtype=np.float32)
-        a.send_multipart(encode(Message(MsgType.PUSHPULL, key=5, meta={"x": [1, 2]}, data=data)), copy=False)
-        frames = b.recv_multipart(copy=False)
-        out = decode(frames)
-        assert out.type == MsgType.PUSHPULL and out.meta == {"x": [1, 2]}
-        np.testing.assert_array_equal(out.data, data)
-        a.close(0)
-        b.close(0)
-    finally:
-        ctx.term()
+    a, b = zmq_ctx.socket(zmq.PAIR), zmq_ctx.socket(zmq.PAIR)
+    a.bind("inproc://wire-test")
+    b.connect("inproc://wire-test")
+    data = np.linspace(-1, 1, 1001, dtype=np.float32)
+    a.send_multipart(encode(Message(MsgType.PUSHPULL, key=5, meta={"x": [1, 2]}, data=data)), copy=False)
+    frames = b.recv_multipart(copy=False)
+    out = decode(frames)
+    assert out.type == MsgType.PUSHPULL and out.meta == {"x": [1, 2]}
+    np.testing.assert_array_equal(out.data, data)
 
 
 def test_round_trip_meta_only():

@@ -1,10 +1,12 @@
 """Exercises the store's API in a real topology: properties, broadcast, barrier, pushpull with Adam
-on the global server, optimizer-state save/load in distributed mode, and refused settings."""
+on the global server, optimizer-state save/load in distributed mode, and refused settings. Reported
+(tests/workers/results.py): ``slice``, ``master``, then ``ok`` (and ``failure``: what failed)."""
 import argparse
 import sys
 
 import mxnet as mx
 import numpy as np
+from results import report
 
 import geomx  # noqa: F401
 from geomx.errors import GeoMXError
@@ -12,6 +14,7 @@ from geomx.errors import GeoMXError
 
 def fail(msg):
     print("API FAIL", msg, flush=True)
+    report(ok=False, failure=str(msg))
     sys.exit(1)
 
 
@@ -21,6 +24,7 @@ def main():
     p.add_argument("--states", required=True, help="path prefix for saved states")
     args = p.parse_args()
     kv = mx.kv.create("dist_sync")
+    report(slice=args.slice, master=kv.is_master_worker)
     shapes = {0: (4, 5), 1: (3,)}
     if kv.is_master_worker:
         kv.set_optimizer(mx.optimizer.Adam(learning_rate=0.01))
@@ -68,6 +72,7 @@ def main():
         if "99" not in str(exc):
             fail(f"unclear error: {exc}")
     print("API OK", args.slice, flush=True)
+    report(ok=True)
     return 0
 
 

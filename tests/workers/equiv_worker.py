@@ -1,12 +1,14 @@
 """Distributed gluon training for the equivalence test: every training worker takes its slice of a
 fixed global batch each step; ``--oracle`` trains the same model single-process on whole batches.
-Final weights go to ``--out`` (an .npz)."""
+Final weights go to ``--out`` (an .npz). Reported (tests/workers/results.py): ``slice`` and ``master``,
+then ``out``, the file of a training worker's weights."""
 import argparse
 import sys
 
 import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
+from results import report
 
 STEPS, BATCH_PER_WORKER, FEATURES = 5, 8, 12
 
@@ -72,6 +74,7 @@ def main():
             trainer._optimizer.rescale_grad = 1.0 / BATCH_PER_WORKER
             trainer._init_kvstore()
             kv = trainer._kvstore
+        report(slice=args.slice, master=kv.is_master_worker)
         if kv.is_master_worker:
             # Rescaling is part of the optimizer that travels to the global servers.
             trainer._optimizer.rescale_grad = 1.0 / BATCH_PER_WORKER
@@ -81,6 +84,7 @@ def main():
         train(net, trainer, batches(n), args.slice * BATCH_PER_WORKER, (args.slice + 1) * BATCH_PER_WORKER)
     np.savez(args.out, **{name: p.data().asnumpy() for name, p in sorted(params.items())})
     print("EQUIV DONE", args.slice, flush=True)
+    report(out=args.out)
     return 0
 
 

@@ -8,6 +8,11 @@ applied on arrival in an order nobody knows, so only the global server's final v
 master worker (SGD with lr=1 subtracts exact integers: any order gives the same sum). Prints ``PID <pid>`` at start,
 ``RANK <rank>`` once connected, ``ROUND <t> OK`` after each round and ``EXACT OK`` at the end (exit 0).
 ``--sleep`` slows the rounds down so that a test can act on a topology while it trains.
+
+Reported as data too (tests/workers/results.py): ``slice``, ``rank`` and ``master`` once connected,
+``round`` (the last one checked), ``checkpoint`` (``round``, ``servers``, ``bytes`` of the one it checked),
+``joined_at`` / ``rejoin_seen_at`` (a rejoin), and at the end ``exact`` with ``rounds``, or ``mismatch``
+(what differed).
 """
 import argparse
 import os
@@ -16,6 +21,7 @@ import time
 
 import mxnet as mx
 import numpy as np
+from results import report
 
 import geomx  # noqa: F401  - registers the store
 
@@ -29,6 +35,12 @@ def base(k):
 
 def init_value(k):
     return (np.arange(int(np.prod(SHAPES[k]))) % 101).astype(np.float32).reshape(SHAPES[k])
+
+
+def mismatch(text):
+    """A value is not its closed form: said on a MISMATCH line and reported."""
+    print(f"MISMATCH {text}", flush=True)
+    report(mismatch=text)
 
 
 def adam():
@@ -45,13 +57,14 @@ def check_checkpoint(kv, t, expected):
     for info in saved:
         ckpt = checkpoint.load(info["path"])
         if ckpt.rank != info["rank"] or sorted(r.key for r in ckpt.keys) != sorted(SHAPES):
-            print(f"CHECKPOINT MISMATCH keys {[r.key for r in ckpt.keys]} in {info}", flush=True)
+            mismatch(f"checkpoint keys {[r.key for r in ckpt.keys]} in {info}")
             return False
         for rec in ckpt.keys:
             if rec.completed != t + 1 or not np.array_equal(rec.value, expected(rec.key, t).reshape(-1)):
-                print(f"CHECKPOINT MISMATCH key {rec.key} at round {rec.completed}", flush=True)
+                mismatch(f"checkpoint key {rec.key} at round {rec.completed}")
                 return False
     print(f"CHECKPOINT OK round {t} servers {len(saved)} bytes {sum(i['bytes'] for i in saved)}", flush=True)
+    report(checkpoint={"round": t, "servers": len(saved), "bytes": sum(i["bytes"] for i in saved)})
     return True
 
 
@@ -107,6 +120,7 @@ def main():
     if final_only and args.optimizer != "sgd":
         p.error("--store dist_async needs --optimizer sgd (MixedSync runs the optimizer on arrival)")
     print("RANK", kv.rank, flush=True)
+    report(slice=args.slice, rank=kv.rank, master=kv.is_master_worker)
     n_all = kv.num_all_workers
     coeff_sum = n_all * (n_all + 1) // 2  # sum over workers of (w + 1)
     keys = sorted(SHAPES)
@@ -153,8 +167,8 @@ def main():
             got = outs[k].asnumpy()
             if not np.array_equal(got, want):
                 bad = np.flatnonzero(got.reshape(-1) != want.reshape(-1))
-                print(f"MISMATCH {when} key {k}: {bad.size} elements differ, first at {bad[0]}: "
-                      f"{got.reshape(-1)[bad[0]]} != {want.reshape(-1)[bad[0]]}", flush=True)
+                mismatch(f"{when} key {k}: {bad.size} elements differ, first at {bad[0]}: "
+                         f"{got.reshape(-1)[bad[0]]} != {want.reshape(-1)[bad[0]]}")
                 return False
         return True
 
@@ -166,7 +180,7 @@ def main():
         got = outs[k].asnumpy()
         # (Under MixedSync another party's update may be in already: nothing to check before the end.)
         if not final_only and not np.array_equal(got, expected(k, args.first_round - 1)):
-            print(f"MISMATCH init key {k}", flush=True)
+            mismatch(f"init key {k}")
             return 1
     for t in range(args.first_round, args.rounds):
         if t == 1 and args.slice == args.crash_pending_slice and args.crash_pending_after:
@@ -192,6 +206,7 @@ def main():
         if not final_only and not matches(outs, t, f"round {t}"):
             return 1
         print(f"ROUND {t} OK slice {args.slice}", flush=True)
+        report(round=t)
         if t == args.checkpoint_at and args.slice == 0:
             if not check_checkpoint(kv, t, expected):
                 return 1
@@ -213,6 +228,7 @@ def main():
                 return 1
             time.sleep(0.1)
     print(f"EXACT OK slice {args.slice} rank {kv.rank} rounds {args.rounds}", flush=True)
+    report(exact=True, rounds=args.rounds)
     return 0
 
 
@@ -253,33 +269,36 @@ def rejoin_run(kv, args, keys, outs, coeff_sum):
         if args.rejoining:
             now = round_of(outs)
             if now is None or (seen_at is not None and now != t):
-                print(f"MISMATCH rejoined round: value of round {now}, expected round {t if seen_at else '?'}",
-                      flush=True)
+                mismatch(f"rejoined round: value of round {now}, expected round {t if seen_at else '?'}")
                 return 1
             if seen_at is None:
                 seen_at = t = now
                 print(f"JOINED at round {t}", flush=True)
+                report(joined_at=t)
         else:
             matched = [i for i, c in enumerate(forms(t)) if all(np.array_equal(outs[k].asnumpy(), value(k, c))
                                                                   for k in keys)]
             if not matched or matched[-1] < phase:
-                print(f"MISMATCH round {t}: {outs[keys[0]].asnumpy().reshape(-1)[:3]} is none of phases "
-                      f"{phase}.. {[float(c) for c in forms(t)]} x base", flush=True)
+                mismatch(f"round {t}: {outs[keys[0]].asnumpy().reshape(-1)[:3]} is none of phases "
+                         f"{phase}.. {[float(c) for c in forms(t)]} x base")
                 return 1
             if matched[-1] == 2 and phase < 2:
                 seen_at = t
                 print(f"REJOIN SEEN from round {t}", flush=True)
+                report(rejoin_seen_at=t)
             phase = matched[-1]
         print(f"ROUND {t} OK slice {args.slice}", flush=True)
+        report(round=t)
         t += 1
         if t >= args.rounds:
             break
         time.sleep(args.sleep)
     if seen_at is None:
-        print("MISMATCH the rejoined party never took part", flush=True)
+        mismatch("the rejoined party never took part")
         return 1
     kv.barrier()
     print(f"EXACT OK slice {args.slice} rank {kv.rank} rounds {args.rounds}", flush=True)
+    report(exact=True, rounds=args.rounds)
     return 0
 
 

@@ -278,6 +278,11 @@ class ServerBase:
             self.reply_error(link, identity, msg, f"key {msg.key}: slice [{msg.offset}, {msg.offset + msg.numel}) "
                                                   f"outside its {msg.total} elements")
             return None
+        if msg.numel == 0:
+            # A part of no element: a local server would forward it as an upstream request of no part,
+            # which nothing answers (the fuzz found a worker's INIT parked so for ever).
+            self.reply_error(link, identity, msg, f"key {msg.key}: an INIT of no element")
+            return None
         if ks is None:
             client = client_of(link, identity)
             declared = self.keys_declared.get(client, 0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -166,7 +167,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="geomx-trace",
+    # Installed under two names (geomx-p3-merge is the older): each answers --version as itself.
+    called = os.path.basename(sys.argv[0])
+    p = argparse.ArgumentParser(prog=called if called.startswith("geomx-") else "geomx-trace",
                                 description="Merge the per-process trace files of GEOMX_TRACE (GEOMX_P3_TRACE) "
                                             "into one file for chrome://tracing or ui.perfetto.dev")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

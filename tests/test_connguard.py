@@ -71,12 +71,19 @@ def test_held_bytes_are_exact_over_plain_and_curve_links(zmq_ctx, curve):
         loop.close()
 
 
+GREETING = b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" * 32
+_READY_BODY = b"\x05READY" + bytes([11]) + b"Socket-Type" + struct.pack(">I", 6) + b"DEALER"
+READY = b"\x04" + bytes([len(_READY_BODY)]) + _READY_BODY
+HANDSHAKE = len(GREETING) + len(READY)
+"""What a raw connection sends before its first message: libzmq holds exactly this much once it has
+read it (it reads a greeting in pieces, so anything less is a handshake still arriving)."""
+
+
 def zmtp_dealer(port: int) -> socket.socket:
     """A raw ZMTP 3.0 connection (NULL mechanism, DEALER)."""
     s = socket.create_connection(("127.0.0.1", port), timeout=20)
-    s.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" * 32)
-    body = b"\x05READY" + bytes([11]) + b"Socket-Type" + struct.pack(">I", 6) + b"DEALER"
-    s.sendall(b"\x04" + bytes([len(body)]) + body)
+    s.sendall(GREETING)
+    s.sendall(READY)
     return s
 
 
@@ -96,8 +103,8 @@ def test_a_message_in_progress_is_kept_and_one_that_never_ends_is_cut(zmq_ctx):
     raw = zmtp_dealer(port)
     try:
         fd = one_connection(loop, link)
-        run_until(loop, lambda: guard.held(fd) is not None and guard.held(fd) > 0, "the handshake")
-        handshake = guard.held(fd)
+        run_until(loop, lambda: guard.held(fd) == HANDSHAKE, "the handshake")
+        handshake = HANDSHAKE
 
         largest = [bytes(f) for f in wire.encode(Message(MsgType.PUSH, req_id=1, key=3, meta={"m": "x" * 1000},
                                                          data=np.ones(MAX_MESSAGE // 4, np.float32)))]

@@ -30,14 +30,15 @@ sys.path.insert(0, HERE)
 
 import suite  # noqa: E402
 
-KINDS = (("worker", "worker"), ("local server", "/server"), ("global server", "global_server"),
+KINDS = (("worker", "worker"), ("local server", "local_server"), ("global server", "global_server"),
          ("scheduler", "scheduler"))
 
 
 def kind_of(name: str) -> Optional[str]:
-    """Process kind from its launcher name (``party3/server0``, ``central/global_server1``, ``worker2``)."""
+    """Process kind from its name in the metrics (``party3/local_server0``, ``central/global_server1``) or
+    a worker's result (``worker2``)."""
     for kind, part in KINDS:
-        if part in name and not (kind == "local server" and "global" in name):
+        if part in name:
             return kind
     return None
 

@@ -50,7 +50,6 @@ import io
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -74,6 +73,7 @@ from native_launch import free_port, native_procs, run_processes  # noqa: E402
 from suite_worker import MARK_TAG, RESULT_TAG  # noqa: E402  (no MXNet import at module level)
 from summary import fmt as _f  # noqa: E402
 
+from geomx import metrics  # noqa: E402
 from geomx.testing import wan as wanmod  # noqa: E402
 from geomx.testing.wan import LinkCounters  # noqa: E402
 
@@ -289,15 +289,23 @@ def row_by_name(name: str) -> Row:
 # Summaries (pure; unit-tested)
 # --------------------------------------------------------------------------------------------------
 
-_ROUND_TRIPS = re.compile(r"global round trips per key: n=(\d+) p50=([0-9.]+) p90=([0-9.]+) s")
-
-
-def parse_round_trips(text: str) -> Optional[dict]:
-    """The local servers' push -> global reply times (their last log line): the worst party's p50/p90."""
-    found = [(float(m.group(2)), float(m.group(3))) for m in _ROUND_TRIPS.finditer(text)]
+def round_trips(readings: Dict[str, dict]) -> Optional[dict]:
+    """The local servers' push -> global reply times, from their last metrics (``GEOMX_METRICS_DIR``
+    dumps, geomx.metrics.load_dumps): the worst party's p50/p90."""
+    p50, p90 = "geomx_wan_round_trip_p50_seconds", "geomx_wan_round_trip_p90_seconds"
+    found = [(metrics.value(r, p50), metrics.value(r, p90)) for r in readings.values()
+             if r["node"]["role"] == "local_server" and metrics.has(r, p50)]
     if not found:
         return None
     return {"push_p50_s": max(p50 for p50, _ in found), "push_p90_s": max(p90 for _, p90 in found)}
+
+
+def resources(readings: Dict[str, dict]) -> Dict[str, dict]:
+    """CPU time and peak memory of each geomx node but the workers (whose results carry theirs), from
+    their last metrics: ``party/node`` -> {"cpu_s", "max_rss_mb"}."""
+    return {name: {"cpu_s": metrics.value(r, "geomx_process_cpu_seconds_total"),
+                   "max_rss_mb": metrics.value(r, "geomx_process_peak_resident_memory_bytes") / 2**20}
+            for name, r in readings.items() if r["node"]["role"] not in ("worker", "master_worker")}
 
 
 def parse_results(text: str) -> List[dict]:
@@ -657,7 +665,8 @@ def run_row(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"]) ->
 
 def _launch(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"], watcher: "_MarkWatcher",
             base_env: Dict[str, str], nworkers: int) -> tuple:
-    """Run the row's processes to the end; (exit status, their output)."""
+    """Run the row's processes to the end; (exit status, their output, geomx nodes' last metrics)."""
+    readings: Dict[str, dict] = {}
     if row.system == "native":
         argvs = [worker_argv(row, model, mode, args, str(i), native=True) for i in range(nworkers)]
         dcs = [f"party{i // args.workers}" for i in range(nworkers)]
@@ -698,15 +707,18 @@ def _launch(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"], wa
             topo.dc_hosts = {dc: w.address(dc) for dc in w.dcs}
             topo.dc_prefix = {dc: w.exec_argv(dc) for dc in w.dcs}
         stream = _LineStream(watcher.line)
-        with tempfile.TemporaryDirectory(prefix="geomx-suite-keys-") as keys:
+        with tempfile.TemporaryDirectory(prefix="geomx-suite-keys-") as keys, \
+                tempfile.TemporaryDirectory(prefix="geomx-suite-metrics-") as dumps:
             if row.curve:
                 topo.make_curve_keys(keys)
+            topo.env = dict(topo.env, GEOMX_METRICS_DIR=dumps)  # each node's last figures, at its exit
             argv = worker_argv(row, model, mode, args, "{slice}", native=False)
             if row.system == "geomx-torch":
                 argv += ["--init", ddp_init_file(model, args.seed)]
             status = launch_run(topo, argv, timeout=args.timeout, stream=stream, grace=20.0)
+            readings = metrics.load_dumps(dumps)
         text = stream.getvalue()
-    return status, text
+    return status, text, readings
 
 
 def _run_row(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"]) -> dict:
@@ -721,7 +733,7 @@ def _run_row(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"]) -
     if sampling:
         w.start_sampling()
     try:
-        status, text = _launch(row, model, mode, args, w, watcher, base_env, nworkers)
+        status, text, readings = _launch(row, model, mode, args, w, watcher, base_env, nworkers)
     finally:
         samples = w.stop_sampling() if sampling else []
     wall = time.perf_counter() - t0
@@ -741,9 +753,9 @@ def _run_row(row: Row, model: str, mode: str, args, w: Optional["wanmod.Wan"]) -
             f.write(text)
     span = watcher.span()
     rates = w.rates() if w is not None else {}
-    out.update(parse_round_trips(text) or {})
-    # CPU time and peak memory of every process: geomx nodes log them at exit, workers report theirs.
-    out["resources"] = summarymod.parse_resources(text)
+    out.update(round_trips(readings) or {})
+    # CPU time and peak memory of every process: geomx nodes' last metrics, and the workers' results.
+    out["resources"] = resources(readings)
     for r in results:
         if "cpu_s" in r:
             out["resources"][f"worker{r['worker']}"] = {"cpu_s": r["cpu_s"], "max_rss_mb": r["max_rss_mb"]}

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 #: The rows of the summary, in table order: native, then geomx's rows one switch each, then the
 #: combinations. Each is a ``benchmarks/suite.py`` row name.
@@ -28,19 +27,6 @@ SUMMARY_ROWS = ("native", "geomx-fsa", "geomx-p3", "geomx-fp16", "geomx-bsc", "g
                 "geomx-dcasgd", "geomx-hfa-5x4", "geomx-esync", "geomx-dgt-udp", "geomx-tsengine", "geomx-2gs",
                 "geomx-bsc-2gs")
 SUMMARY_WAN = "20mbit,delay=50ms"
-
-_RESOURCES = re.compile(r"^\[([^\]]+)\] .*resources: cpu ([0-9.]+) s, max rss ([0-9.]+) MB")
-
-
-def parse_resources(text: str) -> Dict[str, dict]:
-    """Each geomx node's exit line (geomx/node.py): process name -> {"cpu_s", "max_rss_mb"}."""
-    out = {}
-    for line in text.splitlines():
-        m = _RESOURCES.match(line)
-        if m:
-            out[m.group(1)] = {"cpu_s": float(m.group(2)), "max_rss_mb": float(m.group(3))}
-    return out
-
 
 def _median(values: Sequence[Optional[float]]) -> Optional[float]:
     vals = [v for v in values if v is not None]

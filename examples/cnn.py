@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     print(f"Start training on {num_all_workers} workers, my rank is {kv.rank}.", flush=True)
     reporter = utils.Reporter(net, test_data, ctx, kv)
     epoch = iteration = 0
-    for epoch, iteration, (data, label) in utils.iterate(train_data, args.epoch, args.max_iters):
+    for epoch, iteration, (data, label) in utils.iterate(train_data, args.epoch, args.max_iters, kv=kv):
         report = distributed and args.report_loss and iteration % args.report_loss == 0
         losses = [] if report else None
         batch = utils.compute_gradients(net, loss_fn, data, label, ctx, losses)

@@ -130,7 +130,7 @@ def train(args: argparse.Namespace, compression: dict, dtype_of=None, describe=N
         print(describe(params), flush=True)
     reporter = utils.Reporter(net, test_data, ctx, kv)
     epoch = iteration = 0
-    for epoch, iteration, (data, label) in utils.iterate(train_data, args.epoch, args.max_iters):
+    for epoch, iteration, (data, label) in utils.iterate(train_data, args.epoch, args.max_iters, kv=kv):
         batch = utils.compute_gradients(net, loss_fn, data, label, ctx)
         # Push every key, then pull every key (the aggregated gradient) into param.grad().
         for idx, (param, buf) in enumerate(zip(params, buffers)):

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
           f"global averages): global model every {k1 * k2} iterations.", flush=True)
     reporter = utils.Reporter(net, test_data, ctx, kv)
     epoch = iteration = 0
-    for epoch, iteration, (data, label) in utils.iterate(train_data, args.epoch, args.max_iters):
+    for epoch, iteration, (data, label) in utils.iterate(train_data, args.epoch, args.max_iters, kv=kv):
         batch = utils.compute_gradients(net, loss_fn, data, label, ctx)
         trainer.step(batch)
 

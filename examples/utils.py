@@ -457,17 +457,30 @@ def load_shard(args: argparse.Namespace, num_all_workers: int, arrays: Optional[
                      seed=args.seed)
 
 
+def planned_iterations(train_data: Iterable, epochs: Optional[int], max_iters: int) -> Optional[int]:
+    """How many iterations :func:`iterate` will yield, None where it cannot tell (endless, or data
+    of unknown length)."""
+    per_epoch = len(train_data) if hasattr(train_data, "__len__") else None
+    whole = epochs * per_epoch if epochs is not None and per_epoch is not None else None
+    if max_iters:
+        return max_iters if whole is None else min(max_iters, whole)
+    return whole
+
+
 def iterate(train_data: Iterable, epochs: Optional[int] = None, max_iters: int = 0,
-            progress: Optional[bool] = None) -> Iterator[Tuple[int, int, tuple]]:
+            progress: Optional[bool] = None, kv: Optional[object] = None) -> Iterator[Tuple[int, int, tuple]]:
     """Yield ``(epoch, iteration, batch)`` over ``epochs`` passes of ``train_data`` (endlessly when
     ``epochs`` is None); ``iteration`` counts from 1 and includes this batch.
 
     With ``max_iters`` (non-zero) it stops once ``iteration >= max_iters``, after that batch has been
     handled. ``progress`` shows a per-epoch progress bar on stderr (default: when stderr is a
-    terminal).
+    terminal). With geomx's ``kv``, each finished iteration and the planned number go to the worker's
+    metrics (``kv.report_progress``), from which the launcher's progress line tells the time left.
     """
     if progress is None:
         progress = sys.stderr.isatty()
+    report = getattr(kv, "report_progress", None)  # native MXNet's kvstore has no such call
+    planned = planned_iterations(train_data, epochs, max_iters)
     iteration = 0
     epoch = 0
     while epochs is None or epoch < epochs:
@@ -476,6 +489,8 @@ def iterate(train_data: Iterable, epochs: Optional[int] = None, max_iters: int =
             for batch in bar:
                 iteration += 1
                 yield epoch, iteration, batch
+                if report is not None:
+                    report(iteration, planned)
                 if max_iters and iteration >= max_iters:
                     return
         finally:

@@ -49,7 +49,8 @@ SLACK = 1 << 20
 """Held bytes allowed beyond one largest message: the handshake (a few hundred bytes) and libzmq's
 read buffer (8 KiB), with room to spare."""
 
-_TCPI_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received (u64) in Linux's struct tcp_info (4.1 and later)
+_TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in Linux's struct tcp_info (4.1 and later)
+_TCPI_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received (u64)
 _TCP_INFO_LEN = _TCPI_BYTES_RECEIVED + 8
 
 _SRCFD = int(zmq.SRCFD)
@@ -75,7 +76,7 @@ class _Connection:
 
 
 @contextlib.contextmanager
-def _borrowed(fd: int) -> Iterator[Optional[socket.socket]]:
+def borrowed(fd: int) -> Iterator[Optional[socket.socket]]:
     """A socket object for libzmq's descriptor ``fd``, through a duplicate of it: whatever libzmq does
     with ``fd`` meanwhile (closing it, reusing the number), the duplicate still stands for the
     connection it was made from, and closing it leaves libzmq's own open. None if ``fd`` is closed."""
@@ -88,7 +89,7 @@ def _borrowed(fd: int) -> Iterator[Optional[socket.socket]]:
         yield sock
 
 
-def _tcp_addresses(sock: Optional[socket.socket]) -> Optional[Tuple[Any, Any]]:
+def tcp_addresses(sock: Optional[socket.socket]) -> Optional[Tuple[Any, Any]]:
     """(local, peer) address of a TCP socket; None for any other kind (ipc) or a closed one."""
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
         return None
@@ -96,6 +97,20 @@ def _tcp_addresses(sock: Optional[socket.socket]) -> Optional[Tuple[Any, Any]]:
         return sock.getsockname(), sock.getpeername()
     except OSError:
         return None
+
+
+def tcp_bytes(sock: Optional[socket.socket]) -> Optional[Tuple[int, int]]:
+    """(bytes the peer acknowledged, bytes received) on TCP socket ``sock``, as the kernel counts its
+    payload (not IP or TCP headers); None where it cannot tell (a closed socket, an older kernel)."""
+    if sock is None or not _MEASURABLE:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    except OSError:
+        return None
+    if len(info) < _TCP_INFO_LEN:
+        return None
+    return struct.unpack_from("QQ", info, _TCPI_BYTES_ACKED)
 
 
 def _received_and_queued(sock: socket.socket) -> Optional[Tuple[int, int]]:
@@ -133,8 +148,8 @@ class ConnectionGuard:
         self.cut = 0  # connections cut so far
 
     def accepted(self, fd: int) -> None:
-        with _borrowed(fd) as sock:
-            addresses = _tcp_addresses(sock) if _MEASURABLE else None
+        with borrowed(fd) as sock:
+            addresses = tcp_addresses(sock) if _MEASURABLE else None
         if addresses is None:
             self.connections.pop(fd, None)
             self._unmeasured.add(fd)
@@ -164,12 +179,12 @@ class ConnectionGuard:
     def held(self, fd: int) -> Optional[int]:
         """Bytes libzmq has read from connection ``fd`` and not delivered; None if it is no longer the
         connection that was accepted there (gone, or the descriptor reused)."""
-        with _borrowed(fd) as sock:
+        with borrowed(fd) as sock:
             return self._held(fd, sock)
 
     def _held(self, fd: int, sock: Optional[socket.socket]) -> Optional[int]:
         conn = self.connections.get(fd)
-        if conn is None or _tcp_addresses(sock) != conn.addresses:
+        if conn is None or tcp_addresses(sock) != conn.addresses:
             return None
         assert sock is not None
         counters = _received_and_queued(sock)
@@ -194,7 +209,7 @@ class ConnectionGuard:
             return
         self._drain()
         for fd in list(self.connections):
-            with _borrowed(fd) as sock:
+            with borrowed(fd) as sock:
                 held = self._held(fd, sock)
                 if held is None:
                     self.connections.pop(fd, None)

@@ -204,6 +204,11 @@ class GeoKVStore(KVStoreBase):
         (:meth:`geomx.store.Store.report_accuracy`)."""
         self._store.report_accuracy(accuracy)
 
+    def report_progress(self, step: int, total: Optional[int] = None) -> None:
+        """Steps done of ``total`` planned, for the metrics and the launcher's ETA
+        (:meth:`geomx.store.Store.report_progress`)."""
+        self._store.report_progress(step, total)
+
     def save_optimizer_states(self, fname: str, dump_optimizer: bool = False) -> None:
         """Save the global servers' optimizer states to ``fname`` (an .npz file without pickles)."""
         self._store.save_optimizer_states(fname)

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import resource
 import statistics
 import threading
 import time
@@ -49,6 +50,13 @@ CATALOGUE: Dict[str, Family] = {
     "geomx_link_received_bytes_total": Family(
         "counter", "bytes", ("link", "scope"),
         "Bytes of geomx messages this process received on a link (on a listener with ZeroMQ's identity frames)."),
+    "geomx_link_tcp_sent_bytes_total": Family(
+        "counter", "bytes", ("link", "scope"),
+        "What a link's TCP connections sent, as the kernel counts it (acknowledged payload: geomx messages plus "
+        "ZeroMQ's framing, handshakes, heartbeats and CURVE's boxes; no IP or TCP headers). Linux, TCP links only."),
+    "geomx_link_tcp_received_bytes_total": Family(
+        "counter", "bytes", ("link", "scope"),
+        "What a link's TCP connections received, as the kernel counts it (payload, as for the sent bytes)."),
     "geomx_peer_received_bytes_total": Family(
         "counter", "bytes", ("link", "peer"),
         "A listener's received bytes by the peer that sent them, as the peer counts them sent (a global "
@@ -95,6 +103,16 @@ CATALOGUE: Dict[str, Family] = {
         "HFA and ESync, at a local server: its party's averaging rounds (each after the workers' local steps)."),
     "geomx_hfa_global_rounds_total": Family(
         "counter", "", (), "HFA and ESync: those of its rounds that were averaged across the parties too."),
+    "geomx_dgt_blocks_sent_total": Family(
+        "counter", "", ("kind",),
+        "DGT, at a local server: gradient blocks sent reliably (reliable), on the unreliable channel (low), left "
+        "out as all zero (dropped_zero), dropped on purpose before sending (udp_lost_at_sender, a test setting)."),
+    "geomx_dgt_k": Family("gauge", "", (), "DGT, at a local server: K, the share of blocks it sends reliably."),
+    "geomx_dgt_blocks_received_total": Family(
+        "counter", "", ("outcome",),
+        "DGT, at a global server: blocks taken (blocks), after their round (late), again (duplicates), too old "
+        "(too_old), refused (rejected; forged: their MAC failed; out_of_window), never arrived (missing); pushes "
+        "reassembled (pushes)."),
     "geomx_keys": Family("gauge", "", (), "Keys (or key parts) this server holds."),
     "geomx_pending_requests": Family("gauge", "", (), "Requests a client sent and has no answer to yet."),
     "geomx_checkpoint_saves_total": Family("counter", "", (), "Checkpoints this global server wrote."),
@@ -104,8 +122,13 @@ CATALOGUE: Dict[str, Family] = {
     "geomx_training_loss": Family("gauge", "", (), "The last loss the training script reported (report_loss)."),
     "geomx_training_accuracy": Family("gauge", "", (),
                                       "The last accuracy the training script reported (report_accuracy)."),
+    "geomx_training_steps": Family("gauge", "", (), "The training step the script last reported (report_progress)."),
+    "geomx_training_steps_planned": Family(
+        "gauge", "", (), "The steps the script plans in all, when it said (report_progress); the progress line's ETA."),
     "geomx_process_cpu_seconds_total": Family("counter", "seconds", (), "CPU time of this process, user and system."),
     "geomx_process_resident_memory_bytes": Family("gauge", "bytes", (), "Resident memory of this process."),
+    "geomx_process_peak_resident_memory_bytes": Family("gauge", "bytes", (),
+                                                       "The most resident memory this process has had."),
     "geomx_metrics_stale": Family("gauge", "", (),
                                   "1 when the event loop did not answer in time and this reading is the last one."),
 }
@@ -186,6 +209,9 @@ def process_samples() -> List[Sample]:
         with open("/proc/self/statm") as f:
             resident_pages = int(f.read().split()[1])
         out.append(sample("geomx_process_resident_memory_bytes", resident_pages * os.sysconf("SC_PAGE_SIZE")))
+        # ru_maxrss is in kilobytes on Linux (bytes on macOS, where there is no /proc to get this far).
+        out.append(sample("geomx_process_peak_resident_memory_bytes",
+                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
     except (OSError, ValueError, IndexError):
         pass  # not Linux: no memory figure
     return out
@@ -199,6 +225,11 @@ def link_samples(links: Iterable) -> List[Sample]:
         scope = "wan" if link.wan else "lan"
         out.append(sample("geomx_link_sent_bytes_total", link.bytes_sent, link=link.name, scope=scope))
         out.append(sample("geomx_link_received_bytes_total", link.bytes_received, link=link.name, scope=scope))
+        counted = getattr(link, "kernel", None)  # what the kernel counted (transport.kernel_bytes)
+        kernel = counted.totals() if counted is not None else None
+        if kernel is not None:
+            out.append(sample("geomx_link_tcp_sent_bytes_total", kernel[0], link=link.name, scope=scope))
+            out.append(sample("geomx_link_tcp_received_bytes_total", kernel[1], link=link.name, scope=scope))
         by_name: Dict[str, int] = {}
         for identity, size in list(link.bytes_by_peer.items()):
             name = peer_name(identity)
@@ -275,10 +306,117 @@ def load_dumps(directory: str) -> Dict[str, dict]:
     return out
 
 
+def has(reading: dict, name: str) -> bool:
+    """Whether a JSON reading has any sample of ``name``."""
+    return any(n == name for n, _, _ in reading["samples"])
+
+
+def by_label(reading: dict, name: str, label: str) -> Dict[str, float]:
+    """``name``'s samples in a JSON reading, by the value of their label ``label``."""
+    out: Dict[str, float] = {}
+    for n, ls, v in reading["samples"]:
+        if n == name and label in ls:
+            out[ls[label]] = out.get(ls[label], 0.0) + v
+    return out
+
+
 def value(reading: dict, name: str, **labels: str) -> float:
     """The sum of ``name``'s samples in a JSON reading whose labels include ``labels`` (0 if none)."""
     return sum(v for n, ls, v in reading["samples"]
                if n == name and all(ls.get(k) == want for k, want in labels.items()))
+
+
+MAX_HTTP_CONNECTIONS = 16
+"""Connections one read-only HTTP listener (a node's metrics, the status page) serves at once, each in a
+thread of its own; one more is closed at once (a scraper retries at its next interval)."""
+
+HTTP_IDLE_TIMEOUT = 10.0
+"""Seconds a listener's connection may stay silent (no request line, no header) before it is closed."""
+
+_refused_http = None  # the rate-limited log of connections refused for being one too many
+
+
+class _BoundedHTTPServer(http.server.ThreadingHTTPServer):
+    """A thread per connection, at most ``limit`` at once: held-open connections cannot pile up threads."""
+
+    daemon_threads = True
+
+    def __init__(self, address: Tuple[str, int], handler: type, limit: int, name: str) -> None:
+        self._slots = threading.BoundedSemaphore(limit)
+        self._limit = limit
+        self._name = name
+        self._count = threading.Lock()
+        self.active = 0  # connections being served now
+        super().__init__(address, handler)
+
+    def _served(self, change: int) -> None:
+        with self._count:
+            self.active += change
+
+    def process_request(self, request, client_address) -> None:  # noqa: ANN001 - socketserver's signature
+        global _refused_http
+        if not self._slots.acquire(blocking=False):
+            if _refused_http is None:
+                from .security import RateLimitedLog
+
+                _refused_http = RateLimitedLog()
+            _refused_http(logging.WARNING, f"{self._name}: REFUSED a connection from {client_address[0]}: "
+                                           f"already serving {self._limit}", key=self._name)
+            self.shutdown_request(request)
+            return
+        self._served(1)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._served(-1)
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:  # noqa: ANN001
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._served(-1)
+            self._slots.release()
+
+
+class HTTPListener:
+    """A read-only HTTP listener on ``host:port`` (``*``: every address; port 0: any free one), served
+    from daemon threads: ``answer(path)`` gives ``(body, content type)`` for a path it serves, None
+    for any other (answered 404 with ``not_found``). ``limit`` connections at once, each closed after
+    ``idle_timeout`` silent seconds."""
+
+    def __init__(self, host: str, port: int, answer: Callable[[str], Optional[Tuple[bytes, str]]],
+                 not_found: str, name: str, headers: Tuple[Tuple[str, str], ...] = (),
+                 limit: int = MAX_HTTP_CONNECTIONS, idle_timeout: float = HTTP_IDLE_TIMEOUT) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = idle_timeout
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                found = answer(self.path.split("?", 1)[0])
+                if found is None:
+                    self.send_error(404, not_found)
+                    return
+                body, ctype = found
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                for header, text in headers:
+                    self.send_header(header, text)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt: str, *args: object) -> None:
+                log.debug("%s: " + fmt, self.address_string(), *args)
+
+        self.httpd = _BoundedHTTPServer(("" if host == "*" else host, port), Handler, limit, name)
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 class MetricsServer:
@@ -294,36 +432,16 @@ class MetricsServer:
         self.wait = wait
         self._last: List[Sample] = []
         self._lock = threading.Lock()
-        owner = self
+        self.listener = HTTPListener(host, port, self._answer, "geomx serves /metrics and /metrics.json",
+                                     "geomx-metrics")
+        self.port = self.listener.port
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                path = self.path.split("?", 1)[0]
-                if path not in ("/metrics", "/metrics.json"):
-                    self.send_error(404, "geomx serves /metrics and /metrics.json")
-                    return
-                samples = owner.read()
-                if path == "/metrics":
-                    body = render_text(samples).encode()
-                    ctype = "text/plain; version=0.0.4; charset=utf-8"
-                else:
-                    body = json.dumps(to_json(samples, owner.metrics.info)).encode()
-                    ctype = "application/json"
-                self.send_response(200)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, fmt: str, *args: object) -> None:
-                log.debug("%s: " + fmt, self.address_string(), *args)
-
-        bind = "" if host == "*" else host
-        self.httpd = http.server.ThreadingHTTPServer((bind, port), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="geomx-metrics", daemon=True)
-        self._thread.start()
+    def _answer(self, path: str) -> Optional[Tuple[bytes, str]]:
+        if path == "/metrics":
+            return render_text(self.read()).encode(), "text/plain; version=0.0.4; charset=utf-8"
+        if path == "/metrics.json":
+            return json.dumps(to_json(self.read(), self.metrics.info)).encode(), "application/json"
+        return None
 
     def read(self) -> List[Sample]:
         done = threading.Event()
@@ -344,8 +462,7 @@ class MetricsServer:
             return self._last + [sample("geomx_metrics_stale", 1)]
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.listener.close()
 
 
 def peer_name(client: object) -> str:
@@ -375,7 +492,7 @@ def server_samples(server) -> List[Sample]:
     policy = getattr(server, "policy", None)  # the global server's synchronization algorithm
     if policy is not None:
         out += policy.samples()
-    return out
+    return out + server.features.samples()
 
 
 class Durations:
@@ -407,6 +524,10 @@ def local_server_samples(server) -> List[Sample]:
     q = server.round_trips.quantiles()
     if q is not None:
         out += [sample("geomx_wan_round_trip_p50_seconds", q[0]), sample("geomx_wan_round_trip_p90_seconds", q[1])]
+    sender = server.dgt
+    if sender is not None:
+        out += [sample("geomx_dgt_blocks_sent_total", n, kind=kind) for kind, n in sender.sent.items()]
+        out.append(sample("geomx_dgt_k", sender.k.k))
     codec = server.codec
     if codec is None:
         return out
@@ -419,7 +540,8 @@ def local_server_samples(server) -> List[Sample]:
 
 
 def serve(port: int, host: str, loop) -> Optional[MetricsServer]:
-    """Start ``loop``'s metrics listener on ``host:port`` (GEOMX_METRICS_PORT; 0: none)."""
+    """Start ``loop``'s metrics listener on ``host:port`` (GEOMX_METRICS_PORT; 0: none); it closes with
+    the loop."""
     if not port:
         return None
     from .errors import ConfigError
@@ -428,5 +550,6 @@ def serve(port: int, host: str, loop) -> Optional[MetricsServer]:
         server = MetricsServer(loop.metrics, loop, host, port)
     except OSError as exc:
         raise ConfigError(f"GEOMX_METRICS_PORT={port}: cannot listen on {host}:{port}: {exc.strerror}") from None
+    loop.at_close(server.close)
     log.info("metrics on http://%s:%d/metrics", host, server.port)
     return server

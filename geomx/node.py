@@ -71,8 +71,8 @@ def _member(loop: EventLoop, cfg: NodeConfig, tier: str, scheduler: tuple, role:
 
 def _observe(loop: EventLoop, cfg: NodeConfig, role: str, server: Optional[ServerBase], host: str,
              node: Optional[str] = None) -> None:
-    """Name the node in its metrics, count its server's rounds, and serve them (GEOMX_METRICS_PORT).
-    The listener's thread is a daemon: it ends with the process."""
+    """Name the node in its metrics, count its server's rounds, and serve them (GEOMX_METRICS_PORT)
+    until the loop closes."""
     loop.metrics.identify(role=role, node=node or role, party=cfg.party or "")
     if server is not None:
         loop.metrics.add_collector(lambda: metrics.server_samples(server))
@@ -349,8 +349,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _log_resources() -> None:
-    """One line at exit with this process's CPU time and peak memory (benchmarks/suite.py reads it:
-    the global server's CPU per iteration as the number of parties grows)."""
+    """One line at exit with this process's CPU time and peak memory, for people (programs read the
+    same figures from the metrics: geomx_process_cpu_seconds_total, ..._peak_resident_memory_bytes)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     log.info("resources: cpu %.3f s, max rss %.1f MB", usage.ru_utime + usage.ru_stime,
              usage.ru_maxrss / 1024.0)  # ru_maxrss is in kilobytes on Linux

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -247,6 +248,20 @@ class Store:
         if not (math.isfinite(accuracy) and 0.0 <= accuracy <= 1.0):
             raise GeoMXError(f"report_accuracy needs a number in [0, 1], got {accuracy}")
         self.node.loop.metrics.set("geomx_training_accuracy", accuracy)
+
+    def report_progress(self, step: int, total: Optional[int] = None) -> None:
+        """Where this worker is: ``step`` steps done of ``total`` planned (None: not said). Shown by its
+        metrics (``geomx_training_steps``, ``geomx_training_steps_planned``), from which the launcher's
+        progress line estimates the time left. Stays in this process; cheap enough for every step."""
+        self.check()
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise GeoMXError(f"report_progress needs a step that is an integer >= 0, got {step!r}")
+        if total is not None and (isinstance(total, bool) or not isinstance(total, numbers.Integral) or total <= 0):
+            raise GeoMXError(f"report_progress needs a total that is an integer > 0 (or None), got {total!r}")
+        m = self.node.loop.metrics
+        m.set("geomx_training_steps", int(step))
+        if total is not None:
+            m.set("geomx_training_steps_planned", int(total))
 
     def save_optimizer_states(self, fname: str) -> None:
         """Save the global servers' optimizer states to ``fname`` (an .npz file without pickles)."""

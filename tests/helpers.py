@@ -31,12 +31,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import zmq
 
-from geomx import wire
+from geomx import metrics, wire
 from geomx.launch import Topology, run
 from geomx.launch.topology import free_port_range  # noqa: F401 - the tests take it from here
 from geomx.wire import MsgType
@@ -384,12 +384,19 @@ RESULTS_VARIABLE = "GEOMX_TEST_RESULTS"
 class Result:
     """A topology run: its exit ``code``, every process's ``output`` (lines prefixed with its name), and
     ``reports``: what each worker reported through tests/workers/results.py (one dict per worker process
-    that reported, in no particular order)."""
+    that reported, in no particular order), and ``readings``: every node's last metrics (``party/node`` ->
+    reading, geomx.metrics.load_dumps)."""
 
-    def __init__(self, code: int, output: str, reports: Sequence[Dict[str, Any]] = ()):
+    def __init__(self, code: int, output: str, reports: Sequence[Dict[str, Any]] = (),
+                 readings: Optional[Dict[str, dict]] = None):
         self.code = code
         self.output = output
         self.reports = list(reports)
+        self.readings = readings or {}
+
+    def of_role(self, role: str) -> List[dict]:
+        """The last metrics of every node of ``role`` (``local_server``, ``global_server``, ...)."""
+        return [r for _, r in sorted(self.readings.items()) if r["node"]["role"] == role]
 
     def lines(self, needle: str):
         return [line for line in self.output.splitlines() if needle in line]
@@ -404,11 +411,12 @@ def read_reports(directory: str) -> List[Dict[str, Any]]:
 def run_topology(script, args=(), timeout=120, env=None, **kw) -> Result:
     """Run ``tests/workers/<script>`` on every worker of ``Topology(env=env, **kw)``; the workers' reports
     come back in ``Result.reports``."""
-    with tempfile.TemporaryDirectory(prefix="geomx-reports-") as reports:
-        topo = Topology(env={**(env or {}), RESULTS_VARIABLE: reports}, **kw)
+    with tempfile.TemporaryDirectory(prefix="geomx-reports-") as reports, \
+            tempfile.TemporaryDirectory(prefix="geomx-metrics-") as dumps:
+        topo = Topology(env={"GEOMX_METRICS_DIR": dumps, **(env or {}), RESULTS_VARIABLE: reports}, **kw)
         stream = io.StringIO()
         code = run(topo, [sys.executable, str(WORKERS / script), *args], timeout=timeout, stream=stream)
-        return Result(code, stream.getvalue(), read_reports(reports))
+        return Result(code, stream.getvalue(), read_reports(reports), metrics.load_dumps(dumps))
 
 
 def exact_slices(result: Result) -> List[int]:

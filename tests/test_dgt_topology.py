@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from helpers import EXAMPLES, Cluster, assert_no_process_left, curves, exact_slices, iterations_per_epoch
 
-from geomx import wire
+from geomx import metrics, wire
 from geomx.dgt import datagram
 from geomx.launch import Topology, run
 from geomx.wire import Message, MsgType
@@ -40,7 +40,23 @@ CASES = {
 }
 
 WORKERS = EXAMPLES.parent / "tests" / "workers"
-_SENT = re.compile(r"DGT blocks sent \{'reliable': (\d+), 'low': (\d+),")
+
+
+def sent_blocks(reading):
+    """A local server's DGT blocks by what became of them (its metrics: reliable, low, ...)."""
+    return metrics.by_label(reading, "geomx_dgt_blocks_sent_total", "kind")
+
+
+def received_blocks(reading):
+    """A global server's DGT blocks by outcome (its metrics: blocks, missing, late, rejected, ...)."""
+    return metrics.by_label(reading, "geomx_dgt_blocks_received_total", "outcome")
+
+
+def assert_none_missing_or_late(global_servers):
+    assert global_servers, "no global server's metrics"
+    for reading in global_servers:
+        got = received_blocks(reading)
+        assert got["blocks"] > 0 and got["missing"] == 0 and got["late"] == 0, got
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -53,26 +69,27 @@ def test_dgt_aggregate_equals_fsa_exactly(topology_run, case):
                           env={**EXACT_ENV, **env, "PS_VERBOSE": "0"}, **topo)
     assert result.code == 0, result.output[-4000:]
     assert exact_slices(result) == list(range(workers)), (result.reports, result.output[-4000:])
-    # DGT really carried the pushes: every party sent blocks on both kinds of channel.
-    sent = [tuple(map(int, m.groups())) for m in map(_SENT.search, result.output.splitlines()) if m]
-    senders = topo["parties"] * topo.get("local_servers", 1)  # every local server
-    assert len(sent) == senders, result.output[-4000:]
-    assert all(reliable > 0 and low > 0 for reliable, low in sent), sent
-    assert "'missing': 0," in result.output and "'late': 0," in result.output
-    final_k = [float(x) for x in re.findall(r"final K ([0-9.]+)", result.output)]
-    assert final_k == [0.2 if adaptive else 0.5] * senders, final_k
+    # DGT really carried the pushes: every local server sent blocks on both kinds of channel.
+    local = result.of_role("local_server")
+    senders = topo["parties"] * topo.get("local_servers", 1)
+    assert len(local) == senders, (sorted(result.readings), result.output[-4000:])
+    sent = [sent_blocks(r) for r in local]
+    assert all(s["reliable"] > 0 and s["low"] > 0 for s in sent), sent
+    assert_none_missing_or_late(result.of_role("global_server"))
+    assert [metrics.value(r, "geomx_dgt_k") for r in local] == [0.2 if adaptive else 0.5] * senders
 
 
-def _exact(out: str, workers: int) -> None:
+def _exact(out: str, workers: int, readings) -> None:
     assert not re.findall(r"MISMATCH", out), out[-6000:]
     assert len(re.findall(r"^\[party\d/worker\d\] EXACT OK", out, re.M)) == workers, out[-6000:]
-    assert "'missing': 0," in out and "'late': 0," in out, out[-6000:]
+    assert_none_missing_or_late([r for r in readings.values() if r["node"]["role"] == "global_server"])
 
 
 def test_dgt_udp_with_curve_is_exact(tmp_path):
     """Mode 1 alongside CURVE (refused at start-up before datagrams carried a MAC): the MAC keys travel
     in the INIT replies over the CURVE-encrypted party links, and the run reaches the exact oracle."""
-    topo = Topology(parties=2, workers_per_party=1, env={**EXACT_ENV, "ENABLE_DGT": "1", "PS_VERBOSE": "0"})
+    topo = Topology(parties=2, workers_per_party=1, env={**EXACT_ENV, "ENABLE_DGT": "1", "PS_VERBOSE": "0",
+                                                         "GEOMX_METRICS_DIR": str(tmp_path / "metrics")})
     topo.make_curve_keys(str(tmp_path))
     stream = io.StringIO()
     code = run(topo, [sys.executable, str(WORKERS / "exact_worker.py"), "--slice", "{slice}", "--rounds", "4",
@@ -80,10 +97,11 @@ def test_dgt_udp_with_curve_is_exact(tmp_path):
     out = stream.getvalue()
     assert code == 0, out[-6000:]
     assert "INSECURE: CURVE is off" not in out
-    _exact(out, 2)
-    sent = [tuple(map(int, m.groups())) for m in map(_SENT.search, out.splitlines()) if m]
-    assert len(sent) == 2 and all(low > 0 for _, low in sent), sent  # blocks really went over UDP
-    assert "'rejected': 0," in out, out[-4000:]
+    readings = metrics.load_dumps(str(tmp_path / "metrics"))
+    _exact(out, 2, readings)
+    sent = [sent_blocks(r) for r in readings.values() if r["node"]["role"] == "local_server"]
+    assert len(sent) == 2 and all(s["low"] > 0 for s in sent), sent  # blocks really went over UDP
+    assert received_blocks(readings["central/global_server0"])["rejected"] == 0
 
 
 class UdpSniffer:
@@ -146,7 +164,7 @@ def _forged_block(rng: random.Random, req_id: int) -> bytes:
             + bytes(data))
 
 
-def test_forged_and_replayed_datagrams_leave_a_training_topology_exact():
+def test_forged_and_replayed_datagrams_leave_a_training_topology_exact(tmp_path):
     """While two parties train with DGT mode 1 against the exact oracle, an attacker sends the global
     server's UDP port forged blocks (random MACs; far-future request ids, which used to fill the
     open-push limit so that the genuine last block was dropped and the push hung; and plausible ones,
@@ -155,7 +173,8 @@ def test_forged_and_replayed_datagrams_leave_a_training_topology_exact():
     forged datagram is counted as refused and the log stays short."""
     rounds = 8
     topo = Topology(parties=2, workers_per_party=1,
-                    env={**EXACT_ENV, "ENABLE_DGT": "1", "PS_VERBOSE": "0", "GEOMX_START_TIMEOUT": "60"})
+                    env={**EXACT_ENV, "ENABLE_DGT": "1", "PS_VERBOSE": "0", "GEOMX_START_TIMEOUT": "60",
+                         "GEOMX_METRICS_DIR": str(tmp_path)})
     cluster = Cluster(topo, [sys.executable, str(WORKERS / "exact_worker.py"), "--slice", "{slice}", "--rounds",
                              str(rounds), "--mode", "pushpull", "--optimizer", "sgd", "--sleep", "0.4"])
     sent = {"forged": 0, "replayed": 0, "altered": 0}
@@ -197,16 +216,17 @@ def test_forged_and_replayed_datagrams_leave_a_training_topology_exact():
         codes = {name: p.returncode for name, p in cluster.procs.items()}
         assert set(codes.values()) == {0}, (codes, out[-6000:])
         assert_no_process_left(cluster)
-    _exact(out, 2)
+    readings = metrics.load_dumps(str(tmp_path))
+    _exact(out, 2, readings)
     print(f"[dgt attack] sent {sent}", flush=True)
     assert sent["forged"] > 1000, sent
-    stats = re.search(r"DGT blocks received (\{.*\})", cluster.output("global_server0")).group(1)
-    got = {k: int(v) for k, v in re.findall(r"'(\w+)': (\d+)", stats)}
+    got = received_blocks(readings["central/global_server0"])
     print(f"[dgt attack] global server {got}", flush=True)
     # Every block the server took was one a party sent (or a replay of one, ignored): none of the
     # forged or altered ones, which were all refused by their MAC (those sent after the server had
     # stopped reading are not counted at all).
-    genuine = sum(int(a) + int(b) for a, b in re.findall(r"DGT blocks sent \{'reliable': (\d+), 'low': (\d+),", out))
+    genuine = sum(s["reliable"] + s["low"] for s in (sent_blocks(r) for r in readings.values()
+                                                      if r["node"]["role"] == "local_server"))
     assert got["blocks"] == genuine + got["duplicates"] + got["too_old"], (got, genuine)
     assert got["forged"] == got["rejected"] and got["forged"] > 1000, got
     assert got["out_of_window"] == 0
@@ -267,9 +287,9 @@ def _final(label, result):
     return final
 
 
-def test_training_with_dropped_datagrams_stays_close_to_fsa():
+def test_training_with_dropped_datagrams_stays_close_to_fsa(tmp_path):
     out = {}
-    lossy = {"ENABLE_DGT": "1", "DMLC_K": "0.5", "GEOMX_DGT_TEST_DROP_RATE": "0.1"}
+    lossy = {"ENABLE_DGT": "1", "DMLC_K": "0.5", "GEOMX_DGT_TEST_DROP_RATE": "0.1", "GEOMX_METRICS_DIR": str(tmp_path)}
     threads = [threading.Thread(target=_train, args=({}, out, "FSA")),
                threading.Thread(target=_train, args=(lossy, out, "DGT udp, 10% dropped"))]
     for t in threads:
@@ -278,10 +298,10 @@ def test_training_with_dropped_datagrams_stays_close_to_fsa():
         t.join()
     fsa = _final("FSA", out["FSA"])
     lossy_acc = _final("DGT udp, 10% dropped", out["DGT udp, 10% dropped"])
-    output = out["DGT udp, 10% dropped"][1]
-    lost = [int(n) for n in re.findall(r"'udp_lost_at_sender': (\d+)", output)]
-    missing = [int(n) for n in re.findall(r"'missing': (\d+)", output)]
-    assert len(lost) == 2 and all(n > 0 for n in lost), output[-3000:]  # the drops really happened
-    assert missing and missing[0] >= sum(lost) * 0.5, (missing, lost)  # ... and the server saw them missing
+    readings = metrics.load_dumps(str(tmp_path))
+    lost = [sent_blocks(r)["udp_lost_at_sender"] for r in readings.values() if r["node"]["role"] == "local_server"]
+    missing = received_blocks(readings["central/global_server0"])["missing"]
+    assert len(lost) == 2 and all(n > 0 for n in lost), lost  # the drops really happened
+    assert missing >= sum(lost) * 0.5, (missing, lost)  # ... and the server saw them missing
     assert fsa >= 0.9, f"FSA reached only {fsa:.4f}: the comparison would mean nothing"
     assert lossy_acc >= fsa - TOLERANCE, f"DGT with drops {lossy_acc:.4f} vs FSA {fsa:.4f}"

@@ -8,12 +8,14 @@ import os
 import re
 import socket
 import threading
+import time
 import urllib.request
 
 import pytest
 
 from geomx import config, metrics
 from geomx.errors import ConfigError
+from geomx.launch.topology import free_port_range
 from geomx.transport import EventLoop
 
 pytestmark = pytest.mark.unit
@@ -131,6 +133,49 @@ def test_a_taken_port_names_the_variable(zmq_ctx):
     finally:
         taken.close()
         loop.close()
+
+
+def test_a_listener_serves_a_bounded_number_of_connections_and_closes_silent_ones(caplog):
+    """Connections held open without a request take a thread each: at most ``limit`` are served at once,
+    one more is closed at once (and logged), and each silent one is closed after ``idle_timeout``,
+    after which requests are answered again."""
+    listener = metrics.HTTPListener("127.0.0.1", 0, lambda path: (b"ok", "text/plain") if path == "/" else None,
+                                    "only /", "test-listener", limit=2, idle_timeout=1.0)
+    silent = [socket.create_connection(("127.0.0.1", listener.port), timeout=20) for _ in range(2)]
+    try:
+        for s in silent:  # the start of a request line, never ended
+            s.sendall(b"G")
+        deadline = time.monotonic() + 20
+        while listener.httpd.active != 2:  # both connections accepted and taken by their threads
+            assert time.monotonic() < deadline, "the two connections were not taken"
+            time.sleep(0.01)
+        with caplog.at_level("WARNING", logger="geomx.security"):
+            one_more = socket.create_connection(("127.0.0.1", listener.port), timeout=20)
+            assert one_more.recv(100) == b""  # closed without an answer
+            one_more.close()
+        assert any("test-listener: REFUSED a connection from 127.0.0.1: already serving 2" in r.getMessage()
+                   for r in caplog.records)
+        for s in silent:  # closed by the listener once silent for idle_timeout (the recv would wait 20 s)
+            assert s.recv(100) == b""
+        assert _get(listener.port, "/") == ("text/plain", b"ok")
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            _get(listener.port, "/other")
+    finally:
+        for s in silent:
+            s.close()
+        listener.close()
+
+
+def test_a_metrics_listener_closes_with_its_loop(zmq_ctx):
+    loop = EventLoop(zmq_ctx, name="worker")
+    port = free_port_range(1)
+    try:
+        assert metrics.serve(port, "127.0.0.1", loop).port == port
+        assert metrics.value(json.loads(_get(port)[1]), "geomx_metrics_stale") == 1  # the loop does not run
+    finally:
+        loop.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
 def test_metrics_port_is_read_and_checked_against_the_other_listeners():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -139,6 +140,8 @@ def test_prometheus_scrapes_each_party_link_while_it_trains(tmp_path):
             if role == "worker":
                 assert metrics.value(readings[name], "geomx_training_accuracy") == 1.0
                 assert metrics.value(readings[name], "geomx_training_loss") == 1.0 / ROUNDS
+                assert metrics.value(readings[name], "geomx_training_steps") == ROUNDS
+                assert metrics.value(readings[name], "geomx_training_steps_planned") == ROUNDS
 
         # PromQL: one series per party link, each equal to the local server's own count.
         query = 'geomx_link_sent_bytes_total{geomx_role="local_server",scope="wan"}'
@@ -285,6 +288,8 @@ def test_progress_line_on_a_terminal_and_nothing_of_it_in_a_pipe(tmp_path):
         os.close(main_fd)
     text = out.decode(errors="replace")
     assert "\r\x1b[2K[geomx 0:" in text
+    # The poll that saw both workers' last accuracy saw their last step too (reported before it).
+    assert re.search(r"\| acc 1\.000 \| 100% ETA 0:00:00", text), text[-3000:]
     table = text[text.index("[geomx] "):]
     assert "  party0->gs0 " in table and "  party1->gs0 " in table
     assert "  party0/worker0           accuracy 1.0000  loss 0.25" in table.replace("\r", "")

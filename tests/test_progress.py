@@ -30,6 +30,23 @@ def test_line_exact():
     assert progress.line(dict(FIGURES, refusals_total=3), 0).endswith("| waits for party1 | 3 refused")
 
 
+def test_line_with_the_share_done_and_the_time_left():
+    assert progress.line(dict(FIGURES, done=0.41), 83.9, eta=120.4) == (
+        "[geomx 0:01:23] rounds 1,234 (12.3/s) | WAN up 1.20 MB/s down 1.10 MB/s, 95.10 MB | acc 0.912 "
+        "| 41% ETA 0:02:00 | waits for party1")
+    assert "| acc 0.912 | 41% | waits" in progress.line(dict(FIGURES, done=0.41), 83.9)
+
+
+def test_eta_from_how_fast_the_share_done_grew_since_first_seen():
+    eta = progress.Eta()
+    assert eta.update(10.0, None) is None
+    assert eta.update(20.0, 0.2) is None  # first seen: the start's seconds do not count
+    assert eta.update(30.0, 0.2) is None  # no growth yet
+    assert eta.update(40.0, 0.4) == 60.0  # 0.2 in 20 s: 0.6 left takes 60 s
+    assert eta.update(50.0, 0.6) == 30.0  # 0.4 in 30 s: 0.4 left takes 30 s
+    assert eta.update(60.0, 1.0) == 0.0
+
+
 def test_line_before_any_figure():
     assert progress.line({"rounds": None, "wan": None, "waits": None, "training": None}, 3725) == \
         "[geomx 1:02:05] rounds 0 | WAN up – MB/s down – MB/s, – MB"

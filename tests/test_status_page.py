@@ -148,13 +148,19 @@ def test_servers_that_do_not_count_waits_show_none_and_an_empty_run_has_no_figur
 def test_training_gauges_and_refusals():
     seen = {
         "party0/worker0": Seen(reading("worker0", 3.0, ("geomx_training_loss", {}, 0.25),
-                                       ("geomx_training_accuracy", {}, 0.875))),
+                                       ("geomx_training_accuracy", {}, 0.875), ("geomx_training_steps", {}, 30),
+                                       ("geomx_training_steps_planned", {}, 120))),
         "global_server0": Seen(reading("global_server0", 3.0, (
             "geomx_refused_messages_total", {"link": "global-clients", "peer": "10.0.0.9", "reason": "malformed"}, 3))),
     }
     f = summarize(NODES, PARTIES, 1, seen)
-    assert f["training"] == {"party0/worker0": {"loss": 0.25, "accuracy": 0.875},
-                             "party1/worker0": {"loss": None, "accuracy": None}}
+    assert f["training"] == {"party0/worker0": {"loss": 0.25, "accuracy": 0.875, "steps": 30, "planned": 120},
+                             "party1/worker0": {"loss": None, "accuracy": None, "steps": None, "planned": None}}
+    assert f["done"] == 0.25  # party1's worker did not say its length: not counted
+    seen["party1/worker0"] = Seen(reading("worker0", 3.0, ("geomx_training_steps", {}, 5),
+                                          ("geomx_training_steps_planned", {}, 100)))
+    assert summarize(NODES, PARTIES, 1, seen)["done"] == 0.05  # the worker furthest behind
+    assert summarize(NODES, PARTIES, 1, {})["done"] is None
     assert f["refusals"] == [{"node": "global_server0", "link": "global-clients", "peer": "10.0.0.9",
                               "reason": "malformed", "count": 3}]
     assert f["refusals_total"] == 3

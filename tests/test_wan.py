@@ -262,9 +262,23 @@ def test_summary_merges_repeated_accuracy_runs(tmp_path):
     import summary
 
     assert all(suite.row_by_name(n) for n in summary.SUMMARY_ROWS)  # every summary row exists
-    text = ("[central/global_server0] 12:00:01 INFO geomx.node: resources: cpu 12.500 s, max rss 310.2 MB\n"
-            "[party0/worker0] unrelated line\n")
-    assert summary.parse_resources(text) == {"central/global_server0": {"cpu_s": 12.5, "max_rss_mb": 310.2}}
+    def reading(role, **values):
+        return {"node": {"role": role}, "samples": [[name, {}, v] for name, v in values.items()]}
+
+    readings = {"central/global_server0": reading("global_server", geomx_process_cpu_seconds_total=12.5,
+                                                  geomx_process_peak_resident_memory_bytes=310 * 2**20),
+                "party0/local_server0": reading("local_server", geomx_process_cpu_seconds_total=2.0,
+                                                geomx_process_peak_resident_memory_bytes=2**20,
+                                                geomx_wan_round_trip_p50_seconds=0.25,
+                                                geomx_wan_round_trip_p90_seconds=0.5),
+                "party1/local_server0": reading("local_server", geomx_wan_round_trip_p50_seconds=0.3,
+                                                geomx_wan_round_trip_p90_seconds=0.4),
+                "party0/worker0": reading("worker", geomx_process_cpu_seconds_total=9.0)}
+    assert suite.resources(readings) == {"central/global_server0": {"cpu_s": 12.5, "max_rss_mb": 310.0},
+                                         "party0/local_server0": {"cpu_s": 2.0, "max_rss_mb": 1.0},
+                                         "party1/local_server0": {"cpu_s": 0.0, "max_rss_mb": 0.0}}
+    assert suite.round_trips(readings) == {"push_p50_s": 0.3, "push_p90_s": 0.5}  # the worst party's
+    assert suite.round_trips({}) is None
 
     def run(t, acc, s_iter, ok=True):
         evals = [{"t": 1.0, "it": 5, "acc": 0.5}, {"t": 2.0, "it": 10, "acc": acc}]

@@ -89,6 +89,13 @@ def main(argv=None) -> int:
     shard = np.arange(rank * per, rank * per + per)
     order = np.random.RandomState(args.seed + rank)
     start, it = time.time(), 0
+    planned = args.epochs * len(range(0, per, args.batch_size))
+
+    def report(epoch: int, acc: float) -> None:
+        print(f"[Time {time.time() - start:.2f}][Epoch {epoch}][Iteration {it}] Test Acc {acc:.4f}", flush=True)
+        if not args.single:  # for the worker's metrics: the launcher's status page and progress line
+            gx.report_accuracy(acc)
+
     for epoch in range(args.epochs):
         perm = shard[order.permutation(per)]
         for b in range(0, per, args.batch_size):
@@ -97,14 +104,13 @@ def main(argv=None) -> int:
             F.cross_entropy(net(x_train[idx]), y_train[idx]).backward()
             opt.step()
             it += 1
+            if not args.single:
+                gx.report_progress(it, planned)
             if it % args.eval_every == 0:
                 with torch.no_grad():
-                    acc = float((net(x_test).argmax(1) == y_test).float().mean())
-                print(f"[Time {time.time() - start:.2f}][Epoch {epoch}][Iteration {it}] Test Acc {acc:.4f}",
-                      flush=True)
+                    report(epoch, float((net(x_test).argmax(1) == y_test).float().mean()))
     with torch.no_grad():
-        acc = float((net(x_test).argmax(1) == y_test).float().mean())
-    print(f"[Time {time.time() - start:.2f}][Epoch {args.epochs - 1}][Iteration {it}] Test Acc {acc:.4f}", flush=True)
+        report(args.epochs - 1, float((net(x_test).argmax(1) == y_test).float().mean()))
     return 0
 
 

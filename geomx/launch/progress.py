@@ -2,10 +2,12 @@
 
 While a run trains, one line at the bottom of the terminal, redrawn every second::
 
-    [geomx 0:01:23] rounds 1,234 (12.3/s) | WAN up 1.20 MB/s down 1.10 MB/s, 95.1 MB | acc 0.912 | waits for party1
+    [geomx 0:01:23] rounds 1,234 (12.3/s) | WAN up 1.20 MB/s down 1.10 MB/s, 95.1 MB | acc 0.912
+        | 41% ETA 0:02:00 | waits for party1    (one line)
 
 from the same figures as the status page (:class:`.status.StatusPage`, polling every process's
-metrics). The processes' own output keeps scrolling above it: the supervisor writes their lines
+metrics; the share done and the time left when the workers say their length, ``report_progress``). The
+processes' own output keeps scrolling above it: the supervisor writes their lines
 through :meth:`Progress.write`, which takes the line away, writes, and draws it again. At the end, a
 table per party link and worker. Nothing of this when the output is not a terminal (logs and pipes
 get the processes' lines only).
@@ -32,8 +34,31 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def line(figures: Dict[str, Any], elapsed: float) -> str:
-    """The progress line for ``figures`` (a :meth:`.status.StatusPage.status`), ``elapsed`` seconds in."""
+class Eta:
+    """The time left, from the share done (``figures["done"]``) and how fast it grew since it was first
+    seen: a run's start (processes starting, the first rounds) does not count against its speed."""
+
+    def __init__(self) -> None:
+        self._first: Optional[tuple] = None  # (time, share) when a share was first seen
+
+    def update(self, now: float, done: Optional[float]) -> Optional[float]:
+        """Seconds left at ``now`` with ``done`` (0 to 1) of the run done; None until it can tell."""
+        if done is None:
+            return None
+        if done >= 1.0:
+            return 0.0
+        if self._first is None:
+            self._first = (now, done)
+            return None
+        t0, d0 = self._first
+        if done <= d0 or now <= t0:
+            return None
+        return (now - t0) / (done - d0) * (1.0 - done)
+
+
+def line(figures: Dict[str, Any], elapsed: float, eta: Optional[float] = None) -> str:
+    """The progress line for ``figures`` (a :meth:`.status.StatusPage.status`), ``elapsed`` seconds in,
+    ``eta`` seconds left (None: not known)."""
     rounds = figures.get("rounds") or {}
     wan = figures.get("wan") or {}
     parts = [f"[geomx {_clock(elapsed)}] rounds {int(rounds.get('total') or 0):,}"
@@ -43,6 +68,8 @@ def line(figures: Dict[str, Any], elapsed: float) -> str:
     accuracies = [w["accuracy"] for w in (figures.get("training") or {}).values() if w.get("accuracy") is not None]
     if accuracies:
         parts.append(f"acc {sum(accuracies) / len(accuracies):.3f}")
+    if figures.get("done") is not None:
+        parts.append(f"{figures['done']:.0%}" + ("" if eta is None else f" ETA {_clock(eta)}"))
     waits = figures.get("waits") or {}
     slowest = waits.get("slowest_recent") or waits.get("slowest")
     if slowest:
@@ -86,6 +113,7 @@ class Progress:
         self.page = page
         self.interval = interval
         self.start = time.monotonic()
+        self.eta = Eta()
         self._lock = threading.Lock()
         self._shown = ""
         self._stop = threading.Event()
@@ -124,7 +152,8 @@ class Progress:
             try:
                 # One terminal line: a longer one would wrap, and only its last row would be taken away.
                 width = shutil.get_terminal_size().columns - 1
-                text = line(self.page.status(), time.monotonic() - self.start)[:max(width, 20)]
+                figures, now = self.page.status(), time.monotonic()
+                text = line(figures, now - self.start, self.eta.update(now, figures.get("done")))[:max(width, 20)]
             except Exception:  # noqa: BLE001 - a figure it cannot read must not end the line for good
                 log.exception("progress line")
                 continue

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import http.server
 import json
 import logging
 import re
@@ -30,6 +29,8 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Any, Deque, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+from .. import metrics
 
 log = logging.getLogger("geomx.launch.status")
 
@@ -146,7 +147,8 @@ def summarize(nodes: Sequence[Node], parties: Sequence[str], global_servers: int
     - ``wan``: the same summed over every link (``total``: both ways);
     - ``rounds``: the global servers' completed rounds (summed over keys), their rate, keys, mean round time;
     - ``waits``: which party each round waited for (``geomx_round_waited_for_total``), None when not measured;
-    - ``training``: each worker's last reported loss and accuracy;
+    - ``training``: each worker's last reported loss, accuracy, steps done and planned (report_progress);
+    - ``done``: the share of the run done (of the worker furthest behind), None where no worker said its length;
     - ``refusals``: every refused-messages counter by node, link, peer and reason.
     """
     by_role: Dict[str, List[Node]] = collections.defaultdict(list)
@@ -242,11 +244,13 @@ def summarize(nodes: Sequence[Node], parties: Sequence[str], global_servers: int
     training = {}
     for node in by_role["worker"]:
         reading = seen_of(node).reading
-        training[node.name] = {
-            "loss": total(reading, "geomx_training_loss") if has(reading, "geomx_training_loss") else None,
-            "accuracy": (total(reading, "geomx_training_accuracy")
-                         if has(reading, "geomx_training_accuracy") else None),
-        }
+        training[node.name] = {name: total(reading, metric) if has(reading, metric) else None
+                               for name, metric in (("loss", "geomx_training_loss"),
+                                                    ("accuracy", "geomx_training_accuracy"),
+                                                    ("steps", "geomx_training_steps"),
+                                                    ("planned", "geomx_training_steps_planned"))}
+    # The run's share done: that of the worker furthest behind, among those that said their length.
+    shares = [min(t["steps"] or 0.0, t["planned"]) / t["planned"] for t in training.values() if t["planned"]]
 
     refusals = []
     for node in nodes:
@@ -255,7 +259,8 @@ def summarize(nodes: Sequence[Node], parties: Sequence[str], global_servers: int
                              "reason": labels.get("reason", ""), "count": v})
 
     return {"links": link_list, "wan": wan, "rounds": rounds, "waits": waits, "training": training,
-            "refusals": refusals, "refusals_total": sum(r["count"] for r in refusals)}
+            "done": min(shares) if shares else None, "refusals": refusals,
+            "refusals_total": sum(r["count"] for r in refusals)}
 
 
 def _link(party: str, g: str) -> Dict[str, Any]:
@@ -335,43 +340,24 @@ class StatusPage:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, min(32, len(self._polled))), thread_name_prefix="geomx-status-poll")
 
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                path = self.path.split("?", 1)[0]
-                if path == "/status.json":
-                    body, ctype = json.dumps(owner.status()).encode(), "application/json"
-                elif path in ("/", "/index.html"):
-                    body, ctype = owner.page().encode(), "text/html; charset=utf-8"
-                else:
-                    self.send_error(404, "the status page serves / and /status.json")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, fmt: str, *args: object) -> None:
-                log.debug("%s: " + fmt, self.address_string(), *args)
-
         self.host = host
         self._poll_thread = threading.Thread(target=self._poll_forever, name="geomx-status-poller", daemon=True)
         self._poll_thread.start()
-        self.httpd: Optional[http.server.ThreadingHTTPServer] = None
+        self.listener: Optional[metrics.HTTPListener] = None
         self.port = 0
         if port is None:  # figures only (the launcher's progress line): nothing served
             return
-        bind = "" if host == "*" else host
-        self.httpd = http.server.ThreadingHTTPServer((bind, port), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self._server_thread = threading.Thread(target=self.httpd.serve_forever, name="geomx-status-page",
-                                               daemon=True)
-        self._server_thread.start()
+        self.listener = metrics.HTTPListener(host, port, self._answer, "the status page serves / and /status.json",
+                                             "geomx-status-page", headers=(("Cache-Control", "no-store"),))
+        self.port = self.listener.port
         log.info("status page on %s (%d of %d processes polled)", self.url, len(self._polled), len(self.nodes))
+
+    def _answer(self, path: str) -> Optional[Tuple[bytes, str]]:
+        if path == "/status.json":
+            return json.dumps(self.status()).encode(), "application/json"
+        if path in ("/", "/index.html"):
+            return self.page().encode(), "text/html; charset=utf-8"
+        return None
 
     @classmethod
     def of_processes(cls, specs: Sequence[Any], host: str = "127.0.0.1", port: Optional[int] = 0,
@@ -417,9 +403,8 @@ class StatusPage:
     def close(self) -> None:
         """Stop polling and serving."""
         self._stop.set()
-        if self.httpd is not None:
-            self.httpd.shutdown()
-            self.httpd.server_close()
+        if self.listener is not None:
+            self.listener.close()
         self._poll_thread.join(timeout=self.timeout + 1)
         self._pool.shutdown(wait=False, cancel_futures=True)
 

@@ -51,7 +51,7 @@ from .spec import optimizer_to_spec
 
 __all__ = ["init", "is_initialized", "rank", "size", "party", "local_rank", "local_size", "is_master_worker",
            "DistributedOptimizer", "broadcast_parameters", "barrier", "report_loss", "report_accuracy",
-           "save_checkpoint", "shutdown", "store", "key_id"]
+           "report_progress", "save_checkpoint", "shutdown", "store", "key_id"]
 
 _store: Optional[Store] = None
 # name -> the INIT of its key (the global servers' copy), shared by the optimizer and broadcast_parameters.
@@ -137,6 +137,11 @@ def report_loss(loss: float) -> None:
 def report_accuracy(accuracy: float) -> None:
     """This worker's latest accuracy in [0, 1], for its metrics and the launcher's status page."""
     store().report_accuracy(float(accuracy))
+
+
+def report_progress(step: int, total: Optional[int] = None) -> None:
+    """Steps done of ``total`` planned (None: not said), for the metrics and the launcher's ETA."""
+    store().report_progress(step, total)
 
 
 def save_checkpoint() -> List[Dict[str, Any]]:

@@ -76,6 +76,7 @@ class EventLoop:
         self.poller.register(self._wake_rx, zmq.POLLIN)
         self.stopped = False
         self.links: List[Link] = []
+        self._at_close: List[Callable[[], None]] = []
         self._guarded: List[Link] = []  # listeners whose connections are measured (connguard)
         self._trim_due = False
         # What this node counts (geomx/metrics.py): read by collectors in this thread.
@@ -108,7 +109,8 @@ class EventLoop:
         elif cross_party:
             security.warn_insecure(link.name)
         # A unique address: pyzmq's default is derived from the socket's fd, which the OS reuses.
-        events = security.MONITORED | zmq.EVENT_DISCONNECTED | (zmq.EVENT_ACCEPTED if server else 0)
+        # The descriptor of each connection (accepted, or connected): what the kernel counts of it.
+        events = security.MONITORED | zmq.EVENT_DISCONNECTED | (zmq.EVENT_ACCEPTED if server else zmq.EVENT_CONNECTED)
         if server:
             self._guard(link)
         link.monitor = link.sock.get_monitor_socket(events, f"inproc://geomx-monitor-{next(_monitors)}")
@@ -308,8 +310,18 @@ class EventLoop:
                 raise TimeoutError(f"{self.name}: timed out after {timeout:.0f}s waiting for {what}")
             self.run_once(min(0.2, remaining))
 
+    def at_close(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` when the loop closes, before its links do (what serves the loop's figures)."""
+        self._at_close.append(fn)
+
     def close(self) -> None:
         self.stopped = True
+        for fn in self._at_close:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - the links must close whatever a hook does
+                log.exception("%s: closing", self.name)
+        self._at_close.clear()
         for link in self.links:
             link.close()
         if self._zap is not None:

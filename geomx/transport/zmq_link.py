@@ -19,6 +19,7 @@ import zmq
 
 from .. import connguard, security, wire
 from .identity import peer_label
+from .kernel_bytes import KernelBytes
 from .loop import log_limited
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class Link:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.bytes_by_peer: Dict[bytes, int] = {}  # a listener's received bytes by peer identity
+        self.kernel = KernelBytes()  # what its TCP connections carried, as the kernel counts it
         self.curve = False
         self.peer = name  # what log lines call the other end
         # Called with the reason when the peer refused this (client) link's CURVE handshake; the
@@ -147,11 +149,13 @@ class Link:
                 return disconnected
             parsed = security.parse_monitor_message(frames)
             event = parsed["event"]
-            if event == zmq.EVENT_ACCEPTED:
+            if event in (zmq.EVENT_ACCEPTED, zmq.EVENT_CONNECTED):  # the value: the connection's descriptor
+                self.kernel.connected(parsed["value"], opened=event == zmq.EVENT_CONNECTED)
                 if self.guard is not None:
                     self.guard.accepted(parsed["value"])
                 continue
             if event == zmq.EVENT_DISCONNECTED:
+                self.kernel.disconnected(parsed["value"])
                 if self.guard is not None:
                     self.guard.closed(parsed["value"])
                 # A client counts only the end of a connection that was established: one refused in its

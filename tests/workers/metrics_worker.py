@@ -1,5 +1,5 @@
 """A worker for the observability tests, on the framework-neutral core: ``--rounds`` exact rounds of
-integer pushes (checked against their sum, zero tolerance), a loss and an accuracy reported each round,
+integer pushes (checked against their sum, zero tolerance), its progress, a loss and an accuracy reported each round,
 then ``TRAINED`` and a wait until the file ``--hold`` exists, so the test can read every node's metrics
 while the topology is alive and no longer training.
 """
@@ -32,6 +32,7 @@ def main():
                 if not np.array_equal(fut.result(), np.full(SIZES[k], coeff * (t + 1), np.float32)):
                     print(f"MISMATCH round {t} key {k}", flush=True)
                     return 1
+            store.report_progress(t + 1, args.rounds)
             store.report_loss(1.0 / (t + 1))
             store.report_accuracy((t + 1) / args.rounds)
     print("TRAINED", flush=True)

@@ -18,6 +18,7 @@ from ...errors import GeoMXError, ProtocolError
 from ...wire import Message, MsgType
 
 if TYPE_CHECKING:  # the servers import this module
+    from ...metrics import Sample
     from ...transport import Link, Origin
     from ..base import Client, ServerBase
     from ..keystate import KeyState
@@ -87,6 +88,10 @@ class ServerFeature:
         """The server is about to exit (``failed``: because the run failed), before it refuses the
         requests still waiting."""
 
+    def samples(self) -> List["Sample"]:
+        """The feature's figures for the server's metrics (geomx/metrics.py's CATALOGUE names them)."""
+        return []
+
 
 def _overriding(features: Sequence[ServerFeature], hook: str) -> List[Callable[..., Any]]:
     """The features' own implementations of ``hook`` (the defaults that do nothing are left out)."""
@@ -126,6 +131,7 @@ class Features:
         self._client_stop = _overriding(self.attached, "on_client_stop")
         self._all_stopped = _overriding(self.attached, "on_all_stopped")
         self._leave = _overriding(self.attached, "on_leave")
+        self._samples = _overriding(self.attached, "samples")
 
     # -- which features ------------------------------------------------------------------------
     def get(self, cls: Type[F]) -> Optional[F]:
@@ -134,6 +140,10 @@ class Features:
             if isinstance(feature, cls):
                 return feature
         return None
+
+    def samples(self) -> List["Sample"]:
+        """Every attached feature's figures (:meth:`ServerFeature.samples`)."""
+        return [s for fn in self._samples for s in fn()]
 
     def require(self, cls: Type[F]) -> F:
         """The attached feature of class ``cls``; GeoMXError (its :attr:`~ServerFeature.off` text) if off."""

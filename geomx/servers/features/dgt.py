@@ -6,9 +6,9 @@ The sending half is the local server's client sender (``geomx.senders.DgtSender`
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-from ... import dgt
+from ... import dgt, metrics
 from ...errors import ProtocolError, internal_error
 from ...transport import Origin, peer_label
 from ...wire import Message, MsgType
@@ -74,6 +74,10 @@ class DGTReception(ServerFeature):
         server = self.server
         if req.type == MsgType.INIT and client[0] == server.wan_link.name:
             meta["dgt"] = self.receiver.advert(client, req.sender, server.cfg.dgt.mode, req.req_id)
+
+    def samples(self) -> List[metrics.Sample]:
+        return [metrics.sample("geomx_dgt_blocks_received_total", n, outcome=outcome)
+                for outcome, n in self.receiver.stats.as_dict().items()]
 
     def on_all_stopped(self) -> None:
         log.info("%s: DGT blocks received %s", self.server.name, self.receiver.stats.as_dict())

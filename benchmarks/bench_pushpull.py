@@ -28,7 +28,9 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from typing import Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -83,6 +85,13 @@ def run_geomx(params: int, args, extra_env: Dict[str, str]) -> dict:
     topo = Topology(parties=2, workers_per_party=2, global_servers=1, env=env)
     cmd = [sys.executable, WORKER, "--params", str(params), "--iters", str(args.iters),
            "--warmup", str(args.warmup), "--seed", str(args.seed), "--slice", "{slice}"]
+    scraper = None
+    if args.scrape:
+        from geomx.launch.topology import free_port_range
+
+        count = len(topo.processes(cmd))
+        topo.metrics_base = free_port_range(count)
+        scraper = Scraper([topo.metrics_base + i for i in range(count)], args.scrape)
     if args.profile_dir:
         cmd += ["--profile", os.path.join(args.profile_dir, f"geomx_{params}_worker{{slice}}.prof")]
     stream = io.StringIO()
@@ -95,9 +104,40 @@ def run_geomx(params: int, args, extra_env: Dict[str, str]) -> dict:
         status = run(topo, cmd, timeout=args.timeout, stream=stream, grace=20.0)
     finally:
         os.chdir(cwd)
+        if scraper is not None:
+            scraper.stop()
     wall = time.perf_counter() - t0
     text = stream.getvalue()
-    return {"status": status, "wall_s": wall, "results": parse_results(text), "log": text}
+    out = {"status": status, "wall_s": wall, "results": parse_results(text), "log": text}
+    if scraper is not None:
+        out["scrapes"] = scraper.answered
+    return out
+
+
+class Scraper:
+    """Reads every process's ``/metrics`` each ``interval`` seconds while a run lasts, as a Prometheus
+    server would (``--scrape``): what serving and collecting the metrics costs the data path."""
+
+    def __init__(self, ports: List[int], interval: float):
+        self.ports, self.interval = ports, interval
+        self.answered = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for port in self.ports:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                        r.read()
+                    self.answered += 1
+                except OSError:
+                    pass  # not up yet, or gone
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 # -- native MXNet ps-lite ------------------------------------------------------------------------
@@ -123,6 +163,8 @@ def summarise(system: str, params: int, run: dict, expected_workers: int = 4) ->
     ok = run["status"] == 0 and len(res) == expected_workers and all(r.get("finite") for r in res)
     row = {"system": system, "params": params, "status": run["status"], "ok": ok,
            "workers": len(res), "wall_s": round(run["wall_s"], 2)}
+    if "scrapes" in run:
+        row["scrapes"] = run["scrapes"]  # /metrics readings answered during the run (--scrape)
     if res:
         medians = [statistics.median(r["iter_ms"]) for r in res]
         row.update({
@@ -186,6 +228,9 @@ def main(argv=None) -> int:
     p.add_argument("--geomx-src", default=None, metavar="DIR",
                    help="put DIR first on PYTHONPATH of every geomx process (benchmark another checkout "
                         "whose geomx package is DIR/geomx); default: the installed geomx")
+    p.add_argument("--scrape", type=float, default=0.0, metavar="SECONDS",
+                   help="geomx: serve every process's metrics and read them all every SECONDS during the run, "
+                        "as a Prometheus server would (default 0: not served)")
     p.add_argument("--cpu-extra-iters", type=int, default=0, metavar="N",
                    help="also measure CPU time per iteration, summed over every process of a system: run "
                         "each system again with N more timed iterations and divide the difference in the "
@@ -257,7 +302,7 @@ def main(argv=None) -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "config": {"params": sizes, "iters": args.iters, "warmup": args.warmup, "seed": args.seed,
                    "native_op": args.native_op, "omp_threads": args.omp_threads,
-                   "geomx_src": args.geomx_src, "geomx_commit": _git_head(),
+                   "geomx_src": args.geomx_src, "geomx_commit": _git_head(), "scrape_s": args.scrape,
                    "geomx_topology": "parties=2, workers_per_party=2, global_servers=1",
                    "native_topology": "1 scheduler, 1 server, 4 workers (ps-lite dist_sync)",
                    "tensors": {str(fmt_size(num_params(model_shapes(s)))): model_shapes(s) for s in sizes}},

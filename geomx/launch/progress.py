@@ -34,31 +34,8 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-class Eta:
-    """The time left, from the share done (``figures["done"]``) and how fast it grew since it was first
-    seen: a run's start (processes starting, the first rounds) does not count against its speed."""
-
-    def __init__(self) -> None:
-        self._first: Optional[tuple] = None  # (time, share) when a share was first seen
-
-    def update(self, now: float, done: Optional[float]) -> Optional[float]:
-        """Seconds left at ``now`` with ``done`` (0 to 1) of the run done; None until it can tell."""
-        if done is None:
-            return None
-        if done >= 1.0:
-            return 0.0
-        if self._first is None:
-            self._first = (now, done)
-            return None
-        t0, d0 = self._first
-        if done <= d0 or now <= t0:
-            return None
-        return (now - t0) / (done - d0) * (1.0 - done)
-
-
-def line(figures: Dict[str, Any], elapsed: float, eta: Optional[float] = None) -> str:
-    """The progress line for ``figures`` (a :meth:`.status.StatusPage.status`), ``elapsed`` seconds in,
-    ``eta`` seconds left (None: not known)."""
+def line(figures: Dict[str, Any], elapsed: float) -> str:
+    """The progress line for ``figures`` (a :meth:`.status.StatusPage.status`), ``elapsed`` seconds in."""
     rounds = figures.get("rounds") or {}
     wan = figures.get("wan") or {}
     parts = [f"[geomx {_clock(elapsed)}] rounds {int(rounds.get('total') or 0):,}"
@@ -69,6 +46,7 @@ def line(figures: Dict[str, Any], elapsed: float, eta: Optional[float] = None) -
     if accuracies:
         parts.append(f"acc {sum(accuracies) / len(accuracies):.3f}")
     if figures.get("done") is not None:
+        eta = figures.get("eta_seconds")
         parts.append(f"{figures['done']:.0%}" + ("" if eta is None else f" ETA {_clock(eta)}"))
     waits = figures.get("waits") or {}
     slowest = waits.get("slowest_recent") or waits.get("slowest")
@@ -113,7 +91,6 @@ class Progress:
         self.page = page
         self.interval = interval
         self.start = time.monotonic()
-        self.eta = Eta()
         self._lock = threading.Lock()
         self._shown = ""
         self._stop = threading.Event()
@@ -152,8 +129,7 @@ class Progress:
             try:
                 # One terminal line: a longer one would wrap, and only its last row would be taken away.
                 width = shutil.get_terminal_size().columns - 1
-                figures, now = self.page.status(), time.monotonic()
-                text = line(figures, now - self.start, self.eta.update(now, figures.get("done")))[:max(width, 20)]
+                text = line(self.page.status(), time.monotonic() - self.start)[:max(width, 20)]
             except Exception:  # noqa: BLE001 - a figure it cannot read must not end the line for good
                 log.exception("progress line")
                 continue

@@ -148,7 +148,8 @@ def summarize(nodes: Sequence[Node], parties: Sequence[str], global_servers: int
     - ``rounds``: the global servers' completed rounds (summed over keys), their rate, keys, mean round time;
     - ``waits``: which party each round waited for (``geomx_round_waited_for_total``), None when not measured;
     - ``training``: each worker's last reported loss, accuracy, steps done and planned (report_progress);
-    - ``done``: the share of the run done (of the worker furthest behind), None where no worker said its length;
+    - ``done``: the share of the run done (of the worker furthest behind), None where no worker said its length
+      (the page adds ``eta_seconds``, the time to go: :class:`Eta`);
     - ``refusals``: every refused-messages counter by node, link, peer and reason.
     """
     by_role: Dict[str, List[Node]] = collections.defaultdict(list)
@@ -297,6 +298,29 @@ class Series:
             self._stride *= 2
 
 
+class Eta:
+    """The time left, from the share done (``figures["done"]``) and how fast it grew since it was first
+    seen: a run's start (processes starting, the first rounds) does not count against its speed."""
+
+    def __init__(self) -> None:
+        self._first: Optional[tuple] = None  # (time, share) when a share was first seen
+
+    def update(self, now: float, done: Optional[float]) -> Optional[float]:
+        """Seconds left at ``now`` with ``done`` (0 to 1) of the run done; None until it can tell."""
+        if done is None:
+            return None
+        if done >= 1.0:
+            return 0.0
+        if self._first is None:
+            self._first = (now, done)
+            return None
+        t0, d0 = self._first
+        if done <= d0 or now <= t0:
+            return None
+        return (now - t0) / (done - d0) * (1.0 - done)
+
+
+
 # -- the page's server ------------------------------------------------------------------------------
 
 class StatusPage:
@@ -327,6 +351,8 @@ class StatusPage:
             n.name: {"state": "waiting" if n.url else "not polled", "last_seen": None, "error": "", "stale": False,
                      "failures": 0, "exit": None} for n in self.nodes}
         self._figures: Dict[str, Any] = summarize(self.nodes, self.parties, self.global_servers, self._seen)
+        self._figures["eta_seconds"] = None
+        self._eta = Eta()  # the time to go, from the share done as the polls see it grow
         self._reported_refusals: Dict[Tuple[str, str, str, str], float] = {}
         self._history = {k: Series(history) for k in ("rounds_per_second", "wan_up_bps", "wan_down_bps")}
         self._training: Dict[str, Dict[str, Series]] = {
@@ -498,6 +524,7 @@ class StatusPage:
                     self._event(now, "node", name, f"{name} answers again", "info")  # e.g. restarted
                 state["state"] = "stale" if stale else "up"
             self._figures = summarize(self.nodes, self.parties, self.global_servers, self._seen)
+            self._figures["eta_seconds"] = self._eta.update(time.monotonic(), self._figures["done"])
             self._last_poll = now
             self._record(now)
 
@@ -668,7 +695,9 @@ function render(s) {
   const badge = document.getElementById("run-state");
   badge.dataset.state = run.state; badge.dataset.ok = String(run.ok);
   badge.textContent = run.state === "ended" ? (run.ok ? "finished" : "failed (status " + run.status + ")") : run.state;
-  document.getElementById("elapsed").textContent = "running for " + Math.round((run.ended || now) - run.started) + " s";
+  const togo = s.eta_seconds === null || run.state === "ended" ? "" : ", " + Math.round(s.eta_seconds) + " s to go";
+  document.getElementById("elapsed").textContent = "running for " + Math.round((run.ended || now) - run.started) + " s"
+      + (s.done === null || s.done === undefined ? "" : ", " + Math.round(100 * s.done) + " % done" + togo);
   document.getElementById("updated").textContent = "figures of " + clock(s.last_poll);
   document.getElementById("status-time").dataset.value = String(s.time);
   const end = document.getElementById("run-end");

@@ -8,13 +8,16 @@ bytes a party's local server sent on its WAN link against what the global server
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 import urllib.parse
@@ -260,8 +263,11 @@ def test_progress_line_on_a_terminal_and_nothing_of_it_in_a_pipe(tmp_path):
 
     hold = tmp_path / "hold"
     main_fd, child_fd = pty.openpty()
+    # A terminal 200 columns wide: the line is cut at the terminal's width, and this one must show it whole.
+    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     proc = subprocess.Popen(launch([], hold), stdout=child_fd, stderr=child_fd, stdin=subprocess.DEVNULL, cwd=REPO,
-                            close_fds=True)
+                            close_fds=True, env=env)
     os.close(child_fd)
     out = b""
     try:
@@ -289,7 +295,7 @@ def test_progress_line_on_a_terminal_and_nothing_of_it_in_a_pipe(tmp_path):
     text = out.decode(errors="replace")
     assert "\r\x1b[2K[geomx 0:" in text
     # The poll that saw both workers' last accuracy saw their last step too (reported before it).
-    assert re.search(r"\| acc 1\.000 \| 100% ETA 0:00:00", text), text[-3000:]
+    assert re.search(r"\[geomx 0:\d\d:\d\d\] 100% ETA 0:00:00 \| rounds .*\| acc 1\.000", text), text[-3000:]
     table = text[text.index("[geomx] "):]
     assert "  party0->gs0 " in table and "  party1->gs0 " in table
     assert "  party0/worker0           accuracy 1.0000  loss 0.25" in table.replace("\r", "")

@@ -32,9 +32,9 @@ def test_line_exact():
 
 def test_line_with_the_share_done_and_the_time_left():
     assert progress.line(dict(FIGURES, done=0.41, eta_seconds=120.4), 83.9) == (
-        "[geomx 0:01:23] rounds 1,234 (12.3/s) | WAN up 1.20 MB/s down 1.10 MB/s, 95.10 MB | acc 0.912 "
-        "| 41% ETA 0:02:00 | waits for party1")
-    assert "| acc 0.912 | 41% | waits" in progress.line(dict(FIGURES, done=0.41), 83.9)
+        "[geomx 0:01:23] 41% ETA 0:02:00 | rounds 1,234 (12.3/s) | WAN up 1.20 MB/s down 1.10 MB/s, 95.10 MB "
+        "| acc 0.912 | waits for party1")
+    assert progress.line(dict(FIGURES, done=0.41), 83.9).startswith("[geomx 0:01:23] 41% | rounds 1,234")
 
 
 def test_eta_from_how_fast_the_share_done_grew_since_first_seen():

@@ -2,8 +2,8 @@
 
 While a run trains, one line at the bottom of the terminal, redrawn every second::
 
-    [geomx 0:01:23] rounds 1,234 (12.3/s) | WAN up 1.20 MB/s down 1.10 MB/s, 95.1 MB | acc 0.912
-        | 41% ETA 0:02:00 | waits for party1    (one line)
+    [geomx 0:01:23] 41% ETA 0:02:00 | rounds 1,234 (12.3/s) | WAN up 1.20 MB/s down 1.10 MB/s, 95.1 MB
+        | acc 0.912 | waits for party1    (one line)
 
 from the same figures as the status page (:class:`.status.StatusPage`, polling every process's
 metrics; the share done and the time left when the workers say their length, ``report_progress``). The
@@ -38,23 +38,24 @@ def line(figures: Dict[str, Any], elapsed: float) -> str:
     """The progress line for ``figures`` (a :meth:`.status.StatusPage.status`), ``elapsed`` seconds in."""
     rounds = figures.get("rounds") or {}
     wan = figures.get("wan") or {}
-    parts = [f"[geomx {_clock(elapsed)}] rounds {int(rounds.get('total') or 0):,}"
-             + (f" ({rounds['per_second']:.1f}/s)" if rounds.get("per_second") else "")]
+    parts = []
+    if figures.get("done") is not None:  # first: a narrow terminal cuts the line's end
+        eta = figures.get("eta_seconds")
+        parts.append(f"{figures['done']:.0%}" + ("" if eta is None else f" ETA {_clock(eta)}"))
+    parts.append(f"rounds {int(rounds.get('total') or 0):,}"
+                 + (f" ({rounds['per_second']:.1f}/s)" if rounds.get("per_second") else ""))
     parts.append(f"WAN up {_mb(wan.get('up_bps'))} MB/s down {_mb(wan.get('down_bps'))} MB/s, "
                  f"{_mb(wan.get('total'))} MB")
     accuracies = [w["accuracy"] for w in (figures.get("training") or {}).values() if w.get("accuracy") is not None]
     if accuracies:
         parts.append(f"acc {sum(accuracies) / len(accuracies):.3f}")
-    if figures.get("done") is not None:
-        eta = figures.get("eta_seconds")
-        parts.append(f"{figures['done']:.0%}" + ("" if eta is None else f" ETA {_clock(eta)}"))
     waits = figures.get("waits") or {}
     slowest = waits.get("slowest_recent") or waits.get("slowest")
     if slowest:
         parts.append(f"waits for {slowest}")
     if figures.get("refusals_total"):
         parts.append(f"{int(figures['refusals_total'])} refused")
-    return " | ".join(parts)
+    return f"[geomx {_clock(elapsed)}] " + " | ".join(parts)
 
 
 def table(figures: Dict[str, Any], elapsed: float) -> List[str]:

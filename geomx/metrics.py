@@ -115,6 +115,11 @@ CATALOGUE: Dict[str, Family] = {
         "reassembled (pushes)."),
     "geomx_keys": Family("gauge", "", (), "Keys (or key parts) this server holds."),
     "geomx_pending_requests": Family("gauge", "", (), "Requests a client sent and has no answer to yet."),
+    "geomx_parked_requests": Family(
+        "gauge", "", (), "Requests a server holds for a round not complete yet (pulls, and pushes of rounds ahead)."),
+    "geomx_early_requests": Family(
+        "gauge", "", (), "Requests a server holds from clients it does not know yet (before their registration)."),
+    "geomx_open_rounds": Family("gauge", "", (), "Rounds a server has begun and not completed, over every key."),
     "geomx_checkpoint_saves_total": Family("counter", "", (), "Checkpoints this global server wrote."),
     "geomx_deadline_misses_total": Family(
         "counter", "", ("peer",),
@@ -475,12 +480,16 @@ def peer_name(client: object) -> str:
 
 
 def server_samples(server) -> List[Sample]:
-    """A server's keys, completed rounds (P3: each slice's rounds count), their time, and who they waited for."""
+    """A server's keys, completed rounds (P3: each slice's rounds count), their time, who they waited for,
+    and what it holds: requests parked for a round, early requests, open rounds."""
     rounds = 0
     for ks in list(server.keys.values()):
         rounds += ks.completed + sum(child.completed for child in list(ks.slices.values()))
+    parked = sum(count for count, _ in list(server.waiting.values()))
+    open_rounds = sum(len(s.rounds) for ks in list(server.keys.values()) for s in (ks, *list(ks.slices.values())))
     out = [sample("geomx_keys", len(server.keys)), sample("geomx_rounds_total", rounds),
-           sample("geomx_round_seconds_total", server.round_seconds)]
+           sample("geomx_round_seconds_total", server.round_seconds), sample("geomx_parked_requests", parked),
+           sample("geomx_early_requests", len(server.early)), sample("geomx_open_rounds", open_rounds)]
     waited: Dict[str, List[float]] = {}
     for client, (count, seconds) in list(server.waited_for.items()):
         total = waited.setdefault(peer_name(client), [0, 0.0])

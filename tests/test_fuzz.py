@@ -44,7 +44,7 @@ from helpers import initialised, server_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from geomx import commands, wire
+from geomx import commands, metrics, wire
 from geomx.errors import ProtocolError
 from geomx.kvclient import KVClient
 from geomx.membership import Scheduler, TierMember
@@ -419,6 +419,11 @@ def assert_server_bounded(server, initial_keys: int) -> None:
         assert 0 < count <= server.max_rounds_ahead * server.SLICES_PER_ROUND, (client, count)
         assert 0 < elements <= server.max_rounds_ahead * max(states[state].numel, 1), (client, elements)
         parked[state] += count
+    # What the server's metrics say it holds is what it holds.
+    reading = metrics.to_json(metrics.server_samples(server), {})
+    assert metrics.value(reading, "geomx_parked_requests") == sum(parked.values())
+    assert metrics.value(reading, "geomx_early_requests") == len(server.early)
+    assert metrics.value(reading, "geomx_open_rounds") == sum(len(s.rounds) for s in states.values())
     for state, s in states.items():
         assert len(s.parked) == parked[state], (s.key, len(s.parked), parked[state])
         # A client's pushes run at most GEOMX_MAX_ROUNDS_AHEAD rounds past the last complete one.

@@ -50,6 +50,10 @@ CATALOGUE: Dict[str, Family] = {
     "geomx_link_received_bytes_total": Family(
         "counter", "bytes", ("link", "scope"),
         "Bytes of geomx messages this process received on a link (on a listener with ZeroMQ's identity frames)."),
+    "geomx_link_sent_messages_total": Family("counter", "", ("link", "scope"),
+                                             "geomx messages this process sent on a link."),
+    "geomx_link_received_messages_total": Family("counter", "", ("link", "scope"),
+                                                 "geomx messages this process received on a link."),
     "geomx_link_tcp_sent_bytes_total": Family(
         "counter", "bytes", ("link", "scope"),
         "What a link's TCP connections sent, as the kernel counts it (acknowledged payload: geomx messages plus "
@@ -230,6 +234,8 @@ def link_samples(links: Iterable) -> List[Sample]:
         scope = "wan" if link.wan else "lan"
         out.append(sample("geomx_link_sent_bytes_total", link.bytes_sent, link=link.name, scope=scope))
         out.append(sample("geomx_link_received_bytes_total", link.bytes_received, link=link.name, scope=scope))
+        out.append(sample("geomx_link_sent_messages_total", link.messages_sent, link=link.name, scope=scope))
+        out.append(sample("geomx_link_received_messages_total", link.messages_received, link=link.name, scope=scope))
         counted = getattr(link, "kernel", None)  # what the kernel counted (transport.kernel_bytes)
         kernel = counted.totals() if counted is not None else None
         if kernel is not None:

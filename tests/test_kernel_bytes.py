@@ -62,6 +62,9 @@ def test_each_message_adds_its_wire_size_at_both_ends(zmq_ctx, curve):
         assert expected > client.bytes_sent - geomx_sent0
         reading = metrics.to_json(metrics.link_samples([client]), {})
         assert metrics.value(reading, "geomx_link_tcp_sent_bytes_total") == client.kernel.totals()[0]
+        assert metrics.value(reading, "geomx_link_sent_messages_total") == 1 + len(messages)
+        assert metrics.value(metrics.to_json(metrics.link_samples([link]), {}),
+                             "geomx_link_received_messages_total") == 1 + len(messages)
     finally:
         client.close()  # a client link is its owner's to close, not its loop's
         client_loop.close()

@@ -52,6 +52,8 @@ class Link:
         self.wan = wan
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.messages_sent = 0
+        self.messages_received = 0
         self.bytes_by_peer: Dict[bytes, int] = {}  # a listener's received bytes by peer identity
         self.kernel = KernelBytes()  # what its TCP connections carried, as the kernel counts it
         self.curve = False
@@ -98,6 +100,7 @@ class Link:
                 log.debug("%s: %s is gone; %s dropped", self.name, peer_label(identity), msg.type.name)
                 return
         self.bytes_sent += sum(len(f) if not isinstance(f, memoryview) else f.nbytes for f in frames)
+        self.messages_sent += 1
 
     def receive(self, routed: bool) -> Optional[Tuple[List[Any], Optional[bytes], Optional[str]]]:
         """The next message waiting on this link without blocking, or None: its frames (for
@@ -110,6 +113,7 @@ class Link:
             return None
         size = sum(len(f) for f in frames)
         self.bytes_received += size
+        self.messages_received += 1
         if self.guard is not None:
             self.guard.delivered(frames, 1 if routed else 0)
         if not routed:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import http.client
 import io
 import json
 import os
@@ -132,8 +133,8 @@ class Scraper:
                     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
                         r.read()
                     self.answered += 1
-                except OSError:
-                    pass  # not up yet, or gone
+                except (OSError, http.client.HTTPException):
+                    pass  # not up yet, or gone (mid-answer)
 
     def stop(self) -> None:
         self._stop.set()

@@ -81,8 +81,14 @@ def borrowed(fd: int) -> Iterator[Optional[socket.socket]]:
     with ``fd`` meanwhile (closing it, reusing the number), the duplicate still stands for the
     connection it was made from, and closing it leaves libzmq's own open. None if ``fd`` is closed."""
     try:
-        sock = socket.socket(fileno=os.dup(fd))
+        dup = os.dup(fd)
     except OSError:
+        yield None
+        return
+    try:
+        sock = socket.socket(fileno=dup)
+    except OSError:  # the number now stands for something else than a socket
+        os.close(dup)
         yield None
         return
     with sock:

@@ -192,12 +192,16 @@ class KVClient:
         old_address, self.addresses[server] = self.addresses[server], (host, port)
         old = self.links[server]
         self.loop.remove(old)
+        old.kernel.totals()  # a last reading of its connections, while their descriptors are open
         old.close()
         self.via.discard(server)  # its unsent messages are sent again with the unanswered ones
         self.generations[server] += 1
         link = self.links[server] = self._connect(server, host, port)
         self.via.attach(server, link, (host, port))
+        # The link's figures go on across reconnects (its metrics are counters).
         link.bytes_sent, link.bytes_received = old.bytes_sent, old.bytes_received
+        link.messages_sent, link.messages_received = old.messages_sent, old.messages_received
+        link.kernel = old.kernel
         # The same server (reconnect) took this node's key before; a restarted one is a new process.
         link.proven = old.proven and (host, port) == old_address
         return link

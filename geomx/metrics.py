@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import resource
+import socket
 import statistics
 import threading
 import time
@@ -317,6 +318,12 @@ def load_dumps(directory: str) -> Dict[str, dict]:
     return out
 
 
+def of_role(readings: Dict[str, dict], role: str) -> List[dict]:
+    """The readings (:func:`load_dumps`) of every node of ``role`` (``local_server``, ``global_server``, ...),
+    in the order of their names."""
+    return [r for _, r in sorted(readings.items()) if r["node"]["role"] == role]
+
+
 def has(reading: dict, name: str) -> bool:
     """Whether a JSON reading has any sample of ``name``."""
     return any(n == name for n, _, _ in reading["samples"])
@@ -344,6 +351,10 @@ thread of its own; one more is closed at once (a scraper retries at its next int
 HTTP_IDLE_TIMEOUT = 10.0
 """Seconds a listener's connection may stay silent (no request line, no header) before it is closed."""
 
+HTTP_CONNECTION_DEADLINE = 30.0
+"""Seconds a listener's connection may last in all (an answer takes milliseconds): one that sends its
+request a byte at a time cannot keep its slot longer."""
+
 _refused_http = None  # the rate-limited log of connections refused for being one too many
 
 
@@ -352,8 +363,10 @@ class _BoundedHTTPServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: Tuple[str, int], handler: type, limit: int, name: str) -> None:
+    def __init__(self, address: Tuple[str, int], handler: type, limit: int, name: str,
+                 deadline: float = HTTP_CONNECTION_DEADLINE) -> None:
         self._slots = threading.BoundedSemaphore(limit)
+        self._deadline = deadline
         self._limit = limit
         self._name = name
         self._count = threading.Lock()
@@ -383,23 +396,40 @@ class _BoundedHTTPServer(http.server.ThreadingHTTPServer):
             self._slots.release()
             raise
 
+    def handle_error(self, request, client_address) -> None:  # noqa: ANN001
+        # A connection cut at its deadline, or a client that went away mid-answer: nothing to print.
+        log.debug("%s: a connection from %s ended with an error", self._name, client_address[0], exc_info=True)
+
     def process_request_thread(self, request, client_address) -> None:  # noqa: ANN001
+        timer = threading.Timer(self._deadline, _cut, (request,))
+        timer.daemon = True
+        timer.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            timer.cancel()
             self._served(-1)
             self._slots.release()
+
+
+def _cut(request: socket.socket) -> None:
+    """End a connection past its deadline: its handler's next read or write fails, and its thread ends."""
+    try:
+        request.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
 
 
 class HTTPListener:
     """A read-only HTTP listener on ``host:port`` (``*``: every address; port 0: any free one), served
     from daemon threads: ``answer(path)`` gives ``(body, content type)`` for a path it serves, None
     for any other (answered 404 with ``not_found``). ``limit`` connections at once, each closed after
-    ``idle_timeout`` silent seconds."""
+    ``idle_timeout`` silent seconds or ``deadline`` seconds in all."""
 
     def __init__(self, host: str, port: int, answer: Callable[[str], Optional[Tuple[bytes, str]]],
                  not_found: str, name: str, headers: Tuple[Tuple[str, str], ...] = (),
-                 limit: int = MAX_HTTP_CONNECTIONS, idle_timeout: float = HTTP_IDLE_TIMEOUT) -> None:
+                 limit: int = MAX_HTTP_CONNECTIONS, idle_timeout: float = HTTP_IDLE_TIMEOUT,
+                 deadline: float = HTTP_CONNECTION_DEADLINE) -> None:
         class Handler(http.server.BaseHTTPRequestHandler):
             timeout = idle_timeout
 
@@ -420,7 +450,7 @@ class HTTPListener:
             def log_message(self, fmt: str, *args: object) -> None:
                 log.debug("%s: " + fmt, self.address_string(), *args)
 
-        self.httpd = _BoundedHTTPServer(("" if host == "*" else host, port), Handler, limit, name)
+        self.httpd = _BoundedHTTPServer(("" if host == "*" else host, port), Handler, limit, name, deadline)
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name=name, daemon=True)
         self._thread.start()

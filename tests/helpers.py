@@ -396,7 +396,7 @@ class Result:
 
     def of_role(self, role: str) -> List[dict]:
         """The last metrics of every node of ``role`` (``local_server``, ``global_server``, ...)."""
-        return [r for _, r in sorted(self.readings.items()) if r["node"]["role"] == role]
+        return metrics.of_role(self.readings, role)
 
     def lines(self, needle: str):
         return [line for line in self.output.splitlines() if needle in line]

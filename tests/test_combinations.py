@@ -25,7 +25,7 @@ from typing import Dict, List, Tuple
 import pytest
 from helpers import WORKERS
 
-from geomx import config
+from geomx import config, metrics
 from geomx.errors import ConfigError
 from geomx.launch import Topology, run
 
@@ -144,7 +144,7 @@ def case_id(case: Dict[str, str]) -> str:
 
 
 def topology(case: Dict[str, str], tmp_path: Path) -> Topology:
-    env = {"PS_VERBOSE": "0", "MXNET_KVSTORE_BIGARRAY_BOUND": "1000"}
+    env = {"PS_VERBOSE": "0", "MXNET_KVSTORE_BIGARRAY_BOUND": "1000", "GEOMX_METRICS_DIR": str(tmp_path / "metrics")}
     if case["sync"] == "hfa":
         env.update(MXNET_KVSTORE_USE_HFA="1", MXNET_KVSTORE_HFA_K1="2", MXNET_KVSTORE_HFA_K2="2")
     if case["sync"] == "esync":
@@ -233,8 +233,10 @@ def test_combination_matches_single_process_model(case, tmp_path):
     assert len(re.findall(r"MATRIX OK slice \d", output)) == 4, output[-6000:]
     if case["sync"] == "esync":
         check_esync(case["codec"], output)
-    if case["dgt"] == "on":
-        assert re.search(r"DGT blocks sent \{'reliable': [1-9]", output), output[-4000:]
+    if case["dgt"] == "on":  # every local server sent blocks over DGT's reliable channel
+        sent = [metrics.by_label(r, "geomx_dgt_blocks_sent_total", "kind").get("reliable", 0)
+                for r in metrics.of_role(metrics.load_dumps(str(tmp_path / "metrics")), "local_server")]
+        assert len(sent) == 2 and all(n > 0 for n in sent), (sent, output[-4000:])
 
 
 def _refusal_case(refusal: Refusal) -> Dict[str, str]:

@@ -82,7 +82,7 @@ def test_dgt_aggregate_equals_fsa_exactly(topology_run, case):
 def _exact(out: str, workers: int, readings) -> None:
     assert not re.findall(r"MISMATCH", out), out[-6000:]
     assert len(re.findall(r"^\[party\d/worker\d\] EXACT OK", out, re.M)) == workers, out[-6000:]
-    assert_none_missing_or_late([r for r in readings.values() if r["node"]["role"] == "global_server"])
+    assert_none_missing_or_late(metrics.of_role(readings, "global_server"))
 
 
 def test_dgt_udp_with_curve_is_exact(tmp_path):
@@ -99,7 +99,7 @@ def test_dgt_udp_with_curve_is_exact(tmp_path):
     assert "INSECURE: CURVE is off" not in out
     readings = metrics.load_dumps(str(tmp_path / "metrics"))
     _exact(out, 2, readings)
-    sent = [sent_blocks(r) for r in readings.values() if r["node"]["role"] == "local_server"]
+    sent = [sent_blocks(r) for r in metrics.of_role(readings, "local_server")]
     assert len(sent) == 2 and all(s["low"] > 0 for s in sent), sent  # blocks really went over UDP
     assert received_blocks(readings["central/global_server0"])["rejected"] == 0
 
@@ -225,8 +225,7 @@ def test_forged_and_replayed_datagrams_leave_a_training_topology_exact(tmp_path)
     # Every block the server took was one a party sent (or a replay of one, ignored): none of the
     # forged or altered ones, which were all refused by their MAC (those sent after the server had
     # stopped reading are not counted at all).
-    genuine = sum(s["reliable"] + s["low"] for s in (sent_blocks(r) for r in readings.values()
-                                                      if r["node"]["role"] == "local_server"))
+    genuine = sum(s["reliable"] + s["low"] for s in map(sent_blocks, metrics.of_role(readings, "local_server")))
     assert got["blocks"] == genuine + got["duplicates"] + got["too_old"], (got, genuine)
     assert got["forged"] == got["rejected"] and got["forged"] > 1000, got
     assert got["out_of_window"] == 0
@@ -299,7 +298,7 @@ def test_training_with_dropped_datagrams_stays_close_to_fsa(tmp_path):
     fsa = _final("FSA", out["FSA"])
     lossy_acc = _final("DGT udp, 10% dropped", out["DGT udp, 10% dropped"])
     readings = metrics.load_dumps(str(tmp_path))
-    lost = [sent_blocks(r)["udp_lost_at_sender"] for r in readings.values() if r["node"]["role"] == "local_server"]
+    lost = [sent_blocks(r)["udp_lost_at_sender"] for r in metrics.of_role(readings, "local_server")]
     missing = received_blocks(readings["central/global_server0"])["missing"]
     assert len(lost) == 2 and all(n > 0 for n in lost), lost  # the drops really happened
     assert missing >= sum(lost) * 0.5, (missing, lost)  # ... and the server saw them missing

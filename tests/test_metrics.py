@@ -140,7 +140,7 @@ def test_a_listener_serves_a_bounded_number_of_connections_and_closes_silent_one
     one more is closed at once (and logged), and each silent one is closed after ``idle_timeout``,
     after which requests are answered again."""
     listener = metrics.HTTPListener("127.0.0.1", 0, lambda path: (b"ok", "text/plain") if path == "/" else None,
-                                    "only /", "test-listener", limit=2, idle_timeout=1.0)
+                                    "only /", "test-listener", limit=2, idle_timeout=3.0)
     silent = [socket.create_connection(("127.0.0.1", listener.port), timeout=20) for _ in range(2)]
     try:
         for s in silent:  # the start of a request line, never ended
@@ -163,6 +163,29 @@ def test_a_listener_serves_a_bounded_number_of_connections_and_closes_silent_one
     finally:
         for s in silent:
             s.close()
+        listener.close()
+
+
+def test_a_connection_that_sends_its_request_a_byte_at_a_time_is_cut_at_its_deadline():
+    listener = metrics.HTTPListener("127.0.0.1", 0, lambda path: (b"ok", "text/plain"), "only /", "test-listener",
+                                    idle_timeout=5.0, deadline=1.0)
+    drip = socket.create_connection(("127.0.0.1", listener.port), timeout=0.2)
+    try:
+        start = time.monotonic()
+        closed = False
+        while not closed:  # never silent for idle_timeout: only the deadline can end it
+            assert time.monotonic() - start < 20, "the dripping connection was never cut"
+            try:
+                drip.sendall(b"G")
+                closed = drip.recv(100) == b""
+            except socket.timeout:
+                pass
+            except OSError:  # reset by the cut
+                closed = True
+        assert time.monotonic() - start >= 1.0
+        assert _get(listener.port, "/") == ("text/plain", b"ok")
+    finally:
+        drip.close()
         listener.close()
 
 

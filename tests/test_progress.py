@@ -45,6 +45,8 @@ def test_eta_from_how_fast_the_share_done_grew_since_first_seen():
     assert eta.update(40.0, 0.4) == 60.0  # 0.2 in 20 s: 0.6 left takes 60 s
     assert eta.update(50.0, 0.6) == 30.0  # 0.4 in 30 s: 0.4 left takes 30 s
     assert eta.update(60.0, 1.0) == 0.0
+    assert eta.update(70.0, 0.1) is None  # a slower worker's first report, below the first share: from here on
+    assert eta.update(80.0, 0.2) == 80.0  # 0.1 in 10 s: 0.8 left takes 80 s
 
 
 def test_line_before_any_figure():

@@ -315,7 +315,10 @@ class Eta:
             self._first = (now, done)
             return None
         t0, d0 = self._first
-        if done <= d0 or now <= t0:
+        if done < d0:  # a slower worker's first report: the pace is measured from here
+            self._first = (now, done)
+            return None
+        if done == d0 or now <= t0:
             return None
         return (now - t0) / (done - d0) * (1.0 - done)
 
@@ -350,9 +353,8 @@ class StatusPage:
         self._state: Dict[str, Dict[str, Any]] = {
             n.name: {"state": "waiting" if n.url else "not polled", "last_seen": None, "error": "", "stale": False,
                      "failures": 0, "exit": None} for n in self.nodes}
-        self._figures: Dict[str, Any] = summarize(self.nodes, self.parties, self.global_servers, self._seen)
-        self._figures["eta_seconds"] = None
         self._eta = Eta()  # the time to go, from the share done as the polls see it grow
+        self._figures: Dict[str, Any] = self._summarize(with_eta=False)
         self._reported_refusals: Dict[Tuple[str, str, str, str], float] = {}
         self._history = {k: Series(history) for k in ("rounds_per_second", "wan_up_bps", "wan_down_bps")}
         self._training: Dict[str, Dict[str, Series]] = {
@@ -377,6 +379,12 @@ class StatusPage:
                                              "geomx-status-page", headers=(("Cache-Control", "no-store"),))
         self.port = self.listener.port
         log.info("status page on %s (%d of %d processes polled)", self.url, len(self._polled), len(self.nodes))
+
+    def _summarize(self, with_eta: bool = True) -> Dict[str, Any]:
+        """The run's figures from the latest readings, with the time to go (none before or after the run)."""
+        figures = summarize(self.nodes, self.parties, self.global_servers, self._seen)
+        figures["eta_seconds"] = self._eta.update(time.monotonic(), figures["done"]) if with_eta else None
+        return figures
 
     def _answer(self, path: str) -> Optional[Tuple[bytes, str]]:
         if path == "/status.json":
@@ -418,7 +426,7 @@ class StatusPage:
             self._run.update(state="ended", status=status, message=message, ok=status == 0, ended=now)
             # Nothing flows any more: no rates; the processes the launcher did not report were stopped with it.
             self._seen = {name: Seen(s.reading, s.previous, False) for name, s in self._seen.items()}
-            self._figures = summarize(self.nodes, self.parties, self.global_servers, self._seen)
+            self._figures = self._summarize(with_eta=False)
             for state in self._state.values():
                 if state["state"] in ("up", "stale", "unreachable", "waiting"):
                     state["state"] = "stopped"
@@ -523,8 +531,7 @@ class StatusPage:
                 if exited or state["state"] == "unreachable":
                     self._event(now, "node", name, f"{name} answers again", "info")  # e.g. restarted
                 state["state"] = "stale" if stale else "up"
-            self._figures = summarize(self.nodes, self.parties, self.global_servers, self._seen)
-            self._figures["eta_seconds"] = self._eta.update(time.monotonic(), self._figures["done"])
+            self._figures = self._summarize()
             self._last_poll = now
             self._record(now)
 

@@ -272,8 +272,8 @@ class LocalServer(ServerBase):
             log.info("%s: DGT blocks sent %s, final K %.3f", self.name, self.dgt.sent, self.dgt.k.k)
         q = self.round_trips.quantiles()
         if q is not None:
-            # The benchmarks read this line (benchmarks/suite.py, ROUND_TRIP_TAG); p50 and p90 of the
-            # last 10,000 round trips (metrics.Durations).
+            # For people (programs read geomx_wan_round_trip_p50_seconds and _p90_ from the metrics): p50
+            # and p90 of the last 10,000 round trips (metrics.Durations).
             log.info("%s: global round trips per key: n=%d p50=%.4f p90=%.4f s", self.name,
                      self.round_trips.count, q[0], q[1])
 

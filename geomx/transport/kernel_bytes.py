@@ -8,7 +8,9 @@ monitor (a listener's accepted connections, a client's connected ones) and reads
 its metrics are read.
 
 A connection that ended keeps the counts of the last reading before its end: what it carried after
-that reading is not counted (the descriptor is closed by the time its end is reported). Unix-domain
+that reading is not counted (the descriptor is closed by the time its end is reported). The event
+loop reads every link's connections every few seconds (``KERNEL_READ_INTERVAL``), so that is at most a
+few seconds of a connection's traffic. Unix-domain
 (ipc) connections, and everything off Linux or before kernel 4.1, are not measured: the link reports
 no kernel figure then.
 """

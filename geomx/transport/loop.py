@@ -37,6 +37,9 @@ _POLLOUT = int(zmq.POLLOUT)
 # every 5 s (see security.RateLimitedLog).
 log_limited = security.RateLimitedLog()
 
+KERNEL_READ_INTERVAL = 5.0
+"""Seconds between two readings of every connection's kernel byte counters (a few system calls each)."""
+
 _monitors = itertools.count()
 
 # Requests whose sender waits for an answer: refused, they are answered with ERROR.
@@ -90,6 +93,10 @@ class EventLoop:
         self.handlers[link.sock] = (link, handler, routed)
         self.poller.register(link.sock, zmq.POLLIN)
         self.links.append(link)
+        if len(self.links) == 1:
+            # What a connection carried is counted up to its last reading before it ends: read them
+            # every few seconds, whether or not anybody reads the metrics (transport/kernel_bytes.py).
+            self.call_every(KERNEL_READ_INTERVAL, self._read_kernel_bytes)
 
     def secure(self, link: Link, server: bool, cross_party: bool) -> None:
         """The one place a socket gets its security settings: CURVE when this node has keys and the
@@ -309,6 +316,10 @@ class EventLoop:
             if remaining <= 0:
                 raise TimeoutError(f"{self.name}: timed out after {timeout:.0f}s waiting for {what}")
             self.run_once(min(0.2, remaining))
+
+    def _read_kernel_bytes(self) -> None:
+        for link in self.links:
+            link.kernel.totals()
 
     def at_close(self, fn: Callable[[], None]) -> None:
         """Call ``fn`` when the loop closes, before its links do (what serves the loop's figures)."""

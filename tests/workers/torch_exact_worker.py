@@ -62,8 +62,11 @@ def main():
                                   compression=compression)
     gx.broadcast_parameters(params)
     n, world = gx.size(), sum(range(1, gx.size() + 1))
-    for name, param in params.items():
-        assert torch.equal(param.data, init_value(name)), f"{name}: not the master worker's initial value"
+    if args.sync != "async":
+        # Under MixedSync a party does not wait for the others: one that starts late pulls a model that the
+        # others' first rounds may have moved already (the final sum below holds in any order).
+        for name, param in params.items():
+            assert torch.equal(param.data, init_value(name)), f"{name}: not the master worker's initial value"
     print(f"RANK {gx.rank()} of {n} party {gx.party()} curve {gx.store().cfg.curve is not None}", flush=True)
 
     if gx.is_master_worker():

@@ -28,6 +28,15 @@ pytestmark = [pytest.mark.system, pytest.mark.skipif(
     reason="needs root, ip/tc, the OpenSSH client and Debian's openssh-server (/usr/sbin/sshd)")]
 
 
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 class Hosts:
     def __init__(self, w: wan.Wan, directory: Path, sshd: dict):
         self.wan = w
@@ -57,6 +66,12 @@ class Hosts:
             # sshd's own processes (listeners, sessions closing) are the hosts', not the topology's.
             if state != "Z" and int(re.search(r"\d+", ns).group()) in inodes and not cmd.startswith(("sshd", SSHD)):
                 found.append((int(entry), cmd))
+        # A process whose command line reads empty is in its exit (its memory is gone already; seen once
+        # right after an SSH session closed): it gets a few seconds to end before it counts.
+        deadline = time.monotonic() + 10
+        while any(not cmd for _, cmd in found) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            found = [(pid, cmd) for pid, cmd in found if cmd or _running(pid)]
         return found
 
     def topology(self, name: str, workers: int = 1, security: str = "", top: str = "") -> Path:

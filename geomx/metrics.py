@@ -28,6 +28,8 @@ import threading
 import time
 from typing import Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
+from .security import RateLimitedLog
+
 log = logging.getLogger("geomx.metrics")
 
 Labels = Tuple[Tuple[str, str], ...]
@@ -237,8 +239,7 @@ def link_samples(links: Iterable) -> List[Sample]:
         out.append(sample("geomx_link_received_bytes_total", link.bytes_received, link=link.name, scope=scope))
         out.append(sample("geomx_link_sent_messages_total", link.messages_sent, link=link.name, scope=scope))
         out.append(sample("geomx_link_received_messages_total", link.messages_received, link=link.name, scope=scope))
-        counted = getattr(link, "kernel", None)  # what the kernel counted (transport.kernel_bytes)
-        kernel = counted.totals() if counted is not None else None
+        kernel = link.kernel.totals()  # what the kernel counted (transport/kernel_bytes.py)
         if kernel is not None:
             out.append(sample("geomx_link_tcp_sent_bytes_total", kernel[0], link=link.name, scope=scope))
             out.append(sample("geomx_link_tcp_received_bytes_total", kernel[1], link=link.name, scope=scope))
@@ -355,7 +356,7 @@ HTTP_CONNECTION_DEADLINE = 30.0
 """Seconds a listener's connection may last in all (an answer takes milliseconds): one that sends its
 request a byte at a time cannot keep its slot longer."""
 
-_refused_http = None  # the rate-limited log of connections refused for being one too many
+_refused_http = RateLimitedLog()  # connections refused for being one too many
 
 
 class _BoundedHTTPServer(http.server.ThreadingHTTPServer):
@@ -365,35 +366,34 @@ class _BoundedHTTPServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, address: Tuple[str, int], handler: type, limit: int, name: str,
                  deadline: float = HTTP_CONNECTION_DEADLINE) -> None:
-        self._slots = threading.BoundedSemaphore(limit)
         self._deadline = deadline
         self._limit = limit
         self._name = name
-        self._count = threading.Lock()
+        self._lock = threading.Lock()
         self.active = 0  # connections being served now
         super().__init__(address, handler)
 
-    def _served(self, change: int) -> None:
-        with self._count:
-            self.active += change
+    def _take_slot(self) -> bool:
+        with self._lock:
+            if self.active >= self._limit:
+                return False
+            self.active += 1
+            return True
+
+    def _free_slot(self) -> None:
+        with self._lock:
+            self.active -= 1
 
     def process_request(self, request, client_address) -> None:  # noqa: ANN001 - socketserver's signature
-        global _refused_http
-        if not self._slots.acquire(blocking=False):
-            if _refused_http is None:
-                from .security import RateLimitedLog
-
-                _refused_http = RateLimitedLog()
+        if not self._take_slot():
             _refused_http(logging.WARNING, f"{self._name}: REFUSED a connection from {client_address[0]}: "
                                            f"already serving {self._limit}", key=self._name)
             self.shutdown_request(request)
             return
-        self._served(1)
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._served(-1)
-            self._slots.release()
+            self._free_slot()
             raise
 
     def handle_error(self, request, client_address) -> None:  # noqa: ANN001
@@ -408,8 +408,7 @@ class _BoundedHTTPServer(http.server.ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             timer.cancel()
-            self._served(-1)
-            self._slots.release()
+            self._free_slot()
 
 
 def _cut(request: socket.socket) -> None:
@@ -518,11 +517,12 @@ def peer_name(client: object) -> str:
 def server_samples(server) -> List[Sample]:
     """A server's keys, completed rounds (P3: each slice's rounds count), their time, who they waited for,
     and what it holds: requests parked for a round, early requests, open rounds."""
-    rounds = 0
+    rounds = open_rounds = 0
     for ks in list(server.keys.values()):
-        rounds += ks.completed + sum(child.completed for child in list(ks.slices.values()))
+        for state in (ks, *list(ks.slices.values())):
+            rounds += state.completed
+            open_rounds += len(state.rounds)
     parked = sum(count for count, _ in list(server.waiting.values()))
-    open_rounds = sum(len(s.rounds) for ks in list(server.keys.values()) for s in (ks, *list(ks.slices.values())))
     out = [sample("geomx_keys", len(server.keys)), sample("geomx_rounds_total", rounds),
            sample("geomx_round_seconds_total", server.round_seconds), sample("geomx_parked_requests", parked),
            sample("geomx_early_requests", len(server.early)), sample("geomx_open_rounds", open_rounds)]

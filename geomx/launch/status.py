@@ -323,7 +323,6 @@ class Eta:
         return (now - t0) / (done - d0) * (1.0 - done)
 
 
-
 # -- the page's server ------------------------------------------------------------------------------
 
 class StatusPage:

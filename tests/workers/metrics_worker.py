@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from geomx.errors import GeoMXError
 from geomx.store import Store
 
 SIZES = {0: 1000, 1: 50_000}
@@ -35,6 +36,15 @@ def main():
             store.report_progress(t + 1, args.rounds)
             store.report_loss(1.0 / (t + 1))
             store.report_accuracy((t + 1) / args.rounds)
+        # Bad progress reports are refused by name and change nothing (the test reads steps == rounds).
+        for bad in ((-1, None), (True, None), (1.5, None), (1, 0), (1, 2.0)):
+            try:
+                store.report_progress(*bad)
+            except GeoMXError as exc:
+                assert str(exc).startswith("report_progress needs"), exc
+            else:
+                print(f"report_progress{bad} was taken", flush=True)
+                return 1
     print("TRAINED", flush=True)
     deadline = time.monotonic() + 300
     while not os.path.exists(args.hold):  # the test's signal: it has read the metrics

@@ -40,7 +40,9 @@ log_limited = security.RateLimitedLog()
 KERNEL_READ_INTERVAL = 5.0
 """Seconds between two readings of every connection's kernel byte counters (a few system calls each)."""
 
-_monitors = itertools.count()
+# Unique inproc names for the sockets a loop makes itself. Not id(): a closed loop's inproc endpoint
+# stays bound until ZeroMQ's reaper has closed the socket, and a new loop may get the same id() first.
+_inproc_names = itertools.count()
 
 # Requests whose sender waits for an answer: refused, they are answered with ERROR.
 _REQUESTS = (wire.MsgType.INIT, wire.MsgType.PUSH, wire.MsgType.PULL, wire.MsgType.PUSHPULL,
@@ -72,7 +74,7 @@ class EventLoop:
         self._timers: List[Tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._calls: Deque[Callable[[], None]] = collections.deque()
-        self._wake_addr = f"inproc://wake-{id(self)}"
+        self._wake_addr = f"inproc://geomx-wake-{next(_inproc_names)}"
         self._wake_rx = ctx.socket(zmq.PULL)
         self._wake_rx.bind(self._wake_addr)
         self._wake_tx_local = threading.local()
@@ -120,7 +122,7 @@ class EventLoop:
         events = security.MONITORED | zmq.EVENT_DISCONNECTED | (zmq.EVENT_ACCEPTED if server else zmq.EVENT_CONNECTED)
         if server:
             self._guard(link)
-        link.monitor = link.sock.get_monitor_socket(events, f"inproc://geomx-monitor-{next(_monitors)}")
+        link.monitor = link.sock.get_monitor_socket(events, f"inproc://geomx-monitor-{next(_inproc_names)}")
 
         def on_event() -> None:
             if link.on_monitor_event(server):

@@ -3,6 +3,7 @@ by, the peer's identity on a listener, and ``reply`` answers that peer over that
 messages of several peers interleave in one turn of the loop."""
 from __future__ import annotations
 
+import gc
 import time
 from typing import List
 
@@ -64,3 +65,18 @@ def test_an_origin_is_immutable_and_the_link_keeps_no_sender(zmq_ctx):
     link = Link(zmq_ctx.socket(zmq.DEALER), "x")
     assert not hasattr(link, "sender_key")  # who sent a message travels with it, never on the link
     link.close()
+
+
+def test_loops_made_one_after_another_each_get_their_own_wake_socket(zmq_ctx):
+    """A closed loop's inproc wake endpoint stays bound until ZeroMQ's reaper thread has closed its
+    socket, and CPython often gives a new loop the memory (so the id()) of the one just freed. A wake
+    address made from id() was once refused with 'Address already in use' (CI, the fuzz tests): a closed
+    name can be refused for a moment after its socket closed, so no two loops of a process may share one."""
+    addresses = set()
+    for _ in range(100):
+        loop = EventLoop(zmq_ctx, name="short-lived")
+        addresses.add(loop._wake_addr)
+        loop.close()
+        del loop
+        gc.collect()  # the loop refers to itself (its metrics' collectors): freed by the collector
+    assert len(addresses) == 100

@@ -116,9 +116,19 @@ def run(args: argparse.Namespace, seed: int):
         party_opts = [PartyOptimizer(args.optimizer, args.lr, sizes) for _ in range(PARTIES)]
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     curve, sent, total_bytes = [], [], 0
+    weights = [p.data().asnumpy().reshape(-1) for p in params]
+
+    def place(party):  # the weights party ``party``'s workers compute their gradients at
+        for i, p in enumerate(params):
+            st = codecs[party].feedback.state(i) if hasattr(codecs[party], "feedback") else None
+            x = weights[i] if st is None or not args.lookahead else weights[i] + args.lookahead * st.v
+            p.set_data(mx.nd.array(x.reshape(p.shape)))
+
     for it in range(1, args.iters + 1):
         sums = [[None] * len(params) for _ in range(PARTIES)]
         for w in range(workers):
+            if args.scheme == "update" and w % WORKERS_PER_PARTY == 0:
+                place(w // WORKERS_PER_PARTY)
             data, label = next_batch(w)
             with autograd.record():
                 loss = loss_fn(net(data), label)
@@ -134,6 +144,8 @@ def run(args: argparse.Namespace, seed: int):
                 if args.scheme == "update":
                     x = party_opts[party].step(i, x / WORKERS_PER_PARTY, first_key=(i == 0))
                 payload = codecs[party].encode(i, x)
+                if args.mask_momentum and args.scheme == "update" and payload.kind == "sparse":
+                    party_opts[party].m[i][payload.indices] = 0.0
                 total_bytes += wire_bytes(payload)
                 total += compression.decode_payload(payload, total.size)
             if codecs[0].for_tensor(sizes[i]) == "bsc":
@@ -143,7 +155,8 @@ def run(args: argparse.Namespace, seed: int):
             if args.scheme == "grad":
                 p.grad()[:] = mx.nd.array(total.reshape(p.shape))
             else:
-                p.set_data(p.data() + mx.nd.array((total / PARTIES).reshape(p.shape)))
+                weights[i] = weights[i] + total / PARTIES
+                p.set_data(mx.nd.array(weights[i].reshape(p.shape)))
         if args.scheme == "grad":
             trainer.step(workers)
         if it % args.eval_every == 0:
@@ -163,6 +176,12 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--ratio", type=float, default=0.01, help="BSC threshold (kept fraction)")
     p.add_argument("--momentum", type=float, default=0.0, help="BSC momentum correction")
+    p.add_argument("--mask-momentum", action="store_true",
+                   help="update: zero the party optimizer's momentum of every entry the codec sent")
+    p.add_argument("--lookahead", type=float, default=None,
+                   help="update: a party's workers compute gradients at the weights plus this many times "
+                        "their party's residual (default: the library's, 1 for SGD and momentum SGD, 0 for "
+                        "Adam: LocalServer.held_back)")
     p.add_argument("--warmup-rounds", type=int, default=30)
     p.add_argument("--warmup-threshold", type=float, default=0.25)
     p.add_argument("--value-dtype", choices=("float16", "float32"), default="float16")
@@ -173,6 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--target", type=float, default=0.9)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = p.parse_args(argv)
+    if args.lookahead is None:
+        args.lookahead = 1.0 if args.optimizer in ("sgd", "sgd-momentum") else 0.0
     rounds, megabytes, finals = [], [], []
     for seed in args.seeds:
         curve, sent = run(args, seed)

@@ -46,6 +46,7 @@ OPTIMIZERS = {
     "adam": lambda: mx.optimizer.Adam(learning_rate=0.01, epsilon=1e-4),
     "dcasgd": lambda: mx.optimizer.DCASGD(learning_rate=0.5, lamda=0.04),
 }
+LINEAR_STEPS = ("sgd", "momentum")  # a party sees what its codec kept back of their steps (Updater)
 
 
 def numel(k):
@@ -111,41 +112,53 @@ def party_sum(party, per_party, t, k, codec):
 
 
 def fsa_model(codec, optimizer, parties, per_party, rounds):
-    """What every worker pulls after each round under FSA. With a sparse codec (BSC, MPQ) and an
-    optimizer, each party's local server steps its own copy of the optimizer on ``parties`` times its
-    party's sum, from the current weights, and sends a ``1 / parties`` share of the change through its
-    codec; the global servers add the sum of the shares to the weights (geomx/servers/sync/fsa.py)."""
+    """What each party's workers pull after each round under FSA (``[party][round][key]``). With a
+    sparse codec (BSC, MPQ) and an optimizer, each party's local server steps its own copy of the
+    optimizer on ``parties`` times its party's sum, from the weights it holds, and sends a
+    ``1 / parties`` share of the change through its codec; the global servers add the sum of the shares
+    to the weights, and each party adds that sum to what it holds, plus, for SGD and momentum, what its
+    codec kept back of its own share (its weights are then the global weights plus its residual;
+    LocalServer.held_back)."""
     party_optimizer = optimizer != "none" and compression.codec_class(codec).sparse
     up = Uplinks(codec, parties, party_optimizer)
     updater = mx.optimizer.get_updater(OPTIMIZERS[optimizer]()) if optimizer != "none" else None
     party_updaters = [mx.optimizer.get_updater(OPTIMIZERS[optimizer]()) for _ in range(parties)] \
         if party_optimizer else []
     weights = {k: mx.nd.array(init_value(k), dtype=dtype_of(codec, k)) for k in SHAPES}
-    out = []
+    stores = [{k: weights[k].asnumpy() for k in SHAPES} for _ in range(parties)]  # each party's weights
+    out = [[] for _ in range(parties)]
     for t in range(rounds):
-        pulled = {}
+        pulled = [{} for _ in range(parties)]
         for k in SHAPES:
             dt = dtype_of(codec, k)
             if party_optimizer:
-                w = weights[k].asnumpy()
-                w32, shares = w.astype(np.float32), []
+                shares, kept = [], []
                 for p in range(parties):
+                    w32 = stores[p][k].astype(np.float32)
                     stepped = mx.nd.array(w32)
                     g = party_sum(p, per_party, t, k, codec).astype(dt).astype(np.float32) * np.float32(parties)
                     party_updaters[p](k, mx.nd.array(g), stepped)
                     share = ((stepped.asnumpy() - w32) / np.float32(parties)).astype(dt)
                     shares.append(up.send(p, k, share))
-                weights[k] = mx.nd.array(w + sum(shares).astype(dt), dtype=dt)
-                pulled[k] = weights[k].asnumpy()
+                    kept.append(share - shares[-1] if up.sparse(k) and optimizer in LINEAR_STEPS else None)
+                delta = sum(shares).astype(dt)
+                for p in range(parties):
+                    value = stores[p][k] + delta
+                    if kept[p] is not None:
+                        value += kept[p]
+                    stores[p][k] = pulled[p][k] = value
                 continue
             total = sum(up.send(p, k, party_sum(p, per_party, t, k, codec)) for p in range(parties))
             total = total.astype(dt)
             if updater is None:
-                pulled[k] = total
+                value = total
             else:
                 updater(k, mx.nd.array(total, dtype=total.dtype), weights[k])
-                pulled[k] = weights[k].asnumpy()
-        out.append(pulled)
+                value = weights[k].asnumpy()
+            for p in range(parties):
+                pulled[p][k] = value
+        for p in range(parties):
+            out[p].append(pulled[p])
     return out
 
 
@@ -282,7 +295,9 @@ def read_turn(path):
 
 
 def run_fsa(kv, args, parties, per_party):
-    expected = fsa_model(args.codec, args.optimizer, parties, per_party, args.rounds)
+    # A central worker (in no party) pulls what every party pulls: it trains only without a party optimizer.
+    expected = fsa_model(args.codec, args.optimizer, parties, per_party, args.rounds)[
+        min(args.slice // per_party, parties - 1)]
     outs = {k: mx.nd.zeros(SHAPES[k], dtype=dtype_of(args.codec, k)) for k in SHAPES}
     for t in range(args.rounds):
         for k in SHAPES:

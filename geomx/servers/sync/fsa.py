@@ -74,6 +74,8 @@ class Forward(PartyPolicy):
             except GeoMXError as exc:
                 server.fail_upstream(ks, r, exc)
                 return
+        payload = server.encode(ks, acc)
+        held = server.held_back(acc, payload)
         sent = time.monotonic()
 
         def on_global_result(value: Optional[np.ndarray], error: Optional[Exception]) -> None:
@@ -84,9 +86,11 @@ class Forward(PartyPolicy):
             if ks.key in self.delta_replies:
                 self.delta_replies.discard(ks.key)
                 value = ks.store + value
+                if held is not None:
+                    value += held
             server.finish_round(ks, r, value)
 
         assert server.upstream is not None
         # The workers' priority goes on across the WAN (P3 orders the global tier's slices by it).
         server.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_result, data=acc,
-                                encoder=server.encoder(ks, acc), span=(ks.offset, ks.total), priority=ks.priority)
+                                encoder=server.encoder(payload), span=(ks.offset, ks.total), priority=ks.priority)

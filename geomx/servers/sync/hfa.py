@@ -86,4 +86,4 @@ class HFAParty(PartyPolicy):
         # The delta crosses the WAN through the party's codec, as FSA's sums do (BSC, MPQ: sparse, with
         # the codec's residual carrying what is not sent yet to the next global round).
         server.upstream.request(MsgType.PUSHPULL, ks.key, ks.numel, ks.dtype, on_global_delta, data=delta,
-                                encoder=server.encoder(ks, delta), meta=meta, span=(ks.offset, ks.total))
+                                encoder=server.encoder(server.encode(ks, delta)), meta=meta, span=(ks.offset, ks.total))

@@ -165,7 +165,7 @@ def run(args: argparse.Namespace, seed: int):
     return curve, sent
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--codec", choices=("none", "bsc", "mpq"), default="bsc")
     p.add_argument("--scheme", choices=("grad", "update"), default="grad",
@@ -194,13 +194,25 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.lookahead is None:
         args.lookahead = 1.0 if args.optimizer in ("sgd", "sgd-momentum") else 0.0
+    return args
+
+
+def reached(curve, sent, args: argparse.Namespace):
+    """The iterations to ``args.target`` (inf if never), the MB sent until then and the final accuracy
+    (the mean of the last five evaluations) of one run."""
+    hit = next((k for k, acc in enumerate(curve) if acc >= args.target), None)
+    if hit is None:
+        return float("inf"), float("inf"), statistics.mean(curve[-5:])
+    return (hit + 1) * args.eval_every, sent[hit] / 1e6, statistics.mean(curve[-5:])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     rounds, megabytes, finals = [], [], []
     for seed in args.seeds:
         curve, sent = run(args, seed)
-        hit = next((k for k, acc in enumerate(curve) if acc >= args.target), None)
-        rounds.append((hit + 1) * args.eval_every if hit is not None else float("inf"))
-        megabytes.append(sent[hit] / 1e6 if hit is not None else float("inf"))
-        finals.append(statistics.mean(curve[-5:]))
+        for out, value in zip((rounds, megabytes, finals), reached(curve, sent, args)):
+            out.append(value)
         print(f"seed {seed}: {args.target:.0%} at iteration {rounds[-1]}, {megabytes[-1]:.2f} MB on the WAN; "
               f"final {finals[-1]:.4f}; curve {' '.join(f'{a:.2f}' for a in curve)}", flush=True)
     print(json.dumps({"rounds": rounds, "mb": megabytes, "median_rounds": statistics.median(rounds),

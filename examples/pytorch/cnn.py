@@ -6,7 +6,7 @@ torch script distributed: ``gx.init()``, ``gx.DistributedOptimizer(...)``, ``gx.
 and leaving the training loop to the workers that are not the master worker.
 
     geomx-launch -p 2 -w 2 -- python examples/pytorch/cnn.py --slice {slice}
-    geomx-launch -p 2 -w 2 -- python examples/pytorch/cnn.py --slice {slice} --compression bsc   # mode local
+    geomx-launch -p 2 -w 2 -- python examples/pytorch/cnn.py --slice {slice} --compression bsc   # mode server
     geomx-launch -p 2 -w 2 --env GEOMX_SYNC_MODE=async -- python examples/pytorch/cnn.py --slice {slice}
     python examples/pytorch/cnn.py --single            # one process, no geomx (the baseline)
 
@@ -53,14 +53,15 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.01, help="Adam's learning rate (0.01, as the MXNet examples)")
     p.add_argument("--mode", choices=["server", "local"], default=None,
-                   help="where the optimizer runs (default: server; local with --compression bsc/mpq)")
+                   help="where the optimizer runs (default: server, with or without compression: under bsc/mpq "
+                        "each party's local server steps it before the codec)")
     p.add_argument("--compression", choices=["none", "fp16", "bsc", "mpq"], default="none")
-    p.add_argument("--threshold", type=float, default=0.01, help="BSC's share of gradient values sent")
+    p.add_argument("--threshold", type=float, default=0.01, help="BSC's and MPQ's share of the large tensors' values sent")
     p.add_argument("--eval-every", type=int, default=10, help="iterations between test-accuracy lines")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--single", action="store_true", help="train in this process alone (no geomx)")
     args = p.parse_args(argv)
-    mode = args.mode or ("local" if args.compression in ("bsc", "mpq") else "server")
+    mode = args.mode or "server"
     lr = args.lr
 
     x_train, y_train, x_test, y_test = digits()
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
         compression = None
         if args.compression != "none":
             compression = {"type": args.compression}
-            if args.compression == "bsc":
+            if args.compression in ("bsc", "mpq"):
                 compression["threshold"] = args.threshold
         opt = gx.DistributedOptimizer(opt, named_parameters=net.named_parameters(), mode=mode,
                                       compression=compression)

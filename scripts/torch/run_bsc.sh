@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# PyTorch BSC demo: bidirectional sparse compression (threshold 0.01), each worker's own Adam
-# (mode local, which BSC needs).
+# PyTorch BSC demo: bidirectional sparse compression (threshold 0.01) with the servers' Adam (mode
+# server: each party's local server steps it and the WAN carries its sparsified steps).
 #
 # Same topology and process handling as scripts/cpu/run_vanilla_hips.sh (scripts/lib/hips.sh): 12 processes
 # on 127.0.0.1, 3 parties, 4 training workers; the workers and the master worker run examples/pytorch/cnn.py

@@ -56,7 +56,8 @@ def main(argv=None) -> int:
                    help="where the optimizer runs (default: server, with or without compression: under bsc/mpq "
                         "each party's local server steps it before the codec)")
     p.add_argument("--compression", choices=["none", "fp16", "bsc", "mpq"], default="none")
-    p.add_argument("--threshold", type=float, default=0.01, help="BSC's and MPQ's share of the large tensors' values sent")
+    p.add_argument("--threshold", type=float, default=0.01,
+                   help="BSC's and MPQ's share of the large tensors' values sent")
     p.add_argument("--eval-every", type=int, default=10, help="iterations between test-accuracy lines")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--single", action="store_true", help="train in this process alone (no geomx)")

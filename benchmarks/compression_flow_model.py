@@ -118,17 +118,17 @@ def run(args: argparse.Namespace, seed: int):
     curve, sent, total_bytes = [], [], 0
     weights = [p.data().asnumpy().reshape(-1) for p in params]
 
-    def place(party):  # the weights party ``party``'s workers compute their gradients at
+    def place(party):  # the party's weights plus ``lookahead`` times its residual, for its workers' gradients
         for i, p in enumerate(params):
             st = codecs[party].feedback.state(i) if hasattr(codecs[party], "feedback") else None
-            x = weights[i] if st is None or not args.lookahead else weights[i] + args.lookahead * st.v
+            x = weights[i] if st is None else weights[i] + args.lookahead * st.v
             p.set_data(mx.nd.array(x.reshape(p.shape)))
 
     for it in range(1, args.iters + 1):
         sums = [[None] * len(params) for _ in range(PARTIES)]
         for w in range(workers):
-            if args.scheme == "update" and w % WORKERS_PER_PARTY == 0:
-                place(w // WORKERS_PER_PARTY)
+            if args.scheme == "update" and args.lookahead and w % WORKERS_PER_PARTY == 0:
+                place(w // WORKERS_PER_PARTY)  # without lookahead the net holds the weights already
             data, label = next_batch(w)
             with autograd.record():
                 loss = loss_fn(net(data), label)

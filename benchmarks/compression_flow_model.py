@@ -35,6 +35,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+sys.path.insert(0, HERE)
 
 PARTIES, WORKERS_PER_PARTY = 2, 2
 
@@ -83,7 +84,11 @@ def run(args: argparse.Namespace, seed: int):
 
     workers = PARTIES * WORKERS_PER_PARTY
     arrays = utils.load_arrays()
-    net = utils.build_cnn(mx.cpu(), seed=seed)
+    if args.model == "big":
+        import suite_worker  # benchmarks/, beside this file
+        net = suite_worker.build_big(mx.cpu(), seed=seed)
+    else:
+        net = utils.build_cnn(mx.cpu(), seed=seed)
     params = list(net.collect_params().values())
     sizes = [p.data().size for p in params]
     loaders = [utils.load_data(args.batch, workers, w, arrays=arrays, seed=seed)[0] for w in range(workers)]
@@ -100,7 +105,8 @@ def run(args: argparse.Namespace, seed: int):
     codec_params = {"type": args.codec, "size_lower_bound": args.bound}
     if args.codec in ("bsc", "mpq"):
         codec_params.update(threshold=args.ratio, momentum=args.momentum, warmup_rounds=args.warmup_rounds,
-                            warmup_threshold=args.warmup_threshold, value_dtype=args.value_dtype)
+                            warmup_threshold=args.warmup_threshold, min_kept=args.min_kept,
+                            value_dtype=args.value_dtype)
     codecs = [compression.create(codec_params, link="wan") for _ in range(PARTIES)]
 
     def wire_bytes(payload) -> int:
@@ -121,7 +127,9 @@ def run(args: argparse.Namespace, seed: int):
     def place(party):  # the party's weights plus ``lookahead`` times its residual, for its workers' gradients
         for i, p in enumerate(params):
             st = codecs[party].feedback.state(i) if hasattr(codecs[party], "feedback") else None
-            x = weights[i] if st is None else weights[i] + args.lookahead * st.v
+            # The codec holds whole steps back and the weights take 1 / PARTIES of each: the party's
+            # residual in the weights' units is st.v / PARTIES (its share's, LocalServer.held_back).
+            x = weights[i] if st is None else weights[i] + args.lookahead * st.v / PARTIES
             p.set_data(mx.nd.array(x.reshape(p.shape)))
 
     for it in range(1, args.iters + 1):
@@ -167,6 +175,8 @@ def run(args: argparse.Namespace, seed: int):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=("cnn", "big"), default="cnn",
+                   help="cnn: the examples' CNN (0.18M parameters); big: the suite's 5.4M-parameter CNN")
     p.add_argument("--codec", choices=("none", "bsc", "mpq"), default="bsc")
     p.add_argument("--scheme", choices=("grad", "update"), default="grad",
                    help="grad: the workers' optimizer on the aggregate (cnn_bsc.py); update: each party's "
@@ -178,12 +188,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--momentum", type=float, default=0.0, help="BSC momentum correction")
     p.add_argument("--mask-momentum", action="store_true",
                    help="update: zero the party optimizer's momentum of every entry the codec sent")
-    p.add_argument("--lookahead", type=float, default=None,
+    p.add_argument("--lookahead", type=float, default=1.0,
                    help="update: a party's workers compute gradients at the weights plus this many times "
-                        "their party's residual (default: the library's, 1 for SGD and momentum SGD, 0 for "
-                        "Adam: LocalServer.held_back)")
+                        "their party's residual (default 1, the library's: LocalServer.held_back; 0: at "
+                        "the global weights)")
     p.add_argument("--warmup-rounds", type=int, default=30)
     p.add_argument("--warmup-threshold", type=float, default=0.25)
+    p.add_argument("--min-kept", type=int, default=0,
+                   help="the codec's min_kept: the fewest entries a compressed tensor sends a round")
     p.add_argument("--value-dtype", choices=("float16", "float32"), default="float16")
     p.add_argument("--bound", type=int, default=1000, help="size lower bound")
     p.add_argument("--batch", type=int, default=32, help="batch per worker")
@@ -192,8 +204,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target", type=float, default=0.9)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = p.parse_args(argv)
-    if args.lookahead is None:
-        args.lookahead = 1.0 if args.optimizer in ("sgd", "sgd-momentum") else 0.0
     return args
 
 

@@ -765,8 +765,12 @@ def test_registry_validation():
                      ("warmup_threshold", 0)):
         with pytest.raises(ValueError, match=key):
             C.create({"type": "bsc", "threshold": 0.01, key: bad})
+    for bad in (-1, 2.5, True, "128"):
+        with pytest.raises(ValueError, match="min_kept"):
+            C.create({"type": "mpq", "threshold": 0.01, "min_kept": bad})
     defaults = C.create({"type": "bsc", "threshold": 0.01}).params()
     assert (defaults["momentum"], defaults["warmup_rounds"], defaults["warmup_threshold"]) == (0.0, 30, 0.25)
+    assert defaults["min_kept"] == 0
     assert C.create({"type": "bsc", "threshold": 0.01}).size_lower_bound == 200000
 
 
@@ -815,6 +819,30 @@ def test_kept_count_and_sample_size():
     assert C.kept_count(100, 0.01) == 1 and C.kept_count(200, 0.01) == 2 and C.kept_count(201, 0.01) == 3
     assert C.kept_count(10, 0.01) == 1 and C.kept_count(0, 0.5) == 0
     assert C.kept_count(1000, 0.9995) == 1000
+    assert C.kept_count(1280, 0.001, 128) == 128 and C.kept_count(100, 0.001, 128) == 100
+    assert C.kept_count(200_000, 0.01, 128) == 2000 and C.kept_count(0, 0.5, 128) == 0
+
+
+@pytest.mark.parametrize("codec", ["bsc", "mpq"])
+def test_floor_on_kept_entries(codec):
+    """``min_kept``: a tensor whose kept fraction gives fewer entries sends the floor's number, the
+    largest ones (exactly, where the threshold is exact; about that many, where it is sampled), and one
+    whose fraction gives more is unchanged."""
+    rng = np.random.RandomState(3)
+    params = {"type": codec, "threshold": 0.001, "size_lower_bound": 1000, "warmup_rounds": 0}
+    floored, plain = C.create({**params, "min_kept": 128}), C.create(params)
+    v = rng.randn(1280).astype(np.float32)  # sample >= n: the exact threshold
+    sent = floored.encode(0, v)
+    assert np.array_equal(np.sort(sent.indices), np.sort(np.argsort(-np.abs(v))[:128]))
+    assert plain.encode(0, v).indices.size == 2
+    big = rng.randn(2_000_000).astype(np.float32)  # k = 2000 > 128: the floor changes nothing
+    assert np.array_equal(floored.encode(1, big).indices, plain.encode(1, big).indices)
+    sampled = C.create({**params, "min_kept": 10_000})  # k = 2000 -> 10000, from a sample of 250000
+    n = sampled.encode(2, big).indices.size
+    assert 8000 <= n <= 20_000, n
+    tiny = C.create({**params, "size_lower_bound": 10, "min_kept": 128})
+    w = rng.randn(50).astype(np.float32)
+    assert tiny.encode(3, w).indices.size == 50  # a floor above the size sends every entry
     assert C.sample_size(10_000_000, 0.01) == 100_000
     assert C.sample_size(100, 0.01) == 25_000 and C.sample_size(10, 0.5) == 1000
     assert feedback.sample_size(200000, 0.001) == 250_000

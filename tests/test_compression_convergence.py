@@ -104,34 +104,37 @@ def test_compressed_training_keeps_up_with_uncompressed(optimizer):
 # -- The optimizer on the servers (examples/cnn.py): what turning a codec on costs in rounds ----------
 #
 # The same script with and without ``--compression`` (the master worker's kv.set_gradient_compression,
-# nothing else changes): under BSC and MPQ each party's local server runs the servers' Adam on its party's
-# gradient and the WAN carries the steps, sparsified with error feedback (docs/Compression.md, "The
-# optimizer before the codec"). A run's rounds to TARGET are the iterations until the mean of the last
-# SMOOTH evaluations (one per iteration, 300 test images) reaches it: a single evaluation moves by 2-4
-# points from one iteration to the next, so the first one above 90 % moved by up to 10 iterations with a
-# float16 rounding anywhere. The median over STEP_SEEDS must be within ROUNDS_FACTOR of the uncompressed
-# run's, and the final accuracy (the mean of the last three evaluations) within FINAL_POINTS.
+# nothing else changes): under BSC and MPQ each party's local server runs the servers' optimizer on its
+# party's gradient and the WAN carries the steps, sparsified with error feedback; each party's weights are
+# the global weights plus what its codec holds back (docs/Compression.md, "The optimizer before the
+# codec"). A run's rounds to TARGET are the iterations until the mean of the last SMOOTH evaluations (one
+# per iteration, 300 test images, averaged over the two parties) reaches it: a single evaluation moves by
+# 2-4 points from one iteration to the next, so the first one above 90 % moved by up to 10 iterations with
+# a float16 rounding anywhere. The median over the seeds must be within ROUNDS_FACTOR of the uncompressed
+# run's (SPARSEST_ROUNDS_FACTOR at 0.1 % kept), and the final accuracy (the mean of the last three
+# evaluations) within FINAL_POINTS.
 #
-# Issue 28 asks for 1.2x and 1 point; what this machine measured is in docs/Compression.md (the bounds
-# here leave room for another CPU's arithmetic, not for the old flow). On the code before, the optimizer
-# was refused with bsc/mpq ("keep the optimizer on the workers") and the runs stopped; the workers' own
-# Adam on the sparsified gradient (cnn_bsc.py's flow) needed about 1.8x FSA's rounds.
+# Issue 28 asks for 1.2x (1.5x at 0.1 %) and 1 point; what this machine measured is in
+# docs/Compression.md (the bounds here leave room for another CPU's arithmetic, not for the old flows).
+# Before the optimizer could run in front of the codec, the workers' own Adam on the sparsified gradient
+# (cnn_bsc.py's flow) needed about 1.8x FSA's rounds; in front of the codec but with every party at the
+# global weights, Adam needed 1.26x (BSC) and 1.35x (MPQ) and momentum SGD never reached 90 % in 2 of 3
+# seeds.
 
 TARGET = 0.9
 SMOOTH = 3
-ROUNDS_FACTOR = 1.5
+ROUNDS_FACTOR = 1.3
+SPARSEST_ROUNDS_FACTOR = 1.5
 FINAL_POINTS = 0.02
-STEP_ITERS = 60
-STEP_SEEDS = (0, 1, 2, 3, 4)
 STEP_FLOWS = {"FSA": [], "BSC": ["--compression", json.dumps({"type": "bsc", "threshold": RATIO})],
               "MPQ": ["--compression", json.dumps({"type": "mpq", "threshold": RATIO})]}
+SPARSEST = {"BSC-0.1%": ["--compression", json.dumps({"type": "bsc", "threshold": RATIO / 10})]}
 
 
-def rounds_and_final(label, result, iters=STEP_ITERS, one_model=True):
+def rounds_and_final(label, result, iters):
     """Iterations until the mean of the last SMOOTH evaluations reaches TARGET (inf if never), and the
-    mean of the last three evaluations. A party's workers hold one model; with ``one_model`` every party
-    holds the same one, else (a party sees its own residual: momentum SGD) the parties' accuracies are
-    averaged."""
+    mean of the last three evaluations; each evaluation is the mean of the parties' accuracies (a party's
+    workers hold one model, a party's own: the global weights plus its codec's residual)."""
     accs = checked_curves(label, result, PARTIES * WORKERS)
     parties = {}
     for name, points in accs.items():  # names: "party0/worker1"
@@ -140,8 +143,6 @@ def rounds_and_final(label, result, iters=STEP_ITERS, one_model=True):
         assert all(c == curves[0] for c in curves), f"{label}: the workers of {party} hold different models: {curves}"
         assert [it for it, _ in curves[0]] == list(range(1, iters + 1)), f"{label}: evaluations {curves[0]}"
     party_curves = [curves[0] for curves in parties.values()]
-    if one_model:
-        assert all(c == party_curves[0] for c in party_curves), f"{label}: the parties' models differ: {accs}"
     values = [statistics.mean(points[i][1] for points in party_curves) for i in range(iters)]
     reached = next((i + 1 for i in range(SMOOTH - 1, len(values))
                     if statistics.mean(values[i + 1 - SMOOTH:i + 1]) >= TARGET), math.inf)
@@ -151,47 +152,48 @@ def rounds_and_final(label, result, iters=STEP_ITERS, one_model=True):
     return reached, final
 
 
-def servers_optimizer_runs(optimizer_args, seeds, iters, one_model):
-    """Rounds to TARGET and final accuracies of examples/cnn.py with each of STEP_FLOWS, per flow."""
-    rounds = {flow: [] for flow in STEP_FLOWS}
-    finals = {flow: [] for flow in STEP_FLOWS}
+def servers_optimizer_runs(optimizer_args, seeds, iters, flows):
+    """Rounds to TARGET and final accuracies of examples/cnn.py with each of ``flows``, per flow."""
+    rounds = {flow: [] for flow in flows}
+    finals = {flow: [] for flow in flows}
     common = ["--cpu", "-ds", "{slice}", "-bs", str(BATCH), "--max-iters", str(iters), "-ep", "1000",
               "--eval-every", "1", *optimizer_args]
     for seed in seeds:
         jobs = {f"{flow} ({' '.join(optimizer_args)}, seed {seed})":
-                ("cnn.py", [*common, *extra, "--seed", str(seed)], ENV) for flow, extra in STEP_FLOWS.items()}
+                ("cnn.py", [*common, *extra, "--seed", str(seed)], ENV) for flow, extra in flows.items()}
         for label, result in run_concurrently(jobs, parties=PARTIES, workers=WORKERS).items():
-            reached, final = rounds_and_final(label, result, iters, one_model)
+            reached, final = rounds_and_final(label, result, iters)
             rounds[label.split()[0]].append(reached)
             finals[label.split()[0]].append(final)
     median = {flow: statistics.median(r) for flow, r in rounds.items()}
     final = {flow: statistics.median(f) for flow, f in finals.items()}
     print(f"[compression] servers' {' '.join(optimizer_args)}, iterations to {TARGET:.0%} over seeds {seeds}: "
           f"{rounds}, medians {median}; final {final}", flush=True)
-    return rounds, median, finals, final
-
-
-def test_codec_with_the_servers_optimizer_learns_like_fsa():
-    rounds, median, finals, final = servers_optimizer_runs(["-lr", "0.01"], STEP_SEEDS, STEP_ITERS, one_model=True)
-    for flow in ("BSC", "MPQ"):
-        assert median[flow] <= ROUNDS_FACTOR * median["FSA"], f"{flow}: {rounds[flow]} vs FSA {rounds['FSA']}"
+    for flow in flows:
+        if flow == "FSA":
+            continue
+        factor = SPARSEST_ROUNDS_FACTOR if flow in SPARSEST else ROUNDS_FACTOR
+        assert median[flow] <= factor * median["FSA"], f"{flow}: {rounds[flow]} vs FSA {rounds['FSA']}"
         assert final[flow] >= final["FSA"] - FINAL_POINTS, f"{flow}: final {finals[flow]} vs FSA {finals['FSA']}"
 
 
-# Momentum SGD on the servers (lr 0.005 on the sum of the 4 workers' mean gradients: 0.02 on their
-# mean, the flow model's setting). Before each party saw its own residual (LocalServer.held_back), an
-# entry's steps all came from the global weights until the codec sent it, and momentum overshot: 78
-# rounds against FSA's 45 in the flow model (1.7x), final 0.942 against 0.971. With it: 47 and 46.
+# Adam (lr 0.01 on the sum of the 4 workers' mean gradients), 5 seeds.
+ADAM_ARGS = ["-lr", "0.01"]
+ADAM_ITERS = 60
+ADAM_SEEDS = (0, 1, 2, 3, 4)
+
+
+def test_codec_with_the_servers_adam_learns_like_fsa():
+    servers_optimizer_runs(ADAM_ARGS, ADAM_SEEDS, ADAM_ITERS, STEP_FLOWS)
+
+
+# Momentum SGD (lr 0.005 on the sum of the 4 workers' mean gradients: 0.02 on their mean, the flow
+# model's setting), 3 seeds, also at 0.1 % kept. 120 iterations: FSA reaches 90 % at 49-66, and the final
+# accuracies are compared once the curves have flattened (at 80 they still rose by a point in 10).
 MOMENTUM_ARGS = ["--optimizer", "sgd", "--momentum", "0.9", "-lr", "0.005"]
-MOMENTUM_ITERS = 80
+MOMENTUM_ITERS = 120
 MOMENTUM_SEEDS = (0, 1, 2)
-MOMENTUM_ROUNDS_FACTOR = 1.3
 
 
 def test_codec_with_the_servers_momentum_sgd_learns_like_fsa():
-    rounds, median, finals, final = servers_optimizer_runs(MOMENTUM_ARGS, MOMENTUM_SEEDS, MOMENTUM_ITERS,
-                                                           one_model=False)
-    for flow in ("BSC", "MPQ"):
-        assert median[flow] <= MOMENTUM_ROUNDS_FACTOR * median["FSA"], \
-            f"{flow}: {rounds[flow]} vs FSA {rounds['FSA']}"
-        assert final[flow] >= final["FSA"] - FINAL_POINTS, f"{flow}: final {finals[flow]} vs FSA {finals['FSA']}"
+    servers_optimizer_runs(MOMENTUM_ARGS, MOMENTUM_SEEDS, MOMENTUM_ITERS, {**STEP_FLOWS, **SPARSEST})

@@ -13,6 +13,7 @@ from geomx import kernels as array_kernels
 from geomx.compression import kernels
 
 __all__ = [
+    "DEFAULT_MIN_KEPT",
     "DEFAULT_MOMENTUM",
     "DEFAULT_VALUE_DTYPE",
     "DEFAULT_SIZE_LOWER_BOUND",
@@ -50,6 +51,9 @@ local servers (the WAN carries optimizer steps, not gradients). Those steps keep
 in the residual, so the long warm-up the workers' own Adam needs (30 rounds from 0.25, about 4.7 dense
 rounds of bytes) buys nothing more there: 10 rounds from 0.05 reached 90 % in as many rounds (median
 over 5 seeds, docs/Compression.md) for a fifth of its bytes."""
+
+DEFAULT_MIN_KEPT = 0
+"""The fewest entries a large tensor sends per round (``min_kept``; 0: just the kept fraction)."""
 
 DEFAULT_VALUE_DTYPE = "float16"
 """The precision of the values a sparse codec sends: ``float16`` rounds each selected value to float16

@@ -9,6 +9,7 @@ import numpy as np
 
 from geomx.compression import kernels
 from geomx.compression.base import (
+    DEFAULT_MIN_KEPT,
     DEFAULT_MOMENTUM,
     DEFAULT_VALUE_DTYPE,
     DEFAULT_WARMUP_THRESHOLD,
@@ -44,10 +45,10 @@ OVERSHOOT = 2
 """A sampled selection sends at most ``OVERSHOOT * k`` entries."""
 
 
-def kept_count(n: int, ratio: float) -> int:
-    """k, the number of entries a tensor of ``n`` elements keeps: ``max(1, ceil(ratio * n))``
-    (0 for an empty tensor)."""
-    return 0 if n == 0 else max(1, ceil_fraction(ratio, n))
+def kept_count(n: int, ratio: float, floor: int = DEFAULT_MIN_KEPT) -> int:
+    """k, the number of entries a tensor of ``n`` elements keeps: ``max(1, ceil(ratio * n), floor)``
+    and at most ``n`` (0 for an empty tensor)."""
+    return 0 if n == 0 else min(n, max(1, ceil_fraction(ratio, n), floor))
 
 
 def sample_size(n: int, ratio: float) -> int:
@@ -87,9 +88,10 @@ def sample_seed(seed: int, key: int, step: int) -> int:
 class SampledTopK(Codec):
     """Stateless-in-values sparsifier: sends about the top ``ratio`` fraction of entries by magnitude.
 
-    Algorithm, for a tensor ``v`` of ``n`` elements and ``k = kept_count(n, ratio)``, where
-    ``ratio`` is the key's :func:`warmup_ratio` for this round (``threshold`` once the
-    ``warmup_rounds`` first rounds of the key are over; no warm-up by default):
+    Algorithm, for a tensor ``v`` of ``n`` elements and ``k = kept_count(n, ratio, min_kept)``,
+    where ``ratio`` is the key's :func:`warmup_ratio` for this round (``threshold`` once the
+    ``warmup_rounds`` first rounds of the key are over; no warm-up by default); when the floor
+    ``min_kept`` raises k, ``ratio`` is ``k / n`` from there on:
 
     1. If ``k == n``, every non-zero entry is sent (exact: decoding gives ``v`` back).
     2. Else, with ``s = sample_size(n, ratio)``: when ``s >= n`` the threshold ``t`` is the exact
@@ -111,9 +113,10 @@ class SampledTopK(Codec):
     name = "topk"
 
     def __init__(self, ratio: float, *, seed: int = 0, warmup_rounds: int = 0,
-                 warmup_threshold: float = DEFAULT_WARMUP_THRESHOLD) -> None:
+                 warmup_threshold: float = DEFAULT_WARMUP_THRESHOLD, min_kept: int = DEFAULT_MIN_KEPT) -> None:
         super().__init__(size_lower_bound=0)
         self.ratio = check_ratio("threshold", ratio)
+        self.min_kept = check_count("min_kept", min_kept)
         self.seed = check_count("seed", seed)
         self.warmup_rounds = check_count("warmup_rounds", warmup_rounds)
         self.warmup_threshold = check_ratio("warmup_threshold", warmup_threshold)
@@ -124,11 +127,13 @@ class SampledTopK(Codec):
     def from_params(cls, params: Mapping[str, Any], *, link: str = "wan") -> SampledTopK:
         return cls(params["threshold"], seed=params.get("seed", 0),
                    warmup_rounds=params.get("warmup_rounds", 0),
-                   warmup_threshold=params.get("warmup_threshold", DEFAULT_WARMUP_THRESHOLD))
+                   warmup_threshold=params.get("warmup_threshold", DEFAULT_WARMUP_THRESHOLD),
+                   min_kept=params.get("min_kept", DEFAULT_MIN_KEPT))
 
     def params(self) -> dict[str, Any]:
         return {"type": self.name, "threshold": self.ratio, "seed": self.seed,
-                "warmup_rounds": self.warmup_rounds, "warmup_threshold": self.warmup_threshold}
+                "warmup_rounds": self.warmup_rounds, "warmup_threshold": self.warmup_threshold,
+                "min_kept": self.min_kept}
 
     def for_tensor(self, numel: int, link: str | None = None) -> TensorScheme:
         return "bsc"
@@ -140,7 +145,9 @@ class SampledTopK(Codec):
         rnd = self._rounds.get(key, 0)
         self._rounds[key] = rnd + 1
         ratio = warmup_ratio(self.ratio, rnd, self.warmup_rounds, self.warmup_threshold)
-        k = kept_count(n, ratio)
+        k = kept_count(n, ratio, self.min_kept)
+        if k > kept_count(n, ratio):  # the floor decides: sample (and cap) as for that fraction
+            ratio = k / n
         if k >= n:
             return SMALLEST_POSITIVE, n
         s = sample_size(n, ratio)

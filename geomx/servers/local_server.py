@@ -222,19 +222,17 @@ class LocalServer(ServerBase):
         return self.codec.encode(ks.key, acc)
 
     def held_back(self, step: np.ndarray, payload: Optional[compression.Payload]) -> Optional[np.ndarray]:
-        """The part of this party's optimizer ``step`` its codec kept back, when its workers should see
-        it at once (None: they see the global weights).
+        """The part of this party's optimizer ``step`` its codec kept back (None: nothing, the key is
+        not sparse on the WAN), which the party adds to the global servers' answer.
 
-        With the optimizer before a sparse codec, an entry's steps come from the same stale weights
-        until the codec sends it: momentum SGD keeps pushing and overshoots (78 rounds to 90 % against
-        FSA's 45 in the flow model). So when the optimizer's steps are linear in the gradients (SGD,
-        momentum, NAG) a party's weights are the global weights plus its own residual: it adds what it
-        kept back to the global servers' answer, and its workers compute the next gradients where its
-        own steps have taken them (47 rounds). Adam's steps, normalised entry by entry, learn faster
-        from the stale point (23 rounds against 34 with its residual seen; FSA 22); see
-        docs/Compression.md, "The optimizer before the codec"."""
-        if self.updater is None or not self.updater.steps_along_gradient or payload is None \
-                or payload.kind != "sparse":
+        With the optimizer before a sparse codec an entry waits about ``1 / threshold`` rounds in the
+        residual. Were its workers to compute every gradient at the global weights meanwhile, the
+        optimizer would keep stepping from the same stale point: momentum SGD overshoots (1.7x FSA's
+        rounds to 90 %) and Adam learns later (1.3x on real topologies). So a party's weights are the
+        global weights plus its own residual, and its workers' gradients are taken where its own steps
+        have gone: rounds within a few percent of FSA's for both (docs/Compression.md, "The optimizer
+        before the codec")."""
+        if self.updater is None or payload is None or payload.kind != "sparse":
             return None
         return step - compression.decode_payload(payload, step.size)
 

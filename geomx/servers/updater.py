@@ -214,12 +214,6 @@ class Updater:
     def name(self) -> str:
         return self.spec["name"]
 
-    @property
-    def steps_along_gradient(self) -> bool:
-        """Whether a step is linear in the gradients (SGD, with or without momentum, MXNet's NAG), not
-        normalised entry by entry as Adam's, RMSprop's and AdaGrad's are (LocalServer.held_back)."""
-        return self.name in ("sgd", "nag")
-
     # -- one update -----------------------------------------------------------------------------
     def apply(self, key: int, index: Any, store: np.ndarray, grad_np: np.ndarray,
               backup: Optional[np.ndarray] = None) -> np.ndarray:

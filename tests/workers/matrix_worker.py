@@ -46,7 +46,6 @@ OPTIMIZERS = {
     "adam": lambda: mx.optimizer.Adam(learning_rate=0.01, epsilon=1e-4),
     "dcasgd": lambda: mx.optimizer.DCASGD(learning_rate=0.5, lamda=0.04),
 }
-LINEAR_STEPS = ("sgd", "momentum")  # a party sees what its codec kept back of their steps (Updater)
 
 
 def numel(k):
@@ -116,7 +115,7 @@ def fsa_model(codec, optimizer, parties, per_party, rounds):
     sparse codec (BSC, MPQ) and an optimizer, each party's local server steps its own copy of the
     optimizer on ``parties`` times its party's sum, from the weights it holds, and sends a
     ``1 / parties`` share of the change through its codec; the global servers add the sum of the shares
-    to the weights, and each party adds that sum to what it holds, plus, for SGD and momentum, what its
+    to the weights, and each party adds that sum to what it holds, plus what its
     codec kept back of its own share (its weights are then the global weights plus its residual;
     LocalServer.held_back)."""
     party_optimizer = optimizer != "none" and compression.codec_class(codec).sparse
@@ -140,7 +139,7 @@ def fsa_model(codec, optimizer, parties, per_party, rounds):
                     party_updaters[p](k, mx.nd.array(g), stepped)
                     share = ((stepped.asnumpy() - w32) / np.float32(parties)).astype(dt)
                     shares.append(up.send(p, k, share))
-                    kept.append(share - shares[-1] if up.sparse(k) and optimizer in LINEAR_STEPS else None)
+                    kept.append(share - shares[-1] if up.sparse(k) else None)
                 delta = sum(shares).astype(dt)
                 for p in range(parties):
                     value = stores[p][k] + delta

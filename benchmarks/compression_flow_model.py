@@ -6,10 +6,11 @@ party's WAN codec (the library's own codec, built by ``geomx.compression.create`
 parameters, so its residual, warm-up, threshold samples and float16 rounding are the real ones), the
 sum of the decoded payloads over the parties, and the step. Two flows (``--scheme``):
 
-* ``grad``: ``examples/cnn_bsc.py``'s. The parties' gradient sums go through the codecs and the workers'
-  local optimizer steps on the aggregate (``trainer.step(num_all_workers)``). On the development
-  machine its accuracy curves equal the real topology's to the last printed digit (seed 0, BSC 0.01,
-  local Adam: 0.5033 0.7067 0.7900 ... 0.9667 both ways).
+* ``grad``: ``examples/cnn_bsc.py``'s. The parties' gradient sums go through the codecs and each
+  party's workers step their local optimizer (``trainer.step(num_all_workers)``, one model per party)
+  on the sum plus what their party's codec kept back that round. With ``--lookahead 0`` (the sum alone,
+  the library before 2026-12-07) its accuracy curves equalled the real topology's to the last printed
+  digit on the development machine (seed 0, BSC 0.01, local Adam: 0.5033 0.7067 0.7900 ... 0.9667).
 * ``update``: the optimizer on the servers under BSC/MPQ (docs/Compression.md, "The optimizer before
   the codec"). Each party steps its own optimizer (MXNet's Adam or momentum-SGD rule, in numpy) on
   its party's mean gradient, and its step goes through the codec; the weights take the mean of the
@@ -84,12 +85,18 @@ def run(args: argparse.Namespace, seed: int):
 
     workers = PARTIES * WORKERS_PER_PARTY
     arrays = utils.load_arrays()
-    if args.model == "big":
-        import suite_worker  # benchmarks/, beside this file
-        net = suite_worker.build_big(mx.cpu(), seed=seed)
-    else:
-        net = utils.build_cnn(mx.cpu(), seed=seed)
+    def build():
+        if args.model == "big":
+            import suite_worker  # benchmarks/, beside this file
+            return suite_worker.build_big(mx.cpu(), seed=seed)
+        return utils.build_cnn(mx.cpu(), seed=seed)
+
+    # grad: one model per party (each party's workers pull the sum plus their own party's residual, so
+    # the parties' models differ); update: one net, loaded with each party's weights in turn.
+    nets = [build() for _ in range(PARTIES if args.scheme == "grad" else 1)]
+    net = nets[0]
     params = list(net.collect_params().values())
+    party_params = [list(n.collect_params().values()) for n in nets]
     sizes = [p.data().size for p in params]
     loaders = [utils.load_data(args.batch, workers, w, arrays=arrays, seed=seed)[0] for w in range(workers)]
     test_data = utils.load_data(args.batch, workers, 0, arrays=arrays, seed=seed)[1]
@@ -117,7 +124,7 @@ def run(args: argparse.Namespace, seed: int):
         optimizer = args.optimizer
         if optimizer == "sgd-momentum":
             optimizer, opt_params["momentum"] = "sgd", 0.9
-        trainer = gluon.Trainer(net.collect_params(), optimizer, opt_params, kvstore=None)
+        trainers = [gluon.Trainer(n.collect_params(), optimizer, opt_params, kvstore=None) for n in nets]
     else:
         party_opts = [PartyOptimizer(args.optimizer, args.lr, sizes) for _ in range(PARTIES)]
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
@@ -138,15 +145,17 @@ def run(args: argparse.Namespace, seed: int):
             if args.scheme == "update" and args.lookahead and w % WORKERS_PER_PARTY == 0:
                 place(w // WORKERS_PER_PARTY)  # without lookahead the net holds the weights already
             data, label = next_batch(w)
-            with autograd.record():
-                loss = loss_fn(net(data), label)
-            loss.backward()
             party = w // WORKERS_PER_PARTY
-            for i, p in enumerate(params):
+            own = nets[party % len(nets)]
+            with autograd.record():
+                loss = loss_fn(own(data), label)
+            loss.backward()
+            for i, p in enumerate(party_params[party % len(nets)]):
                 g = (p.grad() / data.shape[0]).asnumpy().reshape(-1)  # what the worker pushes
                 sums[party][i] = g if sums[party][i] is None else sums[party][i] + g
         for i, p in enumerate(params):
             total = np.zeros(sizes[i], np.float32)
+            held = [None] * PARTIES  # what each party's codec kept back of this round's input
             for party in range(PARTIES):
                 x = sums[party][i]
                 if args.scheme == "update":
@@ -155,20 +164,26 @@ def run(args: argparse.Namespace, seed: int):
                 if args.mask_momentum and args.scheme == "update" and payload.kind == "sparse":
                     party_opts[party].m[i][payload.indices] = 0.0
                 total_bytes += wire_bytes(payload)
-                total += compression.decode_payload(payload, total.size)
+                decoded = compression.decode_payload(payload, total.size)
+                if payload.kind == "sparse":
+                    held[party] = x - decoded
+                total += decoded
             if codecs[0].for_tensor(sizes[i]) == "bsc":
                 total_bytes += PARTIES * wire_bytes(compression.sparse_from_dense(total))
             else:
                 total_bytes += PARTIES * wire_bytes(codecs[0].encode(10_000 + i, total))  # dense or fp16
-            if args.scheme == "grad":
-                p.grad()[:] = mx.nd.array(total.reshape(p.shape))
+            if args.scheme == "grad":  # the sum, plus ``lookahead`` times what the party's codec kept back
+                for party in range(PARTIES):
+                    pulled = total if held[party] is None else total + args.lookahead * held[party]
+                    party_params[party][i].grad()[:] = mx.nd.array(pulled.reshape(p.shape))
             else:
                 weights[i] = weights[i] + total / PARTIES
                 p.set_data(mx.nd.array(weights[i].reshape(p.shape)))
         if args.scheme == "grad":
-            trainer.step(workers)
-        if it % args.eval_every == 0:
-            curve.append(utils.evaluate(net, test_data, mx.cpu()))
+            for trainer in trainers:
+                trainer.step(workers)
+        if it % args.eval_every == 0:  # the mean of the parties' models
+            curve.append(sum(utils.evaluate(n, test_data, mx.cpu()) for n in nets) / len(nets))
             sent.append(total_bytes)
     return curve, sent
 
@@ -190,8 +205,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="update: zero the party optimizer's momentum of every entry the codec sent")
     p.add_argument("--lookahead", type=float, default=1.0,
                    help="update: a party's workers compute gradients at the weights plus this many times "
-                        "their party's residual (default 1, the library's: LocalServer.held_back; 0: at "
-                        "the global weights)")
+                        "their party's residual; grad: they pull the sum plus this many times what their "
+                        "party's codec kept back that round (default 1, the library's: LocalServer.held_back; "
+                        "0: the global weights, the sum alone)")
     p.add_argument("--warmup-rounds", type=int, default=30)
     p.add_argument("--warmup-threshold", type=float, default=0.25)
     p.add_argument("--min-kept", type=int, default=0,

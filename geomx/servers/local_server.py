@@ -222,17 +222,21 @@ class LocalServer(ServerBase):
         return self.codec.encode(ks.key, acc)
 
     def held_back(self, step: np.ndarray, payload: Optional[compression.Payload]) -> Optional[np.ndarray]:
-        """The part of this party's optimizer ``step`` its codec kept back (None: nothing, the key is
-        not sparse on the WAN), which the party adds to the global servers' answer.
+        """The part of this round's ``step`` (this party's optimizer step, or its workers' gradient sum
+        when no optimizer runs on the servers) that its codec kept back (None: the key is not sparse on
+        the WAN), which the party adds to the global servers' answer.
 
-        With the optimizer before a sparse codec an entry waits about ``1 / threshold`` rounds in the
-        residual. Were its workers to compute every gradient at the global weights meanwhile, the
-        optimizer would keep stepping from the same stale point: momentum SGD overshoots (1.7x FSA's
-        rounds to 90 %) and Adam learns later (1.3x on real topologies). So a party's weights are the
-        global weights plus its own residual, and its workers' gradients are taken where its own steps
-        have gone: rounds within a few percent of FSA's for both (docs/Compression.md, "The optimizer
-        before the codec")."""
-        if self.updater is None or payload is None or payload.kind != "sparse":
+        With a sparse codec an entry waits about ``1 / threshold`` rounds in the residual. Were its
+        workers to compute every gradient at the global weights meanwhile, the party's optimizer would
+        keep stepping from the same stale point: momentum SGD overshoots (1.7x FSA's rounds to 90 %) and
+        Adam learns later (1.3x on real topologies). So a party's weights are the global weights plus its
+        own residual, and its workers' gradients are taken where its own steps have gone. Without an
+        optimizer on the servers (the workers step their own on the pulled sum, examples/cnn_bsc.py) the
+        workers pull the global sum plus what their party held back this round: their own party's
+        gradient every round, the other parties' when their codecs send it, where the sum alone reached
+        them as rare, large accumulations that the workers' Adam turns into one step each. Rounds within
+        a few percent of FSA's in both flows (docs/Compression.md, "Each party sees its own residual")."""
+        if payload is None or payload.kind != "sparse":
             return None
         return step - compression.decode_payload(payload, step.size)
 

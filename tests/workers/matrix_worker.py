@@ -117,7 +117,8 @@ def fsa_model(codec, optimizer, parties, per_party, rounds):
     ``1 / parties`` share of the change through its codec; the global servers add the sum of the shares
     to the weights, and each party adds that sum to what it holds, plus what its
     codec kept back of its own share (its weights are then the global weights plus its residual;
-    LocalServer.held_back)."""
+    LocalServer.held_back). With a sparse codec and no optimizer each party pulls the sum plus what its
+    codec kept back of its own sum that round."""
     party_optimizer = optimizer != "none" and compression.codec_class(codec).sparse
     up = Uplinks(codec, parties, party_optimizer)
     updater = mx.optimizer.get_updater(OPTIMIZERS[optimizer]()) if optimizer != "none" else None
@@ -147,15 +148,18 @@ def fsa_model(codec, optimizer, parties, per_party, rounds):
                         value += kept[p]
                     stores[p][k] = pulled[p][k] = value
                 continue
-            total = sum(up.send(p, k, party_sum(p, per_party, t, k, codec)) for p in range(parties))
-            total = total.astype(dt)
+            sums = [party_sum(p, per_party, t, k, codec) for p in range(parties)]
+            sent = [up.send(p, k, sums[p]) for p in range(parties)]
+            total = sum(sent).astype(dt)
             if updater is None:
-                value = total
-            else:
-                updater(k, mx.nd.array(total, dtype=total.dtype), weights[k])
-                value = weights[k].asnumpy()
+                # No optimizer: each party's workers pull the sum plus what their party's codec kept
+                # back of its own sum this round (LocalServer.held_back).
+                for p in range(parties):
+                    pulled[p][k] = total + (sums[p] - sent[p]) if up.sparse(k) else total
+                continue
+            updater(k, mx.nd.array(total, dtype=total.dtype), weights[k])
             for p in range(parties):
-                pulled[p][k] = value
+                pulled[p][k] = weights[k].asnumpy()
         for p in range(parties):
             out[p].append(pulled[p])
     return out

@@ -83,11 +83,14 @@ class Forward(PartyPolicy):
             if error is not None:
                 server.fail_upstream(ks, r, error)
                 return
+            own = held
             if ks.key in self.delta_replies:
                 self.delta_replies.discard(ks.key)
                 value = ks.store + value
-                if held is not None:
-                    value += held
+                if server.updater is None:
+                    own = None  # MixedSync: the global optimizer's change; what this party held back is gradient
+            if own is not None:
+                value = value + own
             server.finish_round(ks, r, value)
 
         assert server.upstream is not None

@@ -64,7 +64,7 @@ DESCRIBED = {"BSC": "4 of 10 tensors sparse on the WAN",
 
 
 def score(label, result):
-    """The run's accuracy averaged over the SCORED evaluations (the workers agree: one model)."""
+    """The run's accuracy averaged over the SCORED evaluations and over the workers (one model a party)."""
     accs = checked_curves(label, result, PARTIES * WORKERS)
     means = {}
     for points in accs.values():

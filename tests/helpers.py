@@ -323,6 +323,24 @@ def rss_bytes(pid: int) -> int:
 
 # -- ports ----------------------------------------------------------------------------------------
 
+ZMTP_NULL_GREETING = b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" * 32
+_READY_BODY = b"\x05READY" + bytes([11]) + b"Socket-Type" + struct.pack(">I", 6) + b"DEALER"
+ZMTP_DEALER_READY = b"\x04" + bytes([len(_READY_BODY)]) + _READY_BODY
+ZMTP_HANDSHAKE = len(ZMTP_NULL_GREETING) + len(ZMTP_DEALER_READY)
+"""What a raw connection sends before its first message: libzmq holds exactly this much once it has
+read it (it reads a greeting in pieces, so anything less is a handshake still arriving)."""
+
+
+def zmtp_null_dealer(port: int, timeout: float = 20.0) -> socket.socket:
+    """A raw ZMTP 3.0 connection (NULL mechanism, DEALER), written as a hostile or misconfigured peer
+    writes it. Unlike a libzmq socket it stays connected whatever the listener answers, and it never
+    retries: a test sees what the listener does with exactly this one connection."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s.sendall(ZMTP_NULL_GREETING)
+    s.sendall(ZMTP_DEALER_READY)
+    return s
+
+
 def dead_port() -> int:
     """A port nothing listens on: the servers' upstream requests stay pending, as on a slow WAN."""
     with socket.socket() as s:

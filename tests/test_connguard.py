@@ -12,6 +12,7 @@ import threading
 import numpy as np
 import pytest
 import zmq
+from helpers import ZMTP_HANDSHAKE, zmtp_null_dealer
 
 from geomx import connguard, security, wire
 from geomx.transport import EventLoop, bind_router, connect_dealer
@@ -71,22 +72,6 @@ def test_held_bytes_are_exact_over_plain_and_curve_links(zmq_ctx, curve):
         loop.close()
 
 
-GREETING = b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" * 32
-_READY_BODY = b"\x05READY" + bytes([11]) + b"Socket-Type" + struct.pack(">I", 6) + b"DEALER"
-READY = b"\x04" + bytes([len(_READY_BODY)]) + _READY_BODY
-HANDSHAKE = len(GREETING) + len(READY)
-"""What a raw connection sends before its first message: libzmq holds exactly this much once it has
-read it (it reads a greeting in pieces, so anything less is a handshake still arriving)."""
-
-
-def zmtp_dealer(port: int) -> socket.socket:
-    """A raw ZMTP 3.0 connection (NULL mechanism, DEALER)."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=20)
-    s.sendall(GREETING)
-    s.sendall(READY)
-    return s
-
-
 def frame(data: bytes, more: bool) -> bytes:
     """One ZMTP frame, its length in one byte when it fits (as libzmq writes them)."""
     if len(data) < 256:
@@ -100,11 +85,11 @@ def test_a_message_in_progress_is_kept_and_one_that_never_ends_is_cut(zmq_ctx):
     one largest message (GEOMX_MAX_MESSAGE_BYTES plus headers), and the sender sees its connection end."""
     loop, link, port, received = listener(zmq_ctx)
     guard = link.guard
-    raw = zmtp_dealer(port)
+    raw = zmtp_null_dealer(port)
     try:
         fd = one_connection(loop, link)
-        run_until(loop, lambda: guard.held(fd) == HANDSHAKE, "the handshake")
-        handshake = HANDSHAKE
+        run_until(loop, lambda: guard.held(fd) == ZMTP_HANDSHAKE, "the handshake")
+        handshake = ZMTP_HANDSHAKE
 
         largest = [bytes(f) for f in wire.encode(Message(MsgType.PUSH, req_id=1, key=3, meta={"m": "x" * 1000},
                                                          data=np.ones(MAX_MESSAGE // 4, np.float32)))]
@@ -217,7 +202,7 @@ def test_a_flood_of_complete_messages_does_not_keep_an_unfinished_one_from_being
     read; another holds a message that never ends: that one is still cut, and the flood is not."""
     loop, link, port, received = listener(zmq_ctx)
     guard = link.guard
-    flooder, holder = zmtp_dealer(port), zmtp_dealer(port)
+    flooder, holder = zmtp_null_dealer(port), zmtp_null_dealer(port)
     stop = threading.Event()
     burst = frame(b"z", more=False) * 20_000
 

@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from helpers import (
     rss_bytes,
     server_config,
     slow_cmd,
+    zmtp_null_dealer,
 )
 
 from geomx import metrics, security, transport, wire
@@ -180,14 +180,6 @@ def test_refusal_log_is_keyed_by_peer_and_kind_and_its_state_is_bounded(caplog):
     assert len(lines) <= 1 + 100
 
 
-def zmtp_null_dealer(port: int) -> socket.socket:
-    """A raw ZMTP 3.0 connection (NULL mechanism, DEALER), as a hostile peer writes it: libzmq's own
-    sockets never put the frames of an unfinished message on the wire."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    s.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" * 32)
-    body = b"\x05READY" + bytes([11]) + b"Socket-Type" + struct.pack(">I", 6) + b"DEALER"
-    s.sendall(b"\x04" + bytes([len(body)]) + body)
-    return s
 
 
 @pytest.mark.system

@@ -25,10 +25,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 import compression_flow_model as model  # noqa: E402
 from summary import pyplot  # noqa: E402
 
-from geomx.compression import PARTY_OPTIMIZER_WARMUP  # noqa: E402
-
-SERVERS = ["--scheme", "update", "--warmup-rounds", str(PARTY_OPTIMIZER_WARMUP["warmup_rounds"]),
-           "--warmup-threshold", str(PARTY_OPTIMIZER_WARMUP["warmup_threshold"])]
+SERVERS = ["--scheme", "update"]
+# Before 2026-12-07 a party's workers saw the global sum only, and the codec's warm-up was DGC's.
+BEFORE = ["--lookahead", "0", "--warmup-rounds", "30", "--warmup-threshold", "0.25"]
 OPTIMIZERS = {"Adam, lr 0.01": ["--optimizer", "adam", "--lr", "0.01"],
               "momentum SGD (0.9), lr 0.02": ["--optimizer", "sgd-momentum", "--lr", "0.02"]}
 # Per optimizer: (label, flow arguments, line style). FSA: the optimizer on the uncompressed sum.
@@ -40,7 +39,8 @@ FLOWS = {
         ("BSC 0.1 %", ["--codec", "bsc", "--ratio", "0.001", *SERVERS], "C2-"),
         ("BSC 1 %, own residual unseen (before 2026-12-07)", ["--codec", "bsc", *SERVERS, "--lookahead", "0"],
          "C0--"),
-        ("BSC 1 %, the workers' Adam (before 2026-12-07)", ["--codec", "bsc", "--scheme", "grad"], "C0:"),
+        ("BSC 1 %, the workers' Adam", ["--codec", "bsc", "--scheme", "grad"], "C3-"),
+        ("BSC 1 %, the workers' Adam (before 2026-12-07)", ["--codec", "bsc", "--scheme", "grad", *BEFORE], "C0:"),
     ],
     "momentum SGD (0.9), lr 0.02": [
         ("FSA", ["--codec", "none", "--scheme", "grad"], "k-"),

@@ -22,8 +22,7 @@ iterations to ``--target`` test accuracy, the bytes until then and the final acc
 last five evaluations), then the medians. Used for docs/Compression.md's tables, for example::
 
     python benchmarks/compression_flow_model.py --codec none --seeds 0 1 2 3 4
-    python benchmarks/compression_flow_model.py --codec bsc --scheme update --warmup-rounds 10 \\
-        --warmup-threshold 0.05 --seeds 0 1 2 3 4
+    python benchmarks/compression_flow_model.py --codec bsc --scheme update --seeds 0 1 2 3 4
     python benchmarks/compression_flow_model.py --codec bsc --optimizer sgd-momentum --lr 0.02 --iters 120
 """
 from __future__ import annotations
@@ -111,9 +110,11 @@ def run(args: argparse.Namespace, seed: int):
 
     codec_params = {"type": args.codec, "size_lower_bound": args.bound}
     if args.codec in ("bsc", "mpq"):
-        codec_params.update(threshold=args.ratio, momentum=args.momentum, warmup_rounds=args.warmup_rounds,
-                            warmup_threshold=args.warmup_threshold, min_kept=args.min_kept,
+        codec_params.update(threshold=args.ratio, momentum=args.momentum, min_kept=args.min_kept,
                             value_dtype=args.value_dtype)
+        for name in ("warmup_rounds", "warmup_threshold"):  # unset: the library's default
+            if getattr(args, name) is not None:
+                codec_params[name] = getattr(args, name)
     codecs = [compression.create(codec_params, link="wan") for _ in range(PARTIES)]
 
     def wire_bytes(payload) -> int:
@@ -208,8 +209,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "their party's residual; grad: they pull the sum plus this many times what their "
                         "party's codec kept back that round (default 1, the library's: LocalServer.held_back; "
                         "0: the global weights, the sum alone)")
-    p.add_argument("--warmup-rounds", type=int, default=30)
-    p.add_argument("--warmup-threshold", type=float, default=0.25)
+    p.add_argument("--warmup-rounds", type=int, default=None, help="the codec's (default: the library's)")
+    p.add_argument("--warmup-threshold", type=float, default=None, help="the codec's (default: the library's)")
     p.add_argument("--min-kept", type=int, default=0,
                    help="the codec's min_kept: the fewest entries a compressed tensor sends a round")
     p.add_argument("--value-dtype", choices=("float16", "float32"), default="float16")

@@ -217,11 +217,9 @@ class Store:
             raise GeoMXError(f"gradient compression: {exc}") from None
         if self.is_master_worker:
             described = codec.params()
-            # What the user left to the servers stays unset: the size bound (the global servers' variable
-            # applies) and the warm-up (whose default depends on where the optimizer runs).
-            for name in ("size_lower_bound", *compression.PARTY_OPTIMIZER_WARMUP):
-                if name not in params:
-                    described.pop(name, None)
+            # A size bound the user left unset stays unset: the global servers' variable applies.
+            if "size_lower_bound" not in params:
+                described.pop("size_lower_bound", None)
             self.command({"cmd": commands.SET_COMPRESSION, "params": described})
 
     def report_loss(self, loss: float) -> None:

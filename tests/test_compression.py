@@ -256,7 +256,7 @@ def model_splitmix_positions(n, count, seed, block=8):
 class BSCModel:
     """The documented BSC algorithm, in plain numpy, with its own per-key state."""
 
-    def __init__(self, r, m=0.0, bound=200000, seed=0, warmup=30, start=0.25, half=True):
+    def __init__(self, r, m=0.0, bound=200000, seed=0, warmup=10, start=0.05, half=True):
         self.r, self.m, self.bound, self.seed = r, np.float32(m), bound, seed
         self.half = half  # value_dtype float16: sent values rounded to float16 after a power-of-two scale
         self.warmup, self.start = warmup, start
@@ -329,7 +329,7 @@ def test_bsc_matches_model_over_steps(kernel_impl, r, m, warmup, value_dtype):
     half = value_dtype is None  # the default: float16 values
     if value_dtype is not None:
         params["value_dtype"] = value_dtype
-    if warmup is None:  # the default warm-up: 30 rounds from 0.25
+    if warmup is None:  # the default warm-up: 10 rounds from 0.05 (none at r = 0.05)
         model = BSCModel(r, m, bound, seed=5, half=half)
     else:  # 8 rounds from 0.4, or none
         params.update(warmup_rounds=warmup, warmup_threshold=0.4)
@@ -769,7 +769,7 @@ def test_registry_validation():
         with pytest.raises(ValueError, match="min_kept"):
             C.create({"type": "mpq", "threshold": 0.01, "min_kept": bad})
     defaults = C.create({"type": "bsc", "threshold": 0.01}).params()
-    assert (defaults["momentum"], defaults["warmup_rounds"], defaults["warmup_threshold"]) == (0.0, 30, 0.25)
+    assert (defaults["momentum"], defaults["warmup_rounds"], defaults["warmup_threshold"]) == (0.0, 10, 0.05)
     assert defaults["min_kept"] == 0
     assert C.create({"type": "bsc", "threshold": 0.01}).size_lower_bound == 200000
 

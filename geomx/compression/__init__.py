@@ -17,7 +17,6 @@ from geomx.compression.aggregate import slice_payload, sparse_from_dense, sparse
 from geomx.compression.base import (
     DEFAULT_MOMENTUM,
     DEFAULT_SIZE_LOWER_BOUND,
-    PARTY_OPTIMIZER_WARMUP,
     Codec,
     Payload,
     decode_payload,
@@ -37,7 +36,6 @@ __all__ = [
     "ErrorFeedback",
     "FP16Codec",
     "MPQCodec",
-    "PARTY_OPTIMIZER_WARMUP",
     "Payload",
     "Residual",
     "SampledTopK",

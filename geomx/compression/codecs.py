@@ -214,9 +214,9 @@ class BSCCodec(_SparseCodec):
         Seed of the threshold-estimation samples (default 0).
     warmup_rounds : int, optional
         Each key's first rounds over which the kept fraction falls geometrically from
-        ``warmup_threshold`` to ``threshold`` (default 30; 0: no warm-up).
+        ``warmup_threshold`` to ``threshold`` (default 10; 0: no warm-up).
     warmup_threshold : float, optional
-        Kept fraction of a key's first round, ``0 < f < 1`` (default 0.25); no warm-up when it
+        Kept fraction of a key's first round, ``0 < f < 1`` (default 0.05); no warm-up when it
         is not above ``threshold``.
     min_kept : int, optional
         The fewest entries a large tensor sends a round, ``k = min(numel, max(k, min_kept))``

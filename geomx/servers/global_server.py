@@ -62,7 +62,6 @@ class GlobalServer(ServerBase):
         self.gone_tokens: set = set()  # the lost local servers' tokens: their requests are refused
         self.on_async: Optional[Callable[[], None]] = None  # set by the node: tell the global scheduler
         self.compression_params: Optional[Dict[str, Any]] = None  # set by the master worker
-        self.default_warmup = False  # the master worker left the codec's warm-up to geomx (_settle_codec)
         self.restored_from: Optional[str] = None  # the checkpoint this server started from
         self.restored_clients: Optional[tuple] = None  # (stopped, pushing) of a checkpoint, until known
         # DGT reception, the TSEngine root, checkpoints, P3 slices, replay: as configured.
@@ -204,7 +203,6 @@ class GlobalServer(ServerBase):
         meta: Dict[str, Any] = {}
         if req.type == MsgType.INIT:
             if self.compression_params is not None:
-                self._settle_codec()
                 meta["compression"] = self.compression_params
             if self.party_optimizer and client[0] == self.wan_link.name:
                 meta["party_optimizer"] = self.optimizer_spec
@@ -401,20 +399,7 @@ class GlobalServer(ServerBase):
                              "codec when they initialise their keys)")
         self.policy.check_codec(codec)
         self.compression_params = codec.params()
-        self.default_warmup = codec.sparse and not (
-            set(compression.PARTY_OPTIMIZER_WARMUP) & set(params))
         log.info("%s: gradient compression %s", self.name, self.compression_params)
-
-    def _settle_codec(self) -> None:
-        """Fix the codec the parties get with their first INIT reply (neither codec nor optimizer may
-        change after it): a sparse codec whose warm-up the master worker left to its default gets the
-        shorter one for optimizer steps when the optimizer runs on the parties (``party_optimizer``)."""
-        if self.default_warmup and self.party_optimizer:
-            assert self.compression_params is not None
-            self.compression_params = {**self.compression_params, **compression.PARTY_OPTIMIZER_WARMUP}
-            log.info("%s: the parties' local servers run the optimizer: codec warm-up %s", self.name,
-                     compression.PARTY_OPTIMIZER_WARMUP)
-        self.default_warmup = False
 
     def _set_optimizer(self, spec: Dict[str, Any], from_master: bool) -> None:
         if self.restored_from is not None and self.optimizer_spec is not None \

@@ -84,11 +84,9 @@ def init_value(k):
 class Uplinks:
     """Each party's WAN codec, as its local server holds it."""
 
-    def __init__(self, codec, parties, party_optimizer=False):
+    def __init__(self, codec, parties):
         self.codec = codec
         params = codec_params(codec)
-        if party_optimizer:  # the warm-up the global servers give optimizer steps when none is set
-            params.update(compression.PARTY_OPTIMIZER_WARMUP)
         self.codecs = [compression.create(params, link="wan") if codec != "none" else None
                        for _ in range(parties)]
 
@@ -120,7 +118,7 @@ def fsa_model(codec, optimizer, parties, per_party, rounds):
     LocalServer.held_back). With a sparse codec and no optimizer each party pulls the sum plus what its
     codec kept back of its own sum that round."""
     party_optimizer = optimizer != "none" and compression.codec_class(codec).sparse
-    up = Uplinks(codec, parties, party_optimizer)
+    up = Uplinks(codec, parties)
     updater = mx.optimizer.get_updater(OPTIMIZERS[optimizer]()) if optimizer != "none" else None
     party_updaters = [mx.optimizer.get_updater(OPTIMIZERS[optimizer]()) for _ in range(parties)] \
         if party_optimizer else []

@@ -130,7 +130,7 @@ STEP_FLOWS = {"FSA": ("cnn.py", []),
               "BSC": ("cnn.py", ["--compression", json.dumps({"type": "bsc", "threshold": RATIO})]),
               "MPQ": ("cnn.py", ["--compression", json.dumps({"type": "mpq", "threshold": RATIO})])}
 SPARSEST = {"BSC-0.1%": ("cnn.py", ["--compression", json.dumps({"type": "bsc", "threshold": RATIO / 10})])}
-# The workers' own Adam on the pulled sum (GeoMX's flow; the default warm-up of 30 rounds from 0.25).
+# The workers' own Adam on the pulled sum (GeoMX's flow; the codec's default warm-up, 10 rounds from 0.05).
 WORKERS_FLOWS = {"FSA": ("cnn_bsc.py", ["--compression", "none"]), "BSC": ("cnn_bsc.py", ["-bcr", str(RATIO)]),
                  "MPQ": ("cnn_mpq.py", ["-bcr", str(RATIO)])}
 

@@ -9,6 +9,7 @@ from helpers import built_or_skip, fail_unbuilt_under_ci
 
 from geomx import compression as C
 from geomx.compression import feedback
+from geomx.compression.base import half_scale
 from geomx.compression import kernels as K
 from geomx.compression.kernels import reference as ref
 
@@ -681,6 +682,37 @@ def test_compact_frames_carry_a_codecs_payload_exactly():
     meta, data = C.to_frames(far)
     assert meta["index_dtype"] == "int32" and data.size == 2 * (4 + 2)
     assert np.array_equal(C.from_frames(meta, data, n).indices, far.indices)
+
+
+def test_sum_of_parties_payloads_travels_as_float16_pairs_exactly():
+    """The global server's downlink: the sum of two parties' BSC payloads (float16 values, each party at
+    its own scale, many entries sent by both). Exact as float16 pairs (an entry that needs more bits
+    sent twice, its halves adding up), in fewer bytes than float32 values; a value no pair holds
+    exactly keeps the frame in float32."""
+    n = 200000
+    rng = np.random.default_rng(7)
+    common = rng.standard_normal(n).astype(np.float32)
+    payloads = []
+    for party in range(2):
+        codec = C.create({"type": "bsc", "threshold": 0.01, "size_lower_bound": 0, "warmup_rounds": 0})
+        g = common + np.float32(0.5 + party) * rng.standard_normal(n).astype(np.float32)
+        payloads.append(codec.encode(0, g))
+    total = C.sparse_sum(payloads, n)
+    down = C.sparse_from_dense(total)
+    both = down.nnz < payloads[0].nnz + payloads[1].nnz
+    assert both and half_scale(down.values) is None  # entries of both parties: not one float16 each
+    meta, data = C.to_frames(down)
+    assert (meta["index_dtype"], meta["value_dtype"]) == ("gap16", "float16")
+    assert down.nnz < meta["nnz"] < 2 * down.nnz and data.size == 4 * meta["nnz"] < 6 * down.nnz
+    q = C.from_frames(json.loads(json.dumps(meta)), data.tobytes(), n)
+    assert _bits(C.decode_payload(q, n)) == _bits(total)
+    # one value with alternating significand bits (5/3 in float32): no float16 pair holds its 24 bits,
+    # so the frame is float32
+    five_thirds = np.array([0x3FD55555], np.uint32).view(np.float32)
+    odd = C.Payload("sparse", np.concatenate([down.values[:-1], five_thirds]), down.indices)
+    meta, data = C.to_frames(odd)
+    assert meta["value_dtype"] == "float32" and meta["nnz"] == odd.nnz
+    assert _bits(C.decode_payload(C.from_frames(meta, data, n), n)) == _bits(C.decode_payload(odd, n))
 
 
 def test_from_frames_rejects_malformed_dense():

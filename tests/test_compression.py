@@ -9,8 +9,8 @@ from helpers import built_or_skip, fail_unbuilt_under_ci
 
 from geomx import compression as C
 from geomx.compression import feedback
-from geomx.compression.base import half_scale
 from geomx.compression import kernels as K
+from geomx.compression.base import half_scale
 from geomx.compression.kernels import reference as ref
 
 try:

@@ -321,7 +321,7 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-# -- ports ----------------------------------------------------------------------------------------
+# -- raw ZMTP peers -------------------------------------------------------------------------------
 
 ZMTP_NULL_GREETING = b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" * 32
 _READY_BODY = b"\x05READY" + bytes([11]) + b"Socket-Type" + struct.pack(">I", 6) + b"DEALER"
@@ -340,6 +340,8 @@ def zmtp_null_dealer(port: int, timeout: float = 20.0) -> socket.socket:
     s.sendall(ZMTP_DEALER_READY)
     return s
 
+
+# -- ports ----------------------------------------------------------------------------------------
 
 def dead_port() -> int:
     """A port nothing listens on: the servers' upstream requests stay pending, as on a slow WAN."""

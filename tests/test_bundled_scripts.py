@@ -100,9 +100,9 @@ SHORT_FORMS: Dict[str, ShortForm] = {
 TORCH_SHORT_FORMS: Dict[str, ShortForm] = {
     # FSA, the global server running torch.optim.Adam's rule: 0.96; 30 s
     "run_vanilla.sh": ShortForm(("-ep", "5", "--eval-every", "20"), 0.85),
-    # BSC 0.01, the servers' Adam before the codec (mode server): 0.9333; 48 s at load 3 (2026-12-08, each
-    # party at its own residual: 0.9633 / 0.97; 33 s) (each worker's
-    # Adam, mode local, the default before 2026-12-07: 0.8867; lr 0.001 instead of 0.01: 0.45)
+    # BSC 0.01, the servers' Adam before the codec (mode server): 0.9333; 48 s at load 3 (each worker's
+    # Adam, mode local, the default before 2026-12-07: 0.8867; lr 0.001 instead of 0.01: 0.45). 2026-12-08,
+    # each party at its own residual: 0.9633 / 0.97; 33 s
     "run_bsc.sh": ShortForm(("-ep", "5", "--eval-every", "20"), 0.70),
     # MPQ 0.01 (mode server): 0.97; 26 s
     "run_mpq.sh": ShortForm(("-ep", "5", "--eval-every", "20"), 0.70),

@@ -180,8 +180,6 @@ def test_refusal_log_is_keyed_by_peer_and_kind_and_its_state_is_bounded(caplog):
     assert len(lines) <= 1 + 100
 
 
-
-
 @pytest.mark.system
 def test_floods_of_bad_headers_keys_and_unfinished_frames_at_a_live_local_server():
     """While a party trains: (a) 5000 malformed messages, each with different bytes, from one peer

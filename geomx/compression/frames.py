@@ -91,15 +91,10 @@ def to_frames(payload: Payload) -> tuple[dict[str, Any], np.ndarray]:
         raise ValueError(f"sparse indices must be int32 or int64, got {indices.dtype}")
     if indices.size != nnz:
         raise ValueError(f"sparse payload has {indices.size} indices and {nnz} values")
-    halves = half_scale(values)
+    halves = _as_halves(indices, values)
     if halves is not None:
-        meta["scale"], values = halves[0], halves[1].astype("<f2", copy=False)
-        meta["value_dtype"] = "float16"
-    else:
-        pairs = _half_pairs(indices, values)
-        if pairs is not None:
-            meta["scale"], indices, values = pairs
-            meta["nnz"], meta["value_dtype"] = int(values.size), "float16"
+        meta["scale"], indices, values = halves
+        meta["nnz"], meta["value_dtype"] = int(values.size), "float16"
     gaps = _gaps(indices)
     if gaps is not None:
         indices, meta["index_dtype"] = gaps, "gap16"
@@ -112,15 +107,18 @@ def to_frames(payload: Payload) -> tuple[dict[str, Any], np.ndarray]:
     return meta, data
 
 
-def _half_pairs(indices: np.ndarray, values: np.ndarray) -> tuple[int, np.ndarray, np.ndarray] | None:
-    """``values`` as float16 numbers at one power-of-two scale, an entry that needs more bits sent as two
-    (its index twice: decoding adds them), when that is exact and smaller than float32 values; else None.
+def _as_halves(indices: np.ndarray, values: np.ndarray) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """``(scale, indices, halves)``: ``values`` as float16 numbers at one power-of-two scale, each value
+    that needs more bits as a pair (its index twice: decoding adds them), when that is exact and smaller
+    than float32 values; else None.
 
-    Why: the global server's downlink sums the parties' float16 steps, so an entry two parties sent
-    needs about twice float16's significand. It is the float16 rounding of the sum plus the rounding's
-    error (which a float32 holds exactly); when the error is itself a float16 number at the same scale,
-    the two travel in 4 bytes (8 with their gap16 indices) and every other entry in 2, against 4 for
-    each value as float32. Exactness is checked by decoding the way :func:`from_frames` does."""
+    A codec's payload with ``value_dtype`` float16 needs no pair (its values are float16 numbers at one
+    scale already). The global server's downlink sums the parties' float16 steps, so an entry several
+    parties sent needs about twice float16's significand: it is the float16 rounding of the sum plus the
+    rounding's error (which a float32 holds exactly); when the error is itself a float16 number at the
+    same scale, the two travel in 4 bytes (8 with their gap16 indices) and every other entry in 2,
+    against 4 for each value as float32. Exactness is checked by decoding the way :func:`from_frames`
+    does."""
     found = half_scale(values, lossless=False)
     if found is None:
         return None
@@ -130,12 +128,15 @@ def _half_pairs(indices: np.ndarray, values: np.ndarray) -> tuple[int, np.ndarra
     lo = (values.astype(np.float32) * up - hi32).astype(np.float16)  # the rounding error, exact in float32
     second = lo != 0
     extra = int(np.count_nonzero(second))
-    if 2 * (values.size + extra) >= 4 * values.size or values.size + extra > int(indices.max()) + 1:
+    if extra and (2 * (values.size + extra) >= 4 * values.size or values.size + extra > int(indices.max()) + 1):
         return None  # no smaller than float32 values, or more entries than the tensor may have (from_frames)
     decoded = hi32 * down  # as from_frames and decode_payload: each half times 2**-scale, added in order
-    decoded[second] += lo[second].astype(np.float32) * down
+    if extra:
+        decoded[second] += lo[second].astype(np.float32) * down
     if not np.array_equal(decoded, values):
         return None
+    if not extra:
+        return scale, indices, hi.astype("<f2", copy=False)
     counts = 1 + second
     first = np.cumsum(counts) - counts  # where each entry's first half goes
     halves = np.empty(values.size + extra, dtype="<f2")
